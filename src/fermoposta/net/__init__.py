@@ -1,0 +1,1 @@
+"""net subpackage; see the modules for their contracts."""

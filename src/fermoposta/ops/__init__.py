@@ -1,0 +1,1 @@
+"""ops subpackage; see the modules for their contracts."""

@@ -1,0 +1,1 @@
+"""provider subpackage; see the modules for their contracts."""

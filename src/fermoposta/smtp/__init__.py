@@ -1,0 +1,1 @@
+"""smtp subpackage; see the modules for their contracts."""

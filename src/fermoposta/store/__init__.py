@@ -1,0 +1,1 @@
+"""store subpackage; see the modules for their contracts."""

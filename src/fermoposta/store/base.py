@@ -1,0 +1,203 @@
+"""The queue and account store interface (engine-neutral).
+
+Contract:
+- A message becomes visible only when `enqueue` returns: the body and every
+  recipient row are committed in one durable transaction (fsync).  The SMTP
+  layer answers 250 only after that.
+- Recipients are rows; each leaves the queue only through `record_delivered`
+  (a 2xx from the next hop) or `record_failed` (a 5xx, committed together
+  with the DSN that tells the sender).  `record_deferred` keeps the row.
+  A message whose last recipient is gone is deleted with its body.
+- Bodies are streamed in and out in chunks (`CHUNK_SIZE`), so memory stays
+  bounded whatever the message size.
+- Domain leases are all-or-nothing and expire, so a crashed process can never
+  block a domain forever and two ATRN sessions never drain one domain at once.
+- All methods are synchronous and thread-safe; asyncio callers run them in a
+  worker thread.  A failure of the engine raises `StoreError` (callers map it
+  to a 4xx: a store problem defers mail, it never bounces it).
+- Domains are stored lowercased in A-label form; addresses keep their case.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass, field
+from typing import BinaryIO, Protocol
+
+CHUNK_SIZE = 256 * 1024
+
+
+class StoreError(Exception):
+    """The store cannot answer now (I/O error, locked, disk full, ...)."""
+
+
+class RecipientState(enum.StrEnum):
+    HELD = "held"  # waiting for its customer to collect it over ODMR
+    OUTBOUND = "outbound"  # waiting for outbound delivery (DSNs, submissions)
+    HOLD = "hold"  # operator hold: neither drained nor delivered
+
+
+class MessageOrigin(enum.StrEnum):
+    MX = "mx"
+    DSN = "dsn"
+    SUBMISSION = "submission"
+
+
+@dataclass(frozen=True, slots=True)
+class NewRecipient:
+    address: str
+    domain: str
+    state: RecipientState
+    notify: str | None = None  # RFC 3461 NOTIFY value, as received
+    orcpt: str | None = None  # RFC 3461 ORCPT value (addr-type;xtext), as received
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    sender: str  # "" is the null reverse-path
+    recipients: tuple[NewRecipient, ...]
+    origin: MessageOrigin
+    smtputf8: bool = False
+    body_8bit: bool = False
+    envid: str | None = None
+    ret: str | None = None  # "FULL" | "HDRS" | None
+    client: str = ""  # "helo[ip]" of the peer that handed it to us, for logs
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedRecipient:
+    id: int
+    message_id: str
+    address: str
+    domain: str
+    state: RecipientState
+    attempts: int
+    last_reply: str | None
+    notify: str | None
+    orcpt: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedMessage:
+    id: str
+    sender: str
+    received_at: float  # Unix time
+    size: int
+    origin: MessageOrigin
+    smtputf8: bool
+    body_8bit: bool
+    envid: str | None
+    ret: str | None
+    client: str
+    recipients: tuple[QueuedRecipient, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ScramSecret:
+    """A salted SCRAM-SHA-256 verifier (RFC 5802 §3): never the password."""
+
+    salt: bytes
+    iterations: int
+    stored_key: bytes
+    server_key: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    name: str
+    scram: ScramSecret | None
+    # CRAM-MD5 (RFC 2195) needs a password-equivalent secret; None disables it
+    # for this account.  See docs/security.md for the trade-off.
+    cram_secret: str | None
+    cert_fingerprints: tuple[str, ...] = ()  # lowercase hex SHA-256 of DER client certs
+    created_at: float = 0.0
+    last_atrn_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Domain:
+    name: str
+    account: str
+    max_messages: int | None = None  # quota of held messages; None = unlimited
+    max_bytes: int | None = None  # quota of held bytes; None = unlimited
+    # Known local parts; None means "accept any local part" (no validation).
+    valid_recipients: frozenset[str] | None = field(default=None)
+
+
+class Store(Protocol):
+    # --- messages ---------------------------------------------------------------------
+    def enqueue(self, message: NewMessage, body: BinaryIO) -> str:
+        """Store durably; return the queue id.  `body` is read in chunks."""
+        ...
+
+    def get_message(self, message_id: str) -> QueuedMessage | None: ...
+
+    def read_body(self, message_id: str) -> Iterator[bytes]:
+        """Yield the body in chunks of at most CHUNK_SIZE bytes."""
+        ...
+
+    def held_message_ids(self, domains: Collection[str]) -> list[str]:
+        """Ids of messages with HELD recipients in `domains`, oldest first."""
+        ...
+
+    def domains_with_held_mail(self, domains: Collection[str]) -> set[str]: ...
+
+    def domain_usage(self, domain: str) -> tuple[int, int]:
+        """(messages, bytes) held for `domain`, for quotas."""
+        ...
+
+    def record_delivered(self, recipient_ids: Collection[int], reply: str) -> None: ...
+
+    def record_deferred(self, recipient_ids: Collection[int], reply: str) -> None: ...
+
+    def record_failed(
+        self,
+        recipient_ids: Collection[int],
+        reply: str,
+        dsn: tuple[NewMessage, BinaryIO] | None,
+    ) -> str | None:
+        """Remove the recipients and enqueue `dsn` in one transaction; return its id."""
+        ...
+
+    # --- leases -----------------------------------------------------------------------
+    def acquire_leases(self, domains: Collection[str], owner: str, ttl: float) -> bool:
+        """Lease every domain to `owner` or none; expired leases are taken over."""
+        ...
+
+    def renew_leases(self, owner: str, ttl: float) -> None: ...
+
+    def release_leases(self, owner: str) -> None: ...
+
+    # --- accounts and domains ------------------------------------------------------------
+    def add_account(self, account: Account) -> None:
+        """Raise KeyError-free `ValueError` if the name exists."""
+        ...
+
+    def update_account(self, account: Account) -> None: ...
+
+    def get_account(self, name: str) -> Account | None: ...
+
+    def account_by_fingerprint(self, fingerprint: str) -> Account | None: ...
+
+    def list_accounts(self) -> list[Account]: ...
+
+    def remove_account(self, name: str) -> bool:
+        """Remove the account and its domains; False if it did not exist."""
+        ...
+
+    def record_atrn(self, name: str, at: float) -> None: ...
+
+    def add_domain(self, domain: Domain) -> None:
+        """Raise `ValueError` if the domain exists or the account does not."""
+        ...
+
+    def update_domain(self, domain: Domain) -> None: ...
+
+    def get_domain(self, name: str) -> Domain | None: ...
+
+    def list_domains(self, account: str | None = None) -> list[Domain]: ...
+
+    def remove_domain(self, name: str) -> bool: ...
+
+    def close(self) -> None: ...
