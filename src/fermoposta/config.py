@@ -1,0 +1,634 @@
+"""The provider configuration: one typed schema, loaded from TOML, validated at load.
+
+Contract:
+- `load_provider_config(path)` reads a TOML file (`tomllib`) into frozen,
+  typed dataclasses (`ProviderConfig` and one dataclass per table).  Every
+  value is checked here, once, so the daemons never see a malformed setting.
+- Every problem raises `ConfigError` whose message names the file and the
+  key, e.g. ``provider.toml: [limits] max_message_size: expected a size like
+  50M or an integer, got "x"``.  Unknown keys and tables are errors: a typo
+  must never silently fall back to a default (design guide, principle 10).
+- Relative paths (`data_dir`, `[tls] cert`, `key`, `client_ca`) resolve
+  against the directory holding the config file, never against the process's
+  working directory, so a config means the same thing wherever it is run from.
+- Nothing security-relevant is guessed: TLS needs both a certificate and a
+  key that exist; the SASL mechanism list is checked against what we
+  implement; `hostname` must be given.
+- This module does no I/O apart from reading the config file and checking
+  that the TLS files exist.  It does not create `data_dir`.
+
+The docstrings of the dataclasses below are the reference for every key;
+docs/config.md repeats them for operators.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "DEFAULT_CONFIG_PATH",
+    "SUPPORTED_MECHANISMS",
+    "ConfigError",
+    "LimitsConfig",
+    "ListenConfig",
+    "LogConfig",
+    "MXConfig",
+    "ODMRConfig",
+    "ProviderConfig",
+    "TLSConfig",
+    "default_config_path",
+    "load_provider_config",
+    "parse_duration",
+    "parse_hostport",
+    "parse_size",
+]
+
+DEFAULT_CONFIG_PATH = Path("/etc/fermoposta/provider.toml")
+CONFIG_ENV = "FERMOPOSTA_CONFIG"
+
+#: SASL mechanisms the ODMR listener implements (RFC 4954 AUTH; RFC 7677
+#: SCRAM-SHA-256; RFC 4616 PLAIN; LOGIN (draft); RFC 2195 CRAM-MD5, which is
+#: the only one fetchmail speaks in ODMR mode; RFC 4422 App. A EXTERNAL with
+#: a TLS client certificate).
+SUPPORTED_MECHANISMS: tuple[str, ...] = ("SCRAM-SHA-256", "PLAIN", "LOGIN", "CRAM-MD5", "EXTERNAL")
+
+LOG_LEVELS: tuple[str, ...] = ("debug", "info", "warning", "error")
+LOG_FORMATS: tuple[str, ...] = ("text", "json")
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used.  The message names the file and the key."""
+
+
+# ---------------------------------------------------------------------------
+# The schema.  Field comments and docstrings are the documentation.
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ListenConfig:
+    """``[listen]``: the addresses the provider listens on ("host:port", "[v6]:port").
+
+    An empty string turns a listener off (the field is then ``None``).
+
+    - ``mx`` (default ``"0.0.0.0:25"``): the public MX; receives mail for hosted
+      domains and holds it for ODMR collection.
+    - ``odmr`` (default ``"0.0.0.0:366"``): the ODMR listener (RFC 2645 §4, IANA
+      port 366); clients upgrade with STARTTLS.
+    - ``odmr_tls`` (default ``""``, off): an implicit-TLS ODMR listener (TLS from
+      the first byte).  Needs ``[tls] cert`` and ``key``.
+    """
+
+    mx: tuple[str, int] | None = ("0.0.0.0", 25)
+    odmr: tuple[str, int] | None = ("0.0.0.0", 366)
+    odmr_tls: tuple[str, int] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TLSConfig:
+    """``[tls]``: the server certificate, used for STARTTLS and ``odmr_tls``.
+
+    - ``cert`` (default ``""``): PEM certificate chain file (leaf first, full chain).
+    - ``key`` (default ``""``): PEM private key file.  ``cert`` and ``key`` are
+      given both or neither; the files must exist.  Without them no STARTTLS
+      is offered, and PLAIN/LOGIN are offered only with
+      ``[odmr] allow_plaintext_auth``.
+    - ``client_ca`` (default ``""``, off): PEM CA bundle used to verify client
+      certificates for SASL EXTERNAL (RFC 4422 App. A).  Optional; needs
+      ``cert``/``key``.  Without it EXTERNAL is never advertised.
+
+    Relative paths resolve against the config file's directory.  Empty
+    strings become ``None``.
+    """
+
+    cert: Path | None = None
+    key: Path | None = None
+    client_ca: Path | None = None
+
+    @property
+    def enabled(self) -> bool:
+        """True when a certificate and key are configured (STARTTLS can be offered)."""
+        return self.cert is not None and self.key is not None
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    """``[limits]``: bounds on every session (design guide, principle 9).
+
+    - ``max_message_size`` (size, default ``"50M"``): largest message accepted,
+      advertised as EHLO SIZE (RFC 1870).  A size is an integer number of bytes
+      or a number with K, M or G (binary multiples: 1K = 1024).
+    - ``max_recipients`` (int, default 100): RCPT commands accepted per
+      transaction (RFC 5321 §4.5.3.1.8 asks for at least 100); more get 452.
+    - ``max_errors`` (int, default 10): error replies in one session before the
+      server answers 421 and closes.
+    - ``max_connections`` (int, default 200): concurrent connections per listener.
+    - ``max_connections_per_ip`` (int, default 20): concurrent connections from
+      one client address.
+    - ``command_timeout`` (duration, default ``"5m"``): idle time allowed while
+      waiting for a command (RFC 5321 §4.5.3.2.7 server timeout: 5 minutes).
+      A duration is an integer number of seconds or a number with s, m, h or d.
+    - ``data_timeout`` (duration, default ``"3m"``): time allowed for each data
+      block during DATA (RFC 5321 §4.5.3.2.5: 3 minutes).
+    - ``tls_handshake_timeout`` (duration, default ``"1m"``): time allowed for a
+      TLS handshake (STARTTLS or implicit TLS).
+    - ``max_line_length`` (int, default 1000): longest DATA text line in octets,
+      CRLF included (RFC 5321 §4.5.3.1.6: at least 1000).
+    """
+
+    max_message_size: int = 50 * 1024 * 1024
+    max_recipients: int = 100
+    max_errors: int = 10
+    max_connections: int = 200
+    max_connections_per_ip: int = 20
+    command_timeout: float = 300.0
+    data_timeout: float = 180.0
+    tls_handshake_timeout: float = 60.0
+    max_line_length: int = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class ODMRConfig:
+    """``[odmr]``: the ODMR/ATRN listener (RFC 2645).
+
+    - ``mechanisms`` (list, default ``["SCRAM-SHA-256", "PLAIN", "LOGIN",
+      "CRAM-MD5", "EXTERNAL"]``): SASL mechanisms offered, in this order; each
+      must be one of those five (case-insensitive, no duplicates, not empty).
+      A mechanism is still only advertised when usable: PLAIN/LOGIN need TLS
+      (or ``allow_plaintext_auth``), EXTERNAL needs ``[tls] client_ca``.
+    - ``allow_plaintext_auth`` (bool, default false): offer PLAIN and LOGIN on a
+      connection without TLS.  Leave it off outside tests.
+    - ``max_auth_failures`` (int, default 3): failed AUTH attempts before 421.
+    - ``min_atrn_interval`` (duration, default ``"0s"``): minimum time between
+      two ATRN sessions of one account; earlier ones get 450.  0 = no limit.
+    - ``lease_ttl`` (duration, default ``"10m"``): lifetime of the domain lease an
+      ATRN takes (renewed while it works); a crashed node's lease expires
+      after this.
+    - ``max_messages_per_session`` (int, default 0): messages sent in one ATRN
+      session; the rest wait for the next one.  0 = unlimited.
+    - ``greeting_timeout`` (duration, default ``"5m"``): after the turnaround,
+      time allowed for the customer's 220 greeting (RFC 5321 §4.5.3.2.1).
+    - ``final_reply_timeout`` (duration, default ``"10m"``): time allowed for
+      the reply after the end of DATA (RFC 5321 §4.5.3.2.6: 10 minutes).
+    - ``no_mail_reply`` (``"453"`` or ``"quit"``, default ``"453"``): what to do
+      when ATRN finds no mail: answer ``453 You have no mail`` (RFC 2645 §5.2.1),
+      or ``"quit"``: answer 250, turn around and QUIT at once (the MAY of §5.2.1).
+    """
+
+    mechanisms: tuple[str, ...] = SUPPORTED_MECHANISMS
+    allow_plaintext_auth: bool = False
+    max_auth_failures: int = 3
+    min_atrn_interval: float = 0.0
+    lease_ttl: float = 600.0
+    max_messages_per_session: int = 0
+    greeting_timeout: float = 300.0
+    final_reply_timeout: float = 600.0
+    no_mail_reply: str = "453"
+
+
+@dataclass(frozen=True, slots=True)
+class MXConfig:
+    """``[mx]``: the public MX listener.
+
+    - ``require_valid_recipient`` (bool, default false): the per-domain lists of
+      valid recipients live in the store (``fermoposta domain ...``); when
+      this is true a hosted domain *must* have a list, and without one every
+      RCPT for it is refused (no accept-all backup MX, no backscatter).  When
+      false, a domain without a list accepts any local part.
+    """
+
+    require_valid_recipient: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    """``[log]``: logging (see `fermoposta.ops.log`).
+
+    - ``level`` (default ``"info"``): ``"debug"``, ``"info"``, ``"warning"`` or ``"error"``.
+      ``debug`` includes protocol traces (AUTH redacted).
+    - ``format`` (default ``"text"``): ``"text"`` (Postfix-like lines,
+      ``<time> fermoposta/<component>[<pid>]: <message>``) or ``"json"`` (one
+      JSON object a line).
+    """
+
+    level: str = "info"
+    format: str = "text"
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderConfig:
+    """The whole provider config file (top level).
+
+    - ``path``: the file this was loaded from (absolute).
+    - ``hostname`` (str, required): our name in the SMTP greeting and EHLO
+      reply, and in Received: headers.  A domain name (letters, digits, hyphens).
+    - ``data_dir`` (path, required): directory for the queue database and
+      other state; relative to the config file's directory.  Not created here.
+    - ``[listen]``, ``[tls]``, ``[limits]``, ``[odmr]``, ``[mx]``, ``[log]``:
+      see `ListenConfig`, `TLSConfig`, `LimitsConfig`, `ODMRConfig`,
+      `MXConfig`, `LogConfig`.  Each table is optional.
+    """
+
+    path: Path
+    hostname: str
+    data_dir: Path
+    listen: ListenConfig = field(default_factory=ListenConfig)
+    tls: TLSConfig = field(default_factory=TLSConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    odmr: ODMRConfig = field(default_factory=ODMRConfig)
+    mx: MXConfig = field(default_factory=MXConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    @property
+    def store_path(self) -> Path:
+        """The SQLite queue database: ``data_dir / "fermoposta.sqlite3"``."""
+        return self.data_dir / "fermoposta.sqlite3"
+
+
+# ---------------------------------------------------------------------------
+# Value parsers.  They raise ValueError with an "expected ..., got ..." text;
+# the loader prefixes the file and key.
+# ---------------------------------------------------------------------------
+
+
+def _show(value: object) -> str:
+    """Render a value the way it looks in TOML, for error messages."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, str | int | float | list):
+        try:
+            return json.dumps(value, ensure_ascii=False)
+        except (TypeError, ValueError):
+            pass
+    return repr(value)
+
+
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd]?)", re.IGNORECASE)
+_DURATION_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(value: object) -> float:
+    """Parse a duration: ``"30s"``, ``"10m"``, ``"2h"``, ``"5d"`` or a number of seconds.
+
+    Returns float seconds (>= 0).  Raises ValueError otherwise.
+    """
+    expected = "expected a duration like 10m, 30s, 2h, 5d or a number of seconds"
+    if isinstance(value, bool):
+        raise ValueError(f"{expected}, got {_show(value)}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        m = _DURATION_RE.fullmatch(value.strip())
+        if m is None:
+            raise ValueError(f"{expected}, got {_show(value)}")
+        seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2).lower()]
+    else:
+        raise ValueError(f"{expected}, got {_show(value)}")
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"{expected}, got {_show(value)}")
+    return seconds
+
+
+_SIZE_RE = re.compile(r"(\d+)\s*([kmg]?)", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def parse_size(value: object) -> int:
+    """Parse a size: ``"512K"``, ``"50M"``, ``"1G"`` (binary multiples) or an integer of bytes.
+
+    Returns int bytes (>= 0).  Raises ValueError otherwise.
+    """
+    expected = "expected a size like 50M or an integer"
+    if isinstance(value, bool):
+        raise ValueError(f"{expected}, got {_show(value)}")
+    if isinstance(value, int):
+        size = value
+    elif isinstance(value, str):
+        m = _SIZE_RE.fullmatch(value.strip())
+        if m is None:
+            raise ValueError(f"{expected}, got {_show(value)}")
+        size = int(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
+    else:
+        raise ValueError(f"{expected}, got {_show(value)}")
+    if size < 0:
+        raise ValueError(f"{expected}, got {_show(value)}")
+    return size
+
+
+_HOSTNAME_RE = re.compile(
+    r"(?=.{1,253}\Z)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?"
+)
+
+
+def parse_hostport(value: object) -> tuple[str, int]:
+    """Parse ``"host:port"`` or ``"[v6addr]:port"`` into ``(host, port)``.
+
+    The host is an IPv4 address, a host name, or a bracketed IPv6 address
+    (brackets removed in the result).  The port is 0-65535 (0 = any free
+    port, used by tests).  Raises ValueError otherwise.
+    """
+    expected = 'expected "host:port" or "[ipv6]:port"'
+    if not isinstance(value, str):
+        raise ValueError(f"{expected}, got {_show(value)}")
+    text = value.strip()
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0 or text[end + 1 : end + 2] != ":":
+            raise ValueError(f"{expected}, got {_show(value)}")
+        host, port_text = text[1:end], text[end + 2 :]
+        if (
+            not host
+            or not re.fullmatch(r"[0-9A-Fa-f:.]+(%[A-Za-z0-9_.-]+)?", host)
+            or ":" not in host
+        ):
+            raise ValueError(f"{expected}, got {_show(value)}")
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep or ":" in host or not _HOSTNAME_RE.fullmatch(host):
+            raise ValueError(f"{expected}, got {_show(value)}")
+    if not port_text.isascii() or not port_text.isdigit() or int(port_text) > 65535:
+        raise ValueError(f"{expected} with a port 0-65535, got {_show(value)}")
+    return host, int(port_text)
+
+
+def default_config_path() -> Path:
+    """``$FERMOPOSTA_CONFIG`` if set and not empty, else ``/etc/fermoposta/provider.toml``."""
+    env = os.environ.get(CONFIG_ENV, "")
+    return Path(env) if env else DEFAULT_CONFIG_PATH
+
+
+# ---------------------------------------------------------------------------
+# Per-key checkers, then the table-driven loader.
+# ---------------------------------------------------------------------------
+
+_Parser = Callable[[object], Any]
+
+
+def _string(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {_show(value)}")
+    return value
+
+
+def _boolean(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {_show(value)}")
+    return value
+
+
+def _integer(minimum: int) -> _Parser:
+    def parse(value: object) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"expected an integer, got {_show(value)}")
+        if value < minimum:
+            raise ValueError(f"expected an integer >= {minimum}, got {_show(value)}")
+        return value
+
+    return parse
+
+
+def _size(minimum: int) -> _Parser:
+    def parse(value: object) -> int:
+        size = parse_size(value)
+        if size < minimum:
+            raise ValueError(f"expected a size of at least {minimum} bytes, got {_show(value)}")
+        return size
+
+    return parse
+
+
+def _duration(positive: bool) -> _Parser:
+    def parse(value: object) -> float:
+        seconds = parse_duration(value)
+        if positive and seconds <= 0:
+            raise ValueError(f"expected a duration greater than 0, got {_show(value)}")
+        return seconds
+
+    return parse
+
+
+def _listen_address(value: object) -> tuple[str, int] | None:
+    if value == "":
+        return None
+    return parse_hostport(value)
+
+
+def _one_of(*choices: str) -> _Parser:
+    def parse(value: object) -> str:
+        if not isinstance(value, str) or value.lower() not in choices:
+            wanted = ", ".join(f'"{c}"' for c in choices)
+            raise ValueError(f"expected one of {wanted}, got {_show(value)}")
+        return value.lower()
+
+    return parse
+
+
+def _hostname(value: object) -> str:
+    text = _string(value)
+    if not _HOSTNAME_RE.fullmatch(text):
+        raise ValueError(f"expected a host name like mx.example.net, got {_show(value)}")
+    return text.rstrip(".")
+
+
+def _mechanisms(value: object) -> tuple[str, ...]:
+    wanted = ", ".join(SUPPORTED_MECHANISMS)
+    if not isinstance(value, list) or not value:
+        raise ValueError(
+            f"expected a non-empty list of mechanisms from {wanted}, got {_show(value)}"
+        )
+    result: list[str] = []
+    for item in value:
+        if not isinstance(item, str) or item.upper() not in SUPPORTED_MECHANISMS:
+            raise ValueError(f"unsupported mechanism {_show(item)} (supported: {wanted})")
+        if item.upper() in result:
+            raise ValueError(f"mechanism {_show(item)} is listed twice")
+        result.append(item.upper())
+    return tuple(result)
+
+
+def _no_mail_reply(value: object) -> str:
+    # Accept 453 as an integer too: it is not a typo, just the number unquoted.
+    if isinstance(value, int) and not isinstance(value, bool) and value == 453:
+        return "453"
+    return str(_one_of("453", "quit")(value))
+
+
+def _line_length(value: object) -> int:
+    n = _integer(1)(value)
+    if n < 1000:
+        # RFC 5321 §4.5.3.1.6: a receiver must accept text lines of 1000 octets.
+        raise ValueError(f"expected at least 1000 (RFC 5321 §4.5.3.1.6), got {_show(value)}")
+    return int(n)
+
+
+# The schema: table -> key -> parser.  Defaults come from the dataclasses.
+_SECTIONS: dict[str, tuple[type[Any], dict[str, _Parser]]] = {
+    "listen": (
+        ListenConfig,
+        {"mx": _listen_address, "odmr": _listen_address, "odmr_tls": _listen_address},
+    ),
+    "tls": (TLSConfig, {"cert": _string, "key": _string, "client_ca": _string}),
+    "limits": (
+        LimitsConfig,
+        {
+            "max_message_size": _size(1),
+            "max_recipients": _integer(1),
+            "max_errors": _integer(1),
+            "max_connections": _integer(1),
+            "max_connections_per_ip": _integer(1),
+            "command_timeout": _duration(positive=True),
+            "data_timeout": _duration(positive=True),
+            "tls_handshake_timeout": _duration(positive=True),
+            "max_line_length": _line_length,
+        },
+    ),
+    "odmr": (
+        ODMRConfig,
+        {
+            "mechanisms": _mechanisms,
+            "allow_plaintext_auth": _boolean,
+            "max_auth_failures": _integer(1),
+            "min_atrn_interval": _duration(positive=False),
+            "lease_ttl": _duration(positive=True),
+            "max_messages_per_session": _integer(0),
+            "greeting_timeout": _duration(positive=True),
+            "final_reply_timeout": _duration(positive=True),
+            "no_mail_reply": _no_mail_reply,
+        },
+    ),
+    "mx": (MXConfig, {"require_valid_recipient": _boolean}),
+    "log": (LogConfig, {"level": _one_of(*LOG_LEVELS), "format": _one_of(*LOG_FORMATS)}),
+}
+_TOP_LEVEL: dict[str, _Parser] = {"hostname": _hostname, "data_dir": _string}
+
+
+class _Loader:
+    """Builds error messages that name the file and the key."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.name = str(path)
+        self.base = Path(os.path.abspath(path)).parent
+
+    def error(self, section: str | None, key: str | None, message: str) -> ConfigError:
+        where = f"[{section}]" if section else ""
+        if key:
+            where = f"{where} {key}" if where else key
+        return ConfigError(
+            f"{self.name}: {where}: {message}" if where else f"{self.name}: {message}"
+        )
+
+    def check_keys(
+        self, section: str | None, table: Mapping[str, object], known: list[str]
+    ) -> None:
+        for key in table:
+            if key in known:
+                continue
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f' (did you mean "{close[0]}"?)' if close else ""
+            if section is None and isinstance(table[key], dict):
+                raise self.error(key, None, f"unknown table{hint}")
+            raise self.error(section, key, f"unknown key{hint}")
+
+    def parse(self, section: str | None, key: str, parser: _Parser, value: object) -> Any:
+        try:
+            return parser(value)
+        except ValueError as exc:
+            raise self.error(section, key, str(exc)) from None
+
+    def resolve(self, value: str) -> Path:
+        p = Path(value).expanduser()
+        return Path(os.path.normpath(p if p.is_absolute() else self.base / p))
+
+    def existing_file(self, section: str, key: str, value: str) -> Path:
+        p = self.resolve(value)
+        if not p.is_file():
+            problem = "does not exist" if not p.exists() else "is not a regular file"
+            raise self.error(section, key, f'file "{p}" {problem}')
+        if not os.access(p, os.R_OK):
+            raise self.error(section, key, f'file "{p}" is not readable')
+        return p
+
+
+def load_provider_config(path: str | Path) -> ProviderConfig:
+    """Load and validate a provider config file.  Raises `ConfigError`."""
+    path = Path(path)
+    loader = _Loader(path)
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise loader.error(None, None, "config file not found") from None
+    except OSError as exc:
+        raise loader.error(None, None, f"cannot read config file: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise loader.error(None, None, f"invalid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise loader.error(None, None, "invalid TOML: not UTF-8") from None
+
+    loader.check_keys(None, raw, [*_TOP_LEVEL, *_SECTIONS])
+    for key in _TOP_LEVEL:
+        if key not in raw:
+            raise loader.error(None, key, "required key is missing")
+        if isinstance(raw[key], dict):
+            raise loader.error(None, key, "expected a value, got a table")
+    hostname = loader.parse(None, "hostname", _hostname, raw["hostname"])
+    data_dir_text = loader.parse(None, "data_dir", _string, raw["data_dir"])
+    if not data_dir_text:
+        raise loader.error(None, "data_dir", "must not be empty")
+
+    sections: dict[str, Any] = {}
+    for name, (cls, parsers) in _SECTIONS.items():
+        table = raw.get(name, {})
+        if not isinstance(table, dict):
+            raise loader.error(None, name, f"expected a table [{name}], got {_show(table)}")
+        loader.check_keys(name, table, list(parsers))
+        values = {key: loader.parse(name, key, parsers[key], value) for key, value in table.items()}
+        if name == "tls":
+            values = _resolve_tls(loader, values)
+        sections[name] = cls(**values)
+
+    config = ProviderConfig(
+        path=Path(os.path.abspath(path)),
+        hostname=hostname,
+        data_dir=loader.resolve(data_dir_text),
+        **sections,
+    )
+    _cross_check(loader, config)
+    return config
+
+
+def _resolve_tls(loader: _Loader, values: dict[str, Any]) -> dict[str, Any]:
+    cert, key = values.get("cert", ""), values.get("key", "")
+    if bool(cert) != bool(key):
+        missing = "key" if cert else "cert"
+        raise loader.error(
+            "tls", missing, f"cert and key must be given together; {missing} is missing"
+        )
+    resolved: dict[str, Any] = {}
+    for name in ("cert", "key", "client_ca"):
+        text = values.get(name, "")
+        resolved[name] = loader.existing_file("tls", name, text) if text else None
+    return resolved
+
+
+def _cross_check(loader: _Loader, config: ProviderConfig) -> None:
+    """Checks that involve more than one key."""
+    if config.listen.odmr_tls is not None and not config.tls.enabled:
+        raise loader.error(
+            "listen", "odmr_tls", "an implicit-TLS listener needs [tls] cert and key"
+        )
+    if config.tls.client_ca is not None and not config.tls.enabled:
+        raise loader.error("tls", "client_ca", "client certificates need [tls] cert and key")

@@ -1,0 +1,80 @@
+"""Client-side SMTP primitives on a `Connection` (RFC 5321 §4.1, §4.2).
+
+Contract:
+- `SMTPClient` sends command lines and reads complete (multi-line) replies
+  with a timeout each; a malformed reply raises `ReplyProtocolError`, a
+  closed connection `ConnectionClosed`, an expired timeout `TimeoutError`.
+- `send_body()` streams a message body through a `DotStuffer`
+  (RFC 5321 §4.5.2) so no bare CR/LF and no unstuffed leading dot ever
+  reach the wire, and memory stays bounded by the chunk size.
+- It never decides what a reply *means*: callers (the drain, the customer,
+  outbound delivery) do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from fermoposta.net.connection import Connection
+from fermoposta.smtp.data import DotStuffer
+from fermoposta.smtp.reply import Reply
+from fermoposta.smtp.reply_parser import ReplyAssembler, ReplyProtocolError, parse_ehlo
+
+__all__ = ["ReplyProtocolError", "SMTPClient"]
+
+REPLY_LINE_LIMIT = 2048  # RFC 5321 says 512; real servers send longer text lines
+
+
+class SMTPClient:
+    def __init__(self, conn: Connection, *, write_timeout: float = 180.0) -> None:
+        self.conn = conn
+        self.write_timeout = write_timeout
+        self.capabilities: dict[str, str] = {}
+
+    async def read_reply(self, timeout: float) -> Reply:
+        assembler = ReplyAssembler()
+        while True:
+            line = await self.conn.read_line(REPLY_LINE_LIMIT, timeout)
+            reply = assembler.feed_line(line)
+            if reply is not None:
+                return reply
+
+    async def send_line(self, line: str) -> None:
+        await self.conn.write(line.encode("utf-8") + b"\r\n", self.write_timeout)
+
+    async def command(self, line: str, timeout: float) -> Reply:
+        await self.send_line(line)
+        return await self.read_reply(timeout)
+
+    async def ehlo(self, name: str, timeout: float) -> Reply:
+        """EHLO, falling back to HELO on a 5xx (RFC 5321 §3.2)."""
+        reply = await self.command(f"EHLO {name}", timeout)
+        if reply.code == 250:
+            self.capabilities = parse_ehlo(reply)
+            return reply
+        self.capabilities = {}
+        if reply.is_permanent:
+            return await self.command(f"HELO {name}", timeout)
+        return reply
+
+    def has(self, keyword: str) -> bool:
+        return keyword.upper() in self.capabilities
+
+    def max_size(self) -> int | None:
+        value = self.capabilities.get("SIZE", "").strip()
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+        return None
+
+    async def send_body(self, chunks: AsyncIterator[bytes]) -> int:
+        """Dot-stuff and send the body, then the end-of-data line; return bytes sent."""
+        stuffer = DotStuffer()
+        sent = 0
+        async for chunk in chunks:
+            out = stuffer.feed(chunk)
+            if out:
+                await self.conn.write(out, self.write_timeout)
+                sent += len(out)
+        tail = stuffer.finish()
+        await self.conn.write(tail, self.write_timeout)
+        return sent + len(tail)

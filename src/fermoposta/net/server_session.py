@@ -1,0 +1,266 @@
+"""The shared SMTP server dialog loop (RFC 5321 §4.1, §4.3.2; RFC 3207).
+
+Contract:
+- `ServerSession` runs one server-side SMTP dialog on a `Connection`: it
+  sends the greeting, reads one bounded command line at a time, dispatches
+  it through an explicit table (`COMMANDS`, verb -> handler), writes the
+  reply the handler returns, and counts error replies (after
+  `max_errors` it answers 421 and closes).
+- It owns the verbs every dialog shares: EHLO/HELO, STARTTLS, NOOP, RSET,
+  QUIT, HELP, VRFY.  Subclasses (MX, ODMR, the customer's reversed session)
+  extend `COMMANDS` and override `extensions()` and the hooks.
+- Handlers return a `Reply` (or raise `SMTPError`).  An unexpected exception
+  in a handler answers 451 4.3.0 (temporary: a bug never bounces mail) and
+  is logged with its traceback; the session goes on.
+- STARTTLS discards plaintext pipelined after the command (CVE-2011-0411
+  class) and resets the dialog to "no EHLO yet" (RFC 3207 §4.2).
+- The session never raises: peer closes, timeouts and TLS failures end it
+  quietly (logged), and `run()` always closes the connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import ssl
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import ClassVar
+
+from fermoposta.net.connection import Connection, ConnectionClosed, LineTooLong
+from fermoposta.smtp import reply as R
+from fermoposta.smtp.command import Command, parse_command, parse_ehlo_arg
+from fermoposta.smtp.reply import Reply, SMTPError
+
+log = logging.getLogger("fermoposta.smtp")
+
+COMMAND_LINE_LIMIT = 512  # RFC 5321 §4.5.3.1.4, including CRLF
+AUTH_LINE_LIMIT = 12288  # RFC 4954 §4: SASL responses may be longer
+
+
+@dataclass(frozen=True, slots=True)
+class SessionLimits:
+    command_timeout: float = 300.0  # RFC 5321 §4.5.3.2.7 server timeout
+    data_timeout: float = 180.0  # RFC 5321 §4.5.3.2.5 data block
+    tls_handshake_timeout: float = 60.0
+    max_errors: int = 10
+    max_message_size: int = 50 * 1024 * 1024
+    max_recipients: int = 100
+    max_line_length: int = 1000  # RFC 5321 §4.5.3.1.6
+
+
+def new_session_id() -> str:
+    return secrets.token_hex(5).upper()
+
+
+class ServerSession:
+    """One server-side SMTP dialog; see the module docstring."""
+
+    # verb -> name of the handler method (an explicit table, never reflection).
+    COMMANDS: ClassVar[Mapping[str, str]] = {}
+    # Verbs we know but refuse in this dialog (502, RFC 5321 §4.2.4) rather
+    # than "unrecognized" (500).
+    KNOWN_VERBS: ClassVar[frozenset[str]] = frozenset(
+        {"EHLO", "HELO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "VRFY", "EXPN",
+         "HELP", "STARTTLS", "AUTH", "ATRN", "ETRN", "TURN", "BDAT", "LHLO"}
+    )
+    component: ClassVar[str] = "smtpd"
+
+    def __init__(
+        self,
+        conn: Connection,
+        *,
+        hostname: str,
+        limits: SessionLimits,
+        tls_context: ssl.SSLContext | None = None,
+        session_id: str | None = None,
+    ) -> None:
+        self.conn = conn
+        self.hostname = hostname
+        self.limits = limits
+        self.tls_context = tls_context
+        self.session_id = session_id or new_session_id()
+        self.helo_name: str | None = None
+        self.esmtp = False
+        self.errors = 0
+        self.closing = False
+        self.line_limit = COMMAND_LINE_LIMIT
+        self.log = logging.LoggerAdapter(log, {"component": self.component})
+
+    # --- hooks for subclasses ------------------------------------------------------------
+    def greeting(self) -> Reply:
+        return Reply(220, None, f"{self.hostname} ESMTP fermoposta")
+
+    def extensions(self) -> list[str]:
+        """EHLO keywords after the greeting line."""
+        exts = ["ENHANCEDSTATUSCODES"]
+        if self.tls_context is not None and not self.conn.tls_active:
+            exts.append("STARTTLS")
+        return exts
+
+    def reset_transaction(self) -> None:
+        """Forget any mail transaction (RSET, EHLO, STARTTLS)."""
+
+    def reset_after_tls(self) -> None:
+        """RFC 3207 §4.2: discard all knowledge obtained from the client."""
+        self.helo_name = None
+        self.esmtp = False
+        self.reset_transaction()
+
+    def peer_description(self) -> str:
+        return f"{self.helo_name or 'unknown'}[{self.conn.peer_ip}]"
+
+    async def on_connect(self) -> Reply | None:
+        """Return a reply to refuse the connection (it is sent, then we close)."""
+        return None
+
+    def utf8_commands(self) -> bool:
+        return False
+
+    # --- the loop ------------------------------------------------------------------------
+    async def send(self, reply: Reply) -> None:
+        await self.conn.write(reply.to_bytes(), self.limits.command_timeout)
+
+    async def run(self) -> None:
+        try:
+            refusal = await self.on_connect()
+            if refusal is not None:
+                await self.send(refusal)
+                return
+            await self.send(self.greeting())
+            while not self.closing:
+                await self.one_command()
+        except ConnectionClosed:
+            self.log.info("%s: disconnect from %s", self.session_id, self.peer_description())
+        except TimeoutError:
+            self.log.info("%s: timeout from %s", self.session_id, self.peer_description())
+            await self._try_send(R.TIMEOUT)
+        except ssl.SSLError as exc:
+            self.log.info("%s: TLS error from %s: %s", self.session_id, self.peer_description(),
+                          exc.reason or exc)
+        except OSError as exc:
+            self.log.info("%s: connection error from %s: %s", self.session_id,
+                          self.peer_description(), exc)
+        finally:
+            await self.finish()
+            await self.conn.close()
+
+    async def finish(self) -> None:
+        """Called once when the dialog ends, before the connection closes."""
+
+    async def _try_send(self, reply: Reply) -> None:
+        try:
+            await asyncio.wait_for(self.conn.write(reply.to_bytes(), 5.0), 5.0)
+        except Exception:  # noqa: BLE001 - best effort on a dying connection
+            pass
+
+    async def one_command(self) -> None:
+        try:
+            line = await self.conn.read_line(self.line_limit, self.limits.command_timeout)
+        except LineTooLong:
+            await self.reply(R.LINE_TOO_LONG)
+            return
+        try:
+            command = parse_command(line, utf8=self.utf8_commands())
+            reply = await self.dispatch(command)
+        except SMTPError as exc:
+            reply = exc.reply
+        if reply is not None:
+            await self.reply(reply)
+
+    async def dispatch(self, command: Command) -> Reply | None:
+        name = self.COMMANDS.get(command.verb)
+        if name is None:
+            if command.verb in self.KNOWN_VERBS:
+                return R.NOT_IMPLEMENTED
+            return R.SYNTAX_ERROR
+        try:
+            handler: Callable[[str], Awaitable[Reply | None]] = getattr(self, name)
+            return await handler(command.arg)
+        except (SMTPError, ConnectionClosed, TimeoutError, ssl.SSLError, OSError):
+            raise
+        except Exception:
+            self.log.exception("%s: internal error handling %s", self.session_id, command.verb)
+            return R.LOCAL_ERROR
+
+    async def reply(self, reply: Reply) -> None:
+        """Send a reply, counting errors (RFC 5321 §4.3.2 lets us close with 421)."""
+        await self.send(reply)
+        if reply.code >= 400 and reply.code != 421:
+            self.errors += 1
+            if self.errors >= self.limits.max_errors:
+                self.log.info("%s: too many errors from %s", self.session_id,
+                              self.peer_description())
+                await self.send(R.TOO_MANY_ERRORS)
+                self.closing = True
+        if reply.code == 421:
+            self.closing = True
+
+    # --- shared verbs ----------------------------------------------------------------------
+    async def smtp_ehlo(self, arg: str) -> Reply:
+        name = parse_ehlo_arg(arg)
+        self.reset_transaction()
+        self.helo_name = name
+        self.esmtp = True
+        lines = [f"{self.hostname} Hello {name} [{self.conn.peer_ip}]", *self.extensions()]
+        return Reply(250, None, *lines)
+
+    async def smtp_helo(self, arg: str) -> Reply:
+        name = parse_ehlo_arg(arg)
+        self.reset_transaction()
+        self.helo_name = name
+        self.esmtp = False
+        return Reply(250, None, self.hostname)
+
+    async def smtp_noop(self, arg: str) -> Reply:
+        return R.OK
+
+    async def smtp_rset(self, arg: str) -> Reply:
+        if arg:
+            return R.BAD_ARGUMENTS
+        self.reset_transaction()
+        return R.OK
+
+    async def smtp_quit(self, arg: str) -> Reply:
+        self.closing = True
+        return R.BYE
+
+    async def smtp_vrfy(self, arg: str) -> Reply:
+        # RFC 5321 §3.5.3: 252 when we will not verify.
+        return Reply(252, "2.5.2", "Cannot VRFY user, but will accept message")
+
+    async def smtp_help(self, arg: str) -> Reply:
+        return Reply(214, "2.0.0", "See RFC 5321 and RFC 2645")
+
+    async def smtp_starttls(self, arg: str) -> Reply | None:
+        if arg:
+            return R.BAD_ARGUMENTS
+        if self.conn.tls_active:
+            return R.BAD_SEQUENCE
+        if self.tls_context is None:
+            return R.TLS_NOT_AVAILABLE
+        await self.send(R.READY_TO_START_TLS)
+        dropped = await self.conn.start_tls(
+            self.tls_context, server_side=True, timeout=self.limits.tls_handshake_timeout
+        )
+        if dropped:
+            self.log.warning(
+                "%s: discarded %d plaintext bytes pipelined after STARTTLS from %s",
+                self.session_id, dropped, self.peer_description(),
+            )
+        self.reset_after_tls()
+        self.log.info("%s: TLS %s %s from [%s]", self.session_id, self.conn.tls_version,
+                      self.conn.tls_cipher, self.conn.peer_ip)
+        return None
+
+    COMMANDS = {
+        "EHLO": "smtp_ehlo",
+        "HELO": "smtp_helo",
+        "NOOP": "smtp_noop",
+        "RSET": "smtp_rset",
+        "QUIT": "smtp_quit",
+        "VRFY": "smtp_vrfy",
+        "HELP": "smtp_help",
+        "STARTTLS": "smtp_starttls",
+    }

@@ -1,0 +1,204 @@
+"""The SMTP mail transaction: MAIL, RCPT, DATA (RFC 5321 §3.3, §4.1.1.2–4).
+
+Contract:
+- `TransactionSession` adds MAIL/RCPT/DATA to `ServerSession` with the
+  checks every receiving role needs (sequence, parameters of the advertised
+  extensions only: SIZE RFC 1870, BODY=8BITMIME RFC 6152, SMTPUTF8 RFC 6531;
+  recipient count limit 452 4.5.3; duplicate RCPT accepted once) and leaves
+  policy to three hooks: `check_sender`, `check_recipient`, `accept_message`.
+- DATA streams into a spooled temporary file (bounded memory) behind a
+  `Received:` header; the size limit is enforced while streaming (552 after
+  the end of data), only CRLF.CRLF ends the data, and a message with a bare
+  CR or LF is refused (SMTP smuggling, RFC 5321 §2.3.8).
+- `accept_message` must return 250 only once the message is durably stored
+  (or delivered); the peer hears nothing before it returns.
+- A dropped connection mid-DATA discards the partial message (§3.8).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from typing import IO
+
+from fermoposta.net.server_session import ServerSession
+from fermoposta.smtp import reply as R
+from fermoposta.smtp.command import Path, normalize_domain, parse_mail_from, parse_rcpt_to, split_address
+from fermoposta.smtp.data import DataReader
+from fermoposta.smtp.reply import Reply, SMTPError
+from fermoposta.smtp.trace import protocol_name, received_header
+
+SPOOL_MEMORY = 1024 * 1024  # bodies above this spill to a temporary file
+
+NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "No valid recipients")
+TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
+MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
+BARE_LINE_ENDING = Reply(
+    550, "5.5.2", "Message refused: bare CR or LF in message data (RFC 5321 section 2.3.8)"
+)
+DATA_LINE_TOO_LONG = Reply(500, "5.5.6", "Message refused: line too long (RFC 5321 section 4.5.3.1.6)")
+UNKNOWN_PARAMETER = Reply(555, "5.5.4", "Unsupported MAIL FROM or RCPT TO parameter")
+SENDER_OK = Reply(250, "2.1.0", "Sender OK")
+RECIPIENT_OK = Reply(250, "2.1.5", "Recipient OK")
+
+
+@dataclass(slots=True)
+class Recipient:
+    path: Path
+    local: str
+    domain: str  # normalized A-label, lowercase; "" for <postmaster>
+
+
+@dataclass(slots=True)
+class Transaction:
+    sender: Path
+    declared_size: int | None = None
+    body_8bit: bool = False
+    smtputf8: bool = False
+    recipients: list[Recipient] = field(default_factory=list)
+
+
+class TransactionSession(ServerSession):
+    """A `ServerSession` that receives mail; see the module docstring."""
+
+    transaction: Transaction | None = None
+    authenticated_as: str | None = None
+
+    # --- policy hooks --------------------------------------------------------------------
+    async def check_sender(self, sender: Path) -> Reply | None:
+        return None
+
+    async def check_recipient(self, txn: Transaction, rcpt: Recipient) -> Reply | None:
+        return None
+
+    async def accept_message(self, txn: Transaction, body: IO[bytes], size: int) -> Reply:
+        raise NotImplementedError
+
+    def received_protocol(self) -> str:
+        return protocol_name(
+            esmtp=self.esmtp, tls=self.conn.tls_active, authenticated=self.authenticated_as is not None
+        )
+
+    # --- ServerSession hooks ---------------------------------------------------------------
+    def extensions(self) -> list[str]:
+        return [
+            f"SIZE {self.limits.max_message_size}",
+            "8BITMIME",
+            "PIPELINING",
+            "SMTPUTF8",
+            *super().extensions(),
+        ]
+
+    def reset_transaction(self) -> None:
+        self.transaction = None
+
+    # --- verbs -----------------------------------------------------------------------------
+    async def smtp_mail(self, arg: str) -> Reply:
+        if self.helo_name is None:
+            return Reply(503, "5.5.1", "Send EHLO/HELO first")
+        if self.transaction is not None:
+            return Reply(503, "5.5.1", "Nested MAIL command")
+        wants_utf8 = self.esmtp and "SMTPUTF8" in arg.upper()
+        path = parse_mail_from(arg, allow_utf8=wants_utf8)
+        txn = Transaction(sender=path)
+        for key, value in path.params.items():
+            if not self.esmtp:
+                return UNKNOWN_PARAMETER
+            if key == "SIZE":
+                if value is None or not value.isdigit():
+                    return R.BAD_ARGUMENTS
+                txn.declared_size = int(value)
+                if txn.declared_size > self.limits.max_message_size:
+                    return MESSAGE_TOO_BIG
+            elif key == "BODY":
+                if value is None or value.upper() not in ("7BIT", "8BITMIME"):
+                    return UNKNOWN_PARAMETER
+                txn.body_8bit = value.upper() == "8BITMIME"
+            elif key == "SMTPUTF8":
+                if value is not None:
+                    return R.BAD_ARGUMENTS
+                txn.smtputf8 = True
+            elif key == "AUTH":
+                pass  # RFC 4954 §5: we may ignore it
+            else:
+                return UNKNOWN_PARAMETER
+        refusal = await self.check_sender(path)
+        if refusal is not None:
+            return refusal
+        self.transaction = txn
+        return SENDER_OK
+
+    async def smtp_rcpt(self, arg: str) -> Reply:
+        txn = self.transaction
+        if txn is None:
+            return Reply(503, "5.5.1", "Need MAIL command first")
+        path = parse_rcpt_to(arg, allow_utf8=txn.smtputf8)
+        if path.params:
+            return UNKNOWN_PARAMETER
+        if len(txn.recipients) >= self.limits.max_recipients:
+            return TOO_MANY_RECIPIENTS
+        if "@" in path.address:
+            local, raw_domain = split_address(path.address)
+            try:
+                domain = normalize_domain(raw_domain)
+            except ValueError:
+                return Reply(501, "5.1.3", "Bad recipient address syntax")
+        else:
+            local, domain = path.address, ""
+        rcpt = Recipient(path=path, local=local, domain=domain)
+        key = (local.lower(), domain)
+        if any((r.local.lower(), r.domain) == key for r in txn.recipients):
+            return RECIPIENT_OK  # RFC 5321 §3.3: a duplicate is accepted once
+        refusal = await self.check_recipient(txn, rcpt)
+        if refusal is not None:
+            return refusal
+        txn.recipients.append(rcpt)
+        return RECIPIENT_OK
+
+    async def smtp_data(self, arg: str) -> Reply | None:
+        txn = self.transaction
+        if arg:
+            return R.BAD_ARGUMENTS
+        if txn is None:
+            return Reply(503, "5.5.1", "Need MAIL command first")
+        if not txn.recipients:
+            return NO_VALID_RECIPIENTS
+        await self.send(R.START_DATA)
+        spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY)  # noqa: SIM115
+        try:
+            spool.write(self.trace_header(txn))
+            reader = DataReader(self.limits.max_message_size, self.limits.max_line_length)
+            await self.conn.read_data(reader, spool.write, self.limits.data_timeout)
+            self.transaction = None  # the transaction ends with the data, whatever follows
+            if reader.too_big:
+                return MESSAGE_TOO_BIG
+            if reader.bare_line_ending:
+                return BARE_LINE_ENDING
+            if reader.line_too_long:
+                return DATA_LINE_TOO_LONG
+            size = spool.tell()
+            spool.seek(0)
+            return await self.accept_message(txn, spool, size)
+        finally:
+            spool.close()
+
+    def trace_header(self, txn: Transaction) -> bytes:
+        tls_info = None
+        if self.conn.tls_active:
+            tls_info = f"using {self.conn.tls_version} with cipher {self.conn.tls_cipher}"
+        only = txn.recipients[0].path.address if len(txn.recipients) == 1 else None
+        return received_header(
+            helo=self.helo_name,
+            peer_ip=self.conn.peer_ip,
+            by=self.hostname,
+            protocol=self.received_protocol(),
+            tls_info=tls_info,
+            for_recipient=only,
+        )
+
+    COMMANDS = {
+        **ServerSession.COMMANDS,
+        "MAIL": "smtp_mail",
+        "RCPT": "smtp_rcpt",
+        "DATA": "smtp_data",
+    }

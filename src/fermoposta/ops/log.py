@@ -1,0 +1,204 @@
+"""Logging: Postfix-like lines keyed by queue ID, or JSON lines.
+
+Contract:
+- `setup_logging(level, fmt, stream)` configures the "fermoposta" logger (and
+  only it): one handler writing to `stream`, either text lines
+  ``<time> fermoposta/<component>[<pid>]: <message>`` (operators.md §2.2, so
+  existing Postfix log tooling and habits carry over) or one JSON object a
+  line (``time, level, component, message`` plus structured fields).  Calling
+  it again replaces the handler it installed before; it never touches the
+  root logger.
+- `event(component, queue_id, **fields)` writes one delivery/queue line such
+  as ``4F9D195432C: to=<bob@example.org>, relay=cust.example[127.0.0.1],
+  delay=1.2, dsn=2.0.0, status=sent (250 2.0.0 OK)``.  Fields keep the order
+  given; ``None`` values are left out; ``status`` and ``reason`` render
+  together as ``status=sent (reason)``.  Control characters in values are
+  escaped, so a peer cannot forge log lines.
+- `redact(line, in_auth=...)` hides SASL secrets in protocol traces.  Nothing
+  in this package may log a password, an AUTH initial response or a SASL
+  continuation line without passing it through `redact`.
+- Timestamps are UTC, RFC 3339 with milliseconds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import time
+from typing import TextIO
+
+__all__ = ["JSONFormatter", "TextFormatter", "event", "redact", "setup_logging"]
+
+ROOT = "fermoposta"
+LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
+# Postfix prefixes problems with a severity word; info lines carry none.
+_SEVERITY = {logging.WARNING: "warning: ", logging.ERROR: "error: ", logging.CRITICAL: "fatal: "}
+# Keys of the JSON object that fields may not overwrite.
+_RESERVED = frozenset({"time", "level", "component", "message", "pid", "queue_id", "exc"})
+
+
+def _timestamp(created: float) -> str:
+    ms = int((created % 1) * 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{ms:03d}Z"
+
+
+def _component(record: logging.LogRecord) -> str:
+    """The `component` given to `event`, else the last part of the logger name."""
+    component = getattr(record, "component", None)
+    if isinstance(component, str) and component:
+        return component
+    name = record.name
+    if name == ROOT:
+        return "main"
+    return name.rsplit(".", 1)[-1]
+
+
+class TextFormatter(logging.Formatter):
+    """``2024-11-28T13:48:01.123Z fermoposta/odmr[4242]: message``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = _escape(record.getMessage())
+        line = (
+            f"{_timestamp(record.created)} {ROOT}/{_component(record)}[{record.process}]: "
+            f"{_SEVERITY.get(record.levelno, '')}{message}"
+        )
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+class JSONFormatter(logging.Formatter):
+    """One JSON object a line: time, level, component, message, then fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        obj: dict[str, object] = {
+            "time": _timestamp(record.created),
+            "level": record.levelname.lower(),
+            "component": _component(record),
+            "message": record.getMessage(),
+            "pid": record.process,
+        }
+        queue_id = getattr(record, "queue_id", None)
+        if queue_id is not None:
+            obj["queue_id"] = queue_id
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            for key, value in fields.items():
+                obj[f"field_{key}" if key in _RESERVED else str(key)] = value
+        if record.exc_info:
+            obj["exc"] = self.formatException(record.exc_info)
+        return json.dumps(obj, ensure_ascii=False, default=str)
+
+
+_installed: logging.Handler | None = None
+
+
+def setup_logging(level: str = "info", fmt: str = "text", stream: TextIO | None = None) -> None:
+    """Configure the "fermoposta" logger.
+
+    `level`: "debug", "info", "warning" or "error".  `fmt`: "text" or "json".
+    `stream`: where lines go; ``None`` means `sys.stderr` at call time.
+    Raises ValueError for an unknown level or format.
+    """
+    global _installed
+    if level.lower() not in LEVELS:
+        raise ValueError(f"unknown log level {level!r}")
+    if fmt not in ("text", "json"):
+        raise ValueError(f"unknown log format {fmt!r}")
+    logger = logging.getLogger(ROOT)
+    if _installed is not None:
+        logger.removeHandler(_installed)
+        _installed.close()
+    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler.setFormatter(JSONFormatter() if fmt == "json" else TextFormatter())
+    logger.addHandler(handler)
+    logger.setLevel(LEVELS[level.lower()])
+    # Our handler is the only output; do not duplicate lines through the root logger.
+    logger.propagate = False
+    _installed = handler
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _escape(text: str) -> str:
+    """Escape control characters (CR, LF, ...) so a line stays one line."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+def _render(value: object) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        # Postfix style: delay=1.2, delay=0.03, delay=12; never 0.30000000000000004.
+        text = f"{value:.2f}".rstrip("0").rstrip(".")
+        return "0" if text in ("", "-0") else text
+    return _escape(str(value))
+
+
+def format_event(queue_id: str | None, fields: dict[str, object]) -> str:
+    """The text of one `event` line (without time/component prefix)."""
+    parts: list[str] = []
+    reason = fields.get("reason")
+    for key, value in fields.items():
+        if value is None or (key == "reason" and "status" in fields):
+            continue
+        text = f"{key}={_render(value)}"
+        if key == "status" and reason is not None:
+            text += f" ({_render(reason)})"
+        parts.append(text)
+    body = ", ".join(parts)
+    return f"{_escape(queue_id)}: {body}" if queue_id else body
+
+
+def event(component: str, queue_id: str | None, **fields: object) -> None:
+    """Log one Postfix-like line at INFO on logger ``fermoposta.<component>``.
+
+    Example: ``event("drain", "4F9D195432C", to="<bob@example.org>",
+    relay="cust.example[127.0.0.1]", delay=1.2, dsn="2.0.0", status="sent",
+    reason="250 2.0.0 OK")``.  Callers bracket addresses themselves.
+    """
+    logger = logging.getLogger(f"{ROOT}.{component}")
+    if not logger.isEnabledFor(logging.INFO):
+        return
+    logger.info(
+        "%s",
+        format_event(queue_id, fields),
+        extra={"component": component, "queue_id": queue_id, "fields": dict(fields)},
+    )
+
+
+_AUTH_RE = re.compile(rb"(?i)([ \t]*AUTH)([ \t]+)(\S+)([ \t]+\S)?")
+_MECH_RE = re.compile(rb"[A-Za-z0-9_-]{1,20}")
+
+
+def redact(line: bytes, in_auth: bool = False) -> bytes:
+    """Hide SASL secrets in a protocol trace line (RFC 4954).
+
+    - ``in_auth=True`` (the line is a client response to a 334 challenge):
+      returns ``***`` (a lone ``*``, the client's cancel, is kept).
+    - ``AUTH <MECH> <initial-response>`` returns ``AUTH <MECH> ***``; a
+      mechanism token that does not look like a mechanism name is hidden too.
+    - Any other line is returned unchanged.
+    The line ending (CRLF or LF), if any, is kept.
+    """
+    body = line.rstrip(b"\r\n")
+    ending = line[len(body) :]
+    if in_auth:
+        return line if body.strip() == b"*" else b"***" + ending
+    m = _AUTH_RE.match(body)
+    if m is None:
+        return line
+    verb, space, mech, initial = m.group(1), m.group(2), m.group(3), m.group(4)
+    if not _MECH_RE.fullmatch(mech):
+        return verb + space + b"***" + ending
+    if initial is None:
+        return line
+    return verb + space + mech + b" ***" + ending

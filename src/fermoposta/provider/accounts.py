@@ -1,0 +1,481 @@
+"""Account and domain administration (the `account` and `domain` CLI commands).
+
+Contract:
+- `register(subparsers, open_store)` adds the `account {add,list,remove,passwd}`
+  and `domain {add,list,remove}` subcommands.  Each sets
+  `handler=<callable(args, store) -> int>` with `set_defaults`; the caller opens
+  the store and calls `args.handler(args, store)`.  (`open_store` is accepted
+  for the caller's convenience and is not used here.)
+- Handlers return sysexits codes: 0 OK, 64 (EX_USAGE) bad arguments, 65
+  (EX_DATAERR) unknown/duplicate account or domain, bad password, 66
+  (EX_NOINPUT) unreadable password or recipients file, 75 (EX_TEMPFAIL) on
+  `StoreError`.  Errors go to stderr as `fermoposta: <message>`; results to
+  stdout.
+- Passwords are never printed or logged.  A password is read from the first line
+  of a file (`--password-file`) or of stdin (`--password-stdin`), without its line
+  ending.  The SCRAM-SHA-256 verifier is stored; the CRAM-MD5 secret stored is the
+  password itself (CRAM-MD5 needs a password-equivalent) unless `--no-cram-md5`.
+- Domains are normalized with `idna` (UTS 46) to lowercase A-labels without a
+  trailing dot; single-label and invalid names are refused.  Certificate
+  fingerprints (SHA-256 of the DER client certificate) are accepted as
+  "AA:BB:..." or plain hex and stored as 64 lowercase hex digits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import re
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import idna
+import scramp
+
+from fermoposta.store.base import Account, Domain, ScramSecret, Store, StoreError
+
+EX_OK = 0
+EX_USAGE = 64
+EX_DATAERR = 65
+EX_NOINPUT = 66
+EX_TEMPFAIL = 75
+
+DEFAULT_SCRAM_ITERATIONS = 4096
+
+Handler = Callable[[argparse.Namespace, Store], int]
+
+_ACCOUNT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+=-]{0,127}\Z")
+_HEX = re.compile(r"[0-9a-f]{64}\Z")
+
+
+class UnreadableInputError(ValueError):
+    """A password or recipients file cannot be read (exit code 66)."""
+
+
+class _UsageError(Exception):
+    """Bad command-line arguments (exit code 64)."""
+
+
+# --- helpers usable outside the CLI ------------------------------------------------------
+
+
+def make_scram_secret(password: str, iterations: int = DEFAULT_SCRAM_ITERATIONS) -> ScramSecret:
+    """Salted SCRAM-SHA-256 verifier of `password` (SASLprep applied by scramp).
+
+    Raises ValueError (without the password in the message) if SASLprep refuses
+    the password or the iteration count is out of scramp's range.
+    """
+    mechanism = scramp.ScramMechanism("SCRAM-SHA-256")
+    try:
+        salt, stored_key, server_key, count = mechanism.make_auth_info(
+            password, iteration_count=iterations
+        )
+    except scramp.ScramException as exc:
+        if "iteration" in str(exc).lower():
+            raise ValueError(f"bad SCRAM iteration count {iterations}: {exc}") from None
+        raise ValueError("the password contains characters SASLprep prohibits") from None
+    return ScramSecret(
+        salt=bytes(salt),
+        iterations=int(count),
+        stored_key=bytes(stored_key),
+        server_key=bytes(server_key),
+    )
+
+
+def _first_line(stream: TextIO, source: str) -> str:
+    password = stream.readline()
+    if password.endswith("\n"):
+        password = password[:-1]
+    if password.endswith("\r"):
+        password = password[:-1]
+    if not password:
+        raise ValueError(f"{source}: the password is empty")
+    return password
+
+
+def read_password_file(path: str | Path) -> str:
+    """The first line of `path` without its line ending.
+
+    Raises `UnreadableInputError` (a ValueError) if the file cannot be read or is
+    not UTF-8, and ValueError if the first line is empty.
+    """
+    try:
+        with open(path, encoding="utf-8", newline="") as stream:
+            return _first_line(stream, str(path))
+    except UnicodeDecodeError:
+        raise UnreadableInputError(f"{path}: the password file is not UTF-8") from None
+    except OSError as exc:
+        raise UnreadableInputError(
+            f"cannot read password file {path}: {exc.strerror or exc}"
+        ) from None
+
+
+def read_password_stdin(stream: TextIO | None = None) -> str:
+    """The first line of stdin (or `stream`) without its line ending."""
+    try:
+        return _first_line(stream if stream is not None else sys.stdin, "stdin")
+    except UnicodeDecodeError:
+        raise UnreadableInputError("stdin: the password is not UTF-8") from None
+    except OSError as exc:
+        raise UnreadableInputError(f"cannot read the password from stdin: {exc}") from None
+
+
+def normalize_domain(name: str) -> str:
+    """Lowercase A-label form of `name` (trailing dot dropped); ValueError if invalid."""
+    text = name.strip()
+    if text.endswith("."):
+        text = text[:-1]
+    if not text:
+        raise ValueError("empty domain name")
+    try:
+        ascii_name = idna.encode(text, uts46=True).decode("ascii").lower()
+    except (idna.IDNAError, UnicodeError, ValueError) as exc:
+        raise ValueError(f"invalid domain name {name!r}: {exc}") from None
+    if "." not in ascii_name:
+        raise ValueError(f"invalid domain name {name!r}: a single label is not a mail domain")
+    if len(ascii_name) > 253:
+        raise ValueError(f"invalid domain name {name!r}: longer than 253 characters")
+    return ascii_name
+
+
+def normalize_fingerprint(text: str) -> str:
+    """64 lowercase hex digits from "AA:BB:..." or plain hex; ValueError if not SHA-256."""
+    hexdigits = text.strip().replace(":", "").lower()
+    if not _HEX.match(hexdigits):
+        raise ValueError(
+            f"invalid certificate fingerprint {text!r}: expected the SHA-256 of the "
+            "certificate as 64 hex digits (colons allowed)"
+        )
+    return hexdigits
+
+
+def read_recipients_file(path: str | Path) -> frozenset[str]:
+    """Local parts, one a line (blank lines and `#` comments skipped), lowercased."""
+    try:
+        with open(path, encoding="utf-8") as stream:
+            lines = stream.read().splitlines()
+    except UnicodeDecodeError:
+        raise UnreadableInputError(f"{path}: the recipients file is not UTF-8") from None
+    except OSError as exc:
+        raise UnreadableInputError(
+            f"cannot read recipients file {path}: {exc.strerror or exc}"
+        ) from None
+    result: set[str] = set()
+    for number, raw in enumerate(lines, 1):
+        local = raw.strip()
+        if not local or local.startswith("#"):
+            continue
+        if "@" in local or any(c.isspace() for c in local):
+            raise ValueError(f"{path}:{number}: not a local part: {local!r}")
+        result.add(local.lower())
+    return frozenset(result)
+
+
+# --- command handlers --------------------------------------------------------------------
+
+
+def _error(message: str) -> None:
+    print(f"fermoposta: {message}", file=sys.stderr)
+
+
+def _guarded(func: Handler) -> Handler:
+    """Map exceptions to exit codes and messages on stderr."""
+
+    def handler(args: argparse.Namespace, store: Store) -> int:
+        try:
+            return func(args, store)
+        except _UsageError as exc:
+            _error(str(exc))
+            return EX_USAGE
+        except UnreadableInputError as exc:
+            _error(str(exc))
+            return EX_NOINPUT
+        except ValueError as exc:
+            _error(str(exc))
+            return EX_DATAERR
+        except StoreError as exc:
+            _error(f"store unavailable: {exc}")
+            return EX_TEMPFAIL
+
+    handler.__name__ = func.__name__
+    handler.__doc__ = func.__doc__
+    return handler
+
+
+def _usage_domain(name: str) -> str:
+    try:
+        return normalize_domain(name)
+    except ValueError as exc:
+        raise _UsageError(str(exc)) from None
+
+
+def _check_account_name(name: str) -> str:
+    if not _ACCOUNT_NAME.match(name):
+        raise _UsageError(
+            f"invalid account name {name!r}: use 1 to 128 characters among letters, "
+            "digits and . _ @ + = - (starting with a letter or digit)"
+        )
+    return name
+
+
+def _read_password(args: argparse.Namespace) -> str:
+    if args.password_file is not None:
+        return read_password_file(args.password_file)
+    return read_password_stdin()
+
+
+def _secrets(args: argparse.Namespace) -> tuple[ScramSecret, str | None]:
+    if not 4096 <= args.scram_iterations <= 10_000_000:
+        raise _UsageError("--scram-iterations must be between 4096 and 10000000")
+    password = _read_password(args)
+    scram = make_scram_secret(password, args.scram_iterations)
+    return scram, None if args.no_cram_md5 else password
+
+
+def _when(at: float | None) -> str:
+    if at is None:
+        return "never"
+    return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(at))
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    all_rows = [list(header), *(list(r) for r in rows)]
+    widths = [max(len(r[i]) for r in all_rows) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(r)).rstrip() for r in all_rows
+    )
+
+
+@_guarded
+def account_add(args: argparse.Namespace, store: Store) -> int:
+    """Create an account, optionally with its domains."""
+    name = _check_account_name(args.name)
+    domains = list(dict.fromkeys(_usage_domain(d) for d in args.domain))
+    try:
+        fingerprints = list(dict.fromkeys(normalize_fingerprint(f) for f in args.cert_fingerprint))
+    except ValueError as exc:
+        raise _UsageError(str(exc)) from None
+    if store.get_account(name) is not None:
+        raise ValueError(f"account {name!r} already exists")
+    for domain in domains:
+        existing = store.get_domain(domain)
+        if existing is not None:
+            raise ValueError(f"domain {domain} already belongs to account {existing.account!r}")
+    scram, cram = _secrets(args)
+    store.add_account(
+        Account(
+            name=name,
+            scram=scram,
+            cram_secret=cram,
+            cert_fingerprints=tuple(fingerprints),
+            created_at=time.time(),
+        )
+    )
+    try:
+        for domain in domains:
+            store.add_domain(Domain(name=domain, account=name))
+    except BaseException:
+        with contextlib.suppress(StoreError):
+            store.remove_account(name)  # all or nothing, as far as we can
+        raise
+    suffix = f" with domains {', '.join(domains)}" if domains else ""
+    print(f"account {name} added{suffix}")
+    return EX_OK
+
+
+@_guarded
+def account_list(args: argparse.Namespace, store: Store) -> int:
+    """Print the accounts as a table."""
+    rows = []
+    for account in store.list_accounts():
+        domains = ",".join(d.name for d in store.list_domains(account.name)) or "-"
+        rows.append(
+            [
+                account.name,
+                domains,
+                "yes" if account.cram_secret is not None else "no",
+                str(len(account.cert_fingerprints)),
+                _when(account.last_atrn_at),
+            ]
+        )
+    print(_table(["ACCOUNT", "DOMAINS", "CRAM-MD5", "CERTS", "LAST ATRN"], rows))
+    return EX_OK
+
+
+@_guarded
+def account_remove(args: argparse.Namespace, store: Store) -> int:
+    """Remove an account and its domains; their held mail stays queued."""
+    domains = [d.name for d in store.list_domains(args.name)]
+    if not store.remove_account(args.name):
+        raise ValueError(f"no account {args.name!r}")
+    suffix = f" and its domains {', '.join(domains)} (held mail stays queued)" if domains else ""
+    print(f"account {args.name} removed{suffix}")
+    return EX_OK
+
+
+@_guarded
+def account_passwd(args: argparse.Namespace, store: Store) -> int:
+    """Replace an account's password."""
+    account = store.get_account(args.name)
+    if account is None:
+        raise ValueError(f"no account {args.name!r}")
+    scram, cram = _secrets(args)
+    store.update_account(dataclasses.replace(account, scram=scram, cram_secret=cram))
+    print(f"password of account {args.name} changed")
+    return EX_OK
+
+
+def _quota(value: int | None, flag: str) -> int | None:
+    if value is not None and value < 0:
+        raise _UsageError(f"{flag} must not be negative")
+    return value
+
+
+@_guarded
+def domain_add(args: argparse.Namespace, store: Store) -> int:
+    """Add a domain to an account."""
+    name = _usage_domain(args.domain)
+    max_messages = _quota(args.max_messages, "--max-messages")
+    max_bytes = _quota(args.max_bytes, "--max-bytes")
+    valid = None
+    if args.recipients_file is not None:
+        valid = read_recipients_file(args.recipients_file)
+    if store.get_account(args.account) is None:
+        raise ValueError(f"no account {args.account!r}")
+    store.add_domain(
+        Domain(
+            name=name,
+            account=args.account,
+            max_messages=max_messages,
+            max_bytes=max_bytes,
+            valid_recipients=valid,
+        )
+    )
+    detail = "" if valid is None else f" ({len(valid)} valid recipients)"
+    print(f"domain {name} added to account {args.account}{detail}")
+    return EX_OK
+
+
+def _format_quota(domain: Domain) -> str:
+    if domain.max_messages is None and domain.max_bytes is None:
+        return "-"
+    messages = "-" if domain.max_messages is None else str(domain.max_messages)
+    size = "-" if domain.max_bytes is None else str(domain.max_bytes)
+    return f"{messages} msgs/{size} bytes"
+
+
+@_guarded
+def domain_list(args: argparse.Namespace, store: Store) -> int:
+    """Print the domains with their held mail and quotas."""
+    if args.account is not None and store.get_account(args.account) is None:
+        raise ValueError(f"no account {args.account!r}")
+    rows = []
+    for domain in store.list_domains(args.account):
+        messages, size = store.domain_usage(domain.name)
+        rows.append([domain.name, domain.account, str(messages), str(size), _format_quota(domain)])
+    print(_table(["DOMAIN", "ACCOUNT", "HELD MSGS", "HELD BYTES", "QUOTA"], rows))
+    return EX_OK
+
+
+@_guarded
+def domain_remove(args: argparse.Namespace, store: Store) -> int:
+    """Remove a domain; its held mail stays queued."""
+    name = _usage_domain(args.domain)
+    if not store.remove_domain(name):
+        raise ValueError(f"no domain {name}")
+    print(f"domain {name} removed (held mail stays queued)")
+    return EX_OK
+
+
+# --- argparse wiring ---------------------------------------------------------------------
+
+
+def _add_password_options(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--password-file", metavar="FILE", help="read the password from FILE's first line"
+    )
+    source.add_argument(
+        "--password-stdin",
+        action="store_true",
+        help="read the password from the first line of standard input",
+    )
+    parser.add_argument(
+        "--no-cram-md5",
+        action="store_true",
+        help="do not store the password-equivalent secret CRAM-MD5 needs",
+    )
+    parser.add_argument(
+        "--scram-iterations",
+        type=int,
+        default=DEFAULT_SCRAM_ITERATIONS,
+        metavar="N",
+        help="PBKDF2 iterations of the SCRAM-SHA-256 verifier (default %(default)s)",
+    )
+
+
+def register(
+    subparsers: argparse._SubParsersAction[Any],
+    open_store: Callable[[argparse.Namespace], Store] | None = None,
+) -> None:
+    """Add the `account` and `domain` commands to `subparsers`."""
+    del open_store  # the caller opens the store and calls args.handler(args, store)
+
+    account = subparsers.add_parser("account", help="manage ODMR customer accounts")
+    account_cmds = account.add_subparsers(dest="account_command", metavar="COMMAND")
+    account_cmds.required = True
+
+    add = account_cmds.add_parser("add", help="create an account")
+    add.add_argument("name", metavar="NAME")
+    add.add_argument(
+        "--domain", action="append", default=[], metavar="DOMAIN", help="domain to hold mail for"
+    )
+    _add_password_options(add)
+    add.add_argument(
+        "--cert-fingerprint",
+        action="append",
+        default=[],
+        metavar="HEX",
+        help="SHA-256 fingerprint of a client certificate that authenticates as NAME",
+    )
+    add.set_defaults(handler=account_add)
+
+    lst = account_cmds.add_parser("list", help="list the accounts")
+    lst.set_defaults(handler=account_list)
+
+    remove = account_cmds.add_parser("remove", help="remove an account and its domains")
+    remove.add_argument("name", metavar="NAME")
+    remove.set_defaults(handler=account_remove)
+
+    passwd = account_cmds.add_parser("passwd", help="change an account's password")
+    passwd.add_argument("name", metavar="NAME")
+    _add_password_options(passwd)
+    passwd.set_defaults(handler=account_passwd)
+
+    domain = subparsers.add_parser("domain", help="manage the domains mail is held for")
+    domain_cmds = domain.add_subparsers(dest="domain_command", metavar="COMMAND")
+    domain_cmds.required = True
+
+    dadd = domain_cmds.add_parser("add", help="hold mail for a domain")
+    dadd.add_argument("domain", metavar="DOMAIN")
+    dadd.add_argument("--account", required=True, metavar="NAME")
+    dadd.add_argument("--max-messages", type=int, metavar="N", help="quota of held messages")
+    dadd.add_argument("--max-bytes", type=int, metavar="N", help="quota of held bytes")
+    dadd.add_argument(
+        "--recipients-file",
+        metavar="FILE",
+        help="valid local parts, one a line; enables recipient validation",
+    )
+    dadd.set_defaults(handler=domain_add)
+
+    dlist = domain_cmds.add_parser("list", help="list the domains and their held mail")
+    dlist.add_argument("--account", metavar="NAME")
+    dlist.set_defaults(handler=domain_list)
+
+    dremove = domain_cmds.add_parser("remove", help="stop holding mail for a domain")
+    dremove.add_argument("domain", metavar="DOMAIN")
+    dremove.set_defaults(handler=domain_remove)

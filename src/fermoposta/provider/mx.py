@@ -1,0 +1,101 @@
+"""The provider's MX listener: mail for hosted customer domains only.
+
+Contract:
+- Accepts RCPT only for domains in the store (else 550 5.7.1: we are no open
+  relay, whoever the peer is); when a domain has a list of valid local parts
+  (or `[mx] require_valid_recipient` is set) an unknown one gets 550 5.1.1 at
+  RCPT time, so we never accept mail we would have to bounce (backscatter).
+- Per-domain quotas (held messages, held bytes) answer 452 4.2.2.
+- A message is answered 250 (with its queue id) only after `Store.enqueue`
+  returned, i.e. after the SQLite transaction holding body and recipients
+  was committed and fsynced.  Every recipient is stored HELD, waiting for its
+  customer's ATRN.
+- A store failure answers 451 4.3.0 (try again later); nothing is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import IO
+
+from fermoposta.net.transaction import Recipient, Transaction, TransactionSession
+from fermoposta.ops.log import event
+from fermoposta.smtp.command import Path
+from fermoposta.smtp.reply import Reply
+from fermoposta.store.base import (
+    MessageOrigin,
+    NewMessage,
+    NewRecipient,
+    RecipientState,
+    Store,
+    StoreError,
+)
+
+log = logging.getLogger("fermoposta.mx")
+
+RELAY_DENIED = Reply(550, "5.7.1", "Relaying denied: we are not the destination of this domain")
+UNKNOWN_USER = Reply(550, "5.1.1", "Recipient address rejected: user unknown")
+QUOTA_EXCEEDED = Reply(452, "4.2.2", "Mailbox full: domain quota exceeded, try again later")
+TRY_LATER = Reply(451, "4.3.0", "Temporary local problem, try again later")
+
+
+class MXSession(TransactionSession):
+    component = "mx"
+
+    def __init__(self, *args: object, store: Store, require_valid_recipient: bool = False,
+                 **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.store = store
+        self.require_valid_recipient = require_valid_recipient
+
+    async def check_recipient(self, txn: Transaction, rcpt: Recipient) -> Reply | None:
+        if not rcpt.domain:
+            return RELAY_DENIED
+        try:
+            domain = await asyncio.to_thread(self.store.get_domain, rcpt.domain)
+            if domain is None:
+                self.log.info("%s: reject RCPT <%s> from %s: relaying denied", self.session_id,
+                              rcpt.path.address, self.peer_description())
+                return RELAY_DENIED
+            if domain.valid_recipients is not None:
+                if rcpt.local.lower() not in domain.valid_recipients:
+                    return UNKNOWN_USER
+            elif self.require_valid_recipient:
+                return UNKNOWN_USER
+            if domain.max_messages is not None or domain.max_bytes is not None:
+                messages, size = await asyncio.to_thread(self.store.domain_usage, rcpt.domain)
+                incoming = txn.declared_size or 0
+                if domain.max_messages is not None and messages >= domain.max_messages:
+                    return QUOTA_EXCEEDED
+                if domain.max_bytes is not None and size + incoming > domain.max_bytes:
+                    return QUOTA_EXCEEDED
+        except StoreError as exc:
+            self.log.warning("%s: store error at RCPT: %s", self.session_id, exc)
+            return TRY_LATER
+        return None
+
+    async def accept_message(self, txn: Transaction, body: IO[bytes], size: int) -> Reply:
+        message = NewMessage(
+            sender=txn.sender.address,
+            recipients=tuple(
+                NewRecipient(address=r.path.address, domain=r.domain, state=RecipientState.HELD)
+                for r in txn.recipients
+            ),
+            origin=MessageOrigin.MX,
+            smtputf8=txn.smtputf8,
+            body_8bit=txn.body_8bit,
+            client=self.peer_description(),
+        )
+        try:
+            queue_id = await asyncio.to_thread(self.store.enqueue, message, body)  # type: ignore[arg-type]
+        except StoreError as exc:
+            self.log.warning("%s: store error at DATA: %s", self.session_id, exc)
+            return TRY_LATER
+        event("mx", queue_id, client=self.peer_description())
+        event("mx", queue_id, **{"from": f"<{txn.sender.address}>"}, size=size,
+              nrcpt=len(txn.recipients), status="held")
+        return Reply(250, "2.0.0", f"OK queued as {queue_id}")
+
+    async def check_sender(self, sender: Path) -> Reply | None:
+        return None

@@ -1,0 +1,193 @@
+"""The provider daemon: MX and ODMR listeners over one store.
+
+Contract:
+- `Provider(config, store)` builds the TLS context and session settings from
+  the config; `start()` binds every configured listener (port 0 allowed, the
+  bound addresses are returned, which the tests use) and `stop()` stops
+  accepting, lets sessions finish for a grace period and cancels the rest
+  (leases are released by the sessions' `finally`, or expire).
+- Connection limits: beyond `max_connections` in total or
+  `max_connections_per_ip` from one address, a new peer gets 421 4.7.0 and is
+  closed before any dialog.
+- `run(config)` is `fermoposta provider run`: logging, store, listeners,
+  SIGTERM/SIGINT for a clean stop; returns an exit code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import signal
+import ssl
+from collections.abc import Awaitable, Callable
+
+from fermoposta.config import ProviderConfig
+from fermoposta.net.connection import Connection, start_server
+from fermoposta.net.server_session import ServerSession, SessionLimits
+from fermoposta.ops.log import setup_logging
+from fermoposta.provider.drain import DrainSettings
+from fermoposta.provider.mx import MXSession
+from fermoposta.provider.odmr import ODMRSession, ODMRSettings
+from fermoposta.smtp.reply import Reply
+from fermoposta.store import open_store
+from fermoposta.store.base import Store
+
+log = logging.getLogger("fermoposta.provider")
+
+TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
+
+
+def server_tls_context(config: ProviderConfig) -> ssl.SSLContext | None:
+    if config.tls.cert is None or config.tls.key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(config.tls.cert), str(config.tls.key))
+    if config.tls.client_ca is not None:
+        # Client certificates are optional (most peers have none) but, when
+        # sent, must verify against the CA: only then is EXTERNAL offered.
+        context.load_verify_locations(cafile=str(config.tls.client_ca))
+        context.verify_mode = ssl.CERT_OPTIONAL
+    return context
+
+
+def session_limits(config: ProviderConfig) -> SessionLimits:
+    lim = config.limits
+    return SessionLimits(
+        command_timeout=lim.command_timeout,
+        data_timeout=lim.data_timeout,
+        tls_handshake_timeout=lim.tls_handshake_timeout,
+        max_errors=lim.max_errors,
+        max_message_size=lim.max_message_size,
+        max_recipients=lim.max_recipients,
+        max_line_length=lim.max_line_length,
+    )
+
+
+class Provider:
+    def __init__(self, config: ProviderConfig, store: Store) -> None:
+        self.config = config
+        self.store = store
+        self.tls_context = server_tls_context(config)
+        self.limits = session_limits(config)
+        odmr = config.odmr
+        self.odmr_settings = ODMRSettings(
+            mechanisms=odmr.mechanisms,
+            allow_plaintext_auth=odmr.allow_plaintext_auth,
+            max_auth_failures=odmr.max_auth_failures,
+            min_atrn_interval=odmr.min_atrn_interval,
+            lease_ttl=odmr.lease_ttl,
+            no_mail_reply=odmr.no_mail_reply,
+        )
+        self.drain_settings = DrainSettings(
+            greeting_timeout=odmr.greeting_timeout,
+            command_timeout=config.limits.command_timeout,
+            data_block_timeout=config.limits.data_timeout,
+            final_reply_timeout=odmr.final_reply_timeout,
+            lease_ttl=odmr.lease_ttl,
+            max_messages=odmr.max_messages_per_session,
+        )
+        self.servers: list[asyncio.Server] = []
+        self.sessions: set[asyncio.Task[None]] = set()
+        self.per_ip: collections.Counter[str] = collections.Counter()
+        self.addresses: dict[str, tuple[str, int]] = {}
+
+    # --- session factories -----------------------------------------------------------------
+    def mx_session(self, conn: Connection) -> ServerSession:
+        return MXSession(conn, hostname=self.config.hostname, limits=self.limits,
+                         tls_context=self.tls_context, store=self.store,
+                         require_valid_recipient=self.config.mx.require_valid_recipient)
+
+    def odmr_session(self, conn: Connection) -> ServerSession:
+        return ODMRSession(conn, hostname=self.config.hostname, limits=self.limits,
+                           store=self.store, settings=self.odmr_settings,
+                           drain_settings=self.drain_settings, tls_context=self.tls_context)
+
+    def _handler(self, factory: Callable[[Connection], ServerSession]
+                 ) -> Callable[[Connection], Awaitable[None]]:
+        async def handle(conn: Connection) -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            ip = conn.peer_ip
+            if (len(self.sessions) >= self.config.limits.max_connections
+                    or self.per_ip[ip] >= self.config.limits.max_connections_per_ip):
+                log.warning("too many connections: refusing [%s]", ip)
+                with contextlib.suppress(Exception):
+                    await conn.write(TOO_MANY_CONNECTIONS.to_bytes(), 5.0)
+                await conn.close(1.0)
+                return
+            self.sessions.add(task)
+            self.per_ip[ip] += 1
+            try:
+                await factory(conn).run()
+            finally:
+                self.sessions.discard(task)
+                self.per_ip[ip] -= 1
+                if self.per_ip[ip] <= 0:
+                    del self.per_ip[ip]
+
+        return handle
+
+    async def start(self) -> dict[str, tuple[str, int]]:
+        listen = self.config.listen
+        plan: list[tuple[str, tuple[str, int] | None, Callable[[Connection], ServerSession],
+                         ssl.SSLContext | None]] = [
+            ("mx", listen.mx, self.mx_session, None),
+            ("odmr", listen.odmr, self.odmr_session, None),
+        ]
+        if listen.odmr_tls is not None:
+            if self.tls_context is None:
+                raise ValueError("[listen] odmr_tls needs [tls] cert and key")
+            plan.append(("odmr_tls", listen.odmr_tls, self.odmr_session, self.tls_context))
+        for name, address, factory, context in plan:
+            if address is None:
+                continue
+            server = await start_server(
+                self._handler(factory), address[0], address[1], ssl_context=context,
+                tls_handshake_timeout=self.config.limits.tls_handshake_timeout,
+            )
+            self.servers.append(server)
+            sockname = server.sockets[0].getsockname()
+            self.addresses[name] = (str(sockname[0]), int(sockname[1]))
+            log.info("listening for %s on %s:%d", name, sockname[0], sockname[1])
+        return self.addresses
+
+    async def stop(self, grace: float = 10.0) -> None:
+        for server in self.servers:
+            server.close()
+        for server in self.servers:
+            await server.wait_closed() if not self.sessions else None
+        if self.sessions:
+            _, pending = await asyncio.wait(set(self.sessions), timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=5.0)
+
+
+async def _serve(config: ProviderConfig) -> int:
+    store = open_store(config.data_dir)
+    provider = Provider(config, store)
+    try:
+        await provider.start()
+    except OSError as exc:
+        log.error("cannot listen: %s", exc)
+        store.close()
+        return 71  # EX_OSERR
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    log.info("fermoposta provider %s ready", config.hostname)
+    await stop.wait()
+    log.info("stopping: no new connections; waiting for sessions")
+    await provider.stop()
+    store.close()
+    return 0
+
+
+def run(config: ProviderConfig) -> int:
+    setup_logging(config.log.level, config.log.format)
+    return asyncio.run(_serve(config))

@@ -1,0 +1,92 @@
+"""Bounded line framing for received bytes (sans-I/O).
+
+Contract:
+- `LineBuffer.feed(data)` appends received bytes; `next_line(limit)` returns the next
+  complete line INCLUDING its terminator, or None while no complete line is buffered.
+  A line ends at LF; whether it was CRLF or a bare LF is the caller's business
+  (RFC 5321 §2.3.8 requires CRLF, the command parser enforces it).
+- If no LF appears within `limit` bytes, `next_line` raises `LineTooLong` exactly once
+  for that line; the rest of the overlong line, up to and including its LF, is then
+  discarded silently (even across later feeds) and framing resumes with the next line.
+  RFC 5321 §4.5.3.1.4-6 limits: command line 512, text line 1000 octets incl. CRLF.
+- `take_all()` removes and returns every buffered byte (hand-off to the DATA reader,
+  or discarding pipelined plaintext before a TLS handshake, RFC 3207 §4.2).  It also
+  ends a discard in progress: what is returned is exactly what was buffered.
+- Amortised O(n): a read offset is kept and the consumed prefix is deleted only when
+  it dominates the buffer; a scan mark avoids rescanning a partial line on every feed.
+No I/O, no clocks.
+"""
+
+from __future__ import annotations
+
+_COMPACT_AT = 64 * 1024
+
+
+class LineTooLong(Exception):
+    """No LF within the line limit; the rest of the line will be discarded."""
+
+
+class LineBuffer:
+    """Accumulates bytes and splits them into LF-terminated lines."""
+
+    __slots__ = ("_buf", "_discarding", "_pos", "_scanned")
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._pos = 0  # start of unconsumed data in _buf
+        self._scanned = 0  # absolute index up to which _buf[_pos:] holds no LF
+        self._discarding = False  # skipping the tail of an overlong line
+
+    def __len__(self) -> int:
+        return len(self._buf) - self._pos
+
+    def feed(self, data: bytes) -> None:
+        self._buf += data
+
+    def _consume_to(self, end: int) -> None:
+        self._pos = end
+        self._scanned = end
+        if self._pos == len(self._buf):
+            self._buf.clear()
+            self._pos = self._scanned = 0
+        elif self._pos >= _COMPACT_AT and self._pos * 2 >= len(self._buf):
+            del self._buf[: self._pos]
+            self._scanned -= self._pos
+            self._pos = 0
+
+    def next_line(self, limit: int) -> bytes | None:
+        """Return the next line with its terminator, None if incomplete.
+
+        Raises `LineTooLong` once when `limit` bytes hold no LF."""
+        if limit < 1:
+            raise ValueError("limit must be positive")
+        buf = self._buf
+        if self._discarding:
+            lf = buf.find(b"\n", self._pos)
+            if lf < 0:
+                self._consume_to(len(buf))
+                return None
+            self._discarding = False
+            self._consume_to(lf + 1)
+        start = self._pos
+        stop = start + limit
+        lf = buf.find(b"\n", max(start, self._scanned), stop)
+        if lf >= 0:
+            line = bytes(buf[start : lf + 1])
+            self._consume_to(lf + 1)
+            return line
+        if len(buf) >= stop:
+            # RFC 5321 §4.5.3.1: line exceeds the limit; drop what we have and the rest.
+            self._discarding = True
+            self._consume_to(stop)
+            raise LineTooLong(f"no line end within {limit} bytes")
+        self._scanned = len(buf)
+        return None
+
+    def take_all(self) -> bytes:
+        """Remove and return everything buffered (ends any discard in progress)."""
+        data = bytes(self._buf[self._pos :])
+        self._buf.clear()
+        self._pos = self._scanned = 0
+        self._discarding = False
+        return data

@@ -1,0 +1,729 @@
+"""SQLite engine of the store (see `fermoposta.store.base` for the contract).
+
+Contract and choices:
+- One file, opened in WAL mode with `synchronous=FULL`: a commit is on disk
+  when the method returns (the SMTP layer answers 250 after `enqueue`).
+  `foreign_keys=ON`; `busy_timeout` of 10 s, so several processes (the daemon
+  and the CLI) can share the file.  Every write runs in one `BEGIN IMMEDIATE`
+  transaction; a failure rolls everything back.
+- One connection per `SQLiteStore`, guarded by a lock: methods are thread-safe
+  and blocking (asyncio callers use `asyncio.to_thread`).
+- `sqlite3.Error` and `OSError` are raised as `StoreError`; misuse (duplicate
+  account or domain, unknown account) raises `ValueError`.  Any other exception
+  raised while a write is under way (e.g. by a body's `read`) rolls the
+  transaction back and propagates unchanged.
+- Bodies live in `body_chunks` rows of at most `CHUNK_SIZE` bytes; they are
+  written and read one chunk at a time, so memory stays bounded.
+- Queue ids are 12 uppercase hex characters (like Postfix) from `secrets`.
+  Recipient ids are AUTOINCREMENT, never reused, so a stale id held by a
+  session can never hit another message's recipient.
+- The schema version is kept in `PRAGMA user_version`; a file written by a
+  newer version is refused.
+- Time comes from the injected `clock` (default `time.time`), for tests.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Collection, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, BinaryIO, TypeVar
+
+from fermoposta.store.base import (
+    CHUNK_SIZE,
+    Account,
+    Domain,
+    MessageOrigin,
+    NewMessage,
+    QueuedMessage,
+    QueuedRecipient,
+    RecipientState,
+    ScramSecret,
+    StoreError,
+)
+
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT = 10.0  # seconds
+_BATCH = 500  # bound on SQL parameters per statement (old SQLite: 999)
+
+_T = TypeVar("_T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    id TEXT PRIMARY KEY,
+    sender TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    size INTEGER NOT NULL,
+    origin TEXT NOT NULL,
+    smtputf8 INTEGER NOT NULL,
+    body_8bit INTEGER NOT NULL,
+    envid TEXT,
+    ret TEXT,
+    client TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS body_chunks (
+    message_id TEXT NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+    seq INTEGER NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (message_id, seq)
+);
+CREATE TABLE IF NOT EXISTS recipients (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: callers hold ids across calls
+    message_id TEXT NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+    address TEXT NOT NULL,
+    domain TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_reply TEXT,
+    notify TEXT,
+    orcpt TEXT,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS recipients_domain_state
+    ON recipients(domain, state, message_id);
+CREATE INDEX IF NOT EXISTS recipients_message ON recipients(message_id);
+CREATE INDEX IF NOT EXISTS recipients_state ON recipients(state, message_id);
+CREATE TABLE IF NOT EXISTS accounts (
+    name TEXT PRIMARY KEY,
+    scram_salt BLOB,
+    scram_iterations INTEGER,
+    scram_stored_key BLOB,
+    scram_server_key BLOB,
+    cram_secret TEXT,
+    created_at REAL NOT NULL,
+    last_atrn_at REAL
+);
+CREATE TABLE IF NOT EXISTS account_certs (
+    fingerprint TEXT PRIMARY KEY,
+    account TEXT NOT NULL REFERENCES accounts(name) ON DELETE CASCADE
+);
+CREATE INDEX IF NOT EXISTS account_certs_account ON account_certs(account);
+CREATE TABLE IF NOT EXISTS domains (
+    name TEXT PRIMARY KEY,
+    account TEXT NOT NULL REFERENCES accounts(name) ON DELETE CASCADE,
+    max_messages INTEGER,
+    max_bytes INTEGER,
+    validate INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS domains_account ON domains(account);
+CREATE TABLE IF NOT EXISTS valid_recipients (
+    domain TEXT NOT NULL REFERENCES domains(name) ON DELETE CASCADE,
+    local TEXT NOT NULL,
+    PRIMARY KEY (domain, local)
+);
+CREATE TABLE IF NOT EXISTS leases (
+    domain TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    expires_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS leases_owner ON leases(owner);
+"""
+
+
+def _batches(items: Sequence[_T]) -> Iterator[Sequence[_T]]:
+    for start in range(0, len(items), _BATCH):
+        yield items[start : start + _BATCH]
+
+
+def _marks(n: int) -> str:
+    return ",".join("?" * n)
+
+
+class SQLiteStore:
+    """The `Store` on one SQLite file."""
+
+    def __init__(
+        self, path: str | os.PathLike[str], clock: Callable[[], float] = time.time
+    ) -> None:
+        self._path = Path(path)
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._closed = False
+        try:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            self._conn = sqlite3.connect(
+                self._path,
+                timeout=BUSY_TIMEOUT,
+                isolation_level=None,  # we issue BEGIN/COMMIT ourselves
+                check_same_thread=False,
+            )
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreError(f"cannot open store {self._path}: {exc}") from exc
+        try:
+            self._conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
+            self._conn.execute("PRAGMA foreign_keys = ON")
+            mode = self._conn.execute("PRAGMA journal_mode = WAL").fetchone()
+            if mode is None or str(mode[0]).lower() != "wal":
+                raise StoreError(f"cannot put {self._path} in WAL mode")
+            self._conn.execute("PRAGMA synchronous = FULL")
+            self._migrate()
+        except (sqlite3.Error, OSError) as exc:
+            self._conn.close()
+            raise StoreError(f"cannot open store {self._path}: {exc}") from exc
+        except BaseException:
+            self._conn.close()
+            raise
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    def _migrate(self) -> None:
+        version = self._conn.execute("PRAGMA user_version").fetchone()[0]
+        if version == SCHEMA_VERSION:
+            return
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self._path} has schema version {version}; this fermoposta knows "
+                f"up to {SCHEMA_VERSION}"
+            )
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            # Re-read under the write lock: another process may have just done it.
+            version = self._conn.execute("PRAGMA user_version").fetchone()[0]
+            if version < SCHEMA_VERSION:
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        self._conn.execute(statement)
+                self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            self._conn.execute("COMMIT")
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+
+    # --- transactions --------------------------------------------------------------------
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One IMMEDIATE transaction; rolled back on any exception."""
+        with self._lock:
+            self._check_open()
+            try:
+                self._conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise StoreError(f"store busy or unavailable: {exc}") from exc
+            try:
+                yield self._conn
+                self._conn.execute("COMMIT")
+            except BaseException as exc:
+                try:
+                    if self._conn.in_transaction:
+                        self._conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+                if isinstance(exc, sqlite3.Error | OSError):
+                    raise StoreError(f"store write failed: {exc}") from exc
+                raise
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        """One read transaction: a consistent snapshot across several queries."""
+        with self._lock:
+            self._check_open()
+            try:
+                self._conn.execute("BEGIN")
+                try:
+                    yield self._conn
+                finally:
+                    if self._conn.in_transaction:
+                        self._conn.execute("COMMIT")
+            except (sqlite3.Error, OSError) as exc:
+                raise StoreError(f"store read failed: {exc}") from exc
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreError("store is closed")
+
+    # --- messages ------------------------------------------------------------------------
+
+    def enqueue(self, message: NewMessage, body: BinaryIO) -> str:
+        with self._write() as conn:
+            return self._enqueue(conn, message, body)
+
+    def _enqueue(self, conn: sqlite3.Connection, message: NewMessage, body: BinaryIO) -> str:
+        now = self._clock()
+        while True:
+            message_id = secrets.token_hex(6).upper()
+            try:
+                conn.execute(
+                    "INSERT INTO messages (id, sender, received_at, size, origin, smtputf8,"
+                    " body_8bit, envid, ret, client) VALUES (?, ?, ?, 0, ?, ?, ?, ?, ?, ?)",
+                    (
+                        message_id,
+                        message.sender,
+                        now,
+                        str(message.origin),
+                        int(message.smtputf8),
+                        int(message.body_8bit),
+                        message.envid,
+                        message.ret,
+                        message.client,
+                    ),
+                )
+            except sqlite3.IntegrityError:
+                continue  # queue id collision: draw again
+            break
+        size = 0
+        seq = 0
+        while True:
+            data = body.read(CHUNK_SIZE)
+            if not data:
+                break
+            conn.execute(
+                "INSERT INTO body_chunks (message_id, seq, data) VALUES (?, ?, ?)",
+                (message_id, seq, bytes(data)),
+            )
+            size += len(data)
+            seq += 1
+            del data
+        conn.execute("UPDATE messages SET size = ? WHERE id = ?", (size, message_id))
+        conn.executemany(
+            "INSERT INTO recipients (message_id, address, domain, state, attempts, notify,"
+            " orcpt, updated_at) VALUES (?, ?, ?, ?, 0, ?, ?, ?)",
+            [
+                (message_id, r.address, r.domain, str(r.state), r.notify, r.orcpt, now)
+                for r in message.recipients
+            ],
+        )
+        return message_id
+
+    def get_message(self, message_id: str) -> QueuedMessage | None:
+        with self._read() as conn:
+            row = conn.execute(
+                "SELECT id, sender, received_at, size, origin, smtputf8, body_8bit, envid, ret,"
+                " client FROM messages WHERE id = ?",
+                (message_id,),
+            ).fetchone()
+            if row is None:
+                return None
+            rcpts = conn.execute(
+                "SELECT id, message_id, address, domain, state, attempts, last_reply, notify,"
+                " orcpt FROM recipients WHERE message_id = ? ORDER BY id",
+                (message_id,),
+            ).fetchall()
+        return QueuedMessage(
+            id=row[0],
+            sender=row[1],
+            received_at=row[2],
+            size=row[3],
+            origin=MessageOrigin(row[4]),
+            smtputf8=bool(row[5]),
+            body_8bit=bool(row[6]),
+            envid=row[7],
+            ret=row[8],
+            client=row[9],
+            recipients=tuple(
+                QueuedRecipient(
+                    id=r[0],
+                    message_id=r[1],
+                    address=r[2],
+                    domain=r[3],
+                    state=RecipientState(r[4]),
+                    attempts=r[5],
+                    last_reply=r[6],
+                    notify=r[7],
+                    orcpt=r[8],
+                )
+                for r in rcpts
+            ),
+        )
+
+    def read_body(self, message_id: str) -> Iterator[bytes]:
+        """Check the message exists now (StoreError if not), then stream its chunks.
+
+        Each chunk is fetched by its own query; if the message disappears while
+        it is read, the iterator raises `StoreError` instead of ending short.
+        """
+        with self._read() as conn:
+            row = conn.execute("SELECT size FROM messages WHERE id = ?", (message_id,)).fetchone()
+        if row is None:
+            raise StoreError(f"message {message_id} is not in the queue")
+        return self._chunks(message_id, int(row[0]))
+
+    def _chunks(self, message_id: str, size: int) -> Iterator[bytes]:
+        seq = 0
+        done = 0
+        while done < size:
+            with self._read() as conn:
+                row = conn.execute(
+                    "SELECT data FROM body_chunks WHERE message_id = ? AND seq = ?",
+                    (message_id, seq),
+                ).fetchone()
+            if row is None:
+                raise StoreError(f"message {message_id} left the queue while being read")
+            data = bytes(row[0])
+            del row
+            done += len(data)
+            seq += 1
+            yield data
+
+    def held_message_ids(self, domains: Collection[str]) -> list[str]:
+        found: dict[str, float] = {}
+        with self._read() as conn:
+            for batch in _batches(sorted(set(domains))):
+                for message_id, received_at in conn.execute(
+                    "SELECT id, received_at FROM messages WHERE id IN ("
+                    " SELECT message_id FROM recipients"
+                    f" WHERE state = ? AND domain IN ({_marks(len(batch))}))",
+                    (str(RecipientState.HELD), *batch),
+                ):
+                    found[message_id] = received_at
+        return sorted(found, key=lambda i: (found[i], i))
+
+    def domains_with_held_mail(self, domains: Collection[str]) -> set[str]:
+        result: set[str] = set()
+        with self._read() as conn:
+            for batch in _batches(sorted(set(domains))):
+                for (domain,) in conn.execute(
+                    "SELECT DISTINCT domain FROM recipients"
+                    f" WHERE domain IN ({_marks(len(batch))}) AND state = ?",
+                    (*batch, str(RecipientState.HELD)),
+                ):
+                    result.add(domain)
+        return result
+
+    def domain_usage(self, domain: str) -> tuple[int, int]:
+        with self._read() as conn:
+            row = conn.execute(
+                "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM messages WHERE id IN ("
+                " SELECT message_id FROM recipients WHERE domain = ? AND state = ?)",
+                (domain, str(RecipientState.HELD)),
+            ).fetchone()
+        return int(row[0]), int(row[1])
+
+    def record_delivered(self, recipient_ids: Collection[int], reply: str) -> None:
+        with self._write() as conn:
+            self._remove_recipients(conn, recipient_ids)
+
+    def record_deferred(self, recipient_ids: Collection[int], reply: str) -> None:
+        now = self._clock()
+        with self._write() as conn:
+            for batch in _batches(sorted(set(recipient_ids))):
+                conn.execute(
+                    "UPDATE recipients SET attempts = attempts + 1, last_reply = ?,"
+                    f" updated_at = ? WHERE id IN ({_marks(len(batch))})",
+                    (reply, now, *batch),
+                )
+
+    def record_failed(
+        self,
+        recipient_ids: Collection[int],
+        reply: str,
+        dsn: tuple[NewMessage, BinaryIO] | None,
+    ) -> str | None:
+        with self._write() as conn:
+            self._remove_recipients(conn, recipient_ids)
+            if dsn is None:
+                return None
+            return self._enqueue(conn, dsn[0], dsn[1])
+
+    def _remove_recipients(self, conn: sqlite3.Connection, recipient_ids: Collection[int]) -> None:
+        ids = sorted(set(recipient_ids))
+        touched: set[str] = set()
+        for batch in _batches(ids):
+            marks = _marks(len(batch))
+            touched.update(
+                r[0]
+                for r in conn.execute(
+                    f"SELECT DISTINCT message_id FROM recipients WHERE id IN ({marks})", batch
+                )
+            )
+            conn.execute(f"DELETE FROM recipients WHERE id IN ({marks})", batch)
+        for ids_batch in _batches(sorted(touched)):
+            conn.execute(
+                f"DELETE FROM messages WHERE id IN ({_marks(len(ids_batch))}) AND NOT EXISTS"
+                " (SELECT 1 FROM recipients WHERE recipients.message_id = messages.id)",
+                ids_batch,
+            )
+
+    # --- leases --------------------------------------------------------------------------
+
+    def acquire_leases(self, domains: Collection[str], owner: str, ttl: float) -> bool:
+        wanted = sorted(set(domains))
+        with self._write() as conn:
+            now = self._clock()
+            for batch in _batches(wanted):
+                busy = conn.execute(
+                    f"SELECT 1 FROM leases WHERE domain IN ({_marks(len(batch))})"
+                    " AND owner != ? AND expires_at > ? LIMIT 1",
+                    (*batch, owner, now),
+                ).fetchone()
+                if busy is not None:
+                    return False  # nothing written yet: the commit is empty
+            conn.executemany(
+                "INSERT INTO leases (domain, owner, expires_at) VALUES (?, ?, ?)"
+                " ON CONFLICT(domain) DO UPDATE SET owner = excluded.owner,"
+                " expires_at = excluded.expires_at",
+                [(d, owner, now + ttl) for d in wanted],
+            )
+        return True
+
+    def renew_leases(self, owner: str, ttl: float) -> None:
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE leases SET expires_at = ? WHERE owner = ?", (self._clock() + ttl, owner)
+            )
+
+    def release_leases(self, owner: str) -> None:
+        with self._write() as conn:
+            conn.execute("DELETE FROM leases WHERE owner = ?", (owner,))
+
+    # --- accounts ------------------------------------------------------------------------
+
+    def add_account(self, account: Account) -> None:
+        with self._write() as conn:
+            if self._account_exists(conn, account.name):
+                raise ValueError(f"account {account.name!r} already exists")
+            scram = account.scram
+            conn.execute(
+                "INSERT INTO accounts (name, scram_salt, scram_iterations, scram_stored_key,"
+                " scram_server_key, cram_secret, created_at, last_atrn_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    account.name,
+                    scram.salt if scram else None,
+                    scram.iterations if scram else None,
+                    scram.stored_key if scram else None,
+                    scram.server_key if scram else None,
+                    account.cram_secret,
+                    account.created_at or self._clock(),
+                    account.last_atrn_at,
+                ),
+            )
+            self._set_certs(conn, account)
+
+    def update_account(self, account: Account) -> None:
+        """Replace the secrets and certificates of an existing account (ValueError if none).
+
+        `created_at` is kept; `last_atrn_at` is taken from `account`.
+        """
+        with self._write() as conn:
+            if not self._account_exists(conn, account.name):
+                raise ValueError(f"no account {account.name!r}")
+            scram = account.scram
+            conn.execute(
+                "UPDATE accounts SET scram_salt = ?, scram_iterations = ?, scram_stored_key = ?,"
+                " scram_server_key = ?, cram_secret = ?, last_atrn_at = ? WHERE name = ?",
+                (
+                    scram.salt if scram else None,
+                    scram.iterations if scram else None,
+                    scram.stored_key if scram else None,
+                    scram.server_key if scram else None,
+                    account.cram_secret,
+                    account.last_atrn_at,
+                    account.name,
+                ),
+            )
+            conn.execute("DELETE FROM account_certs WHERE account = ?", (account.name,))
+            self._set_certs(conn, account)
+
+    @staticmethod
+    def _account_exists(conn: sqlite3.Connection, name: str) -> bool:
+        row = conn.execute("SELECT 1 FROM accounts WHERE name = ?", (name,)).fetchone()
+        return row is not None
+
+    @staticmethod
+    def _set_certs(conn: sqlite3.Connection, account: Account) -> None:
+        for fingerprint in dict.fromkeys(account.cert_fingerprints):
+            row = conn.execute(
+                "SELECT account FROM account_certs WHERE fingerprint = ?", (fingerprint,)
+            ).fetchone()
+            if row is not None:
+                raise ValueError(
+                    f"certificate {fingerprint} is already bound to account {row[0]!r}"
+                )
+            conn.execute(
+                "INSERT INTO account_certs (fingerprint, account) VALUES (?, ?)",
+                (fingerprint, account.name),
+            )
+
+    _ACCOUNT_COLUMNS = (
+        "name, scram_salt, scram_iterations, scram_stored_key, scram_server_key, cram_secret,"
+        " created_at, last_atrn_at"
+    )
+
+    @staticmethod
+    def _account(conn: sqlite3.Connection, row: Any) -> Account:
+        certs = tuple(
+            r[0]
+            for r in conn.execute(
+                "SELECT fingerprint FROM account_certs WHERE account = ? ORDER BY fingerprint",
+                (row[0],),
+            )
+        )
+        scram = None
+        if row[1] is not None:
+            scram = ScramSecret(
+                salt=bytes(row[1]),
+                iterations=int(row[2]),
+                stored_key=bytes(row[3]),
+                server_key=bytes(row[4]),
+            )
+        return Account(
+            name=row[0],
+            scram=scram,
+            cram_secret=row[5],
+            cert_fingerprints=certs,
+            created_at=row[6],
+            last_atrn_at=row[7],
+        )
+
+    def get_account(self, name: str) -> Account | None:
+        with self._read() as conn:
+            row = conn.execute(
+                f"SELECT {self._ACCOUNT_COLUMNS} FROM accounts WHERE name = ?", (name,)
+            ).fetchone()
+            return None if row is None else self._account(conn, row)
+
+    def account_by_fingerprint(self, fingerprint: str) -> Account | None:
+        """`fingerprint` is lowercase hex without colons, as stored."""
+        with self._read() as conn:
+            row = conn.execute(
+                f"SELECT {self._ACCOUNT_COLUMNS} FROM accounts WHERE name ="
+                " (SELECT account FROM account_certs WHERE fingerprint = ?)",
+                (fingerprint.lower(),),
+            ).fetchone()
+            return None if row is None else self._account(conn, row)
+
+    def list_accounts(self) -> list[Account]:
+        with self._read() as conn:
+            rows = conn.execute(
+                f"SELECT {self._ACCOUNT_COLUMNS} FROM accounts ORDER BY name"
+            ).fetchall()
+            return [self._account(conn, row) for row in rows]
+
+    def remove_account(self, name: str) -> bool:
+        """Remove the account, its certificates and domains; held mail stays queued."""
+        with self._write() as conn:
+            cur = conn.execute("DELETE FROM accounts WHERE name = ?", (name,))
+            return cur.rowcount > 0
+
+    def record_atrn(self, name: str, at: float) -> None:
+        with self._write() as conn:
+            conn.execute("UPDATE accounts SET last_atrn_at = ? WHERE name = ?", (at, name))
+
+    # --- domains -------------------------------------------------------------------------
+
+    def add_domain(self, domain: Domain) -> None:
+        with self._write() as conn:
+            row = conn.execute(
+                "SELECT account FROM domains WHERE name = ?", (domain.name,)
+            ).fetchone()
+            if row is not None:
+                raise ValueError(f"domain {domain.name!r} already belongs to account {row[0]!r}")
+            if not self._account_exists(conn, domain.account):
+                raise ValueError(f"no account {domain.account!r}")
+            conn.execute(
+                "INSERT INTO domains (name, account, max_messages, max_bytes, validate)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (
+                    domain.name,
+                    domain.account,
+                    domain.max_messages,
+                    domain.max_bytes,
+                    int(domain.valid_recipients is not None),
+                ),
+            )
+            self._set_valid(conn, domain)
+
+    def update_domain(self, domain: Domain) -> None:
+        """Replace an existing domain's account, quotas and valid recipients."""
+        with self._write() as conn:
+            row = conn.execute("SELECT 1 FROM domains WHERE name = ?", (domain.name,)).fetchone()
+            if row is None:
+                raise ValueError(f"no domain {domain.name!r}")
+            if not self._account_exists(conn, domain.account):
+                raise ValueError(f"no account {domain.account!r}")
+            conn.execute(
+                "UPDATE domains SET account = ?, max_messages = ?, max_bytes = ?, validate = ?"
+                " WHERE name = ?",
+                (
+                    domain.account,
+                    domain.max_messages,
+                    domain.max_bytes,
+                    int(domain.valid_recipients is not None),
+                    domain.name,
+                ),
+            )
+            conn.execute("DELETE FROM valid_recipients WHERE domain = ?", (domain.name,))
+            self._set_valid(conn, domain)
+
+    @staticmethod
+    def _set_valid(conn: sqlite3.Connection, domain: Domain) -> None:
+        if domain.valid_recipients is None:
+            return
+        conn.executemany(
+            "INSERT OR IGNORE INTO valid_recipients (domain, local) VALUES (?, ?)",
+            [(domain.name, local.lower()) for local in sorted(domain.valid_recipients)],
+        )
+
+    @staticmethod
+    def _domain(conn: sqlite3.Connection, row: Any) -> Domain:
+        valid: frozenset[str] | None = None
+        if row[4]:
+            valid = frozenset(
+                r[0]
+                for r in conn.execute(
+                    "SELECT local FROM valid_recipients WHERE domain = ?", (row[0],)
+                )
+            )
+        return Domain(
+            name=row[0],
+            account=row[1],
+            max_messages=row[2],
+            max_bytes=row[3],
+            valid_recipients=valid,
+        )
+
+    def get_domain(self, name: str) -> Domain | None:
+        with self._read() as conn:
+            row = conn.execute(
+                "SELECT name, account, max_messages, max_bytes, validate FROM domains"
+                " WHERE name = ?",
+                (name,),
+            ).fetchone()
+            return None if row is None else self._domain(conn, row)
+
+    def list_domains(self, account: str | None = None) -> list[Domain]:
+        with self._read() as conn:
+            if account is None:
+                rows = conn.execute(
+                    "SELECT name, account, max_messages, max_bytes, validate FROM domains"
+                    " ORDER BY name"
+                ).fetchall()
+            else:
+                rows = conn.execute(
+                    "SELECT name, account, max_messages, max_bytes, validate FROM domains"
+                    " WHERE account = ? ORDER BY name",
+                    (account,),
+                ).fetchall()
+            return [self._domain(conn, row) for row in rows]
+
+    def remove_domain(self, name: str) -> bool:
+        """Remove the domain (and its valid recipients); its held mail stays queued."""
+        with self._write() as conn:
+            cur = conn.execute("DELETE FROM domains WHERE name = ?", (name,))
+            return cur.rowcount > 0
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                self._conn.close()
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot close store: {exc}") from exc
+
+    def __enter__(self) -> SQLiteStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

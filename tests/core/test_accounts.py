@@ -1,0 +1,311 @@
+"""Tests of account/domain administration (fermoposta.provider.accounts)."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import hmac
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fermoposta.provider import accounts
+from fermoposta.provider.accounts import (
+    make_scram_secret,
+    normalize_domain,
+    normalize_fingerprint,
+    read_password_file,
+    register,
+)
+from fermoposta.store import (
+    Account,
+    MessageOrigin,
+    NewMessage,
+    NewRecipient,
+    RecipientState,
+    SQLiteStore,
+    Store,
+    StoreError,
+)
+
+PASSWORD = "S3cret-pässword"
+FP = "AB:" * 31 + "AB"
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[SQLiteStore]:
+    s = SQLiteStore(tmp_path / "store.sqlite3")
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def pwfile(tmp_path: Path) -> Path:
+    p = tmp_path / "pw"
+    p.write_text(PASSWORD + "\r\nsecond line\n", encoding="utf-8")
+    return p
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fermoposta")
+    p.add_argument("-c", "--config")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def never(args: argparse.Namespace) -> Store:
+        raise AssertionError("not used")
+
+    register(sub, never)
+    return p
+
+
+def run(store: Store, capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    args = parser().parse_args(list(argv))
+    code = args.handler(args, store)
+    out, err = capsys.readouterr()
+    assert PASSWORD not in out and PASSWORD not in err
+    return code, out, err
+
+
+def test_make_scram_secret_verifies() -> None:
+    secret = make_scram_secret(PASSWORD)
+    assert secret.iterations == 4096 and len(secret.salt) >= 16
+    salted = hashlib.pbkdf2_hmac("sha256", PASSWORD.encode(), secret.salt, secret.iterations)
+    client_key = hmac.new(salted, b"Client Key", hashlib.sha256).digest()
+    assert hashlib.sha256(client_key).digest() == secret.stored_key
+    assert hmac.new(salted, b"Server Key", hashlib.sha256).digest() == secret.server_key
+    assert make_scram_secret(PASSWORD).salt != secret.salt
+    with pytest.raises(ValueError) as exc:
+        make_scram_secret("bad\u0007password")
+    assert "bad" not in str(exc.value)
+
+
+def test_read_password_file(tmp_path: Path, pwfile: Path) -> None:
+    assert read_password_file(pwfile) == PASSWORD
+    (tmp_path / "lf").write_text(" spaced \n")
+    assert read_password_file(tmp_path / "lf") == " spaced "
+    (tmp_path / "noeol").write_text("x")
+    assert read_password_file(tmp_path / "noeol") == "x"
+    (tmp_path / "empty").write_text("\nmore\n")
+    with pytest.raises(ValueError, match="empty"):
+        read_password_file(tmp_path / "empty")
+    with pytest.raises(accounts.UnreadableInputError, match="cannot read"):
+        read_password_file(tmp_path / "missing")
+
+
+def test_normalizers() -> None:
+    assert normalize_domain("Example.COM.") == "example.com"
+    assert normalize_domain("Bücher.example") == "xn--bcher-kva.example"
+    for bad in ["localhost", "", "a..b", "-x.example", "bad_char!.example", "x" * 64 + ".com"]:
+        with pytest.raises(ValueError):
+            normalize_domain(bad)
+    assert normalize_fingerprint(FP) == "ab" * 32
+    assert normalize_fingerprint("CD" * 32) == "cd" * 32
+    with pytest.raises(ValueError):
+        normalize_fingerprint("abcd")
+    with pytest.raises(ValueError):
+        normalize_fingerprint("zz" * 32)
+
+
+def test_account_add_list_passwd_remove(
+    store: SQLiteStore, pwfile: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run(
+        store,
+        capsys,
+        "account",
+        "add",
+        "alice",
+        "--domain",
+        "Alice.Example",
+        "--domain",
+        "bücher.example",
+        "--password-file",
+        str(pwfile),
+        "--cert-fingerprint",
+        FP,
+    )
+    assert code == 0 and "alice" in out
+    alice = store.get_account("alice")
+    assert alice is not None
+    assert alice.cram_secret == PASSWORD and alice.scram is not None
+    assert alice.cert_fingerprints == ("ab" * 32,)
+    assert [d.name for d in store.list_domains("alice")] == [
+        "alice.example",
+        "xn--bcher-kva.example",
+    ]
+
+    code, out, _ = run(
+        store, capsys, "account", "add", "bob", "--password-file", str(pwfile), "--no-cram-md5"
+    )
+    assert code == 0
+    bob = store.get_account("bob")
+    assert bob is not None and bob.cram_secret is None
+
+    store.record_atrn("alice", 0.0)
+    code, out, _ = run(store, capsys, "account", "list")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].split() == ["ACCOUNT", "DOMAINS", "CRAM-MD5", "CERTS", "LAST", "ATRN"]
+    assert lines[1].split()[:4] == ["alice", "alice.example,xn--bcher-kva.example", "yes", "1"]
+    assert "1970-01-01" in lines[1]
+    assert lines[2].split() == ["bob", "-", "no", "0", "never"]
+
+    old = alice.scram
+    code, out, _ = run(
+        store, capsys, "account", "passwd", "alice", "--password-file", str(pwfile), "--no-cram-md5"
+    )
+    assert code == 0
+    alice = store.get_account("alice")
+    assert alice is not None and alice.cram_secret is None and alice.scram != old
+    assert alice.cert_fingerprints == ("ab" * 32,) and alice.last_atrn_at == 0.0
+
+    code, out, _ = run(store, capsys, "account", "remove", "alice")
+    assert code == 0 and "alice.example" in out
+    assert store.get_account("alice") is None and store.list_domains() == []
+
+
+def test_account_add_password_stdin(
+    store: SQLiteStore, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("sys.stdin", io.StringIO(PASSWORD + "\n"))
+    code, _, _ = run(store, capsys, "account", "add", "carol", "--password-stdin")
+    assert code == 0
+    carol = store.get_account("carol")
+    assert carol is not None and carol.cram_secret == PASSWORD
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    code, _, err = run(store, capsys, "account", "passwd", "carol", "--password-stdin")
+    assert code == 65 and err.startswith("fermoposta: ") and "empty" in err
+
+
+def test_account_errors(
+    store: SQLiteStore, pwfile: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pw = ["--password-file", str(pwfile)]
+    assert run(store, capsys, "account", "add", "alice", *pw)[0] == 0
+    code, _, err = run(store, capsys, "account", "add", "alice", *pw)
+    assert code == 65 and "already exists" in err and err.startswith("fermoposta: ")
+    code, _, err = run(store, capsys, "account", "add", "bad name", *pw)
+    assert code == 64
+    code, _, err = run(store, capsys, "account", "add", "bob", "--domain", "localhost", *pw)
+    assert code == 64 and "single label" in err
+    code, _, err = run(store, capsys, "account", "add", "bob", "--cert-fingerprint", "xyz", *pw)
+    assert code == 64
+    code, _, err = run(
+        store, capsys, "account", "add", "bob", "--password-file", str(tmp_path / "missing")
+    )
+    assert code == 66 and "cannot read" in err
+    assert store.get_account("bob") is None
+    code, _, err = run(store, capsys, "account", "remove", "nobody")
+    assert code == 65
+    code, _, err = run(store, capsys, "account", "passwd", "nobody", *pw)
+    assert code == 65
+    # a domain already taken: nothing is created
+    assert run(store, capsys, "domain", "add", "taken.example", "--account", "alice")[0] == 0
+    code, _, err = run(store, capsys, "account", "add", "bob", "--domain", "Taken.example", *pw)
+    assert code == 65 and "alice" in err
+    assert store.get_account("bob") is None
+    with pytest.raises(SystemExit):  # argparse: one password source is required
+        parser().parse_args(["account", "add", "bob"])
+
+
+def test_domain_commands(
+    store: SQLiteStore, pwfile: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run(store, capsys, "account", "add", "alice", "--password-file", str(pwfile))[0] == 0
+    rcpts = tmp_path / "rcpts"
+    rcpts.write_text("# staff\nInfo\n\nsales\n")
+    code, out, _ = run(
+        store,
+        capsys,
+        "domain",
+        "add",
+        "A.example",
+        "--account",
+        "alice",
+        "--max-messages",
+        "100",
+        "--max-bytes",
+        "5000000",
+        "--recipients-file",
+        str(rcpts),
+    )
+    assert code == 0 and "a.example" in out
+    d = store.get_domain("a.example")
+    assert d is not None and d.valid_recipients == frozenset({"info", "sales"})
+    assert (d.max_messages, d.max_bytes) == (100, 5_000_000)
+    assert run(store, capsys, "domain", "add", "b.example", "--account", "alice")[0] == 0
+
+    store.enqueue(
+        NewMessage(
+            "", (NewRecipient("x@a.example", "a.example", RecipientState.HELD),), MessageOrigin.MX
+        ),
+        io.BytesIO(b"12345"),
+    )
+    code, out, _ = run(store, capsys, "domain", "list")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].split() == ["DOMAIN", "ACCOUNT", "HELD", "MSGS", "HELD", "BYTES", "QUOTA"]
+    assert lines[1].split() == ["a.example", "alice", "1", "5", "100", "msgs/5000000", "bytes"]
+    assert lines[2].split() == ["b.example", "alice", "0", "0", "-"]
+    code, out, _ = run(store, capsys, "domain", "list", "--account", "alice")
+    assert code == 0 and len(out.splitlines()) == 3
+    assert run(store, capsys, "domain", "list", "--account", "nobody")[0] == 65
+
+    assert run(store, capsys, "domain", "add", "a.example", "--account", "alice")[0] == 65
+    assert run(store, capsys, "domain", "add", "c.example", "--account", "nobody")[0] == 65
+    assert run(store, capsys, "domain", "add", "nodot", "--account", "alice")[0] == 64
+    assert (
+        run(store, capsys, "domain", "add", "c.example", "--account", "alice", "--max-bytes", "-1")[
+            0
+        ]
+        == 64
+    )
+    assert (
+        run(
+            store,
+            capsys,
+            "domain",
+            "add",
+            "c.example",
+            "--account",
+            "alice",
+            "--recipients-file",
+            str(tmp_path / "missing"),
+        )[0]
+        == 66
+    )
+    assert run(store, capsys, "domain", "remove", "B.EXAMPLE")[0] == 0
+    assert run(store, capsys, "domain", "remove", "b.example")[0] == 65
+    assert store.held_message_ids(["a.example"])  # removing domains never deletes mail
+
+
+class FailingStore:
+    def __getattr__(self, name: str) -> object:
+        def fail(*args: object, **kwargs: object) -> object:
+            raise StoreError("database is locked")
+
+        return fail
+
+
+def test_store_error_is_tempfail(capsys: pytest.CaptureFixture[str], pwfile: Path) -> None:
+    failing: Store = FailingStore()  # type: ignore[assignment]
+    for argv in (
+        ["account", "list"],
+        ["domain", "list"],
+        ["account", "add", "x", "--password-file", str(pwfile)],
+        ["domain", "remove", "x.example"],
+    ):
+        code, _, err = run(failing, capsys, *argv)
+        assert code == 75 and err.startswith("fermoposta: ") and "locked" in err
+
+
+def test_passwords_stay_out_of_the_store_dump(
+    store: SQLiteStore, pwfile: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run(store, capsys, "account", "add", "dave", "--password-file", str(pwfile), "--no-cram-md5")
+    dump = "\n".join(store._conn.iterdump())
+    assert PASSWORD not in dump
+    acct = store.get_account("dave")
+    assert isinstance(acct, Account) and acct.scram is not None
