@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import sys
 import traceback
 from collections.abc import Callable
@@ -67,19 +66,10 @@ def _effective(config: ProviderConfig, args: argparse.Namespace) -> ProviderConf
 
 def _cmd_provider_run(args: argparse.Namespace) -> int:
     config = _effective(load_provider_config(args.config), args)
-    from fermoposta.ops.log import setup_logging
+    # Imported here so config/admin commands do not load the server stack.
+    # run() sets up logging from config.log itself.
+    from fermoposta.provider.server import run
 
-    setup_logging(config.log.level, config.log.format)
-    try:
-        # Imported by name so this module type-checks and runs whether or not
-        # the server is installed; its signature is run(config) -> int.
-        server = importlib.import_module("fermoposta.provider.server")
-    except ModuleNotFoundError as exc:
-        if exc.name != "fermoposta.provider.server":
-            raise
-        _err("the provider server is not available in this installation")
-        return EX_UNAVAILABLE
-    run: Callable[[ProviderConfig], int] = server.run
     return int(run(config))
 
 

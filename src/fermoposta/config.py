@@ -129,7 +129,7 @@ class LimitsConfig:
       or a number with K, M or G (binary multiples: 1K = 1024).
     - ``max_recipients`` (int, default 100): RCPT commands accepted per
       transaction (RFC 5321 §4.5.3.1.8 asks for at least 100); more get 452.
-    - ``max_errors`` (int, default 10): error replies in one session before the
+    - ``max_errors`` (int, default 20, like Postfix smtpd_hard_error_limit): error replies in one session before the
       server answers 421 and closes.
     - ``max_connections`` (int, default 200): concurrent connections per listener.
     - ``max_connections_per_ip`` (int, default 20): concurrent connections from
@@ -147,7 +147,7 @@ class LimitsConfig:
 
     max_message_size: int = 50 * 1024 * 1024
     max_recipients: int = 100
-    max_errors: int = 10
+    max_errors: int = 20
     max_connections: int = 200
     max_connections_per_ip: int = 20
     command_timeout: float = 300.0

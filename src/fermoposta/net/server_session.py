@@ -44,7 +44,7 @@ class SessionLimits:
     command_timeout: float = 300.0  # RFC 5321 §4.5.3.2.7 server timeout
     data_timeout: float = 180.0  # RFC 5321 §4.5.3.2.5 data block
     tls_handshake_timeout: float = 60.0
-    max_errors: int = 10
+    max_errors: int = 20
     max_message_size: int = 50 * 1024 * 1024
     max_recipients: int = 100
     max_line_length: int = 1000  # RFC 5321 §4.5.3.1.6

@@ -1,0 +1,153 @@
+"""The command line: config check, exit codes, error messages, provider run wiring."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import types
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fermoposta import __version__
+from fermoposta.cli import EX_CONFIG, EX_USAGE, main
+from fermoposta.config import ProviderConfig
+
+GOOD = 'hostname = "mx.provider.test"\ndata_dir = "var"\n'
+
+
+@pytest.fixture(autouse=True)
+def restore_logger() -> Iterator[None]:
+    """`provider run` calls setup_logging (process-wide state): undo it afterwards."""
+    logger = logging.getLogger("fermoposta")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    yield
+    logger.handlers[:] = saved[0]
+    logger.setLevel(saved[1])
+    logger.propagate = saved[2]
+
+
+@pytest.fixture
+def good(tmp_path: Path) -> Path:
+    path = tmp_path / "provider.toml"
+    path.write_text(GOOD)
+    return path
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"fermoposta {__version__}"
+
+
+def test_config_check_ok(good: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["-c", str(good), "config", "check"]) == 0
+    assert capsys.readouterr().out == f"OK: {good}\n"
+
+
+def test_config_check_positional_file(good: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["config", "check", str(good)]) == 0
+    assert capsys.readouterr().out == f"OK: {good}\n"
+
+
+def test_config_check_bad_value(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "provider.toml"
+    path.write_text(GOOD + '[limits]\nmax_message_size = "x"\n')
+    assert main(["-c", str(path), "config", "check"]) == EX_CONFIG == 78
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == (
+        f"fermoposta: {path}: [limits] max_message_size: "
+        'expected a size like 50M or an integer, got "x"\n'
+    )
+
+
+def test_config_check_unknown_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "provider.toml"
+    path.write_text(GOOD + "[odmr]\nlease_tll = 3\n")
+    assert main(["-c", str(path), "config", "check"]) == 78
+    err = capsys.readouterr().err
+    assert err.startswith(f"fermoposta: {path}: [odmr] lease_tll: unknown key")
+
+
+def test_config_check_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "absent.toml"
+    assert main(["-c", str(path), "config", "check"]) == 78
+    assert capsys.readouterr().err == f"fermoposta: {path}: config file not found\n"
+
+
+def test_default_config_from_env(
+    good: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("FERMOPOSTA_CONFIG", str(good))
+    assert main(["config", "check"]) == 0
+    assert capsys.readouterr().out == f"OK: {good}\n"
+
+
+def test_usage_errors_exit_64(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["no-such-command"]) == EX_USAGE
+    assert main([]) == EX_USAGE
+    assert main(["provider"]) == EX_USAGE
+    assert main(["config"]) == EX_USAGE
+    assert main(["--no-such-option"]) == EX_USAGE
+    capsys.readouterr()
+
+
+def test_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for command in ("provider", "config"):
+        assert command in out
+
+
+def fake_server(monkeypatch: pytest.MonkeyPatch, result: int) -> list[ProviderConfig]:
+    calls: list[ProviderConfig] = []
+
+    def run(config: ProviderConfig) -> int:
+        calls.append(config)
+        return result
+
+    module = types.ModuleType("fermoposta.provider.server")
+    module.run = run  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "fermoposta.provider.server", module)
+    return calls
+
+
+def test_provider_run_calls_server(good: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = fake_server(monkeypatch, 0)
+    assert main(["-c", str(good), "provider", "run"]) == 0
+    assert len(calls) == 1
+    assert calls[0].path == good and calls[0].log.level == "info"
+
+
+def test_provider_run_verbose_and_exit_code(good: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = fake_server(monkeypatch, 75)
+    assert main(["-v", "-c", str(good), "provider", "run"]) == 75
+    assert calls[0].log.level == "debug"
+
+
+def test_provider_run_bad_config_does_not_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    calls = fake_server(monkeypatch, 0)
+    path = tmp_path / "provider.toml"
+    path.write_text("data_dir = 'x'\n")
+    assert main(["-c", str(path), "provider", "run"]) == 78
+    assert calls == []
+    assert capsys.readouterr().err == f"fermoposta: {path}: hostname: required key is missing\n"
+
+
+def test_account_commands_use_the_configured_store(
+    good: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("fermoposta.provider.accounts")
+    assert main(["-c", str(good), "account", "list"]) == 0
+    assert (good.parent / "var" / "fermoposta.sqlite3").exists()
+    capsys.readouterr()
+
+
+def test_account_commands_need_a_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("fermoposta.provider.accounts")
+    path = tmp_path / "absent.toml"
+    assert main(["-c", str(path), "domain", "list"]) == 78
+    assert capsys.readouterr().err == f"fermoposta: {path}: config file not found\n"

@@ -1,0 +1,138 @@
+"""LineBuffer: framing, limits, overlong-line discard, take_all."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fermoposta.smtp.lines import LineBuffer, LineTooLong
+
+
+def drain(buf: LineBuffer, limit: int) -> list[bytes | str]:
+    """All complete lines; "TOO LONG" marks each LineTooLong raised."""
+    out: list[bytes | str] = []
+    while True:
+        try:
+            line = buf.next_line(limit)
+        except LineTooLong:
+            out.append("TOO LONG")
+            continue
+        if line is None:
+            return out
+        out.append(line)
+
+
+def test_lines_keep_terminators_and_partial_waits() -> None:
+    buf = LineBuffer()
+    buf.feed(b"EHLO a\r\nNOOP\nQU")
+    assert buf.next_line(512) == b"EHLO a\r\n"
+    assert buf.next_line(512) == b"NOOP\n"
+    assert buf.next_line(512) is None
+    assert len(buf) == 2
+    buf.feed(b"IT\r\n")
+    assert buf.next_line(512) == b"QUIT\r\n"
+    assert buf.next_line(512) is None
+    assert len(buf) == 0
+
+
+def test_line_exactly_at_limit_is_accepted() -> None:
+    buf = LineBuffer()
+    line = b"X" * 510 + b"\r\n"
+    buf.feed(line)
+    assert buf.next_line(512) == line
+
+
+def test_line_one_over_limit_raises_once_then_resyncs() -> None:
+    buf = LineBuffer()
+    buf.feed(b"X" * 511 + b"\r\nNOOP\r\n")
+    with pytest.raises(LineTooLong):
+        buf.next_line(512)
+    assert buf.next_line(512) == b"NOOP\r\n"
+    assert buf.next_line(512) is None
+
+
+def test_overlong_discard_continues_across_feeds() -> None:
+    buf = LineBuffer()
+    buf.feed(b"A" * 600)
+    with pytest.raises(LineTooLong):
+        buf.next_line(512)
+    assert buf.next_line(512) is None
+    buf.feed(b"B" * 5000)
+    assert buf.next_line(512) is None  # still discarding, no second exception
+    assert len(buf) == 0
+    buf.feed(b"BBB\r\nQUIT\r\n")
+    assert buf.next_line(512) == b"QUIT\r\n"
+
+
+def test_partial_line_reaching_limit_raises_before_lf_arrives() -> None:
+    buf = LineBuffer()
+    buf.feed(b"A" * 511)
+    assert buf.next_line(512) is None  # could still end with LF at byte 512
+    buf.feed(b"A")
+    with pytest.raises(LineTooLong):
+        buf.next_line(512)
+
+
+def test_take_all_returns_everything_buffered() -> None:
+    buf = LineBuffer()
+    buf.feed(b"STARTTLS\r\nEHLO evil\r\n")
+    assert buf.next_line(512) == b"STARTTLS\r\n"
+    assert buf.take_all() == b"EHLO evil\r\n"
+    assert len(buf) == 0
+    assert buf.next_line(512) is None
+
+
+def test_many_lines_are_linear() -> None:
+    buf = LineBuffer()
+    buf.feed(b"RCPT TO:<a@b>\r\n" * 200_000)
+    count = 0
+    while buf.next_line(512) is not None:
+        count += 1
+    assert count == 200_000
+
+
+def test_byte_at_a_time_long_partial_line() -> None:
+    buf = LineBuffer()
+    for _ in range(12000):
+        buf.feed(b"a")
+        assert buf.next_line(12288) is None
+    buf.feed(b"\r\n")
+    assert buf.next_line(12288) == b"a" * 12000 + b"\r\n"
+
+
+def reference(data: bytes, limit: int) -> list[bytes | str]:
+    out: list[bytes | str] = []
+    pos = 0
+    while True:
+        lf = data.find(b"\n", pos, pos + limit)
+        if lf >= 0:
+            out.append(data[pos : lf + 1])
+            pos = lf + 1
+            continue
+        if len(data) - pos >= limit:
+            out.append("TOO LONG")
+            lf = data.find(b"\n", pos + limit)
+            if lf < 0:
+                return out
+            pos = lf + 1
+            continue
+        return out
+
+
+@settings(max_examples=300)
+@given(
+    st.binary(max_size=300).map(lambda b: b.replace(b"\x00", b"\n")),
+    st.lists(st.integers(min_value=0, max_value=300), max_size=8),
+    st.integers(min_value=1, max_value=40),
+)
+def test_any_split_matches_reference(data: bytes, cuts: list[int], limit: int) -> None:
+    buf = LineBuffer()
+    out: list[bytes | str] = []
+    points = sorted({min(c, len(data)) for c in cuts}) + [len(data)]
+    prev = 0
+    for point in points:
+        buf.feed(data[prev:point])
+        prev = point
+        out.extend(drain(buf, limit))
+    assert out == reference(data, limit)

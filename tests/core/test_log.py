@@ -1,0 +1,173 @@
+"""Logging: Postfix-like event lines, JSON lines, AUTH redaction."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import re
+from collections.abc import Iterator
+
+import pytest
+
+from fermoposta.ops.log import TextFormatter, event, format_event, redact, setup_logging
+
+LINE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z) fermoposta/(\S+)\[(\d+)\]: (.*)$")
+
+
+@pytest.fixture(autouse=True)
+def restore_logger() -> Iterator[None]:
+    """setup_logging changes process-wide state: undo it for the other tests."""
+    logger = logging.getLogger("fermoposta")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    yield
+    logger.handlers[:] = saved[0]
+    logger.setLevel(saved[1])
+    logger.propagate = saved[2]
+
+
+@pytest.fixture
+def stream() -> io.StringIO:
+    return io.StringIO()
+
+
+def test_event_line_exact(stream: io.StringIO) -> None:
+    setup_logging("info", "text", stream)
+    event(
+        "drain",
+        "4F9D195432C",
+        to="<bob@example.org>",
+        relay="cust.example[127.0.0.1]",
+        delay=1.2,
+        dsn="2.0.0",
+        status="sent",
+        reason="250 2.0.0 OK",
+    )
+    m = LINE.match(stream.getvalue().rstrip("\n"))
+    assert m is not None, stream.getvalue()
+    assert m.group(2) == "drain"
+    assert int(m.group(3)) == os.getpid()
+    assert m.group(4) == (
+        "4F9D195432C: to=<bob@example.org>, relay=cust.example[127.0.0.1], delay=1.2, "
+        "dsn=2.0.0, status=sent (250 2.0.0 OK)"
+    )
+
+
+def test_format_event_rules() -> None:
+    # order kept, reason attached to status wherever it appears, None left out
+    assert (
+        format_event(
+            "Q1", {"reason": "x y", "from": "<>", "size": 12, "nrcpt": None, "status": "deferred"}
+        )
+        == "Q1: from=<>, size=12, status=deferred (x y)"
+    )
+    assert format_event(None, {"client": "h[1.2.3.4]"}) == "client=h[1.2.3.4]"
+    assert format_event("Q", {"status": "sent"}) == "Q: status=sent"
+    assert format_event("Q", {"reason": "r"}) == "Q: reason=r"
+    assert (
+        format_event("Q", {"delay": 0.1 + 0.2, "d2": 12.0, "d3": 0.004})
+        == "Q: delay=0.3, d2=12, d3=0"
+    )
+    assert format_event("Q", {"tls": True}) == "Q: tls=yes"
+
+
+def test_event_escapes_control_characters() -> None:
+    text = format_event("Q", {"helo": "evil\r\nfake: line", "status": "bounced", "reason": "a\nb"})
+    assert "\n" not in text and "\r" not in text
+    assert text == "Q: helo=evil\\x0d\\x0afake: line, status=bounced (a\\x0ab)"
+
+
+def test_event_below_level_is_dropped(stream: io.StringIO) -> None:
+    setup_logging("warning", "text", stream)
+    event("mx", "Q", status="sent")
+    assert stream.getvalue() == ""
+
+
+def test_text_severity_prefix_and_component(stream: io.StringIO) -> None:
+    setup_logging("debug", "text", stream)
+    logging.getLogger("fermoposta.provider.odmr").warning("lease lost for %s", "example.org")
+    logging.getLogger("fermoposta").debug("hello")
+    lines = stream.getvalue().splitlines()
+    m = LINE.match(lines[0])
+    assert m is not None and m.group(2) == "odmr"
+    assert m.group(4) == "warning: lease lost for example.org"
+    m = LINE.match(lines[1])
+    assert m is not None and m.group(2) == "main" and m.group(4) == "hello"
+
+
+def test_json_format(stream: io.StringIO) -> None:
+    setup_logging("info", "json", stream)
+    event("mx", "4F9D195432C", to="<bob@example.org>", size=10, status="sent", reason="250 OK")
+    logging.getLogger("fermoposta.net").error("boom")
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2
+    first = json.loads(lines[0])
+    assert first["level"] == "info"
+    assert first["component"] == "mx"
+    assert first["queue_id"] == "4F9D195432C"
+    assert first["message"] == "4F9D195432C: to=<bob@example.org>, size=10, status=sent (250 OK)"
+    assert first["to"] == "<bob@example.org>"
+    assert first["size"] == 10
+    assert first["status"] == "sent" and first["reason"] == "250 OK"
+    assert first["pid"] == os.getpid()
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", str(first["time"]))
+    second = json.loads(lines[1])
+    assert second["level"] == "error" and second["component"] == "net"
+    assert second["message"] == "boom"
+
+
+def test_json_reserved_field_names_do_not_clobber(stream: io.StringIO) -> None:
+    setup_logging("info", "json", stream)
+    event("mx", None, message="hi", level=3)
+    obj = json.loads(stream.getvalue())
+    assert obj["message"] == "message=hi, level=3"
+    assert obj["level"] == "info"
+    assert obj["field_message"] == "hi" and obj["field_level"] == 3
+
+
+def test_setup_is_idempotent(stream: io.StringIO) -> None:
+    setup_logging("info", "text", io.StringIO())
+    setup_logging("info", "text", stream)
+    event("mx", "Q", status="sent")
+    assert len(stream.getvalue().splitlines()) == 1
+    ours = [
+        h
+        for h in logging.getLogger("fermoposta").handlers
+        if isinstance(h, logging.StreamHandler) and isinstance(h.formatter, TextFormatter)
+    ]
+    assert len(ours) == 1
+
+
+def test_setup_rejects_bad_values() -> None:
+    with pytest.raises(ValueError):
+        setup_logging("loud")
+    with pytest.raises(ValueError):
+        setup_logging("info", "xml")
+
+
+def test_event_reaches_caplog_without_setup(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="fermoposta")
+    event("odmr", None, account="acme", status="ok")
+    assert "account=acme, status=ok" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("line", "in_auth", "expected"),
+    [
+        (b"AUTH PLAIN AGJvYgBzZWNyZXQ=\r\n", False, b"AUTH PLAIN ***\r\n"),
+        (b"auth login Ym9i", False, b"auth login ***"),
+        (b"AUTH EXTERNAL =\r\n", False, b"AUTH EXTERNAL ***\r\n"),
+        (b"AUTH CRAM-MD5\r\n", False, b"AUTH CRAM-MD5\r\n"),
+        (b"AUTH c2VjcmV0LXBhc3N3b3JkLXRoYXQtaXMtbG9uZw==\r\n", False, b"AUTH ***\r\n"),
+        (b"AUTH pass/word extra\r\n", False, b"AUTH ***\r\n"),
+        (b"MAIL FROM:<a@b>\r\n", False, b"MAIL FROM:<a@b>\r\n"),
+        (b"AUTHENTICATE x y\r\n", False, b"AUTHENTICATE x y\r\n"),
+        (b"Ym9iIDNhNDQ2ZDg2ZmQ=\r\n", True, b"***\r\n"),
+        (b"c2VjcmV0", True, b"***"),
+        (b"\r\n", True, b"***\r\n"),
+        (b"*\r\n", True, b"*\r\n"),
+    ],
+)
+def test_redact(line: bytes, in_auth: bool, expected: bytes) -> None:
+    assert redact(line, in_auth=in_auth) == expected

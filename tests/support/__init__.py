@@ -1,0 +1,1 @@
+"""Test helpers: certificates, provider configs, a raw SMTP dialog client."""
