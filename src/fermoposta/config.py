@@ -129,8 +129,8 @@ class LimitsConfig:
       or a number with K, M or G (binary multiples: 1K = 1024).
     - ``max_recipients`` (int, default 100): RCPT commands accepted per
       transaction (RFC 5321 §4.5.3.1.8 asks for at least 100); more get 452.
-    - ``max_errors`` (int, default 20, like Postfix smtpd_hard_error_limit): error replies in one session before the
-      server answers 421 and closes.
+    - ``max_errors`` (int, default 20, like Postfix's smtpd_hard_error_limit):
+      error replies in one session before the server answers 421 and closes.
     - ``max_connections`` (int, default 200): concurrent connections per listener.
     - ``max_connections_per_ip`` (int, default 20): concurrent connections from
       one client address.

@@ -15,7 +15,7 @@ def read_all(
     data: bytes, cuts: list[int] | None = None, **kw: int
 ) -> tuple[DataReader, bytes, bytes | None]:
     reader = DataReader(kw.get("max_size", 10**9), kw.get("max_line", 1000))
-    points = sorted({min(c, len(data)) for c in cuts or []}) + [len(data)]
+    points = [*sorted({min(c, len(data)) for c in cuts or []}), len(data)]
     payload, leftover, prev = b"", None, 0
     for point in points:
         if reader.done:
@@ -72,7 +72,7 @@ def test_dot_unstuffing() -> None:
 )
 def test_smuggling_sequences_do_not_end_data(smuggle: bytes) -> None:
     data = b"x" + smuggle + b"MAIL FROM:<evil@x>\r\n"
-    reader, payload, leftover = read_all(data)
+    reader, _payload, leftover = read_all(data)
     assert not reader.done and leftover is None
     assert reader.bare_line_ending
     reader2, payload2, leftover2 = read_all(data + b".\r\n")
@@ -81,7 +81,7 @@ def test_smuggling_sequences_do_not_end_data(smuggle: bytes) -> None:
 
 
 def test_bare_lf_at_start_is_not_terminator() -> None:
-    reader, payload, leftover = read_all(b".\nQUIT\r\n")
+    reader, _payload, leftover = read_all(b".\nQUIT\r\n")
     assert not reader.done and leftover is None and reader.bare_line_ending
 
 
@@ -131,13 +131,13 @@ def test_terminator_split_at_every_position() -> None:
     data = b"hello\r\n.\r\nNOOP\r\n"
     for i in range(len(data) + 1):
         for j in range(i, len(data) + 1):
-            reader, payload, leftover = read_all(data, [i, j])
+            _reader, payload, leftover = read_all(data, [i, j])
             assert (payload, leftover) == (b"hello\r\n", b"NOOP\r\n"), (i, j)
 
 
 def test_byte_at_a_time() -> None:
     data = b"..a\r\n\r\n..\r\n.x\r\n.\r\nRSET\r\n"
-    reader, payload, leftover = read_all(data, list(range(len(data))))
+    _reader, payload, leftover = read_all(data, list(range(len(data))))
     assert payload == b".a\r\n\r\n.\r\nx\r\n" and leftover == b"RSET\r\n"
 
 
@@ -148,7 +148,7 @@ def test_large_input_is_fast() -> None:
     reader = DataReader(10**10)
     size = 0
     for i in range(0, len(wire), 1 << 16):
-        payload, leftover = reader.feed(wire[i : i + (1 << 16)])
+        payload, _leftover = reader.feed(wire[i : i + (1 << 16)])
         size += len(payload)
     elapsed = time.process_time() - start
     assert reader.done and size == len(body)
@@ -165,6 +165,15 @@ def test_stuffer_examples() -> None:
     assert b"".join(dot_stuff([b"a\r", b"\n", b".b"])) == b"a\r\n..b\r\n.\r\n"
     assert b"".join(dot_stuff([b"a\r", b".b\r"])) == b"a\r\n..b\r\n.\r\n"
     assert b"".join(dot_stuff([b"x\n.\n"])) == b"x\r\n..\r\n.\r\n"  # no smuggling out
+
+
+def test_stuffer_state_across_feeds() -> None:
+    stuffer = DotStuffer()
+    assert stuffer.feed(b".") == b".."
+    assert stuffer.feed(b"a\r") == b"a"  # CR held until its successor is known
+    assert stuffer.feed(b"") == b""
+    assert stuffer.feed(b".") == b"\r\n.."  # bare CR became a line end
+    assert stuffer.finish() == b"\r\n.\r\n"
 
 
 def test_stuffer_never_emits_bare_line_endings() -> None:

@@ -129,7 +129,7 @@ def reference(data: bytes, limit: int) -> list[bytes | str]:
 def test_any_split_matches_reference(data: bytes, cuts: list[int], limit: int) -> None:
     buf = LineBuffer()
     out: list[bytes | str] = []
-    points = sorted({min(c, len(data)) for c in cuts}) + [len(data)]
+    points = [*sorted({min(c, len(data)) for c in cuts}), len(data)]
     prev = 0
     for point in points:
         buf.feed(data[prev:point])

@@ -29,6 +29,7 @@ class Transcript:
     messages: list[Received] = field(default_factory=list)
     commands: list[str] = field(default_factory=list)
     quit: bool = False
+    transactions: int = 0  # final dots seen
 
 
 async def serve_reversed(
@@ -90,10 +91,11 @@ async def serve_reversed(
                 if data_line.startswith(b"."):
                     data_line = data_line[1:]
                 body += data_line
-            if drop_after_dot is not None and len(t.messages) + 1 >= drop_after_dot:
+            t.transactions += 1
+            if drop_after_dot is not None and t.transactions >= drop_after_dot:
                 d.writer.close()
                 return t
-            reply = data_reply(len(t.messages) + 1)
+            reply = data_reply(t.transactions)
             if reply.startswith("2"):
                 t.messages.append(Received(sender or "", list(rcpts), bytes(body)))
             await d.send(reply)

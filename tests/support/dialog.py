@@ -84,7 +84,10 @@ async def send_mail(host: str, port: int, sender: str, recipients: list[str], bo
         for rcpt in recipients:
             await d.cmd(f"RCPT TO:<{rcpt}>", 250)
         await d.cmd("DATA", 354)
-        await d.raw(body + b".\r\n")
+        stuffed = body.replace(b"\r\n.", b"\r\n..")
+        if stuffed.startswith(b"."):
+            stuffed = b"." + stuffed
+        await d.raw(stuffed + b".\r\n")
         result = await d.reply()
         await d.cmd("QUIT", 221)
         return result

@@ -1,0 +1,334 @@
+"""Command lines, MAIL/RCPT paths, ESMTP parameters, domains, xtext, EHLO argument."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fermoposta.smtp.command import (
+    Command,
+    Path,
+    normalize_domain,
+    parse_command,
+    parse_ehlo_arg,
+    parse_mail_from,
+    parse_rcpt_to,
+    split_address,
+    xtext_decode,
+    xtext_encode,
+)
+from fermoposta.smtp.reply import SYNTAX_ERROR, SMTPError
+
+
+def code_of(exc: pytest.ExceptionInfo[SMTPError]) -> tuple[int, str | None]:
+    return exc.value.reply.code, exc.value.reply.enhanced
+
+
+# --- parse_command ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("line", "verb", "arg"),
+    [
+        (b"EHLO client.example\r\n", "EHLO", "client.example"),
+        (b"ehlo client.example\n", "EHLO", "client.example"),
+        (b"MaIl FROM:<A@B>  \r\n", "MAIL", "FROM:<A@B>"),
+        (b"QUIT\r\n", "QUIT", ""),
+        (b"ATRN\ta.org\r\n", "ATRN", "a.org"),
+        (b"ATRN  a.org\r\n", "ATRN", "a.org"),
+        (b"NOOP \t \r\n", "NOOP", ""),
+        (b"RSET", "RSET", ""),
+        (b"A" * 20 + b"\r\n", "A" * 20, ""),
+    ],
+)
+def test_parse_command_ok(line: bytes, verb: str, arg: str) -> None:
+    assert parse_command(line) == Command(verb, arg)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"\r\n",
+        b"\n",
+        b"",
+        b" NOOP\r\n",
+        b"NO\x00OP\r\n",
+        b"MAIL FROM:<a\x00@b>\r\n",
+        b"NO\rOP\r\n",
+        b"NOOP\r\r\n",
+        b"MAIL FROM:<\xc3\xa4@b>\r\n",
+        b"\xff\r\n",
+        b"A" * 21 + b"\r\n",
+        b"EHL0 x\r\n",
+        b"E-HLO x\r\n",
+        "ÉHLO x\r\n".encode(),
+    ],
+)
+def test_parse_command_syntax_errors(line: bytes) -> None:
+    with pytest.raises(SMTPError) as exc:
+        parse_command(line)
+    assert exc.value.reply == SYNTAX_ERROR
+
+
+def test_parse_command_utf8() -> None:
+    line = "MAIL FROM:<ä@b> SMTPUTF8\r\n".encode()
+    assert parse_command(line, utf8=True) == Command("MAIL", "FROM:<ä@b> SMTPUTF8")
+    with pytest.raises(SMTPError):
+        parse_command(b"MAIL FROM:<\xc3@b>\r\n", utf8=True)  # invalid UTF-8
+    with pytest.raises(SMTPError):
+        parse_command("ÉHLO x\r\n".encode(), utf8=True)  # verb stays ASCII
+
+
+@settings(max_examples=500)
+@given(st.binary(max_size=80), st.booleans())
+def test_parse_command_arbitrary_bytes(line: bytes, utf8: bool) -> None:
+    try:
+        cmd = parse_command(line, utf8=utf8)
+    except SMTPError as exc:
+        assert exc.reply == SYNTAX_ERROR
+        return
+    assert cmd.verb.isascii() and cmd.verb.isalpha() and cmd.verb.isupper()
+    assert 1 <= len(cmd.verb) <= 20
+    assert cmd.arg == cmd.arg.strip(" \t") and "\r" not in cmd.arg and "\0" not in cmd.arg
+
+
+# --- MAIL / RCPT ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("arg", "address", "params"),
+    [
+        ("FROM:<a@b.org>", "a@b.org", {}),
+        ("from:<a@b.org>", "a@b.org", {}),
+        ("FROM: <a@b.org>", "a@b.org", {}),  # RFC 2645 §6 example style
+        ("FROM:   <a@b.org>", "a@b.org", {}),
+        ("FROM:<>", "", {}),
+        ("FROM:<> BODY=8BITMIME", "", {"BODY": "8BITMIME"}),
+        ("FROM:<First.Last@Example.ORG>", "First.Last@Example.ORG", {}),
+        ("FROM:<@relay.a,@relay.b:user@c.org>", "user@c.org", {}),
+        ("FROM:<@relay.a:user@c.org>", "user@c.org", {}),
+        ('FROM:<"john doe"@c.org>', '"john doe"@c.org', {}),
+        ('FROM:<"a\\"b@c"@c.org>', '"a\\"b@c"@c.org', {}),
+        ("FROM:<a@[192.0.2.1]>", "a@[192.0.2.1]", {}),
+        ("FROM:<a@[IPv6:2001:db8::1]>", "a@[IPv6:2001:db8::1]", {}),
+        ("FROM:<a@b.org> SIZE=100 body=7bit", "a@b.org", {"SIZE": "100", "BODY": "7bit"}),
+        ("FROM:<a@b.org>  SMTPUTF8", "a@b.org", {"SMTPUTF8": None}),
+        ("FROM:<a@b.org> ENVID=QQ+2Bx RET=HDRS", "a@b.org", {"ENVID": "QQ+2Bx", "RET": "HDRS"}),
+        ("FROM:<a+tag@b-c.org>", "a+tag@b-c.org", {}),
+        ("FROM:<a@localhost>", "a@localhost", {}),
+    ],
+)
+def test_mail_from_ok(arg: str, address: str, params: dict[str, str | None]) -> None:
+    assert parse_mail_from(arg, allow_utf8=False) == Path(address, params)
+
+
+@pytest.mark.parametrize(
+    "arg",
+    [
+        "FROM:a@b.org",  # no angle brackets
+        "FROM:<a@b.org",
+        "FROM:<a>",  # no domain
+        "FROM:<@x:a@b.org",
+        "FROM:<@x a@b.org>",
+        "FROM:<@:a@b.org>",
+        "FROM:<a..b@c.org>",
+        "FROM:<.a@c.org>",
+        "FROM:<a.@c.org>",
+        "FROM:<a@-b.org>",
+        "FROM:<a@b-.org>",
+        "FROM:<a@b_c.org>",
+        "FROM:<a@b.org.>",
+        "FROM:<a@b..org>",
+        "FROM:<a@>",
+        "FROM:<@b.org>",
+        'FROM:<"unterminated@b.org>',
+        'FROM:<"a\x01b"@b.org>',
+        "FROM:<a b@c.org>",
+        "FROM:<a@[300.1.1.1]>",
+        "FROM:<a@[IPv6:zz::1]>",
+        "FROM:<a@[1.2.3.4>",
+        "FROM: ",
+        "FROM:",
+        "FROM:<postmaster>",
+    ],
+)
+def test_mail_from_bad_sender(arg: str) -> None:
+    with pytest.raises(SMTPError) as exc:
+        parse_mail_from(arg, allow_utf8=False)
+    assert code_of(exc) == (501, "5.1.7")
+
+
+@pytest.mark.parametrize("arg", ["", "FROM<a@b.org>", "FRM:<a@b.org>", "TO:<a@b.org>"])
+def test_mail_missing_keyword(arg: str) -> None:
+    with pytest.raises(SMTPError) as exc:
+        parse_mail_from(arg, allow_utf8=False)
+    assert code_of(exc) == (501, "5.5.4")
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        " SIZE=1 SIZE=2",
+        " size=1 SIZE=1",
+        " =x",
+        " -X=1",
+        " SIZE=",
+        " SIZE==1",
+        " SIZE=a=b",
+        " K_Y=1",
+        " SIZE=\x7f",
+        "SIZE=1",  # glued to ">"
+        ">",
+        " BODY=\u00e9",
+    ],
+)
+def test_bad_parameters(params: str) -> None:
+    with pytest.raises(SMTPError) as exc:
+        parse_mail_from("FROM:<a@b.org>" + params, allow_utf8=False)
+    assert code_of(exc) == (501, "5.5.4")
+
+
+def test_rcpt_to() -> None:
+    assert parse_rcpt_to("TO:<u@c.org>", allow_utf8=False) == Path("u@c.org", {})
+    assert parse_rcpt_to("to: <Postmaster>", allow_utf8=False) == Path("postmaster", {})
+    assert parse_rcpt_to("TO:<postmaster> NOTIFY=NEVER", allow_utf8=False) == Path(
+        "postmaster", {"NOTIFY": "NEVER"}
+    )
+    assert parse_rcpt_to("TO:<@a.org:u@c.org>", allow_utf8=False).address == "u@c.org"
+    for bad in ["TO:<>", "TO:<u>", "TO:u@c.org", "TO:<u@c.org"]:
+        with pytest.raises(SMTPError) as exc:
+            parse_rcpt_to(bad, allow_utf8=False)
+        assert code_of(exc) == (501, "5.1.3")
+    with pytest.raises(SMTPError) as exc:
+        parse_rcpt_to("FROM:<u@c.org>", allow_utf8=False)
+    assert code_of(exc) == (501, "5.5.4")
+
+
+def test_local_part_limits() -> None:
+    ok = "a" * 64
+    assert parse_rcpt_to(f"TO:<{ok}@c.org>", allow_utf8=False).address == f"{ok}@c.org"
+    with pytest.raises(SMTPError) as exc:
+        parse_rcpt_to(f"TO:<{'a' * 65}@c.org>", allow_utf8=False)
+    assert code_of(exc) == (501, "5.1.3")
+    quoted = '"' + "b" * 62 + '"'  # 64 octets with the quotes
+    assert parse_mail_from(f"FROM:<{quoted}@c.org>", allow_utf8=False).address.startswith('"')
+    with pytest.raises(SMTPError):
+        parse_mail_from(f'FROM:<"{"b" * 63}"@c.org>', allow_utf8=False)
+    with pytest.raises(SMTPError):  # 33 two-octet characters = 66 octets
+        parse_mail_from(f"FROM:<{'é' * 33}@c.org>", allow_utf8=True)
+
+
+def test_path_length_limits() -> None:
+    # "<" + local + "@" + domain + ">" = 256 octets exactly
+    domain = ".".join(["d" * 63] * 3 + ["d" * 56])  # 63*3 + 56 + 3 = 248
+    local = "a" * (256 - 3 - len(domain))
+    assert len(local) == 5
+    assert parse_rcpt_to(f"TO:<{local}@{domain}>", allow_utf8=False).address == (
+        f"{local}@{domain}"
+    )
+    with pytest.raises(SMTPError) as exc:
+        parse_rcpt_to(f"TO:<{local}a@{domain}>", allow_utf8=False)
+    assert code_of(exc) == (501, "5.1.3")
+    with pytest.raises(SMTPError):  # label of 64
+        parse_rcpt_to(f"TO:<a@{'d' * 64}.org>", allow_utf8=False)
+
+
+def test_utf8_policy() -> None:
+    path = parse_mail_from("FROM:<用户@例子.广告> SMTPUTF8", allow_utf8=True)
+    assert path.address == "用户@例子.广告" and path.is_utf8
+    assert not parse_mail_from("FROM:<a@b.org>", allow_utf8=True).is_utf8
+    for arg in ["FROM:<ä@b.org>", "FROM:<a@bücher.de>", 'FROM:<"ä"@b.org>']:
+        with pytest.raises(SMTPError) as exc:
+            parse_mail_from(arg, allow_utf8=False)
+        assert code_of(exc) == (553, "5.6.7")
+    with pytest.raises(SMTPError) as exc:
+        parse_rcpt_to("TO:<a@b\u00a0c.org>", allow_utf8=True)  # not a valid U-label
+    assert code_of(exc) == (501, "5.1.3")
+
+
+@settings(max_examples=500)
+@given(st.text(max_size=60), st.booleans(), st.booleans())
+def test_paths_arbitrary_text(tail: str, rcpt: bool, utf8: bool) -> None:
+    for arg in (tail, ("TO:" if rcpt else "FROM:") + tail, ("TO:<" if rcpt else "FROM:<") + tail):
+        try:
+            path = (parse_rcpt_to if rcpt else parse_mail_from)(arg, allow_utf8=utf8)
+        except SMTPError as exc:
+            assert exc.reply.code in (501, 553)
+            continue
+        assert utf8 or path.address.isascii()
+        assert all(k == k.upper() for k in path.params)
+
+
+local_atom = st.text(alphabet="abcXYZ019!#$%&'*+-/=?^_`{|}~", min_size=1, max_size=8)
+label = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,8}[a-z0-9])?", fullmatch=True)
+
+
+@settings(max_examples=200)
+@given(st.lists(local_atom, min_size=1, max_size=3), st.lists(label, min_size=1, max_size=4))
+def test_generated_valid_paths_round_trip(atoms: list[str], labels: list[str]) -> None:
+    address = ".".join(atoms) + "@" + ".".join(labels)
+    assert parse_mail_from(f"FROM:<{address}>", allow_utf8=False).address == address
+    assert split_address(address) == (".".join(atoms), ".".join(labels))
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+def test_split_address() -> None:
+    assert split_address("a@b.org") == ("a", "b.org")
+    assert split_address('"x@y"@b.org') == ('"x@y"', "b.org")
+    assert split_address('"x\\"@y"@b.org') == ('"x\\"@y"', "b.org")
+    assert split_address("postmaster") == ("postmaster", "")
+    assert split_address("") == ("", "")
+
+
+def test_normalize_domain() -> None:
+    assert normalize_domain("Example.ORG.") == "example.org"
+    assert normalize_domain("bücher.de") == "xn--bcher-kva.de"
+    assert normalize_domain("XN--BCHER-KVA.DE") == "xn--bcher-kva.de"
+    assert normalize_domain("[IPv6:2001:DB8::1]") == "[ipv6:2001:db8::1]"
+    assert normalize_domain("localhost") == "localhost"
+    for bad in ["", ".", "a..b", "a.org..", "-a.org", "a-.org", "a_b.org", "xn--zz.de",
+                "d" * 64 + ".org", "[1.2.3.4", "a b.org"]:
+        with pytest.raises(ValueError):
+            normalize_domain(bad)
+
+
+def test_xtext_examples() -> None:
+    assert xtext_encode("a+b=c d") == "a+2Bb+3Dc+20d"
+    assert xtext_decode("a+2Bb+3Dc+20d") == "a+b=c d"
+    assert xtext_decode("+2b") == "+"
+    assert xtext_encode("é") == "+C3+A9"
+    for bad in ["+", "+2", "+ZZ", "a=b", "a b", "\x7f", "+FF", "é"]:
+        with pytest.raises(ValueError):
+            xtext_decode(bad)
+
+
+@given(st.text())
+def test_xtext_round_trip(text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return
+    encoded = xtext_encode(text)
+    assert all("!" <= c <= "~" and c != "=" for c in encoded)
+    assert xtext_decode(encoded) == text
+
+
+@given(st.text(max_size=30))
+def test_xtext_decode_arbitrary(text: str) -> None:
+    try:
+        decoded = xtext_decode(text)
+    except ValueError:
+        return
+    assert xtext_decode(xtext_encode(decoded)) == decoded
+
+
+def test_parse_ehlo_arg() -> None:
+    assert parse_ehlo_arg("client.example extra junk") == "client.example"
+    assert parse_ehlo_arg("[192.0.2.1]") == "[192.0.2.1]"
+    for empty in ["", "   ", "\t"]:
+        with pytest.raises(SMTPError) as exc:
+            parse_ehlo_arg(empty)
+        assert code_of(exc) == (501, "5.5.4")

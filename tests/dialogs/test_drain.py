@@ -1,0 +1,255 @@
+"""The reversed session against a scripted customer: per-recipient outcomes,
+lost connections, capability mismatches, DSNs parsed back field by field."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+
+from conftest import add_customer
+from support.customer import serve_reversed
+from support.dialog import Dialog
+from test_odmr import authed, hold
+
+from fermoposta.store.base import RecipientState
+
+
+def dsn_of(store, queue_id):
+    message = store.get_message(queue_id)
+    assert message is not None
+    body = b"".join(store.read_body(queue_id))
+    return message, email.message_from_bytes(body, policy=email.policy.default)
+
+
+def only_dsns(store, domains=("sender.test", "example.org")):
+    ids = []
+    for mid in {*store.held_message_ids(list(domains))}:
+        m = store.get_message(mid)
+        if m is not None and m.origin == "dsn":
+            ids.append(mid)
+    return ids
+
+
+async def test_per_recipient_outcomes_and_dsn(provider, certs):
+    qid = await hold(provider, rcpts=("ok@example.org", "later@example.org", "gone@example.org",
+                                      "stay@other.test"))
+    d = await authed(provider, certs)
+    await d.cmd("ATRN example.org", 250)
+
+    def policy(rcpt: str) -> str:
+        return {"later@example.org": "450 4.2.0 mailbox busy",
+                "gone@example.org": "550 5.1.1 no such user"}.get(rcpt, "250 2.1.5 OK")
+
+    t = await serve_reversed(d, rcpt_policy=policy)
+    assert t.quit
+    assert [m.recipients for m in t.messages] == [["ok@example.org"]]
+    message = provider.store.get_message(qid)
+    assert message is not None
+    left = {r.address: r for r in message.recipients}
+    # Delivered and failed recipients left; the 4xx one and the other domain stay.
+    assert set(left) == {"later@example.org", "stay@other.test"}
+    assert left["later@example.org"].attempts == 1
+    assert "450" in (left["later@example.org"].last_reply or "")
+    assert left["stay@other.test"].attempts == 0
+    # One DSN for the sender (sender.test is not hosted: it waits OUTBOUND).
+    dsns = [m for m in _all_messages(provider.store) if m.origin == "dsn"]
+    assert len(dsns) == 1
+    dsn_msg = dsns[0]
+    assert dsn_msg.sender == ""
+    assert [(r.address, r.state) for r in dsn_msg.recipients] == [
+        ("alice@sender.test", RecipientState.OUTBOUND)]
+    _, parsed = dsn_of(provider.store, dsn_msg.id)
+    assert parsed.get_content_type() == "multipart/report"
+    assert parsed.get_param("report-type") == "delivery-status"
+    assert parsed["From"].addresses[0].addr_spec == "MAILER-DAEMON@mx.provider.test"
+    parts = list(parsed.iter_parts())
+    status = parts[1]
+    assert status.get_content_type() == "message/delivery-status"
+    blocks = status.get_payload()
+    assert blocks[0]["Reporting-MTA"] == "dns; mx.provider.test"
+    assert blocks[0]["Arrival-Date"]
+    assert len(blocks) == 2
+    assert blocks[1]["Final-Recipient"] == "rfc822; gone@example.org"
+    assert blocks[1]["Action"] == "failed"
+    assert blocks[1]["Status"] == "5.1.1"
+    assert blocks[1]["Diagnostic-Code"] == "smtp; 550 5.1.1 no such user"
+    assert blocks[1]["Remote-MTA"] == "dns; customer.example.org"
+    assert parts[2].get_content_type() == "text/rfc822-headers"
+    assert "Subject: held" in parts[2].get_payload()
+    await d.close()
+
+
+def _all_messages(store):
+    # Walk every held/outbound message through the public interface.
+    import sqlite3
+
+    rows = sqlite3.connect(store.path).execute("SELECT id FROM messages").fetchall()
+    return [store.get_message(r[0]) for r in rows]
+
+
+async def test_connection_lost_after_final_dot_keeps_recipients(provider, certs):
+    first = await hold(provider, rcpts=("a@example.org",))
+    second = await hold(provider, rcpts=("b@example.org",))
+    third = await hold(provider, rcpts=("c@example.org",))
+    d = await authed(provider, certs)
+    await d.cmd("ATRN example.org", 250)
+    t = await serve_reversed(d, drop_after_dot=2)
+    assert len(t.messages) == 1
+    # The first was acknowledged: gone.  The second's fate is unknown: kept
+    # (a duplicate is possible, a loss is not).  The third was never tried.
+    assert provider.store.get_message(first) is None
+    assert provider.store.get_message(second) is not None
+    assert provider.store.get_message(third) is not None
+    assert provider.store.held_message_ids(["example.org"]) == [second, third]
+    # Leases were released: a new session collects the rest.
+    d2 = await authed(provider, certs)
+    await d2.cmd("ATRN example.org", 250)
+    t2 = await serve_reversed(d2)
+    assert [m.recipients for m in t2.messages] == [["b@example.org"], ["c@example.org"]]
+    assert provider.store.held_message_ids(["example.org"]) == []
+    await d2.close()
+
+
+async def test_final_replies_451_and_552(provider, certs):
+    q1 = await hold(provider, rcpts=("a@example.org",))
+    q2 = await hold(provider, rcpts=("b@example.org",))
+    d = await authed(provider, certs)
+    await d.cmd("ATRN example.org", 250)
+    replies = {1: "451 4.3.0 try later", 2: "552 5.3.4 too big for us"}
+    t = await serve_reversed(d, data_reply=lambda n: replies[n])
+    assert t.quit and t.messages == []
+    m1 = provider.store.get_message(q1)
+    assert m1 is not None and m1.recipients[0].attempts == 1
+    assert provider.store.get_message(q2) is None  # failed, DSN queued
+    dsns = [m for m in _all_messages(provider.store) if m.origin == "dsn"]
+    assert len(dsns) == 1
+    await d.close()
+
+
+async def test_mail_451_defers_and_rset(provider, certs):
+    qid = await hold(provider)
+    d = await authed(provider, certs)
+    await d.cmd("ATRN example.org", 250)
+    t = await serve_reversed(d, mail_reply="451 4.3.0 not now")
+    assert "RSET" in t.commands and t.quit
+    message = provider.store.get_message(qid)
+    assert message is not None and message.recipients[0].attempts == 1
+    await d.close()
+
+
+async def test_no_pipelining_lockstep_and_helo_fallback(provider, certs):
+    await hold(provider, rcpts=("a@example.org", "b@example.org"))
+    d = await authed(provider, certs)
+    await d.cmd("ATRN example.org", 250)
+
+    # A customer that refuses EHLO (502) forces HELO: no extensions at all.
+    async def run():
+        await d.send("220 old.example.org SMTP")
+        line = await d.reader.readline()
+        assert line.startswith(b"EHLO")
+        await d.send("502 5.5.1 what")
+        assert (await d.reader.readline()).startswith(b"HELO")
+        await d.send("250 old.example.org")
+        mail = await d.reader.readline()
+        assert mail == b"MAIL FROM:<alice@sender.test>\r\n"  # no SIZE/BODY without EHLO
+        await d.send("250 ok")
+        assert (await d.reader.readline()).startswith(b"RCPT TO:<a@example.org>")
+        await d.send("250 ok")
+        assert (await d.reader.readline()).startswith(b"RCPT TO:<b@example.org>")
+        await d.send("250 ok")
+        assert await d.reader.readline() == b"DATA\r\n"
+        await d.send("354 go")
+        while await d.reader.readline() != b".\r\n":
+            pass
+        await d.send("250 ok")
+        assert await d.reader.readline() == b"QUIT\r\n"
+        await d.send("221 bye")
+
+    await run()
+    assert provider.store.held_message_ids(["example.org"]) == []
+    await d.close()
+
+
+async def test_size_too_big_for_customer_bounces_without_sending(provider, certs):
+    qid = await hold(provider, body=b"Subject: big\r\n\r\n" + b"x" * 500 + b"\r\n")
+    d = await authed(provider, certs)
+    await d.cmd("ATRN example.org", 250)
+    t = await serve_reversed(d, ehlo=["customer.example.org", "SIZE 100", "PIPELINING"])
+    assert not any(c.startswith("MAIL") for c in t.commands)
+    assert provider.store.get_message(qid) is None
+    dsns = [m for m in _all_messages(provider.store) if m.origin == "dsn"]
+    assert len(dsns) == 1
+    await d.close()
+
+
+async def test_customer_greeting_554_and_garbage(provider, certs):
+    qid = await hold(provider)
+    d = await authed(provider, certs)
+    await d.cmd("ATRN example.org", 250)
+    t = await serve_reversed(d, greeting="554 go away")
+    assert t.quit
+    assert provider.store.get_message(qid) is not None
+    await d.close()
+    d = await authed(provider, certs)
+    await d.cmd("ATRN example.org", 250)
+    await d.raw(b"2x0 garbage\r\n")
+    assert await d.closed()
+    assert provider.store.held_message_ids(["example.org"]) == [qid]
+
+
+async def test_null_sender_failure_gets_no_dsn(provider, certs):
+    qid = await hold(provider, sender="")
+    d = await authed(provider, certs)
+    await d.cmd("ATRN example.org", 250)
+    await serve_reversed(d, rcpt_policy=lambda r: "550 5.1.1 unknown")
+    assert provider.store.get_message(qid) is None
+    assert [m for m in _all_messages(provider.store) if m.origin == "dsn"] == []
+    await d.close()
+
+
+async def test_dsn_to_hosted_sender_is_held_for_its_customer(provider, certs):
+    add_customer(provider.store, "third", ("third.test",))
+    await hold(provider, sender="someone@third.test")
+    d = await authed(provider, certs)
+    await d.cmd("ATRN example.org", 250)
+    await serve_reversed(d, rcpt_policy=lambda r: "550 5.1.1 unknown")
+    await d.close()
+    dsn_ids = provider.store.held_message_ids(["third.test"])
+    assert len(dsn_ids) == 1
+    message = provider.store.get_message(dsn_ids[0])
+    assert message is not None and message.origin == "dsn"
+
+
+async def test_no_mail_reply_quit_mode(provider_factory, certs):
+    p = await provider_factory(extra='[odmr]\nno_mail_reply = "quit"\n')
+    d = await authed(p, certs)
+    await d.cmd("ATRN example.org", 250)
+    t = await serve_reversed(d)
+    assert t.quit and t.messages == []
+    assert t.commands == ["EHLO mx.provider.test", "QUIT"]
+    await d.close()
+
+
+async def test_large_drain_over_tls(provider, certs):
+    """1,000 held messages collected in one TLS session, nothing lost or doubled."""
+    import io
+
+    from fermoposta.store.base import MessageOrigin, NewMessage, NewRecipient
+
+    body = b"Subject: bulk\r\n\r\n" + b"line of text\r\n" * 20
+    ids = []
+    for i in range(1000):
+        message = NewMessage(sender="bulk@sender.test",
+                             recipients=(NewRecipient(f"u{i}@example.org", "example.org",
+                                                      RecipientState.HELD),),
+                             origin=MessageOrigin.MX)
+        ids.append(provider.store.enqueue(message, io.BytesIO(body)))
+    d = await authed(provider, certs)
+    await d.cmd("ATRN", 250)
+    t = await serve_reversed(d)
+    assert len(t.messages) == 1000
+    assert sorted(m.recipients[0] for m in t.messages) == sorted(
+        f"u{i}@example.org" for i in range(1000))
+    assert all(m.body == body for m in t.messages)
+    assert provider.store.held_message_ids(["example.org"]) == []
+    await d.close()
