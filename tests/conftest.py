@@ -15,11 +15,11 @@ import trustme
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from fermoposta.config import load_provider_config  # noqa: E402
-from fermoposta.provider.accounts import make_scram_secret  # noqa: E402
-from fermoposta.provider.server import Provider  # noqa: E402
-from fermoposta.store import open_store  # noqa: E402
-from fermoposta.store.base import Account, Domain, Store  # noqa: E402
+from fermoposta.config import load_provider_config
+from fermoposta.provider.accounts import make_scram_secret
+from fermoposta.provider.server import Provider
+from fermoposta.store import open_store
+from fermoposta.store.base import Account, Domain, Store
 
 
 @dataclass

@@ -6,12 +6,11 @@ from __future__ import annotations
 import email
 import email.policy
 
-from conftest import add_customer
-from support.customer import serve_reversed
-from support.dialog import Dialog
 from test_odmr import authed, hold
 
+from conftest import add_customer
 from fermoposta.store.base import RecipientState
+from support.customer import serve_reversed
 
 
 def dsn_of(store, queue_id):

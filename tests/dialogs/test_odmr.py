@@ -8,11 +8,11 @@ import hashlib
 import hmac
 
 import pytest
+
 from conftest import PASSWORD
+from fermoposta.smtp.sasl import ScramSha256Client
 from support.customer import serve_reversed
 from support.dialog import Dialog, send_mail
-
-from fermoposta.smtp.sasl import ScramSha256Client
 
 BODY = b"Subject: held\r\n\r\nfor you\r\n"
 

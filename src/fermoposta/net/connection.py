@@ -285,6 +285,10 @@ async def open_connection(
     return protocol.connection
 
 
+async def _run(handler: Callable[[Connection], Awaitable[None]], conn: Connection) -> None:
+    await handler(conn)
+
+
 async def start_server(
     handler: Callable[[Connection], Awaitable[None]],
     host: str,
@@ -302,7 +306,7 @@ async def start_server(
 
         def made(p: _Protocol) -> None:
             assert p.connection is not None
-            task = loop.create_task(handler(p.connection))
+            task: asyncio.Task[None] = loop.create_task(_run(handler, p.connection))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
 

@@ -21,6 +21,7 @@ Contract:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import ssl
@@ -150,10 +151,8 @@ class ServerSession:
         """Called once when the dialog ends, before the connection closes."""
 
     async def _try_send(self, reply: Reply) -> None:
-        try:
+        with contextlib.suppress(Exception):  # best effort on a dying connection
             await asyncio.wait_for(self.conn.write(reply.to_bytes(), 5.0), 5.0)
-        except Exception:  # noqa: BLE001 - best effort on a dying connection
-            pass
 
     async def one_command(self) -> None:
         try:

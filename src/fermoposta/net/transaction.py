@@ -18,14 +18,21 @@ Contract:
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import IO
+from typing import IO, ClassVar
 
 from fermoposta.net.server_session import ServerSession
 from fermoposta.smtp import reply as R
-from fermoposta.smtp.command import Path, normalize_domain, parse_mail_from, parse_rcpt_to, split_address
+from fermoposta.smtp.command import (
+    Path,
+    normalize_domain,
+    parse_mail_from,
+    parse_rcpt_to,
+    split_address,
+)
 from fermoposta.smtp.data import DataReader
-from fermoposta.smtp.reply import Reply, SMTPError
+from fermoposta.smtp.reply import Reply
 from fermoposta.smtp.trace import protocol_name, received_header
 
 SPOOL_MEMORY = 1024 * 1024  # bodies above this spill to a temporary file
@@ -36,7 +43,9 @@ MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum messag
 BARE_LINE_ENDING = Reply(
     550, "5.5.2", "Message refused: bare CR or LF in message data (RFC 5321 section 2.3.8)"
 )
-DATA_LINE_TOO_LONG = Reply(500, "5.5.6", "Message refused: line too long (RFC 5321 section 4.5.3.1.6)")
+DATA_LINE_TOO_LONG = Reply(
+    500, "5.5.6", "Message refused: line too long (RFC 5321 section 4.5.3.1.6)"
+)
 UNKNOWN_PARAMETER = Reply(555, "5.5.4", "Unsupported MAIL FROM or RCPT TO parameter")
 SENDER_OK = Reply(250, "2.1.0", "Sender OK")
 RECIPIENT_OK = Reply(250, "2.1.5", "Recipient OK")
@@ -76,7 +85,9 @@ class TransactionSession(ServerSession):
 
     def received_protocol(self) -> str:
         return protocol_name(
-            esmtp=self.esmtp, tls=self.conn.tls_active, authenticated=self.authenticated_as is not None
+            esmtp=self.esmtp,
+            tls=self.conn.tls_active,
+            authenticated=self.authenticated_as is not None,
         )
 
     # --- ServerSession hooks ---------------------------------------------------------------
@@ -196,7 +207,7 @@ class TransactionSession(ServerSession):
             for_recipient=only,
         )
 
-    COMMANDS = {
+    COMMANDS: ClassVar[Mapping[str, str]] = {
         **ServerSession.COMMANDS,
         "MAIL": "smtp_mail",
         "RCPT": "smtp_rcpt",

@@ -22,6 +22,7 @@ connection (RFC 2645 §5.3).  Contract:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -114,10 +115,8 @@ class Drain:
         return True
 
     async def _quit(self) -> None:
-        try:
+        with contextlib.suppress(*PEER_ERRORS):
             await self.client.command("QUIT", self.settings.quit_timeout)
-        except PEER_ERRORS:
-            pass
 
     async def _deliver_all(self) -> None:
         if not self.domains:
@@ -126,7 +125,9 @@ class Drain:
         for message_id in ids:
             if self.settings.max_messages and self.result.messages >= self.settings.max_messages:
                 break
-            await asyncio.to_thread(self.store.renew_leases, self.session_id, self.settings.lease_ttl)
+            await asyncio.to_thread(
+                self.store.renew_leases, self.session_id, self.settings.lease_ttl
+            )
             message = await asyncio.to_thread(self.store.get_message, message_id)
             if message is None:
                 continue
@@ -179,11 +180,9 @@ class Drain:
                 for line in rcpt_lines:
                     rcpt_replies.append(await self.client.command(line, timeout))
         if mail_reply.code != 250:
+            # The RCPT replies (if pipelined) are moot: the transaction failed.
             await self._settle(message, recipients, mail_reply)
-            if rcpt_replies or not mail_reply.is_permanent:
-                await self._rset()
-            else:
-                await self._rset()
+            await self._rset()
             return
         accepted: list[QueuedRecipient] = []
         for rcpt, reply in zip(recipients, rcpt_replies, strict=True):
@@ -260,7 +259,8 @@ class Drain:
         self.result.failed += len(recipients)
         self._log(message, recipients, reply, "bounced")
         if dsn_id is not None:
-            event("drain", message.id, status="dsn", reason=f"sender non-delivery notification: {dsn_id}")
+            event("drain", message.id, status="dsn",
+                  reason=f"sender non-delivery notification: {dsn_id}")
 
     async def _sender_domain_hosted(self, sender: str) -> bool:
         if "@" not in sender:

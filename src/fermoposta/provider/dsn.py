@@ -21,11 +21,11 @@ from __future__ import annotations
 import io
 import time
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from email.generator import BytesGenerator
 from email.message import Message
 from email.policy import SMTP
 from email.utils import format_datetime, make_msgid
-from datetime import datetime, timezone
 from typing import BinaryIO
 
 from fermoposta.smtp.command import xtext_decode
@@ -57,7 +57,7 @@ def read_headers(store: Store, message_id: str, limit: int = HEADER_LIMIT) -> by
 
 
 def _rfc822_date(when: float) -> str:
-    return format_datetime(datetime.fromtimestamp(when, tz=timezone.utc))
+    return format_datetime(datetime.fromtimestamp(when, tz=UTC))
 
 
 def _wants_failure_notice(rcpt: QueuedRecipient) -> bool:
@@ -134,7 +134,7 @@ def build_failure_dsn(
         blocks.append(_fields(per_rcpt))
     status = Message()
     status["Content-Type"] = "message/delivery-status"
-    status.set_payload(blocks)
+    status.set_payload(list[Message | str](blocks))
 
     original = Message()
     original["Content-Type"] = "text/rfc822-headers"
@@ -143,7 +143,7 @@ def build_failure_dsn(
 
     report.set_payload([human, status, original])
     buffer = io.BytesIO()
-    BytesGenerator(buffer, policy=SMTP).flatten(report)
+    BytesGenerator(buffer, policy=SMTP).flatten(report)  # type: ignore[arg-type]
     buffer.seek(0)
 
     domain = message.sender.rsplit("@", 1)[-1].lower() if "@" in message.sender else ""

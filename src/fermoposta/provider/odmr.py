@@ -29,7 +29,9 @@ import binascii
 import logging
 import ssl
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import ClassVar
 
 from fermoposta.net.connection import Connection
 from fermoposta.net.server_session import AUTH_LINE_LIMIT, ServerSession, SessionLimits
@@ -38,7 +40,13 @@ from fermoposta.provider.drain import DrainSettings, drain
 from fermoposta.smtp import reply as R
 from fermoposta.smtp.atrn import parse_atrn_domains
 from fermoposta.smtp.reply import Reply
-from fermoposta.smtp.sasl import Challenge, Failure, Success, certificate_fingerprint, server_mechanism
+from fermoposta.smtp.sasl import (
+    Challenge,
+    Failure,
+    Success,
+    certificate_fingerprint,
+    server_mechanism,
+)
 from fermoposta.store.base import Account, Store, StoreError
 
 log = logging.getLogger("fermoposta.odmr")
@@ -281,7 +289,7 @@ class ODMRSession(ServerSession):
             except StoreError as exc:  # the lease expires by itself
                 self.log.warning("%s: cannot release leases: %s", self.session_id, exc)
 
-    COMMANDS = {
+    COMMANDS: ClassVar[Mapping[str, str]] = {
         **ServerSession.COMMANDS,
         "AUTH": "smtp_auth",
         "ATRN": "smtp_atrn",

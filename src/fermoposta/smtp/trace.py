@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import re
 import time
+from datetime import UTC, datetime
 from email.utils import format_datetime
-from datetime import datetime, timezone
 
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f()\\]")
 
@@ -36,9 +36,12 @@ def received_header(
 ) -> bytes:
     helo_clean = _UNSAFE.sub("", helo or "unknown")[:255]
     stamp = format_datetime(
-        datetime.fromtimestamp(now if now is not None else time.time(), tz=timezone.utc)
+        datetime.fromtimestamp(now if now is not None else time.time(), tz=UTC)
     )
-    lines = [f"Received: from {helo_clean} ([{peer_ip}])", f"\tby {by} (fermoposta) with {protocol}"]
+    lines = [
+        f"Received: from {helo_clean} ([{peer_ip}])",
+        f"\tby {by} (fermoposta) with {protocol}",
+    ]
     if tls_info:
         lines[-1] += f" ({_UNSAFE.sub('', tls_info)})"
     if queue_id:
