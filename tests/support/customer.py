@@ -32,6 +32,14 @@ class Transcript:
     transactions: int = 0  # final dots seen
 
 
+async def _readline(d: Dialog) -> bytes:
+    """A line from the provider, or b"" once it is gone (EOF or reset)."""
+    try:
+        return await d.reader.readline()
+    except ConnectionResetError:
+        return b""
+
+
 async def serve_reversed(
     d: Dialog,
     *,
@@ -47,7 +55,7 @@ async def serve_reversed(
     await d.send(greeting)
     if not greeting.startswith("220"):
         while True:
-            raw = await d.reader.readline()
+            raw = await _readline(d)
             if not raw:
                 return t
             t.commands.append(raw.decode().strip())
@@ -58,7 +66,7 @@ async def serve_reversed(
     sender: str | None = None
     rcpts: list[str] = []
     while True:
-        raw = await d.reader.readline()
+        raw = await _readline(d)
         if not raw:
             return t
         line = raw.decode("utf-8", "replace").rstrip("\r\n")
@@ -83,7 +91,7 @@ async def serve_reversed(
             await d.send("354 go ahead")
             body = bytearray()
             while True:
-                data_line = await d.reader.readline()
+                data_line = await _readline(d)
                 if not data_line:
                     return t
                 if data_line == b".\r\n":

@@ -25,6 +25,7 @@ from typing import IO, ClassVar
 from fermoposta.net.server_session import ServerSession
 from fermoposta.smtp import reply as R
 from fermoposta.smtp.command import (
+    NEEDS_SMTPUTF8,
     Path,
     normalize_domain,
     parse_mail_from,
@@ -111,6 +112,8 @@ class TransactionSession(ServerSession):
             return Reply(503, "5.5.1", "Nested MAIL command")
         wants_utf8 = self.esmtp and "SMTPUTF8" in arg.upper()
         path = parse_mail_from(arg, allow_utf8=wants_utf8)
+        if path.is_utf8 and "SMTPUTF8" not in path.params:
+            return NEEDS_SMTPUTF8  # RFC 6531 §3.4
         txn = Transaction(sender=path)
         for key, value in path.params.items():
             if not self.esmtp:
