@@ -104,8 +104,9 @@ async def test_user_journey_swaks_fetchmail_logs_sigterm(provider_process, tmp_p
 async def test_kill_9_mid_drain_loses_nothing(provider_process, certs):
     ids = []
     for n in range(3):
+        body = f"Subject: {n}\r\n\r\nx\r\n".encode()
         code, lines = await send_mail("127.0.0.1", provider_process.mx, "alice@sender.test",
-                                      [f"user{n}@example.org"], f"Subject: {n}\r\n\r\nx\r\n".encode())
+                                      [f"user{n}@example.org"], body)
         assert code == 250
         ids.append(lines[0].rsplit(" ", 1)[1])
 
