@@ -6,11 +6,10 @@ from __future__ import annotations
 import email
 import email.policy
 
-from test_odmr import authed, hold
-
 from conftest import add_customer
 from fermoposta.store.base import RecipientState
 from support.customer import serve_reversed
+from test_odmr import authed, hold
 
 
 def dsn_of(store, queue_id):

@@ -13,12 +13,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_fetchmail import rcfile
 
 from conftest import PASSWORD, write_config
 from peers import free_port, need, run_fetchmail, sink_messages, smtp_sink, wait_for_port
 from support.customer import serve_reversed
 from support.dialog import Dialog, send_mail
+from test_fetchmail import rcfile
 
 FERMOPOSTA = [sys.executable, "-m", "fermoposta"]
 

@@ -104,6 +104,11 @@ class TransactionSession(ServerSession):
     def reset_transaction(self) -> None:
         self.transaction = None
 
+    def utf8_commands(self) -> bool:
+        # SMTPUTF8 is advertised to EHLO clients: their MAIL and RCPT may carry
+        # UTF-8 addresses (RFC 6531 §3.3); the parsers enforce the parameter.
+        return self.esmtp
+
     # --- verbs -----------------------------------------------------------------------------
     async def smtp_mail(self, arg: str) -> Reply:
         if self.helo_name is None:

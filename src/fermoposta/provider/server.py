@@ -156,15 +156,15 @@ class Provider:
 
     async def stop(self, grace: float = 10.0) -> None:
         for server in self.servers:
-            server.close()
-        for server in self.servers:
-            await server.wait_closed() if not self.sessions else None
+            server.close()  # stop accepting; established sessions go on
         if self.sessions:
             _, pending = await asyncio.wait(set(self.sessions), timeout=grace)
             for task in pending:
-                task.cancel()
+                task.cancel()  # their `finally` releases leases; kept mail stays queued
             if pending:
                 await asyncio.wait(pending, timeout=5.0)
+        for server in self.servers:
+            await server.wait_closed()
 
 
 async def _serve(config: ProviderConfig) -> int:
