@@ -182,7 +182,6 @@ def make_tls(directory: Path) -> TLSFiles:
     leaf = ca.issue_cert("localhost", "127.0.0.1")
     files = TLSFiles(directory / "ca.pem", directory / "server.pem", directory / "server.key")
     ca.cert_pem.write_to_path(str(files.ca_file))
-    leaf.private_key_and_cert_chain_pem  # noqa: B018 (generate now)
     with open(files.cert_file, "wb") as f:
         for blob in leaf.cert_chain_pems:
             f.write(blob.bytes())
@@ -528,7 +527,7 @@ class Customer:
                 verb = line[:4].upper()
                 if verb == b"EHLO":
                     out.append(b"250-customer.example.org\r\n250-PIPELINING\r\n"
-                               b"250-SIZE 1073741824\r\n250 8BITMIME\r\n")
+                               b"250-SIZE 1099511627776\r\n250 8BITMIME\r\n")
                 elif verb == b"HELO":
                     out.append(b"250 customer.example.org\r\n")
                 elif verb == b"MAIL":

@@ -26,7 +26,7 @@ from email.generator import BytesGenerator
 from email.message import Message
 from email.policy import SMTP
 from email.utils import format_datetime, make_msgid
-from typing import BinaryIO
+from typing import IO
 
 from fermoposta.smtp.command import xtext_decode
 from fermoposta.smtp.reply import Reply
@@ -82,7 +82,7 @@ def build_failure_dsn(
     remote_mta: str | None,
     sender_domain_hosted: bool,
     now: float | None = None,
-) -> tuple[NewMessage, BinaryIO] | None:
+) -> tuple[NewMessage, IO[bytes]] | None:
     if not message.sender:
         return None
     failures = [(r, reply) for r, reply in failures if _wants_failure_notice(r)]

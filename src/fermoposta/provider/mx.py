@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from typing import IO
 
+from fermoposta.net.connection import Connection
+from fermoposta.net.server_session import SessionLimits
 from fermoposta.net.transaction import Recipient, Transaction, TransactionSession
 from fermoposta.ops.log import event
-from fermoposta.smtp.command import Path
 from fermoposta.smtp.reply import Reply
 from fermoposta.store.base import (
     MessageOrigin,
@@ -43,20 +45,35 @@ TRY_LATER = Reply(451, "4.3.0", "Temporary local problem, try again later")
 class MXSession(TransactionSession):
     component = "mx"
 
-    def __init__(self, *args: object, store: Store, require_valid_recipient: bool = False,
-                 **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+    def __init__(
+        self,
+        conn: Connection,
+        *,
+        hostname: str,
+        limits: SessionLimits,
+        store: Store,
+        tls_context: ssl.SSLContext | None = None,
+        require_valid_recipient: bool = False,
+    ) -> None:
+        super().__init__(conn, hostname=hostname, limits=limits, tls_context=tls_context)
         self.store = store
         self.require_valid_recipient = require_valid_recipient
 
     async def check_recipient(self, txn: Transaction, rcpt: Recipient) -> Reply | None:
+        refusal = await self._recipient_refusal(txn, rcpt)
+        if refusal is not None:
+            # Postfix style: a refused recipient has no queue id yet.
+            self.log.info("NOQUEUE: reject: RCPT from %s: %s; from=<%s> to=<%s> helo=<%s>",
+                          self.peer_description(), refusal, txn.sender.address,
+                          rcpt.path.address, self.helo_name)
+        return refusal
+
+    async def _recipient_refusal(self, txn: Transaction, rcpt: Recipient) -> Reply | None:
         if not rcpt.domain:
             return RELAY_DENIED
         try:
             domain = await asyncio.to_thread(self.store.get_domain, rcpt.domain)
             if domain is None:
-                self.log.info("%s: reject RCPT <%s> from %s: relaying denied", self.session_id,
-                              rcpt.path.address, self.peer_description())
                 return RELAY_DENIED
             if domain.valid_recipients is not None:
                 if rcpt.local.lower() not in domain.valid_recipients:
@@ -88,7 +105,7 @@ class MXSession(TransactionSession):
             client=self.peer_description(),
         )
         try:
-            queue_id = await asyncio.to_thread(self.store.enqueue, message, body)  # type: ignore[arg-type]
+            queue_id = await asyncio.to_thread(self.store.enqueue, message, body)
         except StoreError as exc:
             self.log.warning("%s: store error at DATA: %s", self.session_id, exc)
             return TRY_LATER
@@ -97,5 +114,3 @@ class MXSession(TransactionSession):
               nrcpt=len(txn.recipients), status="held")
         return Reply(250, "2.0.0", f"OK queued as {queue_id}")
 
-    async def check_sender(self, sender: Path) -> Reply | None:
-        return None

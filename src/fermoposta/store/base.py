@@ -23,7 +23,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
-from typing import BinaryIO, Protocol
+from typing import IO, Protocol
 
 CHUNK_SIZE = 256 * 1024
 
@@ -127,7 +127,7 @@ class Domain:
 
 class Store(Protocol):
     # --- messages ---------------------------------------------------------------------
-    def enqueue(self, message: NewMessage, body: BinaryIO) -> str:
+    def enqueue(self, message: NewMessage, body: IO[bytes]) -> str:
         """Store durably; return the queue id.  `body` is read in chunks."""
         ...
 
@@ -155,7 +155,7 @@ class Store(Protocol):
         self,
         recipient_ids: Collection[int],
         reply: str,
-        dsn: tuple[NewMessage, BinaryIO] | None,
+        dsn: tuple[NewMessage, IO[bytes]] | None,
     ) -> str | None:
         """Remove the recipients and enqueue `dsn` in one transaction; return its id."""
         ...

@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO, TypeVar
+from typing import IO, Any, TypeVar
 
 from fermoposta.store.base import (
     CHUNK_SIZE,
@@ -241,11 +241,11 @@ class SQLiteStore:
 
     # --- messages ------------------------------------------------------------------------
 
-    def enqueue(self, message: NewMessage, body: BinaryIO) -> str:
+    def enqueue(self, message: NewMessage, body: IO[bytes]) -> str:
         with self._write() as conn:
             return self._enqueue(conn, message, body)
 
-    def _enqueue(self, conn: sqlite3.Connection, message: NewMessage, body: BinaryIO) -> str:
+    def _enqueue(self, conn: sqlite3.Connection, message: NewMessage, body: IO[bytes]) -> str:
         now = self._clock()
         while True:
             message_id = secrets.token_hex(6).upper()
@@ -414,7 +414,7 @@ class SQLiteStore:
         self,
         recipient_ids: Collection[int],
         reply: str,
-        dsn: tuple[NewMessage, BinaryIO] | None,
+        dsn: tuple[NewMessage, IO[bytes]] | None,
     ) -> str | None:
         with self._write() as conn:
             self._remove_recipients(conn, recipient_ids)
