@@ -33,7 +33,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
-from fermoposta.net.connection import Connection
+from fermoposta.net.connection import Connection, LineTooLong
 from fermoposta.net.server_session import AUTH_LINE_LIMIT, ServerSession, SessionLimits
 from fermoposta.ops.log import event
 from fermoposta.provider.drain import DrainSettings, drain
@@ -57,6 +57,7 @@ DOMAIN_BUSY = Reply(451, "4.3.0", "Unable to process ATRN request now: domain bu
 TOO_SOON = Reply(450, "4.7.1", "ATRN request refused: too frequent, try later")
 TOO_MANY_AUTH_FAILURES = Reply(421, "4.7.0", "Too many authentication failures, closing connection")
 SEND_EHLO_FIRST = Reply(503, "5.5.1", "Send EHLO first")
+AUTH_LINE_TOO_LONG = Reply(500, "5.5.6", "Authentication exchange line is too long")  # RFC 4954 §4
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,7 +208,10 @@ class ODMRSession(ServerSession):
     async def _auth_exchange(self, challenge: bytes) -> bytes | Reply | None:
         """Send a 334 challenge; return the decoded answer, None on "*", or an error reply."""
         await self.send(Reply(334, None, base64.b64encode(challenge).decode("ascii")))
-        line = await self.conn.read_line(AUTH_LINE_LIMIT, self.limits.command_timeout)
+        try:
+            line = await self.conn.read_line(AUTH_LINE_LIMIT, self.limits.command_timeout)
+        except LineTooLong:
+            return AUTH_LINE_TOO_LONG
         text = line.rstrip(b"\r\n").strip()
         if text == b"*":
             return None
@@ -289,8 +293,20 @@ class ODMRSession(ServerSession):
             except StoreError as exc:  # the lease expires by itself
                 self.log.warning("%s: cannot release leases: %s", self.session_id, exc)
 
+    # The RFC 2645 profile (§5.1, §5.4) plus the harmless STARTTLS, NOOP, RSET
+    # and HELO: everything else, VRFY and HELP included, is 502.
     COMMANDS: ClassVar[Mapping[str, str]] = {
-        **ServerSession.COMMANDS,
+        "EHLO": "smtp_ehlo",
+        "HELO": "smtp_helo",
+        "STARTTLS": "smtp_starttls",
+        "NOOP": "smtp_noop",
+        "RSET": "smtp_rset",
+        "QUIT": "smtp_quit",
         "AUTH": "smtp_auth",
         "ATRN": "smtp_atrn",
     }
+
+    def utf8_commands(self) -> bool:
+        # So that `ATRN bücher.de` is read (and compared as its A-label)
+        # rather than refused as a syntax error.
+        return True
