@@ -251,3 +251,39 @@ async def test_large_drain_over_tls(provider, certs):
     assert all(m.body == body for m in t.messages)
     assert provider.store.held_message_ids(["example.org"]) == []
     await d.close()
+
+
+async def test_452_too_many_recipients_splits_transactions(provider, certs):
+    """A customer that takes one recipient per transaction (as an LMTP hand-off
+    does) still gets every recipient in this session, each exactly once."""
+    qid = await hold(provider, rcpts=("a@example.org", "b@example.org", "c@example.org"))
+    d = await authed(provider, certs)
+    await d.cmd("ATRN example.org", 250)
+    taken: list[str] = []
+
+    def one_per_transaction(rcpt: str) -> str:
+        if taken and taken[-1] == "open":
+            return "452 4.5.3 Too many recipients"
+        taken.append("open")
+        return "250 2.1.5 OK"
+
+    def data_reply(n: int) -> str:
+        taken.append("closed")
+        return "250 2.0.0 OK"
+
+    t = await serve_reversed(d, rcpt_policy=one_per_transaction, data_reply=data_reply)
+    assert [m.recipients for m in t.messages] == [["a@example.org"], ["b@example.org"],
+                                                  ["c@example.org"]]
+    assert provider.store.get_message(qid) is None
+    await d.close()
+
+
+async def test_452_for_every_recipient_defers_without_looping(provider, certs):
+    qid = await hold(provider, rcpts=("a@example.org",))
+    d = await authed(provider, certs)
+    await d.cmd("ATRN example.org", 250)
+    t = await serve_reversed(d, rcpt_policy=lambda r: "452 4.5.3 Too many recipients")
+    assert t.quit and t.messages == []
+    message = provider.store.get_message(qid)
+    assert message is not None and message.recipients[0].attempts == 1
+    await d.close()

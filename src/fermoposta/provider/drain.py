@@ -135,7 +135,7 @@ class Drain:
                           if r.state == RecipientState.HELD and r.domain in self.domains]
             if recipients:
                 self.result.messages += 1
-                await self._deliver(message, recipients)
+                await self._deliver_in_transactions(message, recipients)
 
     # --- one message ---------------------------------------------------------------------
     def _refusal_before_sending(self, message: QueuedMessage) -> Reply | None:
@@ -159,11 +159,29 @@ class Drain:
             line += " SMTPUTF8"
         return line
 
-    async def _deliver(self, message: QueuedMessage, recipients: list[QueuedRecipient]) -> None:
+    async def _deliver_in_transactions(self, message: QueuedMessage,
+                                       recipients: list[QueuedRecipient]) -> None:
+        """RFC 5321 §4.5.3.1.10: recipients refused with 452 (too many recipients)
+        go in a further transaction at once, as long as each one makes progress.
+        This lets a customer take one recipient per transaction (as an LMTP
+        hand-off must, to map per-recipient outcomes exactly)."""
         refusal = self._refusal_before_sending(message)
         if refusal is not None:
             await self._fail(message, recipients, refusal)
             return
+        while recipients:
+            postponed = await self._deliver(message, recipients)
+            if not postponed:
+                return
+            if len(postponed) == len(recipients):  # no progress: keep them for later
+                for rcpt, reply in postponed:
+                    await self._settle(message, [rcpt], reply)
+                return
+            recipients = [rcpt for rcpt, _ in postponed]
+
+    async def _deliver(self, message: QueuedMessage, recipients: list[QueuedRecipient]
+                       ) -> list[tuple[QueuedRecipient, Reply]]:
+        """One transaction; returns the recipients postponed by a 452 to RCPT."""
         mail_line = self._mail_command(message)
         rcpt_lines = [f"RCPT TO:<{r.address}>" for r in recipients]
         timeout = self.settings.command_timeout
@@ -183,21 +201,24 @@ class Drain:
             # The RCPT replies (if pipelined) are moot: the transaction failed.
             await self._settle(message, recipients, mail_reply)
             await self._rset()
-            return
+            return []
         accepted: list[QueuedRecipient] = []
+        postponed: list[tuple[QueuedRecipient, Reply]] = []
         for rcpt, reply in zip(recipients, rcpt_replies, strict=True):
             if reply.is_positive:
                 accepted.append(rcpt)
+            elif reply.code == 452:
+                postponed.append((rcpt, reply))
             else:
                 await self._settle(message, [rcpt], reply)
         if not accepted:
             await self._rset()
-            return
+            return postponed
         data_reply = await self.client.command("DATA", self.settings.data_init_timeout)
         if data_reply.code != 354:
             await self._settle(message, accepted, data_reply)
             await self._rset()
-            return
+            return postponed
         await self.client.send_body(self._body(message.id))
         try:
             final = await self.client.read_reply(self.settings.final_reply_timeout)
@@ -209,6 +230,7 @@ class Drain:
             self.result.deferred += len(accepted)
             raise
         await self._settle(message, accepted, final)
+        return postponed
 
     async def _body(self, message_id: str) -> AsyncIterator[bytes]:
         chunks = iter(await asyncio.to_thread(self.store.read_body, message_id))
