@@ -156,7 +156,8 @@ def machine_description() -> str:
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
-    return f"{os.cpu_count()} cores, {model}, Linux {platform.release()}, Python {platform.python_version()}"
+    return (f"{os.cpu_count()} cores, {model}, Linux {platform.release()}, "
+            f"Python {platform.python_version()}")
 
 
 # --- provider --------------------------------------------------------------------------

@@ -62,6 +62,7 @@ class Recipient:
 @dataclass(slots=True)
 class Transaction:
     sender: Path
+    queue_id: str | None = None  # named before DATA when the receiver stores it
     declared_size: int | None = None
     body_8bit: bool = False
     smtputf8: bool = False
@@ -212,6 +213,7 @@ class TransactionSession(ServerSession):
             by=self.hostname,
             protocol=self.received_protocol(),
             tls_info=tls_info,
+            queue_id=txn.queue_id,
             for_recipient=only,
         )
 

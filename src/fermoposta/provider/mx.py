@@ -24,6 +24,7 @@ from fermoposta.net.connection import Connection
 from fermoposta.net.server_session import SessionLimits
 from fermoposta.net.transaction import Recipient, Transaction, TransactionSession
 from fermoposta.ops.log import event
+from fermoposta.smtp.command import Path
 from fermoposta.smtp.reply import Reply
 from fermoposta.store.base import (
     MessageOrigin,
@@ -32,6 +33,7 @@ from fermoposta.store.base import (
     RecipientState,
     Store,
     StoreError,
+    new_queue_id,
 )
 
 log = logging.getLogger("fermoposta.mx")
@@ -92,6 +94,13 @@ class MXSession(TransactionSession):
             return TRY_LATER
         return None
 
+    async def check_sender(self, sender: Path) -> Reply | None:
+        return None
+
+    def trace_header(self, txn: Transaction) -> bytes:
+        txn.queue_id = new_queue_id()  # named now so the Received: header carries it
+        return super().trace_header(txn)
+
     async def accept_message(self, txn: Transaction, body: IO[bytes], size: int) -> Reply:
         message = NewMessage(
             sender=txn.sender.address,
@@ -105,7 +114,7 @@ class MXSession(TransactionSession):
             client=self.peer_description(),
         )
         try:
-            queue_id = await asyncio.to_thread(self.store.enqueue, message, body)
+            queue_id = await asyncio.to_thread(self.store.enqueue, message, body, txn.queue_id)
         except StoreError as exc:
             self.log.warning("%s: store error at DATA: %s", self.session_id, exc)
             return TRY_LATER

@@ -21,11 +21,17 @@ Contract:
 from __future__ import annotations
 
 import enum
+import secrets
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Protocol
 
 CHUNK_SIZE = 256 * 1024
+
+
+def new_queue_id() -> str:
+    """A Postfix-like queue id: 12 uppercase hex digits (48 random bits)."""
+    return secrets.token_hex(6).upper()
 
 
 class StoreError(Exception):
@@ -127,8 +133,11 @@ class Domain:
 
 class Store(Protocol):
     # --- messages ---------------------------------------------------------------------
-    def enqueue(self, message: NewMessage, body: IO[bytes]) -> str:
-        """Store durably; return the queue id.  `body` is read in chunks."""
+    def enqueue(self, message: NewMessage, body: IO[bytes], queue_id: str | None = None) -> str:
+        """Store durably; return the queue id.  `body` is read in chunks.
+
+        `queue_id` (from `new_queue_id()`) lets the caller name the message in
+        its trace header before storing it; a colliding id is replaced."""
         ...
 
     def get_message(self, message_id: str) -> QueuedMessage | None: ...

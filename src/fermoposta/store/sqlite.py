@@ -25,7 +25,6 @@ Contract and choices:
 from __future__ import annotations
 
 import os
-import secrets
 import sqlite3
 import threading
 import time
@@ -45,6 +44,7 @@ from fermoposta.store.base import (
     RecipientState,
     ScramSecret,
     StoreError,
+    new_queue_id,
 )
 
 SCHEMA_VERSION = 1
@@ -241,14 +241,16 @@ class SQLiteStore:
 
     # --- messages ------------------------------------------------------------------------
 
-    def enqueue(self, message: NewMessage, body: IO[bytes]) -> str:
+    def enqueue(self, message: NewMessage, body: IO[bytes], queue_id: str | None = None) -> str:
         with self._write() as conn:
-            return self._enqueue(conn, message, body)
+            return self._enqueue(conn, message, body, queue_id)
 
-    def _enqueue(self, conn: sqlite3.Connection, message: NewMessage, body: IO[bytes]) -> str:
+    def _enqueue(self, conn: sqlite3.Connection, message: NewMessage, body: IO[bytes],
+                 queue_id: str | None = None) -> str:
         now = self._clock()
         while True:
-            message_id = secrets.token_hex(6).upper()
+            message_id = queue_id or new_queue_id()
+            queue_id = None  # on a collision, draw a fresh one
             try:
                 conn.execute(
                     "INSERT INTO messages (id, sender, received_at, size, origin, smtputf8,"

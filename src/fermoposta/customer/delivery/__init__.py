@@ -1,0 +1,1 @@
+"""Local delivery backends of the customer (maildir, lmtp, smtp); see base.py."""
