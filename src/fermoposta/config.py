@@ -23,16 +23,31 @@ docs/config.md repeats them for operators.
 
 from __future__ import annotations
 
-import difflib
-import json
-import math
 import os
-import re
-import tomllib
-from collections.abc import Callable, Mapping
+import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from fermoposta.config_common import (
+    LOG_FORMATS,
+    LOG_LEVELS,
+    ConfigError,
+    LogConfig,
+    parse_duration,
+    parse_hostport,
+    parse_size,
+)
+from fermoposta.config_common import Loader as _Loader
+from fermoposta.config_common import Parser as _Parser
+from fermoposta.config_common import check_boolean as _boolean
+from fermoposta.config_common import check_hostname as _hostname
+from fermoposta.config_common import check_string as _string
+from fermoposta.config_common import duration as _duration
+from fermoposta.config_common import integer as _integer
+from fermoposta.config_common import one_of as _one_of
+from fermoposta.config_common import show_value as _show
+from fermoposta.config_common import size as _size
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -60,13 +75,6 @@ CONFIG_ENV = "FERMOPOSTA_CONFIG"
 #: the only one fetchmail speaks in ODMR mode; RFC 4422 App. A EXTERNAL with
 #: a TLS client certificate).
 SUPPORTED_MECHANISMS: tuple[str, ...] = ("SCRAM-SHA-256", "PLAIN", "LOGIN", "CRAM-MD5", "EXTERNAL")
-
-LOG_LEVELS: tuple[str, ...] = ("debug", "info", "warning", "error")
-LOG_FORMATS: tuple[str, ...] = ("text", "json")
-
-
-class ConfigError(Exception):
-    """The configuration cannot be used.  The message names the file and the key."""
 
 
 # ---------------------------------------------------------------------------
@@ -167,6 +175,10 @@ class ODMRConfig:
       (or ``allow_plaintext_auth``), EXTERNAL needs ``[tls] client_ca``.
     - ``allow_plaintext_auth`` (bool, default false): offer PLAIN and LOGIN on a
       connection without TLS.  Leave it off outside tests.
+    - ``require_tls`` (bool, default false): refuse AUTH and ATRN with
+      ``530 5.7.0 Must issue a STARTTLS command first`` until TLS is up (the
+      implicit-TLS listener always is).  Off by default because fetchmail
+      cannot do STARTTLS on ODMR; turn it on when every customer can.
     - ``max_auth_failures`` (int, default 3): failed AUTH attempts before 421.
     - ``min_atrn_interval`` (duration, default ``"0s"``): minimum time between
       two ATRN sessions of one account; earlier ones get 450.  0 = no limit.
@@ -186,6 +198,7 @@ class ODMRConfig:
 
     mechanisms: tuple[str, ...] = SUPPORTED_MECHANISMS
     allow_plaintext_auth: bool = False
+    require_tls: bool = False
     max_auth_failures: int = 3
     min_atrn_interval: float = 0.0
     lease_ttl: float = 600.0
@@ -207,21 +220,6 @@ class MXConfig:
     """
 
     require_valid_recipient: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class LogConfig:
-    """``[log]``: logging (see `fermoposta.ops.log`).
-
-    - ``level`` (default ``"info"``): ``"debug"``, ``"info"``, ``"warning"`` or ``"error"``.
-      ``debug`` includes protocol traces (AUTH redacted).
-    - ``format`` (default ``"text"``): ``"text"`` (Postfix-like lines,
-      ``<time> fermoposta/<component>[<pid>]: <message>``) or ``"json"`` (one
-      JSON object a line).
-    """
-
-    level: str = "info"
-    format: str = "text"
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,112 +253,9 @@ class ProviderConfig:
 
 
 # ---------------------------------------------------------------------------
-# Value parsers.  They raise ValueError with an "expected ..., got ..." text;
-# the loader prefixes the file and key.
+# Value parsers (`parse_duration`, `parse_size`, `parse_hostport`) and the
+# loader live in `fermoposta.config_common`, shared with the customer config.
 # ---------------------------------------------------------------------------
-
-
-def _show(value: object) -> str:
-    """Render a value the way it looks in TOML, for error messages."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, dict):
-        return "a table"
-    if isinstance(value, str | int | float | list):
-        try:
-            return json.dumps(value, ensure_ascii=False)
-        except (TypeError, ValueError):
-            pass
-    return repr(value)
-
-
-_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd]?)", re.IGNORECASE)
-_DURATION_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-
-
-def parse_duration(value: object) -> float:
-    """Parse a duration: ``"30s"``, ``"10m"``, ``"2h"``, ``"5d"`` or a number of seconds.
-
-    Returns float seconds (>= 0).  Raises ValueError otherwise.
-    """
-    expected = "expected a duration like 10m, 30s, 2h, 5d or a number of seconds"
-    if isinstance(value, bool):
-        raise ValueError(f"{expected}, got {_show(value)}")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    elif isinstance(value, str):
-        m = _DURATION_RE.fullmatch(value.strip())
-        if m is None:
-            raise ValueError(f"{expected}, got {_show(value)}")
-        seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2).lower()]
-    else:
-        raise ValueError(f"{expected}, got {_show(value)}")
-    if not math.isfinite(seconds) or seconds < 0:
-        raise ValueError(f"{expected}, got {_show(value)}")
-    return seconds
-
-
-_SIZE_RE = re.compile(r"(\d+)\s*([kmg]?)", re.IGNORECASE)
-_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
-
-
-def parse_size(value: object) -> int:
-    """Parse a size: ``"512K"``, ``"50M"``, ``"1G"`` (binary multiples) or an integer of bytes.
-
-    Returns int bytes (>= 0).  Raises ValueError otherwise.
-    """
-    expected = "expected a size like 50M or an integer"
-    if isinstance(value, bool):
-        raise ValueError(f"{expected}, got {_show(value)}")
-    if isinstance(value, int):
-        size = value
-    elif isinstance(value, str):
-        m = _SIZE_RE.fullmatch(value.strip())
-        if m is None:
-            raise ValueError(f"{expected}, got {_show(value)}")
-        size = int(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
-    else:
-        raise ValueError(f"{expected}, got {_show(value)}")
-    if size < 0:
-        raise ValueError(f"{expected}, got {_show(value)}")
-    return size
-
-
-_HOSTNAME_RE = re.compile(
-    r"(?=.{1,253}\Z)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?"
-)
-
-
-def parse_hostport(value: object) -> tuple[str, int]:
-    """Parse ``"host:port"`` or ``"[v6addr]:port"`` into ``(host, port)``.
-
-    The host is an IPv4 address, a host name, or a bracketed IPv6 address
-    (brackets removed in the result).  The port is 0-65535 (0 = any free
-    port, used by tests).  Raises ValueError otherwise.
-    """
-    expected = 'expected "host:port" or "[ipv6]:port"'
-    if not isinstance(value, str):
-        raise ValueError(f"{expected}, got {_show(value)}")
-    text = value.strip()
-    if text.startswith("["):
-        end = text.find("]")
-        if end < 0 or text[end + 1 : end + 2] != ":":
-            raise ValueError(f"{expected}, got {_show(value)}")
-        host, port_text = text[1:end], text[end + 2 :]
-        if (
-            not host
-            or not re.fullmatch(r"[0-9A-Fa-f:.]+(%[A-Za-z0-9_.-]+)?", host)
-            or ":" not in host
-        ):
-            raise ValueError(f"{expected}, got {_show(value)}")
-    else:
-        host, sep, port_text = text.rpartition(":")
-        if not sep or ":" in host or not _HOSTNAME_RE.fullmatch(host):
-            raise ValueError(f"{expected}, got {_show(value)}")
-    if not port_text.isascii() or not port_text.isdigit() or int(port_text) > 65535:
-        raise ValueError(f"{expected} with a port 0-65535, got {_show(value)}")
-    return host, int(port_text)
 
 
 def default_config_path() -> Path:
@@ -373,73 +268,11 @@ def default_config_path() -> Path:
 # Per-key checkers, then the table-driven loader.
 # ---------------------------------------------------------------------------
 
-_Parser = Callable[[object], Any]
-
-
-def _string(value: object) -> str:
-    if not isinstance(value, str):
-        raise ValueError(f"expected a string, got {_show(value)}")
-    return value
-
-
-def _boolean(value: object) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"expected true or false, got {_show(value)}")
-    return value
-
-
-def _integer(minimum: int) -> _Parser:
-    def parse(value: object) -> int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"expected an integer, got {_show(value)}")
-        if value < minimum:
-            raise ValueError(f"expected an integer >= {minimum}, got {_show(value)}")
-        return value
-
-    return parse
-
-
-def _size(minimum: int) -> _Parser:
-    def parse(value: object) -> int:
-        size = parse_size(value)
-        if size < minimum:
-            raise ValueError(f"expected a size of at least {minimum} bytes, got {_show(value)}")
-        return size
-
-    return parse
-
-
-def _duration(positive: bool) -> _Parser:
-    def parse(value: object) -> float:
-        seconds = parse_duration(value)
-        if positive and seconds <= 0:
-            raise ValueError(f"expected a duration greater than 0, got {_show(value)}")
-        return seconds
-
-    return parse
-
 
 def _listen_address(value: object) -> tuple[str, int] | None:
     if value == "":
         return None
     return parse_hostport(value)
-
-
-def _one_of(*choices: str) -> _Parser:
-    def parse(value: object) -> str:
-        if not isinstance(value, str) or value.lower() not in choices:
-            wanted = ", ".join(f'"{c}"' for c in choices)
-            raise ValueError(f"expected one of {wanted}, got {_show(value)}")
-        return value.lower()
-
-    return parse
-
-
-def _hostname(value: object) -> str:
-    text = _string(value)
-    if not _HOSTNAME_RE.fullmatch(text):
-        raise ValueError(f"expected a host name like mx.example.net, got {_show(value)}")
-    return text.rstrip(".")
 
 
 def _mechanisms(value: object) -> tuple[str, ...]:
@@ -499,6 +332,7 @@ _SECTIONS: dict[str, tuple[type[Any], dict[str, _Parser]]] = {
         {
             "mechanisms": _mechanisms,
             "allow_plaintext_auth": _boolean,
+            "require_tls": _boolean,
             "max_auth_failures": _integer(1),
             "min_atrn_interval": _duration(positive=False),
             "lease_ttl": _duration(positive=True),
@@ -514,69 +348,11 @@ _SECTIONS: dict[str, tuple[type[Any], dict[str, _Parser]]] = {
 _TOP_LEVEL: dict[str, _Parser] = {"hostname": _hostname, "data_dir": _string}
 
 
-class _Loader:
-    """Builds error messages that name the file and the key."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.name = str(path)
-        self.base = Path(os.path.abspath(path)).parent
-
-    def error(self, section: str | None, key: str | None, message: str) -> ConfigError:
-        where = f"[{section}]" if section else ""
-        if key:
-            where = f"{where} {key}" if where else key
-        return ConfigError(
-            f"{self.name}: {where}: {message}" if where else f"{self.name}: {message}"
-        )
-
-    def check_keys(
-        self, section: str | None, table: Mapping[str, object], known: list[str]
-    ) -> None:
-        for key in table:
-            if key in known:
-                continue
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f' (did you mean "{close[0]}"?)' if close else ""
-            if section is None and isinstance(table[key], dict):
-                raise self.error(key, None, f"unknown table{hint}")
-            raise self.error(section, key, f"unknown key{hint}")
-
-    def parse(self, section: str | None, key: str, parser: _Parser, value: object) -> Any:
-        try:
-            return parser(value)
-        except ValueError as exc:
-            raise self.error(section, key, str(exc)) from None
-
-    def resolve(self, value: str) -> Path:
-        p = Path(value).expanduser()
-        return Path(os.path.normpath(p if p.is_absolute() else self.base / p))
-
-    def existing_file(self, section: str, key: str, value: str) -> Path:
-        p = self.resolve(value)
-        if not p.is_file():
-            problem = "does not exist" if not p.exists() else "is not a regular file"
-            raise self.error(section, key, f'file "{p}" {problem}')
-        if not os.access(p, os.R_OK):
-            raise self.error(section, key, f'file "{p}" is not readable')
-        return p
-
-
 def load_provider_config(path: str | Path) -> ProviderConfig:
     """Load and validate a provider config file.  Raises `ConfigError`."""
     path = Path(path)
     loader = _Loader(path)
-    try:
-        with open(path, "rb") as f:
-            raw = tomllib.load(f)
-    except FileNotFoundError:
-        raise loader.error(None, None, "config file not found") from None
-    except OSError as exc:
-        raise loader.error(None, None, f"cannot read config file: {exc.strerror or exc}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise loader.error(None, None, f"invalid TOML: {exc}") from None
-    except UnicodeDecodeError:
-        raise loader.error(None, None, "invalid TOML: not UTF-8") from None
+    raw = loader.read()
 
     loader.check_keys(None, raw, [*_TOP_LEVEL, *_SECTIONS])
     for key in _TOP_LEVEL:
@@ -632,3 +408,16 @@ def _cross_check(loader: _Loader, config: ProviderConfig) -> None:
         )
     if config.tls.client_ca is not None and not config.tls.enabled:
         raise loader.error("tls", "client_ca", "client certificates need [tls] cert and key")
+    if config.tls.cert is not None and config.tls.key is not None:
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+                str(config.tls.cert), str(config.tls.key)
+            )
+        except (ssl.SSLError, OSError) as exc:
+            raise loader.error("tls", "key", f"cannot use this certificate and key: {exc}"
+                               ) from exc
+    if config.tls.client_ca is not None:
+        try:
+            ssl.create_default_context(cafile=str(config.tls.client_ca))
+        except (ssl.SSLError, OSError) as exc:
+            raise loader.error("tls", "client_ca", f"not a usable CA bundle: {exc}") from exc

@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import trustme
 
 from fermoposta.config import (
     SUPPORTED_MECHANISMS,
@@ -23,6 +24,19 @@ from fermoposta.config import (
 
 REPO = Path(__file__).resolve().parents[2]
 BASE = 'hostname = "mx.provider.test"\ndata_dir = "var"\n'
+
+
+
+_CA = trustme.CA()
+_LEAF = _CA.issue_cert("localhost")
+
+
+def write_tls(cert: Path, key: Path, ca: Path | None = None) -> None:
+    """A real certificate and key (the loader checks that they go together)."""
+    _LEAF.cert_chain_pems[0].write_to_path(str(cert))
+    _LEAF.private_key_pem.write_to_path(str(key))
+    if ca is not None:
+        _CA.cert_pem.write_to_path(str(ca))
 
 
 def write(tmp_path: Path, text: str, name: str = "provider.toml") -> Path:
@@ -72,8 +86,7 @@ def test_minimal_config_gets_defaults(tmp_path: Path) -> None:
 
 def test_full_config(tmp_path: Path) -> None:
     (tmp_path / "tls").mkdir()
-    for name in ("c.pem", "k.pem", "ca.pem"):
-        (tmp_path / "tls" / name).write_text("x")
+    write_tls(tmp_path / "tls" / "c.pem", tmp_path / "tls" / "k.pem", tmp_path / "tls" / "ca.pem")
     text = (
         BASE
         + """
@@ -179,8 +192,7 @@ def test_relative_paths_resolve_against_config_dir(
     etc = tmp_path / "etc"
     (etc / "certs").mkdir(parents=True)
     (tmp_path / "shared").mkdir()
-    (etc / "certs" / "p.pem").write_text("x")
-    (tmp_path / "shared" / "p.key").write_text("x")
+    write_tls(etc / "certs" / "p.pem", tmp_path / "shared" / "p.key")
     path = write(
         etc,
         'hostname = "h.test"\ndata_dir = "../var"\n'
@@ -478,8 +490,7 @@ def test_example_config_loads(tmp_path: Path) -> None:
     examples.mkdir()
     shutil.copy(REPO / "examples" / "provider.toml", examples / "provider.toml")
     (tmp_path / "var" / "tls").mkdir(parents=True)
-    (tmp_path / "var" / "tls" / "provider.pem").write_text("dummy")
-    (tmp_path / "var" / "tls" / "provider.key").write_text("dummy")
+    write_tls(tmp_path / "var" / "tls" / "provider.pem", tmp_path / "var" / "tls" / "provider.key")
     config = load_provider_config(examples / "provider.toml")
     assert config.hostname == "mx.provider.test"
     assert config.data_dir == tmp_path / "var"
@@ -489,3 +500,15 @@ def test_example_config_loads(tmp_path: Path) -> None:
     assert config.tls.cert == tmp_path / "var" / "tls" / "provider.pem"
     assert config.tls.key == tmp_path / "var" / "tls" / "provider.key"
     assert config.limits == LimitsConfig()
+
+
+def test_mismatched_key_and_bad_ca_are_config_errors(tmp_path: Path) -> None:
+    write_tls(tmp_path / "c.pem", tmp_path / "k.pem")
+    trustme.CA().issue_cert("other").private_key_pem.write_to_path(str(tmp_path / "other.key"))
+    message = load_error(tmp_path, BASE + '[tls]\ncert = "c.pem"\nkey = "other.key"\n')
+    assert ": [tls] key: cannot use this certificate and key" in message
+    (tmp_path / "ca.pem").write_text("not a certificate")
+    message = load_error(
+        tmp_path, BASE + '[tls]\ncert = "c.pem"\nkey = "k.pem"\nclient_ca = "ca.pem"\n'
+    )
+    assert ": [tls] client_ca: not a usable CA bundle" in message

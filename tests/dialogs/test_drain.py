@@ -6,9 +6,10 @@ from __future__ import annotations
 import email
 import email.policy
 
-from conftest import add_customer
+from conftest import PASSWORD, add_customer
 from fermoposta.store.base import RecipientState
 from support.customer import serve_reversed
+from support.dialog import Dialog
 from test_odmr import authed, hold
 
 
@@ -286,4 +287,58 @@ async def test_452_for_every_recipient_defers_without_looping(provider, certs):
     assert t.quit and t.messages == []
     message = provider.store.get_message(qid)
     assert message is not None and message.recipients[0].attempts == 1
+    await d.close()
+
+
+async def test_out_of_place_positive_replies_never_deliver(provider, certs):
+    """252 to MAIL, or 250 instead of 354 to DATA, must not count as delivery."""
+    q1 = await hold(provider, rcpts=("a@example.org",))
+    d = await authed(provider, certs)
+    await d.cmd("ATRN example.org", 250)
+    t = await serve_reversed(d, mail_reply="252 2.1.0 odd")
+    assert t.quit and t.messages == []
+    m = provider.store.get_message(q1)
+    assert m is not None and "Unexpected reply" in (m.recipients[0].last_reply or "")
+    await d.close()
+
+    d = await authed(provider, certs)
+    await d.cmd("ATRN example.org", 250)
+    await d.send("220 customer.example.org")
+    assert (await d.reader.readline()).startswith(b"EHLO")
+    await d.send("250 customer.example.org")
+    assert (await d.reader.readline()).startswith(b"MAIL")
+    await d.send("250 ok")
+    assert (await d.reader.readline()).startswith(b"RCPT")
+    await d.send("250 ok")
+    assert await d.reader.readline() == b"DATA\r\n"
+    await d.send("250 2.0.0 thanks")  # a 2xx where 354 belongs
+    assert await d.reader.readline() == b"RSET\r\n"
+    await d.send("250 ok")
+    assert await d.reader.readline() == b"QUIT\r\n"
+    await d.send("221 bye")
+    await d.close()
+    m = provider.store.get_message(q1)
+    assert m is not None and m.recipients[0].attempts == 2
+
+
+async def test_ascii_dsn_reaches_a_customer_without_8bitmime(provider, certs):
+    add_customer(provider.store, "third", ("third.test",))
+    await hold(provider, sender="someone@third.test")
+    d = await authed(provider, certs)
+    await d.cmd("ATRN example.org", 250)
+    await serve_reversed(d, rcpt_policy=lambda r: "550 5.1.1 unknown")
+    await d.close()
+    [dsn_id] = provider.store.held_message_ids(["third.test"])
+    dsn = provider.store.get_message(dsn_id)
+    assert dsn is not None and not dsn.body_8bit
+    d = await Dialog.connect(*provider.odmr)
+    await d.expect(220)
+    await d.cmd("EHLO customer.example.org", 250)
+    await d.starttls(certs.client_context())
+    await d.cmd("EHLO customer.example.org", 250)
+    await d.auth_plain("third", PASSWORD)
+    await d.cmd("ATRN third.test", 250)
+    t = await serve_reversed(d, ehlo=["old.third.test", "PIPELINING"])  # no 8BITMIME
+    assert len(t.messages) == 1 and t.messages[0].sender == ""
+    assert b"multipart/report" in t.messages[0].body
     await d.close()

@@ -101,3 +101,30 @@ async def test_atrn_duplicates_and_spaces(provider, certs):
     t = await serve_reversed(d)
     assert len(t.messages) == 1
     await d.close()
+
+
+async def test_long_auth_initial_response_is_allowed_other_long_lines_not(provider, certs):
+    d = await greeted(provider)
+    await d.cmd("EHLO customer.example.org", 250)
+    await d.starttls(certs.client_context())
+    await d.cmd("EHLO customer.example.org", 250)
+    await d.cmd("NOOP " + "x" * 600, 500)
+    # A 2,000-octet PLAIN initial response: within RFC 4954's 12,288.
+    token = base64.b64encode(b"\0acme\0" + b"p" * 1500).decode()
+    await d.cmd(f"AUTH PLAIN {token}", 535)  # read and judged, not refused as too long
+    await d.auth_plain("acme", PASSWORD)
+    await d.close()
+
+
+async def test_require_tls_refuses_auth_and_atrn_in_clear(provider_factory, certs):
+    p = await provider_factory(extra="[odmr]\nrequire_tls = true\n")
+    d = await greeted(p)
+    await d.cmd("EHLO customer.example.org", 250)
+    lines = await d.cmd("AUTH CRAM-MD5", 530)
+    assert "STARTTLS" in lines[0]
+    await d.cmd("ATRN", 530)
+    await d.starttls(certs.client_context())
+    await d.cmd("EHLO customer.example.org", 250)
+    await d.auth_plain("acme", PASSWORD)
+    await d.cmd("ATRN", 453)
+    await d.close()

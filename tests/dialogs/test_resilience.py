@@ -142,3 +142,27 @@ async def test_bare_lf_line_endings_in_commands_are_tolerated(provider):
     await d.raw(b"NOOP\n")
     await d.expect(250)
     await d.close()
+
+
+async def test_mx_starttls_does_not_ask_for_client_certificates(provider, certs):
+    """A sender presenting a certificate from an unknown CA still gets TLS on the MX."""
+    d = await Dialog.connect(*provider.mx)
+    await d.expect(220)
+    await d.cmd("EHLO client.test", 250)
+    await d.starttls(certs.client_context(certs.rogue_client_file))
+    await d.cmd("EHLO client.test", 250)
+    await d.cmd("QUIT", 221)
+    await d.close()
+
+
+def test_store_file_is_private(provider_factory, tmp_path):
+    import os
+    import stat
+
+    from fermoposta.store import open_store
+
+    store = open_store(tmp_path / "data")
+    store.close()
+    mode = stat.S_IMODE(os.stat(tmp_path / "data" / "fermoposta.sqlite3").st_mode)
+    assert mode == 0o600
+    assert stat.S_IMODE(os.stat(tmp_path / "data").st_mode) == 0o700

@@ -52,7 +52,7 @@ async def test_fetchmail_wrong_password_fails(provider, tmp_path):
     with smtp_sink(tmp_path / "sink") as sink_port:
         rc, out = await run_fetchmail(rcfile(tmp_path, provider.odmr[1], sink_port,
                                              password="wrong"))
-    assert rc != 0 and rc != 1, out  # 3 = authentication failure
+    assert rc not in (0, 1), out  # fetchmail 6.4.37 exits 128 after a 535
     assert sink_messages(tmp_path / "sink") == []
     assert len(provider.store.held_message_ids(["example.org"])) == 1
 

@@ -92,6 +92,10 @@ async def test_user_journey_swaks_fetchmail_logs_sigterm(provider_process, tmp_p
     messages = sink_messages(tmp_path / "sink")
     assert len(messages) == 1 and b"Subject: swaks test" in messages[0]
 
+    assert provider_process.proc is not None
+    provider_process.proc.send_signal(signal.SIGHUP)  # not implemented yet: must not kill
+    await asyncio.sleep(0.5)
+    assert provider_process.proc.poll() is None
     assert provider_process.stop() == 0  # SIGTERM: clean exit
     logs = provider_process.logs()
     assert f"{queue_id}: from=<alice@sender.test>" in logs

@@ -17,13 +17,16 @@ Contract:
   transport above a high-water mark, so a peer cannot make us buffer without
   bound.
 - Only public asyncio APIs are used (`loop.create_server`,
-  `loop.create_connection`, `loop.start_tls`).
+  `loop.create_connection`, `loop.create_unix_connection`, `loop.start_tls`).
+  `open_unix_connection()` reaches a unix-domain socket (an LMTP server);
+  such a connection has no peer address (`peer_ip` is "unknown").
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -31,7 +34,14 @@ from typing import Any
 from fermoposta.smtp.data import DataReader
 from fermoposta.smtp.lines import LineBuffer, LineTooLong
 
-__all__ = ["Connection", "ConnectionClosed", "LineTooLong", "open_connection", "start_server"]
+__all__ = [
+    "Connection",
+    "ConnectionClosed",
+    "LineTooLong",
+    "open_connection",
+    "open_unix_connection",
+    "start_server",
+]
 
 HIGH_WATER = 4 * 1024 * 1024  # pause reading above this many buffered bytes
 READ_CHUNK_WAIT = 0.0
@@ -90,10 +100,13 @@ class Connection:
         self._write_paused = False
         self._write_waiters: list[asyncio.Future[None]] = []
         self._reading_paused = False
+        # A unix-domain socket's names are paths (str), not (host, port) tuples.
         peer = transport.get_extra_info("peername")
+        peer = peer if isinstance(peer, tuple) else None
         self.peer_ip: str = str(peer[0]) if peer else "unknown"
         self.peer_port: int = int(peer[1]) if peer else 0
         sock = transport.get_extra_info("sockname")
+        sock = sock if isinstance(sock, tuple) else None
         self.local_port: int = int(sock[1]) if sock else 0
 
     # --- state -----------------------------------------------------------------------
@@ -281,6 +294,15 @@ async def open_connection(
         kwargs["ssl_handshake_timeout"] = timeout
     async with asyncio.timeout(timeout):
         _, protocol = await loop.create_connection(_Protocol, host, port, **kwargs)
+    assert protocol.connection is not None
+    return protocol.connection
+
+
+async def open_unix_connection(path: str | os.PathLike[str], *, timeout: float) -> Connection:
+    """Connect as a client to a unix-domain stream socket (e.g. an LMTP server)."""
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(timeout):
+        _, protocol = await loop.create_unix_connection(_Protocol, os.fspath(path))
     assert protocol.connection is not None
     return protocol.connection
 

@@ -160,6 +160,11 @@ class ServerSession:
         except LineTooLong:
             await self.reply(R.LINE_TOO_LONG)
             return
+        if len(line) > COMMAND_LINE_LIMIT and line[:5].upper() != b"AUTH ":
+            # Only AUTH with an initial response may exceed 512 octets
+            # (RFC 4954 §4); `line_limit` is raised where AUTH is offered.
+            await self.reply(R.LINE_TOO_LONG)
+            return
         try:
             command = parse_command(line, utf8=self.utf8_commands())
             reply = await self.dispatch(command)

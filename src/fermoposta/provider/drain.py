@@ -79,7 +79,19 @@ class Drain:
         self.settings = settings
         self.result = DrainResult(relay=f"unknown[{conn.peer_ip}]")
 
+    async def _heartbeat(self) -> None:
+        """Renew the domain leases while the drain runs, so a slow message
+        (up to the 10-minute final-reply timeout) never outlives its lease."""
+        while True:
+            await asyncio.sleep(self.settings.lease_ttl / 3)
+            try:
+                await asyncio.to_thread(self.store.renew_leases, self.session_id,
+                                        self.settings.lease_ttl)
+            except StoreError as exc:
+                log.warning("%s: cannot renew leases: %s", self.session_id, exc)
+
     async def run(self) -> DrainResult:
+        heartbeat = asyncio.create_task(self._heartbeat())
         try:
             if await self._open():
                 await self._deliver_all()
@@ -91,6 +103,8 @@ class Drain:
         except StoreError as exc:
             self.result.aborted = f"store error: {exc}"
             log.warning("%s: drain stopped: store error: %s", self.session_id, exc)
+        finally:
+            heartbeat.cancel()
         event("drain", None, session=self.session_id, relay=self.result.relay,
               messages=self.result.messages, delivered=self.result.delivered,
               deferred=self.result.deferred, failed=self.result.failed,
@@ -125,9 +139,6 @@ class Drain:
         for message_id in ids:
             if self.settings.max_messages and self.result.messages >= self.settings.max_messages:
                 break
-            await asyncio.to_thread(
-                self.store.renew_leases, self.session_id, self.settings.lease_ttl
-            )
             message = await asyncio.to_thread(self.store.get_message, message_id)
             if message is None:
                 continue
@@ -199,24 +210,24 @@ class Drain:
                     rcpt_replies.append(await self.client.command(line, timeout))
         if mail_reply.code != 250:
             # The RCPT replies (if pipelined) are moot: the transaction failed.
-            await self._settle(message, recipients, mail_reply)
+            await self._settle(message, recipients, self._not_final(mail_reply))
             await self._rset()
             return []
         accepted: list[QueuedRecipient] = []
         postponed: list[tuple[QueuedRecipient, Reply]] = []
         for rcpt, reply in zip(recipients, rcpt_replies, strict=True):
-            if reply.is_positive:
+            if 200 <= reply.code < 300:  # 250, 251 and 252 accept the recipient
                 accepted.append(rcpt)
             elif reply.code == 452:
                 postponed.append((rcpt, reply))
             else:
-                await self._settle(message, [rcpt], reply)
+                await self._settle(message, [rcpt], self._not_final(reply))
         if not accepted:
             await self._rset()
             return postponed
         data_reply = await self.client.command("DATA", self.settings.data_init_timeout)
         if data_reply.code != 354:
-            await self._settle(message, accepted, data_reply)
+            await self._settle(message, accepted, self._not_final(data_reply))
             await self._rset()
             return postponed
         await self.client.send_body(self._body(message.id))
@@ -245,21 +256,32 @@ class Drain:
         if reply.code != 250:
             raise _Abort()
 
+    @staticmethod
+    def _not_final(reply: Reply) -> Reply:
+        """A reply that is not the answer to the final dot can never mean
+        "delivered": an out-of-place positive reply (252 to MAIL, 250 to DATA)
+        defers the recipients instead of losing them."""
+        if reply.code < 400:
+            return Reply(451, "4.5.0", f"Unexpected reply from the customer: {reply}")
+        return reply
+
     async def _settle(self, message: QueuedMessage, recipients: list[QueuedRecipient],
                       reply: Reply) -> None:
-        """Record the outcome of `reply` for `recipients`, durably, before going on."""
-        if reply.is_positive:
+        """Record the outcome of `reply` for `recipients`, durably, before going on.
+        Only a 2xx to the final dot delivers; 5xx fails with a DSN; anything
+        else (4xx, or a stray 3xx) keeps the recipients queued."""
+        if 200 <= reply.code < 300:
             ids = [r.id for r in recipients]
             await asyncio.to_thread(self.store.record_delivered, ids, str(reply))
             self.result.delivered += len(recipients)
             self._log(message, recipients, reply, "sent")
-        elif reply.is_temporary:
+        elif reply.is_permanent:
+            await self._fail(message, recipients, reply)
+        else:
             await asyncio.to_thread(self.store.record_deferred, [r.id for r in recipients],
                                     str(reply))
             self.result.deferred += len(recipients)
             self._log(message, recipients, reply, "deferred")
-        else:
-            await self._fail(message, recipients, reply)
         if reply.code == 421:
             self.result.aborted = f"customer closing: {reply}"
             raise _Abort()

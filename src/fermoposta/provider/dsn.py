@@ -144,6 +144,9 @@ def build_failure_dsn(
     report.set_payload([human, status, original])
     buffer = io.BytesIO()
     BytesGenerator(buffer, policy=SMTP).flatten(report)  # type: ignore[arg-type]
+    # 8BITMIME only when needed (UTF-8 text or original headers), so a DSN
+    # reaches a next hop without 8BITMIME whenever it can.
+    eight_bit = max(buffer.getvalue(), default=0) > 127
     buffer.seek(0)
 
     domain = message.sender.rsplit("@", 1)[-1].lower() if "@" in message.sender else ""
@@ -158,7 +161,7 @@ def build_failure_dsn(
         ),
         origin=MessageOrigin.DSN,
         smtputf8=message.smtputf8,
-        body_8bit=True,
+        body_8bit=eight_bit,
         client=f"dsn-for-{message.id}",
     )
     return notice, buffer

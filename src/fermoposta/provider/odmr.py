@@ -64,6 +64,7 @@ AUTH_LINE_TOO_LONG = Reply(500, "5.5.6", "Authentication exchange line is too lo
 class ODMRSettings:
     mechanisms: tuple[str, ...] = ("SCRAM-SHA-256", "PLAIN", "LOGIN", "CRAM-MD5", "EXTERNAL")
     allow_plaintext_auth: bool = False
+    require_tls: bool = False
     max_auth_failures: int = 3
     min_atrn_interval: float = 0.0
     lease_ttl: float = 600.0
@@ -104,6 +105,7 @@ class ODMRSession(ServerSession):
         self.account: str | None = None
         self.auth_failures = 0
         self.leased = False
+        self.line_limit = AUTH_LINE_LIMIT  # AUTH initial responses; others are held to 512
 
     def greeting(self) -> Reply:
         return Reply(220, None, f"{self.hostname} ESMTP fermoposta on-demand mail relay ready")
@@ -139,6 +141,8 @@ class ODMRSession(ServerSession):
     async def smtp_auth(self, arg: str) -> Reply | None:
         if self.helo_name is None or not self.esmtp:
             return SEND_EHLO_FIRST
+        if self.settings.require_tls and not self.conn.tls_active:
+            return R.MUST_STARTTLS
         if self.account is not None:
             return R.AUTH_ALREADY
         parts = arg.split()
@@ -222,6 +226,8 @@ class ODMRSession(ServerSession):
 
     # --- ATRN (RFC 2645 §5.2.1) ---------------------------------------------------------
     async def smtp_atrn(self, arg: str) -> Reply | None:
+        if self.settings.require_tls and not self.conn.tls_active:
+            return R.MUST_STARTTLS
         if self.account is None:
             return R.ATRN_AUTH_REQUIRED
         if self.conn.buffered():

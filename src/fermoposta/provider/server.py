@@ -32,20 +32,24 @@ from fermoposta.provider.mx import MXSession
 from fermoposta.provider.odmr import ODMRSession, ODMRSettings
 from fermoposta.smtp.reply import Reply
 from fermoposta.store import open_store
-from fermoposta.store.base import Store
+from fermoposta.store.base import Store, StoreError
 
 log = logging.getLogger("fermoposta.provider")
 
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
 
 
-def server_tls_context(config: ProviderConfig) -> ssl.SSLContext | None:
+def server_tls_context(config: ProviderConfig, *, client_certificates: bool
+                       ) -> ssl.SSLContext | None:
+    """The TLS context of a listener.  Only the ODMR listeners ask for client
+    certificates (for AUTH EXTERNAL): the MX must not, or a sender with a
+    certificate from another CA would fail the handshake."""
     if config.tls.cert is None or config.tls.key is None:
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(str(config.tls.cert), str(config.tls.key))
-    if config.tls.client_ca is not None:
+    if client_certificates and config.tls.client_ca is not None:
         # Client certificates are optional (most peers have none) but, when
         # sent, must verify against the CA: only then is EXTERNAL offered.
         context.load_verify_locations(cafile=str(config.tls.client_ca))
@@ -70,12 +74,14 @@ class Provider:
     def __init__(self, config: ProviderConfig, store: Store) -> None:
         self.config = config
         self.store = store
-        self.tls_context = server_tls_context(config)
+        self.mx_tls_context = server_tls_context(config, client_certificates=False)
+        self.tls_context = server_tls_context(config, client_certificates=True)
         self.limits = session_limits(config)
         odmr = config.odmr
         self.odmr_settings = ODMRSettings(
             mechanisms=odmr.mechanisms,
             allow_plaintext_auth=odmr.allow_plaintext_auth,
+            require_tls=odmr.require_tls,
             max_auth_failures=odmr.max_auth_failures,
             min_atrn_interval=odmr.min_atrn_interval,
             lease_ttl=odmr.lease_ttl,
@@ -97,7 +103,7 @@ class Provider:
     # --- session factories -----------------------------------------------------------------
     def mx_session(self, conn: Connection) -> ServerSession:
         return MXSession(conn, hostname=self.config.hostname, limits=self.limits,
-                         tls_context=self.tls_context, store=self.store,
+                         tls_context=self.mx_tls_context, store=self.store,
                          require_valid_recipient=self.config.mx.require_valid_recipient)
 
     def odmr_session(self, conn: Connection) -> ServerSession:
@@ -168,8 +174,17 @@ class Provider:
 
 
 async def _serve(config: ProviderConfig) -> int:
-    store = open_store(config.data_dir)
-    provider = Provider(config, store)
+    try:
+        store = open_store(config.data_dir)
+    except StoreError as exc:
+        log.error("cannot open the store: %s", exc)
+        return 75  # EX_TEMPFAIL, like the admin commands
+    try:
+        provider = Provider(config, store)
+    except (ssl.SSLError, OSError) as exc:
+        log.error("cannot load the TLS certificate: %s", exc)
+        store.close()
+        return 78  # EX_CONFIG
     try:
         await provider.start()
     except OSError as exc:
@@ -180,6 +195,10 @@ async def _serve(config: ProviderConfig) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    # Reloading is not implemented yet; SIGHUP must not kill the daemon (and
+    # leave leases behind until they expire).
+    loop.add_signal_handler(signal.SIGHUP, lambda: log.warning(
+        "SIGHUP ignored: reload is not implemented; restart to apply changes"))
     log.info("fermoposta provider %s ready", config.hostname)
     await stop.wait()
     log.info("stopping: no new connections; waiting for sessions")

@@ -145,7 +145,11 @@ class SQLiteStore:
         self._lock = threading.Lock()
         self._closed = False
         try:
-            self._path.parent.mkdir(parents=True, exist_ok=True)
+            # The store holds CRAM-MD5 secrets (password equivalents) and mail:
+            # private to the daemon's user.  SQLite gives the -wal and -shm
+            # files the database file's permissions.
+            self._path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.close(os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600))
             self._conn = sqlite3.connect(
                 self._path,
                 timeout=BUSY_TIMEOUT,
