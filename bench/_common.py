@@ -44,12 +44,14 @@ _children: dict[int, subprocess.Popen[bytes]] = {}
 
 
 def _stop_all_children() -> None:
-    for pid in list(_children):
-        stop_process(_children[pid])
+    for pid in reversed(list(_children)):  # the newest (the load generator) first
+        with contextlib.suppress(Exception):
+            stop_process(_children[pid])
 
 
 def _on_signal(signum: int, frame: object) -> None:
-    _stop_all_children()
+    # Only unwind here: the `finally` blocks and the atexit hook then stop the
+    # children outside the signal handler (where a Popen lock may be held).
     raise SystemExit(128 + signum)
 
 
@@ -57,9 +59,21 @@ atexit.register(_stop_all_children)
 signal.signal(signal.SIGTERM, _on_signal)
 
 
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM if the benchmark process dies (Linux prctl)."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def spawn(args: Sequence[str | os.PathLike[str]], **kwargs: object) -> subprocess.Popen[bytes]:
-    """Start a child process that is stopped by PID at exit if still running."""
-    proc: subprocess.Popen[bytes] = subprocess.Popen([str(a) for a in args], **kwargs)  # type: ignore[call-overload]
+    """Start a child process that is stopped by PID at exit if still running.
+
+    As a second safety net the child also gets SIGTERM from the kernel if this
+    process dies without cleaning up (cleared in children that change uid)."""
+    proc: subprocess.Popen[bytes] = subprocess.Popen(  # type: ignore[call-overload]
+        [str(a) for a in args], preexec_fn=_die_with_parent, **kwargs)
     _children[proc.pid] = proc
     return proc
 
@@ -106,6 +120,16 @@ def memory(pid: int) -> dict[str, int]:
             if key in ("VmRSS", "VmHWM"):
                 out[key] = int(value.split()[0])
     return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time consumed so far by a process (all its threads)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def reset_peak_rss(pid: int) -> bool:
@@ -312,11 +336,11 @@ def run_smtp_source(args: Sequence[str], port: int, timeout: float) -> float:
                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         out, _ = proc.communicate(timeout=timeout)
+        elapsed = time.perf_counter() - start
     except subprocess.TimeoutExpired:
-        stop_process(proc, grace=2.0)
         raise RuntimeError(f"smtp-source did not finish within {timeout:.0f}s") from None
-    elapsed = time.perf_counter() - start
-    _children.pop(proc.pid, None)
+    finally:
+        stop_process(proc, grace=2.0)  # a no-op once it has exited
     if proc.returncode != 0:
         raise RuntimeError(f"smtp-source exited {proc.returncode}: "
                            f"{out.decode(errors='replace')[-2000:]}")

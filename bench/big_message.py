@@ -107,6 +107,7 @@ def main() -> int:
             # Phase 1: MX intake.
             c.reset_peak_rss(provider.pid)
             before = c.memory(provider.pid)
+            cpu0 = c.cpu_seconds(provider.pid)
             with c.RSSSampler(provider.pid) as sampler:
                 try:
                     streamed, elapsed, reply = asyncio.run(
@@ -115,10 +116,12 @@ def main() -> int:
                     print(provider.log_tail(), file=sys.stderr)
                     raise
             after = c.memory(provider.pid)
+            cpu = c.cpu_seconds(provider.pid) - cpu0
             print(f"  MX intake: {args.mb} MiB streamed in {streamed:.2f} s, 250 after "
                   f"{elapsed:.2f} s (commit {elapsed - streamed:.2f} s) = "
                   f"{args.mb / elapsed:.1f} MiB/s; reply: {reply}")
             report_mem("during MX intake", before, after, sampler.max_rss)
+            print(f"    provider CPU {cpu:.2f} s")
             ok = ok and reply.startswith("250")
             store_mb = sum(p.stat().st_size for p in (work / "data").iterdir()) / 2**20
             print(f"    store files on disk now: {store_mb:.0f} MiB")
@@ -126,6 +129,7 @@ def main() -> int:
             # Phase 2: drain to the customer.
             c.reset_peak_rss(provider.pid)
             before = c.memory(provider.pid)
+            cpu0 = c.cpu_seconds(provider.pid)
             with c.RSSSampler(provider.pid) as sampler:
                 try:
                     elapsed, st = asyncio.run(drain_big(odmr_port, args.timeout))
@@ -133,11 +137,13 @@ def main() -> int:
                     print(provider.log_tail(), file=sys.stderr)
                     raise
             after = c.memory(provider.pid)
+            cpu = c.cpu_seconds(provider.pid) - cpu0
             got_mb = st.data_bytes / 2**20
             print(f"  drain: {st.messages} message, {got_mb:.1f} MiB received in {elapsed:.2f} s "
                   f"= {got_mb / elapsed:.1f} MiB/s (ATRN to QUIT; last byte at "
                   f"{st.last_message_at - (st.ended_at - elapsed):.2f} s); QUIT seen: {st.quit}")
             report_mem("during drain", before, after, sampler.max_rss)
+            print(f"    provider CPU {cpu:.2f} s")
             ok = ok and st.messages == 1 and st.data_bytes >= total
         finally:
             code = provider.stop()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ssl
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -66,6 +67,8 @@ def main() -> int:
     ap.add_argument("--messages", type=int, default=5000)
     ap.add_argument("--size", type=int, default=4096, help="approximate message size in bytes")
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    ap.add_argument("--peer-runs", type=int, default=3,
+                    help="smtp-source -> smtp-sink runs (the median is compared)")
     ap.add_argument("--timeout", type=float, default=600.0, help="limit for each drain/run")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     args = ap.parse_args()
@@ -90,6 +93,7 @@ def main() -> int:
                     fill(data_dir, args.messages, args.size, first=False)
                 c.reset_peak_rss(provider.pid)
                 before = c.memory(provider.pid)
+                cpu0 = c.cpu_seconds(provider.pid)
                 try:
                     elapsed, st, atrn_reply = asyncio.run(
                         one_session(odmr_port, ctx, args.timeout))
@@ -97,12 +101,15 @@ def main() -> int:
                     print(provider.log_tail(), file=sys.stderr)
                     raise
                 after = c.memory(provider.pid)
+                cpu = c.cpu_seconds(provider.pid) - cpu0
                 rate = st.messages / elapsed if elapsed > 0 else 0.0
                 results[label] = rate
                 print(f"  fermoposta drain ({label}): {st.messages} messages, "
                       f"{st.data_bytes / 2**20:.1f} MiB in {elapsed:.2f} s = {rate:.0f} msgs/s, "
                       f"{st.data_bytes / 2**20 / elapsed:.1f} MiB/s; ATRN->250 "
                       f"{atrn_reply * 1000:.1f} ms; QUIT seen: {st.quit}")
+                print(f"    provider CPU {cpu:.2f} s = {100 * cpu / elapsed:.0f}% of one core; "
+                      f"{1000 * elapsed / max(st.messages, 1):.2f} ms wall per message")
                 print(f"    provider RSS before {c.mib(before.get('VmRSS'))}, after "
                       f"{c.mib(after.get('VmRSS'))}, peak during drain {c.mib(after.get('VmHWM'))}")
                 held = c.held_count(data_dir, ["example.org"])
@@ -117,11 +124,14 @@ def main() -> int:
         print(f"  provider exit code {code}")
 
     with c.smtp_sink() as (port, _):
-        peer_s = c.run_smtp_source(["-d", "-s", "1", "-m", str(args.messages), "-l",
-                                    str(args.size)], port, args.timeout)
+        runs = sorted(c.run_smtp_source(["-d", "-s", "1", "-m", str(args.messages), "-l",
+                                         str(args.size)], port, args.timeout)
+                      for _ in range(max(1, args.peer_runs)))
+    peer_s = statistics.median(runs)
     peer = args.messages / peer_s
     print(f"  smtp-source -d -s 1 -m {args.messages} -l {args.size} -> smtp-sink: "
-          f"{peer_s:.2f} s = {peer:.0f} msgs/s")
+          f"{peer_s:.2f} s = {peer:.0f} msgs/s (median of {len(runs)} runs: "
+          f"{', '.join(f'{args.messages / t:.0f}' for t in runs)} msgs/s)")
     plain = results.get("plain, CRAM-MD5", 0.0)
     tls = results.get("STARTTLS, PLAIN", 0.0)
     print(f"  ratio drain plain / smtp-source->smtp-sink: {c.ratio(plain, peer)}")

@@ -153,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
         for name in ("account", "domain"):
             commands.choices[name].set_defaults(command_func=_cmd_store)
 
+    from fermoposta.customer.cli import register as register_customer
+
+    register_customer(commands)
+
     config = commands.add_parser("config", help="configuration tools")
     config.set_defaults(command_func=_help(config))
     config_cmds = config.add_subparsers(dest="config_command", metavar="COMMAND")
@@ -170,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version, usage errors
         return exc.code if isinstance(exc.code, int) else (EX_OK if exc.code is None else EX_USAGE)
+    args.config_given = args.config is not None
     if args.config is None:
         args.config = default_config_path()
     func: Callable[[argparse.Namespace], int] = args.command_func

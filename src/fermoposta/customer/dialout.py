@@ -280,10 +280,10 @@ class Dialer:
     async def _guard(self, awaitable: Awaitable[T]) -> T:
         try:
             return await awaitable
+        except TimeoutError as exc:  # before OSError: TimeoutError is one
+            raise ConnectFailure("timeout waiting for the provider") from exc
         except (ConnectionClosed, OSError) as exc:
             raise ConnectFailure(f"connection to the provider lost: {exc}") from exc
-        except TimeoutError as exc:
-            raise ConnectFailure("timeout waiting for the provider") from exc
         except (ReplyProtocolError, LineTooLong) as exc:
             raise ProtocolFailure(f"malformed reply from the provider: {exc}") from exc
 

@@ -1,0 +1,99 @@
+"""`fermoposta customer check|pull|run`: the customer's commands.
+
+Contract: each command loads the customer config (`-c FILE` after the
+subcommand, else the global `-c`, else $FERMOPOSTA_CUSTOMER_CONFIG, else
+/etc/fermoposta/customer.toml), prints a human summary on stdout, logs on
+stderr, and exits with the codes of `fermoposta.customer.errors` (0 when the
+session worked, whether or not there was mail).  `pull` with several blocks
+exits with the first non-zero code of the blocks, after running them all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+from typing import Any
+
+from fermoposta.ops.log import setup_logging
+
+EX_CONFIG = 78
+EX_USAGE = 64
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from fermoposta.customer.config import default_customer_config_path, load_customer_config
+
+    path = args.customer_config or (args.config if args.config_given else None)
+    config = load_customer_config(path or default_customer_config_path())
+    setup_logging("debug" if args.verbose else config.log.level, config.log.format)
+    return config
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from fermoposta.customer.pull import check
+
+    config = _load(args)
+    code, lines = asyncio.run(check(config))
+    print("\n".join(lines))
+    return code
+
+
+def _cmd_pull(args: argparse.Namespace) -> int:
+    from fermoposta.customer.pull import pull_once
+
+    config = _load(args)
+    pulls = [p for p in config.pulls if not args.only or p.name in args.only]
+    unknown = set(args.only or ()) - {p.name for p in config.pulls}
+    if unknown:
+        print(f"fermoposta: no [[pull]] block named {', '.join(sorted(unknown))}",
+              file=sys.stderr)
+        return EX_USAGE
+
+    async def all_pulls() -> int:
+        code = 0
+        for pull in pulls:
+            summary = await pull_once(config, pull, wait=args.wait)
+            print("\n".join(summary.lines()), flush=True)
+            code = code or summary.exit_code
+        return code
+
+    return asyncio.run(all_pulls())
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from fermoposta.customer.daemon import Daemon
+
+    config = _load(args)
+    return asyncio.run(Daemon(config).run())
+
+
+def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    customer = commands.add_parser("customer", help="the customer side: pull held mail over ODMR")
+    sub = customer.add_subparsers(dest="customer_command", metavar="COMMAND")
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("-c", "--config", dest="customer_config", type=Path, default=None,
+                       metavar="FILE", help="customer config file (default: "
+                       "$FERMOPOSTA_CUSTOMER_CONFIG or /etc/fermoposta/customer.toml)")
+
+    check = sub.add_parser("check", help="connect, STARTTLS, verify, AUTH; no ATRN")
+    common(check)
+    check.set_defaults(command_func=_cmd_check)
+    pull = sub.add_parser("pull", help="one session per [[pull]] block now; prints a summary")
+    common(pull)
+    pull.add_argument("--wait", action="store_true",
+                      help="wait for a session of the same block to end instead of exiting 73")
+    pull.add_argument("--only", action="append", metavar="NAME",
+                      help="only this [[pull]] block (repeatable)")
+    pull.set_defaults(command_func=_cmd_pull)
+    run = sub.add_parser("run", help="daemon: pull on schedule; SIGUSR1 pulls now")
+    common(run)
+    run.set_defaults(command_func=_cmd_run)
+
+    def show_help(args: argparse.Namespace) -> int:
+        customer.print_help(sys.stderr)
+        return EX_USAGE
+
+    customer.set_defaults(command_func=show_help, customer_config=None)

@@ -1,0 +1,919 @@
+"""The customer configuration: one typed schema, loaded from TOML, validated at load.
+
+Contract:
+- `load_customer_config(path)` reads a TOML file into frozen, typed
+  dataclasses (`CustomerConfig`, `ProviderEndpoint`, `PullConfig` with its
+  `Schedule` and `DeliveryConfig`, and the provider's `LogConfig`).  Every
+  value is checked here, once: the dial-out, the reversed session and the
+  delivery backends never see a malformed setting.
+- Every problem raises `ConfigError` (the provider config's exception) whose
+  message names the file and the key, e.g. ``customer.toml: [provider] tls:
+  expected one of "starttls", "implicit", "none", got "yes"`` or
+  ``customer.toml: [[pull]] #2 [pull.delivery] path: not a key of delivery
+  type "lmtp" (it belongs to "maildir")``.  Unknown keys and tables are
+  errors, with a "did you mean" hint.
+- Relative paths (`data_dir`, `ca_file`, `client_cert`, `client_key`,
+  `password_file`, a maildir `path` template, an LMTP socket) resolve
+  against the directory holding the config file, never against the working
+  directory.
+- Nothing security-relevant is guessed or falls back: ``tls`` is
+  ``"starttls"`` unless ``"implicit"`` or ``"none"`` is written (with
+  ``"none"`` the TLS keys are ignored); a client certificate needs its key;
+  files named must exist and be readable, and the CA bundle and the client
+  certificate with its key must load (checked at load; the password file is
+  read later).
+- The password is never read into the config: `ProviderEndpoint` holds the
+  path of the password file, and `ProviderEndpoint.read_password()` reads
+  its first line when the dial-out needs it (`ConfigError` if unreadable or
+  empty).  No repr of the config can therefore show the password.
+- Domains (site and per pull) are normalised like the ATRN argument
+  (`fermoposta.smtp.atrn.parse_atrn_domains`: lowercase A-labels, at least
+  two labels).  No domain is listed in two pull blocks, and at most one
+  block sends a bare ATRN: two blocks never ask for the same domain by name.
+  (A bare ATRN next to other blocks collects the account's mail they have
+  not collected yet; the provider's domain leases keep the sessions apart.)
+- This module does no I/O apart from reading the config file and checking
+  that named files exist.  It creates nothing.
+
+The docstrings of the dataclasses below are the reference for every key;
+docs/customer-config.md repeats them for operators.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import ssl
+import string
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fermoposta.config_common import (
+    LOG_FORMATS,
+    LOG_LEVELS,
+    ConfigError,
+    Loader,
+    LogConfig,
+    Parser,
+    check_boolean,
+    check_hostname,
+    check_string,
+    duration,
+    integer,
+    one_of,
+    parse_hostport,
+    show_value,
+    size,
+)
+from fermoposta.customer.schedule import (
+    JitterSpec,
+    Schedule,
+    Window,
+    parse_days,
+    parse_hours,
+    parse_jitter,
+)
+from fermoposta.smtp.atrn import MAX_ATRN_DOMAINS, parse_atrn_domains
+from fermoposta.smtp.command import normalize_domain
+from fermoposta.smtp.reply import SMTPError
+
+__all__ = [
+    "CLIENT_MECHANISMS",
+    "DEFAULT_CUSTOMER_CONFIG_PATH",
+    "DELIVERY_TYPES",
+    "TLS_MODES",
+    "ConfigError",
+    "CustomerConfig",
+    "DeliveryConfig",
+    "LogConfig",
+    "ProviderEndpoint",
+    "PullConfig",
+    "default_customer_config_path",
+    "load_customer_config",
+]
+
+DEFAULT_CUSTOMER_CONFIG_PATH = Path("/etc/fermoposta/customer.toml")
+CUSTOMER_CONFIG_ENV = "FERMOPOSTA_CUSTOMER_CONFIG"
+
+#: SASL mechanisms the dial-out implements, strongest first (the automatic order).
+CLIENT_MECHANISMS: tuple[str, ...] = ("SCRAM-SHA-256", "EXTERNAL", "PLAIN", "CRAM-MD5", "LOGIN")
+#: Mechanisms that send a password-derived value: they need ``username``.
+PASSWORD_MECHANISMS: frozenset[str] = frozenset({"SCRAM-SHA-256", "PLAIN", "CRAM-MD5", "LOGIN"})
+TLS_MODES: tuple[str, ...] = ("starttls", "implicit", "none")
+DELIVERY_TYPES: tuple[str, ...] = ("maildir", "lmtp", "smtp")
+
+DEFAULT_BACKOFF_MAX = 3600.0
+#: Longest path that fits in ``sockaddr_un.sun_path`` (108 bytes on Linux, NUL included).
+MAX_UNIX_SOCKET_PATH = 107
+MAX_SITE_DOMAINS = 10_000
+
+
+# ---------------------------------------------------------------------------
+# The schema.  Docstrings are the documentation.
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderEndpoint:
+    """``[provider]``: where to dial, how to secure the line, how to authenticate.
+
+    - ``host`` (str, required): the provider's ODMR server, a host name or an
+      IP address (``"::1"`` or ``"[::1]"``).
+    - ``port`` (int 1-65535, default 366, the IANA ODMR port).
+    - ``tls`` (default ``"starttls"``): ``"starttls"``: STARTTLS is required,
+      the session is aborted if the provider does not offer it;
+      ``"implicit"``: TLS from the first byte; ``"none"``: no TLS at all (only
+      when written; never a fallback; the TLS keys below are then ignored).
+      PLAIN and LOGIN are never used without TLS.
+    - ``ca_file`` (path, default ``""`` = the system trust store): PEM bundle
+      of the CAs that may sign the provider's certificate (or the provider's
+      self-signed certificate itself).  Loaded once at load to check it.
+    - ``server_name`` (str, default: ``host``): the name verified in the
+      provider's certificate (and sent as SNI).
+    - ``pin_sha256`` (hex, default ``""`` = no pin): SHA-256 of the provider's
+      DER certificate, 64 hex digits, colons allowed; stored as lowercase hex.
+      When set, the certificate must also match it (in addition to the
+      normal verification).
+    - ``client_cert``, ``client_key`` (paths, default ``""``): a PEM client
+      certificate and its key (may be one file), for AUTH EXTERNAL.  Both or
+      neither; they must go together (checked at load).
+    - ``username`` (str): the account name; required unless ``client_cert``
+      is set.
+    - ``password_file`` (path): a file whose first line is the password;
+      required when ``username`` is set, refused otherwise.  Checked to exist
+      at load; read by `read_password()` at each session.
+    - ``mechanisms`` (list, default ``[]`` = automatic: the strongest both
+      sides offer, SCRAM-SHA-256 > EXTERNAL (with a certificate) > PLAIN (TLS
+      only) > CRAM-MD5 > LOGIN (TLS only)): SASL mechanisms in preference
+      order, from those five (case-insensitive, no duplicates).  EXTERNAL
+      needs ``client_cert``; the others need ``username``.
+    - ``connect_timeout`` (duration > 0, default ``"30s"``): the TCP connection
+      and each TLS handshake (implicit or after STARTTLS).
+    - ``command_timeout`` (duration > 0, default ``"5m"``): each reply before ATRN
+      (greeting, EHLO, STARTTLS, AUTH).
+    - ``atrn_timeout`` (duration >= 1s, default ``"10m"``): the reply to ATRN,
+      which the provider may take a while to produce (RFC 2645: at least 10
+      minutes; shorter only for tests).
+
+    Empty strings in the file become ``None`` here; ``server_name`` is always
+    set (``host`` when not given).
+    """
+
+    host: str
+    port: int = 366
+    tls: str = "starttls"
+    ca_file: Path | None = None
+    server_name: str = ""
+    pin_sha256: str | None = None
+    client_cert: Path | None = None
+    client_key: Path | None = None
+    username: str | None = None
+    password_file: Path | None = None
+    mechanisms: tuple[str, ...] = ()
+    connect_timeout: float = 30.0
+    command_timeout: float = 300.0
+    atrn_timeout: float = 600.0
+    config_path: Path | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.server_name:
+            object.__setattr__(self, "server_name", self.host)
+
+    def read_password(self) -> str:
+        """The first line of ``password_file`` without its line ending.
+
+        Raises `ConfigError` (naming the config file and the key) when no
+        password file is configured, or it cannot be read, is not UTF-8 or its
+        first line is empty.  The password is never part of the message.
+        """
+        where = f"{self.config_path}: " if self.config_path else ""
+        prefix = f"{where}[provider] password_file"
+        if self.password_file is None:
+            raise ConfigError(f"{prefix}: no password file is configured")
+        try:
+            with open(self.password_file, encoding="utf-8", newline="") as stream:
+                line = stream.readline()
+        except UnicodeDecodeError:
+            raise ConfigError(f'{prefix}: "{self.password_file}" is not UTF-8') from None
+        except OSError as exc:
+            raise ConfigError(
+                f'{prefix}: cannot read "{self.password_file}": {exc.strerror or exc}'
+            ) from None
+        password = line.removesuffix("\n").removesuffix("\r")
+        if not password:
+            raise ConfigError(f'{prefix}: the first line of "{self.password_file}" is empty')
+        return password
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryConfig:
+    """``[pull.delivery]``: where the mail of one pull block goes.  ``type`` is required.
+
+    ``type = "maildir"``: the customer writes Maildirs itself.
+
+    - ``path`` (str, required): the Maildir of each recipient, a template
+      with ``{domain}`` (lowercase A-label), ``{local}`` (local part),
+      ``{address}`` (``local@domain``); it must contain ``{local}`` or
+      ``{address}``.  Relative to the config file's directory; stored
+      absolute with the placeholders kept.
+    - ``create`` (bool, default false): false: a recipient whose Maildir does
+      not exist is unknown (550 5.1.1, the provider bounces); true: it is
+      created.
+    - ``aliases`` (table, default ``{}``): ``"address" = "address"``, applied
+      once before the lookup; both sides lowercased, domains as A-labels;
+      both must be in the domains this block accepts.
+    - ``catch_all`` (address, default ``""``): receives mail for unknown local
+      parts of the accepted domains; it must be in one of them.
+
+    ``type = "lmtp"``: hand each message to an LMTP server (Dovecot ...).
+
+    - ``address`` (str, required): a unix socket path (``"/run/dovecot/lmtp"``,
+      or relative to the config file: any value with a ``/`` or without a
+      ``:``) or ``"host:port"`` / ``"[ipv6]:port"``.
+
+    ``type = "smtp"``: relay each transaction to a local MTA.
+
+    - ``address`` (str, required): ``"host:port"`` or ``"[ipv6]:port"``.
+
+    A key of another type (``path`` with ``lmtp``, ``address`` with
+    ``maildir``, ...) is an error.  Exactly one of ``path`` (maildir),
+    ``socket_path`` (lmtp over a unix socket) and ``hostport`` (lmtp over TCP,
+    smtp) is set.
+    """
+
+    type: str
+    path: str | None = None
+    create: bool = False
+    aliases: Mapping[str, str] = field(default_factory=dict)
+    catch_all: str | None = None
+    socket_path: Path | None = None
+    hostport: tuple[str, int] | None = None
+
+    @property
+    def target(self) -> str:
+        """A short description for logs: ``maildir:/var/mail/...``, ``lmtp:host:24`` ..."""
+        if self.path is not None:
+            return f"{self.type}:{self.path}"
+        if self.socket_path is not None:
+            return f"{self.type}:{self.socket_path}"
+        assert self.hostport is not None
+        host, port = self.hostport
+        return f"{self.type}:[{host}]:{port}" if ":" in host else f"{self.type}:{host}:{port}"
+
+
+@dataclass(frozen=True, slots=True)
+class PullConfig:
+    """``[[pull]]``: one domain set collected on its own schedule into its own target.
+
+    - ``name`` (str, default ``"pull-1"``, ``"pull-2"``, ... by position):
+      unique; letters, digits, ``.``, ``_``, ``-`` (it names lock files and
+      log lines).
+    - ``domains`` (list, default ``[]``): the domains requested with
+      ``ATRN d1,d2`` (at most 50); ``[]`` sends a bare ``ATRN`` (every
+      domain of the account) and then the top-level ``domains`` are required.
+    - ``every`` (duration >= 1s, default ``"10m"``): the base interval.
+    - ``jitter`` (default ``"10%"``): ``"N%"`` of each delay (0-100) or a
+      duration; each wait is moved by a random amount within ± that.
+    - ``backoff_max`` (duration, default ``"1h"``, raised to the longest
+      ``every`` of the block when that is longer): after consecutive
+      failures the wait doubles each time, up to this.  When written it must
+      be at least ``every`` and every window's ``every``.
+    - ``[[pull.window]]`` (any number): ``days`` (default ``"daily"``: e.g.
+      ``"mon-fri"``, ``"sat,sun"``, ``"mon,wed,fri"``), ``hours`` (default
+      ``"00-24"``: ``"start-end"``, whole hours, end exclusive), ``every``
+      (duration >= 1s, required): the interval inside the window.  The first
+      window listed that contains the time wins.
+    - ``[pull.delivery]`` (required): see `DeliveryConfig`.
+    """
+
+    name: str
+    domains: tuple[str, ...]
+    schedule: Schedule
+    delivery: DeliveryConfig
+
+    @property
+    def bare(self) -> bool:
+        """True when this block sends a bare ``ATRN`` (no domain list)."""
+        return not self.domains
+
+    def accept_domains(self, config: CustomerConfig) -> tuple[str, ...]:
+        """The RCPT domains its reversed session accepts: its own, or the site's for bare ATRN."""
+        return self.domains or config.domains
+
+
+@dataclass(frozen=True, slots=True)
+class CustomerConfig:
+    """The whole customer config file (top level).
+
+    - ``path``: the file this was loaded from (absolute).
+    - ``hostname`` (str, required): our EHLO name towards the provider and our
+      greeting and Received: name in the reversed session.
+    - ``data_dir`` (path, required): lock files and state; relative to the
+      config file's directory.  Not created here.
+    - ``domains`` (list): the site's domains; in the reversed session RCPTs
+      for other domains get 550 5.7.1.  Default: the union of every block's
+      ``domains``.  Required (non-empty) when a block sends a bare ATRN; when
+      written, every block's domains must be among them.
+    - ``max_message_size`` (size >= 1, default ``"50M"``): advertised as SIZE
+      in the reversed session and enforced while receiving.
+    - ``[provider]`` (required): see `ProviderEndpoint`.
+    - ``[log]``: see `fermoposta.config.LogConfig` (same as the provider's).
+    - ``[[pull]]`` (at least one): see `PullConfig`.
+    """
+
+    path: Path
+    hostname: str
+    data_dir: Path
+    domains: tuple[str, ...]
+    provider: ProviderEndpoint
+    pulls: tuple[PullConfig, ...]
+    max_message_size: int = 50 * 1024 * 1024
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def pull_named(self, name: str) -> PullConfig:
+        """The ``[[pull]]`` block called `name`; KeyError if there is none."""
+        for pull in self.pulls:
+            if pull.name == name:
+                return pull
+        raise KeyError(name)
+
+
+def default_customer_config_path() -> Path:
+    """``$FERMOPOSTA_CUSTOMER_CONFIG`` if set and not empty, else /etc/fermoposta/customer.toml."""
+    env = os.environ.get(CUSTOMER_CONFIG_ENV, "")
+    return Path(env) if env else DEFAULT_CUSTOMER_CONFIG_PATH
+
+
+# ---------------------------------------------------------------------------
+# Per-key checkers.  They raise ValueError; the loader adds file and key.
+# ---------------------------------------------------------------------------
+
+
+def _host(value: object) -> str:
+    text = check_string(value).strip()
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        pass
+    try:
+        return check_hostname(text)
+    except ValueError:
+        raise ValueError(
+            f"expected a host name or an IP address, got {show_value(value)}"
+        ) from None
+
+
+def _optional_host(value: object) -> str:
+    return "" if value == "" else _host(value)
+
+
+def _pin(value: object) -> str | None:
+    text = check_string(value).strip()
+    if not text:
+        return None
+    digits = text.replace(":", "").lower()
+    if not re.fullmatch(r"[0-9a-f]{64}", digits):
+        raise ValueError(
+            "expected the SHA-256 of the certificate as 64 hex digits (colons allowed), "
+            f"got {show_value(value)}"
+        )
+    return digits
+
+
+def _username(value: object) -> str | None:
+    text = check_string(value)
+    if not text:
+        return None
+    if text != text.strip() or any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
+        raise ValueError(
+            "expected a user name without control characters or surrounding spaces, "
+            f"got {show_value(value)}"
+        )
+    return text
+
+
+def _client_mechanisms(value: object) -> tuple[str, ...]:
+    wanted = ", ".join(CLIENT_MECHANISMS)
+    if not isinstance(value, list):
+        raise ValueError(f"expected a list of mechanisms from {wanted}, got {show_value(value)}")
+    result: list[str] = []
+    for item in value:
+        if not isinstance(item, str) or item.upper() not in CLIENT_MECHANISMS:
+            raise ValueError(f"unsupported mechanism {show_value(item)} (supported: {wanted})")
+        if item.upper() in result:
+            raise ValueError(f"mechanism {show_value(item)} is listed twice")
+        result.append(item.upper())
+    return tuple(result)
+
+
+def _domain_list(limit: int) -> Parser:
+    def parse(value: object) -> tuple[str, ...]:
+        if not isinstance(value, list) or not all(isinstance(d, str) for d in value):
+            raise ValueError(
+                f'expected a list of domain names like ["example.org"], got {show_value(value)}'
+            )
+        if any("," in d or not d.strip() for d in value):
+            raise ValueError(
+                f"expected one domain name per string, none empty, got {show_value(value)}"
+            )
+        try:
+            return parse_atrn_domains(",".join(value), max_domains=limit)
+        except SMTPError as exc:
+            detail = exc.cause or exc.reply.text
+            raise ValueError(f"invalid domain list: {detail}") from None
+
+    return parse
+
+
+def _address(value: object) -> str:
+    """``local@domain`` lowercased, the domain as an A-label."""
+    expected = "expected an address like user@example.org"
+    text = check_string(value).strip()
+    local, sep, domain = text.rpartition("@")
+    if not sep or not local or not domain or any(c.isspace() or ord(c) < 0x20 for c in text):
+        raise ValueError(f"{expected}, got {show_value(value)}")
+    if len(local.encode()) > 64:
+        raise ValueError(f"{expected} (local part at most 64 octets), got {show_value(value)}")
+    try:
+        name = normalize_domain(domain)
+    except ValueError:
+        raise ValueError(f"{expected}, got {show_value(value)}") from None
+    if name.startswith("[") or "." not in name:
+        raise ValueError(f"{expected}, got {show_value(value)}")
+    return f"{local.lower()}@{name}"
+
+
+_PULL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def _pull_name(value: object) -> str:
+    text = check_string(value)
+    if not _PULL_NAME_RE.fullmatch(text):
+        raise ValueError(
+            "expected a name of letters, digits, '.', '_', '-' (at most 64, starting with a "
+            f"letter or digit), got {show_value(value)}"
+        )
+    return text
+
+
+_PLACEHOLDERS = ("domain", "local", "address")
+
+
+def _maildir_template(value: object) -> str:
+    text = check_string(value)
+    if not text:
+        raise ValueError("must not be empty")
+    try:
+        fields = list(string.Formatter().parse(text))
+    except ValueError as exc:
+        raise ValueError(f"bad template {show_value(value)}: {exc}") from None
+    names: set[str] = set()
+    for _literal, name, spec, conversion in fields:
+        if name is None:
+            continue
+        if name not in _PLACEHOLDERS or spec or conversion:
+            raise ValueError(
+                "placeholders are {domain}, {local} and {address}, "
+                f"got {{{name}{'!' + conversion if conversion else ''}"
+                f"{':' + spec if spec else ''}}} in {show_value(value)}"
+            )
+        names.add(name)
+    if not names & {"local", "address"}:
+        raise ValueError(
+            "the template must contain {local} or {address} so that every user has a "
+            f"Maildir, got {show_value(value)}"
+        )
+    return text
+
+
+_DURATION_1S = duration(positive=True, minimum=1.0)
+
+_PROVIDER_KEYS: dict[str, Parser] = {
+    "host": _host,
+    "port": integer(1, 65535),
+    "tls": one_of(*TLS_MODES),
+    "ca_file": check_string,
+    "server_name": _optional_host,
+    "pin_sha256": _pin,
+    "client_cert": check_string,
+    "client_key": check_string,
+    "username": _username,
+    "password_file": check_string,
+    "mechanisms": _client_mechanisms,
+    "connect_timeout": duration(positive=True),
+    "command_timeout": duration(positive=True),
+    "atrn_timeout": _DURATION_1S,
+}
+_LOG_KEYS: dict[str, Parser] = {"level": one_of(*LOG_LEVELS), "format": one_of(*LOG_FORMATS)}
+_TOP_LEVEL_KEYS = ["hostname", "data_dir", "domains", "max_message_size", "provider", "log", "pull"]
+_PULL_KEYS: dict[str, Parser] = {
+    "name": _pull_name,
+    "domains": _domain_list(MAX_ATRN_DOMAINS),
+    "every": _DURATION_1S,
+    "jitter": parse_jitter,
+    "backoff_max": _DURATION_1S,
+}
+_WINDOW_KEYS: dict[str, Parser] = {
+    "days": parse_days,
+    "hours": parse_hours,
+    "every": _DURATION_1S,
+}
+#: Keys of ``[pull.delivery]`` by delivery type (``type`` is common to all).
+_DELIVERY_KEYS: dict[str, tuple[str, ...]] = {
+    "maildir": ("path", "create", "aliases", "catch_all"),
+    "lmtp": ("address",),
+    "smtp": ("address",),
+}
+
+
+# ---------------------------------------------------------------------------
+# The loader.
+# ---------------------------------------------------------------------------
+
+
+def load_customer_config(path: str | Path) -> CustomerConfig:
+    """Load and validate a customer config file.  Raises `ConfigError`."""
+    path = Path(path)
+    loader = Loader(path)
+    raw = loader.read()
+    loader.check_keys(None, raw, _TOP_LEVEL_KEYS)
+
+    for key in ("hostname", "data_dir"):
+        if key not in raw:
+            raise loader.error(None, key, "required key is missing")
+    for key in ("hostname", "data_dir", "domains", "max_message_size"):
+        if isinstance(raw.get(key), dict):
+            raise loader.error(None, key, "expected a value, got a table")
+    hostname: str = loader.parse(None, "hostname", check_hostname, raw["hostname"])
+    data_dir_text: str = loader.parse(None, "data_dir", check_string, raw["data_dir"])
+    if not data_dir_text:
+        raise loader.error(None, "data_dir", "must not be empty")
+    max_message_size: int = loader.parse(
+        None, "max_message_size", size(1), raw.get("max_message_size", "50M")
+    )
+    site_domains: tuple[str, ...] | None = None
+    if "domains" in raw:
+        site_domains = loader.parse(None, "domains", _domain_list(MAX_SITE_DOMAINS), raw["domains"])
+
+    provider = _load_provider(loader, _table(loader, raw, "provider", required=True))
+    log_table = _table(loader, raw, "log", required=False)
+    loader.check_keys("log", log_table, list(_LOG_KEYS))
+    log = LogConfig(
+        **{key: loader.parse("log", key, _LOG_KEYS[key], v) for key, v in log_table.items()}
+    )
+
+    pull_tables = raw.get("pull")
+    if pull_tables is None:
+        raise loader.error(None, "[[pull]]", "at least one [[pull]] block is required")
+    if not isinstance(pull_tables, list) or not all(isinstance(t, dict) for t in pull_tables):
+        raise loader.error(
+            None,
+            "pull",
+            f"expected [[pull]] blocks (an array of tables), got {_kind(pull_tables, 'pull')}",
+        )
+    if not pull_tables:
+        raise loader.error(None, "[[pull]]", "at least one [[pull]] block is required")
+    # The domains each block accepts are only known once the site's are; load in two steps.
+    drafts = [_load_pull(loader, n, table) for n, table in enumerate(pull_tables, 1)]
+    domains = _site_domains(loader, site_domains, drafts)
+    pulls = tuple(draft.finish(loader, domains) for draft in drafts)
+
+    return CustomerConfig(
+        path=Path(os.path.abspath(path)),
+        hostname=hostname,
+        data_dir=loader.resolve(data_dir_text),
+        domains=domains,
+        max_message_size=max_message_size,
+        provider=provider,
+        log=log,
+        pulls=pulls,
+    )
+
+
+def _kind(value: object, table: str) -> str:
+    if isinstance(value, dict):
+        return f"a single [{table}] table"
+    return show_value(value)
+
+
+def _table(loader: Loader, raw: Mapping[str, Any], name: str, *, required: bool) -> dict[str, Any]:
+    if name not in raw:
+        if required:
+            raise loader.error(name, None, "required table is missing")
+        return {}
+    table = raw[name]
+    if not isinstance(table, dict):
+        raise loader.error(None, name, f"expected a table [{name}], got {show_value(table)}")
+    return table
+
+
+def _load_provider(loader: Loader, table: dict[str, Any]) -> ProviderEndpoint:
+    section = "provider"
+    loader.check_keys(section, table, list(_PROVIDER_KEYS))
+    if "host" not in table:
+        raise loader.error(section, "host", "required key is missing")
+    values = {
+        key: loader.parse(section, key, _PROVIDER_KEYS[key], value) for key, value in table.items()
+    }
+    cert, key = values.get("client_cert", ""), values.get("client_key", "")
+    if bool(cert) != bool(key):
+        missing = "client_key" if cert else "client_cert"
+        raise loader.error(
+            section,
+            missing,
+            f"client_cert and client_key must be given together; {missing} is missing",
+        )
+    for name in ("ca_file", "client_cert", "client_key"):
+        text = values.pop(name, "")
+        values[name] = loader.existing_file(section, name, text) if text else None
+    _check_tls_files(loader, values["ca_file"], values["client_cert"], values["client_key"])
+
+    username: str | None = values.get("username")
+    password_text: str = values.pop("password_file", "")
+    if username is None and values["client_cert"] is None:
+        raise loader.error(
+            section, "username", "required key is missing (or set client_cert for AUTH EXTERNAL)"
+        )
+    if username is not None and not password_text:
+        raise loader.error(
+            section, "password_file", f"required with username {show_value(username)}"
+        )
+    if username is None and password_text:
+        raise loader.error(section, "password_file", "given without a username")
+    values["password_file"] = (
+        loader.existing_file(section, "password_file", password_text) if password_text else None
+    )
+
+    mechanisms: tuple[str, ...] = values.get("mechanisms", ())
+    for mechanism in mechanisms:
+        if mechanism == "EXTERNAL" and values["client_cert"] is None:
+            raise loader.error(section, "mechanisms", "EXTERNAL needs client_cert and client_key")
+        if mechanism in PASSWORD_MECHANISMS and username is None:
+            raise loader.error(section, "mechanisms", f"{mechanism} needs username")
+    return ProviderEndpoint(config_path=Path(os.path.abspath(loader.path)), **values)
+
+
+def _no_password() -> str:
+    raise ValueError("the key is encrypted; fermoposta needs an unencrypted key file")
+
+
+def _check_tls_files(
+    loader: Loader, ca_file: Path | None, cert: Path | None, key: Path | None
+) -> None:
+    """Load the PEM files once, so a bad one is a config error, not a TLS failure later."""
+    if ca_file is not None:
+        try:
+            ssl.create_default_context(cafile=str(ca_file))
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            raise loader.error("provider", "ca_file", f"not a usable CA bundle: {exc}") from None
+    if cert is not None and key is not None:
+        try:
+            # Never let OpenSSL prompt on the terminal for an encrypted key's passphrase.
+            ssl.create_default_context().load_cert_chain(str(cert), str(key), password=_no_password)
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            raise loader.error(
+                "provider", "client_key", f"cannot use this certificate and key: {exc}"
+            ) from None
+
+
+@dataclass(frozen=True, slots=True)
+class _PullDraft:
+    """A ``[[pull]]`` block parsed up to what needs the site's domains (the delivery)."""
+
+    number: int
+    section: str
+    name: str
+    domains: tuple[str, ...]
+    schedule: Schedule
+    delivery_table: dict[str, Any]
+
+    def finish(self, loader: Loader, site_domains: tuple[str, ...]) -> PullConfig:
+        accept = self.domains or site_domains
+        delivery = _load_delivery(
+            loader, f"{self.section} [pull.delivery]", self.delivery_table, accept
+        )
+        return PullConfig(
+            name=self.name, domains=self.domains, schedule=self.schedule, delivery=delivery
+        )
+
+
+def _load_pull(loader: Loader, number: int, table: dict[str, Any]) -> _PullDraft:
+    section = f"[[pull]] #{number}"
+    loader.check_keys(section, table, [*_PULL_KEYS, "window", "delivery"])
+    values = {
+        key: loader.parse(section, key, _PULL_KEYS[key], value)
+        for key, value in table.items()
+        if key in _PULL_KEYS
+    }
+    name: str = values.get("name", f"pull-{number}")
+    every: float = values.get("every", 600.0)
+    jitter: JitterSpec = values.get("jitter", JitterSpec(fraction=0.1))
+
+    window_tables = table.get("window", [])
+    if not isinstance(window_tables, list) or not all(isinstance(t, dict) for t in window_tables):
+        raise loader.error(
+            section,
+            "window",
+            f"expected [[pull.window]] blocks, got {_kind(window_tables, 'pull.window')}",
+        )
+    windows = tuple(
+        _load_window(loader, f"{section} [[pull.window]] #{n}", t)
+        for n, t in enumerate(window_tables, 1)
+    )
+
+    longest = max([every, *(w.every for w in windows)])
+    if "backoff_max" in values:
+        backoff_max: float = values["backoff_max"]
+        if backoff_max < every:
+            raise loader.error(
+                section, "backoff_max", f"must be at least every ({every:g}s), got {backoff_max:g}s"
+            )
+        if backoff_max < longest:
+            raise loader.error(
+                section,
+                "backoff_max",
+                f"must be at least the longest window every ({longest:g}s), got {backoff_max:g}s",
+            )
+    else:
+        backoff_max = max(DEFAULT_BACKOFF_MAX, longest)
+    schedule = Schedule(every=every, jitter=jitter, backoff_max=backoff_max, windows=windows)
+
+    delivery = table.get("delivery")
+    if delivery is None:
+        raise loader.error(f"{section} [pull.delivery]", None, "required table is missing")
+    if not isinstance(delivery, dict):
+        raise loader.error(
+            section, "delivery", f"expected a table [pull.delivery], got {show_value(delivery)}"
+        )
+    return _PullDraft(
+        number=number,
+        section=section,
+        name=name,
+        domains=values.get("domains", ()),
+        schedule=schedule,
+        delivery_table=delivery,
+    )
+
+
+def _load_window(loader: Loader, section: str, table: dict[str, Any]) -> Window:
+    loader.check_keys(section, table, list(_WINDOW_KEYS))
+    if "every" not in table:
+        raise loader.error(section, "every", "required key is missing")
+    days: frozenset[int] = loader.parse(section, "days", parse_days, table.get("days", "daily"))
+    start, end = loader.parse(section, "hours", parse_hours, table.get("hours", "00-24"))
+    every: float = loader.parse(section, "every", _WINDOW_KEYS["every"], table["every"])
+    return Window(days=days, start_hour=start, end_hour=end, every=every)
+
+
+def _site_domains(
+    loader: Loader, written: tuple[str, ...] | None, drafts: list[_PullDraft]
+) -> tuple[str, ...]:
+    """The site's domains, after checking the blocks against them and each other."""
+    names: dict[str, int] = {}
+    owner: dict[str, _PullDraft] = {}
+    bare: _PullDraft | None = None
+    for draft in drafts:
+        if draft.name in names:
+            raise loader.error(
+                draft.section,
+                "name",
+                f"{show_value(draft.name)} is already the name of [[pull]] #{names[draft.name]}",
+            )
+        names[draft.name] = draft.number
+        if draft.domains:
+            for domain in draft.domains:
+                if domain in owner:
+                    raise loader.error(
+                        draft.section,
+                        "domains",
+                        f"{domain} is already collected by [[pull]] #{owner[domain].number} "
+                        f"({show_value(owner[domain].name)}); two blocks would race for its mail",
+                    )
+                owner[domain] = draft
+        elif bare is not None:
+            raise loader.error(
+                draft.section,
+                "domains",
+                f"[[pull]] #{bare.number} ({show_value(bare.name)}) already sends a bare ATRN "
+                "(every domain of the account); two such blocks would race for the same mail",
+            )
+        else:
+            bare = draft
+
+    if written is None:
+        if bare is not None:
+            raise loader.error(
+                None,
+                "domains",
+                f"required: [[pull]] #{bare.number} ({show_value(bare.name)}) sends a bare ATRN, "
+                "so the site's domains must be listed (RCPTs for other domains are refused)",
+            )
+        return tuple(owner)
+    if not written:
+        raise loader.error(None, "domains", "must not be empty")
+    for domain, draft in owner.items():
+        if domain not in written:
+            raise loader.error(
+                draft.section,
+                "domains",
+                f"{domain} is not one of the site's domains (top-level domains)",
+            )
+    return written
+
+
+def _load_delivery(
+    loader: Loader, section: str, table: dict[str, Any], accept: tuple[str, ...]
+) -> DeliveryConfig:
+    every_key = ["type", *dict.fromkeys(k for keys in _DELIVERY_KEYS.values() for k in keys)]
+    loader.check_keys(section, table, every_key)
+    if "type" not in table:
+        raise loader.error(section, "type", "required key is missing")
+    kind: str = loader.parse(section, "type", one_of(*DELIVERY_TYPES), table["type"])
+    for key in table:
+        if key != "type" and key not in _DELIVERY_KEYS[kind]:
+            owners = [t for t, keys in _DELIVERY_KEYS.items() if key in keys]
+            raise loader.error(
+                section,
+                key,
+                f'not a key of delivery type "{kind}" '
+                f"(it belongs to {' and '.join(show_value(o) for o in owners)})",
+            )
+
+    if kind == "maildir":
+        if "path" not in table:
+            raise loader.error(section, "path", 'required key is missing for type "maildir"')
+        template: str = loader.parse(section, "path", _maildir_template, table["path"])
+        create: bool = loader.parse(section, "create", check_boolean, table.get("create", False))
+        aliases = _aliases(loader, section, table.get("aliases", {}), accept)
+        catch_all: str | None = None
+        if table.get("catch_all", ""):
+            catch_all = loader.parse(section, "catch_all", _address, table["catch_all"])
+            _check_local(loader, section, "catch_all", catch_all, accept)
+        elif "catch_all" in table:
+            loader.parse(section, "catch_all", check_string, table["catch_all"])
+        return DeliveryConfig(
+            type=kind,
+            path=str(loader.resolve(template)),
+            create=create,
+            aliases=aliases,
+            catch_all=catch_all,
+        )
+
+    if "address" not in table:
+        raise loader.error(section, "address", f'required key is missing for type "{kind}"')
+    text: str = loader.parse(section, "address", check_string, table["address"])
+    if not text:
+        raise loader.error(section, "address", "must not be empty")
+    if kind == "lmtp" and not text.startswith("[") and ("/" in text or ":" not in text):
+        socket_path = loader.resolve(text)
+        if len(os.fsencode(socket_path)) > MAX_UNIX_SOCKET_PATH:
+            raise loader.error(
+                section,
+                "address",
+                f'the socket path "{socket_path}" is longer than {MAX_UNIX_SOCKET_PATH} bytes, '
+                "the limit of a unix socket address",
+            )
+        return DeliveryConfig(type=kind, socket_path=socket_path)
+    host, port = loader.parse(section, "address", parse_hostport, text)
+    if port == 0:
+        raise loader.error(section, "address", f"expected a port 1-65535, got {show_value(text)}")
+    return DeliveryConfig(type=kind, hostport=(host, port))
+
+
+def _aliases(
+    loader: Loader, section: str, value: object, accept: tuple[str, ...]
+) -> Mapping[str, str]:
+    if not isinstance(value, dict):
+        raise loader.error(
+            section,
+            "aliases",
+            f'expected a table of "address" = "address", got {show_value(value)}',
+        )
+    result: dict[str, str] = {}
+    for raw_key, raw_target in value.items():
+        key = f"aliases.{show_value(raw_key)}"
+        source: str = loader.parse(section, key, _address, raw_key)
+        target: str = loader.parse(section, key, _address, raw_target)
+        _check_local(loader, section, key, source, accept)
+        _check_local(loader, section, key, target, accept)
+        if source in result:
+            raise loader.error(section, key, f"{source} is listed twice (after lowercasing)")
+        result[source] = target
+    return result
+
+
+def _check_local(
+    loader: Loader, section: str, key: str, address: str, accept: tuple[str, ...]
+) -> None:
+    domain = address.rpartition("@")[2]
+    if domain not in accept:
+        raise loader.error(
+            section,
+            key,
+            f"{address}: {domain} is not a domain this block accepts ({', '.join(accept)})",
+        )

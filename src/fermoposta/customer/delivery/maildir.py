@@ -1,0 +1,387 @@
+"""Local delivery into Maildirs (two-phase: tmp, fsync, rename to new, fsync).
+
+Contract:
+- `MaildirDelivery(path_template, create=, aliases=, catch_all=, hostname=)`
+  maps each recipient to a Maildir with `path_template`, a `str.format`
+  template over {domain}, {local} and {address} (= "{local}@{domain}"); the
+  local part and domain are lowercased (a quoted local part is unquoted).  A
+  template naming any other field raises ValueError at construction.
+- Path safety: a local part or domain that is empty or contains "/", NUL or a
+  control character, that is "." or "..", contains "..", or starts with "."
+  cannot name a Maildir: 550 5.1.3 (it could escape the mail directory or
+  reach a hidden one).  Alias targets and the catch-all are checked the same
+  way at construction (ValueError).
+- Resolution, at RCPT time (`check_recipient`) and again at delivery: the
+  lowercased address is looked up in `aliases` (one level; the target is an
+  address "local@domain" formatted through the same template); then the
+  Maildir directory must exist unless `create` is true; otherwise
+  `catch_all` (an address) is used if set, else 550 5.1.1 "user unknown".
+  A filesystem error while checking (anything but "does not exist", e.g. a
+  path whose parent is a regular file, or a non-directory at the Maildir
+  path) is 451 4.3.0: never a bounce for a local fault.
+- `deliver()` is all-or-nothing for the whole transaction
+  (`max_recipients = None`).  Phase 1 writes one file per distinct target
+  Maildir to `<maildir>/tmp/<unique>` (O_EXCL, mode 0600), streaming from
+  `body` in 64 KiB chunks (bounded memory), prefixed with
+  "Delivered-To: <envelope recipient>" (unless `delivered_to=False`), with
+  CRLF line ends converted to LF (the Maildir convention; bare CRs are kept),
+  then fsync()s and closes it.  Phase 2 renames every file into `new/` and
+  fsync()s each `new/` directory.  Only then: 250 2.0.0, `where` =
+  "maildir:<path of the file in new/>" (several joined by ", ").
+- Failure: any error in phase 1 removes every tmp file of the transaction and
+  answers 451 4.3.0, or 452 4.3.1 for ENOSPC/EDQUOT (the provider keeps the
+  mail).  An error in phase 2 (rename or directory fsync) removes the files
+  already renamed into new/ and the remaining tmp files (best effort) and
+  answers 451 4.3.0; only if a mail reader took one of those files in the
+  meantime can a duplicate result, never a loss.
+- Recipients resolving to the same Maildir (aliases, catch-all) get one copy;
+  its Delivered-To names the first of them.
+- `create=True` creates missing Maildirs (and parents) with mode 0700 and
+  fsync()s each parent directory it changed, so the new Maildir survives a
+  crash with the message.  With `create=False` a missing tmp/new/cur inside an
+  existing Maildir directory is created the same way (what every MDA does).
+- Unique names follow the Maildir spec: "<seconds>.M<usec>P<pid>Q<n>R<random>.
+  <hostname>" with "/" and ":" in the host name escaped as \\057 and \\072.
+- File system work runs in a worker thread (`asyncio.to_thread`); the event
+  loop never blocks on fsync.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import re
+import secrets
+import stat
+import string
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from fermoposta.customer.delivery.base import DeliveryOutcome, LocalEnvelope, LocalRecipient
+from fermoposta.smtp.reply import Reply
+
+__all__ = ["MaildirDelivery"]
+
+log = logging.getLogger("fermoposta.delivery")
+
+CHUNK = 64 * 1024
+DIR_MODE = 0o700
+FILE_MODE = 0o600
+TEMPLATE_FIELDS = frozenset({"domain", "local", "address"})
+_DISK_FULL = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)})
+_UNQUOTE = re.compile(r"\\(.)")
+
+BAD_ADDRESS = Reply(550, "5.1.3", "Recipient address not usable for local delivery")
+USER_UNKNOWN = Reply(550, "5.1.1", "Recipient address rejected: user unknown")
+LOCAL_ERROR = Reply(451, "4.3.0", "Local delivery failed, try again later")
+DISK_FULL = Reply(452, "4.3.1", "Insufficient system storage, try again later")
+
+
+class _Unsafe(ValueError):
+    """A local part or domain that cannot safely name a directory."""
+
+
+class _Unknown(Exception):
+    """No Maildir for this address and no catch-all."""
+
+
+def _safe_component(value: str, what: str) -> str:
+    if (
+        not value
+        or value.startswith(".")
+        or ".." in value
+        or "/" in value
+        or any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value)
+    ):
+        raise _Unsafe(f"{what} {value!r} cannot name a Maildir")
+    return value
+
+
+def _split(address: str) -> tuple[str, str]:
+    """Split "local@domain" at the last "@"; unquote a quoted local part; lowercase."""
+    local, sep, domain = address.rpartition("@")
+    if not sep:
+        raise _Unsafe(f"address {address!r} has no domain")
+    return _normalize(local, domain)
+
+
+def _normalize(local: str, domain: str) -> tuple[str, str]:
+    if len(local) >= 2 and local.startswith('"') and local.endswith('"'):
+        local = _UNQUOTE.sub(r"\1", local[1:-1])
+    local, domain = local.lower(), domain.lower().rstrip(".")
+    return _safe_component(local, "local part"), _safe_component(domain, "domain")
+
+
+def _unique_host(hostname: str) -> str:
+    return hostname.replace("/", "\\057").replace(":", "\\072")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _makedirs_durable(path: Path) -> None:
+    """mkdir -p with mode 0700, fsync()ing the parent of every directory created."""
+    missing: list[Path] = []
+    current = path
+    while not current.is_dir():
+        missing.append(current)
+        if current.parent == current:
+            break
+        current = current.parent
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, DIR_MODE)
+        except FileExistsError:
+            if not directory.is_dir():
+                raise
+            continue
+        _fsync_dir(directory.parent)
+
+
+@dataclass
+class _Target:
+    maildir: Path
+    address: str  # the envelope recipient, for Delivered-To
+    tmp: Path | None = None
+    new: Path | None = None
+
+
+class MaildirDelivery:
+    """Deliver into Maildirs; see the module docstring."""
+
+    name = "maildir"
+    max_recipients: int | None = None
+
+    def __init__(
+        self,
+        path_template: str,
+        *,
+        create: bool,
+        aliases: Mapping[str, str],
+        catch_all: str | None,
+        hostname: str,
+        delivered_to: bool = True,
+    ) -> None:
+        fields = {f for _, f, _, _ in string.Formatter().parse(path_template) if f is not None}
+        unknown = fields - TEMPLATE_FIELDS
+        if unknown:
+            raise ValueError(
+                f"Maildir path template {path_template!r}: unknown field(s) "
+                f"{', '.join(sorted('{' + f + '}' for f in unknown))}; "
+                "use {domain}, {local} or {address}"
+            )
+        if not fields & {"local", "address"}:
+            raise ValueError(
+                f"Maildir path template {path_template!r} names no {{local}} or {{address}}: "
+                "every user would share one Maildir"
+            )
+        self.path_template = path_template
+        self.create = create
+        self.catch_all: tuple[str, str] | None = None
+        self.aliases: dict[str, tuple[str, str]] = {}
+        try:
+            for key, target in aliases.items():
+                self.aliases[key.strip().lower()] = _split(target.strip())
+            if catch_all is not None:
+                self.catch_all = _split(catch_all.strip())
+        except _Unsafe as exc:
+            raise ValueError(f"Maildir delivery: {exc}") from None
+        self.hostname = hostname
+        self.delivered_to = delivered_to
+        self._counter = 0
+        self._lock = threading.Lock()
+
+    # --- resolution ----------------------------------------------------------------------
+    def maildir_for(self, local: str, domain: str) -> Path:
+        """The Maildir of a (normalized, safe) local part and domain."""
+        return Path(
+            self.path_template.format(local=local, domain=domain, address=f"{local}@{domain}")
+        )
+
+    def _resolve(self, rcpt: LocalRecipient) -> Path:
+        """The recipient's Maildir; raises _Unsafe, _Unknown or OSError (see docstring)."""
+        local, domain = _normalize(rcpt.local, rcpt.domain)
+        local, domain = self.aliases.get(f"{local}@{domain}", (local, domain))
+        maildir = self.maildir_for(local, domain)
+        if self.create or self._exists(maildir):
+            return maildir
+        if self.catch_all is not None:
+            maildir = self.maildir_for(*self.catch_all)
+            if self._exists(maildir):
+                return maildir
+            log.warning("catch-all Maildir %s does not exist", maildir)
+        raise _Unknown(str(maildir))
+
+    @staticmethod
+    def _exists(maildir: Path) -> bool:
+        """True for a directory, False if absent; OSError for anything else."""
+        try:
+            st = os.stat(maildir)
+        except FileNotFoundError:
+            return False
+        if not stat.S_ISDIR(st.st_mode):
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(maildir))
+        return True
+
+    def _check(self, rcpt: LocalRecipient) -> Reply | None:
+        try:
+            self._resolve(rcpt)
+        except _Unsafe as exc:
+            log.warning("refused <%s>: %s", rcpt.address, exc)
+            return BAD_ADDRESS
+        except _Unknown:
+            return USER_UNKNOWN
+        except OSError as exc:
+            log.warning("cannot check the Maildir of <%s>: %s", rcpt.address, exc)
+            return LOCAL_ERROR
+        return None
+
+    async def check_recipient(self, rcpt: LocalRecipient) -> Reply | None:
+        return await asyncio.to_thread(self._check, rcpt)
+
+    # --- delivery ------------------------------------------------------------------------
+    def _unique(self) -> str:
+        with self._lock:
+            self._counter += 1
+            counter = self._counter
+        now = time.time()
+        seconds = int(now)
+        usec = int((now - seconds) * 1_000_000)
+        return (
+            f"{seconds}.M{usec}P{os.getpid()}Q{counter}R{secrets.token_hex(8)}."
+            f"{_unique_host(self.hostname)}"
+        )
+
+    def _write_tmp(self, target: _Target, body: IO[bytes]) -> None:
+        """Phase 1 for one Maildir: tmp file written, fsync()ed and closed."""
+        if self.create:
+            _makedirs_durable(target.maildir)
+        for sub in ("tmp", "new", "cur"):
+            if not (target.maildir / sub).is_dir():
+                _makedirs_durable(target.maildir / sub)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+        while True:
+            name = self._unique()
+            path = target.maildir / "tmp" / name
+            try:
+                fd = os.open(path, flags, FILE_MODE)
+            except FileExistsError:  # pragma: no cover - needs a random collision
+                continue
+            break
+        target.tmp = path
+        with os.fdopen(fd, "wb") as out:
+            if self.delivered_to and target.address.isprintable():
+                out.write(f"Delivered-To: {target.address}\n".encode())
+            body.seek(0)
+            pending_cr = False
+            while True:
+                chunk = body.read(CHUNK)
+                if not chunk:
+                    break
+                if pending_cr:
+                    chunk = b"\r" + chunk
+                pending_cr = chunk.endswith(b"\r")
+                if pending_cr:
+                    chunk = chunk[:-1]
+                out.write(chunk.replace(b"\r\n", b"\n"))
+            if pending_cr:
+                out.write(b"\r")
+            out.flush()
+            os.fsync(out.fileno())
+        target.new = target.maildir / "new" / name
+
+    def _targets(self, envelope: LocalEnvelope) -> list[_Target]:
+        targets: dict[Path, _Target] = {}
+        for rcpt in envelope.recipients:
+            maildir = self._resolve(rcpt)
+            if maildir not in targets:
+                targets[maildir] = _Target(maildir, rcpt.address)
+        return list(targets.values())
+
+    def _deliver(self, envelope: LocalEnvelope, body: IO[bytes]) -> DeliveryOutcome:
+        try:
+            targets = self._targets(envelope)
+        except (_Unsafe, _Unknown) as exc:
+            # Accepted at RCPT time, gone now (e.g. a Maildir removed meanwhile).
+            log.warning("%s: recipient no longer deliverable: %s", envelope.queue_hint, exc)
+            return DeliveryOutcome(LOCAL_ERROR, "maildir")
+        except OSError as exc:
+            log.warning("%s: cannot resolve Maildirs: %s", envelope.queue_hint, exc)
+            return DeliveryOutcome(_reply_for(exc), "maildir")
+        if not targets:
+            return DeliveryOutcome(LOCAL_ERROR, "maildir")
+        # Phase 1: every copy written and fsync()ed in tmp/.
+        try:
+            for target in targets:
+                self._write_tmp(target, body)
+        except OSError as exc:
+            log.warning("%s: Maildir write failed (%s), nothing delivered",
+                        envelope.queue_hint, exc)
+            self._discard(targets)
+            return DeliveryOutcome(_reply_for(exc), _where(targets, committed=False))
+        except BaseException:
+            self._discard(targets)
+            raise
+        # Phase 2: commit: rename into new/, then make the new entries durable.
+        renamed: list[_Target] = []
+        try:
+            for target in targets:
+                assert target.tmp is not None and target.new is not None
+                os.rename(target.tmp, target.new)
+                renamed.append(target)
+            for directory in dict.fromkeys(t.maildir / "new" for t in targets):
+                _fsync_dir(directory)
+        except OSError as exc:
+            log.error("%s: Maildir commit failed (%s); rolling back", envelope.queue_hint, exc)
+            for target in renamed:
+                assert target.new is not None
+                try:
+                    os.unlink(target.new)
+                except OSError as unlink_exc:
+                    log.error("%s: could not roll back %s (%s): a duplicate is possible",
+                              envelope.queue_hint, target.new, unlink_exc)
+            self._discard([t for t in targets if t not in renamed])
+            return DeliveryOutcome(_reply_for(exc), _where(targets, committed=False))
+        count = len(targets)
+        reply = Reply(250, "2.0.0",
+                      f"Delivered to {count} mailbox{'es' if count != 1 else ''}")
+        return DeliveryOutcome(reply, _where(targets, committed=True))
+
+    @staticmethod
+    def _discard(targets: list[_Target]) -> None:
+        for target in targets:
+            if target.tmp is not None:
+                try:
+                    os.unlink(target.tmp)
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:
+                    log.warning("could not remove %s: %s", target.tmp, exc)
+
+    async def deliver(self, envelope: LocalEnvelope, body: IO[bytes], size: int
+                      ) -> DeliveryOutcome:
+        return await asyncio.to_thread(self._deliver, envelope, body)
+
+    async def close(self) -> None:
+        return None
+
+
+def _reply_for(exc: OSError) -> Reply:
+    return DISK_FULL if exc.errno in _DISK_FULL else LOCAL_ERROR
+
+
+def _where(targets: list[_Target], *, committed: bool) -> str:
+    """The files in new/ once committed, else the Maildirs that were tried."""
+    paths = [t.new if committed and t.new is not None else t.maildir for t in targets]
+    return ", ".join(f"maildir:{path}" for path in paths) or "maildir"
