@@ -12,7 +12,8 @@ sends `ATRN example.org` and then plays a minimal asyncio SMTP server
 (220, EHLO with PIPELINING/SIZE/8BITMIME, 250/354/250, 221) that counts and
 discards the messages.  The clock runs from sending ATRN to receiving QUIT.
 The store is refilled before the STARTTLS run.  The peer is
-`smtp-source -d -s 1 -m MESSAGES -l SIZE` -> `smtp-sink` (-d: one connection).
+`smtp-source -d -s 1 -m MESSAGES -l SIZE` -> `smtp-sink` (-d: one connection),
+PEER_RUNS times, median used.
 """
 
 from __future__ import annotations

@@ -4,11 +4,11 @@ compared with Postfix's smtp-sink (which throws mail away) in the same run.
     .venv/bin/python bench/mx_intake.py [--messages 5000] [--sessions 10] [--size 4096]
 
 Runs `smtp-source -s SESSIONS -m MESSAGES -l SIZE -f sender@bench.test
--t rcpt@example.org 127.0.0.1:PORT` first against `smtp-sink 127.0.0.1:PORT 64`,
-then against `fermoposta provider run` (a child process, account `acme` with
-domain example.org created with `fermoposta account add`), prints msgs/s for
-both, their ratio and the provider's peak RSS, then checks that the store holds
-exactly MESSAGES messages for example.org.
+-t rcpt@example.org 127.0.0.1:PORT` first against `smtp-sink 127.0.0.1:PORT 64`
+(PEER_RUNS times, median used), then against `fermoposta provider run` (a child
+process, account `acme` with domain example.org created with `fermoposta
+account add`), prints msgs/s for both, their ratio and the provider's peak RSS,
+then checks that the store holds exactly MESSAGES messages for example.org.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from fermoposta.net.client import ReplyProtocolError, SMTPClient
 from fermoposta.net.connection import Connection, ConnectionClosed, LineTooLong
@@ -60,7 +60,6 @@ class DrainResult:
     messages: int = 0  # messages attempted
     aborted: str | None = None  # why the session ended early, if it did
     relay: str = ""
-    outcomes: list[tuple[str, str, str]] = field(default_factory=list)  # (queue id, rcpt, status)
 
 
 class _Abort(Exception):
@@ -316,7 +315,6 @@ class Drain:
              status: str) -> None:
         delay = max(0.0, time.time() - message.received_at)
         for rcpt in recipients:
-            self.result.outcomes.append((message.id, rcpt.address, status))
             event("drain", message.id, to=f"<{rcpt.address}>", relay=self.result.relay,
                   delay=f"{delay:.1f}", dsn=reply.enhanced or f"{reply.code // 100}.0.0",
                   status=status, reason=str(reply))
