@@ -60,11 +60,12 @@ async def test_pull_over_starttls_each_mechanism(provider, certs, tmp_path, mech
 
 
 async def test_pull_with_external_client_certificate(provider, certs, tmp_path):
-    await hold(provider)
+    queue_id = await hold(provider)  # one recipient: the Received: header has "for <...>"
     cfg = config(tmp_path, provider, certs, username=None, password=None,
                  client_cert=certs.client_cert_file)
     summary = await pull_once(cfg, cfg.pulls[0])
     assert summary.error is None, summary.lines()
+    assert summary.received[0].provider_queue_id == queue_id
     assert len(maildir_messages(tmp_path / "site", "example.org", "bob")) == 1
 
 

@@ -36,9 +36,9 @@ NOT_OUR_DOMAIN = Reply(550, "5.7.1", "Relaying denied: not a domain of this site
 ONE_AT_A_TIME = Reply(452, "4.5.3", "Too many recipients: send the others in a new transaction")
 LOCAL_FAILURE = Reply(451, "4.3.0", "Local delivery failed, try again later")
 
-# "... by mx.provider.test (fermoposta) with ESMTP id 4F9D195432C;" in the
+# "... by mx.provider.test (fermoposta) with ESMTP id 4F9D195432C" in the
 # provider's Received: header tells us its queue id for the logs.
-_QUEUE_ID = re.compile(rb"\sid\s+([A-Za-z0-9]+)\s*;")
+_QUEUE_ID = re.compile(rb"\sid\s+([A-Za-z0-9]+)[\s;]")
 
 
 @dataclass(frozen=True, slots=True)
