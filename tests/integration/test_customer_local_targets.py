@@ -7,18 +7,20 @@ import email
 import email.policy
 
 from conftest import PASSWORD
-from dovecot import dovecot, dovecot_server  # noqa: F401  (fixtures)
+from dovecot import Dovecot, dovecot, dovecot_server
+from fermoposta.customer.config import load_customer_config
+from fermoposta.customer.pull import pull_once
 from peers import sink_messages, smtp_sink
 from support.customer_config import write_customer_config
 from support.dialog import send_mail
 
-from fermoposta.customer.config import load_customer_config
-from fermoposta.customer.pull import pull_once
+__all__ = ["dovecot", "dovecot_server"]  # fixtures
 
 BODY = b"From: alice@sender.test\r\nSubject: to the site\r\n\r\nline one\r\n.dotted\r\n"
 
 
-async def test_lmtp_to_dovecot_with_a_rejected_recipient(provider, certs, tmp_path, dovecot):
+async def test_lmtp_to_dovecot_with_a_rejected_recipient(provider, certs, tmp_path,
+                                                        dovecot: Dovecot):
     code, lines = await send_mail(*provider.mx, "alice@sender.test",
                                   ["bob@example.org", "ghost@example.org", "carol@example.org"],
                                   BODY)
@@ -54,8 +56,7 @@ def _all_ids(store):
     return [row[0] for row in sqlite3.connect(store.path).execute("SELECT id FROM messages")]
 
 
-async def test_lmtp_target_down_keeps_everything_held(provider, certs, tmp_path,
-                                                      dovecot_server):
+async def test_lmtp_target_down_keeps_everything_held(provider, certs, tmp_path):
     code, lines = await send_mail(*provider.mx, "alice@sender.test", ["bob@example.org"], BODY)
     assert code == 250
     queue_id = lines[0].rsplit(" ", 1)[1]

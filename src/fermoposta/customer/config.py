@@ -76,6 +76,7 @@ from fermoposta.customer.schedule import (
     parse_hours,
     parse_jitter,
 )
+from fermoposta.passwords import read_password_file
 from fermoposta.smtp.atrn import MAX_ATRN_DOMAINS, parse_atrn_domains
 from fermoposta.smtp.command import normalize_domain
 from fermoposta.smtp.reply import SMTPError
@@ -194,18 +195,9 @@ class ProviderEndpoint:
         if self.password_file is None:
             raise ConfigError(f"{prefix}: no password file is configured")
         try:
-            with open(self.password_file, encoding="utf-8", newline="") as stream:
-                line = stream.readline()
-        except UnicodeDecodeError:
-            raise ConfigError(f'{prefix}: "{self.password_file}" is not UTF-8') from None
-        except OSError as exc:
-            raise ConfigError(
-                f'{prefix}: cannot read "{self.password_file}": {exc.strerror or exc}'
-            ) from None
-        password = line.removesuffix("\n").removesuffix("\r")
-        if not password:
-            raise ConfigError(f'{prefix}: the first line of "{self.password_file}" is empty')
-        return password
+            return read_password_file(self.password_file)
+        except ValueError as exc:  # the message names the file, never the password
+            raise ConfigError(f"{prefix}: {exc}") from None
 
 
 @dataclass(frozen=True, slots=True)

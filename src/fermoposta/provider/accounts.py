@@ -36,6 +36,7 @@ from typing import Any, TextIO
 import idna
 import scramp
 
+from fermoposta.passwords import UnreadableInputError, first_line, read_password_file
 from fermoposta.store.base import Account, Domain, ScramSecret, Store, StoreError
 
 EX_OK = 0
@@ -50,10 +51,6 @@ Handler = Callable[[argparse.Namespace, Store], int]
 
 _ACCOUNT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+=-]{0,127}\Z")
 _HEX = re.compile(r"[0-9a-f]{64}\Z")
-
-
-class UnreadableInputError(ValueError):
-    """A password or recipients file cannot be read (exit code 66)."""
 
 
 class _UsageError(Exception):
@@ -86,38 +83,10 @@ def make_scram_secret(password: str, iterations: int = DEFAULT_SCRAM_ITERATIONS)
     )
 
 
-def _first_line(stream: TextIO, source: str) -> str:
-    password = stream.readline()
-    if password.endswith("\n"):
-        password = password[:-1]
-    if password.endswith("\r"):
-        password = password[:-1]
-    if not password:
-        raise ValueError(f"{source}: the password is empty")
-    return password
-
-
-def read_password_file(path: str | Path) -> str:
-    """The first line of `path` without its line ending.
-
-    Raises `UnreadableInputError` (a ValueError) if the file cannot be read or is
-    not UTF-8, and ValueError if the first line is empty.
-    """
-    try:
-        with open(path, encoding="utf-8", newline="") as stream:
-            return _first_line(stream, str(path))
-    except UnicodeDecodeError:
-        raise UnreadableInputError(f"{path}: the password file is not UTF-8") from None
-    except OSError as exc:
-        raise UnreadableInputError(
-            f"cannot read password file {path}: {exc.strerror or exc}"
-        ) from None
-
-
 def read_password_stdin(stream: TextIO | None = None) -> str:
     """The first line of stdin (or `stream`) without its line ending."""
     try:
-        return _first_line(stream if stream is not None else sys.stdin, "stdin")
+        return first_line(stream if stream is not None else sys.stdin, "stdin")
     except UnicodeDecodeError:
         raise UnreadableInputError("stdin: the password is not UTF-8") from None
     except OSError as exc:
