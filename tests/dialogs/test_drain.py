@@ -296,7 +296,9 @@ async def test_out_of_place_positive_replies_never_deliver(provider, certs):
     d = await authed(provider, certs)
     await d.cmd("ATRN example.org", 250)
     t = await serve_reversed(d, mail_reply="252 2.1.0 odd")
-    assert t.quit and t.messages == []
+    # The pipelined DATA then got 354 with no recipient of ours accepted: the
+    # provider drops the connection rather than risk an empty message.
+    assert not t.quit and t.messages == []
     m = provider.store.get_message(q1)
     assert m is not None and "Unexpected reply" in (m.recipients[0].last_reply or "")
     await d.close()

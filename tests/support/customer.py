@@ -78,8 +78,8 @@ async def serve_reversed(
         elif verb == "HELO":
             await d.send("250 customer.example.org")
         elif verb == "MAIL":
-            sender = line[line.index("<") + 1: line.index(">")]
             rcpts = []
+            sender = line[line.index("<") + 1: line.index(">")] if mail_reply[0] == "2" else None
             await d.send(mail_reply)
         elif verb == "RCPT":
             rcpt = line[line.index("<") + 1: line.index(">")]
@@ -88,6 +88,9 @@ async def serve_reversed(
                 rcpts.append(rcpt)
             await d.send(reply)
         elif verb == "DATA":
+            if sender is None or not rcpts:
+                await d.send("554 5.5.1 No valid recipients")  # as real servers do
+                continue
             await d.send("354 go ahead")
             body = bytearray()
             while True:
@@ -108,6 +111,7 @@ async def serve_reversed(
                 t.messages.append(Received(sender or "", list(rcpts), bytes(body)))
             await d.send(reply)
         elif verb == "RSET":
+            sender, rcpts = None, []
             await d.send("250 OK")
         elif verb == "QUIT":
             await d.send("221 customer.example.org bye")

@@ -195,12 +195,16 @@ class Drain:
         mail_line = self._mail_command(message)
         rcpt_lines = [f"RCPT TO:<{r.address}>" for r in recipients]
         timeout = self.settings.command_timeout
+        data_reply: Reply | None = None
         if self.client.has("PIPELINING"):
+            # RFC 2920 §3.1: MAIL, the RCPTs and DATA in one group, one round trip.
             await self.conn.write(
-                ("\r\n".join([mail_line, *rcpt_lines]) + "\r\n").encode("utf-8"), timeout
+                ("\r\n".join([mail_line, *rcpt_lines, "DATA"]) + "\r\n").encode("utf-8"),
+                timeout,
             )
             mail_reply = await self.client.read_reply(timeout)
             rcpt_replies = [await self.client.read_reply(timeout) for _ in rcpt_lines]
+            data_reply = await self.client.read_reply(self.settings.data_init_timeout)
         else:
             mail_reply = await self.client.command(mail_line, timeout)
             rcpt_replies = []
@@ -210,6 +214,7 @@ class Drain:
         if mail_reply.code != 250:
             # The RCPT replies (if pipelined) are moot: the transaction failed.
             await self._settle(message, recipients, self._not_final(mail_reply))
+            await self._end_unwanted_data(data_reply)
             await self._rset()
             return []
         accepted: list[QueuedRecipient] = []
@@ -222,9 +227,11 @@ class Drain:
             else:
                 await self._settle(message, [rcpt], self._not_final(reply))
         if not accepted:
+            await self._end_unwanted_data(data_reply)
             await self._rset()
             return postponed
-        data_reply = await self.client.command("DATA", self.settings.data_init_timeout)
+        if data_reply is None:
+            data_reply = await self.client.command("DATA", self.settings.data_init_timeout)
         if data_reply.code != 354:
             await self._settle(message, accepted, self._not_final(data_reply))
             await self._rset()
@@ -249,6 +256,18 @@ class Drain:
             if chunk is None:
                 return
             yield chunk
+
+    async def _end_unwanted_data(self, data_reply: Reply | None) -> None:
+        """A pipelined DATA answered 354 although the transaction has no
+        accepted recipient (a real server answers 503 or 554 there).  Ending
+        it with "." could deliver an empty message, so drop the connection
+        instead: the server discards the open transaction (RFC 5321 §3.8),
+        and everything not yet delivered stays queued."""
+        if data_reply is not None and data_reply.code == 354:
+            self.result.aborted = "customer accepted DATA without recipients; connection dropped"
+            log.warning("%s: %s", self.session_id, self.result.aborted)
+            self.conn.abort()
+            raise _Abort()
 
     async def _rset(self) -> None:
         reply = await self.client.command("RSET", self.settings.command_timeout)
