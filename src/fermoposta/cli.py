@@ -4,7 +4,7 @@ Contract:
 - `main(argv)` parses the arguments, runs one command and returns a sysexits
   code; it never calls `sys.exit` itself (argparse's exits for ``--help``,
   ``--version`` and usage errors are caught and returned as codes).
-- Commands: ``provider run``; ``account add|list|remove|passwd`` and
+- Commands: ``provider run``; ``account add|list|remove|passwd|certs`` and
   ``domain add|list|remove`` (defined in `fermoposta.provider.accounts`, which
   sets ``handler(args, store) -> int``; here we load the config, open the store
   and close it afterwards); ``config check [FILE]``.

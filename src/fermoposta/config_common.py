@@ -66,7 +66,8 @@ class LogConfig:
     """``[log]``: logging (see `fermoposta.ops.log`).
 
     - ``level`` (default ``"info"``): ``"debug"``, ``"info"``, ``"warning"`` or ``"error"``.
-      ``debug`` includes protocol traces (AUTH redacted).
+      ``debug`` adds a protocol trace of every command and reply (SASL
+      payloads replaced by ``***``).
     - ``format`` (default ``"text"``): ``"text"`` (Postfix-like lines,
       ``<time> fermoposta/<component>[<pid>]: <message>``) or ``"json"`` (one
       JSON object a line).

@@ -210,6 +210,115 @@ def test_account_errors(
         parser().parse_args(["account", "add", "bob"])
 
 
+SUBJECT = "CN=customer@example.org,O=Example\\, Ltd,C=IT"
+
+
+def test_account_add_with_cert_subject(
+    store: SQLiteStore, pwfile: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pw = ["--password-file", str(pwfile)]
+    code, _, _ = run(
+        store, capsys, "account", "add", "alice", *pw,
+        "--cert-subject", " cn = customer@example.org , o=Example\\, Ltd , c=IT",
+        "--cert-subject", "CN=second", "--cert-fingerprint", FP,
+    )
+    assert code == 0
+    alice = store.get_account("alice")
+    assert alice is not None and alice.cert_subjects == (SUBJECT, "CN=second")
+    assert store.account_by_subject(SUBJECT) == alice
+    code, out, _ = run(store, capsys, "account", "list")
+    assert out.splitlines()[1].split()[:4] == ["alice", "-", "yes", "3"]
+    # The same subject, typed differently, is taken.
+    code, _, err = run(store, capsys, "account", "add", "bob", *pw, "--cert-subject",
+                       "commonName=customer@example.org, organizationName=\"Example, Ltd\", C=IT")
+    assert code == 65 and "already bound to account 'alice'" in err
+    assert store.get_account("bob") is None
+    # Most general first (openssl's default output): accepted, with a warning.
+    code, _, err = run(store, capsys, "account", "add", "carol", *pw, "--cert-subject",
+                       "C = IT, O = Example Ltd, CN = carol")
+    assert code == 0 and "warning" in err and "most general" in err
+    carol = store.get_account("carol")
+    assert carol is not None and carol.cert_subjects == ("C=IT,O=Example Ltd,CN=carol",)
+    code, _, err = run(store, capsys, "account", "add", "dan", *pw, "--cert-subject",
+                       "CN=dan,DC=example,DC=org", "--cert-subject", "DC=example,DC=org")
+    assert code == 0 and err == ""
+    for bad in ("customer@example.org", "/C=IT/CN=x", "XYZ=1", ""):
+        code, _, err = run(store, capsys, "account", "add", "bob", *pw, "--cert-subject", bad)
+        assert code == 64 and "invalid certificate subject" in err
+    assert store.get_account("bob") is None
+
+
+def test_account_certs(
+    store: SQLiteStore, pwfile: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pw = ["--password-file", str(pwfile)]
+    assert run(store, capsys, "account", "add", "alice", *pw, "--cert-fingerprint", FP)[0] == 0
+    assert run(store, capsys, "account", "add", "bob", *pw)[0] == 0
+    store.record_atrn("alice", 5.0)
+    before = store.get_account("alice")
+    assert before is not None
+
+    code, out, _ = run(store, capsys, "account", "certs", "alice")  # show only
+    assert code == 0 and out == f"fingerprint {'ab' * 32}\n"
+
+    code, out, _ = run(
+        store, capsys, "account", "certs", "alice",
+        "--add-subject", "o = Example\\, Ltd + cn = customer@example.org",
+        "--add-fingerprint", "CD" * 32, "--remove-fingerprint", FP,
+    )
+    assert code == 0
+    assert out.splitlines() == [
+        f"fingerprint {'cd' * 32}",
+        "subject CN=customer@example.org+O=Example\\, Ltd",
+    ]
+    alice = store.get_account("alice")
+    assert alice is not None
+    assert alice.cert_fingerprints == ("cd" * 32,)
+    assert alice.cert_subjects == ("CN=customer@example.org+O=Example\\, Ltd",)
+    # Secrets, creation time and last ATRN are untouched.
+    assert (alice.scram, alice.cram_secret, alice.created_at, alice.last_atrn_at) == (
+        before.scram, before.cram_secret, before.created_at, 5.0)
+    found = store.account_by_subject("CN=customer@example.org+O=Example\\, Ltd")
+    assert found is not None and found.name == "alice"
+    assert store.account_by_fingerprint("ab" * 32) is None
+
+    # Adding a binding the account already has changes nothing.
+    code, _, _ = run(store, capsys, "account", "certs", "alice", "--add-fingerprint", "cd" * 32)
+    assert code == 0 and store.get_account("alice") == alice
+
+    # Data errors: bound elsewhere, not bound, unknown account.
+    code, _, err = run(store, capsys, "account", "certs", "bob", "--add-fingerprint", "CD" * 32)
+    assert code == 65 and "already bound to account 'alice'" in err
+    code, _, err = run(store, capsys, "account", "certs", "bob", "--add-subject",
+                       "CN=customer@example.org+O=Example\\, Ltd")
+    assert code == 65 and "already bound to account 'alice'" in err
+    code, _, err = run(store, capsys, "account", "certs", "bob", "--remove-subject", "CN=x")
+    assert code == 65 and "has no certificate subject 'CN=x'" in err
+    code, _, err = run(store, capsys, "account", "certs", "bob", "--remove-fingerprint", FP)
+    assert code == 65
+    code, _, err = run(store, capsys, "account", "certs", "nobody", "--add-subject", "CN=x")
+    assert code == 65 and "no account" in err
+    bob = store.get_account("bob")
+    assert bob is not None and bob.cert_fingerprints == () and bob.cert_subjects == ()
+
+    # Usage errors: malformed values, the same binding added and removed.
+    for args in (["--add-fingerprint", "xyz"], ["--remove-fingerprint", "12"],
+                 ["--add-subject", "nonsense"], ["--remove-subject", "CN=a,"],
+                 ["--add-subject", "CN=x", "--remove-subject", "cn = x"]):
+        code, _, err = run(store, capsys, "account", "certs", "alice", *args)
+        assert code == 64 and err.startswith("fermoposta: "), args
+    assert store.get_account("alice") == alice
+
+    # Remove everything.
+    code, out, _ = run(
+        store, capsys, "account", "certs", "alice", "--remove-fingerprint", "cd:" * 31 + "cd",
+        "--remove-subject", "CN=customer@example.org + O=Example\\, Ltd",
+    )
+    assert code == 0 and out == "account alice has no certificate bindings\n"
+    code, out, _ = run(store, capsys, "account", "list")
+    assert out.splitlines()[1].split()[:4] == ["alice", "-", "yes", "0"]
+
+
 def test_domain_commands(
     store: SQLiteStore, pwfile: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import base64
 import contextlib
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fermoposta.provider.odmr import StoreCredentials
 from fermoposta.smtp.sasl import (
     Challenge,
     ClientMechanism,
@@ -32,19 +34,29 @@ from fermoposta.smtp.sasl import (
     server_mechanism,
     verify_password,
 )
+from fermoposta.store import SQLiteStore
 from fermoposta.store.base import Account, StoreError
 
 ALICE_FP = certificate_fingerprint(b"alice-cert-der")
-PASSWORDS = {"alice": "correct horse", "bob": "pässwörd\u00a0x", "carol": "carol-pw"}
+DAVE_SUBJECT = "CN=dave@example.org,O=Example Ltd,C=IT"
+PASSWORDS = {
+    "alice": "correct horse",
+    "bob": "pässwörd\u00a0x",
+    "carol": "carol-pw",
+    "dave": "dave-pw",
+}
 
 
-def _account(name: str, *, cram: bool = True, fps: tuple[str, ...] = ()) -> Account:
+def _account(
+    name: str, *, cram: bool = True, fps: tuple[str, ...] = (), subjects: tuple[str, ...] = ()
+) -> Account:
     pw = PASSWORDS[name]
     return Account(
         name=name,
         scram=make_scram_secret(pw, iterations=4096),
         cram_secret=pw if cram else None,
         cert_fingerprints=fps,
+        cert_subjects=subjects,
     )
 
 
@@ -52,6 +64,7 @@ ACCOUNTS = {
     "alice": _account("alice", fps=(ALICE_FP,)),
     "bob": _account("bob"),
     "carol": _account("carol", cram=False),
+    "dave": _account("dave", subjects=(DAVE_SUBJECT,)),
 }
 
 
@@ -65,11 +78,14 @@ class Creds:
             raise StoreError("disk on fire")
         return self.accounts.get(username)
 
-    def account_for_certificate(self, fingerprint: str) -> Account | None:
+    def account_for_certificate(self, fingerprint: str, subject: str | None) -> Account | None:
         if self.broken:
             raise StoreError("disk on fire")
         for acc in self.accounts.values():
             if fingerprint in acc.cert_fingerprints:
+                return acc
+        for acc in self.accounts.values():
+            if subject and subject in acc.cert_subjects:
                 return acc
         return None
 
@@ -78,9 +94,15 @@ CREDS = Creds()
 MECHS = ("PLAIN", "LOGIN", "CRAM-MD5", "SCRAM-SHA-256")
 
 
-def make_server(name: str, creds: Creds = CREDS, fp: str | None = ALICE_FP) -> ServerMechanism:
+def make_server(
+    name: str, creds: Creds = CREDS, fp: str | None = ALICE_FP, subject: str | None = None
+) -> ServerMechanism:
     mech = server_mechanism(
-        name, credentials=creds, hostname="mx.example.net", client_cert_fingerprint=fp
+        name,
+        credentials=creds,
+        hostname="mx.example.net",
+        client_cert_fingerprint=fp,
+        client_cert_subject=subject,
     )
     assert mech is not None
     return mech
@@ -397,6 +419,53 @@ def test_external() -> None:
     assert upper.start(b"") == Success("alice")
     broken = run(ExternalClient(), make_server("EXTERNAL", Creds(broken=True)))
     assert isinstance(broken, Failure) and broken.temporary
+
+
+def test_external_by_subject() -> None:
+    other_fp = certificate_fingerprint(b"renewed dave certificate")
+    by_subject = make_server("EXTERNAL", fp=other_fp, subject=DAVE_SUBJECT)
+    assert run(ExternalClient(), by_subject) == Success("dave")
+    as_dave = make_server("EXTERNAL", fp=other_fp, subject=DAVE_SUBJECT)
+    assert run(ExternalClient("dave"), as_dave) == Success("dave")
+    as_alice = make_server("EXTERNAL", fp=other_fp, subject=DAVE_SUBJECT)
+    assert isinstance(run(ExternalClient("alice"), as_alice), Failure)
+    # A fingerprint binding wins over a subject binding.
+    both = make_server("EXTERNAL", fp=ALICE_FP, subject=DAVE_SUBJECT)
+    assert run(ExternalClient(), both) == Success("alice")
+    # Another subject, a subject differing only in case of a value, no subject.
+    for subject in ("CN=mallory@example.org,O=Example Ltd,C=IT", DAVE_SUBJECT.upper(), "", None):
+        result = run(ExternalClient(), make_server("EXTERNAL", fp=other_fp, subject=subject))
+        assert isinstance(result, Failure) and not result.temporary
+        assert other_fp in result.reason
+    # No verified certificate: a subject alone is not enough.
+    no_cert = make_server("EXTERNAL", fp=None, subject=DAVE_SUBJECT)
+    assert isinstance(run(ExternalClient(), no_cert), Failure)
+    broken = make_server("EXTERNAL", Creds(broken=True), fp=other_fp, subject=DAVE_SUBJECT)
+    result = run(ExternalClient(), broken)
+    assert isinstance(result, Failure) and result.temporary
+    assert ExternalServer(CREDS, other_fp.upper(), DAVE_SUBJECT).start(b"") == Success("dave")
+
+
+def test_store_credentials_fingerprint_then_subject(tmp_path: Path) -> None:
+    """The provider's CredentialSource on a real store: fingerprint first, then subject."""
+    with SQLiteStore(tmp_path / "store.sqlite3") as store:
+        store.add_account(Account("alice", None, None, (ALICE_FP,)))
+        store.add_account(Account("dave", None, None, cert_subjects=(DAVE_SUBJECT,)))
+        creds = StoreCredentials(store)
+        other_fp = certificate_fingerprint(b"renewed")
+
+        def who(fp: str, subject: str | None) -> str | None:
+            account = creds.account_for_certificate(fp, subject)
+            return None if account is None else account.name
+
+        assert who(ALICE_FP, DAVE_SUBJECT) == "alice"
+        assert who(ALICE_FP, None) == "alice"
+        assert who(other_fp, DAVE_SUBJECT) == "dave"
+        assert who(other_fp, "CN=someone else") is None
+        assert who(other_fp, None) is None
+        assert who(other_fp, "") is None
+        server = ExternalServer(creds, other_fp, DAVE_SUBJECT)
+        assert run(ExternalClient(), server) == Success("dave")
 
 
 def test_certificate_fingerprint() -> None:

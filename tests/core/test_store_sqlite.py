@@ -8,6 +8,7 @@ import sqlite3
 import threading
 import tracemalloc
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -391,6 +392,43 @@ def test_accounts_crud(store: SQLiteStore, clock: Clock) -> None:
     assert got is not None and got.last_atrn_at == 1234.5
 
 
+def test_account_cert_subjects(store: SQLiteStore) -> None:
+    subject = "CN=customer@example.org,O=Example Ltd"
+    alice = Account("alice", None, None, ("ab" * 32,), cert_subjects=(subject, "CN=second"))
+    store.add_account(alice)
+    got = store.get_account("alice")
+    assert got is not None
+    assert got.cert_subjects == ("CN=customer@example.org,O=Example Ltd", "CN=second")
+    by_subject = store.account_by_subject(subject)
+    assert by_subject is not None and by_subject.name == "alice"
+    assert by_subject.cert_fingerprints == ("ab" * 32,)
+    assert store.account_by_subject(subject.upper()) is None  # compared exactly
+    assert store.account_by_subject("CN=nobody") is None
+    with pytest.raises(ValueError, match="already bound to account 'alice'"):
+        store.add_account(Account("bob", None, None, cert_subjects=(subject,)))
+    assert store.get_account("bob") is None  # nothing of bob was written
+    store.add_account(Account("bob", None, None))
+    with pytest.raises(ValueError, match="already bound"):
+        store.update_account(Account("bob", None, None, cert_subjects=("CN=second",)))
+    bob = store.get_account("bob")
+    assert bob is not None and bob.cert_subjects == ()
+    # update_account replaces the bindings (duplicates collapse).
+    store.update_account(
+        Account("alice", None, None, (), cert_subjects=("CN=third", "CN=third", subject))
+    )
+    got = store.get_account("alice")
+    assert got is not None and got.cert_fingerprints == ()
+    assert got.cert_subjects == ("CN=customer@example.org,O=Example Ltd", "CN=third")
+    assert store.account_by_subject("CN=second") is None
+    store.update_account(Account("bob", None, None, cert_subjects=("CN=second",)))
+    assert [a.cert_subjects for a in store.list_accounts()] == [got.cert_subjects, ("CN=second",)]
+    assert store.remove_account("alice")
+    assert store.account_by_subject(subject) is None
+    store.add_account(Account("carol", None, None, cert_subjects=(subject,)))  # free again
+    carol = store.account_by_subject(subject)
+    assert carol is not None and carol.name == "carol"
+
+
 def test_domains_crud(store: SQLiteStore) -> None:
     store.add_account(Account("alice", None, None))
     store.add_account(Account("bob", None, None))
@@ -451,6 +489,143 @@ def test_newer_schema_refused(tmp_path: Path) -> None:
     conn.close()
     with pytest.raises(StoreError, match="schema version"):
         SQLiteStore(path)
+
+
+# The schema of version 1, verbatim from src/fermoposta/store/sqlite.py before
+# version 2 added account_cert_subjects.
+_SCHEMA_V1 = """
+CREATE TABLE IF NOT EXISTS messages (
+    id TEXT PRIMARY KEY,
+    sender TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    size INTEGER NOT NULL,
+    origin TEXT NOT NULL,
+    smtputf8 INTEGER NOT NULL,
+    body_8bit INTEGER NOT NULL,
+    envid TEXT,
+    ret TEXT,
+    client TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS body_chunks (
+    message_id TEXT NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+    seq INTEGER NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (message_id, seq)
+);
+CREATE TABLE IF NOT EXISTS recipients (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: callers hold ids across calls
+    message_id TEXT NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+    address TEXT NOT NULL,
+    domain TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_reply TEXT,
+    notify TEXT,
+    orcpt TEXT,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS recipients_domain_state
+    ON recipients(domain, state, message_id);
+CREATE INDEX IF NOT EXISTS recipients_message ON recipients(message_id);
+CREATE INDEX IF NOT EXISTS recipients_state ON recipients(state, message_id);
+CREATE TABLE IF NOT EXISTS accounts (
+    name TEXT PRIMARY KEY,
+    scram_salt BLOB,
+    scram_iterations INTEGER,
+    scram_stored_key BLOB,
+    scram_server_key BLOB,
+    cram_secret TEXT,
+    created_at REAL NOT NULL,
+    last_atrn_at REAL
+);
+CREATE TABLE IF NOT EXISTS account_certs (
+    fingerprint TEXT PRIMARY KEY,
+    account TEXT NOT NULL REFERENCES accounts(name) ON DELETE CASCADE
+);
+CREATE INDEX IF NOT EXISTS account_certs_account ON account_certs(account);
+CREATE TABLE IF NOT EXISTS domains (
+    name TEXT PRIMARY KEY,
+    account TEXT NOT NULL REFERENCES accounts(name) ON DELETE CASCADE,
+    max_messages INTEGER,
+    max_bytes INTEGER,
+    validate INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS domains_account ON domains(account);
+CREATE TABLE IF NOT EXISTS valid_recipients (
+    domain TEXT NOT NULL REFERENCES domains(name) ON DELETE CASCADE,
+    local TEXT NOT NULL,
+    PRIMARY KEY (domain, local)
+);
+CREATE TABLE IF NOT EXISTS leases (
+    domain TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    expires_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS leases_owner ON leases(owner);
+"""
+
+
+def test_migration_from_version_1(tmp_path: Path) -> None:
+    """A store written by fermoposta with schema 1 opens with its data, as version 2."""
+    path = tmp_path / "v1.sqlite3"
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.executescript(_SCHEMA_V1)
+    conn.executescript(
+        """
+        INSERT INTO accounts (name, scram_salt, scram_iterations, scram_stored_key,
+            scram_server_key, cram_secret, created_at, last_atrn_at)
+            VALUES ('alice', x'73616c74', 4096, x'00', x'01', 'pw', 10.0, 20.0);
+        INSERT INTO account_certs (fingerprint, account) VALUES
+            ('abababababababababababababababababababababababababababababababab', 'alice');
+        INSERT INTO domains (name, account, max_messages, max_bytes, validate)
+            VALUES ('a.example', 'alice', 5, NULL, 0);
+        INSERT INTO messages (id, sender, received_at, size, origin, smtputf8, body_8bit,
+            envid, ret, client) VALUES ('0123456789AB', 's@x.example', 30.0, 4, 'mx', 0, 0,
+            NULL, NULL, 'helo[192.0.2.1]');
+        INSERT INTO body_chunks (message_id, seq, data) VALUES ('0123456789AB', 0, x'6b656570');
+        INSERT INTO recipients (message_id, address, domain, state, updated_at)
+            VALUES ('0123456789AB', 'x@a.example', 'a.example', 'held', 30.0);
+        PRAGMA user_version = 1;
+        """
+    )
+    conn.close()
+    store = SQLiteStore(path)
+    try:
+        alice = store.get_account("alice")
+        assert alice == Account(
+            "alice",
+            ScramSecret(b"salt", 4096, b"\x00", b"\x01"),
+            "pw",
+            ("ab" * 32,),
+            (),
+            created_at=10.0,
+            last_atrn_at=20.0,
+        )
+        assert store.account_by_fingerprint("ab" * 32) == alice
+        assert store.get_domain("a.example") == Domain("a.example", "alice", 5, None)
+        assert store.held_message_ids(["a.example"]) == ["0123456789AB"]
+        assert body_of(store, "0123456789AB") == b"keep"
+        store.update_account(replace(alice, cert_subjects=("CN=alice",)))
+        found = store.account_by_subject("CN=alice")
+        assert found is not None and found.name == "alice"
+    finally:
+        store.close()
+    check = sqlite3.connect(path)
+    assert check.execute("PRAGMA user_version").fetchone()[0] == 2
+    tables = {r[0] for r in check.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert "account_cert_subjects" in tables
+    check.close()
+    with SQLiteStore(path) as again:  # already version 2: nothing to do
+        assert again.account_by_subject("CN=alice") is not None
+
+
+def test_new_store_has_version_2(tmp_path: Path) -> None:
+    path = tmp_path / "new.sqlite3"
+    SQLiteStore(path).close()
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    conn.close()
 
 
 def test_open_store(tmp_path: Path) -> None:

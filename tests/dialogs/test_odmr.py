@@ -6,11 +6,13 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import ssl
 
 import pytest
 
 from conftest import PASSWORD
-from fermoposta.smtp.sasl import ScramSha256Client
+from fermoposta.smtp.sasl import ScramSha256Client, certificate_subject, normalize_subject
+from fermoposta.store.base import Account, Domain
 from support.customer import serve_reversed
 from support.dialog import Dialog, send_mail
 
@@ -218,6 +220,59 @@ async def test_external_with_good_and_rogue_certificate(provider, certs):
     assert not any("EXTERNAL" in line for line in lines)
     await d.cmd("AUTH EXTERNAL =", 504)
     await d.close()
+
+
+def _issue_client(certs, path, common_name):
+    """A client certificate from the test CA with a chosen subject; (file, subject)."""
+    leaf = certs.ca.issue_cert("customer@example.org", common_name=common_name,
+                               organization_name="Example, Ltd", organization_unit_name="Mail")
+    leaf.private_key_and_cert_chain_pem.write_to_path(str(path))
+    der = ssl.PEM_cert_to_DER_cert(leaf.cert_chain_pems[0].bytes().decode())
+    return path, certificate_subject(der)
+
+
+async def _external(provider, certs, client_file, code):
+    d = await Dialog.connect(*provider.odmr)
+    await d.expect(220)
+    await d.cmd("EHLO customer.example.org", 250)
+    await d.starttls(certs.client_context(client_file))
+    lines = await d.cmd("EHLO customer.example.org", 250)
+    assert any(line.startswith("AUTH") and "EXTERNAL" in line for line in lines)
+    await d.cmd("AUTH EXTERNAL =", code)
+    return d
+
+
+async def test_external_with_certificate_bound_by_subject(provider_factory, certs, tmp_path):
+    provider = await provider_factory(customers=False)
+    good, subject = _issue_client(certs, tmp_path / "good.pem", "customer.example.org")
+    renewed, renewed_subject = _issue_client(certs, tmp_path / "renewed.pem",
+                                             "customer.example.org")
+    other, other_subject = _issue_client(certs, tmp_path / "other.pem", "mallory.example.org")
+    assert subject == renewed_subject == "CN=customer.example.org,OU=Mail,O=Example\\, Ltd"
+    assert other_subject != subject
+    # Bound ONLY by subject (typed as an operator would), not by any fingerprint.
+    provider.store.add_account(Account(
+        name="acme", scram=None, cram_secret=None,
+        cert_subjects=(normalize_subject("cn = customer.example.org, ou=Mail, o=Example\\, Ltd"),)))
+    provider.store.add_domain(Domain(name="example.org", account="acme"))
+    await hold(provider)
+
+    d = await _external(provider, certs, good, 235)
+    await d.cmd("ATRN example.org", 250)
+    t = await serve_reversed(d)
+    assert len(t.messages) == 1
+    await d.close()
+
+    # A renewed certificate (new key, new fingerprint, same subject) keeps working.
+    d = await _external(provider, certs, renewed, 235)
+    await d.cmd("ATRN example.org", 453)
+    await d.close()
+
+    # Same CA, another subject; the fixture's client (trustme's default subject) too.
+    for client_file in (other, certs.client_cert_file):
+        d = await _external(provider, certs, client_file, 535)
+        await d.cmd("ATRN example.org", 530)
+        await d.close()
 
 
 async def test_starttls_injection_is_discarded(provider, certs):

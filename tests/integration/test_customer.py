@@ -189,10 +189,33 @@ async def test_local_target_down_keeps_mail_held(provider, certs, tmp_path):
               "delivery": {"type": "lmtp", "address": str(tmp_path / "no-such-socket")}}]
     cfg = config(tmp_path, provider, certs, pulls=pulls)
     summary = await pull_once(cfg, cfg.pulls[0])
-    assert summary.exit_code == 0  # the session worked; delivery was deferred
-    assert summary.received == [] and summary.refused == 1
+    # The session worked but delivery was deferred: 75 tells cron, and the
+    # mail is still held at the provider.
+    assert summary.error is None and summary.exit_code == 75
+    assert summary.received == [] and summary.deferred == 1 and summary.refused == 0
+    assert "1 deferred (still held at the provider)" in summary.lines()[0]
     message = provider.store.get_message(qid)
     assert message is not None and message.recipients[0].attempts == 1
+
+
+async def test_many_refused_recipients_do_not_end_the_session(provider, certs, tmp_path):
+    """25 unknown users in one message, then a normal one: the refusals are
+    not 'errors' of the provider, so the session goes on and delivers both."""
+    (tmp_path / "site/mail/example.org/bob/Maildir").mkdir(parents=True)
+    first = await hold(provider, (*(f"ghost{i}@example.org" for i in range(25)),
+                                  "bob@example.org"))
+    second = await hold(provider, ("bob@example.org",))
+    pulls = [{"domains": ["example.org"],
+              "delivery": {"type": "maildir",
+                           "path": str(tmp_path / "site/mail/{domain}/{local}/Maildir"),
+                           "create": False}}]
+    cfg = config(tmp_path, provider, certs, pulls=pulls)
+    summary = await pull_once(cfg, cfg.pulls[0])
+    assert summary.exit_code == 0, summary.lines()
+    assert summary.messages == 2 and summary.refused == 25
+    assert len(maildir_messages(tmp_path / "site", "example.org", "bob")) == 2
+    assert provider.store.get_message(first) is None
+    assert provider.store.get_message(second) is None
 
 
 async def test_unknown_user_bounces_at_the_provider(provider, certs, tmp_path):

@@ -65,9 +65,28 @@ async def test_lmtp_target_down_keeps_everything_held(provider, certs, tmp_path)
         pulls=[{"domains": ["example.org"],
                 "delivery": {"type": "lmtp", "address": str(tmp_path / "down.sock")}}]))
     summary = await pull_once(cfg, cfg.pulls[0])
-    assert summary.exit_code == 0 and summary.received == []
+    assert summary.exit_code == 75 and summary.received == [] and summary.deferred == 1
     message = provider.store.get_message(queue_id)
     assert message is not None and "451 4.4.1" in (message.recipients[0].last_reply or "")
+
+
+async def test_lmtp_message_with_25_recipients(provider, certs, tmp_path, dovecot: Dovecot):
+    """One recipient per LMTP transaction: 24 × 452 4.5.3 in a row must not
+    end the session (they are flow control, not errors)."""
+    # Whether Dovecot knows bob+N or not, each recipient gets its own
+    # transaction and its own outcome; before the fix the 20th 452 ended the
+    # session with 421 and the message stayed held for ever.
+    rcpts = [f"bob+{i}@example.org" for i in range(25)]
+    code, _ = await send_mail(*provider.mx, "alice@sender.test", rcpts, BODY)
+    assert code == 250
+    cfg = load_customer_config(write_customer_config(
+        tmp_path / "site", port=provider.odmr[1], password=PASSWORD, ca_file=certs.ca_file,
+        pulls=[{"domains": ["example.org"],
+                "delivery": {"type": "lmtp", "address": str(dovecot.socket)}}]))
+    summary = await pull_once(cfg, cfg.pulls[0])
+    assert summary.error is None, summary.lines()
+    assert provider.store.held_message_ids(["example.org"]) == []
+    assert summary.messages == 1 and len(summary.received) + summary.refused == 25
 
 
 async def test_smtp_to_local_mta(provider, certs, tmp_path):
@@ -83,5 +102,6 @@ async def test_smtp_to_local_mta(provider, certs, tmp_path):
     assert summary.error is None, summary.lines()
     dumps = sink_messages(tmp_path / "sink")
     assert len(dumps) == 2  # one transaction per recipient
+    assert summary.messages == 1  # ... of one message
     assert all(b"Subject: to the site" in d for d in dumps)
     assert provider.store.held_message_ids(["example.org"]) == []

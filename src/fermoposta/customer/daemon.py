@@ -51,7 +51,7 @@ class Daemon:
             self.runs[pull.name] += 1
             for line in summary.lines():
                 log.info("%s", line)
-            failures = 0 if summary.error is None else failures + 1
+            failures = 0 if summary.exit_code == 0 else failures + 1
             delay = next_delay(pull.schedule, datetime.now(), failures, self.rng)
             log.info("%s: next pull in %.0fs", pull.name, delay)
             waiters = [asyncio.ensure_future(trigger.wait()),
@@ -62,7 +62,8 @@ class Daemon:
 
     async def run(self) -> int:
         try:
-            async with pull_lock(self.config.data_dir / "run.lock", wait=False):
+            async with pull_lock(self.config.data_dir / "run.lock", wait=False,
+                                 busy="another customer daemon is running with this data_dir"):
                 loop = asyncio.get_running_loop()
                 loop.add_signal_handler(signal.SIGUSR1, self.trigger_all)
                 for signum in (signal.SIGTERM, signal.SIGINT):

@@ -246,7 +246,8 @@ class Dialer:
                     await self._command("*", s.command_timeout)
                     raise ProtocolFailure("AUTH challenge is not base64") from exc
                 answer = sasl.respond(challenge)
-                reply = await self._command(base64.b64encode(answer).decode(), s.command_timeout)
+                reply = await self._command(base64.b64encode(answer).decode(), s.command_timeout,
+                                            secret=True)
             if reply.code == 235:
                 sasl.verify_final(None)
         except SASLClientError as exc:
@@ -291,9 +292,9 @@ class Dialer:
         assert self.client is not None
         return await self._guard(self.client.read_reply(timeout))
 
-    async def _command(self, line: str, timeout: float) -> Reply:
+    async def _command(self, line: str, timeout: float, *, secret: bool = False) -> Reply:
         assert self.client is not None
-        return await self._guard(self.client.command(line, timeout))
+        return await self._guard(self.client.command(line, timeout, secret=secret))
 
     async def quit(self) -> None:
         """QUIT and close, ignoring errors (RFC 5321 §4.1.1.10)."""

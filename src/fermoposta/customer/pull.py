@@ -30,7 +30,12 @@ from fermoposta.config import ConfigError
 from fermoposta.customer.config import CustomerConfig, PullConfig
 from fermoposta.customer.delivery.factory import make_delivery
 from fermoposta.customer.dialout import Dialer, DialSettings
-from fermoposta.customer.errors import AlreadyRunning, ConfigFailure, CustomerError
+from fermoposta.customer.errors import (
+    AlreadyRunning,
+    ConfigFailure,
+    CustomerError,
+    TemporaryFailure,
+)
 from fermoposta.customer.serve import ReceivedMessage, reversed_session
 from fermoposta.net.server_session import new_session_id
 from fermoposta.ops.log import event
@@ -48,11 +53,23 @@ class PullSummary:
     had_mail: bool = False
     received: list[ReceivedMessage] = field(default_factory=list)
     refused: int = 0
+    deferred: int = 0
     error: CustomerError | None = None
 
     @property
     def exit_code(self) -> int:
-        return 0 if self.error is None else self.error.exit_code
+        """0 when the session worked, mail or not; 75 when the session worked
+        but some local delivery was deferred (that mail is still held at the
+        provider), so that cron notices a local target that is down."""
+        if self.error is not None:
+            return self.error.exit_code
+        return TemporaryFailure.exit_code if self.deferred else 0
+
+    @property
+    def messages(self) -> int:
+        """Messages received: transactions of one provider message count once."""
+        known = {m.provider_queue_id for m in self.received if m.provider_queue_id}
+        return len(known) + sum(1 for m in self.received if not m.provider_queue_id)
 
     def lines(self) -> list[str]:
         what = ",".join(self.domains) or "all domains of the account"
@@ -61,8 +78,10 @@ class PullSummary:
             return [head + f"failed ({self.error.kind}, exit {self.exit_code}): {self.error}"]
         if not self.had_mail:
             return [head + "no mail"]
-        out = [head + f"{len(self.received)} message(s) received"
-               + (f", {self.refused} refused or deferred" if self.refused else "")
+        out = [head + f"{self.messages} message(s) received"
+               + (f", {self.refused} refused" if self.refused else "")
+               + (f", {self.deferred} deferred (still held at the provider)"
+                  if self.deferred else "")
                + f" in {self.finished - self.started:.1f}s"]
         for msg in self.received:
             ident = msg.provider_queue_id or "-"
@@ -87,7 +106,8 @@ def dial_settings(config: CustomerConfig) -> DialSettings:
 
 
 @contextlib.asynccontextmanager
-async def pull_lock(path: Path, *, wait: bool) -> AsyncIterator[None]:
+async def pull_lock(path: Path, *, wait: bool, busy: str = "another session of this block "
+                    "is running") -> AsyncIterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
@@ -97,7 +117,7 @@ async def pull_lock(path: Path, *, wait: bool) -> AsyncIterator[None]:
                 break
             except BlockingIOError:
                 if not wait:
-                    raise AlreadyRunning(f"another session holds {path}") from None
+                    raise AlreadyRunning(f"{busy} (lock {path})") from None
                 await asyncio.sleep(0.5)
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
@@ -117,7 +137,7 @@ async def pull_once(config: CustomerConfig, pull: PullConfig, *, wait: bool = Fa
         summary.error = exc
     summary.finished = time.time()
     event("customer", None, session=summary.session_id, pull=pull.name,
-          received=len(summary.received), refused=summary.refused,
+          received=summary.messages, refused=summary.refused, deferred=summary.deferred,
           status="ok" if summary.error is None else summary.error.kind,
           reason=str(summary.error) if summary.error else None)
     return summary
@@ -144,6 +164,7 @@ async def _session(config: CustomerConfig, pull: PullConfig, summary: PullSummar
             await delivery.close()
         summary.received = session.received
         summary.refused = session.refused
+        summary.deferred = session.deferred
         if not session.quit_seen:
             log.warning("%s: the provider closed the reversed session without QUIT",
                         summary.session_id)

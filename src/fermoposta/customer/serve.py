@@ -76,8 +76,16 @@ class ReversedSession(TransactionSession):
         self.accept_domains = accept_domains
         self.delivery = delivery
         self.received: list[ReceivedMessage] = []
-        self.refused = 0
+        self.refused = 0  # transactions or recipients refused for good (5xx)
+        self.deferred = 0  # ... or for now (4xx): still held at the provider
         self.quit_seen = False
+
+    def counts_as_error(self, reply: Reply) -> bool:
+        # The provider is trusted (we dialled it and authenticated it): only
+        # protocol errors count.  Refused recipients are not its mistakes, and
+        # 452 4.5.3 is how we ask for one recipient per transaction; counting
+        # them would cut the session short and strand the mail behind.
+        return 500 <= reply.code <= 504
 
     def greeting(self) -> Reply:
         return Reply(220, None, f"{self.hostname} ESMTP fermoposta customer ready")
@@ -87,18 +95,33 @@ class ReversedSession(TransactionSession):
         return await super().smtp_quit(arg)
 
     async def check_recipient(self, txn: Transaction, rcpt: Recipient) -> Reply | None:
-        if rcpt.domain not in self.accept_domains:
-            return NOT_OUR_DOMAIN
         limit = self.delivery.max_recipients
-        if limit is not None and len(txn.recipients) >= limit:
-            return ONE_AT_A_TIME
-        local = LocalRecipient(address=rcpt.path.address, local=rcpt.local, domain=rcpt.domain)
-        try:
-            return await self.delivery.check_recipient(local)
-        except Exception:
-            log.exception("%s: delivery check failed for <%s>", self.session_id,
-                          rcpt.path.address)
-            return LOCAL_FAILURE
+        if rcpt.domain not in self.accept_domains:
+            refusal: Reply | None = NOT_OUR_DOMAIN
+        elif limit is not None and len(txn.recipients) >= limit:
+            return ONE_AT_A_TIME  # not a refusal: it comes in the next transaction
+        else:
+            local = LocalRecipient(address=rcpt.path.address, local=rcpt.local,
+                                   domain=rcpt.domain)
+            try:
+                refusal = await self.delivery.check_recipient(local)
+            except Exception:
+                log.exception("%s: delivery check failed for <%s>", self.session_id,
+                              rcpt.path.address)
+                refusal = LOCAL_FAILURE
+        if refusal is not None:
+            self._count(refusal)
+            event("customer", self.session_id, to=f"<{rcpt.path.address}>",
+                  dsn=refusal.enhanced or f"{refusal.code // 100}.0.0",
+                  status="deferred" if refusal.is_temporary else "refused",
+                  reason=f"at RCPT: {refusal}")
+        return refusal
+
+    def _count(self, reply: Reply) -> None:
+        if reply.is_temporary:
+            self.deferred += 1
+        elif reply.is_permanent:
+            self.refused += 1
 
     async def accept_message(self, txn: Transaction, body: IO[bytes], size: int) -> Reply:
         queue_id = provider_queue_id(body)
@@ -127,7 +150,7 @@ class ReversedSession(TransactionSession):
                                                  tuple(r.address for r in envelope.recipients),
                                                  size, str(reply), where))
         else:
-            self.refused += 1
+            self._count(reply)
         return reply
 
 
@@ -139,6 +162,10 @@ def reversed_session(conn: Connection, *, hostname: str, accept_domains: frozens
         # it may be scanning its queue between messages.
         command_timeout=command_timeout,
         max_message_size=max_message_size,
+        # Be liberal with our own provider: it may accept longer lines than
+        # RFC 5321's 1000 octets, and refusing them here would bounce mail
+        # that the local store takes without trouble.
+        max_line_length=65536,
     )
     return ReversedSession(conn, hostname=hostname, limits=limits, accept_domains=accept_domains,
                            delivery=delivery, session_id=session_id)

@@ -13,14 +13,18 @@ Contract:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 
 from fermoposta.net.connection import Connection
+from fermoposta.ops.log import redact
 from fermoposta.smtp.data import DotStuffer
 from fermoposta.smtp.reply import Reply
 from fermoposta.smtp.reply_parser import ReplyAssembler, ReplyProtocolError, parse_ehlo
 
 __all__ = ["ReplyProtocolError", "SMTPClient"]
+
+log = logging.getLogger("fermoposta.smtp")
 
 REPLY_LINE_LIMIT = 2048  # RFC 5321 says 512; real servers send longer text lines
 
@@ -35,15 +39,22 @@ class SMTPClient:
         assembler = ReplyAssembler()
         while True:
             line = await self.conn.read_line(REPLY_LINE_LIMIT, timeout)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("[%s] < %s", self.conn.peer_ip, line.decode("utf-8", "replace").rstrip())
             reply = assembler.feed_line(line)
             if reply is not None:
                 return reply
 
-    async def send_line(self, line: str) -> None:
-        await self.conn.write(line.encode("utf-8") + b"\r\n", self.write_timeout)
+    async def send_line(self, line: str, *, secret: bool = False) -> None:
+        """Send one command line; `secret` (a SASL response) is never traced."""
+        data = line.encode("utf-8") + b"\r\n"
+        if log.isEnabledFor(logging.DEBUG):
+            shown = redact(data, in_auth=secret).decode("utf-8", "replace").rstrip()
+            log.debug("[%s] > %s", self.conn.peer_ip, shown)
+        await self.conn.write(data, self.write_timeout)
 
-    async def command(self, line: str, timeout: float) -> Reply:
-        await self.send_line(line)
+    async def command(self, line: str, timeout: float, *, secret: bool = False) -> Reply:
+        await self.send_line(line, secret=secret)
         return await self.read_reply(timeout)
 
     async def ehlo(self, name: str, timeout: float) -> Reply:

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from fermoposta.net.connection import Connection, ConnectionClosed, LineTooLong
+from fermoposta.ops.log import redact
 from fermoposta.smtp import reply as R
 from fermoposta.smtp.command import Command, parse_command, parse_ehlo_arg
 from fermoposta.smtp.reply import Reply, SMTPError
@@ -121,7 +122,10 @@ class ServerSession:
 
     # --- the loop ------------------------------------------------------------------------
     async def send(self, reply: Reply) -> None:
-        await self.conn.write(reply.to_bytes(), self.limits.command_timeout)
+        data = reply.to_bytes()
+        if log.isEnabledFor(logging.DEBUG):
+            self.log.debug("%s: > %s", self.session_id, data.decode("utf-8", "replace").rstrip())
+        await self.conn.write(data, self.limits.command_timeout)
 
     async def run(self) -> None:
         try:
@@ -160,6 +164,9 @@ class ServerSession:
         except LineTooLong:
             await self.reply(R.LINE_TOO_LONG)
             return
+        if log.isEnabledFor(logging.DEBUG):
+            self.log.debug("%s: < %s", self.session_id,
+                           redact(line).decode("utf-8", "replace").rstrip())
         if len(line) > COMMAND_LINE_LIMIT and line[:5].upper() != b"AUTH ":
             # Only AUTH with an initial response may exceed 512 octets
             # (RFC 4954 §4); `line_limit` is raised where AUTH is offered.
@@ -188,10 +195,17 @@ class ServerSession:
             self.log.exception("%s: internal error handling %s", self.session_id, command.verb)
             return R.LOCAL_ERROR
 
+    def counts_as_error(self, reply: Reply) -> bool:
+        """Whether `reply` counts towards `max_errors`.  Refused recipients do
+        (a client probing addresses), except 452 4.5.3 "too many recipients",
+        which is flow control; a session that delivers mail starts afresh
+        (Postfix's "errors without delivering mail")."""
+        return reply.code >= 400 and reply.code != 421 and reply.enhanced != "4.5.3"
+
     async def reply(self, reply: Reply) -> None:
         """Send a reply, counting errors (RFC 5321 §4.3.2 lets us close with 421)."""
         await self.send(reply)
-        if reply.code >= 400 and reply.code != 421:
+        if self.counts_as_error(reply):
             self.errors += 1
             if self.errors >= self.limits.max_errors:
                 self.log.info("%s: too many errors from %s", self.session_id,

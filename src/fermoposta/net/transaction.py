@@ -198,7 +198,10 @@ class TransactionSession(ServerSession):
                 return DATA_LINE_TOO_LONG
             size = spool.tell()
             spool.seek(0)
-            return await self.accept_message(txn, spool, size)
+            reply = await self.accept_message(txn, spool, size)
+            if reply.is_positive:
+                self.errors = 0  # errors count only "without delivering mail"
+            return reply
         finally:
             spool.close()
 

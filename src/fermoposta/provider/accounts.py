@@ -1,8 +1,9 @@
 """Account and domain administration (the `account` and `domain` CLI commands).
 
 Contract:
-- `register(subparsers, open_store)` adds the `account {add,list,remove,passwd}`
-  and `domain {add,list,remove}` subcommands.  Each sets
+- `register(subparsers, open_store)` adds the
+  `account {add,list,remove,passwd,certs}` and `domain {add,list,remove}`
+  subcommands.  Each sets
   `handler=<callable(args, store) -> int>` with `set_defaults`; the caller opens
   the store and calls `args.handler(args, store)`.  (`open_store` is accepted
   for the caller's convenience and is not used here.)
@@ -18,7 +19,13 @@ Contract:
 - Domains are normalized with `idna` (UTS 46) to lowercase A-labels without a
   trailing dot; single-label and invalid names are refused.  Certificate
   fingerprints (SHA-256 of the DER client certificate) are accepted as
-  "AA:BB:..." or plain hex and stored as 64 lowercase hex digits.
+  "AA:BB:..." or plain hex and stored as 64 lowercase hex digits.  Certificate
+  subjects are RFC 4514 strings, most specific RDN first (the output of
+  `openssl x509 -noout -subject -nameopt RFC2253`), stored in the canonical form
+  of `normalize_subject` -- the function EXTERNAL applies to the peer's
+  certificate, so what the operator types matches what the peer presents.
+  A malformed fingerprint or subject is a usage error (64); one bound to
+  another account, or removing one the account does not have, a data error (65).
 """
 
 from __future__ import annotations
@@ -37,6 +44,8 @@ import idna
 import scramp
 
 from fermoposta.passwords import UnreadableInputError, first_line, read_password_file
+from fermoposta.smtp.sasl import normalize_subject
+from fermoposta.smtp.x509name import parse_subject
 from fermoposta.store.base import Account, Domain, ScramSecret, Store, StoreError
 
 EX_OK = 0
@@ -120,6 +129,18 @@ def normalize_fingerprint(text: str) -> str:
             "certificate as 64 hex digits (colons allowed)"
         )
     return hexdigits
+
+
+def normalize_cert_subject(text: str) -> str:
+    """The canonical RFC 4514 form of a certificate subject; ValueError if malformed."""
+    try:
+        subject = normalize_subject(text)
+    except ValueError as exc:
+        raise ValueError(
+            f"invalid certificate subject {text!r}: {exc} (expected an RFC 4514 name, most "
+            'specific first, like "CN=customer,O=Example Ltd,C=IT")'
+        ) from None
+    return subject
 
 
 def read_recipients_file(path: str | Path) -> frozenset[str]:
@@ -219,15 +240,47 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
     )
 
 
+def _usage_fingerprints(values: Iterable[str]) -> list[str]:
+    try:
+        return list(dict.fromkeys(normalize_fingerprint(f) for f in values))
+    except ValueError as exc:
+        raise _UsageError(str(exc)) from None
+
+
+def subject_looks_reversed(subject: str) -> bool:
+    """True if `subject` starts with C or DC and goes on with more specific RDNs:
+    likely most general first (`openssl x509 -subject` without -nameopt RFC2253)."""
+    general = {"C", "DC"}
+    rdns = parse_subject(subject)
+    return (
+        len(rdns) > 1
+        and all(kind in general for kind, _ in rdns[0])
+        and any(kind not in general for rdn in rdns[1:] for kind, _ in rdn)
+    )
+
+
+def _usage_subjects(values: Iterable[str]) -> list[str]:
+    try:
+        subjects = list(dict.fromkeys(normalize_cert_subject(s) for s in values))
+    except ValueError as exc:
+        raise _UsageError(str(exc)) from None
+    for subject in subjects:
+        if subject_looks_reversed(subject):
+            _error(
+                f"warning: certificate subject {subject!r} starts with its most general part; "
+                "peers present the most specific first (CN=...,O=...,C=...), as "
+                "`openssl x509 -noout -subject -nameopt RFC2253` prints it"
+            )
+    return subjects
+
+
 @_guarded
 def account_add(args: argparse.Namespace, store: Store) -> int:
     """Create an account, optionally with its domains."""
     name = _check_account_name(args.name)
     domains = list(dict.fromkeys(_usage_domain(d) for d in args.domain))
-    try:
-        fingerprints = list(dict.fromkeys(normalize_fingerprint(f) for f in args.cert_fingerprint))
-    except ValueError as exc:
-        raise _UsageError(str(exc)) from None
+    fingerprints = _usage_fingerprints(args.cert_fingerprint)
+    subjects = _usage_subjects(args.cert_subject)
     if store.get_account(name) is not None:
         raise ValueError(f"account {name!r} already exists")
     for domain in domains:
@@ -241,6 +294,7 @@ def account_add(args: argparse.Namespace, store: Store) -> int:
             scram=scram,
             cram_secret=cram,
             cert_fingerprints=tuple(fingerprints),
+            cert_subjects=tuple(subjects),
             created_at=time.time(),
         )
     )
@@ -267,7 +321,7 @@ def account_list(args: argparse.Namespace, store: Store) -> int:
                 account.name,
                 domains,
                 "yes" if account.cram_secret is not None else "no",
-                str(len(account.cert_fingerprints)),
+                str(len(account.cert_fingerprints) + len(account.cert_subjects)),
                 _when(account.last_atrn_at),
             ]
         )
@@ -295,6 +349,51 @@ def account_passwd(args: argparse.Namespace, store: Store) -> int:
     scram, cram = _secrets(args)
     store.update_account(dataclasses.replace(account, scram=scram, cram_secret=cram))
     print(f"password of account {args.name} changed")
+    return EX_OK
+
+
+def _changed(
+    current: Sequence[str], add: Sequence[str], remove: Sequence[str], what: str, name: str
+) -> tuple[str, ...]:
+    both = set(add) & set(remove)
+    if both:
+        raise _UsageError(f"{what} {sorted(both)[0]!r} is both added and removed")
+    missing = [item for item in remove if item not in current]
+    if missing:
+        raise ValueError(f"account {name!r} has no {what} {missing[0]!r}")
+    kept = [item for item in current if item not in remove]
+    return tuple(dict.fromkeys([*kept, *add]))
+
+
+@_guarded
+def account_certs(args: argparse.Namespace, store: Store) -> int:
+    """Add or remove an account's certificate bindings, then print them."""
+    add_fps = _usage_fingerprints(args.add_fingerprint)
+    remove_fps = _usage_fingerprints(args.remove_fingerprint)
+    add_subjects = _usage_subjects(args.add_subject)
+    remove_subjects = _usage_subjects(args.remove_subject)
+    account = store.get_account(args.name)
+    if account is None:
+        raise ValueError(f"no account {args.name!r}")
+    fingerprints = _changed(
+        account.cert_fingerprints, add_fps, remove_fps, "certificate fingerprint", args.name
+    )
+    subjects = _changed(
+        account.cert_subjects, add_subjects, remove_subjects, "certificate subject", args.name
+    )
+    if (fingerprints, subjects) != (account.cert_fingerprints, account.cert_subjects):
+        store.update_account(
+            dataclasses.replace(account, cert_fingerprints=fingerprints, cert_subjects=subjects)
+        )
+        account = store.get_account(args.name)
+        if account is None:
+            raise ValueError(f"no account {args.name!r}")  # removed meanwhile
+    for fingerprint in account.cert_fingerprints:
+        print(f"fingerprint {fingerprint}")
+    for subject in account.cert_subjects:
+        print(f"subject {subject}")
+    if not account.cert_fingerprints and not account.cert_subjects:
+        print(f"account {args.name} has no certificate bindings")
     return EX_OK
 
 
@@ -411,6 +510,14 @@ def register(
         metavar="HEX",
         help="SHA-256 fingerprint of a client certificate that authenticates as NAME",
     )
+    add.add_argument(
+        "--cert-subject",
+        action="append",
+        default=[],
+        metavar="SUBJECT",
+        help="subject (RFC 4514, e.g. 'CN=customer,O=Example Ltd') of client certificates "
+        "issued by [tls] client_ca that authenticate as NAME",
+    )
     add.set_defaults(handler=account_add)
 
     lst = account_cmds.add_parser("list", help="list the accounts")
@@ -424,6 +531,19 @@ def register(
     passwd.add_argument("name", metavar="NAME")
     _add_password_options(passwd)
     passwd.set_defaults(handler=account_passwd)
+
+    certs = account_cmds.add_parser(
+        "certs", help="show, add or remove an account's client certificate bindings"
+    )
+    certs.add_argument("name", metavar="NAME")
+    for flag, metavar, what in (
+        ("--add-fingerprint", "HEX", "bind the certificate with this SHA-256 fingerprint"),
+        ("--remove-fingerprint", "HEX", "unbind the certificate with this SHA-256 fingerprint"),
+        ("--add-subject", "SUBJECT", "bind certificates with this RFC 4514 subject"),
+        ("--remove-subject", "SUBJECT", "unbind certificates with this RFC 4514 subject"),
+    ):
+        certs.add_argument(flag, action="append", default=[], metavar=metavar, help=what)
+    certs.set_defaults(handler=account_certs)
 
     domain = subparsers.add_parser("domain", help="manage the domains mail is held for")
     domain_cmds = domain.add_subparsers(dest="domain_command", metavar="COMMAND")

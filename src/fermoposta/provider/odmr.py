@@ -7,8 +7,9 @@ Contract:
 - EHLO lists AUTH and ATRN (RFC 2645 §5.1.1).  PLAIN and LOGIN are offered and
   accepted only under TLS unless `[odmr] allow_plaintext_auth` (RFC 4954 §4:
   538 otherwise); EXTERNAL only when the peer presented a certificate that
-  verified against `[tls] client_ca`.  `max_auth_failures` failed AUTHs
-  answer 421 and close.
+  verified against `[tls] client_ca`, and it logs in the account bound to the
+  certificate's SHA-256 fingerprint or, failing that, to its subject.
+  `max_auth_failures` failed AUTHs answer 421 and close.
 - ATRN replies exactly as RFC 2645 §7: 530 before AUTH; 501 for a malformed
   list; 450 when any requested domain is not the account's (nothing is sent;
   the reply does not say which) or when ATRNs come faster than
@@ -35,7 +36,7 @@ from typing import ClassVar
 
 from fermoposta.net.connection import Connection, LineTooLong
 from fermoposta.net.server_session import AUTH_LINE_LIMIT, ServerSession, SessionLimits
-from fermoposta.ops.log import event
+from fermoposta.ops.log import event, redact
 from fermoposta.provider.drain import DrainSettings, drain
 from fermoposta.smtp import reply as R
 from fermoposta.smtp.atrn import parse_atrn_domains
@@ -45,6 +46,7 @@ from fermoposta.smtp.sasl import (
     Failure,
     Success,
     certificate_fingerprint,
+    certificate_subject,
     server_mechanism,
 )
 from fermoposta.store.base import Account, Store, StoreError
@@ -80,8 +82,12 @@ class StoreCredentials:
     def account(self, username: str) -> Account | None:
         return self.store.get_account(username)
 
-    def account_for_certificate(self, fingerprint: str) -> Account | None:
-        return self.store.account_by_fingerprint(fingerprint)
+    def account_for_certificate(self, fingerprint: str, subject: str | None) -> Account | None:
+        """A fingerprint binding first, then a subject binding."""
+        account = self.store.account_by_fingerprint(fingerprint)
+        if account is None and subject:
+            account = self.store.account_by_subject(subject)
+        return account
 
 
 class ODMRSession(ServerSession):
@@ -113,6 +119,18 @@ class ODMRSession(ServerSession):
     def client_fingerprint(self) -> str | None:
         der = self.conn.peer_certificate()
         return certificate_fingerprint(der) if der else None
+
+    def client_subject(self) -> str | None:
+        """The canonical RFC 4514 subject of the verified client certificate."""
+        der = self.conn.peer_certificate()
+        if not der:
+            return None
+        try:
+            return certificate_subject(der) or None
+        except ValueError as exc:  # OpenSSL accepted it, so this should not happen
+            self.log.warning("%s: cannot read the client certificate's subject: %s",
+                             self.session_id, exc)
+            return None
 
     def offered_mechanisms(self) -> list[str]:
         offered = []
@@ -171,6 +189,7 @@ class ODMRSession(ServerSession):
             credentials=StoreCredentials(self.store),
             hostname=self.hostname,
             client_cert_fingerprint=self.client_fingerprint(),
+            client_cert_subject=self.client_subject() if name == "EXTERNAL" else None,
         )
         if mechanism is None:
             return R.AUTH_UNKNOWN_MECHANISM
@@ -216,6 +235,9 @@ class ODMRSession(ServerSession):
             line = await self.conn.read_line(AUTH_LINE_LIMIT, self.limits.command_timeout)
         except LineTooLong:
             return AUTH_LINE_TOO_LONG
+        if log.isEnabledFor(logging.DEBUG):
+            shown = redact(line, in_auth=True).decode("utf-8", "replace").rstrip()
+            self.log.debug("%s: < %s", self.session_id, shown)
         text = line.rstrip(b"\r\n").strip()
         if text == b"*":
             return None

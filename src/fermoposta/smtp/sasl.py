@@ -2,9 +2,10 @@
 
 Contract: see `sasl_server` (mechanisms the provider runs, results
 `Challenge`/`Success`/`Failure`, `CredentialSource`, `verify_password`,
-`make_scram_secret`, `certificate_fingerprint`) and `sasl_client` (mechanisms
-the customer and the tests run, `SASLClientError`).  Both work on raw,
-already base64-decoded bytes; neither does I/O.
+`make_scram_secret`, `certificate_fingerprint`, `certificate_subject`,
+`normalize_subject`) and `sasl_client` (mechanisms the customer and the tests
+run, `SASLClientError`).  Both work on raw, already base64-decoded bytes;
+neither does I/O.
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ from fermoposta.smtp.sasl_server import (
     ServerMechanism,
     Success,
     certificate_fingerprint,
+    certificate_subject,
     make_scram_secret,
+    normalize_subject,
     server_mechanism,
     verify_password,
 )
@@ -63,8 +66,10 @@ __all__ = [
     "ServerMechanism",
     "Success",
     "certificate_fingerprint",
+    "certificate_subject",
     "client_mechanism",
     "make_scram_secret",
+    "normalize_subject",
     "server_mechanism",
     "verify_password",
 ]

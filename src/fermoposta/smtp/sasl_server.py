@@ -27,7 +27,9 @@ Contract:
 - SCRAM-SHA-256 without channel binding: gs2 headers "n,," and "y,," are
   accepted; "p=..." (we do not offer -PLUS) and a gs2 authzid are refused.
 - EXTERNAL needs the SHA-256 fingerprint of a client certificate that the
-  TLS layer already verified; the identity is the account bound to it.
+  TLS layer already verified, and its subject (`certificate_subject`) when
+  known; the identity is the account bound to the fingerprint or, failing
+  that, to the subject (`CredentialSource.account_for_certificate`).
 This module does no I/O beyond calling the `CredentialSource`.
 """
 
@@ -45,6 +47,7 @@ from typing import ClassVar, Protocol
 import scramp
 from scramp.utils import saslprep
 
+from fermoposta.smtp import x509name
 from fermoposta.store.base import Account, ScramSecret, StoreError
 
 DEFAULT_ITERATIONS = 4096
@@ -85,7 +88,13 @@ Result = Challenge | Success | Failure
 class CredentialSource(Protocol):
     def account(self, username: str) -> Account | None: ...
 
-    def account_for_certificate(self, fingerprint: str) -> Account | None: ...
+    def account_for_certificate(self, fingerprint: str, subject: str | None) -> Account | None:
+        """The account bound to the certificate's fingerprint, else to its subject.
+
+        `fingerprint` is lowercase hex SHA-256; `subject` is the canonical
+        RFC 4514 string of `certificate_subject` (None or "" when unknown).
+        A fingerprint binding wins over a subject binding."""
+        ...
 
 
 # --- helpers -------------------------------------------------------------------------------
@@ -132,6 +141,28 @@ def verify_password(secret: ScramSecret, password: str) -> bool:
 def certificate_fingerprint(der: bytes) -> str:
     """Lowercase hex SHA-256 of a DER certificate (the form `Account` stores)."""
     return hashlib.sha256(der).hexdigest()
+
+
+def certificate_subject(der: bytes) -> str:
+    """The subject of a DER certificate as a canonical RFC 4514 string.
+
+    Most specific RDN first ("CN=customer,O=Example Ltd,C=IT"), values escaped
+    per RFC 4514; the same form `normalize_subject` gives to what an operator
+    types, so the two compare equal.  Computed from the DER with a small
+    parser (see `fermoposta.smtp.x509name`): no X.509 library is needed.
+    Raises ValueError if `der` is not a certificate.
+    """
+    return x509name.certificate_subject(der)
+
+
+def normalize_subject(text: str) -> str:
+    """An operator's RFC 4514 subject in the form `certificate_subject` gives.
+
+    Spaces around "=", "," and "+" are dropped, attribute types uppercased
+    (long names and OIDs mapped to keywords), values keep their case and are
+    re-escaped.  Raises ValueError if `text` is not a distinguished name.
+    """
+    return x509name.normalize_subject(text)
 
 
 def _prep_username(raw: bytes) -> str | None:
@@ -396,14 +427,20 @@ def _scram_reason(exc: Exception) -> str:
 
 
 class ExternalServer(ServerMechanism):
-    """RFC 4422 Appendix A: identity from the verified TLS client certificate."""
+    """RFC 4422 Appendix A: identity from the verified TLS client certificate.
+
+    `fingerprint` (SHA-256 hex) and `subject` (canonical RFC 4514) describe
+    the certificate; the account is looked up by fingerprint, then subject."""
 
     name = "EXTERNAL"
 
-    def __init__(self, credentials: CredentialSource, fingerprint: str | None) -> None:
+    def __init__(
+        self, credentials: CredentialSource, fingerprint: str | None, subject: str | None = None
+    ) -> None:
         super().__init__()
         self._credentials = credentials
         self._fingerprint = fingerprint.lower() if fingerprint else None
+        self._subject = subject or None
 
     def _start(self, initial: bytes | None) -> Result:
         if self._fingerprint is None:
@@ -421,11 +458,13 @@ class ExternalServer(ServerMechanism):
             if wanted is None:
                 return Failure("malformed EXTERNAL authzid")
         try:
-            account = self._credentials.account_for_certificate(self._fingerprint)
+            account = self._credentials.account_for_certificate(self._fingerprint, self._subject)
         except StoreError as exc:
             return Failure(f"credential store error: {type(exc).__name__}", temporary=True)
         if account is None:
-            return Failure(f"no account for certificate {self._fingerprint}")
+            return Failure(
+                f"no account for certificate {self._fingerprint} (subject {self._subject!r})"
+            )
         if wanted is not None and wanted != account.name:
             return Failure(f"certificate of {account.name!r} may not act as {wanted!r}")
         return Success(account.name)
@@ -437,8 +476,12 @@ def server_mechanism(
     credentials: CredentialSource,
     hostname: str,
     client_cert_fingerprint: str | None,
+    client_cert_subject: str | None = None,
 ) -> ServerMechanism | None:
-    """A fresh mechanism for `name` (case-insensitive); None if we do not implement it."""
+    """A fresh mechanism for `name` (case-insensitive); None if we do not implement it.
+
+    `client_cert_fingerprint` and `client_cert_subject` describe the verified
+    TLS client certificate (None without one); only EXTERNAL uses them."""
     match name.upper():
         case "PLAIN":
             return PlainServer(credentials)
@@ -449,5 +492,5 @@ def server_mechanism(
         case "SCRAM-SHA-256":
             return ScramSha256Server(credentials)
         case "EXTERNAL":
-            return ExternalServer(credentials, client_cert_fingerprint)
+            return ExternalServer(credentials, client_cert_fingerprint, client_cert_subject)
     return None

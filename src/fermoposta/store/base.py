@@ -117,6 +117,10 @@ class Account:
     # for this account.  See docs/security.md for the trade-off.
     cram_secret: str | None
     cert_fingerprints: tuple[str, ...] = ()  # lowercase hex SHA-256 of DER client certs
+    # Subjects of client certificates (verified against `[tls] client_ca`), in
+    # the canonical RFC 4514 form of `fermoposta.smtp.sasl.certificate_subject`:
+    # a renewed certificate with the same subject keeps working.
+    cert_subjects: tuple[str, ...] = ()
     created_at: float = 0.0
     last_atrn_at: float | None = None
 
@@ -180,7 +184,8 @@ class Store(Protocol):
 
     # --- accounts and domains ------------------------------------------------------------
     def add_account(self, account: Account) -> None:
-        """Raise KeyError-free `ValueError` if the name exists."""
+        """Raise KeyError-free `ValueError` if the name exists, or if one of its
+        certificate fingerprints or subjects is bound to another account."""
         ...
 
     def update_account(self, account: Account) -> None: ...
@@ -188,6 +193,10 @@ class Store(Protocol):
     def get_account(self, name: str) -> Account | None: ...
 
     def account_by_fingerprint(self, fingerprint: str) -> Account | None: ...
+
+    def account_by_subject(self, subject: str) -> Account | None:
+        """The account bound to a certificate subject (compared exactly, as stored)."""
+        ...
 
     def list_accounts(self) -> list[Account]: ...
 

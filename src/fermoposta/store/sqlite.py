@@ -18,7 +18,9 @@ Contract and choices:
   Recipient ids are AUTOINCREMENT, never reused, so a stale id held by a
   session can never hit another message's recipient.
 - The schema version is kept in `PRAGMA user_version`; a file written by a
-  newer version is refused.
+  newer version is refused.  A new file gets the whole schema; an older one
+  runs the steps of `_MIGRATIONS` up to `SCHEMA_VERSION`, in one transaction
+  (version 2 added `account_cert_subjects`).
 - Time comes from the injected `clock` (default `time.time`), for tests.
 """
 
@@ -47,12 +49,22 @@ from fermoposta.store.base import (
     new_queue_id,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT = 10.0  # seconds
 _BATCH = 500  # bound on SQL parameters per statement (old SQLite: 999)
 
 _T = TypeVar("_T")
 
+# Version 2: subject bindings of client certificates.
+_ACCOUNT_CERT_SUBJECTS = """
+CREATE TABLE IF NOT EXISTS account_cert_subjects (
+    subject TEXT PRIMARY KEY,  -- canonical RFC 4514 string (certificate_subject)
+    account TEXT NOT NULL REFERENCES accounts(name) ON DELETE CASCADE
+);
+CREATE INDEX IF NOT EXISTS account_cert_subjects_account ON account_cert_subjects(account);
+"""
+
+# The whole schema, for a new file.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
     id TEXT PRIMARY KEY,
@@ -122,7 +134,19 @@ CREATE TABLE IF NOT EXISTS leases (
     expires_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS leases_owner ON leases(owner);
-"""
+""" + _ACCOUNT_CERT_SUBJECTS
+
+
+# Statements that bring a file from version N-1 to N.
+_MIGRATIONS: dict[int, str] = {
+    2: _ACCOUNT_CERT_SUBJECTS,
+}
+
+
+def _statements(script: str) -> Iterator[str]:
+    for statement in script.split(";"):
+        if statement.strip():
+            yield statement
 
 
 def _batches(items: Sequence[_T]) -> Iterator[Sequence[_T]]:
@@ -190,10 +214,14 @@ class SQLiteStore:
         try:
             # Re-read under the write lock: another process may have just done it.
             version = self._conn.execute("PRAGMA user_version").fetchone()[0]
-            if version < SCHEMA_VERSION:
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
+            if version == 0:  # a new file
+                for statement in _statements(_SCHEMA):
+                    self._conn.execute(statement)
+            elif version < SCHEMA_VERSION:
+                for step in range(version + 1, SCHEMA_VERSION + 1):
+                    for statement in _statements(_MIGRATIONS[step]):
                         self._conn.execute(statement)
+            if version < SCHEMA_VERSION:
                 self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             self._conn.execute("COMMIT")
         except BaseException:
@@ -504,7 +532,7 @@ class SQLiteStore:
             self._set_certs(conn, account)
 
     def update_account(self, account: Account) -> None:
-        """Replace the secrets and certificates of an existing account (ValueError if none).
+        """Replace the secrets and certificate bindings of an account (ValueError if none).
 
         `created_at` is kept; `last_atrn_at` is taken from `account`.
         """
@@ -526,6 +554,7 @@ class SQLiteStore:
                 ),
             )
             conn.execute("DELETE FROM account_certs WHERE account = ?", (account.name,))
+            conn.execute("DELETE FROM account_cert_subjects WHERE account = ?", (account.name,))
             self._set_certs(conn, account)
 
     @staticmethod
@@ -547,6 +576,18 @@ class SQLiteStore:
                 "INSERT INTO account_certs (fingerprint, account) VALUES (?, ?)",
                 (fingerprint, account.name),
             )
+        for subject in dict.fromkeys(account.cert_subjects):
+            row = conn.execute(
+                "SELECT account FROM account_cert_subjects WHERE subject = ?", (subject,)
+            ).fetchone()
+            if row is not None:
+                raise ValueError(
+                    f"certificate subject {subject!r} is already bound to account {row[0]!r}"
+                )
+            conn.execute(
+                "INSERT INTO account_cert_subjects (subject, account) VALUES (?, ?)",
+                (subject, account.name),
+            )
 
     _ACCOUNT_COLUMNS = (
         "name, scram_salt, scram_iterations, scram_stored_key, scram_server_key, cram_secret,"
@@ -559,6 +600,13 @@ class SQLiteStore:
             r[0]
             for r in conn.execute(
                 "SELECT fingerprint FROM account_certs WHERE account = ? ORDER BY fingerprint",
+                (row[0],),
+            )
+        )
+        subjects = tuple(
+            r[0]
+            for r in conn.execute(
+                "SELECT subject FROM account_cert_subjects WHERE account = ? ORDER BY subject",
                 (row[0],),
             )
         )
@@ -575,6 +623,7 @@ class SQLiteStore:
             scram=scram,
             cram_secret=row[5],
             cert_fingerprints=certs,
+            cert_subjects=subjects,
             created_at=row[6],
             last_atrn_at=row[7],
         )
@@ -596,6 +645,16 @@ class SQLiteStore:
             ).fetchone()
             return None if row is None else self._account(conn, row)
 
+    def account_by_subject(self, subject: str) -> Account | None:
+        """`subject` in the canonical form of `certificate_subject`, compared exactly."""
+        with self._read() as conn:
+            row = conn.execute(
+                f"SELECT {self._ACCOUNT_COLUMNS} FROM accounts WHERE name ="
+                " (SELECT account FROM account_cert_subjects WHERE subject = ?)",
+                (subject,),
+            ).fetchone()
+            return None if row is None else self._account(conn, row)
+
     def list_accounts(self) -> list[Account]:
         with self._read() as conn:
             rows = conn.execute(
@@ -604,7 +663,7 @@ class SQLiteStore:
             return [self._account(conn, row) for row in rows]
 
     def remove_account(self, name: str) -> bool:
-        """Remove the account, its certificates and domains; held mail stays queued."""
+        """Remove the account, its certificate bindings and domains; held mail stays queued."""
         with self._write() as conn:
             cur = conn.execute("DELETE FROM accounts WHERE name = ?", (name,))
             return cur.rowcount > 0
