@@ -75,12 +75,14 @@ def free_port() -> int:
 
 
 def write_config(directory: Path, certs: Certs | None, *, ports: tuple[int, int] = (0, 0),
-                 odmr_tls: int | None = None, extra: str = "") -> Path:
+                 odmr_tls: int | None = None, submission: int | None = None,
+                 extra: str = "") -> Path:
     tls = ""
     if certs is not None:
         tls = (f'[tls]\ncert = "{certs.cert_file}"\nkey = "{certs.key_file}"\n'
                f'client_ca = "{certs.ca_file}"\n')
-    listen = (f'[listen]\nmx = "127.0.0.1:{ports[0]}"\nodmr = "127.0.0.1:{ports[1]}"\n')
+    listen = (f'[listen]\nmx = "127.0.0.1:{ports[0]}"\nodmr = "127.0.0.1:{ports[1]}"\n'
+              f'submission = "{"" if submission is None else f"127.0.0.1:{submission}"}"\n')
     if odmr_tls is not None:
         listen += f'odmr_tls = "127.0.0.1:{odmr_tls}"\n'
     path = directory / "provider.toml"

@@ -94,11 +94,17 @@ class ListenConfig:
       port 366); clients upgrade with STARTTLS.
     - ``odmr_tls`` (default ``""``, off): an implicit-TLS ODMR listener (TLS from
       the first byte).  Needs ``[tls] cert`` and ``key``.
+    - ``submission`` (default ``"0.0.0.0:587"``): authenticated submission of
+      the customers' outgoing mail (RFC 6409, STARTTLS).
+    - ``submissions`` (default ``""``, off): submission over implicit TLS
+      (RFC 8314, usually port 465).  Needs ``[tls] cert`` and ``key``.
     """
 
     mx: tuple[str, int] | None = ("0.0.0.0", 25)
     odmr: tuple[str, int] | None = ("0.0.0.0", 366)
     odmr_tls: tuple[str, int] | None = None
+    submission: tuple[str, int] | None = ("0.0.0.0", 587)
+    submissions: tuple[str, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,6 +229,89 @@ class MXConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SubmissionConfig:
+    """``[submission]``: the customers' outgoing mail (RFC 6409).
+
+    - ``restrict_senders`` (bool, default true): the envelope sender must be an
+      address in one of the authenticated account's domains (553 5.7.1
+      otherwise); the null sender ``<>`` is refused too.
+    - ``rate_limit`` (int, default 500): messages one account may submit per
+      ``rate_window``; more get ``450 4.7.1``.  0 = no limit.
+    - ``rate_window`` (duration, default ``"1h"``).
+    """
+
+    restrict_senders: bool = True
+    rate_limit: int = 500
+    rate_window: float = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundConfig:
+    """``[outbound]``: delivery to the Internet (submissions and DSNs).
+
+    - ``smarthost`` (``"host:port"``, default ``""``): send everything through
+      this relay instead of looking up MX records.
+    - ``smarthost_username`` / ``smarthost_password_file`` (default ``""``):
+      AUTH at the smarthost (PLAIN or LOGIN, only over TLS).
+    - ``smarthost_tls`` (``"starttls"`` | ``"implicit"`` | ``"none"``, default
+      ``"starttls"``): TLS towards the smarthost; ``"starttls"`` requires it.
+    - ``port`` (int, default 25): the destination port for MX delivery (ISPs
+      block 25; tests use another).
+    - ``resolver`` (``"host:port"``, default ``""``): the DNS server for MX and
+      address lookups; ``""`` = the system's (``/etc/resolv.conf``).
+    - ``transport`` (table, default empty): ``"domain" = "host:port"``, a static
+      route per recipient domain (like Postfix's ``transport_maps``); wins
+      over the smarthost and MX lookups.
+    - ``require_tls_domains`` (list, default empty): destinations that must
+      offer STARTTLS (else the mail is deferred); others use it when offered.
+    - ``concurrency`` (int, default 20): simultaneous outbound connections.
+    - ``concurrency_per_destination`` (int, default 5).
+    - ``retry_initial`` (duration, default ``"5m"``), ``retry_max`` (``"1h"``):
+      the retry delay after each failure doubles from the first to the
+      second, with ±20% jitter.
+    - ``lifetime`` (duration, default ``"5d"``): after this a deferred message
+      is bounced (RFC 5321 §4.5.4.1: 4–5 days).
+    - ``delay_notice`` (duration, default ``"4h"``; ``"0"`` = off): a delayed
+      DSN (RFC 3464 Action: delayed) after the first failure older than this.
+    - ``queue_interval`` (duration, default ``"10s"``): how often the queue
+      runner looks for mail that is due.
+    """
+
+    smarthost: tuple[str, int] | None = None
+    smarthost_username: str = ""
+    smarthost_password_file: Path | None = None
+    smarthost_tls: str = "starttls"
+    port: int = 25
+    resolver: tuple[str, int] | None = None
+    transport: dict[str, tuple[str, int]] = field(default_factory=dict)
+    require_tls_domains: tuple[str, ...] = ()
+    concurrency: int = 20
+    concurrency_per_destination: int = 5
+    retry_initial: float = 300.0
+    retry_max: float = 3600.0
+    lifetime: float = 5 * 86400.0
+    delay_notice: float = 4 * 3600.0
+    queue_interval: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class HoldConfig:
+    """``[hold]``: mail held for customer domains.
+
+    - ``lifetime`` (duration, default ``"30d"``): held mail nobody collects is
+      bounced to its sender after this (an expiry DSN, status 5.4.7).
+    - ``delay_notice`` (duration, default ``"0"``, off): tell the sender once
+      when held mail has waited this long for an offline customer.
+    - ``expiry_interval`` (duration, default ``"10m"``): how often held mail is
+      checked for expiry.
+    """
+
+    lifetime: float = 30 * 86400.0
+    delay_notice: float = 0.0
+    expiry_interval: float = 600.0
+
+
+@dataclass(frozen=True, slots=True)
 class ProviderConfig:
     """The whole provider config file (top level).
 
@@ -231,9 +320,11 @@ class ProviderConfig:
       reply, and in Received: headers.  A domain name (letters, digits, hyphens).
     - ``data_dir`` (path, required): directory for the queue database and
       other state; relative to the config file's directory.  Not created here.
-    - ``[listen]``, ``[tls]``, ``[limits]``, ``[odmr]``, ``[mx]``, ``[log]``:
-      see `ListenConfig`, `TLSConfig`, `LimitsConfig`, `ODMRConfig`,
-      `MXConfig`, `LogConfig`.  Each table is optional.
+    - ``[listen]``, ``[tls]``, ``[limits]``, ``[odmr]``, ``[mx]``, ``[log]``,
+      ``[submission]``, ``[outbound]``, ``[hold]``: see `ListenConfig`,
+      `TLSConfig`, `LimitsConfig`, `ODMRConfig`, `MXConfig`, `LogConfig`,
+      `SubmissionConfig`, `OutboundConfig`, `HoldConfig`.  Each table is
+      optional.
     """
 
     path: Path
@@ -245,6 +336,9 @@ class ProviderConfig:
     odmr: ODMRConfig = field(default_factory=ODMRConfig)
     mx: MXConfig = field(default_factory=MXConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    submission: SubmissionConfig = field(default_factory=SubmissionConfig)
+    outbound: OutboundConfig = field(default_factory=OutboundConfig)
+    hold: HoldConfig = field(default_factory=HoldConfig)
 
     @property
     def store_path(self) -> Path:
@@ -306,11 +400,47 @@ def _line_length(value: object) -> int:
     return int(n)
 
 
+def _port(value: object) -> int:
+    n = _integer(1)(value)
+    if n > 65535:
+        raise ValueError(f"expected a port number 1-65535, got {_show(value)}")
+    return int(n)
+
+
+def _domain_name(value: object) -> str:
+    from fermoposta.smtp.command import normalize_domain
+
+    text = _string(value)
+    try:
+        name = normalize_domain(text)
+    except ValueError as exc:
+        raise ValueError(f"not a domain name: {_show(value)} ({exc})") from None
+    if "." not in name:
+        raise ValueError(f"not a domain name: {_show(value)}")
+    return name
+
+
+def _domain_list(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ValueError(f"expected a list of domain names, got {_show(value)}")
+    return tuple(_domain_name(item) for item in value)
+
+
+def _transport_map(value: object) -> dict[str, tuple[str, int]]:
+    if not isinstance(value, dict):
+        raise ValueError(f'expected a table of "domain" = "host:port", got {_show(value)}')
+    routes: dict[str, tuple[str, int]] = {}
+    for domain, target in value.items():
+        routes[_domain_name(domain)] = parse_hostport(target)
+    return routes
+
+
 # The schema: table -> key -> parser.  Defaults come from the dataclasses.
 _SECTIONS: dict[str, tuple[type[Any], dict[str, _Parser]]] = {
     "listen": (
         ListenConfig,
-        {"mx": _listen_address, "odmr": _listen_address, "odmr_tls": _listen_address},
+        {"mx": _listen_address, "odmr": _listen_address, "odmr_tls": _listen_address,
+         "submission": _listen_address, "submissions": _listen_address},
     ),
     "tls": (TLSConfig, {"cert": _string, "key": _string, "client_ca": _string}),
     "limits": (
@@ -343,6 +473,42 @@ _SECTIONS: dict[str, tuple[type[Any], dict[str, _Parser]]] = {
         },
     ),
     "mx": (MXConfig, {"require_valid_recipient": _boolean}),
+    "submission": (
+        SubmissionConfig,
+        {
+            "restrict_senders": _boolean,
+            "rate_limit": _integer(0),
+            "rate_window": _duration(positive=True),
+        },
+    ),
+    "outbound": (
+        OutboundConfig,
+        {
+            "smarthost": _listen_address,
+            "smarthost_username": _string,
+            "smarthost_password_file": _string,
+            "smarthost_tls": _one_of("starttls", "implicit", "none"),
+            "port": _port,
+            "resolver": _listen_address,
+            "transport": _transport_map,
+            "require_tls_domains": _domain_list,
+            "concurrency": _integer(1),
+            "concurrency_per_destination": _integer(1),
+            "retry_initial": _duration(positive=True),
+            "retry_max": _duration(positive=True),
+            "lifetime": _duration(positive=True),
+            "delay_notice": _duration(positive=False),
+            "queue_interval": _duration(positive=True),
+        },
+    ),
+    "hold": (
+        HoldConfig,
+        {
+            "lifetime": _duration(positive=True),
+            "delay_notice": _duration(positive=False),
+            "expiry_interval": _duration(positive=True),
+        },
+    ),
     "log": (LogConfig, {"level": _one_of(*LOG_LEVELS), "format": _one_of(*LOG_FORMATS)}),
 }
 _TOP_LEVEL: dict[str, _Parser] = {"hostname": _hostname, "data_dir": _string}
@@ -374,6 +540,11 @@ def load_provider_config(path: str | Path) -> ProviderConfig:
         values = {key: loader.parse(name, key, parsers[key], value) for key, value in table.items()}
         if name == "tls":
             values = _resolve_tls(loader, values)
+        if name == "outbound" and values.get("smarthost_password_file"):
+            values["smarthost_password_file"] = loader.existing_file(
+                "outbound", "smarthost_password_file", values["smarthost_password_file"])
+        elif name == "outbound":
+            values.pop("smarthost_password_file", None)
         sections[name] = cls(**values)
 
     config = ProviderConfig(
@@ -406,6 +577,16 @@ def _cross_check(loader: _Loader, config: ProviderConfig) -> None:
         raise loader.error(
             "listen", "odmr_tls", "an implicit-TLS listener needs [tls] cert and key"
         )
+    if config.listen.submissions is not None and not config.tls.enabled:
+        raise loader.error(
+            "listen", "submissions", "an implicit-TLS listener needs [tls] cert and key"
+        )
+    if config.outbound.retry_max < config.outbound.retry_initial:
+        raise loader.error("outbound", "retry_max", "must not be shorter than retry_initial")
+    if bool(config.outbound.smarthost_username) != (
+            config.outbound.smarthost_password_file is not None):
+        raise loader.error("outbound", "smarthost_password_file",
+                           "smarthost_username and smarthost_password_file go together")
     if config.tls.client_ca is not None and not config.tls.enabled:
         raise loader.error("tls", "client_ca", "client certificates need [tls] cert and key")
     if config.tls.cert is not None and config.tls.key is not None:

@@ -512,3 +512,47 @@ def test_mismatched_key_and_bad_ca_are_config_errors(tmp_path: Path) -> None:
         tmp_path, BASE + '[tls]\ncert = "c.pem"\nkey = "k.pem"\nclient_ca = "ca.pem"\n'
     )
     assert ": [tls] client_ca: not a usable CA bundle" in message
+
+
+def test_outbound_submission_and_hold_sections(tmp_path: Path) -> None:
+    config = load_provider_config(write(tmp_path, BASE + """
+[listen]
+submission = "127.0.0.1:2587"
+[submission]
+rate_limit = 0
+[outbound]
+port = 2626
+resolver = "127.0.0.1:5353"
+require_tls_domains = ["Bank.Example"]
+retry_initial = "1m"
+retry_max = "2m"
+delay_notice = "0"
+[outbound.transport]
+"example.net" = "127.0.0.1:2727"
+"bücher.de" = "[::1]:25"
+[hold]
+lifetime = "7d"
+"""))
+    assert config.listen.submission == ("127.0.0.1", 2587)
+    assert config.listen.submissions is None
+    assert config.submission.rate_limit == 0 and config.submission.restrict_senders
+    out = config.outbound
+    assert out.port == 2626 and out.resolver == ("127.0.0.1", 5353)
+    assert out.require_tls_domains == ("bank.example",)
+    assert out.transport == {"example.net": ("127.0.0.1", 2727), "xn--bcher-kva.de": ("::1", 25)}
+    assert out.delay_notice == 0 and out.retry_initial == 60 and out.lifetime == 5 * 86400
+    assert config.hold.lifetime == 7 * 86400 and config.hold.delay_notice == 0
+
+
+@pytest.mark.parametrize(("text", "fragment"), [
+    ('[outbound]\nport = 70000\n', "[outbound] port: expected a port number"),
+    ('[outbound]\nretry_initial = "2h"\n', "[outbound] retry_max: must not be shorter"),
+    ('[outbound.transport]\n"localhost" = "127.0.0.1:25"\n', "[outbound] transport: not a domain"),
+    ('[outbound.transport]\n"a.example" = "nowhere"\n', "[outbound] transport:"),
+    ('[outbound]\nrequire_tls_domains = "a.example"\n', "expected a list of domain names"),
+    ('[outbound]\nsmarthost_username = "u"\n', "smarthost_username and smarthost_password_file"),
+    ('[listen]\nsubmissions = "127.0.0.1:465"\n', "[listen] submissions: an implicit-TLS"),
+    ('[submission]\nrate_limit = -1\n', "[submission] rate_limit:"),
+])
+def test_outbound_errors(tmp_path: Path, text: str, fragment: str) -> None:
+    assert fragment in load_error(tmp_path, BASE + text)
