@@ -1,0 +1,214 @@
+"""SMTP AUTH (RFC 4954) for the provider's listeners: ODMR and submission.
+
+Contract:
+- `Authenticator` runs the AUTH command of one server session: mechanism
+  choice and policy (PLAIN and LOGIN only under TLS unless
+  `allow_plaintext_auth`, else 538; EXTERNAL only with a client certificate
+  that verified against `[tls] client_ca`; `require_tls` answers 530 before
+  STARTTLS), the 334 exchange with base64 and "*" cancellation, SCRAM's
+  server-final as a last 334 (RFC 4954 §4), and failure counting
+  (`max_auth_failures` → 421, the session closes).
+- On success `account` names the authenticated account.  SASL payloads are
+  never logged (the debug trace shows "***").
+- Credentials come from the store through `StoreCredentials`; a store
+  failure is a temporary failure (454), never a refusal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+from typing import TYPE_CHECKING, Protocol
+
+from fermoposta.net.connection import LineTooLong
+from fermoposta.net.server_session import AUTH_LINE_LIMIT
+from fermoposta.ops.log import redact
+from fermoposta.smtp import reply as R
+from fermoposta.smtp.reply import Reply
+from fermoposta.smtp.sasl import (
+    Challenge,
+    Failure,
+    Success,
+    certificate_fingerprint,
+    certificate_subject,
+    server_mechanism,
+)
+from fermoposta.store.base import Account, Store
+
+if TYPE_CHECKING:
+    from fermoposta.net.server_session import ServerSession
+
+log = logging.getLogger("fermoposta.auth")
+
+PLAINTEXT_MECHANISMS = frozenset({"PLAIN", "LOGIN"})
+TOO_MANY_AUTH_FAILURES = Reply(421, "4.7.0", "Too many authentication failures, closing connection")
+SEND_EHLO_FIRST = Reply(503, "5.5.1", "Send EHLO first")
+AUTH_LINE_TOO_LONG = Reply(500, "5.5.6", "Authentication exchange line is too long")  # RFC 4954 §4
+
+
+class AuthPolicy(Protocol):
+    @property
+    def mechanisms(self) -> tuple[str, ...]: ...
+    @property
+    def allow_plaintext_auth(self) -> bool: ...
+    @property
+    def require_tls(self) -> bool: ...
+    @property
+    def max_auth_failures(self) -> int: ...
+
+
+class StoreCredentials:
+    """Adapts the store to the SASL layer's CredentialSource."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def account(self, username: str) -> Account | None:
+        return self.store.get_account(username)
+
+    def account_for_certificate(self, fingerprint: str, subject: str | None) -> Account | None:
+        """A fingerprint binding first, then a subject binding."""
+        account = self.store.account_by_fingerprint(fingerprint)
+        if account is None and subject:
+            account = self.store.account_by_subject(subject)
+        return account
+
+
+class Authenticator:
+    """AUTH for one server session; see the module docstring."""
+
+    def __init__(self, session: ServerSession, store: Store, policy: AuthPolicy) -> None:
+        self.session = session
+        self.conn = session.conn
+        self.store = store
+        self.settings = policy
+        self.account: str | None = None
+        self.auth_failures = 0
+
+    @property
+    def log(self) -> logging.LoggerAdapter[logging.Logger]:
+        return self.session.log
+
+    @property
+    def session_id(self) -> str:
+        return self.session.session_id
+
+    def client_fingerprint(self) -> str | None:
+        der = self.conn.peer_certificate()
+        return certificate_fingerprint(der) if der else None
+
+    def client_subject(self) -> str | None:
+        """The canonical RFC 4514 subject of the verified client certificate."""
+        der = self.conn.peer_certificate()
+        if not der:
+            return None
+        try:
+            return certificate_subject(der) or None
+        except ValueError as exc:  # OpenSSL accepted it, so this should not happen
+            self.log.warning("%s: cannot read the client certificate's subject: %s",
+                             self.session_id, exc)
+            return None
+
+    def offered_mechanisms(self) -> list[str]:
+        offered = []
+        for mech in self.settings.mechanisms:
+            if (mech in PLAINTEXT_MECHANISMS and not self.conn.tls_active
+                    and not self.settings.allow_plaintext_auth):
+                continue
+            if mech == "EXTERNAL" and self.client_fingerprint() is None:
+                continue
+            offered.append(mech)
+        return offered
+
+    async def smtp_auth(self, arg: str) -> Reply | None:
+        if self.session.helo_name is None or not self.session.esmtp:
+            return SEND_EHLO_FIRST
+        if self.settings.require_tls and not self.conn.tls_active:
+            return R.MUST_STARTTLS
+        if self.account is not None:
+            return R.AUTH_ALREADY
+        parts = arg.split()
+        if not parts or len(parts) > 2:
+            return R.BAD_ARGUMENTS
+        name = parts[0].upper()
+        configured = name in self.settings.mechanisms
+        if configured and name in PLAINTEXT_MECHANISMS and not self.conn.tls_active \
+                and not self.settings.allow_plaintext_auth:
+            return R.AUTH_ENCRYPTION_REQUIRED
+        if name not in self.offered_mechanisms():
+            return R.AUTH_UNKNOWN_MECHANISM
+        initial: bytes | None = None
+        if len(parts) == 2:
+            if parts[1] == "=":
+                initial = b""
+            elif parts[1] == "*":
+                return R.AUTH_CANCELLED
+            else:
+                try:
+                    initial = base64.b64decode(parts[1], validate=True)
+                except (binascii.Error, ValueError):
+                    return R.AUTH_BAD_BASE64
+        mechanism = server_mechanism(
+            name,
+            credentials=StoreCredentials(self.store),
+            hostname=self.session.hostname,
+            client_cert_fingerprint=self.client_fingerprint(),
+            client_cert_subject=self.client_subject() if name == "EXTERNAL" else None,
+        )
+        if mechanism is None:
+            return R.AUTH_UNKNOWN_MECHANISM
+        result = await asyncio.to_thread(mechanism.start, initial)
+        while isinstance(result, Challenge):
+            response = await self._auth_exchange(result.data)
+            if response is None:
+                return R.AUTH_CANCELLED
+            if isinstance(response, Reply):
+                return response
+            result = await asyncio.to_thread(mechanism.step, response)
+        if isinstance(result, Success) and result.server_final is not None:
+            # RFC 4954 §4: additional data with success goes in a final 334,
+            # answered by an empty line.
+            response = await self._auth_exchange(result.server_final)
+            if response is None:
+                return R.AUTH_CANCELLED
+            if isinstance(response, Reply):
+                return response
+            if response != b"":
+                result = Failure("non-empty response to the SCRAM server-final message")
+        if isinstance(result, Success):
+            self.account = result.identity
+            self.log.info("%s: AUTH %s as %s from [%s]", self.session_id, name, result.identity,
+                          self.conn.peer_ip)
+            return R.AUTH_OK
+        assert isinstance(result, Failure)
+        if result.temporary:
+            self.log.warning("%s: AUTH %s temporary failure: %s", self.session_id, name,
+                             result.reason)
+            return R.AUTH_TEMPORARY_FAILURE
+        self.auth_failures += 1
+        self.log.info("%s: AUTH %s failed from [%s]: %s", self.session_id, name,
+                      self.conn.peer_ip, result.reason)
+        if self.auth_failures >= self.settings.max_auth_failures:
+            return TOO_MANY_AUTH_FAILURES
+        return R.AUTH_FAILED
+
+    async def _auth_exchange(self, challenge: bytes) -> bytes | Reply | None:
+        """Send a 334 challenge; return the decoded answer, None on "*", or an error reply."""
+        await self.session.send(Reply(334, None, base64.b64encode(challenge).decode("ascii")))
+        try:
+            line = await self.conn.read_line(AUTH_LINE_LIMIT, self.session.limits.command_timeout)
+        except LineTooLong:
+            return AUTH_LINE_TOO_LONG
+        if log.isEnabledFor(logging.DEBUG):
+            shown = redact(line, in_auth=True).decode("utf-8", "replace").rstrip()
+            self.log.debug("%s: < %s", self.session_id, shown)
+        text = line.rstrip(b"\r\n").strip()
+        if text == b"*":
+            return None
+        try:
+            return base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            return R.AUTH_BAD_BASE64
+
