@@ -112,6 +112,7 @@ class RunningProvider:
     mx: tuple[str, int]
     odmr: tuple[str, int]
     odmr_tls: tuple[str, int] | None
+    submission: tuple[str, int]
 
 
 @pytest.fixture
@@ -123,7 +124,7 @@ async def provider_factory(tmp_path: Path, certs: Certs) -> AsyncIterator[Callab
         directory = tmp_path / f"provider{len(started)}"
         directory.mkdir()
         path = write_config(directory, certs if tls else None, extra=extra,
-                            odmr_tls=0 if odmr_tls else None)
+                            odmr_tls=0 if odmr_tls else None, submission=0)
         config = load_provider_config(path)
         store = open_store(config.data_dir)
         if customers:
@@ -132,7 +133,7 @@ async def provider_factory(tmp_path: Path, certs: Certs) -> AsyncIterator[Callab
         provider = Provider(config, store)
         addresses = await provider.start()
         running = RunningProvider(provider, store, path, addresses["mx"], addresses["odmr"],
-                                  addresses.get("odmr_tls"))
+                                  addresses.get("odmr_tls"), addresses["submission"])
         started.append(running)
         return running
 

@@ -168,3 +168,31 @@ async def test_valid_recipient_list(provider):
     lines = await d.cmd("RCPT TO:<mallory@example.org>", 550)
     assert lines[0].startswith("5.1.1")
     await d.close()
+
+
+async def test_dsn_parameters_are_accepted_and_stored(provider):
+    d = await Dialog.connect(*provider.mx)
+    await d.expect(220)
+    lines = await d.cmd("EHLO client.test", 250)
+    assert "DSN" in [line.split()[0] for line in lines[1:]]
+    await d.cmd("MAIL FROM:<a@sender.test> RET=HDRS ENVID=QQ+2Bid", 250)
+    await d.cmd("RCPT TO:<bob@example.org> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;bob+2Bx@example.org",
+                250)
+    await d.cmd("RCPT TO:<carol@example.org> NOTIFY=NEVER", 250)
+    await d.cmd("DATA", 354)
+    await d.raw(b"Subject: dsn\r\n\r\nx\r\n.\r\n")
+    queue_id = (await d.expect(250))[0].rsplit(" ", 1)[1]
+    await d.cmd("MAIL FROM:<a@sender.test> RET=MAYBE", 501)
+    await d.cmd("MAIL FROM:<a@sender.test> ENVID=bad=value", 501)
+    await d.cmd("MAIL FROM:<a@sender.test>", 250)
+    await d.cmd("RCPT TO:<bob@example.org> NOTIFY=NEVER,SUCCESS", 501)
+    await d.cmd("RCPT TO:<bob@example.org> NOTIFY=SOMETIMES", 501)
+    await d.cmd("RCPT TO:<bob@example.org> ORCPT=no-semicolon", 501)
+    await d.close()
+    message = provider.store.get_message(queue_id)
+    assert message is not None
+    assert message.ret == "HDRS" and message.envid == "QQ+2Bid"
+    by_address = {r.address: r for r in message.recipients}
+    assert by_address["bob@example.org"].notify == "SUCCESS,FAILURE"
+    assert by_address["bob@example.org"].orcpt == "rfc822;bob+2Bx@example.org"
+    assert by_address["carol@example.org"].notify == "NEVER"

@@ -31,6 +31,7 @@ from fermoposta.smtp.command import (
     parse_mail_from,
     parse_rcpt_to,
     split_address,
+    xtext_decode,
 )
 from fermoposta.smtp.data import DataReader
 from fermoposta.smtp.reply import Reply
@@ -57,6 +58,8 @@ class Recipient:
     path: Path
     local: str
     domain: str  # normalized A-label, lowercase; "" for <postmaster>
+    notify: str | None = None  # RFC 3461 NOTIFY, uppercased ("NEVER" or a list)
+    orcpt: str | None = None  # RFC 3461 ORCPT as received ("rfc822;xtext")
 
 
 @dataclass(slots=True)
@@ -66,11 +69,17 @@ class Transaction:
     declared_size: int | None = None
     body_8bit: bool = False
     smtputf8: bool = False
+    envid: str | None = None  # RFC 3461 ENVID (xtext, as received)
+    ret: str | None = None  # RFC 3461 RET: "FULL" or "HDRS"
     recipients: list[Recipient] = field(default_factory=list)
 
 
 class TransactionSession(ServerSession):
     """A `ServerSession` that receives mail; see the module docstring."""
+
+    # RFC 3461: accept NOTIFY/ORCPT/RET/ENVID (and advertise DSN) where the
+    # receiver keeps them and acts on them (the provider's MX and submission).
+    dsn_extension: ClassVar[bool] = False
 
     transaction: Transaction | None = None
     authenticated_as: str | None = None
@@ -99,6 +108,7 @@ class TransactionSession(ServerSession):
             "8BITMIME",
             "PIPELINING",
             "SMTPUTF8",
+            *(["DSN"] if self.dsn_extension else []),
             *super().extensions(),
         ]
 
@@ -140,6 +150,14 @@ class TransactionSession(ServerSession):
                 txn.smtputf8 = True
             elif key == "AUTH":
                 pass  # RFC 4954 §5: we may ignore it
+            elif key == "RET" and self.dsn_extension:
+                if value is None or value.upper() not in ("FULL", "HDRS") or txn.ret:
+                    return R.BAD_ARGUMENTS
+                txn.ret = value.upper()
+            elif key == "ENVID" and self.dsn_extension:
+                if not _valid_xtext(value, 100) or txn.envid:  # RFC 3461 §4.4: 100 chars
+                    return R.BAD_ARGUMENTS
+                txn.envid = value
             else:
                 return UNKNOWN_PARAMETER
         refusal = await self.check_sender(path)
@@ -153,8 +171,19 @@ class TransactionSession(ServerSession):
         if txn is None:
             return Reply(503, "5.5.1", "Need MAIL command first")
         path = parse_rcpt_to(arg, allow_utf8=txn.smtputf8)
-        if path.params:
-            return UNKNOWN_PARAMETER
+        notify, orcpt = None, None
+        for key, value in path.params.items():
+            if key == "NOTIFY" and self.dsn_extension:
+                notify = _parse_notify(value)
+                if notify is None:
+                    return R.BAD_ARGUMENTS
+            elif key == "ORCPT" and self.dsn_extension:
+                addr_type, sep, addr = (value or "").partition(";")
+                if not sep or not addr_type or not _valid_xtext(addr, 500):
+                    return R.BAD_ARGUMENTS
+                orcpt = value
+            else:
+                return UNKNOWN_PARAMETER
         if len(txn.recipients) >= self.limits.max_recipients:
             return TOO_MANY_RECIPIENTS
         if "@" in path.address:
@@ -165,9 +194,9 @@ class TransactionSession(ServerSession):
                 return Reply(501, "5.1.3", "Bad recipient address syntax")
         else:
             local, domain = path.address, ""
-        rcpt = Recipient(path=path, local=local, domain=domain)
-        key = (local.lower(), domain)
-        if any((r.local.lower(), r.domain) == key for r in txn.recipients):
+        rcpt = Recipient(path=path, local=local, domain=domain, notify=notify, orcpt=orcpt)
+        same = (local.lower(), domain)
+        if any((r.local.lower(), r.domain) == same for r in txn.recipients):
             return RECIPIENT_OK  # RFC 5321 §3.3: a duplicate is accepted once
         refusal = await self.check_recipient(txn, rcpt)
         if refusal is not None:
@@ -226,3 +255,26 @@ class TransactionSession(ServerSession):
         "RCPT": "smtp_rcpt",
         "DATA": "smtp_data",
     }
+
+
+def _valid_xtext(value: str | None, limit: int) -> bool:
+    """RFC 3461 §4: printable ASCII without "+" and "=" except as "+XX"."""
+    if not value or len(value) > limit:
+        return False
+    try:
+        xtext_decode(value)
+    except ValueError:
+        return False
+    return all(33 <= ord(c) <= 126 and c != "=" for c in value)
+
+
+def _parse_notify(value: str | None) -> str | None:
+    """RFC 3461 §4.1: NEVER alone, or a list of SUCCESS, FAILURE, DELAY."""
+    if not value:
+        return None
+    items = value.upper().split(",")
+    if items == ["NEVER"]:
+        return "NEVER"
+    if len(set(items)) != len(items) or not set(items) <= {"SUCCESS", "FAILURE", "DELAY"}:
+        return None
+    return ",".join(items)

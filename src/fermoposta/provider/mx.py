@@ -46,6 +46,7 @@ TRY_LATER = Reply(451, "4.3.0", "Temporary local problem, try again later")
 
 class MXSession(TransactionSession):
     component = "mx"
+    dsn_extension = True
 
     def __init__(
         self,
@@ -105,12 +106,15 @@ class MXSession(TransactionSession):
         message = NewMessage(
             sender=txn.sender.address,
             recipients=tuple(
-                NewRecipient(address=r.path.address, domain=r.domain, state=RecipientState.HELD)
+                NewRecipient(address=r.path.address, domain=r.domain, state=RecipientState.HELD,
+                             notify=r.notify, orcpt=r.orcpt)
                 for r in txn.recipients
             ),
             origin=MessageOrigin.MX,
             smtputf8=txn.smtputf8,
             body_8bit=txn.body_8bit,
+            envid=txn.envid,
+            ret=txn.ret,
             client=self.peer_description(),
         )
         try:

@@ -30,6 +30,7 @@ from fermoposta.ops.log import setup_logging
 from fermoposta.provider.drain import DrainSettings
 from fermoposta.provider.mx import MXSession
 from fermoposta.provider.odmr import ODMRSession, ODMRSettings
+from fermoposta.provider.submission import RateLimiter, SubmissionSession, SubmissionSettings
 from fermoposta.smtp.reply import Reply
 from fermoposta.store import open_store
 from fermoposta.store.base import Store, StoreError
@@ -95,6 +96,17 @@ class Provider:
             lease_ttl=odmr.lease_ttl,
             max_messages=odmr.max_messages_per_session,
         )
+        self.submission_settings = SubmissionSettings(
+            mechanisms=odmr.mechanisms,
+            allow_plaintext_auth=odmr.allow_plaintext_auth,
+            require_tls=odmr.require_tls,
+            max_auth_failures=odmr.max_auth_failures,
+            restrict_senders=config.submission.restrict_senders,
+        )
+        self.rate_limiter = RateLimiter(config.submission.rate_limit,
+                                        config.submission.rate_window)
+        # Called after each submission; the outbound runner sets it to its wake().
+        self.on_queued: Callable[[], None] | None = None
         self.servers: list[asyncio.Server] = []
         self.sessions: set[asyncio.Task[None]] = set()
         self.per_ip: collections.Counter[str] = collections.Counter()
@@ -110,6 +122,16 @@ class Provider:
         return ODMRSession(conn, hostname=self.config.hostname, limits=self.limits,
                            store=self.store, settings=self.odmr_settings,
                            drain_settings=self.drain_settings, tls_context=self.tls_context)
+
+    def submission_session(self, conn: Connection) -> ServerSession:
+        return SubmissionSession(conn, hostname=self.config.hostname, limits=self.limits,
+                                 store=self.store, settings=self.submission_settings,
+                                 rate_limiter=self.rate_limiter, tls_context=self.tls_context,
+                                 on_queued=self._queued)
+
+    def _queued(self) -> None:
+        if self.on_queued is not None:
+            self.on_queued()
 
     def _handler(self, factory: Callable[[Connection], ServerSession]
                  ) -> Callable[[Connection], Awaitable[None]]:
@@ -142,11 +164,17 @@ class Provider:
                          ssl.SSLContext | None]] = [
             ("mx", listen.mx, self.mx_session, None),
             ("odmr", listen.odmr, self.odmr_session, None),
+            ("submission", listen.submission, self.submission_session, None),
         ]
         if listen.odmr_tls is not None:
             if self.tls_context is None:
                 raise ValueError("[listen] odmr_tls needs [tls] cert and key")
             plan.append(("odmr_tls", listen.odmr_tls, self.odmr_session, self.tls_context))
+        if listen.submissions is not None:
+            if self.tls_context is None:
+                raise ValueError("[listen] submissions needs [tls] cert and key")
+            plan.append(("submissions", listen.submissions, self.submission_session,
+                         self.tls_context))
         for name, address, factory, context in plan:
             if address is None:
                 continue

@@ -1,0 +1,212 @@
+"""The provider's submission service: the customers' outgoing mail (RFC 6409, RFC 8314).
+
+Contract:
+- MAIL needs a successful AUTH first (530 5.7.0), with the same accounts
+  and mechanisms as ODMR (`provider.auth`: PLAIN/LOGIN only under TLS).
+- With `[submission] restrict_senders` (default) the envelope sender must be
+  an address in one of the account's domains; anything else, the null
+  sender included, gets 553 5.7.1.  No open relay: unauthenticated peers
+  cannot send anywhere, authenticated ones only as themselves.
+- At most `rate_limit` messages per account per `rate_window` (450 4.7.1
+  beyond, counted per provider process).
+- Any recipient is accepted (that is the point of submission).  Recipients
+  in domains we host are stored HELD for their customer; the rest OUTBOUND
+  for delivery to the Internet.  250 only after the durable commit, as on
+  the MX; then `on_queued()` wakes the outbound runner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import ssl
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import IO, ClassVar
+
+from fermoposta.net.connection import Connection
+from fermoposta.net.server_session import AUTH_LINE_LIMIT, SessionLimits
+from fermoposta.net.transaction import Transaction, TransactionSession
+from fermoposta.ops.log import event
+from fermoposta.provider.auth import Authenticator, AuthPolicy
+from fermoposta.smtp import reply as R
+from fermoposta.smtp.command import Path, normalize_domain, split_address
+from fermoposta.smtp.reply import Reply
+from fermoposta.store.base import (
+    MessageOrigin,
+    NewMessage,
+    NewRecipient,
+    RecipientState,
+    Store,
+    StoreError,
+    new_queue_id,
+)
+
+log = logging.getLogger("fermoposta.submission")
+
+SENDER_NOT_OWNED = Reply(
+    553, "5.7.1", "Sender address rejected: not owned by the authenticated user"
+)
+RATE_LIMITED = Reply(450, "4.7.1", "Message rate limit exceeded, try again later")
+TRY_LATER = Reply(451, "4.3.0", "Temporary local problem, try again later")
+
+
+class RateLimiter:
+    """A sliding window of submission times per account (in memory)."""
+
+    def __init__(self, limit: int, window: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.limit = limit
+        self.window = window
+        self.clock = clock
+        self.times: dict[str, collections.deque[float]] = {}
+
+    def _recent(self, account: str) -> collections.deque[float]:
+        times = self.times.setdefault(account, collections.deque())
+        cutoff = self.clock() - self.window
+        while times and times[0] <= cutoff:
+            times.popleft()
+        return times
+
+    def allows(self, account: str) -> bool:
+        return self.limit <= 0 or len(self._recent(account)) < self.limit
+
+    def record(self, account: str) -> None:
+        if self.limit > 0:
+            self._recent(account).append(self.clock())
+
+
+@dataclass(frozen=True, slots=True)
+class SubmissionSettings:
+    mechanisms: tuple[str, ...] = ("SCRAM-SHA-256", "PLAIN", "LOGIN", "CRAM-MD5", "EXTERNAL")
+    allow_plaintext_auth: bool = False
+    require_tls: bool = False
+    max_auth_failures: int = 3
+    restrict_senders: bool = True
+
+
+class SubmissionSession(TransactionSession):
+    component = "submission"
+    dsn_extension = True
+
+    def __init__(
+        self,
+        conn: Connection,
+        *,
+        hostname: str,
+        limits: SessionLimits,
+        store: Store,
+        settings: SubmissionSettings,
+        rate_limiter: RateLimiter,
+        tls_context: ssl.SSLContext | None = None,
+        on_queued: Callable[[], None] | None = None,
+    ) -> None:
+        super().__init__(conn, hostname=hostname, limits=limits, tls_context=tls_context)
+        self.store = store
+        self.settings = settings
+        self.rate_limiter = rate_limiter
+        self.on_queued = on_queued
+        policy: AuthPolicy = settings
+        self.auth = Authenticator(self, store, policy)
+        self.line_limit = AUTH_LINE_LIMIT  # AUTH initial responses; others are held to 512
+
+    def greeting(self) -> Reply:
+        return Reply(220, None, f"{self.hostname} ESMTP fermoposta submission")
+
+    def extensions(self) -> list[str]:
+        mechs = self.auth.offered_mechanisms()
+        auth = [f"AUTH {' '.join(mechs)}"] if mechs and self.auth.account is None else []
+        return [*auth, *super().extensions()]
+
+    def reset_after_tls(self) -> None:
+        super().reset_after_tls()
+        self.auth.account = None
+
+    @property
+    def authenticated_as(self) -> str | None:  # type: ignore[override]
+        return self.auth.account
+
+    async def smtp_auth(self, arg: str) -> Reply | None:
+        if self.transaction is not None:
+            return Reply(503, "5.5.1", "AUTH not allowed during a mail transaction")
+        return await self.auth.smtp_auth(arg)
+
+    async def smtp_mail(self, arg: str) -> Reply:
+        account = self.auth.account
+        if account is None:
+            return R.AUTH_REQUIRED
+        if not self.rate_limiter.allows(account):
+            self.log.info("%s: rate limit for %s", self.session_id, account)
+            return RATE_LIMITED
+        return await super().smtp_mail(arg)
+
+    async def check_sender(self, sender: Path) -> Reply | None:
+        if not self.settings.restrict_senders:
+            return None
+        account = self.auth.account
+        assert account is not None
+        if not sender.address or "@" not in sender.address:
+            return SENDER_NOT_OWNED
+        try:
+            domain = normalize_domain(split_address(sender.address)[1])
+            owned = await asyncio.to_thread(self.store.list_domains, account)
+        except ValueError:
+            return SENDER_NOT_OWNED
+        except StoreError as exc:
+            self.log.warning("%s: store error at MAIL: %s", self.session_id, exc)
+            return TRY_LATER
+        if domain not in {d.name for d in owned}:
+            self.log.info("%s: %s may not send as <%s>", self.session_id, account,
+                          sender.address)
+            return SENDER_NOT_OWNED
+        return None
+
+    def trace_header(self, txn: Transaction) -> bytes:
+        txn.queue_id = new_queue_id()
+        return super().trace_header(txn)
+
+    async def accept_message(self, txn: Transaction, body: IO[bytes], size: int) -> Reply:
+        account = self.auth.account
+        assert account is not None
+        try:
+            hosted = {r.domain for r in txn.recipients
+                      if await asyncio.to_thread(self.store.get_domain, r.domain) is not None}
+            message = NewMessage(
+                sender=txn.sender.address,
+                recipients=tuple(
+                    NewRecipient(address=r.path.address, domain=r.domain,
+                                 state=RecipientState.HELD if r.domain in hosted
+                                 else RecipientState.OUTBOUND,
+                                 notify=r.notify, orcpt=r.orcpt)
+                    for r in txn.recipients
+                ),
+                origin=MessageOrigin.SUBMISSION,
+                smtputf8=txn.smtputf8,
+                body_8bit=txn.body_8bit,
+                envid=txn.envid,
+                ret=txn.ret,
+                client=f"{self.peer_description()} sasl_username={account}",
+            )
+            queue_id = await asyncio.to_thread(self.store.enqueue, message, body, txn.queue_id)
+        except StoreError as exc:
+            self.log.warning("%s: store error at DATA: %s", self.session_id, exc)
+            return TRY_LATER
+        self.rate_limiter.record(account)
+        event("submission", queue_id, client=self.peer_description(), sasl_username=account)
+        event("submission", queue_id, **{"from": f"<{txn.sender.address}>"}, size=size,
+              nrcpt=len(txn.recipients), held=len([r for r in txn.recipients
+                                                   if r.domain in hosted]),
+              status="queued")
+        if self.on_queued is not None:
+            self.on_queued()
+        return Reply(250, "2.0.0", f"OK queued as {queue_id}")
+
+    COMMANDS: ClassVar[Mapping[str, str]] = {
+        **TransactionSession.COMMANDS,
+        "AUTH": "smtp_auth",
+    }
+
+
+__all__ = ["RateLimiter", "SubmissionSession", "SubmissionSettings"]
