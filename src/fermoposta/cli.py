@@ -73,11 +73,122 @@ def _cmd_provider_run(args: argparse.Namespace) -> int:
     return int(run(config))
 
 
-def _cmd_config_check(args: argparse.Namespace) -> int:
+def _config_kind(path: Path, forced: str | None) -> str:
+    """"provider" or "customer": the --kind given, else guessed from the file
+    (a customer config has a [provider] table and [[pull]] blocks)."""
+    if forced:
+        return forced
+    import tomllib
+
+    try:
+        with open(path, "rb") as stream:
+            raw = tomllib.load(stream)
+    except (OSError, tomllib.TOMLDecodeError):
+        return "provider"  # the provider loader reports the problem precisely
+    return "customer" if "pull" in raw or "provider" in raw else "provider"
+
+
+def _load_any(args: argparse.Namespace) -> Any:
     path = args.file if args.file is not None else args.config
-    config = load_provider_config(path)  # ConfigError -> 78 in main()
-    print(f"OK: {config.path}")
+    if _config_kind(path, args.kind) == "customer":
+        from fermoposta.customer.config import load_customer_config
+
+        return load_customer_config(path)
+    return load_provider_config(path)  # ConfigError -> 78 in main()
+
+
+def _cmd_config_check(args: argparse.Namespace) -> int:
+    config = _load_any(args)
+    kind = "customer" if type(config).__name__ == "CustomerConfig" else "provider"
+    print(f"OK: {config.path} ({kind} config)")
     return EX_OK
+
+
+def _cmd_config_show(args: argparse.Namespace) -> int:
+    """The effective config, defaults included, as TOML-like text.  The config
+    holds no secrets itself (passwords live in files, shown by path); the
+    values of keys that name secrets are redacted all the same."""
+    config = _load_any(args)
+    values = dataclasses.asdict(config)
+    if "pulls" in values:  # show a customer config in the shape it is written in
+        values["pull"] = [_pull_as_written(p) for p in values.pop("pulls")]
+    print("\n".join(_render(values)))
+    return EX_OK
+
+
+def _pull_as_written(pull: dict[str, Any]) -> dict[str, Any]:
+    schedule = pull.pop("schedule")
+    jitter = schedule["jitter"]
+    pull["every"] = schedule["every"]
+    pull["jitter"] = f"{jitter['fraction'] * 100:g}%" if jitter["fraction"] else jitter["seconds"]
+    pull["backoff_max"] = schedule["backoff_max"]
+    days = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+    pull["window"] = [
+        {"days": ",".join(days[d] for d in sorted(w["days"])),
+         "hours": f"{w['start_hour']:02d}-{w['end_hour']:02d}", "every": w["every"]}
+        for w in schedule["windows"]
+    ]
+    delivery = {k: v for k, v in pull.pop("delivery").items() if v not in (None, "")}
+    if "socket_path" in delivery:
+        delivery["address"] = delivery.pop("socket_path")
+    if "hostport" in delivery:
+        delivery["address"] = delivery.pop("hostport")
+    if delivery.get("type") != "maildir":
+        delivery.pop("create", None)
+        delivery.pop("aliases", None)
+    pull["delivery"] = delivery
+    return pull
+
+
+_SECRET_KEYS = ("password", "secret", "key_material")
+
+
+def _is_table(value: Any) -> bool:
+    return isinstance(value, dict) or (
+        isinstance(value, (list, tuple)) and bool(value) and isinstance(value[0], dict)
+    )
+
+
+def _render(values: dict[str, Any], prefix: str = "") -> list[str]:
+    lines: list[str] = []
+    tables: list[tuple[str, Any]] = []
+    for key, value in values.items():
+        if key == "config_path" or (key == "path" and not prefix):
+            if not prefix:
+                lines.append(f"# loaded from {value}")
+            continue
+        if _is_table(value) and key not in ("aliases", "transport"):
+            tables.append((key, value))
+        elif value and any(s in key for s in _SECRET_KEYS) and not key.endswith("_file"):
+            lines.append(f"{key} = \"***\"")
+        else:
+            lines.append(f"{key} = {_toml(value)}")
+    for key, value in tables:
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            lines += ["", f"[{name}]", *_render(value, name + ".")]
+        else:
+            for item in value:
+                lines += ["", f"[[{name}]]", *_render(item, name + ".")]
+    return lines
+
+
+def _toml(value: Any) -> str:
+    if value is None:
+        return '""  # unset'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], str) \
+            and isinstance(value[1], int):
+        return f'"{value[0]}:{value[1]}"'  # host:port
+    if isinstance(value, (list, tuple, frozenset, set)):
+        items = sorted(value, key=str) if isinstance(value, (set, frozenset)) else value
+        return "[" + ", ".join(_toml(v) for v in items) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f'"{k}" = {_toml(v)}' for k, v in value.items()) + "}"
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _cmd_store(args: argparse.Namespace) -> int:
@@ -164,7 +275,16 @@ def build_parser() -> argparse.ArgumentParser:
         "check", help="load and validate the config; print OK or the error (exit 78)"
     )
     check.add_argument("file", nargs="?", type=Path, metavar="FILE", help="default: -c FILE")
+    check.add_argument("--kind", choices=("provider", "customer"), default=None,
+                       help="the kind of config (default: guessed from the file)")
     check.set_defaults(command_func=_cmd_config_check)
+    show = config_cmds.add_parser(
+        "show", help="print the effective config with defaults (secrets redacted)"
+    )
+    show.add_argument("file", nargs="?", type=Path, metavar="FILE", help="default: -c FILE")
+    show.add_argument("--kind", choices=("provider", "customer"), default=None,
+                      help="the kind of config (default: guessed from the file)")
+    show.set_defaults(command_func=_cmd_config_show)
     return parser
 
 

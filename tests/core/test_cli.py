@@ -42,12 +42,12 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_config_check_ok(good: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["-c", str(good), "config", "check"]) == 0
-    assert capsys.readouterr().out == f"OK: {good}\n"
+    assert capsys.readouterr().out == f"OK: {good} (provider config)\n"
 
 
 def test_config_check_positional_file(good: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["config", "check", str(good)]) == 0
-    assert capsys.readouterr().out == f"OK: {good}\n"
+    assert capsys.readouterr().out == f"OK: {good} (provider config)\n"
 
 
 def test_config_check_bad_value(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -81,7 +81,7 @@ def test_default_config_from_env(
 ) -> None:
     monkeypatch.setenv("FERMOPOSTA_CONFIG", str(good))
     assert main(["config", "check"]) == 0
-    assert capsys.readouterr().out == f"OK: {good}\n"
+    assert capsys.readouterr().out == f"OK: {good} (provider config)\n"
 
 
 def test_usage_errors_exit_64(capsys: pytest.CaptureFixture[str]) -> None:
@@ -151,3 +151,62 @@ def test_account_commands_need_a_config(tmp_path: Path, capsys: pytest.CaptureFi
     path = tmp_path / "absent.toml"
     assert main(["-c", str(path), "domain", "list"]) == 78
     assert capsys.readouterr().err == f"fermoposta: {path}: config file not found\n"
+
+
+CUSTOMER = """hostname = "mail.example.org"
+data_dir = "state"
+[provider]
+host = "127.0.0.1"
+tls = "none"
+username = "acme"
+password_file = "pw"
+mechanisms = ["CRAM-MD5"]
+[[pull]]
+domains = ["example.org"]
+every = "5m"
+[[pull.window]]
+days = "sat,sun"
+hours = "10-12"
+every = "1h"
+[pull.delivery]
+type = "lmtp"
+address = "/run/dovecot/lmtp"
+"""
+
+
+def test_config_check_recognizes_a_customer_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "pw").write_text("secret\n")
+    path = tmp_path / "customer.toml"
+    path.write_text(CUSTOMER)
+    assert main(["config", "check", str(path)]) == 0
+    assert "(customer config)" in capsys.readouterr().out
+    path.write_text(CUSTOMER.replace('every = "5m"', 'every = "soon"'))
+    assert main(["config", "check", str(path)]) == EX_CONFIG
+    err = capsys.readouterr().err
+    assert "customer.toml: [[pull]] #1 every:" in err
+
+
+@pytest.mark.parametrize("kind", ["provider", "customer"])
+def test_config_show_prints_a_config_that_loads_back(
+    tmp_path: Path, good: Path, capsys: pytest.CaptureFixture[str], kind: str
+) -> None:
+    if kind == "customer":
+        (tmp_path / "pw").write_text("secret\n")
+        source = tmp_path / "customer.toml"
+        source.write_text(CUSTOMER)
+    else:
+        source = good
+    assert main(["config", "show", str(source)]) == 0
+    shown = capsys.readouterr().out
+    assert "secret" not in shown
+    again = tmp_path / f"shown-{kind}.toml"
+    again.write_text(shown)
+    assert main(["config", "check", "--kind", kind, str(again)]) == 0
+    capsys.readouterr()
+    assert main(["config", "show", str(again)]) == 0
+    # Showing the shown config changes nothing but the "loaded from" comment.
+    second = capsys.readouterr().out.splitlines()
+    assert [line for line in second if not line.startswith("# loaded")] == [
+        line for line in shown.splitlines() if not line.startswith("# loaded")]
