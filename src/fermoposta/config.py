@@ -312,6 +312,17 @@ class HoldConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """``[metrics]``: the Prometheus scrape endpoint.
+
+    - ``listen`` (``"host:port"``, default ``""``, off): serve ``/metrics``
+      there (plain HTTP; keep it on 127.0.0.1 or a private network).
+    """
+
+    listen: tuple[str, int] | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class ProviderConfig:
     """The whole provider config file (top level).
 
@@ -321,10 +332,10 @@ class ProviderConfig:
     - ``data_dir`` (path, required): directory for the queue database and
       other state; relative to the config file's directory.  Not created here.
     - ``[listen]``, ``[tls]``, ``[limits]``, ``[odmr]``, ``[mx]``, ``[log]``,
-      ``[submission]``, ``[outbound]``, ``[hold]``: see `ListenConfig`,
-      `TLSConfig`, `LimitsConfig`, `ODMRConfig`, `MXConfig`, `LogConfig`,
-      `SubmissionConfig`, `OutboundConfig`, `HoldConfig`.  Each table is
-      optional.
+      ``[submission]``, ``[outbound]``, ``[hold]``, ``[metrics]``: see
+      `ListenConfig`, `TLSConfig`, `LimitsConfig`, `ODMRConfig`, `MXConfig`,
+      `LogConfig`, `SubmissionConfig`, `OutboundConfig`, `HoldConfig`,
+      `MetricsConfig`.  Each table is optional.
     """
 
     path: Path
@@ -339,6 +350,7 @@ class ProviderConfig:
     submission: SubmissionConfig = field(default_factory=SubmissionConfig)
     outbound: OutboundConfig = field(default_factory=OutboundConfig)
     hold: HoldConfig = field(default_factory=HoldConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     @property
     def store_path(self) -> Path:
@@ -501,6 +513,7 @@ _SECTIONS: dict[str, tuple[type[Any], dict[str, _Parser]]] = {
             "queue_interval": _duration(positive=True),
         },
     ),
+    "metrics": (MetricsConfig, {"listen": _listen_address}),
     "hold": (
         HoldConfig,
         {

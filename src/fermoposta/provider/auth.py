@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from fermoposta.net.connection import LineTooLong
 from fermoposta.net.server_session import AUTH_LINE_LIMIT
+from fermoposta.ops import metrics
 from fermoposta.ops.log import redact
 from fermoposta.smtp import reply as R
 from fermoposta.smtp.reply import Reply
@@ -188,6 +189,7 @@ class Authenticator:
                              result.reason)
             return R.AUTH_TEMPORARY_FAILURE
         self.auth_failures += 1
+        metrics.AUTH_FAILURES.labels(name).inc()
         self.log.info("%s: AUTH %s failed from [%s]: %s", self.session_id, name,
                       self.conn.peer_ip, result.reason)
         if self.auth_failures >= self.settings.max_auth_failures:

@@ -23,6 +23,7 @@ from typing import IO
 from fermoposta.net.connection import Connection
 from fermoposta.net.server_session import SessionLimits
 from fermoposta.net.transaction import Recipient, Transaction, TransactionSession
+from fermoposta.ops import metrics
 from fermoposta.ops.log import event
 from fermoposta.smtp.command import Path
 from fermoposta.smtp.reply import Reply
@@ -122,6 +123,8 @@ class MXSession(TransactionSession):
         except StoreError as exc:
             self.log.warning("%s: store error at DATA: %s", self.session_id, exc)
             return TRY_LATER
+        metrics.MESSAGES_RECEIVED.labels("mx").inc()
+        metrics.MESSAGE_BYTES.labels("mx").inc(size)
         event("mx", queue_id, client=self.peer_description())
         event("mx", queue_id, **{"from": f"<{txn.sender.address}>"}, size=size,
               nrcpt=len(txn.recipients), status="held")

@@ -32,12 +32,13 @@ from typing import ClassVar
 
 from fermoposta.net.connection import Connection
 from fermoposta.net.server_session import AUTH_LINE_LIMIT, ServerSession, SessionLimits
+from fermoposta.ops import metrics
 from fermoposta.ops.log import event
 from fermoposta.provider.auth import Authenticator
 from fermoposta.provider.drain import DrainSettings, drain
 from fermoposta.smtp import reply as R
 from fermoposta.smtp.atrn import parse_atrn_domains
-from fermoposta.smtp.reply import Reply
+from fermoposta.smtp.reply import Reply, SMTPError
 from fermoposta.store.base import Store, StoreError
 
 log = logging.getLogger("fermoposta.odmr")
@@ -105,6 +106,15 @@ class ODMRSession(ServerSession):
 
     # --- ATRN (RFC 2645 §5.2.1) ---------------------------------------------------------
     async def smtp_atrn(self, arg: str) -> Reply | None:
+        try:
+            reply = await self._atrn(arg)
+        except SMTPError:
+            metrics.ATRN_SESSIONS.labels("syntax").inc()
+            raise
+        metrics.ATRN_SESSIONS.labels(_atrn_result(reply)).inc()
+        return reply
+
+    async def _atrn(self, arg: str) -> Reply | None:
         if self.settings.require_tls and not self.conn.tls_active:
             return R.MUST_STARTTLS
         if self.account is None:
@@ -195,3 +205,13 @@ class ODMRSession(ServerSession):
         # So that `ATRN bücher.de` is read (and compared as its A-label)
         # rather than refused as a syntax error.
         return True
+
+
+def _atrn_result(reply: Reply | None) -> str:
+    """A bounded label for the metrics."""
+    if reply is None or reply.code == 250:
+        return "reversed"
+    return {453: "no_mail", 450: "refused", 530: "not_authenticated"}.get(
+        reply.code,
+        "busy" if reply is DOMAIN_BUSY else "unavailable" if reply.code == 451 else "syntax",
+    )

@@ -21,11 +21,13 @@ import contextlib
 import logging
 import signal
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 
 from fermoposta.config import ProviderConfig
 from fermoposta.net.connection import Connection, start_server
 from fermoposta.net.server_session import ServerSession, SessionLimits
+from fermoposta.ops import metrics
 from fermoposta.ops.log import setup_logging
 from fermoposta.provider.drain import DrainSettings
 from fermoposta.provider.mx import MXSession
@@ -133,7 +135,7 @@ class Provider:
         if self.on_queued is not None:
             self.on_queued()
 
-    def _handler(self, factory: Callable[[Connection], ServerSession]
+    def _handler(self, listener: str, factory: Callable[[Connection], ServerSession]
                  ) -> Callable[[Connection], Awaitable[None]]:
         async def handle(conn: Connection) -> None:
             task = asyncio.current_task()
@@ -141,6 +143,7 @@ class Provider:
             ip = conn.peer_ip
             if (len(self.sessions) >= self.config.limits.max_connections
                     or self.per_ip[ip] >= self.config.limits.max_connections_per_ip):
+                metrics.CONNECTIONS_REFUSED.labels(listener).inc()
                 log.warning("too many connections: refusing [%s]", ip)
                 with contextlib.suppress(Exception):
                     await conn.write(TOO_MANY_CONNECTIONS.to_bytes(), 5.0)
@@ -148,9 +151,12 @@ class Provider:
                 return
             self.sessions.add(task)
             self.per_ip[ip] += 1
+            metrics.CONNECTIONS.labels(listener).inc()
+            started = time.monotonic()
             try:
                 await factory(conn).run()
             finally:
+                metrics.SESSION_SECONDS.labels(listener).observe(time.monotonic() - started)
                 self.sessions.discard(task)
                 self.per_ip[ip] -= 1
                 if self.per_ip[ip] <= 0:
@@ -179,16 +185,25 @@ class Provider:
             if address is None:
                 continue
             server = await start_server(
-                self._handler(factory), address[0], address[1], ssl_context=context,
+                self._handler(name, factory), address[0], address[1], ssl_context=context,
                 tls_handshake_timeout=self.config.limits.tls_handshake_timeout,
             )
             self.servers.append(server)
             sockname = server.sockets[0].getsockname()
             self.addresses[name] = (str(sockname[0]), int(sockname[1]))
             log.info("listening for %s on %s:%d", name, sockname[0], sockname[1])
+        if self.config.metrics.listen is not None:
+            host, port = self.config.metrics.listen
+            self.addresses["metrics"], self._stop_metrics = metrics.serve(host, port)
+            log.info("metrics on http://%s:%d/metrics", *self.addresses["metrics"])
         return self.addresses
 
+    _stop_metrics: Callable[[], None] | None = None
+
     async def stop(self, grace: float = 10.0) -> None:
+        if self._stop_metrics is not None:
+            self._stop_metrics()
+            self._stop_metrics = None
         for server in self.servers:
             server.close()  # stop accepting; established sessions go on
         if self.sessions:

@@ -29,6 +29,7 @@ from typing import IO, ClassVar
 from fermoposta.net.connection import Connection
 from fermoposta.net.server_session import AUTH_LINE_LIMIT, SessionLimits
 from fermoposta.net.transaction import Transaction, TransactionSession
+from fermoposta.ops import metrics
 from fermoposta.ops.log import event
 from fermoposta.provider.auth import Authenticator, AuthPolicy
 from fermoposta.smtp import reply as R
@@ -194,6 +195,8 @@ class SubmissionSession(TransactionSession):
             self.log.warning("%s: store error at DATA: %s", self.session_id, exc)
             return TRY_LATER
         self.rate_limiter.record(account)
+        metrics.MESSAGES_RECEIVED.labels("submission").inc()
+        metrics.MESSAGE_BYTES.labels("submission").inc(size)
         event("submission", queue_id, client=self.peer_description(), sasl_username=account)
         event("submission", queue_id, **{"from": f"<{txn.sender.address}>"}, size=size,
               nrcpt=len(txn.recipients), held=len([r for r in txn.recipients
