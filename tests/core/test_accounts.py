@@ -355,9 +355,11 @@ def test_domain_commands(
     code, out, _ = run(store, capsys, "domain", "list")
     assert code == 0
     lines = out.splitlines()
-    assert lines[0].split() == ["DOMAIN", "ACCOUNT", "HELD", "MSGS", "HELD", "BYTES", "QUOTA"]
-    assert lines[1].split() == ["a.example", "alice", "1", "5", "100", "msgs/5000000", "bytes"]
-    assert lines[2].split() == ["b.example", "alice", "0", "0", "-"]
+    assert lines[0].split() == ["DOMAIN", "ACCOUNT", "HELD", "MSGS", "HELD", "BYTES", "QUOTA",
+                                "LIFETIME"]
+    assert lines[1].split() == ["a.example", "alice", "1", "5", "100", "msgs/5000000", "bytes",
+                                "-"]
+    assert lines[2].split() == ["b.example", "alice", "0", "0", "-", "-"]
     code, out, _ = run(store, capsys, "domain", "list", "--account", "alice")
     assert code == 0 and len(out.splitlines()) == 3
     assert run(store, capsys, "domain", "list", "--account", "nobody")[0] == 65
@@ -418,3 +420,20 @@ def test_passwords_stay_out_of_the_store_dump(
     assert PASSWORD not in dump
     acct = store.get_account("dave")
     assert isinstance(acct, Account) and acct.scram is not None
+
+
+def test_domain_hold_lifetime(store: SQLiteStore, capsys: pytest.CaptureFixture[str],
+                              pwfile: Path) -> None:
+    assert run(store, capsys, "account", "add", "alice", "--password-file", str(pwfile))[0] == 0
+    code, _, _ = run(store, capsys, "domain", "add", "a.example", "--account", "alice",
+                     "--hold-lifetime", "60d")
+    assert code == 0
+    d = store.get_domain("a.example")
+    assert d is not None and d.hold_lifetime == 60 * 86400
+    assert run(store, capsys, "domain", "add", "b.example", "--account", "alice",
+               "--hold-lifetime", "90m")[0] == 0
+    code, out, _ = run(store, capsys, "domain", "list")
+    assert [line.split()[-1] for line in out.splitlines()[1:]] == ["60d", "90m"]
+    for bad in ("soon", "0", "-1d"):
+        assert run(store, capsys, "domain", "add", "c.example", "--account", "alice",
+                   f"--hold-lifetime={bad}")[0] == 64

@@ -18,6 +18,7 @@ from fermoposta.customer.config import (
     ConfigError,
     CustomerConfig,
     DeliveryConfig,
+    OutboxConfig,
     ProviderEndpoint,
     default_customer_config_path,
     load_customer_config,
@@ -909,8 +910,11 @@ def test_example_config_loads(tmp_path: Path) -> None:
         server_name="localhost",
         username="acme",
         password_file=var / "acme.pw",
+        submission=("127.0.0.1", 2587),
     )
+    assert config.provider.submission_server_name == "localhost"
     assert config.provider.read_password() == "secret"
+    assert config.outbox == OutboxConfig(listen=("127.0.0.1", 10025))
     (pull,) = config.pulls
     assert pull.domains == ("example.org",)
     assert pull.schedule == Schedule(
@@ -940,11 +944,13 @@ def test_example_sets_every_key() -> None:
     top = ["hostname", "data_dir", "domains", "max_message_size"]
     provider = ["host", "port", "tls", "ca_file", "server_name", "pin_sha256", "client_cert"]
     provider += ["client_key", "username", "password_file", "mechanisms", "connect_timeout"]
-    provider += ["command_timeout", "atrn_timeout"]
+    provider += ["command_timeout", "atrn_timeout", "submission", "submission_tls"]
+    outbox = ["listen", "networks", "users_file", "allow_plaintext_auth", "restrict_senders"]
+    outbox += ["push", "retry", "retry_max", "max_message_size"]
     log = ["level", "format"]
     pull = ["name", "domains", "every", "jitter", "backoff_max", "days", "hours", "every"]
     delivery = ["type", "path", "create", "aliases", "catch_all"]
-    assert sorted(keys) == sorted([*top, *provider, *log, *pull, *delivery])
+    assert sorted(keys) == sorted([*top, *provider, *log, *pull, *delivery, *outbox])
     lines = text.splitlines()
     for index, line in enumerate(lines):
         if line and not line.startswith(("#", "[")):

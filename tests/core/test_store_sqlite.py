@@ -566,7 +566,7 @@ CREATE INDEX IF NOT EXISTS leases_owner ON leases(owner);
 
 
 def test_migration_from_version_1(tmp_path: Path) -> None:
-    """A store written by fermoposta with schema 1 opens with its data, as version 2."""
+    """A store written by fermoposta with schema 1 opens with its data, as version 3."""
     path = tmp_path / "v1.sqlite3"
     conn = sqlite3.connect(path)
     conn.execute("PRAGMA journal_mode = WAL")
@@ -612,19 +612,19 @@ def test_migration_from_version_1(tmp_path: Path) -> None:
     finally:
         store.close()
     check = sqlite3.connect(path)
-    assert check.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert check.execute("PRAGMA user_version").fetchone()[0] == 3
     tables = {r[0] for r in check.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert "account_cert_subjects" in tables
     check.close()
-    with SQLiteStore(path) as again:  # already version 2: nothing to do
+    with SQLiteStore(path) as again:  # already version 3: nothing to do
         assert again.account_by_subject("CN=alice") is not None
 
 
-def test_new_store_has_version_2(tmp_path: Path) -> None:
+def test_new_store_has_version_3(tmp_path: Path) -> None:
     path = tmp_path / "new.sqlite3"
     SQLiteStore(path).close()
     conn = sqlite3.connect(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
     conn.close()
 
 

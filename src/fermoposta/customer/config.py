@@ -32,8 +32,15 @@ Contract:
   block sends a bare ATRN: two blocks never ask for the same domain by name.
   (A bare ATRN next to other blocks collects the account's mail they have
   not collected yet; the provider's domain leases keep the sessions apart.)
+- ``[outbox]`` (`OutboxConfig`, always present; `OutboxConfig.enabled` is
+  false without ``listen``) and the ``[provider] submission`` /
+  ``submission_tls`` keys describe the customer's outbox: the site's SMTP
+  listener for outgoing mail and where it is pushed.  A network list that
+  admits every address needs a ``users_file``; ``allow_plaintext_auth``
+  needs a ``users_file``; ``retry_max`` is at least ``retry``.
 - This module does no I/O apart from reading the config file and checking
-  that named files exist.  It creates nothing.
+  that named files exist.  It creates nothing.  (The outbox ``users_file``
+  is read when the listener starts.)
 
 The docstrings of the dataclasses below are the reference for every key;
 docs/customer-config.md repeats them for operators.
@@ -85,11 +92,13 @@ __all__ = [
     "CLIENT_MECHANISMS",
     "DEFAULT_CUSTOMER_CONFIG_PATH",
     "DELIVERY_TYPES",
+    "OUTBOX_PUSH_MODES",
     "TLS_MODES",
     "ConfigError",
     "CustomerConfig",
     "DeliveryConfig",
     "LogConfig",
+    "OutboxConfig",
     "ProviderEndpoint",
     "PullConfig",
     "default_customer_config_path",
@@ -104,6 +113,10 @@ CLIENT_MECHANISMS: tuple[str, ...] = ("SCRAM-SHA-256", "EXTERNAL", "PLAIN", "CRA
 #: Mechanisms that send a password-derived value: they need ``username``.
 PASSWORD_MECHANISMS: frozenset[str] = frozenset({"SCRAM-SHA-256", "PLAIN", "CRAM-MD5", "LOGIN"})
 TLS_MODES: tuple[str, ...] = ("starttls", "implicit", "none")
+OUTBOX_PUSH_MODES: tuple[str, ...] = ("session", "continuous")
+#: The IANA submission port (RFC 6409): the default of ``[provider] submission``.
+SUBMISSION_PORT = 587
+DEFAULT_OUTBOX_NETWORKS = ("127.0.0.0/8", "::1/128")
 DELIVERY_TYPES: tuple[str, ...] = ("maildir", "lmtp", "smtp")
 
 DEFAULT_BACKOFF_MAX = 3600.0
@@ -158,6 +171,17 @@ class ProviderEndpoint:
     - ``atrn_timeout`` (duration >= 1s, default ``"10m"``): the reply to ATRN,
       which the provider may take a while to produce (RFC 2645: at least 10
       minutes; shorter only for tests).
+    - ``submission`` (``"host:port"``, default ``""`` = ``host`` and 587):
+      the provider's submission service (RFC 6409), where the outbox is
+      pushed; stored as ``(host, port)`` or None, read through
+      `submission_host`, `submission_port` and `submission_address`.  The
+      same certificate checks (``ca_file``, ``pin_sha256``) and the same
+      credentials apply as for the ODMR dial-out; the name verified is
+      ``server_name`` when it is set to something other than ``host``, else
+      the submission host (`submission_server_name`).
+    - ``submission_tls`` (default ``"starttls"``): as ``tls``, for the
+      submission connection (``"implicit"`` for a port-465 service, RFC
+      8314; ``"none"`` only when written).
 
     Empty strings in the file become ``None`` here; ``server_name`` is always
     set (``host`` when not given).
@@ -177,11 +201,34 @@ class ProviderEndpoint:
     connect_timeout: float = 30.0
     command_timeout: float = 300.0
     atrn_timeout: float = 600.0
+    submission: tuple[str, int] | None = None
+    submission_tls: str = "starttls"
     config_path: Path | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.server_name:
             object.__setattr__(self, "server_name", self.host)
+
+    @property
+    def submission_host(self) -> str:
+        return self.submission[0] if self.submission is not None else self.host
+
+    @property
+    def submission_port(self) -> int:
+        return self.submission[1] if self.submission is not None else SUBMISSION_PORT
+
+    @property
+    def submission_server_name(self) -> str:
+        """The name verified in the submission service's certificate."""
+        if self.server_name != self.host:
+            return self.server_name
+        return self.submission_host
+
+    @property
+    def submission_address(self) -> str:
+        """``host:port`` of the submission service, for messages (``[v6]:port``)."""
+        host, port = self.submission_host, self.submission_port
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     def read_password(self) -> str:
         """The first line of ``password_file`` without its line ending.
@@ -296,6 +343,78 @@ class PullConfig:
         return self.domains or config.domains
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxConfig:
+    """``[outbox]``: the site's outgoing mail, collected here and pushed to the provider.
+
+    - ``listen`` (``"host:port"``, default ``""`` = no outbox listener): where
+      the site's mail clients and local MTA hand over outgoing mail (SMTP
+      without TLS: a LAN service; e.g. ``"127.0.0.1:10025"``).  Stored as
+      ``(host, port)``, or None.
+    - ``networks`` (list of networks, default ``["127.0.0.0/8", "::1/128"]``):
+      the client addresses that may connect; any other client gets ``554
+      5.7.1`` as its greeting and is disconnected.  Not empty.  A network that
+      admits every address (``0.0.0.0/0``, ``::/0``) needs ``users_file``.
+    - ``users_file`` (path, default ``""`` = no AUTH): lines ``user:password``
+      (``#`` comments and blank lines ignored).  When set, every client must
+      authenticate (``530 5.7.0`` at MAIL otherwise), with SCRAM-SHA-256 or
+      CRAM-MD5, which never put the password on the wire; read when the
+      listener starts.
+    - ``allow_plaintext_auth`` (bool, default false): also offer PLAIN and
+      LOGIN, which send the password in clear over this TLS-less listener:
+      only on a trusted LAN.  Needs ``users_file``.
+    - ``restrict_senders`` (bool, default true): the envelope sender must be
+      an address in one of the site's ``domains`` (``553 5.7.1`` otherwise,
+      the null sender too), as the provider's submission service demands
+      anyway for the account's domains.
+    - ``push`` (default ``"session"``): ``"session"``: the outbox is pushed to
+      the provider's submission service before every ATRN (each pull);
+      ``"continuous"``: the daemon also pushes as soon as mail arrives, and
+      retries deferred mail and an unreachable provider with backoff.
+    - ``retry`` (duration >= 1s, default ``"1m"``) and ``retry_max``
+      (duration >= 1s, default ``"1h"`` or ``retry`` if longer, at least
+      ``retry``): in continuous mode, the wait after a push that failed or
+      left mail deferred, doubling after each further failure up to
+      ``retry_max``.
+    - ``max_message_size`` (size >= 1, default: the top-level
+      ``max_message_size``): advertised as SIZE and enforced while receiving.
+    """
+
+    listen: tuple[str, int] | None = None
+    networks: tuple[Network, ...] = tuple(
+        ipaddress.ip_network(n) for n in DEFAULT_OUTBOX_NETWORKS
+    )
+    users_file: Path | None = None
+    allow_plaintext_auth: bool = False
+    restrict_senders: bool = True
+    push: str = "session"
+    retry: float = 60.0
+    retry_max: float = 3600.0
+    max_message_size: int = 50 * 1024 * 1024
+
+    @property
+    def enabled(self) -> bool:
+        """True when the outbox listener is configured (``listen`` not empty)."""
+        return self.listen is not None
+
+    @property
+    def continuous(self) -> bool:
+        return self.push == "continuous"
+
+    def allows(self, peer_ip: str) -> bool:
+        """Whether a client at `peer_ip` may connect (IPv4-mapped IPv6 counts as IPv4)."""
+        try:
+            address = ipaddress.ip_address(peer_ip.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in network for network in self.networks)
+
+
 @dataclass(frozen=True, slots=True)
 class CustomerConfig:
     """The whole customer config file (top level).
@@ -314,6 +433,7 @@ class CustomerConfig:
     - ``[provider]`` (required): see `ProviderEndpoint`.
     - ``[log]``: see `fermoposta.config.LogConfig` (same as the provider's).
     - ``[[pull]]`` (at least one): see `PullConfig`.
+    - ``[outbox]``: see `OutboxConfig`.
     """
 
     path: Path
@@ -324,6 +444,18 @@ class CustomerConfig:
     pulls: tuple[PullConfig, ...]
     max_message_size: int = 50 * 1024 * 1024
     log: LogConfig = field(default_factory=LogConfig)
+    outbox: OutboxConfig = field(default_factory=OutboxConfig)
+
+    def pull_for_domain(self, domain: str) -> PullConfig | None:
+        """The block whose reversed session accepts `domain`: the block that
+        names it, else the bare-ATRN block if `domain` is a site domain."""
+        for pull in self.pulls:
+            if domain in pull.domains:
+                return pull
+        for pull in self.pulls:
+            if pull.bare and domain in self.domains:
+                return pull
+        return None
 
     def pull_named(self, name: str) -> PullConfig:
         """The ``[[pull]]`` block called `name`; KeyError if there is none."""
@@ -483,6 +615,37 @@ def _maildir_template(value: object) -> str:
     return text
 
 
+def _submission_address(value: object) -> tuple[str, int] | None:
+    if check_string(value).strip() == "":
+        return None
+    host, port = parse_hostport(value)
+    if port == 0:
+        raise ValueError(f"expected a port 1-65535, got {show_value(value)}")
+    return _host(host), port
+
+
+def _optional_listen(value: object) -> tuple[str, int] | None:
+    if check_string(value).strip() == "":
+        return None
+    host, port = parse_hostport(value)
+    return _host(host), port
+
+
+def _networks(value: object) -> tuple[Network, ...]:
+    expected = 'expected a list of networks like ["127.0.0.0/8", "192.168.1.0/24", "::1/128"]'
+    if not isinstance(value, list) or not all(isinstance(n, str) for n in value):
+        raise ValueError(f"{expected}, got {show_value(value)}")
+    if not value:
+        raise ValueError("must not be empty (no client could connect)")
+    result: list[Network] = []
+    for item in value:
+        try:
+            result.append(ipaddress.ip_network(item.strip(), strict=False))
+        except ValueError:
+            raise ValueError(f"{expected}, got {show_value(item)}") from None
+    return tuple(result)
+
+
 _DURATION_1S = duration(positive=True, minimum=1.0)
 
 _PROVIDER_KEYS: dict[str, Parser] = {
@@ -500,9 +663,24 @@ _PROVIDER_KEYS: dict[str, Parser] = {
     "connect_timeout": duration(positive=True),
     "command_timeout": duration(positive=True),
     "atrn_timeout": _DURATION_1S,
+    "submission": _submission_address,
+    "submission_tls": one_of(*TLS_MODES),
+}
+_OUTBOX_KEYS: dict[str, Parser] = {
+    "listen": _optional_listen,
+    "networks": _networks,
+    "users_file": check_string,
+    "allow_plaintext_auth": check_boolean,
+    "restrict_senders": check_boolean,
+    "push": one_of(*OUTBOX_PUSH_MODES),
+    "retry": _DURATION_1S,
+    "retry_max": _DURATION_1S,
+    "max_message_size": size(1),
 }
 _LOG_KEYS: dict[str, Parser] = {"level": one_of(*LOG_LEVELS), "format": one_of(*LOG_FORMATS)}
-_TOP_LEVEL_KEYS = ["hostname", "data_dir", "domains", "max_message_size", "provider", "log", "pull"]
+_TOP_LEVEL_KEYS = [
+    "hostname", "data_dir", "domains", "max_message_size", "provider", "log", "pull", "outbox",
+]
 _PULL_KEYS: dict[str, Parser] = {
     "name": _pull_name,
     "domains": _domain_list(MAX_ATRN_DOMAINS),
@@ -574,6 +752,9 @@ def load_customer_config(path: str | Path) -> CustomerConfig:
     drafts = [_load_pull(loader, n, table) for n, table in enumerate(pull_tables, 1)]
     domains = _site_domains(loader, site_domains, drafts)
     pulls = tuple(draft.finish(loader, domains) for draft in drafts)
+    outbox = _load_outbox(
+        loader, _table(loader, raw, "outbox", required=False), max_message_size
+    )
 
     return CustomerConfig(
         path=Path(os.path.abspath(path)),
@@ -584,7 +765,43 @@ def load_customer_config(path: str | Path) -> CustomerConfig:
         provider=provider,
         log=log,
         pulls=pulls,
+        outbox=outbox,
     )
+
+
+def _load_outbox(loader: Loader, table: dict[str, Any], max_message_size: int) -> OutboxConfig:
+    section = "outbox"
+    loader.check_keys(section, table, list(_OUTBOX_KEYS))
+    values = {
+        key: loader.parse(section, key, _OUTBOX_KEYS[key], value) for key, value in table.items()
+    }
+    values.setdefault("max_message_size", max_message_size)
+    users_text: str = values.pop("users_file", "")
+    users_file = loader.existing_file(section, "users_file", users_text) if users_text else None
+    if values.get("allow_plaintext_auth") and users_file is None:
+        raise loader.error(
+            section, "allow_plaintext_auth", "needs users_file (there is no AUTH without it)"
+        )
+    networks: tuple[Network, ...] = values.get("networks", OutboxConfig().networks)
+    if users_file is None:
+        for network in networks:
+            if network.prefixlen == 0:
+                raise loader.error(
+                    section,
+                    "networks",
+                    f"{network} admits every address: that would be an open relay "
+                    "sending as the site's provider account; set users_file (AUTH) "
+                    "or list the site's own networks",
+                )
+    retry: float = values.get("retry", 60.0)
+    if "retry_max" in values and values["retry_max"] < retry:
+        raise loader.error(
+            section,
+            "retry_max",
+            f"must be at least retry ({retry:g}s), got {values['retry_max']:g}s",
+        )
+    values.setdefault("retry_max", max(3600.0, retry))
+    return OutboxConfig(users_file=users_file, **values)
 
 
 def _kind(value: object, table: str) -> str:

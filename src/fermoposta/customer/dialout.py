@@ -7,7 +7,10 @@ Contract:
   configured.  Certificates are verified against the CA file or the system
   store and the expected name; an optional SHA-256 pin must match too.
   Bytes the provider sends after its 220 to STARTTLS and before the handshake
-  are discarded (response injection).  After TLS it re-EHLOs and requires ATRN.
+  are discarded (response injection).  After TLS it re-EHLOs and requires ATRN,
+  unless `DialSettings.require_atrn` is false (the outbox push dials the
+  provider's submission service with the same TLS, verification and AUTH
+  rules: everything here except ATRN).
 - `Dialer.authenticate()` picks the strongest mechanism both sides allow:
   SCRAM-SHA-256 > EXTERNAL (with a client certificate) > PLAIN (TLS only) >
   CRAM-MD5 > LOGIN (TLS only), or the configured order; PLAIN and LOGIN are
@@ -72,6 +75,8 @@ class DialSettings:
     connect_timeout: float = 30.0
     command_timeout: float = 300.0
     atrn_timeout: float = 600.0
+    # False for the submission service (the outbox push): no ATRN expected.
+    require_atrn: bool = True
 
 
 @dataclass(slots=True)
@@ -162,7 +167,7 @@ class Dialer:
                             dropped)
             self._check_tls()
             await self._ehlo()
-        if "ATRN" not in self.client.capabilities:
+        if s.require_atrn and "ATRN" not in self.client.capabilities:
             await self.quit()
             raise ProtocolFailure(f"{s.host}:{s.port} does not support ATRN (not in its EHLO "
                                   "reply): is this an ODMR port?")

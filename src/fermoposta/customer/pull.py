@@ -10,8 +10,17 @@ Contract:
 - Local delivery happens inside the reversed session, before each 250: when
   the session ends, every message counted in the summary is committed
   locally, and every other message is still held at the provider.
+- With an outbox (`outbox_push.outbox_active`), each session first pushes
+  it to the provider's submission service (`outbox_push.push_outbox`, on its
+  own connection, BEFORE the ATRN dial-out) and the summary gains its lines.
+  A push that is busy elsewhere is skipped.  The exit code combines both
+  (`combined_exit_code`): a failure of the pull other than 75 wins; then a
+  push failure that needs a human (TLS 74, protocol 76, authentication 77,
+  configuration 78, internal 70); a push that only kept mail for later (4xx,
+  submission unreachable or lost: its mail stays in the outbox) gives 75.
 - `check()` dials, verifies TLS and authenticates without ATRN and returns
-  the report lines `fermoposta customer check` prints.
+  the report lines `fermoposta customer check` prints; with an outbox it
+  checks the submission service the same way.
 """
 
 from __future__ import annotations
@@ -25,14 +34,17 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fermoposta.config import ConfigError
 from fermoposta.customer.config import CustomerConfig, PullConfig
+from fermoposta.customer.delivery.base import Delivery
 from fermoposta.customer.delivery.factory import make_delivery
 from fermoposta.customer.dialout import Dialer, DialSettings
 from fermoposta.customer.errors import (
     AlreadyRunning,
     ConfigFailure,
+    ConnectFailure,
     CustomerError,
     TemporaryFailure,
 )
@@ -40,7 +52,26 @@ from fermoposta.customer.serve import ReceivedMessage, reversed_session
 from fermoposta.net.server_session import new_session_id
 from fermoposta.ops.log import event
 
+if TYPE_CHECKING:
+    from fermoposta.customer.outbox_push import PushResult
+
 log = logging.getLogger("fermoposta.customer")
+
+#: Push exit codes that only mean "kept for later": the mail is safe in the outbox.
+_PUSH_LATER = frozenset({0, AlreadyRunning.exit_code, ConnectFailure.exit_code,
+                         TemporaryFailure.exit_code})
+
+
+def combined_exit_code(pull_code: int, push: PushResult | None) -> int:
+    """The exit code of a session with its outbox push; see the module docstring."""
+    if push is None or pull_code not in (0, TemporaryFailure.exit_code):
+        return pull_code
+    code = push.exit_code
+    if code not in _PUSH_LATER:
+        return code
+    if code in (ConnectFailure.exit_code, TemporaryFailure.exit_code):
+        return TemporaryFailure.exit_code
+    return pull_code
 
 
 @dataclass(slots=True)
@@ -55,9 +86,10 @@ class PullSummary:
     refused: int = 0
     deferred: int = 0
     error: CustomerError | None = None
+    push: PushResult | None = None  # the outbox push before ATRN, if any
 
     @property
-    def exit_code(self) -> int:
+    def pull_exit_code(self) -> int:
         """0 when the session worked, mail or not; 75 when the session worked
         but some local delivery was deferred (that mail is still held at the
         provider), so that cron notices a local target that is down."""
@@ -66,16 +98,26 @@ class PullSummary:
         return TemporaryFailure.exit_code if self.deferred else 0
 
     @property
+    def exit_code(self) -> int:
+        """The pull's code combined with the outbox push's (`combined_exit_code`)."""
+        return combined_exit_code(self.pull_exit_code, self.push)
+
+    @property
     def messages(self) -> int:
         """Messages received: transactions of one provider message count once."""
         known = {m.provider_queue_id for m in self.received if m.provider_queue_id}
         return len(known) + sum(1 for m in self.received if not m.provider_queue_id)
 
     def lines(self) -> list[str]:
+        push = self.push.lines() if self.push is not None else []
+        return self._pull_lines() + push
+
+    def _pull_lines(self) -> list[str]:
         what = ",".join(self.domains) or "all domains of the account"
         head = f"{self.name}: {what}: "
         if self.error is not None:
-            return [head + f"failed ({self.error.kind}, exit {self.exit_code}): {self.error}"]
+            return [head + f"failed ({self.error.kind}, exit {self.pull_exit_code}): "
+                    f"{self.error}"]
         if not self.had_mail:
             return [head + "no mail"]
         out = [head + f"{self.messages} message(s) received"
@@ -132,6 +174,7 @@ async def pull_once(config: CustomerConfig, pull: PullConfig, *, wait: bool = Fa
                           started=time.time())
     try:
         async with pull_lock(config.data_dir / f"pull-{pull.name}.lock", wait=wait):
+            summary.push = await _push(config)
             await _session(config, pull, summary)
     except CustomerError as exc:
         summary.error = exc
@@ -141,6 +184,15 @@ async def pull_once(config: CustomerConfig, pull: PullConfig, *, wait: bool = Fa
           status="ok" if summary.error is None else summary.error.kind,
           reason=str(summary.error) if summary.error else None)
     return summary
+
+
+async def _push(config: CustomerConfig) -> PushResult | None:
+    """Push the outbox before ATRN (skipped when another push is running)."""
+    from fermoposta.customer.outbox_push import outbox_active, push_outbox
+
+    if not outbox_active(config):
+        return None
+    return await push_outbox(config, wait=False)
 
 
 async def _session(config: CustomerConfig, pull: PullConfig, summary: PullSummary) -> None:
@@ -172,7 +224,8 @@ async def _session(config: CustomerConfig, pull: PullConfig, summary: PullSummar
         await dialer.close()
 
 
-def make_delivery_for(config: CustomerConfig, pull: PullConfig):  # type: ignore[no-untyped-def]
+def make_delivery_for(config: CustomerConfig, pull: PullConfig) -> Delivery:
+    """The local delivery backend of a ``[[pull]]`` block."""
     d = pull.delivery
     return make_delivery(
         d.type, hostname=config.hostname, path_template=d.path, create=d.create,
@@ -181,28 +234,46 @@ def make_delivery_for(config: CustomerConfig, pull: PullConfig):  # type: ignore
 
 
 async def check(config: CustomerConfig) -> tuple[int, list[str]]:
-    """Connect, TLS, AUTH, no ATRN: (exit code, report lines)."""
+    """Connect, TLS, AUTH, no ATRN: (exit code, report lines).  With an outbox,
+    the submission service is checked the same way after the ODMR service."""
+    from fermoposta.customer.outbox_push import outbox_active, submission_settings
+
     lines: list[str] = []
     p = config.provider
     try:
-        dialer = Dialer(dial_settings(config))
+        settings = dial_settings(config)
     except CustomerError as exc:
         return exc.exit_code, [f"configuration: {exc}"]
+    code = await _check_one(Dialer(settings), f"{p.host}:{p.port}", "", lines)
+    if code == 0:
+        lines.append("OK: ready to pull")
+    if outbox_active(config):
+        sub = await _check_one(Dialer(submission_settings(settings, config)),
+                               p.submission_address, "submission ", lines)
+        if sub == 0:
+            lines.append("OK: ready to push the outbox")
+        code = code or sub
+    return code, lines
+
+
+async def _check_one(dialer: Dialer, where: str, label: str, lines: list[str]) -> int:
+    username = dialer.settings.username
     try:
         await dialer.connect()
         r = dialer.report
-        lines.append(f"connected to {p.host}:{p.port}: {r.greeting}")
-        lines.append(f"TLS: {r.tls}" + (f"; certificate {r.certificate}" if r.certificate else ""))
+        lines.append(f"{label}connected to {where}: {r.greeting}")
+        lines.append(f"{label}TLS: {r.tls}"
+                     + (f"; certificate {r.certificate}" if r.certificate else ""))
         caps = r.capabilities
-        lines.append(f"ATRN: offered; AUTH: {caps.get('AUTH', '(none)')}")
+        offered = "ATRN: offered; " if dialer.settings.require_atrn else ""
+        lines.append(f"{label}{offered}AUTH: {caps.get('AUTH', '(none)')}")
         mech = await dialer.authenticate()
-        lines.append(f"AUTH {mech} as {p.username or '(certificate)'}: OK"
+        lines.append(f"{label}AUTH {mech} as {username or '(certificate)'}: OK"
                      + (" (server signature verified)" if mech.startswith("SCRAM") else ""))
         await dialer.quit()
-        lines.append("OK: ready to pull")
-        return 0, lines
+        return 0
     except CustomerError as exc:
-        lines.append(f"FAILED ({exc.kind}, exit {exc.exit_code}): {exc}")
-        return exc.exit_code, lines
+        lines.append(f"{label}FAILED ({exc.kind}, exit {exc.exit_code}): {exc}")
+        return exc.exit_code
     finally:
         await dialer.close()

@@ -43,6 +43,7 @@ from typing import Any, TextIO
 import idna
 import scramp
 
+from fermoposta.config_common import parse_duration
 from fermoposta.passwords import UnreadableInputError, first_line, read_password_file
 from fermoposta.smtp.sasl import normalize_subject
 from fermoposta.smtp.x509name import parse_subject
@@ -412,6 +413,14 @@ def domain_add(args: argparse.Namespace, store: Store) -> int:
     valid = None
     if args.recipients_file is not None:
         valid = read_recipients_file(args.recipients_file)
+    lifetime = None
+    if args.hold_lifetime is not None:
+        try:
+            lifetime = parse_duration(args.hold_lifetime)
+        except ValueError as exc:
+            raise _UsageError(f"--hold-lifetime: {exc}") from None
+        if lifetime <= 0:
+            raise _UsageError("--hold-lifetime must be positive")
     if store.get_account(args.account) is None:
         raise ValueError(f"no account {args.account!r}")
     store.add_domain(
@@ -421,6 +430,7 @@ def domain_add(args: argparse.Namespace, store: Store) -> int:
             max_messages=max_messages,
             max_bytes=max_bytes,
             valid_recipients=valid,
+            hold_lifetime=lifetime,
         )
     )
     detail = "" if valid is None else f" ({len(valid)} valid recipients)"
@@ -436,6 +446,17 @@ def _format_quota(domain: Domain) -> str:
     return f"{messages} msgs/{size} bytes"
 
 
+def _format_lifetime(domain: Domain) -> str:
+    """The domain's own hold lifetime ("-" = the config's `[hold] lifetime`)."""
+    seconds = domain.hold_lifetime
+    if seconds is None:
+        return "-"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
+
+
 @_guarded
 def domain_list(args: argparse.Namespace, store: Store) -> int:
     """Print the domains with their held mail and quotas."""
@@ -444,8 +465,9 @@ def domain_list(args: argparse.Namespace, store: Store) -> int:
     rows = []
     for domain in store.list_domains(args.account):
         messages, size = store.domain_usage(domain.name)
-        rows.append([domain.name, domain.account, str(messages), str(size), _format_quota(domain)])
-    print(_table(["DOMAIN", "ACCOUNT", "HELD MSGS", "HELD BYTES", "QUOTA"], rows))
+        rows.append([domain.name, domain.account, str(messages), str(size), _format_quota(domain),
+                     _format_lifetime(domain)])
+    print(_table(["DOMAIN", "ACCOUNT", "HELD MSGS", "HELD BYTES", "QUOTA", "LIFETIME"], rows))
     return EX_OK
 
 
@@ -558,6 +580,12 @@ def register(
         "--recipients-file",
         metavar="FILE",
         help="valid local parts, one a line; enables recipient validation",
+    )
+    dadd.add_argument(
+        "--hold-lifetime",
+        metavar="DURATION",
+        help="how long held mail waits for collection before it expires with a DSN "
+        "(e.g. 60d; default: [hold] lifetime)",
     )
     dadd.set_defaults(handler=domain_add)
 

@@ -7,7 +7,9 @@ connection (RFC 2645 §5.3).  Contract:
   leased domains when the drain started (oldest first), each with only the
   recipients of those domains: other recipients stay queued.
 - A recipient leaves the queue only on a 2xx to the final dot (or is failed
-  with a DSN to the sender on a 5xx, never to `<>`); a 4xx keeps it.  If the
+  with a DSN to the sender on a 5xx, never to `<>`, built by
+  `fermoposta.provider.dsn.build_dsn`, which honours NOTIFY and RET); a 4xx
+  keeps it.  If the
   connection drops or times out after the final dot the outcome is unknown:
   the recipients stay queued (a duplicate is possible, a loss is not; RFC
   1047).  Each outcome is committed before the next command is sent.
@@ -31,7 +33,7 @@ from dataclasses import dataclass
 from fermoposta.net.client import ReplyProtocolError, SMTPClient
 from fermoposta.net.connection import Connection, ConnectionClosed, LineTooLong
 from fermoposta.ops.log import event
-from fermoposta.provider.dsn import build_failure_dsn, read_headers
+from fermoposta.provider.dsn import Action, RecipientReport, build_dsn
 from fermoposta.smtp.reply import Reply
 from fermoposta.store.base import QueuedMessage, QueuedRecipient, RecipientState, Store, StoreError
 
@@ -306,18 +308,24 @@ class Drain:
 
     async def _fail(self, message: QueuedMessage, recipients: list[QueuedRecipient],
                     reply: Reply) -> None:
-        headers = await asyncio.to_thread(read_headers, self.store, message.id)
-        dsn = build_failure_dsn(
+        remote_mta = self.result.relay.split("[", 1)[0]
+        status = reply.enhanced or f"{reply.code // 100}.0.0"
+        dsn = await asyncio.to_thread(
+            build_dsn,
+            self.store,
             hostname=self.hostname,
             message=message,
-            failures=[(r, reply) for r in recipients],
-            headers=headers,
-            remote_mta=self.result.relay.split("[", 1)[0],
+            action=Action.FAILED,
+            reports=[RecipientReport(r, status, reply, remote_mta) for r in recipients],
             sender_domain_hosted=await self._sender_domain_hosted(message.sender),
         )
-        dsn_id = await asyncio.to_thread(
-            self.store.record_failed, [r.id for r in recipients], str(reply), dsn
-        )
+        try:
+            dsn_id = await asyncio.to_thread(
+                self.store.record_failed, [r.id for r in recipients], str(reply), dsn
+            )
+        finally:
+            if dsn is not None:
+                dsn[1].close()  # a spooled temporary file
         self.result.failed += len(recipients)
         self._log(message, recipients, reply, "bounced")
         if dsn_id is not None:

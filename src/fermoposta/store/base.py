@@ -7,7 +7,18 @@ Contract:
 - Recipients are rows; each leaves the queue only through `record_delivered`
   (a 2xx from the next hop) or `record_failed` (a 5xx, committed together
   with the DSN that tells the sender).  `record_deferred` keeps the row.
-  A message whose last recipient is gone is deleted with its body.
+  A message whose last recipient is gone is deleted with its body.  A DSN
+  passed to `record_failed` (or `mark_delay_notified`) is queued only if at
+  least one of the recipients was still queued: a recipient is never
+  reported twice.
+- OUTBOUND recipients carry a retry schedule (`next_attempt_at`, None = due
+  now; `first_failure_at`; `delay_notified`) and a *claim*:
+  `claim_due_outbound` hands due recipients to one owner for `ttl` seconds
+  (renewed with `renew_claims`), so two queue runners, in one process or
+  several, never deliver the same recipient at once.  A claim ends with the
+  recipient's outcome (`record_*`), with `release_claims`, or when it
+  expires (a crashed runner's recipients become due again; a duplicate is
+  possible, a loss is not).
 - Bodies are streamed in and out in chunks (`CHUNK_SIZE`), so memory stays
   bounded whatever the message size.
 - Domain leases are all-or-nothing and expire, so a crashed process can never
@@ -22,7 +33,7 @@ from __future__ import annotations
 
 import enum
 import secrets
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import IO, Protocol
 
@@ -82,6 +93,9 @@ class QueuedRecipient:
     last_reply: str | None
     notify: str | None
     orcpt: str | None
+    next_attempt_at: float | None = None  # OUTBOUND: when it is due again (None = now)
+    first_failure_at: float | None = None  # time of the first deferral, if any
+    delay_notified: bool = False  # a "delayed" DSN has been sent for it
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +147,9 @@ class Domain:
     max_bytes: int | None = None  # quota of held bytes; None = unlimited
     # Known local parts; None means "accept any local part" (no validation).
     valid_recipients: frozenset[str] | None = field(default=None)
+    # Seconds held mail waits for collection before it expires with a DSN;
+    # None = the `[hold] lifetime` of the config.
+    hold_lifetime: float | None = None
 
 
 class Store(Protocol):
@@ -160,9 +177,24 @@ class Store(Protocol):
         """(messages, bytes) held for `domain`, for quotas."""
         ...
 
-    def record_delivered(self, recipient_ids: Collection[int], reply: str) -> None: ...
+    def record_delivered(self, recipient_ids: Collection[int], reply: str,
+                         dsn: tuple[NewMessage, IO[bytes]] | None = None) -> str | None:
+        """Remove the recipients (a 2xx from the next hop), and queue `dsn` (a
+        success notice, RFC 3461 SUCCESS) in the same transaction if given and
+        at least one recipient was still queued; return its id."""
+        ...
 
-    def record_deferred(self, recipient_ids: Collection[int], reply: str) -> None: ...
+    def record_deferred(
+        self,
+        recipient_ids: Collection[int],
+        reply: str,
+        next_attempt_at: float | Mapping[int, float] | None = None,
+    ) -> None:
+        """Keep the recipients: attempts + 1, `last_reply`, `first_failure_at`
+        set on the first deferral, claim released.  `next_attempt_at` (one
+        time for all, or per recipient id) is when an OUTBOUND recipient is due
+        again; None means at once (HELD recipients wait for ATRN anyway)."""
+        ...
 
     def record_failed(
         self,
@@ -170,7 +202,60 @@ class Store(Protocol):
         reply: str,
         dsn: tuple[NewMessage, IO[bytes]] | None,
     ) -> str | None:
-        """Remove the recipients and enqueue `dsn` in one transaction; return its id."""
+        """Remove the recipients and enqueue `dsn` in one transaction; return its id.
+
+        The DSN is queued only if at least one recipient was still queued."""
+        ...
+
+    # --- outbound queue -----------------------------------------------------------------
+    def claim_due_outbound(
+        self, now: float, limit: int, owner: str, ttl: float
+    ) -> list[QueuedMessage]:
+        """Claim up to `limit` OUTBOUND recipients due at `now` (not claimed by
+        anyone, or whose claim has expired) for `owner` until `now + ttl`,
+        oldest due first.  Returns their messages, each with only the claimed
+        recipients."""
+        ...
+
+    def renew_claims(self, owner: str, now: float, ttl: float) -> None:
+        """Extend every claim of `owner` to `now + ttl`."""
+        ...
+
+    def release_claims(self, owner: str, recipient_ids: Collection[int] | None = None,
+                       next_attempt_at: float | None = None) -> None:
+        """End the claims of `owner` (all, or only on `recipient_ids`); the
+        recipients are due at `next_attempt_at` (None = at once).  Recipients
+        claimed by someone else are left alone."""
+        ...
+
+    def mark_delay_notified(
+        self, recipient_ids: Collection[int], dsn: tuple[NewMessage, IO[bytes]] | None = None
+    ) -> str | None:
+        """Set `delay_notified` and queue `dsn` (a "delayed" DSN) in one
+        transaction; return the DSN's id (None if none was queued)."""
+        ...
+
+    def held_older_than(
+        self,
+        cutoff: float,
+        limit: int,
+        *,
+        domains: Collection[str] | None = None,
+        default_lifetime_only: bool = False,
+        delay_notified: bool | None = None,
+    ) -> list[QueuedMessage]:
+        """HELD recipients of messages received before `cutoff`, oldest first,
+        at most `limit`, as messages with only those recipients.  Only in
+        `domains` if given (at most 500; ValueError beyond); with
+        `default_lifetime_only`, not in a domain that has its own
+        `hold_lifetime`; with `delay_notified` equal to the given value if not
+        None.  Recipients of a domain leased by an ATRN session right now are
+        left out (the drain owns them)."""
+        ...
+
+    def outbound_older_than(self, cutoff: float, limit: int) -> list[QueuedMessage]:
+        """OUTBOUND recipients of messages received before `cutoff`, oldest
+        first, at most `limit` (claimed or not): for queue tools and checks."""
         ...
 
     # --- leases -----------------------------------------------------------------------

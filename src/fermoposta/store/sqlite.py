@@ -20,7 +20,13 @@ Contract and choices:
 - The schema version is kept in `PRAGMA user_version`; a file written by a
   newer version is refused.  A new file gets the whole schema; an older one
   runs the steps of `_MIGRATIONS` up to `SCHEMA_VERSION`, in one transaction
-  (version 2 added `account_cert_subjects`).
+  (version 2 added `account_cert_subjects`; version 3 the outbound retry
+  schedule and claims of recipients, and the per-domain hold lifetime).
+- "What is due" is one index range: `recipients_due` on
+  `(state, COALESCE(next_attempt_at, 0))`.  A claim also moves
+  `next_attempt_at` to the claim's expiry, so claimed recipients leave the
+  due range and an expired claim (a crashed runner) makes them due again.
+  Held-mail expiry scans `messages_received` (received_at) from the oldest.
 - Time comes from the injected `clock` (default `time.time`), for tests.
 """
 
@@ -30,7 +36,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, TypeVar
@@ -49,7 +55,7 @@ from fermoposta.store.base import (
     new_queue_id,
 )
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 BUSY_TIMEOUT = 10.0  # seconds
 _BATCH = 500  # bound on SQL parameters per statement (old SQLite: 999)
 
@@ -63,6 +69,23 @@ CREATE TABLE IF NOT EXISTS account_cert_subjects (
 );
 CREATE INDEX IF NOT EXISTS account_cert_subjects_account ON account_cert_subjects(account);
 """
+
+# Version 3: outbound retry schedule and claims; per-domain hold lifetime.
+_OUTBOUND_INDEXES = """
+CREATE INDEX IF NOT EXISTS recipients_due
+    ON recipients(state, COALESCE(next_attempt_at, 0));
+CREATE INDEX IF NOT EXISTS recipients_claimed_by
+    ON recipients(claimed_by) WHERE claimed_by IS NOT NULL;
+CREATE INDEX IF NOT EXISTS messages_received ON messages(received_at);
+"""
+_V3 = """
+ALTER TABLE recipients ADD COLUMN next_attempt_at REAL;
+ALTER TABLE recipients ADD COLUMN first_failure_at REAL;
+ALTER TABLE recipients ADD COLUMN delay_notified INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE recipients ADD COLUMN claimed_by TEXT;
+ALTER TABLE recipients ADD COLUMN claimed_until REAL;
+ALTER TABLE domains ADD COLUMN hold_lifetime REAL;
+""" + _OUTBOUND_INDEXES
 
 # The whole schema, for a new file.
 _SCHEMA = """
@@ -94,7 +117,12 @@ CREATE TABLE IF NOT EXISTS recipients (
     last_reply TEXT,
     notify TEXT,
     orcpt TEXT,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    next_attempt_at REAL,  -- OUTBOUND: due again at (NULL = now), or a claim's expiry
+    first_failure_at REAL,
+    delay_notified INTEGER NOT NULL DEFAULT 0,
+    claimed_by TEXT,  -- the queue runner delivering it now
+    claimed_until REAL
 );
 CREATE INDEX IF NOT EXISTS recipients_domain_state
     ON recipients(domain, state, message_id);
@@ -120,7 +148,8 @@ CREATE TABLE IF NOT EXISTS domains (
     account TEXT NOT NULL REFERENCES accounts(name) ON DELETE CASCADE,
     max_messages INTEGER,
     max_bytes INTEGER,
-    validate INTEGER NOT NULL DEFAULT 0
+    validate INTEGER NOT NULL DEFAULT 0,
+    hold_lifetime REAL
 );
 CREATE INDEX IF NOT EXISTS domains_account ON domains(account);
 CREATE TABLE IF NOT EXISTS valid_recipients (
@@ -134,13 +163,23 @@ CREATE TABLE IF NOT EXISTS leases (
     expires_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS leases_owner ON leases(owner);
-""" + _ACCOUNT_CERT_SUBJECTS
+""" + _ACCOUNT_CERT_SUBJECTS + _OUTBOUND_INDEXES
 
 
 # Statements that bring a file from version N-1 to N.
 _MIGRATIONS: dict[int, str] = {
     2: _ACCOUNT_CERT_SUBJECTS,
+    3: _V3,
 }
+
+_RECIPIENT_COLUMNS = (
+    "id, message_id, address, domain, state, attempts, last_reply, notify, orcpt,"
+    " next_attempt_at, first_failure_at, delay_notified"
+)
+_DOMAIN_COLUMNS = "name, account, max_messages, max_bytes, validate, hold_lifetime"
+_MESSAGE_COLUMNS = (
+    "id, sender, received_at, size, origin, smtputf8, body_8bit, envid, ret, client"
+)
 
 
 def _statements(script: str) -> Iterator[str]:
@@ -156,6 +195,39 @@ def _batches(items: Sequence[_T]) -> Iterator[Sequence[_T]]:
 
 def _marks(n: int) -> str:
     return ",".join("?" * n)
+
+
+def _recipient(r: Any) -> QueuedRecipient:
+    return QueuedRecipient(
+        id=r[0],
+        message_id=r[1],
+        address=r[2],
+        domain=r[3],
+        state=RecipientState(r[4]),
+        attempts=r[5],
+        last_reply=r[6],
+        notify=r[7],
+        orcpt=r[8],
+        next_attempt_at=r[9],
+        first_failure_at=r[10],
+        delay_notified=bool(r[11]),
+    )
+
+
+def _message(row: Any, recipients: Sequence[QueuedRecipient]) -> QueuedMessage:
+    return QueuedMessage(
+        id=row[0],
+        sender=row[1],
+        received_at=row[2],
+        size=row[3],
+        origin=MessageOrigin(row[4]),
+        smtputf8=bool(row[5]),
+        body_8bit=bool(row[6]),
+        envid=row[7],
+        ret=row[8],
+        client=row[9],
+        recipients=tuple(recipients),
+    )
 
 
 class SQLiteStore:
@@ -329,43 +401,42 @@ class SQLiteStore:
     def get_message(self, message_id: str) -> QueuedMessage | None:
         with self._read() as conn:
             row = conn.execute(
-                "SELECT id, sender, received_at, size, origin, smtputf8, body_8bit, envid, ret,"
-                " client FROM messages WHERE id = ?",
-                (message_id,),
+                f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = ?", (message_id,)
             ).fetchone()
             if row is None:
                 return None
             rcpts = conn.execute(
-                "SELECT id, message_id, address, domain, state, attempts, last_reply, notify,"
-                " orcpt FROM recipients WHERE message_id = ? ORDER BY id",
+                f"SELECT {_RECIPIENT_COLUMNS} FROM recipients WHERE message_id = ? ORDER BY id",
                 (message_id,),
             ).fetchall()
-        return QueuedMessage(
-            id=row[0],
-            sender=row[1],
-            received_at=row[2],
-            size=row[3],
-            origin=MessageOrigin(row[4]),
-            smtputf8=bool(row[5]),
-            body_8bit=bool(row[6]),
-            envid=row[7],
-            ret=row[8],
-            client=row[9],
-            recipients=tuple(
-                QueuedRecipient(
-                    id=r[0],
-                    message_id=r[1],
-                    address=r[2],
-                    domain=r[3],
-                    state=RecipientState(r[4]),
-                    attempts=r[5],
-                    last_reply=r[6],
-                    notify=r[7],
-                    orcpt=r[8],
-                )
-                for r in rcpts
-            ),
-        )
+        return _message(row, [_recipient(r) for r in rcpts])
+
+    @staticmethod
+    def _messages_of(conn: sqlite3.Connection, recipient_ids: Sequence[int]
+                     ) -> list[QueuedMessage]:
+        """The messages of `recipient_ids`, each with only those recipients, in
+        the order of their first recipient in `recipient_ids`."""
+        recipients: dict[int, QueuedRecipient] = {}
+        for batch in _batches(recipient_ids):
+            for r in conn.execute(
+                f"SELECT {_RECIPIENT_COLUMNS} FROM recipients"
+                f" WHERE id IN ({_marks(len(batch))})",
+                batch,
+            ):
+                recipients[int(r[0])] = _recipient(r)
+        grouped: dict[str, list[QueuedRecipient]] = {}
+        for rid in recipient_ids:
+            found = recipients.get(rid)
+            if found is not None:
+                grouped.setdefault(found.message_id, []).append(found)
+        rows: dict[str, Any] = {}
+        for batch_ids in _batches(list(grouped)):
+            for row in conn.execute(
+                f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id IN ({_marks(len(batch_ids))})",
+                batch_ids,
+            ):
+                rows[row[0]] = row
+        return [_message(rows[mid], rcpts) for mid, rcpts in grouped.items() if mid in rows]
 
     def read_body(self, message_id: str) -> Iterator[bytes]:
         """Check the message exists now (StoreError if not), then stream its chunks.
@@ -430,18 +501,39 @@ class SQLiteStore:
             ).fetchone()
         return int(row[0]), int(row[1])
 
-    def record_delivered(self, recipient_ids: Collection[int], reply: str) -> None:
+    def record_delivered(self, recipient_ids: Collection[int], reply: str,
+                         dsn: tuple[NewMessage, IO[bytes]] | None = None) -> str | None:
         with self._write() as conn:
-            self._remove_recipients(conn, recipient_ids)
+            removed = self._remove_recipients(conn, recipient_ids)
+            if dsn is None or not removed:
+                return None
+            return self._enqueue(conn, dsn[0], dsn[1])
 
-    def record_deferred(self, recipient_ids: Collection[int], reply: str) -> None:
+    def record_deferred(
+        self,
+        recipient_ids: Collection[int],
+        reply: str,
+        next_attempt_at: float | Mapping[int, float] | None = None,
+    ) -> None:
         now = self._clock()
+        ids = sorted(set(recipient_ids))
         with self._write() as conn:
-            for batch in _batches(sorted(set(recipient_ids))):
+            if isinstance(next_attempt_at, Mapping):
+                conn.executemany(
+                    "UPDATE recipients SET attempts = attempts + 1, last_reply = ?,"
+                    " updated_at = ?, first_failure_at = COALESCE(first_failure_at, ?),"
+                    " next_attempt_at = ?, claimed_by = NULL, claimed_until = NULL"
+                    " WHERE id = ?",
+                    [(reply, now, now, next_attempt_at.get(rid), rid) for rid in ids],
+                )
+                return
+            for batch in _batches(ids):
                 conn.execute(
                     "UPDATE recipients SET attempts = attempts + 1, last_reply = ?,"
-                    f" updated_at = ? WHERE id IN ({_marks(len(batch))})",
-                    (reply, now, *batch),
+                    " updated_at = ?, first_failure_at = COALESCE(first_failure_at, ?),"
+                    " next_attempt_at = ?, claimed_by = NULL, claimed_until = NULL"
+                    f" WHERE id IN ({_marks(len(batch))})",
+                    (reply, now, now, next_attempt_at, *batch),
                 )
 
     def record_failed(
@@ -451,14 +543,16 @@ class SQLiteStore:
         dsn: tuple[NewMessage, IO[bytes]] | None,
     ) -> str | None:
         with self._write() as conn:
-            self._remove_recipients(conn, recipient_ids)
-            if dsn is None:
+            removed = self._remove_recipients(conn, recipient_ids)
+            if dsn is None or not removed:
                 return None
             return self._enqueue(conn, dsn[0], dsn[1])
 
-    def _remove_recipients(self, conn: sqlite3.Connection, recipient_ids: Collection[int]) -> None:
+    def _remove_recipients(self, conn: sqlite3.Connection, recipient_ids: Collection[int]) -> int:
+        """Delete the recipients (and messages left without any); return how many were."""
         ids = sorted(set(recipient_ids))
         touched: set[str] = set()
+        removed = 0
         for batch in _batches(ids):
             marks = _marks(len(batch))
             touched.update(
@@ -467,13 +561,132 @@ class SQLiteStore:
                     f"SELECT DISTINCT message_id FROM recipients WHERE id IN ({marks})", batch
                 )
             )
-            conn.execute(f"DELETE FROM recipients WHERE id IN ({marks})", batch)
+            removed += conn.execute(f"DELETE FROM recipients WHERE id IN ({marks})", batch).rowcount
         for ids_batch in _batches(sorted(touched)):
             conn.execute(
                 f"DELETE FROM messages WHERE id IN ({_marks(len(ids_batch))}) AND NOT EXISTS"
                 " (SELECT 1 FROM recipients WHERE recipients.message_id = messages.id)",
                 ids_batch,
             )
+        return removed
+
+    # --- outbound queue ------------------------------------------------------------------
+
+    def claim_due_outbound(
+        self, now: float, limit: int, owner: str, ttl: float
+    ) -> list[QueuedMessage]:
+        if limit <= 0:
+            return []
+        until = now + ttl
+        with self._write() as conn:
+            ids = [
+                int(r[0])
+                for r in conn.execute(
+                    "SELECT id FROM recipients WHERE state = ?"
+                    " AND COALESCE(next_attempt_at, 0) <= ?"
+                    " AND (claimed_until IS NULL OR claimed_until <= ?)"
+                    " ORDER BY COALESCE(next_attempt_at, 0), id LIMIT ?",
+                    (str(RecipientState.OUTBOUND), now, now, limit),
+                )
+            ]
+            for batch in _batches(ids):
+                conn.execute(
+                    "UPDATE recipients SET claimed_by = ?, claimed_until = ?, next_attempt_at = ?"
+                    f" WHERE id IN ({_marks(len(batch))})",
+                    (owner, until, until, *batch),
+                )
+            return self._messages_of(conn, ids)
+
+    def renew_claims(self, owner: str, now: float, ttl: float) -> None:
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE recipients SET claimed_until = ?, next_attempt_at = ?"
+                " WHERE claimed_by = ?",
+                (now + ttl, now + ttl, owner),
+            )
+
+    def release_claims(self, owner: str, recipient_ids: Collection[int] | None = None,
+                       next_attempt_at: float | None = None) -> None:
+        with self._write() as conn:
+            if recipient_ids is None:
+                conn.execute(
+                    "UPDATE recipients SET claimed_by = NULL, claimed_until = NULL,"
+                    " next_attempt_at = ? WHERE claimed_by = ?",
+                    (next_attempt_at, owner),
+                )
+                return
+            for batch in _batches(sorted(set(recipient_ids))):
+                conn.execute(
+                    "UPDATE recipients SET claimed_by = NULL, claimed_until = NULL,"
+                    f" next_attempt_at = ? WHERE claimed_by = ? AND id IN ({_marks(len(batch))})",
+                    (next_attempt_at, owner, *batch),
+                )
+
+    def mark_delay_notified(
+        self, recipient_ids: Collection[int], dsn: tuple[NewMessage, IO[bytes]] | None = None
+    ) -> str | None:
+        with self._write() as conn:
+            marked = 0
+            for batch in _batches(sorted(set(recipient_ids))):
+                marked += conn.execute(
+                    "UPDATE recipients SET delay_notified = 1"
+                    f" WHERE id IN ({_marks(len(batch))}) AND delay_notified = 0",
+                    batch,
+                ).rowcount
+            if dsn is None or not marked:
+                return None
+            return self._enqueue(conn, dsn[0], dsn[1])
+
+    def held_older_than(
+        self,
+        cutoff: float,
+        limit: int,
+        *,
+        domains: Collection[str] | None = None,
+        default_lifetime_only: bool = False,
+        delay_notified: bool | None = None,
+    ) -> list[QueuedMessage]:
+        if limit <= 0 or (domains is not None and not domains):
+            return []
+        if domains is not None and len(set(domains)) > _BATCH:
+            raise ValueError(f"held_older_than: at most {_BATCH} domains at once")
+        sql = (
+            "SELECT r.id FROM messages m JOIN recipients r ON r.message_id = m.id"
+            " WHERE m.received_at < ? AND r.state = ?"
+            " AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.domain = r.domain"
+            " AND l.expires_at > ?)"
+        )
+        params: list[Any] = [cutoff, str(RecipientState.HELD), self._clock()]
+        if domains is not None:
+            wanted = sorted(set(domains))
+            sql += f" AND r.domain IN ({_marks(len(wanted))})"
+            params += wanted
+        if default_lifetime_only:
+            sql += (" AND r.domain NOT IN"
+                    " (SELECT name FROM domains WHERE hold_lifetime IS NOT NULL)")
+        if delay_notified is not None:
+            sql += " AND r.delay_notified = ?"
+            params.append(int(delay_notified))
+        sql += " ORDER BY m.received_at, r.id LIMIT ?"
+        params.append(limit)
+        with self._read() as conn:
+            ids = [int(r[0]) for r in conn.execute(sql, params)]
+            return self._messages_of(conn, ids)
+
+    def outbound_older_than(self, cutoff: float, limit: int) -> list[QueuedMessage]:
+        if limit <= 0:
+            return []
+        with self._read() as conn:
+            ids = [
+                int(r[0])
+                for r in conn.execute(
+                    "SELECT r.id FROM messages m JOIN recipients r ON r.message_id = m.id"
+                    " WHERE m.received_at < ? AND r.state = ?"
+                    " ORDER BY m.received_at, r.id LIMIT ?",
+                    (cutoff, str(RecipientState.OUTBOUND), limit),
+                )
+            ]
+            return self._messages_of(conn, ids)
 
     # --- leases --------------------------------------------------------------------------
 
@@ -684,20 +897,21 @@ class SQLiteStore:
             if not self._account_exists(conn, domain.account):
                 raise ValueError(f"no account {domain.account!r}")
             conn.execute(
-                "INSERT INTO domains (name, account, max_messages, max_bytes, validate)"
-                " VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO domains (name, account, max_messages, max_bytes, validate,"
+                " hold_lifetime) VALUES (?, ?, ?, ?, ?, ?)",
                 (
                     domain.name,
                     domain.account,
                     domain.max_messages,
                     domain.max_bytes,
                     int(domain.valid_recipients is not None),
+                    domain.hold_lifetime,
                 ),
             )
             self._set_valid(conn, domain)
 
     def update_domain(self, domain: Domain) -> None:
-        """Replace an existing domain's account, quotas and valid recipients."""
+        """Replace an existing domain's account, quotas, valid recipients and hold lifetime."""
         with self._write() as conn:
             row = conn.execute("SELECT 1 FROM domains WHERE name = ?", (domain.name,)).fetchone()
             if row is None:
@@ -705,13 +919,14 @@ class SQLiteStore:
             if not self._account_exists(conn, domain.account):
                 raise ValueError(f"no account {domain.account!r}")
             conn.execute(
-                "UPDATE domains SET account = ?, max_messages = ?, max_bytes = ?, validate = ?"
-                " WHERE name = ?",
+                "UPDATE domains SET account = ?, max_messages = ?, max_bytes = ?, validate = ?,"
+                " hold_lifetime = ? WHERE name = ?",
                 (
                     domain.account,
                     domain.max_messages,
                     domain.max_bytes,
                     int(domain.valid_recipients is not None),
+                    domain.hold_lifetime,
                     domain.name,
                 ),
             )
@@ -743,12 +958,13 @@ class SQLiteStore:
             max_messages=row[2],
             max_bytes=row[3],
             valid_recipients=valid,
+            hold_lifetime=row[5],
         )
 
     def get_domain(self, name: str) -> Domain | None:
         with self._read() as conn:
             row = conn.execute(
-                "SELECT name, account, max_messages, max_bytes, validate FROM domains"
+                f"SELECT {_DOMAIN_COLUMNS} FROM domains"
                 " WHERE name = ?",
                 (name,),
             ).fetchone()
@@ -758,12 +974,12 @@ class SQLiteStore:
         with self._read() as conn:
             if account is None:
                 rows = conn.execute(
-                    "SELECT name, account, max_messages, max_bytes, validate FROM domains"
+                    f"SELECT {_DOMAIN_COLUMNS} FROM domains"
                     " ORDER BY name"
                 ).fetchall()
             else:
                 rows = conn.execute(
-                    "SELECT name, account, max_messages, max_bytes, validate FROM domains"
+                    f"SELECT {_DOMAIN_COLUMNS} FROM domains"
                     " WHERE account = ? ORDER BY name",
                     (account,),
                 ).fetchall()
