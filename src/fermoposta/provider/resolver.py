@@ -129,19 +129,33 @@ class DNSResolver:
 
     def __init__(self, nameserver: tuple[str, int] | None = None,
                  timeout: float = DNS_TIMEOUT) -> None:
-        if nameserver is None:
-            self._resolver = dns.asyncresolver.Resolver()
-        else:
-            self._resolver = dns.asyncresolver.Resolver(configure=False)
-            self._resolver.nameservers = [nameserver[0]]
-            self._resolver.port = nameserver[1]
-        self._resolver.lifetime = timeout
-        self._resolver.timeout = min(timeout, 3.0)
-        self._resolver.cache = dns.resolver.LRUCache(2000)
+        self._nameserver = nameserver
+        self._timeout = timeout
+        self._cache = dns.resolver.LRUCache(2000)
+        self._resolver: dns.asyncresolver.Resolver | None = None
+
+    def _get(self) -> dns.asyncresolver.Resolver:
+        """The dnspython resolver, made on first use: a broken /etc/resolv.conf
+        then defers mail (DNSTemporaryError) instead of stopping the daemon."""
+        if self._resolver is None:
+            if self._nameserver is None:
+                try:
+                    resolver = dns.asyncresolver.Resolver()
+                except (dns.exception.DNSException, OSError) as exc:
+                    raise DNSTemporaryError(f"no usable DNS configuration: {exc}") from exc
+            else:
+                resolver = dns.asyncresolver.Resolver(configure=False)
+                resolver.nameservers = [self._nameserver[0]]
+                resolver.port = self._nameserver[1]
+            resolver.lifetime = self._timeout
+            resolver.timeout = min(self._timeout, 3.0)
+            resolver.cache = self._cache
+            self._resolver = resolver
+        return self._resolver
 
     async def _query(self, name: str, rdtype: str) -> dns.resolver.Answer | None:
         try:
-            return await self._resolver.resolve(name, rdtype, search=False)
+            return await self._get().resolve(name, rdtype, search=False)
         except dns.resolver.NXDOMAIN as exc:
             raise DNSNotFoundError(f"{name}: no such domain") from exc
         except dns.resolver.NoAnswer:
