@@ -85,6 +85,11 @@ def write_config(directory: Path, certs: Certs | None, *, ports: tuple[int, int]
               f'submission = "{"" if submission is None else f"127.0.0.1:{submission}"}"\n')
     if odmr_tls is not None:
         listen += f'odmr_tls = "127.0.0.1:{odmr_tls}"\n'
+    if "[outbound]" not in extra:
+        # Tests never ask the system's DNS (it may be off this machine): MX
+        # lookups go to a loopback port where nothing answers, so mail to
+        # the Internet is deferred unless a test routes it to a local sink.
+        extra += f'\n[outbound]\nresolver = "127.0.0.1:{free_port()}"\n'
     path = directory / "provider.toml"
     path.write_text(
         f'hostname = "mx.provider.test"\ndata_dir = "{directory / "data"}"\n'

@@ -9,6 +9,8 @@ Contract:
 - Connection limits: beyond `max_connections` in total or
   `max_connections_per_ip` from one address, a new peer gets 421 4.7.0 and is
   closed before any dialog.
+- It also runs the outbound runner (delivery of submissions and DSNs to the
+  Internet) and the hold expirer; a stored submission wakes the runner.
 - `run(config)` is `fermoposta provider run`: logging, store, listeners,
   SIGTERM/SIGINT for a clean stop; returns an exit code.
 """
@@ -30,7 +32,9 @@ from fermoposta.net.server_session import ServerSession, SessionLimits
 from fermoposta.ops import metrics
 from fermoposta.ops.log import setup_logging
 from fermoposta.provider.drain import DrainSettings
+from fermoposta.provider.expiry import HoldExpirer
 from fermoposta.provider.mx import MXSession
+from fermoposta.provider.outbound import OutboundRunner
 from fermoposta.provider.odmr import ODMRSession, ODMRSettings
 from fermoposta.provider.submission import RateLimiter, SubmissionSession, SubmissionSettings
 from fermoposta.smtp.reply import Reply
@@ -192,6 +196,12 @@ class Provider:
             sockname = server.sockets[0].getsockname()
             self.addresses[name] = (str(sockname[0]), int(sockname[1]))
             log.info("listening for %s on %s:%d", name, sockname[0], sockname[1])
+        # Delivery to the Internet (submissions, DSNs) and expiry of held mail.
+        self.runner = OutboundRunner(self.config, self.store)
+        self.expirer = HoldExpirer(self.config, self.store, on_outbound_dsn=self.runner.wake)
+        self.on_queued = self.runner.wake
+        await self.runner.start()
+        await self.expirer.start()
         if self.config.metrics.listen is not None:
             host, port = self.config.metrics.listen
             self.addresses["metrics"], self._stop_metrics = metrics.serve(host, port)
@@ -199,6 +209,8 @@ class Provider:
         return self.addresses
 
     _stop_metrics: Callable[[], None] | None = None
+    runner: OutboundRunner | None = None
+    expirer: HoldExpirer | None = None
 
     async def stop(self, grace: float = 10.0) -> None:
         if self._stop_metrics is not None:
@@ -214,6 +226,10 @@ class Provider:
                 await asyncio.wait(pending, timeout=5.0)
         for server in self.servers:
             await server.wait_closed()
+        if self.expirer is not None:
+            await self.expirer.stop()
+        if self.runner is not None:
+            await self.runner.stop(grace=grace)
 
 
 async def _serve(config: ProviderConfig) -> int:
