@@ -34,8 +34,8 @@ from fermoposta.ops.log import setup_logging
 from fermoposta.provider.drain import DrainSettings
 from fermoposta.provider.expiry import HoldExpirer
 from fermoposta.provider.mx import MXSession
-from fermoposta.provider.outbound import OutboundRunner
 from fermoposta.provider.odmr import ODMRSession, ODMRSettings
+from fermoposta.provider.outbound import OutboundRunner
 from fermoposta.provider.submission import RateLimiter, SubmissionSession, SubmissionSettings
 from fermoposta.smtp.reply import Reply
 from fermoposta.store import open_store
