@@ -344,3 +344,46 @@ async def test_ascii_dsn_reaches_a_customer_without_8bitmime(provider, certs):
     assert len(t.messages) == 1 and t.messages[0].sender == ""
     assert b"multipart/report" in t.messages[0].body
     await d.close()
+
+
+async def test_dsn_parameters_reach_a_dsn_customer_and_relayed_notice_otherwise(provider,
+                                                                                certs):
+    d = await Dialog.connect(*provider.mx)
+    await d.expect(220)
+    await d.cmd("EHLO client.test", 250)
+    await d.cmd("MAIL FROM:<alice@sender.test> RET=HDRS ENVID=abc", 250)
+    await d.cmd("RCPT TO:<bob@example.org> NOTIFY=SUCCESS ORCPT=rfc822;bob@example.org", 250)
+    await d.cmd("DATA", 354)
+    await d.raw(b"Subject: dsn\r\n\r\nx\r\n.\r\n")
+    await d.expect(250)
+    await d.close()
+    # A customer that offers DSN gets the parameters and owes the notice itself.
+    c = await authed(provider, certs)
+    await c.cmd("ATRN example.org", 250)
+    t = await serve_reversed(c, ehlo=["customer.example.org", "PIPELINING", "DSN"])
+    await c.close()
+    assert any(x.startswith("MAIL FROM:<alice@sender.test>") and "RET=HDRS" in x
+               and "ENVID=abc" in x for x in t.commands)
+    assert any(x.startswith("RCPT TO:<bob@example.org>") and "NOTIFY=SUCCESS" in x
+               and "ORCPT=rfc822;bob@example.org" in x for x in t.commands)
+    assert [m for m in _all_messages(provider.store) if m.origin == "dsn"] == []
+
+    # One without DSN: the provider sends a "relayed" notice to the sender.
+    d = await Dialog.connect(*provider.mx)
+    await d.expect(220)
+    await d.cmd("EHLO client.test", 250)
+    await d.cmd("MAIL FROM:<alice@sender.test>", 250)
+    await d.cmd("RCPT TO:<bob@example.org> NOTIFY=SUCCESS", 250)
+    await d.cmd("DATA", 354)
+    await d.raw(b"Subject: dsn2\r\n\r\nx\r\n.\r\n")
+    await d.expect(250)
+    await d.close()
+    c = await authed(provider, certs)
+    await c.cmd("ATRN example.org", 250)
+    t = await serve_reversed(c)
+    await c.close()
+    assert not any("NOTIFY" in x for x in t.commands)
+    [dsn] = [m for m in _all_messages(provider.store) if m.origin == "dsn"]
+    _, parsed = dsn_of(provider.store, dsn.id)
+    blocks = list(parsed.iter_parts())[1].get_payload()
+    assert blocks[1]["Action"] == "relayed" and blocks[1]["Status"] == "2.0.0"

@@ -78,6 +78,13 @@ from fermoposta.customer.pull import dial_settings, make_delivery_for, pull_lock
 from fermoposta.net.client import ReplyProtocolError, SMTPClient
 from fermoposta.net.connection import Connection, ConnectionClosed, LineTooLong
 from fermoposta.net.server_session import new_session_id
+from fermoposta.net.transfer import (
+    STAGE_MAIL,
+    MessageTransfer,
+    ResetRefused,
+    TransferTimeouts,
+    UnwantedData,
+)
 from fermoposta.ops.log import event
 from fermoposta.provider.dsn import build_failure_dsn, read_headers
 from fermoposta.smtp.command import normalize_domain
@@ -303,9 +310,6 @@ class _Pusher:
         self.remote = words[1] if len(words) > 1 else config.provider.submission_host
         self.relay = f"{self.remote}[{conn.peer_ip}]:{conn.peer_port}"
         self.timeout = config.provider.command_timeout
-        # The recipients of the transaction in flight not yet settled: kept
-        # (deferred) if the connection is lost.
-        self._unsettled: list[QueuedRecipient] = []
 
     async def run(self, ids: list[str]) -> None:
         try:
@@ -327,121 +331,38 @@ class _Pusher:
 
     async def _push_message(self, message: QueuedMessage,
                             recipients: list[QueuedRecipient]) -> None:
-        refusal = self._refusal_before_sending(message)
-        if refusal is not None:
-            await self._fail(message, recipients, refusal)
-            return
+        """One message through the shared transaction (net/transfer.py)."""
+        transfer = MessageTransfer(
+            self.client, peer="the provider", body=self._body, settle=self._settle_stage,
+            timeouts=TransferTimeouts(command=self.timeout, data_init=DATA_INIT_TIMEOUT,
+                                      final_reply=FINAL_REPLY_TIMEOUT),
+        )
         try:
-            while recipients:
-                postponed = await self._transaction(message, recipients)
-                if not postponed:
-                    return
-                if len(postponed) == len(recipients):  # no progress: keep them for later
-                    for rcpt, reply in postponed:
-                        await self._settle(message, [rcpt], reply)
-                    return
-                recipients = [rcpt for rcpt, _ in postponed]
+            await transfer.send(message, recipients)
+        except UnwantedData as exc:
+            # Ending it with "." could send an empty message: drop the
+            # connection; the provider discards the open transaction (§3.8).
+            self.conn.abort()
+            await self._keep(message, transfer.unsettled, f"{exc}: kept for the next push")
+            raise _Stop(ProtocolFailure(f"{exc}; connection dropped")) from None
+        except ResetRefused as exc:
+            raise _Stop(ProtocolFailure(str(exc))) from None
         except PEER_ERRORS as exc:
             why = f"{type(exc).__name__}: {exc}".rstrip(": ")
             # Whatever was not settled stays in the outbox; after the final
             # dot the provider may have it already (a duplicate, never a loss).
-            await self._keep(message, self._unsettled,
+            await self._keep(message, transfer.unsettled,
                              f"connection to the provider lost ({why}): kept for the next push")
             raise ConnectFailure(f"connection to the provider lost: {why}") from exc
 
-    def _refusal_before_sending(self, message: QueuedMessage) -> Reply | None:
-        limit = self.client.max_size()
-        if limit is not None and message.size > limit:
-            return Reply(552, "5.3.4", f"Message size {message.size} exceeds the provider's "
-                         f"limit of {limit} bytes")
-        if message.smtputf8 and not self.client.has("SMTPUTF8"):
-            return Reply(553, "5.6.7", "The provider does not support SMTPUTF8")
-        if message.body_8bit and not self.client.has("8BITMIME"):
-            return Reply(554, "5.6.3", "8-bit message and the provider does not support 8BITMIME")
-        return None
-
-    def _mail_command(self, message: QueuedMessage) -> str:
-        line = f"MAIL FROM:<{message.sender}>"
-        if self.client.has("SIZE"):
-            line += f" SIZE={message.size}"
-        if message.body_8bit:
-            line += " BODY=8BITMIME"
-        if message.smtputf8:
-            line += " SMTPUTF8"
-        if self.client.has("DSN"):
-            if message.ret:
-                line += f" RET={message.ret}"
-            if message.envid:
-                line += f" ENVID={message.envid}"
-        return line
-
-    def _rcpt_command(self, rcpt: QueuedRecipient) -> str:
-        line = f"RCPT TO:<{rcpt.address}>"
-        if self.client.has("DSN"):
-            if rcpt.notify:
-                line += f" NOTIFY={rcpt.notify}"
-            if rcpt.orcpt:
-                line += f" ORCPT={rcpt.orcpt}"
-        return line
-
-    async def _transaction(self, message: QueuedMessage, recipients: list[QueuedRecipient]
-                           ) -> list[tuple[QueuedRecipient, Reply]]:
-        """One transaction; returns the recipients postponed by a 452 to RCPT."""
-        self._unsettled = list(recipients)
-        mail_line = self._mail_command(message)
-        rcpt_lines = [self._rcpt_command(r) for r in recipients]
-        data_reply: Reply | None = None
-        if self.client.has("PIPELINING"):
-            # RFC 2920 §3.1: MAIL, the RCPTs and DATA in one group, one round trip.
-            await self.conn.write(
-                ("\r\n".join([mail_line, *rcpt_lines, "DATA"]) + "\r\n").encode("utf-8"),
-                self.timeout,
-            )
-            mail_reply = await self.client.read_reply(self.timeout)
-            rcpt_replies = [await self.client.read_reply(self.timeout) for _ in rcpt_lines]
-            data_reply = await self.client.read_reply(DATA_INIT_TIMEOUT)
-        else:
-            mail_reply = await self.client.command(mail_line, self.timeout)
-            rcpt_replies = []
-            if mail_reply.code == 250:
-                for line in rcpt_lines:
-                    rcpt_replies.append(await self.client.command(line, self.timeout))
-        if mail_reply.code != 250:
-            if mail_reply.code == 530:
-                raise _Stop(AuthFailure(f"the provider wants authentication at MAIL: "
-                                        f"{mail_reply}"))
-            await self._end_unwanted_data(data_reply)
-            await self._settle(message, recipients, _not_final(mail_reply))
-            if mail_reply.code != 421:
-                await self._rset()
-            if mail_reply.is_temporary or mail_reply.code < 400:
-                # Not about this message (rate limit, store trouble): stop for now.
-                raise _Stop()
-            return []
-        accepted: list[QueuedRecipient] = []
-        postponed: list[tuple[QueuedRecipient, Reply]] = []
-        for rcpt, reply in zip(recipients, rcpt_replies, strict=True):
-            if 200 <= reply.code < 300:
-                accepted.append(rcpt)
-            elif reply.code == 452:
-                postponed.append((rcpt, reply))
-            else:
-                await self._settle(message, [rcpt], _not_final(reply))
-        self._unsettled = list(accepted)
-        if not accepted:
-            await self._end_unwanted_data(data_reply)
-            await self._rset()
-            return postponed
-        if data_reply is None:
-            data_reply = await self.client.command("DATA", DATA_INIT_TIMEOUT)
-        if data_reply.code != 354:
-            await self._settle(message, accepted, _not_final(data_reply))
-            await self._rset()
-            return postponed
-        await self.client.send_body(self._body(message.id))
-        final = await self.client.read_reply(FINAL_REPLY_TIMEOUT)
-        await self._settle(message, accepted, final)
-        return postponed
+    async def _settle_stage(self, message: QueuedMessage, recipients: list[QueuedRecipient],
+                            reply: Reply, stage: str) -> None:
+        if stage == STAGE_MAIL and reply.code == 530:
+            raise _Stop(AuthFailure(f"the provider wants authentication at MAIL: {reply}"))
+        await self._settle(message, recipients, reply)
+        if stage == STAGE_MAIL and reply.is_temporary:
+            # Not about this message (rate limit, store trouble): stop for now.
+            raise _Stop()
 
     async def _body(self, message_id: str) -> AsyncIterator[bytes]:
         chunks = iter(await asyncio.to_thread(self.store.read_body, message_id))
@@ -450,20 +371,6 @@ class _Pusher:
             if chunk is None:
                 return
             yield chunk
-
-    async def _end_unwanted_data(self, data_reply: Reply | None) -> None:
-        """A pipelined DATA answered 354 without any accepted recipient: ending
-        it with "." could send an empty message, so drop the connection; the
-        provider discards the open transaction (RFC 5321 §3.8)."""
-        if data_reply is not None and data_reply.code == 354:
-            self.conn.abort()
-            raise ProtocolFailure("the provider accepted DATA without recipients; "
-                                  "connection dropped")
-
-    async def _rset(self) -> None:
-        reply = await self.client.command("RSET", self.timeout)
-        if reply.code != 250:
-            raise _Stop(ProtocolFailure(f"RSET refused: {reply}"))
 
     async def _settle(self, message: QueuedMessage, recipients: list[QueuedRecipient],
                       reply: Reply) -> None:
@@ -479,7 +386,6 @@ class _Pusher:
             await asyncio.to_thread(self.store.record_deferred, ids, str(reply))
             self.result.deferred += len(recipients)
             self._log(message, recipients, reply, "deferred")
-        self._unsettled = [r for r in self._unsettled if r.id not in ids]
         if reply.code == 421:
             raise _Stop()
 
@@ -537,13 +443,6 @@ class _Pusher:
                   status=status, reason=str(reply))
             self.result.outcomes.append(
                 PushOutcome(message.id, message.sender, rcpt.address, shown, str(reply)))
-
-
-def _not_final(reply: Reply) -> Reply:
-    """A reply that is not the answer to the final dot never means "sent"."""
-    if reply.code < 400:
-        return Reply(451, "4.5.0", f"Unexpected reply from the provider: {reply}")
-    return reply
 
 
 def _domain_of(address: str) -> str:

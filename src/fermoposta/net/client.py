@@ -53,6 +53,14 @@ class SMTPClient:
             log.debug("[%s] > %s", self.conn.peer_ip, shown)
         await self.conn.write(data, self.write_timeout)
 
+    async def send_group(self, lines: list[str], timeout: float) -> None:
+        """Several commands in one write (RFC 2920 pipelining)."""
+        data = ("\r\n".join(lines) + "\r\n").encode("utf-8")
+        if log.isEnabledFor(logging.DEBUG):
+            for line in lines:
+                log.debug("[%s] > %s", self.conn.peer_ip, line)
+        await self.conn.write(data, timeout)
+
     async def command(self, line: str, timeout: float, *, secret: bool = False) -> Reply:
         await self.send_line(line, secret=secret)
         return await self.read_reply(timeout)

@@ -32,8 +32,15 @@ from dataclasses import dataclass
 
 from fermoposta.net.client import ReplyProtocolError, SMTPClient
 from fermoposta.net.connection import Connection, ConnectionClosed, LineTooLong
+from fermoposta.net.transfer import (
+    STAGE_FINAL,
+    MessageTransfer,
+    ResetRefused,
+    TransferTimeouts,
+    UnwantedData,
+)
 from fermoposta.ops.log import event
-from fermoposta.provider.dsn import Action, RecipientReport, build_dsn
+from fermoposta.provider.dsn import Action, RecipientReport, build_dsn, wants_notice
 from fermoposta.smtp.reply import Reply
 from fermoposta.store.base import QueuedMessage, QueuedRecipient, RecipientState, Store, StoreError
 
@@ -150,106 +157,35 @@ class Drain:
                 await self._deliver_in_transactions(message, recipients)
 
     # --- one message ---------------------------------------------------------------------
-    def _refusal_before_sending(self, message: QueuedMessage) -> Reply | None:
-        limit = self.client.max_size()
-        if limit is not None and message.size > limit:
-            return Reply(552, "5.3.4", f"Message size {message.size} exceeds the customer's "
-                         f"limit of {limit} bytes")
-        if message.smtputf8 and not self.client.has("SMTPUTF8"):
-            return Reply(553, "5.6.7", "The customer does not support SMTPUTF8")
-        if message.body_8bit and not self.client.has("8BITMIME"):
-            return Reply(554, "5.6.3", "8-bit message and the customer does not support 8BITMIME")
-        return None
-
-    def _mail_command(self, message: QueuedMessage) -> str:
-        line = f"MAIL FROM:<{message.sender}>"
-        if self.client.has("SIZE"):
-            line += f" SIZE={message.size}"
-        if message.body_8bit and self.client.has("8BITMIME"):
-            line += " BODY=8BITMIME"
-        if message.smtputf8 and self.client.has("SMTPUTF8"):
-            line += " SMTPUTF8"
-        return line
-
     async def _deliver_in_transactions(self, message: QueuedMessage,
                                        recipients: list[QueuedRecipient]) -> None:
-        """RFC 5321 §4.5.3.1.10: recipients refused with 452 (too many recipients)
-        go in a further transaction at once, as long as each one makes progress.
-        This lets a customer take one recipient per transaction (as an LMTP
-        hand-off must, to map per-recipient outcomes exactly)."""
-        refusal = self._refusal_before_sending(message)
-        if refusal is not None:
-            await self._fail(message, recipients, refusal)
-            return
-        while recipients:
-            postponed = await self._deliver(message, recipients)
-            if not postponed:
-                return
-            if len(postponed) == len(recipients):  # no progress: keep them for later
-                for rcpt, reply in postponed:
-                    await self._settle(message, [rcpt], reply)
-                return
-            recipients = [rcpt for rcpt, _ in postponed]
-
-    async def _deliver(self, message: QueuedMessage, recipients: list[QueuedRecipient]
-                       ) -> list[tuple[QueuedRecipient, Reply]]:
-        """One transaction; returns the recipients postponed by a 452 to RCPT."""
-        mail_line = self._mail_command(message)
-        rcpt_lines = [f"RCPT TO:<{r.address}>" for r in recipients]
-        timeout = self.settings.command_timeout
-        data_reply: Reply | None = None
-        if self.client.has("PIPELINING"):
-            # RFC 2920 §3.1: MAIL, the RCPTs and DATA in one group, one round trip.
-            await self.conn.write(
-                ("\r\n".join([mail_line, *rcpt_lines, "DATA"]) + "\r\n").encode("utf-8"),
-                timeout,
-            )
-            mail_reply = await self.client.read_reply(timeout)
-            rcpt_replies = [await self.client.read_reply(timeout) for _ in rcpt_lines]
-            data_reply = await self.client.read_reply(self.settings.data_init_timeout)
-        else:
-            mail_reply = await self.client.command(mail_line, timeout)
-            rcpt_replies = []
-            if mail_reply.code == 250:
-                for line in rcpt_lines:
-                    rcpt_replies.append(await self.client.command(line, timeout))
-        if mail_reply.code != 250:
-            # The RCPT replies (if pipelined) are moot: the transaction failed.
-            await self._settle(message, recipients, self._not_final(mail_reply))
-            await self._end_unwanted_data(data_reply)
-            await self._rset()
-            return []
-        accepted: list[QueuedRecipient] = []
-        postponed: list[tuple[QueuedRecipient, Reply]] = []
-        for rcpt, reply in zip(recipients, rcpt_replies, strict=True):
-            if 200 <= reply.code < 300:  # 250, 251 and 252 accept the recipient
-                accepted.append(rcpt)
-            elif reply.code == 452:
-                postponed.append((rcpt, reply))
-            else:
-                await self._settle(message, [rcpt], self._not_final(reply))
-        if not accepted:
-            await self._end_unwanted_data(data_reply)
-            await self._rset()
-            return postponed
-        if data_reply is None:
-            data_reply = await self.client.command("DATA", self.settings.data_init_timeout)
-        if data_reply.code != 354:
-            await self._settle(message, accepted, self._not_final(data_reply))
-            await self._rset()
-            return postponed
-        await self.client.send_body(self._body(message.id))
+        """One message through the shared transaction (net/transfer.py): its
+        refusals, pipelining, 452 splitting (so a customer may take one
+        recipient per transaction, as an LMTP hand-off must) and outcomes."""
+        transfer = MessageTransfer(
+            self.client, peer="the customer", body=self._body, settle=self._settle,
+            timeouts=TransferTimeouts(command=self.settings.command_timeout,
+                                      data_init=self.settings.data_init_timeout,
+                                      final_reply=self.settings.final_reply_timeout),
+        )
         try:
-            final = await self.client.read_reply(self.settings.final_reply_timeout)
+            await transfer.send(message, recipients)
+        except UnwantedData:
+            # Ending it with "." could deliver an empty message: drop the
+            # connection; the customer discards the open transaction (§3.8).
+            self.result.aborted = "customer accepted DATA without recipients; connection dropped"
+            log.warning("%s: %s", self.session_id, self.result.aborted)
+            self.conn.abort()
+            raise _Abort() from None
+        except ResetRefused:
+            raise _Abort() from None
         except PEER_ERRORS:
-            for rcpt in accepted:
+            for rcpt in transfer.unsettled:
                 event("drain", message.id, to=f"<{rcpt.address}>", relay=self.result.relay,
                       status="deferred",
-                      reason="connection lost after end of data: kept, possible duplicate")
-            self.result.deferred += len(accepted)
+                      reason="connection lost during the transaction: kept, possible duplicate")
+            self.result.deferred += len(transfer.unsettled)
             raise
-        await self._settle(message, accepted, final)
-        return postponed
 
     async def _body(self, message_id: str) -> AsyncIterator[bytes]:
         chunks = iter(await asyncio.to_thread(self.store.read_body, message_id))
@@ -259,40 +195,30 @@ class Drain:
                 return
             yield chunk
 
-    async def _end_unwanted_data(self, data_reply: Reply | None) -> None:
-        """A pipelined DATA answered 354 although the transaction has no
-        accepted recipient (a real server answers 503 or 554 there).  Ending
-        it with "." could deliver an empty message, so drop the connection
-        instead: the server discards the open transaction (RFC 5321 §3.8),
-        and everything not yet delivered stays queued."""
-        if data_reply is not None and data_reply.code == 354:
-            self.result.aborted = "customer accepted DATA without recipients; connection dropped"
-            log.warning("%s: %s", self.session_id, self.result.aborted)
-            self.conn.abort()
-            raise _Abort()
-
-    async def _rset(self) -> None:
-        reply = await self.client.command("RSET", self.settings.command_timeout)
-        if reply.code != 250:
-            raise _Abort()
-
-    @staticmethod
-    def _not_final(reply: Reply) -> Reply:
-        """A reply that is not the answer to the final dot can never mean
-        "delivered": an out-of-place positive reply (252 to MAIL, 250 to DATA)
-        defers the recipients instead of losing them."""
-        if reply.code < 400:
-            return Reply(451, "4.5.0", f"Unexpected reply from the customer: {reply}")
-        return reply
-
     async def _settle(self, message: QueuedMessage, recipients: list[QueuedRecipient],
-                      reply: Reply) -> None:
+                      reply: Reply, stage: str = STAGE_FINAL) -> None:
         """Record the outcome of `reply` for `recipients`, durably, before going on.
-        Only a 2xx to the final dot delivers; 5xx fails with a DSN; anything
-        else (4xx, or a stray 3xx) keeps the recipients queued."""
+        Only a 2xx to the final dot delivers (the transfer makes any other
+        positive reply a 4xx); 5xx fails with a DSN; 4xx keeps them queued."""
         if 200 <= reply.code < 300:
             ids = [r.id for r in recipients]
-            await asyncio.to_thread(self.store.record_delivered, ids, str(reply))
+            dsn = None
+            notify = [r for r in recipients if wants_notice(r, Action.RELAYED)]
+            if notify and not self.client.has("DSN"):
+                # RFC 3461 §4.2: the customer does not do DSN, so the sender
+                # who asked for NOTIFY=SUCCESS hears "relayed" from us.
+                remote_mta = self.result.relay.split("[", 1)[0]
+                dsn = await asyncio.to_thread(
+                    build_dsn, self.store, hostname=self.hostname, message=message,
+                    action=Action.RELAYED,
+                    reports=[RecipientReport(r, "2.0.0", reply, remote_mta) for r in notify],
+                    sender_domain_hosted=await self._sender_domain_hosted(message.sender),
+                )
+            try:
+                await asyncio.to_thread(self.store.record_delivered, ids, str(reply), dsn)
+            finally:
+                if dsn is not None:
+                    dsn[1].close()
             self.result.delivered += len(recipients)
             self._log(message, recipients, reply, "sent")
         elif reply.is_permanent:

@@ -72,13 +72,19 @@ import random
 import secrets
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import IO
 
 from fermoposta.config import ProviderConfig
 from fermoposta.net.client import ReplyProtocolError, SMTPClient
 from fermoposta.net.connection import Connection, ConnectionClosed, LineTooLong, open_connection
+from fermoposta.net.transfer import (
+    MessageTransfer,
+    ResetRefused,
+    TransferTimeouts,
+    UnwantedData,
+)
 from fermoposta.ops.log import event
 from fermoposta.passwords import read_password_file
 from fermoposta.provider.dsn import Action, RecipientReport, build_dsn, wants_notice
@@ -168,7 +174,6 @@ class _Job:
     connecting: int = 0  # workers opening one
 
 
-_Settle = Callable[[list[QueuedRecipient], Reply], Awaitable[None]]
 
 
 class _HopFailure(Exception):
@@ -498,10 +503,28 @@ class OutboundRunner:
             await self._settle(item.message, rcpts, session.problem(reply), session)
             settled.update(r.id for r in rcpts)
 
+        async def settle_stage(message: QueuedMessage, rcpts: list[QueuedRecipient],
+                               reply: Reply, stage: str) -> None:
+            await settle(rcpts, reply)
+            if session.broken:  # a 421: stop using this connection
+                raise ResetRefused(f"{session.relay} is closing: {reply}")
+
+        transfer = MessageTransfer(
+            session.client, peer=session.relay, body=self._body, settle=settle_stage,
+            timeouts=TransferTimeouts(command=self.settings.command_timeout,
+                                      data_init=self.settings.data_init_timeout,
+                                      final_reply=self.settings.final_reply_timeout))
         try:
             session.messages += 1
-            await self._transactions(session, item.message, pending, settle)
-        except PEER_ERRORS as exc:
+            await transfer.send(item.message, pending)
+        except ResetRefused:
+            session.broken = True
+            left = [r for r in pending if r.id not in settled]
+            if left:
+                await self._settle_safely(item.message, left, _Problem(
+                    Reply(451, "4.4.2", f"{session.relay} ended the session; will retry"),
+                    session.relay))
+        except (*PEER_ERRORS, UnwantedData) as exc:
             session.broken = True
             session.conn.abort()
             left = [r for r in pending if r.id not in settled]
@@ -687,116 +710,6 @@ class OutboundRunner:
         self._closed(session.conn)
 
     # --- one message -----------------------------------------------------------------------
-    def _refusal(self, session: _Session, message: QueuedMessage) -> Reply | None:
-        client = session.client
-        limit = client.max_size()
-        if limit is not None and message.size > limit:
-            return Reply(552, "5.3.4", f"Message size {message.size} exceeds the limit of "
-                         f"{limit} bytes of {session.relay}")
-        if message.smtputf8 and not client.has("SMTPUTF8"):
-            return Reply(553, "5.6.7", f"{session.relay} does not support SMTPUTF8")
-        if message.body_8bit and not client.has("8BITMIME"):
-            return Reply(554, "5.6.3", f"8-bit message and {session.relay} does not support "
-                         "8BITMIME")
-        return None
-
-    @staticmethod
-    def _mail_command(client: SMTPClient, message: QueuedMessage) -> str:
-        line = f"MAIL FROM:<{message.sender}>"
-        if client.has("SIZE"):
-            line += f" SIZE={message.size}"
-        if message.body_8bit and client.has("8BITMIME"):
-            line += " BODY=8BITMIME"
-        if message.smtputf8 and client.has("SMTPUTF8"):
-            line += " SMTPUTF8"
-        if client.has("DSN"):
-            if message.ret:
-                line += f" RET={message.ret.upper()}"
-            if message.envid:
-                line += f" ENVID={message.envid}"
-        return line
-
-    @staticmethod
-    def _rcpt_command(client: SMTPClient, rcpt: QueuedRecipient) -> str:
-        line = f"RCPT TO:<{rcpt.address}>"
-        if client.has("DSN"):
-            if rcpt.notify:
-                line += f" NOTIFY={rcpt.notify.upper()}"
-            if rcpt.orcpt:
-                line += f" ORCPT={rcpt.orcpt}"
-        return line
-
-    async def _transactions(self, session: _Session, message: QueuedMessage,
-                            recipients: list[QueuedRecipient],
-                            settle: _Settle) -> None:
-        refusal = self._refusal(session, message)
-        if refusal is not None:
-            await settle(recipients, refusal)
-            return
-        while recipients:
-            postponed = await self._transaction(session, message, recipients, settle)
-            if not postponed:
-                return
-            if len(postponed) == len(recipients):  # no progress: keep them for later
-                for rcpt, reply in postponed:
-                    await settle([rcpt], reply)
-                return
-            recipients = [rcpt for rcpt, _ in postponed]
-
-    async def _transaction(self, session: _Session, message: QueuedMessage,
-                           recipients: list[QueuedRecipient],
-                           settle: _Settle
-                           ) -> list[tuple[QueuedRecipient, Reply]]:
-        """One transaction; returns the recipients postponed by a 452 to RCPT."""
-        s = self.settings
-        client = session.client
-        mail_line = self._mail_command(client, message)
-        rcpt_lines = [self._rcpt_command(client, r) for r in recipients]
-        data_reply: Reply | None = None
-        if client.has("PIPELINING"):
-            await session.conn.write(
-                ("\r\n".join([mail_line, *rcpt_lines, "DATA"]) + "\r\n").encode("utf-8"),
-                s.command_timeout)
-            mail_reply = await client.read_reply(s.command_timeout)
-            rcpt_replies = [await client.read_reply(s.command_timeout) for _ in rcpt_lines]
-            data_reply = await client.read_reply(s.data_init_timeout)
-        else:
-            mail_reply = await client.command(mail_line, s.command_timeout)
-            rcpt_replies = []
-            if mail_reply.code == 250:
-                for line in rcpt_lines:
-                    rcpt_replies.append(await client.command(line, s.command_timeout))
-        if mail_reply.code != 250:
-            await settle(recipients, _not_final(mail_reply, "MAIL"))
-            await self._end_unwanted_data(session, data_reply)
-            await self._rset(session)
-            return []
-        accepted: list[QueuedRecipient] = []
-        postponed: list[tuple[QueuedRecipient, Reply]] = []
-        for rcpt, reply in zip(recipients, rcpt_replies, strict=True):
-            if 200 <= reply.code < 300:
-                accepted.append(rcpt)
-            elif reply.code == 452:
-                postponed.append((rcpt, reply))
-            else:
-                await settle([rcpt], _not_final(reply, "RCPT"))
-        if not accepted:
-            await self._end_unwanted_data(session, data_reply)
-            await self._rset(session)
-            return postponed
-        if data_reply is None:
-            data_reply = await client.command("DATA", s.data_init_timeout)
-        if data_reply.code != 354:
-            await settle(accepted, _not_final(data_reply, "DATA"))
-            await self._rset(session)
-            return postponed
-        await client.send_body(self._body(message.id))
-        final = await client.read_reply(s.final_reply_timeout)
-        await settle(accepted, final)
-        if final.code == 421:
-            session.broken = True
-        return postponed
-
     async def _body(self, message_id: str) -> AsyncIterator[bytes]:
         chunks = iter(await asyncio.to_thread(self.store.read_body, message_id))
         while True:
@@ -804,19 +717,6 @@ class OutboundRunner:
             if chunk is None:
                 return
             yield chunk
-
-    async def _end_unwanted_data(self, session: _Session, data_reply: Reply | None) -> None:
-        """A pipelined DATA got 354 without an accepted recipient: drop the
-        connection rather than risk an empty message (see the drain)."""
-        if data_reply is not None and data_reply.code == 354:
-            raise ConnectionClosed(f"{session.relay} accepted DATA without recipients")
-
-    async def _rset(self, session: _Session) -> None:
-        if session.broken:
-            return
-        reply = await session.client.command("RSET", self.settings.command_timeout)
-        if reply.code != 250:
-            session.broken = True
 
     # --- outcomes --------------------------------------------------------------------------
     async def _settle_safely(self, message: QueuedMessage, recipients: list[QueuedRecipient],
@@ -1005,12 +905,5 @@ def _temporary(reply: Reply, where: str) -> Reply:
     enhanced = "4" + reply.enhanced[1:] if reply.enhanced else "4.4.0"
     return Reply(451, enhanced, f"{where} refused: {reply}")
 
-
-def _not_final(reply: Reply, where: str) -> Reply:
-    """A reply that is not the answer to the end of data can never mean
-    "delivered": an out-of-place 2xx/3xx defers instead."""
-    if reply.code < 400:
-        return Reply(451, "4.5.0", f"Unexpected reply to {where}: {reply}")
-    return reply
 
 

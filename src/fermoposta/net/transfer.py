@@ -1,0 +1,197 @@
+"""Sending one queued message over SMTP as a client: the shared transaction.
+
+Used by the three places that hand stored mail to a next hop: the ODMR drain
+(provider → customer), outbound delivery (provider → the Internet) and the
+customer's outbox push (site → provider submission).  Contract:
+- `MessageTransfer.send()` refuses up front what the next hop cannot take
+  (SIZE, SMTPUTF8 RFC 6531, 8BITMIME RFC 6152), then runs MAIL, RCPT... and
+  DATA, pipelined in one group when PIPELINING is offered (RFC 2920 §3.1);
+  DSN parameters (RFC 3461) are passed on when the next hop offers DSN.
+- Every recipient's outcome is reported through `settle(message,
+  recipients, reply, stage)` as soon as it is known, before the next command: the caller
+  records it durably.  Only a 2xx to the final dot means delivered; an
+  out-of-place positive reply (252 to MAIL, 250 instead of 354) is turned
+  into a 4xx, so it can never lose mail.
+- Recipients refused with 452 go in a further transaction at once, as long
+  as each makes progress (RFC 5321 §4.5.3.1.10); with no progress they are
+  settled with that 452.
+- Peer errors (connection lost, timeouts, malformed replies) propagate; then
+  `unsettled` names the recipients whose outcome is unknown (after the final
+  dot: possibly delivered; they must stay queued).  A pipelined DATA answered
+  354 although no recipient was accepted raises `UnwantedData` (the caller
+  drops the connection rather than risk an empty message); a refused RSET
+  raises `ResetRefused`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+from fermoposta.net.client import SMTPClient
+from fermoposta.smtp.reply import Reply
+from fermoposta.store.base import QueuedMessage, QueuedRecipient
+
+Settle = Callable[[QueuedMessage, list[QueuedRecipient], Reply, str], Awaitable[None]]
+Body = Callable[[str], AsyncIterator[bytes]]
+
+STAGE_BEFORE = "before"  # refused without being sent
+STAGE_MAIL = "MAIL"
+STAGE_RCPT = "RCPT"
+STAGE_DATA = "DATA"
+STAGE_FINAL = "final"  # the reply to the final dot
+
+
+class UnwantedData(Exception):
+    """A pipelined DATA got 354 although no recipient was accepted."""
+
+
+class ResetRefused(Exception):
+    """The next hop refused RSET: the connection is no longer usable."""
+
+
+@dataclass(frozen=True, slots=True)
+class TransferTimeouts:
+    command: float = 300.0  # RFC 5321 §4.5.3.2.2-3: MAIL, RCPT
+    data_init: float = 120.0  # §4.5.3.2.4
+    final_reply: float = 600.0  # §4.5.3.2.6
+
+
+def not_final(reply: Reply, stage: str) -> Reply:
+    """A positive reply where none belongs defers; it never delivers."""
+    if reply.code < 400:
+        return Reply(451, "4.5.0", f"Unexpected reply to {stage}: {reply}")
+    return reply
+
+
+def mail_command(client: SMTPClient, message: QueuedMessage) -> str:
+    line = f"MAIL FROM:<{message.sender}>"
+    if client.has("SIZE"):
+        line += f" SIZE={message.size}"
+    if message.body_8bit and client.has("8BITMIME"):
+        line += " BODY=8BITMIME"
+    if message.smtputf8 and client.has("SMTPUTF8"):
+        line += " SMTPUTF8"
+    if client.has("DSN"):
+        if message.ret:
+            line += f" RET={message.ret.upper()}"
+        if message.envid:
+            line += f" ENVID={message.envid}"
+    return line
+
+
+def rcpt_command(client: SMTPClient, rcpt: QueuedRecipient) -> str:
+    line = f"RCPT TO:<{rcpt.address}>"
+    if client.has("DSN"):
+        if rcpt.notify:
+            line += f" NOTIFY={rcpt.notify.upper()}"
+        if rcpt.orcpt:
+            line += f" ORCPT={rcpt.orcpt}"
+    return line
+
+
+def refusal_before_sending(client: SMTPClient, message: QueuedMessage, peer: str
+                           ) -> Reply | None:
+    """What the next hop said it cannot take, as a permanent failure."""
+    limit = client.max_size()
+    if limit is not None and message.size > limit:
+        return Reply(552, "5.3.4", f"Message size {message.size} exceeds the limit of "
+                     f"{limit} bytes of {peer}")
+    if message.smtputf8 and not client.has("SMTPUTF8"):
+        return Reply(553, "5.6.7", f"{peer} does not support SMTPUTF8")
+    if message.body_8bit and not client.has("8BITMIME"):
+        return Reply(554, "5.6.3", f"8-bit message and {peer} does not support 8BITMIME")
+    return None
+
+
+class MessageTransfer:
+    """Sends messages on one client connection; see the module docstring."""
+
+    def __init__(self, client: SMTPClient, *, peer: str, body: Body, settle: Settle,
+                 timeouts: TransferTimeouts | None = None) -> None:
+        self.client = client
+        self.peer = peer
+        self.body = body
+        self.settle = settle
+        self.timeouts = timeouts or TransferTimeouts()
+        self.unsettled: list[QueuedRecipient] = []
+
+    async def send(self, message: QueuedMessage, recipients: Sequence[QueuedRecipient]) -> None:
+        pending = list(recipients)
+        refusal = refusal_before_sending(self.client, message, self.peer)
+        if refusal is not None:
+            await self.settle(message, pending, refusal, STAGE_BEFORE)
+            return
+        while pending:
+            postponed = await self._transaction(message, pending)
+            if not postponed:
+                return
+            if len(postponed) == len(pending):  # no progress: keep them for later
+                for rcpt, reply in postponed:
+                    await self.settle(message, [rcpt], reply, STAGE_RCPT)
+                return
+            pending = [rcpt for rcpt, _ in postponed]
+
+    async def _transaction(self, message: QueuedMessage, recipients: list[QueuedRecipient]
+                           ) -> list[tuple[QueuedRecipient, Reply]]:
+        """One transaction; returns the recipients postponed by a 452 to RCPT."""
+        client, t = self.client, self.timeouts
+        self.unsettled = list(recipients)
+        mail_line = mail_command(client, message)
+        rcpt_lines = [rcpt_command(client, r) for r in recipients]
+        data_reply: Reply | None = None
+        if client.has("PIPELINING"):
+            await client.send_group([mail_line, *rcpt_lines, "DATA"], t.command)
+            mail_reply = await client.read_reply(t.command)
+            rcpt_replies = [await client.read_reply(t.command) for _ in rcpt_lines]
+            data_reply = await client.read_reply(t.data_init)
+        else:
+            mail_reply = await client.command(mail_line, t.command)
+            rcpt_replies = []
+            if mail_reply.code == 250:
+                for line in rcpt_lines:
+                    rcpt_replies.append(await client.command(line, t.command))
+        if mail_reply.code != 250:
+            # The RCPT replies (if pipelined) are moot: the transaction failed.
+            await self.settle(message, recipients, not_final(mail_reply, STAGE_MAIL),
+                              STAGE_MAIL)
+            self.unsettled = []
+            self._refuse_unwanted_data(data_reply)
+            await self._rset()
+            return []
+        accepted: list[QueuedRecipient] = []
+        postponed: list[tuple[QueuedRecipient, Reply]] = []
+        for rcpt, reply in zip(recipients, rcpt_replies, strict=True):
+            if 200 <= reply.code < 300:  # 250, 251 and 252 accept the recipient
+                accepted.append(rcpt)
+            elif reply.code == 452:
+                postponed.append((rcpt, reply))
+            else:
+                await self.settle(message, [rcpt], not_final(reply, STAGE_RCPT), STAGE_RCPT)
+        self.unsettled = list(accepted)
+        if not accepted:
+            self._refuse_unwanted_data(data_reply)
+            await self._rset()
+            return postponed
+        if data_reply is None:
+            data_reply = await client.command("DATA", t.data_init)
+        if data_reply.code != 354:
+            await self.settle(message, accepted, not_final(data_reply, STAGE_DATA),
+                              STAGE_DATA)
+            self.unsettled = []
+            await self._rset()
+            return postponed
+        await client.send_body(self.body(message.id))
+        final = await client.read_reply(t.final_reply)
+        self.unsettled = []
+        await self.settle(message, accepted, final, STAGE_FINAL)
+        return postponed
+
+    def _refuse_unwanted_data(self, data_reply: Reply | None) -> None:
+        if data_reply is not None and data_reply.code == 354:
+            raise UnwantedData(f"{self.peer} accepted DATA without recipients")
+
+    async def _rset(self) -> None:
+        reply = await self.client.command("RSET", self.timeouts.command)
+        if reply.code != 250:
+            raise ResetRefused(f"{self.peer} refused RSET: {reply}")
