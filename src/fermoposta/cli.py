@@ -112,6 +112,7 @@ def _cmd_config_show(args: argparse.Namespace) -> int:
     values = dataclasses.asdict(config)
     if "pulls" in values:  # show a customer config in the shape it is written in
         values["pull"] = [_pull_as_written(p) for p in values.pop("pulls")]
+        values["metrics"] = {"listen": values.pop("metrics_listen")}
     print("\n".join(_render(values)))
     return EX_OK
 

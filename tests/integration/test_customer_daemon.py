@@ -8,9 +8,20 @@ import signal
 import sys
 import time
 
-from conftest import PASSWORD
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import PASSWORD, free_port
 from support.customer_config import write_customer_config
 from support.dialog import send_mail
+
+
+def scrape(port: int) -> dict:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(text) for s in f.samples}
 
 
 async def wait_until(predicate, timeout=20.0):
@@ -27,6 +38,9 @@ async def test_daemon_schedule_trigger_and_stop(provider, certs, tmp_path):
     path = write_customer_config(site, port=provider.odmr[1], password=PASSWORD,
                                  ca_file=certs.ca_file, pulls=[{"domains": ["example.org"],
                                                                 "every": "1h"}])
+    metrics_port = free_port()
+    path.write_text(path.read_text().replace(
+        "[provider]", f'[metrics]\nlisten = "127.0.0.1:{metrics_port}"\n\n[provider]', 1))
     log = tmp_path / "daemon.log"
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "fermoposta", "customer", "run", "-c", str(path),
@@ -47,6 +61,13 @@ async def test_daemon_schedule_trigger_and_stop(provider, certs, tmp_path):
         new = site / "mail" / "example.org" / "bob" / "Maildir" / "new"
         assert await wait_until(lambda: new.is_dir() and any(new.iterdir())), log.read_text()
         assert provider.store.held_message_ids(["example.org"]) == []
+        # The daemon's own metrics: two pulls of block "pull-1", one message.
+        samples = await asyncio.to_thread(scrape, metrics_port)
+        assert samples[("fermoposta_customer_pulls_total", (("pull", "pull-1"),
+                                                             ("result", "ok")))] >= 2
+        assert samples[("fermoposta_customer_messages_total", (("pull", "pull-1"),))] == 1
+        assert samples[("fermoposta_customer_last_success_timestamp_seconds",
+                        (("pull", "pull-1"),))] > 0
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 30) == 0
     finally:

@@ -434,6 +434,8 @@ class CustomerConfig:
     - ``[log]``: see `fermoposta.config.LogConfig` (same as the provider's).
     - ``[[pull]]`` (at least one): see `PullConfig`.
     - ``[outbox]``: see `OutboxConfig`.
+    - ``[metrics] listen`` (``"host:port"``, default ``""``, off): the
+      Prometheus endpoint of `fermoposta customer run`.
     """
 
     path: Path
@@ -445,6 +447,9 @@ class CustomerConfig:
     max_message_size: int = 50 * 1024 * 1024
     log: LogConfig = field(default_factory=LogConfig)
     outbox: OutboxConfig = field(default_factory=OutboxConfig)
+    # ``[metrics] listen`` ("host:port", default "", off): the daemon's
+    # Prometheus endpoint (/metrics): pulls by result, messages, last success.
+    metrics_listen: tuple[str, int] | None = None
 
     def pull_for_domain(self, domain: str) -> PullConfig | None:
         """The block whose reversed session accepts `domain`: the block that
@@ -680,6 +685,7 @@ _OUTBOX_KEYS: dict[str, Parser] = {
 _LOG_KEYS: dict[str, Parser] = {"level": one_of(*LOG_LEVELS), "format": one_of(*LOG_FORMATS)}
 _TOP_LEVEL_KEYS = [
     "hostname", "data_dir", "domains", "max_message_size", "provider", "log", "pull", "outbox",
+    "metrics",
 ]
 _PULL_KEYS: dict[str, Parser] = {
     "name": _pull_name,
@@ -755,6 +761,11 @@ def load_customer_config(path: str | Path) -> CustomerConfig:
     outbox = _load_outbox(
         loader, _table(loader, raw, "outbox", required=False), max_message_size
     )
+    metrics_table = _table(loader, raw, "metrics", required=False)
+    loader.check_keys("metrics", metrics_table, ["listen"])
+    metrics_listen = None
+    if metrics_table.get("listen"):
+        metrics_listen = loader.parse("metrics", "listen", parse_hostport, metrics_table["listen"])
 
     return CustomerConfig(
         path=Path(os.path.abspath(path)),
@@ -766,6 +777,7 @@ def load_customer_config(path: str | Path) -> CustomerConfig:
         log=log,
         pulls=pulls,
         outbox=outbox,
+        metrics_listen=metrics_listen,
     )
 
 

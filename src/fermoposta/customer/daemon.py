@@ -39,6 +39,7 @@ from fermoposta.customer.outbox import OutboxServer, open_outbox
 from fermoposta.customer.outbox_push import ContinuousPusher
 from fermoposta.customer.pull import pull_lock, pull_once
 from fermoposta.customer.schedule import next_delay
+from fermoposta.ops import metrics
 from fermoposta.store import StoreError
 
 log = logging.getLogger("fermoposta.customer")
@@ -146,6 +147,10 @@ class Daemon:
                 loop.add_signal_handler(signal.SIGUSR1, self.trigger_all)
                 for signum in (signal.SIGTERM, signal.SIGINT):
                     loop.add_signal_handler(signum, self.stop.set)
+                if self.config.metrics_listen is not None:
+                    address, stop_metrics = metrics.serve(*self.config.metrics_listen)
+                    stack.callback(stop_metrics)
+                    log.info("metrics on http://%s:%d/metrics", *address)
                 if self.config.outbox.enabled:
                     self.outbox = await stack.enter_async_context(
                         OutboxService(self.config, self.stop, self.rng).running())

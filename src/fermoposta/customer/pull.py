@@ -50,6 +50,7 @@ from fermoposta.customer.errors import (
 )
 from fermoposta.customer.serve import ReceivedMessage, reversed_session
 from fermoposta.net.server_session import new_session_id
+from fermoposta.ops import metrics
 from fermoposta.ops.log import event
 
 if TYPE_CHECKING:
@@ -179,6 +180,12 @@ async def pull_once(config: CustomerConfig, pull: PullConfig, *, wait: bool = Fa
     except CustomerError as exc:
         summary.error = exc
     summary.finished = time.time()
+    result = "ok" if summary.exit_code == 0 else (
+        summary.error.kind if summary.error is not None else "deferred")
+    metrics.CUSTOMER_PULLS.labels(pull.name, result).inc()
+    metrics.CUSTOMER_MESSAGES.labels(pull.name).inc(summary.messages)
+    if summary.error is None:
+        metrics.CUSTOMER_LAST_SUCCESS.labels(pull.name).set(summary.finished)
     event("customer", None, session=summary.session_id, pull=pull.name,
           received=summary.messages, refused=summary.refused, deferred=summary.deferred,
           status="ok" if summary.error is None else summary.error.kind,

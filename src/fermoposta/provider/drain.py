@@ -39,6 +39,7 @@ from fermoposta.net.transfer import (
     TransferTimeouts,
     UnwantedData,
 )
+from fermoposta.ops import metrics
 from fermoposta.ops.log import event
 from fermoposta.provider.dsn import Action, RecipientReport, build_dsn, wants_notice
 from fermoposta.smtp.reply import Reply
@@ -168,8 +169,10 @@ class Drain:
                                       data_init=self.settings.data_init_timeout,
                                       final_reply=self.settings.final_reply_timeout),
         )
+        started = time.monotonic()
         try:
             await transfer.send(message, recipients)
+            metrics.DELIVERY_SECONDS.labels("odmr").observe(time.monotonic() - started)
         except UnwantedData:
             # Ending it with "." could deliver an empty message: drop the
             # connection; the customer discards the open transaction (§3.8).
@@ -267,6 +270,7 @@ class Drain:
     def _log(self, message: QueuedMessage, recipients: list[QueuedRecipient], reply: Reply,
              status: str) -> None:
         delay = max(0.0, time.time() - message.received_at)
+        metrics.RECIPIENTS.labels("odmr", status).inc(len(recipients))
         for rcpt in recipients:
             event("drain", message.id, to=f"<{rcpt.address}>", relay=self.result.relay,
                   delay=f"{delay:.1f}", dsn=reply.enhanced or f"{reply.code // 100}.0.0",

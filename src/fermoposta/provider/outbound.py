@@ -85,6 +85,7 @@ from fermoposta.net.transfer import (
     TransferTimeouts,
     UnwantedData,
 )
+from fermoposta.ops import metrics
 from fermoposta.ops.log import event
 from fermoposta.passwords import read_password_file
 from fermoposta.provider.dsn import Action, RecipientReport, build_dsn, wants_notice
@@ -514,9 +515,11 @@ class OutboundRunner:
             timeouts=TransferTimeouts(command=self.settings.command_timeout,
                                       data_init=self.settings.data_init_timeout,
                                       final_reply=self.settings.final_reply_timeout))
+        started = time.monotonic()
         try:
             session.messages += 1
             await transfer.send(item.message, pending)
+            metrics.DELIVERY_SECONDS.labels("outbound").observe(time.monotonic() - started)
         except ResetRefused:
             session.broken = True
             left = [r for r in pending if r.id not in settled]
@@ -850,6 +853,7 @@ class OutboundRunner:
     def _log(self, message: QueuedMessage, recipients: list[QueuedRecipient], problem: _Problem,
              status: str, dsn: str | None = None) -> None:
         delay = max(0.0, self.clock() - message.received_at)
+        metrics.RECIPIENTS.labels("outbound", status).inc(len(recipients))
         for rcpt in recipients:
             event("outbound", message.id, to=f"<{rcpt.address}>", relay=problem.relay,
                   delay=round(delay, 2), dsn=dsn or _status(problem.reply), status=status,
