@@ -97,6 +97,12 @@ def _load_any(args: argparse.Namespace) -> Any:
     return load_provider_config(path)  # ConfigError -> 78 in main()
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from fermoposta.demo import main as demo
+
+    return demo(keep=args.keep)
+
+
 def _cmd_config_check(args: argparse.Namespace) -> int:
     config = _load_any(args)
     kind = "customer" if type(config).__name__ == "CustomerConfig" else "provider"
@@ -268,6 +274,12 @@ def build_parser() -> argparse.ArgumentParser:
     from fermoposta.customer.cli import register as register_customer
 
     register_customer(commands)
+
+    demo = commands.add_parser(
+        "demo", help="run a provider and a customer on loopback and narrate one round trip"
+    )
+    demo.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    demo.set_defaults(command_func=_cmd_demo)
 
     config = commands.add_parser("config", help="configuration tools")
     config.set_defaults(command_func=_help(config))
