@@ -93,9 +93,17 @@ async def test_user_journey_swaks_fetchmail_logs_sigterm(provider_process, tmp_p
     assert len(messages) == 1 and b"Subject: swaks test" in messages[0]
 
     assert provider_process.proc is not None
-    provider_process.proc.send_signal(signal.SIGHUP)  # not implemented yet: must not kill
+    provider_process.proc.send_signal(signal.SIGHUP)  # reload: the process goes on
     await asyncio.sleep(0.5)
     assert provider_process.proc.poll() is None
+    assert "reloaded" in provider_process.logs()
+    good = provider_process.config.read_text()
+    provider_process.config.write_text(good + "\n[limits]\nmax_recipients = -1\n")
+    provider_process.proc.send_signal(signal.SIGHUP)  # a broken file changes nothing
+    await asyncio.sleep(0.5)
+    provider_process.config.write_text(good)
+    assert provider_process.proc.poll() is None
+    assert "reload failed, keeping the running configuration" in provider_process.logs()
     assert provider_process.stop() == 0  # SIGTERM: clean exit
     logs = provider_process.logs()
     assert f"{queue_id}: from=<alice@sender.test>" in logs

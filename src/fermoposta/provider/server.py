@@ -26,7 +26,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable
 
-from fermoposta.config import ProviderConfig
+from fermoposta.config import ConfigError, ProviderConfig, load_provider_config
 from fermoposta.net.connection import Connection, start_server
 from fermoposta.net.server_session import ServerSession, SessionLimits
 from fermoposta.ops import metrics
@@ -79,10 +79,22 @@ def session_limits(config: ProviderConfig) -> SessionLimits:
 
 class Provider:
     def __init__(self, config: ProviderConfig, store: Store) -> None:
-        self.config = config
         self.store = store
         self.mx_tls_context = server_tls_context(config, client_certificates=False)
         self.tls_context = server_tls_context(config, client_certificates=True)
+        self._apply(config)
+        self.rate_limiter = RateLimiter(config.submission.rate_limit,
+                                        config.submission.rate_window)
+        # Called after each submission; the outbound runner sets it to its wake().
+        self.on_queued: Callable[[], None] | None = None
+        self.servers: list[asyncio.Server] = []
+        self.sessions: set[asyncio.Task[None]] = set()
+        self.per_ip: collections.Counter[str] = collections.Counter()
+        self.addresses: dict[str, tuple[str, int]] = {}
+
+    def _apply(self, config: ProviderConfig) -> None:
+        """The settings new sessions are made with (at start and on reload)."""
+        self.config = config
         self.limits = session_limits(config)
         odmr = config.odmr
         self.odmr_settings = ODMRSettings(
@@ -109,14 +121,28 @@ class Provider:
             max_auth_failures=odmr.max_auth_failures,
             restrict_senders=config.submission.restrict_senders,
         )
-        self.rate_limiter = RateLimiter(config.submission.rate_limit,
-                                        config.submission.rate_window)
-        # Called after each submission; the outbound runner sets it to its wake().
-        self.on_queued: Callable[[], None] | None = None
-        self.servers: list[asyncio.Server] = []
-        self.sessions: set[asyncio.Task[None]] = set()
-        self.per_ip: collections.Counter[str] = collections.Counter()
-        self.addresses: dict[str, tuple[str, int]] = {}
+
+    def reload(self, config: ProviderConfig) -> list[str]:
+        """SIGHUP: take a re-read config for new sessions and reload the TLS
+        certificate and key in place (the listeners, implicit-TLS ones
+        included, use them from the next handshake on).  Sessions in progress
+        keep their settings.  Accounts and domains live in the store and need
+        no reload.  Returns what was NOT applied (needs a restart)."""
+        ignored = [name for name in ("listen", "data_dir", "outbound", "hold", "metrics")
+                   if getattr(config, name) != getattr(self.config, name)]
+        if (config.tls.cert is None) != (self.config.tls.cert is None) \
+                or config.tls.client_ca != self.config.tls.client_ca:
+            ignored.append("tls (turning TLS on or off, or client_ca)")
+        elif config.tls.cert is not None and config.tls.key is not None:
+            for context in (self.mx_tls_context, self.tls_context):
+                if context is not None:
+                    context.load_cert_chain(str(config.tls.cert), str(config.tls.key))
+        if config.submission.rate_limit != self.rate_limiter.limit or \
+                config.submission.rate_window != self.rate_limiter.window:
+            self.rate_limiter.limit = config.submission.rate_limit
+            self.rate_limiter.window = config.submission.rate_window
+        self._apply(config)
+        return ignored
 
     # --- session factories -----------------------------------------------------------------
     def mx_session(self, conn: Connection) -> ServerSession:
@@ -254,16 +280,26 @@ async def _serve(config: ProviderConfig) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    # Reloading is not implemented yet; SIGHUP must not kill the daemon (and
-    # leave leases behind until they expire).
-    loop.add_signal_handler(signal.SIGHUP, lambda: log.warning(
-        "SIGHUP ignored: reload is not implemented; restart to apply changes"))
+    loop.add_signal_handler(signal.SIGHUP, lambda: _reload(provider))
     log.info("fermoposta provider %s ready", config.hostname)
     await stop.wait()
     log.info("stopping: no new connections; waiting for sessions")
     await provider.stop()
     store.close()
     return 0
+
+
+def _reload(provider: Provider) -> None:
+    """SIGHUP: re-read the config file; a broken one changes nothing."""
+    try:
+        config = load_provider_config(provider.config.path)
+        ignored = provider.reload(config)
+    except (ConfigError, ssl.SSLError, OSError) as exc:
+        log.error("reload failed, keeping the running configuration: %s", exc)
+        return
+    log.info("reloaded %s (certificate, limits, AUTH and ATRN settings)", config.path)
+    if ignored:
+        log.warning("not applied until a restart: %s", ", ".join(ignored))
 
 
 def run(config: ProviderConfig) -> int:
