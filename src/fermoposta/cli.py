@@ -55,10 +55,14 @@ def _err(message: str) -> None:
 
 
 def _effective(config: ProviderConfig, args: argparse.Namespace) -> ProviderConfig:
-    """Apply command-line overrides (``-v`` = debug logging) to a loaded config."""
+    """Apply command-line overrides (``-v`` = debug logging with a protocol
+    trace, ``--log-format``) to a loaded config."""
+    log = config.log
     if args.verbose:
-        return dataclasses.replace(config, log=dataclasses.replace(config.log, level="debug"))
-    return config
+        log = dataclasses.replace(log, level="debug")
+    if args.log_format:
+        log = dataclasses.replace(log, format=args.log_format)
+    return dataclasses.replace(config, log=log)
 
 
 # -- command handlers: (args) -> exit code ---------------------------------
@@ -246,7 +250,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help=f"provider config file (default: $FERMOPOSTA_CONFIG or {default_config_path()})",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log at debug level, with a protocol trace (SASL redacted)")
+    parser.add_argument("--log-format", choices=("text", "json"), default=None,
+                        help="log lines as text (default) or one JSON object a line")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     parser.set_defaults(command_func=_help(parser))
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)

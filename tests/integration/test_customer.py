@@ -262,3 +262,20 @@ def test_cli_pull_exit_codes_and_summary(tmp_path, certs):
                              str(bad)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 78
     assert "bad.toml" in result.stderr
+
+
+def test_cli_log_format_json(tmp_path, certs):
+    """`--log-format json`: one JSON object a line on stderr, for log pipelines."""
+    import json
+
+    from peers import free_port
+
+    path = write_customer_config(tmp_path, port=free_port(), password=PASSWORD,
+                                 ca_file=certs.ca_file)
+    result = subprocess.run([sys.executable, "-m", "fermoposta", "--log-format", "json",
+                             "customer", "pull", "-c", str(path)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 69
+    lines = [json.loads(line) for line in result.stderr.splitlines() if line.strip()]
+    assert lines and all({"time", "level", "component", "message"} <= set(x) for x in lines)
+    assert any(x.get("status") == "connection" for x in lines)

@@ -33,7 +33,8 @@ def _load(args: argparse.Namespace) -> Any:
 
     path = args.customer_config or (args.config if args.config_given else None)
     config = load_customer_config(path or default_customer_config_path())
-    setup_logging("debug" if args.verbose else config.log.level, config.log.format)
+    setup_logging("debug" if args.verbose else config.log.level,
+                  args.log_format or config.log.format)
     return config
 
 
