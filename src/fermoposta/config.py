@@ -157,6 +157,9 @@ class LimitsConfig:
       TLS handshake (STARTTLS or implicit TLS).
     - ``max_line_length`` (int, default 1000): longest DATA text line in octets,
       CRLF included (RFC 5321 §4.5.3.1.6: at least 1000).
+    - ``shutdown_grace`` (duration, default ``"10s"``): on SIGTERM, how long
+      sessions in progress may go on before they are cut (their leases are
+      released; what was not acknowledged stays queued).
     """
 
     max_message_size: int = 50 * 1024 * 1024
@@ -168,6 +171,7 @@ class LimitsConfig:
     data_timeout: float = 180.0
     tls_handshake_timeout: float = 60.0
     max_line_length: int = 1000
+    shutdown_grace: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -467,6 +471,7 @@ _SECTIONS: dict[str, tuple[type[Any], dict[str, _Parser]]] = {
             "data_timeout": _duration(positive=True),
             "tls_handshake_timeout": _duration(positive=True),
             "max_line_length": _line_length,
+            "shutdown_grace": _duration(positive=False),
         },
     ),
     "odmr": (

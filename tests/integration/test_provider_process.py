@@ -162,3 +162,57 @@ async def test_kill_9_mid_drain_loses_nothing(provider_process, certs):
     assert [m.recipients for m in second.messages] == [["user1@example.org"],
                                                        ["user2@example.org"]]
     assert provider_process.stop() == 0
+
+
+async def test_sigterm_during_a_drain_loses_nothing(tmp_path, certs):
+    """SIGTERM while the provider waits for the customer's reply to a final
+    dot: after the grace period the session is cut, the lease is released,
+    the acknowledged message is gone and the others stay held."""
+    from fermoposta.store import open_store
+
+    ports = (free_port(), free_port())
+    config = write_config(tmp_path, certs, ports=ports,
+                          extra='[limits]\nshutdown_grace = "1s"\n')
+    running = ProviderProcess(config, ports, tmp_path / "provider.log")
+    (tmp_path / "pw.txt").write_text(PASSWORD + "\n")
+    assert running.cli("account", "add", "acme", "--domain", "example.org",
+                       "--password-file", str(tmp_path / "pw.txt")).returncode == 0
+    running.start()
+    try:
+        ids = []
+        for n in range(3):
+            code, lines = await send_mail("127.0.0.1", running.mx, "alice@sender.test",
+                                          [f"user{n}@example.org"], b"Subject: t\r\n\r\nx\r\n")
+            assert code == 250
+            ids.append(lines[0].rsplit(" ", 1)[1])
+        d = await Dialog.connect("127.0.0.1", running.odmr)
+        await d.expect(220)
+        await d.cmd("EHLO customer.example.org", 250)
+        await d.starttls(certs.client_context())
+        await d.cmd("EHLO customer.example.org", 250)
+        await d.auth_plain("acme", PASSWORD)
+        await d.cmd("ATRN example.org", 250)
+        assert running.proc is not None
+        proc = running.proc
+
+        def reply(n: int) -> str | None:
+            if n == 2:
+                proc.send_signal(signal.SIGTERM)
+                return None  # no reply: the provider must give up after its grace
+            return "250 2.0.0 OK"
+
+        t = await asyncio.wait_for(serve_reversed(d, data_reply=reply), 30)
+        await d.close()
+        assert len(t.messages) == 1
+        assert proc.wait(20) == 0
+        running.proc = None
+    finally:
+        if running.proc is not None:
+            running.stop(signal.SIGKILL)
+    store = open_store(tmp_path / "data")
+    try:
+        assert store.get_message(ids[0]) is None  # acknowledged before SIGTERM
+        assert store.held_message_ids(["example.org"]) == ids[1:]  # the rest is kept
+        assert store.acquire_leases(["example.org"], "next-session", 60)  # lease released
+    finally:
+        store.close()

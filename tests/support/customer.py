@@ -46,7 +46,7 @@ async def serve_reversed(
     ehlo: list[str] | None = None,
     rcpt_policy: Callable[[str], str] = lambda rcpt: "250 2.1.5 OK",
     mail_reply: str = "250 2.1.0 OK",
-    data_reply: Callable[[int], str] = lambda n: "250 2.0.0 OK",
+    data_reply: Callable[[int], str | None] = lambda n: "250 2.0.0 OK",
     drop_after_dot: int | None = None,
     greeting: str = "220 customer.example.org ESMTP ready",
 ) -> Transcript:
@@ -107,6 +107,10 @@ async def serve_reversed(
                 d.writer.close()
                 return t
             reply = data_reply(t.transactions)
+            if reply is None:  # say nothing: wait until the provider goes away
+                while await _readline(d):
+                    pass
+                return t
             if reply.startswith("2"):
                 t.messages.append(Received(sender or "", list(rcpts), bytes(body)))
             await d.send(reply)

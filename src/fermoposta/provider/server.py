@@ -284,7 +284,7 @@ async def _serve(config: ProviderConfig) -> int:
     log.info("fermoposta provider %s ready", config.hostname)
     await stop.wait()
     log.info("stopping: no new connections; waiting for sessions")
-    await provider.stop()
+    await provider.stop(grace=provider.config.limits.shutdown_grace)
     store.close()
     return 0
 
