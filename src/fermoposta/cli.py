@@ -278,6 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
         for name in ("account", "domain"):
             commands.choices[name].set_defaults(command_func=_cmd_store)
 
+    from fermoposta.provider import queue_admin
+
+    queue_admin.register(commands, None)
+    commands.choices["queue"].set_defaults(command_func=_cmd_store)
+
     from fermoposta.customer.cli import register as register_customer
 
     register_customer(commands)

@@ -60,6 +60,11 @@ async def test_metrics_after_traffic(provider_factory, certs):
     assert delta("fermoposta_atrn_total", result="reversed") == 1
     assert delta("fermoposta_auth_failures_total", mechanism="PLAIN") == 1
     assert delta("fermoposta_session_duration_seconds_count", listener="mx") == 1
+    # The queue's shape at scrape time: the message is still held.
+    assert value(after, "fermoposta_queue_messages", state="held") == 1
+    assert value(after, "fermoposta_queue_bytes", state="held") > 0
+    assert value(after, "fermoposta_queue_oldest_age_seconds", state="held") >= 0
+    assert value(after, "fermoposta_queue_messages", state="outbound") == 0
     # No label carries an address, a domain or an account.
     for (_, labels) in after:
         for _, label_value in labels:

@@ -230,7 +230,14 @@ class Provider:
         await self.expirer.start()
         if self.config.metrics.listen is not None:
             host, port = self.config.metrics.listen
-            self.addresses["metrics"], self._stop_metrics = metrics.serve(host, port)
+            self.addresses["metrics"], stop_server = metrics.serve(host, port)
+            unregister = metrics.register_queue(metrics.QueueCollector(self.store.queue_summary))
+
+            def stop_metrics() -> None:
+                stop_server()
+                unregister()
+
+            self._stop_metrics = stop_metrics
             log.info("metrics on http://%s:%d/metrics", *self.addresses["metrics"])
         return self.addresses
 

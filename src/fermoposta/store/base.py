@@ -27,13 +27,20 @@ Contract:
   worker thread.  A failure of the engine raises `StoreError` (callers map it
   to a 4xx: a store problem defers mail, it never bounces it).
 - Domains are stored lowercased in A-label form; addresses keep their case.
+- Queue tools (`fermoposta queue`, `fermoposta.provider.queue_admin`) read
+  pages of the queue (`queue_page`, keyed by (received_at, id)) and act on
+  explicit message ids (`delete_messages`, `hold_messages`,
+  `release_messages`, `retry_outbound`), each call one short transaction,
+  so they are safe while a provider runs on the same store.  An operator
+  HOLD recipient is neither drained, delivered nor expired; the state it had
+  is remembered so `release_messages` restores it exactly.
 """
 
 from __future__ import annotations
 
 import enum
 import secrets
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Protocol
 
@@ -152,6 +159,63 @@ class Domain:
     hold_lifetime: float | None = None
 
 
+# --- queue tools (`fermoposta queue`) ----------------------------------------------------
+
+QUEUE_STATES = ("held", "outbound", "deferred", "hold")
+"""Values of `QueueFilter.state`: a RecipientState, or "deferred" (OUTBOUND
+with at least one failed attempt)."""
+
+
+@dataclass(frozen=True, slots=True)
+class QueueFilter:
+    """Which messages a queue tool sees.  A message matches when its sender
+    and arrival match and at least one of its recipients matches every
+    recipient criterion (domain, recipient, state).  Text is compared
+    case-insensitively (ASCII); "exact" compares the whole value, otherwise
+    it is a substring.  `sender=""` with `sender_exact` is the null sender."""
+
+    domain: str | None = None  # recipient domain, exactly (lowercase A-label)
+    sender: str | None = None
+    sender_exact: bool = False
+    recipient: str | None = None
+    recipient_exact: bool = False
+    received_before: float | None = None  # Unix time
+    state: str | None = None  # one of QUEUE_STATES
+
+
+@dataclass(frozen=True, slots=True)
+class QueueEntry:
+    """A message with all its recipients, as the queue tools show it."""
+
+    message: QueuedMessage
+    # Recipients a queue runner is delivering right now (an unexpired claim).
+    active: frozenset[int] = frozenset()
+    # For recipients on operator HOLD: the state `release_messages` restores.
+    hold_from: Mapping[int, RecipientState] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class DomainShape:
+    """Queue figures for one recipient domain (or the whole queue)."""
+
+    domain: str
+    messages: int  # distinct messages with a recipient here
+    recipients: int
+    bytes: int  # size of those messages, each counted once
+    oldest: float | None  # received_at of the oldest of them
+    held: int  # recipients by state; `deferred` is the part of `outbound`
+    outbound: int  # that has failed at least once
+    deferred: int
+    hold: int
+    ages: tuple[int, ...]  # recipients per age bucket (see `Store.queue_shape`)
+
+
+@dataclass(frozen=True, slots=True)
+class QueueShape:
+    total: DomainShape  # domain "": every recipient and message once
+    domains: tuple[DomainShape, ...]  # most recipients first, then by name
+
+
 class Store(Protocol):
     # --- messages ---------------------------------------------------------------------
     def enqueue(self, message: NewMessage, body: IO[bytes], queue_id: str | None = None) -> str:
@@ -256,6 +320,67 @@ class Store(Protocol):
     def outbound_older_than(self, cutoff: float, limit: int) -> list[QueuedMessage]:
         """OUTBOUND recipients of messages received before `cutoff`, oldest
         first, at most `limit` (claimed or not): for queue tools and checks."""
+        ...
+
+    # --- queue tools ----------------------------------------------------------------------
+    # Operator commands (`fermoposta queue`), safe on a live queue: every call
+    # is one short transaction, so the provider keeps running meanwhile.
+    def queue_page(
+        self, where: QueueFilter, after: tuple[float, str] | None, limit: int
+    ) -> list[QueueEntry]:
+        """Up to `limit` messages matching `where`, oldest first (by
+        received_at, then id), after the key `after` (the (received_at, id)
+        of the last message of the previous page; None for the first page).
+        Each entry has all the message's recipients."""
+        ...
+
+    def queue_ids(
+        self, where: QueueFilter, after: tuple[float, str] | None, limit: int
+    ) -> list[tuple[float, str]]:
+        """Like `queue_page`, only the (received_at, id) keys."""
+        ...
+
+    def get_queue_entry(self, message_id: str) -> QueueEntry | None: ...
+
+    def delete_messages(self, message_ids: Collection[str]) -> list[str]:
+        """Delete the messages, bodies and recipients, without any DSN (like
+        `postsuper -d`); return the ids that were in the queue."""
+        ...
+
+    def hold_messages(self, message_ids: Collection[str]) -> dict[str, int]:
+        """Put every recipient of the messages on operator HOLD (neither
+        drained nor delivered), remembering its state; return, for each id in
+        the queue, how many recipients were newly put on hold."""
+        ...
+
+    def release_messages(self, message_ids: Collection[str]) -> dict[str, int]:
+        """Return the HOLD recipients of the messages to the state they had
+        before `hold_messages` (HELD for a hosted domain, else OUTBOUND, when
+        none was remembered); their retry schedule is unchanged.  Return, for
+        each id in the queue, how many recipients were released."""
+        ...
+
+    def retry_outbound(
+        self, now: float, *, message_ids: Collection[str] | None = None,
+        domain: str | None = None
+    ) -> dict[str, int]:
+        """Make OUTBOUND recipients due at `now` (of `message_ids` and/or of
+        `domain`; all if both are None), except those claimed by a runner
+        right now.  Return, per message in the queue (each of `message_ids`
+        that exists, or each message touched), the recipients made due."""
+        ...
+
+    def queue_shape(self, now: float, age_limits: Sequence[float]) -> QueueShape:
+        """Per recipient domain: messages, recipients, bytes, oldest, counts
+        by state, and recipients per age bucket, like Postfix's qshape: bucket
+        i holds ages below `age_limits[i]` seconds (and at least the previous
+        limit), the last one (len(age_limits)) the rest."""
+        ...
+
+    def queue_summary(self) -> list[tuple[str, int, int, float | None]]:
+        """(state, messages, bytes, oldest received_at) for each
+        RecipientState, zeros included, for the metrics collector.  A message
+        with recipients in several states counts in each."""
         ...
 
     # --- leases -----------------------------------------------------------------------
