@@ -65,7 +65,7 @@ from fermoposta.store.base import (
     new_queue_id,
 )
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 BUSY_TIMEOUT = 10.0  # seconds
 _BATCH = 500  # bound on SQL parameters per statement (old SQLite: 999)
 
@@ -98,6 +98,15 @@ ALTER TABLE domains ADD COLUMN hold_lifetime REAL;
 """ + _OUTBOUND_INDEXES
 
 # The whole schema, for a new file.
+# The state a recipient had before an operator hold (`queue hold`), so that
+# `queue release` restores it exactly.  Deleting the recipient deletes it.
+_RECIPIENT_HOLDS = """
+CREATE TABLE IF NOT EXISTS recipient_holds (
+    recipient_id INTEGER PRIMARY KEY REFERENCES recipients(id) ON DELETE CASCADE,
+    previous_state TEXT NOT NULL
+);
+"""
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
     id TEXT PRIMARY KEY,
@@ -173,13 +182,14 @@ CREATE TABLE IF NOT EXISTS leases (
     expires_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS leases_owner ON leases(owner);
-""" + _ACCOUNT_CERT_SUBJECTS + _OUTBOUND_INDEXES
+""" + _ACCOUNT_CERT_SUBJECTS + _OUTBOUND_INDEXES + _RECIPIENT_HOLDS
 
 
 # Statements that bring a file from version N-1 to N.
 _MIGRATIONS: dict[int, str] = {
     2: _ACCOUNT_CERT_SUBJECTS,
     3: _V3,
+    4: _RECIPIENT_HOLDS,
 }
 
 _RECIPIENT_COLUMNS = (
@@ -699,23 +709,6 @@ class SQLiteStore:
             return self._messages_of(conn, ids)
 
     # --- queue tools -------------------------------------------------------------------
-    # The state a recipient had before an operator hold lives in its own
-    # table, created by the first `hold_messages` (additive: a file without
-    # it simply has no remembered states, and older code ignores it, so the
-    # schema version stays 3).  Deleting a recipient deletes its row.
-
-    _HOLDS_TABLE = """
-    CREATE TABLE IF NOT EXISTS recipient_holds (
-        recipient_id INTEGER PRIMARY KEY REFERENCES recipients(id) ON DELETE CASCADE,
-        previous_state TEXT NOT NULL
-    )"""
-
-    def _has_holds(self, conn: sqlite3.Connection) -> bool:
-        row = conn.execute(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'recipient_holds'"
-        ).fetchone()
-        return row is not None
-
     @staticmethod
     def _filter_sql(where: QueueFilter, after: tuple[float, str] | None
                     ) -> tuple[str, list[Any]]:
@@ -802,10 +795,8 @@ class SQLiteStore:
         recipients: dict[str, list[QueuedRecipient]] = {i: [] for i in ids}
         active: dict[str, set[int]] = {i: set() for i in ids}
         previous: dict[str, dict[int, RecipientState]] = {i: {} for i in ids}
-        holds = self._has_holds(conn)
         hold_column = (
             "(SELECT h.previous_state FROM recipient_holds h WHERE h.recipient_id = r.id)"
-            if holds else "NULL"
         )
         columns = ", ".join("r." + c.strip() for c in _RECIPIENT_COLUMNS.split(","))
         for batch in _batches(ids):
@@ -866,7 +857,6 @@ class SQLiteStore:
         hold = str(RecipientState.HOLD)
         now = self._clock()
         with self._write() as conn:
-            conn.execute(self._HOLDS_TABLE)
             found = self._existing(conn, wanted)
             result = dict.fromkeys(found, 0)
             for batch in _batches(found):
@@ -890,7 +880,6 @@ class SQLiteStore:
         hold = str(RecipientState.HOLD)
         now = self._clock()
         with self._write() as conn:
-            conn.execute(self._HOLDS_TABLE)
             found = self._existing(conn, wanted)
             result = dict.fromkeys(found, 0)
             for batch in _batches(found):
