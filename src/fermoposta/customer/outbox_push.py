@@ -54,7 +54,6 @@ import logging
 import random
 import tempfile
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from fermoposta.customer.config import CustomerConfig
@@ -84,6 +83,7 @@ from fermoposta.net.transfer import (
     ResetRefused,
     TransferTimeouts,
     UnwantedData,
+    stored_body,
 )
 from fermoposta.ops.log import event
 from fermoposta.provider.dsn import build_failure_dsn, read_headers
@@ -333,7 +333,8 @@ class _Pusher:
                             recipients: list[QueuedRecipient]) -> None:
         """One message through the shared transaction (net/transfer.py)."""
         transfer = MessageTransfer(
-            self.client, peer="the provider", body=self._body, settle=self._settle_stage,
+            self.client, peer="the provider", body=stored_body(self.store),
+            settle=self._settle_stage,
             timeouts=TransferTimeouts(command=self.timeout, data_init=DATA_INIT_TIMEOUT,
                                       final_reply=FINAL_REPLY_TIMEOUT),
         )
@@ -363,14 +364,6 @@ class _Pusher:
         if stage == STAGE_MAIL and reply.is_temporary:
             # Not about this message (rate limit, store trouble): stop for now.
             raise _Stop()
-
-    async def _body(self, message_id: str) -> AsyncIterator[bytes]:
-        chunks = iter(await asyncio.to_thread(self.store.read_body, message_id))
-        while True:
-            chunk = await asyncio.to_thread(next, chunks, None)
-            if chunk is None:
-                return
-            yield chunk
 
     async def _settle(self, message: QueuedMessage, recipients: list[QueuedRecipient],
                       reply: Reply) -> None:

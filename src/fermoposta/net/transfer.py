@@ -25,12 +25,13 @@ customer's outbox push (site → provider submission).  Contract:
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from fermoposta.net.client import SMTPClient
 from fermoposta.smtp.reply import Reply
-from fermoposta.store.base import QueuedMessage, QueuedRecipient
+from fermoposta.store.base import QueuedMessage, QueuedRecipient, Store
 
 Settle = Callable[[QueuedMessage, list[QueuedRecipient], Reply, str], Awaitable[None]]
 Body = Callable[[str], AsyncIterator[bytes]]
@@ -40,6 +41,21 @@ STAGE_MAIL = "MAIL"
 STAGE_RCPT = "RCPT"
 STAGE_DATA = "DATA"
 STAGE_FINAL = "final"  # the reply to the final dot
+
+
+def stored_body(store: Store) -> Body:
+    """`body` for messages in `store`: chunks read in a worker thread, one at
+    a time, so memory stays bounded and the event loop never blocks."""
+
+    async def chunks(message_id: str) -> AsyncIterator[bytes]:
+        reader = iter(await asyncio.to_thread(store.read_body, message_id))
+        while True:
+            chunk = await asyncio.to_thread(next, reader, None)
+            if chunk is None:
+                return
+            yield chunk
+
+    return chunks
 
 
 class UnwantedData(Exception):

@@ -27,7 +27,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from fermoposta.net.client import ReplyProtocolError, SMTPClient
@@ -38,6 +38,7 @@ from fermoposta.net.transfer import (
     ResetRefused,
     TransferTimeouts,
     UnwantedData,
+    stored_body,
 )
 from fermoposta.ops import metrics
 from fermoposta.ops.log import event
@@ -164,7 +165,7 @@ class Drain:
         refusals, pipelining, 452 splitting (so a customer may take one
         recipient per transaction, as an LMTP hand-off must) and outcomes."""
         transfer = MessageTransfer(
-            self.client, peer="the customer", body=self._body, settle=self._settle,
+            self.client, peer="the customer", body=stored_body(self.store), settle=self._settle,
             timeouts=TransferTimeouts(command=self.settings.command_timeout,
                                       data_init=self.settings.data_init_timeout,
                                       final_reply=self.settings.final_reply_timeout),
@@ -189,14 +190,6 @@ class Drain:
                       reason="connection lost during the transaction: kept, possible duplicate")
             self.result.deferred += len(transfer.unsettled)
             raise
-
-    async def _body(self, message_id: str) -> AsyncIterator[bytes]:
-        chunks = iter(await asyncio.to_thread(self.store.read_body, message_id))
-        while True:
-            chunk = await asyncio.to_thread(next, chunks, None)
-            if chunk is None:
-                return
-            yield chunk
 
     async def _settle(self, message: QueuedMessage, recipients: list[QueuedRecipient],
                       reply: Reply, stage: str = STAGE_FINAL) -> None:

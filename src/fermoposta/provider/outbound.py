@@ -72,7 +72,7 @@ import random
 import secrets
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import IO
 
@@ -84,6 +84,7 @@ from fermoposta.net.transfer import (
     ResetRefused,
     TransferTimeouts,
     UnwantedData,
+    stored_body,
 )
 from fermoposta.ops import metrics
 from fermoposta.ops.log import event
@@ -511,7 +512,7 @@ class OutboundRunner:
                 raise ResetRefused(f"{session.relay} is closing: {reply}")
 
         transfer = MessageTransfer(
-            session.client, peer=session.relay, body=self._body, settle=settle_stage,
+            session.client, peer=session.relay, body=stored_body(self.store), settle=settle_stage,
             timeouts=TransferTimeouts(command=self.settings.command_timeout,
                                       data_init=self.settings.data_init_timeout,
                                       final_reply=self.settings.final_reply_timeout))
@@ -713,14 +714,6 @@ class OutboundRunner:
         self._closed(session.conn)
 
     # --- one message -----------------------------------------------------------------------
-    async def _body(self, message_id: str) -> AsyncIterator[bytes]:
-        chunks = iter(await asyncio.to_thread(self.store.read_body, message_id))
-        while True:
-            chunk = await asyncio.to_thread(next, chunks, None)
-            if chunk is None:
-                return
-            yield chunk
-
     # --- outcomes --------------------------------------------------------------------------
     async def _settle_safely(self, message: QueuedMessage, recipients: list[QueuedRecipient],
                              problem: _Problem) -> None:
