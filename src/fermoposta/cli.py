@@ -4,10 +4,13 @@ Contract:
 - `main(argv)` parses the arguments, runs one command and returns a sysexits
   code; it never calls `sys.exit` itself (argparse's exits for ``--help``,
   ``--version`` and usage errors are caught and returned as codes).
-- Commands: ``provider run``; ``account add|list|remove|passwd|certs`` and
-  ``domain add|list|remove`` (defined in `fermoposta.provider.accounts`, which
-  sets ``handler(args, store) -> int``; here we load the config, open the store
-  and close it afterwards); ``config check [FILE]``.
+- Commands: ``provider run``; ``account add|list|remove|passwd|certs``,
+  ``domain add|list|remove`` and ``queue list|show|delete|hold|release|bounce|
+  retry|stats`` (defined in `fermoposta.provider.accounts` and
+  `provider.queue_admin`, which set ``handler(args, store) -> int``; here we
+  load the config, open the store and close it afterwards); ``customer
+  check|pull|run|outbox`` (`fermoposta.customer.cli`); ``config check|show
+  [--kind provider|customer] [FILE]``; ``demo``.
 - Exit codes (sysexits.h): 0 OK, 64 EX_USAGE (bad command line), 69
   EX_UNAVAILABLE (a command whose module is not installed), 70 EX_SOFTWARE
   (unexpected error), 75 EX_TEMPFAIL (the store is unavailable), 78 EX_CONFIG
@@ -94,6 +97,10 @@ def _config_kind(path: Path, forced: str | None) -> str:
 
 def _load_any(args: argparse.Namespace) -> Any:
     path = args.file if args.file is not None else args.config
+    if args.file is None and not args.config_given and args.kind == "customer":
+        from fermoposta.customer.config import default_customer_config_path
+
+        path = default_customer_config_path()
     if _config_kind(path, args.kind) == "customer":
         from fermoposta.customer.config import load_customer_config
 

@@ -145,7 +145,8 @@ class LimitsConfig:
       transaction (RFC 5321 §4.5.3.1.8 asks for at least 100); more get 452.
     - ``max_errors`` (int, default 20, like Postfix's smtpd_hard_error_limit):
       error replies in one session before the server answers 421 and closes.
-    - ``max_connections`` (int, default 200): concurrent connections per listener.
+    - ``max_connections`` (int, default 200): concurrent connections, all
+      listeners together.
     - ``max_connections_per_ip`` (int, default 20): concurrent connections from
       one client address.
     - ``command_timeout`` (duration, default ``"5m"``): idle time allowed while
@@ -601,6 +602,14 @@ def _cross_check(loader: _Loader, config: ProviderConfig) -> None:
         )
     if config.outbound.retry_max < config.outbound.retry_initial:
         raise loader.error("outbound", "retry_max", "must not be shorter than retry_initial")
+    if config.outbound.smarthost_username and config.outbound.smarthost_tls == "none":
+        raise loader.error("outbound", "smarthost_tls",
+                           'AUTH at the smarthost needs TLS: "starttls" or "implicit"')
+    for key, target in [("smarthost", config.outbound.smarthost),
+                        ("resolver", config.outbound.resolver),
+                        *(("transport", t) for t in config.outbound.transport.values())]:
+        if target is not None and target[1] == 0:
+            raise loader.error("outbound", key, "port 0 is not a destination")
     if bool(config.outbound.smarthost_username) != (
             config.outbound.smarthost_password_file is not None):
         raise loader.error("outbound", "smarthost_password_file",

@@ -210,3 +210,14 @@ def test_config_show_prints_a_config_that_loads_back(
     second = capsys.readouterr().out.splitlines()
     assert [line for line in second if not line.startswith("# loaded")] == [
         line for line in shown.splitlines() if not line.startswith("# loaded")]
+
+
+def test_config_check_customer_default_path(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "pw").write_text("secret\n")
+    path = tmp_path / "site.toml"
+    path.write_text(CUSTOMER)
+    monkeypatch.setenv("FERMOPOSTA_CUSTOMER_CONFIG", str(path))
+    assert main(["config", "check", "--kind", "customer"]) == 0
+    assert f"OK: {path} (customer config)" in capsys.readouterr().out

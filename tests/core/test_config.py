@@ -553,6 +553,16 @@ lifetime = "7d"
     ('[outbound]\nsmarthost_username = "u"\n', "smarthost_username and smarthost_password_file"),
     ('[listen]\nsubmissions = "127.0.0.1:465"\n', "[listen] submissions: an implicit-TLS"),
     ('[submission]\nrate_limit = -1\n', "[submission] rate_limit:"),
+    ('[outbound]\nsmarthost = "127.0.0.1:0"\n', "[outbound] smarthost: port 0 is not"),
+    ('[outbound.transport]\n"a.example" = "127.0.0.1:0"\n', "[outbound] transport: port 0"),
 ])
 def test_outbound_errors(tmp_path: Path, text: str, fragment: str) -> None:
     assert fragment in load_error(tmp_path, BASE + text)
+
+
+def test_smarthost_auth_needs_tls(tmp_path: Path) -> None:
+    (tmp_path / "relay.pw").write_text("secret\n")
+    message = load_error(tmp_path, BASE + '[outbound]\nsmarthost = "relay.example:587"\n'
+                         'smarthost_username = "u"\nsmarthost_password_file = "relay.pw"\n'
+                         'smarthost_tls = "none"\n')
+    assert "[outbound] smarthost_tls: AUTH at the smarthost needs TLS" in message

@@ -60,6 +60,8 @@ async def test_foreign_sender_refused(provider, certs):
         lines = await d.cmd(f"MAIL FROM:{sender}", 553)
         assert lines[0].startswith("5.7.1")
     await d.cmd("MAIL FROM:<Bob@EXAMPLE.org>", 250)  # case does not matter
+    lines = await d.cmd("RCPT TO:<postmaster>", 550)  # no domain: nowhere to send it
+    assert lines[0].startswith("5.1.3")
     await d.close()
 
 

@@ -148,7 +148,12 @@ class Daemon:
                 for signum in (signal.SIGTERM, signal.SIGINT):
                     loop.add_signal_handler(signum, self.stop.set)
                 if self.config.metrics_listen is not None:
-                    address, stop_metrics = metrics.serve(*self.config.metrics_listen)
+                    try:
+                        address, stop_metrics = metrics.serve(*self.config.metrics_listen)
+                    except OSError as exc:
+                        log.error("cannot listen for metrics on %s:%d: %s",
+                                  *self.config.metrics_listen, exc)
+                        return 71  # EX_OSERR, like the provider and the outbox
                     stack.callback(stop_metrics)
                     log.info("metrics on http://%s:%d/metrics", *address)
                 if self.config.outbox.enabled:

@@ -13,11 +13,11 @@ connection (RFC 2645 §5.3).  Contract:
   connection drops or times out after the final dot the outcome is unknown:
   the recipients stay queued (a duplicate is possible, a loss is not; RFC
   1047).  Each outcome is committed before the next command is sent.
-- Uses PIPELINING (MAIL and all RCPTs in one write), SIZE, 8BITMIME and
+- Uses PIPELINING (MAIL, all RCPTs and DATA in one write), SIZE, 8BITMIME and
   SMTPUTF8 when the customer offers them; a message the customer cannot take
   (too big for its SIZE, 8-bit without 8BITMIME, UTF-8 without SMTPUTF8) is
   failed with a DSN without being sent.
-- Renews the domain leases between messages; ends with QUIT.  Never raises
+- Renews the domain leases while it works; ends with QUIT.  Never raises
   for peer misbehaviour: it returns a `DrainResult`.
 """
 
@@ -211,12 +211,16 @@ class Drain:
                     sender_domain_hosted=await self._sender_domain_hosted(message.sender),
                 )
             try:
-                await asyncio.to_thread(self.store.record_delivered, ids, str(reply), dsn)
+                dsn_id = await asyncio.to_thread(self.store.record_delivered, ids, str(reply),
+                                                 dsn)
             finally:
                 if dsn is not None:
                     dsn[1].close()
             self.result.delivered += len(recipients)
             self._log(message, recipients, reply, "sent")
+            if dsn_id is not None:
+                event("drain", message.id, status="dsn",
+                      reason=f"sender delivery status notification (relayed): {dsn_id}")
         elif reply.is_permanent:
             await self._fail(message, recipients, reply)
         else:

@@ -35,6 +35,7 @@ from collections.abc import Callable
 from typing import IO
 
 from fermoposta.config import ProviderConfig
+from fermoposta.ops import metrics
 from fermoposta.ops.log import event
 from fermoposta.provider.dsn import Action, RecipientReport, build_dsn, wants_notice
 from fermoposta.store.base import NewMessage, QueuedMessage, RecipientState, Store, StoreError
@@ -136,6 +137,7 @@ class HoldExpirer:
             if dsn is not None:
                 dsn[1].close()
         delay = max(0.0, self.clock() - message.received_at)
+        metrics.RECIPIENTS.labels("hold", "expired").inc(len(message.recipients))
         for rcpt in message.recipients:
             event("expiry", message.id, to=f"<{rcpt.address}>", relay="none",
                   delay=round(delay, 2), dsn="5.4.7", status="expired", reason=reason)

@@ -28,7 +28,7 @@ from typing import IO, ClassVar
 
 from fermoposta.net.connection import Connection
 from fermoposta.net.server_session import AUTH_LINE_LIMIT, SessionLimits
-from fermoposta.net.transaction import Transaction, TransactionSession
+from fermoposta.net.transaction import Recipient, Transaction, TransactionSession
 from fermoposta.ops import metrics
 from fermoposta.ops.log import event
 from fermoposta.provider.auth import Authenticator, AuthPolicy
@@ -162,6 +162,11 @@ class SubmissionSession(TransactionSession):
             self.log.info("%s: %s may not send as <%s>", self.session_id, account,
                           sender.address)
             return SENDER_NOT_OWNED
+        return None
+
+    async def check_recipient(self, txn: Transaction, rcpt: Recipient) -> Reply | None:
+        if not rcpt.domain:  # a bare <postmaster> means ours; we have none to offer
+            return Reply(550, "5.1.3", "Recipient address needs a domain")
         return None
 
     def trace_header(self, txn: Transaction) -> bytes:

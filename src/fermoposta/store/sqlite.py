@@ -21,7 +21,8 @@ Contract and choices:
   newer version is refused.  A new file gets the whole schema; an older one
   runs the steps of `_MIGRATIONS` up to `SCHEMA_VERSION`, in one transaction
   (version 2 added `account_cert_subjects`; version 3 the outbound retry
-  schedule and claims of recipients, and the per-domain hold lifetime).
+  schedule and claims of recipients, and the per-domain hold lifetime;
+  version 4 `recipient_holds`).
 - "What is due" is one index range: `recipients_due` on
   `(state, COALESCE(next_attempt_at, 0))`.  A claim also moves
   `next_attempt_at` to the claim's expiry, so claimed recipients leave the
@@ -29,9 +30,7 @@ Contract and choices:
   Held-mail expiry scans `messages_received` (received_at) from the oldest.
 - The state a recipient had before an operator hold (`hold_messages`) is
   kept in the `recipient_holds` table (recipient id -> state, deleted with
-  the recipient), which the first hold creates.  It is additive, so it does
-  not change the schema version: a file without it has no remembered
-  states, and an older fermoposta ignores it.
+  the recipient), so `release_messages` restores it exactly.
 - Time comes from the injected `clock` (default `time.time`), for tests.
 """
 
