@@ -44,7 +44,6 @@ __all__ = [
 ]
 
 HIGH_WATER = 4 * 1024 * 1024  # pause reading above this many buffered bytes
-READ_CHUNK_WAIT = 0.0
 
 
 class ConnectionClosed(Exception):
