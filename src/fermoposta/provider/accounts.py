@@ -45,26 +45,21 @@ import scramp
 
 from fermoposta.config_common import parse_duration
 from fermoposta.passwords import UnreadableInputError, first_line, read_password_file
+from fermoposta.provider.admin import (
+    EX_OK,
+)
+from fermoposta.provider.admin import UsageError as _UsageError
+from fermoposta.provider.admin import error as _error
+from fermoposta.provider.admin import guarded as _guarded
 from fermoposta.smtp.sasl import normalize_subject
 from fermoposta.smtp.x509name import parse_subject
 from fermoposta.store.base import Account, Domain, ScramSecret, Store, StoreError
 
-EX_OK = 0
-EX_USAGE = 64
-EX_DATAERR = 65
-EX_NOINPUT = 66
-EX_TEMPFAIL = 75
-
 DEFAULT_SCRAM_ITERATIONS = 4096
 
-Handler = Callable[[argparse.Namespace, Store], int]
 
 _ACCOUNT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+=-]{0,127}\Z")
 _HEX = re.compile(r"[0-9a-f]{64}\Z")
-
-
-class _UsageError(Exception):
-    """Bad command-line arguments (exit code 64)."""
 
 
 # --- helpers usable outside the CLI ------------------------------------------------------
@@ -167,34 +162,6 @@ def read_recipients_file(path: str | Path) -> frozenset[str]:
 
 
 # --- command handlers --------------------------------------------------------------------
-
-
-def _error(message: str) -> None:
-    print(f"fermoposta: {message}", file=sys.stderr)
-
-
-def _guarded(func: Handler) -> Handler:
-    """Map exceptions to exit codes and messages on stderr."""
-
-    def handler(args: argparse.Namespace, store: Store) -> int:
-        try:
-            return func(args, store)
-        except _UsageError as exc:
-            _error(str(exc))
-            return EX_USAGE
-        except UnreadableInputError as exc:
-            _error(str(exc))
-            return EX_NOINPUT
-        except ValueError as exc:
-            _error(str(exc))
-            return EX_DATAERR
-        except StoreError as exc:
-            _error(f"store unavailable: {exc}")
-            return EX_TEMPFAIL
-
-    handler.__name__ = func.__name__
-    handler.__doc__ = func.__doc__
-    return handler
 
 
 def _usage_domain(name: str) -> str:

@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -48,6 +47,12 @@ from typing import IO, Any
 
 from fermoposta.config_common import parse_duration
 from fermoposta.provider.accounts import normalize_domain
+from fermoposta.provider.admin import EX_DATAERR, EX_OK
+from fermoposta.provider.admin import DataError as _DataError
+from fermoposta.provider.admin import UsageError as _UsageError
+from fermoposta.provider.admin import error as _error
+from fermoposta.provider.admin import guarded as _guarded
+from fermoposta.provider.admin import safe as _safe
 from fermoposta.store.base import (
     QUEUE_STATES,
     DomainShape,
@@ -56,45 +61,19 @@ from fermoposta.store.base import (
     QueueFilter,
     RecipientState,
     Store,
-    StoreError,
 )
 
 __all__ = ["AGE_LIMITS_MINUTES", "BATCH", "register"]
 
-EX_OK = 0
-EX_USAGE = 64
-EX_DATAERR = 65
-EX_TEMPFAIL = 75
 
 BATCH = 500  # messages per store call (one short transaction each)
 AGE_LIMITS_MINUTES = (5, 10, 20, 40, 80, 160, 320, 640, 1280)  # qshape's buckets
 EXPIRED_STATUS = "4.7.0"  # Postfix's code for a forced expiry (postsuper -e)
 EXPIRED_TEXT = "message is administratively expired"
 
-Handler = Callable[[argparse.Namespace, Store], int]
-
-
-class _UsageError(Exception):
-    """Bad command-line arguments (exit code 64)."""
-
-
-class _DataError(Exception):
-    """Unknown queue ids and the like (exit code 65)."""
 
 
 # --- small helpers -----------------------------------------------------------------------
-
-_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-
-
-def _safe(text: str) -> str:
-    """`text` without control characters (a reply or address cannot drive the terminal)."""
-    return _UNSAFE.sub("?", text)
-
-
-def _error(message: str) -> None:
-    print(f"fermoposta: {_safe(message)}", file=sys.stderr)
-
 
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
@@ -118,27 +97,6 @@ def _local(at: float) -> str:
 
 def _int_time(at: float | None) -> int | None:
     return None if at is None else int(at)
-
-
-def _guarded(func: Handler) -> Handler:
-    """Map exceptions to exit codes and messages on stderr."""
-
-    def handler(args: argparse.Namespace, store: Store) -> int:
-        try:
-            return func(args, store)
-        except _UsageError as exc:
-            _error(str(exc))
-            return EX_USAGE
-        except _DataError as exc:
-            _error(str(exc))
-            return EX_DATAERR
-        except StoreError as exc:
-            _error(f"store unavailable: {exc}")
-            return EX_TEMPFAIL
-
-    handler.__name__ = func.__name__
-    handler.__doc__ = func.__doc__
-    return handler
 
 
 # --- arguments -----------------------------------------------------------------------------
@@ -471,7 +429,7 @@ def queue_show(args: argparse.Namespace, store: Store) -> int:
 
     print("-- headers --")
     text = read_headers(store, m.id).decode("utf-8", "replace").replace("\r\n", "\n")
-    print("\n".join(_UNSAFE.sub("?", line.replace("\t", " ")) for line in text.splitlines()))
+    print("\n".join(_safe(line.replace("\t", " ")) for line in text.splitlines()))
     return EX_OK
 
 
