@@ -14,6 +14,10 @@ Contract:
   is logged with its traceback; the session goes on.
 - STARTTLS discards plaintext pipelined after the command (CVE-2011-0411
   class) and resets the dialog to "no EHLO yet" (RFC 3207 §4.2).
+- A verb that hands the connection over (ATRN's role reversal) sets
+  `handoff` and ends phase 1; `run()` then runs the hand-off outside every
+  verb handler, so an error in phase 2 can never be answered with a server
+  reply: a bug there is logged and the connection dropped.
 - The session never raises: peer closes, timeouts and TLS failures end it
   quietly (logged), and `run()` always closes the connection.
 """
@@ -87,6 +91,9 @@ class ServerSession:
         self.esmtp = False
         self.errors = 0
         self.closing = False
+        # Set by a verb that hands the connection over (ATRN's flip): run by
+        # `run()` after phase 1 ends, outside every verb handler.
+        self.handoff: Callable[[], Awaitable[None]] | None = None
         self.line_limit = COMMAND_LINE_LIMIT
         self.log = logging.LoggerAdapter(log, {"component": self.component})
 
@@ -129,6 +136,33 @@ class ServerSession:
 
     async def run(self) -> None:
         try:
+            await self._dialog()
+            if self.handoff is not None:
+                await self._run_handoff(self.handoff)
+        finally:
+            await self.finish()
+            await self.conn.close()
+
+    async def _run_handoff(self, handoff: Callable[[], Awaitable[None]]) -> None:
+        """Phase 2 of a role reversal (RFC 2645 §5.3): we are no longer the
+        server, so whatever goes wrong there must never be answered with a
+        server reply (the peer would read it as a command).  Peer errors are
+        the hand-off's own business; anything else escaping it is a bug:
+        log it and drop the connection (what was not acknowledged stays
+        queued)."""
+        try:
+            await handoff()
+        except asyncio.CancelledError:
+            self.conn.abort()
+            raise
+        except Exception:
+            self.log.exception("%s: internal error after the role reversal; dropping the "
+                               "connection", self.session_id)
+            self.conn.abort()
+
+    async def _dialog(self) -> None:
+        """Phase 1: the server dialog, until QUIT, 421, a hand-off or the peer goes."""
+        try:
             refusal = await self.on_connect()
             if refusal is not None:
                 await self.send(refusal)
@@ -147,9 +181,6 @@ class ServerSession:
         except OSError as exc:
             self.log.info("%s: connection error from %s: %s", self.session_id,
                           self.peer_description(), exc)
-        finally:
-            await self.finish()
-            await self.conn.close()
 
     async def finish(self) -> None:
         """Called once when the dialog ends, before the connection closes."""

@@ -16,13 +16,17 @@ Contract:
 - ATRN is synchronizing (RFC 2920 by analogy with TURN): bytes pipelined
   after it are discarded and answered 503, and the session stays
   authenticated.  So nothing pre-sent is ever read as the customer's greeting.
-- The flip hands the same `Connection` (TLS included) to `drain()`; leases
-  are released in every case when the session ends.
+- The flip is a hand-off: after the 250 the ATRN handler ends phase 1 and
+  `ServerSession.run()` runs `drain()` on the same `Connection` (TLS
+  included) outside every verb handler; an unexpected error there drops the
+  connection and never writes a server reply.  Leases are released in every
+  case when the session ends.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import ssl
 import time
@@ -131,12 +135,15 @@ class ODMRSession(ServerSession):
             self.log.warning("%s: ATRN: store error: %s", self.session_id, exc)
             return R.ATRN_UNAVAILABLE
         if isinstance(decision, Reply):
-            self.log.info("%s: ATRN %s by %s refused: %s", self.session_id,
-                          ",".join(requested) or "(all)", self.account, decision)
             if decision.code == 453 and self.settings.no_mail_reply == "quit":
-                decision = R.ATRN_REVERSING
+                # RFC 2645 §5.2.1 lets us reverse anyway and QUIT at once.
+                self.log.info("%s: ATRN %s by %s: no mail; reversing to QUIT "
+                              "(no_mail_reply = \"quit\")", self.session_id,
+                              ",".join(requested) or "(all)", self.account)
                 domains: tuple[str, ...] = ()
             else:
+                self.log.info("%s: ATRN %s by %s refused: %s", self.session_id,
+                              ",".join(requested) or "(all)", self.account, decision)
                 return decision
         else:
             domains = decision
@@ -145,18 +152,16 @@ class ODMRSession(ServerSession):
         event("odmr", None, session=self.session_id, account=self.account,
               domains=",".join(domains) or "-", client=f"{self.helo_name}[{self.conn.peer_ip}]",
               status="reversing")
-        try:
-            await drain(
-                self.conn,
-                self.store,
-                domains=domains,
-                hostname=self.hostname,
-                session_id=self.session_id,
-                settings=self.drain_settings,
-            )
-        finally:
-            self.closing = True
+        # The flip is a hand-off (RFC 2645 §5.3): phase 1 ends here and the
+        # session runs the drain after its command loop, outside this
+        # handler, so nothing in phase 2 can be answered with a server reply.
+        self.closing = True
+        self.handoff = functools.partial(self._phase_two, domains)
         return None
+
+    async def _phase_two(self, domains: tuple[str, ...]) -> None:
+        await drain(self.conn, self.store, domains=domains, hostname=self.hostname,
+                    session_id=self.session_id, settings=self.drain_settings)
 
     def _decide(self, requested: tuple[str, ...]) -> Reply | tuple[str, ...]:
         """Runs in a worker thread: authorization, rate limit, mail check, leases."""
