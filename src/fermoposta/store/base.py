@@ -23,6 +23,8 @@ Contract:
   bounded whatever the message size.
 - Domain leases are all-or-nothing and expire, so a crashed process can never
   block a domain forever and two ATRN sessions never drain one domain at once.
+  An engine that can tell a holder is dead (SQLite: a lock file per process)
+  takes its leases over at once; a live holder's lease is never taken.
 - All methods are synchronous and thread-safe; asyncio callers run them in a
   worker thread.  A failure of the engine raises `StoreError` (callers map it
   to a 4xx: a store problem defers mail, it never bounces it).
@@ -385,7 +387,8 @@ class Store(Protocol):
 
     # --- leases -----------------------------------------------------------------------
     def acquire_leases(self, domains: Collection[str], owner: str, ttl: float) -> bool:
-        """Lease every domain to `owner` or none; expired leases are taken over."""
+        """Lease every domain to `owner` or none; expired leases, and those of a
+        holder known to be dead, are taken over."""
         ...
 
     def renew_leases(self, owner: str, ttl: float) -> None: ...

@@ -22,7 +22,11 @@ Contract and choices:
   runs the steps of `_MIGRATIONS` up to `SCHEMA_VERSION`, in one transaction
   (version 2 added `account_cert_subjects`; version 3 the outbound retry
   schedule and claims of recipients, and the per-domain hold lifetime;
-  version 4 `recipient_holds`).
+  version 4 `recipient_holds`; version 5 the `holder` of a lease).
+- A lease names the process that holds it (`holders.Holders`, a lock file
+  under `<data_dir>/holders/`): a lease whose holder is dead is taken over
+  at once, so a provider killed mid-drain blocks its domains for no time;
+  a live holder's lease is busy until it expires.
 - "What is due" is one index range: `recipients_due` on
   `(state, COALESCE(next_attempt_at, 0))`.  A claim also moves
   `next_attempt_at` to the claim's expiry, so claimed recipients leave the
@@ -63,8 +67,9 @@ from fermoposta.store.base import (
     StoreError,
     new_queue_id,
 )
+from fermoposta.store.holders import Holders
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 BUSY_TIMEOUT = 10.0  # seconds
 _BATCH = 500  # bound on SQL parameters per statement (old SQLite: 999)
 
@@ -178,17 +183,24 @@ CREATE TABLE IF NOT EXISTS valid_recipients (
 CREATE TABLE IF NOT EXISTS leases (
     domain TEXT PRIMARY KEY,
     owner TEXT NOT NULL,
-    expires_at REAL NOT NULL
+    expires_at REAL NOT NULL,
+    holder TEXT NOT NULL DEFAULT ''  -- the process (holders.py), or '' (expiry only)
 );
 CREATE INDEX IF NOT EXISTS leases_owner ON leases(owner);
 """ + _ACCOUNT_CERT_SUBJECTS + _OUTBOUND_INDEXES + _RECIPIENT_HOLDS
 
+
+# Version 5: the process holding a lease, so a dead one's leases are taken at once.
+_V5 = """
+ALTER TABLE leases ADD COLUMN holder TEXT NOT NULL DEFAULT '';
+"""
 
 # Statements that bring a file from version N-1 to N.
 _MIGRATIONS: dict[int, str] = {
     2: _ACCOUNT_CERT_SUBJECTS,
     3: _V3,
     4: _RECIPIENT_HOLDS,
+    5: _V5,
 }
 
 _RECIPIENT_COLUMNS = (
@@ -259,6 +271,7 @@ class SQLiteStore:
         self._clock = clock
         self._lock = threading.Lock()
         self._closed = False
+        self._holders = Holders(self._path.parent / "holders")
         try:
             # The store holds CRAM-MD5 secrets (password equivalents) and mail:
             # private to the daemon's user.  SQLite gives the -wal and -shm
@@ -1013,21 +1026,26 @@ class SQLiteStore:
 
     def acquire_leases(self, domains: Collection[str], owner: str, ttl: float) -> bool:
         wanted = sorted(set(domains))
+        # Our lock file exists (and is locked) before our name is in a row.
+        holder = self._holders.me()
         with self._write() as conn:
             now = self._clock()
             for batch in _batches(wanted):
-                busy = conn.execute(
-                    f"SELECT 1 FROM leases WHERE domain IN ({_marks(len(batch))})"
-                    " AND owner != ? AND expires_at > ? LIMIT 1",
+                live = conn.execute(
+                    f"SELECT DISTINCT holder FROM leases WHERE domain IN ({_marks(len(batch))})"
+                    " AND owner != ? AND expires_at > ?",
                     (*batch, owner, now),
-                ).fetchone()
-                if busy is not None:
+                ).fetchall()
+                # A lease of a process that died (kill -9, OOM, power) is
+                # free now, not when it expires; one of a live process, or
+                # of a row without a holder, is busy until it expires.
+                if any(not row[0] or self._holders.is_alive(str(row[0])) for row in live):
                     return False  # nothing written yet: the commit is empty
             conn.executemany(
-                "INSERT INTO leases (domain, owner, expires_at) VALUES (?, ?, ?)"
+                "INSERT INTO leases (domain, owner, expires_at, holder) VALUES (?, ?, ?, ?)"
                 " ON CONFLICT(domain) DO UPDATE SET owner = excluded.owner,"
-                " expires_at = excluded.expires_at",
-                [(d, owner, now + ttl) for d in wanted],
+                " expires_at = excluded.expires_at, holder = excluded.holder",
+                [(d, owner, now + ttl, holder) for d in wanted],
             )
         return True
 
@@ -1319,6 +1337,7 @@ class SQLiteStore:
             if self._closed:
                 return
             self._closed = True
+            self._holders.close()
             try:
                 self._conn.close()
             except sqlite3.Error as exc:
