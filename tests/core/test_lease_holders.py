@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -62,7 +63,9 @@ def test_a_lease_without_a_holder_waits_for_its_expiry(tmp_path):
     store2 = type(store)(store.path, clock=lambda: now[0])
     assert store2.acquire_leases(["example.org"], "OLD", 60.0)
     # A row written before schema 5 (no holder): only expiry frees it.
-    store2._conn.execute("UPDATE leases SET holder = ''")  # noqa: SLF001 - simulating an old row
+    with sqlite3.connect(store.path) as raw:
+        raw.execute("UPDATE leases SET holder = ''")
+    raw.close()
     store3 = type(store)(store.path, clock=lambda: now[0])
     assert not store3.acquire_leases(["example.org"], "NEW", 60.0)
     now[0] += 61
