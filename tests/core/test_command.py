@@ -105,7 +105,8 @@ def test_parse_command_arbitrary_bytes(line: bytes, utf8: bool) -> None:
         ("FROM:   <a@b.org>", "a@b.org", {}),
         ("FROM:<>", "", {}),
         ("FROM:<> BODY=8BITMIME", "", {"BODY": "8BITMIME"}),
-        ("FROM:<First.Last@Example.ORG>", "First.Last@Example.ORG", {}),
+        # The domain is canonical (lowercase A-labels); the local part is kept.
+        ("FROM:<First.Last@Example.ORG>", "First.Last@example.org", {}),
         ("FROM:<@relay.a,@relay.b:user@c.org>", "user@c.org", {}),
         ("FROM:<@relay.a:user@c.org>", "user@c.org", {}),
         ('FROM:<"john doe"@c.org>', '"john doe"@c.org', {}),
@@ -236,7 +237,8 @@ def test_path_length_limits() -> None:
 
 def test_utf8_policy() -> None:
     path = parse_mail_from("FROM:<用户@例子.广告> SMTPUTF8", allow_utf8=True)
-    assert path.address == "用户@例子.广告" and path.is_utf8
+    # The local part is kept; the domain is its A-label (one canonical form).
+    assert path.address == "用户@xn--fsqu00a.xn--4rr70v" and path.is_utf8
     assert not parse_mail_from("FROM:<a@b.org>", allow_utf8=True).is_utf8
     for arg in ["FROM:<ä@b.org>", "FROM:<a@bücher.de>", 'FROM:<"ä"@b.org>']:
         with pytest.raises(SMTPError) as exc:
@@ -332,3 +334,52 @@ def test_parse_ehlo_arg() -> None:
         with pytest.raises(SMTPError) as exc:
             parse_ehlo_arg(empty)
         assert code_of(exc) == (501, "5.5.4")
+
+
+# --- IDNA 2008 / UTS 46: one canonical domain for MAIL and RCPT (issue 8, defect 9) ------
+
+
+@pytest.mark.parametrize(
+    ("domain", "canonical"),
+    [
+        ("customer\u200b.test", "customer.test"),  # zero-width space: removed
+        ("cust\u00adomer.test", "customer.test"),  # soft hyphen: removed
+        ("\uff45\uff58\uff41\uff4d\uff50\uff4c\uff45.org", "example.org"),  # fullwidth
+        ("example\u3002org", "example.org"),  # ideographic full stop
+        ("B\u00fccher.DE", "xn--bcher-kva.de"),
+        ("XN--BCHER-KVA.de", "xn--bcher-kva.de"),
+    ],
+)
+@pytest.mark.parametrize("verb", ["MAIL", "RCPT"])
+def test_domains_are_canonical_a_labels(verb: str, domain: str, canonical: str) -> None:
+    parse = parse_mail_from if verb == "MAIL" else parse_rcpt_to
+    keyword = "FROM:" if verb == "MAIL" else "TO:"
+    path = parse(f"{keyword}<User@{domain}>", allow_utf8=True)
+    assert path.address == f"User@{canonical}"
+    assert not path.is_utf8
+
+
+@pytest.mark.parametrize(
+    "domain",
+    [
+        "00--0.xn--bcher-kva",  # hyphens in positions 3-4 of a non-xn label
+        "xn--zz-zzz.test",  # not valid Punycode
+        "bad\u2028.test",  # a line separator: disallowed
+        "\u0378x.test",  # unassigned code point
+        "a\u200d.test",  # ZWJ in a context CONTEXTJ forbids
+    ],
+)
+@pytest.mark.parametrize(("verb", "expected"), [("MAIL", (501, "5.1.7")), ("RCPT", (501, "5.1.3"))])
+def test_domains_idna_refuses_are_501_for_mail_and_rcpt(verb: str, expected: tuple[int, str],
+                                                        domain: str) -> None:
+    parse = parse_mail_from if verb == "MAIL" else parse_rcpt_to
+    keyword = "FROM:" if verb == "MAIL" else "TO:"
+    with pytest.raises(SMTPError) as exc:
+        parse(f"{keyword}<user@{domain}>", allow_utf8=True)
+    assert code_of(exc) == expected
+
+
+def test_a_non_ascii_domain_without_smtputf8_is_still_553() -> None:
+    with pytest.raises(SMTPError) as exc:
+        parse_rcpt_to("TO:<user@customer\u200b.test>", allow_utf8=False)
+    assert code_of(exc) == (553, "5.6.7")

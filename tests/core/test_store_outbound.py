@@ -279,7 +279,7 @@ def test_migration_from_version_2(tmp_path: Path) -> None:
         assert b"".join(store.read_body("0123456789AB")) == b"keep"
         assert store.held_message_ids(["a.example"]) == ["0123456789AB"]
     check = sqlite3.connect(path)
-    assert check.execute("PRAGMA user_version").fetchone()[0] == 4
+    assert check.execute("PRAGMA user_version").fetchone()[0] == 5
     indexes = {r[0] for r in check.execute("SELECT name FROM sqlite_master WHERE type='index'")}
     assert {"recipients_due", "recipients_claimed_by", "messages_received"} <= indexes
     check.close()

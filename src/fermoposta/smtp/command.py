@@ -11,8 +11,14 @@ Contract:
   UTF-8 policy: a non-ASCII address when `allow_utf8` is false raises 553 5.6.7
   (RFC 6531 §3.2 / RFC 6533 "non-ASCII addresses not permitted").  The caller must also
   require the SMTPUTF8 parameter on MAIL when `Path.is_utf8` (RFC 6531 §3.4).
-- `split_address`, `normalize_domain`, `xtext_encode`/`xtext_decode` (RFC 3461 §4) and
-  `parse_ehlo_arg` are pure helpers; they raise `ValueError` / `SMTPError` as documented.
+- The domain of a parsed path is canonical (`canonical_address`): lowercase A-labels by
+  IDNA 2008 / UTS 46, for MAIL and RCPT alike, so invisible or look-alike code points
+  (U+200B, U+00AD, fullwidth letters, U+3002) never reach a decision, the store, a log
+  or a next hop in their raw form; a domain IDNA refuses (a disallowed code point, a
+  bad A-label such as `xn--` with invalid Punycode or `00--0`) is 501 5.1.7 / 501 5.1.3.
+- `split_address`, `canonical_address`, `normalize_domain`, `xtext_encode`/`xtext_decode`
+  (RFC 3461 §4) and `parse_ehlo_arg` are pure helpers; they raise `ValueError` /
+  `SMTPError` as documented.
 No I/O.
 """
 
@@ -235,6 +241,10 @@ def _parse(arg: str, keyword: str, allow_utf8: bool, bad: Reply, syntax: Reply) 
     except _Bad as exc:
         raise SMTPError(bad, str(exc)) from None
     _check_chars(address, allow_utf8)
+    try:
+        address = canonical_address(address)
+    except ValueError as exc:
+        raise SMTPError(bad, str(exc)) from None
     return Path(address, _parse_params(s[end:].rstrip(" \t")))
 
 
@@ -267,6 +277,18 @@ def split_address(address: str) -> tuple[str, str]:
     if at < 0:
         return address, ""
     return address[:at], address[at + 1 :]
+
+
+def canonical_address(address: str) -> str:
+    """`address` with its domain in the one form every decision, log line and
+    next hop sees: lowercase A-labels (IDNA 2008 with UTS 46 mapping, so a
+    zero-width space or soft hyphen is removed, fullwidth letters and U+3002
+    become ASCII, and a disallowed code point or a bad A-label raises
+    ValueError).  The local part is kept as sent (RFC 5321 §2.4)."""
+    local, domain = split_address(address)
+    if not domain or domain.startswith("["):
+        return address  # no domain, or an address literal (checked by the grammar)
+    return f"{local}@{normalize_domain(domain)}"
 
 
 def normalize_domain(domain: str) -> str:
