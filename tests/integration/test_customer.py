@@ -279,3 +279,17 @@ def test_cli_log_format_json(tmp_path, certs):
     lines = [json.loads(line) for line in result.stderr.splitlines() if line.strip()]
     assert lines and all({"time", "level", "component", "message"} <= set(x) for x in lines)
     assert any(x.get("status") == "connection" for x in lines)
+
+
+async def test_debug_trace_shows_the_atrn_line(provider, certs, tmp_path, caplog):
+    """`fermoposta customer -v` traces every command it sends, ATRN included."""
+    import logging
+
+    await hold(provider)
+    cfg = config(tmp_path, provider, certs)
+    caplog.set_level(logging.DEBUG)
+    summary = await pull_once(cfg, cfg.pulls[0])
+    assert summary.exit_code == 0, summary.lines()
+    sent = [r.getMessage() for r in caplog.records if "] > " in r.getMessage()]
+    assert any(line.endswith("> ATRN example.org") for line in sent), sent
+    assert any(line.endswith("> EHLO mail.example.org") for line in sent), sent

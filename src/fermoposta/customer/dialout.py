@@ -266,7 +266,9 @@ class Dialer:
     # --- ATRN -------------------------------------------------------------------------------
     async def atrn(self, domains: Sequence[str]) -> Connection | None:
         assert self.client is not None and self.conn is not None
-        await self._guard(self.conn.write(format_atrn(domains), self.settings.command_timeout))
+        # Through the client, so that the -v trace shows the ATRN line too.
+        line = format_atrn(domains).decode("ascii").removesuffix("\r\n")
+        await self._guard(self.client.send_line(line))
         reply = await self._reply(self.settings.atrn_timeout)
         what = ",".join(domains) or "(all domains of the account)"
         if reply.code == 250:
