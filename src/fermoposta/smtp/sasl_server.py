@@ -7,7 +7,7 @@ Contract:
   `Challenge` -> "334 <b64 data>"; `Success` -> 235 (when `server_final` is
   set it is first sent as a last "334 <b64>" challenge and 235 follows the
   client's empty line, RFC 4954 §4); `Failure` -> 535 5.7.8, or 454 4.7.0
-  when `temporary` (the credential store failed).
+  when `temporary` (the credential source raised `CredentialsUnavailable`).
 - `start(initial)` gets the decoded initial response (`None` when absent,
   `b""` for "=").  `step(response)` gets each further client response.
   After a `Success` or `Failure` the exchange is over: any further call
@@ -20,9 +20,9 @@ Contract:
   contains a secret.
 - Usernames are SASLprep-ed (as scramp does for SCRAM) before the lookup, so
   every mechanism asks the `CredentialSource` for the same name.  The
-  identity returned in `Success` is `Account.name` as stored.
+  identity returned in `Success` is the `Credential.name` as stored.
 - Passwords are verified against the SCRAM-SHA-256 verifier (`ScramSecret`);
-  no plaintext password is stored.  CRAM-MD5 needs `Account.cram_secret`
+  no plaintext password is stored.  CRAM-MD5 needs `Credential.cram_secret`
   (a password equivalent); accounts without one fail CRAM-MD5.
 - SCRAM-SHA-256 without channel binding: gs2 headers "n,," and "y,," are
   accepted; "p=..." (we do not offer -PLUS) and a gs2 authzid are refused.
@@ -30,7 +30,8 @@ Contract:
   TLS layer already verified, and its subject (`certificate_subject`) when
   known; the identity is the account bound to the fingerprint or, failing
   that, to the subject (`CredentialSource.account_for_certificate`).
-This module does no I/O beyond calling the `CredentialSource`.
+This module does no I/O beyond calling the `CredentialSource`, and imports
+nothing outside `smtp/` (accounts come through `smtp.credentials`).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ import scramp
 from scramp.utils import saslprep
 
 from fermoposta.smtp import x509name
-from fermoposta.store.base import Account, ScramSecret, StoreError
+from fermoposta.smtp.credentials import Credential, CredentialsUnavailable, ScramSecret
 
 DEFAULT_ITERATIONS = 4096
 SALT_LENGTH = 16
@@ -86,9 +87,9 @@ Result = Challenge | Success | Failure
 
 
 class CredentialSource(Protocol):
-    def account(self, username: str) -> Account | None: ...
+    def account(self, username: str) -> Credential | None: ...
 
-    def account_for_certificate(self, fingerprint: str, subject: str | None) -> Account | None:
+    def account_for_certificate(self, fingerprint: str, subject: str | None) -> Credential | None:
         """The account bound to the certificate's fingerprint, else to its subject.
 
         `fingerprint` is lowercase hex SHA-256; `subject` is the canonical
@@ -139,7 +140,7 @@ def verify_password(secret: ScramSecret, password: str) -> bool:
 
 
 def certificate_fingerprint(der: bytes) -> str:
-    """Lowercase hex SHA-256 of a DER certificate (the form `Account` stores)."""
+    """Lowercase hex SHA-256 of a DER certificate (the form accounts store)."""
     return hashlib.sha256(der).hexdigest()
 
 
@@ -232,7 +233,7 @@ class _PasswordMechanism(ServerMechanism):
             return Failure("malformed username or password")
         try:
             account = self._credentials.account(username)
-        except StoreError as exc:
+        except CredentialsUnavailable as exc:
             return Failure(f"credential store error: {type(exc).__name__}", temporary=True)
         if account is None or account.scram is None:
             verify_password(_DUMMY_SECRET, password)
@@ -324,7 +325,7 @@ class CramMD5Server(ServerMechanism):
             return Failure("malformed CRAM-MD5 response")
         try:
             account = self._credentials.account(username)
-        except StoreError as exc:
+        except CredentialsUnavailable as exc:
             return Failure(f"credential store error: {type(exc).__name__}", temporary=True)
         key = b"\x00" * 16
         if account is not None and account.cram_secret is not None:
@@ -348,7 +349,7 @@ class ScramSha256Server(ServerMechanism):
     def __init__(self, credentials: CredentialSource, *, server_nonce: str | None = None) -> None:
         super().__init__()
         self._credentials = credentials
-        self._account: Account | None = None
+        self._account: Credential | None = None
         self._why_fake: str | None = None
         self._store_failed = False
         self._server = scramp.ScramMechanism("SCRAM-SHA-256").make_server(
@@ -358,7 +359,7 @@ class ScramSha256Server(ServerMechanism):
     def _auth_fn(self, username: str) -> tuple[bytes, bytes, bytes, int]:
         try:
             account = self._credentials.account(username)
-        except StoreError:
+        except CredentialsUnavailable:
             self._store_failed = True
             raise
         if account is None or account.scram is None:
@@ -459,7 +460,7 @@ class ExternalServer(ServerMechanism):
                 return Failure("malformed EXTERNAL authzid")
         try:
             account = self._credentials.account_for_certificate(self._fingerprint, self._subject)
-        except StoreError as exc:
+        except CredentialsUnavailable as exc:
             return Failure(f"credential store error: {type(exc).__name__}", temporary=True)
         if account is None:
             return Failure(

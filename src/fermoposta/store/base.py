@@ -46,6 +46,9 @@ from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Protocol
 
+from fermoposta.smtp.credentials import CredentialsUnavailable
+from fermoposta.smtp.credentials import ScramSecret as ScramSecret  # re-exported
+
 CHUNK_SIZE = 256 * 1024
 
 
@@ -54,8 +57,11 @@ def new_queue_id() -> str:
     return secrets.token_hex(6).upper()
 
 
-class StoreError(Exception):
-    """The store cannot answer now (I/O error, locked, disk full, ...)."""
+class StoreError(CredentialsUnavailable):
+    """The store cannot answer now (I/O error, locked, disk full, ...).
+
+    A `CredentialsUnavailable`, so the SASL mechanisms (which know nothing of
+    the store) fail temporarily when the account lookup cannot be made."""
 
 
 class RecipientState(enum.StrEnum):
@@ -120,16 +126,6 @@ class QueuedMessage:
     ret: str | None
     client: str
     recipients: tuple[QueuedRecipient, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class ScramSecret:
-    """A salted SCRAM-SHA-256 verifier (RFC 5802 §3): never the password."""
-
-    salt: bytes
-    iterations: int
-    stored_key: bytes
-    server_key: bytes
 
 
 @dataclass(frozen=True, slots=True)
