@@ -8,8 +8,6 @@ import hashlib
 import hmac
 import ssl
 
-import pytest
-
 from conftest import PASSWORD
 from fermoposta.smtp.sasl import ScramSha256Client, certificate_subject, normalize_subject
 from fermoposta.store.base import Account, Domain
