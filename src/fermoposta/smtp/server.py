@@ -1,0 +1,204 @@
+"""The server side of an SMTP dialog as a state machine (sans-I/O).
+
+Contract:
+- A `ServerMachine` is given one received command line at a time
+  (`receive_line`) and answers with one action: `Refuse(reply)` (the line
+  is refused here: syntax, an unknown or unoffered verb, a verb out of
+  sequence, an overlong line) or `Dispatch(verb, command)` (the driver runs
+  the verb's handler and reports the reply it sent with `replied`).
+  `replied` returns the replies the machine adds (the 421 after too many
+  errors, RFC 5321 §4.3.2) and sets `closing`.  It does no I/O, reads no
+  clock and imports nothing outside `smtp/`; the asyncio driver is
+  `fermoposta.net.server_session`.
+- Dispatch is by one explicit table of `VerbSpec`s (Postfix's
+  `smtpd_cmd_table`): each verb names its handler and the state it needs
+  (`Needs`): a HELO/EHLO first, TLS first when the dialog requires it
+  (530 5.7.0, RFC 3207 §4), an authenticated client (530 5.7.0, RFC 4954
+  §6), a mail transaction open (503 5.5.1) or none open.  A verb absent
+  from the table is 502 when it is an SMTP verb we know (RFC 5321 §4.2.4)
+  and 500 otherwise.  Handlers never re-check what the table guarantees.
+- Line limits: 512 octets with CRLF for every command (RFC 5321
+  §4.5.3.1.4), AUTH included (RFC 4954 §4: "the AUTH command is still
+  subject to the line length limitations"); `response_limit` (12,288,
+  RFC 4954 §4) applies only to the client's SASL responses, which the
+  AUTH handler reads itself.  An overlong line is 500 5.5.6.
+- The dialog state (`DialogState`) is the machine's: the HELO name, ESMTP,
+  TLS, the authenticated account and whether a transaction is open.  The
+  driver reports what the handlers did (`helo`, `tls_started`,
+  `authenticated`, `transaction_open`), and STARTTLS forgets everything
+  learned before it (RFC 3207 §4.2).
+- Errors: a reply ≥ 400 counts towards `max_errors` except 421 and 452
+  4.5.3 (flow control); a delivered message (`delivered`) starts the count
+  afresh, like Postfix's "errors without delivering mail".
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from fermoposta.smtp import reply as R
+from fermoposta.smtp.command import Command, parse_command
+from fermoposta.smtp.reply import Reply, SMTPError
+
+__all__ = [
+    "COMMAND_LINE_LIMIT",
+    "KNOWN_VERBS",
+    "RESPONSE_LINE_LIMIT",
+    "DialogState",
+    "Dispatch",
+    "Needs",
+    "Refuse",
+    "ServerMachine",
+    "VerbSpec",
+    "verb_table",
+]
+
+COMMAND_LINE_LIMIT = 512  # RFC 5321 §4.5.3.1.4, including CRLF; AUTH too (RFC 4954 §4)
+RESPONSE_LINE_LIMIT = 12288  # RFC 4954 §4: a SASL response line
+
+# Verbs we know but may not offer in a dialog: 502, not 500 (RFC 5321 §4.2.4).
+KNOWN_VERBS = frozenset(
+    {"EHLO", "HELO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "VRFY", "EXPN",
+     "HELP", "STARTTLS", "AUTH", "ATRN", "ETRN", "TURN", "BDAT", "LHLO"}
+)
+
+SEND_HELO_FIRST = Reply(503, "5.5.1", "Send EHLO/HELO first")
+NESTED_MAIL = Reply(503, "5.5.1", "Nested MAIL command")
+NEED_MAIL = Reply(503, "5.5.1", "Need MAIL command first")
+NOT_IN_TRANSACTION = Reply(503, "5.5.1", "Not allowed during a mail transaction")
+
+
+class Needs(enum.Flag):
+    """What a verb needs before it may run (checked in this order)."""
+
+    NOTHING = 0
+    TLS = enum.auto()  # when the dialog requires TLS (`require_tls`): 530 5.7.0
+    HELO = enum.auto()  # a HELO or EHLO first: 503 5.5.1
+    EHLO = enum.auto()  # an EHLO (not HELO) first: 503 5.5.1
+    AUTH = enum.auto()  # an authenticated client: the verb's `auth_reply` (530 5.7.0)
+    NO_AUTH = enum.auto()  # not yet authenticated: 503 5.5.1 (RFC 4954 §4)
+    TRANSACTION = enum.auto()  # a MAIL accepted: 503 5.5.1
+    NO_TRANSACTION = enum.auto()  # no MAIL accepted: 503 5.5.1
+
+
+@dataclass(frozen=True, slots=True)
+class VerbSpec:
+    verb: str
+    handler: str  # the name of the driver's method
+    needs: Needs = Needs.NOTHING
+    auth_reply: Reply = R.AUTH_REQUIRED
+    sequence_reply: Reply | None = None  # overrides the 503 text of TRANSACTION/NO_*
+
+
+def verb_table(*specs: VerbSpec, base: Mapping[str, VerbSpec] | None = None
+               ) -> dict[str, VerbSpec]:
+    """A table: `base` (a parent dialog's) updated with `specs`."""
+    table = dict(base or {})
+    for spec in specs:
+        table[spec.verb] = spec
+    return table
+
+
+@dataclass(slots=True)
+class DialogState:
+    helo_name: str | None = None
+    esmtp: bool = False
+    tls: bool = False
+    account: str | None = None
+    transaction_open: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Refuse:
+    reply: Reply
+
+
+@dataclass(frozen=True, slots=True)
+class Dispatch:
+    spec: VerbSpec
+    command: Command
+
+
+@dataclass
+class ServerMachine:
+    """See the module docstring."""
+
+    table: Mapping[str, VerbSpec]
+    max_errors: int = 20
+    require_tls: bool = False
+    utf8_commands: bool = False
+    state: DialogState = field(default_factory=DialogState)
+    errors: int = 0
+    closing: bool = False
+
+    # --- input -------------------------------------------------------------------------
+    def receive_line(self, line: bytes) -> Refuse | Dispatch:
+        if len(line) > COMMAND_LINE_LIMIT:
+            return Refuse(R.LINE_TOO_LONG)
+        try:
+            command = parse_command(line, utf8=self.utf8_commands)
+        except SMTPError as exc:
+            return Refuse(exc.reply)
+        spec = self.table.get(command.verb)
+        if spec is None:
+            return Refuse(R.NOT_IMPLEMENTED if command.verb in KNOWN_VERBS else R.SYNTAX_ERROR)
+        refusal = self.check(spec)
+        return Refuse(refusal) if refusal is not None else Dispatch(spec, command)
+
+    def check(self, spec: VerbSpec) -> Reply | None:
+        """Why `spec` may not run now, or None."""
+        needs, state = spec.needs, self.state
+        if Needs.TLS in needs and self.require_tls and not state.tls:
+            return R.MUST_STARTTLS
+        if Needs.HELO in needs and state.helo_name is None:
+            return SEND_HELO_FIRST
+        if Needs.EHLO in needs and (state.helo_name is None or not state.esmtp):
+            return Reply(503, "5.5.1", "Send EHLO first")
+        if Needs.NO_AUTH in needs and state.account is not None:
+            return R.AUTH_ALREADY
+        if Needs.AUTH in needs and state.account is None:
+            return spec.auth_reply
+        if Needs.TRANSACTION in needs and not state.transaction_open:
+            return spec.sequence_reply or NEED_MAIL
+        if Needs.NO_TRANSACTION in needs and state.transaction_open:
+            return spec.sequence_reply or NOT_IN_TRANSACTION
+        return None
+
+    # --- what the handlers did ----------------------------------------------------------
+    def helo(self, name: str, *, esmtp: bool) -> None:
+        self.state.helo_name, self.state.esmtp = name, esmtp
+        self.state.transaction_open = False
+
+    def tls_started(self) -> None:
+        """RFC 3207 §4.2: discard all knowledge obtained from the client."""
+        self.state = DialogState(tls=True)
+
+    def authenticated(self, account: str | None) -> None:
+        self.state.account = account
+
+    def transaction(self, is_open: bool) -> None:
+        self.state.transaction_open = is_open
+
+    def delivered(self) -> None:
+        """A message was accepted: errors count only "without delivering mail"."""
+        self.errors = 0
+
+    # --- output ------------------------------------------------------------------------
+    def counts_as_error(self, reply: Reply) -> bool:
+        return reply.code >= 400 and reply.code != 421 and reply.enhanced != "4.5.3"
+
+    def replied(self, reply: Reply, *, counts: bool | None = None) -> list[Reply]:
+        """Account for a reply just sent; returns what must follow it (a 421).
+        `counts` overrides `counts_as_error` (a dialog with its own policy)."""
+        if reply.code == 421:
+            self.closing = True
+            return []
+        if counts if counts is not None else self.counts_as_error(reply):
+            self.errors += 1
+            if self.errors >= self.max_errors:
+                self.closing = True
+                return [R.TOO_MANY_ERRORS]
+        return []
+
