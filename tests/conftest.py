@@ -90,6 +90,10 @@ def write_config(directory: Path, certs: Certs | None, *, ports: tuple[int, int]
         # lookups go to a loopback port where nothing answers, so mail to
         # the Internet is deferred unless a test routes it to a local sink.
         extra += f'\n[outbound]\nresolver = "127.0.0.1:{free_port()}"\n'
+    if "[auth_throttle]" not in extra:
+        # Failed AUTHs are answered at once in tests; the throttle's delays
+        # and lockouts have their own (tests/dialogs/test_auth_throttle.py).
+        extra += "\n[auth_throttle]\nfailure_delay = 0\n"
     path = directory / "provider.toml"
     path.write_text(
         f'hostname = "mx.provider.test"\ndata_dir = "{directory / "data"}"\n'

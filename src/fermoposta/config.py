@@ -52,9 +52,12 @@ from fermoposta.config_common import size as _size
 __all__ = [
     "DEFAULT_CONFIG_PATH",
     "SUPPORTED_MECHANISMS",
+    "AuthThrottleConfig",
     "ConfigError",
+    "ConnectionsConfig",
     "LimitsConfig",
     "ListenConfig",
+    "ListenerLimits",
     "LogConfig",
     "MXConfig",
     "ODMRConfig",
@@ -145,10 +148,12 @@ class LimitsConfig:
       transaction (RFC 5321 §4.5.3.1.8 asks for at least 100); more get 452.
     - ``max_errors`` (int, default 20, like Postfix's smtpd_hard_error_limit):
       error replies in one session before the server answers 421 and closes.
-    - ``max_connections`` (int, default 200): concurrent connections, all
-      listeners together.
+    - ``max_connections`` (int, default 200): concurrent connections **per
+      listener** (mx, odmr, odmr_tls, submission, submissions each have their
+      own count, so a flood on the public MX never locks customers out of
+      ODMR or submission); ``[connections]`` can set it per listener.
     - ``max_connections_per_ip`` (int, default 20): concurrent connections from
-      one client address.
+      one client address, per listener.
     - ``command_timeout`` (duration, default ``"5m"``): idle time allowed while
       waiting for a command (RFC 5321 §4.5.3.2.7 server timeout: 5 minutes).
       A duration is an integer number of seconds or a number with s, m, h or d.
@@ -173,6 +178,71 @@ class LimitsConfig:
     tls_handshake_timeout: float = 60.0
     max_line_length: int = 1000
     shutdown_grace: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerLimits:
+    """One listener's connection limits in ``[connections]``; ``None`` = the
+    ``[limits]`` value."""
+
+    max_connections: int | None = None
+    max_connections_per_ip: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionsConfig:
+    """``[connections]``: connection limits per listener (issue 8).
+
+    One key per listener (``mx``, ``odmr``, ``odmr_tls``, ``submission``,
+    ``submissions``), each a table with ``max_connections`` and/or
+    ``max_connections_per_ip`` (ints >= 1), e.g.
+    ``mx = { max_connections = 500, max_connections_per_ip = 10 }``.  What is
+    not given comes from ``[limits]``.  Every listener counts its own
+    connections.
+    """
+
+    mx: ListenerLimits = field(default_factory=ListenerLimits)
+    odmr: ListenerLimits = field(default_factory=ListenerLimits)
+    odmr_tls: ListenerLimits = field(default_factory=ListenerLimits)
+    submission: ListenerLimits = field(default_factory=ListenerLimits)
+    submissions: ListenerLimits = field(default_factory=ListenerLimits)
+
+    def limits_for(self, listener: str, defaults: LimitsConfig) -> tuple[int, int]:
+        """(max_connections, max_connections_per_ip) of a listener."""
+        own: ListenerLimits = getattr(self, listener, ListenerLimits())
+        return (own.max_connections if own.max_connections is not None
+                else defaults.max_connections,
+                own.max_connections_per_ip if own.max_connections_per_ip is not None
+                else defaults.max_connections_per_ip)
+
+
+@dataclass(frozen=True, slots=True)
+class AuthThrottleConfig:
+    """``[auth_throttle]``: failed AUTH across connections, ODMR and submission (issue 8).
+
+    - ``failure_delay`` (duration, default ``"1s"``; ``0`` = none): wait this
+      long before answering a failed AUTH, doubled for each earlier failure of
+      the same client address or account within ``window``.
+    - ``max_delay`` (duration, default ``"15s"``): the longest such wait.
+    - ``max_failures_per_ip`` (int, default 10; 0 = off): failures from one
+      address (IPv6: one /64) within ``window`` before it is locked out for
+      ``lockout``: every AUTH from it gets ``421 4.7.0``.
+    - ``max_failures_per_account`` (int, default 20; 0 = off): failures for
+      one existing account, from any address, within ``window`` before it is
+      locked for ``lockout``: AUTH for it from an address with recent
+      failures and no earlier success as that account gets ``454 4.7.0``;
+      other addresses (the customer's) still log in.
+    - ``window`` (duration, default ``"15m"``): a count is forgotten this long
+      after its last failure.
+    - ``lockout`` (duration, default ``"15m"``).
+    """
+
+    failure_delay: float = 1.0
+    max_delay: float = 15.0
+    max_failures_per_ip: int = 10
+    max_failures_per_account: int = 20
+    window: float = 900.0
+    lockout: float = 900.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -337,10 +407,12 @@ class ProviderConfig:
     - ``data_dir`` (path, required): directory for the queue database and
       other state; relative to the config file's directory.  Not created here.
     - ``[listen]``, ``[tls]``, ``[limits]``, ``[odmr]``, ``[mx]``, ``[log]``,
-      ``[submission]``, ``[outbound]``, ``[hold]``, ``[metrics]``: see
+      ``[submission]``, ``[outbound]``, ``[hold]``, ``[metrics]``,
+      ``[connections]``, ``[auth_throttle]``: see
       `ListenConfig`, `TLSConfig`, `LimitsConfig`, `ODMRConfig`, `MXConfig`,
       `LogConfig`, `SubmissionConfig`, `OutboundConfig`, `HoldConfig`,
-      `MetricsConfig`.  Each table is optional.
+      `MetricsConfig`, `ConnectionsConfig`, `AuthThrottleConfig`.  Each table
+      is optional.
     """
 
     path: Path
@@ -356,6 +428,8 @@ class ProviderConfig:
     outbound: OutboundConfig = field(default_factory=OutboundConfig)
     hold: HoldConfig = field(default_factory=HoldConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    connections: ConnectionsConfig = field(default_factory=ConnectionsConfig)
+    auth_throttle: AuthThrottleConfig = field(default_factory=AuthThrottleConfig)
 
     @property
     def store_path(self) -> Path:
@@ -452,6 +526,22 @@ def _transport_map(value: object) -> dict[str, tuple[str, int]]:
     return routes
 
 
+def _listener_limits(value: object) -> ListenerLimits:
+    keys = ("max_connections", "max_connections_per_ip")
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a table with {' and/or '.join(keys)}, got {_show(value)}")
+    for key in value:
+        if key not in keys:
+            raise ValueError(f"unknown key {_show(key)} (expected {' or '.join(keys)})")
+    values: dict[str, int] = {}
+    for key, n in value.items():
+        try:
+            values[key] = int(_integer(1)(n))
+        except ValueError as exc:
+            raise ValueError(f"{key}: {exc}") from None
+    return ListenerLimits(**values)
+
+
 # The schema: table -> key -> parser.  Defaults come from the dataclasses.
 _SECTIONS: dict[str, tuple[type[Any], dict[str, _Parser]]] = {
     "listen": (
@@ -520,6 +610,22 @@ _SECTIONS: dict[str, tuple[type[Any], dict[str, _Parser]]] = {
         },
     ),
     "metrics": (MetricsConfig, {"listen": _listen_address}),
+    "connections": (
+        ConnectionsConfig,
+        {name: _listener_limits
+         for name in ("mx", "odmr", "odmr_tls", "submission", "submissions")},
+    ),
+    "auth_throttle": (
+        AuthThrottleConfig,
+        {
+            "failure_delay": _duration(positive=False),
+            "max_delay": _duration(positive=False),
+            "max_failures_per_ip": _integer(0),
+            "max_failures_per_account": _integer(0),
+            "window": _duration(positive=True),
+            "lockout": _duration(positive=True),
+        },
+    ),
     "hold": (
         HoldConfig,
         {

@@ -35,7 +35,7 @@ async def test_connection_limit_per_ip(provider_factory):
     p = await provider_factory(extra="[limits]\nmax_connections_per_ip = 2\n")
     first = await Dialog.connect(*p.mx)
     await first.expect(220)
-    second = await Dialog.connect(*p.odmr)
+    second = await Dialog.connect(*p.mx)  # per listener (tests/dialogs/test_listener_limits.py)
     await second.expect(220)
     third = await Dialog.connect(*p.mx)
     lines = await third.expect(421)

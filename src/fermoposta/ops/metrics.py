@@ -49,6 +49,14 @@ ATRN_SESSIONS = Counter("fermoposta_atrn_total",
                         "unavailable, syntax, not_authenticated)", ["result"])
 AUTH_FAILURES = Counter("fermoposta_auth_failures_total",
                         "Failed AUTH attempts, by mechanism", ["mechanism"])
+AUTH_LOCKOUTS = Counter("fermoposta_auth_lockouts_total",
+                        "Lockouts started by the AUTH throttle, by kind (address, account)",
+                        ["kind"])
+AUTH_THROTTLED = Counter("fermoposta_auth_throttled_total",
+                         "AUTH commands refused by the throttle, by kind (address: 421, "
+                         "account: 454)", ["kind"])
+AUTH_DELAY_SECONDS = Counter("fermoposta_auth_delay_seconds_total",
+                             "Time failed AUTH replies were held back by the throttle")
 
 CUSTOMER_PULLS = Counter("fermoposta_customer_pulls_total",
                          "Customer sessions by pull block and result", ["pull", "result"])

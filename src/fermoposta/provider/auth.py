@@ -8,6 +8,16 @@ Contract:
   STARTTLS), the 334 exchange with base64 and "*" cancellation, SCRAM's
   server-final as a last 334 (RFC 4954 §4), and failure counting
   (`max_auth_failures` → 421, the session closes).
+- Across connections (issue 8), when the provider sets `throttle` (an
+  `AuthThrottle`; None for the customer's outbox): an AUTH from a locked-out
+  address gets `421 4.7.0` before any exchange and the session closes; each
+  failure is recorded for the address and the account named (if it exists)
+  and its 535 is delayed by the throttle's growing delay; the failure that
+  starts an address lockout is answered 421 instead.  While an account is
+  locked, AUTH naming it from a suspect address (see `anvil`) gets
+  `454 4.7.0` (RFC 4954 §6) whether or not the credentials were right, so
+  the reply tells nothing about the password; the session stays open.
+  Lockouts and refusals are logged (never with a secret) and counted.
 - On success `account` names the authenticated account.  SASL payloads are
   never logged (the debug trace shows "***").
 - Credentials come from the store through `StoreCredentials`; a store
@@ -20,12 +30,14 @@ import asyncio
 import base64
 import binascii
 import logging
+import time
 from typing import TYPE_CHECKING, Protocol
 
 from fermoposta.net.connection import LineTooLong
 from fermoposta.net.server_session import AUTH_LINE_LIMIT
 from fermoposta.ops import metrics
 from fermoposta.ops.log import redact
+from fermoposta.provider.anvil import AuthThrottle, Verdict
 from fermoposta.smtp import reply as R
 from fermoposta.smtp.reply import Reply
 from fermoposta.smtp.sasl import (
@@ -47,6 +59,10 @@ PLAINTEXT_MECHANISMS = frozenset({"PLAIN", "LOGIN"})
 TOO_MANY_AUTH_FAILURES = Reply(421, "4.7.0", "Too many authentication failures, closing connection")
 SEND_EHLO_FIRST = Reply(503, "5.5.1", "Send EHLO first")
 AUTH_LINE_TOO_LONG = Reply(500, "5.5.6", "Authentication exchange line is too long")  # RFC 4954 §4
+ADDRESS_LOCKED = Reply(421, "4.7.0",
+                       "Too many authentication failures from your address, try again later")
+# RFC 4954 §6: 454 4.7.0 is the temporary authentication failure.
+ACCOUNT_LOCKED = Reply(454, "4.7.0", "Temporary authentication failure, try again later")
 
 
 class AuthPolicy(Protocol):
@@ -65,9 +81,15 @@ class StoreCredentials:
 
     def __init__(self, store: Store) -> None:
         self.store = store
+        # The existing account a password mechanism asked for: the throttle's
+        # per-account key.  Unknown names stay None (they count per address).
+        self.attempted: str | None = None
 
     def account(self, username: str) -> Account | None:
-        return self.store.get_account(username)
+        account = self.store.get_account(username)
+        if account is not None:
+            self.attempted = account.name
+        return account
 
     def account_for_certificate(self, fingerprint: str, subject: str | None) -> Account | None:
         """A fingerprint binding first, then a subject binding."""
@@ -87,6 +109,7 @@ class Authenticator:
         self.settings = policy
         self.account: str | None = None
         self.auth_failures = 0
+        self.throttle: AuthThrottle | None = None  # set by the provider (issue 8)
 
     @property
     def log(self) -> logging.LoggerAdapter[logging.Logger]:
@@ -151,9 +174,21 @@ class Authenticator:
                     initial = base64.b64decode(parts[1], validate=True)
                 except (binascii.Error, ValueError):
                     return R.AUTH_BAD_BASE64
+        throttle = self.throttle
+        if throttle is not None:
+            remaining = throttle.address_locked(self.conn.peer_ip)
+            if remaining > 0:
+                # Refused before the exchange: no credential is looked at, so
+                # a locked-out address learns nothing and costs no PBKDF2.
+                metrics.AUTH_THROTTLED.labels("address").inc()
+                self.log.info("%s: AUTH %s refused from [%s]: address locked out for "
+                              "another %ds", self.session_id, name, self.conn.peer_ip,
+                              max(1, int(remaining)))
+                return ADDRESS_LOCKED
+        credentials = StoreCredentials(self.store)
         mechanism = server_mechanism(
             name,
-            credentials=StoreCredentials(self.store),
+            credentials=credentials,
             hostname=self.session.hostname,
             client_cert_fingerprint=self.client_fingerprint(),
             client_cert_subject=self.client_subject() if name == "EXTERNAL" else None,
@@ -168,6 +203,12 @@ class Authenticator:
             if isinstance(response, Reply):
                 return response
             result = await asyncio.to_thread(mechanism.step, response)
+        if throttle is not None and not (isinstance(result, Failure) and result.temporary):
+            # Asked whatever the outcome (before SCRAM's server-final, which
+            # would prove the password right): no oracle for a locked account.
+            attempted = result.identity if isinstance(result, Success) else credentials.attempted
+            if throttle.account_refused(self.conn.peer_ip, attempted):
+                return await self._account_refused(throttle, name, attempted)
         if isinstance(result, Success) and result.server_final is not None:
             # RFC 4954 §4: additional data with success goes in a final 334,
             # answered by an empty line.
@@ -180,6 +221,8 @@ class Authenticator:
                 result = Failure("non-empty response to the SCRAM server-final message")
         if isinstance(result, Success):
             self.account = result.identity
+            if throttle is not None:
+                throttle.success(self.conn.peer_ip, result.identity)
             self.log.info("%s: AUTH %s as %s from [%s]", self.session_id, name, result.identity,
                           self.conn.peer_ip)
             return R.AUTH_OK
@@ -192,9 +235,49 @@ class Authenticator:
         metrics.AUTH_FAILURES.labels(name).inc()
         self.log.info("%s: AUTH %s failed from [%s]: %s", self.session_id, name,
                       self.conn.peer_ip, result.reason)
+        if throttle is not None:
+            verdict = throttle.failure(self.conn.peer_ip, credentials.attempted)
+            self._log_lockouts(verdict, credentials.attempted)
+            await self._delay(verdict.delay)
+            if verdict.address_locked:
+                return ADDRESS_LOCKED
         if self.auth_failures >= self.settings.max_auth_failures:
             return TOO_MANY_AUTH_FAILURES
         return R.AUTH_FAILED
+
+    async def _account_refused(self, throttle: AuthThrottle, name: str,
+                               account: str | None) -> Reply:
+        """454 for a locked account from a suspect address; the attempt still
+        counts for the address (not for the account, already locked)."""
+        metrics.AUTH_THROTTLED.labels("account").inc()
+        self.log.info("%s: AUTH %s for %s refused from [%s]: account locked against "
+                      "addresses with recent failures", self.session_id, name, account,
+                      self.conn.peer_ip)
+        verdict = throttle.failure(self.conn.peer_ip, None)
+        self._log_lockouts(verdict, None)
+        await self._delay(verdict.delay)
+        return ADDRESS_LOCKED if verdict.address_locked else ACCOUNT_LOCKED
+
+    def _log_lockouts(self, verdict: Verdict, name: str | None) -> None:
+        lockout = int(self.throttle.settings.lockout) if self.throttle is not None else 0
+        if verdict.address_locked:
+            metrics.AUTH_LOCKOUTS.labels("address").inc()
+            self.log.warning("%s: AUTH throttle: locking out [%s] for %ds after %d failed "
+                             "AUTHs", self.session_id, self.conn.peer_ip, lockout,
+                             verdict.address_failures)
+        if verdict.account_locked and name is not None:
+            metrics.AUTH_LOCKOUTS.labels("account").inc()
+            self.log.warning("%s: AUTH throttle: account %s locked for %ds after %d failed "
+                             "AUTHs (last from [%s]); addresses with recent failures get 454",
+                             self.session_id, name, lockout, verdict.account_failures,
+                             self.conn.peer_ip)
+
+    async def _delay(self, seconds: float) -> None:
+        """Wait before a failure reply (the throttle's growing delay)."""
+        if seconds > 0:
+            started = time.monotonic()
+            await asyncio.sleep(seconds)
+            metrics.AUTH_DELAY_SECONDS.inc(time.monotonic() - started)
 
     async def _auth_exchange(self, challenge: bytes) -> bytes | Reply | None:
         """Send a 334 challenge; return the decoded answer, None on "*", or an error reply."""

@@ -6,9 +6,16 @@ Contract:
   bound addresses are returned, which the tests use) and `stop()` stops
   accepting, lets sessions finish for a grace period and cancels the rest
   (leases are released by the sessions' `finally`, or expire).
-- Connection limits: beyond `max_connections` in total or
-  `max_connections_per_ip` from one address, a new peer gets 421 4.7.0 and is
-  closed before any dialog.
+- Connection limits, per listener (issue 8): each listener (mx, odmr,
+  odmr_tls, submission, submissions) counts its own sessions; beyond its
+  `max_connections` or its `max_connections_per_ip` from one address
+  (`[connections]`, defaults from `[limits]`) a new peer gets 421 4.7.0 and
+  is closed before any dialog.  A flood on one listener never refuses
+  connections on another.
+- One `AuthThrottle` (`anvil`) for the ODMR and submission listeners
+  together, given to each session's `Authenticator`: failed AUTHs are
+  delayed and lock out addresses and accounts across connections.  It keeps
+  its counts over a SIGHUP (only its settings change).
 - It also runs the outbound runner (delivery of submissions and DSNs to the
   Internet) and the hold expirer; a stored submission wakes the runner.
 - `run(config)` is `fermoposta provider run`: logging, store, listeners,
@@ -32,6 +39,7 @@ from fermoposta.net.connection import Connection, start_server
 from fermoposta.net.server_session import ServerSession, SessionLimits
 from fermoposta.ops import metrics
 from fermoposta.ops.log import setup_logging
+from fermoposta.provider.anvil import AuthThrottle, ThrottleSettings
 from fermoposta.provider.drain import DrainSettings
 from fermoposta.provider.expiry import HoldExpirer
 from fermoposta.provider.mx import MXSession
@@ -65,6 +73,14 @@ def server_tls_context(config: ProviderConfig, *, client_certificates: bool
     return context
 
 
+def throttle_settings(config: ProviderConfig) -> ThrottleSettings:
+    t = config.auth_throttle
+    return ThrottleSettings(failure_delay=t.failure_delay, max_delay=t.max_delay,
+                            max_failures_per_ip=t.max_failures_per_ip,
+                            max_failures_per_account=t.max_failures_per_account,
+                            window=t.window, lockout=t.lockout)
+
+
 def session_limits(config: ProviderConfig) -> SessionLimits:
     lim = config.limits
     return SessionLimits(
@@ -81,6 +97,7 @@ def session_limits(config: ProviderConfig) -> SessionLimits:
 class Provider:
     def __init__(self, config: ProviderConfig, store: Store) -> None:
         self.store = store
+        self.auth_throttle = AuthThrottle(throttle_settings(config))
         self.mx_tls_context = server_tls_context(config, client_certificates=False)
         self.tls_context = server_tls_context(config, client_certificates=True)
         self._apply(config)
@@ -90,13 +107,18 @@ class Provider:
         self.on_queued: Callable[[], None] | None = None
         self.servers: list[asyncio.Server] = []
         self.sessions: set[asyncio.Task[None]] = set()
-        self.per_ip: collections.Counter[str] = collections.Counter()
+        # Per listener: its sessions and their count by client address.
+        self.listener_sessions: dict[str, set[asyncio.Task[None]]] = \
+            collections.defaultdict(set)
+        self.per_ip: dict[str, collections.Counter[str]] = \
+            collections.defaultdict(collections.Counter)
         self.addresses: dict[str, tuple[str, int]] = {}
 
     def _apply(self, config: ProviderConfig) -> None:
         """The settings new sessions are made with (at start and on reload)."""
         self.config = config
         self.limits = session_limits(config)
+        self.auth_throttle.settings = throttle_settings(config)
         odmr = config.odmr
         self.odmr_settings = ODMRSettings(
             mechanisms=odmr.mechanisms,
@@ -159,15 +181,20 @@ class Provider:
                          require_valid_recipient=self.config.mx.require_valid_recipient)
 
     def odmr_session(self, conn: Connection) -> ServerSession:
-        return ODMRSession(conn, hostname=self.config.hostname, limits=self.limits,
-                           store=self.store, settings=self.odmr_settings,
-                           drain_settings=self.drain_settings, tls_context=self.tls_context)
+        session = ODMRSession(conn, hostname=self.config.hostname, limits=self.limits,
+                              store=self.store, settings=self.odmr_settings,
+                              drain_settings=self.drain_settings,
+                              tls_context=self.tls_context)
+        session.auth.throttle = self.auth_throttle
+        return session
 
     def submission_session(self, conn: Connection) -> ServerSession:
-        return SubmissionSession(conn, hostname=self.config.hostname, limits=self.limits,
-                                 store=self.store, settings=self.submission_settings,
-                                 rate_limiter=self.rate_limiter, tls_context=self.tls_context,
-                                 on_queued=self._queued)
+        session = SubmissionSession(conn, hostname=self.config.hostname, limits=self.limits,
+                                    store=self.store, settings=self.submission_settings,
+                                    rate_limiter=self.rate_limiter,
+                                    tls_context=self.tls_context, on_queued=self._queued)
+        session.auth.throttle = self.auth_throttle
+        return session
 
     def _queued(self) -> None:
         if self.on_queued is not None:
@@ -179,16 +206,21 @@ class Provider:
             task = asyncio.current_task()
             assert task is not None
             ip = conn.peer_ip
-            if (len(self.sessions) >= self.config.limits.max_connections
-                    or self.per_ip[ip] >= self.config.limits.max_connections_per_ip):
+            # Counted per listener (issue 8): idle MX connections must never
+            # use up the slots of the customers' ODMR and submission.
+            sessions, per_ip = self.listener_sessions[listener], self.per_ip[listener]
+            total, from_one = self.config.connections.limits_for(listener, self.config.limits)
+            if len(sessions) >= total or per_ip[ip] >= from_one:
                 metrics.CONNECTIONS_REFUSED.labels(listener).inc()
-                log.warning("too many connections: refusing [%s]", ip)
+                log.warning("too many connections on %s (%s): refusing [%s]", listener,
+                            "from this address" if per_ip[ip] >= from_one else "in total", ip)
                 with contextlib.suppress(Exception):
                     await conn.write(TOO_MANY_CONNECTIONS.to_bytes(), 5.0)
                 await conn.close(1.0)
                 return
             self.sessions.add(task)
-            self.per_ip[ip] += 1
+            sessions.add(task)
+            per_ip[ip] += 1
             metrics.CONNECTIONS.labels(listener).inc()
             started = time.monotonic()
             try:
@@ -196,9 +228,10 @@ class Provider:
             finally:
                 metrics.SESSION_SECONDS.labels(listener).observe(time.monotonic() - started)
                 self.sessions.discard(task)
-                self.per_ip[ip] -= 1
-                if self.per_ip[ip] <= 0:
-                    del self.per_ip[ip]
+                sessions.discard(task)
+                per_ip[ip] -= 1
+                if per_ip[ip] <= 0:
+                    del per_ip[ip]
 
         return handle
 
