@@ -197,7 +197,7 @@ class ConnectionsConfig:
     ``submissions``), each a table with ``max_connections`` and/or
     ``max_connections_per_ip`` (ints >= 1), e.g.
     ``mx = { max_connections = 500, max_connections_per_ip = 10 }``.  What is
-    not given comes from ``[limits]``.  Every listener counts its own
+    not given (or ``""``) comes from ``[limits]``.  Every listener counts its own
     connections.
     """
 
@@ -533,8 +533,11 @@ def _listener_limits(value: object) -> ListenerLimits:
     for key in value:
         if key not in keys:
             raise ValueError(f"unknown key {_show(key)} (expected {' or '.join(keys)})")
-    values: dict[str, int] = {}
+    values: dict[str, int | None] = {}
     for key, n in value.items():
+        if n == "":
+            values[key] = None  # unset: the [limits] value (as `config show` prints it)
+            continue
         try:
             values[key] = int(_integer(1)(n))
         except ValueError as exc:

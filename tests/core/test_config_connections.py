@@ -77,3 +77,10 @@ def test_errors_name_the_key(tmp_path, text, message):
     with pytest.raises(ConfigError) as info:
         load(tmp_path, text)
     assert message in str(info.value)
+
+
+def test_empty_string_means_the_limits_value(tmp_path):
+    """As `config show` prints an unset listener limit, so that its output loads back."""
+    config = load(tmp_path, '[connections]\n'
+                            'mx = { max_connections = "", max_connections_per_ip = 3 }\n')
+    assert config.connections.limits_for("mx", config.limits) == (200, 3)
