@@ -160,3 +160,27 @@ async def test_unknown_users_count_for_the_address_only(provider_factory):
     d = await connect(p.submission)
     await d.auth_plain("acme", PASSWORD, 421)
     await d.close()
+
+
+async def test_reload_changes_the_settings_and_keeps_the_counts(provider_factory):
+    from fermoposta.config import load_provider_config
+
+    p = await provider_factory(tls=False, extra=THROTTLE)
+    d = await connect(p.odmr)
+    for code in (535, 535):
+        await d.auth_plain("acme", "wrong", code)
+    text = p.config_path.read_text().replace("max_failures_per_ip = 6", "max_failures_per_ip = 3")
+    text += "\n[connections]\nodmr = { max_connections = 1 }\n"
+    p.config_path.write_text(text)
+    assert p.provider.reload(load_provider_config(p.config_path)) == []
+    assert p.provider.auth_throttle.settings.max_failures_per_ip == 3
+    await d.auth_plain("acme", "wrong", 421)  # the third failure now locks the address out
+    assert await d.closed()
+    await d.close()
+    await asyncio.sleep(0.1)
+    first = await connect(p.odmr, "127.0.0.2")
+    second = await Dialog.connect(*p.odmr)
+    await second.expect(421)  # the new per-listener limit applies to new connections
+    await first.auth_plain("acme", PASSWORD, 235)
+    await first.close()
+    await second.close()
