@@ -430,6 +430,10 @@ class CustomerConfig:
       written, every block's domains must be among them.
     - ``max_message_size`` (size >= 1, default ``"50M"``): advertised as SIZE
       in the reversed session and enforced while receiving.
+    - ``local_retry_lifetime`` (duration >= 1s, default ``"5d"``): how long
+      a recipient the site took from the provider is retried from the local
+      retry spool (`fermoposta.customer.local_retry`) before it fails with a
+      notice to the sender.
     - ``[provider]`` (required): see `ProviderEndpoint`.
     - ``[log]``: see `fermoposta.config.LogConfig` (same as the provider's).
     - ``[[pull]]`` (at least one): see `PullConfig`.
@@ -450,6 +454,7 @@ class CustomerConfig:
     # ``[metrics] listen`` ("host:port", default "", off): the daemon's
     # Prometheus endpoint (/metrics): pulls by result, messages, last success.
     metrics_listen: tuple[str, int] | None = None
+    local_retry_lifetime: float = 5 * 86400.0
 
     def pull_for_domain(self, domain: str) -> PullConfig | None:
         """The block whose reversed session accepts `domain`: the block that
@@ -685,7 +690,7 @@ _OUTBOX_KEYS: dict[str, Parser] = {
 _LOG_KEYS: dict[str, Parser] = {"level": one_of(*LOG_LEVELS), "format": one_of(*LOG_FORMATS)}
 _TOP_LEVEL_KEYS = [
     "hostname", "data_dir", "domains", "max_message_size", "provider", "log", "pull", "outbox",
-    "metrics",
+    "metrics", "local_retry_lifetime",
 ]
 _PULL_KEYS: dict[str, Parser] = {
     "name": _pull_name,
@@ -722,7 +727,7 @@ def load_customer_config(path: str | Path) -> CustomerConfig:
     for key in ("hostname", "data_dir"):
         if key not in raw:
             raise loader.error(None, key, "required key is missing")
-    for key in ("hostname", "data_dir", "domains", "max_message_size"):
+    for key in ("hostname", "data_dir", "domains", "max_message_size", "local_retry_lifetime"):
         if isinstance(raw.get(key), dict):
             raise loader.error(None, key, "expected a value, got a table")
     hostname: str = loader.parse(None, "hostname", check_hostname, raw["hostname"])
@@ -731,6 +736,9 @@ def load_customer_config(path: str | Path) -> CustomerConfig:
         raise loader.error(None, "data_dir", "must not be empty")
     max_message_size: int = loader.parse(
         None, "max_message_size", size(1), raw.get("max_message_size", "50M")
+    )
+    local_retry_lifetime: float = loader.parse(
+        None, "local_retry_lifetime", _DURATION_1S, raw.get("local_retry_lifetime", "5d")
     )
     site_domains: tuple[str, ...] | None = None
     if "domains" in raw:
@@ -778,6 +786,7 @@ def load_customer_config(path: str | Path) -> CustomerConfig:
         pulls=pulls,
         outbox=outbox,
         metrics_listen=metrics_listen,
+        local_retry_lifetime=local_retry_lifetime,
     )
 
 

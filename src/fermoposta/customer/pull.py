@@ -13,7 +13,10 @@ Contract:
 - With an outbox (`outbox_push.outbox_active`), each session first pushes
   it to the provider's submission service (`outbox_push.push_outbox`, on its
   own connection, BEFORE the ATRN dial-out) and the summary gains its lines.
-  A push that is busy elsewhere is skipped.  The exit code combines both
+  A push that is busy elsewhere is skipped.
+- After each session the local retry spool is retried
+  (`local_retry.retry_local`: recipients taken from the provider whose local
+  delivery failed for now) and the summary gains its line.  The exit code combines both
   (`combined_exit_code`): a failure of the pull other than 75 wins; then a
   push failure that needs a human (TLS 74, protocol 76, authentication 77,
   configuration 78, internal 70); a push that only kept mail for later (4xx,
@@ -28,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import logging
 import os
 import time
@@ -47,6 +51,12 @@ from fermoposta.customer.errors import (
     ConnectFailure,
     CustomerError,
     TemporaryFailure,
+)
+from fermoposta.customer.local_retry import (
+    RetryResult,
+    retry_local,
+    spool_failures,
+    spool_status,
 )
 from fermoposta.customer.serve import ReceivedMessage, reversed_session
 from fermoposta.net.server_session import new_session_id
@@ -88,6 +98,8 @@ class PullSummary:
     deferred: int = 0
     error: CustomerError | None = None
     push: PushResult | None = None  # the outbox push before ATRN, if any
+    spooled: int = 0  # recipients taken into the local retry spool
+    retry: RetryResult | None = None  # the local retry spool's run after the session
 
     @property
     def pull_exit_code(self) -> int:
@@ -111,7 +123,8 @@ class PullSummary:
 
     def lines(self) -> list[str]:
         push = self.push.lines() if self.push is not None else []
-        return self._pull_lines() + push
+        retry = self.retry.lines() if self.retry is not None else []
+        return self._pull_lines() + retry + push
 
     def _pull_lines(self) -> list[str]:
         what = ",".join(self.domains) or "all domains of the account"
@@ -125,6 +138,7 @@ class PullSummary:
                + (f", {self.refused} refused" if self.refused else "")
                + (f", {self.deferred} deferred (still held at the provider)"
                   if self.deferred else "")
+               + (f", {self.spooled} kept in the local retry spool" if self.spooled else "")
                + f" in {self.finished - self.started:.1f}s"]
         for msg in self.received:
             ident = msg.provider_queue_id or "-"
@@ -177,6 +191,7 @@ async def pull_once(config: CustomerConfig, pull: PullConfig, *, wait: bool = Fa
         async with pull_lock(config.data_dir / f"pull-{pull.name}.lock", wait=wait):
             summary.push = await _push(config)
             await _session(config, pull, summary)
+            summary.retry = await retry_local(config)
     except CustomerError as exc:
         summary.error = exc
     summary.finished = time.time()
@@ -216,6 +231,7 @@ async def _session(config: CustomerConfig, pull: PullConfig, summary: PullSummar
             conn, hostname=config.hostname, accept_domains=frozenset(pull.accept_domains(config)),
             delivery=delivery, session_id=summary.session_id,
             max_message_size=config.max_message_size,
+            spool=functools.partial(spool_failures, config),
         )
         try:
             await session.run()
@@ -224,6 +240,7 @@ async def _session(config: CustomerConfig, pull: PullConfig, summary: PullSummar
         summary.received = session.received
         summary.refused = session.refused
         summary.deferred = session.deferred
+        summary.spooled = session.spooled
         if not session.quit_seen:
             log.warning("%s: the provider closed the reversed session without QUIT",
                         summary.session_id)
@@ -254,6 +271,9 @@ async def check(config: CustomerConfig) -> tuple[int, list[str]]:
     code = await _check_one(Dialer(settings), f"{p.host}:{p.port}", "", lines)
     if code == 0:
         lines.append("OK: ready to pull")
+    status = spool_status(config)
+    if status is not None:
+        lines.append(status)
     if outbox_active(config):
         sub = await _check_one(Dialer(submission_settings(settings, config)),
                                p.submission_address, "submission ", lines)

@@ -7,23 +7,49 @@ Contract:
   8BITMIME, PIPELINING, ENHANCEDSTATUSCODES, SMTPUTF8; no STARTTLS and no AUTH
   (the provider is trusted through our own authenticated dial-out); ATRN,
   TURN and ETRN get 502: no re-reversal.
-- RCPT only for this pull's domains (else 550 5.7.1); then the delivery
-  backend's check (550 5.1.1 unknown user); a backend that maps per-recipient
-  outcomes (LMTP, SMTP relay) takes one recipient per transaction: further
-  RCPTs get 452 4.5.3 and the provider sends them in another transaction.
-- The final dot gets the backend's reply: 250 only after the message is
-  committed locally.  A dropped connection mid-DATA stores nothing.
+- Up to 100 recipients per transaction (RFC 5321 §4.5.3.1.8 requires at
+  least 100), advertised as ``LIMITS RCPTMAX=100`` (RFC 9422); the 101st
+  gets 452 4.5.3 and the provider sends it in another transaction.
+- RCPT only for this pull's domains (else 550 5.7.1); then the recipient
+  goes to the local transaction (`Delivery.transaction`, opened at the first
+  recipient and following the provider's: SMTP and LMTP next hops see MAIL
+  and each RCPT as they come), whose refusal (550 5.1.1 unknown user, a 4xx
+  when the target is down) is the RCPT reply.  RSET, a new MAIL, a refused
+  DATA or the end of the session abort the local transaction.
+- The final dot gets one reply for every accepted recipient, from their
+  local outcomes (one each; SMTP and Maildir give the same to all):
+  * all 2xx: 250 (their text if they are all the same, else "Delivered
+    to <n> recipients");
+  * none 2xx: the first failure mirrored, 5xx only if all are permanent
+    (else 4xx: the provider keeps them all, nothing was delivered);
+  * mixed (LMTP): the failed recipients are committed to the local retry
+    spool (`local_retry.spool_failures`: 4xx retried after each pull until
+    ``local_retry_lifetime``, 5xx failed at once with a notice to the
+    sender) and only then 250; if the spool cannot be written, 451 4.3.0:
+    the provider keeps the whole message (a duplicate is possible for the
+    recipients already delivered, a loss is not).  Without a spool
+    (`spool=None`), mixed outcomes get 451 4.3.0 the same way.
+  The reply is given only after the local commits; a dropped connection
+  mid-DATA stores nothing.
 - Every accepted message is recorded in `received` for the pull summary.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import IO
 
-from fermoposta.customer.delivery.base import Delivery, LocalEnvelope, LocalRecipient
+from fermoposta.customer.delivery.base import (
+    Delivery,
+    LocalEnvelope,
+    LocalRecipient,
+    LocalSender,
+    LocalTransaction,
+)
 from fermoposta.net.connection import Connection
 from fermoposta.net.server_session import SessionLimits
 from fermoposta.net.transaction import Recipient, Transaction, TransactionSession
@@ -33,8 +59,11 @@ from fermoposta.smtp.reply import Reply
 log = logging.getLogger("fermoposta.customer")
 
 NOT_OUR_DOMAIN = Reply(550, "5.7.1", "Relaying denied: not a domain of this site")
-ONE_AT_A_TIME = Reply(452, "4.5.3", "Too many recipients: send the others in a new transaction")
 LOCAL_FAILURE = Reply(451, "4.3.0", "Local delivery failed, try again later")
+SPOOL_FAILED = Reply(451, "4.3.0", "Local delivery incomplete and the local retry spool failed, "
+                     "try again later")
+#: RCPTs per transaction: RFC 5321 §4.5.3.1.8 says at least 100.
+MAX_RECIPIENTS = 100
 
 # "... by mx.provider.test (fermoposta) with ESMTP id 4F9D195432C" in the
 # provider's Received: header tells us its queue id for the logs.
@@ -66,47 +95,88 @@ def provider_queue_id(body: IO[bytes]) -> str:
     return ""
 
 
+SpoolFailures = Callable[[LocalEnvelope, IO[bytes], Sequence[tuple[LocalRecipient, Reply]], str],
+                         str]
+
+
 class ReversedSession(TransactionSession):
     component = "customer"
 
     def __init__(self, conn: Connection, *, hostname: str, limits: SessionLimits,
-                 accept_domains: frozenset[str], delivery: Delivery, session_id: str) -> None:
+                 accept_domains: frozenset[str], delivery: Delivery, session_id: str,
+                 spool: SpoolFailures | None = None) -> None:
         super().__init__(conn, hostname=hostname, limits=limits, tls_context=None,
                          session_id=session_id)
         self.accept_domains = accept_domains
         self.delivery = delivery
+        self.spool = spool
+        self.local: LocalTransaction | None = None
         self.received: list[ReceivedMessage] = []
         self.refused = 0  # transactions or recipients refused for good (5xx)
         self.deferred = 0  # ... or for now (4xx): still held at the provider
+        self.spooled = 0  # recipients taken into the local retry spool
         self.quit_seen = False
 
     def counts_as_error(self, reply: Reply) -> bool:
         # The provider is trusted (we dialled it and authenticated it): only
-        # protocol errors count.  Refused recipients are not its mistakes, and
-        # 452 4.5.3 is how we ask for one recipient per transaction; counting
-        # them would cut the session short and strand the mail behind.
+        # protocol errors count.  Refused recipients are not its mistakes;
+        # counting them would cut the session short and strand the mail behind.
         return 500 <= reply.code <= 504
 
     def greeting(self) -> Reply:
         return Reply(220, None, f"{self.hostname} ESMTP fermoposta customer ready")
 
+    def extensions(self) -> list[str]:
+        # RFC 9422 §4.1: tell the provider how many RCPTs one transaction takes.
+        return [*super().extensions(), f"LIMITS RCPTMAX={self.limits.max_recipients}"]
+
+    async def run(self) -> None:
+        try:
+            await super().run()
+        finally:
+            await self._end_local()
+
     async def smtp_quit(self, arg: str) -> Reply:
         self.quit_seen = True
         return await super().smtp_quit(arg)
 
+    async def smtp_mail(self, arg: str) -> Reply:
+        await self._end_local()  # a transaction left by RSET, EHLO or a failed DATA
+        return await super().smtp_mail(arg)
+
+    async def smtp_rset(self, arg: str) -> Reply:
+        await self._end_local()
+        return await super().smtp_rset(arg)
+
+    async def smtp_data(self, arg: str) -> Reply | None:
+        try:
+            return await super().smtp_data(arg)
+        finally:
+            if self.transaction is None:  # the transaction ended, delivered or not
+                await self._end_local()
+
+    async def _end_local(self) -> None:
+        local, self.local = self.local, None
+        if local is not None:
+            try:
+                await local.abort()
+            except Exception:
+                log.exception("%s: ending the local transaction failed", self.session_id)
+
     async def check_recipient(self, txn: Transaction, rcpt: Recipient) -> Reply | None:
-        limit = self.delivery.max_recipients
         if rcpt.domain not in self.accept_domains:
             refusal: Reply | None = NOT_OUR_DOMAIN
-        elif limit is not None and len(txn.recipients) >= limit:
-            return ONE_AT_A_TIME  # not a refusal: it comes in the next transaction
         else:
             local = LocalRecipient(address=rcpt.path.address, local=rcpt.local,
                                    domain=rcpt.domain)
             try:
-                refusal = await self.delivery.check_recipient(local)
+                if self.local is None:
+                    self.local = self.delivery.transaction(LocalSender(
+                        sender=txn.sender.address, smtputf8=txn.smtputf8,
+                        body_8bit=txn.body_8bit, size=txn.declared_size))
+                refusal = await self.local.add_recipient(local)
             except Exception:
-                log.exception("%s: delivery check failed for <%s>", self.session_id,
+                log.exception("%s: local delivery failed at RCPT for <%s>", self.session_id,
                               rcpt.path.address)
                 refusal = LOCAL_FAILURE
         if refusal is not None:
@@ -133,30 +203,90 @@ class ReversedSession(TransactionSession):
             body_8bit=txn.body_8bit,
             queue_hint=queue_id,
         )
+        local, self.local = self.local, None
+        where = self.delivery.name
         try:
-            outcome = await self.delivery.deliver(envelope, body, size)
-            reply, where = outcome.reply, outcome.where
+            if local is None:  # every accepted RCPT went through it: a bug
+                raise RuntimeError("no local transaction at DATA")
+            replies = await local.data(body, size)
+            where = local.where
+            if len(replies) != len(envelope.recipients):
+                raise RuntimeError(f"{len(replies)} local replies for "
+                                   f"{len(envelope.recipients)} recipients")
         except Exception:
             log.exception("%s: delivery failed", self.session_id)
-            reply, where = LOCAL_FAILURE, self.delivery.name
-        status = "delivered" if reply.is_positive else (
-            "deferred" if reply.is_temporary else "refused")
-        for rcpt in envelope.recipients:
+            replies = [LOCAL_FAILURE] * len(envelope.recipients)
+        finally:
+            if local is not None:
+                await _abort_quietly(local)
+        reply, spooled = await self._final_reply(envelope, body, replies, where)
+        spooled_addresses = {r.address for r, _ in spooled}
+        delivered: list[str] = []
+        for rcpt, own in zip(envelope.recipients, replies, strict=True):
+            if own.is_positive:
+                delivered.append(rcpt.address)
+            if reply.is_positive and rcpt.address in spooled_addresses:
+                status = "spooled"
+            else:
+                status = "delivered" if own.is_positive else (
+                    "deferred" if reply.is_temporary else "refused")
+            shown = own if reply.is_positive or own.is_positive else reply
             event("customer", queue_id or self.session_id, to=f"<{rcpt.address}>",
-                  relay=where, size=size, dsn=reply.enhanced or f"{reply.code // 100}.0.0",
-                  status=status, reason=str(reply))
+                  relay=where, size=size, dsn=shown.enhanced or f"{shown.code // 100}.0.0",
+                  status=status, reason=str(shown))
         if reply.is_positive:
+            self.spooled += len(spooled)
             self.received.append(ReceivedMessage(queue_id, envelope.sender,
-                                                 tuple(r.address for r in envelope.recipients),
-                                                 size, str(reply), where))
+                                                 tuple(delivered), size, str(reply), where))
         else:
-            self._count(reply)
+            for _ in envelope.recipients:
+                self._count(reply)
         return reply
+
+    async def _final_reply(self, envelope: LocalEnvelope, body: IO[bytes],
+                           replies: list[Reply], where: str
+                           ) -> tuple[Reply, list[tuple[LocalRecipient, Reply]]]:
+        """The one DATA reply for `replies`, and what went to the retry spool."""
+        failed = [(rcpt, r) for rcpt, r in zip(envelope.recipients, replies, strict=True)
+                  if not r.is_positive]
+        if not failed:
+            if len(set(replies)) == 1:
+                return replies[0], []
+            # LMTP: one 250 per recipient, each naming its own; ours covers all.
+            return Reply(250, "2.0.0", f"Delivered to {len(replies)} recipients"), []
+        if len(failed) == len(replies):
+            if all(r.is_permanent for _, r in failed):
+                return failed[0][1], []
+            return next(r for _, r in failed if r.is_temporary), []
+        # Mixed: the provider hears one reply for all.  We answer 250 only
+        # once the failed recipients are ours for good (RFC 5321 §6.1).
+        if self.spool is None:
+            log.warning("%s: mixed local outcomes and no retry spool: deferred, a duplicate "
+                        "is possible", self.session_id)
+            return SPOOL_FAILED, []
+        try:
+            spool_id = await asyncio.to_thread(self.spool, envelope, body, failed, where)
+        except Exception as exc:
+            log.error("%s: local retry spool failed (%s): the provider keeps the message; "
+                      "%d recipient(s) already delivered may get it twice", self.session_id,
+                      exc, len(replies) - len(failed))
+            return SPOOL_FAILED, []
+        delivered = len(replies) - len(failed)
+        return Reply(250, "2.0.0", f"Delivered to {delivered} recipient(s); {len(failed)} "
+                     f"kept in the local retry spool as {spool_id}"), failed
+
+
+async def _abort_quietly(local: LocalTransaction) -> None:
+    try:
+        await local.abort()
+    except Exception:
+        log.exception("ending the local transaction failed")
 
 
 def reversed_session(conn: Connection, *, hostname: str, accept_domains: frozenset[str],
                      delivery: Delivery, session_id: str, max_message_size: int,
-                     command_timeout: float = 600.0) -> ReversedSession:
+                     command_timeout: float = 600.0, spool: SpoolFailures | None = None,
+                     max_recipients: int = MAX_RECIPIENTS) -> ReversedSession:
     limits = SessionLimits(
         # RFC 5321 §4.5.3.2.7 says 5 minutes; we allow the provider more, as
         # it may be scanning its queue between messages.
@@ -166,9 +296,11 @@ def reversed_session(conn: Connection, *, hostname: str, accept_domains: frozens
         # RFC 5321's 1000 octets, and refusing them here would bounce mail
         # that the local store takes without trouble.
         max_line_length=65536,
+        max_recipients=max_recipients,
     )
     return ReversedSession(conn, hostname=hostname, limits=limits, accept_domains=accept_domains,
-                           delivery=delivery, session_id=session_id)
+                           delivery=delivery, session_id=session_id, spool=spool)
 
 
-__all__ = ["ReceivedMessage", "ReversedSession", "provider_queue_id", "reversed_session"]
+__all__ = ["MAX_RECIPIENTS", "ReceivedMessage", "ReversedSession", "SpoolFailures",
+           "provider_queue_id", "reversed_session"]

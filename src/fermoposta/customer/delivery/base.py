@@ -1,25 +1,33 @@
 """The local delivery interface of the customer (two-phase, never lossy).
 
 Contract:
-- The reversed session calls `check_recipient()` at RCPT time (to refuse an
-  unknown user with 550 5.1.1 before the provider sends the message; the
-  provider then sends the sender a DSN) and `deliver()` once the whole message
-  is spooled.  `deliver()` returns the reply to give the provider for the
-  final dot: 2xx ONLY after the message is committed (Maildir: tmp, fsync,
-  rename to new, fsync of the directory) or accepted by the next hop (LMTP or
-  SMTP 250).  Anything else must be a 4xx (temporary: the mail stays held at
-  the provider) or a 5xx (permanent: the provider bounces it).
-- A backend whose next hop answers per recipient (LMTP) sets
-  `max_recipients = 1`: the session then answers 452 4.5.3 to further
-  recipients, the provider sends them in separate transactions (RFC 5321
-  §4.5.3.1.10), and each DATA reply is exactly one recipient's outcome: no
-  recipient is ever lost or delivered twice because another one failed.
+- The reversed session opens one `LocalTransaction` per provider transaction
+  (`Delivery.transaction(LocalSender)`), at the first recipient: each RCPT
+  goes through `add_recipient()` (None accepts it; a refusal, e.g. 550 5.1.1
+  unknown user or a 4xx, is mirrored to the provider at RCPT), the message
+  through `data()` once it is spooled, and `abort()` ends it (always called;
+  idempotent; a transaction aborted before `data()` delivers nothing).
+- `data()` returns ONE reply per accepted recipient, in the order they were
+  accepted: 2xx ONLY after the message is committed for that recipient
+  (Maildir: tmp, fsync, rename to new, fsync of the directory) or accepted
+  by the next hop (LMTP: that recipient's reply after the dot; SMTP: the one
+  final reply, repeated).  Anything else is a 4xx (temporary) or a 5xx
+  (permanent) for that recipient.  The session maps mixed outcomes (LMTP)
+  onto its single DATA reply (see serve.py); nothing here may ever leave a
+  recipient delivered AND reported failed, or the reverse.
+- `deliver()` delivers a whole envelope at once (Maildir: any number of
+  recipients, all or nothing; SMTP/LMTP: exactly one recipient, through a
+  transaction) and is what the local retry spool and the notices use.
+- `max_recipients` is None for every backend: recipients per transaction
+  are bounded by the session (100, RFC 5321 §4.5.3.1.8).
 - When the local target is down or fails, the reply is 4xx; a bug (an
   unexpected exception) is mapped to 4xx by the caller.
 - `body` is a binary file positioned at 0 holding the complete message
   (trace header included) with CRLF line endings; backends stream it.
+- `WholeMessageTransaction` adapts a backend that commits all recipients
+  together (Maildir) to the transaction interface: `check_recipient()` at
+  RCPT, `deliver()` at the end with the same reply for every recipient.
 """
-
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -45,6 +53,17 @@ class LocalEnvelope:
 
 
 @dataclass(frozen=True, slots=True)
+class LocalSender:
+    """What a local transaction knows at MAIL: the reverse-path and its parameters."""
+
+    sender: str  # "" for the null reverse-path
+    smtputf8: bool = False
+    body_8bit: bool = False
+    size: int | None = None  # SIZE= declared by the provider, if any
+    queue_hint: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class DeliveryOutcome:
     """What happened, for the session log and the `pull` summary."""
 
@@ -52,9 +71,29 @@ class DeliveryOutcome:
     where: str  # e.g. "maildir:/var/mail/example.org/bob/Maildir/new/..." or "lmtp:/run/lmtp"
 
 
+class LocalTransaction(Protocol):
+    where: str  # e.g. "lmtp:/run/lmtp", for the logs
+
+    async def add_recipient(self, rcpt: LocalRecipient) -> Reply | None:
+        """None to accept; the refusal (4xx or 5xx) to mirror at RCPT."""
+        ...
+
+    async def data(self, body: IO[bytes], size: int) -> list[Reply]:
+        """One reply per accepted recipient, in order (see the docstring)."""
+        ...
+
+    async def abort(self) -> None:
+        """End the transaction (idempotent; nothing is delivered if before `data()`)."""
+        ...
+
+
 class Delivery(Protocol):
     name: str
-    max_recipients: int | None  # None = no limit per transaction
+    max_recipients: int | None  # None for every backend: the session bounds it
+
+    def transaction(self, start: LocalSender) -> LocalTransaction:
+        """A new transaction; nothing is opened before its first recipient."""
+        ...
 
     async def check_recipient(self, rcpt: LocalRecipient) -> Reply | None:
         """None to accept; a 5xx (unknown user) or 4xx (cannot check now) to refuse."""
@@ -65,3 +104,42 @@ class Delivery(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+class _WholeMessageDelivery(Protocol):
+    name: str
+
+    async def check_recipient(self, rcpt: LocalRecipient) -> Reply | None: ...
+
+    async def deliver(self, envelope: LocalEnvelope, body: IO[bytes], size: int
+                      ) -> DeliveryOutcome: ...
+
+
+class WholeMessageTransaction:
+    """A transaction over a backend that commits every recipient at once (Maildir)."""
+
+    def __init__(self, delivery: _WholeMessageDelivery, start: LocalSender) -> None:
+        self.delivery = delivery
+        self.start = start
+        self.accepted: list[LocalRecipient] = []
+        self.where = delivery.name
+
+    async def add_recipient(self, rcpt: LocalRecipient) -> Reply | None:
+        refusal = await self.delivery.check_recipient(rcpt)
+        if refusal is None:
+            self.accepted.append(rcpt)
+        return refusal
+
+    async def data(self, body: IO[bytes], size: int) -> list[Reply]:
+        if not self.accepted:
+            return []
+        s = self.start
+        envelope = LocalEnvelope(sender=s.sender, recipients=tuple(self.accepted),
+                                 smtputf8=s.smtputf8, body_8bit=s.body_8bit,
+                                 queue_hint=s.queue_hint)
+        outcome = await self.delivery.deliver(envelope, body, size)
+        self.where = outcome.where
+        return [outcome.reply] * len(self.accepted)
+
+    async def abort(self) -> None:
+        return None

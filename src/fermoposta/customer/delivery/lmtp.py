@@ -5,12 +5,14 @@ Contract:
   socket (`Path`) or a `(host, port)` pair.  The dialogue, timeouts and reply
   mapping are those of `RelayingDelivery` (smtp.py), with LHLO instead of
   EHLO.
-- `max_recipients = 1`.  An LMTP server answers the final dot once per
-  accepted recipient; with one recipient per transaction that single reply is
-  exactly the DATA reply we give the provider, so a recipient the server
-  refuses (at RCPT or after DATA) gets its own reply mirrored (a 550 stays a
-  550 and the provider bounces it) while every other recipient, delivered in
-  its own transaction, is delivered exactly once.
+- Many recipients per transaction.  Each RCPT is forwarded as the provider
+  sends it and a refusal (Dovecot's 550 5.1.1 for an unknown user) is
+  mirrored at RCPT; after the dot the server answers once per accepted
+  recipient (RFC 2033 §4.2) and `data()` returns those replies in RCPT
+  order.  The reversed session maps them onto its one DATA reply (all alike:
+  mirrored; mixed: the failures go to the local retry spool first, see
+  serve.py), so no recipient is lost or delivered twice because another one
+  failed.
 - `check_recipient()` accepts; the LMTP server validates at delivery.
 - SIZE=, BODY=8BITMIME and SMTPUTF8 are passed only when the server offers
   them; otherwise the message is offered without them (final delivery into a
@@ -19,7 +21,7 @@ Contract:
   refused): 451 4.4.1 "local delivery unavailable", nothing written.  The
   connection lost after the final dot: 451 4.4.2 (the provider keeps the
   mail; a duplicate is possible, a loss is not).
-- One connection per message, closed with QUIT.
+- One connection per transaction, closed with QUIT.
 """
 
 from __future__ import annotations

@@ -20,8 +20,9 @@ Contract:
   path whose parent is a regular file, or a non-directory at the Maildir
   path) is 451 4.3.0: never a bounce for a local fault.
 - `deliver()` is all-or-nothing for the whole transaction
-  (`max_recipients = None`).  Phase 1 writes one file per distinct target
-  Maildir to `<maildir>/tmp/<unique>` (O_EXCL, mode 0600), streaming from
+  (`max_recipients = None`); `transaction()` is a `WholeMessageTransaction`
+  (base.py): `check_recipient()` at RCPT, `deliver()` after the dot.  Phase 1 writes one file per
+  distinct target Maildir to `<maildir>/tmp/<unique>` (O_EXCL, mode 0600), streaming from
   `body` in 64 KiB chunks (bounded memory), prefixed with
   "Delivered-To: <envelope recipient>" (unless `delivered_to=False`), with
   CRLF line ends converted to LF (the Maildir convention; bare CRs are kept),
@@ -63,7 +64,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from fermoposta.customer.delivery.base import DeliveryOutcome, LocalEnvelope, LocalRecipient
+from fermoposta.customer.delivery.base import (
+    DeliveryOutcome,
+    LocalEnvelope,
+    LocalRecipient,
+    LocalSender,
+    WholeMessageTransaction,
+)
 from fermoposta.smtp.reply import Reply
 
 __all__ = ["MaildirDelivery"]
@@ -162,6 +169,9 @@ class MaildirDelivery:
 
     name = "maildir"
     max_recipients: int | None = None
+
+    def transaction(self, start: LocalSender) -> WholeMessageTransaction:
+        return WholeMessageTransaction(self, start)
 
     def __init__(
         self,
