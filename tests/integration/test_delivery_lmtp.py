@@ -84,7 +84,7 @@ async def test_unknown_user_gets_dovecots_550_mirrored(dovecot: Dovecot) -> None
 
 
 async def test_one_refused_recipient_never_affects_the_others(dovecot: Dovecot) -> None:
-    """The session sends one recipient per transaction (max_recipients = 1)."""
+    """`deliver()` (retry spool, notices) takes one recipient: each its own outcome."""
     delivery = LMTPDelivery(dovecot.socket, hostname=HOSTNAME)
     data = message()
     replies = [(await deliver(delivery, data, rcpt)).reply.code
