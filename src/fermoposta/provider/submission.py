@@ -4,8 +4,8 @@ Contract:
 - MAIL needs a successful AUTH first (530 5.7.0), with the same accounts
   and mechanisms as ODMR (`provider.auth`: PLAIN/LOGIN only under TLS).
 - With `[submission] restrict_senders` (default) the envelope sender must be
-  an address in one of the account's domains; anything else, the null
-  sender included, gets 553 5.7.1.  No open relay: unauthenticated peers
+  an address in one of the account's domains (or the null sender `<>`,
+  which a site's own delivery notices use); anything else gets 553 5.7.1.  No open relay: unauthenticated peers
   cannot send anywhere, authenticated ones only as themselves.
 - At most `rate_limit` messages per account per `rate_window` (450 4.7.1
   beyond, counted per provider process).
@@ -148,7 +148,13 @@ class SubmissionSession(TransactionSession):
             return None
         account = self.auth.account
         assert account is not None
-        if not sender.address or "@" not in sender.address:
+        if not sender.address:
+            # The null sender is a site's own notice (a DSN from its local
+            # retry spool, RFC 3464 / RFC 5321 §4.5.5): it owns no address to
+            # check.  Authenticated, rate-limited and logged with the account.
+            self.log.info("%s: %s sends a notice (MAIL FROM:<>)", self.session_id, account)
+            return None
+        if "@" not in sender.address:
             return SENDER_NOT_OWNED
         try:
             domain = normalize_domain(split_address(sender.address)[1])
