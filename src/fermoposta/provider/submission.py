@@ -5,7 +5,8 @@ Contract:
   and mechanisms as ODMR (`provider.auth`: PLAIN/LOGIN only under TLS).
 - With `[submission] restrict_senders` (default) the envelope sender must be
   an address in one of the account's domains (or the null sender `<>`,
-  which a site's own delivery notices use); anything else gets 553 5.7.1.  No open relay: unauthenticated peers
+  which a site's own delivery notices use); anything else gets 553 5.7.1.
+  No open relay: unauthenticated peers
   cannot send anywhere, authenticated ones only as themselves.
 - At most `rate_limit` messages per account per `rate_window` (450 4.7.1
   beyond, counted per provider process).
