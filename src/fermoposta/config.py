@@ -159,6 +159,14 @@ class LimitsConfig:
       A duration is an integer number of seconds or a number with s, m, h or d.
     - ``data_timeout`` (duration, default ``"3m"``): time allowed for each data
       block during DATA (RFC 5321 §4.5.3.2.5: 3 minutes).
+    - ``data_deadline`` (duration, default ``"10m"``; ``0`` = none): time allowed
+      for the whole DATA of one message, however the bytes trickle in (the
+      per-read ``data_timeout`` alone lets a slow drip hold a connection
+      forever); when it passes: ``421 4.4.2``, nothing of that message kept.
+    - ``session_deadline`` (duration, default ``"1h"``; ``0`` = none): time
+      allowed for a whole connection, from accept to close, on every listener
+      (for ODMR: until ATRN hands the connection over; the drain that follows
+      has its own timeouts and lease); then ``421 4.4.2`` and close.
     - ``tls_handshake_timeout`` (duration, default ``"1m"``): time allowed for a
       TLS handshake (STARTTLS or implicit TLS).
     - ``max_line_length`` (int, default 1000): longest DATA text line in octets,
@@ -175,6 +183,8 @@ class LimitsConfig:
     max_connections_per_ip: int = 20
     command_timeout: float = 300.0
     data_timeout: float = 180.0
+    data_deadline: float = 600.0
+    session_deadline: float = 3600.0
     tls_handshake_timeout: float = 60.0
     max_line_length: int = 1000
     shutdown_grace: float = 10.0
@@ -563,6 +573,8 @@ _SECTIONS: dict[str, tuple[type[Any], dict[str, _Parser]]] = {
             "max_connections_per_ip": _integer(1),
             "command_timeout": _duration(positive=True),
             "data_timeout": _duration(positive=True),
+            "data_deadline": _duration(positive=False),
+            "session_deadline": _duration(positive=False),
             "tls_handshake_timeout": _duration(positive=True),
             "max_line_length": _line_length,
             "shutdown_grace": _duration(positive=False),

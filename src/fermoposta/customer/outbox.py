@@ -28,7 +28,9 @@ Contract:
     provider), ENHANCEDSTATUSCODES; smuggling-safe DATA (`TransactionSession`);
   * the final dot is answered ``250 2.0.0 OK queued as <qid>`` only after
     the SQLite commit (``451 4.3.0`` when the spool fails: the client keeps
-    the message); then `on_queued` is called (the continuous push wakes up).
+    the message); then `on_queued` is called (the continuous push wakes up);
+  * a client's whole DATA must end within 10 minutes and its session within
+    an hour (``421 4.4.2`` then, nothing of an unfinished message kept).
 - Logs are Postfix-like lines of component ``outbox`` keyed by the outbox's
   own queue id (12 hex digits, also in our ``Received:`` header):
   ``<qid>: client=<helo>[<ip>][, sasl_username=<user>]`` and
@@ -89,6 +91,9 @@ log = logging.getLogger("fermoposta.outbox")
 OUTBOX_FILENAME = "outbox.sqlite3"
 #: Concurrent client sessions; more get 421 (a LAN service, not an MX).
 MAX_SESSIONS = 100
+# The provider's [limits] defaults: one message's DATA, one whole session.
+OUTBOX_DATA_DEADLINE = 600.0
+OUTBOX_SESSION_DEADLINE = 3600.0
 #: The mechanisms offered with a users file, strongest first; PLAIN and LOGIN
 #: are filtered out by the `Authenticator` unless ``allow_plaintext_auth``.
 OUTBOX_MECHANISMS = ("SCRAM-SHA-256", "CRAM-MD5", "PLAIN", "LOGIN")
@@ -359,7 +364,11 @@ class OutboxServer:
         self.config = config
         self.store = store
         self.on_queued = on_queued
-        self.limits = SessionLimits(max_message_size=config.outbox.max_message_size)
+        # The provider's default deadlines (docs/customer-config.md): a LAN
+        # client dripping DATA must not hold a session slot for ever.
+        self.limits = SessionLimits(max_message_size=config.outbox.max_message_size,
+                                    data_deadline=OUTBOX_DATA_DEADLINE,
+                                    session_deadline=OUTBOX_SESSION_DEADLINE)
         self.accounts: _UserAccounts | None = None
         self.server: asyncio.Server | None = None
         self.address: tuple[str, int] | None = None

@@ -11,13 +11,36 @@ Contract:
     state included, is handed from the server machine to the client machine;
     the ODMR layer checks `buffered()` before the flip.
 - Every read and write takes a timeout (RFC 5321 §4.5.3.2); expiry raises
-  `TimeoutError`.  A peer that closes raises `ConnectionClosed`.
+  `TimeoutError`.  Two overall deadlines (absolute `loop.time()` values)
+  bound those waits further: `deadline`, set on the connection (the whole
+  server session), and the `deadline` argument of `read_data()` (one
+  message's DATA).  A wait cut short by one raises `DeadlineExceeded` (a
+  `TimeoutError`) naming it; a deadline never interrupts anything but a
+  wait for the peer.
+- A peer's half-close (FIN after its last command, RFC 2920 §3.1 pipelining)
+  is not a reset: the bytes it sent are still read, in order, and only the
+  read that finds the buffer empty raises `ConnectionClosed`; on plain TCP
+  our write side stays open, so every reply to what the peer sent still
+  reaches it.  Over TLS the same holds for a bare TCP FIN: `_FINGuard`
+  keeps it from asyncio's SSL protocol (which would shut down and drop
+  later writes) until we close.  A TLS close_notify, though, makes asyncio
+  shut the TLS session down at once (RFC 8446 §6.1 leaves a TLS 1.3
+  half-close optional): only replies written before it arrives get out,
+  and `can_reply` turns false.
+- Implicit TLS (server and client) is a plain connection upgraded with
+  `loop.start_tls` before anything else, so both TLS paths share the guard;
+  a failed server-side handshake is logged and the connection dropped
+  before the handler runs.
+- `close()` flushes what was written (and TLS close_notify) before the
+  socket goes, bounded by its timeout; after that it aborts, so a peer that
+  never reads cannot keep a closed session's buffers alive.
 - Reads are bounded: `read_line(limit)` raises `LineTooLong` for an overlong
   line (the rest of that line is skipped), and the receive buffer pauses the
   transport above a high-water mark, so a peer cannot make us buffer without
   bound.
 - Only public asyncio APIs are used (`loop.create_server`,
-  `loop.create_connection`, `loop.create_unix_connection`, `loop.start_tls`).
+  `loop.create_connection`, `loop.create_unix_connection`, `loop.start_tls`,
+  `BaseTransport.set_protocol`).
   `open_unix_connection()` reaches a unix-domain socket (an LMTP server);
   such a connection has no peer address (`peer_ip` is "unknown").
 """
@@ -26,6 +49,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import ssl
 from collections.abc import Awaitable, Callable
@@ -37,6 +61,7 @@ from fermoposta.smtp.lines import LineBuffer, LineTooLong
 __all__ = [
     "Connection",
     "ConnectionClosed",
+    "DeadlineExceeded",
     "LineTooLong",
     "open_connection",
     "open_unix_connection",
@@ -48,6 +73,61 @@ HIGH_WATER = 4 * 1024 * 1024  # pause reading above this many buffered bytes
 
 class ConnectionClosed(Exception):
     """The peer closed the connection (or it was reset)."""
+
+
+class DeadlineExceeded(TimeoutError):
+    """An overall deadline passed while waiting for the peer; `what` names it
+    ("DATA" for one message's data, "session" for the whole connection)."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(f"{what} deadline exceeded")
+        self.what = what
+
+
+class _FINGuard(asyncio.BufferedProtocol):
+    """Sits between a TLS connection's socket transport and asyncio's SSL
+    protocol (public `set_protocol`): everything passes through but the
+    peer's TCP FIN, which would make the SSL protocol shut down and silently
+    drop the replies still to be written.  The FIN is reported to the
+    `Connection` at once (reads end after what was received) and handed to
+    the SSL protocol only when we close."""
+
+    def __init__(self, inner: asyncio.BufferedProtocol, connection: Connection) -> None:
+        self.inner = inner
+        self.connection = connection
+        self.fin = False
+        self.released = False
+
+    def get_buffer(self, sizehint: int) -> Any:
+        return self.inner.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.inner.buffer_updated(nbytes)
+
+    def eof_received(self) -> bool | None:
+        if self.released or self.connection._transport.is_closing():
+            # TLS is shutting down already (our close, or the peer's
+            # close_notify): the FIN is what the SSL protocol waits for.
+            return self.inner.eof_received()
+        self.fin = True
+        self.connection._closed_by_peer()
+        return True  # keep the socket's write side open
+
+    def release(self) -> None:
+        """Our close: now let the SSL protocol see a FIN held back, and finish."""
+        self.released = True
+        if self.fin:
+            with contextlib.suppress(Exception):
+                self.inner.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
 
 
 class _Protocol(asyncio.Protocol):
@@ -68,13 +148,21 @@ class _Protocol(asyncio.Protocol):
             self.connection._received(data)
 
     def eof_received(self) -> bool:
-        if self.connection is not None:
-            self.connection._closed_by_peer()
-        return False
+        # The peer's FIN ends what it sends, not what it may receive: a client
+        # that pipelines ".", "QUIT" and then shuts down its write side still
+        # waits for the 250 and the 221 (RFC 2920 §3.1).  Returning True keeps
+        # our write side open; the session closes once it has answered.  For
+        # TLS the return value is ignored (asyncio's SSL protocol closes and
+        # warns if we return True), so say False there.
+        if self.connection is None:
+            return False
+        self.connection._closed_by_peer()
+        return not self.connection.tls_active
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.connection is not None:
             self.connection._closed_by_peer()
+            self.connection._lost.set()
             self.connection._wake_writers()
 
     def pause_writing(self) -> None:
@@ -99,6 +187,10 @@ class Connection:
         self._write_paused = False
         self._write_waiters: list[asyncio.Future[None]] = []
         self._reading_paused = False
+        self._lost = asyncio.Event()
+        self._fin_guard: _FINGuard | None = None
+        # The whole session's deadline (loop time), set by the server session.
+        self.deadline: float | None = None
         # A unix-domain socket's names are paths (str), not (host, port) tuples.
         peer = transport.get_extra_info("peername")
         peer = peer if isinstance(peer, tuple) else None
@@ -143,7 +235,20 @@ class Connection:
 
     @property
     def closed(self) -> bool:
-        return self._transport.is_closing()
+        """True once we closed, or the peer closed (or half-closed) its side:
+        nothing more will be read; replies can still be written (plain TCP)."""
+        return self._transport.is_closing() or self._eof
+
+    @property
+    def can_reply(self) -> bool:
+        """Whether bytes written now can still reach the peer: false once we
+        closed, and over TLS once the peer's close_notify arrived (a bare FIN
+        is held back by `_FINGuard`; see the module docstring)."""
+        if self._transport.is_closing():
+            return False
+        if self._eof and self.tls_active:
+            return self._fin_guard is not None and self._fin_guard.fin
+        return True
 
     # --- protocol callbacks ----------------------------------------------------------
     def _received(self, data: bytes) -> None:
@@ -186,24 +291,52 @@ class Connection:
         finally:
             self._read_waiter = None
 
+    def _bound(self, timeout: float, deadline: float | None = None) -> tuple[float, str | None]:
+        """When a wait of `timeout` seconds must end (loop time), and which
+        deadline (if any) ends it sooner; raises `DeadlineExceeded` if that
+        deadline has already passed."""
+        now = asyncio.get_running_loop().time()
+        when, which = now + timeout, None
+        for name, limit in (("session", self.deadline), ("DATA", deadline)):
+            if limit is not None and limit < when:
+                when, which = limit, name
+        if which is not None and when <= now:
+            raise DeadlineExceeded(which)
+        return when, which
+
     # --- reading ---------------------------------------------------------------------
     async def read_line(self, limit: int, timeout: float) -> bytes:
-        """Next line including its terminator; see LineBuffer.next_line."""
-        async with asyncio.timeout(timeout):
-            while True:
-                line = self._buffer.next_line(limit)
-                if line is not None:
-                    self._maybe_resume_reading()
-                    return line
-                await self._wait_for_data()
+        """Next line including its terminator; see LineBuffer.next_line.
+
+        Lines already received are returned even after the peer's EOF."""
+        when, which = self._bound(timeout)
+        try:
+            async with asyncio.timeout_at(when):
+                while True:
+                    line = self._buffer.next_line(limit)
+                    if line is not None:
+                        self._maybe_resume_reading()
+                        return line
+                    await self._wait_for_data()
+        except TimeoutError:
+            if which is not None:
+                raise DeadlineExceeded(which) from None
+            raise
 
     async def read_data(
-        self, reader: DataReader, sink: Callable[[bytes], object], timeout: float
+        self,
+        reader: DataReader,
+        sink: Callable[[bytes], object],
+        timeout: float,
+        *,
+        deadline: float | None = None,
     ) -> None:
         """Feed DATA bytes through `reader` into `sink` until the end-of-data line.
 
         `timeout` applies to each wait for more bytes (the RFC 5321 §4.5.3.2.5
-        data block timeout), not to the whole transfer."""
+        data block timeout); `deadline` (loop time) to the whole transfer: RFC
+        5321 defines only per-read timeouts, which a peer dripping one byte
+        per (timeout - 1) seconds never trips."""
         while True:
             chunk = self._buffer.take_all()
             if chunk:
@@ -215,20 +348,37 @@ class Connection:
                         self._buffer.feed(leftover)
                     self._maybe_resume_reading()
                     return
-            async with asyncio.timeout(timeout):
-                await self._wait_for_data()
+            when, which = self._bound(timeout, deadline)
+            try:
+                async with asyncio.timeout_at(when):
+                    await self._wait_for_data()
+            except TimeoutError:
+                if which is not None:
+                    raise DeadlineExceeded(which) from None
+                raise
 
     # --- writing ---------------------------------------------------------------------
     async def write(self, data: bytes, timeout: float) -> None:
         if self._transport.is_closing():
             raise ConnectionClosed("connection is closed")
+        if not self.can_reply:
+            # asyncio's SSL transport has shut down and would drop this silently.
+            raise ConnectionClosed("TLS connection closed by peer (close_notify)")
         self._transport.write(data)
         if self._write_paused:
-            async with asyncio.timeout(timeout):
-                while self._write_paused and not self._transport.is_closing():
-                    waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-                    self._write_waiters.append(waiter)
-                    await waiter
+            # A peer that does not read must not outlast the session deadline.
+            when, which = self._bound(timeout)
+            try:
+                async with asyncio.timeout_at(when):
+                    while self._write_paused and not self._transport.is_closing():
+                        waiter: asyncio.Future[None] = (
+                            asyncio.get_running_loop().create_future())
+                        self._write_waiters.append(waiter)
+                        await waiter
+            except TimeoutError:
+                if which is not None:
+                    raise DeadlineExceeded(which) from None
+                raise
             if self._transport.is_closing():
                 raise ConnectionClosed("connection closed while writing")
 
@@ -248,8 +398,9 @@ class Connection:
         attempt and must never be read as protected data (RFC 3207 §6)."""
         dropped = len(self._buffer.take_all())
         loop = asyncio.get_running_loop()
+        raw = self._transport
         new_transport = await loop.start_tls(
-            self._transport,
+            raw,
             self._protocol,
             context,
             server_side=server_side,
@@ -260,17 +411,30 @@ class Connection:
             raise ConnectionClosed("connection closed during TLS handshake")
         assert isinstance(new_transport, asyncio.Transport)
         self._transport = new_transport
+        ssl_protocol = raw.get_protocol()
+        if isinstance(ssl_protocol, asyncio.BufferedProtocol) and not raw.is_closing():
+            self._fin_guard = _FINGuard(ssl_protocol, self)
+            raw.set_protocol(self._fin_guard)
         return dropped
 
     async def close(self, timeout: float = 5.0) -> None:
+        """Close after flushing what we wrote (and TLS close_notify): the last
+        replies to a half-closed peer must reach it.  Bounded by `timeout`;
+        then the connection is aborted."""
+        self._buffer.take_all()
         if not self._transport.is_closing():
             self._transport.close()
-        # Give the transport a moment to flush (and send TLS close_notify).
-        with contextlib.suppress(Exception):
+        if self._fin_guard is not None:
+            # The peer's FIN was held back from TLS (see _FINGuard): our
+            # writes are queued now, so the SSL protocol may finish.
+            self._fin_guard.release()
+        try:
             async with asyncio.timeout(timeout):
-                while not self._eof:
-                    await self._wait_for_data()
-                    self._buffer.take_all()
+                await self._lost.wait()
+        except TimeoutError:
+            self._transport.abort()
+        finally:
+            self._buffer.take_all()
 
     def abort(self) -> None:
         self._transport.abort()
@@ -286,15 +450,18 @@ async def open_connection(
 ) -> Connection:
     """Connect as a client (implicit TLS when `ssl_context` is given)."""
     loop = asyncio.get_running_loop()
-    kwargs: dict[str, Any] = {}
-    if ssl_context is not None:
-        kwargs["ssl"] = ssl_context
-        kwargs["server_hostname"] = server_hostname or host
-        kwargs["ssl_handshake_timeout"] = timeout
     async with asyncio.timeout(timeout):
-        _, protocol = await loop.create_connection(_Protocol, host, port, **kwargs)
+        _, protocol = await loop.create_connection(_Protocol, host, port)
     assert protocol.connection is not None
-    return protocol.connection
+    conn = protocol.connection
+    if ssl_context is not None:
+        try:
+            await conn.start_tls(ssl_context, server_side=False,
+                                 server_hostname=server_hostname or host, timeout=timeout)
+        except BaseException:
+            conn.abort()
+            raise
+    return conn
 
 
 async def open_unix_connection(path: str | os.PathLike[str], *, timeout: float) -> Connection:
@@ -306,7 +473,17 @@ async def open_unix_connection(path: str | os.PathLike[str], *, timeout: float) 
     return protocol.connection
 
 
-async def _run(handler: Callable[[Connection], Awaitable[None]], conn: Connection) -> None:
+async def _run(handler: Callable[[Connection], Awaitable[None]], conn: Connection,
+               ssl_context: ssl.SSLContext | None, tls_handshake_timeout: float) -> None:
+    if ssl_context is not None:
+        try:
+            await conn.start_tls(ssl_context, server_side=True, timeout=tls_handshake_timeout)
+        except (OSError, ssl.SSLError, ConnectionClosed) as exc:  # TimeoutError is an OSError
+            logging.getLogger("fermoposta.smtp").info(
+                "TLS handshake failed from [%s]: %s", conn.peer_ip,
+                getattr(exc, "reason", None) or exc or type(exc).__name__)
+            conn.abort()
+            return
     await handler(conn)
 
 
@@ -327,15 +504,12 @@ async def start_server(
 
         def made(p: _Protocol) -> None:
             assert p.connection is not None
-            task: asyncio.Task[None] = loop.create_task(_run(handler, p.connection))
+            task: asyncio.Task[None] = loop.create_task(
+                _run(handler, p.connection, ssl_context, tls_handshake_timeout))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
 
         protocol.on_made = made
         return protocol
 
-    kwargs: dict[str, Any] = {}
-    if ssl_context is not None:
-        kwargs["ssl"] = ssl_context
-        kwargs["ssl_handshake_timeout"] = tls_handshake_timeout
-    return await loop.create_server(factory, host, port, reuse_address=True, **kwargs)
+    return await loop.create_server(factory, host, port, reuse_address=True)

@@ -18,6 +18,14 @@ Contract:
   `handoff` and ends phase 1; `run()` then runs the hand-off outside every
   verb handler, so an error in phase 2 can never be answered with a server
   reply: a bug there is logged and the connection dropped.
+- A peer that half-closes (FIN after pipelined commands) gets a reply to
+  every complete command it sent, then the connection closes (flushing
+  those replies, see `Connection`).
+- Deadlines (`SessionLimits.session_deadline`, the whole connection from
+  accept to close, phase 1 only: an ATRN hand-off has its own bounds; and
+  `data_deadline`, one message's DATA) cut waits for the peer, never a
+  handler at work: when one passes the session answers 421 4.4.2, keeps
+  nothing of an unfinished message, logs it and closes.  `None` = none.
 - The session never raises: peer closes, timeouts and TLS failures end it
   quietly (logged), and `run()` always closes the connection.
 """
@@ -33,7 +41,12 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
-from fermoposta.net.connection import Connection, ConnectionClosed, LineTooLong
+from fermoposta.net.connection import (
+    Connection,
+    ConnectionClosed,
+    DeadlineExceeded,
+    LineTooLong,
+)
 from fermoposta.ops.log import redact
 from fermoposta.smtp import reply as R
 from fermoposta.smtp.command import Command, parse_command, parse_ehlo_arg
@@ -54,6 +67,17 @@ class SessionLimits:
     max_message_size: int = 50 * 1024 * 1024
     max_recipients: int = 100
     max_line_length: int = 1000  # RFC 5321 §4.5.3.1.6
+    # Overall bounds RFC 5321 does not define (§4.5.3.2 timeouts are per read,
+    # so a slow drip never trips them); None = no bound.  The listeners set them
+    # from [limits] data_deadline / session_deadline.
+    data_deadline: float | None = None  # one message's DATA
+    session_deadline: float | None = None  # the whole connection (phase 1)
+
+
+def deadline_reply(what: str) -> Reply:
+    """421 4.4.2 when an overall deadline passes (RFC 3463 §3.5: timeout)."""
+    limit = "DATA time limit" if what == "DATA" else "Session time limit"
+    return Reply(421, "4.4.2", f"{limit} exceeded, closing connection")
 
 
 def new_session_id() -> str:
@@ -91,6 +115,7 @@ class ServerSession:
         self.esmtp = False
         self.errors = 0
         self.closing = False
+        self.in_data = False  # reading a message's data (for the deadline log)
         # Set by a verb that hands the connection over (ATRN's flip): run by
         # `run()` after phase 1 ends, outside every verb handler.
         self.handoff: Callable[[], Awaitable[None]] | None = None
@@ -136,10 +161,16 @@ class ServerSession:
 
     async def run(self) -> None:
         try:
+            if self.limits.session_deadline is not None:
+                self.conn.deadline = (asyncio.get_running_loop().time()
+                                      + self.limits.session_deadline)
             await self._dialog()
+            # The hand-off (the ODMR drain) runs under its own timeouts and lease.
+            self.conn.deadline = None
             if self.handoff is not None:
                 await self._run_handoff(self.handoff)
         finally:
+            self.conn.deadline = None
             await self.finish()
             await self.conn.close()
 
@@ -172,6 +203,14 @@ class ServerSession:
                 await self.one_command()
         except ConnectionClosed:
             self.log.info("%s: disconnect from %s", self.session_id, self.peer_description())
+        except DeadlineExceeded as exc:
+            # RFC 5321 §3.8: the server may close with 421 for its own reasons;
+            # an unfinished message is not kept (its client still has it).
+            self.conn.deadline = None  # let the 421 itself go out
+            self.log.warning("%s: %s deadline passed for %s; closing%s", self.session_id,
+                             exc.what, self.peer_description(),
+                             " (partial message discarded)" if self.in_data else "")
+            await self._try_send(deadline_reply(exc.what))
         except TimeoutError:
             self.log.info("%s: timeout from %s", self.session_id, self.peer_description())
             await self._try_send(R.TIMEOUT)

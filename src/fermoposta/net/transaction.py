@@ -12,16 +12,24 @@ Contract:
   CR or LF is refused (SMTP smuggling, RFC 5321 §2.3.8).
 - `accept_message` must return 250 only once the message is durably stored
   (or delivered); the peer hears nothing before it returns.
-- A dropped connection mid-DATA discards the partial message (§3.8).
+- A peer whose EOF arrived with its final dot over TLS, where the 250 can
+  no longer be written, gets nothing stored: it keeps the message and
+  retries (plain TCP peers that half-close do get their 250).
+- A dropped connection mid-DATA discards the partial message (§3.8), and
+  so does an expired deadline: `limits.data_deadline` bounds one message's
+  whole DATA (the per-read `data_timeout` alone lets a slow drip last
+  forever); the session then answers 421 4.4.2 and closes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import IO, ClassVar
 
+from fermoposta.net.connection import ConnectionClosed
 from fermoposta.net.server_session import ServerSession
 from fermoposta.smtp import reply as R
 from fermoposta.smtp.command import (
@@ -217,7 +225,13 @@ class TransactionSession(ServerSession):
         try:
             spool.write(self.trace_header(txn))
             reader = DataReader(self.limits.max_message_size, self.limits.max_line_length)
-            await self.conn.read_data(reader, spool.write, self.limits.data_timeout)
+            deadline = None
+            if self.limits.data_deadline is not None:
+                deadline = asyncio.get_running_loop().time() + self.limits.data_deadline
+            self.in_data = True  # stays set if the read raises: the session ends
+            await self.conn.read_data(reader, spool.write, self.limits.data_timeout,
+                                      deadline=deadline)
+            self.in_data = False
             self.transaction = None  # the transaction ends with the data, whatever follows
             if reader.too_big:
                 return MESSAGE_TOO_BIG
@@ -225,6 +239,13 @@ class TransactionSession(ServerSession):
                 return BARE_LINE_ENDING
             if reader.line_too_long:
                 return DATA_LINE_TOO_LONG
+            if not self.conn.can_reply:
+                # The 250 could no longer reach the peer (TLS after its EOF):
+                # storing the message would make the client's retry a
+                # duplicate.  It keeps the message; we keep nothing.
+                self.log.info("%s: %s closed before the end-of-data reply; message not "
+                              "stored", self.session_id, self.peer_description())
+                raise ConnectionClosed("peer closed before the end-of-data reply")
             size = spool.tell()
             spool.seek(0)
             reply = await self.accept_message(txn, spool, size)

@@ -91,6 +91,9 @@ def session_limits(config: ProviderConfig) -> SessionLimits:
         max_message_size=lim.max_message_size,
         max_recipients=lim.max_recipients,
         max_line_length=lim.max_line_length,
+        # 0 in the config means no deadline.
+        data_deadline=lim.data_deadline or None,
+        session_deadline=lim.session_deadline or None,
     )
 
 
