@@ -12,6 +12,7 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import logging
 import socket
 import ssl
 from collections.abc import AsyncIterator, Callable
@@ -330,3 +331,20 @@ async def test_close_flushes_to_a_half_closed_peer_and_is_bounded():
         stalled.set()
         server.close()
         await server.wait_closed()
+
+
+async def test_implicit_tls_bad_handshake_is_dropped_and_logged(provider_factory, caplog):
+    # Implicit TLS is now a plain accept plus start_tls: a client speaking
+    # plaintext SMTP gets no greeting, the failure is logged, the socket closed.
+    p = await provider_factory(odmr_tls=True)
+    assert p.odmr_tls is not None
+    reader, writer = await asyncio.open_connection(*p.odmr_tls)
+    try:
+        with caplog.at_level(logging.INFO, logger="fermoposta"):
+            writer.write(b"EHLO plaintext.example\r\n\r\n")
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+            await asyncio.sleep(0.05)
+    finally:
+        writer.close()
+    assert any("TLS handshake failed from [127.0.0.1]" in r.getMessage()
+               for r in caplog.records)

@@ -504,6 +504,11 @@ async def start_server(
 
         def made(p: _Protocol) -> None:
             assert p.connection is not None
+            if ssl_context is not None:
+                # Not one byte of the ClientHello may reach our plaintext
+                # buffer (start_tls would drop it): read nothing until the
+                # handshake takes the transport over.
+                p.connection._transport.pause_reading()
             task: asyncio.Task[None] = loop.create_task(
                 _run(handler, p.connection, ssl_context, tls_handshake_timeout))
             tasks.add(task)
