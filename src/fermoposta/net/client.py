@@ -7,6 +7,16 @@ Contract:
 - `send_body()` streams a message body through a `DotStuffer`
   (RFC 5321 §4.5.2) so no bare CR/LF and no unstuffed leading dot ever
   reach the wire, and memory stays bounded by the chunk size.
+- With `line_records=True` (the ODMR drain) on a TLS connection, every
+  command line of a pipelined group goes in its own TLS record, and the
+  end-of-data line ".<CRLF>" in a record of its own: the last record before
+  we wait for a reply always holds exactly one line.  Pipelining is kept
+  (nothing waits between the lines).  Why: fetchmail, the usual ODMR
+  client, relays the reversed session with a select() loop that reads one
+  line per wakeup through OpenSSL; the other lines of a record it has
+  already decrypted are invisible to select() (the socket is no longer
+  readable) and would never be relayed, so the session would stall after
+  the first reply until our timeout.
 - It never decides what a reply *means*: callers (the drain, the customer,
   outbound delivery) do.
 """
@@ -27,13 +37,22 @@ __all__ = ["ReplyProtocolError", "SMTPClient"]
 log = logging.getLogger("fermoposta.smtp")
 
 REPLY_LINE_LIMIT = 2048  # RFC 5321 says 512; real servers send longer text lines
+END_OF_DATA = b".\r\n"  # RFC 5321 §4.1.1.4
 
 
 class SMTPClient:
-    def __init__(self, conn: Connection, *, write_timeout: float = 180.0) -> None:
+    def __init__(self, conn: Connection, *, write_timeout: float = 180.0,
+                 line_records: bool = False) -> None:
         self.conn = conn
         self.write_timeout = write_timeout
+        self.line_records = line_records
         self.capabilities: dict[str, str] = {}
+
+    def _one_record_per_line(self) -> bool:
+        # asyncio's SSL transport turns each write() into its own TLS
+        # record(s) (up to 16 KiB each); in clear text separate writes would
+        # only cost system calls, the peer's kernel buffer is visible to it.
+        return self.line_records and self.conn.tls_active
 
     async def read_reply(self, timeout: float) -> Reply:
         assembler = ReplyAssembler()
@@ -54,11 +73,16 @@ class SMTPClient:
         await self.conn.write(data, self.write_timeout)
 
     async def send_group(self, lines: list[str], timeout: float) -> None:
-        """Several commands in one write (RFC 2920 pipelining)."""
-        data = ("\r\n".join(lines) + "\r\n").encode("utf-8")
+        """Several commands sent without waiting (RFC 2920 pipelining): in one
+        write, or one TLS record per line with `line_records` (see above)."""
         if log.isEnabledFor(logging.DEBUG):
             for line in lines:
                 log.debug("[%s] > %s", self.conn.peer_ip, line)
+        if self._one_record_per_line():
+            for line in lines:
+                await self.conn.write(line.encode("utf-8") + b"\r\n", timeout)
+            return
+        data = ("\r\n".join(lines) + "\r\n").encode("utf-8")
         await self.conn.write(data, timeout)
 
     async def command(self, line: str, timeout: float, *, secret: bool = False) -> Reply:
@@ -94,6 +118,11 @@ class SMTPClient:
             if out:
                 await self.conn.write(out, self.write_timeout)
                 sent += len(out)
-        tail = stuffer.finish()
-        await self.conn.write(tail, self.write_timeout)
+        tail = stuffer.finish()  # [CRLF] ".<CRLF>"
+        if self._one_record_per_line() and len(tail) > len(END_OF_DATA):
+            # A missing final line end and the dot must not share a record.
+            await self.conn.write(tail[:-len(END_OF_DATA)], self.write_timeout)
+            await self.conn.write(END_OF_DATA, self.write_timeout)
+        else:
+            await self.conn.write(tail, self.write_timeout)
         return sent + len(tail)

@@ -13,8 +13,10 @@ connection (RFC 2645 §5.3).  Contract:
   connection drops or times out after the final dot the outcome is unknown:
   the recipients stay queued (a duplicate is possible, a loss is not; RFC
   1047).  Each outcome is committed before the next command is sent.
-- Uses PIPELINING (MAIL, all RCPTs and DATA in one write), SIZE, 8BITMIME and
-  SMTPUTF8 when the customer offers them; a message the customer cannot take
+- Uses PIPELINING (MAIL, all RCPTs and DATA sent without waiting; in one
+  write, or over TLS one TLS record per command so that fetchmail's
+  line-by-line relay sees every one, see `net/client.py`), SIZE, 8BITMIME
+  and SMTPUTF8 when the customer offers them; a message the customer cannot take
   (too big for its SIZE, 8-bit without 8BITMIME, UTF-8 without SMTPUTF8) is
   failed with a DSN without being sent.
 - Renews the domain leases while it works; ends with QUIT.  Never raises
@@ -81,7 +83,10 @@ class Drain:
     def __init__(self, conn: Connection, store: Store, *, domains: Sequence[str], hostname: str,
                  session_id: str, settings: DrainSettings) -> None:
         self.conn = conn
-        self.client = SMTPClient(conn, write_timeout=settings.data_block_timeout)
+        # line_records: the customer may be fetchmail relaying our bytes line
+        # by line out of OpenSSL (net/client.py explains the stall it avoids).
+        self.client = SMTPClient(conn, write_timeout=settings.data_block_timeout,
+                                 line_records=True)
         self.store = store
         self.domains = frozenset(domains)
         self.hostname = hostname

@@ -1,0 +1,103 @@
+"""The drain's TLS record layout in the reversed session (issue 8, defect 3).
+
+fetchmail relays the reversed session with select() and reads one line per
+wakeup through OpenSSL, so every command line of a pipelined group, and the
+final dot, must reach the customer in a TLS record of its own
+(`SMTPClient(line_records=True)`, net/client.py).  This customer is a
+blocking `ssl` socket: one `recv()` returns the data of at most one TLS
+record, so each chunk it gets is one record.  In clear text the group stays
+one write (tests/core/test_client_records.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import socket
+import ssl
+
+from conftest import PASSWORD, Certs
+from support.dialog import send_mail
+
+BODY = b"Subject: records\r\n\r\nline one\r\n.dotted\r\nline three\r\n"
+
+
+class RecordCustomer:
+    """A blocking TLS customer that keeps every record it receives after ATRN."""
+
+    def __init__(self, address: tuple[str, int], context: ssl.SSLContext) -> None:
+        raw = socket.create_connection(address, timeout=10)
+        self.sock = context.wrap_socket(raw, server_hostname="localhost")
+        self.buffer = b""
+
+    def line(self) -> bytes:
+        while b"\n" not in self.buffer:
+            chunk = self.sock.recv(65536)
+            assert chunk, "provider closed the connection"
+            self.buffer += chunk
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        return line + b"\n"
+
+    def reply(self) -> bytes:
+        while True:
+            line = self.line()
+            if line[3:4] == b" ":
+                return line
+
+    def cmd(self, text: str, code: int) -> None:
+        self.sock.sendall(text.encode() + b"\r\n")
+        got = self.reply()
+        assert got.startswith(str(code).encode()), got
+
+    def records_until(self, done: bytes) -> list[bytes]:
+        """Records as received, until their concatenation ends with `done`."""
+        assert self.buffer == b"", self.buffer
+        records: list[bytes] = []
+        while not b"".join(records).endswith(done):
+            chunk = self.sock.recv(65536)
+            assert chunk, f"provider closed the connection after {records!r}"
+            records.append(chunk)
+        return records
+
+
+def session(address: tuple[str, int], context: ssl.SSLContext
+            ) -> tuple[list[bytes], list[bytes]]:
+    c = RecordCustomer(address, context)
+    try:
+        assert c.reply().startswith(b"220")
+        c.cmd("EHLO customer.example.org", 250)
+        token = base64.b64encode(f"\0acme\0{PASSWORD}".encode()).decode()
+        c.cmd(f"AUTH PLAIN {token}", 235)
+        c.cmd("ATRN example.org", 250)
+        # The reversed session: we are the SMTP server now, with PIPELINING.
+        c.sock.sendall(b"220 customer.example.org ESMTP\r\n")
+        assert c.line().startswith(b"EHLO ")
+        c.sock.sendall(b"250-customer.example.org\r\n250 PIPELINING\r\n")
+        group = c.records_until(b"DATA\r\n")
+        c.sock.sendall(b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n250 2.1.5 ok\r\n354 go\r\n")
+        body = c.records_until(b"\r\n.\r\n")
+        c.sock.sendall(b"250 2.0.0 ok\r\n")
+        assert c.line() == b"QUIT\r\n"
+        c.sock.sendall(b"221 2.0.0 bye\r\n")
+        return group, body
+    finally:
+        c.sock.close()
+
+
+async def test_pipelined_commands_and_final_dot_each_in_own_tls_record(
+        provider_factory, certs: Certs) -> None:
+    p = await provider_factory(odmr_tls=True)
+    code, _ = await send_mail(*p.mx, "alice@sender.test",
+                              ["bob@example.org", "carol@example.org"], BODY)
+    assert code == 250
+    group, body = await asyncio.to_thread(session, p.odmr_tls, certs.client_context())
+    assert [r.split(b":", 1)[0] for r in group] == [b"MAIL FROM", b"RCPT TO", b"RCPT TO",
+                                                    b"DATA\r\n"], group
+    assert all(r.count(b"\n") == 1 and r.endswith(b"\r\n") for r in group), group
+    assert body[-1] == b".\r\n", body  # the dot alone: nothing after it hides in OpenSSL
+    assert b"".join(body).endswith(b"line three\r\n.\r\n")
+    for _ in range(100):  # the provider records the outcome after the 250
+        if p.store.held_message_ids(["example.org"]) == []:
+            break
+        await asyncio.sleep(0.05)
+    assert p.store.held_message_ids(["example.org"]) == []
