@@ -6,17 +6,21 @@ final dot, must reach the customer in a TLS record of its own
 (`SMTPClient(line_records=True)`, net/client.py).  This customer is a
 blocking `ssl` socket: one `recv()` returns the data of at most one TLS
 record, so each chunk it gets is one record.  In clear text the group stays
-one write (tests/core/test_client_records.py).
+one write (tests/core/test_client_records.py).  A customer that still never
+answers costs only the session: the command timeout ends it, mail stays held.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import socket
 import ssl
+import time
 
 from conftest import PASSWORD, Certs
+from fermoposta.store.base import RecipientState
 from support.dialog import send_mail
 
 BODY = b"Subject: records\r\n\r\nline one\r\n.dotted\r\nline three\r\n"
@@ -101,3 +105,40 @@ async def test_pipelined_commands_and_final_dot_each_in_own_tls_record(
             break
         await asyncio.sleep(0.05)
     assert p.store.held_message_ids(["example.org"]) == []
+
+
+def stalled_session(address: tuple[str, int], context: ssl.SSLContext) -> float:
+    """Take the pipelined group and never answer it (what fetchmail did
+    before the fix); return how long the provider waited before closing."""
+    c = RecordCustomer(address, context)
+    try:
+        assert c.reply().startswith(b"220")
+        c.cmd("EHLO customer.example.org", 250)
+        token = base64.b64encode(f"\0acme\0{PASSWORD}".encode()).decode()
+        c.cmd(f"AUTH PLAIN {token}", 235)
+        c.cmd("ATRN example.org", 250)
+        c.sock.sendall(b"220 customer.example.org ESMTP\r\n")
+        assert c.line().startswith(b"EHLO ")
+        c.sock.sendall(b"250-customer.example.org\r\n250 PIPELINING\r\n")
+        c.records_until(b"DATA\r\n")
+        started = time.monotonic()
+        with contextlib.suppress(ssl.SSLError, OSError):
+            while c.sock.recv(65536):
+                pass
+        return time.monotonic() - started
+    finally:
+        c.sock.close()
+
+
+async def test_stalled_customer_times_out_and_mail_stays_held(provider_factory,
+                                                              certs: Certs) -> None:
+    p = await provider_factory(odmr_tls=True, extra='[limits]\ncommand_timeout = "1s"\n')
+    code, _ = await send_mail(*p.mx, "alice@sender.test",
+                              ["bob@example.org", "carol@example.org"], BODY)
+    assert code == 250
+    waited = await asyncio.to_thread(stalled_session, p.odmr_tls, certs.client_context())
+    assert waited < 8, waited  # bounded by command_timeout, never for ever
+    assert len(p.store.held_message_ids(["example.org"])) == 1
+    message = p.store.get_message(p.store.held_message_ids(["example.org"])[0])
+    assert message is not None
+    assert {r.state for r in message.recipients} == {RecipientState.HELD}
