@@ -1,10 +1,10 @@
-"""The AUTH throttle (provider/anvil.py) in memory, with a fake clock (issue 8, defect 8)."""
+"""The AUTH throttle (mail/anvil.py) in memory, with a fake clock (issue 8, defect 8)."""
 
 from __future__ import annotations
 
 import pytest
 
-from fermoposta.provider.anvil import (
+from fermoposta.mail.anvil import (
     KNOWN_ADDRESS_TTL,
     AuthThrottle,
     ThrottleSettings,

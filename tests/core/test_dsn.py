@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from fermoposta.provider import dsn as dsn_module
-from fermoposta.provider.dsn import (
+from fermoposta.mail import dsn as dsn_module
+from fermoposta.mail.dsn import (
     Action,
     RecipientReport,
     build_dsn,

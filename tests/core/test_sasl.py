@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fermoposta.provider.auth import StoreCredentials
+from fermoposta.mail.auth import StoreCredentials
 from fermoposta.smtp.sasl import (
     Challenge,
     ClientMechanism,

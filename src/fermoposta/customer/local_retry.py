@@ -56,8 +56,8 @@ from typing import IO
 from fermoposta.customer.config import CustomerConfig
 from fermoposta.customer.delivery.base import Delivery, LocalEnvelope, LocalRecipient
 from fermoposta.customer.errors import AlreadyRunning
+from fermoposta.mail.dsn import build_failure_dsn, read_headers
 from fermoposta.ops.log import event
-from fermoposta.provider.dsn import build_failure_dsn, read_headers
 from fermoposta.smtp.command import normalize_domain
 from fermoposta.smtp.reply import Reply
 from fermoposta.store import SQLiteStore
@@ -210,7 +210,7 @@ class RetryResult:
 
 async def retry_local(config: CustomerConfig, *, now: float | None = None) -> RetryResult:
     """Offer every spooled recipient to the site's delivery again; never raises."""
-    from fermoposta.customer.pull import pull_lock
+    from fermoposta.customer.site import pull_lock
 
     result = RetryResult()
     if not retry_path(config).exists():
@@ -300,7 +300,7 @@ async def _run(config: CustomerConfig, store: SQLiteStore, result: RetryResult,
 async def _retry_one(config: CustomerConfig, store: SQLiteStore, message: QueuedMessage,
                      rcpt: QueuedRecipient, deliveries: dict[str, Delivery],
                      result: RetryResult, now: float) -> None:
-    from fermoposta.customer.pull import make_delivery_for
+    from fermoposta.customer.site import make_delivery_for
 
     result.attempted += 1
     domain = _domain_of(rcpt.address) or rcpt.domain

@@ -52,11 +52,11 @@ from typing import IO, ClassVar, cast
 
 from fermoposta.customer.config import CustomerConfig, OutboxConfig
 from fermoposta.customer.errors import ConfigFailure, CustomerError
+from fermoposta.mail.auth import Authenticator
 from fermoposta.net.connection import Connection, start_server
 from fermoposta.net.server_session import AUTH_LINE_LIMIT, SessionLimits
 from fermoposta.net.transaction import Recipient, Transaction, TransactionSession
 from fermoposta.ops.log import event
-from fermoposta.provider.auth import Authenticator
 from fermoposta.smtp import reply as R
 from fermoposta.smtp.command import Path as MailPath
 from fermoposta.smtp.command import normalize_domain, split_address

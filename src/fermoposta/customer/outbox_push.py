@@ -19,7 +19,7 @@ Contract:
   to the final dot removes a recipient (`record_delivered`); a 4xx keeps it
   for the next push (`record_deferred`); a 5xx removes it with
   `record_failed`, committing in the same transaction the failure notice
-  (RFC 3464, `provider.dsn.build_failure_dsn`, from MAILER-DAEMON@<our
+  (RFC 3464, `mail.dsn.build_failure_dsn`, from MAILER-DAEMON@<our
   hostname>) for the local sender as a HELD message of the spool.  A sender
   outside the site's domains gets no notice (logged); the null sender never
   does.  A message the provider cannot take by its EHLO (over its SIZE,
@@ -73,7 +73,8 @@ from fermoposta.customer.outbox import (
     outbox_message_ids,
     outbox_path,
 )
-from fermoposta.customer.pull import dial_settings, make_delivery_for, pull_lock
+from fermoposta.customer.site import dial_settings, make_delivery_for, pull_lock
+from fermoposta.mail.dsn import build_failure_dsn, read_headers
 from fermoposta.net.client import ReplyProtocolError, SMTPClient
 from fermoposta.net.connection import Connection, ConnectionClosed, LineTooLong
 from fermoposta.net.server_session import new_session_id
@@ -86,7 +87,6 @@ from fermoposta.net.transfer import (
     stored_body,
 )
 from fermoposta.ops.log import event
-from fermoposta.provider.dsn import build_failure_dsn, read_headers
 from fermoposta.smtp.command import normalize_domain
 from fermoposta.smtp.reply import Reply
 from fermoposta.store import SQLiteStore

@@ -28,26 +28,16 @@ Contract:
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import fcntl
 import functools
 import logging
-import os
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fermoposta.config import ConfigError
 from fermoposta.customer.config import CustomerConfig, PullConfig
-from fermoposta.customer.delivery.base import Delivery
-from fermoposta.customer.delivery.factory import make_delivery
-from fermoposta.customer.dialout import Dialer, DialSettings
+from fermoposta.customer.dialout import Dialer
 from fermoposta.customer.errors import (
     AlreadyRunning,
-    ConfigFailure,
     ConnectFailure,
     CustomerError,
     TemporaryFailure,
@@ -59,12 +49,15 @@ from fermoposta.customer.local_retry import (
     spool_status,
 )
 from fermoposta.customer.serve import ReceivedMessage, reversed_session
+from fermoposta.customer.site import dial_settings, make_delivery_for, pull_lock
 from fermoposta.net.server_session import new_session_id
 from fermoposta.ops import metrics
 from fermoposta.ops.log import event
 
 if TYPE_CHECKING:
     from fermoposta.customer.outbox_push import PushResult
+
+__all__ = ["check", "dial_settings", "make_delivery_for", "pull_lock", "pull_once"]
 
 log = logging.getLogger("fermoposta.customer")
 
@@ -147,42 +140,6 @@ class PullSummary:
         return out
 
 
-def dial_settings(config: CustomerConfig) -> DialSettings:
-    p = config.provider
-    try:
-        password = p.read_password() if p.username else None
-    except ConfigError as exc:
-        raise ConfigFailure(str(exc)) from exc
-    return DialSettings(
-        host=p.host, port=p.port, tls=p.tls, hostname=config.hostname, ca_file=p.ca_file,
-        server_name=p.server_name, pin_sha256=p.pin_sha256, client_cert=p.client_cert,
-        client_key=p.client_key, username=p.username, password=password,
-        mechanisms=p.mechanisms, connect_timeout=p.connect_timeout,
-        command_timeout=p.command_timeout, atrn_timeout=p.atrn_timeout,
-    )
-
-
-@contextlib.asynccontextmanager
-async def pull_lock(path: Path, *, wait: bool, busy: str = "another session of this block "
-                    "is running") -> AsyncIterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if not wait:
-                    raise AlreadyRunning(f"{busy} (lock {path})") from None
-                await asyncio.sleep(0.5)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        yield
-    finally:
-        os.close(fd)  # closing releases the flock
-
-
 async def pull_once(config: CustomerConfig, pull: PullConfig, *, wait: bool = False
                     ) -> PullSummary:
     summary = PullSummary(name=pull.name, domains=pull.domains, session_id=new_session_id(),
@@ -246,15 +203,6 @@ async def _session(config: CustomerConfig, pull: PullConfig, summary: PullSummar
                         summary.session_id)
     finally:
         await dialer.close()
-
-
-def make_delivery_for(config: CustomerConfig, pull: PullConfig) -> Delivery:
-    """The local delivery backend of a ``[[pull]]`` block."""
-    d = pull.delivery
-    return make_delivery(
-        d.type, hostname=config.hostname, path_template=d.path, create=d.create,
-        aliases=d.aliases, catch_all=d.catch_all, socket_path=d.socket_path, hostport=d.hostport,
-    )
 
 
 async def check(config: CustomerConfig) -> tuple[int, list[str]]:

@@ -8,7 +8,7 @@ connection (RFC 2645 §5.3).  Contract:
   recipients of those domains: other recipients stay queued.
 - A recipient leaves the queue only on a 2xx to the final dot (or is failed
   with a DSN to the sender on a 5xx, never to `<>`, built by
-  `fermoposta.provider.dsn.build_dsn`, which honours NOTIFY and RET); a 4xx
+  `fermoposta.mail.dsn.build_dsn`, which honours NOTIFY and RET); a 4xx
   keeps it.  If the
   connection drops or times out after the final dot the outcome is unknown:
   the recipients stay queued (a duplicate is possible, a loss is not; RFC
@@ -32,6 +32,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from fermoposta.mail.dsn import Action, RecipientReport, build_dsn, wants_notice
 from fermoposta.net.client import ReplyProtocolError, SMTPClient
 from fermoposta.net.connection import Connection, ConnectionClosed, LineTooLong
 from fermoposta.net.transfer import (
@@ -44,7 +45,6 @@ from fermoposta.net.transfer import (
 )
 from fermoposta.ops import metrics
 from fermoposta.ops.log import event
-from fermoposta.provider.dsn import Action, RecipientReport, build_dsn, wants_notice
 from fermoposta.smtp.reply import Reply
 from fermoposta.store.base import QueuedMessage, QueuedRecipient, RecipientState, Store, StoreError
 

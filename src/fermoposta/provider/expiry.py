@@ -11,7 +11,7 @@ Contract:
   Diagnostic-Code ``X-Fermoposta; ...`` (no remote server was involved).
   The recipient leaves the queue in the same transaction that queues the
   DSN (`Store.record_failed`); the null sender gets none; NOTIFY is
-  honoured (`fermoposta.provider.dsn`).
+  honoured (`fermoposta.mail.dsn`).
 - With `[hold] delay_notice` > 0, each HELD recipient older than that (and
   not yet expired) gets one "delayed" DSN (Will-Retry-Until = arrival +
   lifetime) when its NOTIFY allows it (no NOTIFY = FAILURE,DELAY); the flag
@@ -35,9 +35,9 @@ from collections.abc import Callable
 from typing import IO
 
 from fermoposta.config import ProviderConfig
+from fermoposta.mail.dsn import Action, RecipientReport, build_dsn, wants_notice
 from fermoposta.ops import metrics
 from fermoposta.ops.log import event
-from fermoposta.provider.dsn import Action, RecipientReport, build_dsn, wants_notice
 from fermoposta.store.base import NewMessage, QueuedMessage, RecipientState, Store, StoreError
 
 __all__ = ["HoldExpirer"]

@@ -4,7 +4,7 @@ Contract:
 - Initial state accepts EHLO, HELO, AUTH, QUIT, STARTTLS, NOOP, RSET; after a
   successful AUTH, ATRN.  Every other verb of SMTP (MAIL, RCPT, DATA, TURN,
   ETRN, VRFY, ...) gets 502 (RFC 2645 §5.4); an unknown verb 500.
-- EHLO lists AUTH and ATRN (RFC 2645 §5.1.1).  AUTH is `provider.auth`'s
+- EHLO lists AUTH and ATRN (RFC 2645 §5.1.1).  AUTH is `mail.auth`'s
   (shared with submission): PLAIN and LOGIN only under TLS unless
   `[odmr] allow_plaintext_auth`; EXTERNAL for a verified client certificate
   bound to an account by fingerprint or subject; `max_auth_failures` → 421.
@@ -34,11 +34,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
+from fermoposta.mail.auth import Authenticator
 from fermoposta.net.connection import Connection
 from fermoposta.net.server_session import AUTH_LINE_LIMIT, ServerSession, SessionLimits
 from fermoposta.ops import metrics
 from fermoposta.ops.log import event
-from fermoposta.provider.auth import Authenticator
 from fermoposta.provider.drain import DrainSettings, drain
 from fermoposta.smtp import reply as R
 from fermoposta.smtp.atrn import parse_atrn_domains

@@ -77,6 +77,7 @@ from dataclasses import dataclass, field
 from typing import IO
 
 from fermoposta.config import ProviderConfig
+from fermoposta.mail.dsn import Action, RecipientReport, build_dsn, wants_notice
 from fermoposta.net.client import ReplyProtocolError, SMTPClient
 from fermoposta.net.connection import Connection, ConnectionClosed, LineTooLong, open_connection
 from fermoposta.net.transfer import (
@@ -89,7 +90,6 @@ from fermoposta.net.transfer import (
 from fermoposta.ops import metrics
 from fermoposta.ops.log import event
 from fermoposta.passwords import read_password_file
-from fermoposta.provider.dsn import Action, RecipientReport, build_dsn, wants_notice
 from fermoposta.provider.resolver import (
     Hop,
     MXResolver,

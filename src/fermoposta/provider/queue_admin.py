@@ -425,7 +425,7 @@ def queue_show(args: argparse.Namespace, store: Store) -> int:
         print("-- message --")
         _write_message(store, m.id)
         return EX_OK
-    from fermoposta.provider.dsn import read_headers
+    from fermoposta.mail.dsn import read_headers
 
     print("-- headers --")
     text = read_headers(store, m.id).decode("utf-8", "replace").replace("\r\n", "\n")
@@ -496,7 +496,7 @@ def _sender_hosted(store: Store, sender: str) -> bool:
 
 def _expire(store: Store, hostname: str, message: QueuedMessage) -> tuple[int, str | None]:
     """Fail every recipient of `message` with a DSN; (recipients, DSN id)."""
-    from fermoposta.provider.dsn import Action, RecipientReport, build_dsn
+    from fermoposta.mail.dsn import Action, RecipientReport, build_dsn
 
     reports = [
         RecipientReport(r, EXPIRED_STATUS, diagnostic=EXPIRED_TEXT + (

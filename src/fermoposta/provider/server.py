@@ -35,11 +35,11 @@ import time
 from collections.abc import Awaitable, Callable
 
 from fermoposta.config import ConfigError, ProviderConfig, load_provider_config
+from fermoposta.mail.anvil import AuthThrottle, ThrottleSettings
 from fermoposta.net.connection import Connection, start_server
 from fermoposta.net.server_session import ServerSession, SessionLimits
 from fermoposta.ops import metrics
 from fermoposta.ops.log import setup_logging
-from fermoposta.provider.anvil import AuthThrottle, ThrottleSettings
 from fermoposta.provider.drain import DrainSettings
 from fermoposta.provider.expiry import HoldExpirer
 from fermoposta.provider.mx import MXSession

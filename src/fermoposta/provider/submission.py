@@ -2,7 +2,7 @@
 
 Contract:
 - MAIL needs a successful AUTH first (530 5.7.0), with the same accounts
-  and mechanisms as ODMR (`provider.auth`: PLAIN/LOGIN only under TLS).
+  and mechanisms as ODMR (`mail.auth`: PLAIN/LOGIN only under TLS).
 - With `[submission] restrict_senders` (default) the envelope sender must be
   an address in one of the account's domains (or the null sender `<>`,
   which a site's own delivery notices use); anything else gets 553 5.7.1.
@@ -27,12 +27,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import IO, ClassVar
 
+from fermoposta.mail.auth import Authenticator, AuthPolicy
 from fermoposta.net.connection import Connection
 from fermoposta.net.server_session import AUTH_LINE_LIMIT, SessionLimits
 from fermoposta.net.transaction import Recipient, Transaction, TransactionSession
 from fermoposta.ops import metrics
 from fermoposta.ops.log import event
-from fermoposta.provider.auth import Authenticator, AuthPolicy
 from fermoposta.smtp import reply as R
 from fermoposta.smtp.command import Path, normalize_domain, split_address
 from fermoposta.smtp.reply import Reply

@@ -1,4 +1,6 @@
-"""SMTP AUTH (RFC 4954) for the provider's listeners: ODMR and submission.
+"""SMTP AUTH (RFC 4954) for server sessions.
+
+Used by the provider's ODMR and submission listeners and the customer's outbox.
 
 Contract:
 - `Authenticator` runs the AUTH command of one server session: mechanism
@@ -33,11 +35,11 @@ import logging
 import time
 from typing import TYPE_CHECKING, Protocol
 
+from fermoposta.mail.anvil import AuthThrottle, Verdict
 from fermoposta.net.connection import LineTooLong
 from fermoposta.net.server_session import AUTH_LINE_LIMIT
 from fermoposta.ops import metrics
 from fermoposta.ops.log import redact
-from fermoposta.provider.anvil import AuthThrottle, Verdict
 from fermoposta.smtp import reply as R
 from fermoposta.smtp.reply import Reply
 from fermoposta.smtp.sasl import (
