@@ -75,8 +75,8 @@ from fermoposta.customer.outbox import (
 )
 from fermoposta.customer.site import dial_settings, make_delivery_for, pull_lock
 from fermoposta.mail.dsn import build_failure_dsn, read_headers
-from fermoposta.net.client import ReplyProtocolError, SMTPClient
-from fermoposta.net.connection import Connection, ConnectionClosed, LineTooLong
+from fermoposta.net.client import PEER_ERRORS, SMTPClient
+from fermoposta.net.connection import Connection
 from fermoposta.net.server_session import new_session_id
 from fermoposta.net.transfer import (
     STAGE_MAIL,
@@ -111,7 +111,6 @@ __all__ = [
 log = logging.getLogger("fermoposta.outbox")
 
 PUSH_LOCK = "outbox-push.lock"
-PEER_ERRORS = (ConnectionClosed, TimeoutError, ReplyProtocolError, LineTooLong, OSError)
 DATA_INIT_TIMEOUT = 120.0  # RFC 5321 §4.5.3.2.4
 FINAL_REPLY_TIMEOUT = 600.0  # RFC 5321 §4.5.3.2.6
 NOTICE_FAILED = Reply(451, "4.3.0", "Local delivery of the notice failed, try again later")

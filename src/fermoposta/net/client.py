@@ -19,6 +19,9 @@ Contract:
   the first reply until our timeout.
 - It never decides what a reply *means*: callers (the drain, the customer,
   outbound delivery) do.
+- `PEER_ERRORS` is the one list of what a peer can do to a client dialog
+  (close, time out, send a malformed or overlong reply, fail TLS or the
+  socket): every caller catches exactly these, and lets a bug propagate.
 """
 
 from __future__ import annotations
@@ -26,13 +29,16 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 
-from fermoposta.net.connection import Connection
+from fermoposta.net.connection import Connection, ConnectionClosed, LineTooLong
 from fermoposta.ops.log import redact
 from fermoposta.smtp.data import DotStuffer
 from fermoposta.smtp.reply import Reply
 from fermoposta.smtp.reply_parser import ReplyAssembler, ReplyProtocolError, parse_ehlo
 
-__all__ = ["ReplyProtocolError", "SMTPClient"]
+__all__ = ["PEER_ERRORS", "ReplyProtocolError", "SMTPClient"]
+
+# ssl.SSLError is an OSError; TimeoutError too, but named for the reader.
+PEER_ERRORS = (ConnectionClosed, TimeoutError, ReplyProtocolError, LineTooLong, OSError)
 
 log = logging.getLogger("fermoposta.smtp")
 

@@ -33,8 +33,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from fermoposta.mail.dsn import Action, RecipientReport, build_dsn, wants_notice
-from fermoposta.net.client import ReplyProtocolError, SMTPClient
-from fermoposta.net.connection import Connection, ConnectionClosed, LineTooLong
+from fermoposta.net.client import PEER_ERRORS, SMTPClient
+from fermoposta.net.connection import Connection
 from fermoposta.net.transfer import (
     STAGE_FINAL,
     MessageTransfer,
@@ -50,7 +50,6 @@ from fermoposta.store.base import QueuedMessage, QueuedRecipient, RecipientState
 
 log = logging.getLogger("fermoposta.drain")
 
-PEER_ERRORS = (ConnectionClosed, TimeoutError, ReplyProtocolError, LineTooLong, OSError)
 
 
 @dataclass(frozen=True, slots=True)

@@ -78,8 +78,8 @@ from typing import IO
 
 from fermoposta.config import ProviderConfig
 from fermoposta.mail.dsn import Action, RecipientReport, build_dsn, wants_notice
-from fermoposta.net.client import ReplyProtocolError, SMTPClient
-from fermoposta.net.connection import Connection, ConnectionClosed, LineTooLong, open_connection
+from fermoposta.net.client import PEER_ERRORS, SMTPClient
+from fermoposta.net.connection import Connection, ConnectionClosed, open_connection
 from fermoposta.net.transfer import (
     MessageTransfer,
     ResetRefused,
@@ -112,8 +112,6 @@ __all__ = ["OutboundRunner", "OutboundSettings", "retry_delay"]
 
 log = logging.getLogger("fermoposta.outbound")
 
-PEER_ERRORS = (ConnectionClosed, TimeoutError, ReplyProtocolError, LineTooLong, OSError,
-               ssl.SSLError)
 
 
 @dataclass(frozen=True, slots=True)

@@ -61,10 +61,9 @@ from fermoposta.customer.delivery.base import (
     LocalRecipient,
     LocalSender,
 )
-from fermoposta.net.client import ReplyProtocolError, SMTPClient
+from fermoposta.net.client import PEER_ERRORS, SMTPClient
 from fermoposta.net.connection import (
     Connection,
-    ConnectionClosed,
     open_connection,
     open_unix_connection,
 )
@@ -76,7 +75,6 @@ __all__ = ["RelayTransaction", "RelayingDelivery", "SMTPRelayDelivery"]
 log = logging.getLogger("fermoposta.delivery")
 
 CHUNK = 64 * 1024
-PEER_ERRORS = (ConnectionClosed, TimeoutError, ReplyProtocolError, OSError)
 # Replies about our dialogue, not about the message: defer, never bounce.
 NOT_ABOUT_THE_MESSAGE = frozenset({421, 500, 502, 503, 504, 530})
 
