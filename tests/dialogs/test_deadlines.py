@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import ClassVar
 
@@ -20,6 +21,7 @@ from fermoposta.net.connection import Connection, start_server
 from fermoposta.net.server_session import ServerSession, SessionLimits
 from fermoposta.provider.server import session_limits
 from fermoposta.smtp.reply import Reply
+from fermoposta.smtp.server import VerbSpec, verb_table
 from fermoposta.store import SQLiteStore
 from support.dialog import Dialog
 from support.outbox import site_config
@@ -172,7 +174,8 @@ class _FlipSession(ServerSession):
         self.closing = True
         return Reply(250, None, "flipping")
 
-    COMMANDS: ClassVar[dict[str, str]] = {**ServerSession.COMMANDS, "FLIP": "smtp_flip"}
+    VERBS: ClassVar[Mapping[str, VerbSpec]] = verb_table(VerbSpec("FLIP", "smtp_flip"),
+                                                          base=ServerSession.VERBS)
 
 
 async def test_handoff_runs_without_the_session_deadline():

@@ -103,15 +103,20 @@ async def test_atrn_duplicates_and_spaces(provider, certs):
     await d.close()
 
 
-async def test_long_auth_initial_response_is_allowed_other_long_lines_not(provider, certs):
+async def test_auth_lines_are_512_octets_and_long_responses_go_after_334(provider, certs):
+    """RFC 4954 §4: the AUTH command is subject to SMTP's line length (512),
+    and a client whose initial response would not fit sends it after the
+    334 instead, where a response line may be up to 12,288 octets."""
     d = await greeted(provider)
     await d.cmd("EHLO customer.example.org", 250)
     await d.starttls(certs.client_context())
     await d.cmd("EHLO customer.example.org", 250)
     await d.cmd("NOOP " + "x" * 600, 500)
-    # A 2,000-octet PLAIN initial response: within RFC 4954's 12,288.
-    token = base64.b64encode(b"\0acme\0" + b"p" * 1500).decode()
-    await d.cmd(f"AUTH PLAIN {token}", 535)  # read and judged, not refused as too long
+    token = base64.b64encode(b"\0acme\0" + b"p" * 1500).decode()  # 2,000 octets
+    lines = await d.cmd(f"AUTH PLAIN {token}", 500)
+    assert lines[0].startswith("5.5.6")
+    await d.cmd("AUTH PLAIN", 334)
+    await d.cmd(token, 535)  # read and judged, not refused as too long
     await d.auth_plain("acme", PASSWORD)
     await d.close()
 

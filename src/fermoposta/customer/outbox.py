@@ -54,7 +54,7 @@ from fermoposta.customer.config import CustomerConfig, OutboxConfig
 from fermoposta.customer.errors import ConfigFailure, CustomerError
 from fermoposta.mail.auth import Authenticator
 from fermoposta.net.connection import Connection, start_server
-from fermoposta.net.server_session import AUTH_LINE_LIMIT, SessionLimits
+from fermoposta.net.server_session import SessionLimits
 from fermoposta.net.transaction import Recipient, Transaction, TransactionSession
 from fermoposta.ops.log import event
 from fermoposta.smtp import reply as R
@@ -62,6 +62,7 @@ from fermoposta.smtp.command import Path as MailPath
 from fermoposta.smtp.command import normalize_domain, split_address
 from fermoposta.smtp.reply import Reply
 from fermoposta.smtp.sasl import make_scram_secret
+from fermoposta.smtp.server import AUTH_IN_TRANSACTION, Needs, VerbSpec, verb_table
 from fermoposta.store import SQLiteStore
 from fermoposta.store.base import (
     Account,
@@ -251,7 +252,6 @@ class OutboxSession(TransactionSession):
             # The Authenticator reads only accounts by name (and certificates,
             # of which there are none here) from its store.
             self.auth = Authenticator(self, cast(Store, accounts), policy)
-            self.line_limit = AUTH_LINE_LIMIT  # AUTH initial responses; others held to 512
 
     @property
     def authenticated_as(self) -> str | None:  # type: ignore[override]
@@ -279,8 +279,6 @@ class OutboxSession(TransactionSession):
     async def smtp_auth(self, arg: str) -> Reply | None:
         if self.auth is None:
             return R.NOT_IMPLEMENTED
-        if self.transaction is not None:
-            return Reply(503, "5.5.1", "AUTH not allowed during a mail transaction")
         return await self.auth.smtp_auth(arg)
 
     async def smtp_mail(self, arg: str) -> Reply:
@@ -339,10 +337,11 @@ class OutboxSession(TransactionSession):
             self.on_queued()
         return Reply(250, "2.0.0", f"OK queued as {queue_id}")
 
-    COMMANDS: ClassVar[Mapping[str, str]] = {
-        **TransactionSession.COMMANDS,
-        "AUTH": "smtp_auth",
-    }
+    # MAIL needs AUTH only when the outbox has users (`smtp_mail` checks it).
+    VERBS: ClassVar[Mapping[str, VerbSpec]] = verb_table(
+        VerbSpec("AUTH", "smtp_auth", Needs.NO_TRANSACTION, sequence_reply=AUTH_IN_TRANSACTION),
+        base=TransactionSession.VERBS,
+    )
 
 
 # ---------------------------------------------------------------------------

@@ -1,14 +1,20 @@
-"""The shared SMTP server dialog loop (RFC 5321 §4.1, §4.3.2; RFC 3207).
+"""The asyncio driver of a server-side SMTP dialog (RFC 5321 §4.1, §4.3.2; RFC 3207).
 
 Contract:
-- `ServerSession` runs one server-side SMTP dialog on a `Connection`: it
-  sends the greeting, reads one bounded command line at a time, dispatches
-  it through an explicit table (`COMMANDS`, verb -> handler), writes the
-  reply the handler returns, and counts error replies (after
-  `max_errors` it answers 421 and closes).
+- `ServerSession` runs one server-side SMTP dialog on a `Connection`.  The
+  dialog's rules live in the sans-I/O `smtp.server.ServerMachine`: this
+  driver sends the greeting, reads one command line at a time (512 octets,
+  AUTH included, RFC 4954 §4), gives it to the machine, and either writes
+  the machine's refusal (syntax, 500/502, a verb out of sequence per the
+  verb table `VERBS`: HELO first, TLS first, AUTH first, inside or outside a
+  transaction) or runs the verb's handler and writes its reply; the machine
+  counts error replies (after `max_errors` 421 and close).  Before each line
+  the driver tells the machine the facts it does not own (TLS, the
+  authenticated account, an open transaction).
 - It owns the verbs every dialog shares: EHLO/HELO, STARTTLS, NOOP, RSET,
-  QUIT, HELP, VRFY.  Subclasses (MX, ODMR, the customer's reversed session)
-  extend `COMMANDS` and override `extensions()` and the hooks.
+  QUIT, HELP, VRFY.  Subclasses (MX, ODMR, submission, the customer's
+  reversed session and outbox) extend `VERBS` and override `extensions()`
+  and the hooks; handlers never re-check what their `VerbSpec` guarantees.
 - Handlers return a `Reply` (or raise `SMTPError`).  An unexpected exception
   in a handler answers 451 4.3.0 (temporary: a bug never bounces mail) and
   is logged with its traceback; the session goes on.
@@ -49,13 +55,20 @@ from fermoposta.net.connection import (
 )
 from fermoposta.ops.log import redact
 from fermoposta.smtp import reply as R
-from fermoposta.smtp.command import Command, parse_command, parse_ehlo_arg
+from fermoposta.smtp.command import Command, parse_ehlo_arg
 from fermoposta.smtp.reply import Reply, SMTPError
+from fermoposta.smtp.server import (
+    COMMAND_LINE_LIMIT,
+    RESPONSE_LINE_LIMIT,
+    Dispatch,
+    ServerMachine,
+    VerbSpec,
+    verb_table,
+)
 
 log = logging.getLogger("fermoposta.smtp")
 
-COMMAND_LINE_LIMIT = 512  # RFC 5321 §4.5.3.1.4, including CRLF
-AUTH_LINE_LIMIT = 12288  # RFC 4954 §4: SASL responses may be longer
+AUTH_LINE_LIMIT = RESPONSE_LINE_LIMIT  # RFC 4954 §4: a SASL response line (not AUTH itself)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,14 +100,8 @@ def new_session_id() -> str:
 class ServerSession:
     """One server-side SMTP dialog; see the module docstring."""
 
-    # verb -> name of the handler method (an explicit table, never reflection).
-    COMMANDS: ClassVar[Mapping[str, str]] = {}
-    # Verbs we know but refuse in this dialog (502, RFC 5321 §4.2.4) rather
-    # than "unrecognized" (500).
-    KNOWN_VERBS: ClassVar[frozenset[str]] = frozenset(
-        {"EHLO", "HELO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "VRFY", "EXPN",
-         "HELP", "STARTTLS", "AUTH", "ATRN", "ETRN", "TURN", "BDAT", "LHLO"}
-    )
+    # The verb table (`smtp.server.VerbSpec`): verb -> handler and what it needs.
+    VERBS: ClassVar[Mapping[str, VerbSpec]] = {}
     component: ClassVar[str] = "smtpd"
 
     def __init__(
@@ -111,18 +118,44 @@ class ServerSession:
         self.limits = limits
         self.tls_context = tls_context
         self.session_id = session_id or new_session_id()
-        self.helo_name: str | None = None
-        self.esmtp = False
-        self.errors = 0
+        self.machine = ServerMachine(self.VERBS, max_errors=limits.max_errors)
         self.closing = False
         self.in_data = False  # reading a message's data (for the deadline log)
         # Set by a verb that hands the connection over (ATRN's flip): run by
         # `run()` after phase 1 ends, outside every verb handler.
         self.handoff: Callable[[], Awaitable[None]] | None = None
-        self.line_limit = COMMAND_LINE_LIMIT
         self.log = logging.LoggerAdapter(log, {"component": self.component})
 
+    # --- the dialog state, kept by the machine ----------------------------------------------
+    @property
+    def helo_name(self) -> str | None:
+        return self.machine.state.helo_name
+
+    @helo_name.setter
+    def helo_name(self, name: str | None) -> None:
+        self.machine.state.helo_name = name
+
+    @property
+    def esmtp(self) -> bool:
+        return self.machine.state.esmtp
+
+    @esmtp.setter
+    def esmtp(self, value: bool) -> None:
+        self.machine.state.esmtp = value
+
     # --- hooks for subclasses ------------------------------------------------------------
+    def require_tls(self) -> bool:
+        """Whether verbs flagged `Needs.TLS` wait for STARTTLS (530 5.7.0)."""
+        return False
+
+    def authenticated_account(self) -> str | None:
+        """The account AUTH established, for verbs flagged `Needs.AUTH`."""
+        return None
+
+    def transaction_open(self) -> bool:
+        """Whether a MAIL was accepted, for `Needs.TRANSACTION` / `NO_TRANSACTION`."""
+        return False
+
     def greeting(self) -> Reply:
         return Reply(220, None, f"{self.hostname} ESMTP fermoposta")
 
@@ -230,34 +263,36 @@ class ServerSession:
 
     async def one_command(self) -> None:
         try:
-            line = await self.conn.read_line(self.line_limit, self.limits.command_timeout)
+            line = await self.conn.read_line(COMMAND_LINE_LIMIT, self.limits.command_timeout)
         except LineTooLong:
             await self.reply(R.LINE_TOO_LONG)
             return
         if log.isEnabledFor(logging.DEBUG):
             self.log.debug("%s: < %s", self.session_id,
                            redact(line).decode("utf-8", "replace").rstrip())
-        if len(line) > COMMAND_LINE_LIMIT and line[:5].upper() != b"AUTH ":
-            # Only AUTH with an initial response may exceed 512 octets
-            # (RFC 4954 §4); `line_limit` is raised where AUTH is offered.
-            await self.reply(R.LINE_TOO_LONG)
-            return
-        try:
-            command = parse_command(line, utf8=self.utf8_commands())
-            reply = await self.dispatch(command)
-        except SMTPError as exc:
-            reply = exc.reply
+        # The facts the machine does not own, as they are now (subclasses'
+        # settings, the TLS layer, AUTH, the open transaction).
+        self.machine.require_tls = self.require_tls()
+        self.machine.utf8_commands = self.utf8_commands()
+        state = self.machine.state
+        state.tls = self.conn.tls_active
+        state.account = self.authenticated_account()
+        state.transaction_open = self.transaction_open()
+        action = self.machine.receive_line(line)
+        if isinstance(action, Dispatch):
+            try:
+                reply = await self.dispatch(action)
+            except SMTPError as exc:
+                reply = exc.reply
+        else:
+            reply = action.reply
         if reply is not None:
             await self.reply(reply)
 
-    async def dispatch(self, command: Command) -> Reply | None:
-        name = self.COMMANDS.get(command.verb)
-        if name is None:
-            if command.verb in self.KNOWN_VERBS:
-                return R.NOT_IMPLEMENTED
-            return R.SYNTAX_ERROR
+    async def dispatch(self, action: Dispatch) -> Reply | None:
+        command: Command = action.command
         try:
-            handler: Callable[[str], Awaitable[Reply | None]] = getattr(self, name)
+            handler: Callable[[str], Awaitable[Reply | None]] = getattr(self, action.spec.handler)
             return await handler(command.arg)
         except (SMTPError, ConnectionClosed, TimeoutError, ssl.SSLError, OSError):
             raise
@@ -270,19 +305,16 @@ class ServerSession:
         (a client probing addresses), except 452 4.5.3 "too many recipients",
         which is flow control; a session that delivers mail starts afresh
         (Postfix's "errors without delivering mail")."""
-        return reply.code >= 400 and reply.code != 421 and reply.enhanced != "4.5.3"
+        return self.machine.counts_as_error(reply)
 
     async def reply(self, reply: Reply) -> None:
         """Send a reply, counting errors (RFC 5321 §4.3.2 lets us close with 421)."""
         await self.send(reply)
-        if self.counts_as_error(reply):
-            self.errors += 1
-            if self.errors >= self.limits.max_errors:
-                self.log.info("%s: too many errors from %s", self.session_id,
-                              self.peer_description())
-                await self.send(R.TOO_MANY_ERRORS)
-                self.closing = True
-        if reply.code == 421:
+        for extra in self.machine.replied(reply, counts=self.counts_as_error(reply)):
+            self.log.info("%s: too many errors from %s", self.session_id,
+                          self.peer_description())
+            await self.send(extra)
+        if self.machine.closing:
             self.closing = True
 
     # --- shared verbs ----------------------------------------------------------------------
@@ -342,13 +374,13 @@ class ServerSession:
                       self.conn.tls_cipher, self.conn.peer_ip)
         return None
 
-    COMMANDS = {
-        "EHLO": "smtp_ehlo",
-        "HELO": "smtp_helo",
-        "NOOP": "smtp_noop",
-        "RSET": "smtp_rset",
-        "QUIT": "smtp_quit",
-        "VRFY": "smtp_vrfy",
-        "HELP": "smtp_help",
-        "STARTTLS": "smtp_starttls",
-    }
+    VERBS = verb_table(
+        VerbSpec("EHLO", "smtp_ehlo"),
+        VerbSpec("HELO", "smtp_helo"),
+        VerbSpec("NOOP", "smtp_noop"),
+        VerbSpec("RSET", "smtp_rset"),
+        VerbSpec("QUIT", "smtp_quit"),
+        VerbSpec("VRFY", "smtp_vrfy"),
+        VerbSpec("HELP", "smtp_help"),
+        VerbSpec("STARTTLS", "smtp_starttls"),
+    )

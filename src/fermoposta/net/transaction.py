@@ -43,6 +43,7 @@ from fermoposta.smtp.command import (
 )
 from fermoposta.smtp.data import DataReader
 from fermoposta.smtp.reply import Reply
+from fermoposta.smtp.server import NESTED_MAIL, Needs, VerbSpec, verb_table
 from fermoposta.smtp.trace import protocol_name, received_header
 
 SPOOL_MEMORY = 1024 * 1024  # bodies above this spill to a temporary file
@@ -123,6 +124,9 @@ class TransactionSession(ServerSession):
     def reset_transaction(self) -> None:
         self.transaction = None
 
+    def transaction_open(self) -> bool:
+        return self.transaction is not None
+
     def utf8_commands(self) -> bool:
         # SMTPUTF8 is advertised to EHLO clients: their MAIL and RCPT may carry
         # UTF-8 addresses (RFC 6531 §3.3); the parsers enforce the parameter.
@@ -130,10 +134,7 @@ class TransactionSession(ServerSession):
 
     # --- verbs -----------------------------------------------------------------------------
     async def smtp_mail(self, arg: str) -> Reply:
-        if self.helo_name is None:
-            return Reply(503, "5.5.1", "Send EHLO/HELO first")
-        if self.transaction is not None:
-            return Reply(503, "5.5.1", "Nested MAIL command")
+        # HELO first, no transaction open: the verb table (VERBS) saw to it.
         wants_utf8 = self.esmtp and "SMTPUTF8" in arg.upper()
         path = parse_mail_from(arg, allow_utf8=wants_utf8)
         if path.is_utf8 and "SMTPUTF8" not in path.params:
@@ -176,8 +177,7 @@ class TransactionSession(ServerSession):
 
     async def smtp_rcpt(self, arg: str) -> Reply:
         txn = self.transaction
-        if txn is None:
-            return Reply(503, "5.5.1", "Need MAIL command first")
+        assert txn is not None  # Needs.TRANSACTION
         path = parse_rcpt_to(arg, allow_utf8=txn.smtputf8)
         notify, orcpt = None, None
         for key, value in path.params.items():
@@ -214,10 +214,9 @@ class TransactionSession(ServerSession):
 
     async def smtp_data(self, arg: str) -> Reply | None:
         txn = self.transaction
+        assert txn is not None  # Needs.TRANSACTION
         if arg:
             return R.BAD_ARGUMENTS
-        if txn is None:
-            return Reply(503, "5.5.1", "Need MAIL command first")
         if not txn.recipients:
             return NO_VALID_RECIPIENTS
         await self.send(R.START_DATA)
@@ -250,7 +249,7 @@ class TransactionSession(ServerSession):
             spool.seek(0)
             reply = await self.accept_message(txn, spool, size)
             if reply.is_positive:
-                self.errors = 0  # errors count only "without delivering mail"
+                self.machine.delivered()  # errors count only "without delivering mail"
             return reply
         finally:
             spool.close()
@@ -270,12 +269,13 @@ class TransactionSession(ServerSession):
             for_recipient=only,
         )
 
-    COMMANDS: ClassVar[Mapping[str, str]] = {
-        **ServerSession.COMMANDS,
-        "MAIL": "smtp_mail",
-        "RCPT": "smtp_rcpt",
-        "DATA": "smtp_data",
-    }
+    VERBS: ClassVar[Mapping[str, VerbSpec]] = verb_table(
+        VerbSpec("MAIL", "smtp_mail", Needs.HELO | Needs.NO_TRANSACTION,
+                 sequence_reply=NESTED_MAIL),
+        VerbSpec("RCPT", "smtp_rcpt", Needs.TRANSACTION),
+        VerbSpec("DATA", "smtp_data", Needs.TRANSACTION),
+        base=ServerSession.VERBS,
+    )
 
 
 def _valid_xtext(value: str | None, limit: int) -> bool:

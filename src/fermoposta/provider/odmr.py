@@ -36,13 +36,14 @@ from typing import ClassVar
 
 from fermoposta.mail.auth import Authenticator
 from fermoposta.net.connection import Connection
-from fermoposta.net.server_session import AUTH_LINE_LIMIT, ServerSession, SessionLimits
+from fermoposta.net.server_session import ServerSession, SessionLimits
 from fermoposta.ops import metrics
 from fermoposta.ops.log import event
 from fermoposta.provider.drain import DrainSettings, drain
 from fermoposta.smtp import reply as R
 from fermoposta.smtp.atrn import parse_atrn_domains
 from fermoposta.smtp.reply import Reply, SMTPError
+from fermoposta.smtp.server import VerbSpec, verb_table
 from fermoposta.store.base import Store, StoreError
 
 log = logging.getLogger("fermoposta.odmr")
@@ -83,7 +84,6 @@ class ODMRSession(ServerSession):
         self.drain_settings = drain_settings
         self.auth = Authenticator(self, store, settings)
         self.leased = False
-        self.line_limit = AUTH_LINE_LIMIT  # AUTH initial responses; others are held to 512
 
     def greeting(self) -> Reply:
         return Reply(220, None, f"{self.hostname} ESMTP fermoposta on-demand mail relay ready")
@@ -195,16 +195,14 @@ class ODMRSession(ServerSession):
 
     # The RFC 2645 profile (§5.1, §5.4) plus the harmless STARTTLS, NOOP, RSET
     # and HELO: everything else, VRFY and HELP included, is 502.
-    COMMANDS: ClassVar[Mapping[str, str]] = {
-        "EHLO": "smtp_ehlo",
-        "HELO": "smtp_helo",
-        "STARTTLS": "smtp_starttls",
-        "NOOP": "smtp_noop",
-        "RSET": "smtp_rset",
-        "QUIT": "smtp_quit",
-        "AUTH": "smtp_auth",
-        "ATRN": "smtp_atrn",
-    }
+    # ATRN decides its own order of RFC 2645 §7 replies (and counts each in the
+    # metrics), so its TLS and AUTH needs are checked in `_atrn`, not here.
+    VERBS: ClassVar[Mapping[str, VerbSpec]] = verb_table(
+        *(spec for verb, spec in ServerSession.VERBS.items()
+          if verb in {"EHLO", "HELO", "STARTTLS", "NOOP", "RSET", "QUIT"}),
+        VerbSpec("AUTH", "smtp_auth"),
+        VerbSpec("ATRN", "smtp_atrn"),
+    )
 
     def utf8_commands(self) -> bool:
         # So that `ATRN bücher.de` is read (and compared as its A-label)

@@ -29,13 +29,13 @@ from typing import IO, ClassVar
 
 from fermoposta.mail.auth import Authenticator, AuthPolicy
 from fermoposta.net.connection import Connection
-from fermoposta.net.server_session import AUTH_LINE_LIMIT, SessionLimits
+from fermoposta.net.server_session import SessionLimits
 from fermoposta.net.transaction import Recipient, Transaction, TransactionSession
 from fermoposta.ops import metrics
 from fermoposta.ops.log import event
-from fermoposta.smtp import reply as R
 from fermoposta.smtp.command import Path, normalize_domain, split_address
 from fermoposta.smtp.reply import Reply
+from fermoposta.smtp.server import AUTH_IN_TRANSACTION, NESTED_MAIL, Needs, VerbSpec, verb_table
 from fermoposta.store.base import (
     MessageOrigin,
     NewMessage,
@@ -112,7 +112,6 @@ class SubmissionSession(TransactionSession):
         self.on_queued = on_queued
         policy: AuthPolicy = settings
         self.auth = Authenticator(self, store, policy)
-        self.line_limit = AUTH_LINE_LIMIT  # AUTH initial responses; others are held to 512
 
     def greeting(self) -> Reply:
         return Reply(220, None, f"{self.hostname} ESMTP fermoposta submission")
@@ -130,15 +129,15 @@ class SubmissionSession(TransactionSession):
     def authenticated_as(self) -> str | None:  # type: ignore[override]
         return self.auth.account
 
+    def authenticated_account(self) -> str | None:
+        return self.auth.account
+
     async def smtp_auth(self, arg: str) -> Reply | None:
-        if self.transaction is not None:
-            return Reply(503, "5.5.1", "AUTH not allowed during a mail transaction")
         return await self.auth.smtp_auth(arg)
 
     async def smtp_mail(self, arg: str) -> Reply:
         account = self.auth.account
-        if account is None:
-            return R.AUTH_REQUIRED
+        assert account is not None  # Needs.AUTH
         if not self.rate_limiter.allows(account):
             self.log.info("%s: rate limit for %s", self.session_id, account)
             return RATE_LIMITED
@@ -218,10 +217,13 @@ class SubmissionSession(TransactionSession):
             self.on_queued()
         return Reply(250, "2.0.0", f"OK queued as {queue_id}")
 
-    COMMANDS: ClassVar[Mapping[str, str]] = {
-        **TransactionSession.COMMANDS,
-        "AUTH": "smtp_auth",
-    }
+    VERBS: ClassVar[Mapping[str, VerbSpec]] = verb_table(
+        VerbSpec("AUTH", "smtp_auth", Needs.NO_TRANSACTION, sequence_reply=AUTH_IN_TRANSACTION),
+        # RFC 6409 §4.3: no mail without authentication (530 before anything else).
+        VerbSpec("MAIL", "smtp_mail", Needs.AUTH | Needs.HELO | Needs.NO_TRANSACTION,
+                 sequence_reply=NESTED_MAIL),
+        base=TransactionSession.VERBS,
+    )
 
 
 __all__ = ["RateLimiter", "SubmissionSession", "SubmissionSettings"]

@@ -43,8 +43,10 @@ from fermoposta.smtp.command import Command, parse_command
 from fermoposta.smtp.reply import Reply, SMTPError
 
 __all__ = [
+    "AUTH_IN_TRANSACTION",
     "COMMAND_LINE_LIMIT",
     "KNOWN_VERBS",
+    "NESTED_MAIL",
     "RESPONSE_LINE_LIMIT",
     "DialogState",
     "Dispatch",
@@ -68,6 +70,7 @@ SEND_HELO_FIRST = Reply(503, "5.5.1", "Send EHLO/HELO first")
 NESTED_MAIL = Reply(503, "5.5.1", "Nested MAIL command")
 NEED_MAIL = Reply(503, "5.5.1", "Need MAIL command first")
 NOT_IN_TRANSACTION = Reply(503, "5.5.1", "Not allowed during a mail transaction")
+AUTH_IN_TRANSACTION = Reply(503, "5.5.1", "AUTH not allowed during a mail transaction")
 
 
 class Needs(enum.Flag):
