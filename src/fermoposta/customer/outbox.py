@@ -20,7 +20,7 @@ Contract:
     only with ``allow_plaintext_auth`` (the same `Authenticator` as the
     provider's listeners, over the users of that file);
   * with ``restrict_senders`` the envelope sender must be in one of the
-    site's domains (``553 5.7.1``; the null sender too);
+    site's domains (``553 5.7.1``; the null sender is accepted: a local MTA's notices);
   * ANY recipient with a domain is accepted: the outbox is the site's
     smarthost; ``RCPT TO:<postmaster>`` without a domain gets ``550 5.1.3``;
   * SIZE (``[outbox] max_message_size``), 8BITMIME, SMTPUTF8, PIPELINING,
@@ -289,7 +289,11 @@ class OutboxSession(TransactionSession):
     async def check_sender(self, sender: MailPath) -> Reply | None:
         if not self.outbox.restrict_senders:
             return None
-        if not sender.address or "@" not in sender.address:
+        if not sender.address:
+            # The null sender: a local MTA's own delivery notices (RFC 5321
+            # §4.5.5), which the provider's submission service accepts too.
+            return None
+        if "@" not in sender.address:
             return SENDER_NOT_LOCAL
         try:
             domain = normalize_domain(split_address(sender.address)[1])
