@@ -1,1 +1,2 @@
-"""ops subpackage; see the modules for their contracts."""
+"""Operations: queue-id keyed log lines (text or JSON, secrets redacted) and
+Prometheus metrics.  Imports nothing else of the package."""
