@@ -56,6 +56,12 @@ from typing import IO
 from fermoposta.customer.config import CustomerConfig
 from fermoposta.customer.delivery.base import Delivery, LocalEnvelope, LocalRecipient
 from fermoposta.customer.errors import AlreadyRunning
+from fermoposta.customer.site import (
+    copy_stored_body,
+    deliver_stored,
+    make_delivery_for,
+    pull_lock,
+)
 from fermoposta.mail.dsn import build_failure_dsn, read_headers
 from fermoposta.ops.log import event
 from fermoposta.smtp.command import normalize_domain
@@ -210,7 +216,6 @@ class RetryResult:
 
 async def retry_local(config: CustomerConfig, *, now: float | None = None) -> RetryResult:
     """Offer every spooled recipient to the site's delivery again; never raises."""
-    from fermoposta.customer.site import pull_lock
 
     result = RetryResult()
     if not retry_path(config).exists():
@@ -300,8 +305,6 @@ async def _run(config: CustomerConfig, store: SQLiteStore, result: RetryResult,
 async def _retry_one(config: CustomerConfig, store: SQLiteStore, message: QueuedMessage,
                      rcpt: QueuedRecipient, deliveries: dict[str, Delivery],
                      result: RetryResult, now: float) -> None:
-    from fermoposta.customer.site import make_delivery_for
-
     result.attempted += 1
     domain = _domain_of(rcpt.address) or rcpt.domain
     pull = config.pull_for_domain(domain)
@@ -321,11 +324,7 @@ async def _retry_one(config: CustomerConfig, store: SQLiteStore, message: Queued
                 envelope = LocalEnvelope(sender=message.sender, recipients=(local,),
                                          smtputf8=message.smtputf8,
                                          body_8bit=message.body_8bit, queue_hint=message.id)
-                with tempfile.SpooledTemporaryFile(max_size=CHUNK_SIZE) as body:
-                    await asyncio.to_thread(_copy_body, store, message.id, body)
-                    size = body.tell()
-                    body.seek(0)
-                    outcome = await delivery.deliver(envelope, body, size)
+                outcome = await deliver_stored(delivery, store, message.id, envelope)
                 reply, where = outcome.reply, outcome.where
         except StoreError:
             raise
@@ -352,11 +351,6 @@ async def _retry_one(config: CustomerConfig, store: SQLiteStore, message: Queued
         result.deferred += 1
         event("customer", message.id, to=f"<{rcpt.address}>", relay=where, dsn=_dsn(reply),
               status="deferred", reason=f"{reply} (kept in the local retry spool)")
-
-
-def _copy_body(store: SQLiteStore, message_id: str, out: IO[bytes]) -> None:
-    for chunk in store.read_body(message_id):
-        out.write(chunk)
 
 
 async def _move_outbound_notices(config: CustomerConfig, store: SQLiteStore, path: Path,
@@ -390,7 +384,7 @@ def _move_one(store: SQLiteStore, outbox: SQLiteStore, message_id: str) -> None:
         client=message.client,
     )
     with tempfile.SpooledTemporaryFile(max_size=CHUNK_SIZE) as body:
-        _copy_body(store, message_id, body)
+        copy_stored_body(store, message_id, body)
         body.seek(0)
         outbox_id = outbox.enqueue(new, body)
     # In the outbox first, then out of here: a crash between the two sends

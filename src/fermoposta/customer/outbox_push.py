@@ -52,7 +52,6 @@ import asyncio
 import dataclasses
 import logging
 import random
-import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -73,7 +72,7 @@ from fermoposta.customer.outbox import (
     outbox_message_ids,
     outbox_path,
 )
-from fermoposta.customer.site import dial_settings, make_delivery_for, pull_lock
+from fermoposta.customer.site import deliver_stored, dial_settings, make_delivery_for, pull_lock
 from fermoposta.mail.dsn import build_failure_dsn, read_headers
 from fermoposta.net.client import PEER_ERRORS, SMTPClient
 from fermoposta.net.connection import Connection
@@ -91,7 +90,6 @@ from fermoposta.smtp.command import normalize_domain
 from fermoposta.smtp.reply import Reply
 from fermoposta.store import SQLiteStore
 from fermoposta.store.base import (
-    CHUNK_SIZE,
     QueuedMessage,
     QueuedRecipient,
     RecipientState,
@@ -494,12 +492,7 @@ async def _deliver_notice(config: CustomerConfig, store: SQLiteStore, message: Q
                 envelope = LocalEnvelope(sender="", recipients=(local,),
                                          smtputf8=message.smtputf8, body_8bit=message.body_8bit,
                                          queue_hint=message.id)
-                with tempfile.SpooledTemporaryFile(max_size=CHUNK_SIZE) as body:
-                    for chunk in await asyncio.to_thread(_read_all, store, message.id):
-                        body.write(chunk)
-                    size = body.tell()
-                    body.seek(0)
-                    outcome = await delivery.deliver(envelope, body, size)
+                outcome = await deliver_stored(delivery, store, message.id, envelope)
                 reply, where = outcome.reply, outcome.where
         except StoreError:
             raise
@@ -520,11 +513,6 @@ async def _deliver_notice(config: CustomerConfig, store: SQLiteStore, message: Q
         status = "deferred"
     event("outbox", message.id, to=f"<{rcpt.address}>", relay=where,
           dsn=reply.enhanced or f"{reply.code // 100}.0.0", status=status, reason=str(reply))
-
-
-def _read_all(store: SQLiteStore, message_id: str) -> list[bytes]:
-    # Notices are small (headers of the original, at most 64 KiB of them).
-    return list(store.read_body(message_id))
 
 
 # ---------------------------------------------------------------------------

@@ -4,7 +4,10 @@ Contract: `dial_settings(config)` turns the `[provider]` table into the
 dial-out's settings (the password read from its file; a missing file is a
 `ConfigFailure`); `pull_lock(path)` is the per-block lock file (`flock`, held
 while the block runs, released by the kernel however the process ends);
-`make_delivery_for(config, pull)` builds a `[[pull]]` block's local delivery.
+`make_delivery_for(config, pull)` builds a `[[pull]]` block's local delivery;
+`deliver_stored(delivery, store, message_id, envelope)` hands a message kept
+in one of the customer's spools to it, streaming the body through a spooled
+temporary file (bounded memory).
 Pull, outbox push and the local retry spool all import these from here, so
 none of them imports another (no import cycles).
 """
@@ -15,17 +18,20 @@ import asyncio
 import contextlib
 import fcntl
 import os
+import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import IO
 
 from fermoposta.config import ConfigError
 from fermoposta.customer.config import CustomerConfig, PullConfig
-from fermoposta.customer.delivery.base import Delivery
+from fermoposta.customer.delivery.base import Delivery, DeliveryOutcome, LocalEnvelope
 from fermoposta.customer.delivery.factory import make_delivery
 from fermoposta.customer.dialout import DialSettings
 from fermoposta.customer.errors import AlreadyRunning, ConfigFailure
+from fermoposta.store import CHUNK_SIZE, SQLiteStore
 
-__all__ = ["dial_settings", "make_delivery_for", "pull_lock"]
+__all__ = ["deliver_stored", "dial_settings", "make_delivery_for", "pull_lock"]
 
 
 def dial_settings(config: CustomerConfig) -> DialSettings:
@@ -71,3 +77,19 @@ def make_delivery_for(config: CustomerConfig, pull: PullConfig) -> Delivery:
         d.type, hostname=config.hostname, path_template=d.path, create=d.create,
         aliases=d.aliases, catch_all=d.catch_all, socket_path=d.socket_path, hostport=d.hostport,
     )
+
+
+async def deliver_stored(delivery: Delivery, store: SQLiteStore, message_id: str,
+                         envelope: LocalEnvelope) -> DeliveryOutcome:
+    """Deliver the stored body of `message_id` with `envelope` (see the module)."""
+    with tempfile.SpooledTemporaryFile(max_size=CHUNK_SIZE) as body:
+        await asyncio.to_thread(copy_stored_body, store, message_id, body)
+        size = body.tell()
+        body.seek(0)
+        return await delivery.deliver(envelope, body, size)
+
+
+def copy_stored_body(store: SQLiteStore, message_id: str, out: IO[bytes]) -> None:
+    """Write the stored body of `message_id` to `out`, one chunk at a time."""
+    for chunk in store.read_body(message_id):
+        out.write(chunk)
