@@ -58,11 +58,11 @@ def test_each_flag_in_order() -> None:
     assert code(m.receive_line(b"MAIL FROM:<a@b.test>\r\n")) == (530, "5.7.0")  # AUTH first
     m.helo("client.test", esmtp=True)
     assert isinstance(m.receive_line(b"AUTH PLAIN\r\n"), Dispatch)
-    m.authenticated("acme")
+    m.state.account = "acme"
     assert code(m.receive_line(b"AUTH PLAIN\r\n")) == (503, "5.5.1")  # already
     assert code(m.receive_line(b"RCPT TO:<x@y.test>\r\n")) == (503, "5.5.1")  # no MAIL
     assert isinstance(m.receive_line(b"MAIL FROM:<a@b.test>\r\n"), Dispatch)
-    m.transaction(True)
+    m.state.transaction_open = True
     nested = m.receive_line(b"MAIL FROM:<a@b.test>\r\n")
     assert isinstance(nested, Refuse) and "Nested" in str(nested.reply)
     assert isinstance(m.receive_line(b"RCPT TO:<x@y.test>\r\n"), Dispatch)
@@ -77,8 +77,8 @@ def test_tls_not_required_means_the_tls_flag_is_ignored() -> None:
 def test_starttls_forgets_what_came_before() -> None:
     m = ServerMachine(TABLE)
     m.helo("c", esmtp=True)
-    m.authenticated("acme")
-    m.transaction(True)
+    m.state.account = "acme"
+    m.state.transaction_open = True
     m.tls_started()
     assert m.state.helo_name is None and m.state.account is None
     assert not m.state.transaction_open and m.state.tls

@@ -131,17 +131,9 @@ class ServerSession:
     def helo_name(self) -> str | None:
         return self.machine.state.helo_name
 
-    @helo_name.setter
-    def helo_name(self, name: str | None) -> None:
-        self.machine.state.helo_name = name
-
     @property
     def esmtp(self) -> bool:
         return self.machine.state.esmtp
-
-    @esmtp.setter
-    def esmtp(self, value: bool) -> None:
-        self.machine.state.esmtp = value
 
     # --- hooks for subclasses ------------------------------------------------------------
     def require_tls(self) -> bool:
@@ -171,8 +163,7 @@ class ServerSession:
 
     def reset_after_tls(self) -> None:
         """RFC 3207 §4.2: discard all knowledge obtained from the client."""
-        self.helo_name = None
-        self.esmtp = False
+        self.machine.tls_started()
         self.reset_transaction()
 
     def peer_description(self) -> str:
@@ -321,16 +312,14 @@ class ServerSession:
     async def smtp_ehlo(self, arg: str) -> Reply:
         name = parse_ehlo_arg(arg)
         self.reset_transaction()
-        self.helo_name = name
-        self.esmtp = True
+        self.machine.helo(name, esmtp=True)
         lines = [f"{self.hostname} Hello {name} [{self.conn.peer_ip}]", *self.extensions()]
         return Reply(250, None, *lines)
 
     async def smtp_helo(self, arg: str) -> Reply:
         name = parse_ehlo_arg(arg)
         self.reset_transaction()
-        self.helo_name = name
-        self.esmtp = False
+        self.machine.helo(name, esmtp=False)
         return Reply(250, None, self.hostname)
 
     async def smtp_noop(self, arg: str) -> Reply:

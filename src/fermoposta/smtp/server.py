@@ -22,11 +22,11 @@ Contract:
   subject to the line length limitations"); `response_limit` (12,288,
   RFC 4954 §4) applies only to the client's SASL responses, which the
   AUTH handler reads itself.  An overlong line is 500 5.5.6.
-- The dialog state (`DialogState`) is the machine's: the HELO name, ESMTP,
-  TLS, the authenticated account and whether a transaction is open.  The
-  driver reports what the handlers did (`helo`, `tls_started`,
-  `authenticated`, `transaction_open`), and STARTTLS forgets everything
-  learned before it (RFC 3207 §4.2).
+- The dialog state (`DialogState`) is the machine's: the HELO name and
+  ESMTP (set by `helo`), and the facts other layers own, which the driver
+  writes into `state` before each line: TLS active, the authenticated
+  account, whether a transaction is open.  `tls_started` forgets everything
+  learned before STARTTLS (RFC 3207 §4.2).
 - Errors: a reply ≥ 400 counts towards `max_errors` except 421 and 452
   4.5.3 (flow control); a delivered message (`delivered`) starts the count
   afresh, like Postfix's "errors without delivering mail".
@@ -177,12 +177,6 @@ class ServerMachine:
     def tls_started(self) -> None:
         """RFC 3207 §4.2: discard all knowledge obtained from the client."""
         self.state = DialogState(tls=True)
-
-    def authenticated(self, account: str | None) -> None:
-        self.state.account = account
-
-    def transaction(self, is_open: bool) -> None:
-        self.state.transaction_open = is_open
 
     def delivered(self) -> None:
         """A message was accepted: errors count only "without delivering mail"."""
