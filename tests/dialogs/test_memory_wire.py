@@ -68,10 +68,10 @@ async def test_bytes_in_the_atrn_segment_get_503_and_the_session_stays(store):
     # Still authenticated; a clean ATRN reverses and the drain starts.
     await peer.cmd("ATRN example.org", 250)
     peer.send(b"220 customer.example.org ESMTP\r\n")
-    ehlo = await _line(peer)
+    ehlo = await peer.read_line()
     assert ehlo == "EHLO mx.provider.test"
     peer.send(b"250 customer.example.org\r\n")
-    assert (await _line(peer)).startswith("MAIL FROM:<alice@sender.test>")
+    assert (await peer.read_line()).startswith("MAIL FROM:<alice@sender.test>")
     peer.transport.close()
     await asyncio.wait_for(task, 10)
     # The connection went before the message was taken: still held.
@@ -86,20 +86,9 @@ async def test_a_greeting_in_its_own_segment_after_the_250_is_the_customers(stor
     peer.send(b"ATRN example.org\r\n")
     await peer.expect(250)
     peer.send(b"220 customer.example.org ESMTP\r\n")  # after the 250: the greeting
-    assert await _line(peer) == "EHLO mx.provider.test"
+    assert await peer.read_line() == "EHLO mx.provider.test"
     peer.transport.close()
     await asyncio.wait_for(task, 10)
-
-
-async def _line(peer: MemoryPeer, timeout: float = 5.0) -> str:
-    async with asyncio.timeout(timeout):
-        while b"\r\n" not in peer.received:
-            peer._changed.clear()
-            await peer._changed.wait()
-    end = peer.received.find(b"\r\n")
-    text = bytes(peer.received[:end]).decode()
-    del peer.received[: end + 2]
-    return text
 
 
 # --- the fuzzer ------------------------------------------------------------------------------

@@ -124,8 +124,15 @@ class MemoryPeer:
         self.send(line.encode() + b"\r\n")
         return await self.expect(code)
 
-    async def wait_closed(self, timeout: float = 5.0) -> None:
+    async def read_line(self, timeout: float = 5.0) -> str:
+        """The next line the session wrote (the provider's commands after a flip)."""
         async with asyncio.timeout(timeout):
-            while not self.server_closed:
+            while b"\r\n" not in self.received:
+                if self.server_closed:
+                    raise ConnectionError(f"closed after {bytes(self.received)!r}")
                 self._changed.clear()
                 await self._changed.wait()
+        end = self.received.find(b"\r\n")
+        text = bytes(self.received[:end]).decode("utf-8", "replace")
+        del self.received[: end + 2]
+        return text

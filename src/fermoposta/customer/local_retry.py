@@ -59,12 +59,12 @@ from fermoposta.customer.errors import AlreadyRunning
 from fermoposta.customer.site import (
     copy_stored_body,
     deliver_stored,
+    domain_of,
     make_delivery_for,
     pull_lock,
 )
 from fermoposta.mail.dsn import build_failure_dsn, read_headers
 from fermoposta.ops.log import event
-from fermoposta.smtp.command import normalize_domain
 from fermoposta.smtp.reply import Reply
 from fermoposta.store import SQLiteStore
 from fermoposta.store.base import (
@@ -96,15 +96,6 @@ RETRY_FAILED = Reply(451, "4.3.0", "Local delivery failed, try again later")
 
 def retry_path(config: CustomerConfig) -> Path:
     return config.data_dir / RETRY_FILENAME
-
-
-def _domain_of(address: str) -> str:
-    if "@" not in address:
-        return ""
-    try:
-        return normalize_domain(address.rsplit("@", 1)[1])
-    except ValueError:
-        return ""
 
 
 def _dsn(reply: Reply) -> str:
@@ -174,7 +165,7 @@ def _fail(config: CustomerConfig, store: SQLiteStore, message: QueuedMessage,
             hostname=config.hostname, message=message,
             failures=[(r, reply) for r in recipients], headers=headers,
             remote_mta=where.partition(":")[2] or None,
-            sender_domain_hosted=_domain_of(message.sender) in config.domains,
+            sender_domain_hosted=domain_of(message.sender) in config.domains,
         )
     notice_id = store.record_failed([r.id for r in recipients], str(reply), notice)
     for rcpt in recipients:
@@ -306,7 +297,7 @@ async def _retry_one(config: CustomerConfig, store: SQLiteStore, message: Queued
                      rcpt: QueuedRecipient, deliveries: dict[str, Delivery],
                      result: RetryResult, now: float) -> None:
     result.attempted += 1
-    domain = _domain_of(rcpt.address) or rcpt.domain
+    domain = domain_of(rcpt.address) or rcpt.domain
     pull = config.pull_for_domain(domain)
     where = "-"
     if pull is None:

@@ -72,7 +72,13 @@ from fermoposta.customer.outbox import (
     outbox_message_ids,
     outbox_path,
 )
-from fermoposta.customer.site import deliver_stored, dial_settings, make_delivery_for, pull_lock
+from fermoposta.customer.site import (
+    deliver_stored,
+    dial_settings,
+    domain_of,
+    make_delivery_for,
+    pull_lock,
+)
 from fermoposta.mail.dsn import build_failure_dsn, read_headers
 from fermoposta.net.client import PEER_ERRORS, SMTPClient
 from fermoposta.net.connection import Connection
@@ -86,7 +92,6 @@ from fermoposta.net.transfer import (
     stored_body,
 )
 from fermoposta.ops.log import event
-from fermoposta.smtp.command import normalize_domain
 from fermoposta.smtp.reply import Reply
 from fermoposta.store import SQLiteStore
 from fermoposta.store.base import (
@@ -397,7 +402,7 @@ class _Pusher:
     async def _fail(self, message: QueuedMessage, recipients: list[QueuedRecipient],
                     reply: Reply) -> None:
         notice = None
-        domain = _domain_of(message.sender)
+        domain = domain_of(message.sender)
         if message.sender and domain in self.config.domains:
             headers = await asyncio.to_thread(read_headers, self.store, message.id)
             notice = build_failure_dsn(
@@ -435,15 +440,6 @@ class _Pusher:
                 PushOutcome(message.id, message.sender, rcpt.address, shown, str(reply)))
 
 
-def _domain_of(address: str) -> str:
-    if "@" not in address:
-        return ""
-    try:
-        return normalize_domain(address.rsplit("@", 1)[1])
-    except ValueError:
-        return ""
-
-
 # ---------------------------------------------------------------------------
 # Notices to local senders.
 # ---------------------------------------------------------------------------
@@ -473,7 +469,7 @@ async def _deliver_notices(config: CustomerConfig, store: SQLiteStore,
 async def _deliver_notice(config: CustomerConfig, store: SQLiteStore, message: QueuedMessage,
                           rcpt: QueuedRecipient, deliveries: dict[str, Delivery],
                           result: PushResult) -> None:
-    domain = _domain_of(rcpt.address)
+    domain = domain_of(rcpt.address)
     pull = config.pull_for_domain(domain)
     if pull is None:
         reply, where = Reply(550, "5.1.2", f"no [[pull]] block delivers {domain}"), "-"

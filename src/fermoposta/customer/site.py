@@ -7,7 +7,8 @@ while the block runs, released by the kernel however the process ends);
 `make_delivery_for(config, pull)` builds a `[[pull]]` block's local delivery;
 `deliver_stored(delivery, store, message_id, envelope)` hands a message kept
 in one of the customer's spools to it, streaming the body through a spooled
-temporary file (bounded memory).
+temporary file (bounded memory); `domain_of(address)` is an address's
+canonical domain, or "" when it has none or an invalid one.
 Pull, outbox push and the local retry spool all import these from here, so
 none of them imports another (no import cycles).
 """
@@ -29,9 +30,10 @@ from fermoposta.customer.delivery.base import Delivery, DeliveryOutcome, LocalEn
 from fermoposta.customer.delivery.factory import make_delivery
 from fermoposta.customer.dialout import DialSettings
 from fermoposta.customer.errors import AlreadyRunning, ConfigFailure
+from fermoposta.smtp.command import normalize_domain
 from fermoposta.store import CHUNK_SIZE, SQLiteStore
 
-__all__ = ["deliver_stored", "dial_settings", "make_delivery_for", "pull_lock"]
+__all__ = ["deliver_stored", "dial_settings", "domain_of", "make_delivery_for", "pull_lock"]
 
 
 def dial_settings(config: CustomerConfig) -> DialSettings:
@@ -93,3 +95,13 @@ def copy_stored_body(store: SQLiteStore, message_id: str, out: IO[bytes]) -> Non
     """Write the stored body of `message_id` to `out`, one chunk at a time."""
     for chunk in store.read_body(message_id):
         out.write(chunk)
+
+
+def domain_of(address: str) -> str:
+    """The canonical domain of `address`; "" without one or when it is invalid."""
+    if "@" not in address:
+        return ""
+    try:
+        return normalize_domain(address.rsplit("@", 1)[1])
+    except ValueError:
+        return ""
