@@ -124,20 +124,24 @@ def test_two_stores_never_claim_the_same_recipient(tmp_path: Path) -> None:
         for i in range(200):
             setup.enqueue(msg(f"r{i}@x.example"), io.BytesIO(b"b"))
     results: dict[str, list[int]] = {"one": [], "two": []}
+    # Both runners stay open until both are done: the claims of a store that
+    # has closed (a runner that is gone) are free again at once.
+    stores = {owner: SQLiteStore(path) for owner in results}
 
     def runner(owner: str) -> None:
-        with SQLiteStore(path) as s:
-            while True:
-                got = s.claim_due_outbound(2e9, 7, owner, 600)
-                if not got:
-                    return
-                results[owner] += [r.id for m in got for r in m.recipients]
+        while True:
+            got = stores[owner].claim_due_outbound(2e9, 7, owner, 600)
+            if not got:
+                return
+            results[owner] += [r.id for m in got for r in m.recipients]
 
     threads = [threading.Thread(target=runner, args=(o,)) for o in results]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    for s in stores.values():
+        s.close()
     both = results["one"] + results["two"]
     assert len(both) == 200 and len(set(both)) == 200
 
@@ -279,7 +283,7 @@ def test_migration_from_version_2(tmp_path: Path) -> None:
         assert b"".join(store.read_body("0123456789AB")) == b"keep"
         assert store.held_message_ids(["a.example"]) == ["0123456789AB"]
     check = sqlite3.connect(path)
-    assert check.execute("PRAGMA user_version").fetchone()[0] == 5
+    assert check.execute("PRAGMA user_version").fetchone()[0] == 6
     indexes = {r[0] for r in check.execute("SELECT name FROM sqlite_master WHERE type='index'")}
     assert {"recipients_due", "recipients_claimed_by", "messages_received"} <= indexes
     check.close()

@@ -612,7 +612,7 @@ def test_migration_from_version_1(tmp_path: Path) -> None:
     finally:
         store.close()
     check = sqlite3.connect(path)
-    assert check.execute("PRAGMA user_version").fetchone()[0] == 5
+    assert check.execute("PRAGMA user_version").fetchone()[0] == 6
     tables = {r[0] for r in check.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert "account_cert_subjects" in tables
     lease_columns = {r[1] for r in check.execute("PRAGMA table_info(leases)")}
@@ -622,11 +622,11 @@ def test_migration_from_version_1(tmp_path: Path) -> None:
         assert again.account_by_subject("CN=alice") is not None
 
 
-def test_new_store_has_version_5(tmp_path: Path) -> None:
+def test_new_store_has_version_6(tmp_path: Path) -> None:
     path = tmp_path / "new.sqlite3"
     SQLiteStore(path).close()
     conn = sqlite3.connect(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 5
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 6
     conn.close()
 
 

@@ -1,5 +1,13 @@
 """The queue and account store interface (engine-neutral).
 
+The store is split into the Protocols its callers need: `MessageQueue`
+(enqueue, bodies, outcomes), `HoldQueue` (held mail, domain leases),
+`OutboundQueue` (due recipients and their claims), `Directory` (accounts and
+domains), `QueueTools` (the operator's paging and bulk actions), `Spool` (a
+customer-side spool) and `RateCounter` (windowed counts); `Store` is all of
+them, as an engine (SQLite, PostgreSQL) implements it.  Callers are typed
+against the narrowest one they use, never against an engine class.
+
 Contract:
 - A message becomes visible only when `enqueue` returns: the body and every
   recipient row are committed in one durable transaction (fsync).  The SMTP
@@ -23,8 +31,13 @@ Contract:
   bounded whatever the message size.
 - Domain leases are all-or-nothing and expire, so a crashed process can never
   block a domain forever and two ATRN sessions never drain one domain at once.
-  An engine that can tell a holder is dead (SQLite: a lock file per process)
-  takes its leases over at once; a live holder's lease is never taken.
+  An engine that can tell a holder is dead (SQLite: a lock file per process;
+  PostgreSQL: a heartbeat row per process, dead after `node_timeout`
+  seconds of silence) takes its leases, and its outbound claims, over at
+  once; a live holder's lease is never taken.
+- Several processes, and with PostgreSQL several nodes, share one store:
+  every guarantee above holds across them.  `RateCounter` counts are shared
+  too.  A message remembers the `node` that accepted it.
 - All methods are synchronous and thread-safe; asyncio callers run them in a
   worker thread.  A failure of the engine raises `StoreError` (callers map it
   to a 4xx: a store problem defers mail, it never bounces it).
@@ -126,6 +139,7 @@ class QueuedMessage:
     ret: str | None
     client: str
     recipients: tuple[QueuedRecipient, ...]
+    node: str = ""  # the node that accepted it ("" if stored before nodes had names)
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,8 +228,16 @@ class QueueShape:
     domains: tuple[DomainShape, ...]  # most recipients first, then by name
 
 
-class Store(Protocol):
-    # --- messages ---------------------------------------------------------------------
+class MessageQueue(Protocol):
+    """Messages and their recipients' outcomes: what every session that takes
+    mail in or hands it on needs (the MX, submission, the drain, the outbound
+    engine, the customer's spools)."""
+
+    @property
+    def node(self) -> str:
+        """The name of this node (process group) in logs, metrics and `queue show`."""
+        ...
+
     def enqueue(self, message: NewMessage, body: IO[bytes], queue_id: str | None = None) -> str:
         """Store durably; return the queue id.  `body` is read in chunks.
 
@@ -227,16 +249,6 @@ class Store(Protocol):
 
     def read_body(self, message_id: str) -> Iterator[bytes]:
         """Yield the body in chunks of at most CHUNK_SIZE bytes."""
-        ...
-
-    def held_message_ids(self, domains: Collection[str]) -> list[str]:
-        """Ids of messages with HELD recipients in `domains`, oldest first."""
-        ...
-
-    def domains_with_held_mail(self, domains: Collection[str]) -> set[str]: ...
-
-    def domain_usage(self, domain: str) -> tuple[int, int]:
-        """(messages, bytes) held for `domain`, for quotas."""
         ...
 
     def record_delivered(self, recipient_ids: Collection[int], reply: str,
@@ -269,7 +281,77 @@ class Store(Protocol):
         The DSN is queued only if at least one recipient was still queued."""
         ...
 
-    # --- outbound queue -----------------------------------------------------------------
+
+class Spool(MessageQueue, Protocol):
+    """A customer-side spool (the outbox, the local retry spool): a queue read
+    whole, oldest first."""
+
+    def message_ids(self, state: RecipientState | None = None) -> list[str]:
+        """Ids of messages with at least one recipient (in `state` if given),
+        oldest first (received_at, then id)."""
+        ...
+
+    def recipient_count(self) -> int:
+        """How many recipients the store holds, in every state."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class HoldQueue(MessageQueue, Protocol):
+    """Held mail and the domain leases of ATRN sessions: what the MX (quotas),
+    the ODMR service, the drain and held-mail expiry need."""
+
+    def held_message_ids(self, domains: Collection[str]) -> list[str]:
+        """Ids of messages with HELD recipients in `domains`, oldest first."""
+        ...
+
+    def domains_with_held_mail(self, domains: Collection[str]) -> set[str]: ...
+
+    def domain_usage(self, domain: str) -> tuple[int, int]:
+        """(messages, bytes) held for `domain`, for quotas."""
+        ...
+
+    def acquire_leases(self, domains: Collection[str], owner: str, ttl: float) -> bool:
+        """Lease every domain to `owner` or none; expired leases, and those of a
+        holder known to be dead, are taken over."""
+        ...
+
+    def renew_leases(self, owner: str, ttl: float) -> None: ...
+
+    def release_leases(self, owner: str) -> None: ...
+
+    def held_older_than(
+        self,
+        cutoff: float,
+        limit: int,
+        *,
+        domains: Collection[str] | None = None,
+        default_lifetime_only: bool = False,
+        delay_notified: bool | None = None,
+    ) -> list[QueuedMessage]:
+        """HELD recipients of messages received before `cutoff`, oldest first,
+        at most `limit`, as messages with only those recipients.  Only in
+        `domains` if given (at most 500; ValueError beyond); with
+        `default_lifetime_only`, not in a domain that has its own
+        `hold_lifetime`; with `delay_notified` equal to the given value if not
+        None.  Recipients of a domain leased by an ATRN session right now are
+        left out (the drain owns them)."""
+        ...
+
+    # Shared with OutboundQueue: delay notices for held and outbound mail alike.
+    def mark_delay_notified(
+        self, recipient_ids: Collection[int], dsn: tuple[NewMessage, IO[bytes]] | None = None
+    ) -> str | None:
+        """Set `delay_notified` and queue `dsn` (a "delayed" DSN) in one
+        transaction; return the DSN's id (None if none was queued)."""
+        ...
+
+
+class OutboundQueue(MessageQueue, Protocol):
+    """Mail for the Internet: due recipients claimed by one queue runner at a
+    time, across processes and nodes."""
+
     def claim_due_outbound(
         self, now: float, limit: int, owner: str, ttl: float
     ) -> list[QueuedMessage]:
@@ -290,39 +372,59 @@ class Store(Protocol):
         claimed by someone else are left alone."""
         ...
 
-    def mark_delay_notified(
-        self, recipient_ids: Collection[int], dsn: tuple[NewMessage, IO[bytes]] | None = None
-    ) -> str | None:
-        """Set `delay_notified` and queue `dsn` (a "delayed" DSN) in one
-        transaction; return the DSN's id (None if none was queued)."""
-        ...
-
-    def held_older_than(
-        self,
-        cutoff: float,
-        limit: int,
-        *,
-        domains: Collection[str] | None = None,
-        default_lifetime_only: bool = False,
-        delay_notified: bool | None = None,
-    ) -> list[QueuedMessage]:
-        """HELD recipients of messages received before `cutoff`, oldest first,
-        at most `limit`, as messages with only those recipients.  Only in
-        `domains` if given (at most 500; ValueError beyond); with
-        `default_lifetime_only`, not in a domain that has its own
-        `hold_lifetime`; with `delay_notified` equal to the given value if not
-        None.  Recipients of a domain leased by an ATRN session right now are
-        left out (the drain owns them)."""
-        ...
-
     def outbound_older_than(self, cutoff: float, limit: int) -> list[QueuedMessage]:
         """OUTBOUND recipients of messages received before `cutoff`, oldest
         first, at most `limit` (claimed or not): for queue tools and checks."""
         ...
 
-    # --- queue tools ----------------------------------------------------------------------
-    # Operator commands (`fermoposta queue`), safe on a live queue: every call
-    # is one short transaction, so the provider keeps running meanwhile.
+    def mark_delay_notified(
+        self, recipient_ids: Collection[int], dsn: tuple[NewMessage, IO[bytes]] | None = None
+    ) -> str | None: ...
+
+
+class Directory(Protocol):
+    """Accounts (credentials, certificate bindings) and their hosted domains."""
+
+    def add_account(self, account: Account) -> None:
+        """Raise KeyError-free `ValueError` if the name exists, or if one of its
+        certificate fingerprints or subjects is bound to another account."""
+        ...
+
+    def update_account(self, account: Account) -> None: ...
+
+    def get_account(self, name: str) -> Account | None: ...
+
+    def account_by_fingerprint(self, fingerprint: str) -> Account | None: ...
+
+    def account_by_subject(self, subject: str) -> Account | None:
+        """The account bound to a certificate subject (compared exactly, as stored)."""
+        ...
+
+    def list_accounts(self) -> list[Account]: ...
+
+    def remove_account(self, name: str) -> bool:
+        """Remove the account and its domains; False if it did not exist."""
+        ...
+
+    def record_atrn(self, name: str, at: float) -> None: ...
+
+    def add_domain(self, domain: Domain) -> None:
+        """Raise `ValueError` if the domain exists or the account does not."""
+        ...
+
+    def update_domain(self, domain: Domain) -> None: ...
+
+    def get_domain(self, name: str) -> Domain | None: ...
+
+    def list_domains(self, account: str | None = None) -> list[Domain]: ...
+
+    def remove_domain(self, name: str) -> bool: ...
+
+
+class QueueTools(Protocol):
+    """Operator commands (`fermoposta queue`), safe on a live queue: every call
+    is one short transaction, so the providers keep running meanwhile."""
+
     def queue_page(
         self, where: QueueFilter, after: tuple[float, str] | None, limit: int
     ) -> list[QueueEntry]:
@@ -381,50 +483,33 @@ class Store(Protocol):
         with recipients in several states counts in each."""
         ...
 
-    # --- leases -----------------------------------------------------------------------
-    def acquire_leases(self, domains: Collection[str], owner: str, ttl: float) -> bool:
-        """Lease every domain to `owner` or none; expired leases, and those of a
-        holder known to be dead, are taken over."""
+
+class RateCounter(Protocol):
+    """Events counted in a sliding window, shared by every process and node on
+    the store (per-account submission rates)."""
+
+    def add_event(self, key: str, at: float, window: float) -> int:
+        """Record one event of `key` at `at`, forget those older than
+        `at - window`, and return how many events of `key` fall in
+        (at - window, at], this one included."""
         ...
 
-    def renew_leases(self, owner: str, ttl: float) -> None: ...
-
-    def release_leases(self, owner: str) -> None: ...
-
-    # --- accounts and domains ------------------------------------------------------------
-    def add_account(self, account: Account) -> None:
-        """Raise KeyError-free `ValueError` if the name exists, or if one of its
-        certificate fingerprints or subjects is bound to another account."""
+    def count_events(self, key: str, since: float) -> int:
+        """How many events of `key` are later than `since`."""
         ...
 
-    def update_account(self, account: Account) -> None: ...
 
-    def get_account(self, name: str) -> Account | None: ...
+class Store(HoldQueue, OutboundQueue, Directory, QueueTools, RateCounter, Spool, Protocol):
+    """The whole store, as an engine implements it and `open_store` returns it.
+    Callers take the narrowest of the Protocols above that they need."""
 
-    def account_by_fingerprint(self, fingerprint: str) -> Account | None: ...
-
-    def account_by_subject(self, subject: str) -> Account | None:
-        """The account bound to a certificate subject (compared exactly, as stored)."""
+    def schema_version(self) -> int:
+        """The version of the schema the store holds now."""
         ...
 
-    def list_accounts(self) -> list[Account]: ...
-
-    def remove_account(self, name: str) -> bool:
-        """Remove the account and its domains; False if it did not exist."""
+    def migrate(self) -> tuple[int, int]:
+        """Bring the schema up to date (also done on opening); return the
+        versions (before, after).  Safe when several processes start at once."""
         ...
-
-    def record_atrn(self, name: str, at: float) -> None: ...
-
-    def add_domain(self, domain: Domain) -> None:
-        """Raise `ValueError` if the domain exists or the account does not."""
-        ...
-
-    def update_domain(self, domain: Domain) -> None: ...
-
-    def get_domain(self, name: str) -> Domain | None: ...
-
-    def list_domains(self, account: str | None = None) -> list[Domain]: ...
-
-    def remove_domain(self, name: str) -> bool: ...
 
     def close(self) -> None: ...

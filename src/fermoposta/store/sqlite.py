@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import sqlite3
 import threading
 import time
@@ -69,7 +70,7 @@ from fermoposta.store.base import (
 )
 from fermoposta.store.holders import Holders
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 BUSY_TIMEOUT = 10.0  # seconds
 _BATCH = 500  # bound on SQL parameters per statement (old SQLite: 999)
 
@@ -111,6 +112,16 @@ CREATE TABLE IF NOT EXISTS recipient_holds (
 );
 """
 
+# Version 6: windowed rate events (per-account submission rates), shared
+# by every process on the file.
+_RATE_EVENTS = """
+CREATE TABLE IF NOT EXISTS rate_events (
+    key TEXT NOT NULL,
+    at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS rate_events_key_at ON rate_events(key, at);
+"""
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
     id TEXT PRIMARY KEY,
@@ -122,7 +133,8 @@ CREATE TABLE IF NOT EXISTS messages (
     body_8bit INTEGER NOT NULL,
     envid TEXT,
     ret TEXT,
-    client TEXT NOT NULL
+    client TEXT NOT NULL,
+    node TEXT NOT NULL DEFAULT ''  -- the node that accepted it
 );
 CREATE TABLE IF NOT EXISTS body_chunks (
     message_id TEXT NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
@@ -145,7 +157,8 @@ CREATE TABLE IF NOT EXISTS recipients (
     first_failure_at REAL,
     delay_notified INTEGER NOT NULL DEFAULT 0,
     claimed_by TEXT,  -- the queue runner delivering it now
-    claimed_until REAL
+    claimed_until REAL,
+    claim_holder TEXT  -- the process of that runner (holders.py)
 );
 CREATE INDEX IF NOT EXISTS recipients_domain_state
     ON recipients(domain, state, message_id);
@@ -187,7 +200,7 @@ CREATE TABLE IF NOT EXISTS leases (
     holder TEXT NOT NULL DEFAULT ''  -- the process (holders.py), or '' (expiry only)
 );
 CREATE INDEX IF NOT EXISTS leases_owner ON leases(owner);
-""" + _ACCOUNT_CERT_SUBJECTS + _OUTBOUND_INDEXES + _RECIPIENT_HOLDS
+""" + _ACCOUNT_CERT_SUBJECTS + _OUTBOUND_INDEXES + _RECIPIENT_HOLDS + _RATE_EVENTS
 
 
 # Version 5: the process holding a lease, so a dead one's leases are taken at once.
@@ -195,12 +208,20 @@ _V5 = """
 ALTER TABLE leases ADD COLUMN holder TEXT NOT NULL DEFAULT '';
 """
 
+# Version 6: the node that accepted a message, the holder of an outbound
+# claim (a dead runner's claims are free at once), and windowed rate events.
+_V6 = """
+ALTER TABLE messages ADD COLUMN node TEXT NOT NULL DEFAULT '';
+ALTER TABLE recipients ADD COLUMN claim_holder TEXT;
+""" + _RATE_EVENTS
+
 # Statements that bring a file from version N-1 to N.
 _MIGRATIONS: dict[int, str] = {
     2: _ACCOUNT_CERT_SUBJECTS,
     3: _V3,
     4: _RECIPIENT_HOLDS,
     5: _V5,
+    6: _V6,
 }
 
 _RECIPIENT_COLUMNS = (
@@ -209,7 +230,7 @@ _RECIPIENT_COLUMNS = (
 )
 _DOMAIN_COLUMNS = "name, account, max_messages, max_bytes, validate, hold_lifetime"
 _MESSAGE_COLUMNS = (
-    "id, sender, received_at, size, origin, smtputf8, body_8bit, envid, ret, client"
+    "id, sender, received_at, size, origin, smtputf8, body_8bit, envid, ret, client, node"
 )
 
 
@@ -258,6 +279,7 @@ def _message(row: Any, recipients: Sequence[QueuedRecipient]) -> QueuedMessage:
         ret=row[8],
         client=row[9],
         recipients=tuple(recipients),
+        node=row[10],
     )
 
 
@@ -265,9 +287,11 @@ class SQLiteStore:
     """The `Store` on one SQLite file."""
 
     def __init__(
-        self, path: str | os.PathLike[str], clock: Callable[[], float] = time.time
+        self, path: str | os.PathLike[str], clock: Callable[[], float] = time.time,
+        *, node: str | None = None,
     ) -> None:
         self._path = Path(path)
+        self._node = node or socket.gethostname()
         self._clock = clock
         self._lock = threading.Lock()
         self._closed = False
@@ -305,8 +329,21 @@ class SQLiteStore:
     def path(self) -> Path:
         return self._path
 
+    @property
+    def node(self) -> str:
+        return self._node
+
+    def schema_version(self) -> int:
+        with self._read() as conn:
+            return int(conn.execute("PRAGMA user_version").fetchone()[0])
+
+    def migrate(self) -> tuple[int, int]:
+        """The constructor migrated; report the version it found and the one now."""
+        return self._version_at_open, self.schema_version()
+
     def _migrate(self) -> None:
         version = self._conn.execute("PRAGMA user_version").fetchone()[0]
+        self._version_at_open = int(version)
         if version == SCHEMA_VERSION:
             return
         if version > SCHEMA_VERSION:
@@ -390,7 +427,8 @@ class SQLiteStore:
             try:
                 conn.execute(
                     "INSERT INTO messages (id, sender, received_at, size, origin, smtputf8,"
-                    " body_8bit, envid, ret, client) VALUES (?, ?, ?, 0, ?, ?, ?, ?, ?, ?)",
+                    " body_8bit, envid, ret, client, node)"
+                    " VALUES (?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         message_id,
                         message.sender,
@@ -401,6 +439,7 @@ class SQLiteStore:
                         message.envid,
                         message.ret,
                         message.client,
+                        self._node,
                     ),
                 )
             except sqlite3.IntegrityError:
@@ -498,6 +537,36 @@ class SQLiteStore:
             done += len(data)
             seq += 1
             yield data
+
+    def message_ids(self, state: RecipientState | None = None) -> list[str]:
+        sql = "SELECT id FROM messages m"
+        params: tuple[str, ...] = ()
+        if state is None:
+            sql += " WHERE EXISTS (SELECT 1 FROM recipients r WHERE r.message_id = m.id)"
+        else:
+            sql += (" WHERE EXISTS (SELECT 1 FROM recipients r WHERE r.message_id = m.id"
+                    " AND r.state = ?)")
+            params = (str(state),)
+        with self._read() as conn:
+            return [str(r[0]) for r in conn.execute(sql + " ORDER BY received_at, id", params)]
+
+    def recipient_count(self) -> int:
+        with self._read() as conn:
+            return int(conn.execute("SELECT COUNT(*) FROM recipients").fetchone()[0])
+
+    def add_event(self, key: str, at: float, window: float) -> int:
+        with self._write() as conn:
+            conn.execute("DELETE FROM rate_events WHERE key = ? AND at <= ?", (key, at - window))
+            conn.execute("INSERT INTO rate_events (key, at) VALUES (?, ?)", (key, at))
+            row = conn.execute("SELECT COUNT(*) FROM rate_events WHERE key = ? AND at > ?",
+                               (key, at - window)).fetchone()
+        return int(row[0])
+
+    def count_events(self, key: str, since: float) -> int:
+        with self._read() as conn:
+            row = conn.execute("SELECT COUNT(*) FROM rate_events WHERE key = ? AND at > ?",
+                               (key, since)).fetchone()
+        return int(row[0])
 
     def held_message_ids(self, domains: Collection[str]) -> list[str]:
         found: dict[str, float] = {}
@@ -610,24 +679,54 @@ class SQLiteStore:
         if limit <= 0:
             return []
         until = now + ttl
+        holder = self._holders.me()
         with self._write() as conn:
-            ids = [
-                int(r[0])
-                for r in conn.execute(
-                    "SELECT id FROM recipients WHERE state = ?"
-                    " AND COALESCE(next_attempt_at, 0) <= ?"
-                    " AND (claimed_until IS NULL OR claimed_until <= ?)"
-                    " ORDER BY COALESCE(next_attempt_at, 0), id LIMIT ?",
-                    (str(RecipientState.OUTBOUND), now, now, limit),
-                )
-            ]
-            for batch in _batches(ids):
+            # Claims of a runner whose process died (kill -9) are free now,
+            # not when they expire: their recipients come first.
+            dead = [h for h in self._claim_holders(conn, now) if not self._holders.is_alive(h)]
+            ids: list[int] = []
+            for batch in _batches(dead):
+                ids += [
+                    int(r[0])
+                    for r in conn.execute(
+                        "SELECT id FROM recipients WHERE claimed_by IS NOT NULL"
+                        f" AND claimed_until > ? AND claim_holder IN ({_marks(len(batch))})"
+                        " AND state = ? ORDER BY id LIMIT ?",
+                        (now, *batch, str(RecipientState.OUTBOUND), limit - len(ids)),
+                    )
+                ]
+                if len(ids) >= limit:
+                    break
+            if len(ids) < limit:
+                ids += [
+                    int(r[0])
+                    for r in conn.execute(
+                        "SELECT id FROM recipients WHERE state = ?"
+                        " AND COALESCE(next_attempt_at, 0) <= ?"
+                        " AND (claimed_until IS NULL OR claimed_until <= ?)"
+                        " ORDER BY COALESCE(next_attempt_at, 0), id LIMIT ?",
+                        (str(RecipientState.OUTBOUND), now, now, limit - len(ids)),
+                    )
+                ]
+            for batch_ids in _batches(ids):
                 conn.execute(
-                    "UPDATE recipients SET claimed_by = ?, claimed_until = ?, next_attempt_at = ?"
-                    f" WHERE id IN ({_marks(len(batch))})",
-                    (owner, until, until, *batch),
+                    "UPDATE recipients SET claimed_by = ?, claimed_until = ?, next_attempt_at = ?,"
+                    f" claim_holder = ? WHERE id IN ({_marks(len(batch_ids))})",
+                    (owner, until, until, holder, *batch_ids),
                 )
             return self._messages_of(conn, ids)
+
+    @staticmethod
+    def _claim_holders(conn: sqlite3.Connection, now: float) -> list[str]:
+        """Holders of unexpired claims (an index range on `recipients_claimed_by`)."""
+        return [
+            str(r[0])
+            for r in conn.execute(
+                "SELECT DISTINCT claim_holder FROM recipients WHERE claimed_by IS NOT NULL"
+                " AND claimed_until > ? AND claim_holder IS NOT NULL",
+                (now,),
+            )
+        ]
 
     def renew_claims(self, owner: str, now: float, ttl: float) -> None:
         with self._write() as conn:
