@@ -212,12 +212,13 @@ def _toml(value: Any) -> str:
 def _cmd_store(args: argparse.Namespace) -> int:
     """Run an `account`/`domain` handler with the store opened from the config."""
     config = load_provider_config(args.config)
-    from fermoposta.store import StoreError, open_store
+    from fermoposta.provider.storage import open_provider_store, store_description
+    from fermoposta.store import StoreError
 
     try:
-        store = open_store(config.data_dir)
+        store = open_provider_store(config)
     except (StoreError, OSError) as exc:
-        _err(f"cannot open the store in {config.data_dir}: {exc}")
+        _err(f"cannot open the {store_description(config)}: {exc}")
         return EX_TEMPFAIL
     try:
         handler: Callable[[argparse.Namespace, Any], int] = args.handler

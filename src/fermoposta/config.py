@@ -397,6 +397,41 @@ class HoldConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class StoreConfig:
+    """``[store]``: where the queue and the accounts live.
+
+    - ``url`` (str, default ``""``): ``""`` is SQLite in
+      ``data_dir/fermoposta.sqlite3``; ``"sqlite:///path/to/file"`` (or a path
+      relative to the config file after ``sqlite://``) names a SQLite file;
+      ``"postgresql://user@host:5432/dbname"`` (a libpq URL) is a PostgreSQL
+      database shared by every node.  Put no password in it: use
+      ``password_file`` or libpq's own ways (``~/.pgpass``, ``PGPASSFILE``).
+    - ``password_file`` (path, default ``""``): a file whose first line is the
+      PostgreSQL password (kept private: mode 0600).  Never logged.
+    - ``node`` (str, default: the host name): this node's name in logs,
+      metrics and ``queue show``; give each node of a cluster its own.
+    - ``pool_size`` (integer >= 1, default 10): PostgreSQL connections per node.
+    - ``node_timeout`` (duration, default ``"15s"``): a node whose heartbeat is
+      older than this is dead, and its domain leases and outbound claims pass
+      to the others (PostgreSQL only; SQLite knows at once).
+    """
+
+    url: str = ""
+    password_file: Path | None = None
+    node: str = ""
+    pool_size: int = 10
+    node_timeout: float = 15.0
+
+    @property
+    def engine(self) -> str:
+        """"postgresql" or "sqlite"."""
+        return "postgresql" if self.url.startswith(POSTGRES_SCHEMES) else "sqlite"
+
+
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+
+@dataclass(frozen=True, slots=True)
 class MetricsConfig:
     """``[metrics]``: the Prometheus scrape endpoint.
 
@@ -418,10 +453,11 @@ class ProviderConfig:
       other state; relative to the config file's directory.  Not created here.
     - ``[listen]``, ``[tls]``, ``[limits]``, ``[odmr]``, ``[mx]``, ``[log]``,
       ``[submission]``, ``[outbound]``, ``[hold]``, ``[metrics]``,
-      ``[connections]``, ``[auth_throttle]``: see
+      ``[connections]``, ``[auth_throttle]``, ``[store]``: see
       `ListenConfig`, `TLSConfig`, `LimitsConfig`, `ODMRConfig`, `MXConfig`,
       `LogConfig`, `SubmissionConfig`, `OutboundConfig`, `HoldConfig`,
-      `MetricsConfig`, `ConnectionsConfig`, `AuthThrottleConfig`.  Each table
+      `MetricsConfig`, `ConnectionsConfig`, `AuthThrottleConfig`,
+      `StoreConfig`.  Each table
       is optional.
     """
 
@@ -440,10 +476,14 @@ class ProviderConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     connections: ConnectionsConfig = field(default_factory=ConnectionsConfig)
     auth_throttle: AuthThrottleConfig = field(default_factory=AuthThrottleConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
 
     @property
     def store_path(self) -> Path:
-        """The SQLite queue database: ``data_dir / "fermoposta.sqlite3"``."""
+        """The SQLite queue database: ``[store] url``'s file, else
+        ``data_dir / "fermoposta.sqlite3"`` (meaningless for PostgreSQL)."""
+        if self.store.url.startswith("sqlite://"):
+            return Path(self.store.url[len("sqlite://"):])
         return self.data_dir / "fermoposta.sqlite3"
 
 
@@ -462,6 +502,22 @@ def default_config_path() -> Path:
 # ---------------------------------------------------------------------------
 # Per-key checkers, then the table-driven loader.
 # ---------------------------------------------------------------------------
+
+
+def _store_url(value: object) -> str:
+    text = _string(value)
+    if text and not text.startswith(("sqlite://", *POSTGRES_SCHEMES)):
+        raise ValueError('expected "", "sqlite://PATH" or "postgresql://user@host:port/dbname"')
+    if text == "sqlite://":
+        raise ValueError('"sqlite://" names no file: use "sqlite:///path/to/file"')
+    return text
+
+
+def _node_name(value: object) -> str:
+    text = _string(value)
+    if (text and not all(c.isalnum() or c in "._-" for c in text)) or len(text) > 64:
+        raise ValueError("a node name is at most 64 letters, digits, dots, hyphens or underscores")
+    return text
 
 
 def _listen_address(value: object) -> tuple[str, int] | None:
@@ -650,6 +706,16 @@ _SECTIONS: dict[str, tuple[type[Any], dict[str, _Parser]]] = {
         },
     ),
     "log": (LogConfig, {"level": _one_of(*LOG_LEVELS), "format": _one_of(*LOG_FORMATS)}),
+    "store": (
+        StoreConfig,
+        {
+            "url": _store_url,
+            "password_file": _string,
+            "node": _node_name,
+            "pool_size": _integer(1),
+            "node_timeout": _duration(positive=True),
+        },
+    ),
 }
 _TOP_LEVEL: dict[str, _Parser] = {"hostname": _hostname, "data_dir": _string}
 
@@ -685,6 +751,8 @@ def load_provider_config(path: str | Path) -> ProviderConfig:
                 "outbound", "smarthost_password_file", values["smarthost_password_file"])
         elif name == "outbound":
             values.pop("smarthost_password_file", None)
+        if name == "store":
+            values = _resolve_store(loader, values)
         sections[name] = cls(**values)
 
     config = ProviderConfig(
@@ -695,6 +763,20 @@ def load_provider_config(path: str | Path) -> ProviderConfig:
     )
     _cross_check(loader, config)
     return config
+
+
+def _resolve_store(loader: _Loader, values: dict[str, Any]) -> dict[str, Any]:
+    url = values.get("url", "")
+    if url.startswith("sqlite://"):
+        values["url"] = "sqlite://" + str(loader.resolve(url[len("sqlite://"):]))
+    if values.get("password_file"):
+        if not url.startswith(POSTGRES_SCHEMES):
+            raise loader.error("store", "password_file", "only a PostgreSQL url takes a password")
+        values["password_file"] = loader.existing_file("store", "password_file",
+                                                       values["password_file"])
+    else:
+        values.pop("password_file", None)
+    return values
 
 
 def _resolve_tls(loader: _Loader, values: dict[str, Any]) -> dict[str, Any]:

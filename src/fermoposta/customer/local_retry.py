@@ -2,7 +2,8 @@
 but could not deliver locally yet (mixed LMTP outcomes), and their notices.
 
 Contract:
-- The spool is a `SQLiteStore` of its own at ``<data_dir>/local-retry.sqlite3``
+- The spool is a store of its own (`open_spool`, a SQLite file) at
+  ``<data_dir>/local-retry.sqlite3``
   (the outbox's store format; never the provider's store nor the outbox).  A
   stored message's HELD recipients wait for the site's own delivery: the
   backend of the ``[[pull]]`` block that accepts the recipient's domain
@@ -45,7 +46,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import sqlite3
 import tempfile
 import time
 from collections.abc import Sequence
@@ -66,7 +66,7 @@ from fermoposta.customer.site import (
 from fermoposta.mail.dsn import build_failure_dsn, read_headers
 from fermoposta.ops.log import event
 from fermoposta.smtp.reply import Reply
-from fermoposta.store import SQLiteStore
+from fermoposta.store import Spool, open_spool
 from fermoposta.store.base import (
     CHUNK_SIZE,
     MessageOrigin,
@@ -111,7 +111,7 @@ def spool_failures(config: CustomerConfig, envelope: LocalEnvelope, body: IO[byt
                    failures: Sequence[tuple[LocalRecipient, Reply]], where: str) -> str:
     """Commit `failures` of `envelope` to the spool; see the module docstring."""
     config.data_dir.mkdir(parents=True, exist_ok=True)
-    store = SQLiteStore(retry_path(config))
+    store = open_spool(retry_path(config))
     try:
         message = NewMessage(
             sender=envelope.sender,
@@ -136,7 +136,7 @@ def spool_failures(config: CustomerConfig, envelope: LocalEnvelope, body: IO[byt
         store.close()
 
 
-def _record_first_attempt(config: CustomerConfig, store: SQLiteStore, queue_id: str,
+def _record_first_attempt(config: CustomerConfig, store: Spool, queue_id: str,
                           failures: Sequence[tuple[LocalRecipient, Reply]], where: str) -> None:
     stored = store.get_message(queue_id)
     if stored is None:
@@ -154,7 +154,7 @@ def _record_first_attempt(config: CustomerConfig, store: SQLiteStore, queue_id: 
             store.record_deferred([rcpt.id], str(reply))
 
 
-def _fail(config: CustomerConfig, store: SQLiteStore, message: QueuedMessage,
+def _fail(config: CustomerConfig, store: Spool, message: QueuedMessage,
           recipients: list[QueuedRecipient], reply: Reply, where: str, status: str) -> None:
     """Remove `recipients` with a failure notice to the sender (if any may be sent)."""
     notice = None
@@ -214,7 +214,7 @@ async def retry_local(config: CustomerConfig, *, now: float | None = None) -> Re
     try:
         async with pull_lock(config.data_dir / RETRY_LOCK, wait=False,
                              busy="another run of the local retry spool is going on"):
-            store = await asyncio.to_thread(SQLiteStore, retry_path(config))
+            store = await asyncio.to_thread(open_spool, retry_path(config))
             try:
                 await _run(config, store, result, time.time() if now is None else now)
             finally:
@@ -236,29 +236,12 @@ async def retry_local(config: CustomerConfig, *, now: float | None = None) -> Re
     return result
 
 
-def _ids(path: Path, state: RecipientState) -> list[str]:
-    conn = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True, timeout=10.0)
-    try:
-        rows = conn.execute(
-            "SELECT id FROM messages WHERE id IN"
-            " (SELECT message_id FROM recipients WHERE state = ?)"
-            " ORDER BY received_at, id", (str(state),)).fetchall()
-    except sqlite3.Error as exc:
-        raise StoreError(f"cannot read the local retry spool {path}: {exc}") from exc
-    finally:
-        conn.close()
-    return [str(row[0]) for row in rows]
-
-
 def _count_waiting(path: Path) -> int:
-    conn = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True, timeout=10.0)
+    store = open_spool(path)
     try:
-        row = conn.execute("SELECT COUNT(*) FROM recipients").fetchone()
-    except sqlite3.Error as exc:
-        raise StoreError(f"cannot read the local retry spool {path}: {exc}") from exc
+        return store.recipient_count()
     finally:
-        conn.close()
-    return int(row[0])
+        store.close()
 
 
 def spool_status(config: CustomerConfig) -> str | None:
@@ -272,13 +255,13 @@ def spool_status(config: CustomerConfig) -> str | None:
         return f"local retry spool: {exc}"
 
 
-async def _run(config: CustomerConfig, store: SQLiteStore, result: RetryResult,
+async def _run(config: CustomerConfig, store: Spool, result: RetryResult,
                now: float) -> None:
     path = retry_path(config)
     await _move_outbound_notices(config, store, path, result)
     deliveries: dict[str, Delivery] = {}
     try:
-        for message_id in await asyncio.to_thread(_ids, path, RecipientState.HELD):
+        for message_id in await asyncio.to_thread(store.message_ids, RecipientState.HELD):
             message = await asyncio.to_thread(store.get_message, message_id)
             if message is None:
                 continue
@@ -293,7 +276,7 @@ async def _run(config: CustomerConfig, store: SQLiteStore, result: RetryResult,
     await _move_outbound_notices(config, store, path, result)
 
 
-async def _retry_one(config: CustomerConfig, store: SQLiteStore, message: QueuedMessage,
+async def _retry_one(config: CustomerConfig, store: Spool, message: QueuedMessage,
                      rcpt: QueuedRecipient, deliveries: dict[str, Delivery],
                      result: RetryResult, now: float) -> None:
     result.attempted += 1
@@ -344,9 +327,9 @@ async def _retry_one(config: CustomerConfig, store: SQLiteStore, message: Queued
               status="deferred", reason=f"{reply} (kept in the local retry spool)")
 
 
-async def _move_outbound_notices(config: CustomerConfig, store: SQLiteStore, path: Path,
+async def _move_outbound_notices(config: CustomerConfig, store: Spool, path: Path,
                                  result: RetryResult) -> None:
-    ids = await asyncio.to_thread(_ids, path, RecipientState.OUTBOUND)
+    ids = await asyncio.to_thread(store.message_ids, RecipientState.OUTBOUND)
     if not ids:
         return
     from fermoposta.customer.outbox import open_outbox
@@ -360,7 +343,7 @@ async def _move_outbound_notices(config: CustomerConfig, store: SQLiteStore, pat
         outbox.close()
 
 
-def _move_one(store: SQLiteStore, outbox: SQLiteStore, message_id: str) -> None:
+def _move_one(store: Spool, outbox: Spool, message_id: str) -> None:
     message = store.get_message(message_id)
     if message is None:
         return

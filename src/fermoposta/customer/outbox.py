@@ -1,7 +1,7 @@
 """The customer's outbox: the site's SMTP listener for outgoing mail, and its spool.
 
 Contract:
-- The spool is a `SQLiteStore` of its own at ``<data_dir>/outbox.sqlite3``
+- The spool is a store of its own (`open_spool`, a SQLite file) at ``<data_dir>/outbox.sqlite3``
   (`open_outbox`), never the provider's store.  An outgoing message is one
   stored message whose recipients are OUTBOUND (waiting for the push to the
   provider's submission service, `fermoposta.customer.outbox_push`); a
@@ -44,7 +44,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import sqlite3
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,14 +62,15 @@ from fermoposta.smtp.command import normalize_domain, split_address
 from fermoposta.smtp.reply import Reply
 from fermoposta.smtp.sasl import make_scram_secret
 from fermoposta.smtp.server import AUTH_IN_TRANSACTION, Needs, VerbSpec, verb_table
-from fermoposta.store import SQLiteStore
+from fermoposta.store import Spool, open_spool
 from fermoposta.store.base import (
     Account,
+    Directory,
     MessageOrigin,
+    MessageQueue,
     NewMessage,
     NewRecipient,
     RecipientState,
-    Store,
     StoreError,
     new_queue_id,
 )
@@ -122,43 +122,19 @@ def outbox_path(config: CustomerConfig) -> Path:
     return config.data_dir / OUTBOX_FILENAME
 
 
-def open_outbox(config: CustomerConfig) -> SQLiteStore:
+def open_outbox(config: CustomerConfig) -> Spool:
     """Open (creating it if needed) ``<data_dir>/outbox.sqlite3``.  Raises `StoreError`."""
-    return SQLiteStore(outbox_path(config))
+    return open_spool(outbox_path(config))
 
 
-def _ids_by_state(store: SQLiteStore, state: RecipientState) -> list[str]:
-    # The `Store` interface lists HELD messages by domain only; this read-only
-    # query on the store's own file lists every message with a recipient in
-    # `state`, oldest first.  (To be replaced by a store method when the
-    # store grows one.)
-    uri = store.path.resolve().as_uri() + "?mode=ro"
-    try:
-        conn = sqlite3.connect(uri, uri=True, timeout=10.0)
-    except sqlite3.Error as exc:
-        raise StoreError(f"cannot read the outbox {store.path}: {exc}") from exc
-    try:
-        rows = conn.execute(
-            "SELECT id FROM messages WHERE id IN"
-            " (SELECT message_id FROM recipients WHERE state = ?)"
-            " ORDER BY received_at, id",
-            (str(state),),
-        ).fetchall()
-    except sqlite3.Error as exc:
-        raise StoreError(f"cannot read the outbox {store.path}: {exc}") from exc
-    finally:
-        conn.close()
-    return [str(row[0]) for row in rows]
-
-
-def outbox_message_ids(store: SQLiteStore) -> list[str]:
+def outbox_message_ids(store: Spool) -> list[str]:
     """Ids of the messages with recipients still to push (OUTBOUND), oldest first."""
-    return _ids_by_state(store, RecipientState.OUTBOUND)
+    return store.message_ids(RecipientState.OUTBOUND)
 
 
-def notice_message_ids(store: SQLiteStore) -> list[str]:
+def notice_message_ids(store: Spool) -> list[str]:
     """Ids of the notices waiting for local delivery (HELD recipients), oldest first."""
-    return _ids_by_state(store, RecipientState.HELD)
+    return store.message_ids(RecipientState.HELD)
 
 
 # ---------------------------------------------------------------------------
@@ -237,7 +213,7 @@ class OutboxSession(TransactionSession):
         *,
         config: CustomerConfig,
         limits: SessionLimits,
-        store: Store,
+        store: MessageQueue,
         accounts: _UserAccounts | None,
         on_queued: Callable[[], None] | None = None,
     ) -> None:
@@ -251,7 +227,7 @@ class OutboxSession(TransactionSession):
             policy = _AuthPolicy(OUTBOX_MECHANISMS, self.outbox.allow_plaintext_auth)
             # The Authenticator reads only accounts by name (and certificates,
             # of which there are none here) from its store.
-            self.auth = Authenticator(self, cast(Store, accounts), policy)
+            self.auth = Authenticator(self, cast(Directory, accounts), policy)
 
     @property
     def authenticated_as(self) -> str | None:  # type: ignore[override]
@@ -360,7 +336,7 @@ class OutboxServer:
     (a session cut before its 250 leaves nothing in the spool: its client
     keeps the message)."""
 
-    def __init__(self, config: CustomerConfig, store: Store,
+    def __init__(self, config: CustomerConfig, store: MessageQueue,
                  on_queued: Callable[[], None] | None = None) -> None:
         if config.outbox.listen is None:
             raise ValueError("[outbox] listen is not configured")

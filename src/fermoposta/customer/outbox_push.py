@@ -93,7 +93,7 @@ from fermoposta.net.transfer import (
 )
 from fermoposta.ops.log import event
 from fermoposta.smtp.reply import Reply
-from fermoposta.store import SQLiteStore
+from fermoposta.store import Spool
 from fermoposta.store.base import (
     QueuedMessage,
     QueuedRecipient,
@@ -230,7 +230,7 @@ class PushResult:
 # ---------------------------------------------------------------------------
 
 
-async def push_outbox(config: CustomerConfig, *, store: SQLiteStore | None = None,
+async def push_outbox(config: CustomerConfig, *, store: Spool | None = None,
                       wait: bool = False) -> PushResult:
     """Push the outbox once; see the module docstring.  `store`: an open spool
     to use (the daemon's), else it is opened and closed here."""
@@ -264,7 +264,7 @@ async def push_outbox(config: CustomerConfig, *, store: SQLiteStore | None = Non
     return result
 
 
-async def _push_and_notify(config: CustomerConfig, store: SQLiteStore,
+async def _push_and_notify(config: CustomerConfig, store: Spool,
                            result: PushResult) -> None:
     ids = await asyncio.to_thread(outbox_message_ids, store)
     if ids:
@@ -277,7 +277,7 @@ async def _push_and_notify(config: CustomerConfig, store: SQLiteStore,
         result.left = len(await asyncio.to_thread(outbox_message_ids, store))
 
 
-async def _push(config: CustomerConfig, store: SQLiteStore, ids: list[str],
+async def _push(config: CustomerConfig, store: Spool, ids: list[str],
                 result: PushResult) -> None:
     dialer = Dialer(_dial_settings(config))
     try:
@@ -301,7 +301,7 @@ class _Stop(Exception):
 
 
 class _Pusher:
-    def __init__(self, config: CustomerConfig, store: SQLiteStore, result: PushResult,
+    def __init__(self, config: CustomerConfig, store: Spool, result: PushResult,
                  conn: Connection, client: SMTPClient, *, greeting: str) -> None:
         self.config = config
         self.store = store
@@ -445,7 +445,7 @@ class _Pusher:
 # ---------------------------------------------------------------------------
 
 
-async def _deliver_notices(config: CustomerConfig, store: SQLiteStore,
+async def _deliver_notices(config: CustomerConfig, store: Spool,
                            result: PushResult) -> None:
     ids = await asyncio.to_thread(notice_message_ids, store)
     deliveries: dict[str, Delivery] = {}
@@ -466,7 +466,7 @@ async def _deliver_notices(config: CustomerConfig, store: SQLiteStore,
     result.notices_waiting = len(await asyncio.to_thread(notice_message_ids, store))
 
 
-async def _deliver_notice(config: CustomerConfig, store: SQLiteStore, message: QueuedMessage,
+async def _deliver_notice(config: CustomerConfig, store: Spool, message: QueuedMessage,
                           rcpt: QueuedRecipient, deliveries: dict[str, Delivery],
                           result: PushResult) -> None:
     domain = domain_of(rcpt.address)
@@ -519,7 +519,7 @@ async def _deliver_notice(config: CustomerConfig, store: SQLiteStore, message: Q
 class ContinuousPusher:
     """``push = "continuous"``: push at start and on `wake()`; see the module docstring."""
 
-    def __init__(self, config: CustomerConfig, store: SQLiteStore, stop: asyncio.Event,
+    def __init__(self, config: CustomerConfig, store: Spool, stop: asyncio.Event,
                  rng: random.Random | None = None) -> None:
         self.config = config
         self.store = store

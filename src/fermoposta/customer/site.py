@@ -31,7 +31,7 @@ from fermoposta.customer.delivery.factory import make_delivery
 from fermoposta.customer.dialout import DialSettings
 from fermoposta.customer.errors import AlreadyRunning, ConfigFailure
 from fermoposta.smtp.command import normalize_domain
-from fermoposta.store import CHUNK_SIZE, SQLiteStore
+from fermoposta.store import CHUNK_SIZE, MessageQueue
 
 __all__ = ["deliver_stored", "dial_settings", "domain_of", "make_delivery_for", "pull_lock"]
 
@@ -81,7 +81,7 @@ def make_delivery_for(config: CustomerConfig, pull: PullConfig) -> Delivery:
     )
 
 
-async def deliver_stored(delivery: Delivery, store: SQLiteStore, message_id: str,
+async def deliver_stored(delivery: Delivery, store: MessageQueue, message_id: str,
                          envelope: LocalEnvelope) -> DeliveryOutcome:
     """Deliver the stored body of `message_id` with `envelope` (see the module)."""
     with tempfile.SpooledTemporaryFile(max_size=CHUNK_SIZE) as body:
@@ -91,7 +91,7 @@ async def deliver_stored(delivery: Delivery, store: SQLiteStore, message_id: str
         return await delivery.deliver(envelope, body, size)
 
 
-def copy_stored_body(store: SQLiteStore, message_id: str, out: IO[bytes]) -> None:
+def copy_stored_body(store: MessageQueue, message_id: str, out: IO[bytes]) -> None:
     """Write the stored body of `message_id` to `out`, one chunk at a time."""
     for chunk in store.read_body(message_id):
         out.write(chunk)

@@ -50,7 +50,7 @@ from fermoposta.smtp.sasl import (
     certificate_subject,
     server_mechanism,
 )
-from fermoposta.store.base import Account, Store
+from fermoposta.store.base import Account, Directory
 
 if TYPE_CHECKING:
     from fermoposta.net.server_session import ServerSession
@@ -81,7 +81,7 @@ class AuthPolicy(Protocol):
 class StoreCredentials:
     """Adapts the store to the SASL layer's CredentialSource."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Directory) -> None:
         self.store = store
         # The existing account a password mechanism asked for: the throttle's
         # per-account key.  Unknown names stay None (they count per address).
@@ -104,7 +104,7 @@ class StoreCredentials:
 class Authenticator:
     """AUTH for one server session; see the module docstring."""
 
-    def __init__(self, session: ServerSession, store: Store, policy: AuthPolicy) -> None:
+    def __init__(self, session: ServerSession, store: Directory, policy: AuthPolicy) -> None:
         self.session = session
         self.conn = session.conn
         self.store = store

@@ -60,12 +60,12 @@ from fermoposta.smtp.command import xtext_decode
 from fermoposta.smtp.reply import Reply
 from fermoposta.store.base import (
     MessageOrigin,
+    MessageQueue,
     NewMessage,
     NewRecipient,
     QueuedMessage,
     QueuedRecipient,
     RecipientState,
-    Store,
 )
 
 __all__ = [
@@ -144,7 +144,7 @@ def wants_notice(rcpt: QueuedRecipient, action: Action) -> bool:
     return _NOTIFY_KEYWORD[action] in keywords
 
 
-def read_headers(store: Store, message_id: str, limit: int = HEADER_LIMIT) -> bytes:
+def read_headers(store: MessageQueue, message_id: str, limit: int = HEADER_LIMIT) -> bytes:
     """The header section of a stored message (at most `limit` bytes, ending
     at a line end), with the CRLF that ends its last header line."""
     return _headers_of(store.read_body(message_id), limit)
@@ -239,7 +239,7 @@ class _Writer:
 
 
 def build_dsn(
-    store: Store,
+    store: MessageQueue,
     *,
     hostname: str,
     message: QueuedMessage,

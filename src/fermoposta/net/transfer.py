@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 from fermoposta.net.client import SMTPClient
 from fermoposta.smtp.reply import Reply
-from fermoposta.store.base import QueuedMessage, QueuedRecipient, Store
+from fermoposta.store.base import MessageQueue, QueuedMessage, QueuedRecipient
 
 Settle = Callable[[QueuedMessage, list[QueuedRecipient], Reply, str], Awaitable[None]]
 Body = Callable[[str], AsyncIterator[bytes]]
@@ -43,7 +43,7 @@ STAGE_DATA = "DATA"
 STAGE_FINAL = "final"  # the reply to the final dot
 
 
-def stored_body(store: Store) -> Body:
+def stored_body(store: MessageQueue) -> Body:
     """`body` for messages in `store`: chunks read in a worker thread, one at
     a time, so memory stays bounded and the event loop never blocks."""
 

@@ -53,7 +53,15 @@ from fermoposta.provider.admin import error as _error
 from fermoposta.provider.admin import guarded as _guarded
 from fermoposta.smtp.sasl import normalize_subject
 from fermoposta.smtp.x509name import parse_subject
-from fermoposta.store.base import Account, Domain, ScramSecret, Store, StoreError
+from fermoposta.store.base import (
+    Account,
+    Directory,
+    Domain,
+    HostedMail,
+    ScramSecret,
+    Store,
+    StoreError,
+)
 
 DEFAULT_SCRAM_ITERATIONS = 4096
 
@@ -243,7 +251,7 @@ def _usage_subjects(values: Iterable[str]) -> list[str]:
 
 
 @_guarded
-def account_add(args: argparse.Namespace, store: Store) -> int:
+def account_add(args: argparse.Namespace, store: Directory) -> int:
     """Create an account, optionally with its domains."""
     name = _check_account_name(args.name)
     domains = list(dict.fromkeys(_usage_domain(d) for d in args.domain))
@@ -279,7 +287,7 @@ def account_add(args: argparse.Namespace, store: Store) -> int:
 
 
 @_guarded
-def account_list(args: argparse.Namespace, store: Store) -> int:
+def account_list(args: argparse.Namespace, store: Directory) -> int:
     """Print the accounts as a table."""
     rows = []
     for account in store.list_accounts():
@@ -298,7 +306,7 @@ def account_list(args: argparse.Namespace, store: Store) -> int:
 
 
 @_guarded
-def account_remove(args: argparse.Namespace, store: Store) -> int:
+def account_remove(args: argparse.Namespace, store: Directory) -> int:
     """Remove an account and its domains; their held mail stays queued."""
     domains = [d.name for d in store.list_domains(args.name)]
     if not store.remove_account(args.name):
@@ -309,7 +317,7 @@ def account_remove(args: argparse.Namespace, store: Store) -> int:
 
 
 @_guarded
-def account_passwd(args: argparse.Namespace, store: Store) -> int:
+def account_passwd(args: argparse.Namespace, store: Directory) -> int:
     """Replace an account's password."""
     account = store.get_account(args.name)
     if account is None:
@@ -334,7 +342,7 @@ def _changed(
 
 
 @_guarded
-def account_certs(args: argparse.Namespace, store: Store) -> int:
+def account_certs(args: argparse.Namespace, store: Directory) -> int:
     """Add or remove an account's certificate bindings, then print them."""
     add_fps = _usage_fingerprints(args.add_fingerprint)
     remove_fps = _usage_fingerprints(args.remove_fingerprint)
@@ -372,7 +380,7 @@ def _quota(value: int | None, flag: str) -> int | None:
 
 
 @_guarded
-def domain_add(args: argparse.Namespace, store: Store) -> int:
+def domain_add(args: argparse.Namespace, store: Directory) -> int:
     """Add a domain to an account."""
     name = _usage_domain(args.domain)
     max_messages = _quota(args.max_messages, "--max-messages")
@@ -425,7 +433,7 @@ def _format_lifetime(domain: Domain) -> str:
 
 
 @_guarded
-def domain_list(args: argparse.Namespace, store: Store) -> int:
+def domain_list(args: argparse.Namespace, store: HostedMail) -> int:
     """Print the domains with their held mail and quotas."""
     if args.account is not None and store.get_account(args.account) is None:
         raise ValueError(f"no account {args.account!r}")
@@ -439,7 +447,7 @@ def domain_list(args: argparse.Namespace, store: Store) -> int:
 
 
 @_guarded
-def domain_remove(args: argparse.Namespace, store: Store) -> int:
+def domain_remove(args: argparse.Namespace, store: Directory) -> int:
     """Remove a domain; its held mail stays queued."""
     name = _usage_domain(args.domain)
     if not store.remove_domain(name):

@@ -46,7 +46,13 @@ from fermoposta.net.transfer import (
 from fermoposta.ops import metrics
 from fermoposta.ops.log import event
 from fermoposta.smtp.reply import Reply
-from fermoposta.store.base import QueuedMessage, QueuedRecipient, RecipientState, Store, StoreError
+from fermoposta.store.base import (
+    HostedMail,
+    QueuedMessage,
+    QueuedRecipient,
+    RecipientState,
+    StoreError,
+)
 
 log = logging.getLogger("fermoposta.drain")
 
@@ -79,8 +85,8 @@ class _Abort(Exception):
 
 
 class Drain:
-    def __init__(self, conn: Connection, store: Store, *, domains: Sequence[str], hostname: str,
-                 session_id: str, settings: DrainSettings) -> None:
+    def __init__(self, conn: Connection, store: HostedMail, *, domains: Sequence[str],
+                 hostname: str, session_id: str, settings: DrainSettings) -> None:
         self.conn = conn
         # line_records: the customer may be fetchmail relaying our bytes line
         # by line out of OpenSSL (net/client.py explains the stall it avoids).
@@ -278,7 +284,7 @@ class Drain:
                   status=status, reason=str(reply))
 
 
-async def drain(conn: Connection, store: Store, *, domains: Sequence[str], hostname: str,
+async def drain(conn: Connection, store: HostedMail, *, domains: Sequence[str], hostname: str,
                 session_id: str, settings: DrainSettings) -> DrainResult:
     """Run the reversed session on `conn`; see the module docstring."""
     return await Drain(conn, store, domains=domains, hostname=hostname, session_id=session_id,

@@ -38,7 +38,13 @@ from fermoposta.config import ProviderConfig
 from fermoposta.mail.dsn import Action, RecipientReport, build_dsn, wants_notice
 from fermoposta.ops import metrics
 from fermoposta.ops.log import event
-from fermoposta.store.base import NewMessage, QueuedMessage, RecipientState, Store, StoreError
+from fermoposta.store.base import (
+    HostedMail,
+    NewMessage,
+    QueuedMessage,
+    RecipientState,
+    StoreError,
+)
 
 __all__ = ["HoldExpirer"]
 
@@ -56,7 +62,7 @@ def _duration(seconds: float) -> str:
 class HoldExpirer:
     """Expires held mail and sends hold delay notices; see the module docstring."""
 
-    def __init__(self, config: ProviderConfig, store: Store, *,
+    def __init__(self, config: ProviderConfig, store: HostedMail, *,
                  clock: Callable[[], float] = time.time, batch: int = 200,
                  on_outbound_dsn: Callable[[], None] | None = None) -> None:
         self.config = config

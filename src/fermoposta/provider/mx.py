@@ -28,11 +28,11 @@ from fermoposta.ops.log import event
 from fermoposta.smtp.command import Path
 from fermoposta.smtp.reply import Reply
 from fermoposta.store.base import (
+    HostedMail,
     MessageOrigin,
     NewMessage,
     NewRecipient,
     RecipientState,
-    Store,
     StoreError,
     new_queue_id,
 )
@@ -55,7 +55,7 @@ class MXSession(TransactionSession):
         *,
         hostname: str,
         limits: SessionLimits,
-        store: Store,
+        store: HostedMail,
         tls_context: ssl.SSLContext | None = None,
         require_valid_recipient: bool = False,
     ) -> None:

@@ -44,7 +44,7 @@ from fermoposta.smtp import reply as R
 from fermoposta.smtp.atrn import parse_atrn_domains
 from fermoposta.smtp.reply import Reply, SMTPError
 from fermoposta.smtp.server import VerbSpec, verb_table
-from fermoposta.store.base import Store, StoreError
+from fermoposta.store.base import HostedMail, StoreError
 
 log = logging.getLogger("fermoposta.odmr")
 
@@ -73,7 +73,7 @@ class ODMRSession(ServerSession):
         *,
         hostname: str,
         limits: SessionLimits,
-        store: Store,
+        store: HostedMail,
         settings: ODMRSettings,
         drain_settings: DrainSettings,
         tls_context: ssl.SSLContext | None = None,

@@ -102,9 +102,9 @@ from fermoposta.smtp.reply import Reply
 from fermoposta.smtp.sasl_client import SASLClientError, client_mechanism
 from fermoposta.store.base import (
     NewMessage,
+    OutboundMail,
     QueuedMessage,
     QueuedRecipient,
-    Store,
     StoreError,
 )
 
@@ -205,7 +205,7 @@ class OutboundRunner:
     def __init__(
         self,
         config: ProviderConfig,
-        store: Store,
+        store: OutboundMail,
         *,
         resolver: MXResolver | None = None,
         clock: Callable[[], float] = time.time,

@@ -55,6 +55,7 @@ from fermoposta.provider.admin import guarded as _guarded
 from fermoposta.provider.admin import safe as _safe
 from fermoposta.store.base import (
     QUEUE_STATES,
+    AdminStore,
     DomainShape,
     QueuedMessage,
     QueueEntry,
@@ -211,7 +212,7 @@ def _chunks(items: Sequence[str]) -> Iterator[Sequence[str]]:
         yield items[start : start + BATCH]
 
 
-def _all_ids(store: Store, start: float) -> Iterator[list[str]]:
+def _all_ids(store: AdminStore, start: float) -> Iterator[list[str]]:
     """Pages of the ids of every message received before `start`."""
     where = QueueFilter(received_before=start)
     after: tuple[float, str] | None = None
@@ -225,7 +226,7 @@ def _all_ids(store: Store, start: float) -> Iterator[list[str]]:
         after = page[-1]
 
 
-def _apply(store: Store, targets: list[str] | None,
+def _apply(store: AdminStore, targets: list[str] | None,
            action: Callable[[Sequence[str]], Iterable[str]]) -> tuple[list[str], list[str]]:
     """Run `action` on the targets (None = every message now queued), BATCH
     ids at a time; return (ids done, unknown ids)."""
@@ -307,7 +308,7 @@ def _json_entry(entry: QueueEntry) -> dict[str, Any]:
 
 
 @_guarded
-def queue_list(args: argparse.Namespace, store: Store) -> int:
+def queue_list(args: argparse.Namespace, store: AdminStore) -> int:
     """mailq-like listing (or JSON lines) of the messages matching the filters."""
     where = _filter(args, time.time())
     count = total = 0
@@ -347,7 +348,7 @@ def _one_id(text: str) -> str:
     return message_id
 
 
-def _write_message(store: Store, message_id: str) -> None:
+def _write_message(store: AdminStore, message_id: str) -> None:
     """The stored message on stdout, CRLF as LF, bytes unchanged otherwise."""
     sys.stdout.flush()
     out = getattr(sys.stdout, "buffer", None)
@@ -371,7 +372,7 @@ def _write_message(store: Store, message_id: str) -> None:
 
 
 @_guarded
-def queue_show(args: argparse.Namespace, store: Store) -> int:
+def queue_show(args: argparse.Namespace, store: AdminStore) -> int:
     """Envelope, per-recipient status and headers (or the whole message) of one message."""
     message_id = _one_id(args.id)
     entry = store.get_queue_entry(message_id)
@@ -437,7 +438,7 @@ def queue_show(args: argparse.Namespace, store: Store) -> int:
 
 
 @_guarded
-def queue_delete(args: argparse.Namespace, store: Store) -> int:
+def queue_delete(args: argparse.Namespace, store: AdminStore) -> int:
     """Delete messages without notice (postsuper -d)."""
     targets = _targets(args.ids, "delete")
     done, unknown = _apply(store, targets, store.delete_messages)
@@ -445,7 +446,7 @@ def queue_delete(args: argparse.Namespace, store: Store) -> int:
     return _report_unknown("delete", unknown)
 
 
-def _hold_or_release(args: argparse.Namespace, store: Store, command: str,
+def _hold_or_release(args: argparse.Namespace, store: AdminStore, command: str,
                      action: Callable[[Sequence[str]], dict[str, int]], verb: str) -> int:
     targets = _targets(args.ids, command)
     changed = 0
@@ -462,13 +463,13 @@ def _hold_or_release(args: argparse.Namespace, store: Store, command: str,
 
 
 @_guarded
-def queue_hold(args: argparse.Namespace, store: Store) -> int:
+def queue_hold(args: argparse.Namespace, store: AdminStore) -> int:
     """Put messages on operator hold (postsuper -h)."""
     return _hold_or_release(args, store, "hold", store.hold_messages, "Placed on hold")
 
 
 @_guarded
-def queue_release(args: argparse.Namespace, store: Store) -> int:
+def queue_release(args: argparse.Namespace, store: AdminStore) -> int:
     """Release messages from operator hold (postsuper -H)."""
     return _hold_or_release(args, store, "release", store.release_messages,
                             "Released from hold")
@@ -483,7 +484,7 @@ def _hostname(args: argparse.Namespace) -> str:
     return load_provider_config(args.config).hostname
 
 
-def _sender_hosted(store: Store, sender: str) -> bool:
+def _sender_hosted(store: AdminStore, sender: str) -> bool:
     if "@" not in sender:
         return False
     domain = sender.rsplit("@", 1)[1]
@@ -494,7 +495,7 @@ def _sender_hosted(store: Store, sender: str) -> bool:
     return store.get_domain(domain) is not None
 
 
-def _expire(store: Store, hostname: str, message: QueuedMessage) -> tuple[int, str | None]:
+def _expire(store: AdminStore, hostname: str, message: QueuedMessage) -> tuple[int, str | None]:
     """Fail every recipient of `message` with a DSN; (recipients, DSN id)."""
     from fermoposta.mail.dsn import Action, RecipientReport, build_dsn
 
@@ -516,7 +517,7 @@ def _expire(store: Store, hostname: str, message: QueuedMessage) -> tuple[int, s
 
 
 @_guarded
-def queue_bounce(args: argparse.Namespace, store: Store) -> int:
+def queue_bounce(args: argparse.Namespace, store: AdminStore) -> int:
     """Expire messages now with a DSN to the sender (postsuper -e)."""
     targets = _targets(args.ids, "bounce")
     assert targets is not None  # ALL is refused above
@@ -547,7 +548,7 @@ def queue_bounce(args: argparse.Namespace, store: Store) -> int:
 
 
 @_guarded
-def queue_retry(args: argparse.Namespace, store: Store) -> int:
+def queue_retry(args: argparse.Namespace, store: AdminStore) -> int:
     """Make OUTBOUND recipients due now (postqueue -f / -s)."""
     targets = _targets(args.ids, "retry") if args.ids else None
     now = time.time()
@@ -596,7 +597,7 @@ def _columns(rows: Sequence[Sequence[str]], left: int) -> list[str]:
 
 
 @_guarded
-def queue_stats(args: argparse.Namespace, store: Store) -> int:
+def queue_stats(args: argparse.Namespace, store: AdminStore) -> int:
     """Counts per recipient domain and qshape's age distribution."""
     now = time.time()
     shape = store.queue_shape(now, [m * 60.0 for m in AGE_LIMITS_MINUTES])

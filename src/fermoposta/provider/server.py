@@ -45,9 +45,9 @@ from fermoposta.provider.expiry import HoldExpirer
 from fermoposta.provider.mx import MXSession
 from fermoposta.provider.odmr import ODMRSession, ODMRSettings
 from fermoposta.provider.outbound import OutboundRunner
+from fermoposta.provider.storage import open_provider_store, store_description
 from fermoposta.provider.submission import RateLimiter, SubmissionSession, SubmissionSettings
 from fermoposta.smtp.reply import Reply
-from fermoposta.store import open_store
 from fermoposta.store.base import Store, StoreError
 
 log = logging.getLogger("fermoposta.provider")
@@ -309,12 +309,40 @@ class Provider:
             await self.runner.stop(grace=grace)
 
 
-async def _serve(config: ProviderConfig) -> int:
+STORE_RETRY_INTERVAL = 5.0  # seconds between attempts to reach a PostgreSQL store
+
+
+async def _open_store(config: ProviderConfig) -> Store | None:
+    """The configured store.  A SQLite store that cannot be opened is an error
+    now; a PostgreSQL one is waited for (a database restarting must not make
+    a crash loop of every node), until SIGTERM/SIGINT."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
     try:
-        store = open_store(config.data_dir)
-    except StoreError as exc:
-        log.error("cannot open the store: %s", exc)
+        while True:
+            try:
+                return await asyncio.to_thread(open_provider_store, config)
+            except (StoreError, OSError) as exc:
+                log.error("cannot open the %s: %s", store_description(config), exc)
+                if config.store.engine != "postgresql" or isinstance(exc, OSError):
+                    return None
+            log.info("retrying in %g s", STORE_RETRY_INTERVAL)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), STORE_RETRY_INTERVAL)
+            if stop.is_set():
+                return None
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+
+
+async def _serve(config: ProviderConfig) -> int:
+    store = await _open_store(config)
+    if store is None:
         return 75  # EX_TEMPFAIL, like the admin commands
+    log.info("%s opened; node %s", store_description(config), store.node)
     try:
         provider = Provider(config, store)
     except (ssl.SSLError, OSError) as exc:

@@ -1,26 +1,45 @@
 """The queue and account store.
 
-Contract: `open_store(data_dir)` opens (creating it if needed) the SQLite store
-`<data_dir>/fermoposta.sqlite3`; the interface and its data types are those of
-`fermoposta.store.base`, re-exported here.  See the modules for their contracts.
+Contract: `open_store(data_dir, url=...)` is the one place that chooses an
+engine: an empty `url` opens (creating it if needed) the SQLite store
+`<data_dir>/fermoposta.sqlite3`, ``sqlite://PATH`` a SQLite file, and
+``postgresql://...`` (or ``postgres://``) the PostgreSQL engine (imported only
+then).  It returns the engine typed as the `Store` Protocol.  The interface
+and its data types are those of `fermoposta.store.base`, re-exported here;
+`open_spool(path)` opens a customer-side spool (always a SQLite file);
+`redact_url` removes a password from a URL for logs and messages.  See the
+modules for their contracts.
 """
 
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from fermoposta.store.base import (
     CHUNK_SIZE,
     Account,
+    AdminStore,
+    Directory,
     Domain,
+    HoldQueue,
+    HostedMail,
     MessageOrigin,
+    MessageQueue,
     NewMessage,
     NewRecipient,
+    OutboundMail,
+    OutboundQueue,
     QueuedMessage,
     QueuedRecipient,
+    QueueTools,
+    RateCounter,
     RecipientState,
     ScramSecret,
+    Spool,
     Store,
     StoreError,
 )
@@ -32,21 +51,92 @@ __all__ = [
     "CHUNK_SIZE",
     "STORE_FILENAME",
     "Account",
+    "AdminStore",
+    "Directory",
     "Domain",
+    "HoldQueue",
+    "HostedMail",
     "MessageOrigin",
+    "MessageQueue",
     "NewMessage",
     "NewRecipient",
+    "OutboundMail",
+    "OutboundQueue",
+    "QueueTools",
     "QueuedMessage",
     "QueuedRecipient",
+    "RateCounter",
     "RecipientState",
     "SQLiteStore",
     "ScramSecret",
+    "Spool",
     "Store",
     "StoreError",
+    "open_spool",
     "open_store",
+    "redact_url",
 ]
 
 
-def open_store(data_dir: str | os.PathLike[str]) -> SQLiteStore:
-    """Open `<data_dir>/fermoposta.sqlite3`, creating the directory and schema."""
-    return SQLiteStore(Path(data_dir) / STORE_FILENAME)
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+
+def open_store(
+    data_dir: str | os.PathLike[str],
+    *,
+    url: str = "",
+    node: str | None = None,
+    password: str | None = None,
+    pool_size: int = 10,
+    node_timeout: float = 15.0,
+    clock: Callable[[], float] = time.time,
+) -> Store:
+    """Open the store `url` names (see the module docstring), creating its
+    schema or bringing it up to date.  Raises `StoreError`."""
+    if url.startswith(POSTGRES_SCHEMES):
+        from fermoposta.store.postgres import PostgresStore
+
+        if password:
+            url = _with_password(url, password)
+        return PostgresStore(url, node=node or None, clock=clock, pool_size=pool_size,
+                             node_timeout=node_timeout)
+    if url.startswith("sqlite://"):
+        return SQLiteStore(Path(url[len("sqlite://"):]), clock, node=node or None)
+    if url:
+        raise StoreError(f"unknown store url {redact_url(url)!r}: expected sqlite:// or "
+                         "postgresql://")
+    return SQLiteStore(Path(data_dir) / STORE_FILENAME, clock, node=node or None)
+
+
+def open_spool(path: str | os.PathLike[str]) -> Spool:
+    """Open (creating it if needed) a customer-side spool: a SQLite file."""
+    return SQLiteStore(path)
+
+
+def _with_password(url: str, password: str) -> str:
+    """`url` with `password` as its password: psycopg reads it from the URL, so
+    no environment variable (visible in /proc) carries it."""
+    from urllib.parse import quote
+
+    parts = urlsplit(url)
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    port = f":{parts.port}" if parts.port else ""
+    netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{host}{port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def redact_url(url: str) -> str:
+    """`url` with any password replaced by ``***`` (for logs and messages)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparsable url>"
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rpartition("@")
+    user = netloc[0].partition(":")[0]
+    return urlunsplit((parts.scheme, f"{user}:***@{netloc[2]}", parts.path, parts.query,
+                       parts.fragment))

@@ -499,6 +499,19 @@ class RateCounter(Protocol):
         ...
 
 
+class HostedMail(HoldQueue, Directory, Protocol):
+    """Held mail with the domains it is held for: the MX, the ODMR service,
+    the drain and held-mail expiry."""
+
+
+class OutboundMail(OutboundQueue, Directory, Protocol):
+    """Outbound mail with the hosted domains (a DSN to a hosted sender is held)."""
+
+
+class AdminStore(QueueTools, MessageQueue, Directory, Protocol):
+    """What the queue tools use: paging and bulk actions, bodies, bounces."""
+
+
 class Store(HoldQueue, OutboundQueue, Directory, QueueTools, RateCounter, Spool, Protocol):
     """The whole store, as an engine implements it and `open_store` returns it.
     Callers take the narrowest of the Protocols above that they need."""
