@@ -104,7 +104,7 @@ class Provider:
         self.mx_tls_context = server_tls_context(config, client_certificates=False)
         self.tls_context = server_tls_context(config, client_certificates=True)
         self._apply(config)
-        self.rate_limiter = RateLimiter(config.submission.rate_limit,
+        self.rate_limiter = RateLimiter(store, config.submission.rate_limit,
                                         config.submission.rate_window)
         # Called after each submission; the outbound runner sets it to its wake().
         self.on_queued: Callable[[], None] | None = None

@@ -9,7 +9,8 @@ Contract:
   No open relay: unauthenticated peers
   cannot send anywhere, authenticated ones only as themselves.
 - At most `rate_limit` messages per account per `rate_window` (450 4.7.1
-  beyond, counted per provider process).
+  beyond), counted in the store: shared by every process and node on it.
+  A store error at the check is a 451; after the commit, only a warning.
 - Any recipient is accepted (that is the point of submission).  Recipients
   in domains we host are stored HELD for their customer; the rest OUTBOUND
   for delivery to the Internet.  250 only after the durable commit, as on
@@ -19,13 +20,12 @@ Contract:
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import ssl
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import IO, ClassVar
+from typing import IO, ClassVar, Protocol
 
 from fermoposta.mail.auth import Authenticator, AuthPolicy
 from fermoposta.net.connection import Connection
@@ -37,16 +37,22 @@ from fermoposta.smtp.command import Path, normalize_domain, split_address
 from fermoposta.smtp.reply import Reply
 from fermoposta.smtp.server import AUTH_IN_TRANSACTION, NESTED_MAIL, Needs, VerbSpec, verb_table
 from fermoposta.store.base import (
+    Directory,
     MessageOrigin,
+    MessageQueue,
     NewMessage,
     NewRecipient,
+    RateCounter,
     RecipientState,
-    Store,
     StoreError,
     new_queue_id,
 )
 
 log = logging.getLogger("fermoposta.submission")
+
+
+class SubmissionStore(MessageQueue, Directory, RateCounter, Protocol):
+    """What submission uses: enqueue, the hosted domains, the rate counts."""
 
 SENDER_NOT_OWNED = Reply(
     553, "5.7.1", "Sender address rejected: not owned by the authenticated user"
@@ -56,28 +62,31 @@ TRY_LATER = Reply(451, "4.3.0", "Temporary local problem, try again later")
 
 
 class RateLimiter:
-    """A sliding window of submission times per account (in memory)."""
+    """Submissions per account in a sliding window, counted in the store
+    (`RateCounter`), so that every process and node on one store shares the
+    count.  Times are wall-clock (`clock`, default `time.time`): the events
+    are compared across machines.  Store errors propagate (`StoreError`)."""
 
-    def __init__(self, limit: int, window: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, counter: RateCounter, limit: int, window: float,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.counter = counter
         self.limit = limit
         self.window = window
         self.clock = clock
-        self.times: dict[str, collections.deque[float]] = {}
 
-    def _recent(self, account: str) -> collections.deque[float]:
-        times = self.times.setdefault(account, collections.deque())
-        cutoff = self.clock() - self.window
-        while times and times[0] <= cutoff:
-            times.popleft()
-        return times
+    @staticmethod
+    def _key(account: str) -> str:
+        return f"submission:{account}"
 
     def allows(self, account: str) -> bool:
-        return self.limit <= 0 or len(self._recent(account)) < self.limit
+        if self.limit <= 0:
+            return True
+        since = self.clock() - self.window
+        return self.counter.count_events(self._key(account), since) < self.limit
 
     def record(self, account: str) -> None:
         if self.limit > 0:
-            self._recent(account).append(self.clock())
+            self.counter.add_event(self._key(account), self.clock(), self.window)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +108,7 @@ class SubmissionSession(TransactionSession):
         *,
         hostname: str,
         limits: SessionLimits,
-        store: Store,
+        store: SubmissionStore,
         settings: SubmissionSettings,
         rate_limiter: RateLimiter,
         tls_context: ssl.SSLContext | None = None,
@@ -138,7 +147,12 @@ class SubmissionSession(TransactionSession):
     async def smtp_mail(self, arg: str) -> Reply:
         account = self.auth.account
         assert account is not None  # Needs.AUTH
-        if not self.rate_limiter.allows(account):
+        try:
+            allowed = await asyncio.to_thread(self.rate_limiter.allows, account)
+        except StoreError as exc:
+            self.log.warning("%s: store error at MAIL: %s", self.session_id, exc)
+            return TRY_LATER
+        if not allowed:
             self.log.info("%s: rate limit for %s", self.session_id, account)
             return RATE_LIMITED
         return await super().smtp_mail(arg)
@@ -205,7 +219,11 @@ class SubmissionSession(TransactionSession):
         except StoreError as exc:
             self.log.warning("%s: store error at DATA: %s", self.session_id, exc)
             return TRY_LATER
-        self.rate_limiter.record(account)
+        try:
+            await asyncio.to_thread(self.rate_limiter.record, account)
+        except StoreError as exc:  # the message is stored: only the count is short
+            self.log.warning("%s: %s: cannot count the submission for the rate limit: %s",
+                             self.session_id, queue_id, exc)
         metrics.MESSAGES_RECEIVED.labels("submission").inc()
         metrics.MESSAGE_BYTES.labels("submission").inc(size)
         event("submission", queue_id, client=self.peer_description(), sasl_username=account)
