@@ -163,3 +163,33 @@ async def test_start_and_stop(env: tuple[ProviderConfig, SQLiteStore], clock: Cl
         await asyncio.sleep(0.02)
     await expirer.stop()
     assert store.get_message(qid) is None and expirer.expired == 1
+
+
+async def test_one_node_runs_the_expiry_passes_and_another_takes_over(
+        env: tuple[ProviderConfig, SQLiteStore]) -> None:
+    """Two providers on one store (issue 9): the passes run on one of them, and
+    when it stops the other takes over at its next interval."""
+    import dataclasses
+
+    config, store = env
+    config = dataclasses.replace(config, hold=dataclasses.replace(config.hold,
+                                                                   expiry_interval=0.05))
+    other = SQLiteStore(config.store_path)
+    passes = {"a": 0, "b": 0}
+    expirers = {"a": HoldExpirer(config, store), "b": HoldExpirer(config, other)}
+    for name, expirer in expirers.items():
+        async def counted(name: str = name) -> tuple[int, int]:
+            passes[name] += 1
+            return 0, 0
+        expirer.run_once = counted  # type: ignore[method-assign]
+        await expirer.start()
+    await asyncio.sleep(0.5)
+    assert sorted(passes.values())[0] == 0 and sorted(passes.values())[1] >= 3
+    first = "a" if passes["a"] else "b"
+    second = "b" if first == "a" else "a"
+    await expirers[first].stop()
+    before = passes[second]
+    await asyncio.sleep(0.5)
+    assert passes[second] >= before + 3
+    await expirers[second].stop()
+    other.close()

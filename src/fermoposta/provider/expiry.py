@@ -18,6 +18,11 @@ Contract:
   is set in the same transaction (`Store.mark_delay_notified`).
 - Recipients of a domain that an ATRN session has leased right now are left
   for the next pass (the drain may be delivering them).
+- Several nodes on one store: each pass of the loop first takes the lease
+  `EXPIRY_LEASE` (a name no domain can have) for two intervals, so one node
+  runs the passes while it lives and another takes over when it dies.  (A
+  pass run twice would still be safe: `record_failed` and
+  `mark_delay_notified` queue a DSN only for recipients still queued.)
 - Work per pass is bounded (`batch` recipients per query, repeated until
   none is left); a store error ends the pass with a warning and the next
   pass tries again.  Like the DSN rules: a DSN for a sender we host is HELD
@@ -30,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from typing import IO
@@ -46,7 +52,9 @@ from fermoposta.store.base import (
     StoreError,
 )
 
-__all__ = ["HoldExpirer"]
+__all__ = ["EXPIRY_LEASE", "HoldExpirer"]
+
+EXPIRY_LEASE = "@hold-expiry"  # a lease name, never a domain (no "@" in one)
 
 log = logging.getLogger("fermoposta.expiry")
 
@@ -72,6 +80,7 @@ class HoldExpirer:
         self.batch = batch
         self.on_outbound_dsn = on_outbound_dsn
         self._task: asyncio.Task[None] | None = None
+        self.owner = f"expiry-{store.node}-{secrets.token_hex(4)}"
         self.expired = 0
         self.notified = 0
 
@@ -86,11 +95,17 @@ class HoldExpirer:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.wait_for(task, grace)
+        with contextlib.suppress(StoreError):  # let another node take over now
+            await asyncio.to_thread(self.store.release_leases, self.owner)
 
     async def _loop(self) -> None:
         while True:
             try:
-                await self.run_once()
+                if await asyncio.to_thread(self.store.acquire_leases, [EXPIRY_LEASE], self.owner,
+                                           2 * self.hold.expiry_interval):
+                    await self.run_once()
+                else:
+                    log.debug("hold expiry: another node runs it")
             except StoreError as exc:
                 log.warning("hold expiry: store error, trying again later: %s", exc)
             except Exception:  # a bug must not stop expiry for good
