@@ -171,3 +171,16 @@ def test_event_reaches_caplog_without_setup(caplog: pytest.LogCaptureFixture) ->
 )
 def test_redact(line: bytes, in_auth: bool, expected: bytes) -> None:
     assert redact(line, in_auth=in_auth) == expected
+
+
+def test_node_name_where_syslog_puts_the_host(stream: io.StringIO) -> None:
+    """Several nodes on one store (issue 9): each line says which node wrote it."""
+    setup_logging("info", "text", stream, node="mx-2")
+    event("mx", "4F9D195432C", status="sent")
+    line = stream.getvalue().rstrip("\n")
+    assert re.fullmatch(r"\S+Z mx-2 fermoposta/mx\[\d+\]: 4F9D195432C: status=sent", line), line
+    json_stream = io.StringIO()
+    setup_logging("info", "json", json_stream, node="mx-2")
+    event("mx", "4F9D195432C", status="sent", node="forged")
+    obj = json.loads(json_stream.getvalue())
+    assert obj["node"] == "mx-2" and obj["field_node"] == "forged"

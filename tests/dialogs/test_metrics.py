@@ -53,6 +53,8 @@ async def test_metrics_after_traffic(provider_factory, certs):
         return value(after, name, **labels) - value(before, name, **labels)
 
     assert value(after, "fermoposta_build_info", version=__import__("fermoposta").__version__) == 1
+    assert value(after, "fermoposta_node_info", node=p.provider.store.node, engine="sqlite") == 1
+    assert len([k for k in after if k[0] == "fermoposta_node_info"]) == 1
     assert delta("fermoposta_messages_received_total", listener="mx") == 1
     assert delta("fermoposta_connections_total", listener="mx") == 1
     assert delta("fermoposta_connections_total", listener="odmr") == 2

@@ -1,11 +1,14 @@
 """Logging: Postfix-like lines keyed by queue ID, or JSON lines.
 
 Contract:
-- `setup_logging(level, fmt, stream)` configures the "fermoposta" logger (and
-  only it): one handler writing to `stream`, either text lines
+- `setup_logging(level, fmt, stream, node=None)` configures the "fermoposta"
+  logger (and only it): one handler writing to `stream`, either text lines
   ``<time> fermoposta/<component>[<pid>]: <message>`` (operators.md §2.2, so
   existing Postfix log tooling and habits carry over) or one JSON object a
-  line (``time, level, component, message`` plus structured fields).  Calling
+  line (``time, level, component, message`` plus structured fields).  With
+  a `node` name (the provider's `[store] node`), text lines carry it where
+  syslog puts the host name, ``<time> <node> fermoposta/...``, and JSON
+  objects a ``node`` key, so the logs of several nodes can be merged.  Calling
   it again replaces the handler it installed before; it never touches the
   root logger.
 - `event(component, queue_id, **fields)` writes one delivery/queue line such
@@ -41,7 +44,8 @@ LEVELS = {
 # Postfix prefixes problems with a severity word; info lines carry none.
 _SEVERITY = {logging.WARNING: "warning: ", logging.ERROR: "error: ", logging.CRITICAL: "fatal: "}
 # Keys of the JSON object that fields may not overwrite.
-_RESERVED = frozenset({"time", "level", "component", "message", "pid", "queue_id", "exc"})
+_RESERVED = frozenset({"time", "level", "component", "message", "pid", "queue_id", "exc",
+                       "node"})
 
 
 def _timestamp(created: float) -> str:
@@ -61,12 +65,17 @@ def _component(record: logging.LogRecord) -> str:
 
 
 class TextFormatter(logging.Formatter):
-    """``2024-11-28T13:48:01.123Z fermoposta/odmr[4242]: message``."""
+    """``2024-11-28T13:48:01.123Z [node ]fermoposta/odmr[4242]: message``."""
+
+    def __init__(self, node: str | None = None) -> None:
+        super().__init__()
+        self.node = f"{_escape(node)} " if node else ""
 
     def format(self, record: logging.LogRecord) -> str:
         message = _escape(record.getMessage())
         line = (
-            f"{_timestamp(record.created)} {ROOT}/{_component(record)}[{record.process}]: "
+            f"{_timestamp(record.created)} {self.node}{ROOT}/{_component(record)}"
+            f"[{record.process}]: "
             f"{_SEVERITY.get(record.levelno, '')}{message}"
         )
         if record.exc_info:
@@ -77,6 +86,10 @@ class TextFormatter(logging.Formatter):
 class JSONFormatter(logging.Formatter):
     """One JSON object a line: time, level, component, message, then fields."""
 
+    def __init__(self, node: str | None = None) -> None:
+        super().__init__()
+        self.node = node
+
     def format(self, record: logging.LogRecord) -> str:
         obj: dict[str, object] = {
             "time": _timestamp(record.created),
@@ -85,6 +98,8 @@ class JSONFormatter(logging.Formatter):
             "message": record.getMessage(),
             "pid": record.process,
         }
+        if self.node:
+            obj["node"] = self.node
         queue_id = getattr(record, "queue_id", None)
         if queue_id is not None:
             obj["queue_id"] = queue_id
@@ -100,7 +115,8 @@ class JSONFormatter(logging.Formatter):
 _installed: logging.Handler | None = None
 
 
-def setup_logging(level: str = "info", fmt: str = "text", stream: TextIO | None = None) -> None:
+def setup_logging(level: str = "info", fmt: str = "text", stream: TextIO | None = None,
+                  node: str | None = None) -> None:
     """Configure the "fermoposta" logger.
 
     `level`: "debug", "info", "warning" or "error".  `fmt`: "text" or "json".
@@ -117,7 +133,7 @@ def setup_logging(level: str = "info", fmt: str = "text", stream: TextIO | None 
         logger.removeHandler(_installed)
         _installed.close()
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
-    handler.setFormatter(JSONFormatter() if fmt == "json" else TextFormatter())
+    handler.setFormatter(JSONFormatter(node) if fmt == "json" else TextFormatter(node))
     logger.addHandler(handler)
     logger.setLevel(LEVELS[level.lower()])
     # Our handler is the only output; do not duplicate lines through the root logger.

@@ -9,7 +9,11 @@ Contract:
   registry beside the process collector (memory, CPU, file descriptors).
 - `serve(host, port)` starts the scrape endpoint in a thread (`/metrics`)
   and returns the bound address; off unless `[metrics] listen` is set.
-- `QueueCollector` reads the queue's shape from the store at scrape time.
+- `QueueCollector` reads the queue's shape from the store at scrape time
+  (with several nodes on one store, every node reports the same shared
+  queue: aggregate those gauges with max(), not sum()).
+- `set_node(node, engine)` names the node in `fermoposta_node_info`; a
+  node's name is a label there only (bounded: one per process).
 """
 
 from __future__ import annotations
@@ -26,6 +30,17 @@ from fermoposta import __version__
 
 BUILD_INFO = Gauge("fermoposta_build_info", "fermoposta build information", ["version"])
 BUILD_INFO.labels(version=__version__).set(1)
+
+# Which node this is (`[store] node`) and on which store engine: one series
+# per process, so the scrapes of several nodes on one store tell them apart.
+NODE_INFO = Gauge("fermoposta_node_info", "This node's name and store engine",
+                  ["node", "engine"])
+
+
+def set_node(node: str, engine: str) -> None:
+    """Name this process's node in `fermoposta_node_info` (one series only)."""
+    NODE_INFO.clear()
+    NODE_INFO.labels(node=node, engine=engine).set(1)
 
 CONNECTIONS = Counter("fermoposta_connections_total", "Connections accepted, by listener",
                       ["listener"])

@@ -30,6 +30,7 @@ import contextlib
 import dataclasses
 import logging
 import signal
+import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -274,6 +275,7 @@ class Provider:
         await self.expirer.start()
         if self.config.metrics.listen is not None:
             host, port = self.config.metrics.listen
+            metrics.set_node(self.store.node, self.config.store.engine)
             self.addresses["metrics"], stop_server = metrics.serve(host, port)
             unregister = metrics.register_queue(metrics.QueueCollector(self.store.queue_summary))
 
@@ -382,5 +384,6 @@ def _reload(provider: Provider) -> None:
 
 
 def run(config: ProviderConfig) -> int:
-    setup_logging(config.log.level, config.log.format)
+    setup_logging(config.log.level, config.log.format,
+                  node=config.store.node or socket.gethostname())
     return asyncio.run(_serve(config))
