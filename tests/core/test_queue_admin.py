@@ -279,6 +279,7 @@ def test_show(queue: Queue, capsys: pytest.CaptureFixture[str]) -> None:
     assert f"Size:       {queue.sizes[queue.mixed]} bytes" in out
     assert "Sender:     <ivan@sender.test>" in out
     assert "Origin:     mx from mail.sender.test[192.0.2.7]" in out
+    assert f"Node:       {queue.store.node} (accepted it)\n" in out  # issue 9: which node
     assert "  <kim@remote.test>\n    state:         outbound\n    attempts:      1\n" in out
     assert "    last reply:    421 4.4.2 mx.remote.test: timeout" in out
     assert "  <jo@example.org>\n    state:         held\n" in out

@@ -287,6 +287,7 @@ def _json_entry(entry: QueueEntry) -> dict[str, Any]:
         "sender": m.sender,
         "origin": str(m.origin),
         "client": m.client,
+        "node": m.node,
         "active": bool(entry.active),
         "on_hold": any(r.state == RecipientState.HOLD for r in m.recipients),
         "recipients": [
@@ -397,6 +398,7 @@ def queue_show(args: argparse.Namespace, store: AdminStore) -> int:
         f"Size:       {m.size} bytes",
         f"Sender:     <{_safe(m.sender)}>",
         f"Origin:     {m.origin}" + (f" from {_safe(m.client)}" if m.client else ""),
+        f"Node:       {_safe(m.node) if m.node else 'unknown'} (accepted it)",
         f"Parameters: {' '.join(params) if params else 'none'}",
         f"Recipients: {len(m.recipients)}",
     ]
