@@ -558,8 +558,8 @@ class SQLiteStore:
         with self._write() as conn:
             conn.execute("DELETE FROM rate_events WHERE key = ? AND at <= ?", (key, at - window))
             conn.execute("INSERT INTO rate_events (key, at) VALUES (?, ?)", (key, at))
-            row = conn.execute("SELECT COUNT(*) FROM rate_events WHERE key = ? AND at > ?",
-                               (key, at - window)).fetchone()
+            row = conn.execute("SELECT COUNT(*) FROM rate_events WHERE key = ? AND at > ?"
+                               " AND at <= ?", (key, at - window, at)).fetchone()
         return int(row[0])
 
     def count_events(self, key: str, since: float) -> int:
