@@ -10,7 +10,8 @@ Contract:
   `provider.queue_admin`, which set ``handler(args, store) -> int``; here we
   load the config, open the store and close it afterwards); ``customer
   check|pull|run|outbox`` (`fermoposta.customer.cli`); ``config check|show
-  [--kind provider|customer] [FILE]``; ``demo``.
+  [--kind provider|customer] [FILE]``; ``store migrate|copy``
+  (`provider.store_admin`); ``demo``.
 - Exit codes (sysexits.h): 0 OK, 64 EX_USAGE (bad command line), 69
   EX_UNAVAILABLE (a command whose module is not installed), 70 EX_SOFTWARE
   (unexpected error), 75 EX_TEMPFAIL (the store is unavailable), 78 EX_CONFIG
@@ -290,6 +291,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     queue_admin.register(commands, None)
     commands.choices["queue"].set_defaults(command_func=_cmd_store)
+
+    from fermoposta.provider import store_admin
+
+    store_admin.register(commands)
+    commands.choices["store"].set_defaults(command_func=_cmd_store)
 
     from fermoposta.customer.cli import register as register_customer
 

@@ -499,6 +499,23 @@ class RateCounter(Protocol):
         ...
 
 
+class Importer(Protocol):
+    """The receiving side of `fermoposta store copy` (growing from one node)."""
+
+    def is_empty(self) -> bool:
+        """True when the store holds no account, no domain and no message."""
+        ...
+
+    def import_message(self, entry: QueueEntry, body: IO[bytes]) -> None:
+        """Store a message exactly as `entry` has it: its id, arrival time,
+        node and parameters, and every recipient with its state, attempts,
+        last reply, retry schedule, delay flag and the state an operator HOLD
+        remembers (`entry.hold_from`); in one durable transaction.  Recipient
+        ids are new; claims are not copied (the copy is made with the
+        providers stopped).  `ValueError` if a message with that id exists."""
+        ...
+
+
 class HostedMail(HoldQueue, Directory, Protocol):
     """Held mail with the domains it is held for: the MX, the ODMR service,
     the drain and held-mail expiry."""
@@ -512,7 +529,8 @@ class AdminStore(QueueTools, MessageQueue, Directory, Protocol):
     """What the queue tools use: paging and bulk actions, bodies, bounces."""
 
 
-class Store(HoldQueue, OutboundQueue, Directory, QueueTools, RateCounter, Spool, Protocol):
+class Store(HoldQueue, OutboundQueue, Directory, QueueTools, RateCounter, Spool, Importer,
+            Protocol):
     """The whole store, as an engine implements it and `open_store` returns it.
     Callers take the narrowest of the Protocols above that they need."""
 

@@ -469,6 +469,43 @@ class SQLiteStore:
         )
         return message_id
 
+    def is_empty(self) -> bool:
+        with self._read() as conn:
+            return all(conn.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone() is None
+                       for table in ("accounts", "domains", "messages"))
+
+    def import_message(self, entry: QueueEntry, body: IO[bytes]) -> None:
+        m = entry.message
+        now = self._clock()
+        with self._write() as conn:
+            try:
+                conn.execute(
+                    "INSERT INTO messages (id, sender, received_at, size, origin, smtputf8,"
+                    " body_8bit, envid, ret, client, node)"
+                    " VALUES (?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?)",
+                    (m.id, m.sender, m.received_at, str(m.origin), int(m.smtputf8),
+                     int(m.body_8bit), m.envid, m.ret, m.client, m.node))
+            except sqlite3.IntegrityError:
+                raise ValueError(f"message {m.id} is already in the store") from None
+            size = 0
+            for seq, data in enumerate(iter(lambda: body.read(CHUNK_SIZE), b"")):
+                conn.execute("INSERT INTO body_chunks (message_id, seq, data) VALUES (?, ?, ?)",
+                             (m.id, seq, bytes(data)))
+                size += len(data)
+            conn.execute("UPDATE messages SET size = ? WHERE id = ?", (size, m.id))
+            for r in m.recipients:
+                cur = conn.execute(
+                    "INSERT INTO recipients (message_id, address, domain, state, attempts,"
+                    " last_reply, notify, orcpt, updated_at, next_attempt_at, first_failure_at,"
+                    " delay_notified) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (m.id, r.address, r.domain, str(r.state), r.attempts, r.last_reply,
+                     r.notify, r.orcpt, now, r.next_attempt_at, r.first_failure_at,
+                     int(r.delay_notified)))
+                previous = entry.hold_from.get(r.id)
+                if r.state == RecipientState.HOLD and previous is not None:
+                    conn.execute("INSERT INTO recipient_holds (recipient_id, previous_state)"
+                                 " VALUES (?, ?)", (cur.lastrowid, str(previous)))
+
     def get_message(self, message_id: str) -> QueuedMessage | None:
         with self._read() as conn:
             row = conn.execute(
