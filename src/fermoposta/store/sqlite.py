@@ -1088,9 +1088,9 @@ class SQLiteStore:
 
     def queue_shape(self, now: float, age_limits: Sequence[float]) -> QueueShape:
         limits = [float(a) for a in age_limits]
-        bucket = "CASE" + "".join(
+        bucket = ("CASE" + "".join(
             f" WHEN ? - m.received_at < ? THEN {i}" for i in range(len(limits))
-        ) + f" ELSE {len(limits)} END"
+        ) + f" ELSE {len(limits)} END") if limits else "0"  # no limits: one bucket
         bucket_params: list[Any] = []
         for limit in limits:
             bucket_params += [now, limit]
