@@ -1,0 +1,1554 @@
+"""PostgreSQL engine of the store (see `fermoposta.store.base` for the contract).
+
+Several provider processes, on several machines, share one database through
+this engine; every guarantee of the contract holds across them.
+
+Contract and choices:
+- `PostgresStore(url, node=..., clock=..., pool_size=..., node_timeout=...,
+  heartbeat_interval=..., connect_timeout=...)`: a psycopg 3 connection
+  pool of at most `pool_size` connections on `url` (a libpq URL or
+  key=value string).  The constructor migrates the schema
+  (`pg_schema.migrate`, safe when nodes start at once), registers this
+  store's holder row and starts its heartbeat; it raises `StoreError` when
+  the server cannot be reached within `connect_timeout` seconds.
+- Tables live in the connection's `current_schema()` (set it with
+  `options=-csearch_path=...` in the URL); nothing names `public`.
+- Durability: every connection runs with `synchronous_commit = on`, whatever
+  the server's or role's default, and a method returns only after COMMIT.
+  Writes are one READ COMMITTED transaction each; rows that several nodes
+  may touch are locked in a fixed order (recipients by id, then messages by
+  id), so concurrent outcomes neither deadlock nor leave a message without
+  recipients behind.  Multi-query reads run in one REPEATABLE READ READ ONLY
+  transaction (one snapshot, like SQLite's).
+- Errors: `psycopg.Error`, `PoolTimeout` and `OSError` become `StoreError`,
+  whose message names what failed and the URL without its password (the
+  password is also scrubbed from the server's text); misuse raises
+  `ValueError` as documented; any other exception inside a write rolls it
+  back and propagates unchanged.  A queue id collision draws a new id
+  inside a SAVEPOINT.
+- A server that is down or restarting: methods fail with `StoreError` after
+  at most about `connect_timeout` seconds (pool wait, libpq connect
+  timeout, TCP keepalives and `tcp_user_timeout` for a silent peer,
+  `lock_timeout` for a lock that is never released) and work again once it
+  is back: every connection is checked when taken from the pool and a
+  broken one is replaced.
+- Bodies: `body_chunks` rows of at most `CHUNK_SIZE` bytes, written one at a
+  time inside the enqueue transaction and read one per query, so memory
+  stays bounded; a body that leaves the queue while it is read raises
+  `StoreError` instead of ending short.
+- Holders: each store registers one `holders` row (`holder_id`: node, pid,
+  random) and a daemon thread refreshes its `heartbeat_at` every
+  `heartbeat_interval` seconds on a connection of its own (a busy pool
+  cannot make a live node look dead).  Heartbeats are written and compared
+  with the DATABASE clock, so clock skew between nodes does not matter.  A
+  holder is dead when its row is missing or its heartbeat is older than
+  `node_timeout` seconds.  `close()` stops the thread and deletes the row.
+- Leases: free when expired (injected clock), when their holder is dead, or
+  when held by the same owner; taken all-or-nothing by one INSERT ... ON
+  CONFLICT DO UPDATE ... WHERE <free> RETURNING in domain order, rolled
+  back unless every domain was taken, so two nodes racing for overlapping
+  sets never both succeed.  `held_older_than` leaves out domains leased now
+  by a live holder.
+- Outbound claims: `claim_due_outbound` takes recipients with SELECT ...
+  FOR UPDATE SKIP LOCKED (first the claims of dead holders, then the due
+  ones in the order of SQLite's engine) and records the owner, expiry and
+  this store's holder (`claim_holder`) in the same transaction, so two nodes
+  never claim one recipient.  A claim of a dead holder is free at once.
+  `QueueEntry.active` and `retry_outbound` count a claim only while it is
+  unexpired and its holder alive.
+- Rate events: `add_event` serializes the events of one key with an advisory
+  transaction lock, so counts are exact across nodes.
+- Time comes from the injected `clock` (default `time.time`), except holder
+  heartbeats (the database's clock).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import re
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import IO, Any
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.pq import TransactionStatus
+from psycopg.rows import TupleRow
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from fermoposta.store import pg_schema
+from fermoposta.store.base import (
+    CHUNK_SIZE,
+    Account,
+    Domain,
+    DomainShape,
+    MessageOrigin,
+    NewMessage,
+    QueuedMessage,
+    QueuedRecipient,
+    QueueEntry,
+    QueueFilter,
+    QueueShape,
+    RecipientState,
+    ScramSecret,
+    StoreError,
+    new_queue_id,
+)
+
+__all__ = ["SCHEMA_VERSION", "PostgresStore", "redact_conninfo"]
+
+SCHEMA_VERSION = pg_schema.SCHEMA_VERSION
+LOCK_TIMEOUT = 30.0  # seconds: a row lock held by a stuck transaction fails the call
+# A transaction left open by a client that vanished is ended by the server.
+IDLE_IN_TRANSACTION_TIMEOUT = 300.0
+HOLDER_PRUNE_AGE = 86400.0  # seconds: holder rows dead this long are deleted at start
+MAX_DOMAINS = 500  # held_older_than's bound (the SQLite engine's batch size)
+
+log = logging.getLogger("fermoposta.store")
+
+Conn = psycopg.Connection[TupleRow]
+_ENGINE_ERRORS = (psycopg.Error, PoolTimeout, OSError)
+
+HELD = str(RecipientState.HELD)
+OUTBOUND = str(RecipientState.OUTBOUND)
+HOLD = str(RecipientState.HOLD)
+
+# The database's clock, in Unix seconds: heartbeats are written and compared with it.
+_DB_NOW = "extract(epoch FROM clock_timestamp())::float8"
+
+_RECIPIENT_COLUMNS = (
+    "id, message_id, address, domain, state, attempts, last_reply, notify, orcpt,"
+    " next_attempt_at, first_failure_at, delay_notified"
+)
+_R_RECIPIENT_COLUMNS = ", ".join("r." + c.strip() for c in _RECIPIENT_COLUMNS.split(","))
+_MESSAGE_COLUMNS = (
+    "id, sender, received_at, size, origin, smtputf8, body_8bit, envid, ret, client, node"
+)
+_M_MESSAGE_COLUMNS = ", ".join("m." + c.strip() for c in _MESSAGE_COLUMNS.split(","))
+_DOMAIN_COLUMNS = "name, account, max_messages, max_bytes, validate, hold_lifetime"
+_ACCOUNT_COLUMNS = (
+    "name, scram_salt, scram_iterations, scram_stored_key, scram_server_key, cram_secret,"
+    " created_at, last_atrn_at"
+)
+# Lock recipient rows in id order (as every write does): no deadlock between
+# two transactions on overlapping sets.
+_LOCK_RECIPIENTS = "SELECT id FROM recipients WHERE id = ANY(%s::bigint[]) ORDER BY id FOR UPDATE"
+
+
+def redact_conninfo(url: str) -> tuple[str, tuple[str, ...]]:
+    """`url` without its password, for logs; and the password's spellings
+    (as written and percent-decoded) to scrub from any text."""
+    secrets_found: list[str] = []
+    if url.startswith(("postgresql://", "postgres://")):
+        parts = urlsplit(url)
+        userinfo, at, hosts = parts.netloc.rpartition("@")
+        netloc = parts.netloc
+        if at:
+            user, colon, password = userinfo.partition(":")
+            if colon:
+                secrets_found += [password, unquote(password)]
+                netloc = f"{user}@{hosts}"
+        query = parts.query
+        pairs = parse_qsl(query, keep_blank_values=True)
+        if any(key == "password" for key, _ in pairs):
+            secrets_found += [value for key, value in pairs if key == "password"]
+            query = urlencode([(k, v) for k, v in pairs if k != "password"])
+        redacted = urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    else:
+        try:
+            params = conninfo_to_dict(url)
+        except psycopg.Error:
+            return "<unparsable PostgreSQL conninfo>", (url,)
+        if "password" in params:
+            secrets_found.append(str(params.pop("password")))
+        redacted = make_conninfo("", **params)
+    return redacted, tuple(sorted({s for s in secrets_found if s}, key=len, reverse=True))
+
+
+def _recipient(r: Sequence[Any]) -> QueuedRecipient:
+    return QueuedRecipient(
+        id=int(r[0]),
+        message_id=r[1],
+        address=r[2],
+        domain=r[3],
+        state=RecipientState(r[4]),
+        attempts=int(r[5]),
+        last_reply=r[6],
+        notify=r[7],
+        orcpt=r[8],
+        next_attempt_at=r[9],
+        first_failure_at=r[10],
+        delay_notified=bool(r[11]),
+    )
+
+
+def _message(row: Sequence[Any], recipients: Sequence[QueuedRecipient]) -> QueuedMessage:
+    return QueuedMessage(
+        id=row[0],
+        sender=row[1],
+        received_at=row[2],
+        size=int(row[3]),
+        origin=MessageOrigin(row[4]),
+        smtputf8=bool(row[5]),
+        body_8bit=bool(row[6]),
+        envid=row[7],
+        ret=row[8],
+        client=row[9],
+        recipients=tuple(recipients),
+        node=row[10],
+    )
+
+
+def _ids(recipient_ids: Collection[int]) -> list[int]:
+    return sorted({int(i) for i in recipient_ids})
+
+
+class PostgresStore:
+    """The `Store` on a PostgreSQL database shared by many nodes; see the module docstring."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        node: str | None = None,
+        clock: Callable[[], float] = time.time,
+        pool_size: int = 10,
+        node_timeout: float = 15.0,
+        heartbeat_interval: float = 3.0,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        if pool_size < 1:
+            raise ValueError(f"pool_size must be at least 1, not {pool_size}")
+        if not connect_timeout > 0 or not math.isfinite(connect_timeout):
+            raise ValueError(f"connect_timeout must be a positive number, not {connect_timeout}")
+        if not (0 < heartbeat_interval < node_timeout) or not math.isfinite(node_timeout):
+            raise ValueError(
+                f"need 0 < heartbeat_interval ({heartbeat_interval}) < node_timeout "
+                f"({node_timeout}): a live holder must beat before it is declared dead"
+            )
+        self._url = url
+        self._url_for_logs, self._secrets = redact_conninfo(url)
+        self._node = node or socket.gethostname()
+        self._clock = clock
+        self._node_timeout = float(node_timeout)
+        self._heartbeat_interval = float(heartbeat_interval)
+        self._connect_timeout = float(connect_timeout)
+        host = re.sub(r"[^A-Za-z0-9.-]", "-", self._node)[:60] or "node"
+        self._holder = f"{host}-{os.getpid()}-{secrets.token_hex(4)}"
+        self._closed = False
+        self._close_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._beat_thread: threading.Thread | None = None
+        seconds = max(1, math.ceil(connect_timeout))
+        self._connect_kwargs: dict[str, Any] = {
+            "connect_timeout": seconds,
+            # A peer that vanishes without a FIN or RST (a cut cable, a dead
+            # host) is noticed within about 2 * connect_timeout, not hours.
+            "keepalives": 1,
+            "keepalives_idle": seconds,
+            "keepalives_interval": max(1, seconds // 3),
+            "keepalives_count": 3,
+            "tcp_user_timeout": seconds * 1000,
+        }
+        self._pool: ConnectionPool[Conn] = ConnectionPool(
+            url,
+            min_size=1,
+            max_size=pool_size,
+            kwargs=self._connect_kwargs,
+            configure=self._configure,
+            # A connection broken by a server restart is found and replaced
+            # before a method uses it.
+            check=ConnectionPool.check_connection,
+            timeout=self._connect_timeout,
+            # Give up a chain of reconnection attempts (whose delays double)
+            # soon, so a caller's request starts a fresh, immediate one.
+            reconnect_timeout=max(2 * self._connect_timeout, 5.0),
+            name="fermoposta-store",
+            open=False,
+        )
+        try:
+            try:
+                self._pool.open(wait=True, timeout=self._connect_timeout)
+            except _ENGINE_ERRORS as exc:
+                raise self._error("cannot connect", exc) from exc
+            self.migrate()
+            self._register()
+        except BaseException:
+            self._pool.close()
+            raise
+        self._beat_thread = threading.Thread(
+            target=self._heartbeat_loop, name=f"store-heartbeat-{self._holder}", daemon=True
+        )
+        self._beat_thread.start()
+
+    # --- descriptive ------------------------------------------------------------------------
+
+    @property
+    def node(self) -> str:
+        return self._node
+
+    @property
+    def url_for_logs(self) -> str:
+        """The URL without any password: the only form of it to log or show."""
+        return self._url_for_logs
+
+    @property
+    def holder_id(self) -> str:
+        """This store's row in `holders`: what its leases and claims name."""
+        return self._holder
+
+    def __repr__(self) -> str:
+        return f"PostgresStore({self._url_for_logs!r}, node={self._node!r})"
+
+    # --- connections and transactions -------------------------------------------------------
+
+    @staticmethod
+    def _configure(conn: Conn) -> None:
+        """Session settings of every connection (pool and heartbeat)."""
+        conn.autocommit = True  # transactions are explicit (conn.transaction())
+        conn.execute(
+            "SELECT set_config('synchronous_commit', 'on', false),"
+            " set_config('lock_timeout', %s, false),"
+            " set_config('idle_in_transaction_session_timeout', %s, false)",
+            (f"{int(LOCK_TIMEOUT * 1000)}ms", f"{int(IDLE_IN_TRANSACTION_TIMEOUT * 1000)}ms"),
+        )
+
+    def _scrub(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    def _error(self, what: str, exc: BaseException) -> StoreError:
+        detail = " ".join(str(exc).split()) or type(exc).__name__
+        return StoreError(self._scrub(f"PostgreSQL store {self._url_for_logs}: {what}: {detail}"))
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreError("store is closed")
+
+    @contextmanager
+    def _write(self, what: str) -> Iterator[Conn]:
+        """One transaction on a pooled connection: committed when the block
+        ends, rolled back on any exception."""
+        self._check_open()
+        try:
+            with self._pool.connection() as conn, conn.transaction():
+                yield conn
+        except _ENGINE_ERRORS as exc:
+            raise self._error(f"{what} failed", exc) from exc
+
+    @contextmanager
+    def _read(self, what: str, *, snapshot: bool = True) -> Iterator[Conn]:
+        """A pooled connection for reading; with `snapshot`, every query of the
+        block sees one snapshot (REPEATABLE READ READ ONLY)."""
+        self._check_open()
+        try:
+            with self._pool.connection() as conn:
+                if snapshot:
+                    conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                try:
+                    yield conn
+                finally:
+                    if conn.info.transaction_status != TransactionStatus.IDLE:
+                        # Nothing to keep; a broken connection is the pool's to drop.
+                        with contextlib.suppress(psycopg.Error):
+                            conn.execute("ROLLBACK")
+        except _ENGINE_ERRORS as exc:
+            raise self._error(f"{what} failed", exc) from exc
+
+    def _live(self, column: str) -> str:
+        """SQL: the holder named by `column` is alive (its row beat recently,
+        by the database's clock)."""
+        return (f"EXISTS (SELECT 1 FROM holders h WHERE h.id = {column}"
+                f" AND h.heartbeat_at > {_DB_NOW} - {self._node_timeout!r})")
+
+    # --- schema -------------------------------------------------------------------------------
+
+    def schema_version(self) -> int:
+        with self._read("schema version", snapshot=False) as conn:
+            return pg_schema.current_version(conn)
+
+    def migrate(self) -> tuple[int, int]:
+        self._check_open()
+        try:
+            with self._pool.connection() as conn:
+                return pg_schema.migrate(conn)
+        except _ENGINE_ERRORS as exc:
+            raise self._error("schema migration failed", exc) from exc
+
+    # --- holders ------------------------------------------------------------------------------
+
+    def _beat(self, conn: Conn) -> None:
+        conn.execute(
+            "INSERT INTO holders (id, node, pid, started_at, heartbeat_at)"
+            f" VALUES (%s, %s, %s, {_DB_NOW}, {_DB_NOW})"
+            " ON CONFLICT (id) DO UPDATE SET heartbeat_at = EXCLUDED.heartbeat_at",
+            (self._holder, self._node, os.getpid()),
+        )
+
+    def _register(self) -> None:
+        """Our holder row, before any lease or claim can name it."""
+        with self._write("holder registration") as conn:
+            self._beat(conn)
+            # Rows of processes that died long ago: any reader counts them dead anyway.
+            conn.execute(f"DELETE FROM holders WHERE heartbeat_at < {_DB_NOW} - %s",
+                         (max(HOLDER_PRUNE_AGE, 100 * self._node_timeout),))
+
+    def _heartbeat_loop(self) -> None:
+        conn: Conn | None = None
+        try:
+            while not self._stop.wait(self._heartbeat_interval):
+                try:
+                    if conn is None or conn.closed:
+                        conn = psycopg.connect(self._url, **self._connect_kwargs)
+                        self._configure(conn)
+                    # Recreates the row if it went missing: we are alive.
+                    self._beat(conn)
+                except _ENGINE_ERRORS as exc:
+                    log.warning("%s", self._error(f"heartbeat of holder {self._holder} failed",
+                                                  exc))
+                    if conn is not None:
+                        with contextlib.suppress(psycopg.Error):
+                            conn.close()
+                    conn = None
+        finally:
+            if conn is not None:
+                with contextlib.suppress(psycopg.Error):
+                    conn.close()
+
+    def _stop_heartbeat(self) -> None:
+        """Stop beating, leaving the row (tests: a holder that dies without a word)."""
+        self._stop.set()
+        thread = self._beat_thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(self._connect_timeout + self._heartbeat_interval + 5.0)
+
+    # --- messages -----------------------------------------------------------------------------
+
+    def enqueue(self, message: NewMessage, body: IO[bytes], queue_id: str | None = None) -> str:
+        with self._write("enqueue") as conn:
+            return self._enqueue(conn, message, body, queue_id)
+
+    def _enqueue(self, conn: Conn, message: NewMessage, body: IO[bytes],
+                 queue_id: str | None = None) -> str:
+        now = self._clock()
+        while True:
+            message_id = queue_id or new_queue_id()
+            queue_id = None  # on a collision, draw a fresh one
+            try:
+                with conn.transaction():  # a SAVEPOINT: a collision undoes only this row
+                    conn.execute(
+                        "INSERT INTO messages (id, sender, received_at, size, origin, smtputf8,"
+                        " body_8bit, envid, ret, client, node)"
+                        " VALUES (%s, %s, %s, 0, %s, %s, %s, %s, %s, %s, %s)",
+                        (message_id, message.sender, now, str(message.origin),
+                         bool(message.smtputf8), bool(message.body_8bit), message.envid,
+                         message.ret, message.client, self._node),
+                    )
+            except pg_errors.UniqueViolation:
+                continue
+            break
+        size = 0
+        seq = 0
+        while True:
+            data = body.read(CHUNK_SIZE)
+            if not data:
+                break
+            # %b: sent in binary, not as a hex text twice its size.
+            conn.execute(
+                "INSERT INTO body_chunks (message_id, seq, data) VALUES (%s, %s, %b)",
+                (message_id, seq, bytes(data)),
+            )
+            size += len(data)
+            seq += 1
+            del data
+        conn.execute("UPDATE messages SET size = %s WHERE id = %s", (size, message_id))
+        if message.recipients:
+            rs = message.recipients
+            # One statement; WITH ORDINALITY keeps the ids in the message's order.
+            conn.execute(
+                "INSERT INTO recipients (message_id, address, domain, state, attempts, notify,"
+                " orcpt, updated_at)"
+                " SELECT %s, u.address, u.domain, u.state, 0, u.notify, u.orcpt, %s"
+                " FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[])"
+                " WITH ORDINALITY AS u(address, domain, state, notify, orcpt, n) ORDER BY u.n",
+                (message_id, now, [r.address for r in rs], [r.domain for r in rs],
+                 [str(r.state) for r in rs], [r.notify for r in rs], [r.orcpt for r in rs]),
+            )
+        return message_id
+
+    def is_empty(self) -> bool:
+        with self._read("is empty") as conn:
+            return all(conn.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone() is None
+                       for table in ("accounts", "domains", "messages"))
+
+    def import_message(self, entry: QueueEntry, body: IO[bytes]) -> None:
+        m = entry.message
+        now = self._clock()
+        with self._write("import message") as conn:
+            try:
+                with conn.transaction():  # a SAVEPOINT, so the error is ours to word
+                    conn.execute(
+                        "INSERT INTO messages (id, sender, received_at, size, origin, smtputf8,"
+                        " body_8bit, envid, ret, client, node)"
+                        " VALUES (%s, %s, %s, 0, %s, %s, %s, %s, %s, %s, %s)",
+                        (m.id, m.sender, m.received_at, str(m.origin), bool(m.smtputf8),
+                         bool(m.body_8bit), m.envid, m.ret, m.client, m.node),
+                    )
+            except pg_errors.UniqueViolation:
+                raise ValueError(f"message {m.id} is already in the store") from None
+            size = 0
+            seq = 0
+            while data := body.read(CHUNK_SIZE):
+                conn.execute(
+                    "INSERT INTO body_chunks (message_id, seq, data) VALUES (%s, %s, %b)",
+                    (m.id, seq, bytes(data)),
+                )
+                size += len(data)
+                seq += 1
+                del data
+            conn.execute("UPDATE messages SET size = %s WHERE id = %s", (size, m.id))
+            for r in m.recipients:
+                row = conn.execute(
+                    "INSERT INTO recipients (message_id, address, domain, state, attempts,"
+                    " last_reply, notify, orcpt, updated_at, next_attempt_at, first_failure_at,"
+                    " delay_notified) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                    " RETURNING id",
+                    (m.id, r.address, r.domain, str(r.state), r.attempts, r.last_reply,
+                     r.notify, r.orcpt, now, r.next_attempt_at, r.first_failure_at,
+                     bool(r.delay_notified)),
+                ).fetchone()
+                previous = entry.hold_from.get(r.id)
+                if r.state == RecipientState.HOLD and previous is not None and row is not None:
+                    conn.execute("INSERT INTO recipient_holds (recipient_id, previous_state)"
+                                 " VALUES (%s, %s)", (row[0], str(previous)))
+
+    def get_message(self, message_id: str) -> QueuedMessage | None:
+        with self._read("get message") as conn:
+            row = conn.execute(
+                f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = %s", (message_id,)
+            ).fetchone()
+            if row is None:
+                return None
+            rcpts = conn.execute(
+                f"SELECT {_RECIPIENT_COLUMNS} FROM recipients WHERE message_id = %s ORDER BY id",
+                (message_id,),
+            ).fetchall()
+        return _message(row, [_recipient(r) for r in rcpts])
+
+    @staticmethod
+    def _messages_of(conn: Conn, recipient_ids: Sequence[int]) -> list[QueuedMessage]:
+        """The messages of `recipient_ids`, each with only those recipients, in
+        the order of their first recipient in `recipient_ids`."""
+        if not recipient_ids:
+            return []
+        recipients = {
+            int(r[0]): _recipient(r)
+            for r in conn.execute(
+                f"SELECT {_RECIPIENT_COLUMNS} FROM recipients WHERE id = ANY(%s::bigint[])",
+                (list(recipient_ids),),
+            )
+        }
+        grouped: dict[str, list[QueuedRecipient]] = {}
+        for rid in recipient_ids:
+            found = recipients.get(rid)
+            if found is not None:
+                grouped.setdefault(found.message_id, []).append(found)
+        rows = {
+            row[0]: row
+            for row in conn.execute(
+                f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = ANY(%s::text[])",
+                (list(grouped),),
+            )
+        }
+        return [_message(rows[mid], rcpts) for mid, rcpts in grouped.items() if mid in rows]
+
+    def read_body(self, message_id: str) -> Iterator[bytes]:
+        """Check the message exists now (StoreError if not), then stream its chunks.
+
+        Each chunk is fetched by its own query; if the message disappears while
+        it is read, the iterator raises `StoreError` instead of ending short.
+        """
+        with self._read("read body", snapshot=False) as conn:
+            row = conn.execute("SELECT size FROM messages WHERE id = %s",
+                               (message_id,)).fetchone()
+        if row is None:
+            raise StoreError(f"message {message_id} is not in the queue")
+        return self._chunks(message_id, int(row[0]))
+
+    def _chunks(self, message_id: str, size: int) -> Iterator[bytes]:
+        seq = 0
+        done = 0
+        while done < size:
+            with self._read("read body", snapshot=False) as conn:
+                row = conn.execute(
+                    "SELECT data FROM body_chunks WHERE message_id = %s AND seq = %s",
+                    (message_id, seq),
+                    binary=True,  # the bytes as they are, not a hex text to decode
+                ).fetchone()
+            if row is None:
+                raise StoreError(f"message {message_id} left the queue while being read")
+            data = bytes(row[0])
+            del row
+            done += len(data)
+            seq += 1
+            yield data
+
+    def message_ids(self, state: RecipientState | None = None) -> list[str]:
+        sql = "SELECT m.id FROM messages m WHERE EXISTS (SELECT 1 FROM recipients r" \
+              " WHERE r.message_id = m.id"
+        params: tuple[str, ...] = ()
+        if state is not None:
+            sql += " AND r.state = %s"
+            params = (str(state),)
+        with self._read("list messages", snapshot=False) as conn:
+            return [str(r[0]) for r in conn.execute(sql + ") ORDER BY m.received_at, m.id",
+                                                    params)]
+
+    def recipient_count(self) -> int:
+        with self._read("count recipients", snapshot=False) as conn:
+            row = conn.execute("SELECT count(*) FROM recipients").fetchone()
+        return int(row[0]) if row is not None else 0
+
+    # --- rate events ----------------------------------------------------------------------------
+
+    def add_event(self, key: str, at: float, window: float) -> int:
+        start = float(at) - float(window)
+        with self._write("add event") as conn:
+            # One key's events are counted one transaction at a time, on every
+            # node: two concurrent events both see each other.
+            conn.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended("
+                "'fermoposta.rate:' || current_schema() || ':' || %s, 0))",
+                (key,),
+            )
+            conn.execute("DELETE FROM rate_events WHERE key = %s AND at <= %s", (key, start))
+            conn.execute("INSERT INTO rate_events (key, at) VALUES (%s, %s)", (key, float(at)))
+            row = conn.execute(
+                "SELECT count(*) FROM rate_events WHERE key = %s AND at > %s AND at <= %s",
+                (key, start, float(at)),
+            ).fetchone()
+        return int(row[0]) if row is not None else 0
+
+    def count_events(self, key: str, since: float) -> int:
+        with self._read("count events", snapshot=False) as conn:
+            row = conn.execute("SELECT count(*) FROM rate_events WHERE key = %s AND at > %s",
+                               (key, float(since))).fetchone()
+        return int(row[0]) if row is not None else 0
+
+    # --- held mail ------------------------------------------------------------------------------
+
+    def held_message_ids(self, domains: Collection[str]) -> list[str]:
+        wanted = sorted(set(domains))
+        if not wanted:
+            self._check_open()
+            return []
+        with self._read("list held messages", snapshot=False) as conn:
+            found = {
+                str(r[0]): float(r[1])
+                for r in conn.execute(
+                    "SELECT m.id, m.received_at FROM messages m WHERE m.id IN ("
+                    " SELECT message_id FROM recipients"
+                    " WHERE state = %s AND domain = ANY(%s::text[]))",
+                    (HELD, wanted),
+                )
+            }
+        return sorted(found, key=lambda i: (found[i], i))
+
+    def domains_with_held_mail(self, domains: Collection[str]) -> set[str]:
+        wanted = sorted(set(domains))
+        if not wanted:
+            self._check_open()
+            return set()
+        with self._read("domains with held mail", snapshot=False) as conn:
+            return {
+                str(r[0])
+                for r in conn.execute(
+                    "SELECT DISTINCT domain FROM recipients"
+                    " WHERE domain = ANY(%s::text[]) AND state = %s",
+                    (wanted, HELD),
+                )
+            }
+
+    def domain_usage(self, domain: str) -> tuple[int, int]:
+        with self._read("domain usage", snapshot=False) as conn:
+            row = conn.execute(
+                "SELECT count(*), COALESCE(sum(size), 0) FROM messages WHERE id IN ("
+                " SELECT message_id FROM recipients WHERE domain = %s AND state = %s)",
+                (domain, HELD),
+            ).fetchone()
+        assert row is not None
+        return int(row[0]), int(row[1])
+
+    # --- outcomes -------------------------------------------------------------------------------
+
+    def record_delivered(self, recipient_ids: Collection[int], reply: str,
+                         dsn: tuple[NewMessage, IO[bytes]] | None = None) -> str | None:
+        with self._write("record delivered") as conn:
+            removed = self._remove_recipients(conn, recipient_ids)
+            if dsn is None or not removed:
+                return None
+            return self._enqueue(conn, dsn[0], dsn[1])
+
+    def record_deferred(
+        self,
+        recipient_ids: Collection[int],
+        reply: str,
+        next_attempt_at: float | Mapping[int, float] | None = None,
+    ) -> None:
+        now = self._clock()
+        ids = _ids(recipient_ids)
+        with self._write("record deferred") as conn:
+            if not ids:
+                return
+            update = (
+                "UPDATE recipients r SET attempts = r.attempts + 1, last_reply = %s,"
+                " updated_at = %s, first_failure_at = COALESCE(r.first_failure_at, %s),"
+                " next_attempt_at = {at}, claimed_by = NULL, claimed_until = NULL,"
+                " claim_holder = NULL"
+                f" FROM ({_LOCK_RECIPIENTS}) l{{join}} WHERE r.id = l.id"
+            )
+            if isinstance(next_attempt_at, Mapping):
+                times = [next_attempt_at.get(rid) for rid in ids]
+                conn.execute(
+                    update.format(
+                        at="v.at",
+                        join=" JOIN unnest(%s::bigint[], %s::float8[]) AS v(id, at)"
+                             " ON v.id = l.id",
+                    ),
+                    (reply, now, now, ids, ids,
+                     [None if t is None else float(t) for t in times]),
+                )
+                return
+            conn.execute(
+                update.format(at="%s::float8", join=""),
+                (reply, now, now,
+                 None if next_attempt_at is None else float(next_attempt_at), ids),
+            )
+
+    def record_failed(
+        self,
+        recipient_ids: Collection[int],
+        reply: str,
+        dsn: tuple[NewMessage, IO[bytes]] | None,
+    ) -> str | None:
+        with self._write("record failed") as conn:
+            removed = self._remove_recipients(conn, recipient_ids)
+            if dsn is None or not removed:
+                return None
+            return self._enqueue(conn, dsn[0], dsn[1])
+
+    @staticmethod
+    def _remove_recipients(conn: Conn, recipient_ids: Collection[int]) -> int:
+        """Delete the recipients (and messages left without any); return how many were."""
+        ids = _ids(recipient_ids)
+        if not ids:
+            return 0
+        rows = conn.execute(
+            "SELECT message_id FROM recipients WHERE id = ANY(%s::bigint[]) ORDER BY id"
+            " FOR UPDATE",
+            (ids,),
+        ).fetchall()
+        if not rows:
+            return 0
+        touched = sorted({str(r[0]) for r in rows})
+        removed = conn.execute("DELETE FROM recipients WHERE id = ANY(%s::bigint[])",
+                               (ids,)).rowcount
+        # Lock the messages before looking for recipients left: two nodes each
+        # removing one of a message's last two recipients would otherwise each
+        # see the other's (not yet committed as gone) and leave the message
+        # behind with none.  The second waits here, then sees the first's.
+        conn.execute("SELECT id FROM messages WHERE id = ANY(%s::text[]) ORDER BY id FOR UPDATE",
+                     (touched,))
+        conn.execute(
+            "DELETE FROM messages m WHERE m.id = ANY(%s::text[]) AND NOT EXISTS"
+            " (SELECT 1 FROM recipients r WHERE r.message_id = m.id)",
+            (touched,),
+        )
+        return max(removed, 0)
+
+    # --- outbound queue -------------------------------------------------------------------------
+
+    def claim_due_outbound(
+        self, now: float, limit: int, owner: str, ttl: float
+    ) -> list[QueuedMessage]:
+        if limit <= 0:
+            self._check_open()
+            return []
+        until = now + ttl
+        with self._write("claim outbound") as conn:
+            # Holders of unexpired claims that have stopped beating: their
+            # claims are free now, and their recipients come first.
+            dead = [
+                str(r[0])
+                for r in conn.execute(
+                    "SELECT c.holder FROM (SELECT DISTINCT claim_holder AS holder"
+                    " FROM recipients WHERE claim_holder IS NOT NULL AND claimed_until > %s) c"
+                    f" WHERE c.holder <> %s AND NOT {self._live('c.holder')}",
+                    (now, self._holder),
+                )
+            ]
+            ids: list[int] = []
+            if dead:
+                ids += [
+                    int(r[0])
+                    for r in conn.execute(
+                        "SELECT id FROM recipients WHERE claim_holder = ANY(%s::text[])"
+                        " AND claimed_until > %s AND state = %s ORDER BY id LIMIT %s"
+                        " FOR UPDATE SKIP LOCKED",
+                        (dead, now, OUTBOUND, limit),
+                    )
+                ]
+            if len(ids) < limit:
+                # SKIP LOCKED: rows another node is claiming right now are its;
+                # a row it claimed and committed fails the re-checked WHERE.
+                ids += [
+                    int(r[0])
+                    for r in conn.execute(
+                        "SELECT id FROM recipients WHERE state = %s"
+                        " AND COALESCE(next_attempt_at, 0) <= %s"
+                        " AND (claimed_until IS NULL OR claimed_until <= %s)"
+                        " ORDER BY COALESCE(next_attempt_at, 0), id LIMIT %s"
+                        " FOR UPDATE SKIP LOCKED",
+                        (OUTBOUND, now, now, limit - len(ids)),
+                    )
+                ]
+            if not ids:
+                return []
+            conn.execute(
+                "UPDATE recipients SET claimed_by = %s, claimed_until = %s,"
+                " next_attempt_at = %s, claim_holder = %s WHERE id = ANY(%s::bigint[])",
+                (owner, until, until, self._holder, ids),
+            )
+            return self._messages_of(conn, ids)
+
+    def renew_claims(self, owner: str, now: float, ttl: float) -> None:
+        with self._write("renew claims") as conn:
+            conn.execute(
+                "UPDATE recipients SET claimed_until = %s, next_attempt_at = %s"
+                " WHERE claimed_by = %s",
+                (now + ttl, now + ttl, owner),
+            )
+
+    def release_claims(self, owner: str, recipient_ids: Collection[int] | None = None,
+                       next_attempt_at: float | None = None) -> None:
+        at = None if next_attempt_at is None else float(next_attempt_at)
+        with self._write("release claims") as conn:
+            sql = ("UPDATE recipients SET claimed_by = NULL, claimed_until = NULL,"
+                   " claim_holder = NULL, next_attempt_at = %s::float8 WHERE claimed_by = %s")
+            if recipient_ids is None:
+                conn.execute(sql, (at, owner))
+            else:
+                conn.execute(sql + " AND id = ANY(%s::bigint[])", (at, owner, _ids(recipient_ids)))
+
+    def mark_delay_notified(
+        self, recipient_ids: Collection[int], dsn: tuple[NewMessage, IO[bytes]] | None = None
+    ) -> str | None:
+        ids = _ids(recipient_ids)
+        with self._write("mark delay notified") as conn:
+            marked = 0
+            if ids:
+                marked = conn.execute(
+                    "UPDATE recipients r SET delay_notified = true"
+                    f" FROM ({_LOCK_RECIPIENTS}) l WHERE r.id = l.id AND NOT r.delay_notified",
+                    (ids,),
+                ).rowcount
+            if dsn is None or marked <= 0:
+                return None
+            return self._enqueue(conn, dsn[0], dsn[1])
+
+    def held_older_than(
+        self,
+        cutoff: float,
+        limit: int,
+        *,
+        domains: Collection[str] | None = None,
+        default_lifetime_only: bool = False,
+        delay_notified: bool | None = None,
+    ) -> list[QueuedMessage]:
+        if limit <= 0 or (domains is not None and not domains):
+            self._check_open()
+            return []
+        if domains is not None and len(set(domains)) > MAX_DOMAINS:
+            raise ValueError(f"held_older_than: at most {MAX_DOMAINS} domains at once")
+        sql = (
+            "SELECT r.id FROM messages m JOIN recipients r ON r.message_id = m.id"
+            " WHERE m.received_at < %s AND r.state = %s"
+            # A domain leased by a live ATRN session: the drain owns its mail.
+            " AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.domain = r.domain"
+            f" AND l.expires_at > %s AND {self._live('l.holder')})"
+        )
+        params: list[Any] = [cutoff, HELD, self._clock()]
+        if domains is not None:
+            sql += " AND r.domain = ANY(%s::text[])"
+            params.append(sorted(set(domains)))
+        if default_lifetime_only:
+            sql += (" AND r.domain NOT IN"
+                    " (SELECT name FROM domains WHERE hold_lifetime IS NOT NULL)")
+        if delay_notified is not None:
+            sql += " AND r.delay_notified = %s"
+            params.append(bool(delay_notified))
+        sql += " ORDER BY m.received_at, r.id LIMIT %s"
+        params.append(limit)
+        with self._read("list expired held mail") as conn:
+            ids = [int(r[0]) for r in conn.execute(sql, params)]
+            return self._messages_of(conn, ids)
+
+    def outbound_older_than(self, cutoff: float, limit: int) -> list[QueuedMessage]:
+        if limit <= 0:
+            self._check_open()
+            return []
+        with self._read("list old outbound mail") as conn:
+            ids = [
+                int(r[0])
+                for r in conn.execute(
+                    "SELECT r.id FROM messages m JOIN recipients r ON r.message_id = m.id"
+                    " WHERE m.received_at < %s AND r.state = %s"
+                    " ORDER BY m.received_at, r.id LIMIT %s",
+                    (cutoff, OUTBOUND, limit),
+                )
+            ]
+            return self._messages_of(conn, ids)
+
+    # --- queue tools ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _filter_sql(where: QueueFilter, after: tuple[float, str] | None
+                    ) -> tuple[str, list[Any]]:
+        """The WHERE clause (on messages `m`) of `where` and the page key."""
+        clauses: list[str] = []
+        params: list[Any] = []
+        if after is not None:
+            clauses.append("(m.received_at > %s OR (m.received_at = %s AND m.id > %s))")
+            params += [after[0], after[0], after[1]]
+        if where.received_before is not None:
+            clauses.append("m.received_at < %s")
+            params.append(where.received_before)
+        # lower() under COLLATE "C" (the columns') folds ASCII only, as SQLite's.
+        if where.sender is not None:
+            if where.sender_exact:
+                clauses.append("lower(m.sender) = lower(%s)")
+            else:
+                clauses.append("strpos(lower(m.sender), lower(%s)) > 0")
+            params.append(where.sender)
+        inner: list[str] = []
+        if where.domain is not None:
+            inner.append("r.domain = %s")
+            params.append(where.domain)
+        if where.recipient is not None:
+            if where.recipient_exact:
+                inner.append("lower(r.address) = lower(%s)")
+            else:
+                inner.append("strpos(lower(r.address), lower(%s)) > 0")
+            params.append(where.recipient)
+        if where.state is not None:
+            if where.state == "deferred":
+                inner.append("r.state = %s AND r.attempts > 0")
+                params.append(OUTBOUND)
+            else:
+                inner.append("r.state = %s")
+                params.append(str(RecipientState(where.state)))
+        if inner:
+            clauses.append("EXISTS (SELECT 1 FROM recipients r WHERE r.message_id = m.id AND "
+                           + " AND ".join(inner) + ")")
+        return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+    def queue_ids(
+        self, where: QueueFilter, after: tuple[float, str] | None, limit: int
+    ) -> list[tuple[float, str]]:
+        if limit <= 0:
+            self._check_open()
+            return []
+        sql, params = self._filter_sql(where, after)
+        with self._read("queue page", snapshot=False) as conn:
+            return [
+                (float(r[0]), str(r[1]))
+                for r in conn.execute(
+                    f"SELECT m.received_at, m.id FROM messages m{sql}"
+                    " ORDER BY m.received_at, m.id LIMIT %s",
+                    (*params, limit),
+                )
+            ]
+
+    def queue_page(
+        self, where: QueueFilter, after: tuple[float, str] | None, limit: int
+    ) -> list[QueueEntry]:
+        if limit <= 0:
+            self._check_open()
+            return []
+        sql, params = self._filter_sql(where, after)
+        with self._read("queue page") as conn:
+            rows = conn.execute(
+                f"SELECT {_M_MESSAGE_COLUMNS} FROM messages m{sql}"
+                " ORDER BY m.received_at, m.id LIMIT %s",
+                (*params, limit),
+            ).fetchall()
+            return self._entries(conn, rows)
+
+    def get_queue_entry(self, message_id: str) -> QueueEntry | None:
+        with self._read("queue entry") as conn:
+            row = conn.execute(
+                f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = %s", (message_id,)
+            ).fetchone()
+            if row is None:
+                return None
+            return self._entries(conn, [row])[0]
+
+    def _entries(self, conn: Conn, rows: Sequence[Sequence[Any]]) -> list[QueueEntry]:
+        """Entries for message rows (in their order), with all recipients."""
+        now = self._clock()
+        ids = [str(row[0]) for row in rows]
+        recipients: dict[str, list[QueuedRecipient]] = {i: [] for i in ids}
+        active: dict[str, set[int]] = {i: set() for i in ids}
+        previous: dict[str, dict[int, RecipientState]] = {i: {} for i in ids}
+        if ids:
+            for r in conn.execute(
+                f"SELECT {_R_RECIPIENT_COLUMNS},"
+                # Active: an unexpired claim of a live holder.
+                " (r.claimed_by IS NOT NULL AND r.claimed_until > %s"
+                f" AND {self._live('r.claim_holder')}),"
+                " h.previous_state"
+                " FROM recipients r LEFT JOIN recipient_holds h ON h.recipient_id = r.id"
+                " WHERE r.message_id = ANY(%s::text[]) ORDER BY r.id",
+                (now, ids),
+            ):
+                rcpt = _recipient(r)
+                recipients[rcpt.message_id].append(rcpt)
+                if r[12]:
+                    active[rcpt.message_id].add(rcpt.id)
+                if rcpt.state == RecipientState.HOLD and r[13] is not None:
+                    with contextlib.suppress(ValueError):
+                        previous[rcpt.message_id][rcpt.id] = RecipientState(r[13])
+        return [
+            QueueEntry(_message(row, recipients[str(row[0])]),
+                       frozenset(active[str(row[0])]), previous[str(row[0])])
+            for row in rows
+        ]
+
+    @staticmethod
+    def _existing(conn: Conn, message_ids: Sequence[str]) -> list[str]:
+        if not message_ids:
+            return []
+        return sorted(
+            str(r[0])
+            for r in conn.execute("SELECT id FROM messages WHERE id = ANY(%s::text[])",
+                                  (list(message_ids),))
+        )
+
+    @staticmethod
+    def _lock_recipients_of(conn: Conn, message_ids: Sequence[str]) -> list[tuple[str, str]]:
+        """Lock the recipients of the messages (in id order); their (message_id, state)."""
+        return [
+            (str(r[0]), str(r[1]))
+            for r in conn.execute(
+                "SELECT message_id, state FROM recipients WHERE message_id = ANY(%s::text[])"
+                " ORDER BY id FOR UPDATE",
+                (list(message_ids),),
+            )
+        ]
+
+    def delete_messages(self, message_ids: Collection[str]) -> list[str]:
+        wanted = sorted(set(message_ids))
+        with self._write("delete messages") as conn:
+            if not wanted:
+                return []
+            # Recipients before messages, as every write locks them.
+            self._lock_recipients_of(conn, wanted)
+            # ON DELETE CASCADE removes the body chunks and the recipients.
+            return sorted(
+                str(r[0])
+                for r in conn.execute(
+                    "DELETE FROM messages WHERE id = ANY(%s::text[]) RETURNING id", (wanted,)
+                )
+            )
+
+    def hold_messages(self, message_ids: Collection[str]) -> dict[str, int]:
+        wanted = sorted(set(message_ids))
+        now = self._clock()
+        with self._write("hold messages") as conn:
+            found = self._existing(conn, wanted)
+            result = dict.fromkeys(found, 0)
+            if not found:
+                return result
+            for message_id, state in self._lock_recipients_of(conn, found):
+                if state != HOLD and message_id in result:
+                    result[message_id] += 1
+            conn.execute(
+                "INSERT INTO recipient_holds (recipient_id, previous_state)"
+                " SELECT id, state FROM recipients WHERE message_id = ANY(%s::text[])"
+                " AND state <> %s"
+                " ON CONFLICT (recipient_id) DO UPDATE"
+                " SET previous_state = EXCLUDED.previous_state",
+                (found, HOLD),
+            )
+            conn.execute(
+                "UPDATE recipients SET state = %s, updated_at = %s"
+                " WHERE message_id = ANY(%s::text[]) AND state <> %s",
+                (HOLD, now, found, HOLD),
+            )
+        return result
+
+    def release_messages(self, message_ids: Collection[str]) -> dict[str, int]:
+        wanted = sorted(set(message_ids))
+        now = self._clock()
+        with self._write("release messages") as conn:
+            found = self._existing(conn, wanted)
+            result = dict.fromkeys(found, 0)
+            if not found:
+                return result
+            for message_id, state in self._lock_recipients_of(conn, found):
+                if state == HOLD and message_id in result:
+                    result[message_id] += 1
+            conn.execute(
+                "UPDATE recipients SET updated_at = %s, state = COALESCE("
+                " (SELECT h.previous_state FROM recipient_holds h"
+                "  WHERE h.recipient_id = recipients.id),"
+                " CASE WHEN EXISTS (SELECT 1 FROM domains d WHERE d.name = recipients.domain)"
+                " THEN %s ELSE %s END)"
+                " WHERE message_id = ANY(%s::text[]) AND state = %s",
+                (now, HELD, OUTBOUND, found, HOLD),
+            )
+            conn.execute(
+                "DELETE FROM recipient_holds WHERE recipient_id IN"
+                " (SELECT id FROM recipients WHERE message_id = ANY(%s::text[]) AND state <> %s)",
+                (found, HOLD),
+            )
+        return result
+
+    def retry_outbound(
+        self, now: float, *, message_ids: Collection[str] | None = None,
+        domain: str | None = None
+    ) -> dict[str, int]:
+        # Not claimed by a runner right now: no claim, an expired one, or one
+        # of a dead holder (whose claim ends here).
+        scope = ("state = %s AND (claimed_until IS NULL OR claimed_until <= %s"
+                 f" OR NOT {self._live('claim_holder')})")
+        params: list[Any] = [OUTBOUND, now]
+        if domain is not None:
+            scope += " AND domain = %s"
+            params.append(domain)
+        result: dict[str, int] = {}
+        with self._write("retry outbound") as conn:
+            if message_ids is not None:
+                found = self._existing(conn, sorted(set(message_ids)))
+                result = dict.fromkeys(found, 0)
+                if not found:
+                    return result
+                scope += " AND message_id = ANY(%s::text[])"
+                params.append(found)
+            for (message_id,) in conn.execute(
+                "UPDATE recipients r SET next_attempt_at = %s, updated_at = %s,"
+                " claimed_by = CASE WHEN r.claimed_until > %s THEN NULL ELSE r.claimed_by END,"
+                " claim_holder = CASE WHEN r.claimed_until > %s THEN NULL"
+                " ELSE r.claim_holder END,"
+                " claimed_until = CASE WHEN r.claimed_until > %s THEN NULL"
+                " ELSE r.claimed_until END"
+                f" FROM (SELECT id FROM recipients WHERE {scope} ORDER BY id FOR UPDATE) l"
+                " WHERE r.id = l.id RETURNING r.message_id",
+                (now, now, now, now, now, *params),
+            ).fetchall():
+                result[str(message_id)] = result.get(str(message_id), 0) + 1
+        return result
+
+    def queue_shape(self, now: float, age_limits: Sequence[float]) -> QueueShape:
+        limits = [float(a) for a in age_limits]
+        bucket = "CASE" + "".join(
+            f" WHEN %s::float8 - m.received_at < %s::float8 THEN {i}" for i in range(len(limits))
+        ) + f" ELSE {len(limits)} END"
+        if not limits:
+            bucket = "0"  # one bucket (PostgreSQL has no CASE without a WHEN)
+        bucket_params: list[Any] = []
+        for limit in limits:
+            bucket_params += [float(now), limit]
+        by_state = (
+            "count(*) FILTER (WHERE r.state = %s), count(*) FILTER (WHERE r.state = %s),"
+            " count(*) FILTER (WHERE r.state = %s AND r.attempts > 0),"
+            " count(*) FILTER (WHERE r.state = %s)"
+        )
+        state_params = (HELD, OUTBOUND, OUTBOUND, HOLD)
+        with self._read("queue shape") as conn:
+            figures: dict[str, list[Any]] = {}
+            for row in conn.execute(
+                "SELECT r.domain, count(DISTINCT r.message_id), count(*), min(m.received_at),"
+                f" {by_state}"
+                " FROM recipients r JOIN messages m ON m.id = r.message_id GROUP BY r.domain",
+                state_params,
+            ):
+                figures[str(row[0])] = list(row[1:])
+            sizes = {
+                str(r[0]): int(r[1])
+                for r in conn.execute(
+                    "SELECT domain, sum(size) FROM (SELECT DISTINCT r.domain AS domain, m.id,"
+                    " m.size AS size FROM recipients r JOIN messages m ON m.id = r.message_id)"
+                    " AS s GROUP BY domain"
+                )
+            }
+            ages: dict[str, list[int]] = {d: [0] * (len(limits) + 1) for d in figures}
+            for domain, index, count in conn.execute(
+                f"SELECT r.domain, {bucket}, count(*) FROM recipients r"
+                " JOIN messages m ON m.id = r.message_id GROUP BY 1, 2",
+                bucket_params,
+            ):
+                ages.setdefault(str(domain), [0] * (len(limits) + 1))[int(index)] += int(count)
+            total_row = conn.execute(
+                f"SELECT count(*), {by_state} FROM recipients r", state_params
+            ).fetchone()
+            message_row = conn.execute(
+                "SELECT count(*), COALESCE(sum(size), 0), min(received_at) FROM messages"
+            ).fetchone()
+        assert total_row is not None and message_row is not None
+        domains = [
+            DomainShape(domain, int(f[0]), int(f[1]), sizes.get(domain, 0), f[2],
+                        int(f[3]), int(f[4]), int(f[5]), int(f[6]), tuple(ages[domain]))
+            for domain, f in figures.items()
+        ]
+        domains.sort(key=lambda d: (-d.recipients, d.domain))
+        total_ages = [sum(d.ages[i] for d in domains) for i in range(len(limits) + 1)]
+        total = DomainShape("", int(message_row[0]), int(total_row[0]), int(message_row[1]),
+                            message_row[2], int(total_row[1]), int(total_row[2]),
+                            int(total_row[3]), int(total_row[4]), tuple(total_ages))
+        return QueueShape(total, tuple(domains))
+
+    def queue_summary(self) -> list[tuple[str, int, int, float | None]]:
+        with self._read("queue summary", snapshot=False) as conn:
+            rows = {
+                str(r[0]): (int(r[1]), int(r[2] or 0), r[3])
+                for r in conn.execute(
+                    "SELECT state, count(*), sum(size), min(received_at) FROM"
+                    " (SELECT DISTINCT r.state AS state, m.id, m.size AS size,"
+                    " m.received_at AS received_at"
+                    " FROM recipients r JOIN messages m ON m.id = r.message_id) AS s"
+                    " GROUP BY state"
+                )
+            }
+        return [(str(state), *rows.get(str(state), (0, 0, None))) for state in RecipientState]
+
+    # --- leases ---------------------------------------------------------------------------------
+
+    def acquire_leases(self, domains: Collection[str], owner: str, ttl: float) -> bool:
+        wanted = sorted(set(domains))
+        with self._write("acquire leases") as conn:
+            if not wanted:
+                return True
+            now = self._clock()
+            # In domain order, so two sessions racing for overlapping sets
+            # wait for each other instead of deadlocking.  A row another
+            # session holds is re-checked once that one commits; a lease is
+            # taken only if it is free (ours, expired, or its holder dead).
+            taken = conn.execute(
+                "INSERT INTO leases (domain, owner, expires_at, holder)"
+                " SELECT d, %s, %s, %s FROM unnest(%s::text[]) AS d ORDER BY d"
+                " ON CONFLICT (domain) DO UPDATE SET owner = EXCLUDED.owner,"
+                " expires_at = EXCLUDED.expires_at, holder = EXCLUDED.holder"
+                " WHERE leases.owner = EXCLUDED.owner OR leases.expires_at <= %s"
+                f" OR NOT {self._live('leases.holder')}"
+                " RETURNING domain",
+                (owner, now + ttl, self._holder, wanted, now),
+            ).fetchall()
+            if len(taken) < len(wanted):
+                # All or nothing: psycopg.Rollback undoes the transaction (what
+                # was taken) and ends the block normally.
+                raise psycopg.Rollback()
+            return True
+        return False
+
+    def renew_leases(self, owner: str, ttl: float) -> None:
+        with self._write("renew leases") as conn:
+            conn.execute("UPDATE leases SET expires_at = %s WHERE owner = %s",
+                         (self._clock() + ttl, owner))
+
+    def release_leases(self, owner: str) -> None:
+        with self._write("release leases") as conn:
+            conn.execute("DELETE FROM leases WHERE owner = %s", (owner,))
+
+    # --- accounts -------------------------------------------------------------------------------
+
+    def add_account(self, account: Account) -> None:
+        with self._write("add account") as conn:
+            if self._account_exists(conn, account.name):
+                raise ValueError(f"account {account.name!r} already exists")
+            scram = account.scram
+            try:
+                with conn.transaction():
+                    conn.execute(
+                        "INSERT INTO accounts (name, scram_salt, scram_iterations,"
+                        " scram_stored_key, scram_server_key, cram_secret, created_at,"
+                        " last_atrn_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+                        (account.name,
+                         scram.salt if scram else None,
+                         scram.iterations if scram else None,
+                         scram.stored_key if scram else None,
+                         scram.server_key if scram else None,
+                         account.cram_secret,
+                         account.created_at or self._clock(),
+                         account.last_atrn_at),
+                    )
+            except pg_errors.UniqueViolation as exc:  # added by another node just now
+                raise ValueError(f"account {account.name!r} already exists") from exc
+            self._set_certs(conn, account)
+
+    def update_account(self, account: Account) -> None:
+        """Replace the secrets and certificate bindings of an account (ValueError if none).
+
+        `created_at` is kept; `last_atrn_at` is taken from `account`.
+        """
+        with self._write("update account") as conn:
+            if not self._account_exists(conn, account.name, lock=True):
+                raise ValueError(f"no account {account.name!r}")
+            scram = account.scram
+            conn.execute(
+                "UPDATE accounts SET scram_salt = %s, scram_iterations = %s,"
+                " scram_stored_key = %s, scram_server_key = %s, cram_secret = %s,"
+                " last_atrn_at = %s WHERE name = %s",
+                (scram.salt if scram else None,
+                 scram.iterations if scram else None,
+                 scram.stored_key if scram else None,
+                 scram.server_key if scram else None,
+                 account.cram_secret,
+                 account.last_atrn_at,
+                 account.name),
+            )
+            conn.execute("DELETE FROM account_certs WHERE account = %s", (account.name,))
+            conn.execute("DELETE FROM account_cert_subjects WHERE account = %s", (account.name,))
+            self._set_certs(conn, account)
+
+    @staticmethod
+    def _account_exists(conn: Conn, name: str, *, lock: bool = False) -> bool:
+        row = conn.execute(
+            "SELECT 1 FROM accounts WHERE name = %s" + (" FOR UPDATE" if lock else ""), (name,)
+        ).fetchone()
+        return row is not None
+
+    @staticmethod
+    def _set_certs(conn: Conn, account: Account) -> None:
+        bindings = (
+            ("account_certs", "fingerprint", "certificate {}", account.cert_fingerprints),
+            ("account_cert_subjects", "subject", "certificate subject {!r}",
+             account.cert_subjects),
+        )
+        for table, column, what, values in bindings:
+            for value in dict.fromkeys(values):
+                row = conn.execute(
+                    f"SELECT account FROM {table} WHERE {column} = %s", (value,)
+                ).fetchone()
+                if row is not None:
+                    raise ValueError(
+                        f"{what.format(value)} is already bound to account {row[0]!r}"
+                    )
+                try:
+                    with conn.transaction():
+                        conn.execute(
+                            f"INSERT INTO {table} ({column}, account) VALUES (%s, %s)",
+                            (value, account.name),
+                        )
+                except pg_errors.UniqueViolation as exc:  # bound by another node just now
+                    raise ValueError(f"{what.format(value)} is already bound to an account"
+                                     ) from exc
+
+    def _account(self, conn: Conn, row: Sequence[Any]) -> Account:
+        certs = tuple(
+            str(r[0])
+            for r in conn.execute(
+                "SELECT fingerprint FROM account_certs WHERE account = %s ORDER BY fingerprint",
+                (row[0],),
+            )
+        )
+        subjects = tuple(
+            str(r[0])
+            for r in conn.execute(
+                "SELECT subject FROM account_cert_subjects WHERE account = %s ORDER BY subject",
+                (row[0],),
+            )
+        )
+        scram = None
+        if row[1] is not None:
+            scram = ScramSecret(
+                salt=bytes(row[1]),
+                iterations=int(row[2]),
+                stored_key=bytes(row[3]),
+                server_key=bytes(row[4]),
+            )
+        return Account(
+            name=row[0],
+            scram=scram,
+            cram_secret=row[5],
+            cert_fingerprints=certs,
+            cert_subjects=subjects,
+            created_at=row[6],
+            last_atrn_at=row[7],
+        )
+
+    def get_account(self, name: str) -> Account | None:
+        with self._read("get account") as conn:
+            row = conn.execute(
+                f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE name = %s", (name,)
+            ).fetchone()
+            return None if row is None else self._account(conn, row)
+
+    def account_by_fingerprint(self, fingerprint: str) -> Account | None:
+        """`fingerprint` is lowercase hex without colons, as stored."""
+        with self._read("account by fingerprint") as conn:
+            row = conn.execute(
+                f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE name ="
+                " (SELECT account FROM account_certs WHERE fingerprint = %s)",
+                (fingerprint.lower(),),
+            ).fetchone()
+            return None if row is None else self._account(conn, row)
+
+    def account_by_subject(self, subject: str) -> Account | None:
+        """`subject` in the canonical form of `certificate_subject`, compared exactly."""
+        with self._read("account by subject") as conn:
+            row = conn.execute(
+                f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE name ="
+                " (SELECT account FROM account_cert_subjects WHERE subject = %s)",
+                (subject,),
+            ).fetchone()
+            return None if row is None else self._account(conn, row)
+
+    def list_accounts(self) -> list[Account]:
+        with self._read("list accounts") as conn:
+            rows = conn.execute(
+                f"SELECT {_ACCOUNT_COLUMNS} FROM accounts ORDER BY name"
+            ).fetchall()
+            return [self._account(conn, row) for row in rows]
+
+    def remove_account(self, name: str) -> bool:
+        """Remove the account, its certificate bindings and domains; held mail stays queued."""
+        with self._write("remove account") as conn:
+            return conn.execute("DELETE FROM accounts WHERE name = %s", (name,)).rowcount > 0
+
+    def record_atrn(self, name: str, at: float) -> None:
+        with self._write("record ATRN") as conn:
+            conn.execute("UPDATE accounts SET last_atrn_at = %s WHERE name = %s", (at, name))
+
+    # --- domains --------------------------------------------------------------------------------
+
+    def add_domain(self, domain: Domain) -> None:
+        with self._write("add domain") as conn:
+            row = conn.execute(
+                "SELECT account FROM domains WHERE name = %s", (domain.name,)
+            ).fetchone()
+            if row is not None:
+                raise ValueError(f"domain {domain.name!r} already belongs to account {row[0]!r}")
+            # FOR SHARE: the account cannot be removed before we commit.
+            if not conn.execute("SELECT 1 FROM accounts WHERE name = %s FOR SHARE",
+                                (domain.account,)).fetchone():
+                raise ValueError(f"no account {domain.account!r}")
+            try:
+                with conn.transaction():
+                    conn.execute(
+                        "INSERT INTO domains (name, account, max_messages, max_bytes, validate,"
+                        " hold_lifetime) VALUES (%s, %s, %s, %s, %s, %s)",
+                        (domain.name, domain.account, domain.max_messages, domain.max_bytes,
+                         domain.valid_recipients is not None, domain.hold_lifetime),
+                    )
+            except pg_errors.UniqueViolation as exc:  # added by another node just now
+                raise ValueError(f"domain {domain.name!r} already exists") from exc
+            self._set_valid(conn, domain)
+
+    def update_domain(self, domain: Domain) -> None:
+        """Replace an existing domain's account, quotas, valid recipients and hold lifetime."""
+        with self._write("update domain") as conn:
+            row = conn.execute("SELECT 1 FROM domains WHERE name = %s FOR UPDATE",
+                               (domain.name,)).fetchone()
+            if row is None:
+                raise ValueError(f"no domain {domain.name!r}")
+            if not conn.execute("SELECT 1 FROM accounts WHERE name = %s FOR SHARE",
+                                (domain.account,)).fetchone():
+                raise ValueError(f"no account {domain.account!r}")
+            conn.execute(
+                "UPDATE domains SET account = %s, max_messages = %s, max_bytes = %s,"
+                " validate = %s, hold_lifetime = %s WHERE name = %s",
+                (domain.account, domain.max_messages, domain.max_bytes,
+                 domain.valid_recipients is not None, domain.hold_lifetime, domain.name),
+            )
+            conn.execute("DELETE FROM valid_recipients WHERE domain = %s", (domain.name,))
+            self._set_valid(conn, domain)
+
+    @staticmethod
+    def _set_valid(conn: Conn, domain: Domain) -> None:
+        if not domain.valid_recipients:
+            return
+        conn.execute(
+            "INSERT INTO valid_recipients (domain, local)"
+            " SELECT %s, l FROM unnest(%s::text[]) AS l ON CONFLICT DO NOTHING",
+            (domain.name, sorted({local.lower() for local in domain.valid_recipients})),
+        )
+
+    @staticmethod
+    def _domain(conn: Conn, row: Sequence[Any]) -> Domain:
+        valid: frozenset[str] | None = None
+        if row[4]:
+            valid = frozenset(
+                str(r[0])
+                for r in conn.execute(
+                    "SELECT local FROM valid_recipients WHERE domain = %s", (row[0],)
+                )
+            )
+        return Domain(
+            name=row[0],
+            account=row[1],
+            max_messages=row[2],
+            max_bytes=row[3],
+            valid_recipients=valid,
+            hold_lifetime=row[5],
+        )
+
+    def get_domain(self, name: str) -> Domain | None:
+        with self._read("get domain") as conn:
+            row = conn.execute(
+                f"SELECT {_DOMAIN_COLUMNS} FROM domains WHERE name = %s", (name,)
+            ).fetchone()
+            return None if row is None else self._domain(conn, row)
+
+    def list_domains(self, account: str | None = None) -> list[Domain]:
+        with self._read("list domains") as conn:
+            if account is None:
+                rows = conn.execute(
+                    f"SELECT {_DOMAIN_COLUMNS} FROM domains ORDER BY name"
+                ).fetchall()
+            else:
+                rows = conn.execute(
+                    f"SELECT {_DOMAIN_COLUMNS} FROM domains WHERE account = %s ORDER BY name",
+                    (account,),
+                ).fetchall()
+            return [self._domain(conn, row) for row in rows]
+
+    def remove_domain(self, name: str) -> bool:
+        """Remove the domain (and its valid recipients); its held mail stays queued."""
+        with self._write("remove domain") as conn:
+            return conn.execute("DELETE FROM domains WHERE name = %s", (name,)).rowcount > 0
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop the heartbeat, delete our holder row (our leases and claims are
+        free at once for the others) and close the pool.  Idempotent."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._stop_heartbeat()
+        try:
+            with self._pool.connection() as conn:
+                conn.execute("DELETE FROM holders WHERE id = %s", (self._holder,))
+        except _ENGINE_ERRORS as exc:
+            # The row goes dead by itself after node_timeout.
+            log.warning("%s", self._error("deleting the holder row on close failed", exc))
+        finally:
+            self._pool.close()
+
+    def __enter__(self) -> PostgresStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
