@@ -6,7 +6,9 @@ import argparse
 import hashlib
 import hmac
 import io
+import sqlite3
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -416,8 +418,15 @@ def test_passwords_stay_out_of_the_store_dump(
     store: SQLiteStore, pwfile: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     run(store, capsys, "account", "add", "dave", "--password-file", str(pwfile), "--no-cram-md5")
-    dump = "\n".join(store._conn.iterdump())
+    # Every row as SQL, read from the file by a connection of our own (the
+    # committed account is in the WAL: the dump must see it), and the raw
+    # bytes of the file and its WAL.
+    with closing(sqlite3.connect(store.path)) as raw:
+        dump = "\n".join(raw.iterdump())
+    assert "'dave'" in dump
     assert PASSWORD not in dump
+    for part in (store.path, store.path.with_name(store.path.name + "-wal")):
+        assert PASSWORD.encode() not in part.read_bytes()
     acct = store.get_account("dave")
     assert isinstance(acct, Account) and acct.scram is not None
 
