@@ -180,6 +180,10 @@ def _render(values: dict[str, Any], prefix: str = "") -> list[str]:
             tables.append((key, value))
         elif value and any(s in key for s in _SECRET_KEYS) and not key.endswith("_file"):
             lines.append(f"{key} = \"***\"")
+        elif key == "url" and isinstance(value, str) and "@" in value:
+            from fermoposta.store import redact_url  # a password in a store URL
+
+            lines.append(f"{key} = {_toml(redact_url(value))}")
         else:
             lines.append(f"{key} = {_toml(value)}")
     for key, value in tables:

@@ -156,14 +156,15 @@ class Provider:
         keep their settings.  Accounts and domains live in the store and need
         no reload.  Returns what was NOT applied (needs a restart)."""
         ignored = [name for name in ("hostname", "listen", "data_dir", "outbound", "hold",
-                                     "metrics", "log")
+                                     "metrics", "log", "store")
                    if getattr(config, name) != getattr(self.config, name)]
         # What needs a restart keeps its running value, so that everything
         # (listeners, outbound delivery, expiry, logging) stays consistent.
         config = dataclasses.replace(config, hostname=self.config.hostname,
                                      listen=self.config.listen, data_dir=self.config.data_dir,
                                      outbound=self.config.outbound, hold=self.config.hold,
-                                     metrics=self.config.metrics, log=self.config.log)
+                                     metrics=self.config.metrics, log=self.config.log,
+                                     store=self.config.store)
         if (config.tls.cert is None) != (self.config.tls.cert is None) \
                 or config.tls.client_ca != self.config.tls.client_ca:
             ignored.append("tls (turning TLS on or off, or client_ca)")
