@@ -384,12 +384,6 @@ def test_queue_shape(queue: Queue) -> None:
                                       outbound=4, deferred=2, hold=1, ages=(1, 4, 1, 1))
 
 
-# A known bug of the SQLite engine, marked strict so it is noticed when fixed.
-SQLITE_NO_AGE_LIMITS = pytest.mark.xfail(strict=True, raises=StoreError, reason=(
-    "SQLite engine: queue_shape(now, []) builds 'CASE ELSE 0 END' (SQL syntax error) "
-    "instead of one bucket holding every recipient"))
-
-
 def test_queue_shape_buckets_and_empty(store: Store, clock: Clock) -> None:
     empty = store.queue_shape(clock.now, AGES)
     assert empty.total == DomainShape("", 0, 0, 0, None, 0, 0, 0, 0, (0, 0, 0, 0))
@@ -411,10 +405,7 @@ def test_queue_shape_buckets_and_empty(store: Store, clock: Clock) -> None:
         "w.example", "x.example", "u.example", "v.example"]
 
 
-def test_queue_shape_without_age_limits(store: Store, clock: Clock, engine: str,
-                                        request: pytest.FixtureRequest) -> None:
-    if engine == "sqlite":
-        request.applymarker(SQLITE_NO_AGE_LIMITS)
+def test_queue_shape_without_age_limits(store: Store, clock: Clock) -> None:
     for age in (0.0, 1e6):
         clock.now -= age
         store.enqueue(msg("a@x.example"), io.BytesIO(b"12"))
