@@ -49,7 +49,7 @@ from fermoposta.provider.outbound import OutboundRunner
 from fermoposta.provider.storage import open_provider_store, store_description
 from fermoposta.provider.submission import RateLimiter, SubmissionSession, SubmissionSettings
 from fermoposta.smtp.reply import Reply
-from fermoposta.store.base import Store, StoreError
+from fermoposta.store.base import SchemaTooNew, Store, StoreError
 
 log = logging.getLogger("fermoposta.provider")
 
@@ -329,7 +329,8 @@ async def _open_store(config: ProviderConfig) -> Store | None:
                 return await asyncio.to_thread(open_provider_store, config)
             except (StoreError, OSError) as exc:
                 log.error("cannot open the %s: %s", store_description(config), exc)
-                if config.store.engine != "postgresql" or isinstance(exc, OSError):
+                if config.store.engine != "postgresql" or isinstance(exc,
+                                                                     OSError | SchemaTooNew):
                     return None
             log.info("retrying in %g s", STORE_RETRY_INTERVAL)
             with contextlib.suppress(TimeoutError):

@@ -77,6 +77,11 @@ class StoreError(CredentialsUnavailable):
     the store) fail temporarily when the account lookup cannot be made."""
 
 
+class SchemaTooNew(StoreError):
+    """The store was written by a newer fermoposta: a permanent condition (no
+    retry will help; upgrade this node), unlike other `StoreError`s."""
+
+
 class RecipientState(enum.StrEnum):
     HELD = "held"  # waiting for its customer to collect it over ODMR
     OUTBOUND = "outbound"  # waiting for outbound delivery (DSNs, submissions)

@@ -64,6 +64,7 @@ from fermoposta.store.base import (
     QueueFilter,
     QueueShape,
     RecipientState,
+    SchemaTooNew,
     ScramSecret,
     StoreError,
     new_queue_id,
@@ -347,7 +348,7 @@ class SQLiteStore:
         if version == SCHEMA_VERSION:
             return
         if version > SCHEMA_VERSION:
-            raise StoreError(
+            raise SchemaTooNew(
                 f"{self._path} has schema version {version}; this fermoposta knows "
                 f"up to {SCHEMA_VERSION}"
             )
