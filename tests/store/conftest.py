@@ -11,13 +11,12 @@ Contract:
   store is closed at teardown, then the schema is dropped.
 - `store`: the first store of `store_factory`.
 - PostgreSQL unreachable: the test fails if `CI` is set, else it is skipped.
-  `fermoposta.store.postgres` not written yet: skipped (temporary, while the
-  engine is being written; once the module exists an import error fails).
+  The engine module is imported only by the postgresql tests, so a broken
+  one fails them without hiding the SQLite results.
 """
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -43,15 +42,6 @@ def clock() -> Clock:
     return Clock()
 
 
-def _postgres_store_class() -> Any:
-    if importlib.util.find_spec("fermoposta.store.postgres") is None:
-        pytest.skip("fermoposta.store.postgres does not exist yet (the PostgreSQL engine is "
-                    "being written): its contract tests are skipped until it lands")
-    from fermoposta.store.postgres import PostgresStore  # type: ignore[import-not-found,unused-ignore]
-
-    return PostgresStore
-
-
 @pytest.fixture
 def store_factory(engine: str, tmp_path: Path, clock: Clock) -> Iterator[StoreFactory]:
     if engine == "sqlite":
@@ -67,11 +57,12 @@ def store_factory(engine: str, tmp_path: Path, clock: Clock) -> Iterator[StoreFa
             factory.close_all()
         return
     assert engine == "postgresql"
-    postgres_store = _postgres_store_class()
+    from fermoposta.store.postgres import PostgresStore
+
     with fresh_schema() as (_schema, url):
 
         def open_postgres(**options: Any) -> Store:
-            return postgres_store(url, **options)  # type: ignore[no-any-return]
+            return PostgresStore(url, **options)
 
         factory = StoreFactory(engine, open_postgres, clock)
         try:
