@@ -265,9 +265,9 @@ class PostgresStore:
             max_size=pool_size,
             kwargs=self._connect_kwargs,
             configure=self._configure,
-            # A connection broken by a server restart is found and replaced
-            # before a method uses it.
-            check=ConnectionPool.check_connection,
+            # No `check=`: the pool's check loop backs off 1, 2, 4 s per
+            # broken connection, so after a restart a caller would time out
+            # before it reached a good one; `_connection` checks instead.
             timeout=self._connect_timeout,
             # Give up a chain of reconnection attempts (whose delays double)
             # soon, so a caller's request starts a fresh, immediate one.
@@ -275,18 +275,32 @@ class PostgresStore:
             name="fermoposta-store",
             open=False,
         )
+        # The first connection is a direct one: its failure says why (refused,
+        # authentication, no such database), where a pool only times out.  It
+        # migrates, registers our holder row, then is the heartbeat's own.
         try:
+            beat_conn = self._connect()
+        except _ENGINE_ERRORS as exc:
+            raise self._error("cannot connect", exc) from exc
+        try:
+            try:
+                pg_schema.migrate(beat_conn)
+                with beat_conn.transaction():
+                    self._register(beat_conn)
+            except _ENGINE_ERRORS as exc:
+                raise self._error("cannot open the store", exc) from exc
             try:
                 self._pool.open(wait=True, timeout=self._connect_timeout)
             except _ENGINE_ERRORS as exc:
                 raise self._error("cannot connect", exc) from exc
-            self.migrate()
-            self._register()
         except BaseException:
+            with contextlib.suppress(psycopg.Error):
+                beat_conn.close()
             self._pool.close()
             raise
         self._beat_thread = threading.Thread(
-            target=self._heartbeat_loop, name=f"store-heartbeat-{self._holder}", daemon=True
+            target=self._heartbeat_loop, args=(beat_conn,),
+            name=f"store-heartbeat-{self._holder}", daemon=True,
         )
         self._beat_thread.start()
 
@@ -336,12 +350,38 @@ class PostgresStore:
             raise StoreError("store is closed")
 
     @contextmanager
+    def _connection(self) -> Iterator[Conn]:
+        """A pooled connection that answered just now, within `connect_timeout`.
+
+        A connection a server restart broke fails the probe at once; it goes
+        back to the pool (which drops it and starts a new one) and the next
+        is tried, so a restart between two calls is not seen at all."""
+        deadline = time.monotonic() + self._connect_timeout
+        while True:
+            conn = self._pool.getconn(timeout=max(0.001, deadline - time.monotonic()))
+            try:
+                conn.execute("")  # an empty query: one round trip, no statement
+            except psycopg.OperationalError:
+                self._pool.putconn(conn)
+                if time.monotonic() >= deadline:
+                    raise
+                continue
+            except BaseException:
+                self._pool.putconn(conn)
+                raise
+            break
+        try:
+            yield conn
+        finally:
+            self._pool.putconn(conn)
+
+    @contextmanager
     def _write(self, what: str) -> Iterator[Conn]:
         """One transaction on a pooled connection: committed when the block
         ends, rolled back on any exception."""
         self._check_open()
         try:
-            with self._pool.connection() as conn, conn.transaction():
+            with self._connection() as conn, conn.transaction():
                 yield conn
         except _ENGINE_ERRORS as exc:
             raise self._error(f"{what} failed", exc) from exc
@@ -352,7 +392,7 @@ class PostgresStore:
         block sees one snapshot (REPEATABLE READ READ ONLY)."""
         self._check_open()
         try:
-            with self._pool.connection() as conn:
+            with self._connection() as conn:
                 if snapshot:
                     conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
                 try:
@@ -380,7 +420,7 @@ class PostgresStore:
     def migrate(self) -> tuple[int, int]:
         self._check_open()
         try:
-            with self._pool.connection() as conn:
+            with self._connection() as conn:
                 return pg_schema.migrate(conn)
         except _ENGINE_ERRORS as exc:
             raise self._error("schema migration failed", exc) from exc
@@ -395,27 +435,40 @@ class PostgresStore:
             (self._holder, self._node, os.getpid()),
         )
 
-    def _register(self) -> None:
+    def _register(self, conn: Conn) -> None:
         """Our holder row, before any lease or claim can name it."""
-        with self._write("holder registration") as conn:
-            self._beat(conn)
-            # Rows of processes that died long ago: any reader counts them dead anyway.
-            conn.execute(f"DELETE FROM holders WHERE heartbeat_at < {_DB_NOW} - %s",
-                         (max(HOLDER_PRUNE_AGE, 100 * self._node_timeout),))
+        self._beat(conn)
+        # Rows of processes that died long ago: any reader counts them dead anyway.
+        conn.execute(f"DELETE FROM holders WHERE heartbeat_at < {_DB_NOW} - %s",
+                     (max(HOLDER_PRUNE_AGE, 100 * self._node_timeout),))
 
-    def _heartbeat_loop(self) -> None:
-        conn: Conn | None = None
+    def _connect(self) -> Conn:
+        """A connection outside the pool, configured like the pool's."""
+        conn = psycopg.connect(self._url, **self._connect_kwargs)
+        try:
+            self._configure(conn)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _heartbeat_loop(self, conn: Conn | None) -> None:
+        failing = False  # one warning per outage, not one per beat
         try:
             while not self._stop.wait(self._heartbeat_interval):
                 try:
                     if conn is None or conn.closed:
-                        conn = psycopg.connect(self._url, **self._connect_kwargs)
-                        self._configure(conn)
+                        conn = self._connect()
                     # Recreates the row if it went missing: we are alive.
                     self._beat(conn)
+                    if failing:
+                        log.info("PostgreSQL store %s: heartbeat of holder %s resumed",
+                                 self._url_for_logs, self._holder)
+                        failing = False
                 except _ENGINE_ERRORS as exc:
-                    log.warning("%s", self._error(f"heartbeat of holder {self._holder} failed",
-                                                  exc))
+                    error = self._error(f"heartbeat of holder {self._holder} failed", exc)
+                    log.log(logging.DEBUG if failing else logging.WARNING, "%s", error)
+                    failing = True
                     if conn is not None:
                         with contextlib.suppress(psycopg.Error):
                             conn.close()
@@ -1539,7 +1592,7 @@ class PostgresStore:
             self._closed = True
         self._stop_heartbeat()
         try:
-            with self._pool.connection() as conn:
+            with self._connection() as conn:
                 conn.execute("DELETE FROM holders WHERE id = %s", (self._holder,))
         except _ENGINE_ERRORS as exc:
             # The row goes dead by itself after node_timeout.
