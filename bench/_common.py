@@ -215,11 +215,17 @@ def make_tls(directory: Path) -> TLSFiles:
 
 
 def write_config(directory: Path, *, mx_port: int, odmr_port: int, tls: TLSFiles | None = None,
-                 log_level: str = "info", limits: str = "", odmr: str = "") -> Path:
+                 log_level: str = "info", limits: str = "", odmr: str = "",
+                 store_url: str = "", extra: str = "") -> Path:
+    """A provider.toml in `directory`: `store_url` non-empty adds `[store] url`
+    (else SQLite under `data_dir`); `extra` is appended as it is (more tables)."""
     directory.mkdir(parents=True, exist_ok=True)
     tls_table = ""
     if tls is not None:
         tls_table = f'[tls]\ncert = "{tls.cert_file}"\nkey = "{tls.key_file}"\n\n'
+    store_table = ""
+    if store_url:
+        store_table = f'\n[store]\nurl = "{store_url}"\nnode = "bench"\n'
     path = directory / "provider.toml"
     path.write_text(
         f'hostname = "mx.provider.test"\ndata_dir = "{directory / "data"}"\n\n'
@@ -228,6 +234,7 @@ def write_config(directory: Path, *, mx_port: int, odmr_port: int, tls: TLSFiles
         f"[limits]\n{limits}\n"
         f"[odmr]\nmechanisms = [\"SCRAM-SHA-256\", \"PLAIN\", \"LOGIN\", \"CRAM-MD5\"]\n{odmr}\n"
         f'[log]\nlevel = "{log_level}"\n'
+        f"{store_table}{extra}"
     )
     return path
 
@@ -350,11 +357,12 @@ def run_smtp_source(args: Sequence[str], port: int, timeout: float) -> float:
 # --- store setup -----------------------------------------------------------------------
 
 
-def held_count(data_dir: Path, domains: Sequence[str]) -> int:
-    """Messages with HELD recipients in `domains`, read through SQLiteStore."""
+def held_count(data_dir: Path, domains: Sequence[str], url: str = "") -> int:
+    """Messages with HELD recipients in `domains`, read through the store that
+    `open_store(data_dir, url=url)` opens (SQLite under `data_dir` by default)."""
     from fermoposta.store import open_store
 
-    store = open_store(data_dir)
+    store = open_store(data_dir, url=url)
     try:
         return len(store.held_message_ids(list(domains)))
     finally:
