@@ -31,6 +31,7 @@ from fermoposta.store import pg_schema
 from fermoposta.store.base import (
     CHUNK_SIZE,
     QueueFilter,
+    SchemaTooNew,
     StoreError,
 )
 from fermoposta.store.postgres import SCHEMA_VERSION, PostgresStore, redact_conninfo
@@ -65,7 +66,7 @@ class Schema:
 
     def sql(self, query: str, params: Any = None) -> list[Any]:
         with self.raw() as conn:
-            cur = conn.execute(query, params)  # type: ignore[arg-type]
+            cur = conn.execute(query, params)
             return cur.fetchall() if cur.description else []
 
     def close_all(self) -> None:
@@ -207,10 +208,10 @@ def test_concurrent_stores_on_a_fresh_schema(pg: Schema) -> None:
 def test_a_newer_schema_is_refused(pg: Schema) -> None:
     store = pg.open()
     pg.sql("UPDATE schema_version SET version = 99")
-    with pytest.raises(StoreError) as err:
+    with pytest.raises(SchemaTooNew) as err:
         store.migrate()
     assert "99" in str(err.value) and str(SCHEMA_VERSION) in str(err.value)
-    with pytest.raises(StoreError) as err:
+    with pytest.raises(SchemaTooNew) as err:  # a StoreError, permanent
         pg.open()
     assert "schema version 99" in str(err.value)
     assert f"up to {SCHEMA_VERSION}" in str(err.value)

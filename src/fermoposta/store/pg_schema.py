@@ -9,8 +9,8 @@ Contract:
   runs in one transaction holding `pg_advisory_xact_lock` on a key derived
   from the schema's name, so nodes starting at once apply each step once and
   never see a half-made schema; the version is re-read under the lock.  A
-  version newer than `SCHEMA_VERSION` raises `StoreError` naming both, and
-  nothing is changed.  Every object is created unqualified, i.e. in the
+  version newer than `SCHEMA_VERSION` raises `SchemaTooNew` (a `StoreError`)
+  naming both, and nothing is changed.  Every object is created unqualified, i.e. in the
   current schema (never a hard-coded `public.`).
 - `MIGRATIONS[n]` are the statements that bring version n-1 to n; version 1
   is the whole first schema of this engine.  A later change adds a step,
@@ -30,7 +30,7 @@ from typing import Any
 
 import psycopg
 
-from fermoposta.store.base import StoreError
+from fermoposta.store.base import SchemaTooNew, StoreError
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "current_version", "migrate"]
 
@@ -207,8 +207,8 @@ def migrate(conn: psycopg.Connection[Any]) -> tuple[int, int]:
     return before, SCHEMA_VERSION
 
 
-def _too_new(schema: str, version: int) -> StoreError:
-    return StoreError(
+def _too_new(schema: str, version: int) -> SchemaTooNew:
+    return SchemaTooNew(
         f"the PostgreSQL store (schema {schema}) has schema version {version}; "
         f"this fermoposta knows up to {SCHEMA_VERSION}"
     )
