@@ -493,21 +493,21 @@ def test_a_stopped_heartbeat_goes_stale(pg: Schema) -> None:
 
 
 def test_a_dead_holders_leases_are_taken_and_a_live_ones_never(pg: Schema, clock: Clock) -> None:
-    a = pg.open(node="a", clock=clock, heartbeat_interval=0.1, node_timeout=1.0)
-    b = pg.open(node="b", clock=clock, heartbeat_interval=0.1, node_timeout=1.0)
+    a = pg.open(node="a", clock=clock, heartbeat_interval=0.1, node_timeout=2.0)
+    b = pg.open(node="b", clock=clock, heartbeat_interval=0.1, node_timeout=2.0)
     mid = a.enqueue(msg("u@alice.example", "u@bob.example"), io.BytesIO(b"m"))
     clock.now += 100
     assert a.acquire_leases(["alice.example", "bob.example"], "A-SESSION", 600.0)
     assert not b.acquire_leases(["alice.example"], "B-SESSION", 600.0)
     # The drain of a live holder owns its domains' mail.
     assert [r.domain for m in b.held_older_than(clock.now, 10) for r in m.recipients] == []
-    time.sleep(1.5)  # longer than node_timeout: a beating holder stays alive
+    time.sleep(2.5)  # longer than node_timeout: a beating holder stays alive
     assert not b.acquire_leases(["bob.example", "carol.example"], "B-SESSION", 600.0)
     assert b.acquire_leases(["carol.example"], "B-SESSION", 600.0)  # not leased by a
     a._stop_heartbeat()  # a dies without a word: its row stays, unrefreshed
     # Ten minutes left on its leases, but its holder is dead: free now.
     _wait_for(lambda: b.acquire_leases(["alice.example", "bob.example"], "B2", 600.0),
-              5.0, "b takes the dead holder's leases")
+              8.0, "b takes the dead holder's leases")
     assert a.acquire_leases(["alice.example"], "A-SESSION", 600.0) is False  # b is alive
     b.release_leases("B2")
     assert a.acquire_leases(["alice.example"], "A-SESSION", 600.0)  # its own owner: free
@@ -539,14 +539,14 @@ def test_a_closed_stores_leases_and_claims_are_free_at_once(pg: Schema, clock: C
 
 
 def test_a_dead_holders_claims_are_taken_and_a_live_ones_never(pg: Schema, clock: Clock) -> None:
-    a = pg.open(node="a", clock=clock, heartbeat_interval=0.1, node_timeout=1.0)
-    b = pg.open(node="b", clock=clock, heartbeat_interval=0.1, node_timeout=1.0)
+    a = pg.open(node="a", clock=clock, heartbeat_interval=0.1, node_timeout=2.0)
+    b = pg.open(node="b", clock=clock, heartbeat_interval=0.1, node_timeout=2.0)
     ids = _outbound(a, 5)
     now = clock.now
     mine = _claimed(a.claim_due_outbound(now, 3, "A-RUNNER", 900.0))
     assert mine == ids[:3]
     assert _claimed(b.claim_due_outbound(now, 10, "B-RUNNER", 900.0)) == ids[3:]
-    time.sleep(1.5)  # longer than node_timeout: a beating holder keeps its claims
+    time.sleep(2.5)  # longer than node_timeout: a beating holder keeps its claims
     assert b.claim_due_outbound(now, 10, "B-RUNNER2", 900.0) == []
     # The queue tools see a's claims as active, and retry leaves them alone.
     entries = b.queue_page(QueueFilter(), None, 10)
@@ -556,7 +556,7 @@ def test_a_dead_holders_claims_are_taken_and_a_live_ones_never(pg: Schema, clock
     a._stop_heartbeat()
     _wait_for(lambda: not set(mine) & set().union(*(e.active for e in
                                                      b.queue_page(QueueFilter(), None, 10))),
-              5.0, "a's claims no longer count as active")
+              8.0, "a's claims no longer count as active")
     # Fifteen minutes left on its claims, but its holder is dead: free now.
     taken = _claimed(b.claim_due_outbound(now, 10, "B-RUNNER3", 900.0))
     assert sorted(taken) == mine
