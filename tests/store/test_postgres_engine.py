@@ -322,6 +322,16 @@ def test_bad_options_are_value_errors() -> None:
         PostgresStore("postgresql://unused", pool_size=0)
     with pytest.raises(ValueError, match="connect_timeout"):
         PostgresStore("postgresql://unused", connect_timeout=0)
+    with pytest.raises(ValueError, match="node_timeout"):
+        PostgresStore("postgresql://unused", node_timeout=0)
+
+
+def test_the_default_heartbeat_follows_a_short_node_timeout(pg: Schema) -> None:
+    assert pg.open()._heartbeat_interval == 3.0  # the default 15 s timeout
+    store = pg.open(node_timeout=1.0)  # a config may set a short one
+    assert store._heartbeat_interval == 0.2
+    time.sleep(1.5)
+    assert _heartbeat_age(pg, store) < 1.0  # alive for the others
 
 
 class Forwarder:

@@ -5,7 +5,9 @@ this engine; every guarantee of the contract holds across them.
 
 Contract and choices:
 - `PostgresStore(url, node=..., clock=..., pool_size=..., node_timeout=...,
-  heartbeat_interval=..., connect_timeout=...)`: a psycopg 3 connection
+  heartbeat_interval=..., connect_timeout=...)` (heartbeat_interval default:
+  min(3 s, node_timeout / 5); ValueError unless 0 < heartbeat_interval <
+  node_timeout, pool_size >= 1, connect_timeout > 0): a psycopg 3 connection
   pool of at most `pool_size` connections on `url` (a libpq URL or
   key=value string).  The constructor migrates the schema
   (`pg_schema.migrate`, safe when nodes start at once), registers this
@@ -223,14 +225,20 @@ class PostgresStore:
         clock: Callable[[], float] = time.time,
         pool_size: int = 10,
         node_timeout: float = 15.0,
-        heartbeat_interval: float = 3.0,
+        heartbeat_interval: float | None = None,
         connect_timeout: float = 10.0,
     ) -> None:
         if pool_size < 1:
             raise ValueError(f"pool_size must be at least 1, not {pool_size}")
         if not connect_timeout > 0 or not math.isfinite(connect_timeout):
             raise ValueError(f"connect_timeout must be a positive number, not {connect_timeout}")
-        if not (0 < heartbeat_interval < node_timeout) or not math.isfinite(node_timeout):
+        if not node_timeout > 0 or not math.isfinite(node_timeout):
+            raise ValueError(f"node_timeout must be a positive number, not {node_timeout}")
+        if heartbeat_interval is None:
+            # Five beats per timeout: 3 s for the default 15 s, and a short
+            # configured timeout never makes a live node look dead.
+            heartbeat_interval = min(3.0, node_timeout / 5)
+        if not (0 < heartbeat_interval < node_timeout):
             raise ValueError(
                 f"need 0 < heartbeat_interval ({heartbeat_interval}) < node_timeout "
                 f"({node_timeout}): a live holder must beat before it is declared dead"
