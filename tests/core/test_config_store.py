@@ -65,3 +65,32 @@ def test_config_show_hides_a_password_in_the_url(tmp_path: Path, capsys) -> None
     out = capsys.readouterr().out
     assert "hunter2" not in out
     assert 'url = "postgresql://fp:***@db.example/fermoposta"' in out
+
+
+def test_password_file_with_a_multi_host_url_reaches_the_server(tmp_path: Path) -> None:
+    """The password goes into the URL's query, so libpq's multi-host URLs (the
+    fail-over form docs/scaling.md recommends) keep working; logs see ***."""
+    from urllib.parse import urlsplit
+
+    from fermoposta.provider.storage import open_provider_store, store_description
+    from fermoposta.store import redact_url
+    from support import pg
+
+    with pg.fresh_schema() as (_schema, url):
+        parts = urlsplit(url)
+        hosts = f"{parts.hostname}:{parts.port or 5432}"
+        multi = url.replace(parts.netloc, f"{parts.username}@{hosts},{hosts}", 1)
+        secret = tmp_path / "pg.pass"
+        secret.write_text("not-needed-by-trust-auth\n")
+        config = _config(tmp_path, f'url = "{multi}"\npassword_file = "{secret}"\n'
+                         'node = "mx-9"\n')
+        store = open_provider_store(config)
+        try:
+            assert store.node == "mx-9" and store.is_empty()
+        finally:
+            store.close()
+        assert "not-needed" not in store_description(config)
+    assert redact_url("postgresql://u@h1,h2/d?password=s3cret&x=1") == \
+        "postgresql://u@h1,h2/d?password=***&x=1"
+    assert redact_url("postgresql://u:s3cret@h1:5432,h2:5433/d") == \
+        "postgresql://u:***@h1:5432,h2:5433/d"

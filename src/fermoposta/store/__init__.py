@@ -17,7 +17,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 from fermoposta.store.base import (
     CHUNK_SIZE,
@@ -118,29 +118,30 @@ def open_spool(path: str | os.PathLike[str]) -> Spool:
 
 
 def _with_password(url: str, password: str) -> str:
-    """`url` with `password` as its password: psycopg reads it from the URL, so
-    no environment variable (visible in /proc) carries it."""
-    from urllib.parse import quote
-
+    """`url` with `password` in its query (libpq's ``password`` parameter):
+    psycopg reads it from there, no environment variable (visible in /proc)
+    carries it, and multi-host URLs (``host1,host2``) keep working."""
     parts = urlsplit(url)
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    port = f":{parts.port}" if parts.port else ""
-    netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{host}{port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True)
+             if k != "password"]
+    query.append(("password", password))
+    return urlunsplit(parts._replace(query=urlencode(query, quote_via=quote)))
 
 
 def redact_url(url: str) -> str:
-    """`url` with any password replaced by ``***`` (for logs and messages)."""
+    """`url` with any password (in its user part or its query) replaced by
+    ``***``, for logs and messages."""
     try:
         parts = urlsplit(url)
+        userinfo, at, hosts = parts.netloc.rpartition("@")
+        netloc = parts.netloc
+        if at and ":" in userinfo:
+            netloc = f"{userinfo.partition(':')[0]}:***@{hosts}"
+        query = parse_qsl(parts.query, keep_blank_values=True)
+        if any(k == "password" for k, _ in query):
+            query = [(k, "***" if k == "password" else v) for k, v in query]
+            return urlunsplit(parts._replace(netloc=netloc,
+                                             query=urlencode(query, safe="*")))
+        return urlunsplit(parts._replace(netloc=netloc))
     except ValueError:
         return "<unparsable url>"
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rpartition("@")
-    user = netloc[0].partition(":")[0]
-    return urlunsplit((parts.scheme, f"{user}:***@{netloc[2]}", parts.path, parts.query,
-                       parts.fragment))
