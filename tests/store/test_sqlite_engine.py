@@ -40,6 +40,7 @@ from fermoposta.store import (
     StoreError,
     open_store,
 )
+from fermoposta.store.base import SchemaTooNew
 from fermoposta.store.holders import Holders
 from fermoposta.store.sqlite import BUSY_TIMEOUT, SCHEMA_VERSION
 
@@ -251,7 +252,8 @@ def test_newer_schema_refused(path: Path) -> None:
     SQLiteStore(path).close()
     with closing(sqlite3.connect(path)) as conn:
         conn.execute("PRAGMA user_version = 99")
-    with pytest.raises(StoreError, match="schema version"):
+    # Permanent (upgrade this node), unlike other store errors.
+    with pytest.raises(SchemaTooNew, match="schema version"):
         SQLiteStore(path)
 
 
