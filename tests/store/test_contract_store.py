@@ -74,18 +74,7 @@ def test_schema_version_and_migrate(store_factory: StoreFactory) -> None:
     assert first.migrate()[1] == version
 
 
-# Flaky on SQLite (about one run in twenty), so not strict; the strict,
-# deterministic test of the bug is test_sqlite_engine.py's
-# test_opening_a_new_file_waits_for_another_writer: fix both together.
-SQLITE_CONCURRENT_FIRST_OPEN = pytest.mark.xfail(strict=False, raises=StoreError, reason=(
-    "SQLite engine bug: stores opened at once on a new file may fail with 'database is "
-    "locked' (PRAGMA journal_mode = WAL does not wait for the busy timeout)"))
-
-
-def test_stores_opened_at_once_migrate_safely(store_factory: StoreFactory, engine: str,
-                                              request: pytest.FixtureRequest) -> None:
-    if engine == "sqlite":
-        request.applymarker(SQLITE_CONCURRENT_FIRST_OPEN)
+def test_stores_opened_at_once_migrate_safely(store_factory: StoreFactory) -> None:
     stores: list[Store] = []
     errors: list[BaseException] = []
     barrier = threading.Barrier(4)

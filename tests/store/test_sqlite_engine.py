@@ -136,11 +136,6 @@ def test_open_store(tmp_path: Path) -> None:
         s.close()
 
 
-@pytest.mark.xfail(strict=True, raises=StoreError, reason=(
-    "SQLite engine bug: opening a new file while another connection holds its write lock "
-    "fails at once with 'database is locked' (PRAGMA journal_mode = WAL gets SQLITE_BUSY "
-    "without waiting for the busy timeout), so stores started at once on a fresh file "
-    "can fail; base.py says migrate is safe when several processes start at once"))
 def test_opening_a_new_file_waits_for_another_writer(path: Path) -> None:
     # Deterministic stand-in for two processes opening a fresh file at once
     # (the contract's test_stores_opened_at_once_migrate_safely, which then

@@ -314,7 +314,7 @@ class SQLiteStore:
         try:
             self._conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
             self._conn.execute("PRAGMA foreign_keys = ON")
-            mode = self._conn.execute("PRAGMA journal_mode = WAL").fetchone()
+            mode = self._journal_mode_wal()
             if mode is None or str(mode[0]).lower() != "wal":
                 raise StoreError(f"cannot put {self._path} in WAL mode")
             self._conn.execute("PRAGMA synchronous = FULL")
@@ -325,6 +325,19 @@ class SQLiteStore:
         except BaseException:
             self._conn.close()
             raise
+
+    def _journal_mode_wal(self) -> Any:
+        """`PRAGMA journal_mode = WAL`, waiting like `busy_timeout` would: the
+        switch of a new file needs its write lock and gets SQLITE_BUSY at once
+        (no busy handler), e.g. when several processes open a new file."""
+        deadline = time.monotonic() + BUSY_TIMEOUT
+        while True:
+            try:
+                return self._conn.execute("PRAGMA journal_mode = WAL").fetchone()
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    raise
+            time.sleep(0.02)
 
     @property
     def path(self) -> Path:
