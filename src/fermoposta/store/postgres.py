@@ -3,6 +3,12 @@
 Several provider processes, on several machines, share one database through
 this engine; every guarantee of the contract holds across them.
 
+The engine is this module (connections, transactions, holders, messages,
+held mail, leases, outbound claims, rate events) and two mixins that use
+only its transactions: `pg_tools` (the queue tools) and `pg_directory`
+(accounts and domains); `pg_rows` has the columns and row conversions they
+share, `pg_schema` the schema and its migrations.
+
 Contract and choices:
 - `PostgresStore(url, node=..., clock=..., pool_size=..., node_timeout=...,
   heartbeat_interval=..., connect_timeout=...)` (heartbeat_interval default:
@@ -84,27 +90,33 @@ import psycopg
 from psycopg import errors as pg_errors
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.pq import TransactionStatus
-from psycopg.rows import TupleRow
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from fermoposta.store import pg_schema
 from fermoposta.store.base import (
     CHUNK_SIZE,
-    Account,
-    Domain,
-    DomainShape,
-    MessageOrigin,
     NewMessage,
     QueuedMessage,
     QueuedRecipient,
     QueueEntry,
-    QueueFilter,
-    QueueShape,
     RecipientState,
-    ScramSecret,
     StoreError,
     new_queue_id,
 )
+from fermoposta.store.pg_directory import PostgresDirectory
+from fermoposta.store.pg_rows import (
+    _DB_NOW,
+    _LOCK_RECIPIENTS,
+    _MESSAGE_COLUMNS,
+    _RECIPIENT_COLUMNS,
+    HELD,
+    OUTBOUND,
+    Conn,
+    _ids,
+    _message,
+    _recipient,
+)
+from fermoposta.store.pg_tools import PostgresQueueTools
 
 __all__ = ["SCHEMA_VERSION", "PostgresStore", "redact_conninfo"]
 
@@ -117,33 +129,7 @@ MAX_DOMAINS = 500  # held_older_than's bound (the SQLite engine's batch size)
 
 log = logging.getLogger("fermoposta.store")
 
-Conn = psycopg.Connection[TupleRow]
 _ENGINE_ERRORS = (psycopg.Error, PoolTimeout, OSError)
-
-HELD = str(RecipientState.HELD)
-OUTBOUND = str(RecipientState.OUTBOUND)
-HOLD = str(RecipientState.HOLD)
-
-# The database's clock, in Unix seconds: heartbeats are written and compared with it.
-_DB_NOW = "extract(epoch FROM clock_timestamp())::float8"
-
-_RECIPIENT_COLUMNS = (
-    "id, message_id, address, domain, state, attempts, last_reply, notify, orcpt,"
-    " next_attempt_at, first_failure_at, delay_notified"
-)
-_R_RECIPIENT_COLUMNS = ", ".join("r." + c.strip() for c in _RECIPIENT_COLUMNS.split(","))
-_MESSAGE_COLUMNS = (
-    "id, sender, received_at, size, origin, smtputf8, body_8bit, envid, ret, client, node"
-)
-_M_MESSAGE_COLUMNS = ", ".join("m." + c.strip() for c in _MESSAGE_COLUMNS.split(","))
-_DOMAIN_COLUMNS = "name, account, max_messages, max_bytes, validate, hold_lifetime"
-_ACCOUNT_COLUMNS = (
-    "name, scram_salt, scram_iterations, scram_stored_key, scram_server_key, cram_secret,"
-    " created_at, last_atrn_at"
-)
-# Lock recipient rows in id order (as every write does): no deadlock between
-# two transactions on overlapping sets.
-_LOCK_RECIPIENTS = "SELECT id FROM recipients WHERE id = ANY(%s::bigint[]) ORDER BY id FOR UPDATE"
 
 
 def redact_conninfo(url: str) -> tuple[str, tuple[str, ...]]:
@@ -176,45 +162,7 @@ def redact_conninfo(url: str) -> tuple[str, tuple[str, ...]]:
     return redacted, tuple(sorted({s for s in secrets_found if s}, key=len, reverse=True))
 
 
-def _recipient(r: Sequence[Any]) -> QueuedRecipient:
-    return QueuedRecipient(
-        id=int(r[0]),
-        message_id=r[1],
-        address=r[2],
-        domain=r[3],
-        state=RecipientState(r[4]),
-        attempts=int(r[5]),
-        last_reply=r[6],
-        notify=r[7],
-        orcpt=r[8],
-        next_attempt_at=r[9],
-        first_failure_at=r[10],
-        delay_notified=bool(r[11]),
-    )
-
-
-def _message(row: Sequence[Any], recipients: Sequence[QueuedRecipient]) -> QueuedMessage:
-    return QueuedMessage(
-        id=row[0],
-        sender=row[1],
-        received_at=row[2],
-        size=int(row[3]),
-        origin=MessageOrigin(row[4]),
-        smtputf8=bool(row[5]),
-        body_8bit=bool(row[6]),
-        envid=row[7],
-        ret=row[8],
-        client=row[9],
-        recipients=tuple(recipients),
-        node=row[10],
-    )
-
-
-def _ids(recipient_ids: Collection[int]) -> list[int]:
-    return sorted({int(i) for i in recipient_ids})
-
-
-class PostgresStore:
+class PostgresStore(PostgresDirectory, PostgresQueueTools):
     """The `Store` on a PostgreSQL database shared by many nodes; see the module docstring."""
 
     def __init__(
@@ -980,319 +928,6 @@ class PostgresStore:
             ]
             return self._messages_of(conn, ids)
 
-    # --- queue tools ----------------------------------------------------------------------------
-
-    @staticmethod
-    def _filter_sql(where: QueueFilter, after: tuple[float, str] | None
-                    ) -> tuple[str, list[Any]]:
-        """The WHERE clause (on messages `m`) of `where` and the page key."""
-        clauses: list[str] = []
-        params: list[Any] = []
-        if after is not None:
-            clauses.append("(m.received_at > %s OR (m.received_at = %s AND m.id > %s))")
-            params += [after[0], after[0], after[1]]
-        if where.received_before is not None:
-            clauses.append("m.received_at < %s")
-            params.append(where.received_before)
-        # lower() under COLLATE "C" (the columns') folds ASCII only, as SQLite's.
-        if where.sender is not None:
-            if where.sender_exact:
-                clauses.append("lower(m.sender) = lower(%s)")
-            else:
-                clauses.append("strpos(lower(m.sender), lower(%s)) > 0")
-            params.append(where.sender)
-        inner: list[str] = []
-        if where.domain is not None:
-            inner.append("r.domain = %s")
-            params.append(where.domain)
-        if where.recipient is not None:
-            if where.recipient_exact:
-                inner.append("lower(r.address) = lower(%s)")
-            else:
-                inner.append("strpos(lower(r.address), lower(%s)) > 0")
-            params.append(where.recipient)
-        if where.state is not None:
-            if where.state == "deferred":
-                inner.append("r.state = %s AND r.attempts > 0")
-                params.append(OUTBOUND)
-            else:
-                inner.append("r.state = %s")
-                params.append(str(RecipientState(where.state)))
-        if inner:
-            clauses.append("EXISTS (SELECT 1 FROM recipients r WHERE r.message_id = m.id AND "
-                           + " AND ".join(inner) + ")")
-        return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
-
-    def queue_ids(
-        self, where: QueueFilter, after: tuple[float, str] | None, limit: int
-    ) -> list[tuple[float, str]]:
-        if limit <= 0:
-            self._check_open()
-            return []
-        sql, params = self._filter_sql(where, after)
-        with self._read("queue page", snapshot=False) as conn:
-            return [
-                (float(r[0]), str(r[1]))
-                for r in conn.execute(
-                    f"SELECT m.received_at, m.id FROM messages m{sql}"
-                    " ORDER BY m.received_at, m.id LIMIT %s",
-                    (*params, limit),
-                )
-            ]
-
-    def queue_page(
-        self, where: QueueFilter, after: tuple[float, str] | None, limit: int
-    ) -> list[QueueEntry]:
-        if limit <= 0:
-            self._check_open()
-            return []
-        sql, params = self._filter_sql(where, after)
-        with self._read("queue page") as conn:
-            rows = conn.execute(
-                f"SELECT {_M_MESSAGE_COLUMNS} FROM messages m{sql}"
-                " ORDER BY m.received_at, m.id LIMIT %s",
-                (*params, limit),
-            ).fetchall()
-            return self._entries(conn, rows)
-
-    def get_queue_entry(self, message_id: str) -> QueueEntry | None:
-        with self._read("queue entry") as conn:
-            row = conn.execute(
-                f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = %s", (message_id,)
-            ).fetchone()
-            if row is None:
-                return None
-            return self._entries(conn, [row])[0]
-
-    def _entries(self, conn: Conn, rows: Sequence[Sequence[Any]]) -> list[QueueEntry]:
-        """Entries for message rows (in their order), with all recipients."""
-        now = self._clock()
-        ids = [str(row[0]) for row in rows]
-        recipients: dict[str, list[QueuedRecipient]] = {i: [] for i in ids}
-        active: dict[str, set[int]] = {i: set() for i in ids}
-        previous: dict[str, dict[int, RecipientState]] = {i: {} for i in ids}
-        if ids:
-            for r in conn.execute(
-                f"SELECT {_R_RECIPIENT_COLUMNS},"
-                # Active: an unexpired claim of a live holder.
-                " (r.claimed_by IS NOT NULL AND r.claimed_until > %s"
-                f" AND {self._live('r.claim_holder')}),"
-                " h.previous_state"
-                " FROM recipients r LEFT JOIN recipient_holds h ON h.recipient_id = r.id"
-                " WHERE r.message_id = ANY(%s::text[]) ORDER BY r.id",
-                (now, ids),
-            ):
-                rcpt = _recipient(r)
-                recipients[rcpt.message_id].append(rcpt)
-                if r[12]:
-                    active[rcpt.message_id].add(rcpt.id)
-                if rcpt.state == RecipientState.HOLD and r[13] is not None:
-                    with contextlib.suppress(ValueError):
-                        previous[rcpt.message_id][rcpt.id] = RecipientState(r[13])
-        return [
-            QueueEntry(_message(row, recipients[str(row[0])]),
-                       frozenset(active[str(row[0])]), previous[str(row[0])])
-            for row in rows
-        ]
-
-    @staticmethod
-    def _existing(conn: Conn, message_ids: Sequence[str]) -> list[str]:
-        if not message_ids:
-            return []
-        return sorted(
-            str(r[0])
-            for r in conn.execute("SELECT id FROM messages WHERE id = ANY(%s::text[])",
-                                  (list(message_ids),))
-        )
-
-    @staticmethod
-    def _lock_recipients_of(conn: Conn, message_ids: Sequence[str]) -> list[tuple[str, str]]:
-        """Lock the recipients of the messages (in id order); their (message_id, state)."""
-        return [
-            (str(r[0]), str(r[1]))
-            for r in conn.execute(
-                "SELECT message_id, state FROM recipients WHERE message_id = ANY(%s::text[])"
-                " ORDER BY id FOR UPDATE",
-                (list(message_ids),),
-            )
-        ]
-
-    def delete_messages(self, message_ids: Collection[str]) -> list[str]:
-        wanted = sorted(set(message_ids))
-        with self._write("delete messages") as conn:
-            if not wanted:
-                return []
-            # Recipients before messages, as every write locks them.
-            self._lock_recipients_of(conn, wanted)
-            # ON DELETE CASCADE removes the body chunks and the recipients.
-            return sorted(
-                str(r[0])
-                for r in conn.execute(
-                    "DELETE FROM messages WHERE id = ANY(%s::text[]) RETURNING id", (wanted,)
-                )
-            )
-
-    def hold_messages(self, message_ids: Collection[str]) -> dict[str, int]:
-        wanted = sorted(set(message_ids))
-        now = self._clock()
-        with self._write("hold messages") as conn:
-            found = self._existing(conn, wanted)
-            result = dict.fromkeys(found, 0)
-            if not found:
-                return result
-            for message_id, state in self._lock_recipients_of(conn, found):
-                if state != HOLD and message_id in result:
-                    result[message_id] += 1
-            conn.execute(
-                "INSERT INTO recipient_holds (recipient_id, previous_state)"
-                " SELECT id, state FROM recipients WHERE message_id = ANY(%s::text[])"
-                " AND state <> %s"
-                " ON CONFLICT (recipient_id) DO UPDATE"
-                " SET previous_state = EXCLUDED.previous_state",
-                (found, HOLD),
-            )
-            conn.execute(
-                "UPDATE recipients SET state = %s, updated_at = %s"
-                " WHERE message_id = ANY(%s::text[]) AND state <> %s",
-                (HOLD, now, found, HOLD),
-            )
-        return result
-
-    def release_messages(self, message_ids: Collection[str]) -> dict[str, int]:
-        wanted = sorted(set(message_ids))
-        now = self._clock()
-        with self._write("release messages") as conn:
-            found = self._existing(conn, wanted)
-            result = dict.fromkeys(found, 0)
-            if not found:
-                return result
-            for message_id, state in self._lock_recipients_of(conn, found):
-                if state == HOLD and message_id in result:
-                    result[message_id] += 1
-            conn.execute(
-                "UPDATE recipients SET updated_at = %s, state = COALESCE("
-                " (SELECT h.previous_state FROM recipient_holds h"
-                "  WHERE h.recipient_id = recipients.id),"
-                " CASE WHEN EXISTS (SELECT 1 FROM domains d WHERE d.name = recipients.domain)"
-                " THEN %s ELSE %s END)"
-                " WHERE message_id = ANY(%s::text[]) AND state = %s",
-                (now, HELD, OUTBOUND, found, HOLD),
-            )
-            conn.execute(
-                "DELETE FROM recipient_holds WHERE recipient_id IN"
-                " (SELECT id FROM recipients WHERE message_id = ANY(%s::text[]) AND state <> %s)",
-                (found, HOLD),
-            )
-        return result
-
-    def retry_outbound(
-        self, now: float, *, message_ids: Collection[str] | None = None,
-        domain: str | None = None
-    ) -> dict[str, int]:
-        # Not claimed by a runner right now: no claim, an expired one, or one
-        # of a dead holder (whose claim ends here).
-        scope = ("state = %s AND (claimed_until IS NULL OR claimed_until <= %s"
-                 f" OR NOT {self._live('claim_holder')})")
-        params: list[Any] = [OUTBOUND, now]
-        if domain is not None:
-            scope += " AND domain = %s"
-            params.append(domain)
-        result: dict[str, int] = {}
-        with self._write("retry outbound") as conn:
-            if message_ids is not None:
-                found = self._existing(conn, sorted(set(message_ids)))
-                result = dict.fromkeys(found, 0)
-                if not found:
-                    return result
-                scope += " AND message_id = ANY(%s::text[])"
-                params.append(found)
-            for (message_id,) in conn.execute(
-                "UPDATE recipients r SET next_attempt_at = %s, updated_at = %s,"
-                " claimed_by = CASE WHEN r.claimed_until > %s THEN NULL ELSE r.claimed_by END,"
-                " claim_holder = CASE WHEN r.claimed_until > %s THEN NULL"
-                " ELSE r.claim_holder END,"
-                " claimed_until = CASE WHEN r.claimed_until > %s THEN NULL"
-                " ELSE r.claimed_until END"
-                f" FROM (SELECT id FROM recipients WHERE {scope} ORDER BY id FOR UPDATE) l"
-                " WHERE r.id = l.id RETURNING r.message_id",
-                (now, now, now, now, now, *params),
-            ).fetchall():
-                result[str(message_id)] = result.get(str(message_id), 0) + 1
-        return result
-
-    def queue_shape(self, now: float, age_limits: Sequence[float]) -> QueueShape:
-        limits = [float(a) for a in age_limits]
-        bucket = "CASE" + "".join(
-            f" WHEN %s::float8 - m.received_at < %s::float8 THEN {i}" for i in range(len(limits))
-        ) + f" ELSE {len(limits)} END"
-        if not limits:
-            bucket = "0"  # one bucket (PostgreSQL has no CASE without a WHEN)
-        bucket_params: list[Any] = []
-        for limit in limits:
-            bucket_params += [float(now), limit]
-        by_state = (
-            "count(*) FILTER (WHERE r.state = %s), count(*) FILTER (WHERE r.state = %s),"
-            " count(*) FILTER (WHERE r.state = %s AND r.attempts > 0),"
-            " count(*) FILTER (WHERE r.state = %s)"
-        )
-        state_params = (HELD, OUTBOUND, OUTBOUND, HOLD)
-        with self._read("queue shape") as conn:
-            figures: dict[str, list[Any]] = {}
-            for row in conn.execute(
-                "SELECT r.domain, count(DISTINCT r.message_id), count(*), min(m.received_at),"
-                f" {by_state}"
-                " FROM recipients r JOIN messages m ON m.id = r.message_id GROUP BY r.domain",
-                state_params,
-            ):
-                figures[str(row[0])] = list(row[1:])
-            sizes = {
-                str(r[0]): int(r[1])
-                for r in conn.execute(
-                    "SELECT domain, sum(size) FROM (SELECT DISTINCT r.domain AS domain, m.id,"
-                    " m.size AS size FROM recipients r JOIN messages m ON m.id = r.message_id)"
-                    " AS s GROUP BY domain"
-                )
-            }
-            ages: dict[str, list[int]] = {d: [0] * (len(limits) + 1) for d in figures}
-            for domain, index, count in conn.execute(
-                f"SELECT r.domain, {bucket}, count(*) FROM recipients r"
-                " JOIN messages m ON m.id = r.message_id GROUP BY 1, 2",
-                bucket_params,
-            ):
-                ages.setdefault(str(domain), [0] * (len(limits) + 1))[int(index)] += int(count)
-            total_row = conn.execute(
-                f"SELECT count(*), {by_state} FROM recipients r", state_params
-            ).fetchone()
-            message_row = conn.execute(
-                "SELECT count(*), COALESCE(sum(size), 0), min(received_at) FROM messages"
-            ).fetchone()
-        assert total_row is not None and message_row is not None
-        domains = [
-            DomainShape(domain, int(f[0]), int(f[1]), sizes.get(domain, 0), f[2],
-                        int(f[3]), int(f[4]), int(f[5]), int(f[6]), tuple(ages[domain]))
-            for domain, f in figures.items()
-        ]
-        domains.sort(key=lambda d: (-d.recipients, d.domain))
-        total_ages = [sum(d.ages[i] for d in domains) for i in range(len(limits) + 1)]
-        total = DomainShape("", int(message_row[0]), int(total_row[0]), int(message_row[1]),
-                            message_row[2], int(total_row[1]), int(total_row[2]),
-                            int(total_row[3]), int(total_row[4]), tuple(total_ages))
-        return QueueShape(total, tuple(domains))
-
-    def queue_summary(self) -> list[tuple[str, int, int, float | None]]:
-        with self._read("queue summary", snapshot=False) as conn:
-            rows = {
-                str(r[0]): (int(r[1]), int(r[2] or 0), r[3])
-                for r in conn.execute(
-                    "SELECT state, count(*), sum(size), min(received_at) FROM"
-                    " (SELECT DISTINCT r.state AS state, m.id, m.size AS size,"
-                    " m.received_at AS received_at"
-                    " FROM recipients r JOIN messages m ON m.id = r.message_id) AS s"
-                    " GROUP BY state"
-                )
-            }
-        return [(str(state), *rows.get(str(state), (0, 0, None))) for state in RecipientState]
-
     # --- leases ---------------------------------------------------------------------------------
 
     def acquire_leases(self, domains: Collection[str], owner: str, ttl: float) -> bool:
@@ -1330,264 +965,6 @@ class PostgresStore:
     def release_leases(self, owner: str) -> None:
         with self._write("release leases") as conn:
             conn.execute("DELETE FROM leases WHERE owner = %s", (owner,))
-
-    # --- accounts -------------------------------------------------------------------------------
-
-    def add_account(self, account: Account) -> None:
-        with self._write("add account") as conn:
-            if self._account_exists(conn, account.name):
-                raise ValueError(f"account {account.name!r} already exists")
-            scram = account.scram
-            try:
-                with conn.transaction():
-                    conn.execute(
-                        "INSERT INTO accounts (name, scram_salt, scram_iterations,"
-                        " scram_stored_key, scram_server_key, cram_secret, created_at,"
-                        " last_atrn_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
-                        (account.name,
-                         scram.salt if scram else None,
-                         scram.iterations if scram else None,
-                         scram.stored_key if scram else None,
-                         scram.server_key if scram else None,
-                         account.cram_secret,
-                         account.created_at or self._clock(),
-                         account.last_atrn_at),
-                    )
-            except pg_errors.UniqueViolation as exc:  # added by another node just now
-                raise ValueError(f"account {account.name!r} already exists") from exc
-            self._set_certs(conn, account)
-
-    def update_account(self, account: Account) -> None:
-        """Replace the secrets and certificate bindings of an account (ValueError if none).
-
-        `created_at` is kept; `last_atrn_at` is taken from `account`.
-        """
-        with self._write("update account") as conn:
-            if not self._account_exists(conn, account.name, lock=True):
-                raise ValueError(f"no account {account.name!r}")
-            scram = account.scram
-            conn.execute(
-                "UPDATE accounts SET scram_salt = %s, scram_iterations = %s,"
-                " scram_stored_key = %s, scram_server_key = %s, cram_secret = %s,"
-                " last_atrn_at = %s WHERE name = %s",
-                (scram.salt if scram else None,
-                 scram.iterations if scram else None,
-                 scram.stored_key if scram else None,
-                 scram.server_key if scram else None,
-                 account.cram_secret,
-                 account.last_atrn_at,
-                 account.name),
-            )
-            conn.execute("DELETE FROM account_certs WHERE account = %s", (account.name,))
-            conn.execute("DELETE FROM account_cert_subjects WHERE account = %s", (account.name,))
-            self._set_certs(conn, account)
-
-    @staticmethod
-    def _account_exists(conn: Conn, name: str, *, lock: bool = False) -> bool:
-        row = conn.execute(
-            "SELECT 1 FROM accounts WHERE name = %s" + (" FOR UPDATE" if lock else ""), (name,)
-        ).fetchone()
-        return row is not None
-
-    @staticmethod
-    def _set_certs(conn: Conn, account: Account) -> None:
-        bindings = (
-            ("account_certs", "fingerprint", "certificate {}", account.cert_fingerprints),
-            ("account_cert_subjects", "subject", "certificate subject {!r}",
-             account.cert_subjects),
-        )
-        for table, column, what, values in bindings:
-            for value in dict.fromkeys(values):
-                row = conn.execute(
-                    f"SELECT account FROM {table} WHERE {column} = %s", (value,)
-                ).fetchone()
-                if row is not None:
-                    raise ValueError(
-                        f"{what.format(value)} is already bound to account {row[0]!r}"
-                    )
-                try:
-                    with conn.transaction():
-                        conn.execute(
-                            f"INSERT INTO {table} ({column}, account) VALUES (%s, %s)",
-                            (value, account.name),
-                        )
-                except pg_errors.UniqueViolation as exc:  # bound by another node just now
-                    raise ValueError(f"{what.format(value)} is already bound to an account"
-                                     ) from exc
-
-    def _account(self, conn: Conn, row: Sequence[Any]) -> Account:
-        certs = tuple(
-            str(r[0])
-            for r in conn.execute(
-                "SELECT fingerprint FROM account_certs WHERE account = %s ORDER BY fingerprint",
-                (row[0],),
-            )
-        )
-        subjects = tuple(
-            str(r[0])
-            for r in conn.execute(
-                "SELECT subject FROM account_cert_subjects WHERE account = %s ORDER BY subject",
-                (row[0],),
-            )
-        )
-        scram = None
-        if row[1] is not None:
-            scram = ScramSecret(
-                salt=bytes(row[1]),
-                iterations=int(row[2]),
-                stored_key=bytes(row[3]),
-                server_key=bytes(row[4]),
-            )
-        return Account(
-            name=row[0],
-            scram=scram,
-            cram_secret=row[5],
-            cert_fingerprints=certs,
-            cert_subjects=subjects,
-            created_at=row[6],
-            last_atrn_at=row[7],
-        )
-
-    def get_account(self, name: str) -> Account | None:
-        with self._read("get account") as conn:
-            row = conn.execute(
-                f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE name = %s", (name,)
-            ).fetchone()
-            return None if row is None else self._account(conn, row)
-
-    def account_by_fingerprint(self, fingerprint: str) -> Account | None:
-        """`fingerprint` is lowercase hex without colons, as stored."""
-        with self._read("account by fingerprint") as conn:
-            row = conn.execute(
-                f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE name ="
-                " (SELECT account FROM account_certs WHERE fingerprint = %s)",
-                (fingerprint.lower(),),
-            ).fetchone()
-            return None if row is None else self._account(conn, row)
-
-    def account_by_subject(self, subject: str) -> Account | None:
-        """`subject` in the canonical form of `certificate_subject`, compared exactly."""
-        with self._read("account by subject") as conn:
-            row = conn.execute(
-                f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE name ="
-                " (SELECT account FROM account_cert_subjects WHERE subject = %s)",
-                (subject,),
-            ).fetchone()
-            return None if row is None else self._account(conn, row)
-
-    def list_accounts(self) -> list[Account]:
-        with self._read("list accounts") as conn:
-            rows = conn.execute(
-                f"SELECT {_ACCOUNT_COLUMNS} FROM accounts ORDER BY name"
-            ).fetchall()
-            return [self._account(conn, row) for row in rows]
-
-    def remove_account(self, name: str) -> bool:
-        """Remove the account, its certificate bindings and domains; held mail stays queued."""
-        with self._write("remove account") as conn:
-            return conn.execute("DELETE FROM accounts WHERE name = %s", (name,)).rowcount > 0
-
-    def record_atrn(self, name: str, at: float) -> None:
-        with self._write("record ATRN") as conn:
-            conn.execute("UPDATE accounts SET last_atrn_at = %s WHERE name = %s", (at, name))
-
-    # --- domains --------------------------------------------------------------------------------
-
-    def add_domain(self, domain: Domain) -> None:
-        with self._write("add domain") as conn:
-            row = conn.execute(
-                "SELECT account FROM domains WHERE name = %s", (domain.name,)
-            ).fetchone()
-            if row is not None:
-                raise ValueError(f"domain {domain.name!r} already belongs to account {row[0]!r}")
-            # FOR SHARE: the account cannot be removed before we commit.
-            if not conn.execute("SELECT 1 FROM accounts WHERE name = %s FOR SHARE",
-                                (domain.account,)).fetchone():
-                raise ValueError(f"no account {domain.account!r}")
-            try:
-                with conn.transaction():
-                    conn.execute(
-                        "INSERT INTO domains (name, account, max_messages, max_bytes, validate,"
-                        " hold_lifetime) VALUES (%s, %s, %s, %s, %s, %s)",
-                        (domain.name, domain.account, domain.max_messages, domain.max_bytes,
-                         domain.valid_recipients is not None, domain.hold_lifetime),
-                    )
-            except pg_errors.UniqueViolation as exc:  # added by another node just now
-                raise ValueError(f"domain {domain.name!r} already exists") from exc
-            self._set_valid(conn, domain)
-
-    def update_domain(self, domain: Domain) -> None:
-        """Replace an existing domain's account, quotas, valid recipients and hold lifetime."""
-        with self._write("update domain") as conn:
-            row = conn.execute("SELECT 1 FROM domains WHERE name = %s FOR UPDATE",
-                               (domain.name,)).fetchone()
-            if row is None:
-                raise ValueError(f"no domain {domain.name!r}")
-            if not conn.execute("SELECT 1 FROM accounts WHERE name = %s FOR SHARE",
-                                (domain.account,)).fetchone():
-                raise ValueError(f"no account {domain.account!r}")
-            conn.execute(
-                "UPDATE domains SET account = %s, max_messages = %s, max_bytes = %s,"
-                " validate = %s, hold_lifetime = %s WHERE name = %s",
-                (domain.account, domain.max_messages, domain.max_bytes,
-                 domain.valid_recipients is not None, domain.hold_lifetime, domain.name),
-            )
-            conn.execute("DELETE FROM valid_recipients WHERE domain = %s", (domain.name,))
-            self._set_valid(conn, domain)
-
-    @staticmethod
-    def _set_valid(conn: Conn, domain: Domain) -> None:
-        if not domain.valid_recipients:
-            return
-        conn.execute(
-            "INSERT INTO valid_recipients (domain, local)"
-            " SELECT %s, l FROM unnest(%s::text[]) AS l ON CONFLICT DO NOTHING",
-            (domain.name, sorted({local.lower() for local in domain.valid_recipients})),
-        )
-
-    @staticmethod
-    def _domain(conn: Conn, row: Sequence[Any]) -> Domain:
-        valid: frozenset[str] | None = None
-        if row[4]:
-            valid = frozenset(
-                str(r[0])
-                for r in conn.execute(
-                    "SELECT local FROM valid_recipients WHERE domain = %s", (row[0],)
-                )
-            )
-        return Domain(
-            name=row[0],
-            account=row[1],
-            max_messages=row[2],
-            max_bytes=row[3],
-            valid_recipients=valid,
-            hold_lifetime=row[5],
-        )
-
-    def get_domain(self, name: str) -> Domain | None:
-        with self._read("get domain") as conn:
-            row = conn.execute(
-                f"SELECT {_DOMAIN_COLUMNS} FROM domains WHERE name = %s", (name,)
-            ).fetchone()
-            return None if row is None else self._domain(conn, row)
-
-    def list_domains(self, account: str | None = None) -> list[Domain]:
-        with self._read("list domains") as conn:
-            if account is None:
-                rows = conn.execute(
-                    f"SELECT {_DOMAIN_COLUMNS} FROM domains ORDER BY name"
-                ).fetchall()
-            else:
-                rows = conn.execute(
-                    f"SELECT {_DOMAIN_COLUMNS} FROM domains WHERE account = %s ORDER BY name",
-                    (account,),
-                ).fetchall()
-            return [self._domain(conn, row) for row in rows]
-
-    def remove_domain(self, name: str) -> bool:
-        """Remove the domain (and its valid recipients); its held mail stays queued."""
-        with self._write("remove domain") as conn:
-            return conn.execute("DELETE FROM domains WHERE name = %s", (name,)).rowcount > 0
 
     # --- lifecycle ------------------------------------------------------------------------------
 

@@ -1,0 +1,364 @@
+"""The queue tools of the PostgreSQL engine (`QueueTools`, see `fermoposta.store.base`).
+
+Contract: `PostgresQueueTools` is a mixin of `PostgresStore` and uses only its
+transactions (`_read`, `_write`), clock and holder-liveness SQL (`_live`).
+Every call is one short transaction, safe beside running nodes: pages are
+read in one snapshot, keyed by (received_at, id); bulk actions lock the rows
+they change in id order (recipients, then messages), as every write of the
+engine does, so they never deadlock with a drain or a queue runner.  A claim
+counts as active only while it is unexpired and its holder alive.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Collection, Sequence
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any
+
+from fermoposta.store.base import (
+    DomainShape,
+    QueuedRecipient,
+    QueueEntry,
+    QueueFilter,
+    QueueShape,
+    RecipientState,
+)
+from fermoposta.store.pg_rows import (
+    _M_MESSAGE_COLUMNS,
+    _MESSAGE_COLUMNS,
+    _R_RECIPIENT_COLUMNS,
+    HELD,
+    HOLD,
+    OUTBOUND,
+    Conn,
+    _message,
+    _recipient,
+)
+
+
+def _filter_sql(where: QueueFilter, after: tuple[float, str] | None
+                ) -> tuple[str, list[Any]]:
+    """The WHERE clause (on messages `m`) of `where` and the page key."""
+    clauses: list[str] = []
+    params: list[Any] = []
+    if after is not None:
+        clauses.append("(m.received_at > %s OR (m.received_at = %s AND m.id > %s))")
+        params += [after[0], after[0], after[1]]
+    if where.received_before is not None:
+        clauses.append("m.received_at < %s")
+        params.append(where.received_before)
+    # lower() under COLLATE "C" (the columns') folds ASCII only, as SQLite's.
+    if where.sender is not None:
+        if where.sender_exact:
+            clauses.append("lower(m.sender) = lower(%s)")
+        else:
+            clauses.append("strpos(lower(m.sender), lower(%s)) > 0")
+        params.append(where.sender)
+    inner: list[str] = []
+    if where.domain is not None:
+        inner.append("r.domain = %s")
+        params.append(where.domain)
+    if where.recipient is not None:
+        if where.recipient_exact:
+            inner.append("lower(r.address) = lower(%s)")
+        else:
+            inner.append("strpos(lower(r.address), lower(%s)) > 0")
+        params.append(where.recipient)
+    if where.state is not None:
+        if where.state == "deferred":
+            inner.append("r.state = %s AND r.attempts > 0")
+            params.append(OUTBOUND)
+        else:
+            inner.append("r.state = %s")
+            params.append(str(RecipientState(where.state)))
+    if inner:
+        clauses.append("EXISTS (SELECT 1 FROM recipients r WHERE r.message_id = m.id AND "
+                       + " AND ".join(inner) + ")")
+    return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+
+def _existing(conn: Conn, message_ids: Sequence[str]) -> list[str]:
+    if not message_ids:
+        return []
+    return sorted(
+        str(r[0])
+        for r in conn.execute("SELECT id FROM messages WHERE id = ANY(%s::text[])",
+                              (list(message_ids),))
+    )
+
+
+def _lock_recipients_of(conn: Conn, message_ids: Sequence[str]) -> list[tuple[str, str]]:
+    """Lock the recipients of the messages (in id order); their (message_id, state)."""
+    return [
+        (str(r[0]), str(r[1]))
+        for r in conn.execute(
+            "SELECT message_id, state FROM recipients WHERE message_id = ANY(%s::text[])"
+            " ORDER BY id FOR UPDATE",
+            (list(message_ids),),
+        )
+    ]
+
+
+class PostgresQueueTools:
+    """Paging and bulk actions: the `QueueTools` part of `PostgresStore`."""
+
+    _clock: Callable[[], float]
+
+    if TYPE_CHECKING:  # provided by PostgresStore
+        def _read(self, what: str, *, snapshot: bool = True
+                  ) -> AbstractContextManager[Conn]: ...
+
+        def _write(self, what: str) -> AbstractContextManager[Conn]: ...
+
+        def _check_open(self) -> None: ...
+
+        def _live(self, column: str) -> str: ...
+
+    def queue_ids(
+        self, where: QueueFilter, after: tuple[float, str] | None, limit: int
+    ) -> list[tuple[float, str]]:
+        if limit <= 0:
+            self._check_open()
+            return []
+        sql, params = _filter_sql(where, after)
+        with self._read("queue page", snapshot=False) as conn:
+            return [
+                (float(r[0]), str(r[1]))
+                for r in conn.execute(
+                    f"SELECT m.received_at, m.id FROM messages m{sql}"
+                    " ORDER BY m.received_at, m.id LIMIT %s",
+                    (*params, limit),
+                )
+            ]
+
+    def queue_page(
+        self, where: QueueFilter, after: tuple[float, str] | None, limit: int
+    ) -> list[QueueEntry]:
+        if limit <= 0:
+            self._check_open()
+            return []
+        sql, params = _filter_sql(where, after)
+        with self._read("queue page") as conn:
+            rows = conn.execute(
+                f"SELECT {_M_MESSAGE_COLUMNS} FROM messages m{sql}"
+                " ORDER BY m.received_at, m.id LIMIT %s",
+                (*params, limit),
+            ).fetchall()
+            return self._entries(conn, rows)
+
+    def get_queue_entry(self, message_id: str) -> QueueEntry | None:
+        with self._read("queue entry") as conn:
+            row = conn.execute(
+                f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = %s", (message_id,)
+            ).fetchone()
+            if row is None:
+                return None
+            return self._entries(conn, [row])[0]
+
+    def _entries(self, conn: Conn, rows: Sequence[Sequence[Any]]) -> list[QueueEntry]:
+        """Entries for message rows (in their order), with all recipients."""
+        now = self._clock()
+        ids = [str(row[0]) for row in rows]
+        recipients: dict[str, list[QueuedRecipient]] = {i: [] for i in ids}
+        active: dict[str, set[int]] = {i: set() for i in ids}
+        previous: dict[str, dict[int, RecipientState]] = {i: {} for i in ids}
+        if ids:
+            for r in conn.execute(
+                f"SELECT {_R_RECIPIENT_COLUMNS},"
+                # Active: an unexpired claim of a live holder.
+                " (r.claimed_by IS NOT NULL AND r.claimed_until > %s"
+                f" AND {self._live('r.claim_holder')}),"
+                " h.previous_state"
+                " FROM recipients r LEFT JOIN recipient_holds h ON h.recipient_id = r.id"
+                " WHERE r.message_id = ANY(%s::text[]) ORDER BY r.id",
+                (now, ids),
+            ):
+                rcpt = _recipient(r)
+                recipients[rcpt.message_id].append(rcpt)
+                if r[12]:
+                    active[rcpt.message_id].add(rcpt.id)
+                if rcpt.state == RecipientState.HOLD and r[13] is not None:
+                    with contextlib.suppress(ValueError):
+                        previous[rcpt.message_id][rcpt.id] = RecipientState(r[13])
+        return [
+            QueueEntry(_message(row, recipients[str(row[0])]),
+                       frozenset(active[str(row[0])]), previous[str(row[0])])
+            for row in rows
+        ]
+
+    def delete_messages(self, message_ids: Collection[str]) -> list[str]:
+        wanted = sorted(set(message_ids))
+        with self._write("delete messages") as conn:
+            if not wanted:
+                return []
+            # Recipients before messages, as every write locks them.
+            _lock_recipients_of(conn, wanted)
+            # ON DELETE CASCADE removes the body chunks and the recipients.
+            return sorted(
+                str(r[0])
+                for r in conn.execute(
+                    "DELETE FROM messages WHERE id = ANY(%s::text[]) RETURNING id", (wanted,)
+                )
+            )
+
+    def hold_messages(self, message_ids: Collection[str]) -> dict[str, int]:
+        wanted = sorted(set(message_ids))
+        now = self._clock()
+        with self._write("hold messages") as conn:
+            found = _existing(conn, wanted)
+            result = dict.fromkeys(found, 0)
+            if not found:
+                return result
+            for message_id, state in _lock_recipients_of(conn, found):
+                if state != HOLD and message_id in result:
+                    result[message_id] += 1
+            conn.execute(
+                "INSERT INTO recipient_holds (recipient_id, previous_state)"
+                " SELECT id, state FROM recipients WHERE message_id = ANY(%s::text[])"
+                " AND state <> %s"
+                " ON CONFLICT (recipient_id) DO UPDATE"
+                " SET previous_state = EXCLUDED.previous_state",
+                (found, HOLD),
+            )
+            conn.execute(
+                "UPDATE recipients SET state = %s, updated_at = %s"
+                " WHERE message_id = ANY(%s::text[]) AND state <> %s",
+                (HOLD, now, found, HOLD),
+            )
+        return result
+
+    def release_messages(self, message_ids: Collection[str]) -> dict[str, int]:
+        wanted = sorted(set(message_ids))
+        now = self._clock()
+        with self._write("release messages") as conn:
+            found = _existing(conn, wanted)
+            result = dict.fromkeys(found, 0)
+            if not found:
+                return result
+            for message_id, state in _lock_recipients_of(conn, found):
+                if state == HOLD and message_id in result:
+                    result[message_id] += 1
+            conn.execute(
+                "UPDATE recipients SET updated_at = %s, state = COALESCE("
+                " (SELECT h.previous_state FROM recipient_holds h"
+                "  WHERE h.recipient_id = recipients.id),"
+                " CASE WHEN EXISTS (SELECT 1 FROM domains d WHERE d.name = recipients.domain)"
+                " THEN %s ELSE %s END)"
+                " WHERE message_id = ANY(%s::text[]) AND state = %s",
+                (now, HELD, OUTBOUND, found, HOLD),
+            )
+            conn.execute(
+                "DELETE FROM recipient_holds WHERE recipient_id IN"
+                " (SELECT id FROM recipients WHERE message_id = ANY(%s::text[]) AND state <> %s)",
+                (found, HOLD),
+            )
+        return result
+
+    def retry_outbound(
+        self, now: float, *, message_ids: Collection[str] | None = None,
+        domain: str | None = None
+    ) -> dict[str, int]:
+        # Not claimed by a runner right now: no claim, an expired one, or one
+        # of a dead holder (whose claim ends here).
+        scope = ("state = %s AND (claimed_until IS NULL OR claimed_until <= %s"
+                 f" OR NOT {self._live('claim_holder')})")
+        params: list[Any] = [OUTBOUND, now]
+        if domain is not None:
+            scope += " AND domain = %s"
+            params.append(domain)
+        result: dict[str, int] = {}
+        with self._write("retry outbound") as conn:
+            if message_ids is not None:
+                found = _existing(conn, sorted(set(message_ids)))
+                result = dict.fromkeys(found, 0)
+                if not found:
+                    return result
+                scope += " AND message_id = ANY(%s::text[])"
+                params.append(found)
+            for (message_id,) in conn.execute(
+                "UPDATE recipients r SET next_attempt_at = %s, updated_at = %s,"
+                " claimed_by = CASE WHEN r.claimed_until > %s THEN NULL ELSE r.claimed_by END,"
+                " claim_holder = CASE WHEN r.claimed_until > %s THEN NULL"
+                " ELSE r.claim_holder END,"
+                " claimed_until = CASE WHEN r.claimed_until > %s THEN NULL"
+                " ELSE r.claimed_until END"
+                f" FROM (SELECT id FROM recipients WHERE {scope} ORDER BY id FOR UPDATE) l"
+                " WHERE r.id = l.id RETURNING r.message_id",
+                (now, now, now, now, now, *params),
+            ).fetchall():
+                result[str(message_id)] = result.get(str(message_id), 0) + 1
+        return result
+
+    def queue_shape(self, now: float, age_limits: Sequence[float]) -> QueueShape:
+        limits = [float(a) for a in age_limits]
+        bucket = "CASE" + "".join(
+            f" WHEN %s::float8 - m.received_at < %s::float8 THEN {i}" for i in range(len(limits))
+        ) + f" ELSE {len(limits)} END"
+        if not limits:
+            bucket = "0"  # one bucket (PostgreSQL has no CASE without a WHEN)
+        bucket_params: list[Any] = []
+        for limit in limits:
+            bucket_params += [float(now), limit]
+        by_state = (
+            "count(*) FILTER (WHERE r.state = %s), count(*) FILTER (WHERE r.state = %s),"
+            " count(*) FILTER (WHERE r.state = %s AND r.attempts > 0),"
+            " count(*) FILTER (WHERE r.state = %s)"
+        )
+        state_params = (HELD, OUTBOUND, OUTBOUND, HOLD)
+        with self._read("queue shape") as conn:
+            figures: dict[str, list[Any]] = {}
+            for row in conn.execute(
+                "SELECT r.domain, count(DISTINCT r.message_id), count(*), min(m.received_at),"
+                f" {by_state}"
+                " FROM recipients r JOIN messages m ON m.id = r.message_id GROUP BY r.domain",
+                state_params,
+            ):
+                figures[str(row[0])] = list(row[1:])
+            sizes = {
+                str(r[0]): int(r[1])
+                for r in conn.execute(
+                    "SELECT domain, sum(size) FROM (SELECT DISTINCT r.domain AS domain, m.id,"
+                    " m.size AS size FROM recipients r JOIN messages m ON m.id = r.message_id)"
+                    " AS s GROUP BY domain"
+                )
+            }
+            ages: dict[str, list[int]] = {d: [0] * (len(limits) + 1) for d in figures}
+            for domain, index, count in conn.execute(
+                f"SELECT r.domain, {bucket}, count(*) FROM recipients r"
+                " JOIN messages m ON m.id = r.message_id GROUP BY 1, 2",
+                bucket_params,
+            ):
+                ages.setdefault(str(domain), [0] * (len(limits) + 1))[int(index)] += int(count)
+            total_row = conn.execute(
+                f"SELECT count(*), {by_state} FROM recipients r", state_params
+            ).fetchone()
+            message_row = conn.execute(
+                "SELECT count(*), COALESCE(sum(size), 0), min(received_at) FROM messages"
+            ).fetchone()
+        assert total_row is not None and message_row is not None
+        domains = [
+            DomainShape(domain, int(f[0]), int(f[1]), sizes.get(domain, 0), f[2],
+                        int(f[3]), int(f[4]), int(f[5]), int(f[6]), tuple(ages[domain]))
+            for domain, f in figures.items()
+        ]
+        domains.sort(key=lambda d: (-d.recipients, d.domain))
+        total_ages = [sum(d.ages[i] for d in domains) for i in range(len(limits) + 1)]
+        total = DomainShape("", int(message_row[0]), int(total_row[0]), int(message_row[1]),
+                            message_row[2], int(total_row[1]), int(total_row[2]),
+                            int(total_row[3]), int(total_row[4]), tuple(total_ages))
+        return QueueShape(total, tuple(domains))
+
+    def queue_summary(self) -> list[tuple[str, int, int, float | None]]:
+        with self._read("queue summary", snapshot=False) as conn:
+            rows = {
+                str(r[0]): (int(r[1]), int(r[2] or 0), r[3])
+                for r in conn.execute(
+                    "SELECT state, count(*), sum(size), min(received_at) FROM"
+                    " (SELECT DISTINCT r.state AS state, m.id, m.size AS size,"
+                    " m.received_at AS received_at"
+                    " FROM recipients r JOIN messages m ON m.id = r.message_id) AS s"
+                    " GROUP BY state"
+                )
+            }
+        return [(str(state), *rows.get(str(state), (0, 0, None))) for state in RecipientState]
