@@ -1,5 +1,11 @@
 """SQLite engine of the store (see `fermoposta.store.base` for the contract).
 
+The engine is this module (the file, transactions, the schema and its
+migrations, messages, held mail, outbound claims, leases, rate events) and
+two mixins that use only its transactions: `sqlite_tools` (the queue tools)
+and `sqlite_directory` (accounts and domains); `sqlite_rows` has the columns
+and row conversions they share.
+
 Contract and choices:
 - One file, opened in WAL mode with `synchronous=FULL`: a commit is on disk
   when the method returns (the SMTP layer answers 250 after `enqueue`).
@@ -40,7 +46,6 @@ Contract and choices:
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 import sqlite3
@@ -49,33 +54,35 @@ import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, Any
 
 from fermoposta.store.base import (
     CHUNK_SIZE,
-    Account,
-    Domain,
-    DomainShape,
-    MessageOrigin,
     NewMessage,
     QueuedMessage,
     QueuedRecipient,
     QueueEntry,
-    QueueFilter,
-    QueueShape,
     RecipientState,
     SchemaTooNew,
-    ScramSecret,
     StoreError,
     new_queue_id,
 )
 from fermoposta.store.holders import Holders
+from fermoposta.store.sqlite_directory import SQLiteDirectory
+from fermoposta.store.sqlite_rows import (
+    _BATCH,
+    _MESSAGE_COLUMNS,
+    _RECIPIENT_COLUMNS,
+    _batches,
+    _marks,
+    _message,
+    _recipient,
+)
+from fermoposta.store.sqlite_tools import SQLiteQueueTools
 
 SCHEMA_VERSION = 6
 BUSY_TIMEOUT = 10.0  # seconds
-_BATCH = 500  # bound on SQL parameters per statement (old SQLite: 999)
 
-_T = TypeVar("_T")
 
 # Version 2: subject bindings of client certificates.
 _ACCOUNT_CERT_SUBJECTS = """
@@ -225,66 +232,13 @@ _MIGRATIONS: dict[int, str] = {
     6: _V6,
 }
 
-_RECIPIENT_COLUMNS = (
-    "id, message_id, address, domain, state, attempts, last_reply, notify, orcpt,"
-    " next_attempt_at, first_failure_at, delay_notified"
-)
-_DOMAIN_COLUMNS = "name, account, max_messages, max_bytes, validate, hold_lifetime"
-_MESSAGE_COLUMNS = (
-    "id, sender, received_at, size, origin, smtputf8, body_8bit, envid, ret, client, node"
-)
-
-
 def _statements(script: str) -> Iterator[str]:
     for statement in script.split(";"):
         if statement.strip():
             yield statement
 
 
-def _batches(items: Sequence[_T]) -> Iterator[Sequence[_T]]:
-    for start in range(0, len(items), _BATCH):
-        yield items[start : start + _BATCH]
-
-
-def _marks(n: int) -> str:
-    return ",".join("?" * n)
-
-
-def _recipient(r: Any) -> QueuedRecipient:
-    return QueuedRecipient(
-        id=r[0],
-        message_id=r[1],
-        address=r[2],
-        domain=r[3],
-        state=RecipientState(r[4]),
-        attempts=r[5],
-        last_reply=r[6],
-        notify=r[7],
-        orcpt=r[8],
-        next_attempt_at=r[9],
-        first_failure_at=r[10],
-        delay_notified=bool(r[11]),
-    )
-
-
-def _message(row: Any, recipients: Sequence[QueuedRecipient]) -> QueuedMessage:
-    return QueuedMessage(
-        id=row[0],
-        sender=row[1],
-        received_at=row[2],
-        size=row[3],
-        origin=MessageOrigin(row[4]),
-        smtputf8=bool(row[5]),
-        body_8bit=bool(row[6]),
-        envid=row[7],
-        ret=row[8],
-        client=row[9],
-        recipients=tuple(recipients),
-        node=row[10],
-    )
-
-
-class SQLiteStore:
+class SQLiteStore(SQLiteDirectory, SQLiteQueueTools):
     """The `Store` on one SQLite file."""
 
     def __init__(
@@ -870,308 +824,6 @@ class SQLiteStore:
             ]
             return self._messages_of(conn, ids)
 
-    # --- queue tools -------------------------------------------------------------------
-    @staticmethod
-    def _filter_sql(where: QueueFilter, after: tuple[float, str] | None
-                    ) -> tuple[str, list[Any]]:
-        """The WHERE clause (on messages `m`) of `where` and the page key."""
-        clauses: list[str] = []
-        params: list[Any] = []
-        if after is not None:
-            clauses.append("(m.received_at > ? OR (m.received_at = ? AND m.id > ?))")
-            params += [after[0], after[0], after[1]]
-        if where.received_before is not None:
-            clauses.append("m.received_at < ?")
-            params.append(where.received_before)
-        if where.sender is not None:
-            if where.sender_exact:
-                clauses.append("lower(m.sender) = lower(?)")
-            else:
-                clauses.append("instr(lower(m.sender), lower(?)) > 0")
-            params.append(where.sender)
-        inner: list[str] = []
-        if where.domain is not None:
-            inner.append("r.domain = ?")
-            params.append(where.domain)
-        if where.recipient is not None:
-            if where.recipient_exact:
-                inner.append("lower(r.address) = lower(?)")
-            else:
-                inner.append("instr(lower(r.address), lower(?)) > 0")
-            params.append(where.recipient)
-        if where.state is not None:
-            if where.state == "deferred":
-                inner.append("r.state = ? AND r.attempts > 0")
-                params.append(str(RecipientState.OUTBOUND))
-            else:
-                inner.append("r.state = ?")
-                params.append(str(RecipientState(where.state)))
-        if inner:
-            clauses.append("EXISTS (SELECT 1 FROM recipients r WHERE r.message_id = m.id AND "
-                           + " AND ".join(inner) + ")")
-        return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
-
-    def queue_ids(
-        self, where: QueueFilter, after: tuple[float, str] | None, limit: int
-    ) -> list[tuple[float, str]]:
-        if limit <= 0:
-            return []
-        sql, params = self._filter_sql(where, after)
-        with self._read() as conn:
-            return [
-                (float(r[0]), str(r[1]))
-                for r in conn.execute(
-                    f"SELECT m.received_at, m.id FROM messages m{sql}"
-                    " ORDER BY m.received_at, m.id LIMIT ?",
-                    (*params, limit),
-                )
-            ]
-
-    def queue_page(
-        self, where: QueueFilter, after: tuple[float, str] | None, limit: int
-    ) -> list[QueueEntry]:
-        if limit <= 0:
-            return []
-        sql, params = self._filter_sql(where, after)
-        with self._read() as conn:
-            rows = conn.execute(
-                f"SELECT {', '.join('m.' + c.strip() for c in _MESSAGE_COLUMNS.split(','))}"
-                f" FROM messages m{sql} ORDER BY m.received_at, m.id LIMIT ?",
-                (*params, limit),
-            ).fetchall()
-            return self._entries(conn, rows)
-
-    def get_queue_entry(self, message_id: str) -> QueueEntry | None:
-        with self._read() as conn:
-            row = conn.execute(
-                f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = ?", (message_id,)
-            ).fetchone()
-            if row is None:
-                return None
-            return self._entries(conn, [row])[0]
-
-    def _entries(self, conn: sqlite3.Connection, rows: Sequence[Any]) -> list[QueueEntry]:
-        """Entries for message rows (in their order), with all recipients."""
-        now = self._clock()
-        ids = [str(row[0]) for row in rows]
-        recipients: dict[str, list[QueuedRecipient]] = {i: [] for i in ids}
-        active: dict[str, set[int]] = {i: set() for i in ids}
-        previous: dict[str, dict[int, RecipientState]] = {i: {} for i in ids}
-        hold_column = (
-            "(SELECT h.previous_state FROM recipient_holds h WHERE h.recipient_id = r.id)"
-        )
-        columns = ", ".join("r." + c.strip() for c in _RECIPIENT_COLUMNS.split(","))
-        for batch in _batches(ids):
-            for r in conn.execute(
-                f"SELECT {columns}, r.claimed_by, r.claimed_until, {hold_column}"
-                f" FROM recipients r WHERE r.message_id IN ({_marks(len(batch))})"
-                " ORDER BY r.id",
-                batch,
-            ):
-                rcpt = _recipient(r)
-                recipients[rcpt.message_id].append(rcpt)
-                if r[12] is not None and r[13] is not None and r[13] > now:
-                    active[rcpt.message_id].add(rcpt.id)
-                if rcpt.state == RecipientState.HOLD and r[14] is not None:
-                    with contextlib.suppress(ValueError):
-                        previous[rcpt.message_id][rcpt.id] = RecipientState(r[14])
-        return [
-            QueueEntry(_message(row, recipients[str(row[0])]),
-                       frozenset(active[str(row[0])]), previous[str(row[0])])
-            for row in rows
-        ]
-
-    @staticmethod
-    def _existing(conn: sqlite3.Connection, message_ids: Sequence[str]) -> list[str]:
-        found: list[str] = []
-        for batch in _batches(message_ids):
-            found += [
-                str(r[0])
-                for r in conn.execute(
-                    f"SELECT id FROM messages WHERE id IN ({_marks(len(batch))})", batch
-                )
-            ]
-        return sorted(found)
-
-    def delete_messages(self, message_ids: Collection[str]) -> list[str]:
-        wanted = sorted(set(message_ids))
-        with self._write() as conn:
-            found = self._existing(conn, wanted)
-            for batch in _batches(found):
-                # ON DELETE CASCADE removes the body chunks and the recipients.
-                conn.execute(f"DELETE FROM messages WHERE id IN ({_marks(len(batch))})", batch)
-        return found
-
-    def _count_by_message(self, conn: sqlite3.Connection, batch: Sequence[str],
-                          condition: str, params: Sequence[Any]) -> dict[str, int]:
-        return {
-            str(r[0]): int(r[1])
-            for r in conn.execute(
-                "SELECT message_id, COUNT(*) FROM recipients"
-                f" WHERE message_id IN ({_marks(len(batch))}) AND {condition}"
-                " GROUP BY message_id",
-                (*batch, *params),
-            )
-        }
-
-    def hold_messages(self, message_ids: Collection[str]) -> dict[str, int]:
-        wanted = sorted(set(message_ids))
-        hold = str(RecipientState.HOLD)
-        now = self._clock()
-        with self._write() as conn:
-            found = self._existing(conn, wanted)
-            result = dict.fromkeys(found, 0)
-            for batch in _batches(found):
-                marks = _marks(len(batch))
-                result.update(self._count_by_message(conn, batch, "state != ?", (hold,)))
-                conn.execute(
-                    "INSERT OR REPLACE INTO recipient_holds (recipient_id, previous_state)"
-                    f" SELECT id, state FROM recipients WHERE message_id IN ({marks})"
-                    " AND state != ?",
-                    (*batch, hold),
-                )
-                conn.execute(
-                    f"UPDATE recipients SET state = ?, updated_at = ? WHERE message_id IN ({marks})"
-                    " AND state != ?",
-                    (hold, now, *batch, hold),
-                )
-        return result
-
-    def release_messages(self, message_ids: Collection[str]) -> dict[str, int]:
-        wanted = sorted(set(message_ids))
-        hold = str(RecipientState.HOLD)
-        now = self._clock()
-        with self._write() as conn:
-            found = self._existing(conn, wanted)
-            result = dict.fromkeys(found, 0)
-            for batch in _batches(found):
-                marks = _marks(len(batch))
-                result.update(self._count_by_message(conn, batch, "state = ?", (hold,)))
-                conn.execute(
-                    "UPDATE recipients SET updated_at = ?, state = COALESCE("
-                    " (SELECT h.previous_state FROM recipient_holds h"
-                    "  WHERE h.recipient_id = recipients.id),"
-                    " CASE WHEN EXISTS (SELECT 1 FROM domains d WHERE d.name = recipients.domain)"
-                    " THEN ? ELSE ? END)"
-                    f" WHERE message_id IN ({marks}) AND state = ?",
-                    (now, str(RecipientState.HELD), str(RecipientState.OUTBOUND), *batch, hold),
-                )
-                conn.execute(
-                    "DELETE FROM recipient_holds WHERE recipient_id IN"
-                    f" (SELECT id FROM recipients WHERE message_id IN ({marks}) AND state != ?)",
-                    (*batch, hold),
-                )
-        return result
-
-    def retry_outbound(
-        self, now: float, *, message_ids: Collection[str] | None = None,
-        domain: str | None = None
-    ) -> dict[str, int]:
-        condition = ("state = ? AND (claimed_until IS NULL OR claimed_until <= ?)"
-                     + (" AND domain = ?" if domain is not None else ""))
-        params: list[Any] = [str(RecipientState.OUTBOUND), now]
-        if domain is not None:
-            params.append(domain)
-        result: dict[str, int] = {}
-        with self._write() as conn:
-            if message_ids is None:
-                batches: list[Sequence[str] | None] = [None]
-            else:
-                found = self._existing(conn, sorted(set(message_ids)))
-                result = dict.fromkeys(found, 0)
-                batches = list(_batches(found))
-            for batch in batches:
-                scope = condition
-                scope_params = list(params)
-                if batch is not None:
-                    scope += f" AND message_id IN ({_marks(len(batch))})"
-                    scope_params += batch
-                result.update(
-                    (str(r[0]), int(r[1]))
-                    for r in conn.execute(
-                        f"SELECT message_id, COUNT(*) FROM recipients WHERE {scope}"
-                        " GROUP BY message_id",
-                        scope_params,
-                    )
-                )
-                conn.execute(
-                    f"UPDATE recipients SET next_attempt_at = ?, updated_at = ? WHERE {scope}",
-                    (now, now, *scope_params),
-                )
-        return result
-
-    def queue_shape(self, now: float, age_limits: Sequence[float]) -> QueueShape:
-        limits = [float(a) for a in age_limits]
-        bucket = ("CASE" + "".join(
-            f" WHEN ? - m.received_at < ? THEN {i}" for i in range(len(limits))
-        ) + f" ELSE {len(limits)} END") if limits else "0"  # no limits: one bucket
-        bucket_params: list[Any] = []
-        for limit in limits:
-            bucket_params += [now, limit]
-        held, outbound, hold = (str(s) for s in (RecipientState.HELD, RecipientState.OUTBOUND,
-                                                  RecipientState.HOLD))
-        by_state = (
-            "SUM(r.state = ?), SUM(r.state = ?), SUM(r.state = ? AND r.attempts > 0),"
-            " SUM(r.state = ?)"
-        )
-        state_params = (held, outbound, outbound, hold)
-        with self._read() as conn:
-            figures: dict[str, list[Any]] = {}
-            for row in conn.execute(
-                "SELECT r.domain, COUNT(DISTINCT r.message_id), COUNT(*), MIN(m.received_at),"
-                f" {by_state}"
-                " FROM recipients r JOIN messages m ON m.id = r.message_id GROUP BY r.domain",
-                state_params,
-            ):
-                figures[str(row[0])] = list(row[1:])
-            sizes = {
-                str(r[0]): int(r[1])
-                for r in conn.execute(
-                    "SELECT domain, SUM(size) FROM (SELECT DISTINCT r.domain AS domain, m.id,"
-                    " m.size AS size FROM recipients r JOIN messages m ON m.id = r.message_id)"
-                    " GROUP BY domain"
-                )
-            }
-            ages: dict[str, list[int]] = {d: [0] * (len(limits) + 1) for d in figures}
-            for domain, index, count in conn.execute(
-                f"SELECT r.domain, {bucket}, COUNT(*) FROM recipients r"
-                " JOIN messages m ON m.id = r.message_id GROUP BY 1, 2",
-                bucket_params,
-            ):
-                ages.setdefault(str(domain), [0] * (len(limits) + 1))[int(index)] += int(count)
-            total_row = conn.execute(
-                f"SELECT COUNT(*), {by_state} FROM recipients r", state_params
-            ).fetchone()
-            message_row = conn.execute(
-                "SELECT COUNT(*), COALESCE(SUM(size), 0), MIN(received_at) FROM messages"
-            ).fetchone()
-        domains = [
-            DomainShape(domain, int(f[0]), int(f[1]), sizes.get(domain, 0), f[2],
-                        int(f[3] or 0), int(f[4] or 0), int(f[5] or 0), int(f[6] or 0),
-                        tuple(ages[domain]))
-            for domain, f in figures.items()
-        ]
-        domains.sort(key=lambda d: (-d.recipients, d.domain))
-        total_ages = [sum(d.ages[i] for d in domains) for i in range(len(limits) + 1)]
-        total = DomainShape("", int(message_row[0]), int(total_row[0]), int(message_row[1]),
-                            message_row[2], int(total_row[1] or 0), int(total_row[2] or 0),
-                            int(total_row[3] or 0), int(total_row[4] or 0), tuple(total_ages))
-        return QueueShape(total, tuple(domains))
-
-    def queue_summary(self) -> list[tuple[str, int, int, float | None]]:
-        with self._read() as conn:
-            rows = {
-                str(r[0]): (int(r[1]), int(r[2] or 0), r[3])
-                for r in conn.execute(
-                    "SELECT state, COUNT(*), SUM(size), MIN(received_at) FROM"
-                    " (SELECT DISTINCT r.state AS state, m.id, m.size AS size,"
-                    " m.received_at AS received_at"
-                    " FROM recipients r JOIN messages m ON m.id = r.message_id)"
-                    " GROUP BY state"
-                )
-            }
-        return [(str(state), *rows.get(str(state), (0, 0, None))) for state in RecipientState]
-
     # --- leases --------------------------------------------------------------------------
 
     def acquire_leases(self, domains: Collection[str], owner: str, ttl: float) -> bool:
@@ -1208,277 +860,6 @@ class SQLiteStore:
     def release_leases(self, owner: str) -> None:
         with self._write() as conn:
             conn.execute("DELETE FROM leases WHERE owner = ?", (owner,))
-
-    # --- accounts ------------------------------------------------------------------------
-
-    def add_account(self, account: Account) -> None:
-        with self._write() as conn:
-            if self._account_exists(conn, account.name):
-                raise ValueError(f"account {account.name!r} already exists")
-            scram = account.scram
-            conn.execute(
-                "INSERT INTO accounts (name, scram_salt, scram_iterations, scram_stored_key,"
-                " scram_server_key, cram_secret, created_at, last_atrn_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    account.name,
-                    scram.salt if scram else None,
-                    scram.iterations if scram else None,
-                    scram.stored_key if scram else None,
-                    scram.server_key if scram else None,
-                    account.cram_secret,
-                    account.created_at or self._clock(),
-                    account.last_atrn_at,
-                ),
-            )
-            self._set_certs(conn, account)
-
-    def update_account(self, account: Account) -> None:
-        """Replace the secrets and certificate bindings of an account (ValueError if none).
-
-        `created_at` is kept; `last_atrn_at` is taken from `account`.
-        """
-        with self._write() as conn:
-            if not self._account_exists(conn, account.name):
-                raise ValueError(f"no account {account.name!r}")
-            scram = account.scram
-            conn.execute(
-                "UPDATE accounts SET scram_salt = ?, scram_iterations = ?, scram_stored_key = ?,"
-                " scram_server_key = ?, cram_secret = ?, last_atrn_at = ? WHERE name = ?",
-                (
-                    scram.salt if scram else None,
-                    scram.iterations if scram else None,
-                    scram.stored_key if scram else None,
-                    scram.server_key if scram else None,
-                    account.cram_secret,
-                    account.last_atrn_at,
-                    account.name,
-                ),
-            )
-            conn.execute("DELETE FROM account_certs WHERE account = ?", (account.name,))
-            conn.execute("DELETE FROM account_cert_subjects WHERE account = ?", (account.name,))
-            self._set_certs(conn, account)
-
-    @staticmethod
-    def _account_exists(conn: sqlite3.Connection, name: str) -> bool:
-        row = conn.execute("SELECT 1 FROM accounts WHERE name = ?", (name,)).fetchone()
-        return row is not None
-
-    @staticmethod
-    def _set_certs(conn: sqlite3.Connection, account: Account) -> None:
-        for fingerprint in dict.fromkeys(account.cert_fingerprints):
-            row = conn.execute(
-                "SELECT account FROM account_certs WHERE fingerprint = ?", (fingerprint,)
-            ).fetchone()
-            if row is not None:
-                raise ValueError(
-                    f"certificate {fingerprint} is already bound to account {row[0]!r}"
-                )
-            conn.execute(
-                "INSERT INTO account_certs (fingerprint, account) VALUES (?, ?)",
-                (fingerprint, account.name),
-            )
-        for subject in dict.fromkeys(account.cert_subjects):
-            row = conn.execute(
-                "SELECT account FROM account_cert_subjects WHERE subject = ?", (subject,)
-            ).fetchone()
-            if row is not None:
-                raise ValueError(
-                    f"certificate subject {subject!r} is already bound to account {row[0]!r}"
-                )
-            conn.execute(
-                "INSERT INTO account_cert_subjects (subject, account) VALUES (?, ?)",
-                (subject, account.name),
-            )
-
-    _ACCOUNT_COLUMNS = (
-        "name, scram_salt, scram_iterations, scram_stored_key, scram_server_key, cram_secret,"
-        " created_at, last_atrn_at"
-    )
-
-    @staticmethod
-    def _account(conn: sqlite3.Connection, row: Any) -> Account:
-        certs = tuple(
-            r[0]
-            for r in conn.execute(
-                "SELECT fingerprint FROM account_certs WHERE account = ? ORDER BY fingerprint",
-                (row[0],),
-            )
-        )
-        subjects = tuple(
-            r[0]
-            for r in conn.execute(
-                "SELECT subject FROM account_cert_subjects WHERE account = ? ORDER BY subject",
-                (row[0],),
-            )
-        )
-        scram = None
-        if row[1] is not None:
-            scram = ScramSecret(
-                salt=bytes(row[1]),
-                iterations=int(row[2]),
-                stored_key=bytes(row[3]),
-                server_key=bytes(row[4]),
-            )
-        return Account(
-            name=row[0],
-            scram=scram,
-            cram_secret=row[5],
-            cert_fingerprints=certs,
-            cert_subjects=subjects,
-            created_at=row[6],
-            last_atrn_at=row[7],
-        )
-
-    def get_account(self, name: str) -> Account | None:
-        with self._read() as conn:
-            row = conn.execute(
-                f"SELECT {self._ACCOUNT_COLUMNS} FROM accounts WHERE name = ?", (name,)
-            ).fetchone()
-            return None if row is None else self._account(conn, row)
-
-    def account_by_fingerprint(self, fingerprint: str) -> Account | None:
-        """`fingerprint` is lowercase hex without colons, as stored."""
-        with self._read() as conn:
-            row = conn.execute(
-                f"SELECT {self._ACCOUNT_COLUMNS} FROM accounts WHERE name ="
-                " (SELECT account FROM account_certs WHERE fingerprint = ?)",
-                (fingerprint.lower(),),
-            ).fetchone()
-            return None if row is None else self._account(conn, row)
-
-    def account_by_subject(self, subject: str) -> Account | None:
-        """`subject` in the canonical form of `certificate_subject`, compared exactly."""
-        with self._read() as conn:
-            row = conn.execute(
-                f"SELECT {self._ACCOUNT_COLUMNS} FROM accounts WHERE name ="
-                " (SELECT account FROM account_cert_subjects WHERE subject = ?)",
-                (subject,),
-            ).fetchone()
-            return None if row is None else self._account(conn, row)
-
-    def list_accounts(self) -> list[Account]:
-        with self._read() as conn:
-            rows = conn.execute(
-                f"SELECT {self._ACCOUNT_COLUMNS} FROM accounts ORDER BY name"
-            ).fetchall()
-            return [self._account(conn, row) for row in rows]
-
-    def remove_account(self, name: str) -> bool:
-        """Remove the account, its certificate bindings and domains; held mail stays queued."""
-        with self._write() as conn:
-            cur = conn.execute("DELETE FROM accounts WHERE name = ?", (name,))
-            return cur.rowcount > 0
-
-    def record_atrn(self, name: str, at: float) -> None:
-        with self._write() as conn:
-            conn.execute("UPDATE accounts SET last_atrn_at = ? WHERE name = ?", (at, name))
-
-    # --- domains -------------------------------------------------------------------------
-
-    def add_domain(self, domain: Domain) -> None:
-        with self._write() as conn:
-            row = conn.execute(
-                "SELECT account FROM domains WHERE name = ?", (domain.name,)
-            ).fetchone()
-            if row is not None:
-                raise ValueError(f"domain {domain.name!r} already belongs to account {row[0]!r}")
-            if not self._account_exists(conn, domain.account):
-                raise ValueError(f"no account {domain.account!r}")
-            conn.execute(
-                "INSERT INTO domains (name, account, max_messages, max_bytes, validate,"
-                " hold_lifetime) VALUES (?, ?, ?, ?, ?, ?)",
-                (
-                    domain.name,
-                    domain.account,
-                    domain.max_messages,
-                    domain.max_bytes,
-                    int(domain.valid_recipients is not None),
-                    domain.hold_lifetime,
-                ),
-            )
-            self._set_valid(conn, domain)
-
-    def update_domain(self, domain: Domain) -> None:
-        """Replace an existing domain's account, quotas, valid recipients and hold lifetime."""
-        with self._write() as conn:
-            row = conn.execute("SELECT 1 FROM domains WHERE name = ?", (domain.name,)).fetchone()
-            if row is None:
-                raise ValueError(f"no domain {domain.name!r}")
-            if not self._account_exists(conn, domain.account):
-                raise ValueError(f"no account {domain.account!r}")
-            conn.execute(
-                "UPDATE domains SET account = ?, max_messages = ?, max_bytes = ?, validate = ?,"
-                " hold_lifetime = ? WHERE name = ?",
-                (
-                    domain.account,
-                    domain.max_messages,
-                    domain.max_bytes,
-                    int(domain.valid_recipients is not None),
-                    domain.hold_lifetime,
-                    domain.name,
-                ),
-            )
-            conn.execute("DELETE FROM valid_recipients WHERE domain = ?", (domain.name,))
-            self._set_valid(conn, domain)
-
-    @staticmethod
-    def _set_valid(conn: sqlite3.Connection, domain: Domain) -> None:
-        if domain.valid_recipients is None:
-            return
-        conn.executemany(
-            "INSERT OR IGNORE INTO valid_recipients (domain, local) VALUES (?, ?)",
-            [(domain.name, local.lower()) for local in sorted(domain.valid_recipients)],
-        )
-
-    @staticmethod
-    def _domain(conn: sqlite3.Connection, row: Any) -> Domain:
-        valid: frozenset[str] | None = None
-        if row[4]:
-            valid = frozenset(
-                r[0]
-                for r in conn.execute(
-                    "SELECT local FROM valid_recipients WHERE domain = ?", (row[0],)
-                )
-            )
-        return Domain(
-            name=row[0],
-            account=row[1],
-            max_messages=row[2],
-            max_bytes=row[3],
-            valid_recipients=valid,
-            hold_lifetime=row[5],
-        )
-
-    def get_domain(self, name: str) -> Domain | None:
-        with self._read() as conn:
-            row = conn.execute(
-                f"SELECT {_DOMAIN_COLUMNS} FROM domains"
-                " WHERE name = ?",
-                (name,),
-            ).fetchone()
-            return None if row is None else self._domain(conn, row)
-
-    def list_domains(self, account: str | None = None) -> list[Domain]:
-        with self._read() as conn:
-            if account is None:
-                rows = conn.execute(
-                    f"SELECT {_DOMAIN_COLUMNS} FROM domains"
-                    " ORDER BY name"
-                ).fetchall()
-            else:
-                rows = conn.execute(
-                    f"SELECT {_DOMAIN_COLUMNS} FROM domains"
-                    " WHERE account = ? ORDER BY name",
-                    (account,),
-                ).fetchall()
-            return [self._domain(conn, row) for row in rows]
-
-    def remove_domain(self, name: str) -> bool:
-        """Remove the domain (and its valid recipients); its held mail stays queued."""
-        with self._write() as conn:
-            cur = conn.execute("DELETE FROM domains WHERE name = ?", (name,))
-            return cur.rowcount > 0
 
     # --- lifecycle -----------------------------------------------------------------------
 

@@ -1,0 +1,345 @@
+"""The queue tools of the SQLite engine (`QueueTools`, see `fermoposta.store.base`).
+
+Contract: `SQLiteQueueTools` is a mixin of `SQLiteStore` and uses only its
+transactions (`_read`, `_write`) and clock.  Every call is one short
+transaction (an IMMEDIATE one for the bulk actions), safe while a provider
+runs on the same file; pages are keyed by (received_at, id); statements are
+batched to at most `_BATCH` parameters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from collections.abc import Callable, Collection, Sequence
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any
+
+from fermoposta.store.base import (
+    DomainShape,
+    QueuedRecipient,
+    QueueEntry,
+    QueueFilter,
+    QueueShape,
+    RecipientState,
+)
+from fermoposta.store.sqlite_rows import (
+    _MESSAGE_COLUMNS,
+    _RECIPIENT_COLUMNS,
+    _batches,
+    _marks,
+    _message,
+    _recipient,
+)
+
+
+def _filter_sql(where: QueueFilter, after: tuple[float, str] | None
+                ) -> tuple[str, list[Any]]:
+    """The WHERE clause (on messages `m`) of `where` and the page key."""
+    clauses: list[str] = []
+    params: list[Any] = []
+    if after is not None:
+        clauses.append("(m.received_at > ? OR (m.received_at = ? AND m.id > ?))")
+        params += [after[0], after[0], after[1]]
+    if where.received_before is not None:
+        clauses.append("m.received_at < ?")
+        params.append(where.received_before)
+    if where.sender is not None:
+        if where.sender_exact:
+            clauses.append("lower(m.sender) = lower(?)")
+        else:
+            clauses.append("instr(lower(m.sender), lower(?)) > 0")
+        params.append(where.sender)
+    inner: list[str] = []
+    if where.domain is not None:
+        inner.append("r.domain = ?")
+        params.append(where.domain)
+    if where.recipient is not None:
+        if where.recipient_exact:
+            inner.append("lower(r.address) = lower(?)")
+        else:
+            inner.append("instr(lower(r.address), lower(?)) > 0")
+        params.append(where.recipient)
+    if where.state is not None:
+        if where.state == "deferred":
+            inner.append("r.state = ? AND r.attempts > 0")
+            params.append(str(RecipientState.OUTBOUND))
+        else:
+            inner.append("r.state = ?")
+            params.append(str(RecipientState(where.state)))
+    if inner:
+        clauses.append("EXISTS (SELECT 1 FROM recipients r WHERE r.message_id = m.id AND "
+                       + " AND ".join(inner) + ")")
+    return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+
+def _existing(conn: sqlite3.Connection, message_ids: Sequence[str]) -> list[str]:
+    found: list[str] = []
+    for batch in _batches(message_ids):
+        found += [
+            str(r[0])
+            for r in conn.execute(
+                f"SELECT id FROM messages WHERE id IN ({_marks(len(batch))})", batch
+            )
+        ]
+    return sorted(found)
+
+
+class SQLiteQueueTools:
+    """Paging and bulk actions: the `QueueTools` part of `SQLiteStore`."""
+
+    _clock: Callable[[], float]
+
+    if TYPE_CHECKING:  # provided by SQLiteStore
+        def _read(self) -> AbstractContextManager[sqlite3.Connection]: ...
+
+        def _write(self) -> AbstractContextManager[sqlite3.Connection]: ...
+
+    def queue_ids(
+        self, where: QueueFilter, after: tuple[float, str] | None, limit: int
+    ) -> list[tuple[float, str]]:
+        if limit <= 0:
+            return []
+        sql, params = _filter_sql(where, after)
+        with self._read() as conn:
+            return [
+                (float(r[0]), str(r[1]))
+                for r in conn.execute(
+                    f"SELECT m.received_at, m.id FROM messages m{sql}"
+                    " ORDER BY m.received_at, m.id LIMIT ?",
+                    (*params, limit),
+                )
+            ]
+
+    def queue_page(
+        self, where: QueueFilter, after: tuple[float, str] | None, limit: int
+    ) -> list[QueueEntry]:
+        if limit <= 0:
+            return []
+        sql, params = _filter_sql(where, after)
+        with self._read() as conn:
+            rows = conn.execute(
+                f"SELECT {', '.join('m.' + c.strip() for c in _MESSAGE_COLUMNS.split(','))}"
+                f" FROM messages m{sql} ORDER BY m.received_at, m.id LIMIT ?",
+                (*params, limit),
+            ).fetchall()
+            return self._entries(conn, rows)
+
+    def get_queue_entry(self, message_id: str) -> QueueEntry | None:
+        with self._read() as conn:
+            row = conn.execute(
+                f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = ?", (message_id,)
+            ).fetchone()
+            if row is None:
+                return None
+            return self._entries(conn, [row])[0]
+
+    def _entries(self, conn: sqlite3.Connection, rows: Sequence[Any]) -> list[QueueEntry]:
+        """Entries for message rows (in their order), with all recipients."""
+        now = self._clock()
+        ids = [str(row[0]) for row in rows]
+        recipients: dict[str, list[QueuedRecipient]] = {i: [] for i in ids}
+        active: dict[str, set[int]] = {i: set() for i in ids}
+        previous: dict[str, dict[int, RecipientState]] = {i: {} for i in ids}
+        hold_column = (
+            "(SELECT h.previous_state FROM recipient_holds h WHERE h.recipient_id = r.id)"
+        )
+        columns = ", ".join("r." + c.strip() for c in _RECIPIENT_COLUMNS.split(","))
+        for batch in _batches(ids):
+            for r in conn.execute(
+                f"SELECT {columns}, r.claimed_by, r.claimed_until, {hold_column}"
+                f" FROM recipients r WHERE r.message_id IN ({_marks(len(batch))})"
+                " ORDER BY r.id",
+                batch,
+            ):
+                rcpt = _recipient(r)
+                recipients[rcpt.message_id].append(rcpt)
+                if r[12] is not None and r[13] is not None and r[13] > now:
+                    active[rcpt.message_id].add(rcpt.id)
+                if rcpt.state == RecipientState.HOLD and r[14] is not None:
+                    with contextlib.suppress(ValueError):
+                        previous[rcpt.message_id][rcpt.id] = RecipientState(r[14])
+        return [
+            QueueEntry(_message(row, recipients[str(row[0])]),
+                       frozenset(active[str(row[0])]), previous[str(row[0])])
+            for row in rows
+        ]
+
+    def delete_messages(self, message_ids: Collection[str]) -> list[str]:
+        wanted = sorted(set(message_ids))
+        with self._write() as conn:
+            found = _existing(conn, wanted)
+            for batch in _batches(found):
+                # ON DELETE CASCADE removes the body chunks and the recipients.
+                conn.execute(f"DELETE FROM messages WHERE id IN ({_marks(len(batch))})", batch)
+        return found
+
+    def _count_by_message(self, conn: sqlite3.Connection, batch: Sequence[str],
+                          condition: str, params: Sequence[Any]) -> dict[str, int]:
+        return {
+            str(r[0]): int(r[1])
+            for r in conn.execute(
+                "SELECT message_id, COUNT(*) FROM recipients"
+                f" WHERE message_id IN ({_marks(len(batch))}) AND {condition}"
+                " GROUP BY message_id",
+                (*batch, *params),
+            )
+        }
+
+    def hold_messages(self, message_ids: Collection[str]) -> dict[str, int]:
+        wanted = sorted(set(message_ids))
+        hold = str(RecipientState.HOLD)
+        now = self._clock()
+        with self._write() as conn:
+            found = _existing(conn, wanted)
+            result = dict.fromkeys(found, 0)
+            for batch in _batches(found):
+                marks = _marks(len(batch))
+                result.update(self._count_by_message(conn, batch, "state != ?", (hold,)))
+                conn.execute(
+                    "INSERT OR REPLACE INTO recipient_holds (recipient_id, previous_state)"
+                    f" SELECT id, state FROM recipients WHERE message_id IN ({marks})"
+                    " AND state != ?",
+                    (*batch, hold),
+                )
+                conn.execute(
+                    f"UPDATE recipients SET state = ?, updated_at = ? WHERE message_id IN ({marks})"
+                    " AND state != ?",
+                    (hold, now, *batch, hold),
+                )
+        return result
+
+    def release_messages(self, message_ids: Collection[str]) -> dict[str, int]:
+        wanted = sorted(set(message_ids))
+        hold = str(RecipientState.HOLD)
+        now = self._clock()
+        with self._write() as conn:
+            found = _existing(conn, wanted)
+            result = dict.fromkeys(found, 0)
+            for batch in _batches(found):
+                marks = _marks(len(batch))
+                result.update(self._count_by_message(conn, batch, "state = ?", (hold,)))
+                conn.execute(
+                    "UPDATE recipients SET updated_at = ?, state = COALESCE("
+                    " (SELECT h.previous_state FROM recipient_holds h"
+                    "  WHERE h.recipient_id = recipients.id),"
+                    " CASE WHEN EXISTS (SELECT 1 FROM domains d WHERE d.name = recipients.domain)"
+                    " THEN ? ELSE ? END)"
+                    f" WHERE message_id IN ({marks}) AND state = ?",
+                    (now, str(RecipientState.HELD), str(RecipientState.OUTBOUND), *batch, hold),
+                )
+                conn.execute(
+                    "DELETE FROM recipient_holds WHERE recipient_id IN"
+                    f" (SELECT id FROM recipients WHERE message_id IN ({marks}) AND state != ?)",
+                    (*batch, hold),
+                )
+        return result
+
+    def retry_outbound(
+        self, now: float, *, message_ids: Collection[str] | None = None,
+        domain: str | None = None
+    ) -> dict[str, int]:
+        condition = ("state = ? AND (claimed_until IS NULL OR claimed_until <= ?)"
+                     + (" AND domain = ?" if domain is not None else ""))
+        params: list[Any] = [str(RecipientState.OUTBOUND), now]
+        if domain is not None:
+            params.append(domain)
+        result: dict[str, int] = {}
+        with self._write() as conn:
+            if message_ids is None:
+                batches: list[Sequence[str] | None] = [None]
+            else:
+                found = _existing(conn, sorted(set(message_ids)))
+                result = dict.fromkeys(found, 0)
+                batches = list(_batches(found))
+            for batch in batches:
+                scope = condition
+                scope_params = list(params)
+                if batch is not None:
+                    scope += f" AND message_id IN ({_marks(len(batch))})"
+                    scope_params += batch
+                result.update(
+                    (str(r[0]), int(r[1]))
+                    for r in conn.execute(
+                        f"SELECT message_id, COUNT(*) FROM recipients WHERE {scope}"
+                        " GROUP BY message_id",
+                        scope_params,
+                    )
+                )
+                conn.execute(
+                    f"UPDATE recipients SET next_attempt_at = ?, updated_at = ? WHERE {scope}",
+                    (now, now, *scope_params),
+                )
+        return result
+
+    def queue_shape(self, now: float, age_limits: Sequence[float]) -> QueueShape:
+        limits = [float(a) for a in age_limits]
+        bucket = ("CASE" + "".join(
+            f" WHEN ? - m.received_at < ? THEN {i}" for i in range(len(limits))
+        ) + f" ELSE {len(limits)} END") if limits else "0"  # no limits: one bucket
+        bucket_params: list[Any] = []
+        for limit in limits:
+            bucket_params += [now, limit]
+        held, outbound, hold = (str(s) for s in (RecipientState.HELD, RecipientState.OUTBOUND,
+                                                  RecipientState.HOLD))
+        by_state = (
+            "SUM(r.state = ?), SUM(r.state = ?), SUM(r.state = ? AND r.attempts > 0),"
+            " SUM(r.state = ?)"
+        )
+        state_params = (held, outbound, outbound, hold)
+        with self._read() as conn:
+            figures: dict[str, list[Any]] = {}
+            for row in conn.execute(
+                "SELECT r.domain, COUNT(DISTINCT r.message_id), COUNT(*), MIN(m.received_at),"
+                f" {by_state}"
+                " FROM recipients r JOIN messages m ON m.id = r.message_id GROUP BY r.domain",
+                state_params,
+            ):
+                figures[str(row[0])] = list(row[1:])
+            sizes = {
+                str(r[0]): int(r[1])
+                for r in conn.execute(
+                    "SELECT domain, SUM(size) FROM (SELECT DISTINCT r.domain AS domain, m.id,"
+                    " m.size AS size FROM recipients r JOIN messages m ON m.id = r.message_id)"
+                    " GROUP BY domain"
+                )
+            }
+            ages: dict[str, list[int]] = {d: [0] * (len(limits) + 1) for d in figures}
+            for domain, index, count in conn.execute(
+                f"SELECT r.domain, {bucket}, COUNT(*) FROM recipients r"
+                " JOIN messages m ON m.id = r.message_id GROUP BY 1, 2",
+                bucket_params,
+            ):
+                ages.setdefault(str(domain), [0] * (len(limits) + 1))[int(index)] += int(count)
+            total_row = conn.execute(
+                f"SELECT COUNT(*), {by_state} FROM recipients r", state_params
+            ).fetchone()
+            message_row = conn.execute(
+                "SELECT COUNT(*), COALESCE(SUM(size), 0), MIN(received_at) FROM messages"
+            ).fetchone()
+        domains = [
+            DomainShape(domain, int(f[0]), int(f[1]), sizes.get(domain, 0), f[2],
+                        int(f[3] or 0), int(f[4] or 0), int(f[5] or 0), int(f[6] or 0),
+                        tuple(ages[domain]))
+            for domain, f in figures.items()
+        ]
+        domains.sort(key=lambda d: (-d.recipients, d.domain))
+        total_ages = [sum(d.ages[i] for d in domains) for i in range(len(limits) + 1)]
+        total = DomainShape("", int(message_row[0]), int(total_row[0]), int(message_row[1]),
+                            message_row[2], int(total_row[1] or 0), int(total_row[2] or 0),
+                            int(total_row[3] or 0), int(total_row[4] or 0), tuple(total_ages))
+        return QueueShape(total, tuple(domains))
+
+    def queue_summary(self) -> list[tuple[str, int, int, float | None]]:
+        with self._read() as conn:
+            rows = {
+                str(r[0]): (int(r[1]), int(r[2] or 0), r[3])
+                for r in conn.execute(
+                    "SELECT state, COUNT(*), SUM(size), MIN(received_at) FROM"
+                    " (SELECT DISTINCT r.state AS state, m.id, m.size AS size,"
+                    " m.received_at AS received_at"
+                    " FROM recipients r JOIN messages m ON m.id = r.message_id)"
+                    " GROUP BY state"
+                )
+            }
+        return [(str(state), *rows.get(str(state), (0, 0, None))) for state in RecipientState]
