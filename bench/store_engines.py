@@ -592,6 +592,8 @@ def main() -> int:
         with c.workdir(args.keep, "fermoposta-bench-engines-") as work:
             work.chmod(0o711)  # the postfix user must reach its queue under it
             for rnd in range(1, args.rounds + 1):
+                # Other work on the machine moves the figures: say how busy it was.
+                print(f"round {rnd}: load average {os.getloadavg()[0]:.2f}", flush=True)
                 shift = (rnd - 1) % len(systems)
                 for system in systems[shift:] + systems[:shift]:
                     try:
@@ -606,7 +608,7 @@ def main() -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    print()
+    print(f"\nload average at the end {os.getloadavg()[0]:.2f}\n")
     for line in summary(runs, systems):
         print(line)
     bad = [r for r in runs if r.problems]
