@@ -13,7 +13,10 @@ OUTBOUND recipients; `OutboundRunner` delivers them.  Contract:
 - Every `queue_interval` (and on `wake()`), the runner claims due recipients
   in the store (`Store.claim_due_outbound`, a claim with a TTL renewed while
   this runner lives), so two runners, in one process or several, never
-  deliver one recipient at once.
+  deliver one recipient at once.  A batch's claims are released when it is
+  done; a release the store refuses (it is down) is retried on every later
+  pass until it succeeds, since the renewal would otherwise keep those
+  recipients claimed, and unsent, for as long as the runner lives.
 - Routing (`fermoposta.provider.resolver.Router`): transport map, smarthost,
   or MX lookup.  Recipients are grouped per destination; one connection
   carries many messages, one transaction all the recipients of a message
@@ -229,6 +232,10 @@ class OutboundRunner:
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._batches: set[asyncio.Task[None]] = set()
         self._in_flight = 0
+        # Claims `_process` could not release (the store was down): retried
+        # on every pass, else the heartbeat would renew them for as long as
+        # this runner lives and their recipients would never be sent.
+        self._unreleased: list[tuple[list[int], float | None]] = []
         self._hosted: dict[str, bool] = {}
         # Counters for tests, benchmarks and logs.
         self.delivered = 0
@@ -275,6 +282,7 @@ class OutboundRunner:
             self._heartbeat_task = None
         try:
             await asyncio.to_thread(self.store.release_claims, self.owner)
+            self._unreleased.clear()  # released with the rest, due at once
         except StoreError as exc:
             log.warning("cannot release outbound claims (they expire by themselves): %s", exc)
 
@@ -285,6 +293,7 @@ class OutboundRunner:
         heartbeat = asyncio.create_task(self._heartbeat())
         try:
             while True:
+                await self._release_unreleased()
                 messages = await asyncio.to_thread(
                     self.store.claim_due_outbound, self.clock(), self.settings.claim_batch,
                     self.owner, self.settings.claim_ttl)
@@ -331,7 +340,17 @@ class OutboundRunner:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), self.out.queue_interval)
 
+    async def _release_unreleased(self) -> None:
+        """Retry the releases that failed; raises StoreError if the store
+        still fails (the rest are kept for the next pass)."""
+        while self._unreleased:
+            ids, at = self._unreleased[0]
+            await asyncio.to_thread(self.store.release_claims, self.owner, ids, at)
+            self._unreleased.pop(0)
+            log.info("released %d outbound claims left over from a store error", len(ids))
+
     async def _fill(self) -> None:
+        await self._release_unreleased()
         while not self._stopping and self._in_flight < self.settings.max_in_flight:
             limit = min(self.settings.claim_batch, self.settings.max_in_flight - self._in_flight)
             messages = await asyncio.to_thread(
@@ -367,9 +386,15 @@ class OutboundRunner:
             delay = None  # stopped: what is left is due at once
             raise
         finally:
-            with contextlib.suppress(StoreError):
-                await asyncio.to_thread(self.store.release_claims, self.owner, ids,
-                                        None if delay is None else self.clock() + delay)
+            at = None if delay is None else self.clock() + delay
+            try:
+                await asyncio.to_thread(self.store.release_claims, self.owner, ids, at)
+            except StoreError as exc:
+                # Still claimed by us, and renewed by our heartbeat: the
+                # runner's next pass must release them (`_release_unreleased`).
+                log.warning("cannot release %d outbound claims now, will retry: %s",
+                            len(ids), exc)
+                self._unreleased.append((ids, at))
 
     async def _route_and_deliver(self, messages: Sequence[QueuedMessage]) -> None:
         self._hosted.clear()
