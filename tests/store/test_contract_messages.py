@@ -146,6 +146,20 @@ def test_given_queue_id_is_used_and_a_colliding_one_replaced(store: Store) -> No
     assert m is not None and [r.address for r in m.recipients] == ["a@x.example"]
 
 
+def test_a_colliding_id_is_replaced_for_a_body_of_several_chunks(store: Store) -> None:
+    big = bytes(range(256)) * (CHUNK_SIZE // 128 + 7)  # three chunks
+    mid = store.enqueue(msg("a@x.example"), io.BytesIO(b"1"), queue_id="0123456789AB")
+    other = store.enqueue(msg("b@x.example", "c@x.example"), io.BytesIO(big),
+                          queue_id="0123456789AB")
+    assert other != mid
+    assert (body_of(store, mid), body_of(store, other)) == (b"1", big)
+    first, second = store.get_message(mid), store.get_message(other)
+    assert first is not None and second is not None
+    assert [r.address for r in first.recipients] == ["a@x.example"]
+    assert [r.address for r in second.recipients] == ["b@x.example", "c@x.example"]
+    assert (first.size, second.size) == (1, len(big))
+
+
 def test_durable_and_visible_after_reopen(store_factory: StoreFactory) -> None:
     s1 = store_factory()
     mid = s1.enqueue(msg("a@x.example"), io.BytesIO(b"hello"))

@@ -15,11 +15,10 @@ from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
 from psycopg import errors as pg_errors
+from psycopg.rows import TupleRow
 
 from fermoposta.store.base import Account, Domain, ScramSecret
-from fermoposta.store.pg_rows import (
-    Conn,
-)
+from fermoposta.store.pg_rows import Conn
 
 _DOMAIN_COLUMNS = "name, account, max_messages, max_bytes, validate, hold_lifetime"
 _ACCOUNT_COLUMNS = (
@@ -134,6 +133,9 @@ class PostgresDirectory:
                   ) -> AbstractContextManager[Conn]: ...
 
         def _write(self, what: str) -> AbstractContextManager[Conn]: ...
+
+        def _query(self, what: str, sql: str, params: Sequence[Any] = (), *,
+                   binary: bool = False) -> list[TupleRow]: ...
 
     def add_account(self, account: Account) -> None:
         with self._write("add account") as conn:
@@ -270,11 +272,17 @@ class PostgresDirectory:
             _set_valid(conn, domain)
 
     def get_domain(self, name: str) -> Domain | None:
-        with self._read("get domain") as conn:
-            row = conn.execute(
-                f"SELECT {_DOMAIN_COLUMNS} FROM domains WHERE name = %s", (name,)
-            ).fetchone()
-            return None if row is None else _domain(conn, row)
+        # One statement (one snapshot, one round trip): the MX asks for every RCPT.
+        rows = self._query(
+            "get domain",
+            f"SELECT {_DOMAIN_COLUMNS}, ARRAY(SELECT local FROM valid_recipients v"
+            " WHERE v.domain = d.name) FROM domains d WHERE name = %s", (name,))
+        if not rows:
+            return None
+        row = rows[0]
+        return Domain(name=row[0], account=row[1], max_messages=row[2], max_bytes=row[3],
+                      valid_recipients=frozenset(str(v) for v in row[6]) if row[4] else None,
+                      hold_lifetime=row[5])
 
     def list_domains(self, account: str | None = None) -> list[Domain]:
         with self._read("list domains") as conn:

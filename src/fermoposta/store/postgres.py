@@ -90,6 +90,7 @@ import psycopg
 from psycopg import errors as pg_errors
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.pq import TransactionStatus
+from psycopg.rows import TupleRow
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from fermoposta.store import pg_schema
@@ -107,7 +108,9 @@ from fermoposta.store.pg_directory import PostgresDirectory
 from fermoposta.store.pg_rows import (
     _DB_NOW,
     _LOCK_RECIPIENTS,
+    _M_MESSAGE_COLUMNS,
     _MESSAGE_COLUMNS,
+    _R_RECIPIENT_COLUMNS,
     _RECIPIENT_COLUMNS,
     HELD,
     OUTBOUND,
@@ -306,17 +309,19 @@ class PostgresStore(PostgresDirectory, PostgresQueueTools):
             raise StoreError("store is closed")
 
     @contextmanager
-    def _connection(self) -> Iterator[Conn]:
+    def _connection(self, first: str = "") -> Iterator[Conn]:
         """A pooled connection that answered just now, within `connect_timeout`.
 
-        A connection a server restart broke fails the probe at once; it goes
+        `first` (a BEGIN, or an empty query: one round trip, no statement) is
+        the probe: a connection a server restart broke fails it at once, goes
         back to the pool (which drops it and starts a new one) and the next
-        is tried, so a restart between two calls is not seen at all."""
+        is tried, so a restart between two calls is not seen at all.  A BEGIN
+        as the probe costs no round trip of its own."""
         deadline = time.monotonic() + self._connect_timeout
         while True:
             conn = self._pool.getconn(timeout=max(0.001, deadline - time.monotonic()))
             try:
-                conn.execute("")  # an empty query: one round trip, no statement
+                conn.execute(first)
             except psycopg.OperationalError:
                 self._pool.putconn(conn)
                 if time.monotonic() >= deadline:
@@ -334,11 +339,22 @@ class PostgresStore(PostgresDirectory, PostgresQueueTools):
     @contextmanager
     def _write(self, what: str) -> Iterator[Conn]:
         """One transaction on a pooled connection: committed when the block
-        ends, rolled back on any exception."""
+        ends, rolled back on any exception (`psycopg.Rollback` rolls back and
+        ends the block normally).  Its BEGIN is the connection's probe."""
         self._check_open()
         try:
-            with self._connection() as conn, conn.transaction():
-                yield conn
+            with self._connection("BEGIN") as conn:
+                try:
+                    yield conn
+                except psycopg.Rollback:  # an all-or-nothing write that took nothing
+                    conn.execute("ROLLBACK")
+                    return
+                except BaseException:
+                    # Nothing to keep; a broken connection is the pool's to drop.
+                    with contextlib.suppress(psycopg.Error):
+                        conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
         except _ENGINE_ERRORS as exc:
             raise self._error(f"{what} failed", exc) from exc
 
@@ -348,9 +364,8 @@ class PostgresStore(PostgresDirectory, PostgresQueueTools):
         block sees one snapshot (REPEATABLE READ READ ONLY)."""
         self._check_open()
         try:
-            with self._connection() as conn:
-                if snapshot:
-                    conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            with self._connection("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
+                                  if snapshot else "") as conn:
                 try:
                     yield conn
                 finally:
@@ -358,6 +373,27 @@ class PostgresStore(PostgresDirectory, PostgresQueueTools):
                         # Nothing to keep; a broken connection is the pool's to drop.
                         with contextlib.suppress(psycopg.Error):
                             conn.execute("ROLLBACK")
+        except _ENGINE_ERRORS as exc:
+            raise self._error(f"{what} failed", exc) from exc
+
+    def _query(self, what: str, sql: str, params: Sequence[Any] = (), *,
+               binary: bool = False) -> list[TupleRow]:
+        """The rows of ONE read-only statement (one snapshot by itself), with
+        no probe round trip: the statement is the probe, and a connection a
+        server restart broke is replaced and the statement run again (a read
+        may be repeated), within `connect_timeout`."""
+        self._check_open()
+        deadline = time.monotonic() + self._connect_timeout
+        try:
+            while True:
+                conn = self._pool.getconn(timeout=max(0.001, deadline - time.monotonic()))
+                try:
+                    return conn.execute(sql, params, binary=binary).fetchall()
+                except psycopg.OperationalError:
+                    if not conn.broken or time.monotonic() >= deadline:
+                        raise
+                finally:
+                    self._pool.putconn(conn)
         except _ENGINE_ERRORS as exc:
             raise self._error(f"{what} failed", exc) from exc
 
@@ -450,28 +486,30 @@ class PostgresStore(PostgresDirectory, PostgresQueueTools):
     def _enqueue(self, conn: Conn, message: NewMessage, body: IO[bytes],
                  queue_id: str | None = None) -> str:
         now = self._clock()
+        first = body.read(CHUNK_SIZE)
+        second = body.read(CHUNK_SIZE) if first else b""
         while True:
             message_id = queue_id or new_queue_id()
             queue_id = None  # on a collision, draw a fresh one
-            try:
-                with conn.transaction():  # a SAVEPOINT: a collision undoes only this row
-                    conn.execute(
-                        "INSERT INTO messages (id, sender, received_at, size, origin, smtputf8,"
-                        " body_8bit, envid, ret, client, node)"
-                        " VALUES (%s, %s, %s, 0, %s, %s, %s, %s, %s, %s, %s)",
-                        (message_id, message.sender, now, str(message.origin),
-                         bool(message.smtputf8), bool(message.body_8bit), message.envid,
-                         message.ret, message.client, self._node),
-                    )
-            except pg_errors.UniqueViolation:
-                continue
-            break
+            if not second:  # the whole body is in `first`: one statement
+                if self._insert_whole(conn, message_id, message, now, bytes(first)):
+                    return message_id
+                continue  # a colliding id wrote nothing
+            row = conn.execute(
+                "INSERT INTO messages (id, sender, received_at, size, origin, smtputf8,"
+                " body_8bit, envid, ret, client, node)"
+                " VALUES (%s, %s, %s, 0, %s, %s, %s, %s, %s, %s, %s)"
+                " ON CONFLICT (id) DO NOTHING RETURNING id",
+                (message_id, message.sender, now, str(message.origin),
+                 bool(message.smtputf8), bool(message.body_8bit), message.envid,
+                 message.ret, message.client, self._node),
+            ).fetchone()
+            if row is not None:
+                break
         size = 0
         seq = 0
-        while True:
-            data = body.read(CHUNK_SIZE)
-            if not data:
-                break
+        data: bytes = first
+        while data:
             # %b: sent in binary, not as a hex text twice its size.
             conn.execute(
                 "INSERT INTO body_chunks (message_id, seq, data) VALUES (%s, %s, %b)",
@@ -479,21 +517,58 @@ class PostgresStore(PostgresDirectory, PostgresQueueTools):
             )
             size += len(data)
             seq += 1
-            del data
+            if second:
+                data, second = second, b""
+            else:
+                data = body.read(CHUNK_SIZE)
+        del first, data
         conn.execute("UPDATE messages SET size = %s WHERE id = %s", (size, message_id))
-        if message.recipients:
-            rs = message.recipients
-            # One statement; WITH ORDINALITY keeps the ids in the message's order.
-            conn.execute(
-                "INSERT INTO recipients (message_id, address, domain, state, attempts, notify,"
-                " orcpt, updated_at)"
-                " SELECT %s, u.address, u.domain, u.state, 0, u.notify, u.orcpt, %s"
-                " FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[])"
-                " WITH ORDINALITY AS u(address, domain, state, notify, orcpt, n) ORDER BY u.n",
-                (message_id, now, [r.address for r in rs], [r.domain for r in rs],
-                 [str(r.state) for r in rs], [r.notify for r in rs], [r.orcpt for r in rs]),
-            )
+        self._insert_recipients(conn, message_id, message, now)
         return message_id
+
+    _RECIPIENTS_SELECT = (
+        "INSERT INTO recipients (message_id, address, domain, state, attempts, notify,"
+        " orcpt, updated_at)"
+        " SELECT {id}, u.address, u.domain, u.state, 0, u.notify, u.orcpt, %s"
+        " FROM {source}unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[])"
+        # WITH ORDINALITY keeps the ids in the message's order.
+        " WITH ORDINALITY AS u(address, domain, state, notify, orcpt, n) ORDER BY u.n"
+    )
+
+    @staticmethod
+    def _recipient_arrays(message: NewMessage) -> tuple[list[str | None], ...]:
+        rs = message.recipients
+        return ([r.address for r in rs], [r.domain for r in rs], [str(r.state) for r in rs],
+                [r.notify for r in rs], [r.orcpt for r in rs])
+
+    def _insert_recipients(self, conn: Conn, message_id: str, message: NewMessage,
+                           now: float) -> None:
+        if message.recipients:
+            conn.execute(self._RECIPIENTS_SELECT.format(id="%s", source=""),
+                         (message_id, now, *self._recipient_arrays(message)))
+
+    def _insert_whole(self, conn: Conn, message_id: str, message: NewMessage, now: float,
+                      data: bytes) -> bool:
+        """The message, its one-chunk body and its recipients in one statement
+        (one round trip); False, with nothing written, if `message_id` exists.
+        The foreign keys are checked at the end of the statement, when the
+        message row is there."""
+        row = conn.execute(
+            "WITH m AS (INSERT INTO messages (id, sender, received_at, size, origin, smtputf8,"
+            " body_8bit, envid, ret, client, node)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+            " ON CONFLICT (id) DO NOTHING RETURNING id),"
+            " c AS (INSERT INTO body_chunks (message_id, seq, data)"
+            " SELECT m.id, 0, %b FROM m WHERE %s),"
+            " r AS (" + self._RECIPIENTS_SELECT.format(id="m.id", source="m, ") + ")"
+            " SELECT count(*) FROM m",
+            (message_id, message.sender, now, len(data), str(message.origin),
+             bool(message.smtputf8), bool(message.body_8bit), message.envid, message.ret,
+             message.client, self._node,
+             data, bool(data),
+             now, *self._recipient_arrays(message)),
+        ).fetchone()
+        return row is not None and int(row[0]) == 1
 
     def is_empty(self) -> bool:
         with self._read("is empty") as conn:
@@ -542,17 +617,18 @@ class PostgresStore(PostgresDirectory, PostgresQueueTools):
                                  " VALUES (%s, %s)", (row[0], str(previous)))
 
     def get_message(self, message_id: str) -> QueuedMessage | None:
-        with self._read("get message") as conn:
-            row = conn.execute(
-                f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = %s", (message_id,)
-            ).fetchone()
-            if row is None:
-                return None
-            rcpts = conn.execute(
-                f"SELECT {_RECIPIENT_COLUMNS} FROM recipients WHERE message_id = %s ORDER BY id",
-                (message_id,),
-            ).fetchall()
-        return _message(row, [_recipient(r) for r in rcpts])
+        # One statement (one snapshot): the message and its recipients.
+        columns = _MESSAGE_COLUMNS.count(",") + 1
+        rows = self._query(
+            "get message",
+            f"SELECT {_M_MESSAGE_COLUMNS}, {_R_RECIPIENT_COLUMNS} FROM messages m"
+            " LEFT JOIN recipients r ON r.message_id = m.id WHERE m.id = %s ORDER BY r.id",
+            (message_id,),
+        )
+        if not rows:
+            return None
+        return _message(rows[0][:columns],
+                        [_recipient(r[columns:]) for r in rows if r[columns] is not None])
 
     @staticmethod
     def _messages_of(conn: Conn, recipient_ids: Sequence[int]) -> list[QueuedMessage]:
@@ -587,27 +663,38 @@ class PostgresStore(PostgresDirectory, PostgresQueueTools):
         Each chunk is fetched by its own query; if the message disappears while
         it is read, the iterator raises `StoreError` instead of ending short.
         """
-        with self._read("read body", snapshot=False) as conn:
-            row = conn.execute("SELECT size FROM messages WHERE id = %s",
-                               (message_id,)).fetchone()
-        if row is None:
+        # The size and the first chunk in one round trip (most bodies are
+        # one chunk); the others are read one per query.
+        rows = self._query(
+            "read body",
+            "SELECT m.size, c.data FROM messages m LEFT JOIN body_chunks c"
+            " ON c.message_id = m.id AND c.seq = 0 WHERE m.id = %s",
+            (message_id,), binary=True,
+        )
+        if not rows:
             raise StoreError(f"message {message_id} is not in the queue")
-        return self._chunks(message_id, int(row[0]))
+        row = rows[0]
+        first = None if row[1] is None else bytes(row[1])
+        return self._chunks(message_id, int(row[0]), first)
 
-    def _chunks(self, message_id: str, size: int) -> Iterator[bytes]:
+    def _chunks(self, message_id: str, size: int, first: bytes | None) -> Iterator[bytes]:
         seq = 0
         done = 0
+        if size > 0 and first is not None:
+            done, seq = len(first), 1
+            yield first
+            del first
         while done < size:
-            with self._read("read body", snapshot=False) as conn:
-                row = conn.execute(
-                    "SELECT data FROM body_chunks WHERE message_id = %s AND seq = %s",
-                    (message_id, seq),
-                    binary=True,  # the bytes as they are, not a hex text to decode
-                ).fetchone()
-            if row is None:
+            rows = self._query(
+                "read body",
+                "SELECT data FROM body_chunks WHERE message_id = %s AND seq = %s",
+                (message_id, seq),
+                binary=True,  # the bytes as they are, not a hex text to decode
+            )
+            if not rows:
                 raise StoreError(f"message {message_id} left the queue while being read")
-            data = bytes(row[0])
-            del row
+            data = bytes(rows[0][0])
+            del rows
             done += len(data)
             seq += 1
             yield data
@@ -649,10 +736,10 @@ class PostgresStore(PostgresDirectory, PostgresQueueTools):
         return int(row[0]) if row is not None else 0
 
     def count_events(self, key: str, since: float) -> int:
-        with self._read("count events", snapshot=False) as conn:
-            row = conn.execute("SELECT count(*) FROM rate_events WHERE key = %s AND at > %s",
-                               (key, float(since))).fetchone()
-        return int(row[0]) if row is not None else 0
+        rows = self._query("count events",
+                           "SELECT count(*) FROM rate_events WHERE key = %s AND at > %s",
+                           (key, float(since)))
+        return int(rows[0][0]) if rows else 0
 
     # --- held mail ------------------------------------------------------------------------------
 
@@ -689,13 +776,12 @@ class PostgresStore(PostgresDirectory, PostgresQueueTools):
             }
 
     def domain_usage(self, domain: str) -> tuple[int, int]:
-        with self._read("domain usage", snapshot=False) as conn:
-            row = conn.execute(
-                "SELECT count(*), COALESCE(sum(size), 0) FROM messages WHERE id IN ("
-                " SELECT message_id FROM recipients WHERE domain = %s AND state = %s)",
-                (domain, HELD),
-            ).fetchone()
-        assert row is not None
+        (row,) = self._query(
+            "domain usage",
+            "SELECT count(*), COALESCE(sum(size), 0) FROM messages WHERE id IN ("
+            " SELECT message_id FROM recipients WHERE domain = %s AND state = %s)",
+            (domain, HELD),
+        )
         return int(row[0]), int(row[1])
 
     # --- outcomes -------------------------------------------------------------------------------
@@ -762,22 +848,27 @@ class PostgresStore(PostgresDirectory, PostgresQueueTools):
         ids = _ids(recipient_ids)
         if not ids:
             return 0
+        # One statement: lock the recipients in id order and delete them, then
+        # lock their messages in id order.  The messages are locked before we
+        # look for recipients left (in the next statement, with a fresh
+        # snapshot): two nodes each removing one of a message's last two
+        # recipients would otherwise each see the other's (not yet committed
+        # as gone) and leave the message behind with none.  The second waits
+        # for the first's lock, then sees its deletion.
         rows = conn.execute(
-            "SELECT message_id FROM recipients WHERE id = ANY(%s::bigint[]) ORDER BY id"
-            " FOR UPDATE",
+            "WITH locked AS (SELECT id FROM recipients WHERE id = ANY(%s::bigint[])"
+            " ORDER BY id FOR UPDATE),"
+            " gone AS (DELETE FROM recipients r USING locked l WHERE r.id = l.id"
+            " RETURNING r.message_id)"
+            " SELECT m.id, g.n FROM messages m JOIN (SELECT message_id, count(*) AS n"
+            " FROM gone GROUP BY message_id) g ON g.message_id = m.id"
+            " ORDER BY m.id FOR UPDATE OF m",
             (ids,),
         ).fetchall()
         if not rows:
             return 0
-        touched = sorted({str(r[0]) for r in rows})
-        removed = conn.execute("DELETE FROM recipients WHERE id = ANY(%s::bigint[])",
-                               (ids,)).rowcount
-        # Lock the messages before looking for recipients left: two nodes each
-        # removing one of a message's last two recipients would otherwise each
-        # see the other's (not yet committed as gone) and leave the message
-        # behind with none.  The second waits here, then sees the first's.
-        conn.execute("SELECT id FROM messages WHERE id = ANY(%s::text[]) ORDER BY id FOR UPDATE",
-                     (touched,))
+        touched = [str(r[0]) for r in rows]
+        removed = sum(int(r[1]) for r in rows)
         conn.execute(
             "DELETE FROM messages m WHERE m.id = ANY(%s::text[]) AND NOT EXISTS"
             " (SELECT 1 FROM recipients r WHERE r.message_id = m.id)",
