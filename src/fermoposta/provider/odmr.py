@@ -20,7 +20,10 @@ Contract:
   `ServerSession.run()` runs `drain()` on the same `Connection` (TLS
   included) outside every verb handler; an unexpected error there drops the
   connection and never writes a server reply.  Leases are released in every
-  case when the session ends.
+  case when the session ends; a release the store refuses (it is down) is
+  retried in the background every `RELEASE_RETRY` seconds until it succeeds
+  or `lease_ttl` has passed, so the domain is free soon after the store is
+  back, not only when the lease expires.
 """
 
 from __future__ import annotations
@@ -51,6 +54,10 @@ log = logging.getLogger("fermoposta.odmr")
 ATRN_NOT_LAST = Reply(503, "5.5.1", "ATRN must be the last command in a pipeline")
 DOMAIN_BUSY = Reply(451, "4.3.0", "Unable to process ATRN request now: domain busy, try later")
 TOO_SOON = Reply(450, "4.7.1", "ATRN request refused: too frequent, try later")
+RELEASE_RETRY = 2.0  # seconds between attempts to release leases the store refused
+
+# Background releases in progress (a reference keeps each task alive).
+_releases: set[asyncio.Task[None]] = set()
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,8 +197,26 @@ class ODMRSession(ServerSession):
         if self.leased:
             try:
                 await asyncio.to_thread(self.store.release_leases, self.session_id)
-            except StoreError as exc:  # the lease expires by itself
-                self.log.warning("%s: cannot release leases: %s", self.session_id, exc)
+            except StoreError as exc:
+                # The lease names a live node: nobody takes it before it
+                # expires (`lease_ttl`, 10 minutes by default), so try again
+                # for that long rather than keep the customer waiting.
+                self.log.warning("%s: cannot release leases now, will retry: %s",
+                                 self.session_id, exc)
+                task = asyncio.create_task(self._release_later())
+                _releases.add(task)
+                task.add_done_callback(_releases.discard)
+
+    async def _release_later(self) -> None:
+        deadline = time.monotonic() + self.settings.lease_ttl
+        while time.monotonic() < deadline:
+            await asyncio.sleep(RELEASE_RETRY)
+            try:
+                await asyncio.to_thread(self.store.release_leases, self.session_id)
+            except StoreError:
+                continue
+            self.log.info("%s: leases released", self.session_id)
+            return
 
     # The RFC 2645 profile (§5.1, §5.4) plus the harmless STARTTLS, NOOP, RSET
     # and HELO: everything else, VRFY and HELP included, is 502.
