@@ -171,12 +171,12 @@ async def test_one_node_runs_the_expiry_passes_and_another_takes_over(
     when it stops the other takes over at its next interval."""
     import dataclasses
 
-    config, store = env
+    config, _ = env  # that store's clock stands still: both of these use the real one
     config = dataclasses.replace(config, hold=dataclasses.replace(config.hold,
                                                                    expiry_interval=0.05))
-    other = SQLiteStore(config.store_path)
+    one, other = SQLiteStore(config.store_path), SQLiteStore(config.store_path)
     passes = {"a": 0, "b": 0}
-    expirers = {"a": HoldExpirer(config, store), "b": HoldExpirer(config, other)}
+    expirers = {"a": HoldExpirer(config, one), "b": HoldExpirer(config, other)}
     for name, expirer in expirers.items():
         async def counted(name: str = name) -> tuple[int, int]:
             passes[name] += 1
@@ -192,4 +192,5 @@ async def test_one_node_runs_the_expiry_passes_and_another_takes_over(
     await asyncio.sleep(0.5)
     assert passes[second] >= before + 3
     await expirers[second].stop()
+    one.close()
     other.close()
