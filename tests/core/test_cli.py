@@ -20,12 +20,13 @@ GOOD = 'hostname = "mx.provider.test"\ndata_dir = "var"\n'
 @pytest.fixture(autouse=True)
 def restore_logger() -> Iterator[None]:
     """`provider run` calls setup_logging (process-wide state): undo it afterwards."""
-    logger = logging.getLogger("fermoposta")
-    saved = (list(logger.handlers), logger.level, logger.propagate)
+    loggers = [logging.getLogger(name) for name in ("fermoposta", "psycopg")]
+    saved = [(list(lg.handlers), lg.level, lg.propagate) for lg in loggers]
     yield
-    logger.handlers[:] = saved[0]
-    logger.setLevel(saved[1])
-    logger.propagate = saved[2]
+    for logger, (handlers, level, propagate) in zip(loggers, saved, strict=True):
+        logger.handlers[:] = handlers
+        logger.setLevel(level)
+        logger.propagate = propagate
 
 
 @pytest.fixture

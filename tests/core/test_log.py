@@ -19,12 +19,13 @@ LINE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z) fermoposta/(\S+)\[
 @pytest.fixture(autouse=True)
 def restore_logger() -> Iterator[None]:
     """setup_logging changes process-wide state: undo it for the other tests."""
-    logger = logging.getLogger("fermoposta")
-    saved = (list(logger.handlers), logger.level, logger.propagate)
+    loggers = [logging.getLogger(name) for name in ("fermoposta", "psycopg")]
+    saved = [(list(lg.handlers), lg.level, lg.propagate) for lg in loggers]
     yield
-    logger.handlers[:] = saved[0]
-    logger.setLevel(saved[1])
-    logger.propagate = saved[2]
+    for logger, (handlers, level, propagate) in zip(loggers, saved, strict=True):
+        logger.handlers[:] = handlers
+        logger.setLevel(level)
+        logger.propagate = propagate
 
 
 @pytest.fixture
@@ -184,3 +185,19 @@ def test_node_name_where_syslog_puts_the_host(stream: io.StringIO) -> None:
     event("mx", "4F9D195432C", status="sent", node="forged")
     obj = json.loads(json_stream.getvalue())
     assert obj["node"] == "mx-2" and obj["field_node"] == "forged"
+
+
+def test_the_postgresql_drivers_warnings_are_our_lines(stream: io.StringIO) -> None:
+    """psycopg and its pool log on their own loggers: their warnings go through
+    our handler (component `store`), their debug chatter does not."""
+    setup_logging("info", "text", stream, node="mx-1")
+    logging.getLogger("psycopg.pool").warning("error connecting in 'fermoposta-store': refused")
+    logging.getLogger("psycopg.pool").info("connection requested")  # below WARNING: dropped
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 1
+    assert re.fullmatch(r"\S+Z mx-1 fermoposta/store\[\d+\]: warning: error connecting in "
+                        r"'fermoposta-store': refused", lines[0]), lines
+    again = io.StringIO()
+    setup_logging("info", "text", again)  # the handler is replaced, not added
+    logging.getLogger("psycopg").warning("x")
+    assert stream.getvalue().count("\n") == 1 and again.getvalue().count("\n") == 1

@@ -387,3 +387,24 @@ async def test_dsn_parameters_reach_a_dsn_customer_and_relayed_notice_otherwise(
     _, parsed = dsn_of(provider.store, dsn.id)
     blocks = list(parsed.iter_parts())[1].get_payload()
     assert blocks[1]["Action"] == "relayed" and blocks[1]["Status"] == "2.0.0"
+
+
+async def test_a_node_that_loses_the_store_starts_no_new_transaction(provider, certs,
+                                                                     monkeypatch):
+    """Issue 9: when this node's store heartbeat fails, another node may soon
+    take its leases; the drain stops before the next message (QUIT), and what
+    it did not send stays queued for the next ATRN, on any node."""
+    ids = [await hold(provider, rcpts=(f"r{i}@example.org",)) for i in range(3)]
+    calls = {"n": 0}
+
+    def current() -> bool:
+        calls["n"] += 1
+        return calls["n"] <= 1  # the first message goes, then the heartbeat is "lost"
+
+    monkeypatch.setattr(provider.store, "holder_is_current", current)
+    d = await authed(provider, certs)
+    await d.cmd("ATRN example.org", 250)
+    t = await serve_reversed(d)
+    assert t.quit and len(t.messages) == 1
+    left = [i for i in ids if provider.store.get_message(i) is not None]
+    assert len(left) == 2

@@ -779,3 +779,38 @@ def test_the_due_query_uses_its_index(pg: Schema) -> None:
             " FOR UPDATE SKIP LOCKED"))
     assert "recipients_due" in plan
     assert "Sort" not in plan  # read in claim order, not sorted afterwards
+
+
+# --- a node that loses the database ------------------------------------------------------------
+
+
+def test_a_failing_heartbeat_makes_calls_fail_fast_and_the_holder_not_current(
+        pg: Schema) -> None:
+    """With the server unreachable, once the heartbeat has failed twice every
+    call fails at once (no worker thread waits its own timeout); after half of
+    `node_timeout` without a beat the holder is not current (the drain and the
+    outbound engine start nothing new); both clear when a beat gets through."""
+    parts = urlsplit(pg.url)
+    forwarder = Forwarder((parts.hostname or "127.0.0.1", parts.port or 5432))
+    forwarder.start()
+    try:
+        url = _with_netloc(pg.url, port=forwarder.port,
+                           password=None if parts.password else PASSWORD)
+        store = pg.open(url, connect_timeout=1, pool_size=2, heartbeat_interval=0.1,
+                        node_timeout=2.0)
+        mid = store.enqueue(msg("a@x.example"), io.BytesIO(b"x"))
+        assert store.holder_is_current()
+        forwarder.cut()
+        _wait_for(lambda: store._unreachable.is_set(), 10.0, "the heartbeat notices")
+        started = time.monotonic()
+        for call in (lambda: store.get_message(mid), lambda: store.domain_usage("x.example"),
+                     lambda: store.enqueue(msg("b@x.example"), io.BytesIO(b"y"))):
+            with pytest.raises(StoreError, match="unreachable"):
+                call()
+        assert time.monotonic() - started < 0.5  # at once, not 3 x connect_timeout
+        _wait_for(lambda: not store.holder_is_current(), 5.0, "the holder stops being current")
+        forwarder.start()
+        _wait_for(store.holder_is_current, 10.0, "a beat gets through again")
+        assert store.get_message(mid) is not None
+    finally:
+        forwarder.cut()

@@ -8,7 +8,10 @@ Contract:
   line (``time, level, component, message`` plus structured fields).  With
   a `node` name (the provider's `[store] node`), text lines carry it where
   syslog puts the host name, ``<time> <node> fermoposta/...``, and JSON
-  objects a ``node`` key, so the logs of several nodes can be merged.  Calling
+  objects a ``node`` key, so the logs of several nodes can be merged.
+  The same handler takes the warnings of the PostgreSQL driver and its pool
+  (loggers ``psycopg*``, component ``store``), so they are lines like ours
+  instead of bare text from Python's last-resort handler.  Calling
   it again replaces the handler it installed before; it never touches the
   root logger.
 - `event(component, queue_id, **fields)` writes one delivery/queue line such
@@ -61,6 +64,8 @@ def _component(record: logging.LogRecord) -> str:
     name = record.name
     if name == ROOT:
         return "main"
+    if name.startswith("psycopg"):
+        return "store"
     return name.rsplit(".", 1)[-1]
 
 
@@ -113,6 +118,7 @@ class JSONFormatter(logging.Formatter):
 
 
 _installed: logging.Handler | None = None
+_DRIVER_LOGGERS = ("psycopg",)  # warnings of the PostgreSQL driver and its pool
 
 
 def setup_logging(level: str = "info", fmt: str = "text", stream: TextIO | None = None,
@@ -138,6 +144,13 @@ def setup_logging(level: str = "info", fmt: str = "text", stream: TextIO | None 
     logger.setLevel(LEVELS[level.lower()])
     # Our handler is the only output; do not duplicate lines through the root logger.
     logger.propagate = False
+    for name in _DRIVER_LOGGERS:
+        driver = logging.getLogger(name)
+        if _installed is not None:
+            driver.removeHandler(_installed)
+        driver.addHandler(handler)
+        driver.setLevel(max(LEVELS[level.lower()], logging.WARNING))
+        driver.propagate = False
     _installed = handler
 
 

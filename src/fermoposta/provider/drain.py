@@ -159,6 +159,13 @@ class Drain:
         for message_id in ids:
             if self.settings.max_messages and self.result.messages >= self.settings.max_messages:
                 break
+            if not self.store.holder_is_current():
+                # Our store heartbeat is failing: another node may take our
+                # leases soon.  Stop before two drains could overlap.
+                self.result.aborted = ("this node has lost the store (heartbeat failing); "
+                                       "the rest stays queued")
+                log.warning("%s: %s", self.session_id, self.result.aborted)
+                break
             message = await asyncio.to_thread(self.store.get_message, message_id)
             if message is None:
                 continue

@@ -512,6 +512,14 @@ class OutboundRunner:
                         if not job.items:
                             break
                     assert session is not None
+                    if not self.store.holder_is_current():
+                        # Our store heartbeat is failing: another node may
+                        # take our claims soon; start no transaction it
+                        # could overlap.  The rest stays claimed for now.
+                        log.warning("this node has lost the store (heartbeat failing): "
+                                    "%d message(s) to %s left for later or another node",
+                                    len(job.items), session.relay)
+                        return
                     await self._deliver_item(session, job.items.popleft())
             finally:
                 if session is not None:

@@ -243,6 +243,16 @@ class MessageQueue(Protocol):
         """The name of this node (process group) in logs, metrics and `queue show`."""
         ...
 
+    def holder_is_current(self) -> bool:
+        """Whether this process's leases and claims are surely still its own.
+        An engine whose holders can be declared dead while they run
+        (PostgreSQL: a heartbeat that has not reached the database for half of
+        `node_timeout`) says False before another node may take them over;
+        the drain and the outbound engine then start no new transaction.
+        Never blocks (no I/O).  SQLite: always True (a live process's lock
+        file is never taken)."""
+        ...
+
     def enqueue(self, message: NewMessage, body: IO[bytes], queue_id: str | None = None) -> str:
         """Store durably; return the queue id.  `body` is read in chunks.
 

@@ -205,6 +205,10 @@ class PostgresStore(PostgresDirectory, PostgresQueueTools):
         self._holder = f"{host}-{os.getpid()}-{secrets.token_hex(4)}"
         self._closed = False
         self._close_lock = threading.Lock()
+        # Monotonic time of the last heartbeat that reached the database, and
+        # whether the last attempt failed (the server is unreachable from here).
+        self._last_beat = time.monotonic()
+        self._unreachable = threading.Event()
         self._stop = threading.Event()
         self._beat_thread: threading.Thread | None = None
         seconds = max(1, math.ceil(connect_timeout))
@@ -246,6 +250,7 @@ class PostgresStore(PostgresDirectory, PostgresQueueTools):
                 pg_schema.migrate(beat_conn)
                 with beat_conn.transaction():
                     self._register(beat_conn)
+                self._last_beat = time.monotonic()
             except _ENGINE_ERRORS as exc:
                 raise self._error("cannot open the store", exc) from exc
             try:
@@ -308,6 +313,19 @@ class PostgresStore(PostgresDirectory, PostgresQueueTools):
         if self._closed:
             raise StoreError("store is closed")
 
+    def _fail_fast(self) -> None:
+        if self._unreachable.is_set():
+            raise StoreError(self._scrub(
+                f"PostgreSQL store {self._url_for_logs}: unreachable (the heartbeat has failed"
+                f" for {time.monotonic() - self._last_beat:.0f} s; retried every"
+                f" {self._heartbeat_interval:g} s)"))
+
+    def holder_is_current(self) -> bool:
+        """False once our heartbeat has not reached the database for half of
+        `node_timeout`: the other nodes may soon take our leases and claims,
+        so the drain and the outbound engine start no new transaction."""
+        return time.monotonic() - self._last_beat < self._node_timeout / 2
+
     @contextmanager
     def _connection(self, first: str = "") -> Iterator[Conn]:
         """A pooled connection that answered just now, within `connect_timeout`.
@@ -317,6 +335,7 @@ class PostgresStore(PostgresDirectory, PostgresQueueTools):
         back to the pool (which drops it and starts a new one) and the next
         is tried, so a restart between two calls is not seen at all.  A BEGIN
         as the probe costs no round trip of its own."""
+        self._fail_fast()
         deadline = time.monotonic() + self._connect_timeout
         while True:
             conn = self._pool.getconn(timeout=max(0.001, deadline - time.monotonic()))
@@ -383,6 +402,7 @@ class PostgresStore(PostgresDirectory, PostgresQueueTools):
         server restart broke is replaced and the statement run again (a read
         may be repeated), within `connect_timeout`."""
         self._check_open()
+        self._fail_fast()
         deadline = time.monotonic() + self._connect_timeout
         try:
             while True:
@@ -446,13 +466,17 @@ class PostgresStore(PostgresDirectory, PostgresQueueTools):
 
     def _heartbeat_loop(self, conn: Conn | None) -> None:
         failing = False  # one warning per outage, not one per beat
+        delay = self._heartbeat_interval
         try:
-            while not self._stop.wait(self._heartbeat_interval):
+            while not self._stop.wait(delay):
+                delay = self._heartbeat_interval
                 try:
                     if conn is None or conn.closed:
                         conn = self._connect()
                     # Recreates the row if it went missing: we are alive.
                     self._beat(conn)
+                    self._last_beat = time.monotonic()
+                    self._unreachable.clear()
                     if failing:
                         log.info("PostgreSQL store %s: heartbeat of holder %s resumed",
                                  self._url_for_logs, self._holder)
@@ -460,6 +484,14 @@ class PostgresStore(PostgresDirectory, PostgresQueueTools):
                 except _ENGINE_ERRORS as exc:
                     error = self._error(f"heartbeat of holder {self._holder} failed", exc)
                     log.log(logging.DEBUG if failing else logging.WARNING, "%s", error)
+                    if failing:
+                        # Twice in a row (a fresh connection failed too): the
+                        # server is unreachable; calls fail at once until a
+                        # beat gets through, instead of each waiting for its
+                        # own timeout in a worker thread.
+                        self._unreachable.set()
+                    else:
+                        delay = 0.0  # one failure may be one lost connection: again now
                     failing = True
                     if conn is not None:
                         with contextlib.suppress(psycopg.Error):

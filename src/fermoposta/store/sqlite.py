@@ -301,6 +301,9 @@ class SQLiteStore(SQLiteDirectory, SQLiteQueueTools):
     def node(self) -> str:
         return self._node
 
+    def holder_is_current(self) -> bool:
+        return True  # our lock file is ours for as long as we live
+
     def schema_version(self) -> int:
         with self._read() as conn:
             return int(conn.execute("PRAGMA user_version").fetchone()[0])
