@@ -93,7 +93,7 @@ from psycopg.pq import TransactionStatus
 from psycopg.rows import TupleRow
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from fermoposta.store import pg_schema
+import fermoposta.store.pg_schema as pg_schema
 from fermoposta.store.base import (
     CHUNK_SIZE,
     NewMessage,
