@@ -346,10 +346,12 @@ async def _open_store(config: ProviderConfig) -> Store | None:
 async def _serve(config: ProviderConfig) -> int:
     # Every store call runs in a worker thread; a PostgreSQL store's calls
     # wait on the network, so more of them than asyncio's default (cores + 4)
-    # may be in flight, up to the pool's connections and a few more.
-    asyncio.get_running_loop().set_default_executor(
-        concurrent.futures.ThreadPoolExecutor(max_workers=max(8, config.store.pool_size + 4),
-                                              thread_name_prefix="store"))
+    # may be in flight, up to the pool's connections and a few more.  (SQLite
+    # serialises its calls on one lock: more threads there only contend.)
+    if config.store.engine == "postgresql":
+        asyncio.get_running_loop().set_default_executor(
+            concurrent.futures.ThreadPoolExecutor(
+                max_workers=max(8, config.store.pool_size + 4), thread_name_prefix="store"))
     store = await _open_store(config)
     if store is None:
         return 75  # EX_TEMPFAIL, like the admin commands
