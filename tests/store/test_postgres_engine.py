@@ -801,7 +801,15 @@ def test_a_failing_heartbeat_makes_calls_fail_fast_and_the_holder_not_current(
         mid = store.enqueue(msg("a@x.example"), io.BytesIO(b"x"))
         assert store.holder_is_current()
         forwarder.cut()
-        _wait_for(lambda: store._unreachable.is_set(), 10.0, "the heartbeat notices")
+
+        def fails_fast() -> bool:
+            try:
+                store.count_events("k", 0.0)
+            except StoreError as exc:
+                return "unreachable" in str(exc)
+            return False
+
+        _wait_for(fails_fast, 10.0, "the heartbeat notices")
         started = time.monotonic()
         for call in (lambda: store.get_message(mid), lambda: store.domain_usage("x.example"),
                      lambda: store.enqueue(msg("b@x.example"), io.BytesIO(b"y"))):
