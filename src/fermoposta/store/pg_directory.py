@@ -17,13 +17,13 @@ from typing import TYPE_CHECKING, Any
 from psycopg import errors as pg_errors
 from psycopg.rows import TupleRow
 
-from fermoposta.store.base import Account, Domain, ScramSecret
+from fermoposta.store.base import Account, Domain
 from fermoposta.store.pg_rows import Conn
-
-_DOMAIN_COLUMNS = "name, account, max_messages, max_bytes, validate, hold_lifetime"
-_ACCOUNT_COLUMNS = (
-    "name, scram_salt, scram_iterations, scram_stored_key, scram_server_key, cram_secret,"
-    " created_at, last_atrn_at"
+from fermoposta.store.rows import (
+    ACCOUNT_COLUMNS,
+    DOMAIN_COLUMNS,
+    account_from_row,
+    domain_from_row,
 )
 
 
@@ -71,56 +71,21 @@ def _set_valid(conn: Conn, domain: Domain) -> None:
 
 
 def _domain(conn: Conn, row: Sequence[Any]) -> Domain:
-    valid: frozenset[str] | None = None
+    valid = None
     if row[4]:
-        valid = frozenset(
-            str(r[0])
-            for r in conn.execute(
-                "SELECT local FROM valid_recipients WHERE domain = %s", (row[0],)
-            )
-        )
-    return Domain(
-        name=row[0],
-        account=row[1],
-        max_messages=row[2],
-        max_bytes=row[3],
-        valid_recipients=valid,
-        hold_lifetime=row[5],
-    )
+        valid = [r[0] for r in conn.execute(
+            "SELECT local FROM valid_recipients WHERE domain = %s", (row[0],))]
+    return domain_from_row(row, valid)
 
 
 def _account(conn: Conn, row: Sequence[Any]) -> Account:
-    certs = tuple(
-        str(r[0])
-        for r in conn.execute(
-            "SELECT fingerprint FROM account_certs WHERE account = %s ORDER BY fingerprint",
-            (row[0],),
-        )
-    )
-    subjects = tuple(
-        str(r[0])
-        for r in conn.execute(
-            "SELECT subject FROM account_cert_subjects WHERE account = %s ORDER BY subject",
-            (row[0],),
-        )
-    )
-    scram = None
-    if row[1] is not None:
-        scram = ScramSecret(
-            salt=bytes(row[1]),
-            iterations=int(row[2]),
-            stored_key=bytes(row[3]),
-            server_key=bytes(row[4]),
-        )
-    return Account(
-        name=row[0],
-        scram=scram,
-        cram_secret=row[5],
-        cert_fingerprints=certs,
-        cert_subjects=subjects,
-        created_at=row[6],
-        last_atrn_at=row[7],
-    )
+    fingerprints = [r[0] for r in conn.execute(
+        "SELECT fingerprint FROM account_certs WHERE account = %s ORDER BY fingerprint",
+        (row[0],))]
+    subjects = [r[0] for r in conn.execute(
+        "SELECT subject FROM account_cert_subjects WHERE account = %s ORDER BY subject",
+        (row[0],))]
+    return account_from_row(row, fingerprints, subjects)
 
 
 class PostgresDirectory:
@@ -189,7 +154,7 @@ class PostgresDirectory:
     def get_account(self, name: str) -> Account | None:
         with self._read("get account") as conn:
             row = conn.execute(
-                f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE name = %s", (name,)
+                f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE name = %s", (name,)
             ).fetchone()
             return None if row is None else _account(conn, row)
 
@@ -197,7 +162,7 @@ class PostgresDirectory:
         """`fingerprint` is lowercase hex without colons, as stored."""
         with self._read("account by fingerprint") as conn:
             row = conn.execute(
-                f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE name ="
+                f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE name ="
                 " (SELECT account FROM account_certs WHERE fingerprint = %s)",
                 (fingerprint.lower(),),
             ).fetchone()
@@ -207,7 +172,7 @@ class PostgresDirectory:
         """`subject` in the canonical form of `certificate_subject`, compared exactly."""
         with self._read("account by subject") as conn:
             row = conn.execute(
-                f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE name ="
+                f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE name ="
                 " (SELECT account FROM account_cert_subjects WHERE subject = %s)",
                 (subject,),
             ).fetchone()
@@ -216,7 +181,7 @@ class PostgresDirectory:
     def list_accounts(self) -> list[Account]:
         with self._read("list accounts") as conn:
             rows = conn.execute(
-                f"SELECT {_ACCOUNT_COLUMNS} FROM accounts ORDER BY name"
+                f"SELECT {ACCOUNT_COLUMNS} FROM accounts ORDER BY name"
             ).fetchall()
             return [_account(conn, row) for row in rows]
 
@@ -275,24 +240,21 @@ class PostgresDirectory:
         # One statement (one snapshot, one round trip): the MX asks for every RCPT.
         rows = self._query(
             "get domain",
-            f"SELECT {_DOMAIN_COLUMNS}, ARRAY(SELECT local FROM valid_recipients v"
+            f"SELECT {DOMAIN_COLUMNS}, ARRAY(SELECT local FROM valid_recipients v"
             " WHERE v.domain = d.name) FROM domains d WHERE name = %s", (name,))
         if not rows:
             return None
-        row = rows[0]
-        return Domain(name=row[0], account=row[1], max_messages=row[2], max_bytes=row[3],
-                      valid_recipients=frozenset(str(v) for v in row[6]) if row[4] else None,
-                      hold_lifetime=row[5])
+        return domain_from_row(rows[0], rows[0][6])
 
     def list_domains(self, account: str | None = None) -> list[Domain]:
         with self._read("list domains") as conn:
             if account is None:
                 rows = conn.execute(
-                    f"SELECT {_DOMAIN_COLUMNS} FROM domains ORDER BY name"
+                    f"SELECT {DOMAIN_COLUMNS} FROM domains ORDER BY name"
                 ).fetchall()
             else:
                 rows = conn.execute(
-                    f"SELECT {_DOMAIN_COLUMNS} FROM domains WHERE account = %s ORDER BY name",
+                    f"SELECT {DOMAIN_COLUMNS} FROM domains WHERE account = %s ORDER BY name",
                     (account,),
                 ).fetchall()
             return [_domain(conn, row) for row in rows]

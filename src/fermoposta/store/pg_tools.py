@@ -32,9 +32,9 @@ from fermoposta.store.pg_rows import (
     HOLD,
     OUTBOUND,
     Conn,
-    _message,
-    _recipient,
 )
+from fermoposta.store.rows import message_from_row as _message
+from fermoposta.store.rows import recipient_from_row as _recipient
 
 
 def _filter_sql(where: QueueFilter, after: tuple[float, str] | None

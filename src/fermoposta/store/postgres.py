@@ -116,10 +116,10 @@ from fermoposta.store.pg_rows import (
     OUTBOUND,
     Conn,
     _ids,
-    _message,
-    _recipient,
 )
 from fermoposta.store.pg_tools import PostgresQueueTools
+from fermoposta.store.rows import message_from_row as _message
+from fermoposta.store.rows import recipient_from_row as _recipient
 
 __all__ = ["SCHEMA_VERSION", "PostgresStore", "redact_conninfo"]
 

@@ -68,6 +68,8 @@ from fermoposta.store.base import (
     new_queue_id,
 )
 from fermoposta.store.holders import Holders
+from fermoposta.store.rows import message_from_row as _message
+from fermoposta.store.rows import recipient_from_row as _recipient
 from fermoposta.store.sqlite_directory import SQLiteDirectory
 from fermoposta.store.sqlite_rows import (
     _BATCH,
@@ -75,8 +77,6 @@ from fermoposta.store.sqlite_rows import (
     _RECIPIENT_COLUMNS,
     _batches,
     _marks,
-    _message,
-    _recipient,
 )
 from fermoposta.store.sqlite_tools import SQLiteQueueTools
 

@@ -15,9 +15,12 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
-from fermoposta.store.base import Account, Domain, ScramSecret
-from fermoposta.store.sqlite_rows import (
-    _DOMAIN_COLUMNS,
+from fermoposta.store.base import Account, Domain
+from fermoposta.store.rows import (
+    ACCOUNT_COLUMNS,
+    DOMAIN_COLUMNS,
+    account_from_row,
+    domain_from_row,
 )
 
 
@@ -52,44 +55,14 @@ def _set_certs(conn: sqlite3.Connection, account: Account) -> None:
             (subject, account.name),
         )
 
-_ACCOUNT_COLUMNS = (
-    "name, scram_salt, scram_iterations, scram_stored_key, scram_server_key, cram_secret,"
-    " created_at, last_atrn_at"
-)
 
 
 def _account(conn: sqlite3.Connection, row: Any) -> Account:
-    certs = tuple(
-        r[0]
-        for r in conn.execute(
-            "SELECT fingerprint FROM account_certs WHERE account = ? ORDER BY fingerprint",
-            (row[0],),
-        )
-    )
-    subjects = tuple(
-        r[0]
-        for r in conn.execute(
-            "SELECT subject FROM account_cert_subjects WHERE account = ? ORDER BY subject",
-            (row[0],),
-        )
-    )
-    scram = None
-    if row[1] is not None:
-        scram = ScramSecret(
-            salt=bytes(row[1]),
-            iterations=int(row[2]),
-            stored_key=bytes(row[3]),
-            server_key=bytes(row[4]),
-        )
-    return Account(
-        name=row[0],
-        scram=scram,
-        cram_secret=row[5],
-        cert_fingerprints=certs,
-        cert_subjects=subjects,
-        created_at=row[6],
-        last_atrn_at=row[7],
-    )
+    fingerprints = [r[0] for r in conn.execute(
+        "SELECT fingerprint FROM account_certs WHERE account = ? ORDER BY fingerprint", (row[0],))]
+    subjects = [r[0] for r in conn.execute(
+        "SELECT subject FROM account_cert_subjects WHERE account = ? ORDER BY subject", (row[0],))]
+    return account_from_row(row, fingerprints, subjects)
 
 
 def _set_valid(conn: sqlite3.Connection, domain: Domain) -> None:
@@ -102,22 +75,11 @@ def _set_valid(conn: sqlite3.Connection, domain: Domain) -> None:
 
 
 def _domain(conn: sqlite3.Connection, row: Any) -> Domain:
-    valid: frozenset[str] | None = None
+    valid = None
     if row[4]:
-        valid = frozenset(
-            r[0]
-            for r in conn.execute(
-                "SELECT local FROM valid_recipients WHERE domain = ?", (row[0],)
-            )
-        )
-    return Domain(
-        name=row[0],
-        account=row[1],
-        max_messages=row[2],
-        max_bytes=row[3],
-        valid_recipients=valid,
-        hold_lifetime=row[5],
-    )
+        valid = [r[0] for r in conn.execute(
+            "SELECT local FROM valid_recipients WHERE domain = ?", (row[0],))]
+    return domain_from_row(row, valid)
 
 
 class SQLiteDirectory:
@@ -181,7 +143,7 @@ class SQLiteDirectory:
     def get_account(self, name: str) -> Account | None:
         with self._read() as conn:
             row = conn.execute(
-                f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE name = ?", (name,)
+                f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE name = ?", (name,)
             ).fetchone()
             return None if row is None else _account(conn, row)
 
@@ -189,7 +151,7 @@ class SQLiteDirectory:
         """`fingerprint` is lowercase hex without colons, as stored."""
         with self._read() as conn:
             row = conn.execute(
-                f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE name ="
+                f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE name ="
                 " (SELECT account FROM account_certs WHERE fingerprint = ?)",
                 (fingerprint.lower(),),
             ).fetchone()
@@ -199,7 +161,7 @@ class SQLiteDirectory:
         """`subject` in the canonical form of `certificate_subject`, compared exactly."""
         with self._read() as conn:
             row = conn.execute(
-                f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE name ="
+                f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE name ="
                 " (SELECT account FROM account_cert_subjects WHERE subject = ?)",
                 (subject,),
             ).fetchone()
@@ -208,7 +170,7 @@ class SQLiteDirectory:
     def list_accounts(self) -> list[Account]:
         with self._read() as conn:
             rows = conn.execute(
-                f"SELECT {_ACCOUNT_COLUMNS} FROM accounts ORDER BY name"
+                f"SELECT {ACCOUNT_COLUMNS} FROM accounts ORDER BY name"
             ).fetchall()
             return [_account(conn, row) for row in rows]
 
@@ -271,7 +233,7 @@ class SQLiteDirectory:
     def get_domain(self, name: str) -> Domain | None:
         with self._read() as conn:
             row = conn.execute(
-                f"SELECT {_DOMAIN_COLUMNS} FROM domains"
+                f"SELECT {DOMAIN_COLUMNS} FROM domains"
                 " WHERE name = ?",
                 (name,),
             ).fetchone()
@@ -281,12 +243,12 @@ class SQLiteDirectory:
         with self._read() as conn:
             if account is None:
                 rows = conn.execute(
-                    f"SELECT {_DOMAIN_COLUMNS} FROM domains"
+                    f"SELECT {DOMAIN_COLUMNS} FROM domains"
                     " ORDER BY name"
                 ).fetchall()
             else:
                 rows = conn.execute(
-                    f"SELECT {_DOMAIN_COLUMNS} FROM domains"
+                    f"SELECT {DOMAIN_COLUMNS} FROM domains"
                     " WHERE account = ? ORDER BY name",
                     (account,),
                 ).fetchall()

@@ -23,13 +23,13 @@ from fermoposta.store.base import (
     QueueShape,
     RecipientState,
 )
+from fermoposta.store.rows import message_from_row as _message
+from fermoposta.store.rows import recipient_from_row as _recipient
 from fermoposta.store.sqlite_rows import (
     _MESSAGE_COLUMNS,
     _RECIPIENT_COLUMNS,
     _batches,
     _marks,
-    _message,
-    _recipient,
 )
 
 

@@ -1,0 +1,99 @@
+"""Rows as both engines read them: column lists and row -> dataclass.
+
+Contract: the SQLite and PostgreSQL engines select `RECIPIENT_COLUMNS`,
+`MESSAGE_COLUMNS`, `DOMAIN_COLUMNS` and `ACCOUNT_COLUMNS` in this order and
+build the contract's dataclasses with `recipient_from_row`,
+`message_from_row`, `domain_from_row` and `account_from_row`, so the two
+engines cannot drift apart in what a row means.  Pure functions, no I/O, no SQL dialect.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from fermoposta.store.base import (
+    Account,
+    Domain,
+    MessageOrigin,
+    QueuedMessage,
+    QueuedRecipient,
+    RecipientState,
+    ScramSecret,
+)
+
+RECIPIENT_COLUMNS = (
+    "id, message_id, address, domain, state, attempts, last_reply, notify, orcpt,"
+    " next_attempt_at, first_failure_at, delay_notified"
+)
+MESSAGE_COLUMNS = (
+    "id, sender, received_at, size, origin, smtputf8, body_8bit, envid, ret, client, node"
+)
+DOMAIN_COLUMNS = "name, account, max_messages, max_bytes, validate, hold_lifetime"
+ACCOUNT_COLUMNS = (
+    "name, scram_salt, scram_iterations, scram_stored_key, scram_server_key, cram_secret,"
+    " created_at, last_atrn_at"
+)
+
+
+def qualified(columns: str, alias: str) -> str:
+    """`columns` with each name prefixed by `alias.` (for joins)."""
+    return ", ".join(f"{alias}.{c.strip()}" for c in columns.split(","))
+
+
+def recipient_from_row(r: Sequence[Any]) -> QueuedRecipient:
+    """A `QueuedRecipient` from a row of `RECIPIENT_COLUMNS`."""
+    return QueuedRecipient(
+        id=int(r[0]),
+        message_id=r[1],
+        address=r[2],
+        domain=r[3],
+        state=RecipientState(r[4]),
+        attempts=int(r[5]),
+        last_reply=r[6],
+        notify=r[7],
+        orcpt=r[8],
+        next_attempt_at=r[9],
+        first_failure_at=r[10],
+        delay_notified=bool(r[11]),
+    )
+
+
+def message_from_row(row: Sequence[Any], recipients: Sequence[QueuedRecipient]
+                     ) -> QueuedMessage:
+    """A `QueuedMessage` from a row of `MESSAGE_COLUMNS` and its recipients."""
+    return QueuedMessage(
+        id=row[0],
+        sender=row[1],
+        received_at=row[2],
+        size=int(row[3]),
+        origin=MessageOrigin(row[4]),
+        smtputf8=bool(row[5]),
+        body_8bit=bool(row[6]),
+        envid=row[7],
+        ret=row[8],
+        client=row[9],
+        recipients=tuple(recipients),
+        node=row[10],
+    )
+
+
+def account_from_row(row: Sequence[Any], fingerprints: Sequence[str],
+                     subjects: Sequence[str]) -> Account:
+    """An `Account` from a row of `ACCOUNT_COLUMNS` and its certificate bindings."""
+    scram = None
+    if row[1] is not None:
+        scram = ScramSecret(salt=bytes(row[1]), iterations=int(row[2]),
+                            stored_key=bytes(row[3]), server_key=bytes(row[4]))
+    return Account(name=row[0], scram=scram, cram_secret=row[5],
+                   cert_fingerprints=tuple(str(f) for f in fingerprints),
+                   cert_subjects=tuple(str(s) for s in subjects),
+                   created_at=row[6], last_atrn_at=row[7])
+
+
+def domain_from_row(row: Sequence[Any], valid: Iterable[str] | None) -> Domain:
+    """A `Domain` from a row of `DOMAIN_COLUMNS`; `valid` is its list of valid
+    local parts, used only when the row says the domain validates them."""
+    return Domain(name=row[0], account=row[1], max_messages=row[2], max_bytes=row[3],
+                  valid_recipients=frozenset(str(v) for v in valid or ()) if row[4] else None,
+                  hold_lifetime=row[5])
