@@ -33,49 +33,14 @@ from fermoposta.store.pg_rows import (
     OUTBOUND,
     Conn,
 )
+from fermoposta.store.rows import filter_sql
 from fermoposta.store.rows import message_from_row as _message
 from fermoposta.store.rows import recipient_from_row as _recipient
 
 
 def _filter_sql(where: QueueFilter, after: tuple[float, str] | None
                 ) -> tuple[str, list[Any]]:
-    """The WHERE clause (on messages `m`) of `where` and the page key."""
-    clauses: list[str] = []
-    params: list[Any] = []
-    if after is not None:
-        clauses.append("(m.received_at > %s OR (m.received_at = %s AND m.id > %s))")
-        params += [after[0], after[0], after[1]]
-    if where.received_before is not None:
-        clauses.append("m.received_at < %s")
-        params.append(where.received_before)
-    # lower() under COLLATE "C" (the columns') folds ASCII only, as SQLite's.
-    if where.sender is not None:
-        if where.sender_exact:
-            clauses.append("lower(m.sender) = lower(%s)")
-        else:
-            clauses.append("strpos(lower(m.sender), lower(%s)) > 0")
-        params.append(where.sender)
-    inner: list[str] = []
-    if where.domain is not None:
-        inner.append("r.domain = %s")
-        params.append(where.domain)
-    if where.recipient is not None:
-        if where.recipient_exact:
-            inner.append("lower(r.address) = lower(%s)")
-        else:
-            inner.append("strpos(lower(r.address), lower(%s)) > 0")
-        params.append(where.recipient)
-    if where.state is not None:
-        if where.state == "deferred":
-            inner.append("r.state = %s AND r.attempts > 0")
-            params.append(OUTBOUND)
-        else:
-            inner.append("r.state = %s")
-            params.append(str(RecipientState(where.state)))
-    if inner:
-        clauses.append("EXISTS (SELECT 1 FROM recipients r WHERE r.message_id = m.id AND "
-                       + " AND ".join(inner) + ")")
-    return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
+    return filter_sql(where, after, mark="%s", find="strpos({haystack}, {needle}) > 0")
 
 
 def _existing(conn: Conn, message_ids: Sequence[str]) -> list[str]:

@@ -4,7 +4,8 @@ Contract: the SQLite and PostgreSQL engines select `RECIPIENT_COLUMNS`,
 `MESSAGE_COLUMNS`, `DOMAIN_COLUMNS` and `ACCOUNT_COLUMNS` in this order and
 build the contract's dataclasses with `recipient_from_row`,
 `message_from_row`, `domain_from_row` and `account_from_row`, so the two
-engines cannot drift apart in what a row means.  Pure functions, no I/O, no SQL dialect.
+engines cannot drift apart in what a row means; `filter_sql` is the queue tools' WHERE
+clause in either dialect.  Pure functions, no I/O.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from fermoposta.store.base import (
     MessageOrigin,
     QueuedMessage,
     QueuedRecipient,
+    QueueFilter,
     RecipientState,
     ScramSecret,
 )
@@ -97,3 +99,47 @@ def domain_from_row(row: Sequence[Any], valid: Iterable[str] | None) -> Domain:
     return Domain(name=row[0], account=row[1], max_messages=row[2], max_bytes=row[3],
                   valid_recipients=frozenset(str(v) for v in valid or ()) if row[4] else None,
                   hold_lifetime=row[5])
+
+
+def filter_sql(where: QueueFilter, after: tuple[float, str] | None, *, mark: str,
+               find: str) -> tuple[str, list[Any]]:
+    """The WHERE clause (on messages `m`) of a queue tool's `where` and page key
+    `after`, and its parameters, in an engine's dialect: `mark` is its
+    placeholder ("?", "%s"), `find` its substring test with ``{haystack}`` and
+    ``{needle}`` (SQLite's ``instr(...) > 0``, PostgreSQL's ``strpos(...) > 0``).
+    Text is compared with lower() on both sides: ASCII case folding, as the
+    contract says (the PostgreSQL columns use COLLATE "C")."""
+    def contains(column: str) -> str:
+        return find.format(haystack=f"lower({column})", needle=f"lower({mark})")
+
+    clauses: list[str] = []
+    params: list[Any] = []
+    if after is not None:
+        clauses.append(f"(m.received_at > {mark} OR (m.received_at = {mark} AND m.id > {mark}))")
+        params += [after[0], after[0], after[1]]
+    if where.received_before is not None:
+        clauses.append(f"m.received_at < {mark}")
+        params.append(where.received_before)
+    if where.sender is not None:
+        clauses.append(f"lower(m.sender) = lower({mark})" if where.sender_exact
+                       else contains("m.sender"))
+        params.append(where.sender)
+    inner: list[str] = []
+    if where.domain is not None:
+        inner.append(f"r.domain = {mark}")
+        params.append(where.domain)
+    if where.recipient is not None:
+        inner.append(f"lower(r.address) = lower({mark})" if where.recipient_exact
+                     else contains("r.address"))
+        params.append(where.recipient)
+    if where.state is not None:
+        if where.state == "deferred":
+            inner.append(f"r.state = {mark} AND r.attempts > 0")
+            params.append(str(RecipientState.OUTBOUND))
+        else:
+            inner.append(f"r.state = {mark}")
+            params.append(str(RecipientState(where.state)))
+    if inner:
+        clauses.append("EXISTS (SELECT 1 FROM recipients r WHERE r.message_id = m.id AND "
+                       + " AND ".join(inner) + ")")
+    return (" WHERE " + " AND ".join(clauses)) if clauses else "", params

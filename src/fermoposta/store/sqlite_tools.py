@@ -23,6 +23,7 @@ from fermoposta.store.base import (
     QueueShape,
     RecipientState,
 )
+from fermoposta.store.rows import filter_sql
 from fermoposta.store.rows import message_from_row as _message
 from fermoposta.store.rows import recipient_from_row as _recipient
 from fermoposta.store.sqlite_rows import (
@@ -35,42 +36,7 @@ from fermoposta.store.sqlite_rows import (
 
 def _filter_sql(where: QueueFilter, after: tuple[float, str] | None
                 ) -> tuple[str, list[Any]]:
-    """The WHERE clause (on messages `m`) of `where` and the page key."""
-    clauses: list[str] = []
-    params: list[Any] = []
-    if after is not None:
-        clauses.append("(m.received_at > ? OR (m.received_at = ? AND m.id > ?))")
-        params += [after[0], after[0], after[1]]
-    if where.received_before is not None:
-        clauses.append("m.received_at < ?")
-        params.append(where.received_before)
-    if where.sender is not None:
-        if where.sender_exact:
-            clauses.append("lower(m.sender) = lower(?)")
-        else:
-            clauses.append("instr(lower(m.sender), lower(?)) > 0")
-        params.append(where.sender)
-    inner: list[str] = []
-    if where.domain is not None:
-        inner.append("r.domain = ?")
-        params.append(where.domain)
-    if where.recipient is not None:
-        if where.recipient_exact:
-            inner.append("lower(r.address) = lower(?)")
-        else:
-            inner.append("instr(lower(r.address), lower(?)) > 0")
-        params.append(where.recipient)
-    if where.state is not None:
-        if where.state == "deferred":
-            inner.append("r.state = ? AND r.attempts > 0")
-            params.append(str(RecipientState.OUTBOUND))
-        else:
-            inner.append("r.state = ?")
-            params.append(str(RecipientState(where.state)))
-    if inner:
-        clauses.append("EXISTS (SELECT 1 FROM recipients r WHERE r.message_id = m.id AND "
-                       + " AND ".join(inner) + ")")
-    return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
+    return filter_sql(where, after, mark="?", find="instr({haystack}, {needle}) > 0")
 
 
 def _existing(conn: sqlite3.Connection, message_ids: Sequence[str]) -> list[str]:
