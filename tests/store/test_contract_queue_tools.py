@@ -19,6 +19,7 @@ from fermoposta.store.base import (
     NewMessage,
     QueueFilter,
     RecipientState,
+    Requeued,
     Store,
     StoreError,
 )
@@ -363,6 +364,81 @@ def test_retry_leaves_claimed_recipients_alone(queue: Queue, store_factory: Stor
     assert [m.id for m in tools.claim_due_outbound(clock.now, 10, "other", 600)] == named(
         queue, "deferred", "mixed")
     assert tools.retry_outbound(clock.now, message_ids=[queue.fresh]) == {queue.fresh: 0}
+
+
+# --- requeue --------------------------------------------------------------------------------
+
+
+def test_requeue_follows_the_domains_now_hosted(queue: Queue) -> None:
+    store, clock = queue.store, queue.clock
+    held_before = queue.recipients(queue.held)["bob@example.org"]
+    # Nothing moved: every recipient is where it belongs, so nothing changes.
+    assert store.requeue_messages([queue.mixed, queue.held, "000000000000"], clock.now) == {
+        queue.mixed: Requeued(), queue.held: Requeued()}
+    # example.org moves away (to another provider), remote.test comes here.
+    assert store.remove_domain("example.org")
+    store.add_domain(Domain("remote.test", "acme"))
+    clock.now += 5
+    result = store.requeue_messages([queue.mixed, queue.held, queue.deferred, queue.fresh],
+                                    clock.now)
+    assert result == {queue.mixed: Requeued(to_outbound=1, to_held=1),
+                      queue.held: Requeued(to_outbound=1),
+                      queue.deferred: Requeued(to_held=1), queue.fresh: Requeued(to_held=1)}
+    mixed = queue.recipients(queue.mixed)
+    assert mixed["jo@example.org"] == (OUTBOUND, 0, None, clock.now)  # due now
+    assert mixed["kim@remote.test"] == (HELD, 1, "421 timeout", None)  # attempts kept
+    assert mixed["lee@other.test"][0] == OUTBOUND  # not hosted before or now
+    assert queue.recipients(queue.held)["bob@example.org"] == (
+        OUTBOUND, held_before[1], held_before[2], clock.now)
+    assert queue.recipients(queue.deferred)["frank@remote.test"] == (
+        HELD, 2, "451 4.7.1 greylisted", None)
+    # The queues see them where they are now.
+    assert store.held_message_ids(["remote.test"]) == named(queue, "deferred", "mixed", "fresh")
+    assert store.held_message_ids(["example.org"]) == []
+    due = store.claim_due_outbound(clock.now, 10, "runner", 60)
+    assert {(m.id, r.address) for m in due for r in m.recipients} == {
+        (queue.mixed, "jo@example.org"), (queue.mixed, "lee@other.test"),
+        (queue.held, "bob@example.org")}
+    # Once more: nothing left to change.
+    store.release_claims("runner")
+    assert set(store.requeue_messages(named(queue, *ORDER), clock.now).values()) == {Requeued()}
+    assert store.requeue_messages([], clock.now) == {}
+    assert store.requeue_messages(["000000000000"], clock.now) == {}
+
+
+def test_requeue_corrects_what_release_restores(queue: Queue) -> None:
+    store, clock = queue.store, queue.clock
+    store.hold_messages([queue.mixed])
+    assert store.remove_domain("example.org")
+    store.add_domain(Domain("other.test", "acme"))
+    assert store.requeue_messages([queue.mixed], clock.now) == {queue.mixed: Requeued(on_hold=2)}
+    # Still on hold: requeue does not release.
+    assert {r[0] for r in queue.recipients(queue.mixed).values()} == {HOLD}
+    entry = store.get_queue_entry(queue.mixed)
+    assert entry is not None
+    assert dict(entry.hold_from) == {
+        queue.rid(queue.mixed, "jo@example.org"): OUTBOUND,
+        queue.rid(queue.mixed, "kim@remote.test"): OUTBOUND,
+        queue.rid(queue.mixed, "lee@other.test"): HELD}
+    assert store.release_messages([queue.mixed]) == {queue.mixed: 3}
+    states = {a: r[0] for a, r in queue.recipients(queue.mixed).items()}
+    assert states == {"jo@example.org": OUTBOUND, "kim@remote.test": OUTBOUND,
+                      "lee@other.test": HELD}
+
+
+def test_requeue_leaves_claimed_recipients_alone(queue: Queue,
+                                                 store_factory: StoreFactory) -> None:
+    runner, clock = queue.store, queue.clock
+    tools = store_factory()  # the operator's command, another process
+    [got] = runner.claim_due_outbound(clock.now, 1, "runner", 600)
+    assert got.id == queue.fresh
+    tools.add_domain(Domain("remote.test", "acme"))
+    result = tools.requeue_messages([queue.fresh, queue.deferred], clock.now)
+    assert result == {queue.fresh: Requeued(), queue.deferred: Requeued(to_held=1)}
+    assert queue.recipients(queue.fresh)["dave@remote.test"][0] == OUTBOUND
+    # Its claim ended (the runner gave it back): now it moves.
+    runner.release_claims("runner")
+    assert tools.requeue_messages([queue.fresh], clock.now) == {queue.fresh: Requeued(to_held=1)}
 
 
 # --- figures --------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ Contract:
 - Queue tools (`fermoposta queue`, `fermoposta.provider.queue_admin`) read
   pages of the queue (`queue_page`, keyed by (received_at, id)) and act on
   explicit message ids (`delete_messages`, `hold_messages`,
-  `release_messages`, `retry_outbound`), each call one short transaction,
+  `release_messages`, `retry_outbound`, `requeue_messages`), each call one short transaction,
   so they are safe while a provider runs on the same store.  An operator
   HOLD recipient is neither drained, delivered nor expired; the state it had
   is remembered so `release_messages` restores it exactly.
@@ -225,6 +225,15 @@ class DomainShape:
     deferred: int
     hold: int
     ages: tuple[int, ...]  # recipients per age bucket (see `Store.queue_shape`)
+
+
+@dataclass(frozen=True, slots=True)
+class Requeued:
+    """What `QueueTools.requeue_messages` changed in one message."""
+
+    to_outbound: int = 0  # HELD recipients of a domain no longer hosted, now OUTBOUND
+    to_held: int = 0  # OUTBOUND recipients of a domain hosted now, now HELD
+    on_hold: int = 0  # HOLD recipients whose remembered state was corrected so
 
 
 @dataclass(frozen=True, slots=True)
@@ -483,6 +492,18 @@ class QueueTools(Protocol):
         `domain`; all if both are None), except those claimed by a runner
         right now.  Return, per message in the queue (each of `message_ids`
         that exists, or each message touched), the recipients made due."""
+        ...
+
+    def requeue_messages(self, message_ids: Collection[str], now: float) -> dict[str, Requeued]:
+        """Run the recipients of the messages through the routing check again
+        (like `postsuper -r`), as after a domain was added or removed: a HELD
+        recipient whose domain is no longer hosted becomes OUTBOUND, due at
+        `now`; an OUTBOUND one whose domain is hosted now becomes HELD (no
+        retry time); attempts, replies and first failure are kept.  A HOLD
+        recipient stays on hold, its remembered state corrected the same way,
+        so `release_messages` puts it where it now belongs.  OUTBOUND
+        recipients claimed by a runner right now are left alone.  Return, for
+        each id in the queue, what changed (all zeros: nothing to change)."""
         ...
 
     def queue_shape(self, now: float, age_limits: Sequence[float]) -> QueueShape:

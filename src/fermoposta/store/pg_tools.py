@@ -23,6 +23,7 @@ from fermoposta.store.base import (
     QueueFilter,
     QueueShape,
     RecipientState,
+    Requeued,
 )
 from fermoposta.store.pg_rows import (
     _M_MESSAGE_COLUMNS,
@@ -254,6 +255,44 @@ class PostgresQueueTools:
             ).fetchall():
                 result[str(message_id)] = result.get(str(message_id), 0) + 1
         return result
+
+    def requeue_messages(self, message_ids: Collection[str], now: float) -> dict[str, Requeued]:
+        wanted = sorted(set(message_ids))
+        hosted = "EXISTS (SELECT 1 FROM domains d WHERE d.name = r.domain)"
+        # Not claimed by a runner right now (as in retry_outbound).
+        unclaimed = (f"(r.claimed_until IS NULL OR r.claimed_until <= %s"
+                     f" OR NOT {self._live('r.claim_holder')})")
+        with self._write("requeue messages") as conn:
+            found = _existing(conn, wanted)
+            counts = {mid: {"to_outbound": 0, "to_held": 0, "on_hold": 0} for mid in found}
+            if not found:
+                return {}
+            _lock_recipients_of(conn, found)  # in id order, as every writer does
+            for key, sql, params in (
+                ("to_outbound",
+                 "UPDATE recipients r SET state = %s, next_attempt_at = %s, updated_at = %s,"
+                 " claimed_by = NULL, claimed_until = NULL, claim_holder = NULL"
+                 f" WHERE r.message_id = ANY(%s::text[]) AND r.state = %s AND NOT {hosted}"
+                 " RETURNING r.message_id",
+                 (OUTBOUND, now, now, found, HELD)),
+                ("to_held",
+                 "UPDATE recipients r SET state = %s, next_attempt_at = NULL, updated_at = %s,"
+                 " claimed_by = NULL, claimed_until = NULL, claim_holder = NULL"
+                 f" WHERE r.message_id = ANY(%s::text[]) AND r.state = %s AND {hosted}"
+                 f" AND {unclaimed} RETURNING r.message_id",
+                 (HELD, now, found, OUTBOUND, now)),
+                # On hold: correct the state that release restores.
+                ("on_hold",
+                 "UPDATE recipient_holds h SET previous_state = CASE h.previous_state"
+                 " WHEN %s THEN %s ELSE %s END FROM recipients r"
+                 " WHERE r.id = h.recipient_id AND r.message_id = ANY(%s::text[])"
+                 f" AND r.state = %s AND ((h.previous_state = %s AND NOT {hosted})"
+                 f" OR (h.previous_state = %s AND {hosted})) RETURNING r.message_id",
+                 (HELD, OUTBOUND, HELD, found, HOLD, HELD, OUTBOUND)),
+            ):
+                for (message_id,) in conn.execute(sql, params).fetchall():
+                    counts[str(message_id)][key] += 1
+        return {mid: Requeued(**c) for mid, c in counts.items()}
 
     def queue_shape(self, now: float, age_limits: Sequence[float]) -> QueueShape:
         limits = [float(a) for a in age_limits]

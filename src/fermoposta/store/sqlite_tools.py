@@ -22,6 +22,7 @@ from fermoposta.store.base import (
     QueueFilter,
     QueueShape,
     RecipientState,
+    Requeued,
 )
 from fermoposta.store.rows import filter_sql
 from fermoposta.store.rows import message_from_row as _message
@@ -237,6 +238,53 @@ class SQLiteQueueTools:
                     (now, now, *scope_params),
                 )
         return result
+
+    def requeue_messages(self, message_ids: Collection[str], now: float) -> dict[str, Requeued]:
+        wanted = sorted(set(message_ids))
+        held, outbound, hold = (str(s) for s in (RecipientState.HELD, RecipientState.OUTBOUND,
+                                                  RecipientState.HOLD))
+        hosted = "EXISTS (SELECT 1 FROM domains d WHERE d.name = r.domain)"
+        # (what changes, its recipients' condition, the parameters of that condition)
+        moves = (
+            ("to_outbound", f"r.state = ? AND NOT {hosted}", (held,)),
+            ("to_held", f"r.state = ? AND {hosted}"
+             " AND (r.claimed_until IS NULL OR r.claimed_until <= ?)", (outbound, now)),
+        )
+        with self._write() as conn:
+            found = _existing(conn, wanted)
+            counts = {mid: {"to_outbound": 0, "to_held": 0, "on_hold": 0} for mid in found}
+            for batch in _batches(found):
+                marks = _marks(len(batch))
+                # The ids first, then one UPDATE by id: the two moves select
+                # disjoint recipients (hosted or not), so neither sees the other's.
+                for key, condition, params in moves:
+                    ids = [(int(r[0]), str(r[1])) for r in conn.execute(
+                        f"SELECT r.id, r.message_id FROM recipients r"
+                        f" WHERE r.message_id IN ({marks}) AND {condition}", (*batch, *params))]
+                    for _, mid in ids:
+                        counts[mid][key] += 1
+                    new_state, due = (outbound, now) if key == "to_outbound" else (held, None)
+                    for chunk in _batches([rid for rid, _ in ids]):
+                        conn.execute(
+                            "UPDATE recipients SET state = ?, next_attempt_at = ?, updated_at = ?,"
+                            " claimed_by = NULL, claimed_until = NULL, claim_holder = NULL"
+                            f" WHERE id IN ({_marks(len(chunk))})",
+                            (new_state, due, now, *chunk))
+                # On hold: correct the state that release restores.
+                for before, after, test in ((held, outbound, f"NOT {hosted}"),
+                                            (outbound, held, hosted)):
+                    ids = [(int(r[0]), str(r[1])) for r in conn.execute(
+                        "SELECT r.id, r.message_id FROM recipients r"
+                        " JOIN recipient_holds h ON h.recipient_id = r.id"
+                        f" WHERE r.message_id IN ({marks}) AND r.state = ?"
+                        f" AND h.previous_state = ? AND {test}", (*batch, hold, before))]
+                    for _, mid in ids:
+                        counts[mid]["on_hold"] += 1
+                    for chunk in _batches([rid for rid, _ in ids]):
+                        conn.execute(
+                            "UPDATE recipient_holds SET previous_state = ?"
+                            f" WHERE recipient_id IN ({_marks(len(chunk))})", (after, *chunk))
+        return {mid: Requeued(**c) for mid, c in counts.items()}
 
     def queue_shape(self, now: float, age_limits: Sequence[float]) -> QueueShape:
         limits = [float(a) for a in age_limits]
