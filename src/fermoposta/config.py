@@ -15,7 +15,10 @@ Contract:
   key that exist; the SASL mechanism list is checked against what we
   implement; `hostname` must be given.
 - This module does no I/O apart from reading the config file and checking
-  that the TLS files exist.  It does not create `data_dir`.
+  that the TLS files exist and are usable.  It does not create `data_dir`.
+- `[tls] cert`: an expired or not yet valid certificate is an error; one
+  that expires within 21 days (`ops.certs.WARNING_DAYS`) loads, with a
+  warning passed to `warn` (stderr unless the caller says otherwise).
 
 The docstrings of the dataclasses below are the reference for every key;
 docs/config.md repeats them for operators.
@@ -25,6 +28,9 @@ from __future__ import annotations
 
 import os
 import ssl
+import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +54,7 @@ from fermoposta.config_common import integer as _integer
 from fermoposta.config_common import one_of as _one_of
 from fermoposta.config_common import show_value as _show
 from fermoposta.config_common import size as _size
+from fermoposta.ops import certs
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -720,8 +727,18 @@ _SECTIONS: dict[str, tuple[type[Any], dict[str, _Parser]]] = {
 _TOP_LEVEL: dict[str, _Parser] = {"hostname": _hostname, "data_dir": _string}
 
 
-def load_provider_config(path: str | Path) -> ProviderConfig:
-    """Load and validate a provider config file.  Raises `ConfigError`."""
+def print_warning(message: str) -> None:
+    """A load-time warning on stderr, in the CLI's form (``fermoposta: warning: ...``)."""
+    print(f"fermoposta: warning: {message}", file=sys.stderr)
+
+
+def load_provider_config(path: str | Path, *,
+                         warn: Callable[[str], None] | None = print_warning) -> ProviderConfig:
+    """Load and validate a provider config file.  Raises `ConfigError`.
+
+    Problems that do not stop the config from working (a certificate that
+    expires within `certs.WARNING_DAYS`) go to `warn` (stderr by default;
+    None: say nothing, as the daemon's reload does, which logs them itself)."""
     path = Path(path)
     loader = _Loader(path)
     raw = loader.read()
@@ -761,8 +778,26 @@ def load_provider_config(path: str | Path) -> ProviderConfig:
         data_dir=loader.resolve(data_dir_text),
         **sections,
     )
-    _cross_check(loader, config)
+    _cross_check(loader, config, warn)
     return config
+
+
+def _check_certificate_dates(loader: _Loader, cert: Path,
+                             warn: Callable[[str], None] | None) -> None:
+    """An expired or not yet valid certificate is an error (every customer
+    would fail its handshake, exit 74); one that expires soon, a warning."""
+    try:
+        validity = certs.validity_of_file(cert)
+    except (ValueError, OSError) as exc:
+        raise loader.error("tls", "cert", f"cannot read the certificate's dates: {exc}"
+                           ) from exc
+    now = time.time()
+    problem = validity.problem(now)
+    if problem is not None:
+        raise loader.error("tls", "cert", problem)
+    soon = validity.expiry_warning(now)
+    if soon is not None and warn is not None:
+        warn(str(loader.error("tls", "cert", soon)))
 
 
 def _resolve_store(loader: _Loader, values: dict[str, Any]) -> dict[str, Any]:
@@ -793,7 +828,8 @@ def _resolve_tls(loader: _Loader, values: dict[str, Any]) -> dict[str, Any]:
     return resolved
 
 
-def _cross_check(loader: _Loader, config: ProviderConfig) -> None:
+def _cross_check(loader: _Loader, config: ProviderConfig,
+                 warn: Callable[[str], None] | None) -> None:
     """Checks that involve more than one key."""
     if config.listen.odmr_tls is not None and not config.tls.enabled:
         raise loader.error(
@@ -827,6 +863,7 @@ def _cross_check(loader: _Loader, config: ProviderConfig) -> None:
         except (ssl.SSLError, OSError) as exc:
             raise loader.error("tls", "key", f"cannot use this certificate and key: {exc}"
                                ) from exc
+        _check_certificate_dates(loader, config.tls.cert, warn)
     if config.tls.client_ca is not None:
         try:
             ssl.create_default_context(cafile=str(config.tls.client_ca))
