@@ -17,6 +17,20 @@ Contract:
   (unexpected error), 75 EX_TEMPFAIL (the store is unavailable), 78 EX_CONFIG
   (bad or missing config: stderr says ``fermoposta: <file>: <key>: <problem>``).
   Handlers may return others (65 EX_DATAERR, 66 EX_NOINPUT, ...).
+- ``-c/--config FILE`` is accepted before the command and after any of its
+  words (``fermoposta queue list -c FILE`` = ``fermoposta -c FILE queue
+  list``), with one meaning: the config file of that command (the provider's,
+  or the customer's for ``customer ...``; for ``config check|show`` the file
+  to check, like the positional FILE).  Given more than once with different
+  values (the positional FILE included): 64, naming both.
+- The wrong kind of file is named as such (78): a customer config given to a
+  provider command (``provider run``, ``account``, ``domain``, ``queue``,
+  ``store``) or a provider config to ``customer ...``.
+- Commands that only read the store (``queue``, ``account``/``domain`` other
+  than ``add``, ``store copy``) on a SQLite store that does not exist yet:
+  66 EX_NOINPUT, ``no store at <path>; is data_dir right? (provider run
+  creates it)``, and no empty store is created.  ``account add``, ``domain
+  add`` and ``store migrate`` create it.  A PostgreSQL store is not checked.
 - Heavy modules (the server, the store, the account commands) are imported
   lazily, so ``config check`` and ``--help`` stay fast and independent of them.
 """
@@ -32,7 +46,13 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from fermoposta import __version__
-from fermoposta.config import ConfigError, ProviderConfig, default_config_path, load_provider_config
+from fermoposta.config import (
+    DEFAULT_CONFIG_PATH,
+    ConfigError,
+    ProviderConfig,
+    default_config_path,
+    load_provider_config,
+)
 
 EX_OK = 0
 EX_USAGE = 64
@@ -54,6 +74,70 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EX_USAGE, f"{self.prog}: error: {message}\n")
 
 
+class _ConfigOption(argparse.Action):
+    """``-c/--config FILE`` at one level of the command line.  Each level keeps
+    its own attribute (a subcommand's parser fills a fresh namespace that is
+    then copied over its parent's, so one shared attribute would lose the
+    outer value); `main()` merges them.  Twice at one level with different
+    values is a usage error."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        previous = getattr(namespace, self.dest, None)
+        if previous is not None and previous != values:
+            parser.error(f"-c/--config given twice: {previous} and {values}")
+        setattr(namespace, self.dest, values)
+
+
+_PROVIDER_CONFIG_HELP = (
+    f"provider config file (default: $FERMOPOSTA_CONFIG or {DEFAULT_CONFIG_PATH})"
+)
+_CUSTOMER_CONFIG_HELP = (
+    "customer config file (default: $FERMOPOSTA_CUSTOMER_CONFIG or "
+    "/etc/fermoposta/customer.toml)"
+)
+_NESTED_CONFIG = "config_at_"  # + depth: the attribute of a -c given after a command word
+
+
+def _add_config_options(parser: argparse.ArgumentParser, depth: int, help_text: str) -> None:
+    """Give every subcommand below `parser` its own ``-c/--config``, so the
+    option may follow any word of the command."""
+    seen: set[int] = set()
+    for action in parser._actions:
+        if not isinstance(action, argparse._SubParsersAction):
+            continue
+        for name, sub in action.choices.items():
+            if id(sub) in seen:  # an alias
+                continue
+            seen.add(id(sub))
+            text = {"customer": _CUSTOMER_CONFIG_HELP,
+                    "config": "the config file (as the positional FILE)"}.get(name, help_text)
+            taken = sub._option_string_actions
+            if "-c" not in taken and "--config" not in taken:
+                sub.add_argument("-c", "--config", dest=f"{_NESTED_CONFIG}{depth}",
+                                 action=_ConfigOption, type=Path, default=argparse.SUPPRESS,
+                                 metavar="FILE", help=text)
+            _add_config_options(sub, depth + 1, text)
+
+
+def _merge_config(args: argparse.Namespace) -> str | None:
+    """Set ``args.config`` from the ``-c`` given anywhere (and ``config check|
+    show FILE``); the usage error when they name different files, else None."""
+    given: list[Path] = [] if args.config is None else [args.config]
+    given += [value for key, value in sorted(vars(args).items())
+              if key.startswith(_NESTED_CONFIG)]
+    file = getattr(args, "file", None)
+    if file is not None:
+        given.append(file)
+    distinct = list(dict.fromkeys(given))
+    if len(distinct) > 1:
+        return f"-c/--config given twice: {distinct[0]} and {distinct[1]}"
+    args.config = distinct[0] if distinct else None
+    if file is not None:
+        args.file = args.config
+    return None
+
+
 def _err(message: str) -> None:
     print(f"{PROG}: {message}", file=sys.stderr)
 
@@ -73,6 +157,7 @@ def _effective(config: ProviderConfig, args: argparse.Namespace) -> ProviderConf
 
 
 def _cmd_provider_run(args: argparse.Namespace) -> int:
+    _refuse_customer_config(args, "provider")
     config = _effective(load_provider_config(args.config), args)
     # Imported here so config/admin commands do not load the server stack.
     # run() sets up logging from config.log itself.
@@ -81,19 +166,37 @@ def _cmd_provider_run(args: argparse.Namespace) -> int:
     return int(run(config))
 
 
-def _config_kind(path: Path, forced: str | None) -> str:
-    """"provider" or "customer": the --kind given, else guessed from the file
-    (a customer config has a [provider] table and [[pull]] blocks)."""
-    if forced:
-        return forced
+def _guess_kind(path: Path) -> str | None:
+    """"customer" or "provider" as the file looks; None when it cannot be
+    read or parsed, or is empty (the loader then reports the problem precisely)."""
     import tomllib
 
     try:
         with open(path, "rb") as stream:
             raw = tomllib.load(stream)
     except (OSError, tomllib.TOMLDecodeError):
-        return "provider"  # the provider loader reports the problem precisely
-    return "customer" if "pull" in raw or "provider" in raw else "provider"
+        return None
+    if "pull" in raw or "provider" in raw:
+        return "customer"  # a customer config has a [provider] table and [[pull]] blocks
+    # Neither of the two tables a customer config needs: not a customer config.
+    return "provider" if raw else None
+
+
+def _config_kind(path: Path, forced: str | None) -> str:
+    """"provider" or "customer": the --kind given, else guessed from the file
+    (a customer config has a [provider] table and [[pull]] blocks)."""
+    if forced:
+        return forced
+    return "customer" if _guess_kind(path) == "customer" else "provider"
+
+
+def _refuse_customer_config(args: argparse.Namespace, what: str) -> None:
+    """ConfigError (78) when the provider command `what` was given a customer config."""
+    if _guess_kind(args.config) == "customer":
+        raise ConfigError(
+            f"{args.config}: this is a customer config; {what} commands need the "
+            f"provider's (-c {DEFAULT_CONFIG_PATH})"
+        )
 
 
 def _load_any(args: argparse.Namespace) -> Any:
@@ -214,12 +317,41 @@ def _toml(value: Any) -> str:
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+#: The store commands that may create the store: the others only find what
+#: is there, so on a store that does not exist they fail (66) instead.
+_CREATING = {("account", "add"), ("domain", "add"), ("store", "migrate")}
+
+
+def _subcommand(args: argparse.Namespace) -> tuple[str, str | None]:
+    command = str(args.command)
+    sub = getattr(args, f"{command}_command", None)
+    return command, None if sub is None else str(sub)
+
+
+def _missing_store(config: ProviderConfig) -> Path | None:
+    """The SQLite file when it does not exist yet (and its directory is not
+    something else, which opening reports as unavailable); None otherwise, and
+    always for PostgreSQL (the database is there or not)."""
+    if config.store.engine != "sqlite":
+        return None
+    path = config.store_path
+    if path.exists() or (path.parent.exists() and not path.parent.is_dir()):
+        return None
+    return path
+
+
 def _cmd_store(args: argparse.Namespace) -> int:
-    """Run an `account`/`domain` handler with the store opened from the config."""
+    """Run an `account`/`domain`/`queue`/`store` handler with the store opened from the config."""
+    command, sub = _subcommand(args)
+    _refuse_customer_config(args, command)
     config = load_provider_config(args.config)
     from fermoposta.provider.storage import open_provider_store, store_description
     from fermoposta.store import StoreError
 
+    missing = _missing_store(config)
+    if missing is not None and (command, sub) not in _CREATING:
+        _err(f"no store at {missing}; is data_dir right? (provider run creates it)")
+        return EX_NOINPUT
     try:
         store = open_provider_store(config)
     except (StoreError, OSError) as exc:
@@ -261,7 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         metavar="FILE",
-        help=f"provider config file (default: $FERMOPOSTA_CONFIG or {default_config_path()})",
+        action=_ConfigOption,
+        help=_PROVIDER_CONFIG_HELP + "; also accepted after the command",
     )
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="log at debug level, with a protocol trace (SASL redacted)")
@@ -328,6 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--kind", choices=("provider", "customer"), default=None,
                       help="the kind of config (default: guessed from the file)")
     show.set_defaults(command_func=_cmd_config_show)
+    _add_config_options(parser, 1, _PROVIDER_CONFIG_HELP)
     return parser
 
 
@@ -337,6 +471,11 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version, usage errors
         return exc.code if isinstance(exc.code, int) else (EX_OK if exc.code is None else EX_USAGE)
+    problem = _merge_config(args)
+    if problem is not None:
+        parser.print_usage(sys.stderr)
+        _err(f"error: {problem}")
+        return EX_USAGE
     args.config_given = args.config is not None
     if args.config is None:
         args.config = default_config_path()

@@ -142,9 +142,13 @@ def test_account_commands_use_the_configured_store(
     good: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     pytest.importorskip("fermoposta.provider.accounts")
-    assert main(["-c", str(good), "account", "list"]) == 0
+    password = good.parent / "password"
+    password.write_text("secret\n")
+    assert main(["-c", str(good), "account", "add", "acme", "--password-file", str(password),
+                 "--domain", "acme.test"]) == 0
     assert (good.parent / "var" / "fermoposta.sqlite3").exists()
-    capsys.readouterr()
+    assert main(["-c", str(good), "account", "list"]) == 0
+    assert "acme.test" in capsys.readouterr().out
 
 
 def test_account_commands_need_a_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,10 +1,12 @@
 """`fermoposta customer check|pull|run|outbox`: the customer's commands.
 
-Contract: each command loads the customer config (`-c FILE` after the
-subcommand, else the global `-c`, else $FERMOPOSTA_CUSTOMER_CONFIG, else
-/etc/fermoposta/customer.toml), prints a human summary on stdout, logs on
-stderr, and exits with the codes of `fermoposta.customer.errors` (0 when the
-session worked, whether or not there was mail).  `pull` with several blocks
+Contract: each command loads the customer config (`-c FILE` before or after
+any word of the command -- `fermoposta.cli` gives every subcommand the option
+and merges them into `args.config` -- else $FERMOPOSTA_CUSTOMER_CONFIG, else
+/etc/fermoposta/customer.toml; a provider config is refused as such, 78),
+prints a human summary on stdout, logs on stderr, and exits with the codes
+of `fermoposta.customer.errors` (0 when the session worked, whether or not
+there was mail).  `pull` with several blocks
 exits with the first non-zero code of the blocks, after running them all.
 
 `outbox list` prints the outbox (exit 0, 75 if its spool cannot be read);
@@ -31,11 +33,25 @@ EX_USAGE = 64
 def _load(args: argparse.Namespace) -> Any:
     from fermoposta.customer.config import default_customer_config_path, load_customer_config
 
-    path = args.customer_config or (args.config if args.config_given else None)
-    config = load_customer_config(path or default_customer_config_path())
+    path = args.config if args.config_given else default_customer_config_path()
+    _refuse_provider_config(path)
+    config = load_customer_config(path)
     setup_logging("debug" if args.verbose else config.log.level,
                   args.log_format or config.log.format)
     return config
+
+
+def _refuse_provider_config(path: Path) -> None:
+    """ConfigError (78) when `path` is plainly a provider config."""
+    from fermoposta.cli import _guess_kind
+    from fermoposta.config import ConfigError
+    from fermoposta.customer.config import DEFAULT_CUSTOMER_CONFIG_PATH
+
+    if _guess_kind(path) == "provider":
+        raise ConfigError(
+            f"{path}: this is a provider config; customer commands need the customer's "
+            f"(-c {DEFAULT_CUSTOMER_CONFIG_PATH})"
+        )
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
@@ -135,38 +151,27 @@ def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type
     customer = commands.add_parser("customer", help="the customer side: pull held mail over ODMR")
     sub = customer.add_subparsers(dest="customer_command", metavar="COMMAND")
 
-    def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("-c", "--config", dest="customer_config", type=Path, default=None,
-                       metavar="FILE", help="customer config file (default: "
-                       "$FERMOPOSTA_CUSTOMER_CONFIG or /etc/fermoposta/customer.toml)")
-
     check = sub.add_parser("check", help="connect, STARTTLS, verify, AUTH; no ATRN")
-    common(check)
     check.set_defaults(command_func=_cmd_check)
     pull = sub.add_parser("pull", help="one session per [[pull]] block now; prints a summary")
-    common(pull)
     pull.add_argument("--wait", action="store_true",
                       help="wait for a session of the same block to end instead of exiting 73")
     pull.add_argument("--only", action="append", metavar="NAME",
                       help="only this [[pull]] block (repeatable)")
     pull.set_defaults(command_func=_cmd_pull)
     run = sub.add_parser("run", help="daemon: pull on schedule; SIGUSR1 pulls now")
-    common(run)
     run.set_defaults(command_func=_cmd_run)
 
     outbox = sub.add_parser("outbox", help="the outbox: outgoing mail of the site")
     outbox_sub = outbox.add_subparsers(dest="outbox_command", metavar="COMMAND")
     listing = outbox_sub.add_parser("list", help="show the mail waiting in the outbox")
-    common(listing)
     listing.set_defaults(command_func=_cmd_outbox_list)
     push = outbox_sub.add_parser("push", help="push the outbox to the provider now")
-    common(push)
     push.add_argument("--wait", action="store_true",
                       help="wait for a push in progress to end instead of exiting 73")
     push.set_defaults(command_func=_cmd_outbox_push)
     serve = outbox_sub.add_parser("serve", help="run the outbox listener (and the continuous "
                                   "push) without pulling")
-    common(serve)
     serve.set_defaults(command_func=_cmd_outbox_serve)
 
     def show_outbox_help(args: argparse.Namespace) -> int:
@@ -179,4 +184,4 @@ def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type
         customer.print_help(sys.stderr)
         return EX_USAGE
 
-    customer.set_defaults(command_func=show_help, customer_config=None)
+    customer.set_defaults(command_func=show_help)

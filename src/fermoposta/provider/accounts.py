@@ -26,6 +26,9 @@ Contract:
   certificate, so what the operator types matches what the peer presents.
   A malformed fingerprint or subject is a usage error (64); one bound to
   another account, or removing one the account does not have, a data error (65).
+- An account without domains is accepted (`account add` without `--domain`
+  warns on stderr, exit 0) but its every ATRN is refused; `account list`
+  shows `(none!)` as its domains and names such accounts in a note on stderr.
 """
 
 from __future__ import annotations
@@ -64,6 +67,10 @@ from fermoposta.store.base import (
 )
 
 DEFAULT_SCRAM_ITERATIONS = 4096
+
+#: The DOMAINS cell of `account list` for an account without domains (its
+#: ATRN is refused until one is added).
+NO_DOMAINS = "(none!)"
 
 
 _ACCOUNT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+=-]{0,127}\Z")
@@ -283,6 +290,10 @@ def account_add(args: argparse.Namespace, store: Directory) -> int:
         raise
     suffix = f" with domains {', '.join(domains)}" if domains else ""
     print(f"account {name} added{suffix}")
+    if not domains:
+        # Accepted (domains may follow), but every ATRN it sends is refused until then.
+        _error(f"warning: account {name} has no domains: its ATRN is refused (450) until "
+               f"`fermoposta domain add DOMAIN --account {name}`")
     return EX_OK
 
 
@@ -290,18 +301,25 @@ def account_add(args: argparse.Namespace, store: Directory) -> int:
 def account_list(args: argparse.Namespace, store: Directory) -> int:
     """Print the accounts as a table."""
     rows = []
+    bare = []
     for account in store.list_accounts():
-        domains = ",".join(d.name for d in store.list_domains(account.name)) or "-"
+        domains = ",".join(d.name for d in store.list_domains(account.name))
+        if not domains:
+            bare.append(account.name)
         rows.append(
             [
                 account.name,
-                domains,
+                domains or NO_DOMAINS,
                 "yes" if account.cram_secret is not None else "no",
                 str(len(account.cert_fingerprints) + len(account.cert_subjects)),
                 _when(account.last_atrn_at),
             ]
         )
     print(_table(["ACCOUNT", "DOMAINS", "CRAM-MD5", "CERTS", "LAST ATRN"], rows))
+    if bare:
+        # On stderr: the table on stdout stays one row an account for scripts.
+        _error(f"note: {NO_DOMAINS} = no domains, every ATRN refused: {', '.join(bare)} "
+               "(fermoposta domain add DOMAIN --account NAME)")
     return EX_OK
 
 
