@@ -244,6 +244,7 @@ def test_list_filters(queue: Queue, capsys: pytest.CaptureFixture[str], argv: li
 
 def test_list_empty_queue(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = write_config(tmp_path, None)
+    open_store(tmp_path / "data").close()  # an empty store (a missing one is an error, 66)
     assert main(["-c", str(config), "queue", "list"]) == 0
     assert capsys.readouterr().out == "Mail queue is empty\n"
     assert main(["-c", str(config), "queue", "list", "--json"]) == 0
