@@ -14,6 +14,11 @@ Contract:
   queue: aggregate those gauges with max(), not sum()).
 - `set_node(node, engine)` names the node in `fermoposta_node_info`; a
   node's name is a label there only (bounded: one per process).
+- `set_certificate_expiry(timestamp)` exports the provider's `[tls] cert`
+  notAfter as `fermoposta_tls_certificate_expiry_timestamp_seconds` (no
+  labels: one certificate per process); None removes the series, so a
+  process without TLS (or a customer) never shows a certificate that
+  "expired in 1970".
 """
 
 from __future__ import annotations
@@ -41,6 +46,28 @@ def set_node(node: str, engine: str) -> None:
     """Name this process's node in `fermoposta_node_info` (one series only)."""
     NODE_INFO.clear()
     NODE_INFO.labels(node=node, engine=engine).set(1)
+
+
+# Registered only while set: a label-less gauge would otherwise export 0.
+CERT_EXPIRY = Gauge("fermoposta_tls_certificate_expiry_timestamp_seconds",
+                    "When the provider's TLS certificate ([tls] cert) expires: notAfter, "
+                    "Unix time", registry=None)
+_cert_expiry_registered = False
+
+
+def set_certificate_expiry(timestamp: float | None) -> None:
+    """Export the certificate's notAfter, or (None) no series at all."""
+    global _cert_expiry_registered
+    if timestamp is None:
+        if _cert_expiry_registered:
+            REGISTRY.unregister(CERT_EXPIRY)
+            _cert_expiry_registered = False
+        return
+    CERT_EXPIRY.set(timestamp)
+    if not _cert_expiry_registered:
+        REGISTRY.register(CERT_EXPIRY)
+        _cert_expiry_registered = True
+
 
 CONNECTIONS = Counter("fermoposta_connections_total", "Connections accepted, by listener",
                       ["listener"])

@@ -18,8 +18,17 @@ Contract:
   its counts over a SIGHUP (only its settings change).
 - It also runs the outbound runner (delivery of submissions and DSNs to the
   Internet) and the hold expirer; a stored submission wakes the runner.
+- The server certificate's dates (issue 11): `start()` and `reload()` read
+  its notAfter into `fermoposta_tls_certificate_expiry_timestamp_seconds`;
+  an expired or not yet valid one is refused (`ConfigError`).  While it
+  expires within 21 days, the provider logs a warning at start and then once
+  a day (`check_certificate`, on the `clock` it is given); an expired one,
+  an error, daily too.
+- A listener (or the metrics endpoint) that cannot bind raises `ListenError`,
+  naming the listener and the address; what had started is stopped again.
 - `run(config)` is `fermoposta provider run`: logging, store, listeners,
-  SIGTERM/SIGINT for a clean stop; returns an exit code.
+  SIGTERM/SIGINT for a clean stop, a last line ``stopped``; returns an
+  exit code.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import logging
+import os
 import signal
 import socket
 import ssl
@@ -40,7 +50,7 @@ from fermoposta.config import ConfigError, ProviderConfig, load_provider_config
 from fermoposta.mail.anvil import AuthThrottle, ThrottleSettings
 from fermoposta.net.connection import Connection, start_server
 from fermoposta.net.server_session import ServerSession, SessionLimits
-from fermoposta.ops import metrics
+from fermoposta.ops import certs, metrics
 from fermoposta.ops.log import setup_logging
 from fermoposta.provider.drain import DrainSettings
 from fermoposta.provider.expiry import HoldExpirer
@@ -55,6 +65,45 @@ from fermoposta.store.base import SchemaTooNew, Store, StoreError
 log = logging.getLogger("fermoposta.provider")
 
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
+
+#: How often the running provider looks at its certificate's dates; it warns
+#: at most once a day (`CERT_WARNING_EVERY`), however often it looks, so a
+#: process suspended past a check still warns soon after it wakes.
+CERT_CHECK_INTERVAL = 3600.0
+CERT_WARNING_EVERY = 86400.0
+
+
+class ListenError(OSError):
+    """A listener could not bind: ``cannot listen on mx 127.0.0.1:25: [Errno 98] ...``."""
+
+    def __init__(self, listener: str, address: tuple[str, int], cause: OSError) -> None:
+        super().__init__(cause.errno, cause.strerror)
+        self.listener, self.address, self.cause = listener, address, cause
+
+    def __str__(self) -> str:
+        host, port = self.address
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        # asyncio's message repeats the address; the errno's text says it all.
+        why = (f"[Errno {self.cause.errno}] {os.strerror(self.cause.errno)}"
+               if self.cause.errno else str(self.cause))
+        return f"cannot listen on {self.listener} {where}: {why}"
+
+
+def certificate_validity(config: ProviderConfig, now: float) -> certs.Validity | None:
+    """The `[tls] cert` dates (None without TLS).  `ConfigError` when the
+    certificate cannot be used now: the config check refuses the same one,
+    but a file may change (or a date pass) between the check and the start."""
+    if config.tls.cert is None:
+        return None
+    try:
+        validity = certs.validity_of_file(config.tls.cert)
+    except ValueError as exc:
+        raise ConfigError(f"{config.path.name}: [tls] cert: cannot read the certificate's "
+                          f"dates: {exc}") from exc
+    problem = validity.problem(now)
+    if problem is not None:
+        raise ConfigError(f"{config.path.name}: [tls] cert: {problem}")
+    return validity
 
 
 def server_tls_context(config: ProviderConfig, *, client_certificates: bool
@@ -100,8 +149,13 @@ def session_limits(config: ProviderConfig) -> SessionLimits:
 
 
 class Provider:
-    def __init__(self, config: ProviderConfig, store: Store) -> None:
+    def __init__(self, config: ProviderConfig, store: Store, *,
+                 clock: Callable[[], float] = time.time) -> None:
         self.store = store
+        self.clock = clock
+        self.cert_validity = certificate_validity(config, clock())
+        self._cert_warned_at: float | None = None  # the clock when we last warned
+        self._cert_task: asyncio.Task[None] | None = None
         self.auth_throttle = AuthThrottle(throttle_settings(config))
         self.mx_tls_context = server_tls_context(config, client_certificates=False)
         self.tls_context = server_tls_context(config, client_certificates=True)
@@ -170,9 +224,15 @@ class Provider:
                 or config.tls.client_ca != self.config.tls.client_ca:
             ignored.append("tls (turning TLS on or off, or client_ca)")
         elif config.tls.cert is not None and config.tls.key is not None:
+            # Before loading: an expired certificate raises and changes nothing.
+            validity = certificate_validity(config, self.clock())
             for context in (self.mx_tls_context, self.tls_context):
                 if context is not None:
                     context.load_cert_chain(str(config.tls.cert), str(config.tls.key))
+            self.cert_validity = validity
+            self._cert_warned_at = None  # a new certificate: say at once if it is short-lived
+            self._publish_certificate()
+            self.check_certificate()
         if config.submission.rate_limit != self.rate_limiter.limit or \
                 config.submission.rate_window != self.rate_limiter.window:
             self.rate_limiter.limit = config.submission.rate_limit
@@ -258,13 +318,28 @@ class Provider:
                 raise ValueError("[listen] submissions needs [tls] cert and key")
             plan.append(("submissions", listen.submissions, self.submission_session,
                          self.tls_context))
+        try:
+            await self._start(plan)
+        except BaseException:
+            # Nothing half-started stays behind (listeners already bound,
+            # the outbound runner): the caller only sees the error.
+            await self.stop(grace=0.0)
+            raise
+        return self.addresses
+
+    async def _start(self, plan: list[tuple[str, tuple[str, int] | None,
+                                            Callable[[Connection], ServerSession],
+                                            ssl.SSLContext | None]]) -> None:
         for name, address, factory, context in plan:
             if address is None:
                 continue
-            server = await start_server(
-                self._handler(name, factory), address[0], address[1], ssl_context=context,
-                tls_handshake_timeout=self.config.limits.tls_handshake_timeout,
-            )
+            try:
+                server = await start_server(
+                    self._handler(name, factory), address[0], address[1], ssl_context=context,
+                    tls_handshake_timeout=self.config.limits.tls_handshake_timeout,
+                )
+            except OSError as exc:
+                raise ListenError(name, address, exc) from exc
             self.servers.append(server)
             sockname = server.sockets[0].getsockname()
             self.addresses[name] = (str(sockname[0]), int(sockname[1]))
@@ -275,10 +350,18 @@ class Provider:
         self.on_queued = self.runner.wake
         await self.runner.start()
         await self.expirer.start()
+        self._publish_certificate()
+        self.check_certificate()
+        if self.cert_validity is not None:
+            self._cert_task = asyncio.create_task(self._watch_certificate(),
+                                                  name="certificate-dates")
         if self.config.metrics.listen is not None:
             host, port = self.config.metrics.listen
             metrics.set_node(self.store.node, self.config.store.engine)
-            self.addresses["metrics"], stop_server = metrics.serve(host, port)
+            try:
+                self.addresses["metrics"], stop_server = metrics.serve(host, port)
+            except OSError as exc:
+                raise ListenError("metrics", (host, port), exc) from exc
             unregister = metrics.register_queue(metrics.QueueCollector(self.store.queue_summary))
 
             def stop_metrics() -> None:
@@ -287,13 +370,49 @@ class Provider:
 
             self._stop_metrics = stop_metrics
             log.info("metrics on http://%s:%d/metrics", *self.addresses["metrics"])
-        return self.addresses
+
+    # --- the certificate's dates ----------------------------------------------------------
+    def _publish_certificate(self) -> None:
+        metrics.set_certificate_expiry(
+            None if self.cert_validity is None else self.cert_validity.not_after_timestamp)
+
+    def check_certificate(self) -> None:
+        """Log, at most once a day, that the certificate expires soon (a
+        warning) or has expired while we run (an error: every handshake
+        fails now).  Called at start, on reload and every hour."""
+        validity = self.cert_validity
+        if validity is None:
+            return
+        now = self.clock()
+        problem = validity.problem(now)
+        soon = validity.expiry_warning(now)
+        if problem is None and soon is None:
+            return
+        if self._cert_warned_at is not None and now - self._cert_warned_at < CERT_WARNING_EVERY:
+            return
+        self._cert_warned_at = now
+        cert = self.config.tls.cert
+        if problem is not None:
+            log.error("TLS certificate %s: %s; replace it and reload (SIGHUP)", cert, problem)
+        else:
+            log.warning("TLS certificate %s %s; replace it and reload (SIGHUP)", cert, soon)
+
+    async def _watch_certificate(self) -> None:
+        while True:
+            await asyncio.sleep(CERT_CHECK_INTERVAL)
+            self.check_certificate()
 
     _stop_metrics: Callable[[], None] | None = None
     runner: OutboundRunner | None = None
     expirer: HoldExpirer | None = None
 
     async def stop(self, grace: float = 10.0) -> None:
+        if self._cert_task is not None:
+            self._cert_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._cert_task
+            self._cert_task = None
+        metrics.set_certificate_expiry(None)
         if self._stop_metrics is not None:
             self._stop_metrics()
             self._stop_metrics = None
@@ -358,14 +477,22 @@ async def _serve(config: ProviderConfig) -> int:
     log.info("%s opened; node %s", store_description(config), store.node)
     try:
         provider = Provider(config, store)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        store.close()
+        return 78  # EX_CONFIG
     except (ssl.SSLError, OSError) as exc:
         log.error("cannot load the TLS certificate: %s", exc)
         store.close()
         return 78  # EX_CONFIG
     try:
         await provider.start()
+    except ListenError as exc:
+        log.error("%s", exc)
+        store.close()
+        return 71  # EX_OSERR
     except OSError as exc:
-        log.error("cannot listen: %s", exc)
+        log.error("cannot start: %s", exc)
         store.close()
         return 71  # EX_OSERR
     stop = asyncio.Event()
@@ -378,13 +505,16 @@ async def _serve(config: ProviderConfig) -> int:
     log.info("stopping: no new connections; waiting for sessions")
     await provider.stop(grace=provider.config.limits.shutdown_grace)
     store.close()
+    # The last line: an operator (or a supervisor's log) sees the stop was clean.
+    log.info("stopped")
     return 0
 
 
 def _reload(provider: Provider) -> None:
     """SIGHUP: re-read the config file; a broken one changes nothing."""
     try:
-        config = load_provider_config(provider.config.path)
+        # Certificate warnings: reload() logs them (check_certificate), not stderr.
+        config = load_provider_config(provider.config.path, warn=None)
         ignored = provider.reload(config)
     except (ConfigError, ssl.SSLError, OSError) as exc:
         log.error("reload failed, keeping the running configuration: %s", exc)
