@@ -1,0 +1,64 @@
+"""`fermoposta provider run` as a process (issue 11, item 10): a port in use
+is reported with the listener and the address (exit 71); SIGTERM ends the
+log with ``stopped``; an expiring certificate is warned about at start."""
+
+from __future__ import annotations
+
+import datetime
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import write_config
+from peers import free_port, wait_for_port
+
+FERMOPOSTA = [sys.executable, "-m", "fermoposta"]
+
+
+def test_a_busy_port_is_named_and_exits_71(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        config = write_config(tmp_path, None, ports=(port, free_port()))
+        result = subprocess.run([*FERMOPOSTA, "-c", str(config), "provider", "run"],
+                                capture_output=True, text=True, timeout=60)
+    assert result.returncode == 71, result.stderr
+    assert (f"error: cannot listen on mx 127.0.0.1:{port}: [Errno 98] Address already in use"
+            in result.stderr)
+    assert "stopped" not in result.stderr  # it never started
+
+
+def test_sigterm_ends_the_log_with_stopped(tmp_path: Path, certs) -> None:
+    now = datetime.datetime.now(datetime.UTC)
+    leaf = certs.ca.issue_cert("localhost", "127.0.0.1", not_before=now - datetime.timedelta(1),
+                               not_after=now + datetime.timedelta(days=7))
+    leaf.cert_chain_pems[0].write_to_path(str(tmp_path / "own.cert"))
+    leaf.private_key_pem.write_to_path(str(tmp_path / "own.key"))
+    mx, odmr = free_port(), free_port()
+    config = write_config(tmp_path, None, ports=(mx, odmr))
+    config.write_text(config.read_text() + f'\n[tls]\ncert = "{tmp_path / "own.cert"}"\n'
+                      f'key = "{tmp_path / "own.key"}"\n')
+    log = tmp_path / "provider.log"
+    with log.open("wb") as stderr:
+        proc = subprocess.Popen([*FERMOPOSTA, "-c", str(config), "provider", "run"],
+                                stdout=subprocess.DEVNULL, stderr=stderr)
+        try:
+            wait_for_port(mx)
+            wait_for_port(odmr)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    lines = log.read_text().splitlines()
+    assert lines[-1].endswith("]: stopped"), lines[-3:]
+    warnings = [line for line in lines if "expires on " in line]
+    # The config load's warning (stderr, like config check) and the daemon's log line.
+    assert any(line.startswith("fermoposta: warning: ") and line.endswith("in 7 days")
+               for line in warnings), warnings
+    assert any("fermoposta/provider[" in line and "warning: TLS certificate " in line
+               and "in 7 days" in line for line in warnings), warnings
