@@ -10,9 +10,11 @@ import email.message
 import email.policy
 import io
 import json
+import logging
+import re
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,8 @@ from fermoposta.store import (
 )
 from fermoposta.store.base import QueueFilter
 
+# A text log line of the queue tools on stderr: time, node, component[pid].
+LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z \S+ fermoposta/queue\[\d+\]: (.*)$")
 HELD = RecipientState.HELD
 OUTBOUND = RecipientState.OUTBOUND
 HOLD = RecipientState.HOLD
@@ -57,6 +61,7 @@ class Queue:
     hold: str  # one recipient on operator HOLD, 2 days old
     mixed: str  # HELD + deferred OUTBOUND + fresh OUTBOUND, 45 minutes old
     sizes: dict[str, int]
+    log: list[str] = field(default_factory=list)  # the last command's log lines (messages)
 
     def enqueue(self, sender: str, recipients: list[tuple[str, RecipientState]],
                 age: float = 0.0, *, origin: MessageOrigin = MessageOrigin.MX,
@@ -74,9 +79,12 @@ class Queue:
             self.clock.back = 0.0
 
     def run(self, capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+        """Exit code, stdout, and stderr without the log lines (those are in `log`)."""
         code = main(["-c", str(self.config), "queue", *argv])
         out, err = capsys.readouterr()
-        return code, out, err
+        lines = err.splitlines(keepends=True)
+        self.log = [m.group(1) for m in map(LOG_LINE.match, lines) if m]
+        return code, out, "".join(line for line in lines if not LOG_LINE.match(line))
 
     def ids(self, where: QueueFilter | None = None) -> list[str]:
         return [i for _, i in self.store.queue_ids(where or QueueFilter(), None, 1000)]
@@ -637,3 +645,192 @@ def test_an_empty_pipe_does_nothing(queue: Queue, capsys: pytest.CaptureFixture[
     assert (code, err) == (0, "")
     assert " 0 " in out or out.startswith(("Deleted: 0", "Placed on hold: 0"))
     assert {i: queue.states(i) for i in queue.ids()} == before
+
+
+# --- list: ids, count, age window, account ---------------------------------------------------
+
+
+def names_of(queue: Queue, ids: list[str]) -> list[str]:
+    names = {getattr(queue, n): n for n in ("held", "fresh", "deferred", "hold", "mixed")}
+    return [names[i] for i in ids]
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        ([], ["hold", "deferred", "mixed", "fresh", "held"]),
+        (["--younger-than", "1h"], ["mixed", "fresh", "held"]),
+        (["--younger-than", "10m"], ["held"]),
+        (["--younger-than", "1h", "--older-than", "10m"], ["mixed", "fresh"]),
+        (["--younger-than", "10m", "--older-than", "1h"], []),  # an empty window
+        (["--younger-than", "1h", "--state", "held"], ["mixed", "held"]),
+        (["--account", "acme"], ["hold", "mixed", "held"]),  # example.org
+        # beta has other.test and remote.test: mixed has recipients in both, listed once.
+        (["--account", "beta"], ["deferred", "mixed", "fresh"]),
+        (["--account", "beta", "--domain", "other.test"], ["mixed"]),
+        (["--account", "beta", "--domain", "example.org"], []),  # not beta's
+        (["--account", "beta", "--state", "deferred"], ["deferred", "mixed"]),
+        (["--account", "beta", "--younger-than", "1h"], ["mixed", "fresh"]),
+        (["--account", "empty"], []),  # an account without domains
+    ],
+)
+def test_list_ids_and_count(queue: Queue, capsys: pytest.CaptureFixture[str], argv: list[str],
+                            expected: list[str]) -> None:
+    add_customer(queue.store, "beta", ("other.test", "remote.test"))
+    add_customer(queue.store, "empty", ())
+    code, out, err = queue.run(capsys, "list", "--ids", *argv)
+    assert (code, err) == (0, "")
+    assert names_of(queue, out.splitlines()) == expected
+    assert queue.run(capsys, "list", "-i", *argv) == (0, out, "")
+    assert queue.run(capsys, "list", "--count", *argv) == (0, f"{len(expected)}\n", "")
+    # The same filters in the full listing and in JSON.
+    code, out, _ = queue.run(capsys, "list", "--json", *argv)
+    assert names_of(queue, [e["queue_id"] for e in json_lines(out)]) == expected
+    code, out, _ = queue.run(capsys, "list", *argv)
+    if expected:
+        assert out.endswith(f"in {len(expected)} Request{'s' if len(expected) > 1 else ''}.\n")
+    else:
+        assert out == "No message matches\n"
+
+
+def test_list_ids_page_through_a_long_queue(queue: Queue, capsys: pytest.CaptureFixture[str],
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("fermoposta.provider.queue_admin.BATCH", 2)
+    add_customer(queue.store, "beta", ("other.test", "remote.test"))
+    extra = [queue.enqueue("x@sender.test", [(f"u{i}@remote.test", OUTBOUND),
+                                             (f"u{i}@other.test", OUTBOUND)], 30 * MINUTE - i)
+             for i in range(5)]
+    code, out, _ = queue.run(capsys, "list", "--ids", "--account", "beta")
+    assert code == 0
+    assert out.split() == [queue.deferred, queue.mixed, *extra, queue.fresh]
+    assert queue.run(capsys, "list", "--count", "--younger-than", "40m")[1] == "7\n"
+
+
+def test_list_usage_errors_and_unknown_account(queue: Queue,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = queue.run(capsys, "list", "--account", "nobody")
+    assert (code, out) == (65, "")
+    assert err == "fermoposta: queue list: --account nobody: no such account\n"
+    assert queue.run(capsys, "list", "--count", "--account", "nobody")[0] == 65
+    for argv in (["--ids", "--json"], ["--count", "--ids"], ["--younger-than", "soon"]):
+        code, out, err = queue.run(capsys, "list", *argv)
+        assert (code, out) == (64, "")
+        assert "error:" in err
+
+
+# --- requeue ----------------------------------------------------------------------------------
+
+
+def test_requeue_after_domains_moved(queue: Queue, capsys: pytest.CaptureFixture[str]) -> None:
+    # Nothing moved yet: nothing changes, nothing is logged.
+    code, out, err = queue.run(capsys, "requeue", queue.mixed)
+    assert (code, out, err, queue.log) == (
+        0, f"{queue.mixed}: no change\nRequeued: 1 message, 0 changed (no change)\n", "", [])
+    # example.org leaves this provider; remote.test is now hosted here.
+    assert queue.store.remove_domain("example.org")
+    add_customer(queue.store, "beta", ("remote.test",))
+    queue.store.hold_messages([queue.hold])  # remembers HELD: now wrong
+    before = time.time()
+    code, out, err = queue.run(capsys, "requeue", queue.mixed, queue.held, queue.hold,
+                               queue.fresh, "FFFFFFFFFFFF")
+    assert code == 65
+    assert out.splitlines() == [
+        f"{queue.mixed}: 1 recipient held -> outbound, 1 recipient outbound -> held",
+        f"{queue.held}: 1 recipient held -> outbound",
+        f"{queue.hold}: no change",  # enqueued on hold: no state remembered
+        f"{queue.fresh}: 1 recipient outbound -> held",
+        "Requeued: 4 messages, 3 changed (2 recipients held -> outbound, "
+        "2 recipients outbound -> held)",
+    ]
+    assert err == "fermoposta: queue requeue: FFFFFFFFFFFF: no such message in the queue\n"
+    assert queue.log == [
+        f"{queue.mixed}: requeued (1 recipient held -> outbound, 1 recipient outbound -> held)",
+        f"{queue.held}: requeued (1 recipient held -> outbound)",
+        f"{queue.fresh}: requeued (1 recipient outbound -> held)",
+    ]
+    states = queue.states(queue.mixed)
+    assert states["jo@example.org"][:2] == (OUTBOUND, 0)
+    assert before <= states["jo@example.org"][3] <= time.time()  # due now
+    assert states["kim@remote.test"][:3] == (HELD, 1, "421 4.4.2 mx.remote.test: timeout")
+    assert states["lee@other.test"][0] == OUTBOUND
+    # ALL: the deferred message is the one left to move.
+    code, out, err = queue.run(capsys, "requeue", "ALL")
+    assert (code, err) == (0, "")
+    assert out.splitlines()[-1] == ("Requeued: 5 messages, 1 changed "
+                                    "(1 recipient outbound -> held)")
+    assert queue.log == [f"{queue.deferred}: requeued (1 recipient outbound -> held)"]
+    assert queue.states(queue.deferred)["frank@remote.test"][:2] == (HELD, 2)
+
+
+def test_requeue_arguments(queue: Queue, capsys: pytest.CaptureFixture[str]) -> None:
+    for argv in (["all"], ["ALL", queue.held], []):
+        code, out, err = queue.run(capsys, "requeue", *argv)
+        assert (code, out) == (64, "")
+        assert err
+    assert queue.log == []
+
+
+# --- the log lines of the actions ---------------------------------------------------------------
+
+
+def test_each_action_logs_a_line_per_message(queue: Queue,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = queue.run(capsys, "hold", queue.mixed, queue.hold)
+    assert (code, out) == (0, "Placed on hold: 2 messages (3 recipients changed)\n")
+    assert queue.log == [f"{queue.mixed}: placed on hold"]  # the other one was on hold already
+    queue.run(capsys, "release", queue.mixed, queue.held)
+    assert queue.log == [f"{queue.mixed}: released from hold"]
+    queue.run(capsys, "retry", queue.mixed, queue.held)
+    assert queue.log == [f"{queue.mixed}: due now"]
+    code, out, _ = queue.run(capsys, "bounce", queue.mixed, queue.held)
+    dsn_id = out.split("DSN ", 1)[1].split()[0]
+    assert queue.log == [f"{queue.mixed}: expired, DSN {dsn_id}",
+                         f"{queue.held}: expired, no DSN (null sender)"]
+    assert not any(LOG_LINE.match(line) for line in out.splitlines())  # stdout: results only
+    queue.run(capsys, "delete", queue.fresh, "FFFFFFFFFFFF", queue.deferred)
+    assert sorted(queue.log) == sorted([f"{queue.fresh}: removed", f"{queue.deferred}: removed"])
+    queue.run(capsys, "delete", "ALL")
+    assert sorted(queue.log) == sorted(f"{i}: removed" for i in (queue.hold, dsn_id))
+    # Reading commands log nothing.
+    code, out, err = queue.run(capsys, "list")
+    assert (code, err, queue.log) == (0, "", [])
+
+
+def test_action_log_lines_in_json(queue: Queue, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["-c", str(queue.config), "--log-format", "json", "queue", "hold", queue.mixed])
+    out, err = capsys.readouterr()
+    assert (code, out) == (0, "Placed on hold: 1 message (3 recipients changed)\n")
+    [line] = [json.loads(text) for text in err.splitlines()]
+    assert line["component"] == "queue" and line["level"] == "info"
+    assert line["message"] == f"{queue.mixed}: placed on hold"
+    assert (line["queue_id"], line["action"], line["recipients"]) == (queue.mixed, "hold", 3)
+
+
+def test_action_log_respects_a_configured_logger(queue: Queue,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    logger = logging.getLogger("fermoposta")
+    before = (list(logger.handlers), logger.level, logger.propagate)
+    queue.run(capsys, "retry", queue.mixed)
+    # The CLI's stderr handler is gone after the command.
+    assert (list(logger.handlers), logger.level, logger.propagate) == before
+    # Someone configured logging already (an embedding program): its handler, not ours.
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        code, out, err = queue.run(capsys, "delete", queue.held)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(before[1])
+    assert (code, out, err, queue.log) == (0, "Deleted: 1 message\n", "", [])
+    assert stream.getvalue() == f"{queue.held}: removed\n"
+
+
+def test_action_log_level_from_the_config(tmp_path: Path, queue: Queue,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    text = queue.config.read_text()
+    queue.config.write_text(text.replace("[log]", "[log]\nlevel = \"warning\"", 1)
+                            if "[log]" in text else text + "\n[log]\nlevel = \"warning\"\n")
+    code, out, err = queue.run(capsys, "delete", queue.held)
+    assert (code, out, err, queue.log) == (0, "Deleted: 1 message\n", "", [])

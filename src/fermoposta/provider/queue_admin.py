@@ -1,4 +1,4 @@
-"""Queue tools: `fermoposta queue list|show|delete|hold|release|bounce|retry|stats`.
+"""Queue tools: `fermoposta queue list|show|delete|hold|release|bounce|retry|requeue|stats`.
 
 Contract:
 - `register(subparsers, open_store=None)` adds the `queue` command.  Each
@@ -21,8 +21,26 @@ Contract:
   `postsuper -e` (each remaining recipient fails at once with a DSN to the
   sender: Action failed, Status 4.7.0, "message is administratively
   expired", honouring NOTIFY, never to `<>`); `retry` makes OUTBOUND
-  recipients due now (`postqueue -f`/`-s`); `stats` prints counts per
-  recipient domain and qshape's age buckets.
+  recipients due now (`postqueue -f`/`-s`); `requeue ID...|-|ALL` is
+  `postsuper -r` (each recipient routed again: HELD if its domain is hosted
+  now, else OUTBOUND due now; attempts kept; see
+  `QueueTools.requeue_messages`); `stats` prints counts per recipient domain
+  and qshape's age buckets.  `list --ids` prints only the ids, one a line,
+  and `list --count` only their number (`exiqgrep -i`, `-c`; no `-c`
+  short option: `-c` is `--config` everywhere); `--older-than` and
+  `--younger-than` bound the arrival time, `--account NAME` keeps the
+  messages with a recipient in one of that account's domains (an unknown
+  account is an error, 65).
+- Every action logs one line per message it changed, like postsuper in the
+  mail log, on logger ``fermoposta.queue`` (component ``queue``):
+  ``<ID>: removed``, ``<ID>: placed on hold``, ``<ID>: released from
+  hold``, ``<ID>: expired, DSN <DSN ID>`` (or ``expired, no DSN (...)``),
+  ``<ID>: due now``, ``<ID>: requeued (...)``; JSON lines carry
+  ``queue_id`` and ``action``.  A message the action left unchanged (already
+  on hold, nothing to release, ...) gets no line.  When nothing configured
+  the ``fermoposta`` logger before (the CLI), the lines go to stderr in the
+  provider's `[log]` format and level (`--log-format`, `-v` apply) for the
+  time of the command; stdout keeps the command's output.
 - Queue ids are compared in upper case; a trailing `*` or `!` (copied from
   `list`) is ignored.  Ids are processed in full before anything is done,
   so `all` in lower case, or `ALL` mixed with ids, changes nothing.
@@ -38,12 +56,17 @@ Contract:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import functools
+import heapq
 import json
+import logging
 import math
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 from fermoposta.config_common import parse_duration
 from fermoposta.provider.accounts import normalize_domain
@@ -61,6 +84,7 @@ from fermoposta.store.base import (
     QueueEntry,
     QueueFilter,
     RecipientState,
+    Requeued,
     Store,
 )
 
@@ -71,6 +95,72 @@ BATCH = 500  # messages per store call (one short transaction each)
 AGE_LIMITS_MINUTES = (5, 10, 20, 40, 80, 160, 320, 640, 1280)  # qshape's buckets
 EXPIRED_STATUS = "4.7.0"  # Postfix's code for a forced expiry (postsuper -e)
 EXPIRED_TEXT = "message is administratively expired"
+
+_log = logging.getLogger("fermoposta.queue")
+_T = TypeVar("_T")
+
+
+# --- the log lines of the actions --------------------------------------------------------
+
+
+def _note(queue_id: str, action: str, text: str | None = None, **fields: object) -> None:
+    """One postsuper-like line ``<ID>: <text>`` (text defaults to `action`);
+    the extras are those of `fermoposta.ops.log.event`, so a JSON line
+    carries queue_id, action and the fields."""
+    _log.info("%s: %s", queue_id, text or action,
+              extra={"component": "queue", "queue_id": queue_id,
+                     "fields": {"action": action, **fields}})
+
+
+@contextlib.contextmanager
+def _command_log(args: argparse.Namespace) -> Iterator[None]:
+    """While a command runs from the CLI, where no one has configured the
+    ``fermoposta`` logger, send its lines to stderr in the provider's format;
+    put the logger back as it was afterwards (the tests run many commands in
+    one process)."""
+    root = logging.getLogger("fermoposta")
+    if root.handlers:  # configured by whoever runs us: their lines, their handler
+        yield
+        return
+    from fermoposta.ops.log import LEVELS, JSONFormatter, TextFormatter
+
+    level, fmt, node = "info", "text", ""
+    config_path = getattr(args, "config", None)
+    if config_path is not None:
+        from fermoposta.config import load_provider_config
+
+        config = load_provider_config(config_path)
+        level, fmt, node = config.log.level, config.log.format, config.store.node
+    if getattr(args, "verbose", False):
+        level = "debug"
+    fmt = getattr(args, "log_format", None) or fmt
+    import socket
+
+    node = node or socket.gethostname()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JSONFormatter(node) if fmt == "json" else TextFormatter(node))
+    saved = (root.level, root.propagate)
+    root.addHandler(handler)
+    root.setLevel(LEVELS.get(level.lower(), logging.INFO))
+    root.propagate = False
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(saved[0])
+        root.propagate = saved[1]
+        handler.close()
+
+
+def _logged(func: Callable[[argparse.Namespace, AdminStore], int]
+            ) -> Callable[[argparse.Namespace, AdminStore], int]:
+    """Run an acting command inside `_command_log`."""
+    @functools.wraps(func)
+    def run(args: argparse.Namespace, store: AdminStore) -> int:
+        with _command_log(args):
+            return func(args, store)
+
+    return run
 
 
 
@@ -143,6 +233,8 @@ def _address_match(text: str) -> tuple[str, bool]:
 
 
 def _filter(args: argparse.Namespace, now: float) -> QueueFilter:
+    """The store's filter of the list options (the age bound and the account
+    are applied around it: see `_matching`)."""
     sender = sender_exact = None
     if args.sender is not None:
         sender, sender_exact = _address_match(args.sender)
@@ -308,31 +400,87 @@ def _json_entry(entry: QueueEntry) -> dict[str, Any]:
     }
 
 
+def _pages(fetch: Callable[[QueueFilter, tuple[float, str] | None, int], list[_T]],
+           where: QueueFilter, after: tuple[float, str] | None,
+           key: Callable[[_T], tuple[float, str]]) -> Iterator[_T]:
+    """Every item `fetch` returns for `where` after the key `after`, BATCH a call."""
+    while True:
+        page = fetch(where, after, BATCH)
+        yield from page
+        if len(page) < BATCH:
+            return
+        after = key(page[-1])
+
+
+def _matching(store: AdminStore, args: argparse.Namespace, now: float,
+              fetch: Callable[[QueueFilter, tuple[float, str] | None, int], list[_T]],
+              key: Callable[[_T], tuple[float, str]]) -> Iterator[_T]:
+    """The items (entries or keys) of the messages matching the list options,
+    oldest first.  `--younger-than` starts the pages at its cutoff (they are
+    keyed by arrival); `--account` is one store filter per domain of the
+    account, merged by key (a message with recipients in two of them comes
+    once)."""
+    where = _filter(args, now)
+    after: tuple[float, str] | None = None
+    cutoff: float | None = None
+    if args.younger_than is not None:
+        cutoff = now - args.younger_than
+        after = (cutoff, "")  # every id sorts after "": arrival >= cutoff
+    domains: list[str | None] = [where.domain]
+    if args.account is not None:
+        if store.get_account(args.account) is None:
+            raise _DataError(f"queue list: --account {_safe(args.account)}: no such account")
+        owned = sorted(d.name for d in store.list_domains(args.account))
+        domains = [d for d in owned if where.domain in (None, d)]
+    streams = [_pages(fetch, dataclasses.replace(where, domain=d), after, key)
+               for d in domains]
+    last: tuple[float, str] | None = None
+    for item in heapq.merge(*streams, key=key):
+        k = key(item)
+        if k == last or (cutoff is not None and k[0] <= cutoff):
+            continue
+        last = k
+        yield item
+
+
+def _entry_key(entry: QueueEntry) -> tuple[float, str]:
+    return (entry.message.received_at, entry.message.id)
+
+
+def _key(key: tuple[float, str]) -> tuple[float, str]:
+    return key
+
+
 @_guarded
 def queue_list(args: argparse.Namespace, store: AdminStore) -> int:
-    """mailq-like listing (or JSON lines) of the messages matching the filters."""
-    where = _filter(args, time.time())
-    count = total = 0
-    after: tuple[float, str] | None = None
-    while True:
-        page = store.queue_page(where, after, BATCH)
-        for entry in page:
-            if args.json:
-                print(json.dumps(_json_entry(entry)))
-            else:
-                if count == 0:
-                    print(_HEADER)
-                print("\n".join(_block(entry)))
-                print()
+    """mailq-like listing (or JSON lines, ids, a count) of the messages matching the filters."""
+    now = time.time()
+    filtered = (_filter(args, now) != QueueFilter() or args.younger_than is not None
+                or args.account is not None)
+    if args.ids or args.count:
+        count = 0
+        for _, message_id in _matching(store, args, now, store.queue_ids, _key):
+            if args.ids:
+                print(message_id)
             count += 1
-            total += entry.message.size
-        if len(page) < BATCH:
-            break
-        after = (page[-1].message.received_at, page[-1].message.id)
+        if args.count:
+            print(count)
+        return EX_OK
+    count = total = 0
+    for entry in _matching(store, args, now, store.queue_page, _entry_key):
+        if args.json:
+            print(json.dumps(_json_entry(entry)))
+        else:
+            if count == 0:
+                print(_HEADER)
+            print("\n".join(_block(entry)))
+            print()
+        count += 1
+        total += entry.message.size
     if args.json:
         return EX_OK
     if count == 0:
-        print("Mail queue is empty" if where == QueueFilter() else "No message matches")
+        print("No message matches" if filtered else "Mail queue is empty")
     else:
         print(f"-- {math.ceil(total / 1024)} Kbytes in {count} "
               f"Request{'' if count == 1 else 's'}.")
@@ -440,10 +588,18 @@ def queue_show(args: argparse.Namespace, store: AdminStore) -> int:
 
 
 @_guarded
+@_logged
 def queue_delete(args: argparse.Namespace, store: AdminStore) -> int:
     """Delete messages without notice (postsuper -d)."""
     targets = _targets(args.ids, "delete")
-    done, unknown = _apply(store, targets, store.delete_messages)
+
+    def act(ids: Sequence[str]) -> list[str]:
+        removed = store.delete_messages(ids)
+        for message_id in removed:
+            _note(message_id, "removed")
+        return removed
+
+    done, unknown = _apply(store, targets, act)
     print(f"Deleted: {_plural(len(done), 'message')}")
     return _report_unknown("delete", unknown)
 
@@ -457,6 +613,10 @@ def _hold_or_release(args: argparse.Namespace, store: AdminStore, command: str,
         nonlocal changed
         result = action(ids)
         changed += sum(result.values())
+        for message_id, recipients in result.items():
+            if recipients:
+                _note(message_id, "hold" if command == "hold" else "release",
+                      verb.lower(), recipients=recipients)
         return list(result)
 
     done, unknown = _apply(store, targets, act)
@@ -465,12 +625,14 @@ def _hold_or_release(args: argparse.Namespace, store: AdminStore, command: str,
 
 
 @_guarded
+@_logged
 def queue_hold(args: argparse.Namespace, store: AdminStore) -> int:
     """Put messages on operator hold (postsuper -h)."""
     return _hold_or_release(args, store, "hold", store.hold_messages, "Placed on hold")
 
 
 @_guarded
+@_logged
 def queue_release(args: argparse.Namespace, store: AdminStore) -> int:
     """Release messages from operator hold (postsuper -H)."""
     return _hold_or_release(args, store, "release", store.release_messages,
@@ -519,6 +681,7 @@ def _expire(store: AdminStore, hostname: str, message: QueuedMessage) -> tuple[i
 
 
 @_guarded
+@_logged
 def queue_bounce(args: argparse.Namespace, store: AdminStore) -> int:
     """Expire messages now with a DSN to the sender (postsuper -e)."""
     targets = _targets(args.ids, "bounce")
@@ -538,9 +701,12 @@ def queue_bounce(args: argparse.Namespace, store: AdminStore) -> int:
             notices += 1
             print(f"{message_id}: expired {_plural(count, 'recipient')}; "
                   f"DSN {dsn_id} queued for <{_safe(message.sender)}>")
+            _note(message_id, "expired", f"expired, DSN {dsn_id}", recipients=count,
+                  dsn=dsn_id)
         else:
             why = "null sender" if not message.sender else "NOTIFY asks for none"
             print(f"{message_id}: expired {_plural(count, 'recipient')}; no DSN ({why})")
+            _note(message_id, "expired", f"expired, no DSN ({why})", recipients=count)
     print(f"Expired: {_plural(messages, 'message')} ({_plural(recipients, 'recipient')}); "
           f"{_plural(notices, 'DSN')} queued")
     return _report_unknown("bounce", unknown)
@@ -550,6 +716,7 @@ def queue_bounce(args: argparse.Namespace, store: AdminStore) -> int:
 
 
 @_guarded
+@_logged
 def queue_retry(args: argparse.Namespace, store: AdminStore) -> int:
     """Make OUTBOUND recipients due now (postqueue -f / -s)."""
     targets = _targets(args.ids, "retry") if args.ids else None
@@ -562,12 +729,59 @@ def queue_retry(args: argparse.Namespace, store: AdminStore) -> int:
         for chunk in _chunks(targets):
             result.update(store.retry_outbound(now, message_ids=chunk, domain=args.domain))
         unknown = [i for i in targets if i not in result]
+    for message_id, count in result.items():
+        if count:
+            _note(message_id, "due now", recipients=count)
     recipients = sum(result.values())
     messages = sum(1 for n in result.values() if n)
     print(f"Due now: {_plural(recipients, 'outbound recipient')} of "
           f"{_plural(messages, 'message')}; the provider delivers them at its next queue run "
           "([outbound] queue_interval)")
     return _report_unknown("retry", unknown)
+
+
+# --- requeue -------------------------------------------------------------------------------
+
+
+def _requeue_text(change: Requeued) -> str:
+    parts = []
+    if change.to_outbound:
+        parts.append(f"{_plural(change.to_outbound, 'recipient')} held -> outbound")
+    if change.to_held:
+        parts.append(f"{_plural(change.to_held, 'recipient')} outbound -> held")
+    if change.on_hold:
+        parts.append(f"{_plural(change.on_hold, 'recipient')} on hold rerouted")
+    return ", ".join(parts) if parts else "no change"
+
+
+@_guarded
+@_logged
+def queue_requeue(args: argparse.Namespace, store: AdminStore) -> int:
+    """Route the recipients again by the domains hosted now (postsuper -r)."""
+    targets = _targets(args.ids, "requeue")
+    total = Requeued()
+    changed = 0
+
+    def act(ids: Sequence[str]) -> list[str]:
+        nonlocal total, changed
+        result = store.requeue_messages(ids, time.time())
+        for message_id in (i for i in ids if i in result):  # in the order given
+            change = result[message_id]
+            text = _requeue_text(change)
+            print(f"{message_id}: {text}")
+            if change != Requeued():
+                changed += 1
+                _note(message_id, "requeued", f"requeued ({text})",
+                      to_outbound=change.to_outbound, to_held=change.to_held,
+                      on_hold=change.on_hold)
+            total = Requeued(total.to_outbound + change.to_outbound,
+                             total.to_held + change.to_held, total.on_hold + change.on_hold)
+        return list(result)
+
+    done, unknown = _apply(store, targets, act)
+    print(f"Requeued: {_plural(len(done), 'message')}, {changed} changed "
+          f"({_requeue_text(total)})")
+    return _report_unknown("requeue", unknown)
 
 
 # --- stats -------------------------------------------------------------------------------------
@@ -657,8 +871,13 @@ def register(
     cmds.required = True
 
     lst = cmds.add_parser("list", help="list queued messages (like mailq / postqueue -j)")
-    lst.add_argument("--json", action="store_true",
-                     help="one JSON object per message and line, like postqueue -j")
+    output = lst.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true",
+                        help="one JSON object per message and line, like postqueue -j")
+    output.add_argument("-i", "--ids", action="store_true",
+                        help="only the queue ids, one a line (like exiqgrep -i)")
+    output.add_argument("--count", action="store_true",
+                        help="only the number of matching messages (like exiqgrep -c)")
     lst.add_argument("--domain", type=_domain_arg, metavar="DOMAIN",
                      help="messages with a recipient in DOMAIN")
     lst.add_argument("--sender", metavar="SENDER",
@@ -667,6 +886,10 @@ def register(
                      help="recipient address (exact) or part of one (substring)")
     lst.add_argument("--older-than", type=_duration_arg, metavar="DURATION",
                      help="received more than DURATION ago (e.g. 30m, 2h, 3d)")
+    lst.add_argument("--younger-than", type=_duration_arg, metavar="DURATION",
+                     help="received less than DURATION ago")
+    lst.add_argument("--account", metavar="NAME",
+                     help="messages with a recipient in one of the domains of account NAME")
     lst.add_argument("--state", choices=QUEUE_STATES,
                      help="messages with a recipient in this state "
                      "(deferred = outbound and failed at least once)")
@@ -700,6 +923,11 @@ def register(
     retry.add_argument("--domain", type=_domain_arg, metavar="DOMAIN",
                        help="only recipients in DOMAIN")
     retry.set_defaults(handler=queue_retry)
+
+    requeue = cmds.add_parser(
+        "requeue", help="route recipients again by the domains hosted now (postsuper -r)")
+    _ids_argument(requeue, all_ok=True)
+    requeue.set_defaults(handler=queue_requeue)
 
     stats = cmds.add_parser("stats", help="counts per recipient domain and age (like qshape)")
     stats.add_argument("--json", action="store_true", help="one JSON object")
