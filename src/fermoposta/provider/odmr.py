@@ -10,8 +10,9 @@ Contract:
   bound to an account by fingerprint or subject; `max_auth_failures` → 421.
 - ATRN replies exactly as RFC 2645 §7: 530 before AUTH; 501 for a malformed
   list; 450 when any requested domain is not the account's (nothing is sent;
-  the reply does not say which) or when ATRNs come faster than
-  `min_atrn_interval`; 453 when there is no mail; 451 when the store cannot
+  the reply does not say which; the log line does, with the reason: not
+  hosted, owned by another account, the account has no domains) or when
+  ATRNs come faster than `min_atrn_interval`; 453 when there is no mail; 451 when the store cannot
   answer or another session holds a lease on a domain; 250 then the flip.
 - ATRN is synchronizing (RFC 2920 by analogy with TURN): bytes pipelined
   after it are discarded and answered 503, and the session stays
@@ -91,6 +92,7 @@ class ODMRSession(ServerSession):
         self.drain_settings = drain_settings
         self.auth = Authenticator(self, store, settings)
         self.leased = False
+        self.refusal = ""  # why `_decide` refused the last ATRN with 450, for the log
 
     def greeting(self) -> Reply:
         return Reply(220, None, f"{self.hostname} ESMTP fermoposta on-demand mail relay ready")
@@ -136,6 +138,7 @@ class ODMRSession(ServerSession):
                              self.session_id, dropped, self.conn.peer_ip)
             return ATRN_NOT_LAST
         requested = parse_atrn_domains(arg)
+        self.refusal = ""
         try:
             decision = await asyncio.to_thread(self._decide, requested)
         except StoreError as exc:
@@ -149,8 +152,9 @@ class ODMRSession(ServerSession):
                               ",".join(requested) or "(all)", self.account)
                 domains: tuple[str, ...] = ()
             else:
-                self.log.info("%s: ATRN %s by %s refused: %s", self.session_id,
-                              ",".join(requested) or "(all)", self.account, decision)
+                why = f" ({self.refusal})" if self.refusal else ""
+                self.log.info("%s: ATRN %s by %s refused: %s%s", self.session_id,
+                              ",".join(requested) or "(all)", self.account, decision, why)
                 return decision
         else:
             domains = decision
@@ -175,11 +179,15 @@ class ODMRSession(ServerSession):
         assert self.account is not None
         account = self.store.get_account(self.account)
         if account is None:
+            self.refusal = "the account no longer exists"
             return R.ATRN_REFUSED
         owned = {d.name for d in self.store.list_domains(self.account)}
         domains = requested or tuple(sorted(owned))
         if not domains or not set(domains) <= owned:
-            return R.ATRN_REFUSED  # RFC 2645 §5.2.1: all or nothing, and say not which
+            # RFC 2645 §5.2.1: all or nothing, and the reply says not which;
+            # the log says which and why, for the operator.
+            self.refusal = self._why_refused(domains, owned)
+            return R.ATRN_REFUSED
         now = time.time()
         if (self.settings.min_atrn_interval > 0 and account.last_atrn_at is not None
                 and now - account.last_atrn_at < self.settings.min_atrn_interval):
@@ -192,6 +200,22 @@ class ODMRSession(ServerSession):
             return DOMAIN_BUSY
         self.store.record_atrn(self.account, now)
         return domains
+
+    def _why_refused(self, domains: tuple[str, ...], owned: set[str]) -> str:
+        """Why an ATRN for `domains` is refused (450), for the log line."""
+        if not owned:
+            return (f"the account has no domains (fermoposta domain add DOMAIN "
+                    f"--account {self.account})")
+        reasons = []
+        for name in domains:
+            if name in owned:
+                continue
+            domain = self.store.get_domain(name)
+            if domain is None:
+                reasons.append(f"{name}: not hosted")
+            else:
+                reasons.append(f"{name}: owned by account {domain.account}")
+        return "; ".join(reasons)
 
     async def finish(self) -> None:
         if self.leased:
