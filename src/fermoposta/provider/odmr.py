@@ -12,8 +12,9 @@ Contract:
   list; 450 when any requested domain is not the account's (nothing is sent;
   the reply does not say which; the log line does, with the reason: not
   hosted, owned by another account, the account has no domains) or when
-  ATRNs come faster than `min_atrn_interval`; 453 when there is no mail; 451 when the store cannot
-  answer or another session holds a lease on a domain; 250 then the flip.
+  ATRNs come faster than `min_atrn_interval`; 453 when there is no mail;
+  451 when the store cannot answer or another session holds a lease on a
+  domain; 250 then the flip.
 - ATRN is synchronizing (RFC 2920 by analogy with TURN): bytes pipelined
   after it are discarded and answered 503, and the session stays
   authenticated.  So nothing pre-sent is ever read as the customer's greeting.
