@@ -23,7 +23,9 @@ Contract:
   submission unreachable or lost: its mail stays in the outbox) gives 75.
 - `check()` dials, verifies TLS and authenticates without ATRN and returns
   the report lines `fermoposta customer check` prints; with an outbox it
-  checks the submission service the same way.
+  checks the submission service the same way.  After the TLS handshake it
+  shows the provider certificate's notAfter, and a warning line (exit code
+  unchanged) when that is within 21 days (`ops.certs.WARNING_DAYS`).
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ from fermoposta.customer.local_retry import (
 from fermoposta.customer.serve import ReceivedMessage, reversed_session
 from fermoposta.customer.site import dial_settings, make_delivery_for, pull_lock
 from fermoposta.net.server_session import new_session_id
-from fermoposta.ops import metrics
+from fermoposta.ops import certs, metrics
 from fermoposta.ops.log import event
 
 if TYPE_CHECKING:
@@ -231,6 +233,27 @@ async def check(config: CustomerConfig) -> tuple[int, list[str]]:
     return code, lines
 
 
+def certificate_lines(dialer: Dialer, now: float) -> list[str]:
+    """The provider certificate's expiry, and a warning when it is near: the
+    customer's side of the provider's own warning, since an expired
+    certificate stops every pull (exit 74)."""
+    der = dialer.conn.peer_certificate() if dialer.conn is not None else None
+    if der is None:
+        return []
+    try:
+        validity = certs.validity_of_der(der)
+    except ValueError as exc:
+        return [f"certificate dates: cannot be read ({exc})"]
+    days = validity.days_left(now)
+    out = [f"certificate expires on {certs.format_date(validity.not_after)} (notAfter), "
+           f"in {days} day{'s' * (days != 1)}"]
+    soon = validity.expiry_warning(now)
+    if soon is not None:
+        out.append(f"warning: the provider's certificate {soon}; pulls fail once it has "
+                   "expired (tell the provider)")
+    return out
+
+
 async def _check_one(dialer: Dialer, where: str, label: str, lines: list[str]) -> int:
     username = dialer.settings.username
     try:
@@ -239,6 +262,7 @@ async def _check_one(dialer: Dialer, where: str, label: str, lines: list[str]) -
         lines.append(f"{label}connected to {where}: {r.greeting}")
         lines.append(f"{label}TLS: {r.tls}"
                      + (f"; certificate {r.certificate}" if r.certificate else ""))
+        lines.extend(label + line for line in certificate_lines(dialer, time.time()))
         caps = r.capabilities
         offered = "ATRN: offered; " if dialer.settings.require_atrn else ""
         lines.append(f"{label}{offered}AUTH: {caps.get('AUTH', '(none)')}")
