@@ -264,3 +264,24 @@ async def test_a_busy_metrics_port_names_the_metrics_endpoint(tmp_path, busy_por
     assert provider.runner is not None and provider.servers
     with socket.socket() as s:  # everything started before it was stopped
         s.bind(("127.0.0.1", mx))
+
+
+def test_provider_refuses_a_certificate_that_expired_after_the_check(certs, tmp_path):
+    path = own_config(certs, tmp_path, in_days(30))
+    config = load_provider_config(path)
+    write_cert(certs, tmp_path, in_days(-1))  # replaced between the check and the start
+    store = open_store(config.data_dir)
+    try:
+        with pytest.raises(ConfigError) as info:
+            Provider(config, store)
+    finally:
+        store.close()
+    assert str(info.value).startswith(f"{path}: [tls] cert: the certificate expired on ")
+    # And one that is not valid yet, by the clock the provider is given.
+    write_cert(certs, tmp_path, in_days(30))
+    store = open_store(config.data_dir)
+    try:
+        with pytest.raises(ConfigError, match="not valid before"):
+            Provider(config, store, clock=lambda: in_days(-5).timestamp())
+    finally:
+        store.close()

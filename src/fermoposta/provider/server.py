@@ -98,11 +98,11 @@ def certificate_validity(config: ProviderConfig, now: float) -> certs.Validity |
     try:
         validity = certs.validity_of_file(config.tls.cert)
     except ValueError as exc:
-        raise ConfigError(f"{config.path.name}: [tls] cert: cannot read the certificate's "
+        raise ConfigError(f"{config.path}: [tls] cert: cannot read the certificate's "
                           f"dates: {exc}") from exc
     problem = validity.problem(now)
     if problem is not None:
-        raise ConfigError(f"{config.path.name}: [tls] cert: {problem}")
+        raise ConfigError(f"{config.path}: [tls] cert: {problem}")
     return validity
 
 
