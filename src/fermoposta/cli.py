@@ -407,7 +407,16 @@ def build_parser() -> argparse.ArgumentParser:
     provider = commands.add_parser("provider", help="the provider daemon")
     provider.set_defaults(command_func=_help(provider))
     provider_cmds = provider.add_subparsers(dest="provider_command", metavar="COMMAND")
-    run = provider_cmds.add_parser("run", help="run the MX and ODMR listeners (foreground)")
+    run = provider_cmds.add_parser(
+        "run",
+        help="run the provider in the foreground: the MX, ODMR, ODMR over TLS, submission, "
+        "submissions and metrics listeners [listen] and [metrics] turn on",
+        description="Run the provider in the foreground until SIGTERM (SIGHUP reloads). "
+        "It serves each listener the config turns on: [listen] mx (public MX, port 25), "
+        "odmr (ODMR with STARTTLS, port 366), odmr_tls (ODMR over implicit TLS), "
+        "submission (port 587, STARTTLS) and submissions (implicit TLS, port 465) for the "
+        "customers' outgoing mail, and [metrics] listen (Prometheus /metrics).",
+    )
     run.set_defaults(command_func=_cmd_provider_run)
 
     try:
