@@ -31,6 +31,12 @@ Contract:
   `loop.start_tls` before anything else, so both TLS paths share the guard;
   a failed server-side handshake is logged and the connection dropped
   before the handler runs.
+- `tls_failure_reason(exc, timeout)` says why a handshake failed, for the
+  log, never empty: OpenSSL's code and text (``[SSL: NO_SHARED_CIPHER] no
+  shared cipher``, ``[SSL: TLSV1_ALERT_UNKNOWN_CA] tlsv1 alert unknown ca``,
+  ``[SSL: WRONG_VERSION_NUMBER] ...``), a certificate verification's
+  message, "connection closed by the peer during the handshake" for an EOF
+  or reset, "no handshake within <timeout>s" for a timeout.
 - `close()` flushes what was written (and TLS close_notify) before the
   socket goes, bounded by its timeout; after that it aborts, so a peer that
   never reads cannot keep a closed session's buffers alive.
@@ -51,6 +57,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -66,6 +73,7 @@ __all__ = [
     "open_connection",
     "open_unix_connection",
     "start_server",
+    "tls_failure_reason",
 ]
 
 HIGH_WATER = 4 * 1024 * 1024  # pause reading above this many buffered bytes
@@ -73,6 +81,36 @@ HIGH_WATER = 4 * 1024 * 1024  # pause reading above this many buffered bytes
 
 class ConnectionClosed(Exception):
     """The peer closed the connection (or it was reset)."""
+
+
+_SSL_SOURCE = re.compile(r"\s*\(_ssl\.c:\d+\)\s*$")  # CPython's source location, noise in a log
+
+
+def tls_failure_reason(exc: BaseException, timeout: float | None = None) -> str:
+    """Why a TLS handshake failed, as the log says it (never empty).
+
+    asyncio reports a peer that closes mid-handshake with a bare
+    ConnectionResetError and a timeout with a bare TimeoutError, both with
+    an empty text: they get words of their own here."""
+    if isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionClosed,
+                        ConnectionResetError, BrokenPipeError, EOFError)):
+        return "connection closed by the peer during the handshake"
+    if isinstance(exc, TimeoutError):
+        return f"no handshake within {timeout:g}s" if timeout else "handshake timed out"
+    if isinstance(exc, ssl.SSLError):
+        text = _SSL_SOURCE.sub("", str(exc.strerror or "")) or _SSL_SOURCE.sub("", str(exc))
+        verify = getattr(exc, "verify_message", None)
+        if verify and verify not in text:
+            text = f"{text}: {verify}" if text else str(verify)
+        if not text or text.startswith("("):  # e.g. an SSLError with only an errno
+            library = getattr(exc, "library", None) or "SSL"
+            code = getattr(exc, "reason", None)  # absent when not raised by OpenSSL
+            text = f"[{library}: {code}]" if code else type(exc).__name__
+        return text
+    text = str(exc).strip()
+    if isinstance(exc, OSError) and exc.strerror:
+        text = str(exc.strerror)
+    return text or type(exc).__name__
 
 
 class DeadlineExceeded(TimeoutError):
@@ -481,7 +519,7 @@ async def _run(handler: Callable[[Connection], Awaitable[None]], conn: Connectio
         except (OSError, ssl.SSLError, ConnectionClosed) as exc:  # TimeoutError is an OSError
             logging.getLogger("fermoposta.smtp").info(
                 "TLS handshake failed from [%s]: %s", conn.peer_ip,
-                getattr(exc, "reason", None) or exc or type(exc).__name__)
+                tls_failure_reason(exc, tls_handshake_timeout))
             conn.abort()
             return
     await handler(conn)

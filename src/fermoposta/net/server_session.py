@@ -52,6 +52,7 @@ from fermoposta.net.connection import (
     ConnectionClosed,
     DeadlineExceeded,
     LineTooLong,
+    tls_failure_reason,
 )
 from fermoposta.ops.log import redact
 from fermoposta.smtp import reply as R
@@ -240,7 +241,7 @@ class ServerSession:
             await self._try_send(R.TIMEOUT)
         except ssl.SSLError as exc:
             self.log.info("%s: TLS error from %s: %s", self.session_id, self.peer_description(),
-                          exc.reason or exc)
+                          tls_failure_reason(exc))
         except OSError as exc:
             self.log.info("%s: connection error from %s: %s", self.session_id,
                           self.peer_description(), exc)
@@ -350,9 +351,16 @@ class ServerSession:
         if self.tls_context is None:
             return R.TLS_NOT_AVAILABLE
         await self.send(R.READY_TO_START_TLS)
-        dropped = await self.conn.start_tls(
-            self.tls_context, server_side=True, timeout=self.limits.tls_handshake_timeout
-        )
+        timeout = self.limits.tls_handshake_timeout
+        try:
+            dropped = await self.conn.start_tls(self.tls_context, server_side=True,
+                                                timeout=timeout)
+        except (OSError, ssl.SSLError, ConnectionClosed) as exc:  # TimeoutError is an OSError
+            # Logged here, with its reason: the session's handlers below would
+            # call a timeout a command timeout and a reset an empty error.
+            self.log.info("%s: TLS handshake failed from %s: %s", self.session_id,
+                          self.peer_description(), tls_failure_reason(exc, timeout))
+            raise ConnectionClosed("TLS handshake failed") from exc
         if dropped:
             self.log.warning(
                 "%s: discarded %d plaintext bytes pipelined after STARTTLS from %s",
