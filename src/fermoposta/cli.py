@@ -190,6 +190,22 @@ def _config_kind(path: Path, forced: str | None) -> str:
     return "customer" if _guess_kind(path) == "customer" else "provider"
 
 
+def _refuse_provider_config(args: argparse.Namespace) -> None:
+    """ConfigError (78) when a `customer ...` command was given a provider config.
+    (Checked here, not in `customer.cli`, which `fermoposta.cli` imports.)"""
+    from fermoposta.customer.config import (
+        DEFAULT_CUSTOMER_CONFIG_PATH,
+        default_customer_config_path,
+    )
+
+    path = args.config if args.config_given else default_customer_config_path()
+    if _guess_kind(path) == "provider":
+        raise ConfigError(
+            f"{path}: this is a provider config; customer commands need the customer's "
+            f"(-c {DEFAULT_CUSTOMER_CONFIG_PATH})"
+        )
+
+
 def _refuse_customer_config(args: argparse.Namespace, what: str) -> None:
     """ConfigError (78) when the provider command `what` was given a customer config."""
     if _guess_kind(args.config) == "customer":
@@ -490,6 +506,8 @@ def main(argv: list[str] | None = None) -> int:
         args.config = default_config_path()
     func: Callable[[argparse.Namespace], int] = args.command_func
     try:
+        if args.command == "customer" and getattr(args, "customer_command", None):
+            _refuse_provider_config(args)
         return func(args)
     except ConfigError as exc:
         _err(str(exc))

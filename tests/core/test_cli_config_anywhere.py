@@ -292,3 +292,10 @@ def test_account_add_without_domains_warns(
     assert main(["-c", str(provider), "domain", "add", "bare.test", "--account", "bare"]) == 0
     assert main(["-c", str(provider), "account", "list"]) == 0
     assert "(none!)" not in capsys.readouterr().out
+
+
+def test_provider_run_help_names_every_listener(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["provider", "run", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for listener in ("mx", "odmr", "odmr_tls", "submission", "submissions", "[metrics] listen"):
+        assert f" {listener} (" in text, listener

@@ -3,7 +3,8 @@
 Contract: each command loads the customer config (`-c FILE` before or after
 any word of the command -- `fermoposta.cli` gives every subcommand the option
 and merges them into `args.config` -- else $FERMOPOSTA_CUSTOMER_CONFIG, else
-/etc/fermoposta/customer.toml; a provider config is refused as such, 78),
+/etc/fermoposta/customer.toml; `fermoposta.cli` refuses a provider config
+as such, 78, before the command runs),
 prints a human summary on stdout, logs on stderr, and exits with the codes
 of `fermoposta.customer.errors` (0 when the session worked, whether or not
 there was mail).  `pull` with several blocks
@@ -21,7 +22,6 @@ import argparse
 import asyncio
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from fermoposta.ops.log import setup_logging
@@ -34,24 +34,10 @@ def _load(args: argparse.Namespace) -> Any:
     from fermoposta.customer.config import default_customer_config_path, load_customer_config
 
     path = args.config if args.config_given else default_customer_config_path()
-    _refuse_provider_config(path)
     config = load_customer_config(path)
     setup_logging("debug" if args.verbose else config.log.level,
                   args.log_format or config.log.format)
     return config
-
-
-def _refuse_provider_config(path: Path) -> None:
-    """ConfigError (78) when `path` is plainly a provider config."""
-    from fermoposta.cli import _guess_kind
-    from fermoposta.config import ConfigError
-    from fermoposta.customer.config import DEFAULT_CUSTOMER_CONFIG_PATH
-
-    if _guess_kind(path) == "provider":
-        raise ConfigError(
-            f"{path}: this is a provider config; customer commands need the customer's "
-            f"(-c {DEFAULT_CUSTOMER_CONFIG_PATH})"
-        )
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
