@@ -220,7 +220,8 @@ class Authenticator:
             if isinstance(response, Reply):
                 return response
             if response != b"":
-                result = Failure("non-empty response to the SCRAM server-final message")
+                result = Failure("non-empty response to the SCRAM server-final message"
+                                 f" for {result.identity!r}")
         if isinstance(result, Success):
             self.account = result.identity
             if throttle is not None:

@@ -351,12 +351,14 @@ class ScramSha256Server(ServerMechanism):
         self._credentials = credentials
         self._account: Credential | None = None
         self._why_fake: str | None = None
+        self._username: str | None = None  # as the client-first named it, for the log
         self._store_failed = False
         self._server = scramp.ScramMechanism("SCRAM-SHA-256").make_server(
             auth_fn=self._auth_fn, s_nonce=server_nonce
         )
 
     def _auth_fn(self, username: str) -> tuple[bytes, bytes, bytes, int]:
+        self._username = username
         try:
             account = self._credentials.account(username)
         except CredentialsUnavailable:
@@ -404,7 +406,8 @@ class ScramSha256Server(ServerMechanism):
         except Exception as exc:
             if self._store_failed:
                 return Failure("credential store error", temporary=True)
-            return Failure(f"SCRAM client-first refused: {_scram_reason(exc)}")
+            who = f" for {self._username!r}" if self._username is not None else ""
+            return Failure(f"SCRAM client-first refused{who}: {_scram_reason(exc)}")
         return Challenge(server_first.encode("utf-8"))
 
     def _client_final(self, text: str) -> Result:
@@ -414,7 +417,14 @@ class ScramSha256Server(ServerMechanism):
         except Exception as exc:
             if self._why_fake is not None:
                 return Failure(self._why_fake)
-            return Failure(f"SCRAM client-final refused: {_scram_reason(exc)}")
+            # Named like CRAM-MD5's "wrong CRAM-MD5 digest for 'acme'": the
+            # operator greps the log for the account.
+            reason = _scram_reason(exc)
+            name = self._account.name if self._account is not None else self._username
+            if reason == "invalid-proof" and name is not None:
+                return Failure(f"wrong SCRAM-SHA-256 proof for {name!r}")
+            who = f" for {name!r}" if name is not None else ""
+            return Failure(f"SCRAM client-final refused{who}: {reason}")
         if self._account is None or self._why_fake is not None:
             return Failure(self._why_fake or "unknown user")
         return Success(self._account.name, server_final.encode("utf-8"))
