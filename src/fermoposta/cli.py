@@ -158,7 +158,8 @@ def _effective(config: ProviderConfig, args: argparse.Namespace) -> ProviderConf
 
 def _cmd_provider_run(args: argparse.Namespace) -> int:
     _refuse_customer_config(args, "provider")
-    config = _effective(load_provider_config(args.config), args)
+    # No warning on stderr here: the daemon logs it itself at start (and daily).
+    config = _effective(load_provider_config(args.config, warn=None), args)
     # Imported here so config/admin commands do not load the server stack.
     # run() sets up logging from config.log itself.
     from fermoposta.provider.server import run
