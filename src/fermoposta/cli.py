@@ -251,8 +251,31 @@ def _cmd_config_show(args: argparse.Namespace) -> int:
     if "pulls" in values:  # show a customer config in the shape it is written in
         values["pull"] = [_pull_as_written(p) for p in values.pop("pulls")]
         values["metrics"] = {"listen": values.pop("metrics_listen")}
+    if args.changed:
+        import tomllib
+
+        with open(config.path, "rb") as f:  # it loaded just now: it parses
+            values = {"path": config.path, **_written_only(values, tomllib.load(f))}
     print("\n".join(_render(values)))
     return EX_OK
+
+
+def _written_only(values: dict[str, Any], raw: dict[str, Any]) -> dict[str, Any]:
+    """`values` (the effective config) cut down to the keys the file sets,
+    like `postconf -n`: what the operator changed, with its effective value."""
+    kept: dict[str, Any] = {}
+    for key, written in raw.items():
+        if key not in values:
+            continue
+        value = values[key]
+        if isinstance(written, dict) and isinstance(value, dict):
+            kept[key] = _written_only(value, written)
+        elif isinstance(written, list) and written and isinstance(written[0], dict) \
+                and isinstance(value, list):
+            kept[key] = [_written_only(v, w) for v, w in zip(value, written, strict=False)]
+        else:
+            kept[key] = value
+    return kept
 
 
 def _pull_as_written(pull: dict[str, Any]) -> dict[str, Any]:
@@ -486,6 +509,9 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("file", nargs="?", type=Path, metavar="FILE", help="default: -c FILE")
     show.add_argument("--kind", choices=("provider", "customer"), default=None,
                       help="the kind of config (default: guessed from the file)")
+    show.add_argument("--changed", action="store_true",
+                      help="only the keys the file sets, with their effective values "
+                      "(like postconf -n)")
     show.set_defaults(command_func=_cmd_config_show)
     _add_config_options(parser, 1, _PROVIDER_CONFIG_HELP)
     return parser
