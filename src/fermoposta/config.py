@@ -444,9 +444,16 @@ class MetricsConfig:
 
     - ``listen`` (``"host:port"``, default ``""``, off): serve ``/metrics``
       there (plain HTTP; keep it on 127.0.0.1 or a private network).
+    - ``per_domain`` (bool, default false): also export the held mail of
+      each hosted domain (``domain`` label: 3 series per domain with held
+      mail), read from the store at each scrape.
+    - ``per_account`` (bool, default false): also export each account's last
+      accepted ATRN as a timestamp (``account`` label: one series per account).
     """
 
     listen: tuple[str, int] | None = None
+    per_domain: bool = False
+    per_account: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -687,7 +694,10 @@ _SECTIONS: dict[str, tuple[type[Any], dict[str, _Parser]]] = {
             "queue_interval": _duration(positive=True),
         },
     ),
-    "metrics": (MetricsConfig, {"listen": _listen_address}),
+    "metrics": (
+        MetricsConfig,
+        {"listen": _listen_address, "per_domain": _boolean, "per_account": _boolean},
+    ),
     "connections": (
         ConnectionsConfig,
         {name: _listener_limits
