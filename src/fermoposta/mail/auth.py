@@ -20,6 +20,8 @@ Contract:
   `454 4.7.0` (RFC 4954 §6) whether or not the credentials were right, so
   the reply tells nothing about the password; the session stays open.
   Lockouts and refusals are logged (never with a secret) and counted.
+- Each failed AUTH (the 535s of `fermoposta_auth_failures_total{mechanism}`)
+  also counts in `fermoposta_smtp_rejects_total{listener, reason="auth_failed"}`.
 - On success `account` names the authenticated account.  SASL payloads are
   never logged (the debug trace shows "***").
 - Credentials come from the store through `StoreCredentials`; a store
@@ -112,6 +114,9 @@ class Authenticator:
         self.account: str | None = None
         self.auth_failures = 0
         self.throttle: AuthThrottle | None = None  # set by the provider (issue 8)
+        # For fermoposta_smtp_rejects_total: odmr_tls and submissions have
+        # TLS on before the session (and this object) exist.
+        self.listener = metrics.listener_name(session.component, implicit_tls=self.conn.tls_active)
 
     @property
     def log(self) -> logging.LoggerAdapter[logging.Logger]:
@@ -236,6 +241,7 @@ class Authenticator:
             return R.AUTH_TEMPORARY_FAILURE
         self.auth_failures += 1
         metrics.AUTH_FAILURES.labels(name).inc()
+        metrics.reject(self.listener, "auth_failed")  # the same 535s, by listener
         self.log.info("%s: AUTH %s failed from [%s]: %s", self.session_id, name,
                       self.conn.peer_ip, result.reason)
         if throttle is not None:

@@ -19,18 +19,26 @@ Contract:
   so does an expired deadline: `limits.data_deadline` bounds one message's
   whole DATA (the per-read `data_timeout` alone lets a slow drip last
   forever); the session then answers 421 4.4.2 and closes.
+- Every refusal of a MAIL, RCPT or message goes through `reject()`: one
+  Postfix-like ``NOQUEUE: reject: RCPT from ...`` line (or the caller's own
+  text) whose JSON form carries ``reason``, ``client``, ``sender`` and
+  ``recipient`` keys (plus ``stage``, ``listener``, ``reply``, ``helo``),
+  and one count in `fermoposta_smtp_rejects_total{listener, reason}`.
+  Syntax errors (501, 555) and sequence errors are not rejects.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ssl
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import IO, ClassVar
 
-from fermoposta.net.connection import ConnectionClosed
-from fermoposta.net.server_session import ServerSession
+from fermoposta.net.connection import Connection, ConnectionClosed
+from fermoposta.net.server_session import ServerSession, SessionLimits
+from fermoposta.ops import metrics
 from fermoposta.smtp import reply as R
 from fermoposta.smtp.command import (
     NEEDS_SMTPUTF8,
@@ -93,6 +101,41 @@ class TransactionSession(ServerSession):
     transaction: Transaction | None = None
     authenticated_as: str | None = None
 
+    def __init__(self, conn: Connection, *, hostname: str, limits: SessionLimits,
+                 tls_context: ssl.SSLContext | None = None,
+                 session_id: str | None = None) -> None:
+        super().__init__(conn, hostname=hostname, limits=limits, tls_context=tls_context,
+                         session_id=session_id)
+        # Implicit TLS is up before the session exists; STARTTLS comes later.
+        self.listener = metrics.listener_name(self.component, implicit_tls=conn.tls_active)
+
+    def reject(self, reply: Reply, reason: str, *, stage: str, sender: str | None,
+               recipients: list[str] | None = None, text: str | None = None,
+               **fields: object) -> Reply:
+        """Count and log one refusal; return `reply`.
+
+        `reason` is one of `metrics.REJECT_REASONS`; `stage` the verb (MAIL,
+        RCPT, DATA); `text` replaces the Postfix-like line (kept where a line
+        is documented already); `fields` are added to the structured ones."""
+        metrics.reject(self.listener, reason)
+        to = ",".join(recipients) if recipients else None
+        if text is None:
+            text = (f"NOQUEUE: reject: {stage} from {self.peer_description()}: {reply}; "
+                    f"from=<{sender if sender is not None else ''}>"
+                    + (f" to=<{to}>" if to is not None else "")
+                    + f" helo=<{self.helo_name or ''}>")
+        structured: dict[str, object] = {
+            "reason": reason, "stage": stage, "listener": self.listener,
+            "client": self.peer_description(), "sender": sender, "recipient": to,
+            "reply": str(reply), "helo": self.helo_name, **fields,
+        }
+        # The session's adapter would drop `extra`: log on its logger directly.
+        self.log.logger.info("%s", text, extra={
+            "component": self.component,
+            "fields": {k: v for k, v in structured.items() if v is not None},
+        })
+        return reply
+
     # --- policy hooks --------------------------------------------------------------------
     async def check_sender(self, sender: Path) -> Reply | None:
         return None
@@ -148,7 +191,8 @@ class TransactionSession(ServerSession):
                     return R.BAD_ARGUMENTS
                 txn.declared_size = int(value)
                 if txn.declared_size > self.limits.max_message_size:
-                    return MESSAGE_TOO_BIG
+                    return self.reject(MESSAGE_TOO_BIG, "message_size", stage="MAIL",
+                                       sender=path.address, size=txn.declared_size)
             elif key == "BODY":
                 if value is None or value.upper() not in ("7BIT", "8BITMIME"):
                     return UNKNOWN_PARAMETER
@@ -193,7 +237,8 @@ class TransactionSession(ServerSession):
             else:
                 return UNKNOWN_PARAMETER
         if len(txn.recipients) >= self.limits.max_recipients:
-            return TOO_MANY_RECIPIENTS
+            return self.reject(TOO_MANY_RECIPIENTS, "other", stage="RCPT",
+                               sender=txn.sender.address, recipients=[path.address])
         if "@" in path.address:
             local, raw_domain = split_address(path.address)
             try:
@@ -232,12 +277,16 @@ class TransactionSession(ServerSession):
                                       deadline=deadline)
             self.in_data = False
             self.transaction = None  # the transaction ends with the data, whatever follows
-            if reader.too_big:
-                return MESSAGE_TOO_BIG
-            if reader.bare_line_ending:
-                return BARE_LINE_ENDING
-            if reader.line_too_long:
-                return DATA_LINE_TOO_LONG
+            refusal = (
+                (MESSAGE_TOO_BIG, "message_size") if reader.too_big
+                else (BARE_LINE_ENDING, "smuggling") if reader.bare_line_ending
+                else (DATA_LINE_TOO_LONG, "other") if reader.line_too_long
+                else None
+            )
+            if refusal is not None:
+                return self.reject(refusal[0], refusal[1], stage="DATA",
+                                   sender=txn.sender.address,
+                                   recipients=[r.path.address for r in txn.recipients])
             if not self.conn.can_reply:
                 # The 250 could no longer reach the peer (TLS after its EOF):
                 # storing the message would make the client's retry a

@@ -3,8 +3,9 @@
 Contract:
 - Metric names follow the Prometheus conventions (`fermoposta_` prefix,
   `_total` counters, `_seconds` and `_bytes` units) and carry bounded labels
-  only: listener, result, mechanism, state, pull block, failure kind.  Never
-  an address, a domain or an account name.
+  only: listener, reason, result, mechanism, state, pull block, failure kind.
+  Never an address; a domain or an account name only behind the switches
+  below.
 - Instrumented code calls the module-level metrics; they live in the default
   registry beside the process collector (memory, CPU, file descriptors).
 - `serve(host, port)` starts the scrape endpoint in a thread (`/metrics`)
@@ -19,13 +20,23 @@ Contract:
   labels: one certificate per process); None removes the series, so a
   process without TLS (or a customer) never shows a certificate that
   "expired in 1970".
+- `reject(listener, reason)` counts one refusal in
+  `fermoposta_smtp_rejects_total{listener, reason}`: one count per reject
+  log line (and per failed AUTH); `reason` is one of `REJECT_REASONS`, any
+  other value counts as `other`, so the label stays bounded.  The listener
+  comes from `listener_name(component, implicit_tls)`.
+- The only labels naming a domain or an account are those of
+  `QueueCollector`'s optional per-domain and per-account families, off
+  unless `[metrics] per_domain` / `per_account` turn them on: their
+  cardinality is bounded by the store (hosted domains with held mail times
+  3; accounts that made an ATRN), never by what a peer sends.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Protocol
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
@@ -100,6 +111,35 @@ AUTH_THROTTLED = Counter("fermoposta_auth_throttled_total",
 AUTH_DELAY_SECONDS = Counter("fermoposta_auth_delay_seconds_total",
                              "Time failed AUTH replies were held back by the throttle")
 
+# Why a MAIL, RCPT, end of DATA or AUTH was refused, by listener: the
+# fixed set below, so that a peer can never grow the label.  postfix_exporter
+# counts its NOQUEUE reject lines by code; ours are counted by cause.
+REJECT_REASONS = ("relay_denied", "unknown_user", "message_size", "smuggling", "auth_failed",
+                  "rate_limit", "quota", "other")
+REJECTS = Counter("fermoposta_smtp_rejects_total",
+                  "Refused MAIL, RCPT, end of DATA and AUTH, by listener and reason "
+                  "(relay_denied, unknown_user, message_size, smuggling, auth_failed, "
+                  "rate_limit, quota, other)", ["listener", "reason"])
+
+# The listeners that speak implicit TLS share their session class with the
+# plain one: the session tells them apart by TLS being on from the start.
+_IMPLICIT_TLS_LISTENERS = {"odmr": "odmr_tls", "submission": "submissions"}
+
+
+def listener_name(component: str, implicit_tls: bool) -> str:
+    """The `listener` label of a session: its component (mx, odmr,
+    submission, outbox, customer), or odmr_tls / submissions when TLS was
+    on before the first byte."""
+    if implicit_tls:
+        return _IMPLICIT_TLS_LISTENERS.get(component, component)
+    return component
+
+
+def reject(listener: str, reason: str) -> None:
+    """Count one refusal; an unknown reason counts as `other`."""
+    REJECTS.labels(listener, reason if reason in REJECT_REASONS else "other").inc()
+
+
 CUSTOMER_PULLS = Counter("fermoposta_customer_pulls_total",
                          "Customer sessions by pull block and result", ["pull", "result"])
 CUSTOMER_MESSAGES = Counter("fermoposta_customer_messages_total",
@@ -108,15 +148,54 @@ CUSTOMER_LAST_SUCCESS = Gauge("fermoposta_customer_last_success_timestamp_second
                               "When a pull block last worked (Unix time)", ["pull"])
 
 
+class DomainFigures(Protocol):
+    """What the per-domain gauges read of one domain (`store.DomainShape`)."""
+
+    @property
+    def domain(self) -> str: ...
+    @property
+    def messages(self) -> int: ...
+    @property
+    def bytes(self) -> int: ...
+    @property
+    def oldest(self) -> float | None: ...
+    @property
+    def held(self) -> int: ...
+
+
+class QueueFigures(Protocol):
+    """`store.QueueShape`: its per-domain rows."""
+
+    @property
+    def domains(self) -> Sequence[DomainFigures]: ...
+
+
+class AccountFigures(Protocol):
+    """What the per-account gauge reads of one account (`store.Account`)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def last_atrn_at(self) -> float | None: ...
+
+
 class QueueCollector(Collector):
     """Queue size by state at scrape time: messages, bytes, oldest age.
 
-    `summary()` returns rows (state, messages, bytes, oldest received_at)."""
+    `summary()` returns rows (state, messages, bytes, oldest received_at).
+    With `shape` (`store.queue_shape`, `[metrics] per_domain`) the held mail
+    of each domain with held recipients too; with `accounts`
+    (`store.list_accounts`, `[metrics] per_account`) each account's last
+    accepted ATRN (accounts that never made one have no series)."""
 
     def __init__(self, summary: Callable[[], Iterable[tuple[str, int, int, float | None]]],
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, *,
+                 shape: Callable[[float, Sequence[float]], QueueFigures] | None = None,
+                 accounts: Callable[[], Iterable[AccountFigures]] | None = None) -> None:
         self.summary = summary
         self.clock = clock
+        self.shape = shape
+        self.accounts = accounts
 
     def collect(self) -> Iterable[Any]:
         messages = GaugeMetricFamily("fermoposta_queue_messages",
@@ -137,6 +216,46 @@ class QueueCollector(Collector):
         yield messages
         yield size
         yield oldest
+        if self.shape is not None:
+            yield from self._per_domain(now)
+        if self.accounts is not None:
+            yield self._per_account()
+
+    def _per_domain(self, now: float) -> Iterable[Any]:
+        messages = GaugeMetricFamily(
+            "fermoposta_domain_held_messages",
+            "Messages in the queue for a hosted domain with held mail", labels=["domain"])
+        size = GaugeMetricFamily("fermoposta_domain_held_bytes",
+                                 "Bytes of those messages, by domain", labels=["domain"])
+        oldest = GaugeMetricFamily("fermoposta_domain_held_oldest_age_seconds",
+                                   "Age of the oldest of them, by domain", labels=["domain"])
+        assert self.shape is not None
+        try:
+            # No age buckets: one, unused; the per-domain rows are what we need.
+            domains = [d for d in self.shape(now, ()).domains if d.held > 0]
+        except Exception:  # a scrape must not fail because the store is busy
+            domains = []
+        for d in domains:
+            messages.add_metric([d.domain], d.messages)
+            size.add_metric([d.domain], d.bytes)
+            oldest.add_metric([d.domain], max(0.0, now - d.oldest) if d.oldest else 0.0)
+        yield messages
+        yield size
+        yield oldest
+
+    def _per_account(self) -> Any:
+        last = GaugeMetricFamily("fermoposta_account_last_atrn_timestamp_seconds",
+                                 "When an account's last ATRN was accepted (250 or 453 "
+                                 "no mail; Unix time)", labels=["account"])
+        assert self.accounts is not None
+        try:
+            accounts = list(self.accounts())
+        except Exception:  # as above
+            accounts = []
+        for account in accounts:
+            if account.last_atrn_at is not None:
+                last.add_metric([account.name], account.last_atrn_at)
+        return last
 
 
 def register_queue(collector: QueueCollector) -> Callable[[], None]:

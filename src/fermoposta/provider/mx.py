@@ -11,6 +11,9 @@ Contract:
   was committed and fsynced.  Every recipient is stored HELD, waiting for its
   customer's ATRN.
 - A store failure answers 451 4.3.0 (try again later); nothing is lost.
+- Each refused recipient is one ``NOQUEUE: reject: RCPT`` line and one count
+  in `fermoposta_smtp_rejects_total` (`TransactionSession.reject`): reason
+  relay_denied, unknown_user, quota, or other (a store error).
 """
 
 from __future__ import annotations
@@ -65,35 +68,37 @@ class MXSession(TransactionSession):
 
     async def check_recipient(self, txn: Transaction, rcpt: Recipient) -> Reply | None:
         refusal = await self._recipient_refusal(txn, rcpt)
-        if refusal is not None:
-            # Postfix style: a refused recipient has no queue id yet.
-            self.log.info("NOQUEUE: reject: RCPT from %s: %s; from=<%s> to=<%s> helo=<%s>",
-                          self.peer_description(), refusal, txn.sender.address,
-                          rcpt.path.address, self.helo_name)
-        return refusal
+        if refusal is None:
+            return None
+        # Postfix style: a refused recipient has no queue id yet.
+        reply, reason = refusal
+        return self.reject(reply, reason, stage="RCPT", sender=txn.sender.address,
+                           recipients=[rcpt.path.address])
 
-    async def _recipient_refusal(self, txn: Transaction, rcpt: Recipient) -> Reply | None:
+    async def _recipient_refusal(self, txn: Transaction, rcpt: Recipient
+                                 ) -> tuple[Reply, str] | None:
+        """The refusal of a recipient and its reason (`metrics.REJECT_REASONS`)."""
         if not rcpt.domain:
-            return RELAY_DENIED
+            return RELAY_DENIED, "relay_denied"
         try:
             domain = await asyncio.to_thread(self.store.get_domain, rcpt.domain)
             if domain is None:
-                return RELAY_DENIED
+                return RELAY_DENIED, "relay_denied"
             if domain.valid_recipients is not None:
                 if rcpt.local.lower() not in domain.valid_recipients:
-                    return UNKNOWN_USER
+                    return UNKNOWN_USER, "unknown_user"
             elif self.require_valid_recipient:
-                return UNKNOWN_USER
+                return UNKNOWN_USER, "unknown_user"
             if domain.max_messages is not None or domain.max_bytes is not None:
                 messages, size = await asyncio.to_thread(self.store.domain_usage, rcpt.domain)
                 incoming = txn.declared_size or 0
                 if domain.max_messages is not None and messages >= domain.max_messages:
-                    return QUOTA_EXCEEDED
+                    return QUOTA_EXCEEDED, "quota"
                 if domain.max_bytes is not None and size + incoming > domain.max_bytes:
-                    return QUOTA_EXCEEDED
+                    return QUOTA_EXCEEDED, "quota"
         except StoreError as exc:
             self.log.warning("%s: store error at RCPT: %s", self.session_id, exc)
-            return TRY_LATER
+            return TRY_LATER, "other"
         return None
 
     async def check_sender(self, sender: Path) -> Reply | None:

@@ -15,6 +15,9 @@ Contract:
   in domains we host are stored HELD for their customer; the rest OUTBOUND
   for delivery to the Internet.  250 only after the durable commit, as on
   the MX; then `on_queued()` wakes the outbound runner.
+- Each refusal is counted in `fermoposta_smtp_rejects_total` (rate_limit,
+  or other for a sender not owned or a recipient without a domain) and its
+  log line carries the structured fields of `TransactionSession.reject`.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ SENDER_NOT_OWNED = Reply(
 )
 RATE_LIMITED = Reply(450, "4.7.1", "Message rate limit exceeded, try again later")
 TRY_LATER = Reply(451, "4.3.0", "Temporary local problem, try again later")
+NEEDS_DOMAIN = Reply(550, "5.1.3", "Recipient address needs a domain")
 
 
 class RateLimiter:
@@ -153,8 +157,9 @@ class SubmissionSession(TransactionSession):
             self.log.warning("%s: store error at MAIL: %s", self.session_id, exc)
             return TRY_LATER
         if not allowed:
-            self.log.info("%s: rate limit for %s", self.session_id, account)
-            return RATE_LIMITED
+            return self.reject(RATE_LIMITED, "rate_limit", stage="MAIL", sender=None,
+                               text=f"{self.session_id}: rate limit for {account}",
+                               sasl_username=account)
         return await super().smtp_mail(arg)
 
     async def check_sender(self, sender: Path) -> Reply | None:
@@ -168,25 +173,28 @@ class SubmissionSession(TransactionSession):
             # check.  Authenticated, rate-limited and logged with the account.
             self.log.info("%s: %s sends a notice (MAIL FROM:<>)", self.session_id, account)
             return None
+        not_owned = f"{self.session_id}: {account} may not send as <{sender.address}>"
         if "@" not in sender.address:
-            return SENDER_NOT_OWNED
+            return self.reject(SENDER_NOT_OWNED, "other", stage="MAIL", sender=sender.address,
+                               text=not_owned, sasl_username=account)
         try:
             domain = normalize_domain(split_address(sender.address)[1])
             owned = await asyncio.to_thread(self.store.list_domains, account)
         except ValueError:
-            return SENDER_NOT_OWNED
+            return self.reject(SENDER_NOT_OWNED, "other", stage="MAIL", sender=sender.address,
+                               text=not_owned, sasl_username=account)
         except StoreError as exc:
             self.log.warning("%s: store error at MAIL: %s", self.session_id, exc)
             return TRY_LATER
         if domain not in {d.name for d in owned}:
-            self.log.info("%s: %s may not send as <%s>", self.session_id, account,
-                          sender.address)
-            return SENDER_NOT_OWNED
+            return self.reject(SENDER_NOT_OWNED, "other", stage="MAIL", sender=sender.address,
+                               text=not_owned, sasl_username=account)
         return None
 
     async def check_recipient(self, txn: Transaction, rcpt: Recipient) -> Reply | None:
         if not rcpt.domain:  # a bare <postmaster> means ours; we have none to offer
-            return Reply(550, "5.1.3", "Recipient address needs a domain")
+            return self.reject(NEEDS_DOMAIN, "other", stage="RCPT", sender=txn.sender.address,
+                               recipients=[rcpt.path.address], sasl_username=self.auth.account)
         return None
 
     def trace_header(self, txn: Transaction) -> bytes:
