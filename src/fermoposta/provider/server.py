@@ -362,7 +362,10 @@ class Provider:
                 self.addresses["metrics"], stop_server = metrics.serve(host, port)
             except OSError as exc:
                 raise ListenError("metrics", (host, port), exc) from exc
-            unregister = metrics.register_queue(metrics.QueueCollector(self.store.queue_summary))
+            unregister = metrics.register_queue(metrics.QueueCollector(
+                self.store.queue_summary,
+                shape=self.store.queue_shape if self.config.metrics.per_domain else None,
+                accounts=self.store.list_accounts if self.config.metrics.per_account else None))
 
             def stop_metrics() -> None:
                 stop_server()
