@@ -21,11 +21,17 @@ Contract:
   push failure that needs a human (TLS 74, protocol 76, authentication 77,
   configuration 78, internal 70); a push that only kept mail for later (4xx,
   submission unreachable or lost: its mail stays in the outbox) gives 75.
-- `check()` dials, verifies TLS and authenticates without ATRN and returns
+- `check()` dials, verifies TLS and authenticates without ATRN, probes each
+  block's local delivery (`delivery.probe`: LHLO/EHLO then QUIT, or the
+  Maildir root's permissions; nothing is delivered or created) and returns
   the report lines `fermoposta customer check` prints; with an outbox it
-  checks the submission service the same way.  After the TLS handshake it
-  shows the provider certificate's notAfter, and a warning line (exit code
-  unchanged) when that is within 21 days (`ops.certs.WARNING_DAYS`).
+  checks the submission service the same way.  A delivery failure has its
+  own exit code (68 LMTP/SMTP target unavailable, 73 Maildir root unusable:
+  `LocalDeliveryUnavailable`, `MaildirUnusable`, used by `check` only); the
+  exit code is the first failed part's, and the report's last line is
+  never an OK after a failed part (the first failure's line is repeated).
+  After the TLS handshake it shows the provider certificate's notAfter, and
+  a warning line (exit code unchanged) when that is within 21 days (`ops.certs.WARNING_DAYS`).
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from fermoposta.customer.config import CustomerConfig, PullConfig
 from fermoposta.customer.dialout import Dialer
 from fermoposta.customer.errors import (
     AlreadyRunning,
+    ConfigFailure,
     ConnectFailure,
     CustomerError,
     TemporaryFailure,
@@ -59,7 +66,8 @@ from fermoposta.ops.log import event
 if TYPE_CHECKING:
     from fermoposta.customer.outbox_push import PushResult
 
-__all__ = ["check", "dial_settings", "make_delivery_for", "pull_lock", "pull_once"]
+__all__ = ["LocalDeliveryUnavailable", "MaildirUnusable", "check", "dial_settings",
+           "make_delivery_for", "pull_lock", "pull_once"]
 
 log = logging.getLogger("fermoposta.customer")
 
@@ -207,9 +215,39 @@ async def _session(config: CustomerConfig, pull: PullConfig, summary: PullSummar
         await dialer.close()
 
 
+class LocalDeliveryUnavailable(CustomerError):
+    """`check` only: an LMTP or SMTP target is down or refuses LHLO/EHLO.
+    68 (EX_NOHOST), not 69: `check` gives 69 to the provider unreachable, and
+    a script must be able to tell "the link is down" from "our own mail
+    server is down"."""
+
+    exit_code = 68
+    kind = "delivery"
+
+
+class MaildirUnusable(CustomerError):
+    """`check` only: a Maildir root cannot be written or created (73,
+    EX_CANTCREAT; `check` takes no lock, so 73 cannot mean "busy" there)."""
+
+    exit_code = 73
+    kind = "maildir"
+
+
+_PROBE_FAILURES: dict[str, type[CustomerError]] = {
+    "unavailable": LocalDeliveryUnavailable, "maildir": MaildirUnusable,
+}
+
+
 async def check(config: CustomerConfig) -> tuple[int, list[str]]:
-    """Connect, TLS, AUTH, no ATRN: (exit code, report lines).  With an outbox,
-    the submission service is checked the same way after the ODMR service."""
+    """Connect, TLS, AUTH, no ATRN; each block's local delivery (probed, nothing
+    delivered); with an outbox, the submission service the same way as the
+    ODMR service: (exit code, report lines).
+
+    The exit code is the first failed part's.  "OK: ready to pull" follows
+    the ODMR service and the deliveries only when all of them passed, "OK:
+    ready to push the outbox" the submission service when it passed; and the
+    last line is never an OK after a failed part: then the first failure's
+    line is repeated at the end (unless it is the last line already)."""
     from fermoposta.customer.outbox_push import outbox_active, submission_settings
 
     lines: list[str] = []
@@ -218,19 +256,55 @@ async def check(config: CustomerConfig) -> tuple[int, list[str]]:
         settings = dial_settings(config)
     except CustomerError as exc:
         return exc.exit_code, [f"configuration: {exc}"]
-    code = await _check_one(Dialer(settings), f"{p.host}:{p.port}", "", lines)
-    if code == 0:
+    failures: list[tuple[int, str]] = []  # (exit code, the FAILED line) in report order
+
+    def part(code: int) -> int:
+        if code:
+            failures.append((code, lines[-1]))
+        return code
+
+    pull_code = part(await _check_one(Dialer(settings), f"{p.host}:{p.port}", "", lines))
+    for pull in config.pulls:
+        pull_code = part(await _check_delivery(config, pull, lines)) or pull_code
+    if pull_code == 0:
         lines.append("OK: ready to pull")
     status = spool_status(config)
     if status is not None:
         lines.append(status)
     if outbox_active(config):
-        sub = await _check_one(Dialer(submission_settings(settings, config)),
-                               p.submission_address, "submission ", lines)
+        sub = part(await _check_one(Dialer(submission_settings(settings, config)),
+                                    p.submission_address, "submission ", lines))
         if sub == 0:
             lines.append("OK: ready to push the outbox")
-        code = code or sub
+    if not failures:
+        return 0, lines
+    code, first = failures[0]
+    if lines[-1] != first:
+        lines.append(first)
     return code, lines
+
+
+async def _check_delivery(config: CustomerConfig, pull: PullConfig, lines: list[str]) -> int:
+    """One block's local delivery, probed (delivery/probe.py): connect and
+    LHLO/EHLO then QUIT, or the Maildir root's permissions; never a message."""
+    from fermoposta.customer.delivery.probe import probe
+
+    label = f"delivery {pull.name}: "
+    try:
+        delivery = make_delivery_for(config, pull)
+    except ValueError as exc:  # the config load checked it: should not happen
+        failure: CustomerError = ConfigFailure(str(exc))
+    else:
+        try:
+            result = await probe(delivery)
+        finally:
+            await delivery.close()
+        if result.ok:
+            lines.append(label + result.detail)
+            return 0
+        failure = _PROBE_FAILURES[result.problem](result.detail)
+    lines.append(f"{label}FAILED ({failure.kind}, exit {failure.exit_code}): {failure}")
+    return failure.exit_code
 
 
 def certificate_lines(dialer: Dialer, now: float) -> list[str]:
