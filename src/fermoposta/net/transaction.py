@@ -124,16 +124,16 @@ class TransactionSession(ServerSession):
                     f"from=<{sender if sender is not None else ''}>"
                     + (f" to=<{to}>" if to is not None else "")
                     + f" helo=<{self.helo_name or ''}>")
+        # The four keys are always there (null when the stage has none, e.g.
+        # no recipient at MAIL), so a log pipeline can rely on them.
         structured: dict[str, object] = {
-            "reason": reason, "stage": stage, "listener": self.listener,
-            "client": self.peer_description(), "sender": sender, "recipient": to,
-            "reply": str(reply), "helo": self.helo_name, **fields,
+            "reason": reason, "client": self.peer_description(), "sender": sender,
+            "recipient": to, "stage": stage, "listener": self.listener, "reply": str(reply),
+            **{k: v for k, v in {"helo": self.helo_name, **fields}.items() if v is not None},
         }
         # The session's adapter would drop `extra`: log on its logger directly.
-        self.log.logger.info("%s", text, extra={
-            "component": self.component,
-            "fields": {k: v for k, v in structured.items() if v is not None},
-        })
+        self.log.logger.info("%s", text,
+                             extra={"component": self.component, "fields": structured})
         return reply
 
     # --- policy hooks --------------------------------------------------------------------

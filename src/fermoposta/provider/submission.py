@@ -148,25 +148,21 @@ class SubmissionSession(TransactionSession):
     async def smtp_auth(self, arg: str) -> Reply | None:
         return await self.auth.smtp_auth(arg)
 
-    async def smtp_mail(self, arg: str) -> Reply:
+    async def check_sender(self, sender: Path) -> Reply | None:
         account = self.auth.account
         assert account is not None  # Needs.AUTH
+        # The rate limit first (after the MAIL syntax, so its log line has the sender).
         try:
             allowed = await asyncio.to_thread(self.rate_limiter.allows, account)
         except StoreError as exc:
             self.log.warning("%s: store error at MAIL: %s", self.session_id, exc)
             return TRY_LATER
         if not allowed:
-            return self.reject(RATE_LIMITED, "rate_limit", stage="MAIL", sender=None,
+            return self.reject(RATE_LIMITED, "rate_limit", stage="MAIL", sender=sender.address,
                                text=f"{self.session_id}: rate limit for {account}",
                                sasl_username=account)
-        return await super().smtp_mail(arg)
-
-    async def check_sender(self, sender: Path) -> Reply | None:
         if not self.settings.restrict_senders:
             return None
-        account = self.auth.account
-        assert account is not None
         if not sender.address:
             # The null sender is a site's own notice (a DSN from its local
             # retry spool, RFC 3464 / RFC 5321 §4.5.5): it owns no address to
