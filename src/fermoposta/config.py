@@ -315,9 +315,14 @@ class MXConfig:
       this is true a hosted domain *must* have a list, and without one every
       RCPT for it is refused (no accept-all backup MX, no backscatter).  When
       false, a domain without a list accepts any local part.
+    - ``mx_names`` (list of domains, default ``[]``): the names the hosted
+      domains' MX records may use for this provider besides ``hostname``
+      (e.g. ``mx1.provider.example`` behind a shared ``hostname``); used by
+      ``fermoposta domain check``.
     """
 
     require_valid_recipient: bool = False
+    mx_names: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -665,7 +670,7 @@ _SECTIONS: dict[str, tuple[type[Any], dict[str, _Parser]]] = {
             "no_mail_reply": _no_mail_reply,
         },
     ),
-    "mx": (MXConfig, {"require_valid_recipient": _boolean}),
+    "mx": (MXConfig, {"require_valid_recipient": _boolean, "mx_names": _domain_list}),
     "submission": (
         SubmissionConfig,
         {
