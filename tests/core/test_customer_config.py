@@ -408,7 +408,7 @@ def test_example_message_format(tmp: Path) -> None:
 # -- errors: structure -----------------------------------------------------
 
 
-@pytest.mark.parametrize("key", ["hostname", "data_dir"])
+@pytest.mark.parametrize("key", ["hostname"])  # data_dir has a default (defaults tests)
 def test_required_top_level_keys(tmp: Path, key: str) -> None:
     text = "\n".join(line for line in BASE.splitlines() if not line.startswith(key))
     assert f": {key}: required key is missing" in load_error(tmp, text)

@@ -102,6 +102,7 @@ __all__ = [
     "ProviderEndpoint",
     "PullConfig",
     "default_customer_config_path",
+    "default_data_dir",
     "load_customer_config",
 ]
 
@@ -422,8 +423,10 @@ class CustomerConfig:
     - ``path``: the file this was loaded from (absolute).
     - ``hostname`` (str, required): our EHLO name towards the provider and our
       greeting and Received: name in the reversed session.
-    - ``data_dir`` (path, required): lock files and state; relative to the
-      config file's directory.  Not created here.
+    - ``data_dir`` (path, default `default_data_dir(path)`:
+      ``/var/lib/fermoposta-customer`` for /etc/.../customer.toml, else
+      ``<name>-data`` next to the file): lock files and state; relative to
+      the config file's directory.  Not created here.
     - ``domains`` (list): the site's domains; in the reversed session RCPTs
       for other domains get 550 5.7.1.  Default: the union of every block's
       ``domains``.  Required (non-empty) when a block sends a bare ATRN; when
@@ -473,6 +476,33 @@ class CustomerConfig:
             if pull.name == name:
                 return pull
         raise KeyError(name)
+
+
+def default_data_dir(config_path: str | Path) -> Path:
+    """The ``data_dir`` of a config file that does not set it.
+
+    - A file under /etc (a system install): ``/var/lib/fermoposta-customer``
+      for ``customer.toml``, ``/var/lib/fermoposta-customer-<name>`` for
+      another ``<name>.toml``.
+    - Anywhere else: ``<name>-data`` next to the file (``customer-data`` for
+      ``customer.toml``).
+
+    Why: state belongs in /var/lib on a system install (FHS; /etc may be
+    read-only under systemd's ProtectSystem), and
+    /var/lib/fermoposta-customer is the StateDirectory of the shipped
+    systemd units, so the default file at the default path just works.  A
+    file elsewhere (a home directory, a test, a demo) keeps its state next
+    to it, where its admin looks, and writes nothing outside.  The name
+    comes from the file's so that two configs in one directory (two sites
+    on one host) never share their locks and spools (`run.lock`, the
+    outbox, the local retry spool).
+    """
+    path = Path(os.path.abspath(config_path))
+    name = path.stem
+    if path.is_relative_to("/etc"):
+        suffix = "" if name == "customer" else f"-{name}"
+        return Path(f"/var/lib/fermoposta-customer{suffix}")
+    return path.parent / f"{name}-data"
 
 
 def default_customer_config_path() -> Path:
@@ -724,16 +754,18 @@ def load_customer_config(path: str | Path) -> CustomerConfig:
     raw = loader.read()
     loader.check_keys(None, raw, _TOP_LEVEL_KEYS)
 
-    for key in ("hostname", "data_dir"):
-        if key not in raw:
-            raise loader.error(None, key, "required key is missing")
+    if "hostname" not in raw:
+        raise loader.error(None, "hostname", "required key is missing")
     for key in ("hostname", "data_dir", "domains", "max_message_size", "local_retry_lifetime"):
         if isinstance(raw.get(key), dict):
             raise loader.error(None, key, "expected a value, got a table")
     hostname: str = loader.parse(None, "hostname", check_hostname, raw["hostname"])
-    data_dir_text: str = loader.parse(None, "data_dir", check_string, raw["data_dir"])
-    if not data_dir_text:
-        raise loader.error(None, "data_dir", "must not be empty")
+    data_dir: Path = default_data_dir(path)
+    if "data_dir" in raw:
+        data_dir_text: str = loader.parse(None, "data_dir", check_string, raw["data_dir"])
+        if not data_dir_text:  # written empty: a mistake, not "the default"
+            raise loader.error(None, "data_dir", "must not be empty")
+        data_dir = loader.resolve(data_dir_text)
     max_message_size: int = loader.parse(
         None, "max_message_size", size(1), raw.get("max_message_size", "50M")
     )
@@ -778,7 +810,7 @@ def load_customer_config(path: str | Path) -> CustomerConfig:
     return CustomerConfig(
         path=Path(os.path.abspath(path)),
         hostname=hostname,
-        data_dir=loader.resolve(data_dir_text),
+        data_dir=data_dir,
         domains=domains,
         max_message_size=max_message_size,
         provider=provider,
