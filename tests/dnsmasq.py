@@ -57,9 +57,10 @@ def _ready(port: int, timeout: float) -> bool:
 
 @contextlib.contextmanager
 def dnsmasq_server(*, mx: Sequence[tuple[str, str, int]] = (),
-                   hosts: dict[str, str] | None = None) -> Iterator[tuple[str, int]]:
+                   hosts: dict[str, str] | None = None,
+                   txt: Sequence[tuple[str, str]] = ()) -> Iterator[tuple[str, int]]:
     """Yield ("127.0.0.1", port) of a dnsmasq serving `mx` (domain, host,
-    preference) and `hosts` (name -> IPv4 address) records."""
+    preference), `hosts` (name -> IPv4 address) and `txt` (name, text) records."""
     if shutil.which("dnsmasq") is None:
         pytest.skip("dnsmasq is not installed (Debian package dnsmasq; .ci/run installs it)")
     port = _free_port()
@@ -74,6 +75,8 @@ def dnsmasq_server(*, mx: Sequence[tuple[str, str, int]] = (),
         args.append(f"--mx-host={domain},{host},{preference}")
     for name, address in (hosts or {}).items():
         args.append(f"--host-record={name},{address}")
+    for name, text in txt:
+        args.append(f"--txt-record={name},{text}")  # one argument: no shell quoting
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         if not _ready(port, 5.0):

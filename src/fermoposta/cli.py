@@ -397,6 +397,7 @@ def _cmd_store(args: argparse.Namespace) -> int:
     except (StoreError, OSError) as exc:
         _err(f"cannot open the {store_description(config)}: {exc}")
         return EX_TEMPFAIL
+    args.provider_config = config  # for handlers that need more than the store
     try:
         handler: Callable[[argparse.Namespace, Any], int] = args.handler
         return int(handler(args, store))

@@ -501,6 +501,13 @@ def _add_password_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _domain_check(args: argparse.Namespace, store: Store) -> int:
+    # dnspython is loaded only for this command.
+    from fermoposta.provider.dns_check import domain_check
+
+    return domain_check(args, store)
+
+
 def register(
     subparsers: argparse._SubParsersAction[Any],
     open_store: Callable[[argparse.Namespace], Store] | None = None,
@@ -589,3 +596,9 @@ def register(
     dremove = domain_cmds.add_parser("remove", help="stop holding mail for a domain")
     dremove.add_argument("domain", metavar="DOMAIN")
     dremove.set_defaults(handler=domain_remove)
+
+    dcheck = domain_cmds.add_parser(
+        "check", help="do the hosted domains' MX records point here? (and SPF)")
+    dcheck.add_argument("domains", nargs="*", metavar="DOMAIN",
+                        help="default: every hosted domain")
+    dcheck.set_defaults(handler=_domain_check)
