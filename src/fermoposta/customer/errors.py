@@ -7,8 +7,10 @@ it.  0 means the session worked, whether or not there was mail.
 | code | class | when |
 |---|---|---|
 | 67 | ATRNRefused | 450: a domain is not ours, or ATRN too frequent |
+| 68 | (`check` only, `pull.py`) | a local LMTP/SMTP delivery target is down or refuses LHLO/EHLO |
 | 69 | ConnectFailure | provider unreachable, connection refused or dropped, 421/554 greeting |
-| 73 | AlreadyRunning | another pull holds this pull's lock |
+| 73 | AlreadyRunning | another pull holds this pull's lock (`check`: a Maildir root |
+|    |                | that cannot be written or created; `check` takes no lock) |
 | 74 | TLSFailure | STARTTLS not offered, handshake or certificate (name, CA, pin) failure |
 | 75 | TemporaryFailure | 451 and other 4xx (domain busy, store down), 454 AUTH |
 | 76 | ProtocolFailure | no ATRN in EHLO, malformed replies, 501/502/5xx to ATRN |
