@@ -125,11 +125,12 @@ def _command_log(args: argparse.Namespace) -> Iterator[None]:
     from fermoposta.ops.log import LEVELS, JSONFormatter, TextFormatter
 
     level, fmt, node = "info", "text", ""
-    config_path = getattr(args, "config", None)
-    if config_path is not None:
+    config = getattr(args, "provider_config", None)  # loaded by the CLI already
+    if config is None and getattr(args, "config", None) is not None:
         from fermoposta.config import load_provider_config
 
-        config = load_provider_config(config_path)
+        config = load_provider_config(args.config, warn=None)
+    if config is not None:
         level, fmt, node = config.log.level, config.log.format, config.store.node
     if getattr(args, "verbose", False):
         level = "debug"
