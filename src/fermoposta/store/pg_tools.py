@@ -17,7 +17,6 @@ from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
 from fermoposta.store.base import (
-    DomainShape,
     QueuedRecipient,
     QueueEntry,
     QueueFilter,
@@ -34,7 +33,7 @@ from fermoposta.store.pg_rows import (
     OUTBOUND,
     Conn,
 )
-from fermoposta.store.rows import filter_sql
+from fermoposta.store.rows import filter_sql, shape_from_rows
 from fermoposta.store.rows import message_from_row as _message
 from fermoposta.store.rows import recipient_from_row as _recipient
 
@@ -341,17 +340,7 @@ class PostgresQueueTools:
                 "SELECT count(*), COALESCE(sum(size), 0), min(received_at) FROM messages"
             ).fetchone()
         assert total_row is not None and message_row is not None
-        domains = [
-            DomainShape(domain, int(f[0]), int(f[1]), sizes.get(domain, 0), f[2],
-                        int(f[3]), int(f[4]), int(f[5]), int(f[6]), tuple(ages[domain]))
-            for domain, f in figures.items()
-        ]
-        domains.sort(key=lambda d: (-d.recipients, d.domain))
-        total_ages = [sum(d.ages[i] for d in domains) for i in range(len(limits) + 1)]
-        total = DomainShape("", int(message_row[0]), int(total_row[0]), int(message_row[1]),
-                            message_row[2], int(total_row[1]), int(total_row[2]),
-                            int(total_row[3]), int(total_row[4]), tuple(total_ages))
-        return QueueShape(total, tuple(domains))
+        return shape_from_rows(figures, sizes, ages, total_row, message_row, len(limits) + 1)
 
     def queue_summary(self) -> list[tuple[str, int, int, float | None]]:
         with self._read("queue summary", snapshot=False) as conn:

@@ -10,16 +10,18 @@ clause in either dialect.  Pure functions, no I/O.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from fermoposta.store.base import (
     Account,
     Domain,
+    DomainShape,
     MessageOrigin,
     QueuedMessage,
     QueuedRecipient,
     QueueFilter,
+    QueueShape,
     RecipientState,
     ScramSecret,
 )
@@ -143,3 +145,24 @@ def filter_sql(where: QueueFilter, after: tuple[float, str] | None, *, mark: str
         clauses.append("EXISTS (SELECT 1 FROM recipients r WHERE r.message_id = m.id AND "
                        + " AND ".join(inner) + ")")
     return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+
+def shape_from_rows(figures: Mapping[str, Sequence[Any]], sizes: Mapping[str, int],
+                    ages: Mapping[str, Sequence[int]], total_row: Sequence[Any],
+                    message_row: Sequence[Any], buckets: int) -> QueueShape:
+    """`QueueShape` from `queue_shape`'s query results, the same in both
+    engines: per domain (messages, recipients, oldest, held, outbound,
+    deferred, hold), bytes per domain, recipients per age bucket; the
+    recipients' totals by state and (messages, bytes, oldest) of the queue."""
+    domains = [
+        DomainShape(domain, int(f[0]), int(f[1]), sizes.get(domain, 0), f[2],
+                    int(f[3] or 0), int(f[4] or 0), int(f[5] or 0), int(f[6] or 0),
+                    tuple(ages[domain]))
+        for domain, f in figures.items()
+    ]
+    domains.sort(key=lambda d: (-d.recipients, d.domain))
+    total_ages = [sum(d.ages[i] for d in domains) for i in range(buckets)]
+    total = DomainShape("", int(message_row[0]), int(total_row[0]), int(message_row[1]),
+                        message_row[2], int(total_row[1] or 0), int(total_row[2] or 0),
+                        int(total_row[3] or 0), int(total_row[4] or 0), tuple(total_ages))
+    return QueueShape(total, tuple(domains))

@@ -16,7 +16,6 @@ from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
 from fermoposta.store.base import (
-    DomainShape,
     QueuedRecipient,
     QueueEntry,
     QueueFilter,
@@ -24,7 +23,7 @@ from fermoposta.store.base import (
     RecipientState,
     Requeued,
 )
-from fermoposta.store.rows import filter_sql
+from fermoposta.store.rows import filter_sql, shape_from_rows
 from fermoposta.store.rows import message_from_row as _message
 from fermoposta.store.rows import recipient_from_row as _recipient
 from fermoposta.store.sqlite_rows import (
@@ -331,18 +330,7 @@ class SQLiteQueueTools:
             message_row = conn.execute(
                 "SELECT COUNT(*), COALESCE(SUM(size), 0), MIN(received_at) FROM messages"
             ).fetchone()
-        domains = [
-            DomainShape(domain, int(f[0]), int(f[1]), sizes.get(domain, 0), f[2],
-                        int(f[3] or 0), int(f[4] or 0), int(f[5] or 0), int(f[6] or 0),
-                        tuple(ages[domain]))
-            for domain, f in figures.items()
-        ]
-        domains.sort(key=lambda d: (-d.recipients, d.domain))
-        total_ages = [sum(d.ages[i] for d in domains) for i in range(len(limits) + 1)]
-        total = DomainShape("", int(message_row[0]), int(total_row[0]), int(message_row[1]),
-                            message_row[2], int(total_row[1] or 0), int(total_row[2] or 0),
-                            int(total_row[3] or 0), int(total_row[4] or 0), tuple(total_ages))
-        return QueueShape(total, tuple(domains))
+        return shape_from_rows(figures, sizes, ages, total_row, message_row, len(limits) + 1)
 
     def queue_summary(self) -> list[tuple[str, int, int, float | None]]:
         with self._read() as conn:
