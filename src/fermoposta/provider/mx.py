@@ -6,9 +6,11 @@ Contract:
   (or `[mx] require_valid_recipient` is set) an unknown one gets 550 5.1.1 at
   RCPT time, so we never accept mail we would have to bounce (backscatter).
 - Per-domain quotas (held messages, held bytes) answer 452 4.2.2.
-- A message is answered 250 (with its queue id) only after `Store.enqueue`
-  returned, i.e. after the SQLite transaction holding body and recipients
-  was committed and fsynced.  Every recipient is stored HELD, waiting for its
+- A message is answered 250 (with its queue id) only after its enqueue
+  returned, i.e. after the transaction holding body and recipients was
+  committed and fsynced; the provider's sessions share one
+  `store.group_commit.GroupCommit`, so messages ready at the same moment
+  share that commit.  Every recipient is stored HELD, waiting for its
   customer's ATRN.
 - A store failure answers 451 4.3.0 (try again later); nothing is lost.
 - Each refused recipient is one ``NOQUEUE: reject: RCPT`` line and one count
@@ -39,6 +41,7 @@ from fermoposta.store.base import (
     StoreError,
     new_queue_id,
 )
+from fermoposta.store.group_commit import GroupCommit
 
 log = logging.getLogger("fermoposta.mx")
 
@@ -61,9 +64,11 @@ class MXSession(TransactionSession):
         store: HostedMail,
         tls_context: ssl.SSLContext | None = None,
         require_valid_recipient: bool = False,
+        intake: GroupCommit | None = None,
     ) -> None:
         super().__init__(conn, hostname=hostname, limits=limits, tls_context=tls_context)
         self.store = store
+        self.intake = intake or GroupCommit(store)
         self.require_valid_recipient = require_valid_recipient
 
     async def check_recipient(self, txn: Transaction, rcpt: Recipient) -> Reply | None:
@@ -124,7 +129,7 @@ class MXSession(TransactionSession):
             client=self.peer_description(),
         )
         try:
-            queue_id = await asyncio.to_thread(self.store.enqueue, message, body, txn.queue_id)
+            queue_id = await self.intake.enqueue(message, body, txn.queue_id)
         except StoreError as exc:
             self.log.warning("%s: store error at DATA: %s", self.session_id, exc)
             return TRY_LATER

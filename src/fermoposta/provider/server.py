@@ -61,6 +61,7 @@ from fermoposta.provider.storage import open_provider_store, store_description
 from fermoposta.provider.submission import RateLimiter, SubmissionSession, SubmissionSettings
 from fermoposta.smtp.reply import Reply
 from fermoposta.store.base import SchemaTooNew, Store, StoreError
+from fermoposta.store.group_commit import GroupCommit
 
 log = logging.getLogger("fermoposta.provider")
 
@@ -152,6 +153,9 @@ class Provider:
     def __init__(self, config: ProviderConfig, store: Store, *,
                  clock: Callable[[], float] = time.time) -> None:
         self.store = store
+        # One group commit for the MX and submission: messages their sessions
+        # finish at the same moment share one durable commit.
+        self.intake = GroupCommit(store)
         self.clock = clock
         self.cert_validity = certificate_validity(config, clock())
         self._cert_warned_at: float | None = None  # the clock when we last warned
@@ -244,7 +248,8 @@ class Provider:
     def mx_session(self, conn: Connection) -> ServerSession:
         return MXSession(conn, hostname=self.config.hostname, limits=self.limits,
                          tls_context=self.mx_tls_context, store=self.store,
-                         require_valid_recipient=self.config.mx.require_valid_recipient)
+                         require_valid_recipient=self.config.mx.require_valid_recipient,
+                         intake=self.intake)
 
     def odmr_session(self, conn: Connection) -> ServerSession:
         session = ODMRSession(conn, hostname=self.config.hostname, limits=self.limits,
@@ -258,7 +263,8 @@ class Provider:
         session = SubmissionSession(conn, hostname=self.config.hostname, limits=self.limits,
                                     store=self.store, settings=self.submission_settings,
                                     rate_limiter=self.rate_limiter,
-                                    tls_context=self.tls_context, on_queued=self._queued)
+                                    tls_context=self.tls_context, on_queued=self._queued,
+                                    intake=self.intake)
         session.auth.throttle = self.auth_throttle
         return session
 

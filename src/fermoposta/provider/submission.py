@@ -50,6 +50,7 @@ from fermoposta.store.base import (
     StoreError,
     new_queue_id,
 )
+from fermoposta.store.group_commit import GroupCommit
 
 log = logging.getLogger("fermoposta.submission")
 
@@ -117,9 +118,11 @@ class SubmissionSession(TransactionSession):
         rate_limiter: RateLimiter,
         tls_context: ssl.SSLContext | None = None,
         on_queued: Callable[[], None] | None = None,
+        intake: GroupCommit | None = None,
     ) -> None:
         super().__init__(conn, hostname=hostname, limits=limits, tls_context=tls_context)
         self.store = store
+        self.intake = intake or GroupCommit(store)  # the provider's, shared by its sessions
         self.settings = settings
         self.rate_limiter = rate_limiter
         self.on_queued = on_queued
@@ -219,7 +222,7 @@ class SubmissionSession(TransactionSession):
                 ret=txn.ret,
                 client=f"{self.peer_description()} sasl_username={account}",
             )
-            queue_id = await asyncio.to_thread(self.store.enqueue, message, body, txn.queue_id)
+            queue_id = await self.intake.enqueue(message, body, txn.queue_id)
         except StoreError as exc:
             self.log.warning("%s: store error at DATA: %s", self.session_id, exc)
             return TRY_LATER

@@ -269,6 +269,14 @@ class MessageQueue(Protocol):
         its trace header before storing it; a colliding id is replaced."""
         ...
 
+    def enqueue_batch(self, items: Sequence[tuple[NewMessage, IO[bytes], str | None]]
+                      ) -> list[str]:
+        """Store every item (message, body, queue id) in ONE transaction with
+        one durable commit; return their queue ids in order.  All or nothing:
+        on any failure nothing is stored and the exception propagates (the
+        caller may retry the items one by one: `group_commit.GroupCommit`)."""
+        ...
+
     def get_message(self, message_id: str) -> QueuedMessage | None: ...
 
     def read_body(self, message_id: str) -> Iterator[bytes]:

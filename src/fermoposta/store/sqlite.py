@@ -389,6 +389,12 @@ class SQLiteStore(SQLiteDirectory, SQLiteQueueTools):
         with self._write() as conn:
             return self._enqueue(conn, message, body, queue_id)
 
+    def enqueue_batch(self, items: Sequence[tuple[NewMessage, IO[bytes], str | None]]
+                      ) -> list[str]:
+        with self._write() as conn:
+            return [self._enqueue(conn, message, body, queue_id)
+                    for message, body, queue_id in items]
+
     def _enqueue(self, conn: sqlite3.Connection, message: NewMessage, body: IO[bytes],
                  queue_id: str | None = None) -> str:
         now = self._clock()

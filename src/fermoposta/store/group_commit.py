@@ -1,0 +1,110 @@
+"""Group commit: messages taken in by many sessions at once share one durable commit.
+
+Contract:
+- `GroupCommit(queue).enqueue(message, body, queue_id)` returns the queue id
+  once the message is durably stored, exactly like `MessageQueue.enqueue`
+  run in a thread: a caller answers 250 only after it returned.
+- Messages that arrive while a commit is under way wait for it to end and
+  are then stored together by `MessageQueue.enqueue_batch` (one transaction,
+  one fsync or WAL flush), at most `max_batch` at a time.  Nothing waits on
+  purpose: a lone message is committed at once, so an idle provider answers
+  as fast as before, and a busy one pays one commit for every message that
+  was ready.
+- A batch that fails is retried one message at a time (each body rewound
+  first), so one message's failure (an unreadable body, a store error that
+  passes) never fails the others; each caller gets its own message's
+  result or exception.  Retrying is safe: a failed batch stored nothing.
+- A caller cancelled while it waits does not stop the commit (as with a
+  thread that was already running): its message may be stored without a
+  250, which at worst makes the client's retry a duplicate, never a loss.
+- Runs on one asyncio event loop; the store is called in worker threads
+  (`asyncio.to_thread`), one batch at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import IO
+
+from fermoposta.store.base import MessageQueue, NewMessage
+
+log = logging.getLogger("fermoposta.store")
+
+MAX_BATCH = 64
+
+
+@dataclass(slots=True)
+class _Pending:
+    message: NewMessage
+    body: IO[bytes]
+    queue_id: str | None
+    result: asyncio.Future[str] = field(repr=False)
+
+
+class GroupCommit:
+    def __init__(self, queue: MessageQueue, *, max_batch: int = MAX_BATCH) -> None:
+        self.queue = queue
+        self.max_batch = max(1, max_batch)
+        self._pending: list[_Pending] = []
+        self._committer: asyncio.Task[None] | None = None
+        # Figures for tests and metrics: commits made and messages they held.
+        self.commits = 0
+        self.committed = 0
+
+    async def enqueue(self, message: NewMessage, body: IO[bytes],
+                      queue_id: str | None = None) -> str:
+        loop = asyncio.get_running_loop()
+        pending = _Pending(message, body, queue_id, loop.create_future())
+        self._pending.append(pending)
+        if self._committer is None or self._committer.done():
+            self._committer = loop.create_task(self._commit_all())
+        # A cancelled caller cancels only its own future; the committer task
+        # is not its to cancel, so the others' batch goes on.
+        return await pending.result
+
+    async def _commit_all(self) -> None:
+        while self._pending:
+            batch = self._pending[: self.max_batch]
+            del self._pending[: len(batch)]
+            try:
+                outcomes = await asyncio.to_thread(self._store, batch)
+            except BaseException as exc:  # cancelled at shutdown: tell every waiter
+                for item in [*batch, *self._pending]:
+                    if item.result.done():
+                        continue
+                    if isinstance(exc, Exception):
+                        item.result.set_exception(exc)
+                    else:
+                        item.result.cancel()
+                self._pending.clear()
+                raise
+            self.commits += 1
+            for item, outcome in zip(batch, outcomes, strict=True):
+                if item.result.done():
+                    continue  # its caller is gone (cancelled)
+                if isinstance(outcome, BaseException):
+                    item.result.set_exception(outcome)
+                else:
+                    self.committed += 1
+                    item.result.set_result(outcome)
+
+    def _store(self, batch: list[_Pending]) -> list[str | BaseException]:
+        """In a worker thread: the batch in one commit, or one by one if that failed."""
+        if len(batch) > 1:
+            try:
+                return list(self.queue.enqueue_batch(
+                    [(item.message, item.body, item.queue_id) for item in batch]))
+            except Exception as exc:
+                log.info("group commit of %d messages failed (%s); storing them one by one",
+                         len(batch), exc)
+        outcomes: list[str | BaseException] = []
+        for item in batch:
+            try:
+                if len(batch) > 1:
+                    item.body.seek(0)
+                outcomes.append(self.queue.enqueue(item.message, item.body, item.queue_id))
+            except Exception as exc:
+                outcomes.append(exc)
+        return outcomes

@@ -1,0 +1,151 @@
+"""Group commit on every engine: `enqueue_batch` stores all or nothing in one
+transaction; `GroupCommit` shares one commit among messages that are ready
+together, answers each caller with its own result, keeps one message's
+failure from failing the others, and commits a lone message at once."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import threading
+
+import pytest
+
+from fermoposta.store.base import Store, StoreError
+from fermoposta.store.group_commit import GroupCommit
+
+from .contract import all_ids, body_of, msg, rcpt_ids
+
+
+class BrokenBody(io.BytesIO):
+    """A body whose read fails after the first chunk (a spool file gone bad)."""
+
+    def read(self, size: int | None = -1) -> bytes:
+        raise OSError("spool read failed")
+
+
+def test_enqueue_batch_stores_every_message_in_order(store: Store) -> None:
+    items = [(msg(f"u{i}@a.example"), io.BytesIO(b"body %d\r\n" % i), None) for i in range(5)]
+    ids = store.enqueue_batch(items)
+    assert len(set(ids)) == 5
+    assert sorted(all_ids(store)) == sorted(ids)
+    for i, message_id in enumerate(ids):
+        assert body_of(store, message_id) == b"body %d\r\n" % i
+        assert list(rcpt_ids(store, message_id)) == [f"u{i}@a.example"]
+
+
+def test_enqueue_batch_keeps_the_queue_ids_it_was_given(store: Store) -> None:
+    ids = store.enqueue_batch([(msg("a@a.example"), io.BytesIO(b"x"), "AAAAAAAAAAA1"),
+                               (msg("b@a.example"), io.BytesIO(b"y"), "AAAAAAAAAAA2")])
+    assert ids == ["AAAAAAAAAAA1", "AAAAAAAAAAA2"]
+
+
+def test_enqueue_batch_is_all_or_nothing(store: Store) -> None:
+    items = [(msg("a@a.example"), io.BytesIO(b"good"), None),
+             (msg("b@a.example"), BrokenBody(), None),
+             (msg("c@a.example"), io.BytesIO(b"good"), None)]
+    with pytest.raises((OSError, StoreError)):
+        store.enqueue_batch(items)
+    assert all_ids(store) == []
+
+
+class CountingStore:
+    """The store, with a count of its commits and a gate that holds the first
+    one open until the test lets it go (so that the others pile up)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.batches: list[int] = []
+        self.singles = 0
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+
+    def enqueue_batch(self, items):  # type: ignore[no-untyped-def]
+        self.batches.append(len(items))
+        return self.store.enqueue_batch(items)
+
+    def enqueue(self, message, body, queue_id=None):  # type: ignore[no-untyped-def]
+        self.singles += 1
+        self.entered.set()
+        self.gate.wait(10)
+        return self.store.enqueue(message, body, queue_id)
+
+
+def test_messages_ready_together_share_one_commit(store: Store) -> None:
+    counting = CountingStore(store)
+    counting.gate.clear()  # the first commit stalls, as a slow fsync would
+    group = GroupCommit(counting)  # type: ignore[arg-type]
+
+    async def main() -> list[str]:
+        first = asyncio.ensure_future(group.enqueue(msg("first@a.example"), io.BytesIO(b"1")))
+        await asyncio.to_thread(counting.entered.wait, 10)
+        others = [asyncio.ensure_future(group.enqueue(msg(f"u{i}@a.example"),
+                                                      io.BytesIO(b"%d" % i)))
+                  for i in range(20)]
+        await asyncio.sleep(0.05)
+        counting.gate.set()
+        return [await first, *[await o for o in others]]
+
+    ids = asyncio.run(main())
+    assert counting.singles == 1  # the lone first message went alone, at once
+    assert counting.batches == [20]  # the 20 that waited: one commit
+    assert group.commits == 2 and group.committed == 21
+    assert sorted(all_ids(store)) == sorted(ids)
+    assert body_of(store, ids[5]) == b"4"  # each caller got its own message's id
+
+
+def test_one_bad_message_does_not_fail_the_others(store: Store) -> None:
+    counting = CountingStore(store)
+    counting.gate.clear()
+    group = GroupCommit(counting)  # type: ignore[arg-type]
+
+    async def main() -> list[str | BaseException]:
+        first = asyncio.ensure_future(group.enqueue(msg("first@a.example"), io.BytesIO(b"1")))
+        await asyncio.to_thread(counting.entered.wait, 10)
+        bodies: list[io.BytesIO] = [io.BytesIO(b"good 0"), BrokenBody(), io.BytesIO(b"good 2")]
+        others = [asyncio.ensure_future(group.enqueue(msg(f"u{i}@a.example"), body))
+                  for i, body in enumerate(bodies)]
+        await asyncio.sleep(0.05)
+        counting.gate.set()
+        return await asyncio.gather(first, *others, return_exceptions=True)
+
+    first, good0, bad, good2 = asyncio.run(main())
+    assert isinstance(bad, OSError | StoreError)
+    assert isinstance(good0, str) and isinstance(good2, str)
+    assert counting.batches == [3]  # tried together, failed, then one by one
+    assert sorted(all_ids(store)) == sorted([first, good0, good2])  # type: ignore[list-item]
+    assert body_of(store, good0) == b"good 0" and body_of(store, good2) == b"good 2"
+
+
+def test_a_lone_message_is_committed_without_waiting(store: Store) -> None:
+    group = GroupCommit(store)
+
+    async def main() -> list[str]:
+        return [await group.enqueue(msg(f"u{i}@a.example"), io.BytesIO(b"x")) for i in range(3)]
+
+    ids = asyncio.run(main())
+    assert group.commits == 3 and group.committed == 3
+    assert sorted(all_ids(store)) == sorted(ids)
+
+
+def test_a_cancelled_caller_leaves_the_others_batch_alone(store: Store) -> None:
+    counting = CountingStore(store)
+    counting.gate.clear()
+    group = GroupCommit(counting)  # type: ignore[arg-type]
+
+    async def main() -> tuple[str, list[str]]:
+        first = asyncio.ensure_future(group.enqueue(msg("first@a.example"), io.BytesIO(b"1")))
+        await asyncio.to_thread(counting.entered.wait, 10)
+        others = [asyncio.ensure_future(group.enqueue(msg(f"u{i}@a.example"), io.BytesIO(b"x")))
+                  for i in range(3)]
+        await asyncio.sleep(0.01)
+        others[0].cancel()  # its client went away
+        counting.gate.set()
+        return await first, [await o for o in others[1:]]
+
+    first, rest = asyncio.run(main())
+    stored = set(all_ids(store))
+    assert first in stored and set(rest) <= stored
+    # The cancelled one may be stored (a duplicate when its client retries), never half.
+    assert len(stored) in (3, 4)
