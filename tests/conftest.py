@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import ssl
 import sys
@@ -122,6 +123,15 @@ class RunningProvider:
     odmr: tuple[str, int]
     odmr_tls: tuple[str, int] | None
     submission: tuple[str, int]
+
+    async def sessions_ended(self, timeout: float = 10.0) -> None:
+        """Wait until every session of the provider has ended (e.g. a drain
+        whose customer dropped the connection has committed its outcomes)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.provider.sessions:
+            assert loop.time() < deadline, "provider sessions still running"
+            await asyncio.sleep(0.01)
 
 
 @pytest.fixture

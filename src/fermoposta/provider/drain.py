@@ -12,7 +12,15 @@ connection (RFC 2645 §5.3).  Contract:
   keeps it.  If the
   connection drops or times out after the final dot the outcome is unknown:
   the recipients stay queued (a duplicate is possible, a loss is not; RFC
-  1047).  Each outcome is committed before the next command is sent.
+  1047).  Deliveries (a 2xx that needs no DSN from us) are committed in the
+  background, many per transaction, while the next messages go out: the
+  drain does not wait for each commit (a crash before it makes the next
+  drain send those messages again: a duplicate, never a loss).  Every such
+  commit has ended before `run` returns, hence before the session releases
+  its leases, and before QUIT; a failed one stops the drain without QUIT
+  (its recipients, and those delivered after it, stay queued).
+  Other outcomes (a deferral, a failure, a delivery with a DSN) are
+  committed before the next command is sent.
 - Uses PIPELINING (MAIL, all RCPTs and DATA sent without waiting; in one
   write, or over TLS one TLS record per command so that fetchmail's
   line-by-line relay sees every one, see `net/client.py`), SIZE, 8BITMIME
@@ -29,7 +37,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 from fermoposta.mail.dsn import Action, RecipientReport, build_dsn, wants_notice
@@ -47,6 +55,7 @@ from fermoposta.ops import metrics
 from fermoposta.ops.log import event
 from fermoposta.smtp.reply import Reply
 from fermoposta.store.base import (
+    CHUNK_SIZE,
     HostedMail,
     QueuedMessage,
     QueuedRecipient,
@@ -55,6 +64,9 @@ from fermoposta.store.base import (
 )
 
 log = logging.getLogger("fermoposta.drain")
+
+# Bodies up to this size are read with their message, ahead of time.
+PREFETCH_BYTES = 256 * 1024
 
 
 
@@ -98,6 +110,13 @@ class Drain:
         self.session_id = session_id
         self.settings = settings
         self.result = DrainResult(relay=f"unknown[{conn.peer_ip}]")
+        # Delivered recipients whose removal is not committed yet, and the
+        # task committing them (see the module docstring).
+        self._delivered: list[int] = []
+        self._committer: asyncio.Task[None] | None = None
+        self._commit_error: StoreError | None = None
+        self._stored_body = stored_body(store)
+        self._bodies: dict[str, bytes] = {}  # prefetched bodies of small messages
 
     async def _heartbeat(self) -> None:
         """Renew the domain leases while the drain runs, so a slow message
@@ -115,6 +134,10 @@ class Drain:
         try:
             if await self._open():
                 await self._deliver_all()
+                # The customer sees QUIT only once every delivery is recorded.
+                await self._commit_delivered_now()
+                if self._commit_error is not None:
+                    raise self._commit_error
                 await self._quit()
         except _Abort:
             pass
@@ -124,7 +147,13 @@ class Drain:
             self.result.aborted = f"store error: {exc}"
             log.warning("%s: drain stopped: store error: %s", self.session_id, exc)
         finally:
-            heartbeat.cancel()
+            try:
+                # Shielded: even a cancelled drain lets its last commit end.
+                await asyncio.shield(self._commit_delivered_now())
+            finally:
+                heartbeat.cancel()
+            if self._commit_error is not None and self.result.aborted is None:
+                self.result.aborted = f"store error: {self._commit_error}"
         event("drain", None, session=self.session_id, relay=self.result.relay,
               messages=self.result.messages, delivered=self.result.delivered,
               deferred=self.result.deferred, failed=self.result.failed,
@@ -156,7 +185,9 @@ class Drain:
         if not self.domains:
             return
         ids = await asyncio.to_thread(self.store.held_message_ids, self.domains)
-        for message_id in ids:
+        # The next message (and a small body) is read while this one goes out.
+        upcoming = self._prefetch(ids, 0)
+        for index in range(len(ids)):
             if self.settings.max_messages and self.result.messages >= self.settings.max_messages:
                 break
             if not self.store.holder_is_current():
@@ -166,14 +197,47 @@ class Drain:
                                        "the rest stays queued")
                 log.warning("%s: %s", self.session_id, self.result.aborted)
                 break
-            message = await asyncio.to_thread(self.store.get_message, message_id)
+            assert upcoming is not None
+            message, body = await upcoming
+            upcoming = self._prefetch(ids, index + 1)
             if message is None:
                 continue
             recipients = [r for r in message.recipients
                           if r.state == RecipientState.HELD and r.domain in self.domains]
             if recipients:
                 self.result.messages += 1
-                await self._deliver_in_transactions(message, recipients)
+                if body is not None:
+                    self._bodies[message.id] = body
+                try:
+                    await self._deliver_in_transactions(message, recipients)
+                finally:
+                    self._bodies.pop(message.id, None)
+        if upcoming is not None:
+            upcoming.cancel()
+
+    def _prefetch(self, ids: Sequence[str], index: int
+                  ) -> asyncio.Task[tuple[QueuedMessage | None, bytes | None]] | None:
+        if index >= len(ids):
+            return None
+        return asyncio.create_task(asyncio.to_thread(self._fetch, ids[index]))
+
+    def _fetch(self, message_id: str) -> tuple[QueuedMessage | None, bytes | None]:
+        """In a worker thread: a message, and its body if it is small (one hop
+        instead of three); a large one is streamed in chunks when sent."""
+        message = self.store.get_message(message_id)
+        if message is None or message.size > PREFETCH_BYTES:
+            return message, None
+        return message, b"".join(self.store.read_body(message_id))
+
+    async def _body(self, message_id: str) -> AsyncIterator[bytes]:
+        """The body source of the transfer: prefetched, else from the store."""
+        body = self._bodies.pop(message_id, None)
+        if body is None:
+            async for chunk in self._stored_body(message_id):
+                yield chunk
+            return
+        for start in range(0, len(body), CHUNK_SIZE):
+            yield body[start:start + CHUNK_SIZE]
 
     # --- one message ---------------------------------------------------------------------
     async def _deliver_in_transactions(self, message: QueuedMessage,
@@ -182,7 +246,7 @@ class Drain:
         refusals, pipelining, 452 splitting (so a customer may take one
         recipient per transaction, as an LMTP hand-off must) and outcomes."""
         transfer = MessageTransfer(
-            self.client, peer="the customer", body=stored_body(self.store), settle=self._settle,
+            self.client, peer="the customer", body=self._body, settle=self._settle,
             timeouts=TransferTimeouts(command=self.settings.command_timeout,
                                       data_init=self.settings.data_init_timeout,
                                       final_reply=self.settings.final_reply_timeout),
@@ -227,11 +291,14 @@ class Drain:
                     reports=[RecipientReport(r, "2.0.0", reply, remote_mta) for r in notify],
                     sender_domain_hosted=await self._sender_domain_hosted(message.sender),
                 )
-            try:
-                dsn_id = await asyncio.to_thread(self.store.record_delivered, ids, str(reply),
-                                                 dsn)
-            finally:
-                if dsn is not None:
+            if dsn is None:
+                self._commit_later(ids)
+                dsn_id = None
+            else:
+                try:
+                    dsn_id = await asyncio.to_thread(self.store.record_delivered, ids,
+                                                     str(reply), dsn)
+                finally:
                     dsn[1].close()
             self.result.delivered += len(recipients)
             self._log(message, recipients, reply, "sent")
@@ -248,6 +315,35 @@ class Drain:
         if reply.code == 421:
             self.result.aborted = f"customer closing: {reply}"
             raise _Abort()
+
+    def _commit_later(self, recipient_ids: list[int]) -> None:
+        """Queue the removal of delivered recipients for the background commit."""
+        if self._commit_error is not None:
+            # The store failed: these stay queued too (a duplicate later).
+            raise self._commit_error
+        self._delivered.extend(recipient_ids)
+        if self._committer is None or self._committer.done():
+            self._committer = asyncio.create_task(self._commit_delivered())
+
+    async def _commit_delivered(self) -> None:
+        """Commit every pending delivery, as many per transaction as are
+        pending when the previous one ends."""
+        while self._delivered and self._commit_error is None:
+            ids, self._delivered = self._delivered, []
+            try:
+                await asyncio.to_thread(self.store.record_delivered, ids, "", None)
+            except StoreError as exc:
+                self._commit_error = exc
+                log.warning("%s: cannot record %d delivered recipients (they stay queued;"
+                            " the next drain sends them again): %s",
+                            self.session_id, len(ids), exc)
+
+    async def _commit_delivered_now(self) -> None:
+        """Wait until every delivery so far is committed (or has failed)."""
+        while self._committer is not None and not self._committer.done():
+            await self._committer
+        if self._delivered and self._commit_error is None:
+            await self._commit_delivered()
 
     async def _fail(self, message: QueuedMessage, recipients: list[QueuedRecipient],
                     reply: Reply) -> None:
