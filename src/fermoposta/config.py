@@ -31,7 +31,7 @@ import ssl
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,7 @@ from fermoposta.config_common import one_of as _one_of
 from fermoposta.config_common import optional_text as _optional_text
 from fermoposta.config_common import show_value as _show
 from fermoposta.config_common import size as _size
-from fermoposta.config_schema import declared_keys, declared_tables
+from fermoposta.config_schema import declared_keys, declared_tables, spec
 from fermoposta.config_schema import key as _key
 from fermoposta.config_schema import table as _table
 from fermoposta.ops import certs
@@ -605,8 +605,8 @@ class ProviderConfig:
     """
 
     path: Path
-    hostname: str = _key(_hostname)
-    data_dir: Path = _key(_nonempty_string)
+    hostname: str = field(metadata=spec(_hostname))
+    data_dir: Path = field(metadata=spec(_nonempty_string))
     listen: ListenConfig = _table(ListenConfig)
     tls: TLSConfig = _table(TLSConfig)
     limits: LimitsConfig = _table(LimitsConfig)

@@ -81,6 +81,10 @@ class ConfigError(Exception):
         self.problems: tuple[str, ...] = tuple(problems) or (message,)
 
 
+class _Recorded(ConfigError):
+    """A step stopped after recording its problems (`Loader.load`)."""
+
+
 # ---------------------------------------------------------------------------
 # Value parsers.  They raise ValueError with an "expected ..., got ..." text;
 # the loader prefixes the file and key.
@@ -343,6 +347,8 @@ class Loader:
         and the steps after it still run."""
         try:
             yield
+        except _Recorded:
+            pass  # its problems are in self.problems already
         except ConfigError as exc:
             self.problems.extend(exc.problems)
 
@@ -350,6 +356,12 @@ class Loader:
         """Raise every problem recorded so far as one `ConfigError`."""
         if self.problems:
             raise ConfigError("\n".join(self.problems), self.problems)
+
+    def finish_since(self, mark: int) -> None:
+        """Stop the step when it recorded problems (``len(problems)`` was
+        `mark` at its start); inside `collecting()` nothing more is recorded."""
+        if len(self.problems) > mark:
+            raise _Recorded("\n".join(self.problems), self.problems)
 
     # -- keys ----------------------------------------------------------------
 
@@ -404,6 +416,17 @@ class Loader:
                 self.report(section, name, "required key is missing")
                 ok = False
         return values if ok else None
+
+    def load(self, section: str | None, cls: type[Any], table: Mapping[str, object],
+             *, extra: Sequence[str] = ()) -> dict[str, Any]:
+        """`table()`, but a table with a problem stops the step (inside
+        `collecting()`, which then records nothing more)."""
+        mark = len(self.problems)
+        values = self.table(section, cls, table, extra=extra)
+        if values is None:
+            self.finish_since(mark)
+            raise AssertionError("a table that failed recorded no problem")
+        return values
 
     def parse(self, section: str | None, key: str, parser: Parser, value: object) -> Any:
         try:

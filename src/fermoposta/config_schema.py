@@ -9,9 +9,13 @@ Contract:
   parsed here, once, so the declaration and the docs show the same thing.
   ``computed=True``: the default depends on other keys or on the file (the
   docs say it in words); the field's own default is only a placeholder.
-  A field declared without a default and not computed is a required key.
+  A field declared without a default and not computed is a required key;
+  such a field is written ``field(metadata=spec(parse))``.
 - `table(cls)` declares a sub-table (``[limits]`` ...) of a file's top level.
-- `declared_keys(cls)` and `declared_tables(cls)` read the declarations
+  A field loaded by hand from a table states the table's declaring class as
+  ``metadata={"table": cls}`` (and ``"name"`` when the table's name is not
+  the field's: ``[[pull]]`` -> ``pulls``).
+- `declared_keys(cls)`, `defaults(cls)` and `declared_tables(cls)` read the declarations
   back, in declaration order; `config_common.Loader.table` walks them to load
   a table, and tests check docs/config.md and docs/customer-config.md against
   them.
@@ -25,7 +29,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["MISSING", "Declared", "Key", "declared_keys", "declared_tables", "key", "table"]
+__all__ = [
+    "MISSING", "Declared", "Key", "declared_keys", "declared_tables", "defaults", "key", "spec",
+    "table",
+]
 
 Parser = Callable[[object], Any]
 MISSING: Any = dataclasses.MISSING
@@ -61,11 +68,20 @@ class Declared:
         return self.default is MISSING and not self.key.computed
 
 
+def spec(parse: Parser, *, computed: bool = False,
+         tags: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The field metadata declaring a key, for a field without a default:
+    ``host: str = dataclasses.field(metadata=spec(check_host))`` (a required
+    key, or a computed one).  (`key` would do, but type checkers take any
+    value but a ``field()`` call for a default.)"""
+    return {"key": Key(parse=parse, computed=computed, tags=tags)}
+
+
 def key(parse: Parser, default: Any = MISSING, *, written: Any = MISSING,
         factory: Callable[[], Any] | None = None, computed: bool = False,
         tags: tuple[str, ...] = ()) -> Any:
     """A dataclass field declaring a config key (see the module docstring)."""
-    metadata = {"key": Key(parse=parse, computed=computed, tags=tags)}
+    metadata = spec(parse, computed=computed, tags=tags)
     if written is not MISSING:
         default = parse(written)
     if factory is not None:
@@ -87,14 +103,20 @@ def declared_keys(cls: type[Any]) -> dict[str, Declared]:
         spec = f.metadata.get("key")
         if not isinstance(spec, Key):
             continue
-        default = f.default
-        if default is MISSING and f.default_factory is not MISSING:
-            default = f.default_factory()
+        default: Any = f.default
+        factory: Any = f.default_factory
+        if default is MISSING and factory is not MISSING:
+            default = factory()
         result[f.name] = Declared(name=f.name, key=spec, default=default)
     return result
 
 
 def declared_tables(cls: type[Any]) -> dict[str, type[Any]]:
-    """The sub-tables `cls` declares (fields made by `table`): name -> dataclass."""
-    return {f.name: f.metadata["table"] for f in dataclasses.fields(cls)
-            if "table" in f.metadata}
+    """The sub-tables `cls` declares: table name -> the dataclass declaring its keys."""
+    return {f.metadata.get("name", f.name): f.metadata["table"]
+            for f in dataclasses.fields(cls) if "table" in f.metadata}
+
+
+def defaults(cls: type[Any]) -> dict[str, Any]:
+    """The declared defaults of `cls`'s keys (keys without one left out)."""
+    return {name: d.default for name, d in declared_keys(cls).items() if d.default is not MISSING}
