@@ -557,7 +557,7 @@ class StoreConfig:
 
     url: str = _key(_store_url, "")
     password_file: Path | None = _key(_optional_text, None)
-    node: str = _key(_node_name, "")
+    node: str = _key(_node_name, "", computed=True)  # "": the host name
     pool_size: int = _key(_integer(1), 10)
     node_timeout: float = _key(_duration(positive=True), written="15s")
 
