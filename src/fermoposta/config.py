@@ -4,10 +4,17 @@ Contract:
 - `load_provider_config(path)` reads a TOML file (`tomllib`) into frozen,
   typed dataclasses (`ProviderConfig` and one dataclass per table).  Every
   value is checked here, once, so the daemons never see a malformed setting.
-- Every problem raises `ConfigError` whose message names the file and the
-  key, e.g. ``provider.toml: [limits] max_message_size: expected a size like
-  50M or an integer, got "x"``.  Unknown keys and tables are errors: a typo
-  must never silently fall back to a default (design guide, principle 10).
+- Each key is declared once, as a field of its table's dataclass with its
+  check and default (`fermoposta.config_schema.key`); one loader
+  (`config_common.Loader.table`) walks the declarations.  docs/config.md is
+  tested against them.
+- Problems raise one `ConfigError` that holds every problem found
+  (`ConfigError.problems`), each naming the file and the key, e.g.
+  ``provider.toml: [limits] max_message_size: expected a size like 50M or an
+  integer, got "x"``: every key of every table is checked first; the checks
+  across keys run once every key is valid.  Unknown keys and tables are
+  errors, with a "did you mean" hint: a typo must never silently fall back
+  to a default (design guide, principle 10).
 - Relative paths (`data_dir`, `[tls] cert`, `key`, `client_ca`) resolve
   against the directory holding the config file, never against the process's
   working directory, so a config means the same thing wherever it is run from.
@@ -20,8 +27,9 @@ Contract:
   that expires within 21 days (`ops.certs.WARNING_DAYS`) loads, with a
   warning passed to `warn` (stderr unless the caller says otherwise).
 
-The docstrings of the dataclasses below are the reference for every key;
-docs/config.md repeats them for operators.
+The docstrings of the dataclasses below describe every key; docs/config.md
+is the operators' reference (tests/core/test_config_docs.py checks its
+tables against the declarations).
 """
 
 from __future__ import annotations

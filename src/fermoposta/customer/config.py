@@ -6,8 +6,15 @@ Contract:
   `Schedule` and `DeliveryConfig`, and the provider's `LogConfig`).  Every
   value is checked here, once: the dial-out, the reversed session and the
   delivery backends never see a malformed setting.
-- Every problem raises `ConfigError` (the provider config's exception) whose
-  message names the file and the key, e.g. ``customer.toml: [provider] tls:
+- Each key is declared once, as a dataclass field with its check and default
+  (`fermoposta.config_schema.key`): on the config's own dataclasses, and on
+  `PullKeys`, `WindowKeys`, `DeliveryKeys`, `MetricsKeys` for tables that
+  load into several fields.  The provider's loader (`config_common.Loader`)
+  walks them; docs/customer-config.md is tested against them.
+- Problems raise one `ConfigError` (the provider config's exception) holding
+  every problem found (`ConfigError.problems`): every key of every table and
+  block first, then the checks across blocks.  Each names the file and the
+  key, e.g. ``customer.toml: [provider] tls:
   expected one of "starttls", "implicit", "none", got "yes"`` or
   ``customer.toml: [[pull]] #2 [pull.delivery] path: not a key of delivery
   type "lmtp" (it belongs to "maildir")``.  Unknown keys and tables are
@@ -42,8 +49,9 @@ Contract:
   that named files exist.  It creates nothing.  (The outbox ``users_file``
   is read when the listener starts.)
 
-The docstrings of the dataclasses below are the reference for every key;
-docs/customer-config.md repeats them for operators.
+The docstrings of the dataclasses below describe every key;
+docs/customer-config.md is the operators' reference, tested against the
+declarations.
 """
 
 from __future__ import annotations
