@@ -15,7 +15,8 @@ Contract:
 - Exit codes (sysexits.h): 0 OK, 64 EX_USAGE (bad command line), 69
   EX_UNAVAILABLE (a command whose module is not installed), 70 EX_SOFTWARE
   (unexpected error), 75 EX_TEMPFAIL (the store is unavailable), 78 EX_CONFIG
-  (bad or missing config: stderr says ``fermoposta: <file>: <key>: <problem>``).
+  (bad or missing config: stderr says ``fermoposta: <file>: <key>: <problem>``,
+  one line for each problem the loader found).
   Handlers may return others (65 EX_DATAERR, 66 EX_NOINPUT, ...).
 - ``-c/--config FILE`` is accepted before the command and after any of its
   words (``fermoposta queue list -c FILE`` = ``fermoposta -c FILE queue
@@ -538,7 +539,8 @@ def main(argv: list[str] | None = None) -> int:
             _refuse_provider_config(args)
         return func(args)
     except ConfigError as exc:
-        _err(str(exc))
+        for problem in exc.problems:  # every problem the loader found, one a line
+            _err(problem)
         return EX_CONFIG
     except KeyboardInterrupt:
         return 130

@@ -3,14 +3,23 @@
 Contract:
 - `ConfigError` is the one exception both loaders raise; its message names the
   file and the key (``customer.toml: [provider] port: expected an integer ...``).
+  A loader that found several problems raises one `ConfigError` holding them
+  all: `ConfigError.problems` (one line each, in the order found; its
+  message is those lines joined).
 - `parse_duration`, `parse_size`, `parse_hostport` turn TOML values into
   seconds (float), bytes (int) and ``(host, port)``; they raise ValueError with
   an ``expected ..., got ...`` text that `Loader.parse` prefixes with the file
   and the key.  The small ``check_*`` parsers and parser factories
   (`integer`, `size`, `duration`, `one_of`) work the same way.
 - `Loader` knows the config file: `read()` parses the TOML (every failure a
-  `ConfigError`), `error()` builds the keyed message, `check_keys()` refuses
-  unknown keys with a "did you mean" hint, `resolve()` makes a path relative to
+  `ConfigError`), `error()` builds the keyed message, `report()` records one
+  and `collecting()` records the `ConfigError` a step raises, so that
+  independent steps all run; `finish()` raises every problem recorded so far
+  as one `ConfigError`.  `check_keys()` records each unknown key with a "did
+  you mean" hint (difflib against the declared names); `table()` loads one
+  table from its declaration (`fermoposta.config_schema`): unknown keys,
+  missing required keys and every key's check, all recorded, in file
+  order.  `resolve()` makes a path relative to
   the config file's directory absolute, `existing_file()` also checks that it
   names a readable regular file.  A section label that starts with ``[`` is
   printed as is (``[[pull]] #2 [pull.delivery]``); any other is bracketed
@@ -27,10 +36,13 @@ import math
 import os
 import re
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from fermoposta.config_schema import declared_keys, key
 
 __all__ = [
     "HOSTNAME_RE",
@@ -46,6 +58,7 @@ __all__ = [
     "duration",
     "integer",
     "one_of",
+    "optional_text",
     "parse_duration",
     "parse_hostport",
     "parse_size",
@@ -58,23 +71,18 @@ LOG_FORMATS: tuple[str, ...] = ("text", "json")
 
 
 class ConfigError(Exception):
-    """The configuration cannot be used.  The message names the file and the key."""
+    """The configuration cannot be used.  The message names the file and the key.
+
+    `problems`: every problem found, one line each (just the message when
+    there is one)."""
+
+    def __init__(self, message: str, problems: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.problems: tuple[str, ...] = tuple(problems) or (message,)
 
 
-@dataclass(frozen=True, slots=True)
-class LogConfig:
-    """``[log]``: logging (see `fermoposta.ops.log`).
-
-    - ``level`` (default ``"info"``): ``"debug"``, ``"info"``, ``"warning"`` or ``"error"``.
-      ``debug`` adds a protocol trace of every command and reply (SASL
-      payloads replaced by ``***``).
-    - ``format`` (default ``"text"``): ``"text"`` (Postfix-like lines,
-      ``<time> fermoposta/<component>[<pid>]: <message>``) or ``"json"`` (one
-      JSON object a line).
-    """
-
-    level: str = "info"
-    format: str = "text"
+class _Recorded(ConfigError):
+    """A step stopped after recording its problems (`Loader.load`)."""
 
 
 # ---------------------------------------------------------------------------
@@ -199,6 +207,12 @@ def check_string(value: object) -> str:
     return value
 
 
+def optional_text(value: object) -> str | None:
+    """A string; ``""`` (unset) becomes None.  For paths resolved by the loader."""
+    text = check_string(value)
+    return text if text else None
+
+
 def check_boolean(value: object) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"expected true or false, got {show_value(value)}")
@@ -265,18 +279,35 @@ def check_hostname(value: object) -> str:
     return text.rstrip(".")
 
 
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    """``[log]``: logging (see `fermoposta.ops.log`).
+
+    - ``level`` (default ``"info"``): ``"debug"``, ``"info"``, ``"warning"`` or ``"error"``.
+      ``debug`` adds a protocol trace of every command and reply (SASL
+      payloads replaced by ``***``).
+    - ``format`` (default ``"text"``): ``"text"`` (Postfix-like lines,
+      ``<time> fermoposta/<component>[<pid>]: <message>``) or ``"json"`` (one
+      JSON object a line).
+    """
+
+    level: str = key(one_of(*LOG_LEVELS), "info")
+    format: str = key(one_of(*LOG_FORMATS), "text")
+
+
 # ---------------------------------------------------------------------------
 # The loader: knows the file, builds the messages.
 # ---------------------------------------------------------------------------
 
 
 class Loader:
-    """Builds error messages that name the file and the key."""
+    """Builds error messages that name the file and the key, and collects them."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.name = str(path)
         self.base = Path(os.path.abspath(path)).parent
+        self.problems: list[str] = []
 
     def read(self) -> dict[str, Any]:
         """The parsed TOML document; a missing, unreadable or invalid file is a `ConfigError`."""
@@ -304,17 +335,98 @@ class Loader:
             f"{self.name}: {where}: {message}" if where else f"{self.name}: {message}"
         )
 
+    # -- collecting: every problem of a file, not just the first -----------
+
+    def report(self, section: str | None, key: str | None, message: str) -> None:
+        """Record a problem; loading goes on (`finish` raises them all)."""
+        self.problems.extend(self.error(section, key, message).problems)
+
+    @contextmanager
+    def collecting(self) -> Iterator[None]:
+        """Run one step of the load; the `ConfigError` it raises is recorded,
+        and the steps after it still run."""
+        try:
+            yield
+        except _Recorded:
+            pass  # its problems are in self.problems already
+        except ConfigError as exc:
+            self.problems.extend(exc.problems)
+
+    def finish(self) -> None:
+        """Raise every problem recorded so far as one `ConfigError`."""
+        if self.problems:
+            raise ConfigError("\n".join(self.problems), self.problems)
+
+    def finish_since(self, mark: int) -> None:
+        """Stop the step when it recorded problems (``len(problems)`` was
+        `mark` at its start); inside `collecting()` nothing more is recorded."""
+        if len(self.problems) > mark:
+            raise _Recorded("\n".join(self.problems), self.problems)
+
+    # -- keys ----------------------------------------------------------------
+
     def check_keys(
-        self, section: str | None, table: Mapping[str, object], known: list[str]
-    ) -> None:
-        for key in table:
-            if key in known:
-                continue
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f' (did you mean "{close[0]}"?)' if close else ""
-            if section is None and isinstance(table[key], dict):
-                raise self.error(key, None, f"unknown table{hint}")
-            raise self.error(section, key, f"unknown key{hint}")
+        self, section: str | None, table: Mapping[str, object], known: Sequence[str]
+    ) -> bool:
+        """Record every key of `table` not in `known` (with a "did you mean"
+        hint); True when there was none."""
+        ok = True
+        for name in table:
+            if name not in known:
+                self._unknown(section, name, table[name], known)
+                ok = False
+        return ok
+
+    def _unknown(self, section: str | None, key: str, value: object,
+                 known: Sequence[str]) -> None:
+        close = difflib.get_close_matches(key, known, n=1)
+        hint = f' (did you mean "{close[0]}"?)' if close else ""
+        if section is None and isinstance(value, dict):
+            self.report(key, None, f"unknown table{hint}")
+        else:
+            self.report(section, key, f"unknown key{hint}")
+
+    def table(self, section: str | None, cls: type[Any], table: Mapping[str, object],
+              *, extra: Sequence[str] = ()) -> dict[str, Any] | None:
+        """Load the keys `cls` declares (`fermoposta.config_schema.key`) from
+        `table`: the parsed values of the keys written (the dataclass has
+        the defaults), or None when a problem was recorded (each unknown
+        key, each value that fails its check, each required key missing).
+        `extra`: names that are known but loaded by the caller (sub-tables)."""
+        declared = declared_keys(cls)
+        known = [*declared, *extra]
+        values: dict[str, Any] = {}
+        ok = True
+        for name, value in table.items():
+            if name not in known:
+                self._unknown(section, name, value, known)
+                ok = False
+            elif name in declared:
+                if section is None and isinstance(value, dict):
+                    self.report(None, name, "expected a value, got a table")
+                    ok = False
+                    continue
+                try:
+                    values[name] = declared[name].parse(value)
+                except ValueError as exc:
+                    self.report(section, name, str(exc))
+                    ok = False
+        for name, spec in declared.items():
+            if spec.required and name not in table:
+                self.report(section, name, "required key is missing")
+                ok = False
+        return values if ok else None
+
+    def load(self, section: str | None, cls: type[Any], table: Mapping[str, object],
+             *, extra: Sequence[str] = ()) -> dict[str, Any]:
+        """`table()`, but a table with a problem stops the step (inside
+        `collecting()`, which then records nothing more)."""
+        mark = len(self.problems)
+        values = self.table(section, cls, table, extra=extra)
+        if values is None:
+            self.finish_since(mark)
+            raise AssertionError("a table that failed recorded no problem")
+        return values
 
     def parse(self, section: str | None, key: str, parser: Parser, value: object) -> Any:
         try:

@@ -486,8 +486,13 @@ def test_unknown_keys_in_each_table(tmp: Path, text: str, where: str) -> None:
 
 def test_unknown_key_hint_in_delivery(tmp: Path) -> None:
     message = load_error(tmp, pull_with('type = "smtp"\nadress = "h:25"\n'))
-    assert message.endswith(
+    # Every problem is reported: the typo, and so the missing key it was meant to be.
+    first, second = message.splitlines()
+    assert first.endswith(
         ': [[pull]] #1 [pull.delivery] adress: unknown key (did you mean "address"?)'
+    )
+    assert second.endswith(
+        ': [[pull]] #1 [pull.delivery] address: required key is missing for type "smtp"'
     )
 
 

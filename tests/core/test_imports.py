@@ -19,8 +19,10 @@ ALLOWED: dict[str, set[str]] = {
     "store": {"smtp"},
     "net": {"smtp", "ops", "store"},
     "mail": {"smtp", "ops", "store", "net"},
-    "provider": {"smtp", "ops", "store", "net", "mail", "config", "config_common", "passwords"},
-    "customer": {"smtp", "ops", "store", "net", "mail", "config", "config_common", "passwords"},
+    "provider": {"smtp", "ops", "store", "net", "mail", "config", "config_common", "config_schema",
+                 "passwords"},
+    "customer": {"smtp", "ops", "store", "net", "mail", "config", "config_common", "config_schema",
+                 "passwords"},
 }
 
 

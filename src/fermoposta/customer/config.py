@@ -6,8 +6,15 @@ Contract:
   `Schedule` and `DeliveryConfig`, and the provider's `LogConfig`).  Every
   value is checked here, once: the dial-out, the reversed session and the
   delivery backends never see a malformed setting.
-- Every problem raises `ConfigError` (the provider config's exception) whose
-  message names the file and the key, e.g. ``customer.toml: [provider] tls:
+- Each key is declared once, as a dataclass field with its check and default
+  (`fermoposta.config_schema.key`): on the config's own dataclasses, and on
+  `PullKeys`, `WindowKeys`, `DeliveryKeys`, `MetricsKeys` for tables that
+  load into several fields.  The provider's loader (`config_common.Loader`)
+  walks them; docs/customer-config.md is tested against them.
+- Problems raise one `ConfigError` (the provider config's exception) holding
+  every problem found (`ConfigError.problems`): every key of every table and
+  block first, then the checks across blocks.  Each names the file and the
+  key, e.g. ``customer.toml: [provider] tls:
   expected one of "starttls", "implicit", "none", got "yes"`` or
   ``customer.toml: [[pull]] #2 [pull.delivery] path: not a key of delivery
   type "lmtp" (it belongs to "maildir")``.  Unknown keys and tables are
@@ -42,8 +49,9 @@ Contract:
   that named files exist.  It creates nothing.  (The outbox ``users_file``
   is read when the listener starts.)
 
-The docstrings of the dataclasses below are the reference for every key;
-docs/customer-config.md repeats them for operators.
+The docstrings of the dataclasses below describe every key;
+docs/customer-config.md is the operators' reference, tested against the
+declarations.
 """
 
 from __future__ import annotations
@@ -59,8 +67,6 @@ from pathlib import Path
 from typing import Any
 
 from fermoposta.config_common import (
-    LOG_FORMATS,
-    LOG_LEVELS,
     ConfigError,
     Loader,
     LogConfig,
@@ -71,10 +77,20 @@ from fermoposta.config_common import (
     duration,
     integer,
     one_of,
+    optional_text,
     parse_hostport,
     show_value,
     size,
 )
+from fermoposta.config_schema import (
+    Declared,
+    declared_keys,
+    declared_tables,
+    defaults,
+    key,
+    spec,
+)
+from fermoposta.config_schema import table as declare_table
 from fermoposta.customer.schedule import (
     JitterSpec,
     Schedule,
@@ -124,6 +140,209 @@ DEFAULT_BACKOFF_MAX = 3600.0
 #: Longest path that fits in ``sockaddr_un.sun_path`` (108 bytes on Linux, NUL included).
 MAX_UNIX_SOCKET_PATH = 107
 MAX_SITE_DOMAINS = 10_000
+
+
+# ---------------------------------------------------------------------------
+# Per-key checkers.  They raise ValueError; the loader adds file and key.
+# ---------------------------------------------------------------------------
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _host(value: object) -> str:
+    text = check_string(value).strip()
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        pass
+    try:
+        return check_hostname(text)
+    except ValueError:
+        raise ValueError(
+            f"expected a host name or an IP address, got {show_value(value)}"
+        ) from None
+
+
+def _optional_host(value: object) -> str:
+    return "" if value == "" else _host(value)
+
+
+def _pin(value: object) -> str | None:
+    text = check_string(value).strip()
+    if not text:
+        return None
+    digits = text.replace(":", "").lower()
+    if not re.fullmatch(r"[0-9a-f]{64}", digits):
+        raise ValueError(
+            "expected the SHA-256 of the certificate as 64 hex digits (colons allowed), "
+            f"got {show_value(value)}"
+        )
+    return digits
+
+
+def _username(value: object) -> str | None:
+    text = check_string(value)
+    if not text:
+        return None
+    if text != text.strip() or any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
+        raise ValueError(
+            "expected a user name without control characters or surrounding spaces, "
+            f"got {show_value(value)}"
+        )
+    return text
+
+
+def _client_mechanisms(value: object) -> tuple[str, ...]:
+    wanted = ", ".join(CLIENT_MECHANISMS)
+    if not isinstance(value, list):
+        raise ValueError(f"expected a list of mechanisms from {wanted}, got {show_value(value)}")
+    result: list[str] = []
+    for item in value:
+        if not isinstance(item, str) or item.upper() not in CLIENT_MECHANISMS:
+            raise ValueError(f"unsupported mechanism {show_value(item)} (supported: {wanted})")
+        if item.upper() in result:
+            raise ValueError(f"mechanism {show_value(item)} is listed twice")
+        result.append(item.upper())
+    return tuple(result)
+
+
+def _domain_list(limit: int) -> Parser:
+    def parse(value: object) -> tuple[str, ...]:
+        if not isinstance(value, list) or not all(isinstance(d, str) for d in value):
+            raise ValueError(
+                f'expected a list of domain names like ["example.org"], got {show_value(value)}'
+            )
+        if any("," in d or not d.strip() for d in value):
+            raise ValueError(
+                f"expected one domain name per string, none empty, got {show_value(value)}"
+            )
+        try:
+            return parse_atrn_domains(",".join(value), max_domains=limit)
+        except SMTPError as exc:
+            detail = exc.cause or exc.reply.text
+            raise ValueError(f"invalid domain list: {detail}") from None
+
+    return parse
+
+
+def _address(value: object) -> str:
+    """``local@domain`` lowercased, the domain as an A-label."""
+    expected = "expected an address like user@example.org"
+    text = check_string(value).strip()
+    local, sep, domain = text.rpartition("@")
+    if not sep or not local or not domain or any(c.isspace() or ord(c) < 0x20 for c in text):
+        raise ValueError(f"{expected}, got {show_value(value)}")
+    if len(local.encode()) > 64:
+        raise ValueError(f"{expected} (local part at most 64 octets), got {show_value(value)}")
+    try:
+        name = normalize_domain(domain)
+    except ValueError:
+        raise ValueError(f"{expected}, got {show_value(value)}") from None
+    if name.startswith("[") or "." not in name:
+        raise ValueError(f"{expected}, got {show_value(value)}")
+    return f"{local.lower()}@{name}"
+
+
+_PULL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def _pull_name(value: object) -> str:
+    text = check_string(value)
+    if not _PULL_NAME_RE.fullmatch(text):
+        raise ValueError(
+            "expected a name of letters, digits, '.', '_', '-' (at most 64, starting with a "
+            f"letter or digit), got {show_value(value)}"
+        )
+    return text
+
+
+_PLACEHOLDERS = ("domain", "local", "address")
+
+
+def _maildir_template(value: object) -> str:
+    text = check_string(value)
+    if not text:
+        raise ValueError("must not be empty")
+    try:
+        fields = list(string.Formatter().parse(text))
+    except ValueError as exc:
+        raise ValueError(f"bad template {show_value(value)}: {exc}") from None
+    names: set[str] = set()
+    for _literal, name, format_spec, conversion in fields:
+        if name is None:
+            continue
+        if name not in _PLACEHOLDERS or format_spec or conversion:
+            raise ValueError(
+                "placeholders are {domain}, {local} and {address}, "
+                f"got {{{name}{'!' + conversion if conversion else ''}"
+                f"{':' + format_spec if format_spec else ''}}} in {show_value(value)}"
+            )
+        names.add(name)
+    if not names & {"local", "address"}:
+        raise ValueError(
+            "the template must contain {local} or {address} so that every user has a "
+            f"Maildir, got {show_value(value)}"
+        )
+    return text
+
+
+def _submission_address(value: object) -> tuple[str, int] | None:
+    if check_string(value).strip() == "":
+        return None
+    host, port = parse_hostport(value)
+    if port == 0:
+        raise ValueError(f"expected a port 1-65535, got {show_value(value)}")
+    return _host(host), port
+
+
+def _optional_listen(value: object) -> tuple[str, int] | None:
+    if check_string(value).strip() == "":
+        return None
+    host, port = parse_hostport(value)
+    return _host(host), port
+
+
+def _networks(value: object) -> tuple[Network, ...]:
+    expected = 'expected a list of networks like ["127.0.0.0/8", "192.168.1.0/24", "::1/128"]'
+    if not isinstance(value, list) or not all(isinstance(n, str) for n in value):
+        raise ValueError(f"{expected}, got {show_value(value)}")
+    if not value:
+        raise ValueError("must not be empty (no client could connect)")
+    result: list[Network] = []
+    for item in value:
+        try:
+            result.append(ipaddress.ip_network(item.strip(), strict=False))
+        except ValueError:
+            raise ValueError(f"{expected}, got {show_value(item)}") from None
+    return tuple(result)
+
+
+def _nonempty_string(value: object) -> str:
+    text = check_string(value)
+    if not text:
+        raise ValueError("must not be empty")
+    return text
+
+
+def _optional_address(value: object) -> str | None:
+    return None if value == "" else _address(value)
+
+
+def _optional_hostport(value: object) -> tuple[str, int] | None:
+    return None if value == "" else parse_hostport(value)
+
+
+def _alias_table(value: object) -> dict[str, str]:
+    """The shape of ``aliases``; its entries are checked against the block's domains."""
+    if not isinstance(value, dict):
+        raise ValueError(f'expected a table of "address" = "address", got {show_value(value)}')
+    return value
+
+
+_DURATION_1S = duration(positive=True, minimum=1.0)
 
 
 # ---------------------------------------------------------------------------
@@ -188,22 +407,22 @@ class ProviderEndpoint:
     set (``host`` when not given).
     """
 
-    host: str
-    port: int = 366
-    tls: str = "starttls"
-    ca_file: Path | None = None
-    server_name: str = ""
-    pin_sha256: str | None = None
-    client_cert: Path | None = None
-    client_key: Path | None = None
-    username: str | None = None
-    password_file: Path | None = None
-    mechanisms: tuple[str, ...] = ()
-    connect_timeout: float = 30.0
-    command_timeout: float = 300.0
-    atrn_timeout: float = 600.0
-    submission: tuple[str, int] | None = None
-    submission_tls: str = "starttls"
+    host: str = field(metadata=spec(_host))
+    port: int = key(integer(1, 65535), 366)
+    tls: str = key(one_of(*TLS_MODES), "starttls")
+    ca_file: Path | None = key(optional_text, None)
+    server_name: str = key(_optional_host, "")
+    pin_sha256: str | None = key(_pin, None)
+    client_cert: Path | None = key(optional_text, None)
+    client_key: Path | None = key(optional_text, None)
+    username: str | None = key(_username, None)
+    password_file: Path | None = key(optional_text, None)
+    mechanisms: tuple[str, ...] = key(_client_mechanisms, ())
+    connect_timeout: float = key(duration(positive=True), written="30s")
+    command_timeout: float = key(duration(positive=True), written="5m")
+    atrn_timeout: float = key(_DURATION_1S, written="10m")
+    submission: tuple[str, int] | None = key(_submission_address, None)
+    submission_tls: str = key(one_of(*TLS_MODES), "starttls")
     config_path: Path | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -344,9 +563,6 @@ class PullConfig:
         return self.domains or config.domains
 
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
 @dataclass(frozen=True, slots=True)
 class OutboxConfig:
     """``[outbox]``: the site's outgoing mail, collected here and pushed to the provider.
@@ -384,17 +600,17 @@ class OutboxConfig:
       ``max_message_size``): advertised as SIZE and enforced while receiving.
     """
 
-    listen: tuple[str, int] | None = None
-    networks: tuple[Network, ...] = tuple(
-        ipaddress.ip_network(n) for n in DEFAULT_OUTBOX_NETWORKS
-    )
-    users_file: Path | None = None
-    allow_plaintext_auth: bool = False
-    restrict_senders: bool = True
-    push: str = "session"
-    retry: float = 60.0
-    retry_max: float = 3600.0
-    max_message_size: int = 50 * 1024 * 1024
+    listen: tuple[str, int] | None = key(_optional_listen, None)
+    networks: tuple[Network, ...] = key(_networks, written=list(DEFAULT_OUTBOX_NETWORKS))
+    users_file: Path | None = key(optional_text, None)
+    allow_plaintext_auth: bool = key(check_boolean, False)
+    restrict_senders: bool = key(check_boolean, True)
+    push: str = key(one_of(*OUTBOX_PUSH_MODES), "session")
+    retry: float = key(_DURATION_1S, written="1m")
+    #: Default: 1h, or ``retry`` when longer.
+    retry_max: float = key(_DURATION_1S, written="1h", computed=True)
+    #: Default: the top-level ``max_message_size``.
+    max_message_size: int = key(size(1), written="50M", computed=True)
 
     @property
     def enabled(self) -> bool:
@@ -414,6 +630,62 @@ class OutboxConfig:
         if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
             address = address.ipv4_mapped
         return any(address in network for network in self.networks)
+
+
+# The keys of the tables that load into more than one field (a ``[[pull]]``
+# block into `PullConfig` and its `Schedule`, a window into `Window`, ...):
+# declared here once, each with its check and default.
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PullKeys:
+    """The keys of one ``[[pull]]`` block (see `PullConfig`); the block's
+    ``[[pull.window]]`` (`WindowKeys`) and ``[pull.delivery]`` (`DeliveryKeys`)
+    are tables of their own."""
+
+    #: Default: ``"pull-<n>"`` by position.
+    name: str = field(metadata=spec(_pull_name, computed=True))
+    domains: tuple[str, ...] = key(_domain_list(MAX_ATRN_DOMAINS), ())
+    every: float = key(_DURATION_1S, written="10m")
+    jitter: JitterSpec = key(parse_jitter, written="10%")
+    #: Default: 1h, or the block's longest ``every`` when that is longer.
+    backoff_max: float = key(_DURATION_1S, written="1h", computed=True)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WindowKeys:
+    """The keys of one ``[[pull.window]]`` (loaded into a `Window`)."""
+
+    days: frozenset[int] = key(parse_days, written="daily")
+    hours: tuple[int, int] = key(parse_hours, written="00-24")
+    every: float = field(metadata=spec(_DURATION_1S))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeliveryKeys:
+    """The keys of ``[pull.delivery]`` (loaded into a `DeliveryConfig`); the
+    tags name the delivery types a key belongs to.  ``path`` (maildir) and
+    ``address`` (lmtp, smtp) are required for their types."""
+
+    type: str = field(metadata=spec(one_of(*DELIVERY_TYPES)))
+    path: str | None = key(_maildir_template, None, tags=("maildir", "required"))
+    create: bool = key(check_boolean, False, tags=("maildir",))
+    aliases: Mapping[str, str] = key(_alias_table, factory=dict, tags=("maildir",))
+    catch_all: str | None = key(_optional_address, None, tags=("maildir",))
+    address: str | None = key(_nonempty_string, None, tags=("lmtp", "smtp", "required"))
+
+    @staticmethod
+    def of_type(kind: str) -> dict[str, Declared]:
+        """The keys a delivery of type `kind` takes, ``type`` excluded."""
+        return {name: d for name, d in declared_keys(DeliveryKeys).items()
+                if kind in d.key.tags}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MetricsKeys:
+    """``[metrics]`` of the customer's file (`CustomerConfig.metrics_listen`)."""
+
+    listen: tuple[str, int] | None = key(_optional_hostport, None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -446,18 +718,23 @@ class CustomerConfig:
     """
 
     path: Path
-    hostname: str
-    data_dir: Path
-    domains: tuple[str, ...]
-    provider: ProviderEndpoint
-    pulls: tuple[PullConfig, ...]
-    max_message_size: int = 50 * 1024 * 1024
-    log: LogConfig = field(default_factory=LogConfig)
-    outbox: OutboxConfig = field(default_factory=OutboxConfig)
+    hostname: str = field(metadata=spec(check_hostname))
+    #: Default: `default_data_dir`.
+    data_dir: Path = field(metadata=spec(_nonempty_string, computed=True))
+    #: Default: the union of every block's ``domains``.
+    domains: tuple[str, ...] = field(
+        metadata=spec(_domain_list(MAX_SITE_DOMAINS), computed=True))
+    provider: ProviderEndpoint = field(metadata={"table": ProviderEndpoint})
+    pulls: tuple[PullConfig, ...] = field(metadata={"table": PullKeys, "name": "pull"})
+    max_message_size: int = key(size(1), written="50M")
+    log: LogConfig = declare_table(LogConfig)
+    outbox: OutboxConfig = declare_table(OutboxConfig)
     # ``[metrics] listen`` ("host:port", default "", off): the daemon's
     # Prometheus endpoint (/metrics): pulls by result, messages, last success.
-    metrics_listen: tuple[str, int] | None = None
-    local_retry_lifetime: float = 5 * 86400.0
+    metrics_listen: tuple[str, int] | None = field(default=None,
+                                                   metadata={"table": MetricsKeys,
+                                                             "name": "metrics"})
+    local_retry_lifetime: float = key(_DURATION_1S, written="5d")
 
     def pull_for_domain(self, domain: str) -> PullConfig | None:
         """The block whose reversed session accepts `domain`: the block that
@@ -512,348 +789,94 @@ def default_customer_config_path() -> Path:
 
 
 # ---------------------------------------------------------------------------
-# Per-key checkers.  They raise ValueError; the loader adds file and key.
-# ---------------------------------------------------------------------------
-
-
-def _host(value: object) -> str:
-    text = check_string(value).strip()
-    if text.startswith("[") and text.endswith("]"):
-        text = text[1:-1]
-    try:
-        return str(ipaddress.ip_address(text))
-    except ValueError:
-        pass
-    try:
-        return check_hostname(text)
-    except ValueError:
-        raise ValueError(
-            f"expected a host name or an IP address, got {show_value(value)}"
-        ) from None
-
-
-def _optional_host(value: object) -> str:
-    return "" if value == "" else _host(value)
-
-
-def _pin(value: object) -> str | None:
-    text = check_string(value).strip()
-    if not text:
-        return None
-    digits = text.replace(":", "").lower()
-    if not re.fullmatch(r"[0-9a-f]{64}", digits):
-        raise ValueError(
-            "expected the SHA-256 of the certificate as 64 hex digits (colons allowed), "
-            f"got {show_value(value)}"
-        )
-    return digits
-
-
-def _username(value: object) -> str | None:
-    text = check_string(value)
-    if not text:
-        return None
-    if text != text.strip() or any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
-        raise ValueError(
-            "expected a user name without control characters or surrounding spaces, "
-            f"got {show_value(value)}"
-        )
-    return text
-
-
-def _client_mechanisms(value: object) -> tuple[str, ...]:
-    wanted = ", ".join(CLIENT_MECHANISMS)
-    if not isinstance(value, list):
-        raise ValueError(f"expected a list of mechanisms from {wanted}, got {show_value(value)}")
-    result: list[str] = []
-    for item in value:
-        if not isinstance(item, str) or item.upper() not in CLIENT_MECHANISMS:
-            raise ValueError(f"unsupported mechanism {show_value(item)} (supported: {wanted})")
-        if item.upper() in result:
-            raise ValueError(f"mechanism {show_value(item)} is listed twice")
-        result.append(item.upper())
-    return tuple(result)
-
-
-def _domain_list(limit: int) -> Parser:
-    def parse(value: object) -> tuple[str, ...]:
-        if not isinstance(value, list) or not all(isinstance(d, str) for d in value):
-            raise ValueError(
-                f'expected a list of domain names like ["example.org"], got {show_value(value)}'
-            )
-        if any("," in d or not d.strip() for d in value):
-            raise ValueError(
-                f"expected one domain name per string, none empty, got {show_value(value)}"
-            )
-        try:
-            return parse_atrn_domains(",".join(value), max_domains=limit)
-        except SMTPError as exc:
-            detail = exc.cause or exc.reply.text
-            raise ValueError(f"invalid domain list: {detail}") from None
-
-    return parse
-
-
-def _address(value: object) -> str:
-    """``local@domain`` lowercased, the domain as an A-label."""
-    expected = "expected an address like user@example.org"
-    text = check_string(value).strip()
-    local, sep, domain = text.rpartition("@")
-    if not sep or not local or not domain or any(c.isspace() or ord(c) < 0x20 for c in text):
-        raise ValueError(f"{expected}, got {show_value(value)}")
-    if len(local.encode()) > 64:
-        raise ValueError(f"{expected} (local part at most 64 octets), got {show_value(value)}")
-    try:
-        name = normalize_domain(domain)
-    except ValueError:
-        raise ValueError(f"{expected}, got {show_value(value)}") from None
-    if name.startswith("[") or "." not in name:
-        raise ValueError(f"{expected}, got {show_value(value)}")
-    return f"{local.lower()}@{name}"
-
-
-_PULL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-
-
-def _pull_name(value: object) -> str:
-    text = check_string(value)
-    if not _PULL_NAME_RE.fullmatch(text):
-        raise ValueError(
-            "expected a name of letters, digits, '.', '_', '-' (at most 64, starting with a "
-            f"letter or digit), got {show_value(value)}"
-        )
-    return text
-
-
-_PLACEHOLDERS = ("domain", "local", "address")
-
-
-def _maildir_template(value: object) -> str:
-    text = check_string(value)
-    if not text:
-        raise ValueError("must not be empty")
-    try:
-        fields = list(string.Formatter().parse(text))
-    except ValueError as exc:
-        raise ValueError(f"bad template {show_value(value)}: {exc}") from None
-    names: set[str] = set()
-    for _literal, name, spec, conversion in fields:
-        if name is None:
-            continue
-        if name not in _PLACEHOLDERS or spec or conversion:
-            raise ValueError(
-                "placeholders are {domain}, {local} and {address}, "
-                f"got {{{name}{'!' + conversion if conversion else ''}"
-                f"{':' + spec if spec else ''}}} in {show_value(value)}"
-            )
-        names.add(name)
-    if not names & {"local", "address"}:
-        raise ValueError(
-            "the template must contain {local} or {address} so that every user has a "
-            f"Maildir, got {show_value(value)}"
-        )
-    return text
-
-
-def _submission_address(value: object) -> tuple[str, int] | None:
-    if check_string(value).strip() == "":
-        return None
-    host, port = parse_hostport(value)
-    if port == 0:
-        raise ValueError(f"expected a port 1-65535, got {show_value(value)}")
-    return _host(host), port
-
-
-def _optional_listen(value: object) -> tuple[str, int] | None:
-    if check_string(value).strip() == "":
-        return None
-    host, port = parse_hostport(value)
-    return _host(host), port
-
-
-def _networks(value: object) -> tuple[Network, ...]:
-    expected = 'expected a list of networks like ["127.0.0.0/8", "192.168.1.0/24", "::1/128"]'
-    if not isinstance(value, list) or not all(isinstance(n, str) for n in value):
-        raise ValueError(f"{expected}, got {show_value(value)}")
-    if not value:
-        raise ValueError("must not be empty (no client could connect)")
-    result: list[Network] = []
-    for item in value:
-        try:
-            result.append(ipaddress.ip_network(item.strip(), strict=False))
-        except ValueError:
-            raise ValueError(f"{expected}, got {show_value(item)}") from None
-    return tuple(result)
-
-
-_DURATION_1S = duration(positive=True, minimum=1.0)
-
-_PROVIDER_KEYS: dict[str, Parser] = {
-    "host": _host,
-    "port": integer(1, 65535),
-    "tls": one_of(*TLS_MODES),
-    "ca_file": check_string,
-    "server_name": _optional_host,
-    "pin_sha256": _pin,
-    "client_cert": check_string,
-    "client_key": check_string,
-    "username": _username,
-    "password_file": check_string,
-    "mechanisms": _client_mechanisms,
-    "connect_timeout": duration(positive=True),
-    "command_timeout": duration(positive=True),
-    "atrn_timeout": _DURATION_1S,
-    "submission": _submission_address,
-    "submission_tls": one_of(*TLS_MODES),
-}
-_OUTBOX_KEYS: dict[str, Parser] = {
-    "listen": _optional_listen,
-    "networks": _networks,
-    "users_file": check_string,
-    "allow_plaintext_auth": check_boolean,
-    "restrict_senders": check_boolean,
-    "push": one_of(*OUTBOX_PUSH_MODES),
-    "retry": _DURATION_1S,
-    "retry_max": _DURATION_1S,
-    "max_message_size": size(1),
-}
-_LOG_KEYS: dict[str, Parser] = {"level": one_of(*LOG_LEVELS), "format": one_of(*LOG_FORMATS)}
-_TOP_LEVEL_KEYS = [
-    "hostname", "data_dir", "domains", "max_message_size", "provider", "log", "pull", "outbox",
-    "metrics", "local_retry_lifetime",
-]
-_PULL_KEYS: dict[str, Parser] = {
-    "name": _pull_name,
-    "domains": _domain_list(MAX_ATRN_DOMAINS),
-    "every": _DURATION_1S,
-    "jitter": parse_jitter,
-    "backoff_max": _DURATION_1S,
-}
-_WINDOW_KEYS: dict[str, Parser] = {
-    "days": parse_days,
-    "hours": parse_hours,
-    "every": _DURATION_1S,
-}
-#: Keys of ``[pull.delivery]`` by delivery type (``type`` is common to all).
-_DELIVERY_KEYS: dict[str, tuple[str, ...]] = {
-    "maildir": ("path", "create", "aliases", "catch_all"),
-    "lmtp": ("address",),
-    "smtp": ("address",),
-}
-
-
-# ---------------------------------------------------------------------------
 # The loader.
 # ---------------------------------------------------------------------------
 
 
 def load_customer_config(path: str | Path) -> CustomerConfig:
-    """Load and validate a customer config file.  Raises `ConfigError`."""
+    """Load and validate a customer config file.  Raises `ConfigError`, with
+    every problem found (`ConfigError.problems`).
+
+    First every table and every key is checked, all problems collected; then
+    the checks across the blocks (names, domains, each block's delivery
+    against the domains it accepts)."""
     path = Path(path)
     loader = Loader(path)
     raw = loader.read()
-    loader.check_keys(None, raw, _TOP_LEVEL_KEYS)
 
-    if "hostname" not in raw:
-        raise loader.error(None, "hostname", "required key is missing")
-    for key in ("hostname", "data_dir", "domains", "max_message_size", "local_retry_lifetime"):
-        if isinstance(raw.get(key), dict):
-            raise loader.error(None, key, "expected a value, got a table")
-    hostname: str = loader.parse(None, "hostname", check_hostname, raw["hostname"])
-    data_dir: Path = default_data_dir(path)
-    if "data_dir" in raw:
-        data_dir_text: str = loader.parse(None, "data_dir", check_string, raw["data_dir"])
-        if not data_dir_text:  # written empty: a mistake, not "the default"
-            raise loader.error(None, "data_dir", "must not be empty")
-        data_dir = loader.resolve(data_dir_text)
-    max_message_size: int = loader.parse(
-        None, "max_message_size", size(1), raw.get("max_message_size", "50M")
-    )
-    local_retry_lifetime: float = loader.parse(
-        None, "local_retry_lifetime", _DURATION_1S, raw.get("local_retry_lifetime", "5d")
-    )
-    site_domains: tuple[str, ...] | None = None
-    if "domains" in raw:
-        site_domains = loader.parse(None, "domains", _domain_list(MAX_SITE_DOMAINS), raw["domains"])
+    top = loader.table(None, CustomerConfig, raw, extra=list(declared_tables(CustomerConfig)))
+    top = top or {}
+    data_dir = loader.resolve(top.pop("data_dir")) if "data_dir" in top else default_data_dir(path)
+    site_domains: tuple[str, ...] | None = top.pop("domains", None)
+    values: dict[str, Any] = {**defaults(CustomerConfig), **top}
 
-    provider = _load_provider(loader, _table(loader, raw, "provider", required=True))
-    log_table = _table(loader, raw, "log", required=False)
-    loader.check_keys("log", log_table, list(_LOG_KEYS))
-    log = LogConfig(
-        **{key: loader.parse("log", key, _LOG_KEYS[key], v) for key, v in log_table.items()}
-    )
+    provider: ProviderEndpoint | None = None
+    with loader.collecting():
+        provider = _load_provider(loader, _table(loader, raw, "provider", required=True))
+    with loader.collecting():
+        table = _table(loader, raw, "log", required=False)
+        values["log"] = LogConfig(**loader.load("log", LogConfig, table))
+    drafts: list[_PullDraft] = []
+    with loader.collecting():
+        drafts = _load_pulls(loader, raw)
+    with loader.collecting():
+        table = _table(loader, raw, "outbox", required=False)
+        values["outbox"] = _load_outbox(loader, table, values["max_message_size"])
+    with loader.collecting():
+        table = _table(loader, raw, "metrics", required=False)
+        values["metrics_listen"] = loader.load("metrics", MetricsKeys, table).get("listen")
+    loader.finish()
+    assert provider is not None
 
-    pull_tables = raw.get("pull")
-    if pull_tables is None:
-        raise loader.error(None, "[[pull]]", "at least one [[pull]] block is required")
-    if not isinstance(pull_tables, list) or not all(isinstance(t, dict) for t in pull_tables):
-        raise loader.error(
-            None,
-            "pull",
-            f"expected [[pull]] blocks (an array of tables), got {_kind(pull_tables, 'pull')}",
-        )
-    if not pull_tables:
-        raise loader.error(None, "[[pull]]", "at least one [[pull]] block is required")
-    # The domains each block accepts are only known once the site's are; load in two steps.
-    drafts = [_load_pull(loader, n, table) for n, table in enumerate(pull_tables, 1)]
+    # The domains each block accepts are only known once the site's are.
     domains = _site_domains(loader, site_domains, drafts)
-    pulls = tuple(draft.finish(loader, domains) for draft in drafts)
-    outbox = _load_outbox(
-        loader, _table(loader, raw, "outbox", required=False), max_message_size
-    )
-    metrics_table = _table(loader, raw, "metrics", required=False)
-    loader.check_keys("metrics", metrics_table, ["listen"])
-    metrics_listen = None
-    if metrics_table.get("listen"):
-        metrics_listen = loader.parse("metrics", "listen", parse_hostport, metrics_table["listen"])
-
+    pulls: list[PullConfig] = []
+    for draft in drafts:
+        with loader.collecting():
+            pulls.append(draft.finish(loader, domains))
+    loader.finish()
     return CustomerConfig(
         path=Path(os.path.abspath(path)),
-        hostname=hostname,
         data_dir=data_dir,
         domains=domains,
-        max_message_size=max_message_size,
         provider=provider,
-        log=log,
-        pulls=pulls,
-        outbox=outbox,
-        metrics_listen=metrics_listen,
-        local_retry_lifetime=local_retry_lifetime,
+        pulls=tuple(pulls),
+        **values,
     )
 
 
 def _load_outbox(loader: Loader, table: dict[str, Any], max_message_size: int) -> OutboxConfig:
     section = "outbox"
-    loader.check_keys(section, table, list(_OUTBOX_KEYS))
-    values = {
-        key: loader.parse(section, key, _OUTBOX_KEYS[key], value) for key, value in table.items()
-    }
+    mark = len(loader.problems)
+    values = loader.load(section, OutboxConfig, table)
     values.setdefault("max_message_size", max_message_size)
-    users_text: str = values.pop("users_file", "")
+    users_text: str | None = values.pop("users_file", None)
     users_file = loader.existing_file(section, "users_file", users_text) if users_text else None
+    default = OutboxConfig()
     if values.get("allow_plaintext_auth") and users_file is None:
-        raise loader.error(
+        loader.report(
             section, "allow_plaintext_auth", "needs users_file (there is no AUTH without it)"
         )
-    networks: tuple[Network, ...] = values.get("networks", OutboxConfig().networks)
+    networks: tuple[Network, ...] = values.get("networks", default.networks)
     if users_file is None:
         for network in networks:
             if network.prefixlen == 0:
-                raise loader.error(
+                loader.report(
                     section,
                     "networks",
                     f"{network} admits every address: that would be an open relay "
                     "sending as the site's provider account; set users_file (AUTH) "
                     "or list the site's own networks",
                 )
-    retry: float = values.get("retry", 60.0)
+    retry: float = values.get("retry", default.retry)
     if "retry_max" in values and values["retry_max"] < retry:
-        raise loader.error(
+        loader.report(
             section,
             "retry_max",
             f"must be at least retry ({retry:g}s), got {values['retry_max']:g}s",
         )
-    values.setdefault("retry_max", max(3600.0, retry))
+    loader.finish_since(mark)
+    values.setdefault("retry_max", max(default.retry_max, retry))
     return OutboxConfig(users_file=users_file, **values)
 
 
@@ -876,13 +899,9 @@ def _table(loader: Loader, raw: Mapping[str, Any], name: str, *, required: bool)
 
 def _load_provider(loader: Loader, table: dict[str, Any]) -> ProviderEndpoint:
     section = "provider"
-    loader.check_keys(section, table, list(_PROVIDER_KEYS))
-    if "host" not in table:
-        raise loader.error(section, "host", "required key is missing")
-    values = {
-        key: loader.parse(section, key, _PROVIDER_KEYS[key], value) for key, value in table.items()
-    }
-    cert, key = values.get("client_cert", ""), values.get("client_key", "")
+    mark = len(loader.problems)
+    values = loader.load(section, ProviderEndpoint, table)
+    cert, key = values.get("client_cert"), values.get("client_key")
     if bool(cert) != bool(key):
         missing = "client_key" if cert else "client_cert"
         raise loader.error(
@@ -891,12 +910,12 @@ def _load_provider(loader: Loader, table: dict[str, Any]) -> ProviderEndpoint:
             f"client_cert and client_key must be given together; {missing} is missing",
         )
     for name in ("ca_file", "client_cert", "client_key"):
-        text = values.pop(name, "")
+        text = values.pop(name, None)
         values[name] = loader.existing_file(section, name, text) if text else None
     _check_tls_files(loader, values["ca_file"], values["client_cert"], values["client_key"])
 
     username: str | None = values.get("username")
-    password_text: str = values.pop("password_file", "")
+    password_text: str | None = values.pop("password_file", None)
     if username is None and values["client_cert"] is None:
         raise loader.error(
             section, "username", "required key is missing (or set client_cert for AUTH EXTERNAL)"
@@ -914,9 +933,10 @@ def _load_provider(loader: Loader, table: dict[str, Any]) -> ProviderEndpoint:
     mechanisms: tuple[str, ...] = values.get("mechanisms", ())
     for mechanism in mechanisms:
         if mechanism == "EXTERNAL" and values["client_cert"] is None:
-            raise loader.error(section, "mechanisms", "EXTERNAL needs client_cert and client_key")
+            loader.report(section, "mechanisms", "EXTERNAL needs client_cert and client_key")
         if mechanism in PASSWORD_MECHANISMS and username is None:
-            raise loader.error(section, "mechanisms", f"{mechanism} needs username")
+            loader.report(section, "mechanisms", f"{mechanism} needs username")
+    loader.finish_since(mark)
     return ProviderEndpoint(config_path=Path(os.path.abspath(loader.path)), **values)
 
 
@@ -952,45 +972,73 @@ class _PullDraft:
     name: str
     domains: tuple[str, ...]
     schedule: Schedule
-    delivery_table: dict[str, Any]
+    delivery: dict[str, Any]
 
     def finish(self, loader: Loader, site_domains: tuple[str, ...]) -> PullConfig:
         accept = self.domains or site_domains
-        delivery = _load_delivery(
-            loader, f"{self.section} [pull.delivery]", self.delivery_table, accept
+        delivery = _finish_delivery(
+            loader, f"{self.section} [pull.delivery]", self.delivery, accept
         )
         return PullConfig(
             name=self.name, domains=self.domains, schedule=self.schedule, delivery=delivery
         )
 
 
+def _load_pulls(loader: Loader, raw: Mapping[str, Any]) -> list[_PullDraft]:
+    pull_tables = raw.get("pull")
+    if pull_tables is None:
+        raise loader.error(None, "[[pull]]", "at least one [[pull]] block is required")
+    if not isinstance(pull_tables, list) or not all(isinstance(t, dict) for t in pull_tables):
+        raise loader.error(
+            None,
+            "pull",
+            f"expected [[pull]] blocks (an array of tables), got {_kind(pull_tables, 'pull')}",
+        )
+    if not pull_tables:
+        raise loader.error(None, "[[pull]]", "at least one [[pull]] block is required")
+    drafts: list[_PullDraft] = []
+    for number, table in enumerate(pull_tables, 1):
+        with loader.collecting():
+            drafts.append(_load_pull(loader, number, table))
+    return drafts
+
+
 def _load_pull(loader: Loader, number: int, table: dict[str, Any]) -> _PullDraft:
     section = f"[[pull]] #{number}"
-    loader.check_keys(section, table, [*_PULL_KEYS, "window", "delivery"])
-    values = {
-        key: loader.parse(section, key, _PULL_KEYS[key], value)
-        for key, value in table.items()
-        if key in _PULL_KEYS
-    }
-    name: str = values.get("name", f"pull-{number}")
-    every: float = values.get("every", 600.0)
-    jitter: JitterSpec = values.get("jitter", JitterSpec(fraction=0.1))
+    mark = len(loader.problems)
+    written = loader.table(section, PullKeys, table, extra=["window", "delivery"]) or {}
+    values = {**defaults(PullKeys), **written}
 
+    windows: list[Window] = []
     window_tables = table.get("window", [])
     if not isinstance(window_tables, list) or not all(isinstance(t, dict) for t in window_tables):
-        raise loader.error(
+        loader.report(
             section,
             "window",
             f"expected [[pull.window]] blocks, got {_kind(window_tables, 'pull.window')}",
         )
-    windows = tuple(
-        _load_window(loader, f"{section} [[pull.window]] #{n}", t)
-        for n, t in enumerate(window_tables, 1)
-    )
+    else:
+        for n, window_table in enumerate(window_tables, 1):
+            with loader.collecting():
+                windows.append(_load_window(loader, f"{section} [[pull.window]] #{n}",
+                                            window_table))
 
+    delivery_table = table.get("delivery")
+    delivery: dict[str, Any] | None = None
+    if delivery_table is None:
+        loader.report(f"{section} [pull.delivery]", None, "required table is missing")
+    elif not isinstance(delivery_table, dict):
+        loader.report(section, "delivery",
+                      f"expected a table [pull.delivery], got {show_value(delivery_table)}")
+    else:
+        delivery = _delivery_keys(loader, f"{section} [pull.delivery]", delivery_table)
+    loader.finish_since(mark)
+    assert delivery is not None
+
+    every: float = values["every"]
     longest = max([every, *(w.every for w in windows)])
-    if "backoff_max" in values:
-        backoff_max: float = values["backoff_max"]
+    if "backoff_max" in written:
+        backoff_max: float = written["backoff_max"]
         if backoff_max < every:
             raise loader.error(
                 section, "backoff_max", f"must be at least every ({every:g}s), got {backoff_max:g}s"
@@ -1002,34 +1050,23 @@ def _load_pull(loader: Loader, number: int, table: dict[str, Any]) -> _PullDraft
                 f"must be at least the longest window every ({longest:g}s), got {backoff_max:g}s",
             )
     else:
-        backoff_max = max(DEFAULT_BACKOFF_MAX, longest)
-    schedule = Schedule(every=every, jitter=jitter, backoff_max=backoff_max, windows=windows)
-
-    delivery = table.get("delivery")
-    if delivery is None:
-        raise loader.error(f"{section} [pull.delivery]", None, "required table is missing")
-    if not isinstance(delivery, dict):
-        raise loader.error(
-            section, "delivery", f"expected a table [pull.delivery], got {show_value(delivery)}"
-        )
+        backoff_max = max(values["backoff_max"], longest)
+    schedule = Schedule(every=every, jitter=values["jitter"], backoff_max=backoff_max,
+                        windows=tuple(windows))
     return _PullDraft(
         number=number,
         section=section,
-        name=name,
-        domains=values.get("domains", ()),
+        name=written.get("name", f"pull-{number}"),
+        domains=values["domains"],
         schedule=schedule,
-        delivery_table=delivery,
+        delivery=delivery,
     )
 
 
 def _load_window(loader: Loader, section: str, table: dict[str, Any]) -> Window:
-    loader.check_keys(section, table, list(_WINDOW_KEYS))
-    if "every" not in table:
-        raise loader.error(section, "every", "required key is missing")
-    days: frozenset[int] = loader.parse(section, "days", parse_days, table.get("days", "daily"))
-    start, end = loader.parse(section, "hours", parse_hours, table.get("hours", "00-24"))
-    every: float = loader.parse(section, "every", _WINDOW_KEYS["every"], table["every"])
-    return Window(days=days, start_hour=start, end_hour=end, every=every)
+    values = {**defaults(WindowKeys), **loader.load(section, WindowKeys, table)}
+    start, end = values["hours"]
+    return Window(days=values["days"], start_hour=start, end_hour=end, every=values["every"])
 
 
 def _site_domains(
@@ -1088,49 +1125,64 @@ def _site_domains(
     return written
 
 
-def _load_delivery(
-    loader: Loader, section: str, table: dict[str, Any], accept: tuple[str, ...]
-) -> DeliveryConfig:
-    every_key = ["type", *dict.fromkeys(k for keys in _DELIVERY_KEYS.values() for k in keys)]
-    loader.check_keys(section, table, every_key)
+def _delivery_keys(
+    loader: Loader, section: str, table: dict[str, Any]
+) -> dict[str, Any] | None:
+    """The keys of a ``[pull.delivery]`` checked, or None (the problems recorded)."""
+    mark = len(loader.problems)
+    declared = declared_keys(DeliveryKeys)
+    loader.check_keys(section, table, list(declared))
     if "type" not in table:
-        raise loader.error(section, "type", "required key is missing")
-    kind: str = loader.parse(section, "type", one_of(*DELIVERY_TYPES), table["type"])
-    for key in table:
-        if key != "type" and key not in _DELIVERY_KEYS[kind]:
-            owners = [t for t, keys in _DELIVERY_KEYS.items() if key in keys]
-            raise loader.error(
+        loader.report(section, "type", "required key is missing")
+        return None
+    try:
+        kind: str = declared["type"].parse(table["type"])
+    except ValueError as exc:
+        loader.report(section, "type", str(exc))
+        return None
+    own = DeliveryKeys.of_type(kind)
+    values: dict[str, Any] = {"type": kind}
+    for name, value in table.items():
+        if name == "type" or name not in declared:
+            continue
+        if name not in own:
+            owners = [t for t in DELIVERY_TYPES if t in declared[name].key.tags]
+            loader.report(
                 section,
-                key,
+                name,
                 f'not a key of delivery type "{kind}" '
                 f"(it belongs to {' and '.join(show_value(o) for o in owners)})",
             )
+            continue
+        try:
+            values[name] = own[name].parse(value)
+        except ValueError as exc:
+            loader.report(section, name, str(exc))
+    for name, declared_key in own.items():
+        if "required" in declared_key.key.tags and name not in table:
+            loader.report(section, name, f'required key is missing for type "{kind}"')
+    return values if len(loader.problems) == mark else None
 
+
+def _finish_delivery(
+    loader: Loader, section: str, written: dict[str, Any], accept: tuple[str, ...]
+) -> DeliveryConfig:
+    values = {**defaults(DeliveryKeys), **written}
+    kind: str = values["type"]
     if kind == "maildir":
-        if "path" not in table:
-            raise loader.error(section, "path", 'required key is missing for type "maildir"')
-        template: str = loader.parse(section, "path", _maildir_template, table["path"])
-        create: bool = loader.parse(section, "create", check_boolean, table.get("create", False))
-        aliases = _aliases(loader, section, table.get("aliases", {}), accept)
-        catch_all: str | None = None
-        if table.get("catch_all", ""):
-            catch_all = loader.parse(section, "catch_all", _address, table["catch_all"])
+        aliases = _aliases(loader, section, values["aliases"], accept)
+        catch_all: str | None = values["catch_all"]
+        if catch_all is not None:
             _check_local(loader, section, "catch_all", catch_all, accept)
-        elif "catch_all" in table:
-            loader.parse(section, "catch_all", check_string, table["catch_all"])
         return DeliveryConfig(
             type=kind,
-            path=str(loader.resolve(template)),
-            create=create,
+            path=str(loader.resolve(values["path"])),
+            create=values["create"],
             aliases=aliases,
             catch_all=catch_all,
         )
 
-    if "address" not in table:
-        raise loader.error(section, "address", f'required key is missing for type "{kind}"')
-    text: str = loader.parse(section, "address", check_string, table["address"])
-    if not text:
-        raise loader.error(section, "address", "must not be empty")
+    text: str = values["address"]
     if kind == "lmtp" and not text.startswith("[") and ("/" in text or ":" not in text):
         socket_path = loader.resolve(text)
         if len(os.fsencode(socket_path)) > MAX_UNIX_SOCKET_PATH:
@@ -1148,14 +1200,8 @@ def _load_delivery(
 
 
 def _aliases(
-    loader: Loader, section: str, value: object, accept: tuple[str, ...]
+    loader: Loader, section: str, value: Mapping[str, object], accept: tuple[str, ...]
 ) -> Mapping[str, str]:
-    if not isinstance(value, dict):
-        raise loader.error(
-            section,
-            "aliases",
-            f'expected a table of "address" = "address", got {show_value(value)}',
-        )
     result: dict[str, str] = {}
     for raw_key, raw_target in value.items():
         key = f"aliases.{show_value(raw_key)}"
