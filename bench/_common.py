@@ -216,9 +216,10 @@ def make_tls(directory: Path) -> TLSFiles:
 
 def write_config(directory: Path, *, mx_port: int, odmr_port: int, tls: TLSFiles | None = None,
                  log_level: str = "info", limits: str = "", odmr: str = "",
-                 store_url: str = "", extra: str = "") -> Path:
+                 store_url: str = "", extra: str = "", listen: str = "") -> Path:
     """A provider.toml in `directory`: `store_url` non-empty adds `[store] url`
-    (else SQLite under `data_dir`); `extra` is appended as it is (more tables)."""
+    (else SQLite under `data_dir`); `extra` is appended as it is (more tables);
+    `listen` is added to `[listen]` (e.g. an `odmr_tls` line)."""
     directory.mkdir(parents=True, exist_ok=True)
     tls_table = ""
     if tls is not None:
@@ -229,7 +230,7 @@ def write_config(directory: Path, *, mx_port: int, odmr_port: int, tls: TLSFiles
     path = directory / "provider.toml"
     path.write_text(
         f'hostname = "mx.provider.test"\ndata_dir = "{directory / "data"}"\n\n'
-        f'[listen]\nmx = "{HOST}:{mx_port}"\nodmr = "{HOST}:{odmr_port}"\nsubmission = ""\n\n'
+        f'[listen]\nmx = "{HOST}:{mx_port}"\nodmr = "{HOST}:{odmr_port}"\nsubmission = ""\n{listen}\n'
         f"{tls_table}"
         f"[limits]\n{limits}\n"
         f"[odmr]\nmechanisms = [\"SCRAM-SHA-256\", \"PLAIN\", \"LOGIN\", \"CRAM-MD5\"]\n{odmr}\n"
