@@ -230,7 +230,8 @@ def write_config(directory: Path, *, mx_port: int, odmr_port: int, tls: TLSFiles
     path = directory / "provider.toml"
     path.write_text(
         f'hostname = "mx.provider.test"\ndata_dir = "{directory / "data"}"\n\n'
-        f'[listen]\nmx = "{HOST}:{mx_port}"\nodmr = "{HOST}:{odmr_port}"\nsubmission = ""\n{listen}\n'
+        f'[listen]\nmx = "{HOST}:{mx_port}"\nodmr = "{HOST}:{odmr_port}"\n'
+        f'submission = ""\n{listen}\n'
         f"{tls_table}"
         f"[limits]\n{limits}\n"
         f"[odmr]\nmechanisms = [\"SCRAM-SHA-256\", \"PLAIN\", \"LOGIN\", \"CRAM-MD5\"]\n{odmr}\n"

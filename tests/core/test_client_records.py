@@ -21,6 +21,9 @@ class FakeConnection:
         self.tls_active = tls
         self.writes: list[bytes] = []
 
+    def enable_quickack(self) -> bool:
+        return False
+
     async def write(self, data: bytes, timeout: float) -> None:
         self.writes.append(data)
 

@@ -17,6 +17,13 @@ Contract:
   already decrypted are invisible to select() (the socket is no longer
   readable) and would never be relayed, so the session would stall after
   the first reply until our timeout.
+- It ACKs the peer's bytes at once (`Connection.enable_quickack`, Linux
+  TCP_QUICKACK re-armed after every read): a peer that writes each reply,
+  or each line of a multi-line reply, on its own with Nagle on (fetchmail
+  relaying the customer's replies, a simple SMTP server) would otherwise
+  hold the next one until our delayed ACK, about 40 ms, twice per message
+  with pipelining (`net/sockopts.py`).  The commands sent, their grouping
+  and the records are unchanged.
 - It never decides what a reply *means*: callers (the drain, the customer,
   outbound delivery) do.
 - `PEER_ERRORS` is the one list of what a peer can do to a client dialog
@@ -53,6 +60,7 @@ class SMTPClient:
         self.write_timeout = write_timeout
         self.line_records = line_records
         self.capabilities: dict[str, str] = {}
+        conn.enable_quickack()
 
     def _one_record_per_line(self) -> bool:
         # asyncio's SSL transport turns each write() into its own TLS

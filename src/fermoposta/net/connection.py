@@ -44,6 +44,10 @@ Contract:
   line (the rest of that line is skipped), and the receive buffer pauses the
   transport above a high-water mark, so a peer cannot make us buffer without
   bound.
+- `enable_quickack()` (the client side of a pipelined dialog: `SMTPClient`)
+  re-arms Linux `TCP_QUICKACK` after every read from the socket, TLS or not,
+  so a peer that writes each reply separately with Nagle on never waits for
+  our delayed ACK (`net/sockopts.py` explains the stall); elsewhere a no-op.
 - Only public asyncio APIs are used (`loop.create_server`,
   `loop.create_connection`, `loop.create_unix_connection`, `loop.start_tls`,
   `BaseTransport.set_protocol`).
@@ -62,6 +66,7 @@ import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from fermoposta.net.sockopts import quickack
 from fermoposta.smtp.data import DataReader
 from fermoposta.smtp.lines import LineBuffer, LineTooLong
 
@@ -140,6 +145,7 @@ class _FINGuard(asyncio.BufferedProtocol):
         return self.inner.get_buffer(sizehint)
 
     def buffer_updated(self, nbytes: int) -> None:
+        self.connection._rearm_quickack()  # every socket read, whole TLS record or not
         self.inner.buffer_updated(nbytes)
 
     def eof_received(self) -> bool | None:
@@ -227,6 +233,7 @@ class Connection:
         self._reading_paused = False
         self._lost = asyncio.Event()
         self._fin_guard: _FINGuard | None = None
+        self._quickack_sock: Any = None  # set by enable_quickack()
         # The whole session's deadline (loop time), set by the server session.
         self.deadline: float | None = None
         # A unix-domain socket's names are paths (str), not (host, port) tuples.
@@ -288,8 +295,23 @@ class Connection:
             return self._fin_guard is not None and self._fin_guard.fin
         return True
 
+    def enable_quickack(self) -> bool:
+        """ACK every read at once from now on (see the module docstring);
+        False where the socket cannot (no TCP_QUICKACK, unix-domain socket)."""
+        sock = self._transport.get_extra_info("socket")
+        if not quickack(sock):
+            return False
+        self._quickack_sock = sock
+        return True
+
+    def _rearm_quickack(self) -> None:
+        if self._quickack_sock is not None:
+            quickack(self._quickack_sock)
+
     # --- protocol callbacks ----------------------------------------------------------
     def _received(self, data: bytes) -> None:
+        if self._fin_guard is None:  # over TLS the guard re-arms on each socket read
+            self._rearm_quickack()
         self._buffer.feed(data)
         if len(self._buffer) > HIGH_WATER and not self._reading_paused:
             self._reading_paused = True
