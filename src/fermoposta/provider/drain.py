@@ -61,6 +61,7 @@ from fermoposta.store.base import (
     QueuedRecipient,
     RecipientState,
     StoreError,
+    lookup_domain,
 )
 
 log = logging.getLogger("fermoposta.drain")
@@ -375,7 +376,7 @@ class Drain:
         if "@" not in sender:
             return False
         domain = sender.rsplit("@", 1)[1].lower()
-        return await asyncio.to_thread(self.store.get_domain, domain) is not None
+        return await lookup_domain(self.store, domain) is not None
 
     def _log(self, message: QueuedMessage, recipients: list[QueuedRecipient], reply: Reply,
              status: str) -> None:

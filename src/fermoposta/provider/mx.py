@@ -39,6 +39,7 @@ from fermoposta.store.base import (
     NewRecipient,
     RecipientState,
     StoreError,
+    lookup_domain,
     new_queue_id,
 )
 from fermoposta.store.group_commit import GroupCommit
@@ -86,7 +87,7 @@ class MXSession(TransactionSession):
         if not rcpt.domain:
             return RELAY_DENIED, "relay_denied"
         try:
-            domain = await asyncio.to_thread(self.store.get_domain, rcpt.domain)
+            domain = await lookup_domain(self.store, rcpt.domain)
             if domain is None:
                 return RELAY_DENIED, "relay_denied"
             if domain.valid_recipients is not None:

@@ -48,6 +48,7 @@ from fermoposta.store.base import (
     RateCounter,
     RecipientState,
     StoreError,
+    lookup_domain,
     new_queue_id,
 )
 from fermoposta.store.group_commit import GroupCommit
@@ -205,7 +206,7 @@ class SubmissionSession(TransactionSession):
         assert account is not None
         try:
             hosted = {r.domain for r in txn.recipients
-                      if await asyncio.to_thread(self.store.get_domain, r.domain) is not None}
+                      if await lookup_domain(self.store, r.domain) is not None}
             message = NewMessage(
                 sender=txn.sender.address,
                 recipients=tuple(

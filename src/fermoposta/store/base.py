@@ -53,6 +53,7 @@ Contract:
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import secrets
 from collections.abc import Collection, Iterator, Mapping, Sequence
@@ -75,6 +76,11 @@ class StoreError(CredentialsUnavailable):
 
     A `CredentialsUnavailable`, so the SASL mechanisms (which know nothing of
     the store) fail temporarily when the account lookup cannot be made."""
+
+
+class WouldBlock(Exception):
+    """A `..._now` read cannot be answered without waiting (for a lock, the
+    network or a busy file): make the call in a worker thread instead."""
 
 
 class SchemaTooNew(StoreError):
@@ -448,9 +454,28 @@ class Directory(Protocol):
 
     def get_domain(self, name: str) -> Domain | None: ...
 
+    def get_domain_now(self, name: str) -> Domain | None:
+        """`get_domain`, answered at once on the calling thread (the event
+        loop: the MX asks it for every RCPT) or `WouldBlock` when that would
+        mean waiting.  SQLite: a read on a second, read-only connection (a WAL
+        reader never waits for the writer), `WouldBlock` while it is in use
+        or the file is busy.  PostgreSQL: always `WouldBlock` (the network)."""
+        ...
+
     def list_domains(self, account: str | None = None) -> list[Domain]: ...
 
     def remove_domain(self, name: str) -> bool: ...
+
+
+async def lookup_domain(directory: Directory, name: str) -> Domain | None:
+    """`get_domain` for a coroutine: answered on the event loop when the
+    engine can do so at once (`get_domain_now`), else in a worker thread;
+    a thread hop costs more than the read."""
+    try:
+        return directory.get_domain_now(name)
+    except WouldBlock:
+        return await asyncio.to_thread(directory.get_domain, name)
+
 
 
 class QueueTools(Protocol):

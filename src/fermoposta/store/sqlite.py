@@ -65,6 +65,7 @@ from fermoposta.store.base import (
     RecipientState,
     SchemaTooNew,
     StoreError,
+    WouldBlock,
     new_queue_id,
 )
 from fermoposta.store.holders import Holders
@@ -273,12 +274,17 @@ class SQLiteStore(SQLiteDirectory, SQLiteQueueTools):
                 raise StoreError(f"cannot put {self._path} in WAL mode")
             self._conn.execute("PRAGMA synchronous = FULL")
             self._migrate()
+            # For `_read_now`: never waits for a lock (busy timeout 0).
+            self._quick = sqlite3.connect(self._path, timeout=0, isolation_level=None,
+                                          check_same_thread=False)
+            self._quick.execute("PRAGMA query_only = ON")
         except (sqlite3.Error, OSError) as exc:
             self._conn.close()
             raise StoreError(f"cannot open store {self._path}: {exc}") from exc
         except BaseException:
             self._conn.close()
             raise
+        self._quick_lock = threading.Lock()
 
     def _journal_mode_wal(self) -> Any:
         """`PRAGMA journal_mode = WAL`, waiting like `busy_timeout` would: the
@@ -378,6 +384,31 @@ class SQLiteStore(SQLiteDirectory, SQLiteQueueTools):
                         self._conn.execute("COMMIT")
             except (sqlite3.Error, OSError) as exc:
                 raise StoreError(f"store read failed: {exc}") from exc
+
+    @contextmanager
+    def _read_now(self) -> Iterator[sqlite3.Connection]:
+        """A read on the second connection that never waits: `WouldBlock`
+        if another thread is using it or the file is busy (WAL readers
+        normally never are: they do not wait for the writer)."""
+        if not self._quick_lock.acquire(blocking=False):
+            raise WouldBlock()
+        try:
+            self._check_open()
+            try:
+                self._quick.execute("BEGIN")
+                try:
+                    yield self._quick
+                finally:
+                    if self._quick.in_transaction:
+                        self._quick.execute("COMMIT")
+            except sqlite3.OperationalError as exc:
+                if "locked" in str(exc) or "busy" in str(exc):
+                    raise WouldBlock() from exc
+                raise StoreError(f"store read failed: {exc}") from exc
+            except (sqlite3.Error, OSError) as exc:
+                raise StoreError(f"store read failed: {exc}") from exc
+        finally:
+            self._quick_lock.release()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -879,6 +910,8 @@ class SQLiteStore(SQLiteDirectory, SQLiteQueueTools):
             self._closed = True
             self._holders.close()
             try:
+                with self._quick_lock:
+                    self._quick.close()
                 self._conn.close()
             except sqlite3.Error as exc:
                 raise StoreError(f"cannot close store: {exc}") from exc

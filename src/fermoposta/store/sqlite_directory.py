@@ -24,6 +24,12 @@ from fermoposta.store.rows import (
 )
 
 
+def _get_domain(conn: sqlite3.Connection, name: str) -> Domain | None:
+    row = conn.execute(f"SELECT {DOMAIN_COLUMNS} FROM domains WHERE name = ?",
+                       (name,)).fetchone()
+    return None if row is None else _domain(conn, row)
+
+
 def _account_exists(conn: sqlite3.Connection, name: str) -> bool:
     row = conn.execute("SELECT 1 FROM accounts WHERE name = ?", (name,)).fetchone()
     return row is not None
@@ -89,6 +95,8 @@ class SQLiteDirectory:
 
     if TYPE_CHECKING:  # provided by SQLiteStore
         def _read(self) -> AbstractContextManager[sqlite3.Connection]: ...
+
+        def _read_now(self) -> AbstractContextManager[sqlite3.Connection]: ...
 
         def _write(self) -> AbstractContextManager[sqlite3.Connection]: ...
 
@@ -232,12 +240,11 @@ class SQLiteDirectory:
 
     def get_domain(self, name: str) -> Domain | None:
         with self._read() as conn:
-            row = conn.execute(
-                f"SELECT {DOMAIN_COLUMNS} FROM domains"
-                " WHERE name = ?",
-                (name,),
-            ).fetchone()
-            return None if row is None else _domain(conn, row)
+            return _get_domain(conn, name)
+
+    def get_domain_now(self, name: str) -> Domain | None:
+        with self._read_now() as conn:
+            return _get_domain(conn, name)
 
     def list_domains(self, account: str | None = None) -> list[Domain]:
         with self._read() as conn:
