@@ -268,7 +268,8 @@ def measure(engine: str, config: Path, data: Data, domain: str, repeat: int,
     check("stats: total recipients", total["recipients"] == len(data.recipients))
     check("stats: total held", total["states"]["held"] == len(data.recipients) - len(outbound))
     check("stats: total outbound", total["states"]["outbound"] == len(outbound))
-    check("stats: total deferred", total["states"]["deferred"] == sum(1 for r in outbound if r[4] > 0))
+    check("stats: total deferred",
+          total["states"]["deferred"] == sum(1 for r in outbound if r[4] > 0))
     check("stats: total ages", sum(total["ages"].values()) == len(data.recipients))
     check("stats: total bytes", total["bytes"] == sum(m[2] for m in data.messages))
     mine = [d for d in shape["domains"] if d["domain"] == domain]
