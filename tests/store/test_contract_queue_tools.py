@@ -504,3 +504,98 @@ def test_queue_summary(queue: Queue) -> None:
 
 def test_queue_summary_of_an_empty_store(store: Store) -> None:
     assert store.queue_summary() == [(str(state), 0, 0, None) for state in RecipientState]
+
+
+# --- the plans of a domain filter (small domain: from its recipients; large:
+# --- messages in page order), which must give the same pages ----------------------------
+
+
+@pytest.fixture(params=["small", "large"])
+def domain_plan(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run with the engines' usual threshold (these domains are small), or with
+    every domain taken as large (threshold 0)."""
+    if request.param == "large":
+        import fermoposta.store.pg_tools as pg_tools
+        import fermoposta.store.sqlite_tools as sqlite_tools
+
+        monkeypatch.setattr(sqlite_tools, "SMALL_DOMAIN", 0)
+        monkeypatch.setattr(pg_tools, "SMALL_DOMAIN", 0)
+    return str(request.param)
+
+
+def test_domain_filter_over_several_domains_and_states(store: Store, clock: Clock,
+                                                       domain_plan: str) -> None:
+    tools = store
+    made: dict[str, tuple[float, str]] = {}
+    specs = {  # name: recipients (address, state); three share each received_at
+        "two_in_d": [("a@d.example", HELD), ("b@d.example", OUTBOUND)],
+        "d_and_e": [("c@e.example", HELD), ("d@d.example", HOLD)],
+        "e_only": [("e@e.example", HELD)],
+        "d_outbound": [("f@d.example", OUTBOUND), ("g@e.example", HELD)],
+        "f_only": [("h@f.example", OUTBOUND)],
+        "d_held": [("i@D.example", HELD)],
+        "d_again": [("j@d.example", HELD), ("k@d.example", HELD)],
+    }
+    for i, (name, recipients) in enumerate(specs.items()):
+        if i % 3 == 0:
+            clock.now += 1
+        mid = store.enqueue(NewMessage("s@x.example", tuple(rcpt(a, s) for a, s in recipients),
+                                       MessageOrigin.MX), io.BytesIO(b"m"))
+        made[name] = (clock.now, mid)
+
+    def keys(*names: str) -> list[tuple[float, str]]:
+        return sorted(made[n] for n in names)
+
+    def pages(where: QueueFilter, size: int) -> list[tuple[float, str]]:
+        seen: list[tuple[float, str]] = []
+        after: tuple[float, str] | None = None
+        while True:
+            page = tools.queue_ids(where, after, size)
+            entries = tools.queue_page(where, after, size)
+            assert [(e.message.received_at, e.message.id) for e in entries] == page
+            seen += page
+            if len(page) < size:
+                return seen
+            after = page[-1]
+
+    in_d = keys("two_in_d", "d_and_e", "d_outbound", "d_held", "d_again")
+    for size in (1, 2, 3, 100):  # pages across equal received_at
+        assert pages(QueueFilter(domain="d.example"), size) == in_d
+    assert pages(QueueFilter(domain="d.example", state="held"), 2) == keys(
+        "two_in_d", "d_held", "d_again")
+    assert pages(QueueFilter(domain="d.example", state="outbound"), 1) == keys(
+        "two_in_d", "d_outbound")
+    assert pages(QueueFilter(domain="d.example", state="hold"), 2) == keys("d_and_e")
+    # Every criterion on one recipient: d_and_e's HELD one is at e.example.
+    assert pages(QueueFilter(domain="e.example", state="hold"), 2) == []
+    assert pages(QueueFilter(domain="d.example", recipient="c@e.example",
+                             recipient_exact=True), 2) == []
+    assert pages(QueueFilter(domain="d.example", recipient="j"), 2) == keys("d_again")
+    assert pages(QueueFilter(domain="d.example", sender="nobody"), 2) == []
+    assert pages(QueueFilter(domain="nowhere.example"), 2) == []
+    # An older-than bound, and a key of a message that is gone.
+    cut = made["d_held"][0]
+    assert pages(QueueFilter(domain="d.example", received_before=cut), 2) == keys(
+        "two_in_d", "d_and_e")  # d_outbound arrived with d_held
+    store.delete_messages([made["d_and_e"][1]])
+    assert tools.queue_ids(QueueFilter(domain="d.example"), made["d_and_e"], 10) == [
+        k for k in in_d if k > made["d_and_e"]]
+
+
+def test_queue_shape_counts_a_message_once_per_domain(store: Store, clock: Clock) -> None:
+    clock.now -= 30 * MINUTE
+    both = store.enqueue(NewMessage("s@x.example", (
+        rcpt("a@d.example", HELD), rcpt("b@d.example", HOLD), rcpt("c@e.example", OUTBOUND)),
+        MessageOrigin.MX), io.BytesIO(b"12345"))
+    clock.now += 30 * MINUTE
+    store.enqueue(msg("x@d.example", "y@d.example"), io.BytesIO(b"123"))
+    assert both
+    shape = store.queue_shape(clock.now, AGES)
+    assert shape.domains == (
+        DomainShape("d.example", 2, 4, 8, clock.now - 30 * MINUTE, held=3, outbound=0,
+                    deferred=0, hold=1, ages=(2, 2, 0, 0)),
+        DomainShape("e.example", 1, 1, 5, clock.now - 30 * MINUTE, held=0, outbound=1,
+                    deferred=0, hold=0, ages=(0, 1, 0, 0)),
+    )
+    assert shape.total == DomainShape("", 2, 5, 8, clock.now - 30 * MINUTE, held=3,
+                                      outbound=1, deferred=0, hold=1, ages=(2, 3, 0, 0))

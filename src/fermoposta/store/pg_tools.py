@@ -33,14 +33,22 @@ from fermoposta.store.pg_rows import (
     OUTBOUND,
     Conn,
 )
-from fermoposta.store.rows import filter_sql, shape_from_rows
+from fermoposta.store.rows import SMALL_DOMAIN, domain_size_sql, filter_sql, shape_from_pairs
 from fermoposta.store.rows import message_from_row as _message
 from fermoposta.store.rows import recipient_from_row as _recipient
 
 
-def _filter_sql(where: QueueFilter, after: tuple[float, str] | None
+def _filter_sql(conn: Conn, where: QueueFilter, after: tuple[float, str] | None
                 ) -> tuple[str, list[Any]]:
-    return filter_sql(where, after, mark="%s", find="strpos({haystack}, {needle}) > 0")
+    """FROM and WHERE of a page (`rows.filter_sql`), its plan chosen by the
+    domain's size."""
+    small = False
+    size = domain_size_sql(where, mark="%s")
+    if size is not None:
+        row = conn.execute(size[0], size[1]).fetchone()
+        small = row is not None and int(row[0]) < SMALL_DOMAIN
+    return filter_sql(where, after, mark="%s", find="strpos({haystack}, {needle}) > 0",
+                      small_domain=small)
 
 
 def _existing(conn: Conn, message_ids: Sequence[str]) -> list[str]:
@@ -86,12 +94,13 @@ class PostgresQueueTools:
         if limit <= 0:
             self._check_open()
             return []
-        sql, params = _filter_sql(where, after)
+        # No snapshot: the domain's size only picks the plan of the one query.
         with self._read("queue page", snapshot=False) as conn:
+            sql, params = _filter_sql(conn, where, after)
             return [
                 (float(r[0]), str(r[1]))
                 for r in conn.execute(
-                    f"SELECT m.received_at, m.id FROM messages m{sql}"
+                    f"SELECT m.received_at, m.id FROM{sql}"
                     " ORDER BY m.received_at, m.id LIMIT %s",
                     (*params, limit),
                 )
@@ -103,10 +112,10 @@ class PostgresQueueTools:
         if limit <= 0:
             self._check_open()
             return []
-        sql, params = _filter_sql(where, after)
         with self._read("queue page") as conn:
+            sql, params = _filter_sql(conn, where, after)
             rows = conn.execute(
-                f"SELECT {_M_MESSAGE_COLUMNS} FROM messages m{sql}"
+                f"SELECT {_M_MESSAGE_COLUMNS} FROM{sql}"
                 " ORDER BY m.received_at, m.id LIMIT %s",
                 (*params, limit),
             ).fetchall()
@@ -303,44 +312,30 @@ class PostgresQueueTools:
         bucket_params: list[Any] = []
         for limit in limits:
             bucket_params += [float(now), limit]
-        by_state = (
-            "count(*) FILTER (WHERE r.state = %s), count(*) FILTER (WHERE r.state = %s),"
-            " count(*) FILTER (WHERE r.state = %s AND r.attempts > 0),"
-            " count(*) FILTER (WHERE r.state = %s)"
-        )
-        state_params = (HELD, OUTBOUND, OUTBOUND, HOLD)
         with self._read("queue shape") as conn:
-            figures: dict[str, list[Any]] = {}
-            for row in conn.execute(
-                "SELECT r.domain, count(DISTINCT r.message_id), count(*), min(m.received_at),"
-                f" {by_state}"
-                " FROM recipients r JOIN messages m ON m.id = r.message_id GROUP BY r.domain",
-                state_params,
-            ):
-                figures[str(row[0])] = list(row[1:])
-            sizes = {
+            # One pass: the (domain, message) pairs, each joined once to its message.
+            rows = conn.execute(
+                f"SELECT p.domain, {bucket}, sum(p.n), count(*), sum(m.size),"
+                " min(m.received_at), sum(p.held), sum(p.outbound), sum(p.hold)"
+                " FROM (SELECT domain, message_id, count(*) AS n,"
+                " count(*) FILTER (WHERE state = %s) AS held,"
+                " count(*) FILTER (WHERE state = %s) AS outbound,"
+                " count(*) FILTER (WHERE state = %s) AS hold"
+                " FROM recipients GROUP BY domain, message_id) AS p"
+                " JOIN messages m ON m.id = p.message_id GROUP BY 1, 2",
+                (*bucket_params, HELD, OUTBOUND, HOLD),
+            ).fetchall()
+            deferred = {
                 str(r[0]): int(r[1])
                 for r in conn.execute(
-                    "SELECT domain, sum(size) FROM (SELECT DISTINCT r.domain AS domain, m.id,"
-                    " m.size AS size FROM recipients r JOIN messages m ON m.id = r.message_id)"
-                    " AS s GROUP BY domain"
-                )
+                    "SELECT domain, count(*) FROM recipients WHERE state = %s AND attempts > 0"
+                    " GROUP BY domain", (OUTBOUND,))
             }
-            ages: dict[str, list[int]] = {d: [0] * (len(limits) + 1) for d in figures}
-            for domain, index, count in conn.execute(
-                f"SELECT r.domain, {bucket}, count(*) FROM recipients r"
-                " JOIN messages m ON m.id = r.message_id GROUP BY 1, 2",
-                bucket_params,
-            ):
-                ages.setdefault(str(domain), [0] * (len(limits) + 1))[int(index)] += int(count)
-            total_row = conn.execute(
-                f"SELECT count(*), {by_state} FROM recipients r", state_params
-            ).fetchone()
             message_row = conn.execute(
                 "SELECT count(*), COALESCE(sum(size), 0), min(received_at) FROM messages"
             ).fetchone()
-        assert total_row is not None and message_row is not None
-        return shape_from_rows(figures, sizes, ages, total_row, message_row, len(limits) + 1)
+        assert message_row is not None
+        return shape_from_pairs(rows, deferred, message_row, len(limits) + 1)
 
     def queue_summary(self) -> list[tuple[str, int, int, float | None]]:
         with self._read("queue summary", snapshot=False) as conn:

@@ -4,8 +4,8 @@ Contract: the SQLite and PostgreSQL engines select `RECIPIENT_COLUMNS`,
 `MESSAGE_COLUMNS`, `DOMAIN_COLUMNS` and `ACCOUNT_COLUMNS` in this order and
 build the contract's dataclasses with `recipient_from_row`,
 `message_from_row`, `domain_from_row` and `account_from_row`, so the two
-engines cannot drift apart in what a row means; `filter_sql` is the queue tools' WHERE
-clause in either dialect.  Pure functions, no I/O.
+engines cannot drift apart in what a row means; `filter_sql` is the queue tools' FROM
+and WHERE clauses in either dialect (`domain_size_sql` picks its plan).  Pure functions, no I/O.
 """
 
 from __future__ import annotations
@@ -103,21 +103,54 @@ def domain_from_row(row: Sequence[Any], valid: Iterable[str] | None) -> Domain:
                   hold_lifetime=row[5])
 
 
+# A domain filter with fewer matching recipients than this starts from the
+# domain's recipients (index recipients_domain_state) and sorts them; a larger
+# one walks the messages in page order and tests each (see `filter_sql`).
+SMALL_DOMAIN = 20_000
+
+
+def domain_size_sql(where: QueueFilter, *, mark: str) -> tuple[str, list[Any]] | None:
+    """A query of how many recipients (at most `SMALL_DOMAIN`) the domain
+    filter of `where` selects, one range of `recipients_domain_state`; None
+    without a domain filter.  Its answer is `filter_sql`'s `small_domain`."""
+    if where.domain is None:
+        return None
+    sql = f"SELECT count(*) FROM (SELECT 1 FROM recipients WHERE domain = {mark}"
+    params: list[Any] = [where.domain]
+    if where.state is not None:
+        sql += f" AND state = {mark}"
+        params.append(str(RecipientState.OUTBOUND) if where.state == "deferred"
+                      else str(RecipientState(where.state)))
+    return sql + f" LIMIT {mark}) AS s", [*params, SMALL_DOMAIN]
+
+
 def filter_sql(where: QueueFilter, after: tuple[float, str] | None, *, mark: str,
-               find: str) -> tuple[str, list[Any]]:
-    """The WHERE clause (on messages `m`) of a queue tool's `where` and page key
-    `after`, and its parameters, in an engine's dialect: `mark` is its
-    placeholder ("?", "%s"), `find` its substring test with ``{haystack}`` and
-    ``{needle}`` (SQLite's ``instr(...) > 0``, PostgreSQL's ``strpos(...) > 0``).
+               find: str, small_domain: bool = False, unindexed: str = "{}"
+               ) -> tuple[str, list[Any]]:
+    """The FROM and WHERE clauses (messages `m`) of a queue tool's `where`
+    and page key `after`, and its parameters, in an engine's dialect: `mark`
+    is its placeholder ("?", "%s"), `find` its substring test with
+    ``{haystack}`` and ``{needle}`` (SQLite's ``instr(...) > 0``,
+    PostgreSQL's ``strpos(...) > 0``), `unindexed` what keeps a column
+    reference ``{}`` from choosing an index (SQLite's ``+{}``).
     Text is compared with lower() on both sides: ASCII case folding, as the
-    contract says (the PostgreSQL columns use COLLATE "C")."""
+    contract says (the PostgreSQL columns use COLLATE "C").
+
+    Plans: the page key is one range of the arrival index
+    (``received_at >= t``, then the ties); with `small_domain` (the domain
+    filter selects fewer than `SMALL_DOMAIN` recipients: `domain_size_sql`)
+    the rows come from the domain's recipients, one range of
+    `recipients_domain_state`, and only those messages are sorted; otherwise
+    the messages are walked in page order and each is tested through its
+    own recipients (`recipients_message`), so a page costs about its length
+    divided by the share of messages that match."""
     def contains(column: str) -> str:
         return find.format(haystack=f"lower({column})", needle=f"lower({mark})")
 
     clauses: list[str] = []
     params: list[Any] = []
     if after is not None:
-        clauses.append(f"(m.received_at > {mark} OR (m.received_at = {mark} AND m.id > {mark}))")
+        clauses.append(f"m.received_at >= {mark} AND (m.received_at > {mark} OR m.id > {mark})")
         params += [after[0], after[0], after[1]]
     if where.received_before is not None:
         clauses.append(f"m.received_at < {mark}")
@@ -127,24 +160,33 @@ def filter_sql(where: QueueFilter, after: tuple[float, str] | None, *, mark: str
                        else contains("m.sender"))
         params.append(where.sender)
     inner: list[str] = []
+    inner_params: list[Any] = []
     if where.domain is not None:
-        inner.append(f"r.domain = {mark}")
-        params.append(where.domain)
-    if where.recipient is not None:
-        inner.append(f"lower(r.address) = lower({mark})" if where.recipient_exact
-                     else contains("r.address"))
-        params.append(where.recipient)
+        inner.append(f"r.domain = {mark}" if small_domain
+                     else f"{unindexed.format('r.domain')} = {mark}")
+        inner_params.append(where.domain)
     if where.state is not None:
         if where.state == "deferred":
             inner.append(f"r.state = {mark} AND r.attempts > 0")
-            params.append(str(RecipientState.OUTBOUND))
+            inner_params.append(str(RecipientState.OUTBOUND))
         else:
             inner.append(f"r.state = {mark}")
-            params.append(str(RecipientState(where.state)))
-    if inner:
+            inner_params.append(str(RecipientState(where.state)))
+    if where.recipient is not None:
+        inner.append(f"lower(r.address) = lower({mark})" if where.recipient_exact
+                     else contains("r.address"))
+        inner_params.append(where.recipient)
+    source = "messages m"
+    if inner and small_domain and where.domain is not None:
+        source = ("(SELECT DISTINCT r.message_id AS id FROM recipients r WHERE "
+                  + " AND ".join(inner) + ") AS f CROSS JOIN messages m")
+        clauses.insert(0, "m.id = f.id")
+        params = inner_params + params
+    elif inner:
         clauses.append("EXISTS (SELECT 1 FROM recipients r WHERE r.message_id = m.id AND "
                        + " AND ".join(inner) + ")")
-    return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
+        params += inner_params
+    return f" {source}" + ((" WHERE " + " AND ".join(clauses)) if clauses else ""), params
 
 
 def shape_from_rows(figures: Mapping[str, Sequence[Any]], sizes: Mapping[str, int],
@@ -166,3 +208,30 @@ def shape_from_rows(figures: Mapping[str, Sequence[Any]], sizes: Mapping[str, in
                         message_row[2], int(total_row[1] or 0), int(total_row[2] or 0),
                         int(total_row[3] or 0), int(total_row[4] or 0), tuple(total_ages))
     return QueueShape(total, tuple(domains))
+
+
+def shape_from_pairs(rows: Iterable[Sequence[Any]], deferred: Mapping[str, int],
+                     message_row: Sequence[Any], buckets: int) -> QueueShape:
+    """`QueueShape` from the one pass both engines make over the (domain,
+    message) pairs of the recipients joined to their messages, grouped by
+    (domain, age bucket): rows of (domain, bucket, recipients, messages,
+    bytes, oldest, held, outbound, hold); `deferred` is per domain.  A
+    message falls in one bucket, so summing its rows over the buckets counts
+    each message (and its bytes) once per domain."""
+    figures: dict[str, list[Any]] = {}
+    sizes: dict[str, int] = {}
+    ages: dict[str, list[int]] = {}
+    for domain, bucket, recipients, messages, size, oldest, held, outbound, hold in rows:
+        name = str(domain)
+        f = figures.setdefault(name, [0, 0, None, 0, 0, deferred.get(name, 0), 0])
+        f[0] += int(messages)
+        f[1] += int(recipients)
+        if oldest is not None and (f[2] is None or oldest < f[2]):
+            f[2] = oldest
+        f[3] += int(held or 0)
+        f[4] += int(outbound or 0)
+        f[6] += int(hold or 0)
+        sizes[name] = sizes.get(name, 0) + int(size or 0)
+        ages.setdefault(name, [0] * buckets)[int(bucket)] += int(recipients)
+    total_row = [sum(int(f[i]) for f in figures.values()) for i in (1, 3, 4, 5, 6)]
+    return shape_from_rows(figures, sizes, ages, total_row, message_row, buckets)

@@ -23,7 +23,7 @@ from fermoposta.store.base import (
     RecipientState,
     Requeued,
 )
-from fermoposta.store.rows import filter_sql, shape_from_rows
+from fermoposta.store.rows import SMALL_DOMAIN, domain_size_sql, filter_sql, shape_from_pairs
 from fermoposta.store.rows import message_from_row as _message
 from fermoposta.store.rows import recipient_from_row as _recipient
 from fermoposta.store.sqlite_rows import (
@@ -34,9 +34,17 @@ from fermoposta.store.sqlite_rows import (
 )
 
 
-def _filter_sql(where: QueueFilter, after: tuple[float, str] | None
-                ) -> tuple[str, list[Any]]:
-    return filter_sql(where, after, mark="?", find="instr({haystack}, {needle}) > 0")
+def _filter_sql(conn: sqlite3.Connection, where: QueueFilter,
+                after: tuple[float, str] | None) -> tuple[str, list[Any]]:
+    """FROM and WHERE of a page (`rows.filter_sql`), its plan chosen by the
+    domain's size; `+r.domain` keeps SQLite from probing every message's
+    EXISTS through the domain's whole range of `recipients_domain_state`."""
+    small = False
+    size = domain_size_sql(where, mark="?")
+    if size is not None:
+        small = int(conn.execute(size[0], size[1]).fetchone()[0]) < SMALL_DOMAIN
+    return filter_sql(where, after, mark="?", find="instr({haystack}, {needle}) > 0",
+                      small_domain=small, unindexed="+{}")
 
 
 def _existing(conn: sqlite3.Connection, message_ids: Sequence[str]) -> list[str]:
@@ -66,12 +74,12 @@ class SQLiteQueueTools:
     ) -> list[tuple[float, str]]:
         if limit <= 0:
             return []
-        sql, params = _filter_sql(where, after)
         with self._read() as conn:
+            sql, params = _filter_sql(conn, where, after)
             return [
                 (float(r[0]), str(r[1]))
                 for r in conn.execute(
-                    f"SELECT m.received_at, m.id FROM messages m{sql}"
+                    f"SELECT m.received_at, m.id FROM{sql}"
                     " ORDER BY m.received_at, m.id LIMIT ?",
                     (*params, limit),
                 )
@@ -82,11 +90,11 @@ class SQLiteQueueTools:
     ) -> list[QueueEntry]:
         if limit <= 0:
             return []
-        sql, params = _filter_sql(where, after)
         with self._read() as conn:
+            sql, params = _filter_sql(conn, where, after)
             rows = conn.execute(
                 f"SELECT {', '.join('m.' + c.strip() for c in _MESSAGE_COLUMNS.split(','))}"
-                f" FROM messages m{sql} ORDER BY m.received_at, m.id LIMIT ?",
+                f" FROM{sql} ORDER BY m.received_at, m.id LIMIT ?",
                 (*params, limit),
             ).fetchall()
             return self._entries(conn, rows)
@@ -295,42 +303,27 @@ class SQLiteQueueTools:
             bucket_params += [now, limit]
         held, outbound, hold = (str(s) for s in (RecipientState.HELD, RecipientState.OUTBOUND,
                                                   RecipientState.HOLD))
-        by_state = (
-            "SUM(r.state = ?), SUM(r.state = ?), SUM(r.state = ? AND r.attempts > 0),"
-            " SUM(r.state = ?)"
-        )
-        state_params = (held, outbound, outbound, hold)
         with self._read() as conn:
-            figures: dict[str, list[Any]] = {}
-            for row in conn.execute(
-                "SELECT r.domain, COUNT(DISTINCT r.message_id), COUNT(*), MIN(m.received_at),"
-                f" {by_state}"
-                " FROM recipients r JOIN messages m ON m.id = r.message_id GROUP BY r.domain",
-                state_params,
-            ):
-                figures[str(row[0])] = list(row[1:])
-            sizes = {
+            # One pass: the (domain, message) pairs, each joined once to its message.
+            rows = conn.execute(
+                f"SELECT p.domain, {bucket}, SUM(p.n), COUNT(*), SUM(m.size),"
+                " MIN(m.received_at), SUM(p.held), SUM(p.outbound), SUM(p.hold)"
+                " FROM (SELECT domain, message_id, COUNT(*) AS n, SUM(state = ?) AS held,"
+                " SUM(state = ?) AS outbound, SUM(state = ?) AS hold"
+                " FROM recipients GROUP BY domain, message_id) AS p"
+                " CROSS JOIN messages m ON m.id = p.message_id GROUP BY 1, 2",
+                (*bucket_params, held, outbound, hold),
+            ).fetchall()
+            deferred = {
                 str(r[0]): int(r[1])
                 for r in conn.execute(
-                    "SELECT domain, SUM(size) FROM (SELECT DISTINCT r.domain AS domain, m.id,"
-                    " m.size AS size FROM recipients r JOIN messages m ON m.id = r.message_id)"
-                    " GROUP BY domain"
-                )
+                    "SELECT domain, COUNT(*) FROM recipients WHERE state = ? AND attempts > 0"
+                    " GROUP BY domain", (outbound,))
             }
-            ages: dict[str, list[int]] = {d: [0] * (len(limits) + 1) for d in figures}
-            for domain, index, count in conn.execute(
-                f"SELECT r.domain, {bucket}, COUNT(*) FROM recipients r"
-                " JOIN messages m ON m.id = r.message_id GROUP BY 1, 2",
-                bucket_params,
-            ):
-                ages.setdefault(str(domain), [0] * (len(limits) + 1))[int(index)] += int(count)
-            total_row = conn.execute(
-                f"SELECT COUNT(*), {by_state} FROM recipients r", state_params
-            ).fetchone()
             message_row = conn.execute(
                 "SELECT COUNT(*), COALESCE(SUM(size), 0), MIN(received_at) FROM messages"
             ).fetchone()
-        return shape_from_rows(figures, sizes, ages, total_row, message_row, len(limits) + 1)
+        return shape_from_pairs(rows, deferred, message_row, len(limits) + 1)
 
     def queue_summary(self) -> list[tuple[str, int, int, float | None]]:
         with self._read() as conn:
