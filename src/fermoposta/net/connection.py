@@ -357,9 +357,10 @@ class Connection:
         deadline has already passed."""
         now = asyncio.get_running_loop().time()
         when, which = now + timeout, None
-        for name, limit in (("session", self.deadline), ("DATA", deadline)):
-            if limit is not None and limit < when:
-                when, which = limit, name
+        if self.deadline is not None and self.deadline < when:
+            when, which = self.deadline, "session"
+        if deadline is not None and deadline < when:
+            when, which = deadline, "DATA"
         if which is not None and when <= now:
             raise DeadlineExceeded(which)
         return when, which
@@ -370,6 +371,10 @@ class Connection:
 
         Lines already received are returned even after the peer's EOF."""
         when, which = self._bound(timeout)
+        line = self._buffer.next_line(limit)
+        if line is not None:  # already here (pipelined): no timer needed
+            self._maybe_resume_reading()
+            return line
         try:
             async with asyncio.timeout_at(when):
                 while True:

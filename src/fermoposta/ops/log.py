@@ -51,9 +51,15 @@ _RESERVED = frozenset({"time", "level", "component", "message", "pid", "queue_id
                        "node"})
 
 
+_second: tuple[int, str] = (-1, "")  # the last second formatted, and its text
+
+
 def _timestamp(created: float) -> str:
-    ms = int((created % 1) * 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{ms:03d}Z"
+    global _second
+    whole = int(created)
+    if _second[0] != whole:  # formatted once a second, not once a line
+        _second = (whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)))
+    return f"{_second[1]}.{int((created - whole) * 1000):03d}Z"
 
 
 def _component(record: logging.LogRecord) -> str:
@@ -135,6 +141,9 @@ def setup_logging(level: str = "info", fmt: str = "text", stream: TextIO | None 
     if fmt not in ("text", "json"):
         raise ValueError(f"unknown log format {fmt!r}")
     logger = logging.getLogger(ROOT)
+    # No line shows the thread or the multiprocessing name: skip their lookup.
+    logging.logThreads = False
+    logging.logMultiprocessing = False
     if _installed is not None:
         logger.removeHandler(_installed)
         _installed.close()
@@ -194,14 +203,20 @@ def event(component: str, queue_id: str | None, **fields: object) -> None:
     relay="cust.example[127.0.0.1]", delay=1.2, dsn="2.0.0", status="sent",
     reason="250 2.0.0 OK")``.  Callers bracket addresses themselves.
     """
-    logger = logging.getLogger(f"{ROOT}.{component}")
+    logger = _EVENT_LOGGERS.get(component)
+    if logger is None:
+        logger = _EVENT_LOGGERS.setdefault(component, logging.getLogger(f"{ROOT}.{component}"))
     if not logger.isEnabledFor(logging.INFO):
         return
-    logger.info(
-        "%s",
-        format_event(queue_id, fields),
+    # makeRecord and handle rather than logger.info: that would also look
+    # up the caller's file and line (a stack walk), which no line prints.
+    logger.handle(logger.makeRecord(
+        logger.name, logging.INFO, "", 0, "%s", (format_event(queue_id, fields),), None,
         extra={"component": component, "queue_id": queue_id, "fields": dict(fields)},
-    )
+    ))
+
+
+_EVENT_LOGGERS: dict[str, logging.Logger] = {}
 
 
 _AUTH_RE = re.compile(rb"(?i)([ \t]*AUTH)([ \t]+)(\S+)([ \t]+\S)?")

@@ -8,12 +8,19 @@ header lines or break the comment syntax.
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from datetime import UTC, datetime
 from email.utils import format_datetime
 
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f()\\]")
+
+
+@functools.lru_cache(maxsize=4)
+def _date(second: int) -> str:
+    """The RFC 5322 date of a second (formatted once per second, not per message)."""
+    return format_datetime(datetime.fromtimestamp(second, tz=UTC))
 
 
 def protocol_name(*, esmtp: bool, tls: bool, authenticated: bool) -> str:
@@ -35,9 +42,7 @@ def received_header(
     now: float | None = None,
 ) -> bytes:
     helo_clean = _UNSAFE.sub("", helo or "unknown")[:255]
-    stamp = format_datetime(
-        datetime.fromtimestamp(now if now is not None else time.time(), tz=UTC)
-    )
+    stamp = _date(int(now if now is not None else time.time()))
     lines = [
         f"Received: from {helo_clean} ([{peer_ip}])",
         f"\tby {by} (fermoposta) with {protocol}",
