@@ -11,8 +11,10 @@ Contract:
 - Problems raise one `ConfigError` that holds every problem found
   (`ConfigError.problems`), each naming the file and the key, e.g.
   ``provider.toml: [limits] max_message_size: expected a size like 50M or an
-  integer, got "x"``: every key of every table is checked first; the checks
-  across keys run once every key is valid.  Unknown keys and tables are
+  integer, got "x"``: every key of every table is checked first, each
+  table with every file it names (`[tls]`: each of ``cert``, ``key``,
+  ``client_ca``); the checks across tables and of the files' content run
+  once every key is valid.  Unknown keys and tables are
   errors, with a "did you mean" hint: a typo must never silently fall back
   to a default (design guide, principle 10).
 - Relative paths (`data_dir`, `[tls] cert`, `key`, `client_ca`) resolve
@@ -722,30 +724,34 @@ def _check_certificate_dates(loader: _Loader, cert: Path,
 
 
 def _resolve_store(loader: _Loader, values: dict[str, Any]) -> dict[str, Any]:
+    mark = len(loader.problems)
     url = values.get("url", "")
     if url.startswith("sqlite://"):
         values["url"] = "sqlite://" + str(loader.resolve(url[len("sqlite://"):]))
     if values.get("password_file"):
         if not url.startswith(POSTGRES_SCHEMES):
-            raise loader.error("store", "password_file", "only a PostgreSQL url takes a password")
-        values["password_file"] = loader.existing_file("store", "password_file",
+            loader.report("store", "password_file", "only a PostgreSQL url takes a password")
+        values["password_file"] = loader.optional_file("store", "password_file",
                                                        values["password_file"])
     else:
         values.pop("password_file", None)
+    loader.finish_since(mark)
     return values
 
 
 def _resolve_tls(loader: _Loader, values: dict[str, Any]) -> dict[str, Any]:
+    """The files of ``[tls]``, each checked; every problem is recorded, then the step stops."""
+    mark = len(loader.problems)
     cert, key = values.get("cert", ""), values.get("key", "")
     if bool(cert) != bool(key):
         missing = "key" if cert else "cert"
-        raise loader.error(
+        loader.report(
             "tls", missing, f"cert and key must be given together; {missing} is missing"
         )
     resolved: dict[str, Any] = {}
     for name in ("cert", "key", "client_ca"):
-        text = values.get(name, "")
-        resolved[name] = loader.existing_file("tls", name, text) if text else None
+        resolved[name] = loader.optional_file("tls", name, values.get(name, ""))
+    loader.finish_since(mark)
     return resolved
 
 

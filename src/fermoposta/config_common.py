@@ -21,7 +21,9 @@ Contract:
   missing required keys and every key's check, all recorded, in file
   order.  `resolve()` makes a path relative to
   the config file's directory absolute, `existing_file()` also checks that it
-  names a readable regular file.  A section label that starts with ``[`` is
+  names a readable regular file; `optional_file()` does the same for a key
+  that may be unset and records the problem instead of raising, so that a
+  step checks every file it names.  A section label that starts with ``[`` is
   printed as is (``[[pull]] #2 [pull.delivery]``); any other is bracketed
   (``limits`` -> ``[limits]``).
 - `LogConfig` (``[log]``) is the same table in both config files.
@@ -446,3 +448,15 @@ class Loader:
         if not os.access(p, os.R_OK):
             raise self.error(section, key, f'file "{p}" is not readable')
         return p
+
+    def optional_file(self, section: str, key: str, value: str | None) -> Path | None:
+        """`existing_file()` for a key that may be unset (None or ``""``: None).
+        A problem is recorded (and None returned): the step goes on to its
+        other files and checks, and ends with `finish_since`."""
+        if not value:
+            return None
+        try:
+            return self.existing_file(section, key, value)
+        except ConfigError as exc:
+            self.problems.extend(exc.problems)
+            return None

@@ -13,7 +13,9 @@ Contract:
   walks them; docs/customer-config.md is tested against them.
 - Problems raise one `ConfigError` (the provider config's exception) holding
   every problem found (`ConfigError.problems`): every key of every table and
-  block first, then the checks across blocks.  Each names the file and the
+  block first, each table with every file it names and every check across
+  its keys; then, once the top level and the blocks are valid, every
+  problem across blocks (names, domains, aliases).  Each names the file and the
   key, e.g. ``customer.toml: [provider] tls:
   expected one of "starttls", "implicit", "none", got "yes"`` or
   ``customer.toml: [[pull]] #2 [pull.delivery] path: not a key of delivery

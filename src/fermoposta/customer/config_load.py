@@ -4,12 +4,18 @@ Contract:
 - `load_customer_config(path)` reads the file (`config_common.Loader`) and
   walks the declarations (`fermoposta.customer.config_tables`,
   `fermoposta.customer.config_pull`): every key of every table and block
-  is checked, every problem recorded; then the checks across keys and
-  blocks run.  It raises one `ConfigError` holding every problem found
-  (`ConfigError.problems`), each naming the file and the key, in the
-  order: the keys, table by table in file order; then the site's domains
-  and the blocks against each other; then each block's delivery against
-  the domains it accepts.
+  is checked, every problem recorded, each table with the files it names
+  and the checks across its keys; then, when the top level and every
+  ``[[pull]]`` block loaded (whatever the problems of the other tables),
+  the checks across blocks.  It raises one `ConfigError` holding every
+  problem found (`ConfigError.problems`), each naming the file and the
+  key, in the order: the tables in load order (top level, ``[provider]``,
+  ``[log]``, the blocks, ``[outbox]``, ``[metrics]``); then the site's
+  domains and the blocks against each other; then each block's delivery
+  against the domains it accepts (every alias).  No step stops at its
+  first problem: one that depends on another's result is skipped when
+  that failed (a bare-ATRN block's delivery when the site's domains are
+  missing), so nothing is reported twice or invented.
 - Relative paths resolve against the directory holding the config file.
   Files named must exist and be readable; the CA bundle and the client
   certificate with its key are loaded once to check them (the password
@@ -59,14 +65,17 @@ def load_customer_config(path: str | Path) -> CustomerConfig:
     """Load and validate a customer config file.  Raises `ConfigError`, with
     every problem found (`ConfigError.problems`).
 
-    First every table and every key is checked, all problems collected; then
-    the checks across the blocks (names, domains, each block's delivery
-    against the domains it accepts)."""
+    First every table and every key is checked, each table's files and
+    checks across its keys with it, all problems collected; then, when the
+    top level and every ``[[pull]]`` block loaded, the checks across the
+    blocks (names, domains, each block's delivery against the domains it
+    accepts), whatever the other tables' problems."""
     path = Path(path)
     loader = Loader(path)
     raw = loader.read()
 
     top = loader.table(None, CustomerConfig, raw, extra=list(declared_tables(CustomerConfig)))
+    blocks_known = top is not None
     top = top or {}
     data_dir = loader.resolve(top.pop("data_dir")) if "data_dir" in top else default_data_dir(path)
     site_domains: tuple[str, ...] | None = top.pop("domains", None)
@@ -79,24 +88,32 @@ def load_customer_config(path: str | Path) -> CustomerConfig:
         table = _table(loader, raw, "log", required=False)
         values["log"] = LogConfig(**loader.load("log", LogConfig, table))
     drafts: list[_PullDraft] = []
+    mark = len(loader.problems)
     with loader.collecting():
         drafts = _load_pulls(loader, raw)
+    blocks_known = blocks_known and len(loader.problems) == mark
     with loader.collecting():
         table = _table(loader, raw, "outbox", required=False)
         values["outbox"] = _load_outbox(loader, table, values["max_message_size"])
     with loader.collecting():
         table = _table(loader, raw, "metrics", required=False)
         values["metrics_listen"] = loader.load("metrics", MetricsKeys, table).get("listen")
-    loader.finish()
-    assert provider is not None
+    if not blocks_known:
+        loader.finish()
 
-    # The domains each block accepts are only known once the site's are.
+    # The domains each block accepts are only known once the site's are
+    # (None: they are not, a problem is recorded; a bare-ATRN block's
+    # delivery is then not checked against them).
     domains = _site_domains(loader, site_domains, drafts)
     pulls: list[PullConfig] = []
     for draft in drafts:
+        accept = draft.domains or domains
+        if accept is None:
+            continue
         with loader.collecting():
-            pulls.append(draft.finish(loader, domains))
+            pulls.append(draft.finish(loader, accept))
     loader.finish()
+    assert provider is not None and domains is not None
     return CustomerConfig(
         path=Path(os.path.abspath(path)),
         data_dir=data_dir,
@@ -113,14 +130,14 @@ def _load_outbox(loader: Loader, table: dict[str, Any], max_message_size: int) -
     values = loader.load(section, OutboxConfig, table)
     values.setdefault("max_message_size", max_message_size)
     users_text: str | None = values.pop("users_file", None)
-    users_file = loader.existing_file(section, "users_file", users_text) if users_text else None
+    users_file = loader.optional_file(section, "users_file", users_text)
     default = OutboxConfig()
-    if values.get("allow_plaintext_auth") and users_file is None:
+    if values.get("allow_plaintext_auth") and not users_text:
         loader.report(
             section, "allow_plaintext_auth", "needs users_file (there is no AUTH without it)"
         )
     networks: tuple[Network, ...] = values.get("networks", default.networks)
-    if users_file is None:
+    if not users_text:
         for network in networks:
             if network.prefixlen == 0:
                 loader.report(
@@ -160,41 +177,40 @@ def _table(loader: Loader, raw: Mapping[str, Any], name: str, *, required: bool)
 
 
 def _load_provider(loader: Loader, table: dict[str, Any]) -> ProviderEndpoint:
+    """``[provider]``: its keys, then every file and every check across its keys,
+    all recorded (the checks that need a file look at what is written)."""
     section = "provider"
     mark = len(loader.problems)
     values = loader.load(section, ProviderEndpoint, table)
     cert, key = values.get("client_cert"), values.get("client_key")
     if bool(cert) != bool(key):
         missing = "client_key" if cert else "client_cert"
-        raise loader.error(
+        loader.report(
             section,
             missing,
             f"client_cert and client_key must be given together; {missing} is missing",
         )
     for name in ("ca_file", "client_cert", "client_key"):
-        text = values.pop(name, None)
-        values[name] = loader.existing_file(section, name, text) if text else None
+        values[name] = loader.optional_file(section, name, values.pop(name, None))
     _check_tls_files(loader, values["ca_file"], values["client_cert"], values["client_key"])
 
     username: str | None = values.get("username")
     password_text: str | None = values.pop("password_file", None)
-    if username is None and values["client_cert"] is None:
-        raise loader.error(
+    if username is None and not cert:
+        loader.report(
             section, "username", "required key is missing (or set client_cert for AUTH EXTERNAL)"
         )
     if username is not None and not password_text:
-        raise loader.error(
+        loader.report(
             section, "password_file", f"required with username {show_value(username)}"
         )
     if username is None and password_text:
-        raise loader.error(section, "password_file", "given without a username")
-    values["password_file"] = (
-        loader.existing_file(section, "password_file", password_text) if password_text else None
-    )
+        loader.report(section, "password_file", "given without a username")
+    values["password_file"] = loader.optional_file(section, "password_file", password_text)
 
     mechanisms: tuple[str, ...] = values.get("mechanisms", ())
     for mechanism in mechanisms:
-        if mechanism == "EXTERNAL" and values["client_cert"] is None:
+        if mechanism == "EXTERNAL" and not cert:
             loader.report(section, "mechanisms", "EXTERNAL needs client_cert and client_key")
         if mechanism in PASSWORD_MECHANISMS and username is None:
             loader.report(section, "mechanisms", f"{mechanism} needs username")
@@ -209,20 +225,21 @@ def _no_password() -> str:
 def _check_tls_files(
     loader: Loader, ca_file: Path | None, cert: Path | None, key: Path | None
 ) -> None:
-    """Load the PEM files once, so a bad one is a config error, not a TLS failure later."""
+    """Load the PEM files once, so a bad one is a config error, not a TLS failure later.
+    Each problem is recorded."""
     if ca_file is not None:
         try:
             ssl.create_default_context(cafile=str(ca_file))
         except (ssl.SSLError, OSError, ValueError) as exc:
-            raise loader.error("provider", "ca_file", f"not a usable CA bundle: {exc}") from None
+            loader.report("provider", "ca_file", f"not a usable CA bundle: {exc}")
     if cert is not None and key is not None:
         try:
             # Never let OpenSSL prompt on the terminal for an encrypted key's passphrase.
             ssl.create_default_context().load_cert_chain(str(cert), str(key), password=_no_password)
         except (ssl.SSLError, OSError, ValueError) as exc:
-            raise loader.error(
+            loader.report(
                 "provider", "client_key", f"cannot use this certificate and key: {exc}"
-            ) from None
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -333,31 +350,35 @@ def _load_window(loader: Loader, section: str, table: dict[str, Any]) -> Window:
 
 def _site_domains(
     loader: Loader, written: tuple[str, ...] | None, drafts: list[_PullDraft]
-) -> tuple[str, ...]:
-    """The site's domains, after checking the blocks against them and each other."""
+) -> tuple[str, ...] | None:
+    """The site's domains, after checking the blocks against them and each
+    other.  Every problem is recorded; None when the site's domains are not
+    known (required but missing, or empty)."""
     names: dict[str, int] = {}
     owner: dict[str, _PullDraft] = {}
     bare: _PullDraft | None = None
     for draft in drafts:
         if draft.name in names:
-            raise loader.error(
+            loader.report(
                 draft.section,
                 "name",
                 f"{show_value(draft.name)} is already the name of [[pull]] #{names[draft.name]}",
             )
-        names[draft.name] = draft.number
+        else:
+            names[draft.name] = draft.number
         if draft.domains:
             for domain in draft.domains:
                 if domain in owner:
-                    raise loader.error(
+                    loader.report(
                         draft.section,
                         "domains",
                         f"{domain} is already collected by [[pull]] #{owner[domain].number} "
                         f"({show_value(owner[domain].name)}); two blocks would race for its mail",
                     )
-                owner[domain] = draft
+                else:
+                    owner[domain] = draft
         elif bare is not None:
-            raise loader.error(
+            loader.report(
                 draft.section,
                 "domains",
                 f"[[pull]] #{bare.number} ({show_value(bare.name)}) already sends a bare ATRN "
@@ -368,18 +389,20 @@ def _site_domains(
 
     if written is None:
         if bare is not None:
-            raise loader.error(
+            loader.report(
                 None,
                 "domains",
                 f"required: [[pull]] #{bare.number} ({show_value(bare.name)}) sends a bare ATRN, "
                 "so the site's domains must be listed (RCPTs for other domains are refused)",
             )
+            return None
         return tuple(owner)
     if not written:
-        raise loader.error(None, "domains", "must not be empty")
+        loader.report(None, "domains", "must not be empty")
+        return None
     for domain, draft in owner.items():
         if domain not in written:
-            raise loader.error(
+            loader.report(
                 draft.section,
                 "domains",
                 f"{domain} is not one of the site's domains (top-level domains)",
@@ -429,13 +452,17 @@ def _delivery_keys(
 def _finish_delivery(
     loader: Loader, section: str, written: dict[str, Any], accept: tuple[str, ...]
 ) -> DeliveryConfig:
+    """The delivery checked against the domains its block accepts; every
+    problem is recorded, then the step stops."""
     values = {**defaults(DeliveryKeys), **written}
     kind: str = values["type"]
     if kind == "maildir":
+        mark = len(loader.problems)
         aliases = _aliases(loader, section, values["aliases"], accept)
         catch_all: str | None = values["catch_all"]
         if catch_all is not None:
             _check_local(loader, section, "catch_all", catch_all, accept)
+        loader.finish_since(mark)
         return DeliveryConfig(
             type=kind,
             path=str(loader.resolve(values["path"])),
@@ -464,26 +491,42 @@ def _finish_delivery(
 def _aliases(
     loader: Loader, section: str, value: Mapping[str, object], accept: tuple[str, ...]
 ) -> Mapping[str, str]:
+    """The alias table, lowercased; each problem of each entry is recorded
+    (the entries with one are left out)."""
     result: dict[str, str] = {}
     for raw_key, raw_target in value.items():
         key = f"aliases.{show_value(raw_key)}"
-        source: str = loader.parse(section, key, check_address, raw_key)
-        target: str = loader.parse(section, key, check_address, raw_target)
-        _check_local(loader, section, key, source, accept)
-        _check_local(loader, section, key, target, accept)
+        ok = True
+        addresses: list[str] = []
+        for raw in (raw_key, raw_target):
+            try:
+                address = check_address(raw)
+            except ValueError as exc:
+                loader.report(section, key, str(exc))
+                ok = False
+                continue
+            ok = _check_local(loader, section, key, address, accept) and ok
+            addresses.append(address)
+        if not ok:
+            continue
+        source, target = addresses
         if source in result:
-            raise loader.error(section, key, f"{source} is listed twice (after lowercasing)")
+            loader.report(section, key, f"{source} is listed twice (after lowercasing)")
+            continue
         result[source] = target
     return result
 
 
 def _check_local(
     loader: Loader, section: str, key: str, address: str, accept: tuple[str, ...]
-) -> None:
+) -> bool:
+    """Whether `address` is in a domain of `accept`; the problem recorded if not."""
     domain = address.rpartition("@")[2]
     if domain not in accept:
-        raise loader.error(
+        loader.report(
             section,
             key,
             f"{address}: {domain} is not a domain this block accepts ({', '.join(accept)})",
         )
+        return False
+    return True
