@@ -77,6 +77,7 @@ async def test_store_down_at_auth_is_temporary(provider, certs, monkeypatch):
 
 async def test_store_down_at_mx_defers_never_bounces(provider, monkeypatch):
     monkeypatch.setattr(provider.store, "get_domain", broken)
+    monkeypatch.setattr(provider.store, "get_domain_now", broken)  # the event-loop read
     d = await Dialog.connect(*provider.mx)
     await d.expect(220)
     await d.cmd("EHLO client.test", 250)

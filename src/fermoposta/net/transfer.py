@@ -8,8 +8,16 @@ customer's outbox push (site → provider submission).  Contract:
   DATA, pipelined in one group when PIPELINING is offered (RFC 2920 §3.1);
   DSN parameters (RFC 3461) are passed on when the next hop offers DSN.
 - Every recipient's outcome is reported through `settle(message,
-  recipients, reply, stage)` as soon as it is known, before the next command: the caller
-  records it durably.  Only a 2xx to the final dot means delivered; an
+  recipients, reply, stage)` as soon as its reply is read, before the next
+  reply is read: the caller records it durably.  With `pipeline_messages` (and PIPELINING offered),
+  the reply to a message's final dot is read after the next message's
+  MAIL, RCPT... and DATA have been sent: RFC 2920 §3.1 allows the message
+  content as the first "command" of a group, so the next group follows the
+  dot at once and the peer never waits for us between messages.  The reply
+  is still read, and settled, before any reply of the next transaction;
+  `finish()` reads the last one.  A connection lost in between leaves both
+  messages' recipients in `unsettled` (kept queued).  Only a 2xx to the
+  final dot means delivered; an
   out-of-place positive reply (252 to MAIL, 250 instead of 354) is turned
   into a 4xx, so it can never lose mail.
 - Recipients refused with 452 go in a further transaction at once, as long
@@ -124,13 +132,32 @@ class MessageTransfer:
     """Sends messages on one client connection; see the module docstring."""
 
     def __init__(self, client: SMTPClient, *, peer: str, body: Body, settle: Settle,
-                 timeouts: TransferTimeouts | None = None) -> None:
+                 timeouts: TransferTimeouts | None = None,
+                 pipeline_messages: bool = False) -> None:
         self.client = client
         self.peer = peer
         self.body = body
         self.settle = settle
         self.timeouts = timeouts or TransferTimeouts()
-        self.unsettled: list[QueuedRecipient] = []
+        self.pipeline_messages = pipeline_messages
+        self._current: list[QueuedRecipient] = []  # of the transaction under way
+        # A message whose final dot is sent and whose reply is still to read.
+        self._final: tuple[QueuedMessage, list[QueuedRecipient]] | None = None
+
+    @property
+    def unsettled(self) -> list[QueuedRecipient]:
+        """Recipients whose outcome is unknown if the connection fails now."""
+        earlier = self._final[1] if self._final is not None else []
+        return [*earlier, *self._current]
+
+    async def finish(self) -> None:
+        """Read and settle the reply to the last final dot, if still due."""
+        if self._final is None:
+            return
+        message, accepted = self._final
+        final = await self.client.read_reply(self.timeouts.final_reply)
+        self._final = None
+        await self.settle(message, accepted, final, STAGE_FINAL)
 
     async def send(self, message: QueuedMessage, recipients: Sequence[QueuedRecipient]) -> None:
         pending = list(recipients)
@@ -152,16 +179,18 @@ class MessageTransfer:
                            ) -> list[tuple[QueuedRecipient, Reply]]:
         """One transaction; returns the recipients postponed by a 452 to RCPT."""
         client, t = self.client, self.timeouts
-        self.unsettled = list(recipients)
+        self._current = list(recipients)
         mail_line = mail_command(client, message)
         rcpt_lines = [rcpt_command(client, r) for r in recipients]
         data_reply: Reply | None = None
         if client.has("PIPELINING"):
             await client.send_group([mail_line, *rcpt_lines, "DATA"], t.command)
+            await self.finish()  # the previous message's final reply comes first
             mail_reply = await client.read_reply(t.command)
             rcpt_replies = [await client.read_reply(t.command) for _ in rcpt_lines]
             data_reply = await client.read_reply(t.data_init)
         else:
+            await self.finish()
             mail_reply = await client.command(mail_line, t.command)
             rcpt_replies = []
             if mail_reply.code == 250:
@@ -171,7 +200,7 @@ class MessageTransfer:
             # The RCPT replies (if pipelined) are moot: the transaction failed.
             await self.settle(message, recipients, not_final(mail_reply, STAGE_MAIL),
                               STAGE_MAIL)
-            self.unsettled = []
+            self._current = []
             self._refuse_unwanted_data(data_reply)
             await self._rset()
             return []
@@ -184,7 +213,7 @@ class MessageTransfer:
                 postponed.append((rcpt, reply))
             else:
                 await self.settle(message, [rcpt], not_final(reply, STAGE_RCPT), STAGE_RCPT)
-        self.unsettled = list(accepted)
+        self._current = list(accepted)
         if not accepted:
             self._refuse_unwanted_data(data_reply)
             await self._rset()
@@ -194,13 +223,13 @@ class MessageTransfer:
         if data_reply.code != 354:
             await self.settle(message, accepted, not_final(data_reply, STAGE_DATA),
                               STAGE_DATA)
-            self.unsettled = []
+            self._current = []
             await self._rset()
             return postponed
         await client.send_body(self.body(message.id))
-        final = await client.read_reply(t.final_reply)
-        self.unsettled = []
-        await self.settle(message, accepted, final, STAGE_FINAL)
+        self._final, self._current = (message, accepted), []
+        if not (self.pipeline_messages and client.has("PIPELINING")):
+            await self.finish()  # read now: no next group goes first
         return postponed
 
     def _refuse_unwanted_data(self, data_reply: Reply | None) -> None:
@@ -208,6 +237,7 @@ class MessageTransfer:
             raise UnwantedData(f"{self.peer} accepted DATA without recipients")
 
     async def _rset(self) -> None:
+        await self.finish()
         reply = await self.client.command("RSET", self.timeouts.command)
         if reply.code != 250:
             raise ResetRefused(f"{self.peer} refused RSET: {reply}")

@@ -21,8 +21,9 @@ connection (RFC 2645 §5.3).  Contract:
   (its recipients, and those delivered after it, stay queued).
   Other outcomes (a deferral, a failure, a delivery with a DSN) are
   committed before the next command is sent.
-- Uses PIPELINING (MAIL, all RCPTs and DATA sent without waiting; in one
-  write, or over TLS one TLS record per command so that fetchmail's
+- Uses PIPELINING (MAIL, all RCPTs and DATA sent without waiting, and
+  right after the previous message's final dot, before its reply: RFC 2920
+  §3.1, `MessageTransfer(pipeline_messages=True)`; in one write, or over TLS one TLS record per command so that fetchmail's
   line-by-line relay sees every one, see `net/client.py`), SIZE, 8BITMIME
   and SMTPUTF8 when the customer offers them; a message the customer cannot take
   (too big for its SIZE, 8-bit without 8BITMIME, UTF-8 without SMTPUTF8) is
@@ -37,7 +38,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass
 
 from fermoposta.mail.dsn import Action, RecipientReport, build_dsn, wants_notice
@@ -117,6 +118,15 @@ class Drain:
         self._committer: asyncio.Task[None] | None = None
         self._commit_error: StoreError | None = None
         self._stored_body = stored_body(store)
+        # One transfer for the session: the next message's commands follow a
+        # final dot at once (net/transfer.py, pipeline_messages).
+        self.transfer = MessageTransfer(
+            self.client, peer="the customer", body=self._body, settle=self._settle,
+            timeouts=TransferTimeouts(command=settings.command_timeout,
+                                      data_init=settings.data_init_timeout,
+                                      final_reply=settings.final_reply_timeout),
+            pipeline_messages=True,
+        )
         self._bodies: dict[str, bytes] = {}  # prefetched bodies of small messages
 
     async def _heartbeat(self) -> None:
@@ -215,6 +225,7 @@ class Drain:
                     self._bodies.pop(message.id, None)
         if upcoming is not None:
             upcoming.cancel()
+        await self._guarded(self.transfer.finish())  # the last message's final reply
 
     def _prefetch(self, ids: Sequence[str], index: int
                   ) -> asyncio.Task[tuple[QueuedMessage | None, bytes | None]] | None:
@@ -246,16 +257,15 @@ class Drain:
         """One message through the shared transaction (net/transfer.py): its
         refusals, pipelining, 452 splitting (so a customer may take one
         recipient per transaction, as an LMTP hand-off must) and outcomes."""
-        transfer = MessageTransfer(
-            self.client, peer="the customer", body=self._body, settle=self._settle,
-            timeouts=TransferTimeouts(command=self.settings.command_timeout,
-                                      data_init=self.settings.data_init_timeout,
-                                      final_reply=self.settings.final_reply_timeout),
-        )
         started = time.monotonic()
+        await self._guarded(self.transfer.send(message, recipients))
+        metrics.DELIVERY_SECONDS.labels("odmr").observe(time.monotonic() - started)
+
+    async def _guarded(self, step: Awaitable[None]) -> None:
+        """Run a step of the transfer; turn its peer failures into the drain's."""
+        transfer = self.transfer
         try:
-            await transfer.send(message, recipients)
-            metrics.DELIVERY_SECONDS.labels("odmr").observe(time.monotonic() - started)
+            await step
         except UnwantedData:
             # Ending it with "." could deliver an empty message: drop the
             # connection; the customer discards the open transaction (§3.8).
@@ -267,7 +277,7 @@ class Drain:
             raise _Abort() from None
         except PEER_ERRORS:
             for rcpt in transfer.unsettled:
-                event("drain", message.id, to=f"<{rcpt.address}>", relay=self.result.relay,
+                event("drain", rcpt.message_id, to=f"<{rcpt.address}>", relay=self.result.relay,
                       status="deferred",
                       reason="connection lost during the transaction: kept, possible duplicate")
             self.result.deferred += len(transfer.unsettled)
