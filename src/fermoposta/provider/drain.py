@@ -23,8 +23,9 @@ connection (RFC 2645 §5.3).  Contract:
   committed before the next command is sent.
 - Uses PIPELINING (MAIL, all RCPTs and DATA sent without waiting, and
   right after the previous message's final dot, before its reply: RFC 2920
-  §3.1, `MessageTransfer(pipeline_messages=True)`; in one write, or over TLS one TLS record per command so that fetchmail's
-  line-by-line relay sees every one, see `net/client.py`), SIZE, 8BITMIME
+  §3.1, `MessageTransfer(pipeline_messages=True)`; in one write, or over
+  TLS one TLS record per command so that fetchmail's line-by-line relay
+  sees every one, see `net/client.py`), SIZE, 8BITMIME
   and SMTPUTF8 when the customer offers them; a message the customer cannot take
   (too big for its SIZE, 8-bit without 8BITMIME, UTF-8 without SMTPUTF8) is
   failed with a DSN without being sent.
