@@ -618,4 +618,5 @@ class Customer:
 
 
 def ratio(a: float, b: float) -> str:
-    return "n/a" if not b else f"{a / b:.2f}"
+    """a/b to two places; "n/a" when b is 0 or either was not measured (NaN)."""
+    return "n/a" if not b or a != a or b != b else f"{a / b:.2f}"
