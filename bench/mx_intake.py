@@ -57,6 +57,7 @@ def main() -> int:
         try:
             before = c.memory(provider.pid)
             cpu0 = c.cpu_seconds(provider.pid)
+            io0 = c.written_bytes(provider.pid)
             with c.RSSSampler(provider.pid) as sampler:
                 try:
                     fp_s = c.run_smtp_source(source_args, mx_port, args.timeout)
@@ -65,11 +66,13 @@ def main() -> int:
                     raise
             after = c.memory(provider.pid)
             cpu = c.cpu_seconds(provider.pid) - cpu0
+            io = c.written_bytes(provider.pid) - io0
         finally:
             code = provider.stop()
         fp_rate = args.messages / fp_s
         print(f"  fermoposta  : {fp_s:7.2f} s  {fp_rate:8.0f} msgs/s  (provider CPU {cpu:.2f} s "
-              f"= {100 * cpu / fp_s:.0f}% of one core)")
+              f"= {100 * cpu / fp_s:.0f}% of one core); written to disk {io / 2**20:.1f} MiB "
+              f"= {io / 1024 / args.messages:.1f} KiB per message")
         print(f"  ratio fermoposta/smtp-sink: {c.ratio(fp_rate, sink_rate)}  "
               f"(smtp-sink is {c.ratio(sink_rate, fp_rate)}x faster)")
         print(f"  provider RSS: before {c.mib(before.get('VmRSS'))}, after "

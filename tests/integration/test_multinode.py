@@ -257,8 +257,12 @@ async def test_3000_messages_three_mx_and_kill_9_mid_drain(make_cluster, tmp_pat
     assert len(first) == kill_after
     d0 = [(key, tuple(rcpts)) for key, rcpts in first + second]
     assert set(d0) == expected["d0.test"], "lost or foreign messages"
-    twice = [item for item, count in collections.Counter(d0).items() if count > 1]
-    assert twice == [(first[-1][0], tuple(first[-1][1]))], twice
+    twice = {item for item, count in collections.Counter(d0).items() if count > 1}
+    # Sent twice: the one in flight, and any acknowledged just before the kill
+    # whose removal n2 had not committed yet (deliveries are committed in the
+    # background, in order): a short tail of what n2 sent, never older mail.
+    tail = [(key, tuple(rcpts)) for key, rcpts in first[-len(twice):]] if twice else []
+    assert twice and twice == set(tail) and len(twice) <= 10, (twice, first[-12:])
     # Until n2 counts as dead: "domain busy" (and 421 after too many of them).
     assert busy and all(r == DOMAIN_BUSY or r[0] == 421 for r in busy), busy
     assert took < TAKEOVER_LIMIT

@@ -89,10 +89,16 @@ def test_every_connection_is_wal_with_foreign_keys_and_full_sync(
         assert body_of(s, mid) == b"hello"
         monkeypatch.undo()
         assert opened
+        assert len(opened) == 2  # the connection, and the one of `_read_now`
         for conn in opened:
             assert str(conn.execute("PRAGMA journal_mode").fetchone()[0]).lower() == "wal"
             assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
             assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+            if conn is s._quick:
+                # Reads on the event loop: never writes, never waits.
+                assert conn.execute("PRAGMA query_only").fetchone()[0] == 1
+                assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == 0
+                continue
             # Several processes share the file: wait for a writer, do not fail at once.
             assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == BUSY_TIMEOUT * 1000
     # WAL is a property of the file: it stays after the store is closed.

@@ -278,6 +278,8 @@ class SQLiteStore(SQLiteDirectory, SQLiteQueueTools):
             self._quick = sqlite3.connect(self._path, timeout=0, isolation_level=None,
                                           check_same_thread=False)
             self._quick.execute("PRAGMA query_only = ON")
+            self._quick.execute("PRAGMA foreign_keys = ON")  # as every connection
+            self._quick.execute("PRAGMA synchronous = FULL")
         except (sqlite3.Error, OSError) as exc:
             self._conn.close()
             raise StoreError(f"cannot open store {self._path}: {exc}") from exc
