@@ -161,13 +161,12 @@ def test_migration_from_version_1_adds_the_etrn_column(pg: Schema) -> None:
     """A database of version 1 (no ETRN column) migrates to 2 with its domains,
     none of them an ETRN domain."""
     from fermoposta.store.base import Account, Domain
-    with pg.raw() as conn:
-        with conn.transaction():
-            for statement in pg_schema.MIGRATIONS[1]:
-                conn.execute(statement)
-            conn.execute("UPDATE schema_version SET version = 1")
-            conn.execute("INSERT INTO accounts (name, created_at) VALUES ('acme', 0)")
-            conn.execute("INSERT INTO domains (name, account) VALUES ('a.example', 'acme')")
+    with pg.raw() as conn, conn.transaction():
+        for statement in pg_schema.MIGRATIONS[1]:
+            conn.execute(statement)
+        conn.execute("UPDATE schema_version SET version = 1")
+        conn.execute("INSERT INTO accounts (name, created_at) VALUES ('acme', 0)")
+        conn.execute("INSERT INTO domains (name, account) VALUES ('a.example', 'acme')")
     store = pg.open()
     assert store.migrate() == (2, 2)  # done on opening
     assert store.get_domain("a.example") == Domain("a.example", "acme")
