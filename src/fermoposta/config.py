@@ -456,10 +456,14 @@ class MXConfig:
       domains' MX records may use for this provider besides ``hostname``
       (e.g. ``mx1.provider.example`` behind a shared ``hostname``); used by
       ``fermoposta domain check``.
+    - ``etrn_interval`` (duration, default ``"1m"``; ``"0"`` = no limit): the
+      least time between two ETRNs (RFC 1985) for one domain; a sooner one
+      gets ``458 4.7.0``.  Counted in the store, so shared by every node.
     """
 
     require_valid_recipient: bool = _key(_boolean, False)
     mx_names: tuple[str, ...] = _key(_domain_list, ())
+    etrn_interval: float = _key(_duration(positive=False), written="1m")
 
 
 @dataclass(frozen=True, slots=True)

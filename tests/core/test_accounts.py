@@ -23,6 +23,7 @@ from fermoposta.provider.accounts import (
 )
 from fermoposta.store import (
     Account,
+    Domain,
     MessageOrigin,
     NewMessage,
     NewRecipient,
@@ -358,10 +359,10 @@ def test_domain_commands(
     assert code == 0
     lines = out.splitlines()
     assert lines[0].split() == ["DOMAIN", "ACCOUNT", "HELD", "MSGS", "HELD", "BYTES", "QUOTA",
-                                "LIFETIME"]
+                                "LIFETIME", "ETRN"]
     assert lines[1].split() == ["a.example", "alice", "1", "5", "100", "msgs/5000000", "bytes",
-                                "-"]
-    assert lines[2].split() == ["b.example", "alice", "0", "0", "-", "-"]
+                                "-", "-"]
+    assert lines[2].split() == ["b.example", "alice", "0", "0", "-", "-", "-"]
     code, out, _ = run(store, capsys, "domain", "list", "--account", "alice")
     assert code == 0 and len(out.splitlines()) == 3
     assert run(store, capsys, "domain", "list", "--account", "nobody")[0] == 65
@@ -442,7 +443,37 @@ def test_domain_hold_lifetime(store: SQLiteStore, capsys: pytest.CaptureFixture[
     assert run(store, capsys, "domain", "add", "b.example", "--account", "alice",
                "--hold-lifetime", "90m")[0] == 0
     code, out, _ = run(store, capsys, "domain", "list")
-    assert [line.split()[-1] for line in out.splitlines()[1:]] == ["60d", "90m"]
+    assert [line.split()[-2] for line in out.splitlines()[1:]] == ["60d", "90m"]
     for bad in ("soon", "0", "-1d"):
         assert run(store, capsys, "domain", "add", "c.example", "--account", "alice",
                    f"--hold-lifetime={bad}")[0] == 64
+
+
+def test_domain_etrn_options(store: SQLiteStore, capsys: pytest.CaptureFixture[str],
+                             pwfile: Path) -> None:
+    assert run(store, capsys, "account", "add", "alice", "--password-file", str(pwfile))[0] == 0
+    code, out, _ = run(store, capsys, "domain", "add", "a.example", "--account", "alice",
+                       "--etrn-host", "Mail.A.Example:2525")
+    assert code == 0 and "(ETRN: mail.a.example:2525)" in out
+    assert run(store, capsys, "domain", "add", "b.example", "--account", "alice",
+               "--etrn-mx")[0] == 0
+    assert run(store, capsys, "domain", "add", "c.example", "--account", "alice")[0] == 0
+    assert [(d.name, d.etrn) for d in store.list_domains()] == [
+        ("a.example", "mail.a.example:2525"), ("b.example", ""), ("c.example", None)]
+    code, out, _ = run(store, capsys, "domain", "list")
+    assert [line.split()[-1] for line in out.splitlines()[1:]] == [
+        "mail.a.example:2525", "mx", "-"]
+    assert run(store, capsys, "domain", "set", "c.example", "--etrn-host", "[::1]:26")[0] == 0
+    assert run(store, capsys, "domain", "set", "a.example", "--no-etrn")[0] == 0
+    code, out, _ = run(store, capsys, "domain", "set", "b.example", "--etrn-host", "192.0.2.9")
+    assert code == 0 and out.strip() == "domain b.example: ETRN 192.0.2.9"
+    assert [(d.name, d.etrn) for d in store.list_domains()] == [
+        ("a.example", None), ("b.example", "192.0.2.9"), ("c.example", "[::1]:26")]
+    for bad in ("", "host:0", "host:70000", "::1", "[::1", "bad_host", "h:x", "-h.example"):
+        assert run(store, capsys, "domain", "set", "b.example", f"--etrn-host={bad}")[0] == 64
+    assert run(store, capsys, "domain", "set", "nowhere.example", "--etrn-mx")[0] == 65
+    with pytest.raises(SystemExit):  # one of the options is required, and only one
+        run(store, capsys, "domain", "set", "b.example")
+    with pytest.raises(SystemExit):
+        run(store, capsys, "domain", "set", "b.example", "--etrn-mx", "--no-etrn")
+    assert store.get_domain("b.example") == Domain("b.example", "alice", etrn="192.0.2.9")

@@ -125,3 +125,71 @@ def test_retry_delay_doubles_up_to_the_maximum_with_jitter() -> None:
         delay = retry_delay(n, 300, 3600)
         base = min(3600, 300 * 2**n)
         assert 0.8 * base <= delay <= 1.2 * base
+
+
+# --- ETRN domains (RFC 1985) --------------------------------------------------------------
+
+ETRN_DNS = FakeDNS(
+    mx={
+        # The customer is the primary MX, we are the backup.
+        "cust.test": [(10, "mail.cust.test"), (20, "MX.Provider.Test."), (30, "worse.test")],
+        "onlyus.test": [(10, "mx.provider.test")],
+        "alias.test": [(5, "mail.cust.test"), (10, "mx1.provider.test")],
+        "gone.test": DNSNotFoundError("gone.test"),
+    },
+    hosts={"mail.cust.test": ["192.0.2.20"], "worse.test": ["192.0.2.30"],
+           "mx.provider.test": ["192.0.2.99"], "mx1.provider.test": ["192.0.2.98"],
+           "relay.example": ["192.0.2.9"], "target.cust.test": ["192.0.2.21"]},
+)
+OURS = ("mx.provider.test", "mx1.provider.test")
+
+
+async def test_etrn_route_to_the_configured_target_wins_over_transport_and_smarthost() -> None:
+    config = OutboundConfig(smarthost=("relay.example", 587), port=2525,
+                            transport={"cust.test": ("relay.example", 25)})
+    router = Router(config, ETRN_DNS)
+    route = await router.etrn_route("cust.test", "target.cust.test:2626", OURS)
+    assert (route.kind, route.hops, route.tls) == (
+        "etrn", (Hop("target.cust.test", "192.0.2.21", 2626),), TLSPolicy.MAY)
+    route = await router.etrn_route("cust.test", "192.0.2.50", OURS)
+    assert route.hops == (Hop("192.0.2.50", "192.0.2.50", 2525),)  # [outbound] port
+    route = await router.etrn_route("cust.test", "[2001:db8::5]:26", OURS)
+    assert route.hops == (Hop("2001:db8::5", "2001:db8::5", 26),)
+    assert (await router.route("cust.test")).kind == "transport"  # others unchanged
+
+
+async def test_etrn_route_by_mx_only_to_hosts_better_than_us() -> None:
+    router = Router(OutboundConfig(port=25), ETRN_DNS)
+    route = await router.etrn_route("cust.test", "", OURS)
+    assert [h.ip for h in route.hops] == ["192.0.2.20"]  # not us, not the worse one
+    route = await router.etrn_route("alias.test", "", OURS)  # our other name, from mx_names
+    assert [h.ip for h in route.hops] == ["192.0.2.20"]
+    with pytest.raises(RouteError) as err:
+        await router.etrn_route("onlyus.test", "", OURS)
+    assert (err.value.reply.code, err.value.reply.enhanced) == (451, "4.4.4")
+    # DNS saying the domain does not exist defers (the hold lifetime decides), never bounces.
+    with pytest.raises(RouteError) as err:
+        await router.etrn_route("gone.test", "", OURS)
+    assert err.value.reply.code == 451
+    # A target without addresses defers too.
+    with pytest.raises(RouteError) as err:
+        await router.etrn_route("cust.test", "nowhere.cust.test", OURS)
+    assert err.value.reply.code == 451
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("host.example", ("host.example", 25)), ("Host.Example.:2525", ("host.example", 2525)),
+    ("192.0.2.1:26", ("192.0.2.1", 26)), ("[2001:db8::1]", ("2001:db8::1", 25)),
+    ("[2001:db8::1]:26", ("2001:db8::1", 26)),
+])
+def test_split_host_port(text: str, expected: tuple[str, int]) -> None:
+    from fermoposta.provider.resolver import split_host_port
+    assert split_host_port(text, 25) == expected
+
+
+@pytest.mark.parametrize("text", ["", ":25", "h:0", "h:65536", "h:x", "2001:db8::1", "[h]:25",
+                                  "[2001:db8::1]x", "bad_host", "-h.example", "a..b"])
+def test_split_host_port_refuses(text: str) -> None:
+    from fermoposta.provider.resolver import split_host_port
+    with pytest.raises(ValueError):
+        split_host_port(text, 25)

@@ -128,3 +128,51 @@ def test_any_line_gets_an_action_never_an_exception(line: bytes) -> None:
         assert action.reply.to_bytes().endswith(b"\r\n")
     else:
         assert action.spec is TABLE[action.command.verb]
+
+
+# --- ETRN (RFC 1985 §5) ------------------------------------------------------------------
+
+ETRN_TABLE = verb_table(VerbSpec("ETRN", "smtp_etrn", Needs.HELO | Needs.NO_TRANSACTION),
+                        base=BASE)
+
+
+@pytest.mark.parametrize(("arg", "expected"), [
+    ("example.org", ("example.org", False, False)),
+    ("Example.ORG.", ("example.org", False, False)),
+    ("@example.org", ("example.org", True, False)),
+    ("#queue-1", ("queue-1", False, True)),
+    ("bücher.example", ("xn--bcher-kva.example", False, False)),
+    ("  example.org  ", ("example.org", False, False)),
+])
+def test_etrn_forms(arg: str, expected: tuple[str, bool, bool]) -> None:
+    from fermoposta.smtp.server import parse_etrn
+    node = parse_etrn(arg)
+    assert (node.name, node.subdomains, node.queue) == expected
+    assert str(node) == ("@" if expected[1] else "#" if expected[2] else "") + expected[0]
+
+
+@pytest.mark.parametrize("arg", [
+    "", "   ", "@", "#", "a b", "example.org extra", "@@example.org", "#@x", "[192.0.2.1]",
+    "@[192.0.2.1]", "exa_mple.org", "-bad.example", "a..b", "x" * 64 + ".example",
+    "#que\x7fue",
+])
+def test_etrn_syntax_errors_are_501_before_dispatch(arg: str) -> None:
+    m = ServerMachine(ETRN_TABLE)
+    m.helo("client.test", esmtp=True)
+    assert code(m.receive_line(f"ETRN {arg}\r\n".encode())) == (501, "5.5.4")
+    assert m.errors == 0  # counted when the driver reports the reply
+    action = m.receive_line(b"ETRN example.org\r\n")
+    assert isinstance(action, Dispatch) and action.spec.handler == "smtp_etrn"
+
+
+def test_etrn_bare_verb_and_sequence() -> None:
+    m = ServerMachine(ETRN_TABLE)
+    assert code(m.receive_line(b"ETRN example.org\r\n")) == (503, "5.5.1")  # HELO first
+    m.helo("client.test", esmtp=False)
+    assert code(m.receive_line(b"ETRN\r\n")) == (501, "5.5.4")
+    m.state.transaction_open = True
+    assert code(m.receive_line(b"ETRN example.org\r\n")) == (503, "5.5.1")
+    m.state.transaction_open = False
+    assert isinstance(m.receive_line(b"etrn @example.org\r\n"), Dispatch)
+    # A dialog without ETRN: a known verb it does not offer.
+    assert code(ServerMachine(BASE).receive_line(b"ETRN example.org\r\n")) == (502, "5.5.1")

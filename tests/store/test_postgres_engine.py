@@ -131,8 +131,8 @@ def _with_netloc(url: str, *, port: int, password: str | None = None) -> str:
 
 def test_a_fresh_schema_gets_every_table_in_the_current_schema(pg: Schema) -> None:
     store = pg.open()
-    assert store.schema_version() == SCHEMA_VERSION == 1
-    assert store.migrate() == (1, 1)
+    assert store.schema_version() == SCHEMA_VERSION == 2
+    assert store.migrate() == (2, 2)
     tables = {r[0] for r in pg.sql(
         "SELECT table_name FROM information_schema.tables WHERE table_schema = %s", (pg.name,))}
     assert tables == EXPECTED_TABLES
@@ -146,7 +146,7 @@ def test_a_fresh_schema_gets_every_table_in_the_current_schema(pg: Schema) -> No
     assert "claim_holder" in columns
     assert pg.sql("SELECT column_name FROM information_schema.columns WHERE table_schema = %s"
                   " AND table_name = 'messages' AND column_name = 'node'", (pg.name,))
-    assert pg.sql("SELECT version FROM schema_version") == [(1,)]
+    assert pg.sql("SELECT version FROM schema_version") == [(2,)]
 
 
 def test_migrate_reports_the_versions_and_is_idempotent(pg: Schema) -> None:
@@ -155,6 +155,24 @@ def test_migrate_reports_the_versions_and_is_idempotent(pg: Schema) -> None:
         assert pg_schema.migrate(conn) == (0, SCHEMA_VERSION)
         assert pg_schema.migrate(conn) == (SCHEMA_VERSION, SCHEMA_VERSION)
         assert pg_schema.current_version(conn) == SCHEMA_VERSION
+
+
+def test_migration_from_version_1_adds_the_etrn_column(pg: Schema) -> None:
+    """A database of version 1 (no ETRN column) migrates to 2 with its domains,
+    none of them an ETRN domain."""
+    from fermoposta.store.base import Account, Domain
+    with pg.raw() as conn, conn.transaction():
+        for statement in pg_schema.MIGRATIONS[1]:
+            conn.execute(statement)
+        conn.execute("UPDATE schema_version SET version = 1")
+        conn.execute("INSERT INTO accounts (name, created_at) VALUES ('acme', 0)")
+        conn.execute("INSERT INTO domains (name, account) VALUES ('a.example', 'acme')")
+    store = pg.open()
+    assert store.migrate() == (2, 2)  # done on opening
+    assert store.get_domain("a.example") == Domain("a.example", "acme")
+    store.update_domain(Domain("a.example", "acme", etrn=""))
+    assert store.etrn_domains("a.example") == ["a.example"]
+    assert store.get_account("acme") == Account("acme", None, None)
 
 
 def test_concurrent_migrations_create_the_schema_once(pg: Schema) -> None:
@@ -177,8 +195,9 @@ def test_concurrent_migrations_create_the_schema_once(pg: Schema) -> None:
         t.join()
     assert errors == []
     # Exactly one of them made it; the others waited on the lock and found it done.
-    assert sorted(results) == [(0, 1), (1, 1), (1, 1), (1, 1)]
-    assert pg.sql("SELECT version FROM schema_version") == [(1,)]
+    v = SCHEMA_VERSION
+    assert sorted(results) == [(0, v), (v, v), (v, v), (v, v)]
+    assert pg.sql("SELECT version FROM schema_version") == [(2,)]
 
 
 def test_concurrent_stores_on_a_fresh_schema(pg: Schema) -> None:

@@ -242,11 +242,11 @@ def test_due_query_uses_the_index(store: SQLiteStore, path: Path) -> None:
 
 def test_new_store_has_the_current_version(path: Path) -> None:
     with SQLiteStore(path) as s:
-        assert s.schema_version() == SCHEMA_VERSION == 6
+        assert s.schema_version() == SCHEMA_VERSION == 7
         assert s.migrate() == (0, SCHEMA_VERSION)  # a new file: from nothing
-    assert rows(path, "PRAGMA user_version") == [(6,)]
+    assert rows(path, "PRAGMA user_version") == [(7,)]
     with SQLiteStore(path) as again:
-        assert again.migrate() == (6, 6)
+        assert again.migrate() == (7, 7)
 
 
 def test_newer_schema_refused(path: Path) -> None:
@@ -333,7 +333,7 @@ CREATE INDEX IF NOT EXISTS leases_owner ON leases(owner);
 
 
 def test_migration_from_version_1(tmp_path: Path) -> None:
-    """A store written by fermoposta with schema 1 opens with its data, as version 6."""
+    """A store written by fermoposta with schema 1 opens with its data, as the current version."""
     path = tmp_path / "v1.sqlite3"
     conn = sqlite3.connect(path)
     conn.execute("PRAGMA journal_mode = WAL")
@@ -379,7 +379,7 @@ def test_migration_from_version_1(tmp_path: Path) -> None:
     finally:
         store.close()
     check = sqlite3.connect(path)
-    assert check.execute("PRAGMA user_version").fetchone()[0] == 6
+    assert check.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     tables = {r[0] for r in check.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert "account_cert_subjects" in tables
     lease_columns = {r[1] for r in check.execute("PRAGMA table_info(leases)")}
@@ -400,7 +400,7 @@ CREATE INDEX IF NOT EXISTS account_cert_subjects_account ON account_cert_subject
 
 
 def test_migration_from_version_2(tmp_path: Path) -> None:
-    """A store written with schema 2 opens with its data as version 6; queued
+    """A store written with schema 2 opens with its data as the current version; queued
     OUTBOUND recipients are due at once, HELD ones keep waiting."""
     path = tmp_path / "v2.sqlite3"
     conn = sqlite3.connect(path)
@@ -442,7 +442,7 @@ def test_migration_from_version_2(tmp_path: Path) -> None:
         assert b"".join(store.read_body("0123456789AB")) == b"keep"
         assert store.held_message_ids(["a.example"]) == ["0123456789AB"]
     check = sqlite3.connect(path)
-    assert check.execute("PRAGMA user_version").fetchone()[0] == 6
+    assert check.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     indexes = {r[0] for r in check.execute("SELECT name FROM sqlite_master WHERE type='index'")}
     assert {"recipients_due", "recipients_claimed_by", "messages_received"} <= indexes
     check.close()
@@ -471,7 +471,7 @@ ALTER TABLE leases ADD COLUMN holder TEXT NOT NULL DEFAULT '';
 
 
 def test_migration_from_version_5(tmp_path: Path) -> None:
-    """A store written with schema 5 opens as version 6: its messages have no
+    """A store written with schema 5 opens as the current version: its messages have no
     node (""), a claim it held has no holder and waits for its expiry, rate
     events start empty."""
     path = tmp_path / "v5.sqlite3"
@@ -495,7 +495,7 @@ def test_migration_from_version_5(tmp_path: Path) -> None:
             """
         )
     with SQLiteStore(path) as store:
-        assert store.migrate() == (5, 6)
+        assert store.migrate() == (5, SCHEMA_VERSION)
         m = store.get_message("0123456789AB")
         assert m is not None and m.node == ""
         # The claim of version 5 names no process: only its expiry frees it.
@@ -506,7 +506,7 @@ def test_migration_from_version_5(tmp_path: Path) -> None:
         assert entry is not None and dict(entry.hold_from) == {2: HELD}
         assert store.count_events("k", 0.0) == 0 and store.add_event("k", 1.0, 10.0) == 1
         assert body_of(store, "0123456789AB") == b"keep"
-    assert rows(path, "PRAGMA user_version") == [(6,)]
+    assert rows(path, "PRAGMA user_version") == [(7,)]
     columns = {r[1] for r in rows(path, "PRAGMA table_info(recipients)")}
     assert "claim_holder" in columns
 
@@ -582,3 +582,24 @@ def test_holder_names_that_are_not_file_names_count_as_alive(tmp_path: Path) -> 
     assert not holders.is_alive("somehost-123-deadbeef")  # no such file: dead
     holders.close()
     assert not (tmp_path / "holders" / f"{me}.lock").exists()
+
+
+def test_migration_from_version_6(tmp_path: Path) -> None:
+    """A store written with schema 6 (no ETRN column) opens as version 7 with
+    its domains, none of them an ETRN domain."""
+    from fermoposta.store.base import Account, Domain
+    path = tmp_path / "v6.sqlite3"
+    with SQLiteStore(path) as store:
+        store.add_account(Account("acme", None, None))
+        store.add_domain(Domain("a.example", "acme", max_messages=5))
+    with closing(sqlite3.connect(path)) as conn:
+        conn.execute("ALTER TABLE domains DROP COLUMN etrn")
+        conn.execute("PRAGMA user_version = 6")
+        conn.commit()
+    with SQLiteStore(path) as store:
+        assert store.migrate() == (6, 7)  # what opening did
+        assert store.get_domain("a.example") == Domain("a.example", "acme", max_messages=5)
+        assert store.etrn_domains("a.example") == []
+        store.update_domain(Domain("a.example", "acme", etrn="h.example:2525"))
+        assert store.etrn_domains("a.example") == ["a.example"]
+    assert rows(path, "PRAGMA user_version") == [(7,)]

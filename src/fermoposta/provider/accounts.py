@@ -2,7 +2,8 @@
 
 Contract:
 - `register(subparsers, open_store)` adds the
-  `account {add,list,remove,passwd,certs}` and `domain {add,list,remove}`
+  `account {add,list,remove,passwd,certs}` and `domain {add,set,list,remove}`
+  (ETRN options: `provider.etrn_admin`)
   subcommands.  Each sets
   `handler=<callable(args, store) -> int>` with `set_defaults`; the caller opens
   the store and calls `args.handler(args, store)`.  (`open_store` is accepted
@@ -54,6 +55,12 @@ from fermoposta.provider.admin import (
 from fermoposta.provider.admin import UsageError as _UsageError
 from fermoposta.provider.admin import error as _error
 from fermoposta.provider.admin import guarded as _guarded
+from fermoposta.provider.etrn_admin import (
+    Unchanged,
+    add_etrn_options,
+    etrn_option,
+    format_etrn,
+)
 from fermoposta.smtp.sasl import normalize_subject
 from fermoposta.smtp.x509name import parse_subject
 from fermoposta.store.base import (
@@ -414,6 +421,7 @@ def domain_add(args: argparse.Namespace, store: Directory) -> int:
             raise _UsageError(f"--hold-lifetime: {exc}") from None
         if lifetime <= 0:
             raise _UsageError("--hold-lifetime must be positive")
+    etrn = etrn_option(args)
     if store.get_account(args.account) is None:
         raise ValueError(f"no account {args.account!r}")
     store.add_domain(
@@ -424,9 +432,12 @@ def domain_add(args: argparse.Namespace, store: Directory) -> int:
             max_bytes=max_bytes,
             valid_recipients=valid,
             hold_lifetime=lifetime,
+            etrn=None if isinstance(etrn, Unchanged) else etrn,
         )
     )
     detail = "" if valid is None else f" ({len(valid)} valid recipients)"
+    if not isinstance(etrn, Unchanged):
+        detail += f" (ETRN: {etrn or 'mx'})"
     print(f"domain {name} added to account {args.account}{detail}")
     return EX_OK
 
@@ -459,8 +470,24 @@ def domain_list(args: argparse.Namespace, store: HostedMail) -> int:
     for domain in store.list_domains(args.account):
         messages, size = store.domain_usage(domain.name)
         rows.append([domain.name, domain.account, str(messages), str(size), _format_quota(domain),
-                     _format_lifetime(domain)])
-    print(_table(["DOMAIN", "ACCOUNT", "HELD MSGS", "HELD BYTES", "QUOTA", "LIFETIME"], rows))
+                     _format_lifetime(domain), format_etrn(domain)])
+    print(_table(["DOMAIN", "ACCOUNT", "HELD MSGS", "HELD BYTES", "QUOTA", "LIFETIME", "ETRN"],
+                 rows))
+    return EX_OK
+
+
+@_guarded
+def domain_set(args: argparse.Namespace, store: Directory) -> int:
+    """Change a domain's ETRN setting; its held mail is untouched."""
+    name = _usage_domain(args.domain)
+    etrn = etrn_option(args)
+    domain = store.get_domain(name)
+    if domain is None:
+        raise ValueError(f"no domain {name}")
+    if not isinstance(etrn, Unchanged):
+        domain = dataclasses.replace(domain, etrn=etrn)
+        store.update_domain(domain)
+    print(f"domain {name}: ETRN {format_etrn(domain)}")
     return EX_OK
 
 
@@ -587,7 +614,13 @@ def register(
         help="how long held mail waits for collection before it expires with a DSN "
         "(e.g. 60d; default: [hold] lifetime)",
     )
+    add_etrn_options(dadd)
     dadd.set_defaults(handler=domain_add)
+
+    dset = domain_cmds.add_parser("set", help="change a domain's ETRN setting")
+    dset.add_argument("domain", metavar="DOMAIN")
+    add_etrn_options(dset, set_command=True)
+    dset.set_defaults(handler=domain_set)
 
     dlist = domain_cmds.add_parser("list", help="list the domains and their held mail")
     dlist.add_argument("--account", metavar="NAME")

@@ -13,6 +13,10 @@ Contract:
   share that commit.  Every recipient is stored HELD, waiting for its
   customer's ATRN.
 - A store failure answers 451 4.3.0 (try again later); nothing is lost.
+- ETRN (RFC 1985) after HELO/EHLO and outside a transaction, advertised in
+  EHLO, when the session has an `EtrnService` (the provider always gives
+  one): its syntax is the machine's (501), its answer the service's
+  (`fermoposta.provider.etrn`); without a service it is 502.
 - Each refused recipient is one ``NOQUEUE: reject: RCPT`` line and one count
   in `fermoposta_smtp_rejects_total` (`TransactionSession.reject`): reason
   relay_denied, unknown_user, quota, or other (a store error).
@@ -23,15 +27,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from typing import IO
+from collections.abc import Mapping
+from typing import IO, ClassVar
 
 from fermoposta.net.connection import Connection
 from fermoposta.net.server_session import SessionLimits
 from fermoposta.net.transaction import Recipient, Transaction, TransactionSession
 from fermoposta.ops import metrics
 from fermoposta.ops.log import event
+from fermoposta.provider.etrn import EtrnService
+from fermoposta.smtp import reply as R
 from fermoposta.smtp.command import Path
 from fermoposta.smtp.reply import Reply
+from fermoposta.smtp.server import Needs, VerbSpec, parse_etrn, verb_table
 from fermoposta.store.base import (
     HostedMail,
     MessageOrigin,
@@ -66,11 +74,22 @@ class MXSession(TransactionSession):
         tls_context: ssl.SSLContext | None = None,
         require_valid_recipient: bool = False,
         intake: GroupCommit | None = None,
+        etrn: EtrnService | None = None,
     ) -> None:
         super().__init__(conn, hostname=hostname, limits=limits, tls_context=tls_context)
         self.store = store
         self.intake = intake or GroupCommit(store)
         self.require_valid_recipient = require_valid_recipient
+        self.etrn = etrn
+
+    def extensions(self) -> list[str]:
+        return [*super().extensions(), "ETRN"] if self.etrn is not None else super().extensions()
+
+    async def smtp_etrn(self, arg: str) -> Reply:
+        # HELO first, no transaction, well-formed: the verb table and the machine saw to it.
+        if self.etrn is None:
+            return R.NOT_IMPLEMENTED
+        return await self.etrn.request(parse_etrn(arg), self.peer_description())
 
     async def check_recipient(self, txn: Transaction, rcpt: Recipient) -> Reply | None:
         refusal = await self._recipient_refusal(txn, rcpt)
@@ -141,3 +160,8 @@ class MXSession(TransactionSession):
               nrcpt=len(txn.recipients), status="held")
         return Reply(250, "2.0.0", f"OK queued as {queue_id}")
 
+
+    VERBS: ClassVar[Mapping[str, VerbSpec]] = verb_table(
+        VerbSpec("ETRN", "smtp_etrn", Needs.HELO | Needs.NO_TRANSACTION),
+        base=TransactionSession.VERBS,
+    )

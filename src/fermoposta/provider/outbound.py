@@ -18,7 +18,10 @@ OUTBOUND recipients; `OutboundRunner` delivers them.  Contract:
   pass until it succeeds, since the renewal would otherwise keep those
   recipients claimed, and unsent, for as long as the runner lives.
 - Routing (`fermoposta.provider.resolver.Router`): transport map, smarthost,
-  or MX lookup.  Recipients are grouped per destination; one connection
+  or MX lookup; a hosted ETRN domain's recipients (released by an ETRN,
+  `provider.etrn`) go only to that domain's ETRN target or its MX hosts
+  better than this provider (`Router.etrn_route`; our names are `hostname`
+  and `[mx] mx_names`).  Recipients are grouped per destination; one connection
   carries many messages, one transaction all the recipients of a message
   for that destination.  At most `concurrency` connections in all and
   `concurrency_per_destination` per destination.
@@ -34,7 +37,9 @@ OUTBOUND recipients; `OutboundRunner` delivers them.  Contract:
     the end of the lifetime.  A deferral at or after `received_at +
     lifetime` fails the recipient instead with an expiry DSN (Status 4.4.7,
     Action failed, the last reason as Diagnostic-Code; RFC 3463 X.4.7).
-    Bugs and store problems defer, they never bounce.
+    Bugs and store problems defer, they never bounce.  A deferred recipient
+    of an ETRN domain goes back on hold instead (`return_to_held`): it
+    waits for the next ETRN, and the hold lifetime, not this one, ends it.
   * When a deferral happens `delay_notice` (> 0) or longer after arrival, a
     "delayed" DSN goes once to the sender (for recipients whose NOTIFY
     allows it; no NOTIFY counts as FAILURE,DELAY), with Will-Retry-Until.
@@ -109,6 +114,7 @@ from fermoposta.store.base import (
     QueuedMessage,
     QueuedRecipient,
     StoreError,
+    lookup_domain,
 )
 
 __all__ = ["OutboundRunner", "OutboundSettings", "retry_delay"]
@@ -403,7 +409,12 @@ class OutboundRunner:
 
         async def lookup(domain: str) -> None:
             try:
-                routes[domain] = await self.router.route(domain)
+                target = await self._etrn_target(domain)
+                if target is not None:
+                    routes[domain] = await self.router.etrn_route(domain, target,
+                                                                  self._own_names())
+                else:
+                    routes[domain] = await self.router.route(domain)
             except RouteError as exc:
                 routes[domain] = exc
             except Exception as exc:  # a bug: defer
@@ -458,6 +469,14 @@ class OutboundRunner:
             log.warning("%s: store error, recipients stay queued: %s", message.id, exc)
         except Exception:
             log.exception("%s: cannot record the outcome; recipients stay queued", message.id)
+
+    async def _etrn_target(self, domain: str) -> str | None:
+        """The ETRN target of a hosted ETRN domain ("" = its MX hosts), else None."""
+        hosted = await lookup_domain(self.store, domain)
+        return None if hosted is None else hosted.etrn
+
+    def _own_names(self) -> list[str]:
+        return [self.config.hostname, *self.config.mx.mx_names]
 
     def _semaphore(self, key: str) -> asyncio.Semaphore:
         sem = self._per_destination.get(key)
@@ -820,7 +839,11 @@ class OutboundRunner:
     async def _defer_each(self, message: QueuedMessage,
                           pairs: list[tuple[QueuedRecipient, _Problem]]) -> None:
         """Keep recipients for a later attempt, or expire them after the lifetime;
-        send the delay notice when it is time."""
+        send the delay notice when it is time.  ETRN domains' recipients go
+        back on hold instead."""
+        pairs = await self._hold_etrn_again(message, pairs)
+        if not pairs:
+            return
         now = self.clock()
         expires = message.received_at + self.out.lifetime
         if now >= expires:
@@ -854,6 +877,27 @@ class OutboundRunner:
                           reason=f"sender delay notification: {dsn_id}")
                     self.wake()
 
+    async def _hold_etrn_again(self, message: QueuedMessage,
+                               pairs: list[tuple[QueuedRecipient, _Problem]]
+                               ) -> list[tuple[QueuedRecipient, _Problem]]:
+        """Put the deferred recipients of ETRN domains back on hold; return the others."""
+        etrn: dict[str, bool] = {}
+        for domain in {r.domain for r, _ in pairs}:
+            try:
+                etrn[domain] = await self._etrn_target(domain) is not None
+            except StoreError:
+                etrn[domain] = False  # deferred as outbound mail: retried, not lost
+        held = [(r, p) for r, p in pairs if etrn[r.domain]]
+        by_reply: dict[str, list[int]] = {}
+        for rcpt, problem in held:
+            by_reply.setdefault(str(problem.reply), []).append(rcpt.id)
+        for reply_text, ids in by_reply.items():
+            await asyncio.to_thread(self.store.return_to_held, ids, reply_text)
+        self.deferred += len(held)
+        for rcpt, problem in held:
+            self._log(message, [rcpt], problem, "deferred", note="held until the next ETRN")
+        return [(r, p) for r, p in pairs if not etrn[r.domain]]
+
     async def _build(self, message: QueuedMessage, action: Action,
                      reports: list[RecipientReport], will_retry_until: float | None = None
                      ) -> tuple[NewMessage, IO[bytes]] | None:
@@ -875,13 +919,14 @@ class OutboundRunner:
         return self._hosted[domain]
 
     def _log(self, message: QueuedMessage, recipients: list[QueuedRecipient], problem: _Problem,
-             status: str, dsn: str | None = None) -> None:
+             status: str, dsn: str | None = None, note: str | None = None) -> None:
         delay = max(0.0, self.clock() - message.received_at)
         metrics.RECIPIENTS.labels("outbound", status).inc(len(recipients))
+        reason = str(problem.reply) + (f"; {note}" if note else "")
         for rcpt in recipients:
             event("outbound", message.id, to=f"<{rcpt.address}>", relay=problem.relay,
                   delay=round(delay, 2), dsn=dsn or _status(problem.reply), status=status,
-                  reason=str(problem.reply))
+                  reason=reason)
 
 
 # --- helpers ---------------------------------------------------------------------------------

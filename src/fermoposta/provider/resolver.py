@@ -25,6 +25,14 @@ Contract:
   * SERVFAIL, REFUSED, timeouts → 451 4.4.3 (a DNS problem never bounces).
   The transport and smarthost targets may be names: they are resolved the
   same way (A/AAAA only).
+- ETRN domains (RFC 1985): `await router.etrn_route(domain, target,
+  own_names)` is the route of a hosted ETRN domain's mail, whatever the
+  transport map or smarthost say: `target` (``host[:port]`` from the
+  domain's configuration, the port defaulting to `[outbound] port`), or with
+  ``""`` the domain's MX hosts *better than this provider* (preference below
+  that of any MX host named in `own_names`; none listed: all of them, like
+  Postfix's rule for a backup MX).  Its errors are always 4xx (451 4.4.4 when
+  no MX host is better than us): held mail is never bounced for a route.
 - TLS policy: `TLSPolicy.ENCRYPT` (STARTTLS required) for a domain in
   `require_tls_domains` and for a smarthost with ``smarthost_tls =
   "starttls"``; `IMPLICIT` for ``"implicit"``; `NONE` for a smarthost with
@@ -39,7 +47,7 @@ import asyncio
 import enum
 import ipaddress
 import random
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -62,6 +70,7 @@ __all__ = [
     "RouteError",
     "Router",
     "TLSPolicy",
+    "split_host_port",
 ]
 
 MAX_HOPS = 10  # addresses tried per delivery attempt
@@ -196,6 +205,43 @@ class DNSResolver:
         return found
 
 
+def split_host_port(text: str, default_port: int) -> tuple[str, int]:
+    """``host``, ``host:port``, ``[v6]`` or ``[v6]:port`` (an ETRN target);
+    ValueError if malformed (empty host, bad port, a bare IPv6 address)."""
+    text = text.strip()
+    port_text: str | None = None
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or not _is_ip(host) or ":" not in host:
+            raise ValueError(f"bad [IPv6] address in {text!r}")
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError(f"bad host:port {text!r}")
+            port_text = rest[1:]
+    else:
+        host, sep, port_text_found = text.rpartition(":")
+        if not sep:
+            host, port_text = text, None
+        elif ":" in host:
+            raise ValueError(f"an IPv6 address needs brackets: {text!r}")
+        else:
+            port_text = port_text_found
+    if not host:
+        raise ValueError(f"no host in {text!r}")
+    if not _is_ip(host):
+        labels = host.rstrip(".").split(".")
+        if not all(label and len(label) <= 63 and label.replace("-", "").isalnum()
+                   and label.isascii() and not label.startswith("-")
+                   and not label.endswith("-") for label in labels) or len(host) > 253:
+            raise ValueError(f"bad host name {host!r}")
+        host = host.lower().rstrip(".")
+    if port_text is None:
+        return host, default_port
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"bad port {port_text!r}")
+    return host, int(port_text)
+
+
 def _is_ip(text: str) -> bool:
     try:
         ipaddress.ip_address(text)
@@ -247,6 +293,24 @@ class Router:
         hops = await self._mx_hops(domain)
         return Route(f"mx:{domain}:{tls}", "mx", hops, tls, domains=frozenset({domain}))
 
+    async def etrn_route(self, domain: str, target: str, own_names: Collection[str] = ()
+                         ) -> Route:
+        """See the module docstring (ETRN domains)."""
+        domain = domain.lower()
+        tls = self._policy(domain, TLSPolicy.MAY)
+        try:
+            if target:
+                host, port = split_host_port(target, self.config.port)
+                hops = await self._static_hops(host, port)
+                return Route(f"etrn:{host}:{port}:{tls}", "etrn", hops, tls,
+                             domains=frozenset({domain}))
+            hops = await self._mx_hops(domain, better_than=own_names)
+        except RouteError as exc:
+            if exc.reply.is_permanent:  # defer: the hold lifetime decides
+                raise RouteError(Reply(451, "4.4.4", exc.reply.text)) from exc
+            raise
+        return Route(f"etrn-mx:{domain}:{tls}", "etrn", hops, tls, domains=frozenset({domain}))
+
     async def _static_hops(self, host: str, port: int) -> tuple[Hop, ...]:
         if _is_ip(host):
             return (Hop(host, host, port),)
@@ -261,7 +325,8 @@ class Router:
             raise RouteError(Reply(451, "4.4.4", f"No address for relay host {host}"))
         return tuple(Hop(host, ip, port) for ip in addresses[:MAX_HOPS])
 
-    async def _mx_hops(self, domain: str) -> tuple[Hop, ...]:
+    async def _mx_hops(self, domain: str, better_than: Collection[str] = ()
+                       ) -> tuple[Hop, ...]:
         try:
             records = await self.resolver.mx(domain)
         except DNSNotFoundError as exc:
@@ -277,6 +342,13 @@ class Router:
             if not real:
                 raise RouteError(Reply(556, "5.1.10",
                                        f"Domain {domain} does not accept mail (null MX)"))
+            ours = {n.lower().rstrip(".") for n in better_than}
+            own = [pref for pref, host in real if host.lower().rstrip(".") in ours]
+            if own:
+                real = [(pref, host) for pref, host in real if pref < min(own)]
+                if not real:
+                    raise RouteError(Reply(451, "4.4.4", f"No MX host of {domain} is better "
+                                           "than this host; set its ETRN host"))
             shuffled = random.sample(real, len(real))
             hosts = [host for _, host in sorted(shuffled, key=lambda r: r[0])]
         hops: list[Hop] = []

@@ -17,7 +17,8 @@ Contract:
   delayed and lock out addresses and accounts across connections.  It keeps
   its counts over a SIGHUP (only its settings change).
 - It also runs the outbound runner (delivery of submissions and DSNs to the
-  Internet) and the hold expirer; a stored submission wakes the runner.
+  Internet) and the hold expirer; a stored submission wakes the runner, and
+  so does an ETRN that released held mail (`provider.etrn`, on the MX).
 - The server certificate's dates (issue 11): `start()` and `reload()` read
   its notAfter into `fermoposta_tls_certificate_expiry_timestamp_seconds`;
   an expired or not yet valid one is refused (`ConfigError`).  While it
@@ -53,6 +54,7 @@ from fermoposta.net.server_session import ServerSession, SessionLimits
 from fermoposta.ops import certs, metrics
 from fermoposta.ops.log import setup_logging
 from fermoposta.provider.drain import DrainSettings
+from fermoposta.provider.etrn import EtrnService
 from fermoposta.provider.expiry import HoldExpirer
 from fermoposta.provider.mx import MXSession
 from fermoposta.provider.odmr import ODMRSession, ODMRSettings
@@ -166,6 +168,8 @@ class Provider:
         self._apply(config)
         self.rate_limiter = RateLimiter(store, config.submission.rate_limit,
                                         config.submission.rate_window)
+        # ETRN on the MX (RFC 1985): releases held mail to the outbound runner.
+        self.etrn = EtrnService(store, interval=config.mx.etrn_interval, wake=self._queued)
         # Called after each submission; the outbound runner sets it to its wake().
         self.on_queued: Callable[[], None] | None = None
         self.servers: list[asyncio.Server] = []
@@ -237,6 +241,7 @@ class Provider:
             self._cert_warned_at = None  # a new certificate: say at once if it is short-lived
             self._publish_certificate()
             self.check_certificate()
+        self.etrn.interval = config.mx.etrn_interval
         if config.submission.rate_limit != self.rate_limiter.limit or \
                 config.submission.rate_window != self.rate_limiter.window:
             self.rate_limiter.limit = config.submission.rate_limit
@@ -249,7 +254,7 @@ class Provider:
         return MXSession(conn, hostname=self.config.hostname, limits=self.limits,
                          tls_context=self.mx_tls_context, store=self.store,
                          require_valid_recipient=self.config.mx.require_valid_recipient,
-                         intake=self.intake)
+                         intake=self.intake, etrn=self.etrn)
 
     def odmr_session(self, conn: Connection) -> ServerSession:
         session = ODMRSession(conn, hostname=self.config.hostname, limits=self.limits,

@@ -27,6 +27,11 @@ Contract:
   writes into `state` before each line: TLS active, the authenticated
   account, whether a transaction is open.  `tls_started` forgets everything
   learned before STARTTLS (RFC 3207 §4.2).
+- ETRN (RFC 1985 §5): `parse_etrn` is its syntax, checked by the machine
+  before dispatch (501 5.5.4 for a missing or bad node name; the handler
+  gets only well-formed ones): ``ETRN domain``, ``ETRN @domain`` (the domain
+  and its subdomains) or ``ETRN #queue`` (a queue name, which the caller
+  may refuse with 458/459); domains are IDNA-normalised like paths.
 - Errors: a reply ≥ 400 counts towards `max_errors` except 421 and 452
   4.5.3 (flow control); a delivered message (`delivered`) starts the count
   afresh, like Postfix's "errors without delivering mail".
@@ -35,11 +40,12 @@ Contract:
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from fermoposta.smtp import reply as R
-from fermoposta.smtp.command import Command, parse_command
+from fermoposta.smtp.command import Command, normalize_domain, parse_command
 from fermoposta.smtp.reply import Reply, SMTPError
 
 __all__ = [
@@ -50,10 +56,12 @@ __all__ = [
     "RESPONSE_LINE_LIMIT",
     "DialogState",
     "Dispatch",
+    "EtrnRequest",
     "Needs",
     "Refuse",
     "ServerMachine",
     "VerbSpec",
+    "parse_etrn",
     "verb_table",
 ]
 
@@ -71,6 +79,46 @@ NESTED_MAIL = Reply(503, "5.5.1", "Nested MAIL command")
 NEED_MAIL = Reply(503, "5.5.1", "Need MAIL command first")
 NOT_IN_TRANSACTION = Reply(503, "5.5.1", "Not allowed during a mail transaction")
 AUTH_IN_TRANSACTION = Reply(503, "5.5.1", "AUTH not allowed during a mail transaction")
+
+
+_QUEUE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+ETRN_SYNTAX = Reply(501, "5.5.4", "Syntax: ETRN [@]domain or ETRN #queue")
+
+
+@dataclass(frozen=True, slots=True)
+class EtrnRequest:
+    """A well-formed ETRN argument (RFC 1985 §5); a queue name is letters,
+    digits, ".", "_" and "-", at most 64."""
+
+    name: str  # the domain (normalised A-label) or the queue name
+    subdomains: bool = False  # "@domain": the domain and every domain under it
+    queue: bool = False  # "#queue": a queue name, not a domain
+
+    def __str__(self) -> str:  # as the client wrote it (normalised)
+        return ("#" if self.queue else "@" if self.subdomains else "") + self.name
+
+
+def parse_etrn(arg: str) -> EtrnRequest:
+    """The node of ``ETRN [@|#]<node>``; `SMTPError` 501 5.5.4 if it is missing
+    or is not one domain name (or one queue name after ``#``)."""
+    text = arg.strip()
+    if not text or any(c.isspace() for c in text):
+        raise SMTPError(ETRN_SYNTAX)
+    if text.startswith("#"):
+        name = text[1:]
+        if not _QUEUE_NAME.fullmatch(name):
+            raise SMTPError(ETRN_SYNTAX)
+        return EtrnRequest(name, queue=True)
+    subdomains = text.startswith("@")
+    if subdomains:
+        text = text[1:]
+    if text.startswith("[") or text.startswith("@"):
+        raise SMTPError(ETRN_SYNTAX)  # an address literal names no queue of ours
+    try:
+        name = normalize_domain(text)
+    except ValueError:
+        raise SMTPError(ETRN_SYNTAX) from None
+    return EtrnRequest(name, subdomains=subdomains)
 
 
 class Needs(enum.Flag):
@@ -148,7 +196,14 @@ class ServerMachine:
         if spec is None:
             return Refuse(R.NOT_IMPLEMENTED if command.verb in KNOWN_VERBS else R.SYNTAX_ERROR)
         refusal = self.check(spec)
-        return Refuse(refusal) if refusal is not None else Dispatch(spec, command)
+        if refusal is not None:
+            return Refuse(refusal)
+        if command.verb == "ETRN":
+            try:
+                parse_etrn(command.arg)
+            except SMTPError as exc:
+                return Refuse(exc.reply)
+        return Dispatch(spec, command)
 
     def check(self, spec: VerbSpec) -> Reply | None:
         """Why `spec` may not run now, or None."""

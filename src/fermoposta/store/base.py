@@ -180,6 +180,19 @@ class Domain:
     # Seconds held mail waits for collection before it expires with a DSN;
     # None = the `[hold] lifetime` of the config.
     hold_lifetime: float | None = None
+    # ETRN (RFC 1985): None = not an ETRN domain; "" = its held mail goes to
+    # the domain's MX hosts better than this provider on ETRN; "host" or
+    # "host:port" = to that server.  Never set from what an SMTP client says.
+    etrn: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EtrnStarted:
+    """What `HoldQueue.start_etrn` did."""
+
+    messages: int = 0  # distinct messages with at least one recipient made due
+    recipients: int = 0  # HELD recipients now OUTBOUND, plus OUTBOUND ones made due
+    busy: tuple[str, ...] = ()  # domains left alone: an ATRN session holds their lease
 
 
 # --- queue tools (`fermoposta queue`) ----------------------------------------------------
@@ -377,6 +390,15 @@ class HoldQueue(MessageQueue, Protocol):
         left out (the drain owns them)."""
         ...
 
+    def start_etrn(self, domains: Collection[str], now: float) -> EtrnStarted:
+        """ETRN (RFC 1985) for `domains` (at most 500; ValueError beyond), in
+        one transaction: their HELD recipients become OUTBOUND, due at `now`
+        (attempts, replies and first failure kept), and their OUTBOUND ones
+        not claimed by a runner right now are made due at `now`.  A domain
+        leased by a live ATRN session is left alone (the drain owns its
+        mail) and named in `busy`."""
+        ...
+
     # Shared with OutboundQueue: delay notices for held and outbound mail alike.
     def mark_delay_notified(
         self, recipient_ids: Collection[int], dsn: tuple[NewMessage, IO[bytes]] | None = None
@@ -408,6 +430,14 @@ class OutboundQueue(MessageQueue, Protocol):
         """End the claims of `owner` (all, or only on `recipient_ids`); the
         recipients are due at `next_attempt_at` (None = at once).  Recipients
         claimed by someone else are left alone."""
+        ...
+
+    def return_to_held(self, recipient_ids: Collection[int], reply: str) -> None:
+        """A deferral that puts OUTBOUND recipients back on hold (an ETRN
+        delivery that failed for now: it waits for the next ETRN or the hold
+        lifetime): attempts + 1, `last_reply`, `first_failure_at` set on the
+        first deferral, state HELD, no retry time, claim released.
+        Recipients in another state are left alone."""
         ...
 
     def outbound_older_than(self, cutoff: float, limit: int) -> list[QueuedMessage]:
@@ -465,6 +495,11 @@ class Directory(Protocol):
     def list_domains(self, account: str | None = None) -> list[Domain]: ...
 
     def remove_domain(self, name: str) -> bool: ...
+
+    def etrn_domains(self, name: str, *, subdomains: bool = False) -> list[str]:
+        """The ETRN domains (`Domain.etrn` set) named `name`, and with
+        `subdomains` also those under it (``sub.name``), sorted."""
+        ...
 
 
 async def lookup_domain(directory: Directory, name: str) -> Domain | None:

@@ -209,9 +209,10 @@ class PostgresDirectory:
                 with conn.transaction():
                     conn.execute(
                         "INSERT INTO domains (name, account, max_messages, max_bytes, validate,"
-                        " hold_lifetime) VALUES (%s, %s, %s, %s, %s, %s)",
+                        " hold_lifetime, etrn) VALUES (%s, %s, %s, %s, %s, %s, %s)",
                         (domain.name, domain.account, domain.max_messages, domain.max_bytes,
-                         domain.valid_recipients is not None, domain.hold_lifetime),
+                         domain.valid_recipients is not None, domain.hold_lifetime,
+                         domain.etrn),
                     )
             except pg_errors.UniqueViolation as exc:  # added by another node just now
                 raise ValueError(f"domain {domain.name!r} already exists") from exc
@@ -229,9 +230,10 @@ class PostgresDirectory:
                 raise ValueError(f"no account {domain.account!r}")
             conn.execute(
                 "UPDATE domains SET account = %s, max_messages = %s, max_bytes = %s,"
-                " validate = %s, hold_lifetime = %s WHERE name = %s",
+                " validate = %s, hold_lifetime = %s, etrn = %s WHERE name = %s",
                 (domain.account, domain.max_messages, domain.max_bytes,
-                 domain.valid_recipients is not None, domain.hold_lifetime, domain.name),
+                 domain.valid_recipients is not None, domain.hold_lifetime, domain.etrn,
+                 domain.name),
             )
             conn.execute("DELETE FROM valid_recipients WHERE domain = %s", (domain.name,))
             _set_valid(conn, domain)
@@ -247,7 +249,7 @@ class PostgresDirectory:
             " WHERE v.domain = d.name) FROM domains d WHERE name = %s", (name,))
         if not rows:
             return None
-        return domain_from_row(rows[0], rows[0][6])
+        return domain_from_row(rows[0], rows[0][7])
 
     def list_domains(self, account: str | None = None) -> list[Domain]:
         with self._read("list domains") as conn:

@@ -34,7 +34,7 @@ from fermoposta.store.base import SchemaTooNew, StoreError
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "current_version", "migrate"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Version 1: the whole schema.  Same tables as the SQLite engine's version 6,
 # plus `holders` (heartbeat rows: who is alive) and `schema_version`.
@@ -152,9 +152,16 @@ _V1: tuple[str, ...] = (
     "INSERT INTO schema_version (version) VALUES (0)",
 )
 
+# Version 2: the ETRN target of a domain (RFC 1985; the SQLite engine's version 7):
+# NULL = not an ETRN domain, '' = its MX hosts, else "host" or "host:port".
+_V2: tuple[str, ...] = (
+    "ALTER TABLE domains ADD COLUMN etrn text",
+)
+
 # Statements that bring a database from version N-1 to N.
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: _V1,
+    2: _V2,
 }
 
 # The advisory lock key: per schema, so tests (one schema each) and

@@ -105,6 +105,7 @@ from fermoposta.store.base import (
     new_queue_id,
 )
 from fermoposta.store.pg_directory import PostgresDirectory
+from fermoposta.store.pg_etrn import PostgresEtrn
 from fermoposta.store.pg_rows import (
     _DB_NOW,
     _LOCK_RECIPIENTS,
@@ -165,7 +166,7 @@ def redact_conninfo(url: str) -> tuple[str, tuple[str, ...]]:
     return redacted, tuple(sorted({s for s in secrets_found if s}, key=len, reverse=True))
 
 
-class PostgresStore(PostgresDirectory, PostgresQueueTools):
+class PostgresStore(PostgresDirectory, PostgresQueueTools, PostgresEtrn):
     """The `Store` on a PostgreSQL database shared by many nodes; see the module docstring."""
 
     def __init__(

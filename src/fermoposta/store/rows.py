@@ -33,7 +33,7 @@ RECIPIENT_COLUMNS = (
 MESSAGE_COLUMNS = (
     "id, sender, received_at, size, origin, smtputf8, body_8bit, envid, ret, client, node"
 )
-DOMAIN_COLUMNS = "name, account, max_messages, max_bytes, validate, hold_lifetime"
+DOMAIN_COLUMNS = "name, account, max_messages, max_bytes, validate, hold_lifetime, etrn"
 ACCOUNT_COLUMNS = (
     "name, scram_salt, scram_iterations, scram_stored_key, scram_server_key, cram_secret,"
     " created_at, last_atrn_at"
@@ -100,7 +100,7 @@ def domain_from_row(row: Sequence[Any], valid: Iterable[str] | None) -> Domain:
     local parts, used only when the row says the domain validates them."""
     return Domain(name=row[0], account=row[1], max_messages=row[2], max_bytes=row[3],
                   valid_recipients=frozenset(str(v) for v in valid or ()) if row[4] else None,
-                  hold_lifetime=row[5])
+                  hold_lifetime=row[5], etrn=row[6])
 
 
 # A domain filter with fewer matching recipients than this starts from the

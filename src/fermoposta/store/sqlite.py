@@ -28,7 +28,8 @@ Contract and choices:
   runs the steps of `_MIGRATIONS` up to `SCHEMA_VERSION`, in one transaction
   (version 2 added `account_cert_subjects`; version 3 the outbound retry
   schedule and claims of recipients, and the per-domain hold lifetime;
-  version 4 `recipient_holds`; version 5 the `holder` of a lease).
+  version 4 `recipient_holds`; version 5 the `holder` of a lease; version 7
+  the ETRN target of a domain).
 - A lease names the process that holds it (`holders.Holders`, a lock file
   under `<data_dir>/holders/`): a lease whose holder is dead is taken over
   at once, so a provider killed mid-drain blocks its domains for no time;
@@ -72,6 +73,7 @@ from fermoposta.store.holders import Holders
 from fermoposta.store.rows import message_from_row as _message
 from fermoposta.store.rows import recipient_from_row as _recipient
 from fermoposta.store.sqlite_directory import SQLiteDirectory
+from fermoposta.store.sqlite_etrn import SQLiteEtrn
 from fermoposta.store.sqlite_rows import (
     _BATCH,
     _MESSAGE_COLUMNS,
@@ -81,7 +83,7 @@ from fermoposta.store.sqlite_rows import (
 )
 from fermoposta.store.sqlite_tools import SQLiteQueueTools
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 BUSY_TIMEOUT = 10.0  # seconds
 
 
@@ -194,7 +196,8 @@ CREATE TABLE IF NOT EXISTS domains (
     max_messages INTEGER,
     max_bytes INTEGER,
     validate INTEGER NOT NULL DEFAULT 0,
-    hold_lifetime REAL
+    hold_lifetime REAL,
+    etrn TEXT  -- NULL: not an ETRN domain, '': its MX hosts, else host[:port]
 );
 CREATE INDEX IF NOT EXISTS domains_account ON domains(account);
 CREATE TABLE IF NOT EXISTS valid_recipients (
@@ -224,6 +227,11 @@ ALTER TABLE messages ADD COLUMN node TEXT NOT NULL DEFAULT '';
 ALTER TABLE recipients ADD COLUMN claim_holder TEXT;
 """ + _RATE_EVENTS
 
+# Version 7: the ETRN target of a domain (RFC 1985).
+_V7 = """
+ALTER TABLE domains ADD COLUMN etrn TEXT;
+"""
+
 # Statements that bring a file from version N-1 to N.
 _MIGRATIONS: dict[int, str] = {
     2: _ACCOUNT_CERT_SUBJECTS,
@@ -231,6 +239,7 @@ _MIGRATIONS: dict[int, str] = {
     4: _RECIPIENT_HOLDS,
     5: _V5,
     6: _V6,
+    7: _V7,
 }
 
 def _statements(script: str) -> Iterator[str]:
@@ -239,7 +248,7 @@ def _statements(script: str) -> Iterator[str]:
             yield statement
 
 
-class SQLiteStore(SQLiteDirectory, SQLiteQueueTools):
+class SQLiteStore(SQLiteDirectory, SQLiteQueueTools, SQLiteEtrn):
     """The `Store` on one SQLite file."""
 
     def __init__(

@@ -203,7 +203,7 @@ class SQLiteDirectory:
                 raise ValueError(f"no account {domain.account!r}")
             conn.execute(
                 "INSERT INTO domains (name, account, max_messages, max_bytes, validate,"
-                " hold_lifetime) VALUES (?, ?, ?, ?, ?, ?)",
+                " hold_lifetime, etrn) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
                     domain.name,
                     domain.account,
@@ -211,12 +211,14 @@ class SQLiteDirectory:
                     domain.max_bytes,
                     int(domain.valid_recipients is not None),
                     domain.hold_lifetime,
+                    domain.etrn,
                 ),
             )
             _set_valid(conn, domain)
 
     def update_domain(self, domain: Domain) -> None:
-        """Replace an existing domain's account, quotas, valid recipients and hold lifetime."""
+        """Replace an existing domain's account, quotas, valid recipients, hold
+        lifetime and ETRN target."""
         with self._write() as conn:
             row = conn.execute("SELECT 1 FROM domains WHERE name = ?", (domain.name,)).fetchone()
             if row is None:
@@ -225,13 +227,14 @@ class SQLiteDirectory:
                 raise ValueError(f"no account {domain.account!r}")
             conn.execute(
                 "UPDATE domains SET account = ?, max_messages = ?, max_bytes = ?, validate = ?,"
-                " hold_lifetime = ? WHERE name = ?",
+                " hold_lifetime = ?, etrn = ? WHERE name = ?",
                 (
                     domain.account,
                     domain.max_messages,
                     domain.max_bytes,
                     int(domain.valid_recipients is not None),
                     domain.hold_lifetime,
+                    domain.etrn,
                     domain.name,
                 ),
             )

@@ -1,0 +1,90 @@
+"""ETRN (RFC 1985) in the PostgreSQL engine: `etrn_domains`, `start_etrn`
+and `return_to_held` (see `fermoposta.store.base`).
+
+Contract: `PostgresEtrn` is a mixin of `PostgresStore` and uses only its
+transactions (`_read`, `_write`), clock and holder-liveness SQL (`_live`).
+Rows are locked in id order, as every write of the engine does; a domain
+leased by a live ATRN session, and a recipient claimed by a live runner,
+are left alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING
+
+from fermoposta.store.base import EtrnStarted
+from fermoposta.store.pg_rows import _LOCK_RECIPIENTS, HELD, OUTBOUND, Conn, _ids
+
+MAX_ETRN_DOMAINS = 500  # as the SQLite engine's batch
+
+
+class PostgresEtrn:
+    """The ETRN part of `PostgresStore`."""
+
+    _clock: Callable[[], float]
+
+    if TYPE_CHECKING:  # provided by PostgresStore
+        def _read(self, what: str, *, snapshot: bool = True
+                  ) -> AbstractContextManager[Conn]: ...
+
+        def _write(self, what: str) -> AbstractContextManager[Conn]: ...
+
+        def _check_open(self) -> None: ...
+
+        def _live(self, column: str) -> str: ...
+
+    def etrn_domains(self, name: str, *, subdomains: bool = False) -> list[str]:
+        suffix = "." + name
+        with self._read("etrn domains", snapshot=False) as conn:
+            if subdomains:
+                rows = conn.execute(
+                    "SELECT name FROM domains WHERE etrn IS NOT NULL"
+                    " AND (name = %s OR right(name, %s) = %s) ORDER BY name",
+                    (name, len(suffix), suffix)).fetchall()
+            else:
+                rows = conn.execute("SELECT name FROM domains WHERE etrn IS NOT NULL"
+                                    " AND name = %s", (name,)).fetchall()
+        return [str(r[0]) for r in rows]
+
+    def start_etrn(self, domains: Collection[str], now: float) -> EtrnStarted:
+        wanted = sorted(set(domains))
+        if len(wanted) > MAX_ETRN_DOMAINS:
+            raise ValueError(f"start_etrn: at most {MAX_ETRN_DOMAINS} domains at once")
+        if not wanted:
+            self._check_open()
+            return EtrnStarted()
+        with self._write("start etrn") as conn:
+            busy = sorted(str(r[0]) for r in conn.execute(
+                "SELECT domain FROM leases l WHERE domain = ANY(%s::text[])"
+                f" AND expires_at > %s AND {self._live('l.holder')}", (wanted, now)))
+            free = [d for d in wanted if d not in busy]
+            if not free:
+                return EtrnStarted(busy=tuple(busy))
+            # Not claimed by a live runner right now (as in retry_outbound).
+            rows = conn.execute(
+                "UPDATE recipients r SET state = %s, next_attempt_at = %s, updated_at = %s,"
+                " claimed_by = NULL, claimed_until = NULL, claim_holder = NULL"
+                " FROM (SELECT id FROM recipients WHERE domain = ANY(%s::text[])"
+                " AND (state = %s OR (state = %s AND (claimed_until IS NULL"
+                f" OR claimed_until <= %s OR NOT {self._live('claim_holder')})))"
+                " ORDER BY id FOR UPDATE) l WHERE r.id = l.id RETURNING r.message_id",
+                (OUTBOUND, now, now, free, HELD, OUTBOUND, now)).fetchall()
+        return EtrnStarted(messages=len({str(r[0]) for r in rows}), recipients=len(rows),
+                           busy=tuple(busy))
+
+    def return_to_held(self, recipient_ids: Collection[int], reply: str) -> None:
+        now = self._clock()
+        ids = _ids(recipient_ids)
+        with self._write("return to held") as conn:
+            if not ids:
+                return
+            conn.execute(
+                "UPDATE recipients r SET state = %s, attempts = r.attempts + 1,"
+                " last_reply = %s, updated_at = %s,"
+                " first_failure_at = COALESCE(r.first_failure_at, %s),"
+                " next_attempt_at = NULL, claimed_by = NULL, claimed_until = NULL,"
+                f" claim_holder = NULL FROM ({_LOCK_RECIPIENTS}) l"
+                " WHERE r.id = l.id AND r.state = %s",
+                (HELD, reply, now, now, ids, OUTBOUND))
