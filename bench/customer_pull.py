@@ -134,6 +134,7 @@ def main() -> int:
     source = ["-s", "10", "-m", str(args.messages), "-l", str(args.size), "-f",
               "sender@bench.test", "-t", "rcpt@example.org"]
     with c.workdir(args.keep, "fermoposta-bench-pull-") as work:
+        work.chmod(0o711)  # the postfix user must reach its queue under it
         for rnd in range(1, args.rounds + 1):
             order = ["fermoposta", "postfix"] if rnd % 2 else ["postfix", "fermoposta"]
             for system in order:
