@@ -40,6 +40,19 @@ def test_enqueue_batch_keeps_the_queue_ids_it_was_given(store: Store) -> None:
     assert ids == ["AAAAAAAAAAA1", "AAAAAAAAAAA2"]
 
 
+def test_enqueue_batch_draws_a_fresh_id_on_a_collision(store: Store) -> None:
+    taken = store.enqueue(msg("x@a.example"), io.BytesIO(b"x"), "AAAAAAAAAAA1")
+    big = b"y" * (3 * 256 * 1024 + 5)  # several chunks: the other path of the engines
+    ids = store.enqueue_batch([(msg("a@a.example"), io.BytesIO(b"a"), taken),
+                               (msg("b@a.example"), io.BytesIO(b"b"), "AAAAAAAAAAA2"),
+                               (msg("c@a.example"), io.BytesIO(b"c"), "AAAAAAAAAAA2"),
+                               (msg("d@a.example"), io.BytesIO(big), taken)])
+    assert ids[1] == "AAAAAAAAAAA2"
+    assert len(set(ids)) == 4 and taken not in ids
+    assert [body_of(store, i) for i in ids] == [b"a", b"b", b"c", big]
+    assert body_of(store, taken) == b"x"  # the message that had the id is untouched
+
+
 def test_enqueue_batch_is_all_or_nothing(store: Store) -> None:
     items = [(msg("a@a.example"), io.BytesIO(b"good"), None),
              (msg("b@a.example"), BrokenBody(), None),

@@ -73,6 +73,7 @@ Contract and choices:
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import math
 import os
@@ -518,15 +519,43 @@ class PostgresStore(PostgresDirectory, PostgresQueueTools, PostgresEtrn):
 
     def enqueue_batch(self, items: Sequence[tuple[NewMessage, IO[bytes], str | None]]
                       ) -> list[str]:
+        """One transaction; the messages whose body is one chunk go in one
+        pipeline (one round trip for all of them, libpq pipeline mode), the
+        others one statement at a time."""
         with self._write("enqueue") as conn:
-            return [self._enqueue(conn, message, body, queue_id)
-                    for message, body, queue_id in items]
+            now = self._clock()
+            ids: list[str] = [""] * len(items)
+            whole: list[tuple[int, NewMessage, bytes, str]] = []
+            for index, (message, body, queue_id) in enumerate(items):
+                first = body.read(CHUNK_SIZE)
+                second = body.read(CHUNK_SIZE) if first else b""
+                if second:
+                    ids[index] = self._enqueue(conn, message, body, queue_id,
+                                               head=(first, second))
+                else:
+                    whole.append((index, message, bytes(first), queue_id or new_queue_id()))
+            with conn.pipeline():
+                cursors = [self._insert_whole_query(conn, message_id, message, now, data)
+                           for _, message, data, message_id in whole]
+            for (index, message, data, message_id), cursor in zip(whole, cursors, strict=True):
+                row = cursor.fetchone()
+                if row is not None and int(row[0]) == 1:
+                    ids[index] = message_id
+                else:  # a colliding id wrote nothing: draw a fresh one
+                    ids[index] = self._enqueue(conn, message, io.BytesIO(), None,
+                                               head=(data, b""))
+            return ids
 
     def _enqueue(self, conn: Conn, message: NewMessage, body: IO[bytes],
-                 queue_id: str | None = None) -> str:
+                 queue_id: str | None = None,
+                 head: tuple[bytes, bytes] | None = None) -> str:
+        """`head`: the first two chunks, if the caller has read them already."""
         now = self._clock()
-        first = body.read(CHUNK_SIZE)
-        second = body.read(CHUNK_SIZE) if first else b""
+        if head is None:
+            first = body.read(CHUNK_SIZE)
+            second = body.read(CHUNK_SIZE) if first else b""
+        else:
+            first, second = head
         while True:
             message_id = queue_id or new_queue_id()
             queue_id = None  # on a collision, draw a fresh one
@@ -592,7 +621,14 @@ class PostgresStore(PostgresDirectory, PostgresQueueTools, PostgresEtrn):
         (one round trip); False, with nothing written, if `message_id` exists.
         The foreign keys are checked at the end of the statement, when the
         message row is there."""
-        row = conn.execute(
+        row = self._insert_whole_query(conn, message_id, message, now, data).fetchone()
+        return row is not None and int(row[0]) == 1
+
+    def _insert_whole_query(self, conn: Conn, message_id: str, message: NewMessage,
+                            now: float, data: bytes) -> psycopg.Cursor[TupleRow]:
+        """The statement of `_insert_whole`, executed; its one row counts the
+        messages written (0 or 1)."""
+        return conn.execute(
             "WITH m AS (INSERT INTO messages (id, sender, received_at, size, origin, smtputf8,"
             " body_8bit, envid, ret, client, node)"
             " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
@@ -606,8 +642,7 @@ class PostgresStore(PostgresDirectory, PostgresQueueTools, PostgresEtrn):
              message.client, self._node,
              data, bool(data),
              now, *self._recipient_arrays(message)),
-        ).fetchone()
-        return row is not None and int(row[0]) == 1
+        )
 
     def is_empty(self) -> bool:
         with self._read("is empty") as conn:
