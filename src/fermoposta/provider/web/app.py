@@ -40,7 +40,7 @@ import logging
 import re
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -153,18 +153,23 @@ async def _headers(request: web.Request, handler: Handler) -> web.StreamResponse
     request["session"] = request.app[SESSIONS].get(request.cookies.get(S.COOKIE))
     try:
         response = await handler(request)
-    except web.HTTPException as exc:  # redirects, 403, 429: still a response here
-        response = exc
+    except web.HTTPException as exc:  # redirects, 403, 429: the same headers
+        _secure(exc.headers)
+        raise
     except StoreError as exc:
         log.warning("status page: store error: %s", exc)
         response = web.Response(status=503, text="The queue store cannot answer now; "
                                 "try again in a moment.\n")
-    response.headers.setdefault("Content-Security-Policy", CSP)
-    response.headers["X-Content-Type-Options"] = "nosniff"
-    response.headers["X-Frame-Options"] = "DENY"
-    response.headers["Referrer-Policy"] = "no-referrer"
-    response.headers["Cache-Control"] = "no-store"
+    _secure(response.headers)
     return response
+
+
+def _secure(headers: MutableMapping[str, str]) -> None:
+    headers.setdefault("Content-Security-Policy", CSP)
+    headers["X-Content-Type-Options"] = "nosniff"
+    headers["X-Frame-Options"] = "DENY"
+    headers["Referrer-Policy"] = "no-referrer"
+    headers["Cache-Control"] = "no-store"
 
 
 def _need(kind: str, request: web.Request) -> S.Session:
@@ -467,10 +472,10 @@ class WebServer:
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         await self.deps.history.start()
-        runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
+                               shutdown_timeout=1.0)
         await runner.setup()
-        site = web.TCPSite(runner, host, port, ssl_context=self.deps.tls_context,
-                           shutdown_timeout=1.0)
+        site = web.TCPSite(runner, host, port, ssl_context=self.deps.tls_context)
         try:
             await site.start()
         except OSError:
