@@ -166,7 +166,7 @@ async def test_csrf_is_checked_on_every_post(web: Callable[..., Any]) -> None:
 
 
 async def test_wrong_password_and_cookie_flags(web: Callable[..., Any]) -> None:
-    running, client = await web()
+    _running, client = await web()
     browser = client()
     for kind, name in (("customer", "acme"), ("customer", "nobody"),
                        ("operator", OPERATOR), ("operator", "mallory")):
@@ -200,7 +200,7 @@ async def test_plain_http_cookie_is_not_secure(web: Callable[..., Any]) -> None:
 
 
 async def test_logins_are_throttled_like_auth(web: Callable[..., Any]) -> None:
-    running, client = await web(extra="\n[auth_throttle]\nfailure_delay = 0\n"
+    _running, client = await web(extra="\n[auth_throttle]\nfailure_delay = 0\n"
                                       "max_failures_per_ip = 3\n")
     browser = client()
     for _ in range(3):
@@ -214,7 +214,7 @@ async def test_logins_are_throttled_like_auth(web: Callable[..., Any]) -> None:
 
 async def test_operator_logs_in_with_a_client_certificate(web: Callable[..., Any],
                                                           certs: Certs) -> None:
-    running, client = await web(ops_extra=f"bob:sha256:{certs.client_fingerprint}\n")
+    _running, client = await web(ops_extra=f"bob:sha256:{certs.client_fingerprint}\n")
     browser = client(cert=certs.client_cert_file)
     form = await browser.get("/operator/login")
     assert "Log in as bob with your certificate" in form.text
