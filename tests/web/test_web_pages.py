@@ -247,3 +247,28 @@ async def test_customer_page_shows_pulls_from_activity(web: Callable[..., Any]) 
     page = await operator.login("operator", OPERATOR, OPERATOR_PASSWORD)
     row = page.text.split('<tr id="account-acme">', 1)[1].split("</tr>", 1)[0]
     assert "in progress" in row and "(3 delivered)" in row
+
+
+async def test_web_listener_errors(tmp_path: Path, certs: Certs) -> None:
+    import socket
+
+    from conftest import write_config
+    from fermoposta.config import ConfigError, load_provider_config
+    from fermoposta.provider.server import ListenError, Provider
+    from fermoposta.store import open_store
+
+    missing = write_config(tmp_path, certs, extra=web_extra(tmp_path / "no-such-file"))
+    with pytest.raises(ConfigError, match=r"\[web\] operators_file: file .* does not exist"):
+        load_provider_config(missing)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        path = write_config(tmp_path, certs, extra=f'[web]\nlisten = "127.0.0.1:{port}"\n')
+        config = load_provider_config(path)
+        store = open_store(config.data_dir)
+        try:
+            with pytest.raises(ListenError, match=f"cannot listen on web 127.0.0.1:{port}"):
+                await Provider(config, store).start()
+        finally:
+            store.close()
