@@ -485,6 +485,10 @@ def build_parser() -> argparse.ArgumentParser:
     store_admin.register(commands)
     commands.choices["store"].set_defaults(command_func=_cmd_store)
 
+    from fermoposta.provider.web import operators as web_operators
+
+    web_operators.register(commands)
+
     from fermoposta.customer.cli import register as register_customer
 
     register_customer(commands)

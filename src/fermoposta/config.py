@@ -600,6 +600,25 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class WebConfig:
+    """``[web]``: the status page for operators and customers (docs/web.md).
+
+    - ``listen`` (``"host:port"``, default ``""``, off): serve the page
+      there, over TLS with ``[tls] cert`` when ``[tls]`` is set.
+    - ``operators_file`` (path, default ``""``): the operators, one
+      ``name:hash`` a line (``fermoposta web passwd NAME`` makes a line) or
+      ``name:sha256:<fingerprint>`` for a client certificate; relative to
+      the config file.  Without it no operator can log in.
+    - ``session_idle`` (duration > 0, default ``"30m"``): a login ends
+      after this long without a request (and after 12 hours in any case).
+    """
+
+    listen: tuple[str, int] | None = _key(_listen_address, None)
+    operators_file: Path | None = _key(_optional_text, None)
+    session_idle: float = _key(_duration(positive=True), written="30m")
+
+
+@dataclass(frozen=True, slots=True)
 class ProviderConfig:
     """The whole provider config file (top level).
 
@@ -610,11 +629,11 @@ class ProviderConfig:
       other state; relative to the config file's directory.  Not created here.
     - ``[listen]``, ``[tls]``, ``[limits]``, ``[odmr]``, ``[mx]``, ``[log]``,
       ``[submission]``, ``[outbound]``, ``[hold]``, ``[metrics]``,
-      ``[connections]``, ``[auth_throttle]``, ``[store]``: see
+      ``[connections]``, ``[auth_throttle]``, ``[store]``, ``[web]``: see
       `ListenConfig`, `TLSConfig`, `LimitsConfig`, `ODMRConfig`, `MXConfig`,
       `LogConfig`, `SubmissionConfig`, `OutboundConfig`, `HoldConfig`,
       `MetricsConfig`, `ConnectionsConfig`, `AuthThrottleConfig`,
-      `StoreConfig`.  Each table
+      `StoreConfig`, `WebConfig`.  Each table
       is optional.
     """
 
@@ -634,6 +653,7 @@ class ProviderConfig:
     connections: ConnectionsConfig = _table(ConnectionsConfig)
     auth_throttle: AuthThrottleConfig = _table(AuthThrottleConfig)
     store: StoreConfig = _table(StoreConfig)
+    web: WebConfig = _table(WebConfig)
 
     @property
     def store_path(self) -> Path:
@@ -695,6 +715,11 @@ def load_provider_config(path: str | Path, *,
                     "outbound", "smarthost_password_file", values["smarthost_password_file"])
             if name == "store":
                 values = _resolve_store(loader, values)
+            if name == "web":
+                mark = len(loader.problems)
+                values["operators_file"] = loader.optional_file(
+                    "web", "operators_file", values.get("operators_file"))
+                loader.finish_since(mark)
             sections[name] = cls(**values)
     loader.finish()
 

@@ -26,6 +26,8 @@ Contract:
   retried in the background every `RELEASE_RETRY` seconds until it succeeds
   or `lease_ttl` has passed, so the domain is free soon after the store is
   back, not only when the lease expires.
+- With `activity` set (the provider sets its `provider.activity.Activity`),
+  each drain is recorded there as in progress, then with its result.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from fermoposta.net.connection import Connection
 from fermoposta.net.server_session import ServerSession, SessionLimits
 from fermoposta.ops import metrics
 from fermoposta.ops.log import event
+from fermoposta.provider.activity import Activity
 from fermoposta.provider.drain import DrainSettings, drain
 from fermoposta.smtp import reply as R
 from fermoposta.smtp.atrn import parse_atrn_domains
@@ -94,6 +97,8 @@ class ODMRSession(ServerSession):
         self.auth = Authenticator(self, store, settings)
         self.leased = False
         self.refusal = ""  # why `_decide` refused the last ATRN with 450, for the log
+        # The provider's record of pulls in progress and done (the status page).
+        self.activity: Activity | None = None
 
     def greeting(self) -> Reply:
         return Reply(220, None, f"{self.hostname} ESMTP fermoposta on-demand mail relay ready")
@@ -172,8 +177,24 @@ class ODMRSession(ServerSession):
         return None
 
     async def _phase_two(self, domains: tuple[str, ...]) -> None:
-        await drain(self.conn, self.store, domains=domains, hostname=self.hostname,
-                    session_id=self.session_id, settings=self.drain_settings)
+        activity, account = self.activity, self.account
+        if activity is None or account is None:
+            await drain(self.conn, self.store, domains=domains, hostname=self.hostname,
+                        session_id=self.session_id, settings=self.drain_settings)
+            return
+        handle = activity.started(account, domains)
+        result = None
+        try:
+            result = await drain(self.conn, self.store, domains=domains, hostname=self.hostname,
+                                 session_id=self.session_id, settings=self.drain_settings)
+        finally:
+            if result is None:
+                activity.finished(handle, messages=0, delivered=0, deferred=0, failed=0,
+                                  aborted="the drain stopped with an error")
+            else:
+                activity.finished(handle, messages=result.messages, delivered=result.delivered,
+                                  deferred=result.deferred, failed=result.failed,
+                                  aborted=result.aborted)
 
     def _decide(self, requested: tuple[str, ...]) -> Reply | tuple[str, ...]:
         """Runs in a worker thread: authorization, rate limit, mail check, leases."""

@@ -36,7 +36,9 @@ Contract:
   ``<ID>: removed``, ``<ID>: placed on hold``, ``<ID>: released from
   hold``, ``<ID>: expired, DSN <DSN ID>`` (or ``expired, no DSN (...)``),
   ``<ID>: due now``, ``<ID>: requeued (...)``; JSON lines carry
-  ``queue_id`` and ``action``.  A message the action left unchanged (already
+  ``queue_id`` and ``action``.  `delete`, `hold` and `release` are those
+  actions with their lines, for the status page too (its lines also carry
+  ``by``, the operator or account who acted).  A message the action left unchanged (already
   on hold, nothing to release, ...) gets no line.  When nothing configured
   the ``fermoposta`` logger before (the CLI), the lines go to stderr in the
   provider's `[log]` format and level (`--log-format`, `-v` apply) for the
@@ -88,7 +90,7 @@ from fermoposta.store.base import (
     Store,
 )
 
-__all__ = ["AGE_LIMITS_MINUTES", "BATCH", "register"]
+__all__ = ["AGE_LIMITS_MINUTES", "BATCH", "delete", "hold", "register", "release"]
 
 
 BATCH = 500  # messages per store call (one short transaction each)
@@ -110,6 +112,34 @@ def _note(queue_id: str, action: str, text: str | None = None, **fields: object)
     _log.info("%s: %s", queue_id, text or action,
               extra={"component": "queue", "queue_id": queue_id,
                      "fields": {"action": action, **fields}})
+
+
+def delete(store: AdminStore, ids: Sequence[str], **fields: object) -> list[str]:
+    """`delete_messages` with its log lines (``<ID>: removed``, with `fields`,
+    e.g. who asked from the status page); returns the ids removed."""
+    removed = store.delete_messages(ids)
+    for message_id in removed:
+        _note(message_id, "removed", None, **fields)
+    return removed
+
+
+def hold(store: AdminStore, ids: Sequence[str], **fields: object) -> dict[str, int]:
+    """`hold_messages` with its log lines (``<ID>: placed on hold``)."""
+    result = store.hold_messages(ids)
+    for message_id, recipients in result.items():
+        if recipients:
+            _note(message_id, "hold", "placed on hold", recipients=recipients, **fields)
+    return result
+
+
+def release(store: AdminStore, ids: Sequence[str], **fields: object) -> dict[str, int]:
+    """`release_messages` with its log lines (``<ID>: released from hold``)."""
+    result = store.release_messages(ids)
+    for message_id, recipients in result.items():
+        if recipients:
+            _note(message_id, "release", "released from hold", recipients=recipients,
+                  **fields)
+    return result
 
 
 @contextlib.contextmanager
@@ -595,10 +625,7 @@ def queue_delete(args: argparse.Namespace, store: AdminStore) -> int:
     targets = _targets(args.ids, "delete")
 
     def act(ids: Sequence[str]) -> list[str]:
-        removed = store.delete_messages(ids)
-        for message_id in removed:
-            _note(message_id, "removed")
-        return removed
+        return delete(store, ids)
 
     done, unknown = _apply(store, targets, act)
     print(f"Deleted: {_plural(len(done), 'message')}")
@@ -614,10 +641,6 @@ def _hold_or_release(args: argparse.Namespace, store: AdminStore, command: str,
         nonlocal changed
         result = action(ids)
         changed += sum(result.values())
-        for message_id, recipients in result.items():
-            if recipients:
-                _note(message_id, "hold" if command == "hold" else "release",
-                      verb.lower(), recipients=recipients)
         return list(result)
 
     done, unknown = _apply(store, targets, act)
@@ -629,14 +652,15 @@ def _hold_or_release(args: argparse.Namespace, store: AdminStore, command: str,
 @_logged
 def queue_hold(args: argparse.Namespace, store: AdminStore) -> int:
     """Put messages on operator hold (postsuper -h)."""
-    return _hold_or_release(args, store, "hold", store.hold_messages, "Placed on hold")
+    return _hold_or_release(args, store, "hold", functools.partial(hold, store),
+                            "Placed on hold")
 
 
 @_guarded
 @_logged
 def queue_release(args: argparse.Namespace, store: AdminStore) -> int:
     """Release messages from operator hold (postsuper -H)."""
-    return _hold_or_release(args, store, "release", store.release_messages,
+    return _hold_or_release(args, store, "release", functools.partial(release, store),
                             "Released from hold")
 
 

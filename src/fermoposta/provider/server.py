@@ -25,7 +25,10 @@ Contract:
   expires within 21 days, the provider logs a warning at start and then once
   a day (`check_certificate`, on the `clock` it is given); an expired one,
   an error, daily too.
-- A listener (or the metrics endpoint) that cannot bind raises `ListenError`,
+- `[web] listen` starts the status page (`provider.web`, issue 12) on the
+  same store, AUTH throttle and pull `activity`, over TLS with the ODMR
+  listeners' context (client certificates for operator logins).
+- A listener (or the metrics endpoint or the status page) that cannot bind raises `ListenError`,
   naming the listener and the address; what had started is stopped again.
 - `run(config)` is `fermoposta provider run`: logging, store, listeners,
   SIGTERM/SIGINT for a clean stop, a last line ``stopped``; returns an
@@ -46,6 +49,7 @@ import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from fermoposta.config import ConfigError, ProviderConfig, load_provider_config
 from fermoposta.mail.anvil import AuthThrottle, ThrottleSettings
@@ -53,6 +57,7 @@ from fermoposta.net.connection import Connection, start_server
 from fermoposta.net.server_session import ServerSession, SessionLimits
 from fermoposta.ops import certs, metrics
 from fermoposta.ops.log import setup_logging
+from fermoposta.provider.activity import Activity
 from fermoposta.provider.drain import DrainSettings
 from fermoposta.provider.etrn import EtrnService
 from fermoposta.provider.expiry import HoldExpirer
@@ -64,6 +69,9 @@ from fermoposta.provider.submission import RateLimiter, SubmissionSession, Submi
 from fermoposta.smtp.reply import Reply
 from fermoposta.store.base import SchemaTooNew, Store, StoreError
 from fermoposta.store.group_commit import GroupCommit
+
+if TYPE_CHECKING:
+    from fermoposta.provider.web.app import WebServer
 
 log = logging.getLogger("fermoposta.provider")
 
@@ -163,6 +171,7 @@ class Provider:
         self._cert_warned_at: float | None = None  # the clock when we last warned
         self._cert_task: asyncio.Task[None] | None = None
         self.auth_throttle = AuthThrottle(throttle_settings(config))
+        self.activity = Activity()  # pulls in progress and done, for the status page
         self.mx_tls_context = server_tls_context(config, client_certificates=False)
         self.tls_context = server_tls_context(config, client_certificates=True)
         self._apply(config)
@@ -219,7 +228,7 @@ class Provider:
         keep their settings.  Accounts and domains live in the store and need
         no reload.  Returns what was NOT applied (needs a restart)."""
         ignored = [name for name in ("hostname", "listen", "data_dir", "outbound", "hold",
-                                     "metrics", "log", "store")
+                                     "metrics", "log", "store", "web")
                    if getattr(config, name) != getattr(self.config, name)]
         # What needs a restart keeps its running value, so that everything
         # (listeners, outbound delivery, expiry, logging) stays consistent.
@@ -227,7 +236,7 @@ class Provider:
                                      listen=self.config.listen, data_dir=self.config.data_dir,
                                      outbound=self.config.outbound, hold=self.config.hold,
                                      metrics=self.config.metrics, log=self.config.log,
-                                     store=self.config.store)
+                                     store=self.config.store, web=self.config.web)
         if (config.tls.cert is None) != (self.config.tls.cert is None) \
                 or config.tls.client_ca != self.config.tls.client_ca:
             ignored.append("tls (turning TLS on or off, or client_ca)")
@@ -262,6 +271,7 @@ class Provider:
                               drain_settings=self.drain_settings,
                               tls_context=self.tls_context)
         session.auth.throttle = self.auth_throttle
+        session.activity = self.activity
         return session
 
     def submission_session(self, conn: Connection) -> ServerSession:
@@ -384,6 +394,30 @@ class Provider:
 
             self._stop_metrics = stop_metrics
             log.info("metrics on http://%s:%d/metrics", *self.addresses["metrics"])
+        if self.config.web.listen is not None:
+            await self._start_web(*self.config.web.listen)
+
+    async def _start_web(self, host: str, port: int) -> None:
+        """The status page (`provider.web`), on `[web] listen`."""
+        from fermoposta.provider.web.app import WebDeps, WebServer
+        from fermoposta.provider.web.history import History
+
+        web = self.config.web
+        deps = WebDeps(store=self.store, throttle=self.auth_throttle, activity=self.activity,
+                       history=History(self.store), hostname=self.config.hostname,
+                       node=self.store.node, engine=self.config.store.engine,
+                       operators_file=web.operators_file, session_idle=web.session_idle,
+                       tls_context=self.tls_context,
+                       certificate=lambda: self.cert_validity,
+                       listeners=lambda: dict(self.addresses), clock=self.clock)
+        server = WebServer(deps)
+        try:
+            self.addresses["web"] = await server.start(host, port)
+        except OSError as exc:
+            raise ListenError("web", (host, port), exc) from exc
+        self.web = server
+        scheme = "https" if deps.secure else "http"
+        log.info("status page on %s://%s:%d/", scheme, *self.addresses["web"])
 
     # --- the certificate's dates ----------------------------------------------------------
     def _publish_certificate(self) -> None:
@@ -417,6 +451,7 @@ class Provider:
             self.check_certificate()
 
     _stop_metrics: Callable[[], None] | None = None
+    web: WebServer | None = None
     runner: OutboundRunner | None = None
     expirer: HoldExpirer | None = None
 
@@ -427,6 +462,9 @@ class Provider:
                 await self._cert_task
             self._cert_task = None
         metrics.set_certificate_expiry(None)
+        if self.web is not None:
+            await self.web.stop()
+            self.web = None
         if self._stop_metrics is not None:
             self._stop_metrics()
             self._stop_metrics = None
