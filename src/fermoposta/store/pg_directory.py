@@ -10,15 +10,13 @@ keys), never its held mail.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import Any
 
 from psycopg import errors as pg_errors
-from psycopg.rows import TupleRow
 
 from fermoposta.store.base import Account, Domain, WouldBlock
-from fermoposta.store.pg_rows import Conn
+from fermoposta.store.pg_rows import Conn, EnginePart
 from fermoposta.store.rows import (
     ACCOUNT_COLUMNS,
     DOMAIN_COLUMNS,
@@ -88,19 +86,8 @@ def _account(conn: Conn, row: Sequence[Any]) -> Account:
     return account_from_row(row, fingerprints, subjects)
 
 
-class PostgresDirectory:
+class PostgresDirectory(EnginePart):
     """Accounts and domains: the `Directory` part of `PostgresStore`."""
-
-    _clock: Callable[[], float]
-
-    if TYPE_CHECKING:  # provided by PostgresStore
-        def _read(self, what: str, *, snapshot: bool = True
-                  ) -> AbstractContextManager[Conn]: ...
-
-        def _write(self, what: str) -> AbstractContextManager[Conn]: ...
-
-        def _query(self, what: str, sql: str, params: Sequence[Any] = (), *,
-                   binary: bool = False) -> list[TupleRow]: ...
 
     def add_account(self, account: Account) -> None:
         with self._write("add account") as conn:

@@ -10,30 +10,16 @@ are left alone.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
-from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING
+from collections.abc import Collection
 
 from fermoposta.store.base import EtrnStarted
-from fermoposta.store.pg_rows import _LOCK_RECIPIENTS, HELD, OUTBOUND, Conn, _ids
+from fermoposta.store.pg_rows import _LOCK_RECIPIENTS, HELD, OUTBOUND, EnginePart, _ids
 
 MAX_ETRN_DOMAINS = 500  # as the SQLite engine's batch
 
 
-class PostgresEtrn:
+class PostgresEtrn(EnginePart):
     """The ETRN part of `PostgresStore`."""
-
-    _clock: Callable[[], float]
-
-    if TYPE_CHECKING:  # provided by PostgresStore
-        def _read(self, what: str, *, snapshot: bool = True
-                  ) -> AbstractContextManager[Conn]: ...
-
-        def _write(self, what: str) -> AbstractContextManager[Conn]: ...
-
-        def _check_open(self) -> None: ...
-
-        def _live(self, column: str) -> str: ...
 
     def etrn_domains(self, name: str, *, subdomains: bool = False) -> list[str]:
         suffix = "." + name

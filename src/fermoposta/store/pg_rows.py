@@ -1,14 +1,17 @@
 """Rows of the PostgreSQL engine: qualified column lists, state names, SQL bits.
 
 Contract: shared by `postgres.py` and its mixins (`pg_tools.py`,
-`pg_directory.py`) so that each reads and writes the same columns in the
-same order (the row conversions are `store.rows`, shared with SQLite);
-pure functions, no I/O.
+`pg_directory.py`, `pg_etrn.py`) so that each reads and writes the same
+columns in the same order (the row conversions are `store.rows`, shared
+with SQLite); pure functions, no I/O.  `EnginePart` is the base of the
+mixins: it names what they use of `PostgresStore` (for the type checker).
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Sequence
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg.rows import TupleRow
@@ -40,3 +43,22 @@ _LOCK_RECIPIENTS = "SELECT id FROM recipients WHERE id = ANY(%s::bigint[]) ORDER
 
 def _ids(recipient_ids: Collection[int]) -> list[int]:
     return sorted({int(i) for i in recipient_ids})
+
+
+class EnginePart:
+    """Base of the engine's mixins: what they use of `PostgresStore`."""
+
+    _clock: Callable[[], float]
+
+    if TYPE_CHECKING:  # provided by PostgresStore
+        def _read(self, what: str, *, snapshot: bool = True
+                  ) -> AbstractContextManager[Conn]: ...
+
+        def _write(self, what: str) -> AbstractContextManager[Conn]: ...
+
+        def _query(self, what: str, sql: str, params: Sequence[Any] = (), *,
+                   binary: bool = False) -> list[TupleRow]: ...
+
+        def _check_open(self) -> None: ...
+
+        def _live(self, column: str) -> str: ...

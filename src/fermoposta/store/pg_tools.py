@@ -12,9 +12,8 @@ counts as active only while it is unexpired and its holder alive.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Collection, Sequence
-from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING, Any
+from collections.abc import Collection, Sequence
+from typing import Any
 
 from fermoposta.store.base import (
     QueuedRecipient,
@@ -32,6 +31,7 @@ from fermoposta.store.pg_rows import (
     HOLD,
     OUTBOUND,
     Conn,
+    EnginePart,
 )
 from fermoposta.store.rows import SMALL_DOMAIN, domain_size_sql, filter_sql, shape_from_pairs
 from fermoposta.store.rows import message_from_row as _message
@@ -73,20 +73,8 @@ def _lock_recipients_of(conn: Conn, message_ids: Sequence[str]) -> list[tuple[st
     ]
 
 
-class PostgresQueueTools:
+class PostgresQueueTools(EnginePart):
     """Paging and bulk actions: the `QueueTools` part of `PostgresStore`."""
-
-    _clock: Callable[[], float]
-
-    if TYPE_CHECKING:  # provided by PostgresStore
-        def _read(self, what: str, *, snapshot: bool = True
-                  ) -> AbstractContextManager[Conn]: ...
-
-        def _write(self, what: str) -> AbstractContextManager[Conn]: ...
-
-        def _check_open(self) -> None: ...
-
-        def _live(self, column: str) -> str: ...
 
     def queue_ids(
         self, where: QueueFilter, after: tuple[float, str] | None, limit: int
