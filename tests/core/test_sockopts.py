@@ -33,6 +33,18 @@ def test_quickack_sets_the_option_on_a_tcp_socket() -> None:
         assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK) == 1
 
 
+@linux_only
+def test_rearm_sets_it_again_and_never_raises() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 0)
+        sockopts.rearm_quickack(s)
+        assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK) == 1
+    closed = socket.socket()
+    closed.close()
+    sockopts.rearm_quickack(closed)  # a connection closed under us: nothing raised
+
+
 def test_quickack_is_a_no_op_where_it_cannot_apply(monkeypatch: pytest.MonkeyPatch) -> None:
     a, b = socket.socketpair()  # AF_UNIX
     with a, b:
@@ -114,13 +126,18 @@ def _tls_contexts(certs: Any) -> tuple[ssl.SSLContext, ssl.SSLContext]:
 async def test_rearmed_after_every_read(tls: bool, certs: Any,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[object] = []
-    real = sockopts.quickack
+    real, real_rearm = sockopts.quickack, sockopts.rearm_quickack
 
     def spy(sock: Any) -> bool:
         calls.append(sock)
         return real(sock) or True  # count calls on any OS
 
+    def spy_rearm(sock: Any) -> None:
+        calls.append(sock)
+        real_rearm(sock)
+
     monkeypatch.setattr(connection_module, "quickack", spy)
+    monkeypatch.setattr(connection_module, "rearm_quickack", spy_rearm)
     server_ctx, client_ctx = _tls_contexts(certs)
     lines = [b"220 hello\r\n", b"250 one\r\n", b"250 two\r\n"]
 

@@ -66,7 +66,7 @@ import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from fermoposta.net.sockopts import quickack
+from fermoposta.net.sockopts import quickack, rearm_quickack
 from fermoposta.smtp.data import DataReader
 from fermoposta.smtp.lines import LineBuffer, LineTooLong
 
@@ -306,7 +306,7 @@ class Connection:
 
     def _rearm_quickack(self) -> None:
         if self._quickack_sock is not None:
-            quickack(self._quickack_sock)
+            rearm_quickack(self._quickack_sock)
 
     # --- protocol callbacks ----------------------------------------------------------
     def _received(self, data: bytes) -> None:

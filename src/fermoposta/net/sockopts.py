@@ -25,7 +25,7 @@ import contextlib
 import socket
 from typing import Any
 
-__all__ = ["QUICKACK_SUPPORTED", "quickack"]
+__all__ = ["QUICKACK_SUPPORTED", "quickack", "rearm_quickack"]
 
 _TCP_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)  # Linux only
 QUICKACK_SUPPORTED = _TCP_QUICKACK is not None
@@ -41,3 +41,10 @@ def quickack(sock: Any) -> bool:
         sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
         return True
     return False
+
+
+def rearm_quickack(sock: Any) -> None:
+    """`quickack` again on a socket it accepted (a TCP one): only the
+    setsockopt, without the family check (an enum built at every read)."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
