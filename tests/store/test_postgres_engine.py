@@ -131,7 +131,7 @@ def _with_netloc(url: str, *, port: int, password: str | None = None) -> str:
 
 def test_a_fresh_schema_gets_every_table_in_the_current_schema(pg: Schema) -> None:
     store = pg.open()
-    assert store.schema_version() == SCHEMA_VERSION == 2
+    assert store.schema_version() == SCHEMA_VERSION == 3
     assert store.migrate() == (2, 2)
     tables = {r[0] for r in pg.sql(
         "SELECT table_name FROM information_schema.tables WHERE table_schema = %s", (pg.name,))}
