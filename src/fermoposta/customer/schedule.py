@@ -99,8 +99,8 @@ def parse_every(value: object) -> float:
     try:
         seconds = parse_duration(value)
     except ValueError:
-        raise ValueError('expected a duration like "10m" (at least 1s) or "push", '
-                         f"got {show_value(value)}") from None
+        raise ValueError("expected a duration like 10m, 30s, 2h, 5d or a number of seconds, "
+                         f'or "push", got {show_value(value)}') from None
     if seconds < MIN_DELAY:
         raise ValueError(f'expected a duration of at least 1s or "push", got {show_value(value)}')
     return seconds
