@@ -15,13 +15,12 @@ import time
 
 import pytest
 
-from fermoposta.store.base import MessageOrigin, NewMessage, NewRecipient, RecipientState
 from fermoposta.store import STORE_FILENAME
+from fermoposta.store.base import MessageOrigin, NewMessage, NewRecipient, RecipientState
 from fermoposta.store.sqlite import SQLiteStore
 from support.customer import serve_reversed
 from support.dialog import Dialog
 from test_odmr import authed, hold
-
 
 
 def set_wait(running, seconds: float | None, account: str = "acme") -> None:
@@ -71,7 +70,7 @@ async def test_the_wait_ends_with_453(provider, certs, caplog):
     set_wait(provider, 1.0)
     d = await authed(provider, certs)
     started = time.monotonic()
-    lines = await d.cmd("ATRN example.org", 453, timeout=5.0)
+    await d.cmd("ATRN example.org", 453, timeout=5.0)
     waited = time.monotonic() - started
     assert 0.9 <= waited < 3.0, waited
     # The session goes on: a second ATRN waits again, QUIT works.

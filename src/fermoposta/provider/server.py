@@ -16,6 +16,11 @@ Contract:
   together, given to each session's `Authenticator`: failed AUTHs are
   delayed and lock out addresses and accounts across connections.  It keeps
   its counts over a SIGHUP (only its settings change).
+- Waiting ATRNs (issue 12): one `HeldMailWatch` (`provider.atrn_wait`) per
+  provider, given to every ODMR session; the group commit wakes it for
+  held mail this process stored.  A listener's `max_connections` leaves out
+  its sessions that wait (they count against `[odmr] max_waiting`); `stop()`
+  ends every wait at once (421) before the grace period.
 - It also runs the outbound runner (delivery of submissions and DSNs to the
   Internet) and the hold expirer; a stored submission wakes the runner, and
   so does an ETRN that released held mail (`provider.etrn`, on the MX).
