@@ -282,13 +282,13 @@ def _written_only(values: dict[str, Any], raw: dict[str, Any]) -> dict[str, Any]
 def _pull_as_written(pull: dict[str, Any]) -> dict[str, Any]:
     schedule = pull.pop("schedule")
     jitter = schedule["jitter"]
-    pull["every"] = schedule["every"]
+    pull["every"] = schedule["every"] or "push"
     pull["jitter"] = f"{jitter['fraction'] * 100:g}%" if jitter["fraction"] else jitter["seconds"]
     pull["backoff_max"] = schedule["backoff_max"]
     days = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
     pull["window"] = [
         {"days": ",".join(days[d] for d in sorted(w["days"])),
-         "hours": f"{w['start_hour']:02d}-{w['end_hour']:02d}", "every": w["every"]}
+         "hours": f"{w['start_hour']:02d}-{w['end_hour']:02d}", "every": w["every"] or "push"}
         for w in schedule["windows"]
     ]
     delivery = {k: v for k, v in pull.pop("delivery").items() if v not in (None, "")}

@@ -429,6 +429,14 @@ class ODMRConfig:
     - ``no_mail_reply`` (``"453"`` or ``"quit"``, default ``"453"``): what to do
       when ATRN finds no mail: answer ``453 You have no mail`` (RFC 2645 §5.2.1),
       or ``"quit"``: answer 250, turn around and QUIT at once (the MAY of §5.2.1).
+    - ``max_waiting`` (int, default 1000): ATRN sessions of accounts with
+      ``--atrn-wait`` that may wait for mail at once on this node; beyond it
+      a fruitless ATRN gets 453 at once.  Waiting sessions count against this,
+      not against ``[connections]``.  0 = no ATRN waits.
+    - ``wait_poll_interval`` (duration, default ``"3s"``): while ATRNs wait,
+      how often the node looks for held mail for all of them with one query
+      (the wake-up for mail another process committed on a SQLite store; a
+      safety net beside PostgreSQL's notices).
     """
 
     mechanisms: tuple[str, ...] = _key(_mechanisms, SUPPORTED_MECHANISMS)
@@ -441,6 +449,8 @@ class ODMRConfig:
     greeting_timeout: float = _key(_duration(positive=True), written="5m")
     final_reply_timeout: float = _key(_duration(positive=True), written="10m")
     no_mail_reply: str = _key(_no_mail_reply, "453")
+    max_waiting: int = _key(_integer(0), 1000)
+    wait_poll_interval: float = _key(_duration(positive=True), written="3s")
 
 
 @dataclass(frozen=True, slots=True)

@@ -150,10 +150,11 @@ def test_account_add_list_passwd_remove(
     code, out, _ = run(store, capsys, "account", "list")
     assert code == 0
     lines = out.splitlines()
-    assert lines[0].split() == ["ACCOUNT", "DOMAINS", "CRAM-MD5", "CERTS", "LAST", "ATRN"]
+    assert lines[0].split() == ["ACCOUNT", "DOMAINS", "CRAM-MD5", "CERTS", "LAST", "ATRN",
+                                "WAIT"]
     assert lines[1].split()[:4] == ["alice", "alice.example,xn--bcher-kva.example", "yes", "1"]
     assert "1970-01-01" in lines[1]
-    assert lines[2].split() == ["bob", "(none!)", "no", "0", "never"]  # no domains: marked
+    assert lines[2].split() == ["bob", "(none!)", "no", "0", "never", "-"]  # no domains: marked
 
     old = alice.scram
     code, out, _ = run(
@@ -477,3 +478,32 @@ def test_domain_etrn_options(store: SQLiteStore, capsys: pytest.CaptureFixture[s
     with pytest.raises(SystemExit):
         run(store, capsys, "domain", "set", "b.example", "--etrn-mx", "--no-etrn")
     assert store.get_domain("b.example") == Domain("b.example", "alice", etrn="192.0.2.9")
+
+
+def test_account_atrn_wait(store: SQLiteStore, capsys: pytest.CaptureFixture[str],
+                           pwfile: Path) -> None:
+    code, _, _ = run(store, capsys, "account", "add", "acme", "--domain", "acme.example",
+                     "--password-file", str(pwfile), "--atrn-wait", "5m")
+    assert code == 0
+    account = store.get_account("acme")
+    assert account is not None and account.atrn_wait == 300.0
+    code, out, _ = run(store, capsys, "account", "list")
+    assert out.splitlines()[1].split()[-1] == "5m"
+    code, out, _ = run(store, capsys, "account", "set", "acme", "--atrn-wait", "90")
+    assert (code, out) == (0, "account acme: an ATRN without mail waits up to 90s for it\n")
+    account = store.get_account("acme")
+    assert account is not None and account.atrn_wait == 90.0
+    assert account.scram is not None  # nothing else changed
+    code, out, _ = run(store, capsys, "account", "set", "acme", "--no-atrn-wait")
+    assert (code, out) == (0, "account acme: an ATRN without mail gets 453 at once\n")
+    account = store.get_account("acme")
+    assert account is not None and account.atrn_wait is None
+    for value, message in (("10m", "at most 9m"), ("0", "longer than 0"),
+                           ("soon", "expected a duration")):
+        code, _, err = run(store, capsys, "account", "set", "acme", "--atrn-wait", value)
+        assert code == 64 and message in err, err
+    code, _, err = run(store, capsys, "account", "set", "nobody", "--atrn-wait", "1m")
+    assert code == 65 and "no account 'nobody'" in err
+    code, _, err = run(store, capsys, "account", "add", "b", "--password-file", str(pwfile),
+                       "--atrn-wait", "1h")
+    assert code == 64 and store.get_account("b") is None

@@ -109,7 +109,7 @@ def customer_problems(path: Path) -> list[str]:
         f"{path}: [provider] connect_timeout: expected a duration like 10m, 30s, 2h, 5d "
         "or a number of seconds, got true",
         f"{path}: [[pull]] #1 every: expected a duration like 10m, 30s, 2h, 5d "
-        'or a number of seconds, got "10 minutes"',
+        'or a number of seconds, or "push", got "10 minutes"',
         f'{path}: [[pull]] #1 [pull.delivery] creat: unknown key (did you mean "create"?)',
         f'{path}: [outbox] push: expected one of "session", "continuous", got "sometimes"',
     ]

@@ -688,9 +688,10 @@ def test_wrong_log_values(tmp: Path, section: str, key: str, value: str, expecte
         ("domains", '["[127.0.0.1]"]', "address literals"),
         ("domains", '["-bad.example"]', "invalid domain list"),
         ("domains", str([f"d{i}.example" for i in range(51)]).replace("'", '"'), "more than 50"),
-        ("every", '"0s"', "greater than 0"),
+        ("every", '"0s"', 'at least 1s or "push"'),
         ("every", '"0.5s"', "at least 1s"),
         ("every", "true", "expected a duration"),
+        ("every", '"pull"', 'or "push", got "pull"'),
         ("jitter", '"110%"', 'expected a jitter like "10%"'),
         ("jitter", '"ten percent"', 'expected a jitter like "10%"'),
         ("jitter", "-1", 'expected a jitter like "10%"'),
@@ -716,7 +717,7 @@ def test_wrong_pull_values(tmp: Path, key: str, value: str, expected: str) -> No
         ('hours = "08:00-18:00"\nevery = "5m"', "hours", 'expected hours "start-end"'),
         ('hours = "00-25"\nevery = "5m"', "hours", "hours go from 00 to 24"),
         ('hours = "08-08"\nevery = "5m"', "hours", "the start must be before the end"),
-        ("every = 0", "every", "greater than 0"),
+        ("every = 0", "every", 'at least 1s or "push"'),
     ],
 )
 def test_wrong_window_values(tmp: Path, line: str, key: str, expected: str) -> None:

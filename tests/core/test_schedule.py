@@ -278,7 +278,7 @@ def test_next_delay_is_always_bounded(
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"every": 0.0}, "every must be"),
+        ({"every": -1.0}, "every must be"),  # 0.0 is PUSH
         ({"every": float("inf")}, "every must be"),
         ({"every": 600.0, "backoff_max": 60.0}, "must not be shorter than every"),
         (
@@ -301,7 +301,7 @@ def test_schedule_invariants(kwargs: dict[str, object], message: str) -> None:
         (WEEKDAYS, 8, 8, 60.0),
         (WEEKDAYS, -1, 8, 60.0),
         (WEEKDAYS, 8, 25, 60.0),
-        (WEEKDAYS, 8, 18, 0.0),
+        (WEEKDAYS, 8, 18, -1.0),  # 0.0 is PUSH
     ],
 )
 def test_window_invariants(days: frozenset[int], start: int, end: int, every: float) -> None:
@@ -414,3 +414,40 @@ def test_parse_jitter(value: object, jitter: JitterSpec) -> None:
 def test_parse_jitter_rejects(value: object) -> None:
     with pytest.raises(ValueError, match='expected a jitter like "10%"'):
         parse_jitter(value)
+
+
+# -- push (issue 12) ------------------------------------------------------------
+
+
+def test_push_dials_again_at_once_and_backs_off_after_failures() -> None:
+    from fermoposta.customer.schedule import PUSH, PUSH_RETRY
+    push = Schedule(every=PUSH, jitter=JitterSpec(fraction=0.5), backoff_max=300.0)
+    rng = random.Random(1)
+    when = datetime(2026, 1, 5, 12, 0)
+    assert next_delay(push, when, 0, rng) == 0.0  # no jitter, no 1 s floor
+    assert [next_delay(Schedule(every=PUSH, backoff_max=300.0), when, n, rng)
+            for n in (1, 2, 3, 10)] == [2 * PUSH_RETRY, 4 * PUSH_RETRY, 8 * PUSH_RETRY, 300.0]
+
+
+def test_push_in_a_window_only() -> None:
+    from fermoposta.customer.schedule import PUSH
+    office = Schedule(every=3600.0, windows=(Window(WEEKDAYS, 8, 18, PUSH),))
+    rng = random.Random(1)
+    assert next_delay(office, datetime(2026, 1, 5, 9, 30), 0, rng) == 0.0  # Monday 09:30
+    # At night the hourly pull; one that would sleep past 08:00 is cut to reach it.
+    assert next_delay(office, datetime(2026, 1, 5, 20, 0), 0, rng) == pytest.approx(3600.0)
+    assert next_delay(office, datetime(2026, 1, 6, 7, 30), 0, rng) == pytest.approx(1800.0)
+
+
+@pytest.mark.parametrize(("value", "expected"), [("push", 0.0), ("PUSH", 0.0), ("10m", 600.0),
+                                                 (5, 5.0)])
+def test_parse_every(value: object, expected: float) -> None:
+    from fermoposta.customer.schedule import parse_every
+    assert parse_every(value) == expected
+
+
+@pytest.mark.parametrize("value", ["0s", "0.5s", "pull", "", True])
+def test_parse_every_refuses(value: object) -> None:
+    from fermoposta.customer.schedule import parse_every
+    with pytest.raises(ValueError, match="push"):
+        parse_every(value)

@@ -143,6 +143,7 @@ def test_migrate_reports_the_versions(tmp_path: Path, capsys) -> None:
         raw.execute("ALTER TABLE recipients DROP COLUMN claim_holder")
         raw.execute("DROP TABLE rate_events")
         raw.execute("ALTER TABLE domains DROP COLUMN etrn")  # version 7
+        raw.execute("ALTER TABLE accounts DROP COLUMN atrn_wait")  # version 8
         raw.execute("PRAGMA user_version = 5")
     raw.close()
     assert main(["-c", str(config_path), "store", "migrate"]) == 0

@@ -56,6 +56,17 @@ def test_account_round_trip_exactly(store: Store, clock: Clock) -> None:
     assert store.list_accounts() == [got]
 
 
+def test_atrn_wait_round_trip(store: Store) -> None:
+    store.add_account(Account("alice", None, None, atrn_wait=300.0))
+    store.add_account(Account("bob", None, None))
+    alice, bob = store.get_account("alice"), store.get_account("bob")
+    assert alice is not None and alice.atrn_wait == 300.0
+    assert bob is not None and bob.atrn_wait is None
+    store.update_account(Account("bob", None, None, atrn_wait=90.5))
+    store.update_account(Account("alice", None, None))
+    assert [a.atrn_wait for a in store.list_accounts()] == [None, 90.5]
+
+
 def test_update_account_keeps_created_at(store: Store, clock: Clock) -> None:
     store.add_account(Account("alice", None, "old"))
     clock.now += 100

@@ -131,8 +131,8 @@ def _with_netloc(url: str, *, port: int, password: str | None = None) -> str:
 
 def test_a_fresh_schema_gets_every_table_in_the_current_schema(pg: Schema) -> None:
     store = pg.open()
-    assert store.schema_version() == SCHEMA_VERSION == 2
-    assert store.migrate() == (2, 2)
+    assert store.schema_version() == SCHEMA_VERSION == 3
+    assert store.migrate() == (3, 3)
     tables = {r[0] for r in pg.sql(
         "SELECT table_name FROM information_schema.tables WHERE table_schema = %s", (pg.name,))}
     assert tables == EXPECTED_TABLES
@@ -146,7 +146,7 @@ def test_a_fresh_schema_gets_every_table_in_the_current_schema(pg: Schema) -> No
     assert "claim_holder" in columns
     assert pg.sql("SELECT column_name FROM information_schema.columns WHERE table_schema = %s"
                   " AND table_name = 'messages' AND column_name = 'node'", (pg.name,))
-    assert pg.sql("SELECT version FROM schema_version") == [(2,)]
+    assert pg.sql("SELECT version FROM schema_version") == [(3,)]
 
 
 def test_migrate_reports_the_versions_and_is_idempotent(pg: Schema) -> None:
@@ -158,8 +158,9 @@ def test_migrate_reports_the_versions_and_is_idempotent(pg: Schema) -> None:
 
 
 def test_migration_from_version_1_adds_the_etrn_column(pg: Schema) -> None:
-    """A database of version 1 (no ETRN column) migrates to 2 with its domains,
-    none of them an ETRN domain."""
+    """A database of version 1 (no ETRN column) migrates to the current
+    version with its domains, none of them an ETRN domain, and its accounts,
+    none of them waiting (version 3)."""
     from fermoposta.store.base import Account, Domain
     with pg.raw() as conn, conn.transaction():
         for statement in pg_schema.MIGRATIONS[1]:
@@ -168,7 +169,7 @@ def test_migration_from_version_1_adds_the_etrn_column(pg: Schema) -> None:
         conn.execute("INSERT INTO accounts (name, created_at) VALUES ('acme', 0)")
         conn.execute("INSERT INTO domains (name, account) VALUES ('a.example', 'acme')")
     store = pg.open()
-    assert store.migrate() == (2, 2)  # done on opening
+    assert store.migrate() == (3, 3)  # done on opening
     assert store.get_domain("a.example") == Domain("a.example", "acme")
     store.update_domain(Domain("a.example", "acme", etrn=""))
     assert store.etrn_domains("a.example") == ["a.example"]
@@ -197,7 +198,7 @@ def test_concurrent_migrations_create_the_schema_once(pg: Schema) -> None:
     # Exactly one of them made it; the others waited on the lock and found it done.
     v = SCHEMA_VERSION
     assert sorted(results) == [(0, v), (v, v), (v, v), (v, v)]
-    assert pg.sql("SELECT version FROM schema_version") == [(2,)]
+    assert pg.sql("SELECT version FROM schema_version") == [(SCHEMA_VERSION,)]
 
 
 def test_concurrent_stores_on_a_fresh_schema(pg: Schema) -> None:

@@ -242,11 +242,11 @@ def test_due_query_uses_the_index(store: SQLiteStore, path: Path) -> None:
 
 def test_new_store_has_the_current_version(path: Path) -> None:
     with SQLiteStore(path) as s:
-        assert s.schema_version() == SCHEMA_VERSION == 7
+        assert s.schema_version() == SCHEMA_VERSION == 8
         assert s.migrate() == (0, SCHEMA_VERSION)  # a new file: from nothing
-    assert rows(path, "PRAGMA user_version") == [(7,)]
+    assert rows(path, "PRAGMA user_version") == [(8,)]
     with SQLiteStore(path) as again:
-        assert again.migrate() == (7, 7)
+        assert again.migrate() == (8, 8)
 
 
 def test_newer_schema_refused(path: Path) -> None:
@@ -506,7 +506,7 @@ def test_migration_from_version_5(tmp_path: Path) -> None:
         assert entry is not None and dict(entry.hold_from) == {2: HELD}
         assert store.count_events("k", 0.0) == 0 and store.add_event("k", 1.0, 10.0) == 1
         assert body_of(store, "0123456789AB") == b"keep"
-    assert rows(path, "PRAGMA user_version") == [(7,)]
+    assert rows(path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
     columns = {r[1] for r in rows(path, "PRAGMA table_info(recipients)")}
     assert "claim_holder" in columns
 
@@ -585,7 +585,7 @@ def test_holder_names_that_are_not_file_names_count_as_alive(tmp_path: Path) -> 
 
 
 def test_migration_from_version_6(tmp_path: Path) -> None:
-    """A store written with schema 6 (no ETRN column) opens as version 7 with
+    """A store written with schema 6 (no ETRN column) opens as version 8 with
     its domains, none of them an ETRN domain."""
     from fermoposta.store.base import Account, Domain
     path = tmp_path / "v6.sqlite3"
@@ -594,12 +594,36 @@ def test_migration_from_version_6(tmp_path: Path) -> None:
         store.add_domain(Domain("a.example", "acme", max_messages=5))
     with closing(sqlite3.connect(path)) as conn:
         conn.execute("ALTER TABLE domains DROP COLUMN etrn")
+        conn.execute("ALTER TABLE accounts DROP COLUMN atrn_wait")
         conn.execute("PRAGMA user_version = 6")
         conn.commit()
     with SQLiteStore(path) as store:
-        assert store.migrate() == (6, 7)  # what opening did
+        assert store.migrate() == (6, 8)  # what opening did
         assert store.get_domain("a.example") == Domain("a.example", "acme", max_messages=5)
         assert store.etrn_domains("a.example") == []
         store.update_domain(Domain("a.example", "acme", etrn="h.example:2525"))
         assert store.etrn_domains("a.example") == ["a.example"]
-    assert rows(path, "PRAGMA user_version") == [(7,)]
+    assert rows(path, "PRAGMA user_version") == [(8,)]
+
+
+def test_migration_from_version_7(tmp_path: Path) -> None:
+    """A store written with schema 7 (no ATRN wait) opens as version 8: its
+    accounts do not wait, and can be made to."""
+    import dataclasses
+
+    from fermoposta.store.base import Account
+    path = tmp_path / "v7.sqlite3"
+    with SQLiteStore(path) as store:
+        store.add_account(Account("acme", None, None, created_at=1.0))
+    with closing(sqlite3.connect(path)) as conn:
+        conn.execute("ALTER TABLE accounts DROP COLUMN atrn_wait")
+        conn.execute("PRAGMA user_version = 7")
+        conn.commit()
+    with SQLiteStore(path) as store:
+        assert store.migrate() == (7, 8)
+        account = store.get_account("acme")
+        assert account is not None and account.atrn_wait is None
+        store.update_account(dataclasses.replace(account, atrn_wait=120.0))
+        again = store.get_account("acme")
+        assert again is not None and again.atrn_wait == 120.0
+    assert rows(path, "PRAGMA user_version") == [(8,)]

@@ -36,7 +36,14 @@ from fermoposta.customer.config_checks import (
     check_pull_name,
     domain_list,
 )
-from fermoposta.customer.schedule import JitterSpec, Schedule, parse_days, parse_hours, parse_jitter
+from fermoposta.customer.schedule import (
+    JitterSpec,
+    Schedule,
+    parse_days,
+    parse_every,
+    parse_hours,
+    parse_jitter,
+)
 from fermoposta.smtp.atrn import MAX_ATRN_DOMAINS
 
 __all__ = [
@@ -121,7 +128,13 @@ class PullConfig:
     - ``domains`` (list, default ``[]``): the domains requested with
       ``ATRN d1,d2`` (at most 50); ``[]`` sends a bare ``ATRN`` (every
       domain of the account) and then the top-level ``domains`` are required.
-    - ``every`` (duration >= 1s, default ``"10m"``): the base interval.
+    - ``every`` (duration >= 1s or ``"push"``, default ``"10m"``): the base
+      interval.  ``"push"``: dial again at once after every session that
+      worked (mail or 453), for a provider account with ``--atrn-wait``, whose
+      ATRN waits for mail: one session is always waiting and mail arrives
+      the moment the provider has it; after a failure, the backoff (10 s,
+      20 s, ... up to ``backoff_max``); a 453 that comes at once (the
+      account does not wait) makes the next dial wait `PUSH_IDLE_RETRY`.
     - ``jitter`` (default ``"10%"``): ``"N%"`` of each delay (0-100) or a
       duration; each wait is moved by a random amount within ± that.
     - ``backoff_max`` (duration, default ``"1h"``, raised to the longest
@@ -131,7 +144,7 @@ class PullConfig:
     - ``[[pull.window]]`` (any number): ``days`` (default ``"daily"``: e.g.
       ``"mon-fri"``, ``"sat,sun"``, ``"mon,wed,fri"``), ``hours`` (default
       ``"00-24"``: ``"start-end"``, whole hours, end exclusive), ``every``
-      (duration >= 1s, required): the interval inside the window.  The first
+      (duration >= 1s or ``"push"``, required): the interval inside the window.  The first
       window listed that contains the time wins.
     - ``[pull.delivery]`` (required): see `DeliveryConfig`.
     """
@@ -165,7 +178,7 @@ class PullKeys:
     #: Default: ``"pull-<n>"`` by position.
     name: str = field(metadata=spec(check_pull_name, computed=True))
     domains: tuple[str, ...] = key(domain_list(MAX_ATRN_DOMAINS), ())
-    every: float = key(DURATION_1S, written="10m")
+    every: float = key(parse_every, written="10m")
     jitter: JitterSpec = key(parse_jitter, written="10%")
     #: Default: 1h, or the block's longest ``every`` when that is longer.
     backoff_max: float = key(DURATION_1S, written="1h", computed=True)
@@ -177,7 +190,7 @@ class WindowKeys:
 
     days: frozenset[int] = key(parse_days, written="daily")
     hours: tuple[int, int] = key(parse_hours, written="00-24")
-    every: float = field(metadata=spec(DURATION_1S))
+    every: float = field(metadata=spec(parse_every))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -7,6 +7,13 @@ Contract:
   blocks run independently.  Each pull pushes the outbox first (see
   `fermoposta.customer.pull`); only the pull's own outcome counts as a
   failure for its backoff.
+- ``every = "push"`` (issue 12): the next pull starts at once after one
+  that worked (mail or 453), so one ATRN always waits at the provider; after
+  a failure the backoff applies as for any block.  A 453 that came at once
+  (within `PUSH_PROMPT` seconds of the dial: the account does not wait, or
+  the provider has no room) makes the next pull wait `PUSH_IDLE_RETRY`
+  seconds, with a warning, so a provider that does not wait is not dialled
+  in a loop.
 - With ``[outbox] listen`` the daemon also runs the outbox listener, and with
   ``push = "continuous"`` the `ContinuousPusher` (`OutboxService`); the
   listener takes ``<data_dir>/outbox-serve.lock``, so it never runs twice
@@ -17,7 +24,7 @@ Contract:
   nothing in the spool, the client keeps the message), then the sessions in
   progress end (a session is never cut in the middle by us: mail already
   acknowledged is committed, the rest stays held at the provider or in the
-  outbox).
+  outbox); an ATRN still waiting for its reply (push) is ended at once.
 - A second daemon on the same `data_dir` exits 73 (its lock is taken); an
   outbox address that cannot be bound exits 71, an unreadable users file 78,
   an outbox spool that cannot be opened 75.
@@ -37,14 +44,16 @@ from fermoposta.customer.config import CustomerConfig, PullConfig
 from fermoposta.customer.errors import ConfigFailure, CustomerError, TemporaryFailure
 from fermoposta.customer.outbox import OutboxServer, open_outbox
 from fermoposta.customer.outbox_push import ContinuousPusher
-from fermoposta.customer.pull import pull_lock, pull_once
-from fermoposta.customer.schedule import next_delay
+from fermoposta.customer.pull import new_summary, pull_lock, pull_once
+from fermoposta.customer.schedule import PUSH, interval_at, next_delay
 from fermoposta.ops import metrics
 from fermoposta.store import StoreError
 
 log = logging.getLogger("fermoposta.customer")
 
 OUTBOX_SERVE_LOCK = "outbox-serve.lock"
+PUSH_PROMPT = 5.0  # seconds: a 453 sooner than this after the dial did not wait
+PUSH_IDLE_RETRY = 60.0  # seconds before the next dial after such a 453
 OUTBOX_GRACE = 10.0
 
 
@@ -123,18 +132,46 @@ class Daemon:
         trigger = self.triggers[pull.name]
         while not self.stop.is_set():
             trigger.clear()
-            summary = await pull_once(self.config, pull, wait=True)
+            summary = new_summary(pull)
+            task = asyncio.ensure_future(pull_once(self.config, pull, wait=True,
+                                                   summary=summary))
+            stopping = asyncio.ensure_future(self.stop.wait())
+            await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            while not task.done():
+                # Stopping.  An ATRN still waiting for its reply has received
+                # nothing: end it now (a push block's waits up to 9 minutes);
+                # anything else is never cut in the middle.
+                if summary.awaiting_atrn:
+                    log.info("%s: stopping: ending the ATRN that waits for mail", pull.name)
+                    task.cancel()
+                await asyncio.wait({task}, timeout=0.2)
+            stopping.cancel()
+            if task.cancelled():
+                return
+            summary = task.result()
             self.runs[pull.name] += 1
             for line in summary.lines():
                 log.info("%s", line)
             # The pull's own outcome drives its backoff: a push that failed
             # (its mail waits in the outbox) must not slow down collecting mail.
             failures = 0 if summary.pull_exit_code == 0 else failures + 1
-            delay = next_delay(pull.schedule, datetime.now(), failures, self.rng)
-            log.info("%s: next pull in %.0fs", pull.name, delay)
+            now = datetime.now()
+            delay = next_delay(pull.schedule, now, failures, self.rng)
+            if (interval_at(pull.schedule, now) == PUSH and not failures
+                    and not summary.had_mail
+                    and summary.finished - summary.started < PUSH_PROMPT):
+                log.warning("%s: every = \"push\" but the provider answered ATRN with 453 at "
+                            "once (does the account have --atrn-wait?); next pull in %gs",
+                            pull.name, PUSH_IDLE_RETRY)
+                delay = PUSH_IDLE_RETRY
+            elif delay == 0:
+                log.debug("%s: push: dialling again now", pull.name)
+            if delay:
+                log.info("%s: next pull in %.0fs", pull.name, delay)
             waiters = [asyncio.ensure_future(trigger.wait()),
                        asyncio.ensure_future(self.stop.wait())]
-            await asyncio.wait(waiters, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+            if delay:
+                await asyncio.wait(waiters, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
             for waiter in waiters:
                 waiter.cancel()
 

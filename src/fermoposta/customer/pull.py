@@ -103,6 +103,9 @@ class PullSummary:
     push: PushResult | None = None  # the outbox push before ATRN, if any
     spooled: int = 0  # recipients taken into the local retry spool
     retry: RetryResult | None = None  # the local retry spool's run after the session
+    # True while the ATRN waits for its reply (nothing received yet): the
+    # daemon may cancel the pull then, e.g. on SIGTERM in push mode.
+    awaiting_atrn: bool = False
 
     @property
     def pull_exit_code(self) -> int:
@@ -150,10 +153,15 @@ class PullSummary:
         return out
 
 
-async def pull_once(config: CustomerConfig, pull: PullConfig, *, wait: bool = False
-                    ) -> PullSummary:
-    summary = PullSummary(name=pull.name, domains=pull.domains, session_id=new_session_id(),
-                          started=time.time())
+def new_summary(pull: PullConfig) -> PullSummary:
+    return PullSummary(name=pull.name, domains=pull.domains, session_id=new_session_id(),
+                       started=time.time())
+
+
+async def pull_once(config: CustomerConfig, pull: PullConfig, *, wait: bool = False,
+                    summary: PullSummary | None = None) -> PullSummary:
+    if summary is None:
+        summary = new_summary(pull)
     try:
         async with pull_lock(config.data_dir / f"pull-{pull.name}.lock", wait=wait):
             summary.push = await _push(config)
@@ -189,7 +197,11 @@ async def _session(config: CustomerConfig, pull: PullConfig, summary: PullSummar
     try:
         await dialer.connect()
         await dialer.authenticate()
-        conn = await dialer.atrn(pull.domains)
+        summary.awaiting_atrn = True
+        try:
+            conn = await dialer.atrn(pull.domains)
+        finally:
+            summary.awaiting_atrn = False
         if conn is None:
             return
         summary.had_mail = True

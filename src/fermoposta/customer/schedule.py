@@ -4,6 +4,9 @@ Contract:
 - Nothing here reads a clock or sleeps: the caller passes the current local
   time (`datetime`, naive local time or aware in the local zone; only its
   weekday, hour and wall-clock arithmetic are used) and a `random.Random`.
+- Push (issue 12): an `every` of `PUSH` (0, written ``"push"``) means "dial
+  again at once": the provider holds the ATRN open until mail comes (its
+  ``--atrn-wait``), so one session is always waiting.
 - `Window(days, start_hour, end_hour, every)`: on the weekdays in `days`
   (0 = Monday ... 6 = Sunday), from ``start_hour:00`` (inclusive) to
   ``end_hour:00`` (exclusive; 24 = midnight at the end of that day), pull
@@ -11,21 +14,24 @@ Contract:
 - `Schedule(every, jitter, backoff_max, windows)`: the base interval, the
   jitter, the longest wait after failures, the windows.  Windows may overlap;
   the first one listed that contains a time wins.  The constructor checks
-  its invariants (ValueError): intervals finite and > 0,
+  its invariants (ValueError): intervals finite and > 0 (or `PUSH`),
   ``backoff_max >= every`` and ``>=`` every window's `every`.
 - `interval_at(schedule, when)`: the `every` of the first window containing
   `when`, else `schedule.every`.
 - `next_delay(schedule, when, failures, rng)`: seconds until the next pull.
     1. base = `interval_at(when)`.
+    With no failures and a base of `PUSH`: 0 (at once; steps 3 and 4 do not
+       apply).
     2. With ``failures > 0`` consecutive failures: ``min(base * 2**failures,
-       backoff_max)`` (exponential backoff, capped).  With no failures, if a
+       backoff_max)`` (exponential backoff, capped; for `PUSH` the base is
+       `PUSH_RETRY`).  With no failures, if a
        window with a *shorter* interval starts (at a whole hour) before
        ``when + base``, the delay is cut to reach that start, so a pull does
        not sleep through the beginning of busy hours.
     3. Jitter: a uniform offset in ±(fraction of the delay) or ±(fixed
        seconds), drawn from `rng`.
     4. Never below 1 second.
-  So the result is always within ``[1, backoff_max + spread]`` where spread
+  So the result (push aside) is always within ``[1, backoff_max + spread]`` where spread
   is ``backoff_max * fraction`` or the fixed jitter seconds.
 - Parsers for the config file, raising ValueError with an ``expected ...,
   got ...`` text: `parse_days` (``"mon-fri"``, ``"sat,sun"``,
@@ -47,12 +53,15 @@ from fermoposta.config_common import parse_duration, show_value
 __all__ = [
     "DAY_NAMES",
     "MIN_DELAY",
+    "PUSH",
+    "PUSH_RETRY",
     "JitterSpec",
     "Schedule",
     "Window",
     "interval_at",
     "next_delay",
     "parse_days",
+    "parse_every",
     "parse_hours",
     "parse_jitter",
 ]
@@ -60,8 +69,14 @@ __all__ = [
 #: Weekday names as `parse_days` accepts them; the index is `datetime.weekday()`.
 DAY_NAMES: tuple[str, ...] = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 
-#: The shortest delay `next_delay` ever returns, in seconds.
+#: The shortest delay `next_delay` ever returns, in seconds (push aside).
 MIN_DELAY = 1.0
+
+#: `every = "push"`: dial again at once (the provider's ATRN waits for mail).
+PUSH = 0.0
+
+#: The base of the backoff of a push block after failures: 10 s, 20 s, 40 s ...
+PUSH_RETRY = 5.0
 
 _ALL_DAYS = frozenset(range(7))
 _MAX_BACKOFF_EXPONENT = 1000  # 2.0**1024 overflows; the cap is reached long before
@@ -70,6 +85,25 @@ _MAX_BACKOFF_EXPONENT = 1000  # 2.0**1024 overflows; the cap is reached long bef
 def _positive(name: str, value: float) -> None:
     if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a finite number of seconds > 0, got {value!r}")
+
+
+def _interval(name: str, value: float) -> None:
+    if value != PUSH:
+        _positive(name, value)
+
+
+def parse_every(value: object) -> float:
+    """``"push"`` -> `PUSH`; else a duration of at least 1 second."""
+    if isinstance(value, str) and value.strip().lower() == "push":
+        return PUSH
+    try:
+        seconds = parse_duration(value)
+    except ValueError:
+        raise ValueError("expected a duration like 10m, 30s, 2h, 5d or a number of seconds, "
+                         f'or "push", got {show_value(value)}') from None
+    if seconds < MIN_DELAY:
+        raise ValueError(f'expected a duration of at least 1s or "push", got {show_value(value)}')
+    return seconds
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +145,7 @@ class Window:
             raise ValueError(
                 f"hours must satisfy 0 <= start < end <= 24, got {self.start_hour}-{self.end_hour}"
             )
-        _positive("every", self.every)
+        _interval("every", self.every)
 
     def contains(self, when: datetime) -> bool:
         """True if `when` (local time) falls in this window."""
@@ -128,7 +162,7 @@ class Schedule:
     windows: tuple[Window, ...] = ()
 
     def __post_init__(self) -> None:
-        _positive("every", self.every)
+        _interval("every", self.every)
         _positive("backoff_max", self.backoff_max)
         if self.backoff_max < self.every:
             raise ValueError(
@@ -175,7 +209,9 @@ def next_delay(schedule: Schedule, when: datetime, failures: int, rng: random.Ra
     base = interval_at(schedule, when)
     if failures:
         exponent = min(failures, _MAX_BACKOFF_EXPONENT)
-        delay = min(base * 2.0**exponent, schedule.backoff_max)
+        delay = min((base or PUSH_RETRY) * 2.0**exponent, schedule.backoff_max)
+    elif base == PUSH:
+        return 0.0
     else:
         delay = base
         ahead = _until_shorter_window(schedule, when, base)

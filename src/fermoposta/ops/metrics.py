@@ -100,6 +100,14 @@ DELIVERY_SECONDS = Histogram("fermoposta_delivery_duration_seconds",
 ATRN_SESSIONS = Counter("fermoposta_atrn_total",
                         "ATRN commands by result (reversed, no_mail, refused, busy, "
                         "unavailable, syntax, not_authenticated)", ["result"])
+ATRN_WAITS = Counter("fermoposta_atrn_waits_total",
+                     "Fruitless ATRNs that waited for mail, by how the wait ended (woken, "
+                     "timeout, shutdown, client, full: max_waiting reached, no wait)",
+                     ["outcome"])
+ATRN_WAIT_SECONDS = Histogram("fermoposta_atrn_wait_seconds",
+                              "How long waiting ATRNs waited",
+                              buckets=(0.1, 0.5, 1, 5, 15, 60, 180, 300, 540, 600))
+ATRN_WAITING = Gauge("fermoposta_atrn_waiting", "ATRN sessions waiting for mail now")
 AUTH_FAILURES = Counter("fermoposta_auth_failures_total",
                         "Failed AUTH attempts, by mechanism", ["mechanism"])
 AUTH_LOCKOUTS = Counter("fermoposta_auth_lockouts_total",

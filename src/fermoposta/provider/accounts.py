@@ -2,7 +2,8 @@
 
 Contract:
 - `register(subparsers, open_store)` adds the
-  `account {add,list,remove,passwd,certs}` and `domain {add,set,list,remove}`
+  `account {add,set,list,remove,passwd,certs}` (ATRN wait options:
+  `provider.atrn_wait_admin`) and `domain {add,set,list,remove}`
   (ETRN options: `provider.etrn_admin`)
   subcommands.  Each sets
   `handler=<callable(args, store) -> int>` with `set_defaults`; the caller opens
@@ -55,6 +56,12 @@ from fermoposta.provider.admin import (
 from fermoposta.provider.admin import UsageError as _UsageError
 from fermoposta.provider.admin import error as _error
 from fermoposta.provider.admin import guarded as _guarded
+from fermoposta.provider.atrn_wait_admin import (
+    add_wait_option,
+    format_wait,
+    register_set,
+    wait_option,
+)
 from fermoposta.provider.etrn_admin import (
     Unchanged,
     add_etrn_options,
@@ -277,6 +284,7 @@ def account_add(args: argparse.Namespace, store: Directory) -> int:
         existing = store.get_domain(domain)
         if existing is not None:
             raise ValueError(f"domain {domain} already belongs to account {existing.account!r}")
+    atrn_wait = wait_option(args)
     scram, cram = _secrets(args)
     store.add_account(
         Account(
@@ -286,6 +294,7 @@ def account_add(args: argparse.Namespace, store: Directory) -> int:
             cert_fingerprints=tuple(fingerprints),
             cert_subjects=tuple(subjects),
             created_at=time.time(),
+            atrn_wait=atrn_wait,
         )
     )
     try:
@@ -320,9 +329,10 @@ def account_list(args: argparse.Namespace, store: Directory) -> int:
                 "yes" if account.cram_secret is not None else "no",
                 str(len(account.cert_fingerprints) + len(account.cert_subjects)),
                 _when(account.last_atrn_at),
+                format_wait(account),
             ]
         )
-    print(_table(["ACCOUNT", "DOMAINS", "CRAM-MD5", "CERTS", "LAST ATRN"], rows))
+    print(_table(["ACCOUNT", "DOMAINS", "CRAM-MD5", "CERTS", "LAST ATRN", "WAIT"], rows))
     if bare:
         # On stderr: the table on stdout stays one row an account for scripts.
         _error(f"note: {NO_DOMAINS} = no domains, every ATRN refused: {', '.join(bare)} "
@@ -567,7 +577,9 @@ def register(
         help="subject (RFC 4514, e.g. 'CN=customer,O=Example Ltd') of client certificates "
         "issued by [tls] client_ca that authenticate as NAME",
     )
+    add_wait_option(add)
     add.set_defaults(handler=account_add)
+    register_set(account_cmds)
 
     lst = account_cmds.add_parser("list", help="list the accounts")
     lst.set_defaults(handler=account_list)

@@ -15,6 +15,21 @@ Contract:
   ATRNs come faster than `min_atrn_interval`; 453 when there is no mail;
   451 when the store cannot answer or another session holds a lease on a
   domain; 250 then the flip.
+- Waiting (issue 12): when ATRN finds no mail and the account has an
+  `atrn_wait` (at most `MAX_ATRN_WAIT`, 9 minutes: RFC 2645 §4 and §5.2
+  make the client wait at least 10 for the reply) and the node's
+  `HeldMailWatch` has room (`[odmr] max_waiting`), the session waits
+  instead of answering 453, holding no lease and making no query of its
+  own.  Woken (mail for one of its domains was committed, on any node), it
+  decides again (held mail? leases?): 250 and the drain as always; a lease
+  another session holds means it keeps waiting (that session drains the
+  mail; later mail wakes this one again).  When the wait ends: 453 (or the
+  "quit" reply of `no_mail_reply`); when the provider stops: 421 4.3.2.
+  The wait counts neither against the command timeout nor against
+  `session_deadline`.  A line the client sends while waiting (it must not,
+  RFC 2645 §5.2.1) ends the wait: 453 for the ATRN, then 221 and close for
+  QUIT, else 503 and the session goes on.  A client that hangs up ends it
+  too.  Logged: a line when the wait starts, and when it is woken or ends.
 - ATRN is synchronizing (RFC 2920 by analogy with TURN): bytes pipelined
   after it are discarded and answered 503, and the session stays
   authenticated.  So nothing pre-sent is ever read as the customer's greeting.
@@ -33,6 +48,7 @@ Contract:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import ssl
@@ -42,16 +58,17 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from fermoposta.mail.auth import Authenticator
-from fermoposta.net.connection import Connection
+from fermoposta.net.connection import Connection, ConnectionClosed, LineTooLong
 from fermoposta.net.server_session import ServerSession, SessionLimits
 from fermoposta.ops import metrics
 from fermoposta.ops.log import event
 from fermoposta.provider.activity import Activity
+from fermoposta.provider.atrn_wait import HeldMailWatch
 from fermoposta.provider.drain import DrainSettings, drain
 from fermoposta.smtp import reply as R
 from fermoposta.smtp.atrn import parse_atrn_domains
 from fermoposta.smtp.reply import Reply, SMTPError
-from fermoposta.smtp.server import VerbSpec, verb_table
+from fermoposta.smtp.server import COMMAND_LINE_LIMIT, VerbSpec, verb_table
 from fermoposta.store.base import HostedMail, StoreError
 
 log = logging.getLogger("fermoposta.odmr")
@@ -59,6 +76,9 @@ log = logging.getLogger("fermoposta.odmr")
 ATRN_NOT_LAST = Reply(503, "5.5.1", "ATRN must be the last command in a pipeline")
 DOMAIN_BUSY = Reply(451, "4.3.0", "Unable to process ATRN request now: domain busy, try later")
 TOO_SOON = Reply(450, "4.7.1", "ATRN request refused: too frequent, try later")
+SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later")
+WAITED_OUT_OF_TURN = Reply(503, "5.5.1", "Command sent while ATRN waited for mail; discarded")
+MAX_ATRN_WAIT = 540.0  # seconds: RFC 2645 §4 and §5.2, the client waits at least 10 minutes
 RELEASE_RETRY = 2.0  # seconds between attempts to release leases the store refused
 
 # Background releases in progress (a reference keeps each task alive).
@@ -89,9 +109,13 @@ class ODMRSession(ServerSession):
         settings: ODMRSettings,
         drain_settings: DrainSettings,
         tls_context: ssl.SSLContext | None = None,
+        watch: HeldMailWatch | None = None,
+        listener: str = "odmr",
     ) -> None:
         super().__init__(conn, hostname=hostname, limits=limits, tls_context=tls_context)
         self.store = store
+        self.watch = watch  # the node's waiting ATRNs; None: never wait
+        self.listener = listener
         self.settings = settings
         self.drain_settings = drain_settings
         self.auth = Authenticator(self, store, settings)
@@ -99,6 +123,8 @@ class ODMRSession(ServerSession):
         self.refusal = ""  # why `_decide` refused the last ATRN with 450, for the log
         # The provider's record of pulls in progress and done (the status page).
         self.activity: Activity | None = None
+        self.atrn_wait = 0.0  # the account's wait for mail, as `_decide` last read it
+        self.atrn_domains: tuple[str, ...] = ()  # the domains `_decide` last resolved
 
     def greeting(self) -> Reply:
         return Reply(220, None, f"{self.hostname} ESMTP fermoposta on-demand mail relay ready")
@@ -130,7 +156,7 @@ class ODMRSession(ServerSession):
         except SMTPError:
             metrics.ATRN_SESSIONS.labels("syntax").inc()
             raise
-        metrics.ATRN_SESSIONS.labels(_atrn_result(reply)).inc()
+        metrics.ATRN_SESSIONS.labels(_atrn_result(reply, self.handoff is not None)).inc()
         return reply
 
     async def _atrn(self, arg: str) -> Reply | None:
@@ -150,6 +176,11 @@ class ODMRSession(ServerSession):
         except StoreError as exc:
             self.log.warning("%s: ATRN: store error: %s", self.session_id, exc)
             return R.ATRN_UNAVAILABLE
+        if decision is R.ATRN_NO_MAIL and self.atrn_wait > 0 and self.watch is not None:
+            waited = await self._wait_for_mail(self.watch, requested)
+            if waited is None:
+                return None  # the client hung up, or said QUIT, while we waited
+            decision = waited
         if isinstance(decision, Reply):
             if decision.code == 453 and self.settings.no_mail_reply == "quit":
                 # RFC 2645 §5.2.1 lets us reverse anyway and QUIT at once.
@@ -196,13 +227,123 @@ class ODMRSession(ServerSession):
                                   deferred=result.deferred, failed=result.failed,
                                   aborted=result.aborted)
 
-    def _decide(self, requested: tuple[str, ...]) -> Reply | tuple[str, ...]:
+    async def _wait_for_mail(self, watch: HeldMailWatch, requested: tuple[str, ...]
+                             ) -> Reply | tuple[str, ...] | None:
+        """No mail yet: wait up to the account's `atrn_wait` for some (see the
+        module docstring).  The ATRN's reply or its leased domains; None when
+        the session is over (the client hung up or sent QUIT)."""
+        what = ",".join(requested) or "(all)"
+        waiter = watch.enter(self.atrn_domains, self.listener)
+        if waiter is None:
+            self.log.info("%s: ATRN %s by %s: no mail, and %d sessions already wait "
+                          "([odmr] max_waiting); 453 now", self.session_id, what,
+                          self.account, watch.waiting)
+            metrics.ATRN_WAITS.labels("full").inc()
+            return R.ATRN_NO_MAIL
+        wait = min(self.atrn_wait, MAX_ATRN_WAIT)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        self.log.info("%s: ATRN %s by %s: no mail; waiting up to %gs for it",
+                      self.session_id, what, self.account, wait)
+        # Neither the session deadline nor the command timeout runs while we wait.
+        saved_deadline, self.conn.deadline = self.conn.deadline, None
+        reader = asyncio.ensure_future(self.conn.read_line(COMMAND_LINE_LIMIT, wait + 60.0))
+        closing = asyncio.ensure_future(watch.closing.wait())
+        # Look once at once: mail may have come between `_decide` and `enter`.
+        waiter.event.set()
+        outcome = "timeout"
+        try:
+            while True:
+                remaining = started + wait - loop.time()
+                if remaining <= 0:
+                    break
+                woken = asyncio.ensure_future(waiter.event.wait())
+                try:
+                    await asyncio.wait({woken, reader, closing}, timeout=remaining,
+                                       return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    woken.cancel()
+                if closing.done():
+                    outcome = "shutdown"
+                    self.log.info("%s: ATRN %s by %s: wait ended after %.1fs: the provider "
+                                  "is stopping; 421", self.session_id, what, self.account,
+                                  loop.time() - started)
+                    self.closing = True
+                    return SHUTTING_DOWN
+                if reader.done():
+                    outcome = "client"
+                    return await self._line_while_waiting(reader, what, loop.time() - started)
+                if not waiter.event.is_set():
+                    continue
+                waiter.event.clear()
+                try:
+                    decision = await asyncio.to_thread(self._decide_woken, self.atrn_domains)
+                except StoreError as exc:
+                    self.log.warning("%s: ATRN wait: store error, waiting on: %s",
+                                     self.session_id, exc)
+                    continue
+                if isinstance(decision, tuple):
+                    outcome = "woken"
+                    self.log.info("%s: ATRN %s by %s: woken after %.1fs: mail for %s",
+                                  self.session_id, what, self.account,
+                                  loop.time() - started, ",".join(decision))
+                    return decision
+                if decision is DOMAIN_BUSY:
+                    self.log.info("%s: ATRN %s by %s: mail came but another session "
+                                  "holds the domain; waiting on", self.session_id, what,
+                                  self.account)
+            self.log.info("%s: ATRN %s by %s: waited %gs, no mail; 453", self.session_id,
+                          what, self.account, wait)
+            return R.ATRN_NO_MAIL
+        finally:
+            waiter.leave()
+            closing.cancel()
+            if not reader.done():
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await reader
+            if saved_deadline is not None:
+                self.conn.deadline = saved_deadline + (loop.time() - started)
+            metrics.ATRN_WAITS.labels(outcome).inc()
+            metrics.ATRN_WAIT_SECONDS.observe(loop.time() - started)
+
+    async def _line_while_waiting(self, reader: asyncio.Future[bytes], what: str,
+                                  waited: float) -> Reply | None:
+        """The client spoke (or left) while its ATRN waited."""
+        try:
+            line = reader.result()
+        except (ConnectionClosed, TimeoutError, OSError, LineTooLong) as exc:
+            self.log.info("%s: ATRN %s by %s: the client left after %.1fs of waiting (%s)",
+                          self.session_id, what, self.account, waited,
+                          type(exc).__name__)
+            self.closing = True
+            return None
+        verb = line.split(b" ", 1)[0].strip().upper()
+        self.log.info("%s: ATRN %s by %s: the client sent %s after %.1fs of waiting; 453",
+                      self.session_id, what, self.account,
+                      verb.decode("ascii", "replace")[:16] or "an empty line", waited)
+        await self.send(R.ATRN_NO_MAIL)
+        if verb == b"QUIT":
+            await self.send(R.BYE)
+            self.closing = True
+            return None
+        return WAITED_OUT_OF_TURN
+
+    def _decide_woken(self, domains: tuple[str, ...]) -> Reply | tuple[str, ...]:
+        """In a worker thread, after a wake-up: the same checks as `_decide`
+        (the account or its domains may have changed meanwhile) but no rate
+        limit: this is the ATRN that was already let through."""
+        return self._decide(domains, rate_limit=False)
+
+    def _decide(self, requested: tuple[str, ...], *, rate_limit: bool = True
+                ) -> Reply | tuple[str, ...]:
         """Runs in a worker thread: authorization, rate limit, mail check, leases."""
         assert self.account is not None
         account = self.store.get_account(self.account)
         if account is None:
             self.refusal = "the account no longer exists"
             return R.ATRN_REFUSED
+        self.atrn_wait = account.atrn_wait or 0.0
         owned = {d.name for d in self.store.list_domains(self.account)}
         domains = requested or tuple(sorted(owned))
         if not domains or not set(domains) <= owned:
@@ -210,13 +351,15 @@ class ODMRSession(ServerSession):
             # the log says which and why, for the operator.
             self.refusal = self._why_refused(domains, owned)
             return R.ATRN_REFUSED
+        self.atrn_domains = domains
         now = time.time()
-        if (self.settings.min_atrn_interval > 0 and account.last_atrn_at is not None
+        if (rate_limit and self.settings.min_atrn_interval > 0 and account.last_atrn_at is not None
                 and now - account.last_atrn_at < self.settings.min_atrn_interval):
             return TOO_SOON
         with_mail = self.store.domains_with_held_mail(domains)
         if not with_mail:
-            self.store.record_atrn(self.account, now)
+            if rate_limit:
+                self.store.record_atrn(self.account, now)
             return R.ATRN_NO_MAIL
         if not self.store.acquire_leases(domains, self.session_id, self.settings.lease_ttl):
             return DOMAIN_BUSY
@@ -281,11 +424,14 @@ class ODMRSession(ServerSession):
         return True
 
 
-def _atrn_result(reply: Reply | None) -> str:
+def _atrn_result(reply: Reply | None, reversed_: bool = True) -> str:
     """A bounded label for the metrics."""
-    if reply is None or reply.code == 250:
+    if reply is None:
+        return "reversed" if reversed_ else "client_left"
+    if reply.code == 250:
         return "reversed"
-    return {453: "no_mail", 450: "refused", 530: "not_authenticated"}.get(
+    return {453: "no_mail", 450: "refused", 530: "not_authenticated", 421: "shutdown",
+            503: "syntax"}.get(
         reply.code,
         "busy" if reply is DOMAIN_BUSY else "unavailable" if reply.code == 451 else "syntax",
     )

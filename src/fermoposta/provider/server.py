@@ -16,6 +16,11 @@ Contract:
   together, given to each session's `Authenticator`: failed AUTHs are
   delayed and lock out addresses and accounts across connections.  It keeps
   its counts over a SIGHUP (only its settings change).
+- Waiting ATRNs (issue 12): one `HeldMailWatch` (`provider.atrn_wait`) per
+  provider, given to every ODMR session; the group commit wakes it for
+  held mail this process stored.  A listener's `max_connections` leaves out
+  its sessions that wait (they count against `[odmr] max_waiting`); `stop()`
+  ends every wait at once (421) before the grace period.
 - It also runs the outbound runner (delivery of submissions and DSNs to the
   Internet) and the hold expirer; a stored submission wakes the runner, and
   so does an ETRN that released held mail (`provider.etrn`, on the MX).
@@ -48,7 +53,7 @@ import signal
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
 from fermoposta.config import ConfigError, ProviderConfig, load_provider_config
@@ -58,6 +63,7 @@ from fermoposta.net.server_session import ServerSession, SessionLimits
 from fermoposta.ops import certs, metrics
 from fermoposta.ops.log import setup_logging
 from fermoposta.provider.activity import Activity
+from fermoposta.provider.atrn_wait import HeldMailWatch
 from fermoposta.provider.drain import DrainSettings
 from fermoposta.provider.etrn import EtrnService
 from fermoposta.provider.expiry import HoldExpirer
@@ -67,7 +73,7 @@ from fermoposta.provider.outbound import OutboundRunner
 from fermoposta.provider.storage import open_provider_store, store_description
 from fermoposta.provider.submission import RateLimiter, SubmissionSession, SubmissionSettings
 from fermoposta.smtp.reply import Reply
-from fermoposta.store.base import SchemaTooNew, Store, StoreError
+from fermoposta.store.base import NewMessage, RecipientState, SchemaTooNew, Store, StoreError
 from fermoposta.store.group_commit import GroupCommit
 
 if TYPE_CHECKING:
@@ -165,7 +171,10 @@ class Provider:
         self.store = store
         # One group commit for the MX and submission: messages their sessions
         # finish at the same moment share one durable commit.
-        self.intake = GroupCommit(store)
+        self.intake = GroupCommit(store, on_stored=self._stored)
+        # Fruitless ATRNs of accounts with --atrn-wait wait here (issue 12).
+        self.held_watch = HeldMailWatch(store, poll_interval=config.odmr.wait_poll_interval,
+                                        max_waiting=config.odmr.max_waiting)
         self.clock = clock
         self.cert_validity = certificate_validity(config, clock())
         self._cert_warned_at: float | None = None  # the clock when we last warned
@@ -190,9 +199,17 @@ class Provider:
             collections.defaultdict(collections.Counter)
         self.addresses: dict[str, tuple[str, int]] = {}
 
+    def _stored(self, messages: Sequence[NewMessage]) -> None:
+        """The MX or submission committed `messages`: wake waiting ATRNs at once."""
+        self.held_watch.notify({r.domain for m in messages for r in m.recipients
+                                if r.state is RecipientState.HELD})
+
     def _apply(self, config: ProviderConfig) -> None:
         """The settings new sessions are made with (at start and on reload)."""
         self.config = config
+        if hasattr(self, "held_watch"):
+            self.held_watch.max_waiting = config.odmr.max_waiting
+            self.held_watch.poll_interval = config.odmr.wait_poll_interval
         self.limits = session_limits(config)
         self.auth_throttle.settings = throttle_settings(config)
         odmr = config.odmr
@@ -269,7 +286,7 @@ class Provider:
         session = ODMRSession(conn, hostname=self.config.hostname, limits=self.limits,
                               store=self.store, settings=self.odmr_settings,
                               drain_settings=self.drain_settings,
-                              tls_context=self.tls_context)
+                              tls_context=self.tls_context, watch=self.held_watch)
         session.auth.throttle = self.auth_throttle
         session.activity = self.activity
         return session
@@ -297,7 +314,9 @@ class Provider:
             # use up the slots of the customers' ODMR and submission.
             sessions, per_ip = self.listener_sessions[listener], self.per_ip[listener]
             total, from_one = self.config.connections.limits_for(listener, self.config.limits)
-            if len(sessions) >= total or per_ip[ip] >= from_one:
+            # ATRNs waiting for mail have their own limit ([odmr] max_waiting).
+            busy = len(sessions) - self.held_watch.waiting_on(listener)
+            if busy >= total or per_ip[ip] >= from_one:
                 metrics.CONNECTIONS_REFUSED.labels(listener).inc()
                 log.warning("too many connections on %s (%s): refusing [%s]", listener,
                             "from this address" if per_ip[ip] >= from_one else "in total", ip)
@@ -311,7 +330,10 @@ class Provider:
             metrics.CONNECTIONS.labels(listener).inc()
             started = time.monotonic()
             try:
-                await factory(conn).run()
+                session = factory(conn)
+                if isinstance(session, ODMRSession):
+                    session.listener = listener
+                await session.run()
             finally:
                 metrics.SESSION_SECONDS.labels(listener).observe(time.monotonic() - started)
                 self.sessions.discard(task)
@@ -371,6 +393,7 @@ class Provider:
         self.on_queued = self.runner.wake
         await self.runner.start()
         await self.expirer.start()
+        await self.held_watch.start()
         self._publish_certificate()
         self.check_certificate()
         if self.cert_validity is not None:
@@ -470,6 +493,8 @@ class Provider:
             self._stop_metrics = None
         for server in self.servers:
             server.close()  # stop accepting; established sessions go on
+        # Waiting ATRNs end now (421), not after the grace period.
+        await self.held_watch.shutdown()
         if self.sessions:
             _, pending = await asyncio.wait(set(self.sessions), timeout=grace)
             for task in pending:

@@ -167,6 +167,9 @@ class Account:
     cert_subjects: tuple[str, ...] = ()
     created_at: float = 0.0
     last_atrn_at: float | None = None
+    # Seconds a fruitless ATRN may wait for mail (RFC 2645 §4: the client
+    # waits at least 10 minutes for the reply); None = answer 453 at once.
+    atrn_wait: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -349,6 +352,17 @@ class Spool(MessageQueue, Protocol):
     def close(self) -> None: ...
 
 
+class HeldMailNotices(Protocol):
+    """Notices that recipients became HELD (committed), by domain."""
+
+    def wait(self, timeout: float) -> set[str]:
+        """The domains noticed within `timeout` seconds (empty: none); blocks.
+        `StoreError` when the connection is lost: make a new listener."""
+        ...
+
+    def close(self) -> None: ...
+
+
 class HoldQueue(MessageQueue, Protocol):
     """Held mail and the domain leases of ATRN sessions: what the MX (quotas),
     the ODMR service, the drain and held-mail expiry need."""
@@ -358,6 +372,12 @@ class HoldQueue(MessageQueue, Protocol):
         ...
 
     def domains_with_held_mail(self, domains: Collection[str]) -> set[str]: ...
+
+    def held_mail_notices(self) -> HeldMailNotices | None:
+        """A listener for "held mail was committed for these domains" from
+        every process and node on this store, or None when the engine has
+        none (SQLite: the caller polls `domains_with_held_mail`)."""
+        ...
 
     def domain_usage(self, domain: str) -> tuple[int, int]:
         """(messages, bytes) held for `domain`, for quotas."""

@@ -17,6 +17,10 @@ Contract:
 - A caller cancelled while it waits does not stop the commit (as with a
   thread that was already running): its message may be stored without a
   250, which at worst makes the client's retry a duplicate, never a loss.
+- `on_stored(messages)`, if given, is called on the event loop after each
+  commit with the messages it stored (before their callers are answered),
+  e.g. to wake waiting ATRNs (`provider.atrn_wait`); an exception it
+  raises is logged and ignored.
 - Runs on one asyncio event loop; the store is called in worker threads
   (`asyncio.to_thread`), one batch at a time.
 """
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import IO
 
@@ -44,8 +49,10 @@ class _Pending:
 
 
 class GroupCommit:
-    def __init__(self, queue: MessageQueue, *, max_batch: int = MAX_BATCH) -> None:
+    def __init__(self, queue: MessageQueue, *, max_batch: int = MAX_BATCH,
+                 on_stored: Callable[[Sequence[NewMessage]], None] | None = None) -> None:
         self.queue = queue
+        self.on_stored = on_stored
         self.max_batch = max(1, max_batch)
         self._pending: list[_Pending] = []
         self._committer: asyncio.Task[None] | None = None
@@ -81,6 +88,14 @@ class GroupCommit:
                 self._pending.clear()
                 raise
             self.commits += 1
+            if self.on_stored is not None:
+                stored = [item.message for item, outcome in zip(batch, outcomes, strict=True)
+                          if not isinstance(outcome, BaseException)]
+                try:
+                    if stored:
+                        self.on_stored(stored)
+                except Exception:
+                    log.exception("on_stored callback failed")
             for item, outcome in zip(batch, outcomes, strict=True):
                 if item.result.done():
                     continue  # its caller is gone (cancelled)

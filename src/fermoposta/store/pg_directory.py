@@ -99,7 +99,7 @@ class PostgresDirectory(EnginePart):
                     conn.execute(
                         "INSERT INTO accounts (name, scram_salt, scram_iterations,"
                         " scram_stored_key, scram_server_key, cram_secret, created_at,"
-                        " last_atrn_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+                        " last_atrn_at, atrn_wait) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
                         (account.name,
                          scram.salt if scram else None,
                          scram.iterations if scram else None,
@@ -107,7 +107,7 @@ class PostgresDirectory(EnginePart):
                          scram.server_key if scram else None,
                          account.cram_secret,
                          account.created_at or self._clock(),
-                         account.last_atrn_at),
+                         account.last_atrn_at, account.atrn_wait),
                     )
             except pg_errors.UniqueViolation as exc:  # added by another node just now
                 raise ValueError(f"account {account.name!r} already exists") from exc
@@ -116,7 +116,7 @@ class PostgresDirectory(EnginePart):
     def update_account(self, account: Account) -> None:
         """Replace the secrets and certificate bindings of an account (ValueError if none).
 
-        `created_at` is kept; `last_atrn_at` is taken from `account`.
+        `created_at` is kept; `last_atrn_at` and `atrn_wait` are taken from `account`.
         """
         with self._write("update account") as conn:
             if not _account_exists(conn, account.name, lock=True):
@@ -125,13 +125,14 @@ class PostgresDirectory(EnginePart):
             conn.execute(
                 "UPDATE accounts SET scram_salt = %s, scram_iterations = %s,"
                 " scram_stored_key = %s, scram_server_key = %s, cram_secret = %s,"
-                " last_atrn_at = %s WHERE name = %s",
+                " last_atrn_at = %s, atrn_wait = %s WHERE name = %s",
                 (scram.salt if scram else None,
                  scram.iterations if scram else None,
                  scram.stored_key if scram else None,
                  scram.server_key if scram else None,
                  account.cram_secret,
                  account.last_atrn_at,
+                 account.atrn_wait,
                  account.name),
             )
             conn.execute("DELETE FROM account_certs WHERE account = %s", (account.name,))

@@ -26,15 +26,16 @@ Contract:
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import psycopg
 
 from fermoposta.store.base import SchemaTooNew, StoreError
 
-__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "current_version", "migrate"]
+__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "current_version", "held_channel", "migrate"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Version 1: the whole schema.  Same tables as the SQLite engine's version 6,
 # plus `holders` (heartbeat rows: who is alive) and `schema_version`.
@@ -158,11 +159,46 @@ _V2: tuple[str, ...] = (
     "ALTER TABLE domains ADD COLUMN etrn text",
 )
 
+# Version 3 (issue 12): how long an account's fruitless ATRN may wait for
+# mail, and a NOTIFY on `held_channel()` with the domain of every recipient
+# that becomes HELD (inserted so, or updated to it), so a node holding a
+# waiting ATRN wakes the moment another commits its mail.  NOTIFY is
+# delivered on commit only, once per distinct payload of a transaction.
+_V3: tuple[str, ...] = (
+    "ALTER TABLE accounts ADD COLUMN atrn_wait double precision",
+    """CREATE FUNCTION notify_held_inserted() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        PERFORM pg_notify('fp_held_' || left(md5(current_schema()), 16), d.domain)
+        FROM (SELECT DISTINCT domain FROM new_rows WHERE state = 'held') AS d;
+        RETURN NULL;
+    END $$""",
+    """CREATE FUNCTION notify_held_updated() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        PERFORM pg_notify('fp_held_' || left(md5(current_schema()), 16), d.domain)
+        FROM (SELECT DISTINCT n.domain FROM new_rows n JOIN old_rows o ON o.id = n.id
+              WHERE n.state = 'held' AND o.state <> 'held') AS d;
+        RETURN NULL;
+    END $$""",
+    "CREATE TRIGGER recipients_held_inserted AFTER INSERT ON recipients"
+    " REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT"
+    " EXECUTE FUNCTION notify_held_inserted()",
+    "CREATE TRIGGER recipients_held_updated AFTER UPDATE ON recipients"
+    " REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT"
+    " EXECUTE FUNCTION notify_held_updated()",
+)
+
 # Statements that bring a database from version N-1 to N.
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: _V1,
     2: _V2,
+    3: _V3,
 }
+
+
+def held_channel(schema: str) -> str:
+    """The NOTIFY channel of held mail for `schema` (what the triggers of
+    version 3 compute with `md5(current_schema())`)."""
+    return "fp_held_" + hashlib.md5(schema.encode()).hexdigest()[:16]
 
 # The advisory lock key: per schema, so tests (one schema each) and
 # several deployments on one database do not serialize each other.

@@ -107,6 +107,7 @@ from fermoposta.store.base import (
 )
 from fermoposta.store.pg_directory import PostgresDirectory
 from fermoposta.store.pg_etrn import PostgresEtrn
+from fermoposta.store.pg_notify import PgHeldNotices
 from fermoposta.store.pg_rows import (
     _DB_NOW,
     _LOCK_RECIPIENTS,
@@ -833,6 +834,11 @@ class PostgresStore(PostgresDirectory, PostgresQueueTools, PostgresEtrn):
                 )
             }
         return sorted(found, key=lambda i: (found[i], i))
+
+    def held_mail_notices(self) -> PgHeldNotices:
+        """A LISTEN on a connection of its own (`store.pg_notify`)."""
+        self._check_open()
+        return PgHeldNotices(self._connect, self._scrub)
 
     def domains_with_held_mail(self, domains: Collection[str]) -> set[str]:
         wanted = sorted(set(domains))

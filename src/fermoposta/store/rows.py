@@ -36,7 +36,7 @@ MESSAGE_COLUMNS = (
 DOMAIN_COLUMNS = "name, account, max_messages, max_bytes, validate, hold_lifetime, etrn"
 ACCOUNT_COLUMNS = (
     "name, scram_salt, scram_iterations, scram_stored_key, scram_server_key, cram_secret,"
-    " created_at, last_atrn_at"
+    " created_at, last_atrn_at, atrn_wait"
 )
 
 
@@ -92,7 +92,7 @@ def account_from_row(row: Sequence[Any], fingerprints: Sequence[str],
     return Account(name=row[0], scram=scram, cram_secret=row[5],
                    cert_fingerprints=tuple(str(f) for f in fingerprints),
                    cert_subjects=tuple(str(s) for s in subjects),
-                   created_at=row[6], last_atrn_at=row[7])
+                   created_at=row[6], last_atrn_at=row[7], atrn_wait=row[8])
 
 
 def domain_from_row(row: Sequence[Any], valid: Iterable[str] | None) -> Domain:

@@ -83,7 +83,7 @@ from fermoposta.store.sqlite_rows import (
 )
 from fermoposta.store.sqlite_tools import SQLiteQueueTools
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 BUSY_TIMEOUT = 10.0  # seconds
 
 
@@ -183,7 +183,8 @@ CREATE TABLE IF NOT EXISTS accounts (
     scram_server_key BLOB,
     cram_secret TEXT,
     created_at REAL NOT NULL,
-    last_atrn_at REAL
+    last_atrn_at REAL,
+    atrn_wait REAL  -- seconds a fruitless ATRN may wait for mail (NULL: none)
 );
 CREATE TABLE IF NOT EXISTS account_certs (
     fingerprint TEXT PRIMARY KEY,
@@ -232,6 +233,11 @@ _V7 = """
 ALTER TABLE domains ADD COLUMN etrn TEXT;
 """
 
+# Version 8: how long an account's fruitless ATRN may wait for mail (issue 12).
+_V8 = """
+ALTER TABLE accounts ADD COLUMN atrn_wait REAL;
+"""
+
 # Statements that bring a file from version N-1 to N.
 _MIGRATIONS: dict[int, str] = {
     2: _ACCOUNT_CERT_SUBJECTS,
@@ -240,6 +246,7 @@ _MIGRATIONS: dict[int, str] = {
     5: _V5,
     6: _V6,
     7: _V7,
+    8: _V8,
 }
 
 def _statements(script: str) -> Iterator[str]:
@@ -648,6 +655,10 @@ class SQLiteStore(SQLiteDirectory, SQLiteQueueTools, SQLiteEtrn):
                 ):
                     result.add(domain)
         return result
+
+    def held_mail_notices(self) -> None:
+        """None: SQLite has no notices; callers poll `domains_with_held_mail`."""
+        return None
 
     def domain_usage(self, domain: str) -> tuple[int, int]:
         with self._read() as conn:

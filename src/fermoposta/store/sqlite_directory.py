@@ -107,8 +107,8 @@ class SQLiteDirectory:
             scram = account.scram
             conn.execute(
                 "INSERT INTO accounts (name, scram_salt, scram_iterations, scram_stored_key,"
-                " scram_server_key, cram_secret, created_at, last_atrn_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                " scram_server_key, cram_secret, created_at, last_atrn_at, atrn_wait)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     account.name,
                     scram.salt if scram else None,
@@ -118,6 +118,7 @@ class SQLiteDirectory:
                     account.cram_secret,
                     account.created_at or self._clock(),
                     account.last_atrn_at,
+                    account.atrn_wait,
                 ),
             )
             _set_certs(conn, account)
@@ -125,7 +126,7 @@ class SQLiteDirectory:
     def update_account(self, account: Account) -> None:
         """Replace the secrets and certificate bindings of an account (ValueError if none).
 
-        `created_at` is kept; `last_atrn_at` is taken from `account`.
+        `created_at` is kept; `last_atrn_at` and `atrn_wait` are taken from `account`.
         """
         with self._write() as conn:
             if not _account_exists(conn, account.name):
@@ -133,7 +134,8 @@ class SQLiteDirectory:
             scram = account.scram
             conn.execute(
                 "UPDATE accounts SET scram_salt = ?, scram_iterations = ?, scram_stored_key = ?,"
-                " scram_server_key = ?, cram_secret = ?, last_atrn_at = ? WHERE name = ?",
+                " scram_server_key = ?, cram_secret = ?, last_atrn_at = ?, atrn_wait = ?"
+                " WHERE name = ?",
                 (
                     scram.salt if scram else None,
                     scram.iterations if scram else None,
@@ -141,6 +143,7 @@ class SQLiteDirectory:
                     scram.server_key if scram else None,
                     account.cram_secret,
                     account.last_atrn_at,
+                    account.atrn_wait,
                     account.name,
                 ),
             )
