@@ -78,6 +78,13 @@ async def test_operator_page_numbers_and_escaping(web: Callable[..., Any]) -> No
     chart = page.text.split("<svg", 1)[1].split("</svg>", 1)[0]
     assert "example.org (2)" in chart and "other.test (1)" in chart
     assert page.headers["Content-Security-Policy"].startswith("default-src 'none'")
+    # The live nodes: this one, its process, and the three messages it accepted.
+    nodes = page.text.split('<table id="nodes">', 1)[1].split("</table>", 1)[0]
+    node = running.store.node
+    live = re.search(rf"<td>{re.escape(node)} <b>\(this node\)</b></td>"
+                     r'<td class="num">(\d+)</td><td>(\d+) s ago</td><td class="num">(\d+)</td>',
+                     nodes)
+    assert live is not None and int(live.group(1)) >= 1 and live.group(3) == "3", nodes
     # A customer's page escapes the sender too.
     customer = client()
     page = await customer.login("customer", "acme", PASSWORD)

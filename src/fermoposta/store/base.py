@@ -234,6 +234,16 @@ class QueueEntry:
 
 
 @dataclass(frozen=True, slots=True)
+class NodeStatus:
+    """A node (the `[store] node` name of its processes) sharing the store."""
+
+    node: str
+    processes: int  # its live processes
+    started_at: float | None  # when the oldest of them started (None: not known)
+    last_seen: float | None  # seconds since its latest heartbeat (0: now; None: not kept)
+
+
+@dataclass(frozen=True, slots=True)
 class DomainShape:
     """Queue figures for one recipient domain (or the whole queue)."""
 
@@ -605,6 +615,14 @@ class QueueTools(Protocol):
         """(state, messages, bytes, oldest received_at) for each
         RecipientState, zeros included, for the metrics collector.  A message
         with recipients in several states counts in each."""
+        ...
+
+    def live_nodes(self) -> list[NodeStatus]:
+        """The nodes whose processes are alive now, by name.  PostgreSQL:
+        every node whose heartbeat is younger than `node_timeout`, with its
+        live processes and its latest heartbeat (by the database's clock).
+        SQLite (one machine): this node, with the live processes that hold a
+        lock file under `holders/` (this one included); no heartbeat kept."""
         ...
 
 

@@ -49,6 +49,7 @@ class EnginePart:
     """Base of the engine's mixins: what they use of `PostgresStore`."""
 
     _clock: Callable[[], float]
+    _node_timeout: float
 
     if TYPE_CHECKING:  # provided by PostgresStore
         def _read(self, what: str, *, snapshot: bool = True

@@ -16,6 +16,7 @@ from collections.abc import Collection, Sequence
 from typing import Any
 
 from fermoposta.store.base import (
+    NodeStatus,
     QueuedRecipient,
     QueueEntry,
     QueueFilter,
@@ -24,6 +25,7 @@ from fermoposta.store.base import (
     Requeued,
 )
 from fermoposta.store.pg_rows import (
+    _DB_NOW,
     _M_MESSAGE_COLUMNS,
     _MESSAGE_COLUMNS,
     _R_RECIPIENT_COLUMNS,
@@ -324,6 +326,15 @@ class PostgresQueueTools(EnginePart):
             ).fetchone()
         assert message_row is not None
         return shape_from_pairs(rows, deferred, message_row, len(limits) + 1)
+
+    def live_nodes(self) -> list[NodeStatus]:
+        rows = self._query(
+            "live nodes",
+            f"SELECT node, count(*), min(started_at), {_DB_NOW} - max(heartbeat_at)"
+            f" FROM holders WHERE heartbeat_at > {_DB_NOW} - %s GROUP BY node ORDER BY node",
+            (self._node_timeout,))
+        return [NodeStatus(str(r[0]), int(r[1]), float(r[2]), max(0.0, float(r[3])))
+                for r in rows]
 
     def queue_summary(self) -> list[tuple[str, int, int, float | None]]:
         with self._read("queue summary", snapshot=False) as conn:

@@ -16,6 +16,7 @@ from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
 from fermoposta.store.base import (
+    NodeStatus,
     QueuedRecipient,
     QueueEntry,
     QueueFilter,
@@ -23,6 +24,7 @@ from fermoposta.store.base import (
     RecipientState,
     Requeued,
 )
+from fermoposta.store.holders import Holders
 from fermoposta.store.rows import SMALL_DOMAIN, domain_size_sql, filter_sql, shape_from_pairs
 from fermoposta.store.rows import message_from_row as _message
 from fermoposta.store.rows import recipient_from_row as _recipient
@@ -68,6 +70,9 @@ class SQLiteQueueTools:
         def _read(self) -> AbstractContextManager[sqlite3.Connection]: ...
 
         def _write(self) -> AbstractContextManager[sqlite3.Connection]: ...
+
+        _holders: Holders
+        _node: str
 
     def queue_ids(
         self, where: QueueFilter, after: tuple[float, str] | None, limit: int
@@ -324,6 +329,13 @@ class SQLiteQueueTools:
                 "SELECT COUNT(*), COALESCE(SUM(size), 0), MIN(received_at) FROM messages"
             ).fetchone()
         return shape_from_pairs(rows, deferred, message_row, len(limits) + 1)
+
+    def live_nodes(self) -> list[NodeStatus]:
+        holders = self._holders
+        me = holders.me()
+        alive = [me] + [path.stem for path in sorted(holders.directory.glob("*.lock"))
+                        if path.stem != me and holders.is_alive(path.stem)]
+        return [NodeStatus(self._node, len(alive), None, 0.0)]
 
     def queue_summary(self) -> list[tuple[str, int, int, float | None]]:
         with self._read() as conn:

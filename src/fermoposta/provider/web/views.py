@@ -2,13 +2,15 @@
 
 Contract:
 - Every function here is synchronous (the app runs it in a worker thread)
-  and uses only existing store calls (`queue_shape`, `queue_page`,
-  `get_queue_entry`, `list_accounts`, `list_domains`, `get_domain`).
+  and uses only store calls (`queue_shape`, `queue_page`,
+  `get_queue_entry`, `list_accounts`, `list_domains`, `get_domain`,
+  `live_nodes`).
 - `operator_overview` is the whole queue: held mail per domain, accounts
   and their domains, outbound mail deferred per destination (from the
   first `DEFERRED_SCAN` deferred messages, oldest first) with its newest
-  reply, the messages matching the page's filter (at most `PAGE`) and the
-  nodes that accepted the queued mail among the first `NODE_SCAN`.
+  reply, the messages matching the page's filter (at most `PAGE`), the
+  nodes alive now with their live processes (`live_nodes`) and the nodes
+  that accepted the queued mail among the first `NODE_SCAN`.
 - `customer_held(store, account)` and `customer_message(store, account, id)`
   see only the account's domains: a message is shown with only its
   recipients in those domains (sender, size, age, state: never the
@@ -25,6 +27,7 @@ from fermoposta.store.base import (
     Account,
     AdminStore,
     DomainShape,
+    NodeStatus,
     QueueEntry,
     QueueFilter,
     RecipientState,
@@ -52,7 +55,8 @@ class Overview:
     accounts: list[tuple[Account, list[str]]]
     deferred: list[Deferred]
     entries: list[QueueEntry]
-    nodes: dict[str, int]
+    nodes: dict[str, int]  # queued messages each node accepted (of the oldest scanned)
+    live: list[NodeStatus] = field(default_factory=list)  # nodes alive now
     deferred_scanned: int = 0
     node_scanned: int = 0
     domain_filter: str = ""
@@ -101,7 +105,8 @@ def operator_overview(store: AdminStore, now: float, *, domain: str = "",
     nodes = collections.Counter(e.message.node or "(unnamed)" for e in sample)
     return Overview(held=[d for d in shape.domains if d.held], total=shape.total,
                     accounts=accounts, deferred=deferred, entries=entries,
-                    nodes=dict(sorted(nodes.items())), deferred_scanned=scanned,
+                    nodes=dict(sorted(nodes.items())), live=store.live_nodes(),
+                    deferred_scanned=scanned,
                     node_scanned=len(sample), domain_filter=domain, state_filter=state)
 
 
