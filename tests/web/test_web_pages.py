@@ -4,6 +4,7 @@ delete and their audit lines.  A provider runs with `[web] listen` on port 0."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from collections.abc import AsyncIterator, Callable
@@ -90,6 +91,12 @@ async def test_operator_page_numbers_and_escaping(web: Callable[..., Any]) -> No
     page = await customer.login("customer", "acme", PASSWORD)
     assert page.status == 200 and page.url.endswith("/customer")
     assert "<script>" not in page.text and "&lt;script&gt;" in page.text
+    assert 'every = "10m"' in page.text  # acme may not wait for its ATRN reply
+    account = running.store.get_account("acme")
+    assert account is not None
+    running.store.update_account(dataclasses.replace(account, atrn_wait=300.0))
+    page = await customer.get("/customer")
+    assert 'every = "push"' in page.text and 'every = "10m"' not in page.text
 
 
 async def test_customer_sees_only_its_own_mail(web: Callable[..., Any]) -> None:
