@@ -1,10 +1,11 @@
 """SQLite engine of the store (see `fermoposta.store.base` for the contract).
 
-The engine is this module (the file, transactions, the schema and its
-migrations, messages, held mail, outbound claims, leases, rate events) and
-two mixins that use only its transactions: `sqlite_tools` (the queue tools)
-and `sqlite_directory` (accounts and domains); `sqlite_rows` has the columns
-and row conversions they share.
+The engine is this module (the file, transactions, messages, held mail, rate
+events) and mixins that use only its transactions: `sqlite_tools` (the queue
+tools), `sqlite_directory` (accounts and domains), `sqlite_etrn` (ETRN) and
+`sqlite_outbound` (outcomes, outbound claims, leases); `sqlite_rows` has the
+columns and row conversions they share, `sqlite_schema` the schema and its
+migrations.
 
 Contract and choices:
 - One file, opened in WAL mode with `synchronous=FULL`: a commit is on disk
@@ -25,20 +26,10 @@ Contract and choices:
   session can never hit another message's recipient.
 - The schema version is kept in `PRAGMA user_version`; a file written by a
   newer version is refused.  A new file gets the whole schema; an older one
-  runs the steps of `_MIGRATIONS` up to `SCHEMA_VERSION`, in one transaction
-  (version 2 added `account_cert_subjects`; version 3 the outbound retry
-  schedule and claims of recipients, and the per-domain hold lifetime;
-  version 4 `recipient_holds`; version 5 the `holder` of a lease; version 7
-  the ETRN target of a domain).
-- A lease names the process that holds it (`holders.Holders`, a lock file
-  under `<data_dir>/holders/`): a lease whose holder is dead is taken over
-  at once, so a provider killed mid-drain blocks its domains for no time;
-  a live holder's lease is busy until it expires.
-- "What is due" is one index range: `recipients_due` on
-  `(state, COALESCE(next_attempt_at, 0))`.  A claim also moves
-  `next_attempt_at` to the claim's expiry, so claimed recipients leave the
-  due range and an expired claim (a crashed runner) makes them due again.
-  Held-mail expiry scans `messages_received` (received_at) from the oldest.
+  is migrated, in one transaction (`sqlite_schema`).
+- Leases and outbound claims name the process that holds them
+  (`holders.Holders`, a lock file under `<data_dir>/holders/`): see
+  `sqlite_outbound`.
 - The state a recipient had before an operator hold (`hold_messages`) is
   kept in the `recipient_holds` table (recipient id -> state, deleted with
   the recipient), so `release_messages` restores it exactly.
@@ -52,11 +43,12 @@ import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+import fermoposta.store.sqlite_schema as sqlite_schema
 from fermoposta.store.base import (
     CHUNK_SIZE,
     NewMessage,
@@ -64,7 +56,6 @@ from fermoposta.store.base import (
     QueuedRecipient,
     QueueEntry,
     RecipientState,
-    SchemaTooNew,
     StoreError,
     WouldBlock,
     new_queue_id,
@@ -74,8 +65,8 @@ from fermoposta.store.rows import message_from_row as _message
 from fermoposta.store.rows import recipient_from_row as _recipient
 from fermoposta.store.sqlite_directory import SQLiteDirectory
 from fermoposta.store.sqlite_etrn import SQLiteEtrn
+from fermoposta.store.sqlite_outbound import SQLiteOutbound
 from fermoposta.store.sqlite_rows import (
-    _BATCH,
     _MESSAGE_COLUMNS,
     _RECIPIENT_COLUMNS,
     _batches,
@@ -83,179 +74,11 @@ from fermoposta.store.sqlite_rows import (
 )
 from fermoposta.store.sqlite_tools import SQLiteQueueTools
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = sqlite_schema.SCHEMA_VERSION
 BUSY_TIMEOUT = 10.0  # seconds
 
 
-# Version 2: subject bindings of client certificates.
-_ACCOUNT_CERT_SUBJECTS = """
-CREATE TABLE IF NOT EXISTS account_cert_subjects (
-    subject TEXT PRIMARY KEY,  -- canonical RFC 4514 string (certificate_subject)
-    account TEXT NOT NULL REFERENCES accounts(name) ON DELETE CASCADE
-);
-CREATE INDEX IF NOT EXISTS account_cert_subjects_account ON account_cert_subjects(account);
-"""
-
-# Version 3: outbound retry schedule and claims; per-domain hold lifetime.
-_OUTBOUND_INDEXES = """
-CREATE INDEX IF NOT EXISTS recipients_due
-    ON recipients(state, COALESCE(next_attempt_at, 0));
-CREATE INDEX IF NOT EXISTS recipients_claimed_by
-    ON recipients(claimed_by) WHERE claimed_by IS NOT NULL;
-CREATE INDEX IF NOT EXISTS messages_received ON messages(received_at);
-"""
-_V3 = """
-ALTER TABLE recipients ADD COLUMN next_attempt_at REAL;
-ALTER TABLE recipients ADD COLUMN first_failure_at REAL;
-ALTER TABLE recipients ADD COLUMN delay_notified INTEGER NOT NULL DEFAULT 0;
-ALTER TABLE recipients ADD COLUMN claimed_by TEXT;
-ALTER TABLE recipients ADD COLUMN claimed_until REAL;
-ALTER TABLE domains ADD COLUMN hold_lifetime REAL;
-""" + _OUTBOUND_INDEXES
-
-# The whole schema, for a new file.
-# The state a recipient had before an operator hold (`queue hold`), so that
-# `queue release` restores it exactly.  Deleting the recipient deletes it.
-_RECIPIENT_HOLDS = """
-CREATE TABLE IF NOT EXISTS recipient_holds (
-    recipient_id INTEGER PRIMARY KEY REFERENCES recipients(id) ON DELETE CASCADE,
-    previous_state TEXT NOT NULL
-);
-"""
-
-# Version 6: windowed rate events (per-account submission rates), shared
-# by every process on the file.
-_RATE_EVENTS = """
-CREATE TABLE IF NOT EXISTS rate_events (
-    key TEXT NOT NULL,
-    at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS rate_events_key_at ON rate_events(key, at);
-"""
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS messages (
-    id TEXT PRIMARY KEY,
-    sender TEXT NOT NULL,
-    received_at REAL NOT NULL,
-    size INTEGER NOT NULL,
-    origin TEXT NOT NULL,
-    smtputf8 INTEGER NOT NULL,
-    body_8bit INTEGER NOT NULL,
-    envid TEXT,
-    ret TEXT,
-    client TEXT NOT NULL,
-    node TEXT NOT NULL DEFAULT ''  -- the node that accepted it
-);
-CREATE TABLE IF NOT EXISTS body_chunks (
-    message_id TEXT NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
-    seq INTEGER NOT NULL,
-    data BLOB NOT NULL,
-    PRIMARY KEY (message_id, seq)
-);
-CREATE TABLE IF NOT EXISTS recipients (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: callers hold ids across calls
-    message_id TEXT NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
-    address TEXT NOT NULL,
-    domain TEXT NOT NULL,
-    state TEXT NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    last_reply TEXT,
-    notify TEXT,
-    orcpt TEXT,
-    updated_at REAL NOT NULL,
-    next_attempt_at REAL,  -- OUTBOUND: due again at (NULL = now), or a claim's expiry
-    first_failure_at REAL,
-    delay_notified INTEGER NOT NULL DEFAULT 0,
-    claimed_by TEXT,  -- the queue runner delivering it now
-    claimed_until REAL,
-    claim_holder TEXT  -- the process of that runner (holders.py)
-);
-CREATE INDEX IF NOT EXISTS recipients_domain_state
-    ON recipients(domain, state, message_id);
-CREATE INDEX IF NOT EXISTS recipients_message ON recipients(message_id);
-CREATE INDEX IF NOT EXISTS recipients_state ON recipients(state, message_id);
-CREATE TABLE IF NOT EXISTS accounts (
-    name TEXT PRIMARY KEY,
-    scram_salt BLOB,
-    scram_iterations INTEGER,
-    scram_stored_key BLOB,
-    scram_server_key BLOB,
-    cram_secret TEXT,
-    created_at REAL NOT NULL,
-    last_atrn_at REAL,
-    atrn_wait REAL  -- seconds a fruitless ATRN may wait for mail (NULL: none)
-);
-CREATE TABLE IF NOT EXISTS account_certs (
-    fingerprint TEXT PRIMARY KEY,
-    account TEXT NOT NULL REFERENCES accounts(name) ON DELETE CASCADE
-);
-CREATE INDEX IF NOT EXISTS account_certs_account ON account_certs(account);
-CREATE TABLE IF NOT EXISTS domains (
-    name TEXT PRIMARY KEY,
-    account TEXT NOT NULL REFERENCES accounts(name) ON DELETE CASCADE,
-    max_messages INTEGER,
-    max_bytes INTEGER,
-    validate INTEGER NOT NULL DEFAULT 0,
-    hold_lifetime REAL,
-    etrn TEXT  -- NULL: not an ETRN domain, '': its MX hosts, else host[:port]
-);
-CREATE INDEX IF NOT EXISTS domains_account ON domains(account);
-CREATE TABLE IF NOT EXISTS valid_recipients (
-    domain TEXT NOT NULL REFERENCES domains(name) ON DELETE CASCADE,
-    local TEXT NOT NULL,
-    PRIMARY KEY (domain, local)
-);
-CREATE TABLE IF NOT EXISTS leases (
-    domain TEXT PRIMARY KEY,
-    owner TEXT NOT NULL,
-    expires_at REAL NOT NULL,
-    holder TEXT NOT NULL DEFAULT ''  -- the process (holders.py), or '' (expiry only)
-);
-CREATE INDEX IF NOT EXISTS leases_owner ON leases(owner);
-""" + _ACCOUNT_CERT_SUBJECTS + _OUTBOUND_INDEXES + _RECIPIENT_HOLDS + _RATE_EVENTS
-
-
-# Version 5: the process holding a lease, so a dead one's leases are taken at once.
-_V5 = """
-ALTER TABLE leases ADD COLUMN holder TEXT NOT NULL DEFAULT '';
-"""
-
-# Version 6: the node that accepted a message, the holder of an outbound
-# claim (a dead runner's claims are free at once), and windowed rate events.
-_V6 = """
-ALTER TABLE messages ADD COLUMN node TEXT NOT NULL DEFAULT '';
-ALTER TABLE recipients ADD COLUMN claim_holder TEXT;
-""" + _RATE_EVENTS
-
-# Version 7: the ETRN target of a domain (RFC 1985).
-_V7 = """
-ALTER TABLE domains ADD COLUMN etrn TEXT;
-"""
-
-# Version 8: how long an account's fruitless ATRN may wait for mail (issue 12).
-_V8 = """
-ALTER TABLE accounts ADD COLUMN atrn_wait REAL;
-"""
-
-# Statements that bring a file from version N-1 to N.
-_MIGRATIONS: dict[int, str] = {
-    2: _ACCOUNT_CERT_SUBJECTS,
-    3: _V3,
-    4: _RECIPIENT_HOLDS,
-    5: _V5,
-    6: _V6,
-    7: _V7,
-    8: _V8,
-}
-
-def _statements(script: str) -> Iterator[str]:
-    for statement in script.split(";"):
-        if statement.strip():
-            yield statement
-
-
-class SQLiteStore(SQLiteDirectory, SQLiteQueueTools, SQLiteEtrn):
+class SQLiteStore(SQLiteDirectory, SQLiteQueueTools, SQLiteEtrn, SQLiteOutbound):
     """The `Store` on one SQLite file."""
 
     def __init__(
@@ -289,7 +112,7 @@ class SQLiteStore(SQLiteDirectory, SQLiteQueueTools, SQLiteEtrn):
             if mode is None or str(mode[0]).lower() != "wal":
                 raise StoreError(f"cannot put {self._path} in WAL mode")
             self._conn.execute("PRAGMA synchronous = FULL")
-            self._migrate()
+            self._version_at_open = sqlite_schema.migrate(self._conn, self._path)
             # For `_read_now`: never waits for a lock (busy timeout 0).
             self._quick = sqlite3.connect(self._path, timeout=0, isolation_level=None,
                                           check_same_thread=False)
@@ -335,34 +158,6 @@ class SQLiteStore(SQLiteDirectory, SQLiteQueueTools, SQLiteEtrn):
     def migrate(self) -> tuple[int, int]:
         """The constructor migrated; report the version it found and the one now."""
         return self._version_at_open, self.schema_version()
-
-    def _migrate(self) -> None:
-        version = self._conn.execute("PRAGMA user_version").fetchone()[0]
-        self._version_at_open = int(version)
-        if version == SCHEMA_VERSION:
-            return
-        if version > SCHEMA_VERSION:
-            raise SchemaTooNew(
-                f"{self._path} has schema version {version}; this fermoposta knows "
-                f"up to {SCHEMA_VERSION}"
-            )
-        self._conn.execute("BEGIN IMMEDIATE")
-        try:
-            # Re-read under the write lock: another process may have just done it.
-            version = self._conn.execute("PRAGMA user_version").fetchone()[0]
-            if version == 0:  # a new file
-                for statement in _statements(_SCHEMA):
-                    self._conn.execute(statement)
-            elif version < SCHEMA_VERSION:
-                for step in range(version + 1, SCHEMA_VERSION + 1):
-                    for statement in _statements(_MIGRATIONS[step]):
-                        self._conn.execute(statement)
-            if version < SCHEMA_VERSION:
-                self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            self._conn.execute("COMMIT")
-        except BaseException:
-            self._conn.execute("ROLLBACK")
-            raise
 
     # --- transactions --------------------------------------------------------------------
 
@@ -668,260 +463,6 @@ class SQLiteStore(SQLiteDirectory, SQLiteQueueTools, SQLiteEtrn):
                 (domain, str(RecipientState.HELD)),
             ).fetchone()
         return int(row[0]), int(row[1])
-
-    def record_delivered(self, recipient_ids: Collection[int], reply: str,
-                         dsn: tuple[NewMessage, IO[bytes]] | None = None) -> str | None:
-        with self._write() as conn:
-            removed = self._remove_recipients(conn, recipient_ids)
-            if dsn is None or not removed:
-                return None
-            return self._enqueue(conn, dsn[0], dsn[1])
-
-    def record_deferred(
-        self,
-        recipient_ids: Collection[int],
-        reply: str,
-        next_attempt_at: float | Mapping[int, float] | None = None,
-    ) -> None:
-        now = self._clock()
-        ids = sorted(set(recipient_ids))
-        with self._write() as conn:
-            if isinstance(next_attempt_at, Mapping):
-                conn.executemany(
-                    "UPDATE recipients SET attempts = attempts + 1, last_reply = ?,"
-                    " updated_at = ?, first_failure_at = COALESCE(first_failure_at, ?),"
-                    " next_attempt_at = ?, claimed_by = NULL, claimed_until = NULL"
-                    " WHERE id = ?",
-                    [(reply, now, now, next_attempt_at.get(rid), rid) for rid in ids],
-                )
-                return
-            for batch in _batches(ids):
-                conn.execute(
-                    "UPDATE recipients SET attempts = attempts + 1, last_reply = ?,"
-                    " updated_at = ?, first_failure_at = COALESCE(first_failure_at, ?),"
-                    " next_attempt_at = ?, claimed_by = NULL, claimed_until = NULL"
-                    f" WHERE id IN ({_marks(len(batch))})",
-                    (reply, now, now, next_attempt_at, *batch),
-                )
-
-    def record_failed(
-        self,
-        recipient_ids: Collection[int],
-        reply: str,
-        dsn: tuple[NewMessage, IO[bytes]] | None,
-    ) -> str | None:
-        with self._write() as conn:
-            removed = self._remove_recipients(conn, recipient_ids)
-            if dsn is None or not removed:
-                return None
-            return self._enqueue(conn, dsn[0], dsn[1])
-
-    def _remove_recipients(self, conn: sqlite3.Connection, recipient_ids: Collection[int]) -> int:
-        """Delete the recipients (and messages left without any); return how many were."""
-        ids = sorted(set(recipient_ids))
-        touched: set[str] = set()
-        removed = 0
-        for batch in _batches(ids):
-            marks = _marks(len(batch))
-            touched.update(
-                r[0]
-                for r in conn.execute(
-                    f"SELECT DISTINCT message_id FROM recipients WHERE id IN ({marks})", batch
-                )
-            )
-            removed += conn.execute(f"DELETE FROM recipients WHERE id IN ({marks})", batch).rowcount
-        for ids_batch in _batches(sorted(touched)):
-            conn.execute(
-                f"DELETE FROM messages WHERE id IN ({_marks(len(ids_batch))}) AND NOT EXISTS"
-                " (SELECT 1 FROM recipients WHERE recipients.message_id = messages.id)",
-                ids_batch,
-            )
-        return removed
-
-    # --- outbound queue ------------------------------------------------------------------
-
-    def claim_due_outbound(
-        self, now: float, limit: int, owner: str, ttl: float
-    ) -> list[QueuedMessage]:
-        if limit <= 0:
-            return []
-        until = now + ttl
-        holder = self._holders.me()
-        with self._write() as conn:
-            # Claims of a runner whose process died (kill -9) are free now,
-            # not when they expire: their recipients come first.
-            dead = [h for h in self._claim_holders(conn, now) if not self._holders.is_alive(h)]
-            ids: list[int] = []
-            for batch in _batches(dead):
-                ids += [
-                    int(r[0])
-                    for r in conn.execute(
-                        "SELECT id FROM recipients WHERE claimed_by IS NOT NULL"
-                        f" AND claimed_until > ? AND claim_holder IN ({_marks(len(batch))})"
-                        " AND state = ? ORDER BY id LIMIT ?",
-                        (now, *batch, str(RecipientState.OUTBOUND), limit - len(ids)),
-                    )
-                ]
-                if len(ids) >= limit:
-                    break
-            if len(ids) < limit:
-                ids += [
-                    int(r[0])
-                    for r in conn.execute(
-                        "SELECT id FROM recipients WHERE state = ?"
-                        " AND COALESCE(next_attempt_at, 0) <= ?"
-                        " AND (claimed_until IS NULL OR claimed_until <= ?)"
-                        " ORDER BY COALESCE(next_attempt_at, 0), id LIMIT ?",
-                        (str(RecipientState.OUTBOUND), now, now, limit - len(ids)),
-                    )
-                ]
-            for batch_ids in _batches(ids):
-                conn.execute(
-                    "UPDATE recipients SET claimed_by = ?, claimed_until = ?, next_attempt_at = ?,"
-                    f" claim_holder = ? WHERE id IN ({_marks(len(batch_ids))})",
-                    (owner, until, until, holder, *batch_ids),
-                )
-            return self._messages_of(conn, ids)
-
-    @staticmethod
-    def _claim_holders(conn: sqlite3.Connection, now: float) -> list[str]:
-        """Holders of unexpired claims (an index range on `recipients_claimed_by`)."""
-        return [
-            str(r[0])
-            for r in conn.execute(
-                "SELECT DISTINCT claim_holder FROM recipients WHERE claimed_by IS NOT NULL"
-                " AND claimed_until > ? AND claim_holder IS NOT NULL",
-                (now,),
-            )
-        ]
-
-    def renew_claims(self, owner: str, now: float, ttl: float) -> None:
-        with self._write() as conn:
-            conn.execute(
-                "UPDATE recipients SET claimed_until = ?, next_attempt_at = ?"
-                " WHERE claimed_by = ?",
-                (now + ttl, now + ttl, owner),
-            )
-
-    def release_claims(self, owner: str, recipient_ids: Collection[int] | None = None,
-                       next_attempt_at: float | None = None) -> None:
-        with self._write() as conn:
-            if recipient_ids is None:
-                conn.execute(
-                    "UPDATE recipients SET claimed_by = NULL, claimed_until = NULL,"
-                    " next_attempt_at = ? WHERE claimed_by = ?",
-                    (next_attempt_at, owner),
-                )
-                return
-            for batch in _batches(sorted(set(recipient_ids))):
-                conn.execute(
-                    "UPDATE recipients SET claimed_by = NULL, claimed_until = NULL,"
-                    f" next_attempt_at = ? WHERE claimed_by = ? AND id IN ({_marks(len(batch))})",
-                    (next_attempt_at, owner, *batch),
-                )
-
-    def mark_delay_notified(
-        self, recipient_ids: Collection[int], dsn: tuple[NewMessage, IO[bytes]] | None = None
-    ) -> str | None:
-        with self._write() as conn:
-            marked = 0
-            for batch in _batches(sorted(set(recipient_ids))):
-                marked += conn.execute(
-                    "UPDATE recipients SET delay_notified = 1"
-                    f" WHERE id IN ({_marks(len(batch))}) AND delay_notified = 0",
-                    batch,
-                ).rowcount
-            if dsn is None or not marked:
-                return None
-            return self._enqueue(conn, dsn[0], dsn[1])
-
-    def held_older_than(
-        self,
-        cutoff: float,
-        limit: int,
-        *,
-        domains: Collection[str] | None = None,
-        default_lifetime_only: bool = False,
-        delay_notified: bool | None = None,
-    ) -> list[QueuedMessage]:
-        if limit <= 0 or (domains is not None and not domains):
-            return []
-        if domains is not None and len(set(domains)) > _BATCH:
-            raise ValueError(f"held_older_than: at most {_BATCH} domains at once")
-        sql = (
-            "SELECT r.id FROM messages m JOIN recipients r ON r.message_id = m.id"
-            " WHERE m.received_at < ? AND r.state = ?"
-            " AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.domain = r.domain"
-            " AND l.expires_at > ?)"
-        )
-        params: list[Any] = [cutoff, str(RecipientState.HELD), self._clock()]
-        if domains is not None:
-            wanted = sorted(set(domains))
-            sql += f" AND r.domain IN ({_marks(len(wanted))})"
-            params += wanted
-        if default_lifetime_only:
-            sql += (" AND r.domain NOT IN"
-                    " (SELECT name FROM domains WHERE hold_lifetime IS NOT NULL)")
-        if delay_notified is not None:
-            sql += " AND r.delay_notified = ?"
-            params.append(int(delay_notified))
-        sql += " ORDER BY m.received_at, r.id LIMIT ?"
-        params.append(limit)
-        with self._read() as conn:
-            ids = [int(r[0]) for r in conn.execute(sql, params)]
-            return self._messages_of(conn, ids)
-
-    def outbound_older_than(self, cutoff: float, limit: int) -> list[QueuedMessage]:
-        if limit <= 0:
-            return []
-        with self._read() as conn:
-            ids = [
-                int(r[0])
-                for r in conn.execute(
-                    "SELECT r.id FROM messages m JOIN recipients r ON r.message_id = m.id"
-                    " WHERE m.received_at < ? AND r.state = ?"
-                    " ORDER BY m.received_at, r.id LIMIT ?",
-                    (cutoff, str(RecipientState.OUTBOUND), limit),
-                )
-            ]
-            return self._messages_of(conn, ids)
-
-    # --- leases --------------------------------------------------------------------------
-
-    def acquire_leases(self, domains: Collection[str], owner: str, ttl: float) -> bool:
-        wanted = sorted(set(domains))
-        # Our lock file exists (and is locked) before our name is in a row.
-        holder = self._holders.me()
-        with self._write() as conn:
-            now = self._clock()
-            for batch in _batches(wanted):
-                live = conn.execute(
-                    f"SELECT DISTINCT holder FROM leases WHERE domain IN ({_marks(len(batch))})"
-                    " AND owner != ? AND expires_at > ?",
-                    (*batch, owner, now),
-                ).fetchall()
-                # A lease of a process that died (kill -9, OOM, power) is
-                # free now, not when it expires; one of a live process, or
-                # of a row without a holder, is busy until it expires.
-                if any(not row[0] or self._holders.is_alive(str(row[0])) for row in live):
-                    return False  # nothing written yet: the commit is empty
-            conn.executemany(
-                "INSERT INTO leases (domain, owner, expires_at, holder) VALUES (?, ?, ?, ?)"
-                " ON CONFLICT(domain) DO UPDATE SET owner = excluded.owner,"
-                " expires_at = excluded.expires_at, holder = excluded.holder",
-                [(d, owner, now + ttl, holder) for d in wanted],
-            )
-        return True
-
-    def renew_leases(self, owner: str, ttl: float) -> None:
-        with self._write() as conn:
-            conn.execute(
-                "UPDATE leases SET expires_at = ? WHERE owner = ?", (self._clock() + ttl, owner)
-            )
-
-    def release_leases(self, owner: str) -> None:
-        with self._write() as conn:
-            conn.execute("DELETE FROM leases WHERE owner = ?", (owner,))
 
     # --- lifecycle -----------------------------------------------------------------------
 
