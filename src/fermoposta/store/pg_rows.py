@@ -1,22 +1,23 @@
 """Rows of the PostgreSQL engine: qualified column lists, state names, SQL bits.
 
 Contract: shared by `postgres.py` and its mixins (`pg_tools.py`,
-`pg_directory.py`, `pg_etrn.py`) so that each reads and writes the same
-columns in the same order (the row conversions are `store.rows`, shared
-with SQLite); pure functions, no I/O.  `EnginePart` is the base of the
-mixins: it names what they use of `PostgresStore` (for the type checker).
+`pg_directory.py`, `pg_etrn.py`, `pg_messages.py`, `pg_outbound.py`) so that
+each reads and writes the same columns in the same order (the row
+conversions are `store.rows`, shared with SQLite); pure functions, no I/O.
+`EnginePart` is the base of the mixins: it names what they use of
+`PostgresStore` (for the type checker).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
 from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import psycopg
 from psycopg.rows import TupleRow
 
-from fermoposta.store.base import RecipientState
+from fermoposta.store.base import NewMessage, QueuedMessage, RecipientState
 from fermoposta.store.rows import (
     MESSAGE_COLUMNS,
     RECIPIENT_COLUMNS,
@@ -50,6 +51,7 @@ class EnginePart:
 
     _clock: Callable[[], float]
     _node_timeout: float
+    _holder: str
 
     if TYPE_CHECKING:  # provided by PostgresStore
         def _read(self, what: str, *, snapshot: bool = True
@@ -63,3 +65,11 @@ class EnginePart:
         def _check_open(self) -> None: ...
 
         def _live(self, column: str) -> str: ...
+
+        def _enqueue(self, conn: Conn, message: NewMessage, body: IO[bytes],
+                     queue_id: str | None = None,
+                     head: tuple[bytes, bytes] | None = None) -> str: ...
+
+        @staticmethod
+        def _messages_of(conn: Conn, recipient_ids: Sequence[int]
+                         ) -> list[QueuedMessage]: ...

@@ -2,9 +2,10 @@
 
 Contract: shared by `sqlite.py` and its mixins (`sqlite_tools.py`,
 `sqlite_directory.py`, `sqlite_etrn.py`, `sqlite_outbound.py`) so that each
-reads the same columns in the same order (the row conversions are `store.rows`, shared with PostgreSQL);
-pure functions, no I/O.  `_batches` bounds the parameters of one
-statement (`_BATCH`; old SQLite builds allow 999).
+reads the same columns in the same order (the row conversions are
+`store.rows`, shared with PostgreSQL); pure functions, no I/O.  `_batches`
+bounds the parameters of one statement (`_BATCH`; old SQLite builds allow
+999).
 """
 
 from __future__ import annotations

@@ -1,0 +1,328 @@
+"""Messages of the PostgreSQL engine: enqueue, import, read (see `fermoposta.store.base`).
+
+Contract: `PostgresMessages` is a mixin of `PostgresStore` and uses only its
+transactions (`_read`, `_write`, `_query`), clock and node name; durability
+and errors are those of `fermoposta.store.postgres`.
+- Enqueue: one transaction per call (`enqueue_batch`: one for the batch, the
+  messages whose body is one chunk in one libpq pipeline); a queue id
+  collision writes nothing and draws a new id.  `_enqueue` is also what the
+  outcomes use to queue a DSN in their own transaction.
+- Bodies: `body_chunks` rows of at most `CHUNK_SIZE` bytes, written one at a
+  time inside the enqueue transaction and read one per query, so memory
+  stays bounded; a body that leaves the queue while it is read raises
+  `StoreError` instead of ending short.
+- `_messages_of` groups recipients by message, in the order asked for.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator, Sequence
+from typing import IO
+
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg.rows import TupleRow
+
+from fermoposta.store.base import (
+    CHUNK_SIZE,
+    NewMessage,
+    QueuedMessage,
+    QueuedRecipient,
+    QueueEntry,
+    RecipientState,
+    StoreError,
+    new_queue_id,
+)
+from fermoposta.store.pg_rows import (
+    _M_MESSAGE_COLUMNS,
+    _MESSAGE_COLUMNS,
+    _R_RECIPIENT_COLUMNS,
+    _RECIPIENT_COLUMNS,
+    Conn,
+    EnginePart,
+)
+from fermoposta.store.rows import message_from_row as _message
+from fermoposta.store.rows import recipient_from_row as _recipient
+
+
+class PostgresMessages(EnginePart):
+    """The messages part of `PostgresStore`."""
+
+    _node: str
+
+    def enqueue(self, message: NewMessage, body: IO[bytes], queue_id: str | None = None) -> str:
+        with self._write("enqueue") as conn:
+            return self._enqueue(conn, message, body, queue_id)
+
+    def enqueue_batch(self, items: Sequence[tuple[NewMessage, IO[bytes], str | None]]
+                      ) -> list[str]:
+        """One transaction; the messages whose body is one chunk go in one
+        pipeline (one round trip for all of them, libpq pipeline mode), the
+        others one statement at a time."""
+        with self._write("enqueue") as conn:
+            now = self._clock()
+            ids: list[str] = [""] * len(items)
+            whole: list[tuple[int, NewMessage, bytes, str]] = []
+            for index, (message, body, queue_id) in enumerate(items):
+                first = body.read(CHUNK_SIZE)
+                second = body.read(CHUNK_SIZE) if first else b""
+                if second:
+                    ids[index] = self._enqueue(conn, message, body, queue_id,
+                                               head=(first, second))
+                else:
+                    whole.append((index, message, bytes(first), queue_id or new_queue_id()))
+            with conn.pipeline():
+                cursors = [self._insert_whole_query(conn, message_id, message, now, data)
+                           for _, message, data, message_id in whole]
+            for (index, message, data, message_id), cursor in zip(whole, cursors, strict=True):
+                row = cursor.fetchone()
+                if row is not None and int(row[0]) == 1:
+                    ids[index] = message_id
+                else:  # a colliding id wrote nothing: draw a fresh one
+                    ids[index] = self._enqueue(conn, message, io.BytesIO(), None,
+                                               head=(data, b""))
+            return ids
+
+    def _enqueue(self, conn: Conn, message: NewMessage, body: IO[bytes],
+                 queue_id: str | None = None,
+                 head: tuple[bytes, bytes] | None = None) -> str:
+        """`head`: the first two chunks, if the caller has read them already."""
+        now = self._clock()
+        if head is None:
+            first = body.read(CHUNK_SIZE)
+            second = body.read(CHUNK_SIZE) if first else b""
+        else:
+            first, second = head
+        while True:
+            message_id = queue_id or new_queue_id()
+            queue_id = None  # on a collision, draw a fresh one
+            if not second:  # the whole body is in `first`: one statement
+                if self._insert_whole(conn, message_id, message, now, bytes(first)):
+                    return message_id
+                continue  # a colliding id wrote nothing
+            row = conn.execute(
+                "INSERT INTO messages (id, sender, received_at, size, origin, smtputf8,"
+                " body_8bit, envid, ret, client, node)"
+                " VALUES (%s, %s, %s, 0, %s, %s, %s, %s, %s, %s, %s)"
+                " ON CONFLICT (id) DO NOTHING RETURNING id",
+                (message_id, message.sender, now, str(message.origin),
+                 bool(message.smtputf8), bool(message.body_8bit), message.envid,
+                 message.ret, message.client, self._node),
+            ).fetchone()
+            if row is not None:
+                break
+        size = 0
+        seq = 0
+        data: bytes = first
+        while data:
+            # %b: sent in binary, not as a hex text twice its size.
+            conn.execute(
+                "INSERT INTO body_chunks (message_id, seq, data) VALUES (%s, %s, %b)",
+                (message_id, seq, bytes(data)),
+            )
+            size += len(data)
+            seq += 1
+            if second:
+                data, second = second, b""
+            else:
+                data = body.read(CHUNK_SIZE)
+        del first, data
+        conn.execute("UPDATE messages SET size = %s WHERE id = %s", (size, message_id))
+        self._insert_recipients(conn, message_id, message, now)
+        return message_id
+
+    _RECIPIENTS_SELECT = (
+        "INSERT INTO recipients (message_id, address, domain, state, attempts, notify,"
+        " orcpt, updated_at)"
+        " SELECT {id}, u.address, u.domain, u.state, 0, u.notify, u.orcpt, %s"
+        " FROM {source}unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[])"
+        # WITH ORDINALITY keeps the ids in the message's order.
+        " WITH ORDINALITY AS u(address, domain, state, notify, orcpt, n) ORDER BY u.n"
+    )
+
+    @staticmethod
+    def _recipient_arrays(message: NewMessage) -> tuple[list[str | None], ...]:
+        rs = message.recipients
+        return ([r.address for r in rs], [r.domain for r in rs], [str(r.state) for r in rs],
+                [r.notify for r in rs], [r.orcpt for r in rs])
+
+    def _insert_recipients(self, conn: Conn, message_id: str, message: NewMessage,
+                           now: float) -> None:
+        if message.recipients:
+            conn.execute(self._RECIPIENTS_SELECT.format(id="%s", source=""),
+                         (message_id, now, *self._recipient_arrays(message)))
+
+    def _insert_whole(self, conn: Conn, message_id: str, message: NewMessage, now: float,
+                      data: bytes) -> bool:
+        """The message, its one-chunk body and its recipients in one statement
+        (one round trip); False, with nothing written, if `message_id` exists.
+        The foreign keys are checked at the end of the statement, when the
+        message row is there."""
+        row = self._insert_whole_query(conn, message_id, message, now, data).fetchone()
+        return row is not None and int(row[0]) == 1
+
+    def _insert_whole_query(self, conn: Conn, message_id: str, message: NewMessage,
+                            now: float, data: bytes) -> psycopg.Cursor[TupleRow]:
+        """The statement of `_insert_whole`, executed; its one row counts the
+        messages written (0 or 1)."""
+        return conn.execute(
+            "WITH m AS (INSERT INTO messages (id, sender, received_at, size, origin, smtputf8,"
+            " body_8bit, envid, ret, client, node)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+            " ON CONFLICT (id) DO NOTHING RETURNING id),"
+            " c AS (INSERT INTO body_chunks (message_id, seq, data)"
+            " SELECT m.id, 0, %b FROM m WHERE %s),"
+            " r AS (" + self._RECIPIENTS_SELECT.format(id="m.id", source="m, ") + ")"
+            " SELECT count(*) FROM m",
+            (message_id, message.sender, now, len(data), str(message.origin),
+             bool(message.smtputf8), bool(message.body_8bit), message.envid, message.ret,
+             message.client, self._node,
+             data, bool(data),
+             now, *self._recipient_arrays(message)),
+        )
+
+    def is_empty(self) -> bool:
+        with self._read("is empty") as conn:
+            return all(conn.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone() is None
+                       for table in ("accounts", "domains", "messages"))
+
+    def import_message(self, entry: QueueEntry, body: IO[bytes]) -> None:
+        m = entry.message
+        now = self._clock()
+        with self._write("import message") as conn:
+            try:
+                with conn.transaction():  # a SAVEPOINT, so the error is ours to word
+                    conn.execute(
+                        "INSERT INTO messages (id, sender, received_at, size, origin, smtputf8,"
+                        " body_8bit, envid, ret, client, node)"
+                        " VALUES (%s, %s, %s, 0, %s, %s, %s, %s, %s, %s, %s)",
+                        (m.id, m.sender, m.received_at, str(m.origin), bool(m.smtputf8),
+                         bool(m.body_8bit), m.envid, m.ret, m.client, m.node),
+                    )
+            except pg_errors.UniqueViolation:
+                raise ValueError(f"message {m.id} is already in the store") from None
+            size = 0
+            seq = 0
+            while data := body.read(CHUNK_SIZE):
+                conn.execute(
+                    "INSERT INTO body_chunks (message_id, seq, data) VALUES (%s, %s, %b)",
+                    (m.id, seq, bytes(data)),
+                )
+                size += len(data)
+                seq += 1
+                del data
+            conn.execute("UPDATE messages SET size = %s WHERE id = %s", (size, m.id))
+            for r in m.recipients:
+                row = conn.execute(
+                    "INSERT INTO recipients (message_id, address, domain, state, attempts,"
+                    " last_reply, notify, orcpt, updated_at, next_attempt_at, first_failure_at,"
+                    " delay_notified) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                    " RETURNING id",
+                    (m.id, r.address, r.domain, str(r.state), r.attempts, r.last_reply,
+                     r.notify, r.orcpt, now, r.next_attempt_at, r.first_failure_at,
+                     bool(r.delay_notified)),
+                ).fetchone()
+                previous = entry.hold_from.get(r.id)
+                if r.state == RecipientState.HOLD and previous is not None and row is not None:
+                    conn.execute("INSERT INTO recipient_holds (recipient_id, previous_state)"
+                                 " VALUES (%s, %s)", (row[0], str(previous)))
+
+    def get_message(self, message_id: str) -> QueuedMessage | None:
+        # One statement (one snapshot): the message and its recipients.
+        columns = _MESSAGE_COLUMNS.count(",") + 1
+        rows = self._query(
+            "get message",
+            f"SELECT {_M_MESSAGE_COLUMNS}, {_R_RECIPIENT_COLUMNS} FROM messages m"
+            " LEFT JOIN recipients r ON r.message_id = m.id WHERE m.id = %s ORDER BY r.id",
+            (message_id,),
+        )
+        if not rows:
+            return None
+        return _message(rows[0][:columns],
+                        [_recipient(r[columns:]) for r in rows if r[columns] is not None])
+
+    @staticmethod
+    def _messages_of(conn: Conn, recipient_ids: Sequence[int]) -> list[QueuedMessage]:
+        """The messages of `recipient_ids`, each with only those recipients, in
+        the order of their first recipient in `recipient_ids`."""
+        if not recipient_ids:
+            return []
+        recipients = {
+            int(r[0]): _recipient(r)
+            for r in conn.execute(
+                f"SELECT {_RECIPIENT_COLUMNS} FROM recipients WHERE id = ANY(%s::bigint[])",
+                (list(recipient_ids),),
+            )
+        }
+        grouped: dict[str, list[QueuedRecipient]] = {}
+        for rid in recipient_ids:
+            found = recipients.get(rid)
+            if found is not None:
+                grouped.setdefault(found.message_id, []).append(found)
+        rows = {
+            row[0]: row
+            for row in conn.execute(
+                f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = ANY(%s::text[])",
+                (list(grouped),),
+            )
+        }
+        return [_message(rows[mid], rcpts) for mid, rcpts in grouped.items() if mid in rows]
+
+    def read_body(self, message_id: str) -> Iterator[bytes]:
+        """Check the message exists now (StoreError if not), then stream its chunks.
+
+        Each chunk is fetched by its own query; if the message disappears while
+        it is read, the iterator raises `StoreError` instead of ending short.
+        """
+        # The size and the first chunk in one round trip (most bodies are
+        # one chunk); the others are read one per query.
+        rows = self._query(
+            "read body",
+            "SELECT m.size, c.data FROM messages m LEFT JOIN body_chunks c"
+            " ON c.message_id = m.id AND c.seq = 0 WHERE m.id = %s",
+            (message_id,), binary=True,
+        )
+        if not rows:
+            raise StoreError(f"message {message_id} is not in the queue")
+        row = rows[0]
+        first = None if row[1] is None else bytes(row[1])
+        return self._chunks(message_id, int(row[0]), first)
+
+    def _chunks(self, message_id: str, size: int, first: bytes | None) -> Iterator[bytes]:
+        seq = 0
+        done = 0
+        if size > 0 and first is not None:
+            done, seq = len(first), 1
+            yield first
+            del first
+        while done < size:
+            rows = self._query(
+                "read body",
+                "SELECT data FROM body_chunks WHERE message_id = %s AND seq = %s",
+                (message_id, seq),
+                binary=True,  # the bytes as they are, not a hex text to decode
+            )
+            if not rows:
+                raise StoreError(f"message {message_id} left the queue while being read")
+            data = bytes(rows[0][0])
+            del rows
+            done += len(data)
+            seq += 1
+            yield data
+
+    def message_ids(self, state: RecipientState | None = None) -> list[str]:
+        sql = "SELECT m.id FROM messages m WHERE EXISTS (SELECT 1 FROM recipients r" \
+              " WHERE r.message_id = m.id"
+        params: tuple[str, ...] = ()
+        if state is not None:
+            sql += " AND r.state = %s"
+            params = (str(state),)
+        with self._read("list messages", snapshot=False) as conn:
+            return [str(r[0]) for r in conn.execute(sql + ") ORDER BY m.received_at, m.id",
+                                                    params)]
+
+    def recipient_count(self) -> int:
+        with self._read("count recipients", snapshot=False) as conn:
+            row = conn.execute("SELECT count(*) FROM recipients").fetchone()
+        return int(row[0]) if row is not None else 0
