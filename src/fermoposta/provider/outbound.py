@@ -65,29 +65,28 @@ OUTBOUND recipients; `OutboundRunner` delivers them.  Contract:
   status=sent (250 2.0.0 Ok)``; status is sent, deferred, bounced or
   expired; DSNs queued are logged as ``status=dsn``.
 - Time comes from the injected `clock` (the store should share it).
+
+Code: the runner (claims, routing, jobs and workers, one message's
+transfer) is here; opening sessions to hops (greeting, EHLO, STARTTLS, AUTH)
+is `provider.outbound_connect`; recording outcomes and their DSNs is
+`provider.outbound_outcomes`; what they share (`OutboundSettings`,
+`retry_delay`, `Problem`) is `provider.outbound_base`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import collections
 import contextlib
 import logging
 import os
-import random
 import secrets
-import ssl
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import IO
 
 from fermoposta.config import ProviderConfig
-from fermoposta.mail.dsn import Action, RecipientReport, build_dsn, wants_notice
-from fermoposta.net.client import PEER_ERRORS, SMTPClient
-from fermoposta.net.connection import Connection, ConnectionClosed, open_connection
+from fermoposta.net.client import PEER_ERRORS
 from fermoposta.net.transfer import (
     MessageTransfer,
     ResetRefused,
@@ -96,20 +95,21 @@ from fermoposta.net.transfer import (
     stored_body,
 )
 from fermoposta.ops import metrics
-from fermoposta.ops.log import event
 from fermoposta.passwords import read_password_file
+from fermoposta.provider.outbound_base import OutboundSettings, retry_delay
+from fermoposta.provider.outbound_base import Problem as _Problem
+from fermoposta.provider.outbound_connect import Connector
+from fermoposta.provider.outbound_connect import HopFailure as _HopFailure
+from fermoposta.provider.outbound_connect import Session as _Session
+from fermoposta.provider.outbound_outcomes import Outcomes
 from fermoposta.provider.resolver import (
-    Hop,
     MXResolver,
     Route,
     RouteError,
     Router,
-    TLSPolicy,
 )
 from fermoposta.smtp.reply import Reply
-from fermoposta.smtp.sasl_client import SASLClientError, client_mechanism
 from fermoposta.store.base import (
-    NewMessage,
     OutboundMail,
     QueuedMessage,
     QueuedRecipient,
@@ -120,53 +120,6 @@ from fermoposta.store.base import (
 __all__ = ["OutboundRunner", "OutboundSettings", "retry_delay"]
 
 log = logging.getLogger("fermoposta.outbound")
-
-
-
-@dataclass(frozen=True, slots=True)
-class OutboundSettings:
-    """Client timeouts (RFC 5321 §4.5.3.2) and queue runner bounds."""
-
-    connect_timeout: float = 30.0
-    greeting_timeout: float = 300.0
-    command_timeout: float = 300.0  # EHLO, MAIL, RCPT, AUTH, STARTTLS
-    data_init_timeout: float = 120.0
-    data_block_timeout: float = 180.0
-    final_reply_timeout: float = 600.0
-    quit_timeout: float = 30.0
-    tls_handshake_timeout: float = 60.0
-    claim_ttl: float = 900.0  # renewed every third of it while the runner lives
-    claim_batch: int = 500  # recipients claimed at once
-    max_in_flight: int = 10_000  # recipients claimed and not yet settled
-    messages_per_connection: int = 1000
-
-
-def retry_delay(attempts: int, initial: float, maximum: float,
-                rng: Callable[[float, float], float] = random.uniform) -> float:
-    """The wait before the next attempt after `attempts` failed ones (0 = the
-    first failure): `initial` doubled per attempt, capped at `maximum`, ±20%."""
-    base = min(maximum, initial * float(1 << min(attempts, 32)))
-    return base * rng(0.8, 1.2)
-
-
-def _status(reply: Reply) -> str:
-    return reply.enhanced or f"{reply.code // 100}.0.0"
-
-
-@dataclass(frozen=True, slots=True)
-class _Problem:
-    """Why recipients were not delivered: a reply (ours or the server's)."""
-
-    reply: Reply
-    relay: str = "none"
-    remote_mta: str | None = None  # set when `reply` came from that server
-
-    def report(self, rcpt: QueuedRecipient, status: str | None = None) -> RecipientReport:
-        if self.remote_mta is not None:
-            return RecipientReport(rcpt, status or _status(self.reply), self.reply,
-                                   self.remote_mta)
-        return RecipientReport(rcpt, status or _status(self.reply),
-                               diagnostic=str(self.reply))
 
 
 @dataclass(slots=True)
@@ -183,33 +136,10 @@ class _Job:
     connecting: int = 0  # workers opening one
 
 
-
-
-class _HopFailure(Exception):
-    def __init__(self, problem: _Problem, *, retry_plain: bool = False) -> None:
-        super().__init__(str(problem.reply))
-        self.problem = problem
-        self.retry_plain = retry_plain
-
-
-class _Session:
-    """One SMTP connection to a hop, after EHLO (and STARTTLS, AUTH)."""
-
-    def __init__(self, conn: Connection, client: SMTPClient, hop: Hop, helo_name: str) -> None:
-        self.conn = conn
-        self.client = client
-        self.hop = hop
-        self.name = helo_name  # the server's name from its EHLO reply
-        self.relay = f"{helo_name}[{hop.ip}]:{hop.port}"
-        self.messages = 0
-        self.broken = False
-
-    def problem(self, reply: Reply) -> _Problem:
-        return _Problem(reply, self.relay, self.hop.name)
-
-
-class OutboundRunner:
-    """The queue runner for OUTBOUND recipients; see the module docstring."""
+class OutboundRunner(Connector, Outcomes):
+    """The queue runner for OUTBOUND recipients; see the module docstring.
+    Connecting (`Connector`) and recording outcomes (`Outcomes`) are its
+    mixins, in `outbound_connect` and `outbound_outcomes`."""
 
     def __init__(
         self,
@@ -603,380 +533,3 @@ class OutboundRunner:
             if left:
                 await self._settle_safely(item.message, left, _Problem(
                     Reply(451, "4.3.0", "Local error in delivery, will retry"), session.relay))
-
-    # --- connecting ------------------------------------------------------------------------
-    async def _connect(self, route: Route) -> _Session:
-        last: _Problem | None = None
-        for hop in route.hops:
-            try:
-                return await self._open(route, hop, starttls=True)
-            except _HopFailure as failure:
-                last = failure.problem
-                if failure.retry_plain:
-                    try:
-                        return await self._open(route, hop, starttls=False)
-                    except _HopFailure as again:
-                        last = again.problem
-        if last is None:
-            last = _Problem(Reply(451, "4.4.4", "No route to the destination"))
-        raise _HopFailure(last)
-
-    async def _open(self, route: Route, hop: Hop, *, starttls: bool) -> _Session:
-        s = self.settings
-        relay = str(hop)
-        context = None
-        if route.tls == TLSPolicy.IMPLICIT:
-            context = _client_tls_context()
-        try:
-            conn = await open_connection(
-                hop.ip, hop.port, timeout=s.connect_timeout, ssl_context=context,
-                server_hostname=None if context is None or _is_ip(hop.name) else hop.name)
-        except (OSError, TimeoutError, ssl.SSLError) as exc:
-            text = f"connect to {relay}: {_os_error(exc)}"
-            code = "4.7.5" if isinstance(exc, ssl.SSLError) else "4.4.1"
-            raise _HopFailure(_Problem(Reply(451, code, text), relay)) from exc
-        self.connections += 1
-        self._open_connections += 1
-        self.max_connections_seen = max(self.max_connections_seen, self._open_connections)
-        client = SMTPClient(conn, write_timeout=s.data_block_timeout)
-        try:
-            return await self._handshake(route, hop, conn, client, starttls)
-        except _HopFailure:
-            self._closed(conn)
-            raise
-        except PEER_ERRORS as exc:
-            self._closed(conn)
-            raise _HopFailure(_Problem(Reply(451, "4.4.2", f"lost connection with {relay} "
-                                             f"during the greeting: {_os_error(exc)}"),
-                                       relay)) from exc
-        except BaseException:
-            self._closed(conn)
-            raise
-
-    def _closed(self, conn: Connection) -> None:
-        conn.abort()
-        self._open_connections -= 1
-
-    async def _handshake(self, route: Route, hop: Hop, conn: Connection, client: SMTPClient,
-                         starttls: bool) -> _Session:
-        s = self.settings
-        relay = str(hop)
-        greeting = await client.read_reply(s.greeting_timeout)
-        name = _server_name(greeting, hop)
-        if greeting.code != 220:
-            await self._quit_client(client)
-            raise _HopFailure(_Problem(_temporary(greeting, "greeting"), relay, hop.name))
-        reply = await client.ehlo(self.config.hostname, s.command_timeout)
-        if reply.code != 250:
-            await self._quit_client(client)
-            raise _HopFailure(_Problem(_temporary(reply, "EHLO"), relay, hop.name))
-        name = _server_name(reply, hop, name)
-        relay = f"{name}[{hop.ip}]:{hop.port}"
-        must_tls = route.tls == TLSPolicy.ENCRYPT
-        if not conn.tls_active and route.tls != TLSPolicy.NONE and starttls:
-            if client.has("STARTTLS"):
-                answer = await client.command("STARTTLS", s.command_timeout)
-                if answer.code == 220:
-                    try:
-                        await conn.start_tls(
-                            _client_tls_context(), server_side=False,
-                            server_hostname=None if _is_ip(hop.name) else hop.name,
-                            timeout=s.tls_handshake_timeout)
-                    except (ssl.SSLError, OSError, TimeoutError, ConnectionClosed) as exc:
-                        problem = _Problem(Reply(451, "4.7.5", f"TLS handshake with {relay} "
-                                                 f"failed: {_os_error(exc)}"), relay)
-                        raise _HopFailure(problem, retry_plain=not must_tls) from exc
-                    reply = await client.ehlo(self.config.hostname, s.command_timeout)
-                    if reply.code != 250:
-                        await self._quit_client(client)
-                        raise _HopFailure(_Problem(_temporary(reply, "EHLO after STARTTLS"),
-                                                   relay, hop.name))
-                elif must_tls:
-                    await self._quit_client(client)
-                    raise _HopFailure(_Problem(Reply(451, "4.7.5", f"TLS is required, but "
-                                                     f"{relay} refused STARTTLS: {answer}"),
-                                               relay, hop.name))
-            elif must_tls:
-                await self._quit_client(client)
-                raise _HopFailure(_Problem(Reply(451, "4.7.5", "TLS is required, but was not "
-                                                 f"offered by {relay}"), relay))
-        if must_tls and not conn.tls_active:
-            await self._quit_client(client)
-            raise _HopFailure(_Problem(Reply(451, "4.7.5", f"TLS is required for {relay}"),
-                                       relay))
-        session = _Session(conn, client, hop, name)
-        if route.auth:
-            await self._authenticate(session)
-        return session
-
-    async def _authenticate(self, session: _Session) -> None:
-        client, relay = session.client, session.relay
-        username = self.out.smarthost_username
-        if not session.conn.tls_active:
-            await self._quit_client(client)
-            raise _HopFailure(_Problem(Reply(451, "4.7.0", f"AUTH at {relay} needs TLS "
-                                             "(smarthost_tls)"), relay))
-        if self._password is None:
-            await self._quit_client(client)
-            raise _HopFailure(_Problem(Reply(451, "4.7.0", "The smarthost password is not "
-                                             "readable"), relay))
-        offered = client.capabilities.get("AUTH", "").upper().split()
-        if not offered:
-            return  # the relay does not want AUTH (from us): go on without
-        mech = next((m for m in ("PLAIN", "LOGIN") if m in offered), None)
-        if mech is None:
-            await self._quit_client(client)
-            raise _HopFailure(_Problem(Reply(451, "4.7.0", f"{relay} offers no PLAIN or LOGIN "
-                                             f"AUTH: {' '.join(offered)}"), relay))
-        sasl = client_mechanism(mech, username=username, password=self._password)
-        timeout = self.settings.command_timeout
-        initial = sasl.initial_response()
-        line = f"AUTH {mech}"
-        if initial is not None:
-            line += " " + (base64.b64encode(initial).decode() if initial else "=")
-        reply = await client.command(line, timeout, secret=True)
-        try:
-            while reply.code == 334:
-                challenge = base64.b64decode(reply.lines[0].strip(), validate=True)
-                answer = sasl.respond(challenge)
-                reply = await client.command(base64.b64encode(answer).decode(), timeout,
-                                             secret=True)
-        except (binascii.Error, ValueError, SASLClientError) as exc:
-            with contextlib.suppress(*PEER_ERRORS):
-                await client.command("*", timeout)
-            await self._quit_client(client)
-            raise _HopFailure(_Problem(Reply(451, "4.7.0", f"AUTH {mech} at {relay}: bad "
-                                             f"challenge ({exc})"), relay)) from exc
-        if reply.code != 235:
-            await self._quit_client(client)
-            # A refused login is a configuration problem here: defer, never bounce.
-            raise _HopFailure(_Problem(Reply(454, "4.7.0", f"AUTH {mech} at {relay} "
-                                             f"failed: {reply}"), relay, session.hop.name))
-
-    async def _quit_client(self, client: SMTPClient) -> None:
-        with contextlib.suppress(*PEER_ERRORS):
-            await client.command("QUIT", self.settings.quit_timeout)
-
-    async def _quit(self, session: _Session) -> None:
-        if not session.broken:
-            await self._quit_client(session.client)
-        session.broken = True
-        self._closed(session.conn)
-
-    # --- one message -----------------------------------------------------------------------
-    # --- outcomes --------------------------------------------------------------------------
-    async def _settle_safely(self, message: QueuedMessage, recipients: list[QueuedRecipient],
-                             problem: _Problem) -> None:
-        """`_settle` that never raises: on a store problem or a bug the
-        recipients stay claimed, and `_process` releases them with a delay."""
-        try:
-            await self._settle(message, recipients, problem, None)
-        except StoreError as exc:
-            log.warning("%s: store error, recipients stay queued: %s", message.id, exc)
-        except Exception:
-            log.exception("%s: cannot record the outcome; recipients stay queued", message.id)
-
-    async def _settle(self, message: QueuedMessage, recipients: list[QueuedRecipient],
-                      problem: _Problem, session: _Session | None) -> None:
-        """Record the outcome of `problem.reply` for `recipients`, durably.  Only
-        a 2xx to the end of data delivers (callers map other 2xx to 4xx)."""
-        reply = problem.reply
-        if 200 <= reply.code < 300:
-            dsn = None
-            if session is not None and not session.client.has("DSN"):
-                # RFC 3461 §4.2: the next hop does not do DSN, so we report "relayed".
-                dsn = await self._build(message, Action.RELAYED, [
-                    problem.report(r, "2.0.0") for r in recipients
-                    if wants_notice(r, Action.RELAYED)])
-            try:
-                dsn_id = await asyncio.to_thread(self.store.record_delivered,
-                                                 [r.id for r in recipients], str(reply), dsn)
-            finally:
-                if dsn is not None:
-                    dsn[1].close()
-            self.delivered += len(recipients)
-            self._log(message, recipients, problem, "sent")
-            if dsn_id is not None:
-                event("outbound", message.id, status="dsn",
-                      reason=f"sender delivery status notification: {dsn_id}")
-                self.wake()
-        elif reply.is_permanent:
-            await self._fail(message, recipients, problem, "bounced")
-        else:
-            await self._defer(message, recipients, problem)
-        if reply.code == 421 and session is not None:
-            session.broken = True
-
-    async def _fail(self, message: QueuedMessage, recipients: list[QueuedRecipient],
-                    problem: _Problem, status: str, dsn_status: str | None = None) -> None:
-        await self._fail_each(message, [(r, problem) for r in recipients], status, dsn_status)
-
-    async def _fail_each(self, message: QueuedMessage,
-                         pairs: list[tuple[QueuedRecipient, _Problem]], status: str,
-                         dsn_status: str | None = None) -> None:
-        """Fail recipients (each with its own problem) with one DSN."""
-        reports = [problem.report(r, dsn_status) for r, problem in pairs]
-        dsn = await self._build(message, Action.FAILED, reports)
-        try:
-            dsn_id = await asyncio.to_thread(self.store.record_failed,
-                                             [r.id for r, _ in pairs], str(pairs[0][1].reply),
-                                             dsn)
-        finally:
-            if dsn is not None:
-                dsn[1].close()
-        self.failed += len(pairs)
-        for rcpt, problem in pairs:
-            self._log(message, [rcpt], problem, status, dsn_status)
-        if dsn_id is not None:
-            event("outbound", message.id, status="dsn",
-                  reason=f"sender non-delivery notification: {dsn_id}")
-            self.wake()
-
-    async def _defer(self, message: QueuedMessage, recipients: list[QueuedRecipient],
-                     problem: _Problem) -> None:
-        await self._defer_each(message, [(r, problem) for r in recipients])
-
-    async def _defer_each(self, message: QueuedMessage,
-                          pairs: list[tuple[QueuedRecipient, _Problem]]) -> None:
-        """Keep recipients for a later attempt, or expire them after the lifetime;
-        send the delay notice when it is time.  ETRN domains' recipients go
-        back on hold instead."""
-        pairs = await self._hold_etrn_again(message, pairs)
-        if not pairs:
-            return
-        now = self.clock()
-        expires = message.received_at + self.out.lifetime
-        if now >= expires:
-            await self._fail_each(message, pairs, "expired", "4.4.7")
-            return
-        by_reply: dict[str, dict[int, float]] = {}
-        for rcpt, problem in pairs:
-            by_reply.setdefault(str(problem.reply), {})[rcpt.id] = min(
-                now + retry_delay(rcpt.attempts, self.out.retry_initial, self.out.retry_max),
-                expires)
-        for reply_text, schedule in by_reply.items():
-            await asyncio.to_thread(self.store.record_deferred, list(schedule), reply_text,
-                                    schedule)
-        self.deferred += len(pairs)
-        for rcpt, problem in pairs:
-            self._log(message, [rcpt], problem, "deferred")
-        if self.out.delay_notice > 0 and now - message.received_at >= self.out.delay_notice:
-            due = [(r, p) for r, p in pairs if not r.delay_notified]
-            if due:
-                reports = [p.report(r) for r, p in due if wants_notice(r, Action.DELAYED)]
-                dsn = (await self._build(message, Action.DELAYED, reports, expires)
-                       if reports else None)
-                try:
-                    dsn_id = await asyncio.to_thread(self.store.mark_delay_notified,
-                                                     [r.id for r, _ in due], dsn)
-                finally:
-                    if dsn is not None:
-                        dsn[1].close()
-                if dsn_id is not None:
-                    event("outbound", message.id, status="dsn",
-                          reason=f"sender delay notification: {dsn_id}")
-                    self.wake()
-
-    async def _hold_etrn_again(self, message: QueuedMessage,
-                               pairs: list[tuple[QueuedRecipient, _Problem]]
-                               ) -> list[tuple[QueuedRecipient, _Problem]]:
-        """Put the deferred recipients of ETRN domains back on hold; return the others."""
-        etrn: dict[str, bool] = {}
-        for domain in {r.domain for r, _ in pairs}:
-            try:
-                etrn[domain] = await self._etrn_target(domain) is not None
-            except StoreError:
-                etrn[domain] = False  # deferred as outbound mail: retried, not lost
-        held = [(r, p) for r, p in pairs if etrn[r.domain]]
-        by_reply: dict[str, list[int]] = {}
-        for rcpt, problem in held:
-            by_reply.setdefault(str(problem.reply), []).append(rcpt.id)
-        for reply_text, ids in by_reply.items():
-            await asyncio.to_thread(self.store.return_to_held, ids, reply_text)
-        self.deferred += len(held)
-        for rcpt, problem in held:
-            self._log(message, [rcpt], problem, "deferred", note="held until the next ETRN")
-        return [(r, p) for r, p in pairs if not etrn[r.domain]]
-
-    async def _build(self, message: QueuedMessage, action: Action,
-                     reports: list[RecipientReport], will_retry_until: float | None = None
-                     ) -> tuple[NewMessage, IO[bytes]] | None:
-        if not message.sender or not reports:
-            return None
-        hosted = await self._sender_domain_hosted(message.sender)
-        return await asyncio.to_thread(
-            build_dsn, self.store, hostname=self.config.hostname, message=message,
-            action=action, reports=reports, sender_domain_hosted=hosted, now=self.clock(),
-            will_retry_until=will_retry_until)
-
-    async def _sender_domain_hosted(self, sender: str) -> bool:
-        if "@" not in sender:
-            return False
-        domain = sender.rsplit("@", 1)[1].lower()
-        if domain not in self._hosted:
-            self._hosted[domain] = (
-                await asyncio.to_thread(self.store.get_domain, domain) is not None)
-        return self._hosted[domain]
-
-    def _log(self, message: QueuedMessage, recipients: list[QueuedRecipient], problem: _Problem,
-             status: str, dsn: str | None = None, note: str | None = None) -> None:
-        delay = max(0.0, self.clock() - message.received_at)
-        metrics.RECIPIENTS.labels("outbound", status).inc(len(recipients))
-        reason = str(problem.reply) + (f"; {note}" if note else "")
-        for rcpt in recipients:
-            event("outbound", message.id, to=f"<{rcpt.address}>", relay=problem.relay,
-                  delay=round(delay, 2), dsn=dsn or _status(problem.reply), status=status,
-                  reason=reason)
-
-
-# --- helpers ---------------------------------------------------------------------------------
-
-
-def _client_tls_context() -> ssl.SSLContext:
-    """Opportunistic/encrypt-only TLS: no certificate or name check (Postfix
-    "may"/"encrypt"); TLS 1.2 or later."""
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    return context
-
-
-def _is_ip(text: str) -> bool:
-    import ipaddress
-
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
-
-
-def _os_error(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError):
-        return "Connection timed out"
-    if isinstance(exc, OSError) and exc.errno:
-        return os.strerror(exc.errno)  # "Connection refused", not asyncio's wording
-    if isinstance(exc, OSError) and exc.strerror:
-        return str(exc.strerror)
-    return str(exc) or type(exc).__name__
-
-
-def _server_name(reply: Reply, hop: Hop, default: str | None = None) -> str:
-    first = reply.lines[0].split(" ", 1)[0] if reply.lines and reply.lines[0] else ""
-    if first and all(c.isalnum() or c in "-._" for c in first) and len(first) <= 253:
-        return first
-    return default or hop.name
-
-
-def _temporary(reply: Reply, where: str) -> Reply:
-    """A refusal before any transaction (greeting, EHLO) defers: the next hop
-    is tried, and when none takes the mail it waits (like Postfix's
-    smtp_skip_5xx_greeting).  The enhanced code keeps its subject and detail."""
-    if reply.is_temporary:
-        return reply
-    enhanced = "4" + reply.enhanced[1:] if reply.enhanced else "4.4.0"
-    return Reply(451, enhanced, f"{where} refused: {reply}")
-
-
-
