@@ -55,7 +55,7 @@ import psycopg
 from store_engines import PG_DEFAULT, PG_ENV, fresh_schema, pg_connect
 
 SENDER = "sender@bench.test"
-PAGE = 500  # queue_admin.BATCH: the first page of `queue list`
+PAGE = 500  # queue_common.BATCH: the first page of `queue list`
 
 
 @dataclass

@@ -261,9 +261,9 @@ def test_list_empty_queue(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
 
 def test_list_pages_through_a_long_queue(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    from fermoposta.provider import queue_admin
+    from fermoposta.provider import queue_common
 
-    monkeypatch.setattr(queue_admin, "BATCH", 3)
+    monkeypatch.setattr(queue_common, "BATCH", 3)
     config = write_config(tmp_path, None)
     with open_store(tmp_path / "data") as store:
         ids = [store.enqueue(NewMessage(f"s{i}@a.test", (NewRecipient(f"r{i}@b.test", "b.test",
@@ -695,7 +695,7 @@ def test_list_ids_and_count(queue: Queue, capsys: pytest.CaptureFixture[str], ar
 
 def test_list_ids_page_through_a_long_queue(queue: Queue, capsys: pytest.CaptureFixture[str],
                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("fermoposta.provider.queue_admin.BATCH", 2)
+    monkeypatch.setattr("fermoposta.provider.queue_common.BATCH", 2)
     add_customer(queue.store, "beta", ("other.test", "remote.test"))
     extra = [queue.enqueue("x@sender.test", [(f"u{i}@remote.test", OUTBOUND),
                                              (f"u{i}@other.test", OUTBOUND)], 30 * MINUTE - i)
