@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import IO
 
-from fermoposta.provider.accounts import normalize_domain
+from fermoposta.provider.account_input import normalize_domain
 from fermoposta.provider.admin import EX_DATAERR, EX_OK
 from fermoposta.provider.admin import UsageError as _UsageError
 from fermoposta.provider.admin import error as _error

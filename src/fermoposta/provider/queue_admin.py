@@ -69,7 +69,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fermoposta.config_common import parse_duration
-from fermoposta.provider.accounts import normalize_domain
+from fermoposta.provider.account_input import normalize_domain
 from fermoposta.provider.queue_actions import (
     delete,
     hold,
