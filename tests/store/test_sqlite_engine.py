@@ -89,7 +89,8 @@ def test_every_connection_is_wal_with_foreign_keys_and_full_sync(
         assert body_of(s, mid) == b"hello"
         monkeypatch.undo()
         assert opened
-        assert len(opened) == 2  # the connection, and the one of `_read_now`
+        # The writer, the reader of `_read` and the one of `_read_now`.
+        assert len(opened) == 3
         for conn in opened:
             assert str(conn.execute("PRAGMA journal_mode").fetchone()[0]).lower() == "wal"
             assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
@@ -99,6 +100,9 @@ def test_every_connection_is_wal_with_foreign_keys_and_full_sync(
                 assert conn.execute("PRAGMA query_only").fetchone()[0] == 1
                 assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == 0
                 continue
+            # `_read`'s connection only reads; the writer writes.
+            read_only = conn.execute("PRAGMA query_only").fetchone()[0]
+            assert read_only == (1 if conn is s._reader else 0)
             # Several processes share the file: wait for a writer, do not fail at once.
             assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == BUSY_TIMEOUT * 1000
     # WAL is a property of the file: it stays after the store is closed.
@@ -188,6 +192,37 @@ def test_a_failed_enqueue_leaves_no_rows(store: SQLiteStore, path: Path) -> None
         store.enqueue(msg("a@x.example"), Broken(b"x" * (CHUNK_SIZE * 2)))
     assert (count(path, "messages"), count(path, "body_chunks"), count(path, "recipients")) == (
         0, 0, 0)
+
+
+def test_a_read_does_not_wait_for_a_write_in_progress(store: SQLiteStore) -> None:
+    # The drain reads its next message while a delivery commit (and its
+    # fsync) runs in another thread: the read must not queue behind it, and
+    # it sees what was committed before it began, never the open write.
+    first = store.enqueue(msg("a@x.example"), io.BytesIO(b"one"))
+    inside, release = threading.Event(), threading.Event()
+    seen: list[object] = []
+
+    def slow_write() -> None:
+        with store._write() as conn:
+            conn.execute("DELETE FROM recipients WHERE message_id = ?", (first,))
+            inside.set()
+            release.wait(10)
+
+    writer = threading.Thread(target=slow_write)
+    writer.start()
+    try:
+        assert inside.wait(10)
+        started = time.monotonic()
+        message = store.get_message(first)
+        seen.append(body_of(store, first))
+        assert time.monotonic() - started < 1.0  # did not wait for the writer
+        assert message is not None and len(message.recipients) == 1  # not the open write
+        assert seen == [b"one"]
+    finally:
+        release.set()
+        writer.join(10)
+    after = store.get_message(first)
+    assert after is not None and after.recipients == ()  # committed: seen at once
 
 
 def test_bodies_go_with_their_messages(store: SQLiteStore, path: Path) -> None:

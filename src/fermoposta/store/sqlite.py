@@ -13,8 +13,13 @@ Contract and choices:
   `foreign_keys=ON`; `busy_timeout` of 10 s, so several processes (the daemon
   and the CLI) can share the file.  Every write runs in one `BEGIN IMMEDIATE`
   transaction; a failure rolls everything back.
-- One connection per `SQLiteStore`, guarded by a lock: methods are thread-safe
-  and blocking (asyncio callers use `asyncio.to_thread`).
+- Three connections per `SQLiteStore`, each guarded by its own lock, so
+  methods are thread-safe and blocking (asyncio callers use
+  `asyncio.to_thread`): the writer (`_write`), a read-only reader
+  (`_read`: a snapshot of what was committed when it began; in WAL it never
+  waits for the writer or its fsync, so the drain's next message is read
+  while deliveries commit) and `_read_now`'s (never waits at all: for
+  lookups on the event loop).
 - `sqlite3.Error` and `OSError` are raised as `StoreError`; misuse (duplicate
   account or domain, unknown account) raises `ValueError`.  Any other exception
   raised while a write is under way (e.g. by a body's `read`) rolls the
@@ -114,18 +119,39 @@ class SQLiteStore(SQLiteDirectory, SQLiteQueueTools, SQLiteEtrn, SQLiteOutbound)
             self._conn.execute("PRAGMA synchronous = FULL")
             self._version_at_open = sqlite_schema.migrate(self._conn, self._path)
             # For `_read_now`: never waits for a lock (busy timeout 0).
-            self._quick = sqlite3.connect(self._path, timeout=0, isolation_level=None,
-                                          check_same_thread=False)
-            self._quick.execute("PRAGMA query_only = ON")
-            self._quick.execute("PRAGMA foreign_keys = ON")  # as every connection
-            self._quick.execute("PRAGMA synchronous = FULL")
+            self._quick = self._read_only_connection(timeout=0)
+            # For `_read`: a WAL reader does not wait for the writer, so a
+            # read (the drain's next message) never queues behind a commit
+            # and its fsync on `_conn`.
+            self._reader = self._read_only_connection(timeout=BUSY_TIMEOUT)
         except (sqlite3.Error, OSError) as exc:
-            self._conn.close()
+            self._close_connections()
             raise StoreError(f"cannot open store {self._path}: {exc}") from exc
         except BaseException:
-            self._conn.close()
+            self._close_connections()
             raise
         self._quick_lock = threading.Lock()
+        self._reader_lock = threading.Lock()
+
+    def _read_only_connection(self, timeout: float) -> sqlite3.Connection:
+        conn = sqlite3.connect(self._path, timeout=timeout, isolation_level=None,
+                               check_same_thread=False)
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
+            conn.execute("PRAGMA query_only = ON")
+            conn.execute("PRAGMA foreign_keys = ON")  # as every connection
+            conn.execute("PRAGMA synchronous = FULL")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _close_connections(self) -> None:
+        """Close whichever connections the constructor opened (it failed)."""
+        for name in ("_reader", "_quick", "_conn"):
+            conn = getattr(self, name, None)
+            if conn is not None:
+                conn.close()
 
     def _journal_mode_wal(self) -> Any:
         """`PRAGMA journal_mode = WAL`, waiting like `busy_timeout` would: the
@@ -185,16 +211,18 @@ class SQLiteStore(SQLiteDirectory, SQLiteQueueTools, SQLiteEtrn, SQLiteOutbound)
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
-        """One read transaction: a consistent snapshot across several queries."""
-        with self._lock:
+        """One read transaction: a consistent snapshot across several queries,
+        of everything committed before it began.  On its own connection: it
+        waits for other reads, never for a write (WAL)."""
+        with self._reader_lock:
             self._check_open()
             try:
-                self._conn.execute("BEGIN")
+                self._reader.execute("BEGIN")
                 try:
-                    yield self._conn
+                    yield self._reader
                 finally:
-                    if self._conn.in_transaction:
-                        self._conn.execute("COMMIT")
+                    if self._reader.in_transaction:
+                        self._reader.execute("COMMIT")
             except (sqlite3.Error, OSError) as exc:
                 raise StoreError(f"store read failed: {exc}") from exc
 
@@ -475,6 +503,8 @@ class SQLiteStore(SQLiteDirectory, SQLiteQueueTools, SQLiteEtrn, SQLiteOutbound)
             try:
                 with self._quick_lock:
                     self._quick.close()
+                with self._reader_lock:
+                    self._reader.close()
                 self._conn.close()
             except sqlite3.Error as exc:
                 raise StoreError(f"cannot close store: {exc}") from exc
