@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from fermoposta.provider import drain as drain_module
 from fermoposta.store.base import StoreError
 from support.customer import serve_reversed
 from test_odmr import authed, hold
@@ -22,10 +23,11 @@ class SlowCommits:
         self.real = store.record_delivered
         self.calls: list[int] = []
         self.fail_first = fail_first
+        self.delay = 0.03
 
     def __call__(self, ids, reply, dsn=None):
         self.calls.append(len(ids))
-        time.sleep(0.03)
+        time.sleep(self.delay)
         if self.fail_first and len(self.calls) == 1:
             raise StoreError("disk I/O error (injected)")
         return self.real(ids, reply, dsn)
@@ -75,3 +77,28 @@ async def test_a_failed_commit_stops_the_drain_and_keeps_the_mail(
     assert provider.store.held_message_ids(["example.org"]) == []
     await d.close()
     await d2.close()
+
+
+async def test_deliveries_gather_into_batches_and_the_last_is_not_kept_waiting(
+        provider, certs, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A fast store: commits would keep up one by one; the drain gathers them
+    # (COMMIT_BATCH at a time, or what COMMIT_GATHER seconds bring), and at
+    # the end commits what is left at once, not after the gathering time.
+    monkeypatch.setattr(drain_module, "COMMIT_GATHER", 30.0)
+    monkeypatch.setattr(drain_module, "COMMIT_BATCH", 6)
+    ids = [await hold(provider, rcpts=(f"u{i}@example.org",)) for i in range(20)]
+    counted = SlowCommits(provider.store)
+    counted.delay = 0.0
+    provider.store.record_delivered = counted  # type: ignore[method-assign]
+    d = await authed(provider, certs)
+    started = time.monotonic()
+    await d.cmd("ATRN example.org", 250)
+    t = await serve_reversed(d)
+    assert t.quit and len(t.messages) == 20
+    assert time.monotonic() - started < 15.0  # the last batch did not wait 30 s
+    assert sum(counted.calls) == 20
+    assert all(n >= 6 for n in counted.calls[:-1]), counted.calls
+    assert 1 < len(counted.calls) <= 4, counted.calls
+    assert provider.store.held_message_ids(["example.org"]) == []
+    assert all(provider.store.get_message(i) is None for i in ids)
+    await d.close()

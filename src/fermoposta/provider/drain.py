@@ -13,9 +13,10 @@ connection (RFC 2645 §5.3).  Contract:
   connection drops or times out after the final dot the outcome is unknown:
   the recipients stay queued (a duplicate is possible, a loss is not; RFC
   1047).  Deliveries (a 2xx that needs no DSN from us) are committed in the
-  background, many per transaction, while the next messages go out: the
-  drain does not wait for each commit (a crash before it makes the next
-  drain send those messages again: a duplicate, never a loss).  Every such
+  background, gathered for up to `COMMIT_GATHER` seconds or `COMMIT_BATCH`
+  deliveries per transaction, while the next messages go out: the drain
+  does not wait for each commit (a crash before it makes the next drain
+  send those messages again: a duplicate, never a loss).  Every such
   commit has ended before `run` returns, hence before the session releases
   its leases, and before QUIT; a failed one stops the drain without QUIT
   (its recipients, and those delivered after it, stay queued).
@@ -70,6 +71,11 @@ log = logging.getLogger("fermoposta.drain")
 
 # Bodies up to this size are read with their message, ahead of time.
 PREFETCH_BYTES = 256 * 1024
+# The background commit of deliveries waits up to COMMIT_GATHER seconds for
+# COMMIT_BATCH of them (a crash loses the record of at most that many: they
+# are sent again, a duplicate).
+COMMIT_GATHER = 0.01
+COMMIT_BATCH = 100
 
 
 
@@ -118,6 +124,8 @@ class Drain:
         self._delivered: list[int] = []
         self._committer: asyncio.Task[None] | None = None
         self._commit_error: StoreError | None = None
+        self._gathered = asyncio.Event()  # COMMIT_BATCH deliveries are pending
+        self._flushing = False  # the drain is ending: commit at once
         self._stored_body = stored_body(store)
         # One transfer for the session: the next message's commands follow a
         # final dot at once (net/transfer.py, pipeline_messages).
@@ -334,6 +342,8 @@ class Drain:
             # The store failed: these stay queued too (a duplicate later).
             raise self._commit_error
         self._delivered.extend(recipient_ids)
+        if len(self._delivered) >= COMMIT_BATCH:
+            self._gathered.set()
         if self._committer is None or self._committer.done():
             self._committer = asyncio.create_task(self._commit_delivered())
 
@@ -341,6 +351,12 @@ class Drain:
         """Commit every pending delivery, as many per transaction as are
         pending when the previous one ends."""
         while self._delivered and self._commit_error is None:
+            if len(self._delivered) < COMMIT_BATCH and not self._flushing:
+                # Let deliveries gather while the next messages go out: one
+                # transaction and one fsync for many.
+                self._gathered.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._gathered.wait(), COMMIT_GATHER)
             ids, self._delivered = self._delivered, []
             try:
                 await asyncio.to_thread(self.store.record_delivered, ids, "", None)
@@ -351,7 +367,10 @@ class Drain:
                             self.session_id, len(ids), exc)
 
     async def _commit_delivered_now(self) -> None:
-        """Wait until every delivery so far is committed (or has failed)."""
+        """Wait until every delivery so far is committed (or has failed),
+        without waiting for more to gather."""
+        self._flushing = True
+        self._gathered.set()
         while self._committer is not None and not self._committer.done():
             await self._committer
         if self._delivered and self._commit_error is None:
