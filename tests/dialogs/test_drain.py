@@ -409,3 +409,29 @@ async def test_a_node_that_loses_the_store_starts_no_new_transaction(provider, c
     assert t.quit and len(t.messages) == 1
     left = [i for i in ids if provider.store.get_message(i) is not None]
     assert len(left) == 2
+
+
+async def test_a_message_deleted_during_the_drain_is_skipped(provider, certs):
+    # The drain lists the held mail, then reads each message a few ahead of
+    # sending it: one that `queue delete` removed before its read is
+    # skipped, and the others all go out and leave the queue.
+    ids = [await hold(provider, rcpts=(f"u{i}@example.org",)) for i in range(8)]
+    store = provider.store
+    real_get = store.get_message
+    gone = ids[5]
+
+    def get_message(message_id):
+        if message_id == gone and real_get(gone) is not None:
+            assert store.delete_messages([gone]) == [gone]
+        return real_get(message_id)
+
+    store.get_message = get_message  # type: ignore[method-assign]
+    d = await authed(provider, certs)
+    await d.cmd("ATRN example.org", 250)
+    t = await serve_reversed(d)
+    assert t.quit
+    assert sorted(m.recipients[0] for m in t.messages) == sorted(
+        f"u{i}@example.org" for i in range(8) if i != 5)
+    assert store.held_message_ids(["example.org"]) == []
+    assert all(real_get(i) is None for i in ids)
+    await d.close()

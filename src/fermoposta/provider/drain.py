@@ -37,6 +37,7 @@ connection (RFC 2645 §5.3).  Contract:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -69,8 +70,10 @@ from fermoposta.store.base import (
 
 log = logging.getLogger("fermoposta.drain")
 
-# Bodies up to this size are read with their message, ahead of time.
+# Bodies up to this size are read with their message, ahead of time, and
+# so many messages ahead (their reads overlap the sending).
 PREFETCH_BYTES = 256 * 1024
+PREFETCH_MESSAGES = 3
 # The background commit of deliveries waits up to COMMIT_GATHER seconds for
 # COMMIT_BATCH of them (a crash loses the record of at most that many: they
 # are sent again, a duplicate).
@@ -99,6 +102,10 @@ class DrainResult:
     messages: int = 0  # messages attempted
     aborted: str | None = None  # why the session ended early, if it did
     relay: str = ""
+
+
+# A message read ahead (None: it left the queue) and its body if small.
+_Fetched = tuple[QueuedMessage | None, bytes | None]
 
 
 class _Abort(Exception):
@@ -205,44 +212,46 @@ class Drain:
         if not self.domains:
             return
         ids = await asyncio.to_thread(self.store.held_message_ids, self.domains)
-        # The next message (and a small body) is read while this one goes out.
-        upcoming = self._prefetch(ids, 0)
-        for index in range(len(ids)):
-            if self.settings.max_messages and self.result.messages >= self.settings.max_messages:
-                break
-            if not self.store.holder_is_current():
-                # Our store heartbeat is failing: another node may take our
-                # leases soon.  Stop before two drains could overlap.
-                self.result.aborted = ("this node has lost the store (heartbeat failing); "
-                                       "the rest stays queued")
-                log.warning("%s: %s", self.session_id, self.result.aborted)
-                break
-            assert upcoming is not None
-            message, body = await upcoming
-            upcoming = self._prefetch(ids, index + 1)
-            if message is None:
-                continue
-            recipients = [r for r in message.recipients
-                          if r.state == RecipientState.HELD and r.domain in self.domains]
-            if recipients:
-                self.result.messages += 1
-                if body is not None:
-                    self._bodies[message.id] = body
-                try:
-                    await self._deliver_in_transactions(message, recipients)
-                finally:
-                    self._bodies.pop(message.id, None)
-        if upcoming is not None:
-            upcoming.cancel()
+        # The next PREFETCH_MESSAGES messages (and small bodies) are read
+        # while this one goes out.
+        upcoming: collections.deque[asyncio.Task[_Fetched]] = collections.deque(
+            self._prefetch(ids, i) for i in range(min(PREFETCH_MESSAGES, len(ids))))
+        try:
+            for index in range(len(ids)):
+                if (self.settings.max_messages
+                        and self.result.messages >= self.settings.max_messages):
+                    break
+                if not self.store.holder_is_current():
+                    # Our store heartbeat is failing: another node may take our
+                    # leases soon.  Stop before two drains could overlap.
+                    self.result.aborted = ("this node has lost the store (heartbeat failing); "
+                                           "the rest stays queued")
+                    log.warning("%s: %s", self.session_id, self.result.aborted)
+                    break
+                message, body = await upcoming.popleft()
+                if index + PREFETCH_MESSAGES < len(ids):
+                    upcoming.append(self._prefetch(ids, index + PREFETCH_MESSAGES))
+                if message is None:
+                    continue
+                recipients = [r for r in message.recipients
+                              if r.state == RecipientState.HELD and r.domain in self.domains]
+                if recipients:
+                    self.result.messages += 1
+                    if body is not None:
+                        self._bodies[message.id] = body
+                    try:
+                        await self._deliver_in_transactions(message, recipients)
+                    finally:
+                        self._bodies.pop(message.id, None)
+        finally:
+            for task in upcoming:
+                task.cancel()
         await self._guarded(self.transfer.finish())  # the last message's final reply
 
-    def _prefetch(self, ids: Sequence[str], index: int
-                  ) -> asyncio.Task[tuple[QueuedMessage | None, bytes | None]] | None:
-        if index >= len(ids):
-            return None
+    def _prefetch(self, ids: Sequence[str], index: int) -> asyncio.Task[_Fetched]:
         return asyncio.create_task(asyncio.to_thread(self._fetch, ids[index]))
 
-    def _fetch(self, message_id: str) -> tuple[QueuedMessage | None, bytes | None]:
+    def _fetch(self, message_id: str) -> _Fetched:
         """In a worker thread: a message, and its body if it is small (one hop
         instead of three); a large one is streamed in chunks when sent."""
         message = self.store.get_message(message_id)
