@@ -103,6 +103,8 @@ def test_every_connection_is_wal_with_foreign_keys_and_full_sync(
             # `_read`'s connection only reads; the writer writes.
             read_only = conn.execute("PRAGMA query_only").fetchone()[0]
             assert read_only == (1 if conn is s._reader else 0)
+            if conn is s._conn:
+                assert conn.execute("PRAGMA secure_delete").fetchone()[0] == 2  # FAST
             # Several processes share the file: wait for a writer, do not fail at once.
             assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == BUSY_TIMEOUT * 1000
     # WAL is a property of the file: it stays after the store is closed.
@@ -223,6 +225,23 @@ def test_a_read_does_not_wait_for_a_write_in_progress(store: SQLiteStore) -> Non
         writer.join(10)
     after = store.get_message(first)
     assert after is not None and after.recipients == ()  # committed: seen at once
+
+
+def test_a_delivered_body_is_not_written_again(store: SQLiteStore, path: Path) -> None:
+    # secure_delete=FAST: removing a delivered 2 MiB message frees its pages
+    # without writing 2 MiB of zeros to the WAL (which SQLite builds with
+    # SECURE_DELETE, like many Pythons', would do by default).
+    body = os.urandom(2 * 1024 * 1024)
+    mid = store.enqueue(msg("a@x.example"), io.BytesIO(body))
+    wal = path.with_name(path.name + "-wal")
+    assert rows(path, "PRAGMA wal_checkpoint(TRUNCATE)")[0][0] == 0  # not busy
+    assert wal.stat().st_size == 0
+    message = store.get_message(mid)
+    assert message is not None
+    store.record_delivered([r.id for r in message.recipients], "250 ok", None)
+    assert store.get_message(mid) is None
+    assert count(path, "body_chunks") == 0
+    assert wal.stat().st_size < 256 * 1024, wal.stat().st_size
 
 
 def test_bodies_go_with_their_messages(store: SQLiteStore, path: Path) -> None:

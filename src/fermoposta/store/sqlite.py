@@ -10,6 +10,9 @@ migrations.
 Contract and choices:
 - One file, opened in WAL mode with `synchronous=FULL`: a commit is on disk
   when the method returns (the SMTP layer answers 250 after `enqueue`).
+  `secure_delete=FAST`: deleted bodies are not overwritten page by page
+  (Python's SQLite may be built with it ON, which writes every delivered
+  body to the WAL again; docs/security.md says what that means).
   `foreign_keys=ON`; `busy_timeout` of 10 s, so several processes (the daemon
   and the CLI) can share the file.  Every write runs in one `BEGIN IMMEDIATE`
   transaction; a failure rolls everything back.
@@ -117,6 +120,7 @@ class SQLiteStore(SQLiteDirectory, SQLiteQueueTools, SQLiteEtrn, SQLiteOutbound)
             if mode is None or str(mode[0]).lower() != "wal":
                 raise StoreError(f"cannot put {self._path} in WAL mode")
             self._conn.execute("PRAGMA synchronous = FULL")
+            self._conn.execute("PRAGMA secure_delete = FAST")
             self._version_at_open = sqlite_schema.migrate(self._conn, self._path)
             # For `_read_now`: never waits for a lock (busy timeout 0).
             self._quick = self._read_only_connection(timeout=0)
