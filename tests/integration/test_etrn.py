@@ -7,6 +7,8 @@ limit, and that nothing the client says chooses where the mail goes."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import dataclasses
 import logging
 import smtplib
 from collections.abc import Callable
@@ -166,3 +168,76 @@ async def test_a_failed_etrn_delivery_goes_back_on_hold(
     assert store.held_message_ids(["etrn.test"]) == [mid]
     # No DSN went to the sender: the queue holds only this message.
     assert sum(n for _, n, _, _ in store.queue_summary()) == 1
+
+
+async def test_mail_of_a_domain_that_stops_being_etrn_while_out_goes_back_on_hold(
+        provider_factory: Callable[..., Any]) -> None:
+    """`domain set --no-etrn` while an ETRN's delivery is under way: the
+    deferred mail goes back on hold for the customer's ATRN, where the hold
+    lifetime ends it, not `[outbound] lifetime` (here 1 s, long passed:
+    treated as the Internet's mail it would have bounced at once)."""
+    greeted = asyncio.Event()
+    writers: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)  # accept, never greet: the delivery waits
+        greeted.set()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    running: RunningProvider = await provider_factory(
+        tls=False, extra=ETRN_CONFIG + '\n[outbound]\nlifetime = "1s"\n')
+    store, mx = running.store, running.mx
+    store.add_domain(Domain("etrn.test", "acme", etrn=f"127.0.0.1:{port}"))
+    try:
+        await asyncio.to_thread(_send, mx, "bob@etrn.test", "in flight")
+        [mid] = store.held_message_ids(["etrn.test"])
+        await asyncio.sleep(1.2)  # older than [outbound] lifetime
+        [reply] = await asyncio.to_thread(_etrn, mx, "etrn.test")
+        assert reply[0] == 253
+        await asyncio.wait_for(greeted.wait(), 15)
+        domain = store.get_domain("etrn.test")
+        assert domain is not None
+        store.update_domain(dataclasses.replace(domain, etrn=None))  # --no-etrn
+        for writer in writers:
+            writer.close()  # the connection drops: a 4xx outcome
+
+        def back_on_hold() -> bool:
+            m = store.get_message(mid)
+            assert m is not None, "bounced: treated as outbound mail past its lifetime"
+            return [r.state for r in m.recipients] == [RecipientState.HELD]
+
+        await _until(back_on_hold)
+        assert store.held_message_ids(["etrn.test"]) == [mid]
+        assert sum(n for _, n, _, _ in store.queue_summary()) == 1  # no DSN
+    finally:
+        server.close()
+
+
+def _etrn_from(mx: tuple[str, int], source: str, node: str) -> int:
+    with smtplib.SMTP(mx[0], mx[1], timeout=10, source_address=(source, 0)) as smtp:
+        smtp.ehlo("c.etrn.test")
+        return smtp.docmd("ETRN", node)[0]
+
+
+async def test_the_rate_limit_is_per_client_and_holds_under_a_race(
+        provider_factory: Callable[..., Any]) -> None:
+    running = await _provider(provider_factory, free_port())
+    mx = running.mx
+    await asyncio.to_thread(_send, mx, "bob@etrn.test", "limit")
+    # Somebody else's ETRN does not use up the customer's own.
+    assert await asyncio.to_thread(_etrn_from, mx, "127.0.0.2", "etrn.test") == 253
+    assert await asyncio.to_thread(_etrn_from, mx, "127.0.0.1", "etrn.test") != 458
+    assert await asyncio.to_thread(_etrn_from, mx, "127.0.0.1", "etrn.test") == 458
+    # Part of @etrn.test is limited and the rest has no mail: not "251 no
+    # messages waiting", which would be wrong for the limited part.
+    assert await asyncio.to_thread(_etrn_from, mx, "127.0.0.1", "@etrn.test") == 458
+    # Eight connections at once from one client: never two get through (at
+    # worst none, when all of them counted at once).  (Their own threads:
+    # the in-process provider needs the default executor.)
+    loop = asyncio.get_running_loop()
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        codes = await asyncio.gather(*(
+            loop.run_in_executor(pool, _etrn_from, mx, "127.0.0.3", "empty.test")
+            for _ in range(8)))
+    assert codes.count(458) >= 7 and set(codes) <= {251, 458}, codes

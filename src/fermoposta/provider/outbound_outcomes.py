@@ -39,6 +39,7 @@ from fermoposta.store.base import (
     QueuedMessage,
     QueuedRecipient,
     StoreError,
+    lookup_domain,
 )
 
 __all__ = ["Outcomes"]
@@ -175,14 +176,16 @@ class Outcomes:
     async def _hold_etrn_again(self, message: QueuedMessage,
                                pairs: list[tuple[QueuedRecipient, _Problem]]
                                ) -> list[tuple[QueuedRecipient, _Problem]]:
-        """Put the deferred recipients of ETRN domains back on hold; return the others."""
-        etrn: dict[str, bool] = {}
+        """Put the deferred recipients of hosted domains (ETRN domains, and
+        any that stopped being one while their mail was out: `domain set
+        --no-etrn`) back on hold, where the hold lifetime, not `[outbound]
+        lifetime`, ends them; return the others.  A store error propagates:
+        the recipients stay claimed and are released later, never treated as
+        the Internet's mail (which could expire them at once)."""
+        hosted: dict[str, bool] = {}
         for domain in {r.domain for r, _ in pairs}:
-            try:
-                etrn[domain] = await self._etrn_target(domain) is not None
-            except StoreError:
-                etrn[domain] = False  # deferred as outbound mail: retried, not lost
-        held = [(r, p) for r, p in pairs if etrn[r.domain]]
+            hosted[domain] = await lookup_domain(self.store, domain) is not None
+        held = [(r, p) for r, p in pairs if hosted[r.domain]]
         by_reply: dict[str, list[int]] = {}
         for rcpt, problem in held:
             by_reply.setdefault(str(problem.reply), []).append(rcpt.id)
@@ -191,7 +194,7 @@ class Outcomes:
         self.deferred += len(held)
         for rcpt, problem in held:
             self._log(message, [rcpt], problem, "deferred", note="held until the next ETRN")
-        return [(r, p) for r, p in pairs if not etrn[r.domain]]
+        return [(r, p) for r, p in pairs if not hosted[r.domain]]
 
     async def _build(self, message: QueuedMessage, action: Action,
                      reports: list[RecipientReport], will_retry_until: float | None = None
