@@ -87,9 +87,32 @@ async def test_push_to_an_account_that_does_not_wait_is_not_a_loop(provider, cer
     proc = await start_daemon(provider, certs, site, log)
     try:
         assert await wait_until(lambda: "next pull in 60s" in log.read_text()), log.read_text()
-        assert "does the account have --atrn-wait?" in log.read_text()
+        assert "answered ATRN at once with no mail (does the account have --atrn-wait?)" \
+            in log.read_text()
         await asyncio.sleep(1.0)
-        assert log.read_text().count("no mail") == 1  # one dial, not a loop
+        assert log.read_text().count("authenticated with") == 1  # one dial, not a loop
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_push_to_a_provider_answering_250_then_quit_is_not_a_loop(
+        provider_factory, certs, tmp_path):
+    # RFC 2645 §5.2.1: "no mail" may also be 250 followed by QUIT (our
+    # [odmr] no_mail_reply = "quit"); it delivers nothing, so the daemon
+    # waits as after a prompt 453 instead of dialling again at once.
+    provider = await provider_factory(extra='[odmr]\nno_mail_reply = "quit"\n')
+    site, log = tmp_path / "site", tmp_path / "daemon.log"
+    proc = await start_daemon(provider, certs, site, log)
+    try:
+        assert await wait_until(lambda: "next pull in 60s" in log.read_text()), log.read_text()
+        await asyncio.sleep(2.0)
+        text = log.read_text()
+        assert "answered ATRN at once with no mail" in text
+        assert text.count("authenticated with") == 1, text  # one dial, not a loop
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 30) == 0
     finally:

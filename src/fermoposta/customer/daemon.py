@@ -52,7 +52,7 @@ from fermoposta.store import StoreError
 log = logging.getLogger("fermoposta.customer")
 
 OUTBOX_SERVE_LOCK = "outbox-serve.lock"
-PUSH_PROMPT = 5.0  # seconds: a 453 sooner than this after the dial did not wait
+PUSH_PROMPT = 5.0  # seconds: "no mail" sooner than this after the dial did not wait
 PUSH_IDLE_RETRY = 60.0  # seconds before the next dial after such a 453
 OUTBOX_GRACE = 10.0
 
@@ -157,12 +157,16 @@ class Daemon:
             failures = 0 if summary.pull_exit_code == 0 else failures + 1
             now = datetime.now()
             delay = next_delay(pull.schedule, now, failures, self.rng)
+            # Nothing came: a 453, or a 250 then QUIT (RFC 2645 §5.2.1 allows
+            # either for "no mail"), or a session cut short.
+            received_nothing = (summary.messages == 0 and not summary.refused
+                                and not summary.deferred)
             if (interval_at(pull.schedule, now) == PUSH and not failures
-                    and not summary.had_mail
+                    and received_nothing
                     and summary.finished - summary.started < PUSH_PROMPT):
-                log.warning("%s: every = \"push\" but the provider answered ATRN with 453 at "
-                            "once (does the account have --atrn-wait?); next pull in %gs",
-                            pull.name, PUSH_IDLE_RETRY)
+                log.warning("%s: every = \"push\" but the provider answered ATRN at once "
+                            "with no mail (does the account have --atrn-wait?); next pull "
+                            "in %gs", pull.name, PUSH_IDLE_RETRY)
                 delay = PUSH_IDLE_RETRY
             elif delay == 0:
                 log.debug("%s: push: dialling again now", pull.name)
