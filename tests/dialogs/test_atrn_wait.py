@@ -256,3 +256,41 @@ async def test_mail_from_another_process_on_the_sqlite_file_wakes_by_the_poll(
     finally:
         other.close()
     await d.close()
+
+
+async def test_a_bare_atrn_follows_the_accounts_domains_while_it_waits(
+        provider_factory, certs, caplog):
+    # A bare ATRN means every domain of the account, as it is when the mail
+    # comes: one domain removed meanwhile neither refuses nor stalls the
+    # session (it used to be refused at each wake-up, silently, until its
+    # wait ended with a 453).
+    from fermoposta.store.base import Domain
+
+    caplog.set_level(logging.INFO, logger="fermoposta")
+    p = await provider_factory(extra='[odmr]\nwait_poll_interval = "0.5s"\n')
+    p.store.add_domain(Domain(name="extra.test", account="acme"))
+    set_wait(p, 20.0)
+    d = await waiting_atrn(p, certs, "ATRN")
+    await until_waiting(p)
+    assert p.store.remove_domain("extra.test")
+    started = time.monotonic()
+    await hold(p)  # bob@example.org: acme still owns example.org
+    code, _ = await d.reply(timeout=10.0)
+    assert code == 250 and time.monotonic() - started < 5.0
+    t = await serve_reversed(d)
+    assert t.quit and len(t.messages) == 1
+    await d.close()
+
+
+async def test_a_wait_ends_at_once_when_the_account_is_gone(provider, certs, caplog):
+    caplog.set_level(logging.INFO, logger="fermoposta")
+    set_wait(provider, 20.0)
+    d = await waiting_atrn(provider, certs)
+    await until_waiting(provider)
+    assert provider.store.remove_account("acme")
+    started = time.monotonic()
+    provider.provider.held_watch.notify(["example.org"])  # any wake-up decides again
+    code, _ = await d.reply(timeout=10.0)
+    assert code == 450 and time.monotonic() - started < 5.0
+    assert "the account no longer exists" in caplog.text
+    await d.close()

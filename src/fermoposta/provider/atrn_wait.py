@@ -61,6 +61,11 @@ class Waiter:
         if watch is not None:
             watch._leave(self)
 
+    def watch_domains(self, domains: Iterable[str]) -> None:
+        """Wait for these domains from now on (the account's changed)."""
+        if self._watch is not None:
+            self._watch._move(self, frozenset(domains))
+
 
 class HeldMailWatch:
     def __init__(self, store: HoldQueue, *, poll_interval: float = POLL_INTERVAL,
@@ -102,6 +107,22 @@ class HeldMailWatch:
         metrics.ATRN_WAITING.set(len(self._waiters))
         return waiter
 
+    def _move(self, waiter: Waiter, domains: frozenset[str]) -> None:
+        if waiter not in self._waiters:
+            return
+        self._forget_domains(waiter)
+        waiter.domains = domains
+        for domain in domains:
+            self._by_domain[domain].add(waiter)
+
+    def _forget_domains(self, waiter: Waiter) -> None:
+        for domain in waiter.domains:
+            group = self._by_domain.get(domain)
+            if group is not None:
+                group.discard(waiter)
+                if not group:
+                    del self._by_domain[domain]
+
     def _leave(self, waiter: Waiter) -> None:
         if waiter not in self._waiters:
             return
@@ -109,12 +130,7 @@ class HeldMailWatch:
         self._per_listener[waiter.listener] -= 1
         if self._per_listener[waiter.listener] <= 0:
             del self._per_listener[waiter.listener]
-        for domain in waiter.domains:
-            group = self._by_domain.get(domain)
-            if group is not None:
-                group.discard(waiter)
-                if not group:
-                    del self._by_domain[domain]
+        self._forget_domains(waiter)
         if not self._waiters:
             self._someone.clear()
         metrics.ATRN_WAITING.set(len(self._waiters))

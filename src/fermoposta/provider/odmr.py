@@ -277,7 +277,9 @@ class ODMRSession(ServerSession):
                     continue
                 waiter.event.clear()
                 try:
-                    decision = await asyncio.to_thread(self._decide_woken, self.atrn_domains)
+                    # The request as the client made it (a bare ATRN: every
+                    # domain the account owns *now*).
+                    decision = await asyncio.to_thread(self._decide_woken, requested)
                 except StoreError as exc:
                     self.log.warning("%s: ATRN wait: store error, waiting on: %s",
                                      self.session_id, exc)
@@ -292,6 +294,17 @@ class ODMRSession(ServerSession):
                     self.log.info("%s: ATRN %s by %s: mail came but another session "
                                   "holds the domain; waiting on", self.session_id, what,
                                   self.account)
+                elif decision is not R.ATRN_NO_MAIL:
+                    # Refused now (the account or its domains changed): say so
+                    # at once rather than wait for nothing.
+                    outcome = "refused"
+                    self.log.info("%s: ATRN %s by %s: refused after %.1fs of waiting: %s",
+                                  self.session_id, what, self.account,
+                                  loop.time() - started, self.refusal)
+                    return decision
+                if frozenset(self.atrn_domains) != waiter.domains:
+                    waiter.watch_domains(self.atrn_domains)  # a bare ATRN's set changed
+            self.refusal = ""
             self.log.info("%s: ATRN %s by %s: waited %gs, no mail; 453", self.session_id,
                           what, self.account, wait)
             return R.ATRN_NO_MAIL
