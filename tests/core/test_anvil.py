@@ -180,3 +180,22 @@ def test_new_settings_keep_the_counts():
                                   max_failures_per_account=4, window=600.0, lockout=300.0)
     v = t.failure("192.0.2.7", None)
     assert v.address_locked and v.delay == 8.0
+
+
+def test_checks_under_way_count_against_the_address() -> None:
+    clock = [0.0]
+    t = AuthThrottle(ThrottleSettings(max_failures_per_ip=3, failure_delay=0),
+                     lambda: clock[0])
+    assert t.begin("192.0.2.1") and t.begin("192.0.2.1") and t.begin("192.0.2.1")
+    assert not t.begin("192.0.2.1")  # three under way: no fourth
+    assert t.begin("192.0.2.2")  # another address is not affected
+    t.failure("192.0.2.1", None)
+    t.end("192.0.2.1")
+    assert not t.begin("192.0.2.1")  # one failure + two under way
+    t.success("192.0.2.1", "acme")
+    t.end("192.0.2.1")
+    assert t.begin("192.0.2.1")  # one failure + one under way
+    t.end("192.0.2.1")
+    t.end("192.0.2.1")
+    t.end("192.0.2.2")
+    assert t._in_flight == {}  # nothing left behind

@@ -184,3 +184,28 @@ async def test_reload_changes_the_settings_and_keeps_the_counts(provider_factory
     await first.auth_plain("acme", PASSWORD, 235)
     await first.close()
     await second.close()
+
+
+async def test_guesses_in_parallel_cannot_outrun_the_count(provider_factory):
+    # Twelve connections from one address AUTH at once: only as many
+    # exchanges start as the address has failures left (6); the others get
+    # 454 unchecked, so the lockout comes after 6 guesses, not 12.
+    p = await provider_factory(tls=False, extra=THROTTLE)
+    dialogs = await asyncio.gather(*(connect(p.odmr, "127.0.0.3") for _ in range(12)))
+    for d in dialogs:
+        await d.send("AUTH CRAM-MD5")
+    replies = [await d.reply() for d in dialogs]
+    started = [(d, lines) for d, (code, lines) in zip(dialogs, replies, strict=True)
+               if code == 334]
+    assert sorted(code for code, _ in replies) == [334] * 6 + [454] * 6, replies
+    codes = []
+    for d, lines in started:
+        digest = hmac.new(b"guess", base64.b64decode(lines[0]), hashlib.md5).hexdigest()
+        await d.send(base64.b64encode(f"acme {digest}".encode()).decode())
+        codes.append((await d.reply())[0])
+    assert codes.count(535) == 5 and codes[-1] == 421, codes  # the 6th failure locks
+    late = await connect(p.odmr, "127.0.0.3")
+    await late.send("AUTH CRAM-MD5")
+    assert (await late.reply())[0] == 421  # locked out
+    for d in [*dialogs, late]:
+        await d.close()

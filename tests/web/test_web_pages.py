@@ -4,6 +4,7 @@ delete and their audit lines.  A provider runs with `[web] listen` on port 0."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import re
@@ -14,6 +15,7 @@ from typing import Any
 import pytest
 
 from conftest import PASSWORD, Certs, RunningProvider
+from fermoposta.smtp.sasl import make_scram_secret
 from fermoposta.store.base import RecipientState
 from support.web import (
     OPERATOR,
@@ -286,3 +288,74 @@ async def test_web_listener_errors(tmp_path: Path, certs: Certs) -> None:
                 await Provider(config, store).start()
         finally:
             store.close()
+
+
+async def test_logins_sent_in_parallel_cannot_outrun_the_throttle(
+        web: Callable[..., Any]) -> None:
+    # 20 guesses at once, the right password last: at most 3 are checked
+    # (max_failures_per_ip), the rest get 429 unchecked, the right one too.
+    _running, client = await web(tls=False, extra="\n[auth_throttle]\nfailure_delay = 1\n"
+                                                  "max_failures_per_ip = 3\n")
+    browser = client()
+    csrf = await browser.csrf("/login")
+
+    async def guess(password: str) -> int:
+        page = await browser.post("/login", {"csrf": csrf, "name": "acme",
+                                             "password": password}, allow_redirects=False)
+        return page.status
+
+    codes = await asyncio.gather(*(guess(f"wrong{i}") for i in range(19)), guess(PASSWORD))
+    assert codes.count(401) <= 3 and codes[-1] != 303, codes
+    assert set(codes) <= {401, 429}, codes
+
+
+async def test_a_revoked_login_ends_its_session(web: Callable[..., Any], tmp_path: Path) -> None:
+    running, client = await web(tls=False)
+    mid = enqueue(running.store, "a@sender.test", "bob@example.org")
+    operator, customer = client(), client()
+    page = await operator.login("operator", OPERATOR, OPERATOR_PASSWORD)
+    csrf = csrf_of(page.text)
+    await customer.login("customer", "acme", PASSWORD)
+    assert (await customer.get("/customer", allow_redirects=False)).status == 200
+    # The operator's line leaves the operators file: the old session can no
+    # longer delete anything.
+    (tmp_path / "operators").write_text("# alice is gone\n")
+    refused = await operator.post("/operator/queue", {"csrf": csrf, "action": "delete",
+                                                      "id": mid}, allow_redirects=False)
+    assert refused.status == 403
+    assert running.store.get_message(mid) is not None
+    assert (await operator.get("/operator", allow_redirects=False)).status == 303
+    # The customer's password changes: its session ends too.
+    account = running.store.get_account("acme")
+    assert account is not None
+    running.store.update_account(dataclasses.replace(
+        account, scram=make_scram_secret("a new password")))
+    assert (await customer.get("/customer", allow_redirects=False)).status == 303
+
+
+async def test_customer_logins_cannot_push_an_operator_out(
+        web: Callable[..., Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    from fermoposta.provider.web import sessions
+    from fermoposta.provider.web.app import SESSIONS
+
+    running, client = await web(tls=False)
+    running.provider.web.app[SESSIONS].max_sessions = 5  # stands for 10,000
+    monkeypatch.setattr(sessions, "MAX_PER_NAME", 2)  # stands for 20
+    operator = client()
+    await operator.login("operator", OPERATOR, OPERATOR_PASSWORD)
+    for _ in range(6):
+        await client().login("customer", "acme", PASSWORD)
+    assert (await operator.get("/operator", allow_redirects=False)).status == 200
+    assert len(running.provider.web.app[SESSIONS]) == 3  # the operator and acme's last 2
+
+
+async def test_log_out_from_a_login_page(web: Callable[..., Any]) -> None:
+    _running, client = await web(tls=False)
+    browser = client()
+    await browser.login("customer", "acme", PASSWORD)
+    page = await browser.get("/login")  # logged in, on the login page
+    csrf = re.search(r'action="/logout".*?name="csrf" value="([^"]+)"', page.text, re.S)
+    assert csrf is not None
+    out = await browser.post("/logout", {"csrf": csrf.group(1)}, allow_redirects=False)
+    assert out.status == 303
+    assert (await browser.get("/customer", allow_redirects=False)).status == 303

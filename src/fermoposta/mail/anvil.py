@@ -28,6 +28,10 @@ Contract:
   locked account per window.  The answer must not depend on whether the
   credentials were right (no oracle), so the caller asks it for every AUTH
   that named the account, successful or not.
+- `begin(ip)` / `end(ip)` bracket each credential check: `begin` refuses
+  one (False) when the address's failures plus its checks under way
+  already reach ``max_failures_per_ip``, so guesses sent in parallel over
+  many connections count as if they came one after another.
 - `success(ip, account)` remembers the address as known-good for the
   account.  It does not clear the address's failures (else an attacker with
   an account of his own could reset his count between guesses).
@@ -140,6 +144,9 @@ class AuthThrottle:
         self._accounts = _Table(settings)
         self._known: collections.OrderedDict[str, collections.OrderedDict[str, float]] = \
             collections.OrderedDict()
+        # Checks under way per address key (begin/end): bounded by the
+        # connections open at once.
+        self._in_flight: dict[str, int] = {}
 
     @property
     def settings(self) -> ThrottleSettings:
@@ -152,6 +159,33 @@ class AuthThrottle:
         for table in (getattr(self, "_addresses", None), getattr(self, "_accounts", None)):
             if table is not None:
                 table.settings = settings
+
+    def begin(self, ip: str) -> bool:
+        """Reserve one credential check for the address: False when its
+        failures within the window plus the checks already under way reach
+        ``max_failures_per_ip`` (refuse this one unchecked, with a
+        temporary failure).  Else count it as under way until `end`: a
+        guess is in flight or counted as a failure, never neither, so
+        parallel connections cannot outrun the count."""
+        maximum = self.settings.max_failures_per_ip
+        key = address_key(ip)
+        running = self._in_flight.get(key, 0)
+        if maximum > 0:
+            entry = self._addresses.get(key, self.clock())
+            if (entry.failures if entry is not None else 0) + running >= maximum:
+                return False
+        self._in_flight[key] = running + 1
+        return True
+
+    def end(self, ip: str) -> None:
+        """The check `begin` reserved is over (its `failure` or `success`
+        already recorded)."""
+        key = address_key(ip)
+        running = self._in_flight.get(key, 0) - 1
+        if running > 0:
+            self._in_flight[key] = running
+        else:
+            self._in_flight.pop(key, None)
 
     def address_locked(self, ip: str) -> float:
         now = self.clock()

@@ -192,6 +192,23 @@ class Authenticator:
                               "another %ds", self.session_id, name, self.conn.peer_ip,
                               max(1, int(remaining)))
                 return ADDRESS_LOCKED
+        if throttle is not None and not throttle.begin(self.conn.peer_ip):
+            # As many checks under way from this address as it has failures
+            # left: parallel connections cannot outrun the count.
+            metrics.AUTH_THROTTLED.labels("address").inc()
+            self.log.info("%s: AUTH %s refused from [%s]: too many AUTHs at once from this "
+                          "address", self.session_id, name, self.conn.peer_ip)
+            return ACCOUNT_LOCKED
+        try:
+            return await self._check(name, initial, throttle)
+        finally:
+            if throttle is not None:
+                throttle.end(self.conn.peer_ip)
+
+    async def _check(self, name: str, initial: bytes | None,
+                     throttle: AuthThrottle | None) -> Reply:
+        """The SASL exchange and its outcome (the rest of `smtp_auth`); a
+        failure is counted before the caller's `throttle.end`."""
         credentials = StoreCredentials(self.store)
         mechanism = server_mechanism(
             name,

@@ -36,6 +36,8 @@ Contract:
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import logging
 import re
 import ssl
@@ -57,13 +59,14 @@ from fermoposta.provider.web import views
 from fermoposta.provider.web.chart import line_chart
 from fermoposta.provider.web.history import History
 from fermoposta.provider.web.operators import (
+    Operator,
     OperatorsFileError,
     check_password,
     load_operators,
     operator_for_certificate,
 )
 from fermoposta.smtp.sasl import certificate_fingerprint, make_scram_secret, verify_password
-from fermoposta.store.base import QUEUE_STATES, Store, StoreError
+from fermoposta.store.base import QUEUE_STATES, Account, Store, StoreError
 
 log = logging.getLogger("fermoposta.web")
 
@@ -172,13 +175,54 @@ def _secure(headers: MutableMapping[str, str]) -> None:
     headers["Cache-Control"] = "no-store"
 
 
-def _need(kind: str, request: web.Request) -> S.Session:
+async def _need(kind: str, request: web.Request) -> S.Session:
+    """The request's session of this kind, whose login still holds: the
+    operator still in the operators file with the same password hashes (or
+    certificate), the account still there with the same SCRAM secret.
+    Else the session ends and the browser goes to the login page."""
     session: S.Session | None = request.get("session")
+    if session is not None and session.kind == kind and not await _still_valid(request,
+                                                                                session):
+        request.app[SESSIONS].drop(session.token)
+        log.info("status page: session of %s %s ended: its login no longer holds "
+                 "(removed, or its password or certificate changed)", session.kind,
+                 session.name, extra={"component": "web", "fields": {
+                     "who": f"{session.kind}:{session.name}", "status": "revoked"}})
+        session = None
     if session is None or session.kind != kind:
         if request.method == "GET":
             raise web.HTTPSeeOther("/operator/login" if kind == "operator" else "/login")
         raise web.HTTPForbidden(text="Not logged in for this.\n")
     return session
+
+
+def _hashes_credential(operator: Operator) -> str:
+    return hashlib.sha256("\n".join(sorted(operator.hashes)).encode()).hexdigest()
+
+
+def _account_credential(account: Account) -> str:
+    scram = account.scram
+    return "" if scram is None else hashlib.sha256(scram.stored_key).hexdigest()
+
+
+async def _still_valid(request: web.Request, session: S.Session) -> bool:
+    deps = request.app[DEPS]
+    if session.kind == "customer":
+        account = await asyncio.to_thread(deps.store.get_account, session.name)
+        return account is not None and hmac.compare_digest(
+            _account_credential(account), session.credential)
+    if deps.operators_file is None:
+        return False
+    try:
+        operator = load_operators(deps.operators_file).get(session.name)
+    except OperatorsFileError as exc:
+        log.error("status page: %s", exc)
+        return False  # fail closed: nothing to check the session against
+    if operator is None:
+        return False
+    if session.via == "certificate":
+        return session.credential in operator.fingerprints
+    return hmac.compare_digest(_hashes_credential(operator), session.credential)
 
 
 async def _form(request: web.Request, session: S.Session | None) -> dict[str, list[str]]:
@@ -228,12 +272,13 @@ def _peer_fingerprint(request: web.Request) -> str | None:
     return certificate_fingerprint(der) if der else None
 
 
-def _logged_in(request: web.Request, kind: str, name: str, via: str) -> web.Response:
+def _logged_in(request: web.Request, kind: str, name: str, via: str,
+               credential: str) -> web.Response:
     deps = request.app[DEPS]
     old = request.get("session")
     if old is not None:
         request.app[SESSIONS].drop(old.token)
-    session = request.app[SESSIONS].create(kind, name, via)
+    session = request.app[SESSIONS].create(kind, name, via, credential)
     log.info("status page: %s %s logged in (%s) from [%s]", kind, name, via, request.remote,
              extra={"component": "web", "fields": {"who": f"{kind}:{name}", "via": via}})
     response = _redirect("/operator" if kind == "operator" else "/customer")
@@ -254,11 +299,18 @@ async def _throttled_check(request: web.Request, key: str | None,
     if throttle.account_refused(ip, key):
         metrics.AUTH_THROTTLED.labels("account").inc()
         raise web.HTTPTooManyRequests(text="Temporary login failure; try again later.\n")
-    if await asyncio.to_thread(check):
-        if key is not None:
-            throttle.success(ip, key)
-        return None
-    verdict = throttle.failure(ip, key)
+    if not throttle.begin(ip):  # parallel logins cannot outrun the count
+        metrics.AUTH_THROTTLED.labels("address").inc()
+        raise web.HTTPTooManyRequests(text="Too many logins at once from your address; "
+                                      "try again later.\n")
+    try:
+        if await asyncio.to_thread(check):
+            if key is not None:
+                throttle.success(ip, key)
+            return None
+        verdict = throttle.failure(ip, key)
+    finally:
+        throttle.end(ip)
     metrics.reject("web", "auth_failed")
     log.info("status page: failed login as %s from [%s]", key or "an unknown name",
              request.remote, extra={"component": "web", "fields": {"status": "auth_failed"}})
@@ -285,7 +337,8 @@ async def customer_login(request: web.Request) -> web.Response:
     if problem is not None or account is None:
         return _login_page(request, "login.html", 401, kind="customer", error=problem,
                            name=name)
-    return _logged_in(request, "customer", account.name, "password")
+    return _logged_in(request, "customer", account.name, "password",
+                      _account_credential(account))
 
 
 async def operator_login_page(request: web.Request) -> web.Response:
@@ -317,9 +370,9 @@ async def operator_login(request: web.Request) -> web.Response:
     if _one(values, "method") == "certificate":
         fingerprint = _peer_fingerprint(request)
         name = operator_for_certificate(operators, fingerprint) if fingerprint else None
-        if name is None:
+        if name is None or fingerprint is None:
             raise web.HTTPForbidden(text="No client certificate of an operator was presented.\n")
-        return _logged_in(request, "operator", name, "certificate")
+        return _logged_in(request, "operator", name, "certificate", fingerprint)
     name, password = _one(values, "name").strip(), _one(values, "password")
     key = f"operator:{name}" if name in operators else None
     problem = await _throttled_check(request, key,
@@ -327,7 +380,8 @@ async def operator_login(request: web.Request) -> web.Response:
     if problem is not None:
         return _login_page(request, "login.html", 401, kind="operator", configured=True,
                            error=problem, name=name)
-    return _logged_in(request, "operator", name, "password")
+    return _logged_in(request, "operator", name, "password",
+                      _hashes_credential(operators[name]))
 
 
 async def logout(request: web.Request) -> web.Response:
@@ -351,7 +405,7 @@ async def index(request: web.Request) -> web.Response:
 
 
 async def operator_page(request: web.Request) -> web.Response:
-    session = _need("operator", request)
+    session = await _need("operator", request)
     deps = request.app[DEPS]
     domain = request.query.get("domain", "").strip().lower()
     state = request.query.get("state", "")
@@ -374,7 +428,7 @@ async def operator_page(request: web.Request) -> web.Response:
 
 
 async def operator_queue(request: web.Request) -> web.Response:
-    session = _need("operator", request)
+    session = await _need("operator", request)
     values = await _form(request, session)
     action = _one(values, "action")
     ids = list(dict.fromkeys(i.strip().upper() for i in values.get("id", []) if i.strip()))
@@ -412,7 +466,7 @@ async def operator_queue(request: web.Request) -> web.Response:
 
 
 async def customer_page(request: web.Request) -> web.Response:
-    session = _need("customer", request)
+    session = await _need("customer", request)
     deps = request.app[DEPS]
     account = await asyncio.to_thread(deps.store.get_account, session.name)
     if account is None:
@@ -425,7 +479,7 @@ async def customer_page(request: web.Request) -> web.Response:
 
 
 async def customer_message(request: web.Request) -> web.Response:
-    session = _need("customer", request)
+    session = await _need("customer", request)
     deps = request.app[DEPS]
     message_id = request.match_info["id"].upper()
     row = None

@@ -6,7 +6,10 @@ Contract:
   cookie's value) and its own random CSRF token; `get(token)` returns it
   while it is alive: used within `idle` seconds, and younger than
   `MAX_AGE` in any case; `drop(token)` ends it (logout).  At most
-  `max_sessions` live at once; beyond that the least recently used goes.
+  `MAX_PER_NAME` per operator or account (a new login ends that name's
+  least recently used one) and `max_sessions` in all (expired ones go
+  first, then the least recently used), so logins of one account cannot
+  push everybody else out.
 - `kind` is ``"operator"`` or ``"customer"``; `name` is the operator's name
   or the account's.  What a session may see is decided from those two
   only (`app.py`).
@@ -33,6 +36,9 @@ from typing import Any
 COOKIE = "fermoposta_session"
 LOGIN_COOKIE = "fermoposta_login"
 MAX_AGE = 12 * 3600.0
+# Sessions one operator or account may hold at once; a new login beyond it
+# ends that name's least recently used one, never somebody else's.
+MAX_PER_NAME = 20
 
 
 @dataclass(slots=True)
@@ -44,6 +50,9 @@ class Session:
     created_at: float
     used_at: float
     via: str = "password"  # or "certificate"
+    # What the login rested on (app.py checks it again at every request, so
+    # a removed operator or a changed password ends the session).
+    credential: str = ""
     notices: list[str] = field(default_factory=list)
 
 
@@ -67,13 +76,23 @@ class Sessions:
         self.clock = clock
         self._live: collections.OrderedDict[str, Session] = collections.OrderedDict()
 
-    def create(self, kind: str, name: str, via: str = "password") -> Session:
+    def create(self, kind: str, name: str, via: str = "password",
+               credential: str = "") -> Session:
         now = self.clock()
+        mine = [t for t, s in self._live.items() if s.kind == kind and s.name == name]
+        for token in mine[: max(0, len(mine) - MAX_PER_NAME + 1)]:
+            del self._live[token]  # this login's own oldest
+        if len(self._live) >= self.max_sessions:
+            for token in [t for t, s in self._live.items() if self._expired(s, now)]:
+                del self._live[token]
         while len(self._live) >= self.max_sessions:
             self._live.popitem(last=False)
-        session = Session(kind, name, new_token(), new_token(), now, now, via)
+        session = Session(kind, name, new_token(), new_token(), now, now, via, credential)
         self._live[session.token] = session
         return session
+
+    def _expired(self, session: Session, now: float) -> bool:
+        return now - session.used_at >= self.idle or now - session.created_at >= MAX_AGE
 
     def get(self, token: str | None) -> Session | None:
         if not token:
@@ -82,7 +101,7 @@ class Sessions:
         if session is None:
             return None
         now = self.clock()
-        if now - session.used_at >= self.idle or now - session.created_at >= MAX_AGE:
+        if self._expired(session, now):
             del self._live[token]
             return None
         session.used_at = now
