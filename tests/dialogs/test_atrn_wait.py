@@ -294,3 +294,28 @@ async def test_a_wait_ends_at_once_when_the_account_is_gone(provider, certs, cap
     assert code == 450 and time.monotonic() - started < 5.0
     assert "the account no longer exists" in caplog.text
     await d.close()
+
+
+async def test_a_busy_domain_is_waited_for_and_its_lease_release_wakes_the_waiter(
+        provider_factory, certs):
+    # The customer's push daemon dials again the moment a drain ends, maybe
+    # before that session released its lease: the new ATRN waits (no 451),
+    # and the release itself wakes it for the mail that is left (here one
+    # the first session's customer deferred), without the poll (60 s here).
+    p = await provider_factory(extra='[odmr]\nwait_poll_interval = "60s"\n')
+    set_wait(p, 30.0)
+    mid = await hold(p)
+    first = await authed(p, certs)
+    await first.cmd("ATRN example.org", 250)
+    second = await waiting_atrn(p, certs)
+    await until_waiting(p)  # not 451: it waits for the lease
+    t = await serve_reversed(first, data_reply=lambda n: "451 4.3.0 local disk full")
+    assert t.quit and len(t.messages) == 0 and t.transactions == 1
+    released = time.monotonic()
+    code, _ = await second.reply(timeout=10.0)
+    assert code == 250 and time.monotonic() - released < 5.0
+    t2 = await serve_reversed(second)
+    assert t2.quit and len(t2.messages) == 1
+    assert p.store.get_message(mid) is None
+    await first.close()
+    await second.close()

@@ -176,8 +176,11 @@ class ODMRSession(ServerSession):
         except StoreError as exc:
             self.log.warning("%s: ATRN: store error: %s", self.session_id, exc)
             return R.ATRN_UNAVAILABLE
-        if decision is R.ATRN_NO_MAIL and self.atrn_wait > 0 and self.watch is not None:
-            waited = await self._wait_for_mail(self.watch, requested)
+        if ((decision is R.ATRN_NO_MAIL or decision is DOMAIN_BUSY)
+                and self.atrn_wait > 0 and self.watch is not None):
+            # Busy: another session holds the domain (often the customer's
+            # own previous one, still closing): wait for its lease to go.
+            waited = await self._wait_for_mail(self.watch, requested, decision)
             if waited is None:
                 return None  # the client hung up, or said QUIT, while we waited
             decision = waited
@@ -227,24 +230,27 @@ class ODMRSession(ServerSession):
                                   deferred=result.deferred, failed=result.failed,
                                   aborted=result.aborted)
 
-    async def _wait_for_mail(self, watch: HeldMailWatch, requested: tuple[str, ...]
-                             ) -> Reply | tuple[str, ...] | None:
-        """No mail yet: wait up to the account's `atrn_wait` for some (see the
-        module docstring).  The ATRN's reply or its leased domains; None when
-        the session is over (the client hung up or sent QUIT)."""
+    async def _wait_for_mail(self, watch: HeldMailWatch, requested: tuple[str, ...],
+                             first: Reply) -> Reply | tuple[str, ...] | None:
+        """No mail yet (`first` is 453), or it is there but another session
+        holds the domain (`first` is 451): wait up to the account's
+        `atrn_wait` for mail we may take (see the module docstring).  The
+        ATRN's reply or its leased domains; None when the session is over
+        (the client hung up or sent QUIT)."""
         what = ",".join(requested) or "(all)"
+        why = "domain busy" if first is DOMAIN_BUSY else "no mail"
         waiter = watch.enter(self.atrn_domains, self.listener)
         if waiter is None:
-            self.log.info("%s: ATRN %s by %s: no mail, and %d sessions already wait "
-                          "([odmr] max_waiting); 453 now", self.session_id, what,
-                          self.account, watch.waiting)
+            self.log.info("%s: ATRN %s by %s: %s, and %d sessions already wait "
+                          "([odmr] max_waiting); %d now", self.session_id, what,
+                          self.account, why, watch.waiting, first.code)
             metrics.ATRN_WAITS.labels("full").inc()
-            return R.ATRN_NO_MAIL
+            return first
         wait = min(self.atrn_wait, MAX_ATRN_WAIT)
         loop = asyncio.get_running_loop()
         started = loop.time()
-        self.log.info("%s: ATRN %s by %s: no mail; waiting up to %gs for it",
-                      self.session_id, what, self.account, wait)
+        self.log.info("%s: ATRN %s by %s: %s; waiting up to %gs for it",
+                      self.session_id, what, self.account, why, wait)
         # Neither the session deadline nor the command timeout runs while we wait.
         saved_deadline, self.conn.deadline = self.conn.deadline, None
         reader = asyncio.ensure_future(self.conn.read_line(COMMAND_LINE_LIMIT, wait + 60.0))
@@ -399,6 +405,10 @@ class ODMRSession(ServerSession):
         if self.leased:
             try:
                 await asyncio.to_thread(self.store.release_leases, self.session_id)
+                if self.watch is not None:
+                    # Mail this session left (deferred, or come meanwhile)
+                    # is free now for a session waiting on these domains.
+                    self.watch.notify(self.atrn_domains)
             except StoreError as exc:
                 # The lease names a live node: nobody takes it before it
                 # expires (`lease_ttl`, 10 minutes by default), so try again
