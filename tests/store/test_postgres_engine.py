@@ -37,6 +37,7 @@ from fermoposta.store.base import (
 from fermoposta.store.postgres import SCHEMA_VERSION, PostgresStore, redact_conninfo
 from support.pg import fresh_schema, require_server, with_search_path
 
+from .contract import HELD as HELD_STATE
 from .contract import OUTBOUND, Clock, msg
 
 PASSWORD = "Sekr3t-Pa55word"
@@ -849,3 +850,32 @@ def test_a_failing_heartbeat_makes_calls_fail_fast_and_the_holder_not_current(
         _wait_for(works, 20.0, "calls work again")
     finally:
         forwarder.cut()
+
+
+def test_start_etrn_waits_for_a_lease_being_taken_and_then_leaves_the_domain(
+        pg: Schema) -> None:
+    # An ATRN session is taking the domain's lease (its transaction not yet
+    # committed): ETRN must not move the mail under it (the drain and the
+    # outbound runner would both send it); it waits for that transaction
+    # and then finds the domain busy.
+    store = pg.open(node="a")
+    mid = store.enqueue(msg("bob@etrn.example"), io.BytesIO(b"body\r\n"))
+    with pg.raw() as other:
+        other.autocommit = False
+        other.execute("INSERT INTO leases (domain, owner, expires_at, holder)"
+                      " VALUES ('etrn.example', 'atrn-session', %s, %s)",
+                      (time.time() + 600, store._holder))
+        result: list[Any] = []
+        etrn = threading.Thread(
+            target=lambda: result.append(store.start_etrn(["etrn.example"], time.time())))
+        etrn.start()
+        etrn.join(1.0)
+        assert etrn.is_alive()  # waiting for the lease's transaction
+        other.commit()
+        etrn.join(10.0)
+    assert not etrn.is_alive()
+    [started] = result
+    assert started.messages == 0 and started.busy == ("etrn.example",)
+    message = store.get_message(mid)
+    assert message is not None and [r.state for r in message.recipients] == [HELD_STATE]
+    assert [r[0] for r in pg.sql("SELECT owner FROM leases")] == ["atrn-session"]

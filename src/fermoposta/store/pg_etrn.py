@@ -5,11 +5,13 @@ Contract: `PostgresEtrn` is a mixin of `PostgresStore` and uses only its
 transactions (`_read`, `_write`), clock and holder-liveness SQL (`_live`).
 Rows are locked in id order, as every write of the engine does; a domain
 leased by a live ATRN session, and a recipient claimed by a live runner,
-are left alone.
+are left alone.  `start_etrn` holds the domains' leases for its own
+transaction, so it and an ATRN taking a lease are serialized.
 """
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Collection
 
 from fermoposta.store.base import EtrnStarted
@@ -41,11 +43,26 @@ class PostgresEtrn(EnginePart):
         if not wanted:
             self._check_open()
             return EtrnStarted()
+        owner = f"etrn:{secrets.token_hex(8)}"
         with self._write("start etrn") as conn:
-            busy = sorted(str(r[0]) for r in conn.execute(
-                "SELECT domain FROM leases l WHERE domain = ANY(%s::text[])"
-                f" AND expires_at > %s AND {self._live('l.holder')}", (wanted, now)))
-            free = [d for d in wanted if d not in busy]
+            # The domains' leases are taken for this transaction only (as
+            # `acquire_leases` takes them, in domain order) and given back
+            # before it commits: an ATRN taking a lease meanwhile waits for
+            # our commit and then finds the mail gone OUTBOUND, and one that
+            # took it first makes the domain busy here.  A plain SELECT of the
+            # leases could let an ATRN's drain and the outbound runner both
+            # send the same mail.
+            free = sorted(str(r[0]) for r in conn.execute(
+                "INSERT INTO leases (domain, owner, expires_at, holder)"
+                " SELECT d, %s, %s, %s FROM unnest(%s::text[]) AS d ORDER BY d"
+                " ON CONFLICT (domain) DO UPDATE SET owner = EXCLUDED.owner,"
+                " expires_at = EXCLUDED.expires_at, holder = EXCLUDED.holder"
+                " WHERE leases.expires_at <= %s"
+                f" OR NOT {self._live('leases.holder')}"
+                " RETURNING domain",
+                (owner, now + 60.0, self._holder, wanted, now)))
+            conn.execute("DELETE FROM leases WHERE owner = %s", (owner,))
+            busy = [d for d in wanted if d not in free]
             if not free:
                 return EtrnStarted(busy=tuple(busy))
             # Not claimed by a live runner right now (as in retry_outbound).
