@@ -258,6 +258,7 @@ class ODMRSession(ServerSession):
         # Look once at once: mail may have come between `_decide` and `enter`.
         waiter.event.set()
         outcome = "timeout"
+        last = first  # the latest decision: what the wait ends with
         try:
             while True:
                 remaining = started + wait - loop.time()
@@ -297,9 +298,10 @@ class ODMRSession(ServerSession):
                                   loop.time() - started, ",".join(decision))
                     return decision
                 if decision is DOMAIN_BUSY:
-                    self.log.info("%s: ATRN %s by %s: mail came but another session "
-                                  "holds the domain; waiting on", self.session_id, what,
-                                  self.account)
+                    if last is not DOMAIN_BUSY:
+                        self.log.info("%s: ATRN %s by %s: there is mail, but another "
+                                      "session holds the domain; waiting on",
+                                      self.session_id, what, self.account)
                 elif decision is not R.ATRN_NO_MAIL:
                     # Refused now (the account or its domains changed): say so
                     # at once rather than wait for nothing.
@@ -308,9 +310,16 @@ class ODMRSession(ServerSession):
                                   self.session_id, what, self.account,
                                   loop.time() - started, self.refusal)
                     return decision
+                last = decision
                 if frozenset(self.atrn_domains) != waiter.domains:
                     waiter.watch_domains(self.atrn_domains)  # a bare ATRN's set changed
             self.refusal = ""
+            if last is DOMAIN_BUSY:
+                # The mail is there, held by another session all along: not
+                # "you have no mail" (453), but try later (451).
+                self.log.info("%s: ATRN %s by %s: waited %gs, the domain stayed busy; 451",
+                              self.session_id, what, self.account, wait)
+                return DOMAIN_BUSY
             self.log.info("%s: ATRN %s by %s: waited %gs, no mail; 453", self.session_id,
                           what, self.account, wait)
             return R.ATRN_NO_MAIL
