@@ -328,8 +328,7 @@ class MXConfig:
       (e.g. ``mx1.provider.example`` behind a shared ``hostname``); used by
       ``fermoposta domain check``.
     - ``etrn_interval`` (duration, default ``"1m"``; ``"0"`` = no limit): the
-      least time between two ETRNs (RFC 1985) for one domain from one client
-      address (IPv6: its /64); a sooner one
+      least time between two ETRNs (RFC 1985) for one domain; a sooner one
       gets ``458 4.7.0``.  Counted in the store, so shared by every node.
     """
 

@@ -11,10 +11,10 @@ Contract:
   * ``251 2.0.0 OK, no messages waiting for node <x>``;
   * ``458 4.7.0 Unable to queue messages for node <x>: ...`` when it may work
     later: every domain named had an ETRN less than `interval` seconds ago
-    (the rate limit, per client address (IPv6: its /64) and domain, shared
-    by every node through the store's `RateCounter`; also when the ETRN
-    started nothing and some of its domains were limited), an ATRN session
-    is collecting the domain right now, or
+    (the rate limit, per domain, shared by every node through the store's
+    `RateCounter`; also when the ETRN started nothing and some of its
+    domains were limited), an ATRN session is collecting the domain right
+    now, or
     the store failed (``458 4.3.0``);
   * ``459 4.7.1 Node <x> not allowed: ...`` for a node that is not an ETRN
     domain here (not hosted, or hosted without an ETRN target: the reply does
@@ -39,7 +39,6 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from fermoposta.mail.anvil import address_key
 from fermoposta.ops.log import ROOT
 from fermoposta.smtp.reply import Reply
 from fermoposta.smtp.server import EtrnRequest
@@ -84,10 +83,9 @@ class EtrnService:
         self.wake = wake
         self.clock = clock
 
-    async def request(self, node: EtrnRequest, client: str, address: str = "") -> Reply:
-        """`client` names the client in the log (``helo[ip]``); `address` is
-        its IP address, the rate limit's other half."""
-        reply, domains, result, reason = await self._answer(node, address_key(address))
+    async def request(self, node: EtrnRequest, client: str) -> Reply:
+        """`client` names the client in the log (``helo[ip]``)."""
+        reply, domains, result, reason = await self._answer(node)
         fields = [f"node={node}", f"domains={domains}", f"result={reply.code}",
                   f"messages={result.messages}", f"recipients={result.recipients}"]
         if reason:
@@ -99,8 +97,7 @@ class EtrnService:
                                    "recipients": result.recipients, "reason": reason}})
         return reply
 
-    async def _answer(self, node: EtrnRequest, client: str
-                      ) -> tuple[Reply, int, EtrnStarted, str]:
+    async def _answer(self, node: EtrnRequest) -> tuple[Reply, int, EtrnStarted, str]:
         none = EtrnStarted()
         shown = str(node)
         if node.queue:
@@ -110,7 +107,7 @@ class EtrnService:
                                               subdomains=node.subdomains)
             if not domains:
                 return not_allowed(shown, "not an ETRN domain here"), 0, none, "not_etrn"
-            allowed = await asyncio.to_thread(self._rate_limit, domains, client)
+            allowed = await asyncio.to_thread(self._rate_limit, domains)
             limited = unable(shown, f"one ETRN per {self.interval:g} seconds")
             if not allowed:
                 return limited, len(domains), none, "rate_limit"
@@ -130,20 +127,21 @@ class EtrnService:
             return limited, len(domains), result, "rate_limit"
         return no_messages(shown), len(domains), result, ""
 
-    def _rate_limit(self, domains: list[str], client: str) -> list[str]:
-        """The domains this client has not sent an ETRN for in the last
-        `interval` seconds; each of them is counted now.  Per client and
-        domain, so that nobody else's ETRNs can keep the customer's own
-        refused.  Connections racing past the first count all record their
-        ETRN and count again: only one that then sees its own alone goes on
-        (at worst none does; never two)."""
+    def _rate_limit(self, domains: list[str]) -> list[str]:
+        """The domains without an ETRN in the last `interval` seconds; each
+        of them is counted now.  Per domain, whoever asks (a key per client
+        would let anyone with many addresses make the provider call the
+        customer's server again and again, and fill `rate_events`).
+        Connections racing past the first count all record their ETRN and
+        count again: only one that then sees its own alone goes on (at worst
+        none does; never two)."""
         if self.interval <= 0:
             return domains
         now = self.clock()
         since = now - self.interval
         allowed = []
         for domain in domains:
-            key = f"etrn:{client}:{domain}"
+            key = f"etrn:{domain}"
             if self.store.count_events(key, since) == 0:
                 self.store.add_event(key, now, self.interval)
                 if self.store.count_events(key, since) == 1:

@@ -89,8 +89,7 @@ class MXSession(TransactionSession):
         # HELO first, no transaction, well-formed: the verb table and the machine saw to it.
         if self.etrn is None:
             return R.NOT_IMPLEMENTED
-        return await self.etrn.request(parse_etrn(arg), self.peer_description(),
-                                       self.conn.peer_ip)
+        return await self.etrn.request(parse_etrn(arg), self.peer_description())
 
     async def check_recipient(self, txn: Transaction, rcpt: Recipient) -> Reply | None:
         refusal = await self._recipient_refusal(txn, rcpt)
