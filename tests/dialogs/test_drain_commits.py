@@ -102,3 +102,42 @@ async def test_deliveries_gather_into_batches_and_the_last_is_not_kept_waiting(
     assert provider.store.held_message_ids(["example.org"]) == []
     assert all(provider.store.get_message(i) is None for i in ids)
     await d.close()
+
+
+async def test_a_drain_cancelled_during_a_commit_lets_it_land_before_the_leases_go(
+        provider, certs) -> None:
+    # Shutdown cancels the session while a delivery commit runs in its
+    # thread: the commit still ends before the domain's lease is given
+    # back (else another session could send that mail again at once).
+    import asyncio
+
+    await hold(provider)
+    events: list[str] = []
+    real_delivered = provider.store.record_delivered
+    real_release = provider.store.release_leases
+
+    def slow_delivered(ids, reply, dsn=None):
+        events.append("commit started")
+        time.sleep(0.5)
+        result = real_delivered(ids, reply, dsn)
+        events.append("commit done")
+        return result
+
+    def release(owner):
+        events.append("leases released")
+        return real_release(owner)
+
+    provider.store.record_delivered = slow_delivered  # type: ignore[method-assign]
+    provider.store.release_leases = release  # type: ignore[method-assign]
+    d = await authed(provider, certs)
+    await d.cmd("ATRN example.org", 250)
+    customer = asyncio.ensure_future(serve_reversed(d))
+    while "commit started" not in events:
+        await asyncio.sleep(0.01)
+    for task in list(provider.provider.sessions):
+        task.cancel()
+    await provider.sessions_ended()
+    customer.cancel()
+    assert events.index("commit done") < events.index("leases released"), events
+    assert provider.store.held_message_ids(["example.org"]) == []
+    await d.close()

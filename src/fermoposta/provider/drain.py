@@ -245,6 +245,8 @@ class Drain:
                         self._bodies.pop(message.id, None)
         finally:
             for task in upcoming:
+                if task.done() and not task.cancelled():
+                    task.exception()  # read ahead for nothing (a store error, say)
                 task.cancel()
         await self._guarded(self.transfer.finish())  # the last message's final reply
 
@@ -381,7 +383,9 @@ class Drain:
         self._flushing = True
         self._gathered.set()
         while self._committer is not None and not self._committer.done():
-            await self._committer
+            # Shielded: a drain cancelled here must not cancel the commit
+            # (its thread would go on, and the leases could go before it).
+            await asyncio.shield(self._committer)
         if self._delivered and self._commit_error is None:
             await self._commit_delivered()
 
