@@ -69,6 +69,28 @@ ADDRESS_LOCKED = Reply(421, "4.7.0",
 ACCOUNT_LOCKED = Reply(454, "4.7.0", "Temporary authentication failure, try again later")
 
 
+class _Slot:
+    """One credential check under way for the throttle (`AuthThrottle.begin`
+    / `end`), taken and given back as the exchange goes; no throttle: always
+    granted."""
+
+    def __init__(self, throttle: AuthThrottle | None, ip: str) -> None:
+        self.throttle = throttle
+        self.ip = ip
+        self.held = False
+
+    def take(self) -> bool:
+        if self.throttle is None or self.held:
+            return True
+        self.held = self.throttle.begin(self.ip)
+        return self.held
+
+    def give_back(self) -> None:
+        if self.held and self.throttle is not None:
+            self.held = False
+            self.throttle.end(self.ip)
+
+
 class AuthPolicy(Protocol):
     @property
     def mechanisms(self) -> tuple[str, ...]: ...
@@ -192,23 +214,28 @@ class Authenticator:
                               "another %ds", self.session_id, name, self.conn.peer_ip,
                               max(1, int(remaining)))
                 return ADDRESS_LOCKED
-        if throttle is not None and not throttle.begin(self.conn.peer_ip):
-            # As many checks under way from this address as it has failures
-            # left: parallel connections cannot outrun the count.
-            metrics.AUTH_THROTTLED.labels("address").inc()
-            self.log.info("%s: AUTH %s refused from [%s]: too many AUTHs at once from this "
-                          "address", self.session_id, name, self.conn.peer_ip)
-            return ACCOUNT_LOCKED
+        slot = _Slot(throttle, self.conn.peer_ip)
+        if not slot.take():
+            return self._too_many_at_once(name)
         try:
-            return await self._check(name, initial, throttle)
+            return await self._check(name, initial, throttle, slot)
         finally:
-            if throttle is not None:
-                throttle.end(self.conn.peer_ip)
+            slot.give_back()
+
+    def _too_many_at_once(self, name: str) -> Reply:
+        """As many credential checks under way from this address as it has
+        failures left: parallel connections cannot outrun the count."""
+        metrics.AUTH_THROTTLED.labels("address").inc()
+        self.log.info("%s: AUTH %s refused from [%s]: too many AUTHs at once from this "
+                      "address", self.session_id, name, self.conn.peer_ip)
+        return ACCOUNT_LOCKED
 
     async def _check(self, name: str, initial: bytes | None,
-                     throttle: AuthThrottle | None) -> Reply:
-        """The SASL exchange and its outcome (the rest of `smtp_auth`); a
-        failure is counted before the caller's `throttle.end`."""
+                     throttle: AuthThrottle | None, slot: _Slot) -> Reply:
+        """The SASL exchange and its outcome (the rest of `smtp_auth`).  The
+        throttle's slot is held while credentials are checked until the
+        failure is counted, and given back while the client answers a
+        challenge (idle exchanges must not keep others from logging in)."""
         credentials = StoreCredentials(self.store)
         mechanism = server_mechanism(
             name,
@@ -221,21 +248,25 @@ class Authenticator:
             return R.AUTH_UNKNOWN_MECHANISM
         result = await asyncio.to_thread(mechanism.start, initial)
         while isinstance(result, Challenge):
+            slot.give_back()
             response = await self._auth_exchange(result.data)
             if response is None:
                 return R.AUTH_CANCELLED
             if isinstance(response, Reply):
                 return response
+            if not slot.take():
+                return self._too_many_at_once(name)
             result = await asyncio.to_thread(mechanism.step, response)
         if throttle is not None and not (isinstance(result, Failure) and result.temporary):
             # Asked whatever the outcome (before SCRAM's server-final, which
             # would prove the password right): no oracle for a locked account.
             attempted = result.identity if isinstance(result, Success) else credentials.attempted
             if throttle.account_refused(self.conn.peer_ip, attempted):
-                return await self._account_refused(throttle, name, attempted)
+                return await self._account_refused(throttle, name, attempted, slot)
         if isinstance(result, Success) and result.server_final is not None:
             # RFC 4954 §4: additional data with success goes in a final 334,
-            # answered by an empty line.
+            # answered by an empty line.  (The check is over: no slot held.)
+            slot.give_back()
             response = await self._auth_exchange(result.server_final)
             if response is None:
                 return R.AUTH_CANCELLED
@@ -263,6 +294,7 @@ class Authenticator:
                       self.conn.peer_ip, result.reason)
         if throttle is not None:
             verdict = throttle.failure(self.conn.peer_ip, credentials.attempted)
+            slot.give_back()  # counted: the delay needs no slot
             self._log_lockouts(verdict, credentials.attempted)
             await self._delay(verdict.delay)
             if verdict.address_locked:
@@ -272,7 +304,7 @@ class Authenticator:
         return R.AUTH_FAILED
 
     async def _account_refused(self, throttle: AuthThrottle, name: str,
-                               account: str | None) -> Reply:
+                               account: str | None, slot: _Slot) -> Reply:
         """454 for a locked account from a suspect address; the attempt still
         counts for the address (not for the account, already locked)."""
         metrics.AUTH_THROTTLED.labels("account").inc()
@@ -280,6 +312,7 @@ class Authenticator:
                       "addresses with recent failures", self.session_id, name, account,
                       self.conn.peer_ip)
         verdict = throttle.failure(self.conn.peer_ip, None)
+        slot.give_back()
         self._log_lockouts(verdict, None)
         await self._delay(verdict.delay)
         return ADDRESS_LOCKED if verdict.address_locked else ACCOUNT_LOCKED
