@@ -85,9 +85,18 @@ class _ConfigOption(argparse.Action):
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
                  values: Any, option_string: str | None = None) -> None:
         previous = getattr(namespace, self.dest, None)
-        if previous is not None and previous != values:
+        if previous is not None and _same_file_key(previous) != _same_file_key(values):
             parser.error(f"-c/--config given twice: {previous} and {values}")
         setattr(namespace, self.dest, values)
+
+
+def _same_file_key(path: Path) -> Path:
+    """One key for every way of naming the same file (relative, absolute,
+    through symbolic links)."""
+    try:
+        return path.resolve()
+    except OSError:
+        return path
 
 
 _PROVIDER_CONFIG_HELP = (
@@ -130,7 +139,10 @@ def _merge_config(args: argparse.Namespace) -> str | None:
     file = getattr(args, "file", None)
     if file is not None:
         given.append(file)
-    distinct = list(dict.fromkeys(given))
+    distinct: list[Path] = []
+    for path in given:
+        if _same_file_key(path) not in map(_same_file_key, distinct):
+            distinct.append(path)
     if len(distinct) > 1:
         return f"-c/--config given twice: {distinct[0]} and {distinct[1]}"
     args.config = distinct[0] if distinct else None
@@ -176,12 +188,33 @@ def _guess_kind(path: Path) -> str | None:
     try:
         with open(path, "rb") as stream:
             raw = tomllib.load(stream)
-    except (OSError, tomllib.TOMLDecodeError):
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
         return None
     if "pull" in raw or "provider" in raw:
         return "customer"  # a customer config has a [provider] table and [[pull]] blocks
-    # Neither of the two tables a customer config needs: not a customer config.
-    return "provider" if raw else None
+    if not raw:
+        return None
+    # Without those two tables: by the names only one kind declares (a
+    # customer file still missing its [provider] is not a provider config).
+    provider_only, customer_only = _names_of_one_kind()
+    names = set(raw)
+    if names & customer_only and not names & provider_only:
+        return "customer"
+    return "provider"
+
+
+def _names_of_one_kind() -> tuple[set[str], set[str]]:
+    """The top-level keys and tables only the provider's config declares, and
+    those only the customer's does."""
+    from fermoposta.config_schema import declared_keys, declared_tables
+    from fermoposta.customer.config_tables import CustomerConfig
+    from fermoposta.provider_config_tables import ProviderConfig
+
+    def names(cls: type[Any]) -> set[str]:
+        return set(declared_keys(cls)) | set(declared_tables(cls))
+
+    provider, customer = names(ProviderConfig), names(CustomerConfig)
+    return provider - customer, customer - provider
 
 
 def _config_kind(path: Path, forced: str | None) -> str:
@@ -269,7 +302,10 @@ def _written_only(values: dict[str, Any], raw: dict[str, Any]) -> dict[str, Any]
         if key not in values:
             continue
         value = values[key]
-        if isinstance(written, dict) and isinstance(value, dict):
+        if isinstance(written, dict) and isinstance(value, dict) and set(written) <= set(value):
+            # A table of declared keys.  (A map of the user's own keys, such
+            # as aliases or transport routes, comes back normalised, lower
+            # case and A-labels: it is kept whole.)
             kept[key] = _written_only(value, written)
         elif isinstance(written, list) and written and isinstance(written[0], dict) \
                 and isinstance(value, list):

@@ -20,6 +20,8 @@ Contract:
 
 from __future__ import annotations
 
+import ipaddress
+
 from fermoposta.config_common import check_string as _string
 from fermoposta.config_common import integer as _integer
 from fermoposta.config_common import one_of as _one_of
@@ -73,6 +75,20 @@ def check_listen_address(value: object) -> tuple[str, int] | None:
     if value == "":
         return None
     return parse_hostport(value)
+
+
+def check_resolver_address(value: object) -> tuple[str, int] | None:
+    """``"ip:port"`` or ``"[v6]:port"`` (a DNS server is asked by address:
+    a name would need a resolver to find it), or ``""``."""
+    address = check_listen_address(value)
+    if address is not None:
+        try:
+            ipaddress.ip_address(address[0])
+        except ValueError:
+            raise ValueError(f"expected an IP address and port such as \"127.0.0.1:53\", "
+                             f"got {_show(value)} (a DNS server is asked by its address)"
+                             ) from None
+    return address
 
 
 def check_mechanisms(value: object) -> tuple[str, ...]:

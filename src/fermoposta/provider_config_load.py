@@ -154,6 +154,19 @@ def _resolve_tls(loader: _Loader, values: dict[str, Any]) -> dict[str, Any]:
 def _cross_check(loader: _Loader, config: ProviderConfig,
                  warn: Callable[[str], None] | None) -> None:
     """Checks that involve more than one key; each problem is recorded."""
+    listeners = [(("listen", name), getattr(config.listen, name))
+                 for name in ("mx", "odmr", "odmr_tls", "submission", "submissions")]
+    listeners += [(("metrics", "listen"), config.metrics.listen),
+                  (("web", "listen"), config.web.listen)]
+    seen: dict[tuple[str, int], str] = {}
+    for (table, key), address in listeners:
+        if address is None or address[1] == 0:  # port 0: the system picks, never twice
+            continue
+        if address in seen:
+            loader.report(table, key, f"the same address as {seen[address]}: two listeners "
+                          "cannot share one; give each its own port")
+        else:
+            seen[address] = f"[{table}] {key}"
     for listener in ("odmr_tls", "submissions"):
         if getattr(config.listen, listener) is not None and not config.tls.enabled:
             loader.report("listen", listener, "an implicit-TLS listener needs [tls] cert and key")

@@ -44,6 +44,7 @@ from fermoposta.provider_config_checks import check_no_mail_reply as _no_mail_re
 from fermoposta.provider_config_checks import check_node_name as _node_name
 from fermoposta.provider_config_checks import check_nonempty_string as _nonempty_string
 from fermoposta.provider_config_checks import check_port as _port
+from fermoposta.provider_config_checks import check_resolver_address as _resolver_address
 from fermoposta.provider_config_checks import check_store_url as _store_url
 from fermoposta.provider_config_checks import check_transport_map as _transport_map
 from fermoposta.provider_config_checks import check_unset_or_positive as _unset_or_positive
@@ -366,7 +367,7 @@ class OutboundConfig:
       ``"starttls"``): TLS towards the smarthost; ``"starttls"`` requires it.
     - ``port`` (int, default 25): the destination port for MX delivery (ISPs
       block 25; tests use another).
-    - ``resolver`` (``"host:port"``, default ``""``): the DNS server for MX and
+    - ``resolver`` (``"ip:port"``, default ``""``): the DNS server for MX and
       address lookups; ``""`` = the system's (``/etc/resolv.conf``).
     - ``transport`` (table, default empty): ``"domain" = "host:port"``, a static
       route per recipient domain (like Postfix's ``transport_maps``); wins
@@ -391,7 +392,7 @@ class OutboundConfig:
     smarthost_password_file: Path | None = _key(_optional_text, None)
     smarthost_tls: str = _key(_one_of("starttls", "implicit", "none"), "starttls")
     port: int = _key(_port, 25)
-    resolver: tuple[str, int] | None = _key(_listen_address, None)
+    resolver: tuple[str, int] | None = _key(_resolver_address, None)
     transport: dict[str, tuple[str, int]] = _key(_transport_map, factory=dict)
     require_tls_domains: tuple[str, ...] = _key(_domain_list, ())
     concurrency: int = _key(_integer(1), 20)
