@@ -82,21 +82,27 @@ async def test_push_delivers_within_seconds_and_stops_at_once(provider, certs, t
             await proc.wait()
 
 
-async def test_push_to_an_account_that_does_not_wait_is_not_a_loop(provider, certs, tmp_path):
-    site, log = tmp_path / "site", tmp_path / "daemon.log"
-    proc = await start_daemon(provider, certs, site, log)
+async def dialled_once_then_waits(proc, log: Path, settle: float) -> None:
+    """The daemon dialled once, heard "no mail" at once, and waits 60 s
+    instead of dialling again; then it stops on SIGTERM with 0."""
     try:
         assert await wait_until(lambda: "next pull in 60s" in log.read_text()), log.read_text()
+        await asyncio.sleep(settle)
+        text = log.read_text()
         assert "answered ATRN at once with no mail (does the account have --atrn-wait?)" \
-            in log.read_text()
-        await asyncio.sleep(1.0)
-        assert log.read_text().count("authenticated with") == 1  # one dial, not a loop
+            in text
+        assert text.count("authenticated with") == 1, text  # one dial, not a loop
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 30) == 0
     finally:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_push_to_an_account_that_does_not_wait_is_not_a_loop(provider, certs, tmp_path):
+    site, log = tmp_path / "site", tmp_path / "daemon.log"
+    await dialled_once_then_waits(await start_daemon(provider, certs, site, log), log, 1.0)
 
 
 async def test_push_to_a_provider_answering_250_then_quit_is_not_a_loop(
@@ -106,16 +112,4 @@ async def test_push_to_a_provider_answering_250_then_quit_is_not_a_loop(
     # waits as after a prompt 453 instead of dialling again at once.
     provider = await provider_factory(extra='[odmr]\nno_mail_reply = "quit"\n')
     site, log = tmp_path / "site", tmp_path / "daemon.log"
-    proc = await start_daemon(provider, certs, site, log)
-    try:
-        assert await wait_until(lambda: "next pull in 60s" in log.read_text()), log.read_text()
-        await asyncio.sleep(2.0)
-        text = log.read_text()
-        assert "answered ATRN at once with no mail" in text
-        assert text.count("authenticated with") == 1, text  # one dial, not a loop
-        proc.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(proc.wait(), 30) == 0
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+    await dialled_once_then_waits(await start_daemon(provider, certs, site, log), log, 2.0)
