@@ -136,3 +136,19 @@ def test_any_split_matches_reference(data: bytes, cuts: list[int], limit: int) -
         prev = point
         out.extend(drain(buf, limit))
     assert out == reference(data, limit)
+
+
+def test_has_line_sees_only_a_whole_line_not_yet_taken() -> None:
+    buf = LineBuffer()
+    assert not buf.has_line()
+    buf.feed(b"MAIL FROM:<a@b>")
+    assert not buf.has_line()
+    assert buf.next_line(100) is None  # scanned: the search resumes past it
+    buf.feed(b"\r\nRCPT")
+    assert buf.has_line()
+    assert buf.next_line(100) == b"MAIL FROM:<a@b>\r\n"
+    assert not buf.has_line()  # "RCPT" has no end yet
+    buf.feed(b" TO:<c@d>\n")
+    assert buf.has_line()
+    assert buf.next_line(100) == b"RCPT TO:<c@d>\n"
+    assert not buf.has_line()

@@ -166,6 +166,25 @@ async def test_path_escapes_are_refused(tmp_path: Path, local: str) -> None:
     assert all_files(tmp_path) == []
 
 
+async def test_with_create_a_rcpt_check_needs_no_thread(tmp_path: Path, monkeypatch) -> None:
+    """With create = true the check touches no file: it runs on the event
+    loop (a thread hop per message cost the pull time), refusing what it
+    refused before."""
+    def no_thread(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a thread hop for a RCPT check with create = true")
+
+    delivery = make(tmp_path / "mail", create=True)
+    monkeypatch.setattr(maildir_module.asyncio, "to_thread", no_thread)
+    assert await delivery.check_recipient(rcpt("bob@example.org")) is None
+    reply = await delivery.check_recipient(LocalRecipient("../x@example.org", "../x",
+                                                          "example.org"))
+    assert reply is not None and (reply.code, reply.enhanced) == (550, "5.1.3")
+    # Without create the Maildir's existence is looked up, in a thread.
+    checking = make(tmp_path / "mail")
+    with pytest.raises(AssertionError, match="thread hop"):
+        await checking.check_recipient(rcpt("bob@example.org"))
+
+
 @pytest.mark.parametrize("domain", ["..", "a/b", ".example.org", ""])
 async def test_bad_domains_are_refused(tmp_path: Path, domain: str) -> None:
     delivery = make(tmp_path / "mail", create=True)

@@ -24,10 +24,12 @@ class _ServerTransport(asyncio.Transport):
         super().__init__()
         self._peer = peer
         self._closing = False
+        self.writes: list[bytes] = []  # each write() call, for tests of batching
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if self._closing:
             return
+        self.writes.append(bytes(data))
         self._peer._incoming(bytes(data))
 
     def is_closing(self) -> bool:

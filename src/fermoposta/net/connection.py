@@ -37,6 +37,13 @@ Contract:
   ``[SSL: WRONG_VERSION_NUMBER] ...``), a certificate verification's
   message, "connection closed by the peer during the handshake" for an EOF
   or reset, "no handshake within <timeout>s" for a timeout.
+- `hold(data)` queues a reply instead of writing it: held bytes go out,
+  in order, ahead of the next `write()`, and before any wait for the peer's
+  bytes, any TLS handshake and any close.  A server answering pipelined
+  commands (RFC 2920 §3.1) holds the replies to the commands it has
+  already received (`line_pending()`), so one write carries a whole group's
+  replies, like Postfix's smtpd; a peer never waits on a reply held while we
+  wait on it.  `abort()` drops them with the rest.
 - `close()` flushes what was written (and TLS close_notify) before the
   socket goes, bounded by its timeout; after that it aborts, so a peer that
   never reads cannot keep a closed session's buffers alive.
@@ -226,6 +233,7 @@ class Connection:
         self._transport = transport
         self._protocol = protocol
         self._buffer = LineBuffer()
+        self._held = bytearray()  # replies queued by hold()
         self._eof = False
         self._read_waiter: asyncio.Future[None] | None = None
         self._write_paused = False
@@ -341,6 +349,7 @@ class Connection:
                 self._transport.resume_reading()
 
     async def _wait_for_data(self) -> None:
+        self._flush_held()  # the peer may be waiting for these before it sends more
         if self._eof:
             raise ConnectionClosed("connection closed by peer")
         self._maybe_resume_reading()
@@ -423,12 +432,30 @@ class Connection:
                 raise
 
     # --- writing ---------------------------------------------------------------------
+    def line_pending(self) -> bool:
+        """Whether the peer's next line is already here (it pipelines)."""
+        return self._buffer.has_line()
+
+    def hold(self, data: bytes) -> None:
+        """Queue `data` to go out with the next write or before the next wait."""
+        self._held += data
+
+    def _flush_held(self) -> None:
+        if self._held:
+            data = bytes(self._held)
+            self._held.clear()
+            if not self._transport.is_closing() and self.can_reply:
+                self._transport.write(data)
+
     async def write(self, data: bytes, timeout: float) -> None:
         if self._transport.is_closing():
             raise ConnectionClosed("connection is closed")
         if not self.can_reply:
             # asyncio's SSL transport has shut down and would drop this silently.
             raise ConnectionClosed("TLS connection closed by peer (close_notify)")
+        if self._held:
+            data = bytes(self._held) + data
+            self._held.clear()
         self._transport.write(data)
         if self._write_paused:
             # A peer that does not read must not outlast the session deadline.
@@ -461,6 +488,7 @@ class Connection:
         The buffer is emptied *before* the handshake: bytes a peer pipelined
         after STARTTLS (server) or after the 220 (client) are an injection
         attempt and must never be read as protected data (RFC 3207 §6)."""
+        self._flush_held()  # replies to what came before, in the clear
         dropped = len(self._buffer.take_all())
         loop = asyncio.get_running_loop()
         raw = self._transport
@@ -486,6 +514,7 @@ class Connection:
         """Close after flushing what we wrote (and TLS close_notify): the last
         replies to a half-closed peer must reach it.  Bounded by `timeout`;
         then the connection is aborted."""
+        self._flush_held()
         self._buffer.take_all()
         if not self._transport.is_closing():
             self._transport.close()

@@ -182,7 +182,13 @@ class ServerSession:
         data = reply.to_bytes()
         if log.isEnabledFor(logging.DEBUG):
             self.log.debug("%s: > %s", self.session_id, data.decode("utf-8", "replace").rstrip())
-        await self.conn.write(data, self.limits.command_timeout)
+        if self.conn.line_pending():
+            # The client pipelines (RFC 2920): its next command is here, so
+            # this reply goes out with the next one, in one write; the
+            # connection flushes it before it waits for the client.
+            self.conn.hold(data)
+        else:
+            await self.conn.write(data, self.limits.command_timeout)
 
     async def run(self) -> None:
         try:

@@ -43,6 +43,10 @@ class LineBuffer:
     def feed(self, data: bytes) -> None:
         self._buf += data
 
+    def has_line(self) -> bool:
+        """Whether a whole line (up to its LF) is here, not yet taken."""
+        return self._buf.find(b"\n", max(self._pos, self._scanned)) >= 0
+
     def _consume_to(self, end: int) -> None:
         self._pos = end
         self._scanned = end

@@ -27,6 +27,10 @@ Contract and choices:
   account or domain, unknown account) raises `ValueError`.  Any other exception
   raised while a write is under way (e.g. by a body's `read`) rolls the
   transaction back and propagates unchanged.
+- WAL checkpoints run in a thread of their own after commits
+  (`sqlite_checkpoint`), not inside the commit that crosses SQLite's
+  auto-checkpoint threshold (which kept every waiting 250 behind a copy of
+  the WAL into the file and its fsync).
 - Bodies live in `body_chunks` rows of at most `CHUNK_SIZE` bytes; they are
   written and read one chunk at a time, so memory stays bounded.
 - Queue ids are 12 uppercase hex characters (like Postfix) from `secrets`.
@@ -71,6 +75,7 @@ from fermoposta.store.base import (
 from fermoposta.store.holders import Holders
 from fermoposta.store.rows import message_from_row as _message
 from fermoposta.store.rows import recipient_from_row as _recipient
+from fermoposta.store.sqlite_checkpoint import BACKSTOP_PAGES, WAL_SIZE_LIMIT, Checkpointer
 from fermoposta.store.sqlite_directory import SQLiteDirectory
 from fermoposta.store.sqlite_etrn import SQLiteEtrn
 from fermoposta.store.sqlite_outbound import SQLiteOutbound
@@ -99,6 +104,7 @@ class SQLiteStore(SQLiteDirectory, SQLiteQueueTools, SQLiteEtrn, SQLiteOutbound)
         self._lock = threading.Lock()
         self._closed = False
         self._holders = Holders(self._path.parent / "holders")
+        self._checkpointer = Checkpointer(self._path)
         try:
             # The store holds CRAM-MD5 secrets (password equivalents) and mail:
             # private to the daemon's user.  SQLite gives the -wal and -shm
@@ -121,6 +127,9 @@ class SQLiteStore(SQLiteDirectory, SQLiteQueueTools, SQLiteEtrn, SQLiteOutbound)
                 raise StoreError(f"cannot put {self._path} in WAL mode")
             self._conn.execute("PRAGMA synchronous = FULL")
             self._conn.execute("PRAGMA secure_delete = FAST")
+            # Checkpoints run in a thread of their own (sqlite_checkpoint).
+            self._conn.execute(f"PRAGMA wal_autocheckpoint = {BACKSTOP_PAGES}")
+            self._conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
             self._version_at_open = sqlite_schema.migrate(self._conn, self._path)
             # For `_read_now`: never waits for a lock (busy timeout 0).
             self._quick = self._read_only_connection(timeout=0)
@@ -212,6 +221,7 @@ class SQLiteStore(SQLiteDirectory, SQLiteQueueTools, SQLiteEtrn, SQLiteOutbound)
                 if isinstance(exc, sqlite3.Error | OSError):
                     raise StoreError(f"store write failed: {exc}") from exc
                 raise
+            self._checkpointer.poke()
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
@@ -503,6 +513,7 @@ class SQLiteStore(SQLiteDirectory, SQLiteQueueTools, SQLiteEtrn, SQLiteOutbound)
             if self._closed:
                 return
             self._closed = True
+            self._checkpointer.close()
             self._holders.close()
             try:
                 with self._quick_lock:

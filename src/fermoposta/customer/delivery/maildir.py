@@ -44,7 +44,8 @@ Contract:
 - Unique names follow the Maildir spec: "<seconds>.M<usec>P<pid>Q<n>R<random>.
   <hostname>" with "/" and ":" in the host name escaped as \\057 and \\072.
 - File system work runs in a worker thread (`asyncio.to_thread`); the event
-  loop never blocks on fsync.
+  loop never blocks on fsync.  With `create=True` a RCPT check touches no
+  file (the Maildir is made at delivery) and runs on the event loop.
 """
 
 from __future__ import annotations
@@ -258,6 +259,10 @@ class MaildirDelivery:
         return None
 
     async def check_recipient(self, rcpt: LocalRecipient) -> Reply | None:
+        if self.create:
+            # Nothing to look up on disk (`_resolve` is string work only), so
+            # no thread hop: one per message on the pull's critical path.
+            return self._check(rcpt)
         return await asyncio.to_thread(self._check, rcpt)
 
     # --- delivery ------------------------------------------------------------------------

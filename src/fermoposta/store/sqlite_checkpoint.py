@@ -1,0 +1,105 @@
+"""WAL checkpoints of the SQLite store, off the writer's path.
+
+SQLite's own auto-checkpoint runs inside the COMMIT that pushes the WAL past
+`wal_autocheckpoint` pages: that commit also copies the WAL into the database
+file and fsyncs it.  The writer holds the store's write lock meanwhile, so
+every session's 250 waits for it (a 200 MiB message: about 0.7 s more before
+its 250; 4 KiB messages: a 4 MiB copy and an fsync every ~70 messages).
+
+Contract:
+- `Checkpointer(path)`; the writer sets `wal_autocheckpoint` to
+  `BACKSTOP_PAGES` (only a backstop, should this thread fall far behind) and
+  `journal_size_limit` to `WAL_SIZE_LIMIT` (a WAL a big message grew is cut
+  back when it starts again), and calls `poke()` after each commit.
+- A poke wakes one thread of its own (started at the first poke, so a
+  short-lived CLI store that never writes starts none) which, `DELAY`
+  seconds later (pokes in between are gathered), runs `PRAGMA
+  wal_checkpoint(PASSIVE)` on a connection of its own.  PASSIVE never waits
+  for the writer or readers and copies only committed frames; the
+  checkpoint fsyncs the WAL before copying and the database after, so
+  durability is SQLite's as before (the writer's commits stay
+  `synchronous=FULL`).  Once a checkpoint has caught up, the next write
+  transaction starts the WAL again from its beginning.
+- A failed checkpoint is logged (once per kind of error) and tried again at
+  the next poke: the WAL only grows meanwhile, nothing is lost.
+- `close()` stops the thread and waits for it (a checkpoint under way ends
+  first); idempotent.  `checkpoints` counts the checkpoints run (tests).
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+log = logging.getLogger("fermoposta.store")
+
+BACKSTOP_PAGES = 16384  # 64 MiB of 4 KiB pages: the writer checkpoints past this
+WAL_SIZE_LIMIT = 64 << 20  # bytes: a WAL started again is cut back to this
+DELAY = 0.005  # seconds: gathers the commits of one burst into one checkpoint
+INTERVAL = 0.1  # seconds: the least time from one checkpoint's start to the next
+
+
+class Checkpointer:
+    def __init__(self, path: Path, delay: float = DELAY, interval: float = INTERVAL) -> None:
+        self._path = path
+        self._delay = delay
+        self._interval = interval
+        self._wake = threading.Event()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+        self._last_error = ""
+        self.checkpoints = 0
+
+    def poke(self) -> None:
+        if self._thread is None:
+            with self._start_lock:
+                if self._thread is None and not self._stop:
+                    thread = threading.Thread(target=self._run, name="sqlite-checkpoint",
+                                              daemon=True)
+                    thread.start()
+                    self._thread = thread
+        self._wake.set()
+
+    def close(self) -> None:
+        with self._start_lock:
+            self._stop = True
+            thread = self._thread
+        self._wake.set()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+    def _run(self) -> None:
+        conn: sqlite3.Connection | None = None
+        last = -self._interval
+        try:
+            while True:
+                self._wake.wait()
+                if self._stop:
+                    return
+                # Gather the commits of the next few milliseconds, and of a
+                # burst (many small checkpoints cost an fsync each).
+                time.sleep(max(self._delay, last + self._interval - time.monotonic()))
+                self._wake.clear()
+                last = time.monotonic()
+                if self._stop:
+                    return
+                try:
+                    if conn is None:
+                        conn = sqlite3.connect(self._path, timeout=0, isolation_level=None,
+                                               check_same_thread=False)
+                        conn.execute("PRAGMA synchronous = FULL")
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    self.checkpoints += 1
+                    self._last_error = ""
+                except sqlite3.Error as exc:
+                    if str(exc) != self._last_error:
+                        log.warning("store %s: WAL checkpoint failed (%s); will try again",
+                                    self._path, exc)
+                        self._last_error = str(exc)
+        finally:
+            if conn is not None:
+                conn.close()

@@ -1,0 +1,111 @@
+"""Replies to pipelined commands (RFC 2920 §3.1) leave in one write, like
+Postfix's smtpd: a reply is held while the client's next command is already
+here, and every held reply goes out before the session waits for the client,
+writes anything else, or closes.  A client that does not pipeline gets each
+reply at once, in a write of its own."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from conftest import add_customer
+from fermoposta.net.server_session import SessionLimits
+from fermoposta.provider.mx import MXSession
+from fermoposta.store import open_store
+from support.wire import MemoryPeer
+
+LIMITS = SessionLimits(command_timeout=5.0, data_timeout=5.0, max_errors=20,
+                       max_message_size=100_000, max_recipients=5)
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = open_store(tmp_path / "data")
+    add_customer(s)
+    yield s
+    s.close()
+
+
+async def _session(store) -> tuple[MemoryPeer, asyncio.Task[None]]:
+    peer = MemoryPeer()
+    session = MXSession(peer.connection, hostname="mx.provider.test", limits=LIMITS,
+                        store=store)
+    task = asyncio.create_task(session.run())
+    await peer.expect(220)
+    await peer.cmd("EHLO client.sender.test", 250)
+    return peer, task
+
+
+async def _settle(peer: MemoryPeer) -> None:
+    """Let the session work through what it has (it answers, then waits)."""
+    for _ in range(50):
+        await asyncio.sleep(0.01)
+
+
+async def test_a_pipelined_group_is_answered_in_one_write(store):
+    peer, task = await _session(store)
+    before = len(peer.transport.writes)
+    peer.send(b"MAIL FROM:<alice@sender.test>\r\nRCPT TO:<bob@example.org>\r\n"
+              b"RCPT TO:<eve@elsewhere.test>\r\nDATA\r\n")
+    await _settle(peer)
+    group = peer.transport.writes[before:]
+    assert len(group) == 1, group
+    codes = [line[:3] for line in group[0].split(b"\r\n") if line]
+    assert codes == [b"250", b"250", b"550", b"354"]  # in order; the relay refused
+    for code in (250, 250, 550, 354):
+        await peer.expect(code)
+    await peer.cmd("Subject: x\r\n\r\nheld\r\n.", 250)
+    assert len(store.held_message_ids(["example.org"])) == 1
+    peer.send(b"QUIT\r\n")
+    await peer.expect(221)
+    await asyncio.wait_for(task, 5)
+
+
+async def test_commands_one_at_a_time_get_a_write_each(store):
+    peer, task = await _session(store)
+    before = len(peer.transport.writes)
+    await peer.cmd("MAIL FROM:<alice@sender.test>", 250)
+    await peer.cmd("RCPT TO:<bob@example.org>", 250)
+    await peer.cmd("NOOP", 250)
+    assert len(peer.transport.writes) - before == 3
+    peer.send(b"QUIT\r\n")
+    await peer.expect(221)
+    await asyncio.wait_for(task, 5)
+
+
+async def test_held_replies_reach_a_client_that_half_closes(store):
+    peer, task = await _session(store)
+    peer.send(b"MAIL FROM:<alice@sender.test>\r\nRCPT TO:<bob@example.org>\r\nRSET\r\n"
+              b"NOOP\r\n")
+    peer.shutdown_write()  # FIN right after the group: no QUIT
+    await asyncio.wait_for(task, 5)
+    for code in (250, 250, 250, 250):
+        await peer.expect(code)
+
+
+async def test_held_replies_go_out_before_the_closing_reply(store):
+    peer, task = await _session(store)
+    # A 221 for QUIT is written, not held, even with more lines behind it;
+    # what was held before it goes first.
+    peer.send(b"MAIL FROM:<alice@sender.test>\r\nQUIT\r\nNOOP\r\n")
+    await asyncio.wait_for(task, 5)
+    await peer.expect(250)
+    await peer.expect(221)
+    assert peer.server_closed
+
+
+async def test_a_held_reply_is_flushed_by_close():
+    peer = MemoryPeer()
+    peer.connection.hold(b"250 held\r\n")
+    assert peer.received == b""
+    await peer.connection.close(timeout=1.0)
+    assert bytes(peer.received) == b"250 held\r\n"
+
+
+async def test_a_held_reply_goes_before_the_next_write():
+    peer = MemoryPeer()
+    peer.connection.hold(b"250 first\r\n")
+    await peer.connection.write(b"354 second\r\n", 1.0)
+    assert peer.transport.writes == [b"250 first\r\n354 second\r\n"]
