@@ -171,3 +171,35 @@ def test_fuzzed_dialogs_get_well_formed_replies_and_store_nothing_unacknowledged
     finally:
         store.close()
         quiet.setLevel(level)
+
+
+async def test_bytes_that_come_while_atrn_decides_get_503_and_the_leases_go(store, monkeypatch):
+    """The check for pipelined bytes is made again right before the 250: a
+    line that arrived while ATRN was deciding (a worker thread, the store)
+    is never read as the customer's greeting, and the leases taken for that
+    ATRN are given back at once, so the next ATRN gets the domain."""
+    import time
+
+    hold_one(store)
+    decide = ODMRSession._decide
+
+    def slow_decide(self, requested, **kwargs):  # type: ignore[no-untyped-def]
+        time.sleep(0.3)
+        return decide(self, requested, **kwargs)
+
+    monkeypatch.setattr(ODMRSession, "_decide", slow_decide)
+    peer = MemoryPeer()
+    task = asyncio.create_task(odmr_session(peer, store).run())
+    await _authenticated(peer)
+    peer.send(b"ATRN example.org\r\n")
+    await asyncio.sleep(0.1)  # ATRN is deciding now
+    peer.send(b"220 fake greeting\r\n")
+    lines = await peer.expect(503)
+    assert lines[0].startswith("5.5.1")
+    monkeypatch.setattr(ODMRSession, "_decide", decide)
+    # Still authenticated, and the domain is not left leased to this session.
+    await peer.cmd("ATRN example.org", 250)
+    peer.send(b"220 customer.example.org ESMTP\r\n")
+    assert await peer.read_line() == "EHLO mx.provider.test"
+    peer.transport.close()
+    await asyncio.wait_for(task, 10)

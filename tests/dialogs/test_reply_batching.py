@@ -87,13 +87,70 @@ async def test_held_replies_reach_a_client_that_half_closes(store):
 
 async def test_held_replies_go_out_before_the_closing_reply(store):
     peer, task = await _session(store)
-    # A 221 for QUIT is written, not held, even with more lines behind it;
-    # what was held before it goes first.
+    # The 221 is held too (a NOOP follows it) and goes out, after the 250,
+    # when the session ends; the NOOP is never answered.
     peer.send(b"MAIL FROM:<alice@sender.test>\r\nQUIT\r\nNOOP\r\n")
     await asyncio.wait_for(task, 5)
     await peer.expect(250)
     await peer.expect(221)
     assert peer.server_closed
+    assert bytes(peer.received) == b""
+
+
+async def test_a_held_closing_reply_does_not_wait_for_the_session_to_finish(store):
+    """finish() may be slow (leases, a local MTA); the 221 goes before it."""
+    class SlowFinish(MXSession):
+        async def finish(self) -> None:
+            await asyncio.sleep(2.0)
+
+    peer = MemoryPeer()
+    task = asyncio.create_task(SlowFinish(peer.connection, hostname="mx.provider.test",
+                                          limits=LIMITS, store=store).run())
+    await peer.expect(220)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    peer.send(b"QUIT\r\nNOOP\r\n")
+    await peer.expect(221, timeout=1.0)
+    assert loop.time() - start < 1.0
+    await asyncio.wait_for(task, 5)
+
+
+async def test_held_replies_are_capped_and_a_flood_is_answered_in_order(store):
+    peer, task = await _session(store)
+    before = len(peer.transport.writes)
+    peer.send(b"NOOP\r\n" * 3000)  # ~45 KB of replies to one segment
+    for _ in range(3000):
+        await peer.expect(250)
+    writes = peer.transport.writes[before:]
+    assert len(writes) >= 3  # never one unbounded blob
+    assert max(len(w) for w in writes) <= 16 * 1024 + 100
+    peer.send(b"QUIT\r\n")
+    await peer.expect(221)
+    await asyncio.wait_for(task, 5)
+
+
+async def test_a_held_reply_does_not_wait_for_slow_work_on_the_next_command(store):
+    """A RCPT that takes long (a local MTA asked, a busy store) does not keep
+    the reply to the MAIL before it: held replies leave within milliseconds."""
+    class SlowRcpt(MXSession):
+        async def check_recipient(self, txn, rcpt):  # type: ignore[no-untyped-def]
+            await asyncio.sleep(1.5)
+            return await super().check_recipient(txn, rcpt)
+
+    peer = MemoryPeer()
+    task = asyncio.create_task(SlowRcpt(peer.connection, hostname="mx.provider.test",
+                                        limits=LIMITS, store=store).run())
+    await peer.expect(220)
+    await peer.cmd("EHLO client.sender.test", 250)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    peer.send(b"MAIL FROM:<alice@sender.test>\r\nRCPT TO:<bob@example.org>\r\n")
+    await peer.expect(250, timeout=1.0)  # the MAIL's, long before the RCPT's
+    assert loop.time() - start < 0.5
+    await peer.expect(250, timeout=5.0)
+    peer.send(b"QUIT\r\n")
+    await peer.expect(221)
+    await asyncio.wait_for(task, 5)
 
 
 async def test_a_held_reply_is_flushed_by_close():

@@ -39,11 +39,16 @@ Contract:
   or reset, "no handshake within <timeout>s" for a timeout.
 - `hold(data)` queues a reply instead of writing it: held bytes go out,
   in order, ahead of the next `write()`, and before any wait for the peer's
-  bytes, any TLS handshake and any close.  A server answering pipelined
-  commands (RFC 2920 §3.1) holds the replies to the commands it has
-  already received (`line_pending()`), so one write carries a whole group's
-  replies, like Postfix's smtpd; a peer never waits on a reply held while we
-  wait on it.  `abort()` drops them with the rest.
+  bytes, any TLS handshake and any close, and at the latest `HOLD_DELAY`
+  after the first of them was held (so a reply never waits for slow work
+  on the next command: a local MTA asked at RCPT time).  A server answering
+  pipelined commands (RFC 2920 §3.1) holds the replies to the commands it
+  has already received (`line_pending()`), so one write carries a whole
+  group's replies, like Postfix's smtpd; a peer never waits on a reply held
+  while we wait on it.  At most `HOLD_LIMIT` bytes are held: `hold` returns
+  False beyond, and the caller writes (with the write's flow control, so a
+  client that pipelines without reading is stopped as before).  `flush()`
+  sends them now.  `abort()` drops them with the rest.
 - `close()` flushes what was written (and TLS close_notify) before the
   socket goes, bounded by its timeout; after that it aborts, so a peer that
   never reads cannot keep a closed session's buffers alive.
@@ -226,6 +231,10 @@ class _Protocol(asyncio.Protocol):
             self.connection._wake_writers()
 
 
+HOLD_LIMIT = 16 * 1024  # bytes of held replies (see hold())
+HOLD_DELAY = 0.005  # seconds a held reply may wait for the next command's
+
+
 class Connection:
     """A bidirectional SMTP stream; see the module docstring."""
 
@@ -234,6 +243,7 @@ class Connection:
         self._protocol = protocol
         self._buffer = LineBuffer()
         self._held = bytearray()  # replies queued by hold()
+        self._hold_timer: asyncio.TimerHandle | None = None
         self._eof = False
         self._read_waiter: asyncio.Future[None] | None = None
         self._write_paused = False
@@ -436,11 +446,24 @@ class Connection:
         """Whether the peer's next line is already here (it pipelines)."""
         return self._buffer.has_line()
 
-    def hold(self, data: bytes) -> None:
-        """Queue `data` to go out with the next write or before the next wait."""
+    def hold(self, data: bytes) -> bool:
+        """Queue `data` to go out with the next write, before the next wait, or
+        within HOLD_DELAY; False (nothing queued) past HOLD_LIMIT."""
+        if len(self._held) + len(data) > HOLD_LIMIT:
+            return False
+        if not self._held:
+            self._hold_timer = asyncio.get_running_loop().call_later(HOLD_DELAY, self.flush)
         self._held += data
+        return True
+
+    def flush(self) -> None:
+        """Send the held replies now (no wait: the transport buffers them)."""
+        self._flush_held()
 
     def _flush_held(self) -> None:
+        if self._hold_timer is not None:
+            self._hold_timer.cancel()
+            self._hold_timer = None
         if self._held:
             data = bytes(self._held)
             self._held.clear()
@@ -456,6 +479,9 @@ class Connection:
         if self._held:
             data = bytes(self._held) + data
             self._held.clear()
+        if self._hold_timer is not None:
+            self._hold_timer.cancel()
+            self._hold_timer = None
         self._transport.write(data)
         if self._write_paused:
             # A peer that does not read must not outlast the session deadline.
@@ -531,6 +557,10 @@ class Connection:
             self._buffer.take_all()
 
     def abort(self) -> None:
+        if self._hold_timer is not None:
+            self._hold_timer.cancel()
+            self._hold_timer = None
+        self._held.clear()
         self._transport.abort()
 
 

@@ -182,13 +182,13 @@ class ServerSession:
         data = reply.to_bytes()
         if log.isEnabledFor(logging.DEBUG):
             self.log.debug("%s: > %s", self.session_id, data.decode("utf-8", "replace").rstrip())
-        if self.conn.line_pending():
+        if self.conn.line_pending() and self.conn.hold(data):
             # The client pipelines (RFC 2920): its next command is here, so
             # this reply goes out with the next one, in one write; the
-            # connection flushes it before it waits for the client.
-            self.conn.hold(data)
-        else:
-            await self.conn.write(data, self.limits.command_timeout)
+            # connection flushes it before it waits for the client, and
+            # within milliseconds whatever happens (Connection.hold).
+            return
+        await self.conn.write(data, self.limits.command_timeout)
 
     async def run(self) -> None:
         try:
@@ -202,6 +202,7 @@ class ServerSession:
                 await self._run_handoff(self.handoff)
         finally:
             self.conn.deadline = None
+            self.conn.flush()  # a held 221 or 421 goes before finish() (leases, a local MTA)
             await self.finish()
             await self.conn.close()
 

@@ -10,6 +10,11 @@ Contract:
   `Received:` header; the size limit is enforced while streaming (552 after
   the end of data), only CRLF.CRLF ends the data, and a message with a bare
   CR or LF is refused (SMTP smuggling, RFC 5321 §2.3.8).
+- A body that outgrows `SPOOL_MEMORY` is also handed to `body_stage(txn)`
+  while it arrives (`body_stager`), when the receiver offers one (the MX
+  and submission, on SQLite): the enqueue after the final dot then stores
+  only the rest.  A message not stored (refused, dropped, failed) has what
+  was staged discarded.
 - `accept_message` must return 250 only once the message is durably stored
   (or delivered); the peer hears nothing before it returns.
 - A peer whose EOF arrived with its final dot over TLS, where the 250 can
@@ -30,12 +35,15 @@ Contract:
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import ssl
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import IO, ClassVar
 
+from fermoposta.net.body_stager import BodyStage, Stager
 from fermoposta.net.connection import Connection, ConnectionClosed
 from fermoposta.net.server_session import ServerSession, SessionLimits
 from fermoposta.ops import metrics
@@ -141,6 +149,11 @@ class TransactionSession(ServerSession):
         return None
 
     async def check_recipient(self, txn: Transaction, rcpt: Recipient) -> Reply | None:
+        return None
+
+    def body_stage(self, txn: Transaction) -> BodyStage | None:
+        """Where a big body may be stored while it arrives (see `body_stager`);
+        None: only `accept_message` stores it."""
         return None
 
     async def accept_message(self, txn: Transaction, body: IO[bytes], size: int) -> Reply:
@@ -266,6 +279,23 @@ class TransactionSession(ServerSession):
             return NO_VALID_RECIPIENTS
         await self.send(R.START_DATA)
         spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY)  # noqa: SIM115
+        stager: Stager | None = None
+        staging_tried = False
+        stored = False
+
+        def sink(payload: bytes) -> None:
+            nonlocal stager, staging_tried
+            spool.write(payload)
+            if stager is not None:
+                stager.written(spool.tell())
+            elif not staging_tried and spool.tell() > SPOOL_MEMORY:
+                staging_tried = True
+                stage = self.body_stage(txn)
+                if stage is not None:
+                    spool.rollover()
+                    stager = Stager(spool, stage)
+                    stager.written(spool.tell())
+
         try:
             spool.write(self.trace_header(txn))
             reader = DataReader(self.limits.max_message_size, self.limits.max_line_length)
@@ -273,7 +303,7 @@ class TransactionSession(ServerSession):
             if self.limits.data_deadline is not None:
                 deadline = asyncio.get_running_loop().time() + self.limits.data_deadline
             self.in_data = True  # stays set if the read raises: the session ends
-            await self.conn.read_data(reader, spool.write, self.limits.data_timeout,
+            await self.conn.read_data(reader, sink, self.limits.data_timeout,
                                       deadline=deadline)
             self.in_data = False
             self.transaction = None  # the transaction ends with the data, whatever follows
@@ -295,13 +325,22 @@ class TransactionSession(ServerSession):
                               "stored", self.session_id, self.peer_description())
                 raise ConnectionClosed("peer closed before the end-of-data reply")
             size = spool.tell()
+            if stager is not None:
+                await stager.finish()  # the rest is stored by the enqueue
             spool.seek(0)
             reply = await self.accept_message(txn, spool, size)
             if reply.is_positive:
+                stored = True
                 self.machine.delivered()  # errors count only "without delivering mail"
             return reply
         finally:
-            spool.close()
+            try:
+                if stager is not None:
+                    stager.close()
+                    if not stored:
+                        await _discard(stager)
+            finally:
+                spool.close()  # the stager reads a descriptor of its own
 
     def trace_header(self, txn: Transaction) -> bytes:
         tls_info = None
@@ -325,6 +364,27 @@ class TransactionSession(ServerSession):
         VerbSpec("DATA", "smtp_data", Needs.TRANSACTION),
         base=ServerSession.VERBS,
     )
+
+
+async def _discard(stager: Stager) -> None:
+    """What was staged for a message not stored goes, once the stager's
+    thread has ended (else its first append could make the placeholder after
+    the discard).  Shielded: a cancelled session (shutdown) still cleans up;
+    the store logs a failure and sweeps what is left at its next start."""
+    async def cleanup() -> None:
+        await stager.finish()
+        await asyncio.to_thread(stager.stage.discard)
+
+    task = asyncio.ensure_future(cleanup())
+    task.add_done_callback(_log_cleanup_failure)
+    with contextlib.suppress(Exception):  # logged by the callback
+        await asyncio.shield(task)
+
+
+def _log_cleanup_failure(task: asyncio.Future[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logging.getLogger("fermoposta.smtp").error(
+            "discarding a staged body failed", exc_info=task.exception())
 
 
 def _valid_xtext(value: str | None, limit: int) -> bool:

@@ -30,6 +30,7 @@ import ssl
 from collections.abc import Mapping
 from typing import IO, ClassVar
 
+from fermoposta.net.body_stager import BodyStage
 from fermoposta.net.connection import Connection
 from fermoposta.net.server_session import SessionLimits
 from fermoposta.net.transaction import Recipient, Transaction, TransactionSession
@@ -132,6 +133,9 @@ class MXSession(TransactionSession):
     def trace_header(self, txn: Transaction) -> bytes:
         txn.queue_id = new_queue_id()  # named now so the Received: header carries it
         return super().trace_header(txn)
+
+    def body_stage(self, txn: Transaction) -> BodyStage | None:
+        return None if txn.queue_id is None else self.intake.queue.stage_body(txn.queue_id)
 
     async def accept_message(self, txn: Transaction, body: IO[bytes], size: int) -> Reply:
         message = NewMessage(

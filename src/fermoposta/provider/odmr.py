@@ -199,7 +199,15 @@ class ODMRSession(ServerSession):
         else:
             domains = decision
         self.leased = bool(domains)
-        await self.send(R.ATRN_REVERSING)
+        if self.conn.buffered():
+            # Sent while we decided or waited: still not ours to read as the
+            # customer's greeting (RFC 2645 §5.3), and no 250 was sent.
+            dropped = len(self.conn.discard_buffer())
+            self.log.warning("%s: discarded %d bytes pipelined after ATRN from [%s]",
+                             self.session_id, dropped, self.conn.peer_ip)
+            await self._give_back_leases()
+            return ATRN_NOT_LAST
+        await self.send(R.ATRN_REVERSING)  # nothing buffered: written at once
         event("odmr", None, session=self.session_id, account=self.account,
               domains=",".join(domains) or "-", client=f"{self.helo_name}[{self.conn.peer_ip}]",
               status="reversing")
@@ -409,6 +417,20 @@ class ODMRSession(ServerSession):
             else:
                 reasons.append(f"{name}: owned by account {domain.account}")
         return "; ".join(reasons)
+
+    async def _give_back_leases(self) -> None:
+        """The leases of an ATRN refused after all (the session goes on)."""
+        if not self.leased:
+            return
+        try:
+            await asyncio.to_thread(self.store.release_leases, self.session_id)
+        except StoreError as exc:
+            self.log.warning("%s: cannot release leases now (%s); at the session's end",
+                             self.session_id, exc)
+            return
+        self.leased = False
+        if self.watch is not None:
+            self.watch.notify(self.atrn_domains)
 
     async def finish(self) -> None:
         if self.leased:

@@ -373,6 +373,12 @@ class Provider:
     async def _start(self, plan: list[tuple[str, tuple[str, int] | None,
                                             Callable[[Connection], ServerSession],
                                             ssl.SSLContext | None]]) -> None:
+        try:
+            # Bodies a killed process was storing while they arrived: that
+            # mail never got its 250 (sqlite_stage).
+            await asyncio.to_thread(self.store.sweep_stages)
+        except StoreError as exc:
+            log.warning("could not sweep bodies left by a stopped process: %s", exc)
         for name, address, factory, context in plan:
             if address is None:
                 continue

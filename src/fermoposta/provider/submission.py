@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import IO, ClassVar, Protocol
 
 from fermoposta.mail.auth import Authenticator, AuthPolicy
+from fermoposta.net.body_stager import BodyStage
 from fermoposta.net.connection import Connection
 from fermoposta.net.server_session import SessionLimits
 from fermoposta.net.transaction import Recipient, Transaction, TransactionSession
@@ -200,6 +201,9 @@ class SubmissionSession(TransactionSession):
     def trace_header(self, txn: Transaction) -> bytes:
         txn.queue_id = new_queue_id()
         return super().trace_header(txn)
+
+    def body_stage(self, txn: Transaction) -> BodyStage | None:
+        return None if txn.queue_id is None else self.intake.queue.stage_body(txn.queue_id)
 
     async def accept_message(self, txn: Transaction, body: IO[bytes], size: int) -> Reply:
         account = self.auth.account

@@ -42,6 +42,12 @@ Contract:
   worker thread.  A failure of the engine raises `StoreError` (callers map it
   to a 4xx: a store problem defers mail, it never bounces it).
 - Domains are stored lowercased in A-label form; addresses keep their case.
+- A big body may be stored while it still arrives (`stage_body`, SQLite):
+  its chunks are committed as they come under a placeholder that no view
+  of the queue shows, and the `enqueue` that names the same queue id only
+  adds the tail, the envelope and the recipients (a small commit after the
+  last byte instead of the whole body).  Nothing staged is ever a message:
+  `discard()`, or `sweep_stages()` once its process is dead, removes it.
 - Queue tools (`fermoposta queue`, `fermoposta.provider.queue_admin`) read
   pages of the queue (`queue_page`, keyed by (received_at, id)) and act on
   explicit message ids (`delete_messages`, `hold_messages`,
@@ -274,10 +280,45 @@ class QueueShape:
     domains: tuple[DomainShape, ...]  # most recipients first, then by name
 
 
+class BodyStage(Protocol):
+    """A body being stored while it arrives (`MessageQueue.stage_body`)."""
+
+    @property
+    def size(self) -> int:
+        """Bytes stored so far (an `enqueue` of this queue id adds the rest)."""
+        ...
+
+    def append(self, data: bytes) -> None:
+        """Store the next bytes, committed (blocking).  Never raises: a store
+        failure ends the staging (logged); the `enqueue` then stores the
+        whole body as usual."""
+        ...
+
+    def discard(self) -> None:
+        """Remove what was staged unless an `enqueue` made it a message
+        (blocking, idempotent; a failure is logged and left to
+        `sweep_stages`)."""
+        ...
+
+
 class MessageQueue(Protocol):
     """Messages and their recipients' outcomes: what every session that takes
     mail in or hands it on needs (the MX, submission, the drain, the outbound
     engine, the customer's spools)."""
+
+    def stage_body(self, queue_id: str) -> BodyStage | None:
+        """Start storing the body of the message that will be enqueued as
+        `queue_id` while it still arrives; None when the engine stores bodies
+        only at `enqueue` (PostgreSQL).  The placeholder is made by the first
+        `append`; `enqueue(..., queue_id)` of the whole body (the staged part
+        included: it is skipped) turns it into the message."""
+        ...
+
+    def sweep_stages(self) -> int:
+        """Remove what processes that are gone had staged (a crash before
+        the end of DATA: that mail was never accepted); return how many
+        bodies.  PostgreSQL stages nothing: 0."""
+        ...
 
     @property
     def node(self) -> str:

@@ -51,6 +51,13 @@ class PostgresMessages(EnginePart):
 
     _node: str
 
+    def stage_body(self, queue_id: str) -> None:
+        """PostgreSQL stores a body at `enqueue` only (see `base.MessageQueue`)."""
+        return None
+
+    def sweep_stages(self) -> int:
+        return 0
+
     def enqueue(self, message: NewMessage, body: IO[bytes], queue_id: str | None = None) -> str:
         with self._write("enqueue") as conn:
             return self._enqueue(conn, message, body, queue_id)

@@ -177,6 +177,7 @@ def filter_sql(where: QueueFilter, after: tuple[float, str] | None, *, mark: str
                      else contains("r.address"))
         inner_params.append(where.recipient)
     source = "messages m"
+    clauses.append("m.size >= 0")  # never a body still arriving (sqlite_stage)
     if inner and small_domain and where.domain is not None:
         source = ("(SELECT DISTINCT r.message_id AS id FROM recipients r WHERE "
                   + " AND ".join(inner) + ") AS f CROSS JOIN messages m")

@@ -31,6 +31,8 @@ Contract and choices:
   (`sqlite_checkpoint`), not inside the commit that crosses SQLite's
   auto-checkpoint threshold (which kept every waiting 250 behind a copy of
   the WAL into the file and its fsync).
+- A body over 1 MiB may be staged while it arrives (`sqlite_stage`): a
+  placeholder row (size -1) that no view of the queue shows.
 - Bodies live in `body_chunks` rows of at most `CHUNK_SIZE` bytes; they are
   written and read one chunk at a time, so memory stays bounded.
 - Queue ids are 12 uppercase hex characters (like Postfix) from `secrets`.
@@ -85,13 +87,14 @@ from fermoposta.store.sqlite_rows import (
     _batches,
     _marks,
 )
+from fermoposta.store.sqlite_stage import STAGING, SQLiteStaging
 from fermoposta.store.sqlite_tools import SQLiteQueueTools
 
 SCHEMA_VERSION = sqlite_schema.SCHEMA_VERSION
 BUSY_TIMEOUT = 10.0  # seconds
 
 
-class SQLiteStore(SQLiteDirectory, SQLiteQueueTools, SQLiteEtrn, SQLiteOutbound):
+class SQLiteStore(SQLiteDirectory, SQLiteQueueTools, SQLiteEtrn, SQLiteOutbound, SQLiteStaging):
     """The `Store` on one SQLite file."""
 
     def __init__(
@@ -105,6 +108,7 @@ class SQLiteStore(SQLiteDirectory, SQLiteQueueTools, SQLiteEtrn, SQLiteOutbound)
         self._closed = False
         self._holders = Holders(self._path.parent / "holders")
         self._checkpointer = Checkpointer(self._path)
+        self._init_staging()
         try:
             # The store holds CRAM-MD5 secrets (password equivalents) and mail:
             # private to the daemon's user.  SQLite gives the -wal and -shm
@@ -201,26 +205,38 @@ class SQLiteStore(SQLiteDirectory, SQLiteQueueTools, SQLiteEtrn, SQLiteOutbound)
     # --- transactions --------------------------------------------------------------------
 
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """One IMMEDIATE transaction; rolled back on any exception."""
+    def _write(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """One IMMEDIATE transaction; rolled back on any exception.  Not
+        `durable`: its commit does not fsync (`synchronous=NORMAL`), for
+        writes no one was promised (a staged body: the enqueue's own
+        commit, durable, syncs the whole WAL and so them too)."""
         with self._lock:
             self._check_open()
             try:
-                self._conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.Error as exc:
-                raise StoreError(f"store busy or unavailable: {exc}") from exc
-            try:
-                yield self._conn
-                self._conn.execute("COMMIT")
-            except BaseException as exc:
+                if not durable:
+                    self._conn.execute("PRAGMA synchronous = NORMAL")
                 try:
-                    if self._conn.in_transaction:
-                        self._conn.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
-                if isinstance(exc, sqlite3.Error | OSError):
-                    raise StoreError(f"store write failed: {exc}") from exc
-                raise
+                    self._conn.execute("BEGIN IMMEDIATE")
+                except sqlite3.Error as exc:
+                    raise StoreError(f"store busy or unavailable: {exc}") from exc
+                try:
+                    yield self._conn
+                    self._conn.execute("COMMIT")
+                except BaseException as exc:
+                    try:
+                        if self._conn.in_transaction:
+                            self._conn.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass
+                    if isinstance(exc, sqlite3.Error | OSError):
+                        raise StoreError(f"store write failed: {exc}") from exc
+                    raise
+            finally:
+                if not durable:
+                    try:
+                        self._conn.execute("PRAGMA synchronous = FULL")
+                    except sqlite3.Error as exc:
+                        raise StoreError(f"store write failed: {exc}") from exc
             self._checkpointer.poke()
 
     @contextmanager
@@ -273,17 +289,25 @@ class SQLiteStore(SQLiteDirectory, SQLiteQueueTools, SQLiteEtrn, SQLiteOutbound)
 
     def enqueue(self, message: NewMessage, body: IO[bytes], queue_id: str | None = None) -> str:
         with self._write() as conn:
-            return self._enqueue(conn, message, body, queue_id)
+            message_id = self._enqueue(conn, message, body, queue_id)
+        self._forget_stages([message_id])
+        return message_id
 
     def enqueue_batch(self, items: Sequence[tuple[NewMessage, IO[bytes], str | None]]
                       ) -> list[str]:
         with self._write() as conn:
-            return [self._enqueue(conn, message, body, queue_id)
-                    for message, body, queue_id in items]
+            ids = [self._enqueue(conn, message, body, queue_id)
+                   for message, body, queue_id in items]
+        self._forget_stages(ids)
+        return ids
 
     def _enqueue(self, conn: sqlite3.Connection, message: NewMessage, body: IO[bytes],
                  queue_id: str | None = None) -> str:
         now = self._clock()
+        staged = self._finish_stage(conn, message, body, queue_id, now)
+        if staged is not None:
+            self._insert_recipients(conn, staged, message, now)
+            return staged
         while True:
             message_id = queue_id or new_queue_id()
             queue_id = None  # on a collision, draw a fresh one
@@ -322,6 +346,12 @@ class SQLiteStore(SQLiteDirectory, SQLiteQueueTools, SQLiteEtrn, SQLiteOutbound)
             seq += 1
             del data
         conn.execute("UPDATE messages SET size = ? WHERE id = ?", (size, message_id))
+        self._insert_recipients(conn, message_id, message, now)
+        return message_id
+
+    @staticmethod
+    def _insert_recipients(conn: sqlite3.Connection, message_id: str, message: NewMessage,
+                           now: float) -> None:
         conn.executemany(
             "INSERT INTO recipients (message_id, address, domain, state, attempts, notify,"
             " orcpt, updated_at) VALUES (?, ?, ?, ?, 0, ?, ?, ?)",
@@ -330,12 +360,12 @@ class SQLiteStore(SQLiteDirectory, SQLiteQueueTools, SQLiteEtrn, SQLiteOutbound)
                 for r in message.recipients
             ],
         )
-        return message_id
 
     def is_empty(self) -> bool:
         with self._read() as conn:
             return all(conn.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone() is None
-                       for table in ("accounts", "domains", "messages"))
+                       for table in ("accounts", "domains")) and conn.execute(
+                "SELECT 1 FROM messages WHERE size <> ? LIMIT 1", (STAGING,)).fetchone() is None
 
     def import_message(self, entry: QueueEntry, body: IO[bytes]) -> None:
         m = entry.message
@@ -372,7 +402,8 @@ class SQLiteStore(SQLiteDirectory, SQLiteQueueTools, SQLiteEtrn, SQLiteOutbound)
     def get_message(self, message_id: str) -> QueuedMessage | None:
         with self._read() as conn:
             row = conn.execute(
-                f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = ?", (message_id,)
+                f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = ? AND size <> ?",
+                (message_id, STAGING),
             ).fetchone()
             if row is None:
                 return None
@@ -416,7 +447,8 @@ class SQLiteStore(SQLiteDirectory, SQLiteQueueTools, SQLiteEtrn, SQLiteOutbound)
         it is read, the iterator raises `StoreError` instead of ending short.
         """
         with self._read() as conn:
-            row = conn.execute("SELECT size FROM messages WHERE id = ?", (message_id,)).fetchone()
+            row = conn.execute("SELECT size FROM messages WHERE id = ? AND size <> ?",
+                               (message_id, STAGING)).fetchone()
         if row is None:
             raise StoreError(f"message {message_id} is not in the queue")
         return self._chunks(message_id, int(row[0]))

@@ -21,9 +21,13 @@ Contract:
   `synchronous=FULL`).  Once a checkpoint has caught up, the next write
   transaction starts the WAL again from its beginning.
 - A failed checkpoint is logged (once per kind of error) and tried again at
-  the next poke: the WAL only grows meanwhile, nothing is lost.
+  the next poke; one that found another connection checkpointing (busy) is
+  tried again after `INTERVAL`: the WAL only grows meanwhile, nothing is
+  lost.  The file is opened `mode=rw`: a store moved away is an error, not
+  a new empty file.
 - `close()` stops the thread and waits for it (a checkpoint under way ends
-  first); idempotent.  `checkpoints` counts the checkpoints run (tests).
+  first, a wait between two does not); idempotent.  `checkpoints` counts
+  the checkpoints that ran (tests).
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ class Checkpointer:
         self._delay = delay
         self._interval = interval
         self._wake = threading.Event()
+        self._stopping = threading.Event()  # close(): ends a wait at once
         self._stop = False
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
@@ -68,6 +73,7 @@ class Checkpointer:
         with self._start_lock:
             self._stop = True
             thread = self._thread
+        self._stopping.set()
         self._wake.set()
         if thread is not None and thread is not threading.current_thread():
             thread.join()
@@ -82,18 +88,23 @@ class Checkpointer:
                     return
                 # Gather the commits of the next few milliseconds, and of a
                 # burst (many small checkpoints cost an fsync each).
-                time.sleep(max(self._delay, last + self._interval - time.monotonic()))
+                self._stopping.wait(max(self._delay, last + self._interval - time.monotonic()))
                 self._wake.clear()
                 last = time.monotonic()
                 if self._stop:
                     return
                 try:
                     if conn is None:
-                        conn = sqlite3.connect(self._path, timeout=0, isolation_level=None,
+                        # mode=rw: never create an empty file where the store was.
+                        conn = sqlite3.connect(f"{self._path.resolve().as_uri()}?mode=rw",
+                                               uri=True, timeout=0, isolation_level=None,
                                                check_same_thread=False)
                         conn.execute("PRAGMA synchronous = FULL")
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-                    self.checkpoints += 1
+                    busy = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[0]
+                    if busy:  # another connection is checkpointing: again later
+                        self._wake.set()
+                    else:
+                        self.checkpoints += 1
                     self._last_error = ""
                 except sqlite3.Error as exc:
                     if str(exc) != self._last_error:

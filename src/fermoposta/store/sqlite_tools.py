@@ -55,7 +55,8 @@ def _existing(conn: sqlite3.Connection, message_ids: Sequence[str]) -> list[str]
         found += [
             str(r[0])
             for r in conn.execute(
-                f"SELECT id FROM messages WHERE id IN ({_marks(len(batch))})", batch
+                f"SELECT id FROM messages WHERE id IN ({_marks(len(batch))})"
+                " AND size >= 0", batch  # not a staged body (size -1, sqlite_stage)
             )
         ]
     return sorted(found)
@@ -107,8 +108,8 @@ class SQLiteQueueTools:
     def get_queue_entry(self, message_id: str) -> QueueEntry | None:
         with self._read() as conn:
             row = conn.execute(
-                f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = ?", (message_id,)
-            ).fetchone()
+                f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = ? AND size >= 0",
+                (message_id,)).fetchone()
             if row is None:
                 return None
             return self._entries(conn, [row])[0]
@@ -327,7 +328,7 @@ class SQLiteQueueTools:
             }
             message_row = conn.execute(
                 "SELECT COUNT(*), COALESCE(SUM(size), 0), MIN(received_at) FROM messages"
-            ).fetchone()
+                " WHERE size >= 0").fetchone()
         return shape_from_pairs(rows, deferred, message_row, len(limits) + 1)
 
     def live_nodes(self) -> list[NodeStatus]:

@@ -1,0 +1,138 @@
+"""A big message on the MX is stored while it arrives (net/body_stager.py,
+store/sqlite_stage.py): the stored body is byte for byte what was sent, and
+a message that is refused or cut off leaves nothing behind."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import sqlite3
+
+from fermoposta.store import SQLiteStore
+from support.dialog import Dialog
+
+LINE = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_-+=0123456789\r\n"
+
+
+def _placeholders(store: SQLiteStore) -> int:
+    conn = sqlite3.connect(store.path)
+    try:
+        return int(conn.execute("SELECT COUNT(*) FROM messages WHERE size = -1").fetchone()[0])
+    finally:
+        conn.close()
+
+
+def _count_appends(store: SQLiteStore, monkeypatch) -> list[int]:
+    """Record the size of every append to a stage the MX makes."""
+    appended: list[int] = []
+    make = store.stage_body
+
+    def stage_body(queue_id: str):  # type: ignore[no-untyped-def]
+        stage = make(queue_id)
+        real = stage.append
+
+        def append(data: bytes) -> None:
+            appended.append(len(data))
+            real(data)
+
+        stage.append = append  # type: ignore[method-assign]
+        return stage
+
+    monkeypatch.setattr(store, "stage_body", stage_body)
+    return appended
+
+
+async def _start_data(provider) -> Dialog:
+    d = await Dialog.connect(*provider.mx)
+    await d.expect(220)
+    await d.cmd("EHLO client.sender.test", 250)
+    await d.cmd("MAIL FROM:<alice@sender.test>", 250)
+    await d.cmd("RCPT TO:<bob@example.org>", 250)
+    await d.cmd("DATA", 354)
+    return d
+
+
+async def test_a_big_message_is_stored_whole_while_it_arrives(provider, monkeypatch):
+    appended = _count_appends(provider.store, monkeypatch)
+    content = b"Subject: big\r\n\r\n" + b"".join(
+        LINE.replace(b"0123", b"%04d" % i) for i in range(60_000))  # ~4.7 MB
+    d = await _start_data(provider)
+    for i in range(0, len(content), 65536):
+        await d.raw(content[i:i + 65536])
+    await d.raw(b".\r\n")
+    lines = await d.expect(250)
+    await d.cmd("QUIT", 221)
+    await d.close()
+    queue_id = lines[0].split()[-1]
+    assert sum(appended) >= 2 * 1024 * 1024  # most of it went in before the dot
+    stored = b"".join(provider.store.read_body(queue_id))
+    # The stored message is our Received: header, then exactly what was sent.
+    assert stored.startswith(b"Received: ")
+    assert hashlib.sha256(stored[len(stored) - len(content):]).digest() == \
+        hashlib.sha256(content).digest()
+    message = provider.store.get_message(queue_id)
+    assert message is not None and message.size == len(stored)
+    assert [r.address for r in message.recipients] == ["bob@example.org"]
+    assert _placeholders(provider.store) == 0
+
+
+async def test_a_big_message_refused_for_its_size_leaves_nothing(provider_factory, monkeypatch):
+    provider = await provider_factory(extra='[limits]\nmax_message_size = "2M"\n')
+    appended = _count_appends(provider.store, monkeypatch)
+    d = await _start_data(provider)
+    block = LINE * 1000
+    for _ in range(40):  # ~3.1 MB
+        await d.raw(block)
+    await d.raw(b".\r\n")
+    await d.expect(552)
+    await d.cmd("QUIT", 221)
+    await d.close()
+    await provider.sessions_ended()
+    assert appended, "nothing was staged: the test proves nothing"
+    assert _placeholders(provider.store) == 0
+    assert provider.store.held_message_ids(["example.org"]) == []
+
+
+async def test_a_big_message_cut_off_mid_data_leaves_nothing(provider, monkeypatch):
+    appended = _count_appends(provider.store, monkeypatch)
+    d = await _start_data(provider)
+    block = LINE * 1000
+    for _ in range(40):
+        await d.raw(block)
+    for _ in range(100):  # until the stager has stored some of it
+        if appended:
+            break
+        await asyncio.sleep(0.02)
+    await d.close()  # the client goes away before the dot
+    await provider.sessions_ended()
+    assert appended
+    assert _placeholders(provider.store) == 0
+    assert provider.store.held_message_ids(["example.org"]) == []
+
+
+async def test_provider_start_sweeps_what_a_killed_process_staged(provider, caplog):
+    import subprocess
+    import sys
+    import textwrap
+
+    from fermoposta.config import load_provider_config
+    from fermoposta.provider.server import Provider
+
+    script = textwrap.dedent(f"""
+        import os
+        from fermoposta.store import SQLiteStore
+        store = SQLiteStore({str(provider.store.path)!r})
+        store.stage_body("DEAD00000001").append(b"x" * 300000)
+        os._exit(0)  # a provider killed with kill -9 mid-DATA
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
+    assert _placeholders(provider.store) == 1
+    await provider.provider.stop(grace=1.0)
+    caplog.set_level("INFO", logger="fermoposta.store")
+    again = Provider(load_provider_config(provider.config_path), provider.store)
+    await again.start()
+    try:
+        assert _placeholders(provider.store) == 0
+        assert "removed 1 staged body" in caplog.text and "DEAD00000001" in caplog.text
+    finally:
+        await again.stop(grace=1.0)
