@@ -10,6 +10,7 @@ import asyncio
 import base64
 import io
 import logging
+import sqlite3
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -197,7 +198,14 @@ async def test_bytes_that_come_while_atrn_decides_get_503_and_the_leases_go(stor
     lines = await peer.expect(503)
     assert lines[0].startswith("5.5.1")
     monkeypatch.setattr(ODMRSession, "_decide", decide)
-    # Still authenticated, and the domain is not left leased to this session.
+    # The lease of the refused ATRN is given back at once (not at the end
+    # of the session): the leases table is empty again.
+    conn = sqlite3.connect(store.path)
+    try:
+        assert conn.execute("SELECT COUNT(*) FROM leases").fetchone()[0] == 0
+    finally:
+        conn.close()
+    # Still authenticated: a clean ATRN reverses.
     await peer.cmd("ATRN example.org", 250)
     peer.send(b"220 customer.example.org ESMTP\r\n")
     assert await peer.read_line() == "EHLO mx.provider.test"

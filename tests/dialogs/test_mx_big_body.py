@@ -22,24 +22,26 @@ def _placeholders(store: SQLiteStore) -> int:
         conn.close()
 
 
-def _count_appends(store: SQLiteStore, monkeypatch) -> list[int]:
-    """Record the size of every append to a stage the MX makes."""
-    appended: list[int] = []
+class _Staged(list):  # type: ignore[type-arg]
+    """The stages the MX made; `stored` is what they actually stored."""
+
+    @property
+    def stored(self) -> int:
+        return sum(stage.size for stage in self)
+
+
+def _count_appends(store: SQLiteStore, monkeypatch) -> _Staged:
+    """Record every stage the MX makes."""
+    stages = _Staged()
     make = store.stage_body
 
-    def stage_body(queue_id: str):  # type: ignore[no-untyped-def]
-        stage = make(queue_id)
-        real = stage.append
-
-        def append(data: bytes) -> None:
-            appended.append(len(data))
-            real(data)
-
-        stage.append = append  # type: ignore[method-assign]
+    def stage_body(queue_id, body):  # type: ignore[no-untyped-def]
+        stage = make(queue_id, body)
+        stages.append(stage)
         return stage
 
     monkeypatch.setattr(store, "stage_body", stage_body)
-    return appended
+    return stages
 
 
 async def _start_data(provider) -> Dialog:
@@ -64,7 +66,8 @@ async def test_a_big_message_is_stored_whole_while_it_arrives(provider, monkeypa
     await d.cmd("QUIT", 221)
     await d.close()
     queue_id = lines[0].split()[-1]
-    assert sum(appended) >= 2 * 1024 * 1024  # most of it went in before the dot
+    assert appended.stored >= 2 * 1024 * 1024  # most of it went in before the dot
+    assert not any(stage.failed for stage in appended)
     stored = b"".join(provider.store.read_body(queue_id))
     # The stored message is our Received: header, then exactly what was sent.
     assert stored.startswith(b"Received: ")
@@ -88,7 +91,7 @@ async def test_a_big_message_refused_for_its_size_leaves_nothing(provider_factor
     await d.cmd("QUIT", 221)
     await d.close()
     await provider.sessions_ended()
-    assert appended, "nothing was staged: the test proves nothing"
+    assert appended.stored > 0, "nothing was staged: the test proves nothing"
     assert _placeholders(provider.store) == 0
     assert provider.store.held_message_ids(["example.org"]) == []
 
@@ -99,13 +102,13 @@ async def test_a_big_message_cut_off_mid_data_leaves_nothing(provider, monkeypat
     block = LINE * 1000
     for _ in range(40):
         await d.raw(block)
-    for _ in range(100):  # until the stager has stored some of it
-        if appended:
+    for _ in range(250):  # until the stager has stored some of it
+        if appended.stored:
             break
         await asyncio.sleep(0.02)
+    assert appended.stored > 0
     await d.close()  # the client goes away before the dot
     await provider.sessions_ended()
-    assert appended
     assert _placeholders(provider.store) == 0
     assert provider.store.held_message_ids(["example.org"]) == []
 
@@ -122,7 +125,7 @@ async def test_provider_start_sweeps_what_a_killed_process_staged(provider, capl
         import os
         from fermoposta.store import SQLiteStore
         store = SQLiteStore({str(provider.store.path)!r})
-        store.stage_body("DEAD00000001").append(b"x" * 300000)
+        store.stage_body("DEAD00000001", None).append(b"x" * 300000)
         os._exit(0)  # a provider killed with kill -9 mid-DATA
     """)
     subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
@@ -136,3 +139,35 @@ async def test_provider_start_sweeps_what_a_killed_process_staged(provider, capl
         assert "removed 1 staged body" in caplog.text and "DEAD00000001" in caplog.text
     finally:
         await again.stop(grace=1.0)
+
+
+async def test_a_failed_stage_is_not_read_again(tmp_path):
+    """Once the store's stage has failed, the stager stops reading the spool
+    back (each network read would re-read megabytes for nothing)."""
+    import tempfile
+
+    from fermoposta.net.body_stager import STAGE_PIECE, Stager
+
+    class Failing:
+        size = 0
+        failed = False
+        appends = 0
+
+        def append(self, data: bytes) -> None:
+            self.appends += 1
+            self.failed = True
+
+        def discard(self) -> None:
+            pass
+
+    stage = Failing()
+    with tempfile.SpooledTemporaryFile(max_size=1024) as spool:
+        spool.write(b"x" * 2048)
+        spool.rollover()
+        stager = Stager(spool, stage)
+        for _ in range(50):
+            spool.write(b"y" * STAGE_PIECE)
+            stager.written(spool.tell())
+            await stager.finish()
+        stager.close()
+    assert stage.appends == 1

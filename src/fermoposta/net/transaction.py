@@ -151,9 +151,10 @@ class TransactionSession(ServerSession):
     async def check_recipient(self, txn: Transaction, rcpt: Recipient) -> Reply | None:
         return None
 
-    def body_stage(self, txn: Transaction) -> BodyStage | None:
+    def body_stage(self, txn: Transaction, spool: IO[bytes]) -> BodyStage | None:
         """Where a big body may be stored while it arrives (see `body_stager`);
-        None: only `accept_message` stores it."""
+        `spool` is the body `accept_message` will be given.  None: only
+        `accept_message` stores it."""
         return None
 
     async def accept_message(self, txn: Transaction, body: IO[bytes], size: int) -> Reply:
@@ -290,7 +291,7 @@ class TransactionSession(ServerSession):
                 stager.written(spool.tell())
             elif not staging_tried and spool.tell() > SPOOL_MEMORY:
                 staging_tried = True
-                stage = self.body_stage(txn)
+                stage = self.body_stage(txn, spool)
                 if stage is not None:
                     spool.rollover()
                     stager = Stager(spool, stage)

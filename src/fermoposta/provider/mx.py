@@ -134,8 +134,10 @@ class MXSession(TransactionSession):
         txn.queue_id = new_queue_id()  # named now so the Received: header carries it
         return super().trace_header(txn)
 
-    def body_stage(self, txn: Transaction) -> BodyStage | None:
-        return None if txn.queue_id is None else self.intake.queue.stage_body(txn.queue_id)
+    def body_stage(self, txn: Transaction, spool: IO[bytes]) -> BodyStage | None:
+        if txn.queue_id is None:
+            return None
+        return self.intake.queue.stage_body(txn.queue_id, spool)
 
     async def accept_message(self, txn: Transaction, body: IO[bytes], size: int) -> Reply:
         message = NewMessage(

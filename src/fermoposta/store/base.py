@@ -288,6 +288,11 @@ class BodyStage(Protocol):
         """Bytes stored so far (an `enqueue` of this queue id adds the rest)."""
         ...
 
+    @property
+    def failed(self) -> bool:
+        """Whether staging has ended in a failure (nothing more is stored)."""
+        ...
+
     def append(self, data: bytes) -> None:
         """Store the next bytes, committed (blocking).  Never raises: a store
         failure ends the staging (logged); the `enqueue` then stores the
@@ -306,12 +311,14 @@ class MessageQueue(Protocol):
     mail in or hands it on needs (the MX, submission, the drain, the outbound
     engine, the customer's spools)."""
 
-    def stage_body(self, queue_id: str) -> BodyStage | None:
-        """Start storing the body of the message that will be enqueued as
-        `queue_id` while it still arrives; None when the engine stores bodies
-        only at `enqueue` (PostgreSQL).  The placeholder is made by the first
-        `append`; `enqueue(..., queue_id)` of the whole body (the staged part
-        included: it is skipped) turns it into the message."""
+    def stage_body(self, queue_id: str, body: IO[bytes]) -> BodyStage | None:
+        """Start storing `body` (the file the message's body is being written
+        to), to be enqueued as `queue_id`, while it still arrives; None when
+        the engine stores bodies only at `enqueue` (PostgreSQL).  The
+        placeholder is made by the first `append`; `enqueue(..., body,
+        queue_id)` with that same file object (the staged part is skipped)
+        turns it into the message: a stage is never taken by another
+        message, even one that drew the same queue id."""
         ...
 
     def sweep_stages(self) -> int:

@@ -51,7 +51,7 @@ class PostgresMessages(EnginePart):
 
     _node: str
 
-    def stage_body(self, queue_id: str) -> None:
+    def stage_body(self, queue_id: str, body: IO[bytes]) -> None:
         """PostgreSQL stores a body at `enqueue` only (see `base.MessageQueue`)."""
         return None
 

@@ -52,6 +52,7 @@ Contract and choices:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sqlite3
@@ -108,6 +109,7 @@ class SQLiteStore(SQLiteDirectory, SQLiteQueueTools, SQLiteEtrn, SQLiteOutbound,
         self._closed = False
         self._holders = Holders(self._path.parent / "holders")
         self._checkpointer = Checkpointer(self._path)
+        self._sync_normal = False  # the writer is at synchronous=NORMAL (see _write)
         self._init_staging()
         try:
             # The store holds CRAM-MD5 secrets (password equivalents) and mail:
@@ -209,34 +211,39 @@ class SQLiteStore(SQLiteDirectory, SQLiteQueueTools, SQLiteEtrn, SQLiteOutbound,
         """One IMMEDIATE transaction; rolled back on any exception.  Not
         `durable`: its commit does not fsync (`synchronous=NORMAL`), for
         writes no one was promised (a staged body: the enqueue's own
-        commit, durable, syncs the whole WAL and so them too)."""
+        commit, durable, syncs the whole WAL and so them too).  A durable
+        write puts `synchronous=FULL` back first if it is not (a reset that
+        failed after a non-durable one): it fails rather than commit
+        without an fsync."""
         with self._lock:
             self._check_open()
             try:
-                if not durable:
+                if durable and self._sync_normal:
+                    self._conn.execute("PRAGMA synchronous = FULL")
+                    self._sync_normal = False
+                elif not durable:
+                    self._sync_normal = True
                     self._conn.execute("PRAGMA synchronous = NORMAL")
+                self._conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise StoreError(f"store busy or unavailable: {exc}") from exc
+            try:
+                yield self._conn
+                self._conn.execute("COMMIT")
+            except BaseException as exc:
                 try:
-                    self._conn.execute("BEGIN IMMEDIATE")
-                except sqlite3.Error as exc:
-                    raise StoreError(f"store busy or unavailable: {exc}") from exc
-                try:
-                    yield self._conn
-                    self._conn.execute("COMMIT")
-                except BaseException as exc:
-                    try:
-                        if self._conn.in_transaction:
-                            self._conn.execute("ROLLBACK")
-                    except sqlite3.Error:
-                        pass
-                    if isinstance(exc, sqlite3.Error | OSError):
-                        raise StoreError(f"store write failed: {exc}") from exc
-                    raise
+                    if self._conn.in_transaction:
+                        self._conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+                if isinstance(exc, sqlite3.Error | OSError):
+                    raise StoreError(f"store write failed: {exc}") from exc
+                raise
             finally:
                 if not durable:
-                    try:
+                    with contextlib.suppress(sqlite3.Error):  # else the next durable one
                         self._conn.execute("PRAGMA synchronous = FULL")
-                    except sqlite3.Error as exc:
-                        raise StoreError(f"store write failed: {exc}") from exc
+                        self._sync_normal = False
             self._checkpointer.poke()
 
     @contextmanager

@@ -21,9 +21,15 @@ Contract (a mixin of `SQLiteStore`, using only its transactions):
   size -1 (`queue list`, `queue show`, the actions by id, `queue stats`,
   `is_empty`), and it has no recipient, so nothing drains, delivers or
   expires it.
-- A failing append (disk full, a queue id already taken) ends the staging:
-  it is logged, what was staged is removed (best effort) and the stage
-  forgotten, so the `enqueue` stores the whole body the usual way.
+- A failing append (disk full, a queue id already taken) ends the staging
+  (`failed`): it is logged, what was staged is removed (best effort: a
+  discard that fails is tried again by the next append of any stage, and
+  by the next start's sweep) and the stage forgotten, so the `enqueue`
+  stores the whole body the usual way.
+- A stage belongs to one body: `stage_body(queue_id, body)` records the
+  file object, and only an enqueue of that same object finishes it, so a
+  message that drew the same queue id (a collision) never takes another's
+  staged bytes; the registry only ever drops its own entry.
 - `_finish_stage(conn, message, body, queue_id, now)` is called by
   `_enqueue` inside the enqueue's transaction: when `queue_id` has a live
   stage it turns the placeholder into the message (envelope, arrival time,
@@ -57,17 +63,25 @@ STAGING = -1  # messages.size of a placeholder
 class SQLiteStage:
     """One staged body; see the module docstring."""
 
-    def __init__(self, owner: SQLiteStaging, queue_id: str) -> None:
+    def __init__(self, owner: SQLiteStaging, queue_id: str, body: IO[bytes]) -> None:
         self._owner = owner
         self.queue_id = queue_id
+        self.body = body  # only an enqueue of this very file object finishes it
         self.seq = 0  # chunks stored
         self._size = 0
         self.started = False  # the placeholder exists
-        self.failed = False
+        self._failed = False
 
     @property
     def size(self) -> int:
         return self._size
+
+    @property
+    def failed(self) -> bool:
+        return self._failed
+
+    def fail(self) -> None:
+        self._failed = True
 
     def append(self, data: bytes) -> None:
         self._owner._append_stage(self, data)
@@ -94,16 +108,27 @@ class SQLiteStaging:
     def _init_staging(self) -> None:
         self._stages: dict[str, SQLiteStage] = {}
         self._stages_lock = threading.Lock()
+        self._undiscarded: set[str] = set()  # placeholders a discard failed to remove
 
-    def stage_body(self, queue_id: str) -> SQLiteStage:
-        return SQLiteStage(self, queue_id)
+    def stage_body(self, queue_id: str, body: IO[bytes]) -> SQLiteStage:
+        return SQLiteStage(self, queue_id, body)
+
+    def _unregister(self, stage: SQLiteStage) -> None:
+        with self._stages_lock:
+            if self._stages.get(stage.queue_id) is stage:
+                del self._stages[stage.queue_id]
 
     def _append_stage(self, stage: SQLiteStage, data: bytes) -> None:
         if stage.failed or not data:
             return
         chunks = [data[i:i + CHUNK_SIZE] for i in range(0, len(data), CHUNK_SIZE)]
+        with self._stages_lock:
+            retry = sorted(self._undiscarded)
         try:
             with self._write(durable=False) as conn:
+                for queue_id in retry:  # earlier discards that failed
+                    conn.execute("DELETE FROM messages WHERE id = ? AND size = ?",
+                                 (queue_id, STAGING))
                 if not stage.started:
                     conn.execute(
                         "INSERT INTO messages (id, sender, received_at, size, origin, smtputf8,"
@@ -117,21 +142,20 @@ class SQLiteStaging:
         except (StoreError, OSError) as exc:
             log.warning("%s: storing the body while it arrives failed (%s); it will be "
                         "stored at the end of DATA", stage.queue_id, exc)
-            stage.failed = True
-            with self._stages_lock:
-                self._stages.pop(stage.queue_id, None)
+            stage.fail()
+            self._unregister(stage)
             if stage.started:
                 self._discard_stage(stage)
             return
-        stage.started = True
-        stage.added(len(chunks), len(data))
         with self._stages_lock:
-            self._stages[stage.queue_id] = stage
+            self._undiscarded.difference_update(retry)
+            stage.started = True
+            stage.added(len(chunks), len(data))
+            if stage.queue_id not in self._stages:
+                self._stages[stage.queue_id] = stage
 
     def _discard_stage(self, stage: SQLiteStage) -> None:
-        with self._stages_lock:
-            if self._stages.get(stage.queue_id) is stage:
-                del self._stages[stage.queue_id]
+        self._unregister(stage)
         if not stage.started:
             return
         try:
@@ -140,7 +164,10 @@ class SQLiteStaging:
                              (stage.queue_id, STAGING))
         except (StoreError, OSError) as exc:
             log.warning("%s: could not remove the body staged for a message not accepted "
-                        "(%s); the next provider start removes it", stage.queue_id, exc)
+                        "(%s); tried again with the next big message, and at the next "
+                        "provider start", stage.queue_id, exc)
+            with self._stages_lock:
+                self._undiscarded.add(stage.queue_id)
 
     def _finish_stage(self, conn: sqlite3.Connection, message: NewMessage, body: IO[bytes],
                       queue_id: str | None, now: float) -> str | None:
@@ -148,8 +175,8 @@ class SQLiteStaging:
             return None
         with self._stages_lock:
             stage = self._stages.get(queue_id)
-        if stage is None or stage.failed or not stage.started:
-            return None
+        if stage is None or stage.body is not body or stage.failed or not stage.started:
+            return None  # not this body's stage (another message drew the same id)
         cur = conn.execute(
             "UPDATE messages SET sender = ?, received_at = ?, origin = ?, smtputf8 = ?,"
             " body_8bit = ?, envid = ?, ret = ?, client = ?, node = ?"
