@@ -98,3 +98,38 @@ async def test_wrong_password_and_mx_still_no_relay(provider, certs):
     await mx.cmd("MAIL FROM:<bob@example.org>", 250)
     await mx.cmd("RCPT TO:<friend@elsewhere.test>", 550)
     await mx.close()
+
+
+async def test_a_big_submission_is_stored_while_it_arrives(provider, certs, monkeypatch):
+    """Submission stages a big body like the MX (net/body_stager.py): the
+    outbound message is byte for byte what the site sent."""
+    import hashlib
+
+    stages = []
+    make = provider.store.stage_body
+
+    def stage_body(queue_id, body):  # type: ignore[no-untyped-def]
+        stage = make(queue_id, body)
+        stages.append(stage)
+        return stage
+
+    monkeypatch.setattr(provider.store, "stage_body", stage_body)
+    content = b"Subject: big\r\n\r\n" + b"".join(
+        b"line %07d of a big attachment, base64-ish ABCDEFGHIJKLMNOPQRSTUVWXYZ\r\n" % i
+        for i in range(60_000))  # ~4.4 MB
+    d = await authenticated(provider, certs)
+    await d.cmd("MAIL FROM:<bob@example.org>", 250)
+    await d.cmd("RCPT TO:<friend@elsewhere.test>", 250)
+    await d.cmd("DATA", 354)
+    for i in range(0, len(content), 65536):
+        await d.raw(content[i:i + 65536])
+    await d.raw(b".\r\n")
+    queue_id = (await d.expect(250))[0].rsplit(" ", 1)[1]
+    await d.cmd("QUIT", 221)
+    assert sum(stage.size for stage in stages) >= 2 * 1024 * 1024
+    stored = b"".join(provider.store.read_body(queue_id))
+    assert hashlib.sha256(stored[len(stored) - len(content):]).digest() == \
+        hashlib.sha256(content).digest()
+    message = provider.store.get_message(queue_id)
+    assert message is not None and message.origin == "submission"
+    assert [r.state for r in message.recipients] == [RecipientState.OUTBOUND]
