@@ -30,7 +30,7 @@ class _Staged(list):  # type: ignore[type-arg]
         return sum(stage.size for stage in self)
 
 
-def _count_appends(store: SQLiteStore, monkeypatch) -> _Staged:
+def _record_stages(store: SQLiteStore, monkeypatch) -> _Staged:
     """Record every stage the MX makes."""
     stages = _Staged()
     make = store.stage_body
@@ -55,7 +55,7 @@ async def _start_data(provider) -> Dialog:
 
 
 async def test_a_big_message_is_stored_whole_while_it_arrives(provider, monkeypatch):
-    appended = _count_appends(provider.store, monkeypatch)
+    staged = _record_stages(provider.store, monkeypatch)
     content = b"Subject: big\r\n\r\n" + b"".join(
         LINE.replace(b"0123", b"%04d" % i) for i in range(60_000))  # ~4.7 MB
     d = await _start_data(provider)
@@ -66,8 +66,8 @@ async def test_a_big_message_is_stored_whole_while_it_arrives(provider, monkeypa
     await d.cmd("QUIT", 221)
     await d.close()
     queue_id = lines[0].split()[-1]
-    assert appended.stored >= 2 * 1024 * 1024  # most of it went in before the dot
-    assert not any(stage.failed for stage in appended)
+    assert staged.stored >= 2 * 1024 * 1024  # most of it went in before the dot
+    assert not any(stage.failed for stage in staged)
     stored = b"".join(provider.store.read_body(queue_id))
     # The stored message is our Received: header, then exactly what was sent.
     assert stored.startswith(b"Received: ")
@@ -81,32 +81,36 @@ async def test_a_big_message_is_stored_whole_while_it_arrives(provider, monkeypa
 
 async def test_a_big_message_refused_for_its_size_leaves_nothing(provider_factory, monkeypatch):
     provider = await provider_factory(extra='[limits]\nmax_message_size = "2M"\n')
-    appended = _count_appends(provider.store, monkeypatch)
+    staged = _record_stages(provider.store, monkeypatch)
     d = await _start_data(provider)
     block = LINE * 1000
     for _ in range(40):  # ~3.1 MB
         await d.raw(block)
+    for _ in range(250):  # until the stager has stored some of it
+        if staged.stored:
+            break
+        await asyncio.sleep(0.02)
     await d.raw(b".\r\n")
     await d.expect(552)
     await d.cmd("QUIT", 221)
     await d.close()
     await provider.sessions_ended()
-    assert appended.stored > 0, "nothing was staged: the test proves nothing"
+    assert staged.stored > 0, "nothing was staged: the test proves nothing"
     assert _placeholders(provider.store) == 0
     assert provider.store.held_message_ids(["example.org"]) == []
 
 
 async def test_a_big_message_cut_off_mid_data_leaves_nothing(provider, monkeypatch):
-    appended = _count_appends(provider.store, monkeypatch)
+    staged = _record_stages(provider.store, monkeypatch)
     d = await _start_data(provider)
     block = LINE * 1000
     for _ in range(40):
         await d.raw(block)
     for _ in range(250):  # until the stager has stored some of it
-        if appended.stored:
+        if staged.stored:
             break
         await asyncio.sleep(0.02)
-    assert appended.stored > 0
+    assert staged.stored > 0
     await d.close()  # the client goes away before the dot
     await provider.sessions_ended()
     assert _placeholders(provider.store) == 0
