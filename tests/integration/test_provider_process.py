@@ -221,3 +221,76 @@ async def test_sigterm_during_a_drain_loses_nothing(tmp_path, certs):
         assert store.acquire_leases(["example.org"], "next-session", 60)  # lease released
     finally:
         store.close()
+
+
+async def test_kill_9_around_a_big_message_keeps_what_got_its_250(provider_process):
+    """A body over 1 MiB is stored while it arrives (SQLite).  kill -9 in the
+    middle of its DATA leaves nothing a restart shows (the partial body is
+    swept at start: the sender never had a 250); kill -9 right after its 250
+    loses nothing (every byte, after the restart and a drain's read)."""
+    import hashlib
+    import sqlite3
+
+    line = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_-+=0123456789\r\n"
+    content = b"Subject: big\r\n\r\n" + line * 40_000  # ~3.1 MB
+    store_file = provider_process.config.parent / "data" / "fermoposta.sqlite3"
+
+    def placeholders() -> int:
+        conn = sqlite3.connect(store_file)
+        try:
+            return int(conn.execute("SELECT COUNT(*) FROM messages WHERE size = -1")
+                       .fetchone()[0])
+        finally:
+            conn.close()
+
+    async def start_data() -> Dialog:
+        d = await Dialog.connect("127.0.0.1", provider_process.mx)
+        await d.expect(220)
+        await d.cmd("EHLO client.sender.test", 250)
+        await d.cmd("MAIL FROM:<alice@sender.test>", 250)
+        await d.cmd("RCPT TO:<bob@example.org>", 250)
+        await d.cmd("DATA", 354)
+        return d
+
+    # 1. Killed mid-DATA, once part of the body is in the store.
+    d = await start_data()
+    await d.raw(content[: len(content) * 3 // 4])
+    for _ in range(250):
+        if placeholders():
+            break
+        await asyncio.sleep(0.02)
+    assert placeholders() == 1
+    provider_process.stop(signal.SIGKILL)
+    await d.close()
+    provider_process.start()
+    for _ in range(250):
+        if not placeholders():
+            break
+        await asyncio.sleep(0.02)
+    assert placeholders() == 0
+    assert "removed 1 staged body" in provider_process.logs()
+    count = provider_process.cli("queue", "list", "--count")
+    assert count.returncode == 0 and count.stdout.split()[0] == "0", count.stdout
+
+    # 2. Killed right after the 250: the message is there, every byte.
+    d = await start_data()
+    for i in range(0, len(content), 65536):
+        await d.raw(content[i:i + 65536])
+    await d.raw(b".\r\n")
+    queue_id = (await d.expect(250))[0].rsplit(" ", 1)[1]
+    provider_process.stop(signal.SIGKILL)
+    await d.close()
+    provider_process.start()
+    shown = provider_process.cli("queue", "show", queue_id)
+    assert shown.returncode == 0 and queue_id in shown.stdout, shown.stderr
+    conn = sqlite3.connect(store_file)
+    try:
+        stored = b"".join(bytes(r[0]) for r in conn.execute(
+            "SELECT data FROM body_chunks WHERE message_id = ? ORDER BY seq", (queue_id,)))
+        size = conn.execute("SELECT size FROM messages WHERE id = ?", (queue_id,)).fetchone()
+    finally:
+        conn.close()
+    assert size is not None and size[0] == len(stored)
+    assert hashlib.sha256(stored[len(stored) - len(content):]).digest() == \
+        hashlib.sha256(content).digest()
+    assert placeholders() == 0
