@@ -294,7 +294,12 @@ class TransactionSession(ServerSession):
                 stage = self.body_stage(txn, spool)
                 if stage is not None:
                     spool.rollover()
-                    stager = Stager(spool, stage)
+                    try:
+                        stager = Stager(spool, stage)
+                    except OSError as exc:  # no descriptor left: stored at the end instead
+                        self.log.warning("%s: cannot store the body while it arrives: %s",
+                                         self.session_id, exc)
+                        return
                     stager.written(spool.tell())
 
         try:
