@@ -19,7 +19,13 @@ class FakeConnection:
 
     def __init__(self, tls: bool) -> None:
         self.tls_active = tls
-        self.writes: list[bytes] = []
+        self.writes: list[bytes] = []  # what the client handed over, in order
+        self.held: list[bytes] = []  # the part of it handed to hold()
+
+    def hold(self, data: bytes) -> bool:
+        self.writes.append(data)
+        self.held.append(data)
+        return True
 
     def enable_quickack(self) -> bool:
         return False
@@ -66,4 +72,16 @@ async def test_final_dot_alone_over_tls(body: bytes) -> None:
 async def test_missing_line_end_and_dot_share_a_write_in_clear_text() -> None:
     c, conn = client(tls=False, line_records=True)
     await c.send_body(chunks(b"one\r\ntwo"))
-    assert conn.writes[-1] == b"\r\n.\r\n"
+    assert conn.writes[-1].endswith(b"two\r\n.\r\n")
+
+
+async def test_the_last_piece_and_the_dot_are_held_for_the_next_write() -> None:
+    """Without line records the last piece of the body and the dot are held
+    (Connection.hold), to leave with the next message's pipelined group."""
+    c, conn = client(tls=True, line_records=False)
+    await c.send_body(chunks(b"one\r\n", b"two\r\n"))
+    assert conn.held == [b"two\r\n.\r\n"]
+    assert b"".join(conn.writes) == b"one\r\ntwo\r\n.\r\n"
+    c2, conn2 = client(tls=True, line_records=True)
+    await c2.send_body(chunks(b"one\r\n", b"two\r\n"))
+    assert conn2.held == []  # fetchmail's records: nothing held, the dot alone

@@ -166,3 +166,32 @@ async def test_a_held_reply_goes_before_the_next_write():
     peer.connection.hold(b"250 first\r\n")
     await peer.connection.write(b"354 second\r\n", 1.0)
     assert peer.transport.writes == [b"250 first\r\n354 second\r\n"]
+
+
+async def test_the_drain_sends_the_dot_with_the_next_group_in_one_write():
+    """The client side (net/client.py): the last piece of a body and its dot
+    are held and leave with the next message's pipelined MAIL, RCPT and
+    DATA; with nothing to follow they still leave at once when we wait for
+    the reply, or within milliseconds."""
+    from fermoposta.net.client import SMTPClient
+
+    async def body(*parts: bytes):  # type: ignore[no-untyped-def]
+        for part in parts:
+            yield part
+
+    peer = MemoryPeer()
+    client = SMTPClient(peer.connection)
+    await client.send_body(body(b"Subject: a\r\n\r\n", b"first\r\n"))
+    await client.send_group(["MAIL FROM:<a@sender.test>", "RCPT TO:<b@example.org>", "DATA"],
+                            5.0)
+    assert peer.transport.writes == [
+        b"Subject: a\r\n\r\n",
+        b"first\r\n.\r\nMAIL FROM:<a@sender.test>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n"]
+    # The last message: nothing follows its dot, which still goes out.
+    await client.send_body(body(b"Subject: b\r\n\r\nlast\r\n"))
+    await asyncio.sleep(0.05)
+    assert peer.transport.writes[-1] == b"Subject: b\r\n\r\nlast\r\n.\r\n"
+    # A body bigger than the hold limit is written, not held.
+    before = len(peer.transport.writes)
+    await client.send_body(body(b"x" * 40_000 + b"\r\n"))
+    assert peer.transport.writes[before:] == [b"x" * 40_000 + b"\r\n.\r\n"]

@@ -33,10 +33,11 @@ class Transcript:
 
 
 async def _readline(d: Dialog) -> bytes:
-    """A line from the provider, or b"" once it is gone (EOF or reset)."""
+    """A line from the provider, or b"" once it is gone (EOF, reset, or a
+    write of ours that met its closed socket: EPIPE comes back on the read)."""
     try:
         return await d.reader.readline()
-    except ConnectionResetError:
+    except ConnectionError:  # ConnectionResetError, BrokenPipeError, ...
         return b""
 
 

@@ -124,19 +124,32 @@ class SMTPClient:
         return None
 
     async def send_body(self, chunks: AsyncIterator[bytes]) -> int:
-        """Dot-stuff and send the body, then the end-of-data line; return bytes sent."""
+        """Dot-stuff and send the body, then the end-of-data line; return bytes sent.
+
+        The last piece of the body and the dot are held (`Connection.hold`,
+        up to its limit), so they leave in one write with whatever is sent
+        next (the next message's pipelined commands, RFC 2920 §3.1), or
+        before we wait for the reply, or within milliseconds."""
         stuffer = DotStuffer()
         sent = 0
+        last = b""
         async for chunk in chunks:
             out = stuffer.feed(chunk)
             if out:
-                await self.conn.write(out, self.write_timeout)
-                sent += len(out)
+                if last:
+                    await self.conn.write(last, self.write_timeout)
+                    sent += len(last)
+                last = out
         tail = stuffer.finish()  # [CRLF] ".<CRLF>"
-        if self._one_record_per_line() and len(tail) > len(END_OF_DATA):
-            # A missing final line end and the dot must not share a record.
-            await self.conn.write(tail[:-len(END_OF_DATA)], self.write_timeout)
-            await self.conn.write(END_OF_DATA, self.write_timeout)
-        else:
-            await self.conn.write(tail, self.write_timeout)
-        return sent + len(tail)
+        if self._one_record_per_line():
+            if last:
+                await self.conn.write(last, self.write_timeout)
+            if len(tail) > len(END_OF_DATA):
+                # A missing final line end and the dot must not share a record.
+                await self.conn.write(tail[:-len(END_OF_DATA)], self.write_timeout)
+                await self.conn.write(END_OF_DATA, self.write_timeout)
+            else:
+                await self.conn.write(tail, self.write_timeout)
+        elif not self.conn.hold(last + tail):
+            await self.conn.write(last + tail, self.write_timeout)
+        return sent + len(last) + len(tail)
