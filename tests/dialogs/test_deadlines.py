@@ -23,7 +23,7 @@ from fermoposta.provider.server import session_limits
 from fermoposta.smtp.reply import Reply
 from fermoposta.smtp.server import VerbSpec, verb_table
 from fermoposta.store import SQLiteStore
-from support.dialog import Dialog
+from support.dialog import Dialog, open_data
 from support.outbox import site_config
 
 
@@ -39,21 +39,11 @@ async def expect_closed(d: Dialog) -> None:
     assert await asyncio.wait_for(d.reader.read(), 5) == b""
 
 
-async def open_data(port: int) -> Dialog:
-    d = await Dialog.connect("127.0.0.1", port)
-    await d.expect(220)
-    await d.cmd("EHLO client.test", 250)
-    await d.cmd("MAIL FROM:<alice@sender.test>", 250)
-    await d.cmd("RCPT TO:<bob@example.org>", 250)
-    await d.cmd("DATA", 354)
-    return d
-
-
 async def test_slow_drip_data_gets_421_and_nothing_is_stored(provider_factory, caplog):
     # Each byte comes well inside data_timeout (5 s), the whole DATA does not
     # end within data_deadline.
     p = await provider_factory(extra="[limits]\ndata_timeout = 5\ndata_deadline = 0.6\n")
-    d = await open_data(p.mx[1])
+    d = await open_data("127.0.0.1", p.mx[1], helo="client.test")
     sender = asyncio.create_task(drip(d, b"Subject: slow\r\n\r\n" + b"x" * 200, 0.05))
     try:
         with caplog.at_level(logging.INFO, logger="fermoposta"):
@@ -71,7 +61,7 @@ async def test_slow_drip_data_gets_421_and_nothing_is_stored(provider_factory, c
 
 async def test_message_within_data_deadline_is_stored(provider_factory):
     p = await provider_factory(extra="[limits]\ndata_deadline = 2\n")
-    d = await open_data(p.mx[1])
+    d = await open_data("127.0.0.1", p.mx[1], helo="client.test")
     await drip(d, b"Subject: ok\r\n\r\nfine\r\n.\r\n", 0.01)
     lines = await d.expect(250)
     assert lines[0].startswith("2.0.0 OK queued as ")
@@ -103,7 +93,7 @@ async def test_session_deadline_between_commands(provider_factory):
 
 async def test_session_deadline_during_data(provider_factory):
     p = await provider_factory(extra="[limits]\nsession_deadline = 0.8\n")
-    d = await open_data(p.mx[1])
+    d = await open_data("127.0.0.1", p.mx[1], helo="client.test")
     sender = asyncio.create_task(drip(d, b"Subject: slow\r\n\r\n" + b"x" * 200, 0.05))
     try:
         code, lines = await d.reply(timeout=3)

@@ -9,7 +9,7 @@ import hashlib
 import sqlite3
 
 from fermoposta.store import SQLiteStore
-from support.dialog import Dialog
+from support.dialog import open_data
 
 LINE = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_-+=0123456789\r\n"
 
@@ -44,21 +44,11 @@ def _record_stages(store: SQLiteStore, monkeypatch) -> _Staged:
     return stages
 
 
-async def _start_data(provider) -> Dialog:
-    d = await Dialog.connect(*provider.mx)
-    await d.expect(220)
-    await d.cmd("EHLO client.sender.test", 250)
-    await d.cmd("MAIL FROM:<alice@sender.test>", 250)
-    await d.cmd("RCPT TO:<bob@example.org>", 250)
-    await d.cmd("DATA", 354)
-    return d
-
-
 async def test_a_big_message_is_stored_whole_while_it_arrives(provider, monkeypatch):
     staged = _record_stages(provider.store, monkeypatch)
     content = b"Subject: big\r\n\r\n" + b"".join(
         LINE.replace(b"0123", b"%04d" % i) for i in range(60_000))  # ~4.7 MB
-    d = await _start_data(provider)
+    d = await open_data(*provider.mx)
     for i in range(0, len(content), 65536):
         await d.raw(content[i:i + 65536])
     await d.raw(b".\r\n")
@@ -82,7 +72,7 @@ async def test_a_big_message_is_stored_whole_while_it_arrives(provider, monkeypa
 async def test_a_big_message_refused_for_its_size_leaves_nothing(provider_factory, monkeypatch):
     provider = await provider_factory(extra='[limits]\nmax_message_size = "2M"\n')
     staged = _record_stages(provider.store, monkeypatch)
-    d = await _start_data(provider)
+    d = await open_data(*provider.mx)
     block = LINE * 1000
     for _ in range(40):  # ~3.1 MB
         await d.raw(block)
@@ -102,7 +92,7 @@ async def test_a_big_message_refused_for_its_size_leaves_nothing(provider_factor
 
 async def test_a_big_message_cut_off_mid_data_leaves_nothing(provider, monkeypatch):
     staged = _record_stages(provider.store, monkeypatch)
-    d = await _start_data(provider)
+    d = await open_data(*provider.mx)
     block = LINE * 1000
     for _ in range(40):
         await d.raw(block)
@@ -175,3 +165,30 @@ async def test_a_failed_stage_is_not_read_again(tmp_path):
             await stager.finish()
         stager.close()
     assert stage.appends == 1
+
+
+async def test_no_descriptor_for_the_stager_still_stores_the_message(provider, monkeypatch,
+                                                                      caplog):
+    """A stager that cannot duplicate the spool's descriptor (EMFILE) stages
+    nothing; the message is stored at the end as before, whole."""
+    import errno
+
+    from fermoposta.net import body_stager
+
+    def no_dup(fd: int) -> int:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(body_stager.os, "dup", no_dup)
+    staged = _record_stages(provider.store, monkeypatch)
+    content = b"Subject: big\r\n\r\n" + LINE * 30_000  # ~2.3 MB
+    d = await open_data(*provider.mx)
+    await d.raw(content + b".\r\n")
+    lines = await d.expect(250)
+    await d.cmd("QUIT", 221)
+    await d.close()
+    queue_id = lines[0].split()[-1]
+    assert staged and staged.stored == 0
+    assert "cannot store the body while it arrives" in caplog.text
+    stored = b"".join(provider.store.read_body(queue_id))
+    assert stored.endswith(content)
+    assert _placeholders(provider.store) == 0

@@ -18,7 +18,7 @@ import pytest
 from conftest import PASSWORD, write_config
 from peers import free_port, need, run_fetchmail, sink_messages, smtp_sink, wait_for_port
 from support.customer import serve_reversed
-from support.dialog import Dialog, send_mail
+from support.dialog import Dialog, open_data, send_mail
 from test_fetchmail import rcfile
 
 FERMOPOSTA = [sys.executable, "-m", "fermoposta"]
@@ -243,17 +243,8 @@ async def test_kill_9_around_a_big_message_keeps_what_got_its_250(provider_proce
         finally:
             conn.close()
 
-    async def start_data() -> Dialog:
-        d = await Dialog.connect("127.0.0.1", provider_process.mx)
-        await d.expect(220)
-        await d.cmd("EHLO client.sender.test", 250)
-        await d.cmd("MAIL FROM:<alice@sender.test>", 250)
-        await d.cmd("RCPT TO:<bob@example.org>", 250)
-        await d.cmd("DATA", 354)
-        return d
-
     # 1. Killed mid-DATA, once part of the body is in the store.
-    d = await start_data()
+    d = await open_data("127.0.0.1", provider_process.mx)
     await d.raw(content[: len(content) * 3 // 4])
     for _ in range(250):
         if placeholders():
@@ -273,7 +264,7 @@ async def test_kill_9_around_a_big_message_keeps_what_got_its_250(provider_proce
     assert count.returncode == 0 and count.stdout.split()[0] == "0", count.stdout
 
     # 2. Killed right after the 250: the message is there, every byte.
-    d = await start_data()
+    d = await open_data("127.0.0.1", provider_process.mx)
     for i in range(0, len(content), 65536):
         await d.raw(content[i:i + 65536])
     await d.raw(b".\r\n")

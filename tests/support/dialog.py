@@ -72,6 +72,19 @@ class Dialog:
             await self.writer.wait_closed()
 
 
+async def open_data(host: str, port: int, *, sender: str = "alice@sender.test",
+                    recipient: str = "bob@example.org",
+                    helo: str = "client.sender.test") -> Dialog:
+    """A dialog up to DATA's 354, for a test that sends the data itself."""
+    d = await Dialog.connect(host, port)
+    await d.expect(220)
+    await d.cmd(f"EHLO {helo}", 250)
+    await d.cmd(f"MAIL FROM:<{sender}>", 250)
+    await d.cmd(f"RCPT TO:<{recipient}>", 250)
+    await d.cmd("DATA", 354)
+    return d
+
+
 async def send_mail(host: str, port: int, sender: str, recipients: list[str], body: bytes,
                     *, helo: str = "client.test") -> tuple[int, list[str]]:
     """One SMTP transaction; returns the final reply to the DATA dot."""

@@ -1,11 +1,11 @@
 """Hand a big DATA body to the store while it still arrives.
 
 Contract:
-- `BodyStage` is what a receiver's store offers (`store.stage_body(queue_id,
-  spool)`, see `fermoposta.store.sqlite_stage`): `size` (bytes stored),
-  blocking `append(data)` that never raises (a failure ends the staging:
-  `failed` turns true and `size` stops growing), blocking idempotent
-  `discard()`.
+- A stage is what a receiver's store offers (`store.base.BodyStage`, from
+  `stage_body(queue_id, spool)`; see `fermoposta.store.sqlite_stage`):
+  `size` (bytes stored), blocking `append(data)` that never raises (a
+  failure ends the staging: `failed` turns true and `size` stops growing),
+  blocking idempotent `discard()`.
 - `Stager(spool, stage)` is made on the event loop once the DATA spool has
   spilled to its temporary file.  `written(total)` (on the loop, after each
   write to the spool) flushes the spool's buffer to its file and, when at
@@ -32,27 +32,17 @@ import logging
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import IO, Protocol
+from typing import IO
+
+from fermoposta.store.base import CHUNK_SIZE, BodyStage
 
 log = logging.getLogger("fermoposta.smtp")
 
-STAGE_PIECE = 256 * 1024  # the store's chunk size: staged in whole chunks
+STAGE_PIECE = CHUNK_SIZE  # staged in whole chunks of the store
 STAGE_BATCH = 16 * STAGE_PIECE  # bytes per append (one transaction)
 STAGE_THREADS = 2  # a SQLite store takes one writer at a time anyway
 
 _executor = ThreadPoolExecutor(STAGE_THREADS, thread_name_prefix="body-stager")
-
-
-class BodyStage(Protocol):
-    @property
-    def size(self) -> int: ...
-
-    @property
-    def failed(self) -> bool: ...
-
-    def append(self, data: bytes) -> None: ...
-
-    def discard(self) -> None: ...
 
 
 class Stager:

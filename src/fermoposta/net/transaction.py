@@ -43,7 +43,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import IO, ClassVar
 
-from fermoposta.net.body_stager import BodyStage, Stager
+from fermoposta.net.body_stager import Stager
 from fermoposta.net.connection import Connection, ConnectionClosed
 from fermoposta.net.server_session import ServerSession, SessionLimits
 from fermoposta.ops import metrics
@@ -61,6 +61,7 @@ from fermoposta.smtp.data import DataReader
 from fermoposta.smtp.reply import Reply
 from fermoposta.smtp.server import NESTED_MAIL, Needs, VerbSpec, verb_table
 from fermoposta.smtp.trace import protocol_name, received_header
+from fermoposta.store.base import BodyStage
 
 SPOOL_MEMORY = 1024 * 1024  # bodies above this spill to a temporary file
 

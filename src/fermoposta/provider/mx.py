@@ -30,7 +30,6 @@ import ssl
 from collections.abc import Mapping
 from typing import IO, ClassVar
 
-from fermoposta.net.body_stager import BodyStage
 from fermoposta.net.connection import Connection
 from fermoposta.net.server_session import SessionLimits
 from fermoposta.net.transaction import Recipient, Transaction, TransactionSession
@@ -42,6 +41,7 @@ from fermoposta.smtp.command import Path
 from fermoposta.smtp.reply import Reply
 from fermoposta.smtp.server import Needs, VerbSpec, parse_etrn, verb_table
 from fermoposta.store.base import (
+    BodyStage,
     HostedMail,
     MessageOrigin,
     NewMessage,

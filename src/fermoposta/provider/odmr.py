@@ -418,28 +418,30 @@ class ODMRSession(ServerSession):
                 reasons.append(f"{name}: owned by account {domain.account}")
         return "; ".join(reasons)
 
+    async def _release_leases(self) -> None:
+        """Release this session's leases (StoreError if the store fails)."""
+        await asyncio.to_thread(self.store.release_leases, self.session_id)
+        if self.watch is not None:
+            # Mail this session left (deferred, or come meanwhile) is free
+            # now for a session waiting on these domains.
+            self.watch.notify(self.atrn_domains)
+
     async def _give_back_leases(self) -> None:
         """The leases of an ATRN refused after all (the session goes on)."""
         if not self.leased:
             return
         try:
-            await asyncio.to_thread(self.store.release_leases, self.session_id)
+            await self._release_leases()
         except StoreError as exc:
             self.log.warning("%s: cannot release leases now (%s); at the session's end",
                              self.session_id, exc)
             return
         self.leased = False
-        if self.watch is not None:
-            self.watch.notify(self.atrn_domains)
 
     async def finish(self) -> None:
         if self.leased:
             try:
-                await asyncio.to_thread(self.store.release_leases, self.session_id)
-                if self.watch is not None:
-                    # Mail this session left (deferred, or come meanwhile)
-                    # is free now for a session waiting on these domains.
-                    self.watch.notify(self.atrn_domains)
+                await self._release_leases()
             except StoreError as exc:
                 # The lease names a live node: nobody takes it before it
                 # expires (`lease_ttl`, 10 minutes by default), so try again

@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from typing import IO, ClassVar, Protocol
 
 from fermoposta.mail.auth import Authenticator, AuthPolicy
-from fermoposta.net.body_stager import BodyStage
 from fermoposta.net.connection import Connection
 from fermoposta.net.server_session import SessionLimits
 from fermoposta.net.transaction import Recipient, Transaction, TransactionSession
@@ -41,6 +40,7 @@ from fermoposta.smtp.command import Path, normalize_domain, split_address
 from fermoposta.smtp.reply import Reply
 from fermoposta.smtp.server import AUTH_IN_TRANSACTION, NESTED_MAIL, Needs, VerbSpec, verb_table
 from fermoposta.store.base import (
+    BodyStage,
     Directory,
     MessageOrigin,
     MessageQueue,

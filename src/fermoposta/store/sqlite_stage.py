@@ -9,7 +9,7 @@ commit after the final dot only adds the tail, the envelope and the
 recipients.
 
 Contract (a mixin of `SQLiteStore`, using only its transactions):
-- `stage_body(queue_id)` returns a `BodyStage`; nothing is written yet.
+- `stage_body(queue_id, body)` returns a `BodyStage`; nothing is written yet.
 - The first `append` inserts a placeholder `messages` row under `queue_id`
   with `size = -1` and `client` = this process's holder name
   (`holders.Holders`), then the chunks (`body_chunks`, seq 0, 1, ...).
