@@ -105,6 +105,8 @@ class SQLiteStaging:
         def _write(self, *, durable: bool = True
                    ) -> AbstractContextManager[sqlite3.Connection]: ...
 
+        def _read(self) -> AbstractContextManager[sqlite3.Connection]: ...
+
     def _init_staging(self) -> None:
         self._stages: dict[str, SQLiteStage] = {}
         self._stages_lock = threading.Lock()
@@ -207,13 +209,17 @@ class SQLiteStaging:
                 self._stages.pop(queue_id, None)
 
     def sweep_stages(self) -> int:
-        with self._write() as conn:
+        # The scan (no index on size) runs as a read, so the write lock is
+        # taken only when there is something to remove.
+        with self._read() as conn:
             rows = conn.execute("SELECT id, client FROM messages WHERE size = ?",
                                 (STAGING,)).fetchall()
-            dead = [str(r[0]) for r in rows if not self._holders.is_alive(str(r[1]))]
-            for queue_id in dead:
-                conn.execute("DELETE FROM messages WHERE id = ? AND size = ?",
-                             (queue_id, STAGING))
+        dead = [str(r[0]) for r in rows if not self._holders.is_alive(str(r[1]))]
+        if dead:
+            with self._write() as conn:
+                for queue_id in dead:  # a dead holder's placeholder stays one
+                    conn.execute("DELETE FROM messages WHERE id = ? AND size = ?",
+                                 (queue_id, STAGING))
         if dead:
             log.info("removed %d staged %s of messages whose DATA a stopped process never "
                      "finished (%s)", len(dead), "body" if len(dead) == 1 else "bodies",
