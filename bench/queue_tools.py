@@ -105,10 +105,11 @@ def setup_sqlite(path: Path, data: Data, domains: int, now: float) -> None:
             "INSERT INTO messages (id, sender, received_at, size, origin, smtputf8, body_8bit,"
             " client, node) VALUES (?, ?, ?, ?, 'mx', 0, 0, 'bench[127.0.0.1]', 'bench')",
             ((m, SENDER, at, size) for m, at, size in data.messages))
+        arrival = {m: (at, size) for m, at, size in data.messages}
         conn.executemany(
-            "INSERT INTO recipients (message_id, address, domain, state, attempts, updated_at)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            ((*r, now) for r in data.recipients))
+            "INSERT INTO recipients (message_id, address, domain, state, attempts, updated_at,"
+            " message_received_at, message_size) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            ((*r, now, *arrival[r[0]]) for r in data.recipients))
         conn.execute("COMMIT")
     finally:
         conn.close()

@@ -296,11 +296,11 @@ def test_due_query_uses_the_index(store: SQLiteStore, path: Path) -> None:
 
 def test_new_store_has_the_current_version(path: Path) -> None:
     with SQLiteStore(path) as s:
-        assert s.schema_version() == SCHEMA_VERSION == 8
+        assert s.schema_version() == SCHEMA_VERSION == 9
         assert s.migrate() == (0, SCHEMA_VERSION)  # a new file: from nothing
-    assert rows(path, "PRAGMA user_version") == [(8,)]
+    assert rows(path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
     with SQLiteStore(path) as again:
-        assert again.migrate() == (8, 8)
+        assert again.migrate() == (SCHEMA_VERSION, SCHEMA_VERSION)
 
 
 def test_newer_schema_refused(path: Path) -> None:
@@ -639,7 +639,7 @@ def test_holder_names_that_are_not_file_names_count_as_alive(tmp_path: Path) -> 
 
 
 def test_migration_from_version_6(tmp_path: Path) -> None:
-    """A store written with schema 6 (no ETRN column) opens as version 8 with
+    """A store written with schema 6 (no ETRN column) opens as the current version with
     its domains, none of them an ETRN domain."""
     from fermoposta.store.base import Account, Domain
     path = tmp_path / "v6.sqlite3"
@@ -647,21 +647,22 @@ def test_migration_from_version_6(tmp_path: Path) -> None:
         store.add_account(Account("acme", None, None))
         store.add_domain(Domain("a.example", "acme", max_messages=5))
     with closing(sqlite3.connect(path)) as conn:
+        _back_to_version_8(conn)
         conn.execute("ALTER TABLE domains DROP COLUMN etrn")
         conn.execute("ALTER TABLE accounts DROP COLUMN atrn_wait")
         conn.execute("PRAGMA user_version = 6")
         conn.commit()
     with SQLiteStore(path) as store:
-        assert store.migrate() == (6, 8)  # what opening did
+        assert store.migrate() == (6, SCHEMA_VERSION)  # what opening did
         assert store.get_domain("a.example") == Domain("a.example", "acme", max_messages=5)
         assert store.etrn_domains("a.example") == []
         store.update_domain(Domain("a.example", "acme", etrn="h.example:2525"))
         assert store.etrn_domains("a.example") == ["a.example"]
-    assert rows(path, "PRAGMA user_version") == [(8,)]
+    assert rows(path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
 
 
 def test_migration_from_version_7(tmp_path: Path) -> None:
-    """A store written with schema 7 (no ATRN wait) opens as version 8: its
+    """A store written with schema 7 (no ATRN wait) opens as the current version: its
     accounts do not wait, and can be made to."""
     import dataclasses
 
@@ -670,14 +671,70 @@ def test_migration_from_version_7(tmp_path: Path) -> None:
     with SQLiteStore(path) as store:
         store.add_account(Account("acme", None, None, created_at=1.0))
     with closing(sqlite3.connect(path)) as conn:
+        _back_to_version_8(conn)
         conn.execute("ALTER TABLE accounts DROP COLUMN atrn_wait")
         conn.execute("PRAGMA user_version = 7")
         conn.commit()
     with SQLiteStore(path) as store:
-        assert store.migrate() == (7, 8)
+        assert store.migrate() == (7, SCHEMA_VERSION)
         account = store.get_account("acme")
         assert account is not None and account.atrn_wait is None
         store.update_account(dataclasses.replace(account, atrn_wait=120.0))
         again = store.get_account("acme")
         assert again is not None and again.atrn_wait == 120.0
-    assert rows(path, "PRAGMA user_version") == [(8,)]
+    assert rows(path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
+
+
+def _back_to_version_8(conn: sqlite3.Connection) -> None:
+    """Undo schema 9 on a current file: its recipient columns and indexes."""
+    conn.executescript("""
+        DROP INDEX recipients_domain;
+        DROP INDEX recipients_state;
+        ALTER TABLE recipients DROP COLUMN message_received_at;
+        ALTER TABLE recipients DROP COLUMN message_size;
+        CREATE INDEX recipients_domain_state ON recipients(domain, state, message_id);
+        CREATE INDEX recipients_state ON recipients(state, message_id);
+        PRAGMA user_version = 8;
+    """)
+
+
+def _schema_of(path: Path) -> tuple[list[Any], list[Any]]:
+    """The indexes (name, SQL) and the recipients' columns of a file."""
+    return (rows(path, "SELECT name, sql FROM sqlite_master WHERE type = 'index'"
+                       " ORDER BY name"),
+            rows(path, "SELECT name, type, \"notnull\" FROM pragma_table_info('recipients')"
+                       " ORDER BY cid"))
+
+
+def test_migration_from_version_8(tmp_path: Path) -> None:
+    """A store written with schema 8 opens as version 9: each recipient gets
+    its message's arrival and size (queue stats reads them from the index),
+    and the file has the same indexes and columns as a new one."""
+    clock = Clock(1_000.0)
+    path = tmp_path / "v8.sqlite3"
+    with SQLiteStore(path, clock=clock) as store:
+        from fermoposta.store.base import Account, Domain
+        store.add_account(Account("acme", None, None))
+        store.add_domain(Domain("a.example", "acme"))
+        first = store.enqueue(msg("x@a.example", "y@a.example"), io.BytesIO(b"12345"))
+        clock.now = 1_600.0
+        second = store.enqueue(
+            NewMessage("s@sender.example", (rcpt("z@a.example"), rcpt("w@b.example", OUTBOUND)),
+                       MessageOrigin.MX), io.BytesIO(b"1234567"))
+    with closing(sqlite3.connect(path)) as conn:
+        _back_to_version_8(conn)
+    new = tmp_path / "new.sqlite3"
+    SQLiteStore(new).close()
+    with SQLiteStore(path, clock=clock) as store:
+        assert store.migrate() == (8, SCHEMA_VERSION)
+        shape = store.queue_shape(1_700.0, [300.0])
+    assert rows(path, "SELECT message_id, message_received_at, message_size FROM recipients"
+                      " ORDER BY id") == [(first, 1_000.0, 5), (first, 1_000.0, 5),
+                                          (second, 1_600.0, 7), (second, 1_600.0, 7)]
+    assert _schema_of(path) == _schema_of(new)
+    by_domain = {d.domain: d for d in shape.domains}
+    a = by_domain["a.example"]
+    # Two messages (12 bytes), three recipients: one young (100 s), two old (700 s).
+    assert (a.messages, a.recipients, a.bytes, a.oldest, a.held, a.ages) == (
+        2, 3, 12, 1_000.0, 3, (1, 2))
+    assert (shape.total.messages, shape.total.bytes, shape.total.ages) == (2, 12, (2, 2))

@@ -25,7 +25,6 @@ from typing import Any
 
 from fermoposta.config_common import parse_duration
 from fermoposta.provider.admin import EX_OK, DataError, UsageError, guarded
-from fermoposta.provider.odmr import MAX_ATRN_WAIT
 from fermoposta.store.base import Account, Directory
 
 __all__ = ["account_set", "add_wait_option", "format_wait", "register_set", "wait_option"]
@@ -48,6 +47,9 @@ def wait_option(args: argparse.Namespace) -> float | None:
     if seconds <= 0:
         raise UsageError("--atrn-wait: must be longer than 0 (use --no-atrn-wait to turn "
                          "waiting off)")
+    # Imported here: the ODMR server is a heavy import for every CLI command.
+    from fermoposta.provider.odmr import MAX_ATRN_WAIT
+
     if seconds > MAX_ATRN_WAIT:
         raise UsageError(f"--atrn-wait: at most {format_seconds(MAX_ATRN_WAIT)} (RFC 2645: "
                          f"the client waits at least 10 minutes for the reply), "

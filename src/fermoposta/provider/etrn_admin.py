@@ -18,7 +18,6 @@ import argparse
 from typing import Final
 
 from fermoposta.provider.admin import UsageError
-from fermoposta.provider.resolver import split_host_port
 from fermoposta.store.base import Domain
 
 __all__ = ["UNCHANGED", "Unchanged", "add_etrn_options", "etrn_option", "format_etrn"]
@@ -53,6 +52,9 @@ def etrn_option(args: argparse.Namespace) -> str | Unchanged | None:
         return ""
     if args.etrn_host is None:
         return UNCHANGED
+    # Imported here: dnspython is a heavy import for every CLI command.
+    from fermoposta.provider.resolver import split_host_port
+
     text = str(args.etrn_host).strip()
     try:
         host, port = split_host_port(text, 0)

@@ -104,14 +104,14 @@ def domain_from_row(row: Sequence[Any], valid: Iterable[str] | None) -> Domain:
 
 
 # A domain filter with fewer matching recipients than this starts from the
-# domain's recipients (index recipients_domain_state) and sorts them; a larger
+# domain's recipients (index recipients_domain) and sorts them; a larger
 # one walks the messages in page order and tests each (see `filter_sql`).
 SMALL_DOMAIN = 20_000
 
 
 def domain_size_sql(where: QueueFilter, *, mark: str) -> tuple[str, list[Any]] | None:
     """A query of how many recipients (at most `SMALL_DOMAIN`) the domain
-    filter of `where` selects, one range of `recipients_domain_state`; None
+    filter of `where` selects, one range of `recipients_domain`; None
     without a domain filter.  Its answer is `filter_sql`'s `small_domain`."""
     if where.domain is None:
         return None
@@ -140,7 +140,7 @@ def filter_sql(where: QueueFilter, after: tuple[float, str] | None, *, mark: str
     (``received_at >= t``, then the ties); with `small_domain` (the domain
     filter selects fewer than `SMALL_DOMAIN` recipients: `domain_size_sql`)
     the rows come from the domain's recipients, one range of
-    `recipients_domain_state`, and only those messages are sorted; otherwise
+    `recipients_domain`, and only those messages are sorted; otherwise
     the messages are walked in page order and each is tested through its
     own recipients (`recipients_message`), so a page costs about its length
     divided by the share of messages that match."""

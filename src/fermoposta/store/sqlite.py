@@ -313,8 +313,9 @@ class SQLiteStore(SQLiteDirectory, SQLiteQueueTools, SQLiteEtrn, SQLiteOutbound,
         now = self._clock()
         staged = self._finish_stage(conn, message, body, queue_id, now)
         if staged is not None:
-            self._insert_recipients(conn, staged, message, now)
-            return staged
+            staged_id, staged_size = staged
+            self._insert_recipients(conn, staged_id, message, now, staged_size)
+            return staged_id
         while True:
             message_id = queue_id or new_queue_id()
             queue_id = None  # on a collision, draw a fresh one
@@ -353,17 +354,20 @@ class SQLiteStore(SQLiteDirectory, SQLiteQueueTools, SQLiteEtrn, SQLiteOutbound,
             seq += 1
             del data
         conn.execute("UPDATE messages SET size = ? WHERE id = ?", (size, message_id))
-        self._insert_recipients(conn, message_id, message, now)
+        self._insert_recipients(conn, message_id, message, now, size)
         return message_id
 
     @staticmethod
     def _insert_recipients(conn: sqlite3.Connection, message_id: str, message: NewMessage,
-                           now: float) -> None:
+                           now: float, size: int) -> None:
+        """The recipients of a message received at `now` with `size` bytes."""
         conn.executemany(
             "INSERT INTO recipients (message_id, address, domain, state, attempts, notify,"
-            " orcpt, updated_at) VALUES (?, ?, ?, ?, 0, ?, ?, ?)",
+            " orcpt, updated_at, message_received_at, message_size)"
+            " VALUES (?, ?, ?, ?, 0, ?, ?, ?, ?, ?)",
             [
-                (message_id, r.address, r.domain, str(r.state), r.notify, r.orcpt, now)
+                (message_id, r.address, r.domain, str(r.state), r.notify, r.orcpt, now, now,
+                 size)
                 for r in message.recipients
             ],
         )
@@ -397,10 +401,11 @@ class SQLiteStore(SQLiteDirectory, SQLiteQueueTools, SQLiteEtrn, SQLiteOutbound,
                 cur = conn.execute(
                     "INSERT INTO recipients (message_id, address, domain, state, attempts,"
                     " last_reply, notify, orcpt, updated_at, next_attempt_at, first_failure_at,"
-                    " delay_notified) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " delay_notified, message_received_at, message_size)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (m.id, r.address, r.domain, str(r.state), r.attempts, r.last_reply,
                      r.notify, r.orcpt, now, r.next_attempt_at, r.first_failure_at,
-                     int(r.delay_notified)))
+                     int(r.delay_notified), m.received_at, size))
                 previous = entry.hold_from.get(r.id)
                 if r.state == RecipientState.HOLD and previous is not None:
                     conn.execute("INSERT INTO recipient_holds (recipient_id, previous_state)"

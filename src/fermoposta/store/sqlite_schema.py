@@ -14,7 +14,9 @@ Contract:
   2 added `account_cert_subjects`; version 3 the outbound retry schedule and
   claims of recipients, and the per-domain hold lifetime; version 4
   `recipient_holds`; version 5 the `holder` of a lease; version 7 the ETRN
-  target of a domain; version 8 an account's ATRN wait).  A later change
+  target of a domain; version 8 an account's ATRN wait; version 9 each
+  recipient's copy of its message's arrival and size, and the indexes
+  that answer `queue stats` from them).  A later change
   adds a step, never edits one that has shipped.
 """
 
@@ -26,7 +28,7 @@ from pathlib import Path
 
 from fermoposta.store.base import SchemaTooNew
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 
 
 # Version 2: subject bindings of client certificates.
@@ -75,6 +77,20 @@ CREATE TABLE IF NOT EXISTS rate_events (
 CREATE INDEX IF NOT EXISTS rate_events_key_at ON rate_events(key, at);
 """
 
+# Version 9: the indexes that answer `queue stats` and the metrics without
+# reading a table (issue 10).  `recipients_domain` is ordered so that the
+# (received_at, message) pairs of a domain are one range each (its age
+# buckets are range counts, its distinct messages a streaming DISTINCT);
+# it replaces `recipients_domain_state`, whose (domain, state) lookups it
+# still serves by domain.  `recipients_state` carries what a message
+# contributes per state.
+_SHAPE_INDEXES = """
+CREATE INDEX IF NOT EXISTS recipients_domain ON recipients(
+    domain, message_received_at, message_id, message_size, state);
+CREATE INDEX IF NOT EXISTS recipients_state
+    ON recipients(state, message_id, message_size, message_received_at);
+"""
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
     id TEXT PRIMARY KEY,
@@ -111,12 +127,11 @@ CREATE TABLE IF NOT EXISTS recipients (
     delay_notified INTEGER NOT NULL DEFAULT 0,
     claimed_by TEXT,  -- the queue runner delivering it now
     claimed_until REAL,
-    claim_holder TEXT  -- the process of that runner (holders.py)
+    claim_holder TEXT,  -- the process of that runner (holders.py)
+    message_received_at REAL NOT NULL DEFAULT 0,  -- the message's, copied: queue_shape
+    message_size INTEGER NOT NULL DEFAULT 0  -- and queue_summary read only indexes
 );
-CREATE INDEX IF NOT EXISTS recipients_domain_state
-    ON recipients(domain, state, message_id);
 CREATE INDEX IF NOT EXISTS recipients_message ON recipients(message_id);
-CREATE INDEX IF NOT EXISTS recipients_state ON recipients(state, message_id);
 CREATE TABLE IF NOT EXISTS accounts (
     name TEXT PRIMARY KEY,
     scram_salt BLOB,
@@ -155,7 +170,8 @@ CREATE TABLE IF NOT EXISTS leases (
     holder TEXT NOT NULL DEFAULT ''  -- the process (holders.py), or '' (expiry only)
 );
 CREATE INDEX IF NOT EXISTS leases_owner ON leases(owner);
-""" + _ACCOUNT_CERT_SUBJECTS + _OUTBOUND_INDEXES + _RECIPIENT_HOLDS + _RATE_EVENTS
+""" + _ACCOUNT_CERT_SUBJECTS + _OUTBOUND_INDEXES + _RECIPIENT_HOLDS + _RATE_EVENTS \
+    + _SHAPE_INDEXES
 
 
 # Version 5: the process holding a lease, so a dead one's leases are taken at once.
@@ -180,6 +196,16 @@ _V8 = """
 ALTER TABLE accounts ADD COLUMN atrn_wait REAL;
 """
 
+# Version 9: each recipient carries its message's arrival and size.
+_V9 = """
+ALTER TABLE recipients ADD COLUMN message_received_at REAL NOT NULL DEFAULT 0;
+ALTER TABLE recipients ADD COLUMN message_size INTEGER NOT NULL DEFAULT 0;
+UPDATE recipients SET message_received_at = m.received_at, message_size = m.size
+    FROM messages AS m WHERE m.id = recipients.message_id;
+DROP INDEX IF EXISTS recipients_domain_state;
+DROP INDEX IF EXISTS recipients_state;
+""" + _SHAPE_INDEXES
+
 # Statements that bring a file from version N-1 to N.
 _MIGRATIONS: dict[int, str] = {
     2: _ACCOUNT_CERT_SUBJECTS,
@@ -189,6 +215,7 @@ _MIGRATIONS: dict[int, str] = {
     6: _V6,
     7: _V7,
     8: _V8,
+    9: _V9,
 }
 
 

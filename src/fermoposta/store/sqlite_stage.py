@@ -34,7 +34,7 @@ Contract (a mixin of `SQLiteStore`, using only its transactions):
   `_enqueue` inside the enqueue's transaction: when `queue_id` has a live
   stage it turns the placeholder into the message (envelope, arrival time,
   the tail of `body` from the staged size on, then the size) and returns
-  the id; StoreError if the placeholder is gone (an operator removed it:
+  (the id, the size); StoreError if the placeholder is gone (an operator removed it:
   the sender gets a 4xx and sends again).  None: no stage, store as usual.
   `_forget_stages(ids)` after that transaction committed.
 - `discard()` deletes the placeholder if it is still one (size -1), so it is
@@ -172,7 +172,7 @@ class SQLiteStaging:
                 self._undiscarded.add(stage.queue_id)
 
     def _finish_stage(self, conn: sqlite3.Connection, message: NewMessage, body: IO[bytes],
-                      queue_id: str | None, now: float) -> str | None:
+                      queue_id: str | None, now: float) -> tuple[str, int] | None:
         if queue_id is None:
             return None
         with self._stages_lock:
@@ -200,7 +200,7 @@ class SQLiteStaging:
             seq += 1
             del data
         conn.execute("UPDATE messages SET size = ? WHERE id = ?", (size, queue_id))
-        return queue_id
+        return queue_id, size
 
     def _forget_stages(self, queue_ids: Collection[str]) -> None:
         """After the enqueue that made them messages has committed."""
