@@ -32,7 +32,6 @@ import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import _common as c
 import store_engines as se

@@ -130,11 +130,12 @@ def setup_postgres(url: str, data: Data, domains: int, now: float) -> None:
             for m, at, size in data.messages:
                 copy.write_row((m, SENDER, at, size, "mx", False, False, "bench[127.0.0.1]",
                                 "bench"))
+        arrival = {m: (at, size) for m, at, size in data.messages}
         with conn.cursor().copy(
-                "COPY recipients (message_id, address, domain, state, attempts, updated_at)"
-                " FROM STDIN") as copy:
+                "COPY recipients (message_id, address, domain, state, attempts, updated_at,"
+                " message_received_at, message_size) FROM STDIN") as copy:
             for r in data.recipients:
-                copy.write_row((*r, now))
+                copy.write_row((*r, now, *arrival[r[0]]))
         conn.execute("VACUUM ANALYZE")
 
 

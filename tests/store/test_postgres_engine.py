@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import secrets
 import socket
 import threading
 import time
@@ -132,8 +133,8 @@ def _with_netloc(url: str, *, port: int, password: str | None = None) -> str:
 
 def test_a_fresh_schema_gets_every_table_in_the_current_schema(pg: Schema) -> None:
     store = pg.open()
-    assert store.schema_version() == SCHEMA_VERSION == 3
-    assert store.migrate() == (3, 3)
+    assert store.schema_version() == SCHEMA_VERSION == 4
+    assert store.migrate() == (SCHEMA_VERSION, SCHEMA_VERSION)
     tables = {r[0] for r in pg.sql(
         "SELECT table_name FROM information_schema.tables WHERE table_schema = %s", (pg.name,))}
     assert tables == EXPECTED_TABLES
@@ -147,7 +148,7 @@ def test_a_fresh_schema_gets_every_table_in_the_current_schema(pg: Schema) -> No
     assert "claim_holder" in columns
     assert pg.sql("SELECT column_name FROM information_schema.columns WHERE table_schema = %s"
                   " AND table_name = 'messages' AND column_name = 'node'", (pg.name,))
-    assert pg.sql("SELECT version FROM schema_version") == [(3,)]
+    assert pg.sql("SELECT version FROM schema_version") == [(SCHEMA_VERSION,)]
 
 
 def test_migrate_reports_the_versions_and_is_idempotent(pg: Schema) -> None:
@@ -170,11 +171,55 @@ def test_migration_from_version_1_adds_the_etrn_column(pg: Schema) -> None:
         conn.execute("INSERT INTO accounts (name, created_at) VALUES ('acme', 0)")
         conn.execute("INSERT INTO domains (name, account) VALUES ('a.example', 'acme')")
     store = pg.open()
-    assert store.migrate() == (3, 3)  # done on opening
+    assert store.migrate() == (SCHEMA_VERSION, SCHEMA_VERSION)  # done on opening
     assert store.get_domain("a.example") == Domain("a.example", "acme")
     store.update_domain(Domain("a.example", "acme", etrn=""))
     assert store.etrn_domains("a.example") == ["a.example"]
     assert store.get_account("acme") == Account("acme", None, None)
+
+
+def test_migration_from_version_3_copies_arrival_and_size(pg: Schema) -> None:
+    """A database of version 3 migrates to version 4: each recipient gets
+    its message's arrival and size, queue stats reads them, and the indexes
+    are those of a new database."""
+    with pg.raw() as conn, conn.transaction():
+        for step in (1, 2, 3):
+            for statement in pg_schema.MIGRATIONS[step]:
+                conn.execute(statement)
+        conn.execute("UPDATE schema_version SET version = 3")
+        for mid, at, size in (("AAAAAAAAAAAA", 1_000.0, 5), ("BBBBBBBBBBBB", 1_600.0, 7)):
+            conn.execute("INSERT INTO messages (id, sender, received_at, size, origin, smtputf8,"
+                         " body_8bit, client) VALUES (%s, 's@x.example', %s, %s, 'mx', false,"
+                         " false, 'c')", (mid, at, size))
+        for mid, address in (("AAAAAAAAAAAA", "x@a.example"), ("AAAAAAAAAAAA", "y@a.example"),
+                             ("BBBBBBBBBBBB", "z@a.example")):
+            conn.execute("INSERT INTO recipients (message_id, address, domain, state,"
+                         " updated_at) VALUES (%s, %s, 'a.example', 'held', 0)", (mid, address))
+    store = pg.open()
+    assert store.migrate() == (SCHEMA_VERSION, SCHEMA_VERSION)  # done on opening
+    assert pg.sql("SELECT message_id, message_received_at, message_size FROM recipients"
+                  " ORDER BY id") == [("AAAAAAAAAAAA", 1_000.0, 5), ("AAAAAAAAAAAA", 1_000.0, 5),
+                                      ("BBBBBBBBBBBB", 1_600.0, 7)]
+    indexes = pg.sql("SELECT indexdef FROM pg_indexes WHERE schemaname = %s"
+                     " AND tablename = 'recipients' ORDER BY indexname", (pg.name,))
+    shape = store.queue_shape(1_700.0, [300.0])
+    (a,) = shape.domains
+    # Two messages (12 bytes), three recipients: one young (100 s), two old (700 s).
+    assert (a.messages, a.recipients, a.bytes, a.oldest, a.held, a.ages) == (
+        2, 3, 12, 1_000.0, 3, (1, 2))
+    other = f"fp_fresh_{secrets.token_hex(4)}"
+    with pg.raw() as conn:  # a new database, for its indexes
+        conn.execute(f"CREATE SCHEMA {other}")
+        conn.execute(f"SET search_path = {other}")
+        try:
+            pg_schema.migrate(conn)
+            fresh = conn.execute(
+                "SELECT indexdef FROM pg_indexes WHERE schemaname = %s"
+                " AND tablename = 'recipients' ORDER BY indexname", (other,)).fetchall()
+        finally:
+            conn.execute(f"DROP SCHEMA {other} CASCADE")
+    assert [str(r[0]).replace(f"{other}.", "") for r in fresh] == [
+        str(r[0]).replace(f"{pg.name}.", "") for r in indexes]
 
 
 def test_concurrent_migrations_create_the_schema_once(pg: Schema) -> None:

@@ -136,13 +136,13 @@ class PostgresMessages(EnginePart):
                 data = body.read(CHUNK_SIZE)
         del first, data
         conn.execute("UPDATE messages SET size = %s WHERE id = %s", (size, message_id))
-        self._insert_recipients(conn, message_id, message, now)
+        self._insert_recipients(conn, message_id, message, now, size)
         return message_id
 
     _RECIPIENTS_SELECT = (
         "INSERT INTO recipients (message_id, address, domain, state, attempts, notify,"
-        " orcpt, updated_at)"
-        " SELECT {id}, u.address, u.domain, u.state, 0, u.notify, u.orcpt, %s"
+        " orcpt, updated_at, message_received_at, message_size)"
+        " SELECT {id}, u.address, u.domain, u.state, 0, u.notify, u.orcpt, %s, %s, %s"
         " FROM {source}unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[])"
         # WITH ORDINALITY keeps the ids in the message's order.
         " WITH ORDINALITY AS u(address, domain, state, notify, orcpt, n) ORDER BY u.n"
@@ -155,10 +155,11 @@ class PostgresMessages(EnginePart):
                 [r.notify for r in rs], [r.orcpt for r in rs])
 
     def _insert_recipients(self, conn: Conn, message_id: str, message: NewMessage,
-                           now: float) -> None:
+                           now: float, size: int) -> None:
+        """The recipients of a message received at `now` with `size` bytes."""
         if message.recipients:
             conn.execute(self._RECIPIENTS_SELECT.format(id="%s", source=""),
-                         (message_id, now, *self._recipient_arrays(message)))
+                         (message_id, now, now, size, *self._recipient_arrays(message)))
 
     def _insert_whole(self, conn: Conn, message_id: str, message: NewMessage, now: float,
                       data: bytes) -> bool:
@@ -186,7 +187,7 @@ class PostgresMessages(EnginePart):
              bool(message.smtputf8), bool(message.body_8bit), message.envid, message.ret,
              message.client, self._node,
              data, bool(data),
-             now, *self._recipient_arrays(message)),
+             now, now, len(data), *self._recipient_arrays(message)),
         )
 
     def is_empty(self) -> bool:
@@ -224,11 +225,12 @@ class PostgresMessages(EnginePart):
                 row = conn.execute(
                     "INSERT INTO recipients (message_id, address, domain, state, attempts,"
                     " last_reply, notify, orcpt, updated_at, next_attempt_at, first_failure_at,"
-                    " delay_notified) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                    " delay_notified, message_received_at, message_size)"
+                    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
                     " RETURNING id",
                     (m.id, r.address, r.domain, str(r.state), r.attempts, r.last_reply,
                      r.notify, r.orcpt, now, r.next_attempt_at, r.first_failure_at,
-                     bool(r.delay_notified)),
+                     bool(r.delay_notified), m.received_at, size),
                 ).fetchone()
                 previous = entry.hold_from.get(r.id)
                 if r.state == RecipientState.HOLD and previous is not None and row is not None:

@@ -35,7 +35,7 @@ from fermoposta.store.base import SchemaTooNew, StoreError
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "current_version", "held_channel", "migrate"]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # Version 1: the whole schema.  Same tables as the SQLite engine's version 6,
 # plus `holders` (heartbeat rows: who is alive) and `schema_version`.
@@ -187,11 +187,33 @@ _V3: tuple[str, ...] = (
     " EXECUTE FUNCTION notify_held_updated()",
 )
 
+# Version 4 (issue 10; the SQLite engine's version 9): each recipient
+# carries its message's arrival and size, never changed, so `queue stats`
+# and the metrics read only indexes.  `recipients_domain` orders a domain's
+# recipients by (arrival, message): its distinct messages are one ordered
+# pass, with no join; it replaces `recipients_domain_state`, whose
+# (domain, state) lookups it still serves by domain.  The backfill fires
+# the statement trigger of version 3 once, which notifies nothing (no state
+# changes).
+_V4: tuple[str, ...] = (
+    "ALTER TABLE recipients ADD COLUMN message_received_at double precision NOT NULL"
+    " DEFAULT 0, ADD COLUMN message_size bigint NOT NULL DEFAULT 0",
+    "UPDATE recipients AS r SET message_received_at = m.received_at, message_size = m.size"
+    " FROM messages AS m WHERE m.id = r.message_id",
+    "DROP INDEX recipients_domain_state",
+    "DROP INDEX recipients_state",
+    "CREATE INDEX recipients_domain ON recipients"
+    " (domain, message_received_at, message_id, message_size, state)",
+    "CREATE INDEX recipients_state ON recipients"
+    " (state, message_id, message_size, message_received_at)",
+)
+
 # Statements that bring a database from version N-1 to N.
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: _V1,
     2: _V2,
     3: _V3,
+    4: _V4,
 }
 
 

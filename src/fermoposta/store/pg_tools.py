@@ -35,7 +35,7 @@ from fermoposta.store.pg_rows import (
     Conn,
     EnginePart,
 )
-from fermoposta.store.rows import SMALL_DOMAIN, domain_size_sql, filter_sql, shape_from_pairs
+from fermoposta.store.rows import SMALL_DOMAIN, domain_size_sql, filter_sql, shape_from_domains
 from fermoposta.store.rows import message_from_row as _message
 from fermoposta.store.rows import recipient_from_row as _recipient
 
@@ -293,27 +293,36 @@ class PostgresQueueTools(EnginePart):
         return {mid: Requeued(**c) for mid, c in counts.items()}
 
     def queue_shape(self, now: float, age_limits: Sequence[float]) -> QueueShape:
+        # Index-only (recipients_domain, schema 4): the (domain, arrival,
+        # message) groups come in index order, each message once per domain,
+        # with no join to messages (issue 10: 0.6 s at 1,000,000 held, where
+        # the join took 1.8).
         limits = [float(a) for a in age_limits]
-        bucket = "CASE" + "".join(
-            f" WHEN %s::float8 - m.received_at < %s::float8 THEN {i}" for i in range(len(limits))
-        ) + f" ELSE {len(limits)} END"
-        if not limits:
-            bucket = "0"  # one bucket (PostgreSQL has no CASE without a WHEN)
-        bucket_params: list[Any] = []
-        for limit in limits:
-            bucket_params += [float(now), limit]
+        ages: list[str] = []
+        age_params: list[Any] = []
+        for i in range(len(limits) + 1):
+            # Bucket i: limits[i-1] <= age < limits[i], age = now - received_at.
+            bounds: list[str] = []
+            if i < len(limits):
+                bounds.append("p.received_at > %s::float8")
+                age_params.append(float(now) - limits[i])
+            if i > 0:
+                bounds.append("p.received_at <= %s::float8")
+                age_params.append(float(now) - limits[i - 1])
+            ages.append("coalesce(sum(p.n) FILTER (WHERE " + " AND ".join(bounds) + "), 0)"
+                        if bounds else "sum(p.n)")
         with self._read("queue shape") as conn:
-            # One pass: the (domain, message) pairs, each joined once to its message.
             rows = conn.execute(
-                f"SELECT p.domain, {bucket}, sum(p.n), count(*), sum(m.size),"
-                " min(m.received_at), sum(p.held), sum(p.outbound), sum(p.hold)"
-                " FROM (SELECT domain, message_id, count(*) AS n,"
+                "SELECT p.domain, count(*), sum(p.n), sum(p.size), min(p.received_at),"
+                " sum(p.held), sum(p.outbound), sum(p.hold), " + ", ".join(ages) +
+                " FROM (SELECT domain, message_received_at AS received_at,"
+                " max(message_size) AS size, count(*) AS n,"
                 " count(*) FILTER (WHERE state = %s) AS held,"
                 " count(*) FILTER (WHERE state = %s) AS outbound,"
                 " count(*) FILTER (WHERE state = %s) AS hold"
-                " FROM recipients GROUP BY domain, message_id) AS p"
-                " JOIN messages m ON m.id = p.message_id GROUP BY 1, 2",
-                (*bucket_params, HELD, OUTBOUND, HOLD),
+                " FROM recipients GROUP BY domain, message_received_at, message_id) AS p"
+                " GROUP BY p.domain",
+                (*age_params, HELD, OUTBOUND, HOLD),
             ).fetchall()
             deferred = {
                 str(r[0]): int(r[1])
@@ -325,7 +334,7 @@ class PostgresQueueTools(EnginePart):
                 "SELECT count(*), COALESCE(sum(size), 0), min(received_at) FROM messages"
             ).fetchone()
         assert message_row is not None
-        return shape_from_pairs(rows, deferred, message_row, len(limits) + 1)
+        return shape_from_domains(rows, deferred, message_row, len(limits) + 1)
 
     def live_nodes(self) -> list[NodeStatus]:
         rows = self._query(
@@ -341,10 +350,10 @@ class PostgresQueueTools(EnginePart):
             rows = {
                 str(r[0]): (int(r[1]), int(r[2] or 0), r[3])
                 for r in conn.execute(
+                    # Index-only (recipients_state, schema 4): each (state, message) once.
                     "SELECT state, count(*), sum(size), min(received_at) FROM"
-                    " (SELECT DISTINCT r.state AS state, m.id, m.size AS size,"
-                    " m.received_at AS received_at"
-                    " FROM recipients r JOIN messages m ON m.id = r.message_id) AS s"
+                    " (SELECT DISTINCT state, message_id, message_size AS size,"
+                    " message_received_at AS received_at FROM recipients) AS s"
                     " GROUP BY state"
                 )
             }

@@ -211,28 +211,21 @@ def shape_from_rows(figures: Mapping[str, Sequence[Any]], sizes: Mapping[str, in
     return QueueShape(total, tuple(domains))
 
 
-def shape_from_pairs(rows: Iterable[Sequence[Any]], deferred: Mapping[str, int],
-                     message_row: Sequence[Any], buckets: int) -> QueueShape:
-    """`QueueShape` from the one pass both engines make over the (domain,
-    message) pairs of the recipients joined to their messages, grouped by
-    (domain, age bucket): rows of (domain, bucket, recipients, messages,
-    bytes, oldest, held, outbound, hold); `deferred` is per domain.  A
-    message falls in one bucket, so summing its rows over the buckets counts
-    each message (and its bytes) once per domain."""
+def shape_from_domains(rows: Iterable[Sequence[Any]], deferred: Mapping[str, int],
+                       message_row: Sequence[Any], buckets: int) -> QueueShape:
+    """`QueueShape` from the one row per domain both engines compute from
+    their index of (domain, arrival, message, size, state): (domain,
+    messages, recipients, bytes, oldest, held, outbound, hold, then the
+    recipients of each of the `buckets` age buckets); `deferred` is per
+    domain, `message_row` the queue's (messages, bytes, oldest)."""
     figures: dict[str, list[Any]] = {}
     sizes: dict[str, int] = {}
     ages: dict[str, list[int]] = {}
-    for domain, bucket, recipients, messages, size, oldest, held, outbound, hold in rows:
-        name = str(domain)
-        f = figures.setdefault(name, [0, 0, None, 0, 0, deferred.get(name, 0), 0])
-        f[0] += int(messages)
-        f[1] += int(recipients)
-        if oldest is not None and (f[2] is None or oldest < f[2]):
-            f[2] = oldest
-        f[3] += int(held or 0)
-        f[4] += int(outbound or 0)
-        f[6] += int(hold or 0)
-        sizes[name] = sizes.get(name, 0) + int(size or 0)
-        ages.setdefault(name, [0] * buckets)[int(bucket)] += int(recipients)
+    for row in rows:
+        name = str(row[0])
+        figures[name] = [int(row[1]), int(row[2]), row[4], int(row[5] or 0), int(row[6] or 0),
+                         deferred.get(name, 0), int(row[7] or 0)]
+        sizes[name] = int(row[3] or 0)
+        ages[name] = [int(n or 0) for n in row[8:8 + buckets]]
     total_row = [sum(int(f[i]) for f in figures.values()) for i in (1, 3, 4, 5, 6)]
     return shape_from_rows(figures, sizes, ages, total_row, message_row, buckets)

@@ -25,7 +25,7 @@ from fermoposta.store.base import (
     Requeued,
 )
 from fermoposta.store.holders import Holders
-from fermoposta.store.rows import SMALL_DOMAIN, domain_size_sql, filter_sql, shape_from_rows
+from fermoposta.store.rows import SMALL_DOMAIN, domain_size_sql, filter_sql, shape_from_domains
 from fermoposta.store.rows import message_from_row as _message
 from fermoposta.store.rows import recipient_from_row as _recipient
 from fermoposta.store.sqlite_rows import (
@@ -319,9 +319,6 @@ class SQLiteQueueTools:
             ages.append("(SELECT COUNT(*) FROM recipients WHERE " + " AND ".join(bounds) + ")")
         held, outbound, hold = (str(s) for s in (RecipientState.HELD, RecipientState.OUTBOUND,
                                                   RecipientState.HOLD))
-        figures: dict[str, list[Any]] = {}
-        sizes: dict[str, int] = {}
-        age_counts: dict[str, list[int]] = {}
         with self._read() as conn:
             deferred = {
                 str(r[0]): int(r[1])
@@ -329,27 +326,22 @@ class SQLiteQueueTools:
                     "SELECT domain, COUNT(*) FROM recipients WHERE state = ? AND attempts > 0"
                     " GROUP BY domain", (outbound,))
             }
+            rows: list[tuple[Any, ...]] = []
             for row in conn.execute(
-                "SELECT domain, COUNT(*), MIN(message_received_at), SUM(state = ?),"
-                " SUM(state = ?), SUM(state = ?),"
-                " (SELECT COUNT(*) || ' ' || SUM(message_size) FROM (SELECT DISTINCT"
-                " message_received_at, message_id, message_size FROM recipients"
-                " WHERE domain = r.domain)), " + ", ".join(ages) +
-                " FROM recipients AS r GROUP BY domain",
+                "SELECT domain, (SELECT COUNT(*) || ' ' || SUM(message_size) FROM"
+                " (SELECT DISTINCT message_received_at, message_id, message_size"
+                " FROM recipients WHERE domain = r.domain)), COUNT(*),"
+                " MIN(message_received_at), SUM(state = ?), SUM(state = ?), SUM(state = ?), "
+                + ", ".join(ages) + " FROM recipients AS r GROUP BY domain",
                 (held, outbound, hold, *age_params),
             ):
-                name = str(row[0])
-                messages, size = str(row[6]).split()
-                figures[name] = [int(messages), int(row[1]), row[2], int(row[3]),
-                                 int(row[4]), deferred.get(name, 0), int(row[5])]
-                sizes[name] = int(size)
-                age_counts[name] = [int(n) for n in row[7:]]
+                # Two figures of one subquery: (messages, bytes) of the domain.
+                messages, size = str(row[1]).split()
+                rows.append((row[0], int(messages), row[2], int(size), *row[3:]))
             message_row = conn.execute(
                 "SELECT COUNT(*), COALESCE(SUM(size), 0), MIN(received_at) FROM messages"
                 " WHERE size >= 0").fetchone()
-        total_row = [sum(int(f[i]) for f in figures.values()) for i in (1, 3, 4, 5, 6)]
-        return shape_from_rows(figures, sizes, age_counts, total_row, message_row,
-                               len(limits) + 1)
+        return shape_from_domains(rows, deferred, message_row, len(limits) + 1)
 
     def live_nodes(self) -> list[NodeStatus]:
         holders = self._holders
