@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import signal
 import sqlite3
 import stat
@@ -289,6 +290,49 @@ def test_due_query_uses_the_index(store: SQLiteStore, path: Path) -> None:
             " ORDER BY COALESCE(next_attempt_at, 0), id LIMIT ?", ("outbound", 1, 1, 10))
     )
     assert "recipients_due" in plan and "TEMP B-TREE" not in plan
+
+
+def test_domain_queries_take_the_domain_index(path: Path, clock: Clock,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every statement the store runs with a domain and a state reads the
+    domain's range of recipients_domain, never every recipient in that state
+    through a state index: SQLite keeps no statistics, and with both on
+    offer it took recipients_due for ATRN's held_message_ids (222 ms at
+    1,000,000 held, against 4 ms)."""
+    statements: list[str] = []
+    connect = sqlite3.connect
+
+    def traced(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        conn = connect(*args, **kwargs)
+        conn.set_trace_callback(statements.append)  # the SQL with its values
+        return conn
+
+    monkeypatch.setattr(sqlite3, "connect", traced)
+    from fermoposta.store.base import Account, Domain, QueueFilter
+    with SQLiteStore(path, clock=clock) as store:
+        store.add_account(Account("acme", None, None))
+        store.add_domain(Domain("a.example", "acme"))
+        store.enqueue(msg("x@a.example"), io.BytesIO(b"m"))
+        statements.clear()
+        # Two domains: SQLite weighs an IN list of several values differently.
+        store.held_message_ids(["a.example", "b.example"])
+        store.domains_with_held_mail(["a.example", "b.example"])
+        store.domain_usage("a.example")
+        store.queue_page(QueueFilter(domain="a.example", state="held"), None, 10)
+        store.retry_outbound(clock.now, domain="a.example")
+        store.start_etrn(["a.example", "b.example"], clock.now)
+    monkeypatch.undo()
+    checked = 0
+    for sql in statements:
+        if not sql.lstrip().upper().startswith("SELECT") \
+                or not re.search(r"\bdomain (=|IN) .*\bstate =|\bstate = .*\bdomain (=|IN) ", sql):
+            continue  # not a statement that selects by domain and state
+        plan = " | ".join(str(r[-1]) for r in rows(path, "EXPLAIN QUERY PLAN " + sql))
+        indexes = re.findall(r"INDEX (recipients_\w+)", plan)
+        assert "recipients_domain" in indexes, (sql, plan)
+        assert set(indexes) == {"recipients_domain"}, (sql, plan)
+        checked += 1
+    assert checked >= 5, statements
 
 
 # --- schema versions and migrations ---------------------------------------------------------

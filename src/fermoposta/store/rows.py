@@ -109,16 +109,19 @@ def domain_from_row(row: Sequence[Any], valid: Iterable[str] | None) -> Domain:
 SMALL_DOMAIN = 20_000
 
 
-def domain_size_sql(where: QueueFilter, *, mark: str) -> tuple[str, list[Any]] | None:
+def domain_size_sql(where: QueueFilter, *, mark: str, unindexed: str = "{}"
+                    ) -> tuple[str, list[Any]] | None:
     """A query of how many recipients (at most `SMALL_DOMAIN`) the domain
-    filter of `where` selects, one range of `recipients_domain`; None
-    without a domain filter.  Its answer is `filter_sql`'s `small_domain`."""
+    filter of `where` selects, one range of `recipients_domain` (`unindexed`
+    as in `filter_sql` keeps a state filter from choosing a state index);
+    None without a domain filter.  Its answer is `filter_sql`'s
+    `small_domain`."""
     if where.domain is None:
         return None
     sql = f"SELECT count(*) FROM (SELECT 1 FROM recipients WHERE domain = {mark}"
     params: list[Any] = [where.domain]
     if where.state is not None:
-        sql += f" AND state = {mark}"
+        sql += f" AND {unindexed.format('state')} = {mark}"
         params.append(str(RecipientState.OUTBOUND) if where.state == "deferred"
                       else str(RecipientState(where.state)))
     return sql + f" LIMIT {mark}) AS s", [*params, SMALL_DOMAIN]
@@ -166,11 +169,14 @@ def filter_sql(where: QueueFilter, after: tuple[float, str] | None, *, mark: str
                      else f"{unindexed.format('r.domain')} = {mark}")
         inner_params.append(where.domain)
     if where.state is not None:
+        # From the domain's range: never a state index (every recipient in that state).
+        state = (unindexed.format("r.state") if small_domain and where.domain is not None
+                 else "r.state")
         if where.state == "deferred":
-            inner.append(f"r.state = {mark} AND r.attempts > 0")
+            inner.append(f"{state} = {mark} AND r.attempts > 0")
             inner_params.append(str(RecipientState.OUTBOUND))
         else:
-            inner.append(f"r.state = {mark}")
+            inner.append(f"{state} = {mark}")
             inner_params.append(str(RecipientState(where.state)))
     if where.recipient is not None:
         inner.append(f"lower(r.address) = lower({mark})" if where.recipient_exact

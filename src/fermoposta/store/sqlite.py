@@ -519,7 +519,9 @@ class SQLiteStore(SQLiteDirectory, SQLiteQueueTools, SQLiteEtrn, SQLiteOutbound,
                 for message_id, received_at in conn.execute(
                     "SELECT id, received_at FROM messages WHERE id IN ("
                     " SELECT message_id FROM recipients"
-                    f" WHERE state = ? AND domain IN ({_marks(len(batch))}))",
+                    # +state: the domains' range of recipients_domain, never a
+                    # scan of every HELD recipient (SQLite keeps no statistics).
+                    f" WHERE +state = ? AND domain IN ({_marks(len(batch))}))",
                     (str(RecipientState.HELD), *batch),
                 ):
                     found[message_id] = received_at
@@ -531,7 +533,7 @@ class SQLiteStore(SQLiteDirectory, SQLiteQueueTools, SQLiteEtrn, SQLiteOutbound,
             for batch in _batches(sorted(set(domains))):
                 for (domain,) in conn.execute(
                     "SELECT DISTINCT domain FROM recipients"
-                    f" WHERE domain IN ({_marks(len(batch))}) AND state = ?",
+                    f" WHERE domain IN ({_marks(len(batch))}) AND +state = ?",
                     (*batch, str(RecipientState.HELD)),
                 ):
                     result.add(domain)
@@ -543,9 +545,11 @@ class SQLiteStore(SQLiteDirectory, SQLiteQueueTools, SQLiteEtrn, SQLiteOutbound,
 
     def domain_usage(self, domain: str) -> tuple[int, int]:
         with self._read() as conn:
+            # Index-only: the domain's range of recipients_domain, each message once.
             row = conn.execute(
-                "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM messages WHERE id IN ("
-                " SELECT message_id FROM recipients WHERE domain = ? AND state = ?)",
+                "SELECT COUNT(*), COALESCE(SUM(message_size), 0) FROM (SELECT DISTINCT"
+                " message_received_at, message_id, message_size FROM recipients"
+                " WHERE domain = ? AND +state = ?)",
                 (domain, str(RecipientState.HELD)),
             ).fetchone()
         return int(row[0]), int(row[1])

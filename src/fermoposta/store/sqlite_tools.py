@@ -42,7 +42,7 @@ def _filter_sql(conn: sqlite3.Connection, where: QueueFilter,
     domain's size; `+r.domain` keeps SQLite from probing every message's
     EXISTS through the domain's whole range of `recipients_domain`."""
     small = False
-    size = domain_size_sql(where, mark="?")
+    size = domain_size_sql(where, mark="?", unindexed="+{}")
     if size is not None:
         small = int(conn.execute(size[0], size[1]).fetchone()[0]) < SMALL_DOMAIN
     return filter_sql(where, after, mark="?", find="instr({haystack}, {needle}) > 0",
@@ -219,8 +219,10 @@ class SQLiteQueueTools:
         self, now: float, *, message_ids: Collection[str] | None = None,
         domain: str | None = None
     ) -> dict[str, int]:
-        condition = ("state = ? AND (claimed_until IS NULL OR claimed_until <= ?)"
-                     + (" AND domain = ?" if domain is not None else ""))
+        # With a domain, +state: its range of recipients_domain, not every OUTBOUND one.
+        condition = ("+state = ? AND (claimed_until IS NULL OR claimed_until <= ?)"
+                     " AND domain = ?" if domain is not None else
+                     "state = ? AND (claimed_until IS NULL OR claimed_until <= ?)")
         params: list[Any] = [str(RecipientState.OUTBOUND), now]
         if domain is not None:
             params.append(domain)
