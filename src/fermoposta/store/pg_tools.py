@@ -315,11 +315,12 @@ class PostgresQueueTools(EnginePart):
             rows = conn.execute(
                 "SELECT p.domain, count(*), sum(p.n), sum(p.size), min(p.received_at),"
                 " sum(p.held), sum(p.outbound), sum(p.hold), " + ", ".join(ages) +
+                # int counts: their sums are bigint, not numeric (Decimal in Python).
                 " FROM (SELECT domain, message_received_at AS received_at,"
-                " max(message_size) AS size, count(*) AS n,"
-                " count(*) FILTER (WHERE state = %s) AS held,"
-                " count(*) FILTER (WHERE state = %s) AS outbound,"
-                " count(*) FILTER (WHERE state = %s) AS hold"
+                " max(message_size) AS size, count(*)::int AS n,"
+                " (count(*) FILTER (WHERE state = %s))::int AS held,"
+                " (count(*) FILTER (WHERE state = %s))::int AS outbound,"
+                " (count(*) FILTER (WHERE state = %s))::int AS hold"
                 " FROM recipients GROUP BY domain, message_received_at, message_id) AS p"
                 " GROUP BY p.domain",
                 (*age_params, HELD, OUTBOUND, HOLD),
