@@ -225,3 +225,22 @@ def test_reader_arbitrary_bytes_no_surprises(data: bytes, cuts: list[int]) -> No
         assert expected.startswith(payload)
         if end >= 0:
             assert payload == expected
+
+
+def _stuff_reference(content: bytes) -> bytes:
+    """What the wire must carry for `content`, by the rules alone: every bare
+    CR or LF made a CRLF, every line-leading dot doubled, a final CRLF, the dot."""
+    text = content.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+    text = (b"\r\n" + text).replace(b"\r\n.", b"\r\n..")[2:]
+    if text and not text.endswith(b"\r\n"):
+        text += b"\r\n"
+    return text + b".\r\n"
+
+
+@settings(max_examples=500)
+@given(st.one_of(chunked_bytes, st.lists(linebytes, max_size=6)))
+def test_stuffer_matches_the_rules_for_any_split(chunks: list[bytes]) -> None:
+    """The fast path (a chunk already in CRLF form is only searched for dots)
+    and the rewriting path give the same wire as the rules, however the
+    content is cut."""
+    assert b"".join(dot_stuff(chunks)) == _stuff_reference(b"".join(chunks))
