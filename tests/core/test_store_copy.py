@@ -31,6 +31,7 @@ from fermoposta.store import (
 from fermoposta.store.base import QueueFilter
 from fermoposta.store.sqlite import SCHEMA_VERSION
 from support import pg
+from support.sqlite_schema import back_to_version_8
 
 HELD, OUTBOUND = RecipientState.HELD, RecipientState.OUTBOUND
 BIG = os.urandom(600_000)  # three chunks
@@ -139,6 +140,7 @@ def test_migrate_reports_the_versions(tmp_path: Path, capsys) -> None:
     config = load_provider_config(config_path)
     SQLiteStore(config.store_path).close()
     with sqlite3.connect(config.store_path) as raw:  # pretend it was written by version 5
+        back_to_version_8(raw)
         raw.execute("ALTER TABLE messages DROP COLUMN node")
         raw.execute("ALTER TABLE recipients DROP COLUMN claim_holder")
         raw.execute("DROP TABLE rate_events")

@@ -44,6 +44,7 @@ from fermoposta.store import (
 from fermoposta.store.base import SchemaTooNew
 from fermoposta.store.holders import Holders
 from fermoposta.store.sqlite import BUSY_TIMEOUT, SCHEMA_VERSION
+from support.sqlite_schema import back_to_version_8
 
 from .contract import HELD, OUTBOUND, Clock, body_of, msg, rcpt, rcpt_ids
 
@@ -691,7 +692,7 @@ def test_migration_from_version_6(tmp_path: Path) -> None:
         store.add_account(Account("acme", None, None))
         store.add_domain(Domain("a.example", "acme", max_messages=5))
     with closing(sqlite3.connect(path)) as conn:
-        _back_to_version_8(conn)
+        back_to_version_8(conn)
         conn.execute("ALTER TABLE domains DROP COLUMN etrn")
         conn.execute("ALTER TABLE accounts DROP COLUMN atrn_wait")
         conn.execute("PRAGMA user_version = 6")
@@ -715,7 +716,7 @@ def test_migration_from_version_7(tmp_path: Path) -> None:
     with SQLiteStore(path) as store:
         store.add_account(Account("acme", None, None, created_at=1.0))
     with closing(sqlite3.connect(path)) as conn:
-        _back_to_version_8(conn)
+        back_to_version_8(conn)
         conn.execute("ALTER TABLE accounts DROP COLUMN atrn_wait")
         conn.execute("PRAGMA user_version = 7")
         conn.commit()
@@ -727,19 +728,6 @@ def test_migration_from_version_7(tmp_path: Path) -> None:
         again = store.get_account("acme")
         assert again is not None and again.atrn_wait == 120.0
     assert rows(path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
-
-
-def _back_to_version_8(conn: sqlite3.Connection) -> None:
-    """Undo schema 9 on a current file: its recipient columns and indexes."""
-    conn.executescript("""
-        DROP INDEX recipients_domain;
-        DROP INDEX recipients_state;
-        ALTER TABLE recipients DROP COLUMN message_received_at;
-        ALTER TABLE recipients DROP COLUMN message_size;
-        CREATE INDEX recipients_domain_state ON recipients(domain, state, message_id);
-        CREATE INDEX recipients_state ON recipients(state, message_id);
-        PRAGMA user_version = 8;
-    """)
 
 
 def _schema_of(path: Path) -> tuple[list[Any], list[Any]]:
@@ -766,7 +754,7 @@ def test_migration_from_version_8(tmp_path: Path) -> None:
             NewMessage("s@sender.example", (rcpt("z@a.example"), rcpt("w@b.example", OUTBOUND)),
                        MessageOrigin.MX), io.BytesIO(b"1234567"))
     with closing(sqlite3.connect(path)) as conn:
-        _back_to_version_8(conn)
+        back_to_version_8(conn)
     new = tmp_path / "new.sqlite3"
     SQLiteStore(new).close()
     with SQLiteStore(path, clock=clock) as store:

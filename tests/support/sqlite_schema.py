@@ -1,0 +1,23 @@
+"""Older SQLite schemas made from a current file, for migration tests.
+
+Contract: `back_to_version_8(conn)` undoes schema 9 on a current file (each
+recipient's copy of its message's arrival and size, and the indexes that
+read them) and sets `user_version` to 8; older steps are the caller's.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+
+def back_to_version_8(conn: sqlite3.Connection) -> None:
+    """Undo schema 9 on a current file: its recipient columns and indexes."""
+    conn.executescript("""
+        DROP INDEX recipients_domain;
+        DROP INDEX recipients_state;
+        ALTER TABLE recipients DROP COLUMN message_received_at;
+        ALTER TABLE recipients DROP COLUMN message_size;
+        CREATE INDEX recipients_domain_state ON recipients(domain, state, message_id);
+        CREATE INDEX recipients_state ON recipients(state, message_id);
+        PRAGMA user_version = 8;
+    """)
