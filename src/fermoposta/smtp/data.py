@@ -80,7 +80,8 @@ class DataReader:
             self._check_lines(buf, _CONTEXT, stop)
         # §4.5.2: a "." starting a line is removed (the sender doubled it);
         # without one (every base64 attachment), one copy instead of three.
-        if buf.find(b"\r\n.", 0, stop) < 0:
+        # No "." at all is found at memchr speed; a CRLF before one may not be.
+        if buf.find(b".", _CONTEXT, stop) < 0 or buf.find(b"\r\n.", 0, stop) < 0:
             payload = buf[_CONTEXT:stop]
         else:
             payload = buf[:stop].replace(b"\r\n.", _CRLF)[_CONTEXT:]
@@ -127,7 +128,7 @@ class DotStuffer:
         lf = data.count(b"\n")
         if data.count(b"\r") != lf or (lf and data.count(_CRLF) != lf):
             data = data.replace(_CRLF, b"\n").replace(b"\r", b"\n").replace(b"\n", _CRLF)
-        if b"\n." in data:  # every LF is in a CRLF now
+        if b"." in data and b"\n." in data:  # every LF is in a CRLF now
             data = data.replace(b"\r\n.", b"\r\n..")  # §4.5.2 transparency
         if self._line_start and data.startswith(b"."):
             data = b"." + data
