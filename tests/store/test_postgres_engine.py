@@ -924,3 +924,147 @@ def test_start_etrn_waits_for_a_lease_being_taken_and_then_leaves_the_domain(
     message = store.get_message(mid)
     assert message is not None and [r.state for r in message.recipients] == [HELD_STATE]
     assert [r[0] for r in pg.sql("SELECT owner FROM leases")] == ["atrn-session"]
+
+
+# --- the cache of domain lookups (pg_domain_cache) ------------------------------------------
+
+
+def _now_or_none(store: PostgresStore, name: str) -> tuple[bool, Any]:
+    """(True, answer) when get_domain_now answered from the cache."""
+    from fermoposta.store.base import WouldBlock
+    try:
+        return True, store.get_domain_now(name)
+    except WouldBlock:
+        return False, None
+
+
+def _until(check: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def _cached(store: PostgresStore, name: str) -> Any:
+    """Look `name` up until the cache answers it; return the answer."""
+    answer: list[Any] = []
+
+    def hit() -> bool:
+        found, value = _now_or_none(store, name)
+        if found:
+            answer.append(value)
+            return True
+        store.get_domain(name)  # what lookup_domain does after WouldBlock
+        return False
+
+    _until(hit, f"the cache to answer {name}")
+    return answer[0]
+
+
+def test_domain_lookups_are_cached_until_another_node_changes_a_domain(pg: Schema) -> None:
+    """One node's cache answers RCPT lookups without the database and is
+    emptied, on commit, by any node's change: add, update, valid recipients,
+    removal, an account's removal (cascade), and a domain that was unknown."""
+    from fermoposta.store.base import Account, Domain
+    node = pg.open()
+    other = pg.open()
+    other.add_account(Account("acme", None, None))
+    other.add_domain(Domain("a.example", "acme", max_messages=5))
+    assert _cached(node, "a.example") == Domain("a.example", "acme", max_messages=5)
+    assert _cached(node, "nobody.example") is None  # a negative answer is kept too
+
+    changes = [
+        lambda: other.update_domain(Domain("a.example", "acme", max_messages=7)),
+        lambda: other.update_domain(Domain("a.example", "acme", max_messages=7,
+                                           valid_recipients=frozenset({"x"}))),
+        lambda: other.add_domain(Domain("nobody.example", "acme")),
+        lambda: other.remove_domain("nobody.example"),
+        lambda: other.remove_account("acme"),
+    ]
+    for change in changes:
+        _cached(node, "a.example")
+        _cached(node, "nobody.example")
+        change()
+        # Gone from the cache at once: the next lookup reads the database.
+        _until(lambda: not _now_or_none(node, "a.example")[0]
+               and not _now_or_none(node, "nobody.example")[0], "the change's notice")
+        assert node.get_domain("a.example") == other.get_domain("a.example")
+        assert node.get_domain("nobody.example") == other.get_domain("nobody.example")
+    assert node.get_domain("a.example") is None  # the account's removal took its domain
+
+
+def test_an_answer_read_before_a_change_is_not_kept_after_it(pg: Schema) -> None:
+    from fermoposta.store.base import Account, Domain
+    node = pg.open()
+    other = pg.open()
+    other.add_account(Account("acme", None, None))
+    other.add_domain(Domain("a.example", "acme"))
+    _cached(node, "a.example")
+    cache = node._domain_cache
+    before = cache.generation()  # a lookup begins ...
+    stale = node.get_domain("a.example")
+    other.update_domain(Domain("a.example", "acme", max_messages=1))  # ... a change commits
+    _until(lambda: cache.generation() != before, "the change's notice")
+    cache.keep("a.example", stale, before)  # ... and the lookup ends: not kept
+    assert cache.lookup("a.example") == (False, None)
+
+
+def test_a_store_that_never_asks_now_caches_nothing(pg: Schema) -> None:
+    """CLI commands use get_domain only: no LISTEN, no cached answer."""
+    from fermoposta.store.base import Account, Domain
+    store = pg.open()
+    store.add_account(Account("acme", None, None))
+    store.add_domain(Domain("a.example", "acme"))
+    assert store.get_domain("a.example") == Domain("a.example", "acme")
+    assert store._domain_cache.lookup("a.example") == (False, None)
+    assert pg.sql("SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'LISTEN \"fp_dir_%%'"
+                  " AND datname = current_database()") == [(0,)]
+
+
+def test_a_lost_listen_stops_the_cache_until_it_is_back(pg: Schema,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """Notices sent while the LISTEN connection is gone are missed: the cache
+    answers nothing until a new LISTEN is in place, then works again."""
+    from fermoposta.store.base import Account, Domain
+    node = pg.open()
+    other = pg.open()
+    other.add_account(Account("acme", None, None))
+    other.add_domain(Domain("a.example", "acme"))
+    _cached(node, "a.example")
+    cache = node._domain_cache
+    connect = cache._connect
+
+    def refused() -> psycopg.Connection[Any]:
+        raise psycopg.OperationalError("connection refused (test)")
+
+    cache._connect = refused  # the listener cannot come back for now
+    channel = pg_schema.directory_channel(pg.name)
+    listeners = pg.sql("SELECT pid FROM pg_stat_activity WHERE query = %s",
+                       (f'LISTEN "{channel}"',))
+    assert len(listeners) == 1
+    with caplog.at_level(logging.WARNING, logger="fermoposta.store"):
+        pg.sql("SELECT pg_terminate_backend(%s)", (listeners[0][0],))
+        other.update_domain(Domain("a.example", "acme", max_messages=2))  # nobody hears it
+        _until(lambda: not _now_or_none(node, "a.example")[0], "the cache to stop")
+        node.get_domain("a.example")  # read while not listening: not kept
+        assert not _now_or_none(node, "a.example")[0]
+        # One warning for the outage, not one per failed attempt.
+        _until(lambda: any("lost the LISTEN for domain changes" in r.getMessage()
+                           for r in caplog.records), "the warning")
+        time.sleep(2.5)  # more than RETRY: at least one more attempt failed
+    assert not any("cannot LISTEN" in r.getMessage() for r in caplog.records)
+    cache._connect = connect
+    assert _cached(node, "a.example") == Domain("a.example", "acme", max_messages=2)
+
+
+def test_the_cache_is_bounded(pg: Schema, monkeypatch: pytest.MonkeyPatch) -> None:
+    """RCPT to random domains cannot grow it without end: a full cache is emptied."""
+    from fermoposta.store import pg_domain_cache
+    monkeypatch.setattr(pg_domain_cache, "MAX_ENTRIES", 3)
+    node = pg.open()
+    for name in ("a.example", "b.example", "c.example"):
+        _cached(node, name)
+    assert all(_now_or_none(node, n)[0] for n in ("a.example", "b.example", "c.example"))
+    node.get_domain("d.example")
+    assert _now_or_none(node, "d.example") == (True, None)
+    assert not any(_now_or_none(node, n)[0] for n in ("a.example", "b.example", "c.example"))

@@ -14,6 +14,10 @@ Contract:
 - `DotStuffer` (client side, RFC 5321 §4.5.2) converts bare CR and bare LF to CRLF,
   doubles a leading "." on every line and `finish()` appends the final CRLF (if the
   content did not end with one) and ".<CRLF>".  `dot_stuff()` wraps it for iterables.
+  A chunk already in CRLF form (every stored body: intake refuses bare CR/LF) is
+  only counted and searched, not rewritten; the check is never skipped.
+- Both look for a "." at memchr speed before searching for a line-leading one, so
+  a body without dots (base64) is copied at most once per chunk.
 No I/O.
 """
 

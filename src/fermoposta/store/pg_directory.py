@@ -227,17 +227,25 @@ class PostgresDirectory(EnginePart):
             _set_valid(conn, domain)
 
     def get_domain_now(self, name: str) -> Domain | None:
-        raise WouldBlock()  # every answer is a round trip to the server
+        """From this process's cache of answers (pg_domain_cache), which the
+        first call starts (the provider's MX; a CLI command never caches);
+        else `WouldBlock`: the answer is a round trip to the server."""
+        self._domain_cache.start()
+        found, answer = self._domain_cache.lookup(name)
+        if found:
+            return answer
+        raise WouldBlock()
 
     def get_domain(self, name: str) -> Domain | None:
+        generation = self._domain_cache.generation()
         # One statement (one snapshot, one round trip): the MX asks for every RCPT.
         rows = self._query(
             "get domain",
             f"SELECT {DOMAIN_COLUMNS}, ARRAY(SELECT local FROM valid_recipients v"
             " WHERE v.domain = d.name) FROM domains d WHERE name = %s", (name,))
-        if not rows:
-            return None
-        return domain_from_row(rows[0], rows[0][7])
+        answer = domain_from_row(rows[0], rows[0][7]) if rows else None
+        self._domain_cache.keep(name, answer, generation)
+        return answer
 
     def list_domains(self, account: str | None = None) -> list[Domain]:
         with self._read("list domains") as conn:

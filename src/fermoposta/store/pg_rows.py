@@ -18,6 +18,9 @@ import psycopg
 from psycopg.rows import TupleRow
 
 from fermoposta.store.base import NewMessage, QueuedMessage, RecipientState
+
+if TYPE_CHECKING:
+    from fermoposta.store.pg_domain_cache import DomainCache
 from fermoposta.store.rows import (
     MESSAGE_COLUMNS,
     RECIPIENT_COLUMNS,
@@ -52,6 +55,7 @@ class EnginePart:
     _clock: Callable[[], float]
     _node_timeout: float
     _holder: str
+    _domain_cache: DomainCache
 
     if TYPE_CHECKING:  # provided by PostgresStore
         def _read(self, what: str, *, snapshot: bool = True

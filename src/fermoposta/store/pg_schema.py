@@ -33,7 +33,8 @@ import psycopg
 
 from fermoposta.store.base import SchemaTooNew, StoreError
 
-__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "current_version", "held_channel", "migrate"]
+__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "current_version", "directory_channel",
+           "held_channel", "migrate"]
 
 SCHEMA_VERSION = 4
 
@@ -194,7 +195,7 @@ _V3: tuple[str, ...] = (
 # pass, with no join; it replaces `recipients_domain_state`, whose
 # (domain, state) lookups it still serves by domain.  The backfill fires
 # the statement trigger of version 3 once, which notifies nothing (no state
-# changes).
+# changes).  And the notices of domain changes, for each node's cache.
 _V4: tuple[str, ...] = (
     "ALTER TABLE recipients ADD COLUMN message_received_at double precision NOT NULL"
     " DEFAULT 0, ADD COLUMN message_size bigint NOT NULL DEFAULT 0",
@@ -206,6 +207,18 @@ _V4: tuple[str, ...] = (
     " (domain, message_received_at, message_id, message_size, state)",
     "CREATE INDEX recipients_state ON recipients"
     " (state, message_id, message_size, message_received_at)",
+    # A NOTIFY on `directory_channel()` for every statement that changes the
+    # domains or their valid recipients (an account's removal cascades), on
+    # commit: each node empties its cache of domain lookups (pg_domain_cache).
+    """CREATE FUNCTION notify_directory_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        PERFORM pg_notify('fp_dir_' || left(md5(current_schema()), 16), '');
+        RETURN NULL;
+    END $$""",
+    "CREATE TRIGGER domains_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE"
+    " ON domains FOR EACH STATEMENT EXECUTE FUNCTION notify_directory_changed()",
+    "CREATE TRIGGER valid_recipients_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE"
+    " ON valid_recipients FOR EACH STATEMENT EXECUTE FUNCTION notify_directory_changed()",
 )
 
 # Statements that bring a database from version N-1 to N.
@@ -221,6 +234,12 @@ def held_channel(schema: str) -> str:
     """The NOTIFY channel of held mail for `schema` (what the triggers of
     version 3 compute with `md5(current_schema())`)."""
     return "fp_held_" + hashlib.md5(schema.encode()).hexdigest()[:16]
+
+
+def directory_channel(schema: str) -> str:
+    """The NOTIFY channel of domain changes for `schema` (the triggers of
+    version 4)."""
+    return "fp_dir_" + hashlib.md5(schema.encode()).hexdigest()[:16]
 
 # The advisory lock key: per schema, so tests (one schema each) and
 # several deployments on one database do not serialize each other.

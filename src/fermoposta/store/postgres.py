@@ -86,6 +86,7 @@ from fermoposta.store.base import (
     StoreError,
 )
 from fermoposta.store.pg_directory import PostgresDirectory
+from fermoposta.store.pg_domain_cache import DomainCache
 from fermoposta.store.pg_etrn import PostgresEtrn
 from fermoposta.store.pg_messages import PostgresMessages
 from fermoposta.store.pg_notify import PgHeldNotices
@@ -187,6 +188,8 @@ class PostgresStore(PostgresDirectory, PostgresQueueTools, PostgresEtrn, Postgre
         self._unreachable = threading.Event()
         self._stop = threading.Event()
         self._beat_thread: threading.Thread | None = None
+        # Answers to get_domain, kept while a LISTEN proves them current.
+        self._domain_cache = DomainCache(self._connect, self._scrub)
         seconds = max(1, math.ceil(connect_timeout))
         self._connect_kwargs: dict[str, Any] = {
             "connect_timeout": seconds,
@@ -553,8 +556,10 @@ class PostgresStore(PostgresDirectory, PostgresQueueTools, PostgresEtrn, Postgre
     def domain_usage(self, domain: str) -> tuple[int, int]:
         (row,) = self._query(
             "domain usage",
-            "SELECT count(*), COALESCE(sum(size), 0) FROM messages WHERE id IN ("
-            " SELECT message_id FROM recipients WHERE domain = %s AND state = %s)",
+            # Index-only: the domain's range of recipients_domain, each message once.
+            "SELECT count(*), COALESCE(sum(message_size), 0) FROM (SELECT DISTINCT"
+            " message_received_at, message_id, message_size FROM recipients"
+            " WHERE domain = %s AND state = %s) AS held",
             (domain, HELD),
         )
         return int(row[0]), int(row[1])
@@ -568,6 +573,7 @@ class PostgresStore(PostgresDirectory, PostgresQueueTools, PostgresEtrn, Postgre
             if self._closed:
                 return
             self._closed = True
+        self._domain_cache.close()
         self._stop_heartbeat()
         try:
             with self._connection() as conn:
