@@ -202,6 +202,12 @@ def test_migration_from_version_3_copies_arrival_and_size(pg: Schema) -> None:
                                       ("BBBBBBBBBBBB", 1_600.0, 7)]
     indexes = pg.sql("SELECT indexdef FROM pg_indexes WHERE schemaname = %s"
                      " AND tablename = 'recipients' ORDER BY indexname", (pg.name,))
+    # A node still running version 3's code cannot store zeros for them: its
+    # INSERT fails (the sender gets a 4xx and tries again, maybe elsewhere).
+    with pytest.raises(psycopg.errors.NotNullViolation), pg.raw() as conn:
+        conn.execute("INSERT INTO recipients (message_id, address, domain, state,"
+                     " updated_at) VALUES ('AAAAAAAAAAAA', 'v@a.example', 'a.example',"
+                     " 'held', 0)")
     shape = store.queue_shape(1_700.0, [300.0])
     (a,) = shape.domains
     # Two messages (12 bytes), three recipients: one young (100 s), two old (700 s).
@@ -1068,3 +1074,36 @@ def test_the_cache_is_bounded(pg: Schema, monkeypatch: pytest.MonkeyPatch) -> No
     node.get_domain("d.example")
     assert _now_or_none(node, "d.example") == (True, None)
     assert not any(_now_or_none(node, n)[0] for n in ("a.example", "b.example", "c.example"))
+
+
+def test_a_change_from_another_search_path_still_empties_the_cache(
+        pg: Schema, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The notice names the table's schema, not the writer's search_path: a
+    removal done with qualified names from another schema reaches the cache."""
+    from fermoposta.store import pg_domain_cache
+    from fermoposta.store.base import Account, Domain
+    monkeypatch.setattr(pg_domain_cache, "TTL", 3600.0)  # the notice, not the backstop
+    node = pg.open()
+    node.add_account(Account("acme", None, None))
+    node.add_domain(Domain("a.example", "acme"))
+    _cached(node, "a.example")
+    with psycopg.connect(require_server(), autocommit=True, connect_timeout=5) as conn:
+        conn.execute("SET search_path = public")
+        conn.execute(f'DELETE FROM "{pg.name}".domains WHERE name = %s', ("a.example",))
+    _until(lambda: not _now_or_none(node, "a.example")[0], "the change's notice", timeout=5)
+    assert node.get_domain("a.example") is None
+
+
+def test_an_answer_is_given_for_a_bounded_time(pg: Schema,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A backstop for notices that never come: an answer older than TTL is
+    read again from the database."""
+    from fermoposta.store import pg_domain_cache
+    from fermoposta.store.base import Account, Domain
+    monkeypatch.setattr(pg_domain_cache, "TTL", 0.3)
+    node = pg.open()
+    node.add_account(Account("acme", None, None))
+    node.add_domain(Domain("a.example", "acme"))
+    _cached(node, "a.example")
+    time.sleep(0.4)
+    assert _now_or_none(node, "a.example") == (False, None)

@@ -567,7 +567,9 @@ class Directory(Protocol):
         loop: the MX asks it for every RCPT) or `WouldBlock` when that would
         mean waiting.  SQLite: a read on a second, read-only connection (a WAL
         reader never waits for the writer), `WouldBlock` while it is in use
-        or the file is busy.  PostgreSQL: always `WouldBlock` (the network)."""
+        or the file is busy.  PostgreSQL: from the process's cache of answers
+        while a LISTEN proves it current (`store.pg_domain_cache`), else
+        `WouldBlock` (the network)."""
         ...
 
     def list_domains(self, account: str | None = None) -> list[Domain]: ...

@@ -23,10 +23,17 @@ Contract:
   it: the answer is kept only if the cache is live and nothing emptied it
   in between, so an answer read before a change committed is never kept
   after that change's notice (or a reconnection) emptied the cache.
+- An answer is given for at most `TTL` seconds after it was read, a
+  backstop for notices that never come although the LISTEN is in place (a
+  change made with triggers disabled, a pooler that drops notices).
 - At most `MAX_ENTRIES` answers, negative ones included (RCPT to random
   domains): a full cache is emptied.
-- `close()` stops the thread (within `POLL` seconds) and closes its
-  connection; idempotent.
+- `close()` stops the thread (within `POLL` seconds, or as soon as a
+  connection attempt under way ends) and closes its connection; the cache
+  is never live after it.  Idempotent; safe before, during or after
+  `start()`.
+- Any failure of the listener (not only psycopg's) disables the cache and
+  is retried; the cache then only costs the round trips it would have saved.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -48,6 +56,7 @@ __all__ = ["DomainCache"]
 log = logging.getLogger("fermoposta.store")
 
 MAX_ENTRIES = 50_000
+TTL = 10.0  # seconds an answer is given without a notice to empty it
 RETRY = 2.0  # seconds between attempts to LISTEN again
 POLL = 0.5  # seconds: how often the listener looks at its stop flag
 
@@ -58,7 +67,7 @@ class DomainCache:
         self._connect = connect
         self._scrub = scrub
         self._lock = threading.Lock()
-        self._answers: dict[str, Domain | None] = {}
+        self._answers: dict[str, tuple[float, Domain | None]] = {}  # name: (read at, answer)
         self._generation = 0
         self._live = False  # a LISTEN is in place: answers may be kept and given
         self._stop = threading.Event()
@@ -70,12 +79,14 @@ class DomainCache:
                 return
             self._thread = threading.Thread(target=self._listen, name="domain-cache",
                                             daemon=True)
-        self._thread.start()
+            self._thread.start()  # under the lock: close() never sees it unstarted
 
     def lookup(self, name: str) -> tuple[bool, Domain | None]:
         with self._lock:
-            if self._live and name in self._answers:
-                return True, self._answers[name]
+            if self._live:
+                entry = self._answers.get(name)
+                if entry is not None and time.monotonic() - entry[0] < TTL:
+                    return True, entry[1]
         return False, None
 
     def generation(self) -> int:
@@ -83,18 +94,20 @@ class DomainCache:
             return self._generation
 
     def keep(self, name: str, answer: Domain | None, generation: int) -> None:
+        """Keep `answer`, read by a query that began at `generation`."""
+        read_at = time.monotonic()
         with self._lock:
             if not self._live or generation != self._generation:
                 return
             if len(self._answers) >= MAX_ENTRIES:
                 self._answers.clear()
-            self._answers[name] = answer
+            self._answers[name] = (read_at, answer)
 
     def _empty(self, *, live: bool) -> None:
         with self._lock:
             self._answers.clear()
             self._generation += 1
-            self._live = live
+            self._live = live and not self._stop.is_set()
 
     def _listen(self) -> None:
         failing = False
@@ -108,10 +121,12 @@ class DomainCache:
                     raise psycopg.ProgrammingError("the search_path names no existing schema")
                 channel = directory_channel(str(row[0]))
                 conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
-            except psycopg.Error as exc:
+            except Exception as exc:  # any failure: retried, the cache off meanwhile
                 if conn is not None:
-                    with contextlib.suppress(psycopg.Error):
+                    with contextlib.suppress(Exception):
                         conn.close()
+                if self._stop.is_set():
+                    return
                 if not failing:
                     log.warning("%s", self._scrub(
                         f"PostgreSQL store: cannot LISTEN for domain changes ({exc}); "
@@ -127,14 +142,14 @@ class DomainCache:
                 while not self._stop.is_set():
                     for _ in conn.notifies(timeout=POLL, stop_after=1):
                         self._empty(live=True)
-            except psycopg.Error as exc:
+            except Exception as exc:  # any failure: retried, the cache off meanwhile
                 if not self._stop.is_set():
                     log.warning("%s", self._scrub(
                         f"PostgreSQL store: lost the LISTEN for domain changes ({exc})"))
                     failing = True
             finally:
                 self._empty(live=False)
-                with contextlib.suppress(psycopg.Error):
+                with contextlib.suppress(Exception):
                     conn.close()
 
     def close(self) -> None:

@@ -190,10 +190,10 @@ _V3: tuple[str, ...] = (
 
 # Version 4 (issue 10; the SQLite engine's version 9): each recipient
 # carries its message's arrival and size, never changed, so `queue stats`
-# and the metrics read only indexes.  `recipients_domain` orders a domain's
-# recipients by (arrival, message): its distinct messages are one ordered
-# pass, with no join; it replaces `recipients_domain_state`, whose
-# (domain, state) lookups it still serves by domain.  The backfill fires
+# and the metrics read only indexes.  `recipients_domain` replaces
+# `recipients_domain_state` and keeps its (domain, state) prefix for ATRN,
+# quotas and ETRN; its (arrival, message, size) make the per-domain figures
+# an index-only pass, with no join.  The backfill fires
 # the statement trigger of version 3 once, which notifies nothing (no state
 # changes).  And the notices of domain changes, for each node's cache.
 _V4: tuple[str, ...] = (
@@ -201,10 +201,15 @@ _V4: tuple[str, ...] = (
     " DEFAULT 0, ADD COLUMN message_size bigint NOT NULL DEFAULT 0",
     "UPDATE recipients AS r SET message_received_at = m.received_at, message_size = m.size"
     " FROM messages AS m WHERE m.id = r.message_id",
+    # No default from now on: a node still running the code of version 3
+    # (its INSERTs name neither column) gets an error, so a 4xx, instead of
+    # storing zeros that quotas and queue stats would read.
+    "ALTER TABLE recipients ALTER COLUMN message_received_at DROP DEFAULT,"
+    " ALTER COLUMN message_size DROP DEFAULT",
     "DROP INDEX recipients_domain_state",
     "DROP INDEX recipients_state",
     "CREATE INDEX recipients_domain ON recipients"
-    " (domain, message_received_at, message_id, message_size, state)",
+    " (domain, state, message_received_at, message_id, message_size)",
     "CREATE INDEX recipients_state ON recipients"
     " (state, message_id, message_size, message_received_at)",
     # A NOTIFY on `directory_channel()` for every statement that changes the
@@ -212,7 +217,8 @@ _V4: tuple[str, ...] = (
     # commit: each node empties its cache of domain lookups (pg_domain_cache).
     """CREATE FUNCTION notify_directory_changed() RETURNS trigger LANGUAGE plpgsql AS $$
     BEGIN
-        PERFORM pg_notify('fp_dir_' || left(md5(current_schema()), 16), '');
+        -- The table's schema, whatever the writing session's search_path.
+        PERFORM pg_notify('fp_dir_' || left(md5(TG_TABLE_SCHEMA), 16), '');
         RETURN NULL;
     END $$""",
     "CREATE TRIGGER domains_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE"

@@ -109,33 +109,34 @@ def domain_from_row(row: Sequence[Any], valid: Iterable[str] | None) -> Domain:
 SMALL_DOMAIN = 20_000
 
 
-def domain_size_sql(where: QueueFilter, *, mark: str, unindexed: str = "{}"
-                    ) -> tuple[str, list[Any]] | None:
+def domain_size_sql(where: QueueFilter, *, mark: str) -> tuple[str, list[Any]] | None:
     """A query of how many recipients (at most `SMALL_DOMAIN`) the domain
-    filter of `where` selects, one range of `recipients_domain` (`unindexed`
-    as in `filter_sql` keeps a state filter from choosing a state index);
-    None without a domain filter.  Its answer is `filter_sql`'s
-    `small_domain`."""
+    filter of `where` selects, one range of `recipients_domain`; None
+    without a domain filter.  Its answer is `filter_sql`'s `small_domain`."""
     if where.domain is None:
         return None
     sql = f"SELECT count(*) FROM (SELECT 1 FROM recipients WHERE domain = {mark}"
     params: list[Any] = [where.domain]
     if where.state is not None:
-        sql += f" AND {unindexed.format('state')} = {mark}"
+        sql += f" AND state = {mark}"
         params.append(str(RecipientState.OUTBOUND) if where.state == "deferred"
                       else str(RecipientState(where.state)))
     return sql + f" LIMIT {mark}) AS s", [*params, SMALL_DOMAIN]
 
 
 def filter_sql(where: QueueFilter, after: tuple[float, str] | None, *, mark: str,
-               find: str, small_domain: bool = False, unindexed: str = "{}"
-               ) -> tuple[str, list[Any]]:
+               find: str, small_domain: bool = False, unindexed: str = "{}",
+               domain_index: str = "") -> tuple[str, list[Any]]:
     """The FROM and WHERE clauses (messages `m`) of a queue tool's `where`
     and page key `after`, and its parameters, in an engine's dialect: `mark`
     is its placeholder ("?", "%s"), `find` its substring test with
     ``{haystack}`` and ``{needle}`` (SQLite's ``instr(...) > 0``,
     PostgreSQL's ``strpos(...) > 0``), `unindexed` what keeps a column
-    reference ``{}`` from choosing an index (SQLite's ``+{}``).
+    reference ``{}`` from choosing an index (SQLite's ``+{}``), and
+    `domain_index` what makes the small-domain plan read `recipients_domain`
+    (SQLite's `` INDEXED BY recipients_domain``: without statistics it
+    would rather walk every recipient in the state through `recipients_state`,
+    whose order saves the DISTINCT a sort).
     Text is compared with lower() on both sides: ASCII case folding, as the
     contract says (the PostgreSQL columns use COLLATE "C").
 
@@ -169,14 +170,11 @@ def filter_sql(where: QueueFilter, after: tuple[float, str] | None, *, mark: str
                      else f"{unindexed.format('r.domain')} = {mark}")
         inner_params.append(where.domain)
     if where.state is not None:
-        # From the domain's range: never a state index (every recipient in that state).
-        state = (unindexed.format("r.state") if small_domain and where.domain is not None
-                 else "r.state")
         if where.state == "deferred":
-            inner.append(f"{state} = {mark} AND r.attempts > 0")
+            inner.append(f"r.state = {mark} AND r.attempts > 0")
             inner_params.append(str(RecipientState.OUTBOUND))
         else:
-            inner.append(f"{state} = {mark}")
+            inner.append(f"r.state = {mark}")
             inner_params.append(str(RecipientState(where.state)))
     if where.recipient is not None:
         inner.append(f"lower(r.address) = lower({mark})" if where.recipient_exact
@@ -185,7 +183,7 @@ def filter_sql(where: QueueFilter, after: tuple[float, str] | None, *, mark: str
     source = "messages m"
     clauses.append("m.size >= 0")  # never a body still arriving (sqlite_stage)
     if inner and small_domain and where.domain is not None:
-        source = ("(SELECT DISTINCT r.message_id AS id FROM recipients r WHERE "
+        source = (f"(SELECT DISTINCT r.message_id AS id FROM recipients r{domain_index} WHERE "
                   + " AND ".join(inner) + ") AS f CROSS JOIN messages m")
         clauses.insert(0, "m.id = f.id")
         params = inner_params + params
@@ -220,7 +218,7 @@ def shape_from_rows(figures: Mapping[str, Sequence[Any]], sizes: Mapping[str, in
 def shape_from_domains(rows: Iterable[Sequence[Any]], deferred: Mapping[str, int],
                        message_row: Sequence[Any], buckets: int) -> QueueShape:
     """`QueueShape` from the one row per domain both engines compute from
-    their index of (domain, arrival, message, size, state): (domain,
+    their index of (domain, state, arrival, message, size): (domain,
     messages, recipients, bytes, oldest, held, outbound, hold, then the
     recipients of each of the `buckets` age buckets); `deferred` is per
     domain, `message_row` the queue's (messages, bytes, oldest)."""

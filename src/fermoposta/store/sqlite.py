@@ -519,9 +519,7 @@ class SQLiteStore(SQLiteDirectory, SQLiteQueueTools, SQLiteEtrn, SQLiteOutbound,
                 for message_id, received_at in conn.execute(
                     "SELECT id, received_at FROM messages WHERE id IN ("
                     " SELECT message_id FROM recipients"
-                    # +state: the domains' range of recipients_domain, never a
-                    # scan of every HELD recipient (SQLite keeps no statistics).
-                    f" WHERE +state = ? AND domain IN ({_marks(len(batch))}))",
+                    f" WHERE state = ? AND domain IN ({_marks(len(batch))}))",
                     (str(RecipientState.HELD), *batch),
                 ):
                     found[message_id] = received_at
@@ -533,7 +531,7 @@ class SQLiteStore(SQLiteDirectory, SQLiteQueueTools, SQLiteEtrn, SQLiteOutbound,
             for batch in _batches(sorted(set(domains))):
                 for (domain,) in conn.execute(
                     "SELECT DISTINCT domain FROM recipients"
-                    f" WHERE domain IN ({_marks(len(batch))}) AND +state = ?",
+                    f" WHERE domain IN ({_marks(len(batch))}) AND state = ?",
                     (*batch, str(RecipientState.HELD)),
                 ):
                     result.add(domain)
@@ -549,7 +547,7 @@ class SQLiteStore(SQLiteDirectory, SQLiteQueueTools, SQLiteEtrn, SQLiteOutbound,
             row = conn.execute(
                 "SELECT COUNT(*), COALESCE(SUM(message_size), 0) FROM (SELECT DISTINCT"
                 " message_received_at, message_id, message_size FROM recipients"
-                " WHERE domain = ? AND +state = ?)",
+                " WHERE domain = ? AND state = ?)",
                 (domain, str(RecipientState.HELD)),
             ).fetchone()
         return int(row[0]), int(row[1])

@@ -59,7 +59,7 @@ class SQLiteEtrn:
             marks = _marks(len(free))
             found = conn.execute(
                 "SELECT id, message_id FROM recipients"
-                f" WHERE domain IN ({marks}) AND (+state = ? OR (+state = ?"
+                f" WHERE domain IN ({marks}) AND (state = ? OR (state = ?"
                 " AND (claimed_until IS NULL OR claimed_until <= ?)))",
                 (*free, held, outbound, now)).fetchall()
             ids = [int(r[0]) for r in found]

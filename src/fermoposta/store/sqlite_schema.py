@@ -78,15 +78,15 @@ CREATE INDEX IF NOT EXISTS rate_events_key_at ON rate_events(key, at);
 """
 
 # Version 9: the indexes that answer `queue stats` and the metrics without
-# reading a table (issue 10).  `recipients_domain` is ordered so that the
-# (received_at, message) pairs of a domain are one range each (its age
-# buckets are range counts, its distinct messages a streaming DISTINCT);
-# it replaces `recipients_domain_state`, whose (domain, state) lookups it
-# still serves by domain.  `recipients_state` carries what a message
-# contributes per state.
+# reading a table (issue 10).  `recipients_domain` replaces
+# `recipients_domain_state` and keeps its (domain, state) prefix, so ATRN,
+# quotas and ETRN still seek straight to a domain's mail in one state; the
+# (arrival, message, size) after it make a domain's age buckets range counts
+# and its distinct messages a DISTINCT over the index alone.
+# `recipients_state` carries what a message contributes per state.
 _SHAPE_INDEXES = """
 CREATE INDEX IF NOT EXISTS recipients_domain ON recipients(
-    domain, message_received_at, message_id, message_size, state);
+    domain, state, message_received_at, message_id, message_size);
 CREATE INDEX IF NOT EXISTS recipients_state
     ON recipients(state, message_id, message_size, message_received_at);
 """
@@ -200,8 +200,10 @@ ALTER TABLE accounts ADD COLUMN atrn_wait REAL;
 _V9 = """
 ALTER TABLE recipients ADD COLUMN message_received_at REAL NOT NULL DEFAULT 0;
 ALTER TABLE recipients ADD COLUMN message_size INTEGER NOT NULL DEFAULT 0;
-UPDATE recipients SET message_received_at = m.received_at, message_size = m.size
-    FROM messages AS m WHERE m.id = recipients.message_id;
+UPDATE recipients SET
+    message_received_at = (SELECT received_at FROM messages WHERE id = recipients.message_id),
+    message_size = (SELECT size FROM messages WHERE id = recipients.message_id)
+    WHERE EXISTS (SELECT 1 FROM messages WHERE id = recipients.message_id);
 DROP INDEX IF EXISTS recipients_domain_state;
 DROP INDEX IF EXISTS recipients_state;
 """ + _SHAPE_INDEXES

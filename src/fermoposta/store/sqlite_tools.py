@@ -42,11 +42,12 @@ def _filter_sql(conn: sqlite3.Connection, where: QueueFilter,
     domain's size; `+r.domain` keeps SQLite from probing every message's
     EXISTS through the domain's whole range of `recipients_domain`."""
     small = False
-    size = domain_size_sql(where, mark="?", unindexed="+{}")
+    size = domain_size_sql(where, mark="?")
     if size is not None:
         small = int(conn.execute(size[0], size[1]).fetchone()[0]) < SMALL_DOMAIN
     return filter_sql(where, after, mark="?", find="instr({haystack}, {needle}) > 0",
-                      small_domain=small, unindexed="+{}")
+                      small_domain=small, unindexed="+{}",
+                      domain_index=" INDEXED BY recipients_domain")
 
 
 def _existing(conn: sqlite3.Connection, message_ids: Sequence[str]) -> list[str]:
@@ -219,10 +220,8 @@ class SQLiteQueueTools:
         self, now: float, *, message_ids: Collection[str] | None = None,
         domain: str | None = None
     ) -> dict[str, int]:
-        # With a domain, +state: its range of recipients_domain, not every OUTBOUND one.
-        condition = ("+state = ? AND (claimed_until IS NULL OR claimed_until <= ?)"
-                     " AND domain = ?" if domain is not None else
-                     "state = ? AND (claimed_until IS NULL OR claimed_until <= ?)")
+        condition = ("state = ? AND (claimed_until IS NULL OR claimed_until <= ?)"
+                     + (" AND domain = ?" if domain is not None else ""))
         params: list[Any] = [str(RecipientState.OUTBOUND), now]
         if domain is not None:
             params.append(domain)
@@ -237,19 +236,24 @@ class SQLiteQueueTools:
             for batch in batches:
                 scope = condition
                 scope_params = list(params)
+                # A whole domain: its (domain, state) range.  SQLite keeps no
+                # statistics and would walk every OUTBOUND recipient through
+                # recipients_state, whose order saves the GROUP BY a sort.
+                table = ("recipients INDEXED BY recipients_domain"
+                         if domain is not None and batch is None else "recipients")
                 if batch is not None:
                     scope += f" AND message_id IN ({_marks(len(batch))})"
                     scope_params += batch
                 result.update(
                     (str(r[0]), int(r[1]))
                     for r in conn.execute(
-                        f"SELECT message_id, COUNT(*) FROM recipients WHERE {scope}"
+                        f"SELECT message_id, COUNT(*) FROM {table} WHERE {scope}"
                         " GROUP BY message_id",
                         scope_params,
                     )
                 )
                 conn.execute(
-                    f"UPDATE recipients SET next_attempt_at = ?, updated_at = ? WHERE {scope}",
+                    f"UPDATE {table} SET next_attempt_at = ?, updated_at = ? WHERE {scope}",
                     (now, now, *scope_params),
                 )
         return result
@@ -304,14 +308,18 @@ class SQLiteQueueTools:
     def queue_shape(self, now: float, age_limits: Sequence[float]) -> QueueShape:
         # Index-only (recipients_domain, schema 9): one pass over the domains,
         # and per domain its distinct (arrival, message, size) triples and one
-        # range count per age bucket; no message row is read (issue 10: 0.5 s
-        # at 1,000,000 held, where joining each recipient to its message took 5).
+        # range count per state and age bucket; no message row is read (issue
+        # 10: 0.65 s at 1,000,000 held, where joining each recipient to its
+        # message took 5).
         limits = [float(a) for a in age_limits]
+        states = [str(s) for s in RecipientState]
         ages: list[str] = []
         age_params: list[Any] = []
         for i in range(len(limits) + 1):
             # Bucket i: limits[i-1] <= age < limits[i], age = now - received_at.
-            bounds = ["domain = r.domain"]
+            # Every state named: the arrival is a range after (domain, state).
+            bounds = ["domain = r.domain", f"state IN ({_marks(len(states))})"]
+            age_params += states
             if i < len(limits):
                 bounds.append("message_received_at > ?")
                 age_params.append(now - limits[i])
