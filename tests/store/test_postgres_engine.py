@@ -1107,3 +1107,21 @@ def test_an_answer_is_given_for_a_bounded_time(pg: Schema,
     _cached(node, "a.example")
     time.sleep(0.4)
     assert _now_or_none(node, "a.example") == (False, None)
+
+
+def test_held_mail_from_another_search_path_wakes_the_listener(pg: Schema) -> None:
+    """Held-mail notices (schema 3, fixed in 4) also name the table's schema."""
+    node = pg.open()
+    notices = node.held_mail_notices()
+    try:
+        with psycopg.connect(require_server(), autocommit=True, connect_timeout=5) as conn:
+            conn.execute("SET search_path = public")
+            conn.execute(f'INSERT INTO "{pg.name}".messages (id, sender, received_at, size,'
+                         " origin, smtputf8, body_8bit, client) VALUES ('AAAAAAAAAAAA',"
+                         " 's@x.example', 1, 1, 'mx', false, false, 'c')")
+            conn.execute(f'INSERT INTO "{pg.name}".recipients (message_id, address, domain,'
+                         " state, updated_at, message_received_at, message_size) VALUES"
+                         " ('AAAAAAAAAAAA', 'x@a.example', 'a.example', 'held', 1, 1, 1)")
+        assert notices.wait(5.0) == {"a.example"}
+    finally:
+        notices.close()

@@ -332,6 +332,8 @@ def test_domain_queries_take_the_domain_index(path: Path, clock: Clock,
         indexes = re.findall(r"INDEX (recipients_\w+)", plan)
         assert "recipients_domain" in indexes, (sql, plan)
         assert set(indexes) == {"recipients_domain"}, (sql, plan)
+        # Both columns of its prefix: a seek to the domain's mail in that state.
+        assert "recipients_domain (domain=? AND state=?" in plan, (sql, plan)
         checked += 1
     assert checked >= 5, statements
 

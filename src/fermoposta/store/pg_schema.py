@@ -212,6 +212,24 @@ _V4: tuple[str, ...] = (
     " (domain, state, message_received_at, message_id, message_size)",
     "CREATE INDEX recipients_state ON recipients"
     " (state, message_id, message_size, message_received_at)",
+    # The held-mail notices of version 3 on the table's schema too, not the
+    # writing session's search_path (a change made with qualified names from
+    # another schema woke nobody).
+    """CREATE OR REPLACE FUNCTION notify_held_inserted() RETURNS trigger
+    LANGUAGE plpgsql AS $$
+    BEGIN
+        PERFORM pg_notify('fp_held_' || left(md5(TG_TABLE_SCHEMA), 16), d.domain)
+        FROM (SELECT DISTINCT domain FROM new_rows WHERE state = 'held') AS d;
+        RETURN NULL;
+    END $$""",
+    """CREATE OR REPLACE FUNCTION notify_held_updated() RETURNS trigger
+    LANGUAGE plpgsql AS $$
+    BEGIN
+        PERFORM pg_notify('fp_held_' || left(md5(TG_TABLE_SCHEMA), 16), d.domain)
+        FROM (SELECT DISTINCT n.domain FROM new_rows n JOIN old_rows o ON o.id = n.id
+              WHERE n.state = 'held' AND o.state <> 'held') AS d;
+        RETURN NULL;
+    END $$""",
     # A NOTIFY on `directory_channel()` for every statement that changes the
     # domains or their valid recipients (an account's removal cascades), on
     # commit: each node empties its cache of domain lookups (pg_domain_cache).
@@ -238,7 +256,8 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
 
 def held_channel(schema: str) -> str:
     """The NOTIFY channel of held mail for `schema` (what the triggers of
-    version 3 compute with `md5(current_schema())`)."""
+    version 3 compute with `md5(current_schema())`, version 4 with the
+    table's schema)."""
     return "fp_held_" + hashlib.md5(schema.encode()).hexdigest()[:16]
 
 

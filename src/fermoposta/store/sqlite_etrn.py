@@ -57,11 +57,13 @@ class SQLiteEtrn:
             if not free:
                 return EtrnStarted(busy=tuple(busy))
             marks = _marks(len(free))
+            # HELD, or OUTBOUND and not claimed: `state IN` lets the plan seek
+            # each (domain, state) range; inside an OR it would read the domain.
             found = conn.execute(
                 "SELECT id, message_id FROM recipients"
-                f" WHERE domain IN ({marks}) AND (state = ? OR (state = ?"
-                " AND (claimed_until IS NULL OR claimed_until <= ?)))",
-                (*free, held, outbound, now)).fetchall()
+                f" WHERE domain IN ({marks}) AND state IN (?, ?)"
+                " AND (state = ? OR claimed_until IS NULL OR claimed_until <= ?)",
+                (*free, held, outbound, held, now)).fetchall()
             ids = [int(r[0]) for r in found]
             for batch in _batches(ids):
                 conn.execute(

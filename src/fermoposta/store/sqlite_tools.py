@@ -220,11 +220,8 @@ class SQLiteQueueTools:
         self, now: float, *, message_ids: Collection[str] | None = None,
         domain: str | None = None
     ) -> dict[str, int]:
-        condition = ("state = ? AND (claimed_until IS NULL OR claimed_until <= ?)"
-                     + (" AND domain = ?" if domain is not None else ""))
+        condition = "state = ? AND (claimed_until IS NULL OR claimed_until <= ?)"
         params: list[Any] = [str(RecipientState.OUTBOUND), now]
-        if domain is not None:
-            params.append(domain)
         result: dict[str, int] = {}
         with self._write() as conn:
             if message_ids is None:
@@ -241,6 +238,10 @@ class SQLiteQueueTools:
                 # recipients_state, whose order saves the GROUP BY a sort.
                 table = ("recipients INDEXED BY recipients_domain"
                          if domain is not None and batch is None else "recipients")
+                if domain is not None:
+                    # With ids, +domain: their few rows, not the domain's range.
+                    scope += " AND domain = ?" if batch is None else " AND +domain = ?"
+                    scope_params.append(domain)
                 if batch is not None:
                     scope += f" AND message_id IN ({_marks(len(batch))})"
                     scope_params += batch
