@@ -967,6 +967,18 @@ def _cached(store: PostgresStore, name: str) -> Any:
     return answer[0]
 
 
+def _two_nodes(pg: Schema) -> tuple[PostgresStore, PostgresStore]:
+    """(node, other): `other` made account acme with a.example, and `node`
+    has a.example in its cache."""
+    from fermoposta.store.base import Account, Domain
+    node = pg.open()
+    other = pg.open()
+    other.add_account(Account("acme", None, None))
+    other.add_domain(Domain("a.example", "acme"))
+    _cached(node, "a.example")
+    return node, other
+
+
 def test_domain_lookups_are_cached_until_another_node_changes_a_domain(pg: Schema) -> None:
     """One node's cache answers RCPT lookups without the database and is
     emptied, on commit, by any node's change: add, update, valid recipients,
@@ -1000,12 +1012,8 @@ def test_domain_lookups_are_cached_until_another_node_changes_a_domain(pg: Schem
 
 
 def test_an_answer_read_before_a_change_is_not_kept_after_it(pg: Schema) -> None:
-    from fermoposta.store.base import Account, Domain
-    node = pg.open()
-    other = pg.open()
-    other.add_account(Account("acme", None, None))
-    other.add_domain(Domain("a.example", "acme"))
-    _cached(node, "a.example")
+    from fermoposta.store.base import Domain
+    node, other = _two_nodes(pg)
     cache = node._domain_cache
     before = cache.generation()  # a lookup begins ...
     stale = node.get_domain("a.example")
@@ -1031,12 +1039,8 @@ def test_a_lost_listen_stops_the_cache_until_it_is_back(pg: Schema,
                                                          caplog: pytest.LogCaptureFixture) -> None:
     """Notices sent while the LISTEN connection is gone are missed: the cache
     answers nothing until a new LISTEN is in place, then works again."""
-    from fermoposta.store.base import Account, Domain
-    node = pg.open()
-    other = pg.open()
-    other.add_account(Account("acme", None, None))
-    other.add_domain(Domain("a.example", "acme"))
-    _cached(node, "a.example")
+    from fermoposta.store.base import Domain
+    node, other = _two_nodes(pg)
     cache = node._domain_cache
     connect = cache._connect
 
