@@ -3,7 +3,9 @@
 fetchmail relays the reversed session with select() and reads one line per
 wakeup through OpenSSL, so every command line of a pipelined group, and the
 final dot, must reach the customer in a TLS record of its own
-(`SMTPClient(line_records=True)`, net/client.py).  This customer is a
+(`SMTPClient(line_records=True)`, net/client.py); with CHUNKING, each
+command line of a BDAT transaction and the last line of its octets too.
+This customer is a
 blocking `ssl` socket: one `recv()` returns the data of at most one TLS
 record, so each chunk it gets is one record.  In clear text the group stays
 one write (tests/core/test_client_records.py).  A customer that still never
@@ -142,3 +144,44 @@ async def test_stalled_customer_times_out_and_mail_stays_held(provider_factory,
     message = p.store.get_message(p.store.held_message_ids(["example.org"])[0])
     assert message is not None
     assert {r.state for r in message.recipients} == {RecipientState.HELD}
+
+
+def chunking_session(address: tuple[str, int], context: ssl.SSLContext) -> list[bytes]:
+    """A customer offering CHUNKING: the records of one BDAT transaction."""
+    c = RecordCustomer(address, context)
+    try:
+        assert c.reply().startswith(b"220")
+        c.cmd("EHLO customer.example.org", 250)
+        token = base64.b64encode(f"\0acme\0{PASSWORD}".encode()).decode()
+        c.cmd(f"AUTH PLAIN {token}", 235)
+        c.cmd("ATRN example.org", 250)
+        c.sock.sendall(b"220 customer.example.org ESMTP\r\n")
+        assert c.line().startswith(b"EHLO ")
+        c.sock.sendall(b"250-customer.example.org\r\n250-PIPELINING\r\n250 CHUNKING\r\n")
+        records = c.records_until(b"line three\r\n")
+        c.sock.sendall(b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n250 2.0.0 stored\r\n")
+        assert c.line() == b"QUIT\r\n"
+        c.sock.sendall(b"221 2.0.0 bye\r\n")
+        return records
+    finally:
+        c.sock.close()
+
+
+async def test_bdat_commands_and_the_last_line_each_in_own_tls_record(
+        provider_factory, certs: Certs) -> None:
+    p = await provider_factory(odmr_tls=True)
+    code, _ = await send_mail(*p.mx, "alice@sender.test", ["bob@example.org"], BODY)
+    assert code == 250
+    records = await asyncio.to_thread(chunking_session, p.odmr_tls, certs.client_context())
+    commands = records[:3]
+    assert [r.split(b" ", 1)[0] for r in commands] == [b"MAIL", b"RCPT", b"BDAT"], records
+    assert all(r.count(b"\n") == 1 and r.endswith(b"\r\n") for r in commands), records
+    octets = b"".join(records[3:])
+    assert commands[2] == f"BDAT {len(octets)} LAST\r\n".encode()
+    assert octets.endswith(BODY)  # after our Received: header, no dot-stuffing
+    assert records[-1] == b"line three\r\n", records  # the last line alone
+    for _ in range(100):
+        if p.store.held_message_ids(["example.org"]) == []:
+            break
+        await asyncio.sleep(0.05)
+    assert p.store.held_message_ids(["example.org"]) == []

@@ -16,7 +16,9 @@ Contract:
   line per wakeup through OpenSSL; the other lines of a record it has
   already decrypted are invisible to select() (the socket is no longer
   readable) and would never be relayed, so the session would stall after
-  the first reply until our timeout.
+  the first reply until our timeout.  A BDAT transaction
+  (`send_chunk_transaction`) follows the same rule: each command line in a
+  record, and the octets' last line in a record of its own.
 - It ACKs the peer's bytes at once (`Connection.enable_quickack`, Linux
   TCP_QUICKACK re-armed after every read): a peer that writes each reply,
   or each line of a multi-line reply, on its own with Nagle on (fetchmail
@@ -98,6 +100,31 @@ class SMTPClient:
             return
         data = ("\r\n".join(lines) + "\r\n").encode("utf-8")
         await self.conn.write(data, timeout)
+
+    async def send_chunk_transaction(self, lines: list[str], body: bytes,
+                                     timeout: float) -> None:
+        """`lines` (MAIL, RCPT...), then ``BDAT <n> LAST`` and the n octets of
+        `body` (RFC 3030 §2), without waiting; `body` must already be in
+        CRLF form (`transfer.canonical_body`).  One write, or with
+        `line_records` one TLS record per command line and the body's last
+        line in a record of its own (see above)."""
+        lines = [*lines, f"BDAT {len(body)} LAST"]
+        if log.isEnabledFor(logging.DEBUG):
+            for line in lines:
+                log.debug("[%s] > %s", self.conn.peer_ip, line)
+            log.debug("[%s] > (%d octets)", self.conn.peer_ip, len(body))
+        if not self._one_record_per_line():
+            await self.conn.write(("\r\n".join(lines) + "\r\n").encode("utf-8") + body,
+                                  timeout)
+            return
+        for line in lines:
+            await self.conn.write(line.encode("utf-8") + b"\r\n", timeout)
+        # Split after the last line end but one: the final record holds one line.
+        cut = body.rfind(b"\n", 0, len(body) - 1) + 1
+        if cut:
+            await self.conn.write(body[:cut], timeout)
+        if cut < len(body):
+            await self.conn.write(body[cut:], timeout)
 
     async def command(self, line: str, timeout: float, *, secret: bool = False) -> Reply:
         await self.send_line(line, secret=secret)

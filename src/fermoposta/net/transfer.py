@@ -29,11 +29,27 @@ customer's outbox push (site → provider submission).  Contract:
   354 although no recipient was accepted raises `UnwantedData` (the caller
   drops the connection rather than risk an empty message); a refused RSET
   raises `ResetRefused`.
+- CHUNKING (RFC 3030), only for a caller that passes `whole_body` (the
+  drain, for bodies it has read ahead) and `window` > 1, and only when the
+  next hop offers both CHUNKING and PIPELINING: a message whose whole body
+  is at hand goes as MAIL, RCPT... and ``BDAT <n> LAST`` with its octets,
+  all without waiting, and the next message follows at once; up to
+  `window` such transactions are in flight, and their replies are read
+  (and settled, in order) when the window is full or in `finish()`.  The
+  octets are the body with its line ends made CRLF and a final CRLF (as the
+  dot-stuffer would send it, less the stuffing): no bare CR or LF reaches
+  the wire.  A 503 (out of sequence) to MAIL, RCPT or BDAT defers, never
+  fails; after any transaction that did not deliver, the window is read to
+  the end and RSET sent before the next one.  452-postponed recipients go
+  in a further transaction of their own (the same progress rule).  A
+  message without its body at hand (a big one) goes with DATA once every
+  transaction in flight is settled.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
@@ -43,6 +59,8 @@ from fermoposta.store.base import MessageQueue, QueuedMessage, QueuedRecipient
 
 Settle = Callable[[QueuedMessage, list[QueuedRecipient], Reply, str], Awaitable[None]]
 Body = Callable[[str], AsyncIterator[bytes]]
+# The whole body of a message if the caller has it at hand, else None.
+WholeBody = Callable[[str], bytes | None]
 
 STAGE_BEFORE = "before"  # refused without being sent
 STAGE_MAIL = "MAIL"
@@ -86,6 +104,37 @@ def not_final(reply: Reply, stage: str) -> Reply:
     if reply.code < 400:
         return Reply(451, "4.5.0", f"Unexpected reply to {stage}: {reply}")
     return reply
+
+
+def in_sequence(reply: Reply, stage: str) -> Reply:
+    """A 503 to a pipelined command says the peer's state was not what we
+    sent it for (RFC 5321 §4.2.4): that defers the message, never fails it."""
+    if reply.code == 503:
+        return Reply(451, "4.5.0", f"Out of sequence at {stage}: {reply}")
+    return reply
+
+
+def canonical_body(body: bytes) -> bytes:
+    """`body` as BDAT octets: every line end CRLF and a final CRLF, the same
+    bytes the dot-stuffer sends less the stuffing (RFC 3030 §2, RFC 5321
+    §2.3.8).  Stored bodies already are (intake refuses bare CR and LF), so
+    this only counts."""
+    lf = body.count(b"\n")
+    if body.count(b"\r") != lf or (lf and body.count(b"\r\n") != lf):
+        body = body.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+    if body and not body.endswith(b"\r\n"):
+        body += b"\r\n"
+    return body
+
+
+@dataclass(slots=True)
+class _InFlight:
+    """A transaction whose replies are still to read: a DATA transaction's
+    final reply (`body` None), or a whole BDAT transaction's."""
+
+    message: QueuedMessage
+    recipients: list[QueuedRecipient]
+    body: bytes | None = None
 
 
 def mail_command(client: SMTPClient, message: QueuedMessage) -> str:
@@ -133,31 +182,85 @@ class MessageTransfer:
 
     def __init__(self, client: SMTPClient, *, peer: str, body: Body, settle: Settle,
                  timeouts: TransferTimeouts | None = None,
-                 pipeline_messages: bool = False) -> None:
+                 pipeline_messages: bool = False, whole_body: WholeBody | None = None,
+                 window: int = 1) -> None:
         self.client = client
         self.peer = peer
         self.body = body
         self.settle = settle
         self.timeouts = timeouts or TransferTimeouts()
         self.pipeline_messages = pipeline_messages
+        self.whole_body = whole_body
+        self.window = max(1, window)
         self._current: list[QueuedRecipient] = []  # of the transaction under way
-        # A message whose final dot is sent and whose reply is still to read.
-        self._final: tuple[QueuedMessage, list[QueuedRecipient]] | None = None
+        # Sent transactions whose replies are still to read, oldest first.
+        self._in_flight: collections.deque[_InFlight] = collections.deque()
+        self._reset_due = False  # a BDAT transaction did not deliver: RSET first
 
     @property
     def unsettled(self) -> list[QueuedRecipient]:
         """Recipients whose outcome is unknown if the connection fails now."""
-        earlier = self._final[1] if self._final is not None else []
+        earlier = [r for sent in self._in_flight for r in sent.recipients]
         return [*earlier, *self._current]
 
+    def _chunking(self) -> bool:
+        return (self.whole_body is not None and self.window > 1 and self.pipeline_messages
+                and self.client.has("CHUNKING") and self.client.has("PIPELINING"))
+
     async def finish(self) -> None:
-        """Read and settle the reply to the last final dot, if still due."""
-        if self._final is None:
+        """Read and settle the replies still due, oldest first."""
+        while self._in_flight:
+            await self._read_oldest()
+
+    async def _read_oldest(self) -> None:
+        sent = self._in_flight[0]
+        if sent.body is None:
+            final = await self.client.read_reply(self.timeouts.final_reply)
+            self._in_flight.popleft()
+            await self.settle(sent.message, sent.recipients, final, STAGE_FINAL)
             return
-        message, accepted = self._final
-        final = await self.client.read_reply(self.timeouts.final_reply)
-        self._final = None
-        await self.settle(message, accepted, final, STAGE_FINAL)
+        # All of a BDAT transaction's replies first: until they are read,
+        # its recipients stay in `unsettled`.
+        t = self.timeouts
+        mail_reply = await self.client.read_reply(t.command)
+        rcpt_replies = [await self.client.read_reply(t.command) for _ in sent.recipients]
+        final = await self.client.read_reply(t.final_reply)
+        self._in_flight.popleft()
+        await self._settle_chunked(sent, mail_reply, rcpt_replies, final)
+
+    async def _settle_chunked(self, sent: _InFlight, mail_reply: Reply,
+                              rcpt_replies: list[Reply], final: Reply) -> None:
+        message, recipients, body = sent.message, sent.recipients, sent.body
+        assert body is not None
+        if mail_reply.code != 250:
+            self._reset_due = True
+            await self.settle(message, recipients,
+                              not_final(in_sequence(mail_reply, STAGE_MAIL), STAGE_MAIL),
+                              STAGE_MAIL)
+            return
+        accepted: list[QueuedRecipient] = []
+        postponed: list[tuple[QueuedRecipient, Reply]] = []
+        for rcpt, reply in zip(recipients, rcpt_replies, strict=True):
+            if 200 <= reply.code < 300:
+                accepted.append(rcpt)
+            elif reply.code == 452:
+                postponed.append((rcpt, reply))
+            else:
+                await self.settle(message, [rcpt],
+                                  not_final(in_sequence(reply, STAGE_RCPT), STAGE_RCPT),
+                                  STAGE_RCPT)
+        if accepted:
+            # The reply to BDAT LAST is the reply to the whole message.
+            await self.settle(message, accepted, in_sequence(final, STAGE_FINAL), STAGE_FINAL)
+        if not accepted or final.code >= 300:
+            self._reset_due = True
+        if not postponed:
+            return
+        if accepted:  # progress: the rest in a further transaction (RFC 5321 §4.5.3.1.10)
+            await self._send_chunked(message, [rcpt for rcpt, _ in postponed], body)
+            return
+        for rcpt, reply in postponed:
+            await self.settle(message, [rcpt], reply, STAGE_RCPT)
 
     async def send(self, message: QueuedMessage, recipients: Sequence[QueuedRecipient]) -> None:
         pending = list(recipients)
@@ -165,6 +268,22 @@ class MessageTransfer:
         if refusal is not None:
             await self.settle(message, pending, refusal, STAGE_BEFORE)
             return
+        if self._chunking():
+            assert self.whole_body is not None
+            body = self.whole_body(message.id)
+            if body is not None:
+                if self._reset_due:
+                    await self._rset()
+                await self._send_chunked(message, pending, canonical_body(body))
+                while len(self._in_flight) >= self.window:
+                    await self._read_oldest()
+                return
+        if any(sent.body is not None for sent in self._in_flight):
+            # A BDAT transaction's replies (and its further transactions for
+            # postponed recipients) all come before a DATA group goes out.
+            await self.finish()
+        if self._reset_due:
+            await self._rset()
         while pending:
             postponed = await self._transaction(message, pending)
             if not postponed:
@@ -174,6 +293,14 @@ class MessageTransfer:
                     await self.settle(message, [rcpt], reply, STAGE_RCPT)
                 return
             pending = [rcpt for rcpt, _ in postponed]
+
+    async def _send_chunked(self, message: QueuedMessage, recipients: list[QueuedRecipient],
+                            body: bytes) -> None:
+        """MAIL, RCPT... and BDAT <n> LAST with the octets, without waiting."""
+        lines = [mail_command(self.client, message),
+                 *(rcpt_command(self.client, r) for r in recipients)]
+        self._in_flight.append(_InFlight(message, list(recipients), body))
+        await self.client.send_chunk_transaction(lines, body, self.timeouts.command)
 
     async def _transaction(self, message: QueuedMessage, recipients: list[QueuedRecipient]
                            ) -> list[tuple[QueuedRecipient, Reply]]:
@@ -227,7 +354,8 @@ class MessageTransfer:
             await self._rset()
             return postponed
         await client.send_body(self.body(message.id))
-        self._final, self._current = (message, accepted), []
+        self._in_flight.append(_InFlight(message, accepted))
+        self._current = []
         if not (self.pipeline_messages and client.has("PIPELINING")):
             await self.finish()  # read now: no next group goes first
         return postponed
@@ -241,3 +369,4 @@ class MessageTransfer:
         reply = await self.client.command("RSET", self.timeouts.command)
         if reply.code != 250:
             raise ResetRefused(f"{self.peer} refused RSET: {reply}")
+        self._reset_due = False

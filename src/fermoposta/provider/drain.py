@@ -21,7 +21,7 @@ connection (RFC 2645 §5.3).  Contract:
   its leases, and before QUIT; a failed one stops the drain without QUIT
   (its recipients, and those delivered after it, stay queued).
   Other outcomes (a deferral, a failure, a delivery with a DSN) are
-  committed before the next command is sent.
+  committed before the next reply is read.
 - Uses PIPELINING (MAIL, all RCPTs and DATA sent without waiting, and
   right after the previous message's final dot, before its reply: RFC 2920
   §3.1, `MessageTransfer(pipeline_messages=True)`; in one write, or over
@@ -30,6 +30,13 @@ connection (RFC 2645 §5.3).  Contract:
   and SMTPUTF8 when the customer offers them; a message the customer cannot take
   (too big for its SIZE, 8-bit without 8BITMIME, UTF-8 without SMTPUTF8) is
   failed with a DSN without being sent.
+- With a customer that offers CHUNKING (RFC 3030) and PIPELINING, each
+  message whose body was read ahead (up to `PREFETCH_BYTES`) goes as MAIL,
+  RCPT... and ``BDAT <n> LAST`` with no wait for a 354, and up to
+  `CHUNKING_WINDOW` such transactions are in flight: the customer stores
+  one while the next arrive (`net/transfer.py`).  Outcomes are still
+  settled in order, as each transaction's replies are read; a recipient
+  whose replies are not read when the connection fails stays queued.
 - Renews the domain leases while it works; ends with QUIT.  Never raises
   for peer misbehaviour: it returns a `DrainResult`.
 """
@@ -79,6 +86,9 @@ PREFETCH_MESSAGES = 3
 # are sent again, a duplicate).
 COMMIT_GATHER = 0.01
 COMMIT_BATCH = 100
+# With a customer that offers CHUNKING: BDAT transactions in flight at once
+# (each body at most PREFETCH_BYTES, kept until its replies are read).
+CHUNKING_WINDOW = 16
 
 
 
@@ -134,6 +144,7 @@ class Drain:
         self._gathered = asyncio.Event()  # COMMIT_BATCH deliveries are pending
         self._flushing = False  # the drain is ending: commit at once
         self._stored_body = stored_body(store)
+        self._bodies: dict[str, bytes] = {}  # prefetched bodies of small messages
         # One transfer for the session: the next message's commands follow a
         # final dot at once (net/transfer.py, pipeline_messages).
         self.transfer = MessageTransfer(
@@ -141,9 +152,8 @@ class Drain:
             timeouts=TransferTimeouts(command=settings.command_timeout,
                                       data_init=settings.data_init_timeout,
                                       final_reply=settings.final_reply_timeout),
-            pipeline_messages=True,
+            pipeline_messages=True, whole_body=self._bodies.get, window=CHUNKING_WINDOW,
         )
-        self._bodies: dict[str, bytes] = {}  # prefetched bodies of small messages
 
     async def _heartbeat(self) -> None:
         """Renew the domain leases while the drain runs, so a slow message
