@@ -152,3 +152,27 @@ def test_has_line_sees_only_a_whole_line_not_yet_taken() -> None:
     assert buf.has_line()
     assert buf.next_line(100) == b"RCPT TO:<c@d>\n"
     assert not buf.has_line()
+
+
+def test_take_returns_at_most_n_bytes_and_framing_resumes_after_them() -> None:
+    # A BDAT chunk (RFC 3030): counted octets, LFs inside are not line ends.
+    buf = LineBuffer()
+    buf.feed(b"BDAT 7 LAST\r\nab\ncd\r\nNO")
+    assert buf.next_line(512) == b"BDAT 7 LAST\r\n"
+    assert buf.take(5) == b"ab\ncd"
+    assert buf.take(2) == b"\r\n"
+    assert not buf.has_line()
+    buf.feed(b"OP\r\n")
+    assert buf.next_line(512) == b"NOOP\r\n"
+    assert buf.take(10) == b"" and buf.take(0) == b"" and len(buf) == 0
+
+
+def test_take_more_than_buffered_and_ending_a_discard() -> None:
+    buf = LineBuffer()
+    buf.feed(b"x" * 20)
+    with pytest.raises(LineTooLong):
+        buf.next_line(10)
+    buf.feed(b"yy")
+    assert buf.take(100) == b"x" * 10 + b"yy"  # a discard in progress ends
+    buf.feed(b"z\n")
+    assert buf.next_line(10) == b"z\n"

@@ -293,3 +293,32 @@ async def test_debug_trace_shows_the_atrn_line(provider, certs, tmp_path, caplog
     sent = [r.getMessage() for r in caplog.records if "] > " in r.getMessage()]
     assert any(line.endswith("> ATRN example.org") for line in sent), sent
     assert any(line.endswith("> EHLO mail.example.org") for line in sent), sent
+
+
+async def test_pull_uses_bdat_in_flight_and_data_for_a_big_body(provider, certs, tmp_path,
+                                                                monkeypatch, caplog):
+    """The drain and the customer together (RFC 3030): small messages go as
+    BDAT transactions back to back, a body over the read-ahead limit with
+    DATA, and every Maildir file holds its message as sent (a line-leading
+    dot included: BDAT has no stuffing, DATA un-stuffs)."""
+    from fermoposta.provider import drain as drain_module
+
+    monkeypatch.setattr(drain_module, "PREFETCH_BYTES", 2048)
+    caplog.set_level("DEBUG", logger="fermoposta.smtp")
+    bodies = [b"Subject: small %d\r\n\r\n.a dotted line\r\nend\r\n" % i for i in range(5)]
+    bodies.insert(2, b"Subject: big\r\n\r\n" + b"..twice dotted\r\n" + (b"z" * 70 + b"\r\n") * 60)
+    for body in bodies:
+        code, lines = await send_mail(*provider.mx, "alice@sender.test", ["bob@example.org"],
+                                      body)
+        assert code == 250, lines
+    cfg = config(tmp_path, provider, certs)
+    summary = await pull_once(cfg, cfg.pulls[0])
+    assert summary.error is None, summary.lines()
+    assert len(summary.received) == len(bodies)
+    assert provider.store.held_message_ids(["example.org"]) == []
+    stored = maildir_messages(tmp_path / "site", "example.org", "bob")
+    expected = sorted(b.replace(b"\r\n", b"\n") for b in bodies)
+    assert sorted(m[m.index(b"Subject: "):] for m in stored) == expected
+    sent = [r.getMessage() for r in caplog.records if "> BDAT " in r.getMessage()
+            or "> DATA" in r.getMessage()]
+    assert sum("BDAT" in s for s in sent) == 5 and sum("DATA" in s for s in sent) == 1, sent

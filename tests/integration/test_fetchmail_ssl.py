@@ -10,6 +10,7 @@ arrive, and the queue must be empty after.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -104,4 +105,77 @@ async def test_fetchmail_ssl_collects_several_messages(tls_provider: RunningProv
         for rcpt in envelopes[n]:
             assert f"X-Rcpt-Args: <{rcpt}>".encode() in raw
     assert by_subject["Subject: over TLS 3"].count(b"of a long message") == 2000
+    assert provider.store.held_message_ids(["example.org"]) == []
+
+
+class ChunkingHost:
+    """fetchmail's smtphost offering CHUNKING (as Postfix's smtpd does): it
+    keeps each message's envelope, its octets and the verb that carried it."""
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[list[str], bytes]] = []
+        self.verbs: list[str] = []
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 smtphost ESMTP\r\n")
+        rcpts: list[str] = []
+        octets = b""
+        try:
+            while line := await reader.readline():
+                verb = line[:4].upper().decode()
+                self.verbs.append(verb)
+                if verb == "EHLO":
+                    writer.write(b"250-smtphost\r\n250-PIPELINING\r\n250-CHUNKING\r\n"
+                                 b"250 8BITMIME\r\n")
+                elif verb == "MAIL":
+                    rcpts, octets = [], b""
+                    writer.write(b"250 2.1.0 ok\r\n")
+                elif verb == "RCPT":
+                    rcpts.append(line.decode().split("<", 1)[1].split(">", 1)[0])
+                    writer.write(b"250 2.1.5 ok\r\n")
+                elif verb == "BDAT":
+                    _, size, *last = line.split()
+                    octets += await reader.readexactly(int(size))
+                    if last:
+                        self.messages.append((rcpts, octets))
+                    writer.write(b"250 2.0.0 ok\r\n")
+                elif verb == "QUIT":
+                    writer.write(b"221 2.0.0 bye\r\n")
+                    break
+                else:  # DATA included: this host wants BDAT
+                    writer.write(b"502 5.5.1 not here\r\n")
+                await writer.drain()
+        finally:
+            writer.close()
+
+
+async def test_fetchmail_ssl_relays_bdat_to_a_chunking_smtphost(
+        tls_provider: RunningProvider, certs: Certs, tmp_path: Path) -> None:
+    """fetchmail passes on its smtphost's EHLO: offered CHUNKING, the drain
+    sends BDAT transactions, several in flight, through fetchmail's
+    line-by-line TLS relay, which must neither stall nor change a byte."""
+    provider = tls_provider
+    assert provider.odmr_tls is not None
+    envelopes = [["bob@example.org"], ["bob@example.org", "carol@example.org"],
+                 ["dave@example.org"], ["erin@example.org"]]
+    for n, rcpts in enumerate(envelopes):
+        code, _ = await send_mail(*provider.mx, "alice@sender.test", rcpts,
+                                  body(n, 500 if n == 2 else 0))
+        assert code == 250
+    host = ChunkingHost()
+    server = await asyncio.start_server(host.serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        rc, out = await run_fetchmail(ssl_rcfile(tmp_path, provider.odmr_tls[1], port,
+                                                 certs.ca_file), timeout=20)
+    except TimeoutError:
+        pytest.fail("fetchmail relaying BDAT over odmr_tls hung")
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert rc == 0, out
+    assert "BDAT" in host.verbs and "DATA" not in host.verbs, host.verbs
+    assert [rcpts for rcpts, _ in host.messages] == envelopes
+    for n, (_, octets) in enumerate(host.messages):
+        assert octets.endswith(body(n, 500 if n == 2 else 0)), octets[-200:]  # after Received:
     assert provider.store.held_message_ids(["example.org"]) == []

@@ -4,9 +4,13 @@ Contract:
 - Runs on the connection the ATRN 250 came back on (TLS unchanged) and
   speaks first: our 220 greeting, right away (RFC 2645 §5.3).
 - A full RFC 5321 receiver (the shared `TransactionSession`): EHLO with SIZE,
-  8BITMIME, PIPELINING, ENHANCEDSTATUSCODES, SMTPUTF8; no STARTTLS and no AUTH
-  (the provider is trusted through our own authenticated dial-out); ATRN,
-  TURN and ETRN get 502: no re-reversal.
+  8BITMIME, PIPELINING, CHUNKING, ENHANCEDSTATUSCODES, SMTPUTF8; no STARTTLS
+  and no AUTH (the provider is trusted through our own authenticated
+  dial-out); ATRN, TURN and ETRN get 502: no re-reversal.
+- CHUNKING (RFC 3030): the provider may send a message as ``BDAT <n>
+  [LAST]`` chunks, several transactions in flight, instead of DATA; the
+  chunks get DATA's checks and replies (`TransactionSession.smtp_bdat`), and
+  the local delivery sees the same spooled body either way.
 - Up to 100 recipients per transaction (RFC 5321 §4.5.3.1.8 requires at
   least 100), advertised as ``LIMITS RCPTMAX=100`` (RFC 9422); the 101st
   gets 452 4.5.3 and the provider sends it in another transaction.
@@ -15,7 +19,7 @@ Contract:
   recipient and following the provider's: SMTP and LMTP next hops see MAIL
   and each RCPT as they come), whose refusal (550 5.1.1 unknown user, a 4xx
   when the target is down) is the RCPT reply.  RSET, a new MAIL, a refused
-  DATA or the end of the session abort the local transaction.
+  DATA or BDAT or the end of the session abort the local transaction.
 - The final dot gets one reply for every accepted recipient, from their
   local outcomes (one each; SMTP and Maildir give the same to all):
   * all 2xx: 250 (their text if they are all the same, else "Delivered
@@ -29,8 +33,8 @@ Contract:
     the provider keeps the whole message (a duplicate is possible for the
     recipients already delivered, a loss is not).  Without a spool
     (`spool=None`), mixed outcomes get 451 4.3.0 the same way.
-  The reply is given only after the local commits; a dropped connection
-  mid-DATA stores nothing.
+  The reply is given only after the local commits (to BDAT LAST as to the
+  final dot); a dropped connection mid-DATA or mid-chunk stores nothing.
 - Every accepted message is recorded in `received` for the pull summary.
 """
 
@@ -101,6 +105,7 @@ SpoolFailures = Callable[[LocalEnvelope, IO[bytes], Sequence[tuple[LocalRecipien
 
 class ReversedSession(TransactionSession):
     component = "customer"
+    offer_chunking = True  # the provider's drain keeps several messages in flight
 
     def __init__(self, conn: Connection, *, hostname: str, limits: SessionLimits,
                  accept_domains: frozenset[str], delivery: Delivery, session_id: str,
@@ -153,6 +158,13 @@ class ReversedSession(TransactionSession):
             return await super().smtp_data(arg)
         finally:
             if self.transaction is None:  # the transaction ended, delivered or not
+                await self._end_local()
+
+    async def smtp_bdat(self, arg: str) -> Reply | None:
+        try:
+            return await super().smtp_bdat(arg)
+        finally:
+            if self.transaction is None:  # LAST, or a refusal ended it
                 await self._end_local()
 
     async def _end_local(self) -> None:

@@ -13,10 +13,16 @@ Contract:
 - Every read and write takes a timeout (RFC 5321 §4.5.3.2); expiry raises
   `TimeoutError`.  Two overall deadlines (absolute `loop.time()` values)
   bound those waits further: `deadline`, set on the connection (the whole
-  server session), and the `deadline` argument of `read_data()` (one
-  message's DATA).  A wait cut short by one raises `DeadlineExceeded` (a
-  `TimeoutError`) naming it; a deadline never interrupts anything but a
-  wait for the peer.
+  server session), and the `deadline` argument of `read_data()`,
+  `read_chunk()` and `read_line()` (one message's DATA, or its BDAT chunks
+  and the commands between them).  A wait cut short by one raises
+  `DeadlineExceeded` (a `TimeoutError`) naming it; a deadline never
+  interrupts anything but a wait for the peer.
+- `read_chunk(n, sink)` reads exactly n octets (a BDAT chunk, RFC 3030 §2:
+  raw, no line framing), handing them to `sink` as they arrive (bounded
+  memory: never the whole chunk at once); what follows them stays buffered
+  (the peer's next, pipelined commands).  A peer that closes first raises
+  `ConnectionClosed`.
 - A peer's half-close (FIN after its last command, RFC 2920 §3.1 pipelining)
   is not a reset: the bytes it sent are still read, in order, and only the
   read that finds the buffer empty raises `ConnectionClosed`; on plain TCP
@@ -385,11 +391,13 @@ class Connection:
         return when, which
 
     # --- reading ---------------------------------------------------------------------
-    async def read_line(self, limit: int, timeout: float) -> bytes:
+    async def read_line(self, limit: int, timeout: float, *,
+                        deadline: float | None = None) -> bytes:
         """Next line including its terminator; see LineBuffer.next_line.
 
-        Lines already received are returned even after the peer's EOF."""
-        when, which = self._bound(timeout)
+        Lines already received are returned even after the peer's EOF.
+        `deadline` (loop time) is a message's, between its BDAT chunks."""
+        when, which = self._bound(timeout, deadline)
         line = self._buffer.next_line(limit)
         if line is not None:  # already here (pipelined): no timer needed
             self._maybe_resume_reading()
@@ -432,6 +440,36 @@ class Connection:
                         self._buffer.feed(leftover)
                     self._maybe_resume_reading()
                     return
+            when, which = self._bound(timeout, deadline)
+            try:
+                async with asyncio.timeout_at(when):
+                    await self._wait_for_data()
+            except TimeoutError:
+                if which is not None:
+                    raise DeadlineExceeded(which) from None
+                raise
+
+    async def read_chunk(
+        self,
+        size: int,
+        sink: Callable[[bytes], object],
+        timeout: float,
+        *,
+        deadline: float | None = None,
+    ) -> None:
+        """Feed exactly `size` octets into `sink` as they arrive (RFC 3030 §2).
+
+        `timeout` applies to each wait for more octets (RFC 5321 §4.5.3.2.5,
+        as for DATA), `deadline` (loop time) to the whole message."""
+        remaining = size
+        while True:
+            if remaining and len(self._buffer):
+                piece = self._buffer.take(remaining)
+                remaining -= len(piece)
+                sink(piece)
+            if not remaining:
+                self._maybe_resume_reading()
+                return
             when, which = self._bound(timeout, deadline)
             try:
                 async with asyncio.timeout_at(when):

@@ -29,9 +29,13 @@ Contract:
   those replies, see `Connection`).
 - Deadlines (`SessionLimits.session_deadline`, the whole connection from
   accept to close, phase 1 only: an ATRN hand-off has its own bounds; and
-  `data_deadline`, one message's DATA) cut waits for the peer, never a
+  `data_deadline`, one message's DATA, or its BDAT chunks and the commands
+  between them: `message_deadline()`) cut waits for the peer, never a
   handler at work: when one passes the session answers 421 4.4.2, keeps
   nothing of an unfinished message, logs it and closes.  `None` = none.
+- A line the machine refuses goes through `refused_line(line, reply)` first: a
+  dialog that must still consume what follows such a line (a BDAT chunk)
+  answers it there.
 - The session never raises: peer closes, timeouts and TLS failures end it
   quietly (logged), and `run()` always closes the connection.
 """
@@ -177,6 +181,17 @@ class ServerSession:
     def utf8_commands(self) -> bool:
         return False
 
+    def message_deadline(self) -> float | None:
+        """When (loop time) a message whose data comes between commands (BDAT
+        chunks, RFC 3030) must be complete: it bounds the wait for the next
+        command too.  None: no message under way, or no bound."""
+        return None
+
+    async def refused_line(self, line: bytes, reply: Reply) -> Reply | None:
+        """The reply to a line the machine refused (`reply`, its own); None
+        when this method answered it itself."""
+        return reply
+
     # --- the loop ------------------------------------------------------------------------
     async def send(self, reply: Reply) -> None:
         data = reply.to_bytes()
@@ -262,7 +277,8 @@ class ServerSession:
 
     async def one_command(self) -> None:
         try:
-            line = await self.conn.read_line(COMMAND_LINE_LIMIT, self.limits.command_timeout)
+            line = await self.conn.read_line(COMMAND_LINE_LIMIT, self.limits.command_timeout,
+                                             deadline=self.message_deadline())
         except LineTooLong:
             await self.reply(R.LINE_TOO_LONG)
             return
@@ -284,7 +300,7 @@ class ServerSession:
             except SMTPError as exc:
                 reply = exc.reply
         else:
-            reply = action.reply
+            reply = await self.refused_line(line, action.reply)
         if reply is not None:
             await self.reply(reply)
 

@@ -6,10 +6,19 @@ Contract:
   extensions only: SIZE RFC 1870, BODY=8BITMIME RFC 6152, SMTPUTF8 RFC 6531;
   recipient count limit 452 4.5.3; duplicate RCPT accepted once) and leaves
   policy to three hooks: `check_sender`, `check_recipient`, `accept_message`.
-- DATA streams into a spooled temporary file (bounded memory) behind a
-  `Received:` header; the size limit is enforced while streaming (552 after
-  the end of data), only CRLF.CRLF ends the data, and a message with a bare
-  CR or LF is refused (SMTP smuggling, RFC 5321 §2.3.8).
+- DATA streams into a spooled temporary file (bounded memory,
+  `net.incoming`) behind a `Received:` header; the size limit is enforced
+  while streaming (552 after the end of data), only CRLF.CRLF ends the
+  data, and a message with a bare CR or LF is refused (SMTP smuggling, RFC
+  5321 §2.3.8).
+- BDAT (RFC 3030 CHUNKING) only where `offer_chunking` is set (the
+  customer's reversed session); elsewhere it is 502 as any verb a dialog
+  does not take, and CHUNKING is not advertised.  See `smtp_bdat`: each
+  chunk's octets are always read (`Connection.read_chunk`), also to throw
+  them away after a refusal, so the next command is found; the chunks of a
+  message go through the same spool, trace header, size, line and bare
+  CR/LF checks as DATA (`smtp.chunking.ChunkReader`, across chunk edges),
+  and `accept_message` gets the very bytes DATA would give it.
 - A body that outgrows `SPOOL_MEMORY` is also handed to `body_stage(txn)`
   while it arrives (`body_stager`), when the receiver offers one (the MX
   and submission, on SQLite): the enqueue after the final dot then stores
@@ -22,8 +31,10 @@ Contract:
   retries (plain TCP peers that half-close do get their 250).
 - A dropped connection mid-DATA discards the partial message (§3.8), and
   so does an expired deadline: `limits.data_deadline` bounds one message's
-  whole DATA (the per-read `data_timeout` alone lets a slow drip last
-  forever); the session then answers 421 4.4.2 and closes.
+  whole DATA, or its chunks from the first BDAT to the LAST one, waits for
+  the commands between them included (the per-read `data_timeout` alone
+  lets a slow drip last forever); the session then answers 421 4.4.2 and
+  closes.
 - Every refusal of a MAIL, RCPT or message goes through `reject()`: one
   Postfix-like ``NOQUEUE: reject: RCPT from ...`` line (or the caller's own
   text) whose JSON form carries ``reason``, ``client``, ``sender`` and
@@ -35,19 +46,18 @@ Contract:
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import logging
+import re
 import ssl
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import IO, ClassVar
 
-from fermoposta.net.body_stager import Stager
 from fermoposta.net.connection import Connection, ConnectionClosed
+from fermoposta.net.incoming import IncomingBody
 from fermoposta.net.server_session import ServerSession, SessionLimits
 from fermoposta.ops import metrics
 from fermoposta.smtp import reply as R
+from fermoposta.smtp.chunking import Bdat, ChunkReader, parse_bdat
 from fermoposta.smtp.command import (
     NEEDS_SMTPUTF8,
     Path,
@@ -57,13 +67,11 @@ from fermoposta.smtp.command import (
     split_address,
     xtext_decode,
 )
-from fermoposta.smtp.data import DataReader
+from fermoposta.smtp.data import ContentChecks, DataReader
 from fermoposta.smtp.reply import Reply
 from fermoposta.smtp.server import NESTED_MAIL, Needs, VerbSpec, verb_table
 from fermoposta.smtp.trace import protocol_name, received_header
 from fermoposta.store.base import BodyStage
-
-SPOOL_MEMORY = 1024 * 1024  # bodies above this spill to a temporary file
 
 NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "No valid recipients")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
@@ -77,6 +85,21 @@ DATA_LINE_TOO_LONG = Reply(
 UNKNOWN_PARAMETER = Reply(555, "5.5.4", "Unsupported MAIL FROM or RCPT TO parameter")
 SENDER_OK = Reply(250, "2.1.0", "Sender OK")
 RECIPIENT_OK = Reply(250, "2.1.5", "Recipient OK")
+# RFC 3030 §2 (BDAT).  The octets of a refused chunk are read and dropped.
+BDAT_SYNTAX = Reply(501, "5.5.4", "Syntax: BDAT chunk-size [LAST]")
+BDAT_UNFRAMED = Reply(421, "4.5.0", "Cannot tell where that BDAT chunk ends, closing connection")
+BDAT_NEED_MAIL = Reply(503, "5.5.1", "Need MAIL command first (BDAT chunk discarded)")
+BDAT_NO_RECIPIENTS = Reply(503, "5.5.1", "No valid recipients (BDAT chunk discarded)")
+BDAT_AFTER_ERROR = Reply(503, "5.5.1", "Transaction failed earlier, send RSET or MAIL "
+                         "(BDAT chunk discarded)")
+DATA_AFTER_BDAT = Reply(503, "5.5.1", "DATA not allowed after BDAT in one transaction; "
+                        "transaction ended")
+_BDAT_LINE = re.compile(rb"BDAT[ \t]", re.IGNORECASE)
+
+
+def chunk_received(size: int) -> Reply:
+    """The reply to a BDAT chunk that is not the last (RFC 3030 §2)."""
+    return Reply(250, "2.0.0", f"{size} octets received")
 
 
 @dataclass(slots=True)
@@ -100,15 +123,29 @@ class Transaction:
     recipients: list[Recipient] = field(default_factory=list)
 
 
+@dataclass(slots=True)
+class _Chunks:
+    """A message under way in BDAT chunks: its content's checks, its spool
+    and when it must be complete (loop time)."""
+
+    reader: ChunkReader
+    body: IncomingBody
+    deadline: float | None
+
+
 class TransactionSession(ServerSession):
     """A `ServerSession` that receives mail; see the module docstring."""
 
     # RFC 3461: accept NOTIFY/ORCPT/RET/ENVID (and advertise DSN) where the
     # receiver keeps them and acts on them (the provider's MX and submission).
     dsn_extension: ClassVar[bool] = False
+    # RFC 3030: advertise CHUNKING and take BDAT (the customer's reversed session).
+    offer_chunking: ClassVar[bool] = False
 
     transaction: Transaction | None = None
     authenticated_as: str | None = None
+    _chunks: _Chunks | None = None  # a BDAT message under way
+    _bdat_failed = False  # a BDAT error ended the transaction: later BDATs get 503
 
     def __init__(self, conn: Connection, *, hostname: str, limits: SessionLimits,
                  tls_context: ssl.SSLContext | None = None,
@@ -176,11 +213,23 @@ class TransactionSession(ServerSession):
             "PIPELINING",
             "SMTPUTF8",
             *(["DSN"] if self.dsn_extension else []),
+            *(["CHUNKING"] if self.offer_chunking else []),
             *super().extensions(),
         ]
 
     def reset_transaction(self) -> None:
         self.transaction = None
+        self._bdat_failed = False
+        self._drop_chunks()  # RFC 3030 §2: RSET clears the chunks sent
+
+    def message_deadline(self) -> float | None:
+        return self._chunks.deadline if self._chunks is not None else None
+
+    async def run(self) -> None:
+        try:
+            await super().run()
+        finally:
+            self._drop_chunks()  # the connection went mid-message: nothing stored
 
     def transaction_open(self) -> bool:
         return self.transaction is not None
@@ -232,6 +281,7 @@ class TransactionSession(ServerSession):
         if refusal is not None:
             return refusal
         self.transaction = txn
+        self._bdat_failed = False
         return SENDER_OK
 
     async def smtp_rcpt(self, arg: str) -> Reply:
@@ -277,77 +327,156 @@ class TransactionSession(ServerSession):
         assert txn is not None  # Needs.TRANSACTION
         if arg:
             return R.BAD_ARGUMENTS
+        if self._chunks is not None:
+            # RFC 3030 §2: 503, and the state is "indeterminate": the chunks
+            # go, and the transaction with them (MAIL may follow at once).
+            self._bdat_error()
+            return DATA_AFTER_BDAT
         if not txn.recipients:
             return NO_VALID_RECIPIENTS
         await self.send(R.START_DATA)
-        spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY)  # noqa: SIM115
-        stager: Stager | None = None
-        staging_tried = False
-        stored = False
-
-        def sink(payload: bytes) -> None:
-            nonlocal stager, staging_tried
-            spool.write(payload)
-            if stager is not None:
-                stager.written(spool.tell())
-            elif not staging_tried and spool.tell() > SPOOL_MEMORY:
-                staging_tried = True
-                stage = self.body_stage(txn, spool)
-                if stage is not None:
-                    spool.rollover()
-                    try:
-                        stager = Stager(spool, stage)
-                    except OSError as exc:  # no descriptor left: stored at the end instead
-                        self.log.warning("%s: cannot store the body while it arrives: %s",
-                                         self.session_id, exc)
-                        return
-                    stager.written(spool.tell())
-
+        body = self._incoming_body(txn)
         try:
-            spool.write(self.trace_header(txn))
+            body.write(self.trace_header(txn))
             reader = DataReader(self.limits.max_message_size, self.limits.max_line_length)
-            deadline = None
-            if self.limits.data_deadline is not None:
-                deadline = asyncio.get_running_loop().time() + self.limits.data_deadline
             self.in_data = True  # stays set if the read raises: the session ends
-            await self.conn.read_data(reader, sink, self.limits.data_timeout,
-                                      deadline=deadline)
+            await self.conn.read_data(reader, body.write, self.limits.data_timeout,
+                                      deadline=self._new_deadline())
             self.in_data = False
-            self.transaction = None  # the transaction ends with the data, whatever follows
-            refusal = (
-                (MESSAGE_TOO_BIG, "message_size") if reader.too_big
-                else (BARE_LINE_ENDING, "smuggling") if reader.bare_line_ending
-                else (DATA_LINE_TOO_LONG, "other") if reader.line_too_long
-                else None
-            )
-            if refusal is not None:
-                return self.reject(refusal[0], refusal[1], stage="DATA",
+            return await self._end_of_message(txn, body, reader.checks, "DATA")
+        finally:
+            await body.close()
+
+    async def smtp_bdat(self, arg: str) -> Reply | None:
+        """RFC 3030 §2: ``BDAT <size> [LAST]`` and its octets.  One reply per
+        chunk: 250 for a chunk taken, and for the LAST one what DATA's dot
+        gets.  Every chunk's octets are read, refused or not; after an error
+        reply the transaction is over (a later BDAT: 503, octets dropped;
+        MAIL works at once).  An argument that is not a size leaves the rest
+        of the stream unframed: 501, then 421 and close (Postfix hangs up
+        with one 521 there; RFC 5321 §3.8 closes after a 421)."""
+        if not self.offer_chunking:
+            return R.NOT_IMPLEMENTED  # the machine's reply to a verb not taken
+        try:
+            chunk = parse_bdat(arg)
+        except ValueError:
+            return await self._unframed(f"BDAT {arg[:40]}")
+        txn = self.transaction
+        refusal = (BDAT_AFTER_ERROR if self._bdat_failed and txn is None
+                   else BDAT_NEED_MAIL if txn is None
+                   else BDAT_NO_RECIPIENTS if not txn.recipients
+                   else None)
+        chunks = self._chunks
+        if refusal is None and txn is not None:
+            so_far = chunks.reader.checks.size if chunks is not None else 0
+            if so_far + chunk.size > self.limits.max_message_size:
+                refusal = self.reject(MESSAGE_TOO_BIG, "message_size", stage="BDAT",
+                                      sender=txn.sender.address,
+                                      recipients=[r.path.address for r in txn.recipients])
+        if refusal is not None:
+            deadline = chunks.deadline if chunks is not None else self._new_deadline()
+            await self.conn.read_chunk(chunk.size, _drop, self.limits.data_timeout,
+                                       deadline=deadline)
+            if txn is not None:
+                self._bdat_error()
+            return refusal
+        assert txn is not None
+        if chunks is None:
+            chunks = self._chunks = _Chunks(
+                ChunkReader(self.limits.max_message_size, self.limits.max_line_length),
+                self._incoming_body(txn), self._new_deadline())
+            chunks.body.write(self.trace_header(txn))
+            self.in_data = True  # until the LAST chunk or the transaction's end
+        return await self._read_chunk(txn, chunks, chunk)
+
+    async def _read_chunk(self, txn: Transaction, chunks: _Chunks, chunk: Bdat) -> Reply:
+        reader, body = chunks.reader, chunks.body
+
+        def sink(data: bytes) -> None:
+            content = reader.feed(data)
+            if content:
+                body.write(content)
+
+        # Raising (the peer gone, a timeout) leaves the chunks to `run()`.
+        await self.conn.read_chunk(chunk.size, sink, self.limits.data_timeout,
+                                   deadline=chunks.deadline)
+        if not chunk.last and not reader.refused:
+            return chunk_received(chunk.size)
+        self._chunks = None
+        self.in_data = False
+        try:
+            if not chunk.last:  # refused already: say so now (RFC 3030 §2 allows it)
+                self._bdat_error()
+                reply = _refusal(reader.checks)
+                assert reply is not None
+                return self.reject(reply[0], reply[1], stage="BDAT",
                                    sender=txn.sender.address,
                                    recipients=[r.path.address for r in txn.recipients])
-            if not self.conn.can_reply:
-                # The 250 could no longer reach the peer (TLS after its EOF):
-                # storing the message would make the client's retry a
-                # duplicate.  It keeps the message; we keep nothing.
-                self.log.info("%s: %s closed before the end-of-data reply; message not "
-                              "stored", self.session_id, self.peer_description())
-                raise ConnectionClosed("peer closed before the end-of-data reply")
-            size = spool.tell()
-            if stager is not None:
-                await stager.finish()  # the rest is stored by the enqueue
-            spool.seek(0)
-            reply = await self.accept_message(txn, spool, size)
-            if reply.is_positive:
-                stored = True
-                self.machine.delivered()  # errors count only "without delivering mail"
-            return reply
+            body.write(reader.finish())
+            return await self._end_of_message(txn, body, reader.checks, "BDAT")
         finally:
-            try:
-                if stager is not None:
-                    stager.close()
-                    if not stored:
-                        await _discard(stager)
-            finally:
-                spool.close()  # the stager reads a descriptor of its own
+            await body.close()
+
+    async def _end_of_message(self, txn: Transaction, body: IncomingBody,
+                              checks: ContentChecks, stage: str) -> Reply:
+        """The reply to a message's end (the final dot, BDAT LAST): its
+        refusal, or `accept_message`'s, as the message is stored or not."""
+        self.transaction = None  # the transaction ends with the data, whatever follows
+        refusal = _refusal(checks)
+        if refusal is not None:
+            return self.reject(refusal[0], refusal[1], stage=stage, sender=txn.sender.address,
+                               recipients=[r.path.address for r in txn.recipients])
+        if not self.conn.can_reply:
+            # The 250 could no longer reach the peer (TLS after its EOF):
+            # storing the message would make the client's retry a
+            # duplicate.  It keeps the message; we keep nothing.
+            self.log.info("%s: %s closed before the end-of-data reply; message not "
+                          "stored", self.session_id, self.peer_description())
+            raise ConnectionClosed("peer closed before the end-of-data reply")
+        spool, size = await body.ready()
+        reply = await self.accept_message(txn, spool, size)
+        if reply.is_positive:
+            body.stored = True
+            self.machine.delivered()  # errors count only "without delivering mail"
+        return reply
+
+    def _incoming_body(self, txn: Transaction) -> IncomingBody:
+        return IncomingBody(lambda spool: self.body_stage(txn, spool),
+                            session_id=self.session_id, logger=self.log)
+
+    def _new_deadline(self) -> float | None:
+        if self.limits.data_deadline is None:
+            return None
+        return asyncio.get_running_loop().time() + self.limits.data_deadline
+
+    def _drop_chunks(self) -> None:
+        chunks, self._chunks = self._chunks, None
+        if chunks is not None:
+            chunks.body.abandon()
+            self.in_data = False
+
+    def _bdat_error(self) -> None:
+        """An error reply to a BDAT ends its transaction (RFC 3030 §2: the
+        client sends no more chunks of it; those already pipelined get 503)."""
+        self.reset_transaction()
+        self._bdat_failed = True
+
+    async def _unframed(self, what: str) -> Reply | None:
+        """A BDAT line whose chunk size is unknown: what follows can no longer
+        be told from commands (RFC 3030 §2 warns of reading a chunk as
+        commands).  501 for the line, then 421 and close."""
+        self.log.warning("%s: malformed BDAT from %s: %r; closing", self.session_id,
+                         self.peer_description(), what)
+        self.reset_transaction()
+        await self.reply(BDAT_SYNTAX)
+        return None if self.machine.closing else BDAT_UNFRAMED
+
+    async def refused_line(self, line: bytes, reply: Reply) -> Reply | None:
+        if self.offer_chunking and _BDAT_LINE.match(line):
+            # A BDAT line the parser refused (a NUL, 8-bit bytes): its chunk
+            # follows all the same.
+            return await self._unframed(line[:40].decode("ascii", "replace"))
+        return reply
 
     def trace_header(self, txn: Transaction) -> bytes:
         tls_info = None
@@ -369,29 +498,22 @@ class TransactionSession(ServerSession):
                  sequence_reply=NESTED_MAIL),
         VerbSpec("RCPT", "smtp_rcpt", Needs.TRANSACTION),
         VerbSpec("DATA", "smtp_data", Needs.TRANSACTION),
+        # No needs: a refused BDAT's octets must still be read (`smtp_bdat`).
+        VerbSpec("BDAT", "smtp_bdat"),
         base=ServerSession.VERBS,
     )
 
 
-async def _discard(stager: Stager) -> None:
-    """What was staged for a message not stored goes, once the stager's
-    thread has ended (else its first append could make the placeholder after
-    the discard).  Shielded: a cancelled session (shutdown) still cleans up;
-    the store logs a failure and sweeps what is left at its next start."""
-    async def cleanup() -> None:
-        await stager.finish()
-        await asyncio.to_thread(stager.stage.discard)
-
-    task = asyncio.ensure_future(cleanup())
-    task.add_done_callback(_log_cleanup_failure)
-    with contextlib.suppress(Exception):  # logged by the callback
-        await asyncio.shield(task)
+def _drop(data: bytes) -> None:
+    """The sink of a refused chunk's octets."""
 
 
-def _log_cleanup_failure(task: asyncio.Future[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        logging.getLogger("fermoposta.smtp").error(
-            "discarding a staged body failed", exc_info=task.exception())
+def _refusal(checks: ContentChecks) -> tuple[Reply, str] | None:
+    """The reply and reject reason for content `checks` refuse, or None."""
+    return ((MESSAGE_TOO_BIG, "message_size") if checks.too_big
+            else (BARE_LINE_ENDING, "smuggling") if checks.bare_line_ending
+            else (DATA_LINE_TOO_LONG, "other") if checks.line_too_long
+            else None)
 
 
 def _valid_xtext(value: str | None, limit: int) -> bool:

@@ -11,6 +11,12 @@ Contract:
   incl. the line end (`line_too_long`, RFC 5321 §4.5.3.1.6); the caller decides.
   Work is done per chunk with bytes methods; only the last 3 unprocessed bytes plus 2
   bytes of context are kept between feeds, so chunk boundaries may fall anywhere.
+- `ContentChecks` holds those three verdicts for one message and is shared with BDAT
+  (`smtp.chunking`): `scan()` the octets as they stand on the wire of a DATA transfer
+  (lines are counted with their stuffing dot, as the DATA reader always has), in
+  pieces cut anywhere (a CR at the end of a piece waits for the next piece's first
+  octet; a line's length carries over), `count()` the content octets, `end()` once
+  the content is complete (a CR still waiting is bare).
 - `DotStuffer` (client side, RFC 5321 §4.5.2) converts bare CR and bare LF to CRLF,
   doubles a leading "." on every line and `finish()` appends the final CRLF (if the
   content did not end with one) and ".<CRLF>".  `dot_stuff()` wraps it for iterables.
@@ -27,72 +33,61 @@ from collections.abc import Iterable, Iterator
 
 _END = b"\r\n.\r\n"
 _CRLF = b"\r\n"
+_CR, _LF = 0x0D, 0x0A  # as bytes index them
 _HOLD = len(_END) - 2  # bytes kept unprocessed: a terminator may start in them
 _CONTEXT = 2  # already-processed bytes kept in front of the buffer (for "\r\n." matching)
 
 
-class DataReader:
-    """Incremental reader of DATA content up to `<CRLF>.<CRLF>`."""
+class ContentChecks:
+    """The size, line-ending and line-length verdicts on one message's content."""
+
+    __slots__ = ("_cr_pending", "_line_len", "bare_line_ending", "line_too_long", "max_line",
+                 "max_size", "size", "too_big")
 
     def __init__(self, max_size: int, max_line: int = 1000) -> None:
         self.max_size = max_size
         self.max_line = max_line
-        self.done = False
         self.size = 0
         self.too_big = False
         self.bare_line_ending = False
         self.line_too_long = False
-        # _buf[:2] is context (already processed); the data stream is preceded by the
-        # CRLF that ended the DATA command, so a "." in the first line is a line start.
-        self._buf = _CRLF
-        self._line_len = 0  # octets of the current (incomplete) line processed so far
+        self._cr_pending = False  # the last octet scanned is a CR: its LF may come next
+        self._line_len = 0  # octets of the current (incomplete) line scanned so far
 
-    def feed(self, data: bytes) -> tuple[bytes, bytes | None]:
-        """Return (content so far, None) or, at end of data, (content, leftover)."""
-        if self.done:
-            raise RuntimeError("DataReader.feed() called after end of data")
-        buf = self._buf + data
-        end = buf.find(_END)
-        if end >= 0:
-            self.done = True
-            self._buf = b""
-            return self._process(buf, end + 2), buf[end + len(_END) :]
-        cut = len(buf) - _HOLD
-        if cut <= _CONTEXT:
-            self._buf = buf
-            return b"", None
-        self._buf = buf[cut - _CONTEXT :]
-        return self._process(buf, cut), None
-
-    def _process(self, buf: bytes, stop: int) -> bytes:
-        """Account for and un-stuff buf[2:stop]; buf[:2] is context."""
-        if stop <= _CONTEXT:
-            return b""
-        if not self.bare_line_ending:
-            # A CR must be followed by LF and an LF preceded by CR (RFC 5321 §2.3.8).
-            # The byte after stop is always present (it is held back or the terminator).
-            lf = buf.count(b"\n", _CONTEXT, stop)
-            cr = buf.count(b"\r", _CONTEXT, stop)
-            # One count of the CRLF pairs inside, plus the pair across each
-            # edge: an LF first after the context's CR, a CR last before the
-            # byte after stop.  (Pairs never overlap.)
-            pairs = buf.count(_CRLF, _CONTEXT, stop) if lf or cr else 0
-            if (lf != pairs + (buf[_CONTEXT - 1 : _CONTEXT + 1] == _CRLF)
-                    or cr != pairs + (buf[stop - 1 : stop + 1] == _CRLF)):
-                self.bare_line_ending = True
-        if not self.line_too_long:
-            self._check_lines(buf, _CONTEXT, stop)
-        # §4.5.2: a "." starting a line is removed (the sender doubled it);
-        # without one (every base64 attachment), one copy instead of three.
-        # No "." at all is found at memchr speed; a CRLF before one may not be.
-        if buf.find(b".", _CONTEXT, stop) < 0 or buf.find(b"\r\n.", 0, stop) < 0:
-            payload = buf[_CONTEXT:stop]
-        else:
-            payload = buf[:stop].replace(b"\r\n.", _CRLF)[_CONTEXT:]
-        self.size += len(payload)
+    def count(self, n: int) -> None:
+        """Account for `n` more octets of content (RFC 1870 counts content)."""
+        self.size += n
         if self.size > self.max_size:
             self.too_big = True
-        return b"" if self.too_big else payload
+
+    def scan(self, buf: bytes, start: int, stop: int) -> None:
+        """Check buf[start:stop], the next octets of the content's wire form."""
+        if stop <= start:
+            return
+        if not self.bare_line_ending:
+            self._check_line_ends(buf, start, stop)
+        if not self.line_too_long:
+            self._check_lines(buf, start, stop)
+
+    def end(self) -> None:
+        """The content is complete: a CR still waiting for its LF is bare."""
+        if self._cr_pending:
+            self.bare_line_ending = True
+            self._cr_pending = False
+
+    def _check_line_ends(self, buf: bytes, start: int, stop: int) -> None:
+        # A CR must be followed by LF and an LF preceded by CR (RFC 5321 §2.3.8).
+        lf = buf.count(b"\n", start, stop)
+        cr = buf.count(b"\r", start, stop)
+        # One count of the CRLF pairs inside, plus the pair across each edge:
+        # an LF first after the CR that ended the last piece, a CR last
+        # (decided by the next piece, or bare at the end).  Pairs never overlap.
+        pairs = buf.count(_CRLF, start, stop) if lf or cr else 0
+        joined = self._cr_pending and buf[start] == _LF
+        trailing = buf[stop - 1] == _CR
+        if self._cr_pending != joined or lf != pairs + joined or cr != pairs + trailing:
+            self.bare_line_ending = True
+        self._cr_pending = trailing
 
     def _check_lines(self, buf: bytes, start: int, stop: int) -> None:
         """Flag a line longer than max_line octets (LF-delimited) in buf[start:stop]."""
@@ -110,6 +105,77 @@ class DataReader:
         if lf >= 0:
             pos = lf + 1
         self._line_len = stop - pos
+
+
+class DataReader:
+    """Incremental reader of DATA content up to `<CRLF>.<CRLF>`."""
+
+    def __init__(self, max_size: int, max_line: int = 1000) -> None:
+        self.checks = ContentChecks(max_size, max_line)
+        self.done = False
+        # _buf[:2] is context (already processed); the data stream is preceded by the
+        # CRLF that ended the DATA command, so a "." in the first line is a line start.
+        self._buf = _CRLF
+
+    # The verdicts, as the caller reads them.
+    @property
+    def max_size(self) -> int:
+        return self.checks.max_size
+
+    @property
+    def max_line(self) -> int:
+        return self.checks.max_line
+
+    @property
+    def size(self) -> int:
+        return self.checks.size
+
+    @property
+    def too_big(self) -> bool:
+        return self.checks.too_big
+
+    @property
+    def bare_line_ending(self) -> bool:
+        return self.checks.bare_line_ending
+
+    @property
+    def line_too_long(self) -> bool:
+        return self.checks.line_too_long
+
+    def feed(self, data: bytes) -> tuple[bytes, bytes | None]:
+        """Return (content so far, None) or, at end of data, (content, leftover)."""
+        if self.done:
+            raise RuntimeError("DataReader.feed() called after end of data")
+        buf = self._buf + data
+        end = buf.find(_END)
+        if end >= 0:
+            self.done = True
+            self._buf = b""
+            payload = self._process(buf, end + 2)
+            self.checks.end()  # the content ends with the CRLF before the dot
+            return payload, buf[end + len(_END) :]
+        cut = len(buf) - _HOLD
+        if cut <= _CONTEXT:
+            self._buf = buf
+            return b"", None
+        self._buf = buf[cut - _CONTEXT :]
+        return self._process(buf, cut), None
+
+    def _process(self, buf: bytes, stop: int) -> bytes:
+        """Check and un-stuff buf[2:stop]; buf[:2] is context."""
+        if stop <= _CONTEXT:
+            return b""
+        checks = self.checks
+        checks.scan(buf, _CONTEXT, stop)  # the wire form: a stuffing dot counts
+        # §4.5.2: a "." starting a line is removed (the sender doubled it);
+        # without one (every base64 attachment), one copy instead of three.
+        # No "." at all is found at memchr speed; a CRLF before one may not be.
+        if buf.find(b".", _CONTEXT, stop) < 0 or buf.find(b"\r\n.", 0, stop) < 0:
+            payload = buf[_CONTEXT:stop]
+        else:
+            payload = buf[:stop].replace(b"\r\n.", _CRLF)[_CONTEXT:]
+        checks.count(len(payload))
+        return b"" if checks.too_big else payload
 
 
 class DotStuffer:

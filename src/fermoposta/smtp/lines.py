@@ -12,6 +12,8 @@ Contract:
 - `take_all()` removes and returns every buffered byte (hand-off to the DATA reader,
   or discarding pipelined plaintext before a TLS handshake, RFC 3207 §4.2).  It also
   ends a discard in progress: what is returned is exactly what was buffered.
+  `take(n)` removes and returns the first n bytes at most (a BDAT chunk, RFC 3030 §2:
+  counted octets, no line framing), and likewise ends a discard.
 - Amortised O(n): a read offset is kept and the consumed prefix is deleted only when
   it dominates the buffer; a scan mark avoids rescanning a partial line on every feed.
 No I/O, no clocks.
@@ -86,6 +88,14 @@ class LineBuffer:
             raise LineTooLong(f"no line end within {limit} bytes")
         self._scanned = len(buf)
         return None
+
+    def take(self, n: int) -> bytes:
+        """Remove and return up to `n` bytes from the front (ends any discard)."""
+        self._discarding = False
+        end = min(self._pos + max(n, 0), len(self._buf))
+        data = bytes(self._buf[self._pos : end])
+        self._consume_to(end)
+        return data
 
     def take_all(self) -> bytes:
         """Remove and return everything buffered (ends any discard in progress)."""
