@@ -547,9 +547,13 @@ class Customer:
             async with asyncio.timeout(5):
                 await self.writer.wait_closed()
 
-    async def serve(self, timeout: float = 300.0) -> ServeStats:
-        """Play the SMTP server after the turnaround until QUIT or EOF."""
+    async def serve(self, timeout: float = 300.0, *, chunking: bool = False) -> ServeStats:
+        """Play the SMTP server after the turnaround until QUIT or EOF; with
+        `chunking`, offer CHUNKING and take BDAT too (RFC 3030)."""
         st = ServeStats()
+        ehlo = (b"250-customer.example.org\r\n250-PIPELINING\r\n"
+                + (b"250-CHUNKING\r\n" if chunking else b"")
+                + b"250-SIZE 1099511627776\r\n250 8BITMIME\r\n")
         self.writer.write(b"220 customer.example.org ESMTP bench sink\r\n")
         out: list[bytes] = []
         async with asyncio.timeout(timeout):
@@ -571,8 +575,7 @@ class Customer:
                     st.first_command_at = time.perf_counter()
                 verb = line[:4].upper()
                 if verb == b"EHLO":
-                    out.append(b"250-customer.example.org\r\n250-PIPELINING\r\n"
-                               b"250-SIZE 1099511627776\r\n250 8BITMIME\r\n")
+                    out.append(ehlo)
                 elif verb == b"HELO":
                     out.append(b"250 customer.example.org\r\n")
                 elif verb == b"MAIL":
@@ -589,6 +592,13 @@ class Customer:
                     st.messages += 1
                     st.last_message_at = time.perf_counter()
                     out.append(b"250 2.0.0 OK\r\n")
+                elif verb == b"BDAT" and chunking:
+                    _, size, *last = line.split()
+                    st.data_bytes += await self._swallow_octets(int(size))
+                    if last:
+                        st.messages += 1
+                        st.last_message_at = time.perf_counter()
+                    out.append(b"250 2.0.0 OK\r\n")
                 elif verb == b"RSET" or verb == b"NOOP":
                     out.append(b"250 OK\r\n")
                 elif verb == b"QUIT":
@@ -603,6 +613,17 @@ class Customer:
                     out.append(b"502 5.5.1 not implemented\r\n")
         st.ended_at = time.perf_counter()
         return st
+
+    async def _swallow_octets(self, size: int) -> int:
+        """Discard the `size` octets of a BDAT chunk; return `size`."""
+        left = size
+        while left:
+            if not self.buf and not await self._fill():
+                raise SMTPError("connection closed in BDAT")
+            take = min(left, len(self.buf))
+            del self.buf[:take]
+            left -= take
+        return size
 
     async def _swallow_data(self) -> int:
         """Discard DATA content up to CRLF.CRLF; return the bytes counted."""

@@ -106,7 +106,8 @@ def run_fermoposta(rnd: int, work: Path, args: argparse.Namespace) -> tuple[se.R
                             f"{held} still held")
     print(f"  round {rnd} fermoposta customer pull ({args.tls}): {len(files)} msgs in "
           f"{seconds:6.2f} s = {run.rate:6.0f} msgs/s, {run.mib_s:5.2f} MiB/s; customer CPU "
-          f"{customer_cpu:.2f} s, provider CPU {provider_cpu:.2f} s"
+          f"{customer_cpu:.2f} s (user {after.ru_utime - before.ru_utime:.2f}, system "
+          f"{after.ru_stime - before.ru_stime:.2f}), provider CPU {provider_cpu:.2f} s"
           + (f"  PROBLEM: {'; '.join(run.problems)}" if run.problems else ""), flush=True)
     return run, customer_cpu
 

@@ -29,8 +29,8 @@ from pathlib import Path
 import _common as c
 
 
-async def one_session(port: int, tls: ssl.SSLContext | None, timeout: float
-                      ) -> tuple[float, c.ServeStats, float]:
+async def one_session(port: int, tls: ssl.SSLContext | None, timeout: float,
+                      chunking: bool = False) -> tuple[float, c.ServeStats, float]:
     cust = await c.Customer.connect(port)
     try:
         await cust.hello(tls)
@@ -41,7 +41,7 @@ async def one_session(port: int, tls: ssl.SSLContext | None, timeout: float
         start = time.perf_counter()
         await cust.cmd("ATRN example.org", 250)
         atrn_reply = time.perf_counter() - start
-        stats = await cust.serve(timeout)
+        stats = await cust.serve(timeout, chunking=chunking)
     finally:
         await cust.close()
     return stats.ended_at - start, stats, atrn_reply

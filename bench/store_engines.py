@@ -13,7 +13,8 @@ Workloads (messages of about SIZE bytes, all for example.org):
   Check: exactly MESSAGES messages held afterwards.
 - drain: the mail just taken in leaves over one connection.  fermoposta: one ATRN
   session of drain.py's customer (AUTH CRAM-MD5 in clear, `ATRN example.org`,
-  clock from ATRN to QUIT), same provider process.  Postfix
+  clock from ATRN to QUIT; with `--chunking` it offers CHUNKING and the drain
+  sends BDAT), same provider process.  Postfix
   (DRAIN_CONCURRENCY=1): `postsuper -H ALL && postqueue -f` to smtp-sink, clock
   until its log shows MESSAGES `status=sent`.  Check: the receiver got exactly
   MESSAGES (the customer's count; Postfix's status=sent count) and nothing is
@@ -263,7 +264,8 @@ def run_fermoposta(system: str, rnd: int, work: Path, args: argparse.Namespace,
         # drain over one ATRN session
         cpu0, server0 = phase_start()
         try:
-            seconds, st, _ = asyncio.run(drain.one_session(odmr_port, None, args.timeout))
+            seconds, st, _ = asyncio.run(drain.one_session(odmr_port, None, args.timeout,
+                                                           chunking=args.chunking))
         except Exception:
             print(provider.log_tail(), file=sys.stderr)
             raise
@@ -570,6 +572,10 @@ def main() -> int:
     ap.add_argument("--keep-connection", action="store_true",
                     help="smtp-source -d: every session sends all its messages over one "
                          "connection (with --sessions 1: one long session)")
+    ap.add_argument("--chunking", action="store_true",
+                    help="the drain's customer offers CHUNKING: the drain sends BDAT "
+                         "transactions, several in flight (Postfix's drain to smtp-sink "
+                         "stays DATA)")
     ap.add_argument("--systems", default=",".join(SYSTEMS),
                     help=f"comma-separated subset of {','.join(SYSTEMS)}")
     args = ap.parse_args()
@@ -595,7 +601,8 @@ def main() -> int:
     if args.keep_connection:
         source_args.insert(0, "-d")
     print(f"Store engines: {args.messages} messages of ~{args.size} bytes, {args.rounds} rounds; "
-          f"intake smtp-source {' '.join(source_args)}; drain over one connection")
+          f"intake smtp-source {' '.join(source_args)}; drain over one connection"
+          f"{' (customer offers CHUNKING)' if args.chunking else ''}")
     print(f"date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC")
     print(f"machine: {c.machine_description()}")
     print(pg_line)
