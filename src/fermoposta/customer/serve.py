@@ -35,20 +35,37 @@ Contract:
     (`spool=None`), mixed outcomes get 451 4.3.0 the same way.
   The reply is given only after the local commits (to BDAT LAST as to the
   final dot); a dropped connection mid-DATA or mid-chunk stores nothing.
+- Group commit, with a delivery that offers it (`GroupCommit`: Maildir):
+  a message's files are written (`stage`; bodies up to
+  `BACKGROUND_STAGE_MAX` in the background, from a copy, while the next
+  commands are read) and its reply, and every reply after it, are kept
+  while the provider's next command is already here (it keeps messages in
+  flight); then the staged messages are committed together
+  (`commit_staged`: each file fsync()ed and renamed, one fsync of each
+  `new/`), and the replies go, in order, each 250 only for a message now
+  committed.  At most `GROUP_MAX` messages or `GROUP_WAIT` seconds per
+  group; a reply is never kept while we wait for the provider (before a
+  354, or a chunk whose octets are not all here yet).  A message whose
+  commit fails gets its 4xx alone.  Messages not answered when the session
+  ends (the provider gone, the customer stopped) are discarded
+  (`discard_staged`): the provider keeps them.
 - Every accepted message is recorded in `received` for the pull summary.
 """
 
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, Any
 
 from fermoposta.customer.delivery.base import (
     Delivery,
+    DeliveryOutcome,
+    GroupCommit,
     LocalEnvelope,
     LocalRecipient,
     LocalSender,
@@ -58,6 +75,7 @@ from fermoposta.net.connection import Connection
 from fermoposta.net.server_session import SessionLimits
 from fermoposta.net.transaction import Recipient, Transaction, TransactionSession
 from fermoposta.ops.log import event
+from fermoposta.smtp.chunking import parse_bdat
 from fermoposta.smtp.reply import Reply
 
 log = logging.getLogger("fermoposta.customer")
@@ -68,6 +86,14 @@ SPOOL_FAILED = Reply(451, "4.3.0", "Local delivery incomplete and the local retr
                      "try again later")
 #: RCPTs per transaction: RFC 5321 §4.5.3.1.8 says at least 100.
 MAX_RECIPIENTS = 100
+#: Group commit: at most so many staged messages, or so many seconds since
+#: the first of them, before their replies go (with fewer once the provider
+#: has nothing more buffered for us).
+GROUP_MAX = 16
+GROUP_WAIT = 0.05
+#: Bodies up to this size are written out in the background (from a copy
+#: in memory) while the next messages arrive; bigger ones before the reply.
+BACKGROUND_STAGE_MAX = 256 * 1024
 
 # "... by mx.provider.test (fermoposta) with ESMTP id 4F9D195432C" in the
 # provider's Received: header tells us its queue id for the logs.
@@ -103,6 +129,25 @@ SpoolFailures = Callable[[LocalEnvelope, IO[bytes], Sequence[tuple[LocalRecipien
                          str]
 
 
+class _StageFailed(Exception):
+    def __init__(self, outcome: DeliveryOutcome) -> None:
+        super().__init__(outcome.reply)
+        self.outcome = outcome
+
+
+@dataclass(eq=False, slots=True)
+class _Staged:
+    """A message written but not committed: `provisional` stands for its reply
+    until the group commit gives the real one (never sent itself)."""
+
+    provisional: Reply
+    stage: asyncio.Future[Any]  # GroupCommit.stage: the backend's handle, or the failure
+    envelope: LocalEnvelope
+    size: int
+    queue_id: str
+    since: float  # loop time
+
+
 class ReversedSession(TransactionSession):
     component = "customer"
     offer_chunking = True  # the provider's drain keeps several messages in flight
@@ -121,6 +166,12 @@ class ReversedSession(TransactionSession):
         self.deferred = 0  # ... or for now (4xx): still held at the provider
         self.spooled = 0  # recipients taken into the local retry spool
         self.quit_seen = False
+        # Group commit: replies in order, staged messages among them, and the
+        # staged messages whose provisional reply has not come back yet.
+        self._group = isinstance(delivery, GroupCommit)
+        self._outbox: list[Reply | _Staged] = []
+        self._staged: dict[int, _Staged] = {}
+        self._unanswered: list[Reply | _Staged] = []  # a flush under way
 
     def counts_as_error(self, reply: Reply) -> bool:
         # The provider is trusted (we dialled it and authenticated it): only
@@ -139,7 +190,98 @@ class ReversedSession(TransactionSession):
         try:
             await super().run()
         finally:
+            await self._discard_staged()
             await self._end_local()
+
+    # --- group commit ----------------------------------------------------------------------
+    async def reply(self, reply: Reply) -> None:
+        staged = self._staged.get(id(reply))
+        if staged is not None and staged.provisional is reply:
+            del self._staged[id(reply)]
+        else:
+            staged = None
+        if staged is None and not self._outbox:
+            await super().reply(reply)
+            return
+        self._outbox.append(reply if staged is None else staged)
+        if not self._more_to_group():
+            await self._flush_outbox()
+
+    def _more_to_group(self) -> bool:
+        """Keep the replies while the provider's next command is already here
+        (it keeps messages in flight) and the group is small and young."""
+        group = [e for e in self._outbox if isinstance(e, _Staged)]
+        return (bool(group) and self.conn.line_pending() and not self.closing
+                and not self.machine.closing and len(group) < GROUP_MAX
+                and asyncio.get_running_loop().time() - group[0].since < GROUP_WAIT)
+
+    async def send(self, reply: Reply) -> None:
+        if self._outbox:  # a 354 or a greeting never overtakes a reply
+            await self._flush_outbox()
+        await super().send(reply)
+
+    async def _flush_outbox(self) -> None:
+        """Commit the staged messages together, then send every reply kept, in order."""
+        outbox, self._outbox = self._outbox, []
+        self._unanswered = outbox  # for `_discard_staged` if we never get to the end
+        group = [e for e in outbox if isinstance(e, _Staged)]
+        final: dict[int, Reply] = {}
+        if group:
+            assert isinstance(self.delivery, GroupCommit)
+            outcomes: dict[int, DeliveryOutcome] = {}
+            handles: list[tuple[_Staged, Any]] = []
+            for g in group:  # phase 1 may still be under way, or have failed
+                staged = await self._staged_result(g)
+                if isinstance(staged, DeliveryOutcome):
+                    outcomes[id(g)] = staged
+                else:
+                    handles.append((g, staged))
+            if handles:
+                try:
+                    done = await self.delivery.commit_staged([h for _, h in handles])
+                    if len(done) != len(handles):
+                        raise RuntimeError(f"{len(done)} outcomes for {len(handles)} messages")
+                except Exception:
+                    log.exception("%s: group commit failed", self.session_id)
+                    done = [DeliveryOutcome(LOCAL_FAILURE, self.delivery.name)] * len(handles)
+                outcomes.update((id(g), outcome) for (g, _), outcome in zip(handles, done,
+                                                                            strict=True))
+            for g in group:
+                outcome = outcomes[id(g)]
+                final[id(g)] = await self._conclude(
+                    g.envelope, None, [outcome.reply] * len(g.envelope.recipients),
+                    outcome.where, g.size, g.queue_id)
+        self._unanswered = []
+        for entry in outbox:
+            await super().reply(final[id(entry)] if isinstance(entry, _Staged) else entry)
+        self.conn.flush()  # the provider waits for these to send more
+
+    async def _discard_staged(self) -> None:
+        """The session ended before these replies: the provider keeps the
+        messages, so nothing of them may stay."""
+        left = [e for e in [*self._unanswered, *self._outbox, *self._staged.values()]
+                if isinstance(e, _Staged)]
+        self._outbox, self._staged, self._unanswered = [], {}, []
+        if not left:
+            return
+        log.info("%s: %d message(s) not answered when the session ended: not delivered, "
+                 "the provider keeps them", self.session_id, len(left))
+        assert isinstance(self.delivery, GroupCommit)
+        handles = [h for h in [await self._staged_result(g) for g in left]
+                   if not isinstance(h, DeliveryOutcome)]
+        try:
+            await self.delivery.discard_staged(handles)
+        except Exception:
+            log.exception("%s: removing uncommitted messages failed", self.session_id)
+
+    async def _staged_result(self, staged: _Staged) -> Any:
+        """Phase 1's handle, or its failure as a `DeliveryOutcome`."""
+        try:
+            # Shielded: a cancelled session must still learn what to remove.
+            return await asyncio.shield(staged.stage)
+        except Exception:
+            log.exception("%s: delivery failed", self.session_id)
+            return DeliveryOutcome(LOCAL_FAILURE, self.delivery.name)
 
     async def smtp_quit(self, arg: str) -> Reply:
         self.quit_seen = True
@@ -161,6 +303,15 @@ class ReversedSession(TransactionSession):
                 await self._end_local()
 
     async def smtp_bdat(self, arg: str) -> Reply | None:
+        if self._outbox:
+            # Never wait for the provider while holding replies it may be
+            # waiting for: the chunk's octets must all be here already.
+            try:
+                whole = self.conn.buffered() >= parse_bdat(arg).size
+            except ValueError:
+                whole = False
+            if not whole:
+                await self._flush_outbox()
         try:
             return await super().smtp_bdat(arg)
         finally:
@@ -220,17 +371,46 @@ class ReversedSession(TransactionSession):
         try:
             if local is None:  # every accepted RCPT went through it: a bug
                 raise RuntimeError("no local transaction at DATA")
-            replies = await local.data(body, size)
-            where = local.where
+            if self._group and isinstance(self.delivery, GroupCommit):
+                loop = asyncio.get_running_loop()
+                stage: asyncio.Future[Any]
+                if size <= BACKGROUND_STAGE_MAX:
+                    # Written while the next messages arrive; the spool
+                    # closes when we return, so from a copy.
+                    stage = asyncio.ensure_future(
+                        self.delivery.stage(envelope, io.BytesIO(body.read())))
+                else:
+                    staged = await self.delivery.stage(envelope, body)
+                    if isinstance(staged, DeliveryOutcome):
+                        raise _StageFailed(staged)
+                    stage = loop.create_future()
+                    stage.set_result(staged)
+                # Committed with the messages around it (`_flush_outbox`).
+                provisional = Reply(250, "2.0.0", "Staged")
+                self._staged[id(provisional)] = _Staged(provisional, stage, envelope, size,
+                                                        queue_id, loop.time())
+                return provisional
+            else:
+                replies = await local.data(body, size)
+                where = local.where
             if len(replies) != len(envelope.recipients):
                 raise RuntimeError(f"{len(replies)} local replies for "
                                    f"{len(envelope.recipients)} recipients")
+        except _StageFailed as failed:
+            replies = [failed.outcome.reply] * len(envelope.recipients)
+            where = failed.outcome.where
         except Exception:
             log.exception("%s: delivery failed", self.session_id)
             replies = [LOCAL_FAILURE] * len(envelope.recipients)
         finally:
             if local is not None:
                 await _abort_quietly(local)
+        return await self._conclude(envelope, body, replies, where, size, queue_id)
+
+    async def _conclude(self, envelope: LocalEnvelope, body: IO[bytes] | None,
+                        replies: list[Reply], where: str, size: int, queue_id: str) -> Reply:
+        """The message's one reply from its recipients' local outcomes: logged,
+        counted and recorded for the pull summary."""
         reply, spooled = await self._final_reply(envelope, body, replies, where)
         spooled_addresses = {r.address for r, _ in spooled}
         delivered: list[str] = []
@@ -255,7 +435,7 @@ class ReversedSession(TransactionSession):
                 self._count(reply)
         return reply
 
-    async def _final_reply(self, envelope: LocalEnvelope, body: IO[bytes],
+    async def _final_reply(self, envelope: LocalEnvelope, body: IO[bytes] | None,
                            replies: list[Reply], where: str
                            ) -> tuple[Reply, list[tuple[LocalRecipient, Reply]]]:
         """The one DATA reply for `replies`, and what went to the retry spool."""
@@ -272,7 +452,7 @@ class ReversedSession(TransactionSession):
             return next(r for _, r in failed if r.is_temporary), []
         # Mixed: the provider hears one reply for all.  We answer 250 only
         # once the failed recipients are ours for good (RFC 5321 §6.1).
-        if self.spool is None:
+        if self.spool is None or body is None:  # body: a group commit is all or nothing
             log.warning("%s: mixed local outcomes and no retry spool: deferred, a duplicate "
                         "is possible", self.session_id)
             return SPOOL_FAILED, []

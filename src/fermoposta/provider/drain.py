@@ -88,7 +88,7 @@ COMMIT_GATHER = 0.01
 COMMIT_BATCH = 100
 # With a customer that offers CHUNKING: BDAT transactions in flight at once
 # (each body at most PREFETCH_BYTES, kept until its replies are read).
-CHUNKING_WINDOW = 16
+CHUNKING_WINDOW = 32
 
 
 

@@ -24,14 +24,19 @@ Contract:
   unexpected exception) is mapped to 4xx by the caller.
 - `body` is a binary file positioned at 0 holding the complete message
   (trace header included) with CRLF line endings; backends stream it.
+- `GroupCommit` is what a backend offers to commit several messages at once
+  (Maildir): `stage()` each (nothing durable yet, nothing visible), then
+  `commit_staged()` the group (one outcome per message, 2xx only once it is
+  durable) or `discard_staged()` it.
 - `WholeMessageTransaction` adapts a backend that commits all recipients
   together (Maildir) to the transaction interface: `check_recipient()` at
   RCPT, `deliver()` at the end with the same reply for every recipient.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import IO, Protocol
+from typing import IO, Any, Protocol, runtime_checkable
 
 from fermoposta.smtp.reply import Reply
 
@@ -104,6 +109,19 @@ class Delivery(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+@runtime_checkable
+class GroupCommit(Protocol):
+    """Several messages committed together (see the module docstring)."""
+
+    async def stage(self, envelope: LocalEnvelope, body: IO[bytes]) -> Any:
+        """A handle of the staged message, or its `DeliveryOutcome` if phase 1 failed."""
+        ...
+
+    async def commit_staged(self, group: Sequence[Any]) -> list[DeliveryOutcome]: ...
+
+    async def discard_staged(self, group: Sequence[Any]) -> None: ...
 
 
 class _WholeMessageDelivery(Protocol):

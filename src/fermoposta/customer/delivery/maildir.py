@@ -35,6 +35,16 @@ Contract:
   already renamed into new/ and the remaining tmp files (best effort) and
   answers 451 4.3.0; only if a mail reader took one of those files in the
   meantime can a duplicate result, never a loss.
+- Group commit (`stage`, `commit_staged`, `discard_staged`; the reversed
+  session uses it when the provider keeps several messages in flight):
+  `stage` is phase 1 without the fsync; `commit_staged` then, for a group of
+  staged messages, fsync()s each tmp file, renames each message's files into
+  `new/` and fsync()s each `new/` directory ONCE for the whole group, and
+  gives one outcome per message (250 only after all that).  A message whose
+  fsync or rename fails is rolled back alone (451/452); a failed directory
+  fsync rolls back every message of the group.  `discard_staged` removes
+  the tmp files of messages that will not be committed (the session ended
+  before their reply).
 - Recipients resolving to the same Maildir (aliases, catch-all) get one copy;
   its Delivered-To names the first of them.
 - `create=True` creates missing Maildirs (and parents) with mode 0700 and
@@ -60,7 +70,7 @@ import stat
 import string
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -74,7 +84,7 @@ from fermoposta.customer.delivery.base import (
 )
 from fermoposta.smtp.reply import Reply
 
-__all__ = ["MaildirDelivery"]
+__all__ = ["MaildirDelivery", "Staged"]
 
 log = logging.getLogger("fermoposta.delivery")
 
@@ -163,6 +173,22 @@ class _Target:
     address: str  # the envelope recipient, for Delivered-To
     tmp: Path | None = None
     new: Path | None = None
+
+
+@dataclass
+class Staged:
+    """A message written to tmp/ in each of its Maildirs, not yet committed."""
+
+    envelope: LocalEnvelope
+    targets: list[_Target]
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class MaildirDelivery:
@@ -278,8 +304,9 @@ class MaildirDelivery:
             f"{_unique_host(self.hostname)}"
         )
 
-    def _write_tmp(self, target: _Target, body: IO[bytes]) -> None:
-        """Phase 1 for one Maildir: tmp file written, fsync()ed and closed."""
+    def _write_tmp(self, target: _Target, body: IO[bytes], *, sync: bool = True) -> None:
+        """Phase 1 for one Maildir: tmp file written, fsync()ed (unless `sync` is
+        false: `commit_staged` does it) and closed."""
         if self.create:
             _makedirs_durable(target.maildir)
         for sub in ("tmp", "new", "cur"):
@@ -313,7 +340,8 @@ class MaildirDelivery:
             if pending_cr:
                 out.write(b"\r")
             out.flush()
-            os.fsync(out.fileno())
+            if sync:
+                os.fsync(out.fileno())
         target.new = target.maildir / "new" / name
 
     def _targets(self, envelope: LocalEnvelope) -> list[_Target]:
@@ -325,6 +353,14 @@ class MaildirDelivery:
         return list(targets.values())
 
     def _deliver(self, envelope: LocalEnvelope, body: IO[bytes]) -> DeliveryOutcome:
+        staged = self._stage(envelope, body, sync=True)
+        if isinstance(staged, DeliveryOutcome):
+            return staged
+        return self._commit([staged], synced=True)[0]
+
+    def _stage(self, envelope: LocalEnvelope, body: IO[bytes], *, sync: bool
+               ) -> Staged | DeliveryOutcome:
+        """Phase 1: every copy written in tmp/ (and fsync()ed if `sync`)."""
         try:
             targets = self._targets(envelope)
         except (_Unsafe, _Unknown) as exc:
@@ -336,10 +372,9 @@ class MaildirDelivery:
             return DeliveryOutcome(_reply_for(exc), "maildir")
         if not targets:
             return DeliveryOutcome(LOCAL_ERROR, "maildir")
-        # Phase 1: every copy written and fsync()ed in tmp/.
         try:
             for target in targets:
-                self._write_tmp(target, body)
+                self._write_tmp(target, body, sync=sync)
         except OSError as exc:
             log.warning("%s: Maildir write failed (%s), nothing delivered",
                         envelope.queue_hint, exc)
@@ -348,30 +383,66 @@ class MaildirDelivery:
         except BaseException:
             self._discard(targets)
             raise
-        # Phase 2: commit: rename into new/, then make the new entries durable.
-        renamed: list[_Target] = []
+        return Staged(envelope, targets)
+
+    def _commit(self, group: list[Staged], *, synced: bool) -> list[DeliveryOutcome]:
+        """Phase 2 for every message of `group`: its tmp files fsync()ed
+        (unless `synced`), renamed into new/, then each new/ directory
+        fsync()ed once for the whole group.  A message that fails is rolled
+        back alone; a failed directory fsync rolls back every message."""
+        outcomes: list[DeliveryOutcome | None] = [None] * len(group)
+        for i, staged in enumerate(group):
+            try:
+                if not synced:
+                    for target in staged.targets:
+                        assert target.tmp is not None
+                        _fsync_file(target.tmp)
+                renamed: list[_Target] = []
+                try:
+                    for target in staged.targets:
+                        assert target.tmp is not None and target.new is not None
+                        os.rename(target.tmp, target.new)
+                        renamed.append(target)
+                except OSError:
+                    self._roll_back(staged, renamed)
+                    raise
+            except OSError as exc:
+                log.error("%s: Maildir commit failed (%s); rolled back",
+                          staged.envelope.queue_hint, exc)
+                self._discard(staged.targets)
+                outcomes[i] = DeliveryOutcome(_reply_for(exc),
+                                              _where(staged.targets, committed=False))
+        kept = [i for i, outcome in enumerate(outcomes) if outcome is None]
         try:
-            for target in targets:
-                assert target.tmp is not None and target.new is not None
-                os.rename(target.tmp, target.new)
-                renamed.append(target)
-            for directory in dict.fromkeys(t.maildir / "new" for t in targets):
+            for directory in dict.fromkeys(t.maildir / "new" for i in kept
+                                           for t in group[i].targets):
                 _fsync_dir(directory)
         except OSError as exc:
-            log.error("%s: Maildir commit failed (%s); rolling back", envelope.queue_hint, exc)
-            for target in renamed:
-                assert target.new is not None
-                try:
-                    os.unlink(target.new)
-                except OSError as unlink_exc:
-                    log.error("%s: could not roll back %s (%s): a duplicate is possible",
-                              envelope.queue_hint, target.new, unlink_exc)
-            self._discard([t for t in targets if t not in renamed])
-            return DeliveryOutcome(_reply_for(exc), _where(targets, committed=False))
-        count = len(targets)
-        reply = Reply(250, "2.0.0",
-                      f"Delivered to {count} mailbox{'es' if count != 1 else ''}")
-        return DeliveryOutcome(reply, _where(targets, committed=True))
+            for i in kept:
+                log.error("%s: Maildir commit failed (%s); rolling back",
+                          group[i].envelope.queue_hint, exc)
+                self._roll_back(group[i], group[i].targets)
+                outcomes[i] = DeliveryOutcome(_reply_for(exc),
+                                              _where(group[i].targets, committed=False))
+        done: list[DeliveryOutcome] = []
+        for staged, outcome in zip(group, outcomes, strict=True):
+            if outcome is None:
+                count = len(staged.targets)
+                text = f"Delivered to {count} mailbox{'es' if count != 1 else ''}"
+                outcome = DeliveryOutcome(Reply(250, "2.0.0", text),
+                                          _where(staged.targets, committed=True))
+            done.append(outcome)
+        return done
+
+    @staticmethod
+    def _roll_back(staged: Staged, renamed: list[_Target]) -> None:
+        for target in renamed:
+            assert target.new is not None
+            try:
+                os.unlink(target.new)
+            except OSError as unlink_exc:
+                log.error("%s: could not roll back %s (%s): a duplicate is possible",
+                          staged.envelope.queue_hint, target.new, unlink_exc)
 
     @staticmethod
     def _discard(targets: list[_Target]) -> None:
@@ -387,6 +458,19 @@ class MaildirDelivery:
     async def deliver(self, envelope: LocalEnvelope, body: IO[bytes], size: int
                       ) -> DeliveryOutcome:
         return await asyncio.to_thread(self._deliver, envelope, body)
+
+    # --- group commit (the reversed session with several messages in flight) -------------
+    async def stage(self, envelope: LocalEnvelope, body: IO[bytes]) -> Staged | DeliveryOutcome:
+        """Phase 1 without fsync: the copies in tmp/, or the failure."""
+        return await asyncio.to_thread(self._stage, envelope, body, sync=False)
+
+    async def commit_staged(self, group: Sequence[Staged]) -> list[DeliveryOutcome]:
+        """Phase 2 for several staged messages at once, one outcome each."""
+        return await asyncio.to_thread(self._commit, list(group), synced=False)
+
+    async def discard_staged(self, group: Sequence[Staged]) -> None:
+        """Remove the tmp files of staged messages that will not be committed."""
+        await asyncio.to_thread(lambda: [self._discard(staged.targets) for staged in group])
 
     async def close(self) -> None:
         return None

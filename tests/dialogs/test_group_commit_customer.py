@@ -1,0 +1,273 @@
+"""The customer's group commit (customer/serve.py, Maildir): messages the
+provider keeps in flight are written while the next ones arrive and
+committed together (each file fsync()ed, renamed, one fsync of new/ for the
+group); their replies go only after that commit, in order; a message that
+fails alone gets its own 4xx; nothing of a message left unanswered when the
+session ends stays in the Maildir.  Over the in-memory wire, so the test
+decides which commands share a read."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from pathlib import Path
+
+from fermoposta.customer import serve
+from fermoposta.customer.delivery import maildir as maildir_module
+from fermoposta.customer.delivery.maildir import MaildirDelivery
+from fermoposta.customer.serve import ReversedSession
+from fermoposta.net.server_session import SessionLimits
+from fermoposta.smtp.data import dot_stuff
+from support.wire import MemoryPeer
+
+LIMITS = SessionLimits(command_timeout=5.0, data_timeout=5.0, max_errors=20,
+                       max_message_size=1_000_000, max_recipients=5, max_line_length=1000)
+
+
+def transaction(n: int, rcpt: str = "bob") -> bytes:
+    body = b"Subject: %d\r\n\r\nmessage %d\r\n" % (n, n)
+    return (b"MAIL FROM:<alice@sender.test>\r\nRCPT TO:<%s@example.org>\r\n" % rcpt.encode()
+            + b"BDAT %d LAST\r\n" % len(body) + body)
+
+
+class Spy(MaildirDelivery):
+    """A real MaildirDelivery that records each group it commits and what
+    the provider had been told by then."""
+
+    def __init__(self, root: Path, peer: MemoryPeer | None = None) -> None:
+        super().__init__(str(root / "{domain}" / "{local}"), create=True, aliases={},
+                         catch_all=None, hostname="mail.example.org")
+        self.root = root
+        self.peer = peer
+        self.groups: list[int] = []
+        self.replies_before_commit: list[int] = []
+
+    async def commit_staged(self, group):  # type: ignore[no-untyped-def]
+        self.groups.append(len(group))
+        if self.peer is not None:
+            self.replies_before_commit.append(self.peer.received.count(b"\r\n"))
+        return await super().commit_staged(group)
+
+    def files(self, sub: str, local: str = "bob") -> list[Path]:
+        directory = self.root / "example.org" / local / sub
+        return sorted(directory.iterdir()) if directory.is_dir() else []
+
+
+async def start(delivery_for) -> tuple[MemoryPeer, asyncio.Task[None]]:  # type: ignore[no-untyped-def]
+    peer = MemoryPeer()
+    delivery = delivery_for(peer)
+    session = ReversedSession(peer.connection, hostname="mail.example.org", limits=LIMITS,
+                              accept_domains=frozenset({"example.org"}), delivery=delivery,
+                              session_id="GROUPTEST")
+    task = asyncio.create_task(session.run())
+    await peer.expect(220)
+    await peer.cmd("EHLO provider.test", 250)
+    return peer, task
+
+
+async def replies(peer: MemoryPeer, n: int) -> list[tuple[int, str]]:
+    out = []
+    for _ in range(n):
+        code, lines = await peer.read_reply()
+        out.append((code, lines[-1]))
+    return out
+
+
+async def quit_(peer: MemoryPeer, task: asyncio.Task[None]) -> None:
+    peer.send(b"QUIT\r\n")
+    await peer.expect(221)
+    await asyncio.wait_for(task, 5)
+
+
+async def test_messages_in_flight_are_committed_together_then_answered(tmp_path) -> None:
+    spy: Spy | None = None
+
+    def make(peer: MemoryPeer) -> Spy:
+        nonlocal spy
+        spy = Spy(tmp_path, peer)
+        return spy
+
+    peer, task = await start(make)
+    assert spy is not None
+    before = peer.received.count(b"\r\n")
+    peer.send(b"".join(transaction(n) for n in range(5)))  # one read: all in flight
+    got = await replies(peer, 15)
+    assert [code for code, _ in got] == [250, 250, 250] * 5
+    assert [text for _, text in got][2::3] == ["2.0.0 Delivered to 1 mailbox"] * 5
+    assert spy.groups == [5]  # one commit for the five
+    assert spy.replies_before_commit == [before]  # not one reply before it
+    await quit_(peer, task)
+    assert len(spy.files("new")) == 5 and spy.files("tmp") == []
+    texts = sorted(f.read_bytes().split(b"\nSubject: ", 1)[1] for f in spy.files("new"))
+    assert texts == [b"%d\n\nmessage %d\n" % (n, n) for n in range(5)]
+
+
+async def test_one_fsync_of_new_for_the_group(tmp_path, monkeypatch) -> None:
+    synced: list[Path] = []
+    real = maildir_module._fsync_dir
+    monkeypatch.setattr(maildir_module, "_fsync_dir",
+                        lambda path: (synced.append(path), real(path))[1])
+    peer, task = await start(lambda peer: Spy(tmp_path))
+    peer.send(b"".join(transaction(n) for n in range(4)))
+    assert [code for code, _ in await replies(peer, 12)] == [250] * 12
+    await quit_(peer, task)
+    new = tmp_path / "example.org" / "bob" / "new"
+    assert synced.count(new) == 1
+
+
+async def test_one_message_failing_alone_gets_its_own_4xx(tmp_path, monkeypatch) -> None:
+    real_rename = os.rename
+    spy: Spy | None = None
+
+    def rename(src, dst):  # type: ignore[no-untyped-def]
+        if "carol" in str(dst):
+            raise OSError(5, "Input/output error")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(maildir_module.os, "rename", rename)
+
+    def make(peer: MemoryPeer) -> Spy:
+        nonlocal spy
+        spy = Spy(tmp_path)
+        return spy
+
+    peer, task = await start(make)
+    peer.send(transaction(0) + transaction(1, "carol") + transaction(2))
+    got = await replies(peer, 9)
+    assert [code for code, _ in got] == [250, 250, 250, 250, 250, 451, 250, 250, 250]
+    await quit_(peer, task)
+    assert spy is not None and spy.groups == [3]
+    assert len(spy.files("new")) == 2
+    assert spy.files("new", "carol") == [] and spy.files("tmp", "carol") == []
+
+
+async def test_a_failed_fsync_of_new_fails_the_whole_group(tmp_path, monkeypatch) -> None:
+    def broken(path: Path) -> None:
+        raise OSError(5, "Input/output error")
+
+    spy: Spy | None = None
+
+    def make(peer: MemoryPeer) -> Spy:
+        nonlocal spy
+        spy = Spy(tmp_path)
+        return spy
+
+    peer, task = await start(make)
+    monkeypatch.setattr(maildir_module, "_fsync_dir", broken)  # after create=True made dirs
+    peer.send(transaction(0) + transaction(1))
+    got = await replies(peer, 6)
+    assert [code for code, _ in got] == [250, 250, 451, 250, 250, 451]
+    await quit_(peer, task)
+    assert spy is not None and spy.files("new") == [] and spy.files("tmp") == []
+
+
+async def test_data_never_overtakes_the_replies_kept_for_a_commit(tmp_path) -> None:
+    spy: Spy | None = None
+
+    def make(peer: MemoryPeer) -> Spy:
+        nonlocal spy
+        spy = Spy(tmp_path, peer)
+        return spy
+
+    peer, task = await start(make)
+    message = b"Subject: d\r\n\r\nby DATA\r\n"
+    peer.send(transaction(0) + b"MAIL FROM:<alice@sender.test>\r\n"
+              b"RCPT TO:<bob@example.org>\r\nDATA\r\n")
+    got = await replies(peer, 6)
+    # The staged message's 250s, then MAIL's, RCPT's and only then the 354.
+    assert [code for code, _ in got] == [250, 250, 250, 250, 250, 354]
+    assert got[2][1] == "2.0.0 Delivered to 1 mailbox"
+    peer.send(b"".join(dot_stuff([message])))
+    assert (await replies(peer, 1))[0][0] == 250
+    await quit_(peer, task)
+    assert spy is not None and len(spy.files("new")) == 2
+
+
+async def test_an_unanswered_message_leaves_nothing_when_the_session_ends(tmp_path) -> None:
+    """The session is cancelled (the customer shuts down) while a message is
+    being written and before its reply: the provider keeps it, so nothing of
+    it may stay here, committed or not."""
+    written = asyncio.Event()
+
+    class Slow(Spy):
+        async def stage(self, envelope, body):  # type: ignore[no-untyped-def]
+            staged = await super().stage(envelope, body)
+            written.set()
+            await asyncio.sleep(0.3)
+            return staged
+
+    spy: Spy | None = None
+
+    def make(peer: MemoryPeer) -> Spy:
+        nonlocal spy
+        spy = Slow(tmp_path, peer)
+        return spy
+
+    peer, task = await start(make)
+    peer.send(transaction(0))
+    await asyncio.wait_for(written.wait(), 5)
+    assert spy is not None and len(spy.files("tmp")) == 1  # written, not committed
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.wait_for(task, 5)
+    assert spy.groups == []
+    assert spy.files("new") == [] and spy.files("tmp") == []
+    assert b"Delivered" not in bytes(peer.received)
+
+
+async def test_a_reply_is_not_kept_while_the_chunk_is_still_on_its_way(tmp_path) -> None:
+    """With a staged message waiting, a BDAT whose octets are not all here
+    yet sends the replies first: the provider may be waiting for them."""
+    spy: Spy | None = None
+
+    def make(peer: MemoryPeer) -> Spy:
+        nonlocal spy
+        spy = Spy(tmp_path, peer)
+        return spy
+
+    peer, task = await start(make)
+    second = transaction(1)
+    cut = second.index(b"LAST\r\n") + 6
+    peer.send(transaction(0) + second[:cut])  # the BDAT line, none of its octets
+    got = await replies(peer, 5)  # the first message's three and MAIL, RCPT
+    assert [code for code, _ in got] == [250] * 5
+    assert spy is not None and spy.groups == [1]
+    peer.send(second[cut:])
+    assert (await replies(peer, 1))[0][0] == 250
+    await quit_(peer, task)
+    assert len(spy.files("new")) == 2
+
+
+async def test_a_group_is_at_most_group_max_messages(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(serve, "GROUP_MAX", 3)
+    spy: Spy | None = None
+
+    def make(peer: MemoryPeer) -> Spy:
+        nonlocal spy
+        spy = Spy(tmp_path)
+        return spy
+
+    peer, task = await start(make)
+    peer.send(b"".join(transaction(n) for n in range(7)))
+    assert [code for code, _ in await replies(peer, 21)] == [250] * 21
+    await quit_(peer, task)
+    assert spy is not None and spy.groups == [3, 3, 1]
+    assert len(spy.files("new")) == 7
+
+
+async def test_a_big_body_is_written_before_its_reply_and_still_grouped(tmp_path,
+                                                                        monkeypatch) -> None:
+    monkeypatch.setattr(serve, "BACKGROUND_STAGE_MAX", 10)  # every body is "big"
+    spy: Spy | None = None
+
+    def make(peer: MemoryPeer) -> Spy:
+        nonlocal spy
+        spy = Spy(tmp_path)
+        return spy
+
+    peer, task = await start(make)
+    peer.send(b"".join(transaction(n) for n in range(3)))
+    assert [code for code, _ in await replies(peer, 9)] == [250] * 9
+    await quit_(peer, task)
+    assert spy is not None and spy.groups == [3] and len(spy.files("new")) == 3
