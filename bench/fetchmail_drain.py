@@ -12,7 +12,12 @@ fetchmail's `sslcertck` wants).  The customers:
 - `fetchmail` (`protocol ODMR`, CRAM-MD5, `smtphost` = Postfix's `smtp-sink`
   on loopback), plain and with `ssl sslcertck`; the clock is fetchmail's whole
   run (start to exit).  fetchmail relays every reply line with its own write
-  and does not set TCP_NODELAY.
+  and does not set TCP_NODELAY.  With `--smtphost postfix` fetchmail's
+  `smtphost` is a real Postfix smtpd instead (a private instance,
+  `../shared/bench/postfix-instance.sh setup hold`: every message is fsynced
+  into its hold queue), a site's usual local MTA; it offers CHUNKING, which
+  fetchmail passes on, so the drain sends BDAT with up to 32 messages in
+  flight.  Checked: Postfix's hold queue grows by exactly MESSAGES each run.
 - a Python customer (blocking socket, this process): EHLO, AUTH CRAM-MD5,
   `ATRN example.org`, then a minimal SMTP server that answers every command
   with its own `sendall()`, without TCP_NODELAY (the stalling kind: Nagle
@@ -28,16 +33,20 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import hashlib
 import hmac
+import os
 import re
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import _common as c
+import store_engines as se
 
 ROUNDS_RE = re.compile(r"fermoposta/drain.*?messages=(\d+), delivered=(\d+)")
 
@@ -105,6 +114,40 @@ def run_fetchmail(work: Path, port: int, sink_port: int, tls: c.TLSFiles | None,
     if proc.returncode not in (0, 1):
         raise RuntimeError(f"fetchmail exited {proc.returncode}: {text_out[-2000:]}")
     return elapsed, text_out
+
+
+@contextlib.contextmanager
+def postfix_smtpd(work: Path, timeout: float) -> Iterator[tuple[int, Path]]:
+    """A private Postfix in hold mode: (its smtpd port, its instance directory)."""
+    problem = se.postfix_problem()
+    if problem is not None:
+        sys.exit(f"--smtphost postfix: {problem}")
+    work.chmod(0o711)  # the postfix user must reach its queue under it
+    pfx = work / "postfix"
+    pfx.mkdir()
+    log = work / "postfix.commands.log"
+    with c.smtp_sink(backlog=1024) as (sink_port, _):  # its relay target, never used here
+        port = c.free_port()
+        env = {**os.environ, "PFX": str(pfx), "SMTPD_PORT": str(port),
+               "SINK_PORT": str(sink_port), "DRAIN_CONCURRENCY": "1"}
+        se.run_command(["bash", se.POSTFIX_SCRIPT, "setup", "hold"], log, timeout, env)
+        try:
+            se.run_command(["bash", se.POSTFIX_SCRIPT, "start"], log, timeout, env)
+            c.wait_for_port(port)
+            yield port, pfx
+        finally:
+            with contextlib.suppress(Exception):
+                se.run_command(["bash", se.POSTFIX_SCRIPT, "stop"], log, timeout, env)
+
+
+def held_by_postfix(pfx: Path, expected: int, timeout: float = 30.0) -> int:
+    """Messages in Postfix's queues, once `expected` are there (or the timeout)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        count = se._queued(pfx)
+        if count >= expected or time.monotonic() > deadline:
+            return count
+        time.sleep(0.1)
 
 
 # --- the Python customer ---------------------------------------------------------------------
@@ -206,12 +249,16 @@ def main() -> int:
     ap.add_argument("--only", default="", help="comma-separated subset of: "
                     "fetchmail,fetchmail-ssl,python,python-nodelay")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument("--smtphost", choices=("sink", "postfix"), default="sink",
+                    help="fetchmail's smtphost: Postfix's smtp-sink (default) or a private "
+                         "Postfix smtpd with a hold queue (offers CHUNKING)")
     args = ap.parse_args()
     c.need(c.SMTP_SINK, "/usr/bin/fetchmail")
     if args.log_level not in ("debug", "info"):
         sys.exit("--log-level must be debug or info: the drain log line is checked")
     print(f"Drain to separate-write customers: {args.messages} held messages of "
-          f"~{args.size} bytes")
+          f"~{args.size} bytes; fetchmail's smtphost: "
+          f"{'a Postfix smtpd (hold queue)' if args.smtphost == 'postfix' else 'smtp-sink'}")
     print(f"machine: {c.machine_description()}")
     runs = ["fetchmail", "fetchmail-ssl", "python", "python-nodelay"]
     if args.only:
@@ -227,8 +274,14 @@ def main() -> int:
         first = True
         provider = c.ProviderProcess(config, mx_port, odmr_port).start()
         try:
-            with c.smtp_sink() as (sink_port, _):
+            with contextlib.ExitStack() as stack:
+                pfx: Path | None = None
+                if args.smtphost == "postfix":
+                    sink_port, pfx = stack.enter_context(postfix_smtpd(work, args.timeout))
+                else:
+                    sink_port, _ = stack.enter_context(c.smtp_sink())
                 for run in runs:
+                    before = se._queued(pfx) if pfx is not None else 0
                     fill(data_dir, args.messages, args.size, first)
                     first = False
                     skip = provider.log_path.stat().st_size
@@ -254,6 +307,8 @@ def main() -> int:
                     print(f"  {run:15s} {rate:7.1f} msgs/s  {1000 * elapsed / args.messages:6.2f}"
                           f" ms/message  ({elapsed:.2f} s; provider CPU "
                           f"{100 * cpu / elapsed:.0f}% of a core)")
+                    if pfx is not None and run.startswith("fetchmail"):
+                        got = held_by_postfix(pfx, before + args.messages) - before
                     ok = (held == 0 and counts == (args.messages, args.messages)
                           and got in (None, args.messages))
                     if not ok:
