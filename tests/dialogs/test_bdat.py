@@ -359,14 +359,16 @@ async def test_bdat_without_mail_is_503_and_its_octets_are_not_commands() -> Non
     await quit_(peer, task)
 
 
-async def test_bdat_without_recipients_is_503_and_mail_follows_at_once() -> None:
+async def test_bdat_without_recipients_is_554_and_mail_follows_at_once() -> None:
+    # 554 as DATA gets (and Postfix gives): refused recipients are not the
+    # provider's protocol errors, so they never count towards max_errors.
     recorder = Recorder()
     peer, _session, task = await start(recorder)
     peer.send(MAIL + b"RCPT TO:<unknown@example.org>\r\nRCPT TO:<x@elsewhere.test>\r\n"
               + bdat(b"RSET\r\n", last=False) + bdat(b"QUIT\r\n") + MAIL + RCPT
               + bdat(b"ok\r\n"))
     replies = await codes(peer, 8)
-    assert [c for c, _ in replies] == [250, 550, 550, 503, 503, 250, 250, 250]
+    assert [c for c, _ in replies] == [250, 550, 550, 554, 503, 250, 250, 250]
     assert replies[3][1] == "5.5.1 No valid recipients (BDAT chunk discarded)"
     assert [content(b) for b in recorder.bodies] == [b"ok\r\n"]
     await quit_(peer, task)
@@ -386,13 +388,13 @@ async def test_data_after_bdat_is_503_and_ends_the_transaction() -> None:
     await quit_(peer, task)
 
 
-async def test_bdat_after_a_refused_data_is_503() -> None:
+async def test_bdat_after_a_refused_data_is_554() -> None:
     recorder = Recorder()
     peer, _session, task = await start(recorder)
     peer.send(MAIL + b"RCPT TO:<x@elsewhere.test>\r\nDATA\r\n" + bdat(b"QUIT\r\n")
               + b"NOOP\r\n")
     replies = await codes(peer, 5)
-    assert [c for c, _ in replies] == [250, 550, 554, 503, 250]
+    assert [c for c, _ in replies] == [250, 550, 554, 554, 250]
     await quit_(peer, task)
 
 
@@ -575,3 +577,29 @@ async def test_read_chunk_raises_when_the_peer_closes_first() -> None:
     peer.shutdown_write()
     with pytest.raises(connection.ConnectionClosed):
         await asyncio.wait_for(reading, 1)
+
+
+async def test_rcpt_between_chunks_is_503_and_the_message_goes_to_the_first_only() -> None:
+    recorder = Recorder()
+    peer, _session, task = await start(recorder)
+    peer.send(MAIL + RCPT + bdat(b"Subject: one\r\n", last=False)
+              + b"RCPT TO:<carol@example.org>\r\n" + bdat(b"\r\nbody\r\n"))
+    replies = await codes(peer, 5)
+    assert [c for c, _ in replies] == [250, 250, 250, 503, 250]
+    assert replies[3][1] == "5.5.1 RCPT not allowed after BDAT in one transaction"
+    assert len(recorder.bodies) == 1 and b"for <bob@example.org>" in recorder.bodies[0]
+    await quit_(peer, task)
+
+
+async def test_a_refused_chunk_too_big_to_skip_closes_without_reading_it() -> None:
+    """Reading a refused chunk to find the next command is bounded (Postfix
+    stops at 1.5 times its limit): past it, the refusal, 421 and close."""
+    recorder = Recorder()
+    peer, _session, task = await start(recorder)
+    huge = LIMITS.max_message_size * 2 + 1024 * 1024
+    peer.send(b"BDAT %d LAST\r\n" % huge + b"NOOP\r\n")  # no MAIL: refused
+    replies = await codes(peer, 2)
+    assert replies[0][0] == 503 and "Need MAIL" in replies[0][1]
+    assert replies[1] == (421, "4.5.0 BDAT chunk too big to skip, closing connection")
+    await asyncio.wait_for(task, 5)
+    assert peer.server_closed and recorder.bodies == []

@@ -116,16 +116,14 @@ async def test_outcomes_in_order_503_defers_and_rset_follows_a_failure(provider,
     await d.raw(b"250 OK\r\n250 OK\r\n550 5.1.1 no such user\r\n250 stored\r\n")
     _, rcpts, _ = await transaction(d)
     assert rcpts == ["d@example.org"]  # no RSET after a delivered message
-    # second: deferred at BDAT; then nothing goes until the third is answered
+    # second: deferred at BDAT: the next group starts with RSET
     await d.raw(b"250 OK\r\n250 OK\r\n451 4.3.0 disk full\r\n")
-    assert await nothing_more(d)
-    # third: out of sequence (503) at MAIL: deferred, never failed
-    await d.raw(b"503 5.5.1 nested MAIL\r\n503 5.5.1 no MAIL\r\n503 5.5.1 no RCPT\r\n")
-    assert (await line(d)).upper() == "RSET"  # before the next transaction
-    await d.send("250 reset")
+    assert (await line(d)).upper() == "RSET"
     _, rcpts, _ = await transaction(d)
     assert rcpts == ["e@example.org"]
-    await d.raw(b"250 OK\r\n250 OK\r\n250 stored\r\n")
+    # third: out of sequence (503) at MAIL: deferred, never failed
+    await d.raw(b"503 5.5.1 nested MAIL\r\n503 5.5.1 no MAIL\r\n503 5.5.1 no RCPT\r\n")
+    await d.raw(b"250 reset\r\n250 OK\r\n250 OK\r\n250 stored\r\n")
     await quit_(d, provider)
     message = provider.store.get_message(first)
     assert message is None or all(r.state != RecipientState.HELD for r in message.recipients)
@@ -214,3 +212,62 @@ async def test_without_chunking_and_pipelining_it_is_data(provider, certs, capab
     await d.send("250 stored")
     await quit_(d, provider)
     assert provider.store.get_message(mid) is None
+
+
+async def test_a_delivery_is_recorded_even_when_a_refusal_in_its_replies_ends_the_drain(
+        provider, certs):
+    mid = await hold(provider, rcpts=("a@example.org", "b@example.org"))
+    d = await authed(provider, certs)
+    await start(d)
+    await transaction(d)
+    # a accepted, b refused with 421 (closing), yet the message was stored for a.
+    await d.raw(b"250 OK\r\n250 OK\r\n421 4.3.2 closing\r\n250 stored\r\n")
+    d.writer.close()
+    await provider.sessions_ended()
+    message = provider.store.get_message(mid)
+    assert message is not None
+    assert [(r.address, r.state, r.attempts) for r in message.recipients] == [
+        ("b@example.org", RecipientState.HELD, 1)]
+
+
+async def test_452_with_the_others_refused_still_gets_a_further_transaction(provider, certs):
+    mid = await hold(provider, rcpts=("a@example.org", "b@example.org"))
+    d = await authed(provider, certs)
+    await start(d)
+    await transaction(d)
+    await d.raw(b"250 OK\r\n550 5.1.1 no such user\r\n452 4.5.3 later\r\n"
+                b"554 5.5.1 No valid recipients\r\n")
+    assert (await line(d)).upper() == "RSET"  # nothing was delivered: RSET first
+    _, rcpts, _ = await transaction(d)
+    assert rcpts == ["b@example.org"]
+    await d.raw(b"250 reset\r\n250 OK\r\n250 OK\r\n250 stored\r\n")
+    await quit_(d, provider)
+    assert provider.store.get_message(mid) is None  # a bounced, b delivered
+
+
+async def test_a_refused_rset_ends_the_drain_and_keeps_the_mail(provider, certs, monkeypatch):
+    monkeypatch.setattr(drain_module, "CHUNKING_WINDOW", 2)
+    first = await hold(provider, rcpts=("a@example.org",))
+    second = await hold(provider, rcpts=("b@example.org",))
+    third = await hold(provider, rcpts=("c@example.org",))
+    d = await authed(provider, certs)
+    await start(d)
+    await transaction(d)
+    await transaction(d)
+    await d.raw(b"250 OK\r\n250 OK\r\n451 4.3.0 later\r\n")  # the first: deferred
+    assert (await line(d)).upper() == "RSET"
+    _, rcpts, _ = await transaction(d)
+    assert rcpts == ["c@example.org"]
+    await d.raw(b"250 OK\r\n250 OK\r\n250 stored\r\n")  # the second: delivered
+    # RSET refused: what follows it cannot be trusted; the drain ends, no QUIT.
+    await d.raw(b"500 5.5.1 what RSET\r\n250 OK\r\n250 OK\r\n250 stored\r\n")
+    assert await line(d) == ""  # closed without QUIT
+    d.writer.close()
+    await provider.sessions_ended()
+    kept = provider.store.get_message(first)
+    assert kept is not None
+    assert [(r.state, r.attempts) for r in kept.recipients] == [(RecipientState.HELD, 1)]
+    assert provider.store.get_message(second) is None
+    unknown = provider.store.get_message(third)  # possibly stored there: a duplicate later
+    assert unknown is not None
+    assert [(r.state, r.attempts) for r in unknown.recipients] == [(RecipientState.HELD, 0)]

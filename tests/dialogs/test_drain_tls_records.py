@@ -185,3 +185,44 @@ async def test_bdat_commands_and_the_last_line_each_in_own_tls_record(
             break
         await asyncio.sleep(0.05)
     assert p.store.held_message_ids(["example.org"]) == []
+
+
+def first_group_verbs(address: tuple[str, int], context: ssl.SSLContext) -> list[bytes]:
+    """A customer offering CHUNKING: the verbs of the drain's first group."""
+    c = RecordCustomer(address, context)
+    try:
+        assert c.reply().startswith(b"220")
+        c.cmd("EHLO customer.example.org", 250)
+        token = base64.b64encode(f"\0acme\0{PASSWORD}".encode()).decode()
+        c.cmd(f"AUTH PLAIN {token}", 235)
+        c.cmd("ATRN example.org", 250)
+        c.sock.sendall(b"220 customer.example.org ESMTP\r\n")
+        assert c.line().startswith(b"EHLO ")
+        c.sock.sendall(b"250-customer.example.org\r\n250-PIPELINING\r\n250 CHUNKING\r\n")
+        verbs = [c.line().split(b" ", 1)[0].rstrip(b"\r\n") for _ in range(3)]
+        c.sock.sendall(b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n354 go\r\n")
+        while c.line() != b".\r\n":
+            pass
+        c.sock.sendall(b"250 2.0.0 stored\r\n")
+        assert c.line() == b"QUIT\r\n"
+        c.sock.sendall(b"221 2.0.0 bye\r\n")
+        return verbs
+    finally:
+        c.sock.close()
+
+
+async def test_a_last_line_too_long_for_one_record_goes_with_data(
+        provider_factory, certs: Certs) -> None:
+    """fetchmail reads at most 8191 bytes a wakeup: BDAT octets whose last
+    line (alone in the last record) is longer would stall it for good."""
+    p = await provider_factory(odmr_tls=True, extra="[limits]\nmax_line_length = 20000\n")
+    code, _ = await send_mail(*p.mx, "alice@sender.test", ["bob@example.org"],
+                              b"Subject: long\r\n\r\n" + b"x" * 9000 + b"\r\n")
+    assert code == 250
+    verbs = await asyncio.to_thread(first_group_verbs, p.odmr_tls, certs.client_context())
+    assert verbs == [b"MAIL", b"RCPT", b"DATA"]
+    for _ in range(100):
+        if p.store.held_message_ids(["example.org"]) == []:
+            break
+        await asyncio.sleep(0.05)
+    assert p.store.held_message_ids(["example.org"]) == []

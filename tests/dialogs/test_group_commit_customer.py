@@ -271,3 +271,110 @@ async def test_a_big_body_is_written_before_its_reply_and_still_grouped(tmp_path
     assert [code for code, _ in await replies(peer, 9)] == [250] * 9
     await quit_(peer, task)
     assert spy is not None and spy.groups == [3] and len(spy.files("new")) == 3
+
+
+async def start_with(delivery, limits: SessionLimits) -> tuple[MemoryPeer, asyncio.Task[None]]:  # type: ignore[no-untyped-def]
+    peer = MemoryPeer()
+    session = ReversedSession(peer.connection, hostname="mail.example.org", limits=limits,
+                              accept_domains=frozenset({"example.org"}),
+                              delivery=delivery(peer), session_id="GROUPTEST")
+    task = asyncio.create_task(session.run())
+    await peer.expect(220)
+    await peer.cmd("EHLO provider.test", 250)
+    return peer, task
+
+
+def foreign(n: int) -> bytes:
+    """A transaction whose only recipient is refused (not a domain of ours)."""
+    body = b"Subject: %d\r\n\r\nnot ours\r\n" % n
+    return (b"MAIL FROM:<alice@sender.test>\r\nRCPT TO:<x@elsewhere.test>\r\n"
+            + b"BDAT %d LAST\r\n" % len(body) + body)
+
+
+async def test_many_messages_refused_at_rcpt_never_end_the_session(tmp_path) -> None:
+    """Their BDAT gets 554 (as DATA would), no protocol error: the message
+    behind 25 refused ones is still delivered in the same session."""
+    spy: Spy | None = None
+
+    def make(peer: MemoryPeer) -> Spy:
+        nonlocal spy
+        spy = Spy(tmp_path)
+        return spy
+
+    peer, task = await start(make)
+    peer.send(b"".join(foreign(n) for n in range(25)) + transaction(99))
+    got = await replies(peer, 78)
+    assert [code for code, _ in got] == [250, 550, 554] * 25 + [250, 250, 250]
+    await quit_(peer, task)
+    assert spy is not None and len(spy.files("new")) == 1
+
+
+async def test_too_many_errors_421_comes_in_order_and_nothing_after_it(tmp_path) -> None:
+    limits = SessionLimits(command_timeout=5.0, data_timeout=5.0, max_errors=3,
+                           max_message_size=1_000_000, max_recipients=5)
+    spy: Spy | None = None
+
+    def make(peer: MemoryPeer) -> Spy:
+        nonlocal spy
+        spy = Spy(tmp_path)
+        return spy
+
+    peer, task = await start_with(make, limits)
+    peer.send(transaction(0) + b"FOO\r\nFOO\r\nFOO\r\n" + transaction(1))
+    got = await replies(peer, 7)
+    assert [code for code, _ in got] == [250, 250, 250, 500, 500, 500, 421]
+    assert got[2][1] == "2.0.0 Delivered to 1 mailbox"  # committed before the 421
+    await asyncio.wait_for(task, 5)
+    assert peer.server_closed
+    assert spy is not None and len(spy.files("new")) == 1  # the second was never read
+    assert spy.files("tmp") == []
+
+
+async def test_deliveries_between_errors_reset_the_count_as_they_happen(tmp_path) -> None:
+    limits = SessionLimits(command_timeout=5.0, data_timeout=5.0, max_errors=3,
+                           max_message_size=1_000_000, max_recipients=5)
+    spy: Spy | None = None
+
+    def make(peer: MemoryPeer) -> Spy:
+        nonlocal spy
+        spy = Spy(tmp_path)
+        return spy
+
+    peer, task = await start_with(make, limits)
+    peer.send(b"".join(b"FOO\r\nFOO\r\n" + transaction(n) for n in range(4)))
+    got = await replies(peer, 20)
+    assert [code for code, _ in got] == [500, 500, 250, 250, 250] * 4
+    await quit_(peer, task)
+    assert spy is not None and len(spy.files("new")) == 4
+
+
+async def test_nothing_is_committed_once_no_reply_can_reach_the_provider(tmp_path,
+                                                                        monkeypatch) -> None:
+    """The provider's TLS close arrived after its messages: a 250 can no
+    longer reach it, so they are not committed (it keeps them)."""
+    from fermoposta.net.connection import Connection
+
+    gone = False
+    monkeypatch.setattr(Connection, "can_reply",
+                        property(lambda self: not gone and not self._transport.is_closing()))
+
+    class Closing(Spy):
+        async def stage(self, envelope, body):  # type: ignore[no-untyped-def]
+            nonlocal gone
+            staged = await super().stage(envelope, body)
+            gone = True
+            return staged
+
+    spy: Spy | None = None
+
+    def make(peer: MemoryPeer) -> Spy:
+        nonlocal spy
+        spy = Closing(tmp_path, peer)
+        return spy
+
+    peer, task = await start(make)
+    peer.send(transaction(0))
+    await asyncio.wait_for(task, 5)
+    assert spy is not None and spy.groups == []
+    assert spy.files("new") == [] and spy.files("tmp") == []
+    assert b"Delivered" not in bytes(peer.received)

@@ -46,9 +46,12 @@ Contract:
   committed.  At most `GROUP_MAX` messages or `GROUP_WAIT` seconds per
   group; a reply is never kept while we wait for the provider (before a
   354, or a chunk whose octets are not all here yet).  A message whose
-  commit fails gets its 4xx alone.  Messages not answered when the session
-  ends (the provider gone, the customer stopped) are discarded
-  (`discard_staged`): the provider keeps them.
+  commit fails gets its 4xx alone.  A kept reply counts (errors, a 421
+  that closes) when it is made, in order with the deliveries that reset
+  the count; a 421 ends the group at once.  Nothing is committed once the
+  replies can no longer reach the provider (its TLS close), and messages
+  not answered when the session ends (the provider gone, the customer
+  stopped) are discarded (`discard_staged`): the provider keeps them.
 - Every accepted message is recorded in `received` for the pull summary.
 """
 
@@ -71,7 +74,7 @@ from fermoposta.customer.delivery.base import (
     LocalSender,
     LocalTransaction,
 )
-from fermoposta.net.connection import Connection
+from fermoposta.net.connection import Connection, ConnectionClosed
 from fermoposta.net.server_session import SessionLimits
 from fermoposta.net.transaction import Recipient, Transaction, TransactionSession
 from fermoposta.ops.log import event
@@ -204,6 +207,16 @@ class ReversedSession(TransactionSession):
             await super().reply(reply)
             return
         self._outbox.append(reply if staged is None else staged)
+        if staged is None:
+            # The session's bookkeeping as the reply is made, not when it is
+            # sent: errors count in order with the deliveries that reset
+            # them, and a 421 ends the group (nothing is read after it).
+            for extra in self.machine.replied(reply, counts=self.counts_as_error(reply)):
+                self.log.info("%s: too many errors from %s", self.session_id,
+                              self.peer_description())
+                self._outbox.append(extra)
+            if self.machine.closing:
+                self.closing = True
         if not self._more_to_group():
             await self._flush_outbox()
 
@@ -236,6 +249,11 @@ class ReversedSession(TransactionSession):
                     outcomes[id(g)] = staged
                 else:
                     handles.append((g, staged))
+            if handles and not self.conn.can_reply:
+                # The provider's TLS close came after these messages: no 250
+                # can reach it any more, so nothing is committed (it keeps
+                # them; `_discard_staged` removes their files).
+                raise ConnectionClosed("provider closed before the replies to its messages")
             if handles:
                 try:
                     done = await self.delivery.commit_staged([h for _, h in handles])
@@ -253,7 +271,9 @@ class ReversedSession(TransactionSession):
                     outcome.where, g.size, g.queue_id)
         self._unanswered = []
         for entry in outbox:
-            await super().reply(final[id(entry)] if isinstance(entry, _Staged) else entry)
+            # Accounted for when made (`reply`); a message's own reply is
+            # never an error the session counts (a 4xx at worst).
+            await super().send(final[id(entry)] if isinstance(entry, _Staged) else entry)
         self.conn.flush()  # the provider waits for these to send more
 
     async def _discard_staged(self) -> None:

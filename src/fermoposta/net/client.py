@@ -53,6 +53,9 @@ log = logging.getLogger("fermoposta.smtp")
 
 REPLY_LINE_LIMIT = 2048  # RFC 5321 says 512; real servers send longer text lines
 END_OF_DATA = b".\r\n"  # RFC 5321 §4.1.1.4
+# The longest last line of BDAT octets sent in a TLS record of its own
+# (fetchmail reads at most 8191 bytes a wakeup; see fits_chunk_records).
+LAST_RECORD_LIMIT = 4096
 
 
 class SMTPClient:
@@ -100,6 +103,15 @@ class SMTPClient:
             return
         data = ("\r\n".join(lines) + "\r\n").encode("utf-8")
         await self.conn.write(data, timeout)
+
+    def fits_chunk_records(self, body: bytes) -> bool:
+        """Whether `body` can go as BDAT octets: with `line_records` over TLS
+        its last line, alone in the last record, must fit one read of
+        fetchmail's relay (8 KiB: a longer one would wait in OpenSSL, unseen
+        by select(), for ever); such a message goes with DATA."""
+        if not self._one_record_per_line():
+            return True
+        return len(body) - (body.rfind(b"\n", 0, len(body) - 1) + 1) <= LAST_RECORD_LIMIT
 
     async def send_chunk_transaction(self, lines: list[str], body: bytes,
                                      timeout: float) -> None:

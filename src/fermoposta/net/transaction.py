@@ -15,7 +15,9 @@ Contract:
   customer's reversed session); elsewhere it is 502 as any verb a dialog
   does not take, and CHUNKING is not advertised.  See `smtp_bdat`: each
   chunk's octets are always read (`Connection.read_chunk`), also to throw
-  them away after a refusal, so the next command is found; the chunks of a
+  them away after a refusal, so the next command is found (a refused chunk
+  over 1.5 times `max_message_size` plus 1 MiB is not: 421 and close); no
+  recipient gets 554 as DATA does, RCPT between chunks 503; the chunks of a
   message go through the same spool, trace header, size, line and bare
   CR/LF checks as DATA (`smtp.chunking.ChunkReader`, across chunk edges),
   and `accept_message` gets the very bytes DATA would give it.
@@ -89,9 +91,12 @@ RECIPIENT_OK = Reply(250, "2.1.5", "Recipient OK")
 BDAT_SYNTAX = Reply(501, "5.5.4", "Syntax: BDAT chunk-size [LAST]")
 BDAT_UNFRAMED = Reply(421, "4.5.0", "Cannot tell where that BDAT chunk ends, closing connection")
 BDAT_NEED_MAIL = Reply(503, "5.5.1", "Need MAIL command first (BDAT chunk discarded)")
-BDAT_NO_RECIPIENTS = Reply(503, "5.5.1", "No valid recipients (BDAT chunk discarded)")
+# 554 as for DATA (and Postfix): refused recipients are no protocol error.
+BDAT_NO_RECIPIENTS = Reply(554, "5.5.1", "No valid recipients (BDAT chunk discarded)")
+RCPT_AFTER_BDAT = Reply(503, "5.5.1", "RCPT not allowed after BDAT in one transaction")
 BDAT_AFTER_ERROR = Reply(503, "5.5.1", "Transaction failed earlier, send RSET or MAIL "
                          "(BDAT chunk discarded)")
+BDAT_TOO_BIG_TO_SKIP = Reply(421, "4.5.0", "BDAT chunk too big to skip, closing connection")
 DATA_AFTER_BDAT = Reply(503, "5.5.1", "DATA not allowed after BDAT in one transaction; "
                         "transaction ended")
 _BDAT_LINE = re.compile(rb"BDAT[ \t]", re.IGNORECASE)
@@ -287,6 +292,10 @@ class TransactionSession(ServerSession):
     async def smtp_rcpt(self, arg: str) -> Reply:
         txn = self.transaction
         assert txn is not None  # Needs.TRANSACTION
+        if self._chunks is not None:
+            # RFC 3030 §2: the recipients are set before the first chunk (our
+            # trace header, written then, names them).
+            return RCPT_AFTER_BDAT
         path = parse_rcpt_to(arg, allow_utf8=txn.smtputf8)
         notify, orcpt = None, None
         for key, value in path.params.items():
@@ -374,6 +383,14 @@ class TransactionSession(ServerSession):
                                       sender=txn.sender.address,
                                       recipients=[r.path.address for r in txn.recipients])
         if refusal is not None:
+            if chunk.size > _discard_limit(self.limits.max_message_size):
+                # Not worth reading to throw away (Postfix stops at 1.5 times
+                # its limit too): the refusal, then 421 and close.
+                self.log.warning("%s: refused BDAT chunk of %d octets from %s; closing",
+                                 self.session_id, chunk.size, self.peer_description())
+                self.reset_transaction()
+                await self.reply(refusal)
+                return None if self.machine.closing else BDAT_TOO_BIG_TO_SKIP
             deadline = chunks.deadline if chunks is not None else self._new_deadline()
             await self.conn.read_chunk(chunk.size, _drop, self.limits.data_timeout,
                                        deadline=deadline)
@@ -502,6 +519,11 @@ class TransactionSession(ServerSession):
         VerbSpec("BDAT", "smtp_bdat"),
         base=ServerSession.VERBS,
     )
+
+
+def _discard_limit(max_message_size: int) -> int:
+    """The largest refused chunk read to find the next command."""
+    return max_message_size + max_message_size // 2 + 1024 * 1024
 
 
 def _drop(data: bytes) -> None:

@@ -39,11 +39,13 @@ customer's outbox push (site → provider submission).  Contract:
   octets are the body with its line ends made CRLF and a final CRLF (as the
   dot-stuffer would send it, less the stuffing): no bare CR or LF reaches
   the wire.  A 503 (out of sequence) to MAIL, RCPT or BDAT defers, never
-  fails; after any transaction that did not deliver, the window is read to
-  the end and RSET sent before the next one.  452-postponed recipients go
-  in a further transaction of their own (the same progress rule).  A
-  message without its body at hand (a big one) goes with DATA once every
-  transaction in flight is settled.
+  fails; after any transaction that did not deliver, the next group starts
+  with RSET (a refused RSET raises `ResetRefused`).  The reply to BDAT LAST
+  is settled before the RCPT refusals of its transaction.  452-postponed
+  recipients go in a further transaction of their own (the same progress
+  rule as DATA).  A message without its body at hand (a big one), or whose
+  last line is too long for a TLS record of its own (`line_records`), goes
+  with DATA once every transaction in flight is settled.
 """
 
 from __future__ import annotations
@@ -135,6 +137,7 @@ class _InFlight:
     message: QueuedMessage
     recipients: list[QueuedRecipient]
     body: bytes | None = None
+    reset: bool = False  # the group began with RSET
 
 
 def mail_command(client: SMTPClient, message: QueuedMessage) -> str:
@@ -222,10 +225,14 @@ class MessageTransfer:
         # All of a BDAT transaction's replies first: until they are read,
         # its recipients stay in `unsettled`.
         t = self.timeouts
+        reset = await self.client.read_reply(t.command) if sent.reset else None
         mail_reply = await self.client.read_reply(t.command)
         rcpt_replies = [await self.client.read_reply(t.command) for _ in sent.recipients]
         final = await self.client.read_reply(t.final_reply)
         self._in_flight.popleft()
+        if reset is not None and reset.code != 250:
+            self._in_flight.appendleft(sent)  # unsettled: kept queued
+            raise ResetRefused(f"{self.peer} refused RSET: {reset}")
         await self._settle_chunked(sent, mail_reply, rcpt_replies, final)
 
     async def _settle_chunked(self, sent: _InFlight, mail_reply: Reply,
@@ -238,25 +245,27 @@ class MessageTransfer:
                               not_final(in_sequence(mail_reply, STAGE_MAIL), STAGE_MAIL),
                               STAGE_MAIL)
             return
-        accepted: list[QueuedRecipient] = []
-        postponed: list[tuple[QueuedRecipient, Reply]] = []
-        for rcpt, reply in zip(recipients, rcpt_replies, strict=True):
-            if 200 <= reply.code < 300:
-                accepted.append(rcpt)
-            elif reply.code == 452:
-                postponed.append((rcpt, reply))
-            else:
-                await self.settle(message, [rcpt],
-                                  not_final(in_sequence(reply, STAGE_RCPT), STAGE_RCPT),
-                                  STAGE_RCPT)
+        accepted = [r for r, reply in zip(recipients, rcpt_replies, strict=True)
+                    if 200 <= reply.code < 300]
         if accepted:
-            # The reply to BDAT LAST is the reply to the whole message.
+            # The reply to BDAT LAST is the reply to the whole message; settled
+            # first, so a refusal settled after it (a 421 ends the drain)
+            # cannot leave a delivery unrecorded.
             await self.settle(message, accepted, in_sequence(final, STAGE_FINAL), STAGE_FINAL)
         if not accepted or final.code >= 300:
             self._reset_due = True
+        postponed: list[tuple[QueuedRecipient, Reply]] = []
+        for rcpt, reply in zip(recipients, rcpt_replies, strict=True):
+            if reply.code == 452:
+                postponed.append((rcpt, reply))
+            elif not 200 <= reply.code < 300:
+                await self.settle(message, [rcpt],
+                                  not_final(in_sequence(reply, STAGE_RCPT), STAGE_RCPT),
+                                  STAGE_RCPT)
         if not postponed:
             return
-        if accepted:  # progress: the rest in a further transaction (RFC 5321 §4.5.3.1.10)
+        if len(postponed) < len(recipients):
+            # Progress: the rest in a further transaction (RFC 5321 §4.5.3.1.10).
             await self._send_chunked(message, [rcpt for rcpt, _ in postponed], body)
             return
         for rcpt, reply in postponed:
@@ -271,9 +280,7 @@ class MessageTransfer:
         if self._chunking():
             assert self.whole_body is not None
             body = self.whole_body(message.id)
-            if body is not None:
-                if self._reset_due:
-                    await self._rset()
+            if body is not None and self.client.fits_chunk_records(body):
                 await self._send_chunked(message, pending, canonical_body(body))
                 while len(self._in_flight) >= self.window:
                     await self._read_oldest()
@@ -296,10 +303,13 @@ class MessageTransfer:
 
     async def _send_chunked(self, message: QueuedMessage, recipients: list[QueuedRecipient],
                             body: bytes) -> None:
-        """MAIL, RCPT... and BDAT <n> LAST with the octets, without waiting."""
-        lines = [mail_command(self.client, message),
+        """MAIL, RCPT... and BDAT <n> LAST with the octets, without waiting;
+        after a transaction that did not deliver, RSET first, in the same
+        group (RFC 2920 §3.1 lets RSET go anywhere in one)."""
+        reset, self._reset_due = self._reset_due, False
+        lines = [*(["RSET"] if reset else []), mail_command(self.client, message),
                  *(rcpt_command(self.client, r) for r in recipients)]
-        self._in_flight.append(_InFlight(message, list(recipients), body))
+        self._in_flight.append(_InFlight(message, list(recipients), body, reset))
         await self.client.send_chunk_transaction(lines, body, self.timeouts.command)
 
     async def _transaction(self, message: QueuedMessage, recipients: list[QueuedRecipient]
