@@ -36,7 +36,6 @@ from typing import Any
 from fermoposta.config_common import Loader as _Loader
 from fermoposta.config_common import show_value as _show
 from fermoposta.config_schema import declared_tables
-from fermoposta.ops import certs
 from fermoposta.provider_config_checks import POSTGRES_SCHEMES
 from fermoposta.provider_config_tables import ProviderConfig
 
@@ -105,6 +104,8 @@ def _check_certificate_dates(loader: _Loader, cert: Path,
                              warn: Callable[[str], None] | None) -> None:
     """An expired or not yet valid certificate is an error (every customer
     would fail its handshake, exit 74); one that expires soon, a warning."""
+    from fermoposta.ops import certs  # cryptography: only for a config with TLS
+
     try:
         validity = certs.validity_of_file(cert)
     except (ValueError, OSError) as exc:

@@ -226,3 +226,35 @@ def test_config_check_customer_default_path(
     monkeypatch.setenv("FERMOPOSTA_CUSTOMER_CONFIG", str(path))
     assert main(["config", "check", "--kind", "customer"]) == 0
     assert f"OK: {path} (customer config)" in capsys.readouterr().out
+
+
+def test_provider_markers_are_tables_only_a_provider_config_has() -> None:
+    """`_guess_kind` takes these as proof of a provider config without
+    loading the customer's schema: each must be provider-only."""
+    from fermoposta.cli import PROVIDER_MARKERS, _names_of_one_kind
+
+    provider_only, _customer_only = _names_of_one_kind()
+    assert PROVIDER_MARKERS <= provider_only
+
+
+def test_a_queue_command_loads_neither_scram_nor_x509_nor_the_customer(tmp_path: Path) -> None:
+    """Every admin command starts a Python process: a queue command on a
+    config without TLS imports no SCRAM library, no X.509 parser and no
+    customer config schema (they cost a third of the start-up)."""
+    import subprocess
+
+    config = tmp_path / "provider.toml"
+    config.write_text(f'hostname = "mx.provider.test"\ndata_dir = "{tmp_path / "data"}"\n'
+                      '[listen]\nmx = "127.0.0.1:0"\nodmr = "127.0.0.1:0"\n'
+                      'submission = ""\n')
+    probe = (
+        "import sys\n"
+        "from fermoposta.cli import main\n"
+        f"code = main(['-c', {str(config)!r}, 'queue', 'stats'])\n"
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('scramp', 'cryptography')"
+        " or m.startswith('fermoposta.customer.config'))\n"
+        "print(code, loaded)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         timeout=60, check=True).stdout.strip().splitlines()[-1]
+    assert out == "66 []", out  # 66: no store yet; nothing heavy imported

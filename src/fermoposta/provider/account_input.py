@@ -13,7 +13,7 @@ Contract:
   `usage_domain` is the same for the CLI (a usage error, 64).
 - `normalize_fingerprint(text)`: the SHA-256 of a certificate as 64
   lowercase hex digits, from "AA:BB:..." or plain hex; `normalize_cert_subject`:
-  the canonical RFC 4514 form (`smtp.sasl.normalize_subject`, what EXTERNAL
+  the canonical RFC 4514 form (`smtp.x509name.normalize_subject`, what EXTERNAL
   applies to the peer's certificate); `subject_looks_reversed`: most general
   RDN first (C or DC), likely `openssl x509 -subject` without -nameopt
   RFC2253.  Malformed: ValueError.
@@ -32,12 +32,10 @@ from pathlib import Path
 from typing import TextIO
 
 import idna
-import scramp
 
 from fermoposta.passwords import UnreadableInputError, first_line
 from fermoposta.provider.admin import UsageError as _UsageError
-from fermoposta.smtp.sasl import normalize_subject
-from fermoposta.smtp.x509name import parse_subject
+from fermoposta.smtp.x509name import normalize_subject, parse_subject
 from fermoposta.store.base import ScramSecret
 
 __all__ = [
@@ -64,6 +62,8 @@ def make_scram_secret(password: str, iterations: int = DEFAULT_SCRAM_ITERATIONS)
     Raises ValueError (without the password in the message) if SASLprep refuses
     the password or the iteration count is out of scramp's range.
     """
+    import scramp  # here: every admin command imports this module, few make secrets
+
     mechanism = scramp.ScramMechanism("SCRAM-SHA-256")
     try:
         salt, stored_key, server_key, count = mechanism.make_auth_info(
