@@ -104,20 +104,6 @@ async def start(delivery: object | None = None, limits: SessionLimits = LIMITS
     return peer, session, task
 
 
-async def codes(peer: MemoryPeer, n: int) -> list[tuple[int, str]]:
-    out = []
-    for _ in range(n):
-        code, lines = await peer.read_reply()
-        out.append((code, lines[-1]))
-    return out
-
-
-async def quit_(peer: MemoryPeer, task: asyncio.Task[None]) -> None:
-    peer.send(b"QUIT\r\n")
-    await peer.expect(221)
-    await asyncio.wait_for(task, 5)
-
-
 # --- EHLO ------------------------------------------------------------------------------
 
 
@@ -129,7 +115,7 @@ async def test_the_reversed_session_advertises_chunking() -> None:
         session_id="X").run())
     await peer.expect(220)
     assert "CHUNKING" in await peer.cmd("EHLO provider.test", 250)
-    await quit_(peer, task)
+    await peer.quit(task)
 
 
 async def test_the_mx_neither_advertises_nor_takes_bdat(tmp_path) -> None:
@@ -142,9 +128,9 @@ async def test_the_mx_neither_advertises_nor_takes_bdat(tmp_path) -> None:
         await peer.expect(220)
         assert "CHUNKING" not in await peer.cmd("EHLO client.sender.test", 250)
         peer.send(MAIL + RCPT)
-        await codes(peer, 2)
+        await peer.replies(2)
         assert (await peer.cmd("BDAT 6 LAST", 502))[0] == "5.5.1 Command not implemented"
-        await quit_(peer, task)
+        await peer.quit(task)
         assert store.held_message_ids(["example.org"]) == []
     finally:
         store.close()
@@ -167,14 +153,14 @@ async def test_pipelined_messages_in_one_write_are_delivered_in_order() -> None:
     before = len(peer.transport.writes)
     peer.send(MAIL + RCPT + bdat(first) + MAIL + RCPT + bdat(second)
               + MAIL + RCPT + b"RCPT TO:<carol@example.org>\r\n" + bdat(third) + b"NOOP\r\n")
-    replies = await codes(peer, 11)
+    replies = await peer.replies(11)
     assert [code for code, _ in replies] == [250] * 11
     assert [text for _, text in replies][2::3][:2] == ["2.0.0 Delivered", "2.0.0 Delivered"]
     assert replies[9] == (250, "2.0.0 Delivered") and replies[10] == (250, "2.0.0 OK")
     # Replies were batched, not written one by one.
     assert len(peer.transport.writes) - before < 11
     assert [content(b) for b in recorder.bodies] == [first, second, third + b"\r\n"]
-    await quit_(peer, task)
+    await peer.quit(task)
 
 
 async def test_bdat_hands_on_the_bytes_data_would() -> None:
@@ -182,14 +168,14 @@ async def test_bdat_hands_on_the_bytes_data_would() -> None:
     peer, _session, task = await start(recorder)
     message = b"Subject: same\r\n\r\n.\r\n..\r\n.x\r\nend"
     peer.send(MAIL + RCPT + b"DATA\r\n")
-    await codes(peer, 3)
+    await peer.replies(3)
     peer.send(b"".join(dot_stuff([message])))
     await peer.expect(250)
     peer.send(MAIL + RCPT + bdat(message[:17], last=False) + bdat(message[17:]))
-    assert [c for c, _ in await codes(peer, 4)] == [250] * 4
+    assert [c for c, _ in await peer.replies(4)] == [250] * 4
     via_data, via_bdat = recorder.bodies
     assert content(via_bdat) == content(via_data) == message + b"\r\n"
-    await quit_(peer, task)
+    await peer.quit(task)
 
 
 STREAM = (MAIL + RCPT + bdat(b"Subject: a\r", last=False) + bdat(b"\n\r\n.dot\r\n")
@@ -210,7 +196,7 @@ async def _segmented(points: list[int]) -> tuple[list[int], list[bytes]]:
         if a < b:
             peer.send(STREAM[a:b])
             await asyncio.sleep(0)
-    got = [code for code, _ in await codes(peer, len(STREAM_REPLIES))]
+    got = [code for code, _ in await peer.replies(len(STREAM_REPLIES))]
     await asyncio.wait_for(task, 5)
     return got, [content(b) for b in recorder.bodies]
 
@@ -228,26 +214,26 @@ async def test_a_message_in_several_chunks() -> None:
     recorder = Recorder()
     peer, _session, task = await start(recorder)
     peer.send(MAIL + RCPT + bdat(b"Subject: x\r", last=False))
-    assert await codes(peer, 3) == [(250, "2.1.0 Sender OK"), (250, "2.1.5 Recipient OK"),
+    assert await peer.replies(3) == [(250, "2.1.0 Sender OK"), (250, "2.1.5 Recipient OK"),
                                     (250, "2.0.0 11 octets received")]
     peer.send(bdat(b"\n\r\nbody ", last=False) + bdat(b"", last=False))
-    assert await codes(peer, 2) == [(250, "2.0.0 8 octets received"),
+    assert await peer.replies(2) == [(250, "2.0.0 8 octets received"),
                                     (250, "2.0.0 0 octets received")]
     peer.send(bdat(b"goes on\r\n"))
     await peer.expect(250)
     assert [content(b) for b in recorder.bodies] == [b"Subject: x\r\n\r\nbody goes on\r\n"]
-    await quit_(peer, task)
+    await peer.quit(task)
 
 
 async def test_bdat_0_last_ends_the_message() -> None:
     recorder = Recorder()
     peer, _session, task = await start(recorder)
     peer.send(MAIL + RCPT + bdat(b"Subject: x\r\n\r\nhi\r\n", last=False) + b"BDAT 0 LAST\r\n")
-    assert [c for c, _ in await codes(peer, 4)] == [250] * 4
+    assert [c for c, _ in await peer.replies(4)] == [250] * 4
     peer.send(MAIL + RCPT + b"BDAT 0 LAST\r\n")  # an empty message: only our trace header
-    assert [c for c, _ in await codes(peer, 3)] == [250] * 3
+    assert [c for c, _ in await peer.replies(3)] == [250] * 3
     assert [content(b) for b in recorder.bodies] == [b"Subject: x\r\n\r\nhi\r\n", b""]
-    await quit_(peer, task)
+    await peer.quit(task)
 
 
 async def test_a_real_maildir_gets_the_same_file_either_way(tmp_path) -> None:
@@ -256,10 +242,10 @@ async def test_a_real_maildir_gets_the_same_file_either_way(tmp_path) -> None:
     peer, _session, task = await start(maildir)
     message = b"Subject: m\r\n\r\n.dot\r\nline\r\n"
     peer.send(MAIL + RCPT + b"DATA\r\n")
-    await codes(peer, 3)
+    await peer.replies(3)
     peer.send(b"".join(dot_stuff([message])) + MAIL + RCPT + bdat(message))
-    assert [c for c, _ in await codes(peer, 4)] == [250] * 4
-    await quit_(peer, task)
+    assert [c for c, _ in await peer.replies(4)] == [250] * 4
+    await peer.quit(task)
     files = sorted((tmp_path / "example.org" / "bob" / "new").iterdir())
     assert len(files) == 2
     texts = [f.read_bytes() for f in files]
@@ -275,22 +261,22 @@ async def test_a_last_chunk_over_the_size_limit_is_552_and_the_next_message_goes
     peer, _session, task = await start(recorder)
     big = b"x" * 998 + b"\r\n" + b"y" * 8 + b"\r\n"  # 1010 > 1000
     peer.send(MAIL + RCPT + bdat(big) + b"NOOP\r\n")
-    replies = await codes(peer, 4)
+    replies = await peer.replies(4)
     assert replies[2] == (552, "5.3.4 Message size exceeds fixed maximum message size")
     assert replies[3] == (250, "2.0.0 OK")  # the octets were read: NOOP is the next command
     # A chunk that crosses the limit before LAST is refused at once.
     lines = (b"a" * 98 + b"\r\n") * 6
     peer.send(MAIL + RCPT + bdat(lines, last=False) + bdat(lines, last=False)
               + bdat(b"c" * 10))
-    assert [c for c, _ in await codes(peer, 5)] == [250, 250, 250, 552, 503]
+    assert [c for c, _ in await peer.replies(5)] == [250, 250, 250, 552, 503]
     # Exactly the limit, but the CRLF DATA would add makes it 1002: refused too.
     peer.send(MAIL + RCPT + bdat(b"z" * 100 + (b"\r\n" + b"z" * 98) * 9))
-    assert [c for c, _ in await codes(peer, 3)] == [250, 250, 552]
+    assert [c for c, _ in await peer.replies(3)] == [250, 250, 552]
     assert recorder.bodies == []
     peer.send(MAIL + RCPT + bdat(b"Subject: small\r\n\r\nok\r\n"))
-    assert [c for c, _ in await codes(peer, 3)] == [250, 250, 250]
+    assert [c for c, _ in await peer.replies(3)] == [250, 250, 250]
     assert len(recorder.bodies) == 1
-    await quit_(peer, task)
+    await peer.quit(task)
 
 
 @pytest.mark.parametrize("chunks", [
@@ -303,21 +289,21 @@ async def test_bare_line_endings_are_refused_across_chunks(chunks: list[bytes]) 
     peer, _session, task = await start(recorder)
     wire = b"".join(bdat(c, last=False) for c in chunks[:-1]) + bdat(chunks[-1])
     peer.send(MAIL + RCPT + wire + b"NOOP\r\n")
-    replies = await codes(peer, 2 + len(chunks) + 1)
+    replies = await peer.replies(2 + len(chunks) + 1)
     assert replies[-2] == (550, "5.5.2 Message refused: bare CR or LF in message data "
                                 "(RFC 5321 section 2.3.8)")
     assert replies[-1] == (250, "2.0.0 OK")
     assert recorder.bodies == [] and recorder.aborted >= 1
-    await quit_(peer, task)
+    await peer.quit(task)
 
 
 async def test_a_crlf_straddling_chunks_is_fine() -> None:
     recorder = Recorder()
     peer, _session, task = await start(recorder)
     peer.send(MAIL + RCPT + bdat(b"Subject: x\r", last=False) + bdat(b"\n\r\nbody\r\n"))
-    assert [c for c, _ in await codes(peer, 4)] == [250] * 4
+    assert [c for c, _ in await peer.replies(4)] == [250] * 4
     assert len(recorder.bodies) == 1
-    await quit_(peer, task)
+    await peer.quit(task)
 
 
 async def test_a_bare_lf_in_an_early_chunk_refuses_at_once_and_later_chunks_get_503() -> None:
@@ -325,25 +311,25 @@ async def test_a_bare_lf_in_an_early_chunk_refuses_at_once_and_later_chunks_get_
     peer, _session, task = await start(recorder)
     peer.send(MAIL + RCPT + bdat(b"a\nb\r\n", last=False) + bdat(b"QUIT\r\n", last=False)
               + bdat(b"RSET\r\n") + MAIL + RCPT + bdat(b"fine\r\n"))
-    replies = await codes(peer, 8)
+    replies = await peer.replies(8)
     assert [c for c, _ in replies] == [250, 250, 550, 503, 503, 250, 250, 250]
     assert replies[3][1] == ("5.5.1 Transaction failed earlier, send RSET or MAIL "
                              "(BDAT chunk discarded)")
     assert [content(b) for b in recorder.bodies] == [b"fine\r\n"]
-    await quit_(peer, task)
+    await peer.quit(task)
 
 
 async def test_a_long_line_straddling_chunks_is_refused() -> None:
     recorder = Recorder()
     peer, _session, task = await start(recorder)  # max_line_length 200 with the CRLF
     peer.send(MAIL + RCPT + bdat(b"x" * 150, last=False) + bdat(b"y" * 49 + b"\r\n"))
-    replies = await codes(peer, 4)
+    replies = await peer.replies(4)
     assert replies[3] == (500, "5.5.6 Message refused: line too long "
                                "(RFC 5321 section 4.5.3.1.6)")
     peer.send(MAIL + RCPT + bdat(b"x" * 150, last=False) + bdat(b"y" * 48 + b"\r\n"))
-    assert [c for c, _ in await codes(peer, 4)] == [250] * 4  # 200 exactly
+    assert [c for c, _ in await peer.replies(4)] == [250] * 4  # 200 exactly
     assert [content(b) for b in recorder.bodies] == [b"x" * 150 + b"y" * 48 + b"\r\n"]
-    await quit_(peer, task)
+    await peer.quit(task)
 
 
 # --- sequence ---------------------------------------------------------------------------
@@ -353,10 +339,10 @@ async def test_bdat_without_mail_is_503_and_its_octets_are_not_commands() -> Non
     recorder = Recorder()
     peer, _session, task = await start(recorder)
     peer.send(bdat(b"QUIT\r\n") + b"NOOP\r\n")
-    assert await codes(peer, 2) == [(503, "5.5.1 Need MAIL command first (BDAT chunk "
+    assert await peer.replies(2) == [(503, "5.5.1 Need MAIL command first (BDAT chunk "
                                           "discarded)"), (250, "2.0.0 OK")]
     assert not peer.server_closed  # the QUIT in the chunk was not obeyed
-    await quit_(peer, task)
+    await peer.quit(task)
 
 
 async def test_bdat_without_recipients_is_554_and_mail_follows_at_once() -> None:
@@ -367,11 +353,11 @@ async def test_bdat_without_recipients_is_554_and_mail_follows_at_once() -> None
     peer.send(MAIL + b"RCPT TO:<unknown@example.org>\r\nRCPT TO:<x@elsewhere.test>\r\n"
               + bdat(b"RSET\r\n", last=False) + bdat(b"QUIT\r\n") + MAIL + RCPT
               + bdat(b"ok\r\n"))
-    replies = await codes(peer, 8)
+    replies = await peer.replies(8)
     assert [c for c, _ in replies] == [250, 550, 550, 554, 503, 250, 250, 250]
     assert replies[3][1] == "5.5.1 No valid recipients (BDAT chunk discarded)"
     assert [content(b) for b in recorder.bodies] == [b"ok\r\n"]
-    await quit_(peer, task)
+    await peer.quit(task)
 
 
 async def test_data_after_bdat_is_503_and_ends_the_transaction() -> None:
@@ -379,13 +365,13 @@ async def test_data_after_bdat_is_503_and_ends_the_transaction() -> None:
     peer, _session, task = await start(recorder)
     peer.send(MAIL + RCPT + bdat(b"Subject: x\r\n", last=False) + b"DATA\r\n"
               + bdat(b"\r\nrest\r\n") + MAIL + RCPT + bdat(b"other\r\n"))
-    replies = await codes(peer, 8)
+    replies = await peer.replies(8)
     assert [c for c, _ in replies] == [250, 250, 250, 503, 503, 250, 250, 250]
     assert replies[3][1] == ("5.5.1 DATA not allowed after BDAT in one transaction; "
                              "transaction ended")
     assert [content(b) for b in recorder.bodies] == [b"other\r\n"]
     assert recorder.aborted >= 2  # the first local transaction was ended at the 503
-    await quit_(peer, task)
+    await peer.quit(task)
 
 
 async def test_bdat_after_a_refused_data_is_554() -> None:
@@ -393,9 +379,9 @@ async def test_bdat_after_a_refused_data_is_554() -> None:
     peer, _session, task = await start(recorder)
     peer.send(MAIL + b"RCPT TO:<x@elsewhere.test>\r\nDATA\r\n" + bdat(b"QUIT\r\n")
               + b"NOOP\r\n")
-    replies = await codes(peer, 5)
+    replies = await peer.replies(5)
     assert [c for c, _ in replies] == [250, 550, 554, 554, 250]
-    await quit_(peer, task)
+    await peer.quit(task)
 
 
 async def test_rset_drops_the_chunks_received() -> None:
@@ -403,9 +389,9 @@ async def test_rset_drops_the_chunks_received() -> None:
     peer, _session, task = await start(recorder)
     peer.send(MAIL + RCPT + bdat(b"Subject: old\r\n", last=False) + b"RSET\r\n"
               + MAIL + RCPT + bdat(b"Subject: new\r\n"))
-    assert [c for c, _ in await codes(peer, 7)] == [250] * 7
+    assert [c for c, _ in await peer.replies(7)] == [250] * 7
     assert [content(b) for b in recorder.bodies] == [b"Subject: new\r\n"]
-    await quit_(peer, task)
+    await peer.quit(task)
 
 
 @pytest.mark.parametrize("line", [
@@ -416,7 +402,7 @@ async def test_an_unparsable_bdat_is_501_then_421_and_close(line: bytes) -> None
     recorder = Recorder()
     peer, _session, task = await start(recorder)
     peer.send(MAIL + RCPT + line + b"\r\nQUIT\r\nNOOP\r\n")
-    replies = await codes(peer, 4)
+    replies = await peer.replies(4)
     assert replies[2] == (501, "5.5.4 Syntax: BDAT chunk-size [LAST]")
     assert replies[3] == (421, "4.5.0 Cannot tell where that BDAT chunk ends, closing "
                                "connection")
@@ -432,7 +418,7 @@ async def test_a_connection_dropped_mid_chunk_stores_nothing() -> None:
     recorder = Recorder()
     peer, _session, task = await start(recorder)
     peer.send(MAIL + RCPT + b"BDAT 100 LAST\r\n" + b"x" * 60)
-    await codes(peer, 2)
+    await peer.replies(2)
     peer.shutdown_write()
     await asyncio.wait_for(task, 5)
     assert recorder.bodies == [] and recorder.aborted == 1
@@ -443,7 +429,7 @@ async def test_a_connection_dropped_between_chunks_stores_nothing() -> None:
     recorder = Recorder()
     peer, _session, task = await start(recorder)
     peer.send(MAIL + RCPT + bdat(b"Subject: x\r\n\r\nall there\r\n", last=False))
-    await codes(peer, 3)
+    await peer.replies(3)
     peer.transport.close()
     await asyncio.wait_for(task, 5)
     assert recorder.bodies == [] and recorder.aborted == 1
@@ -454,7 +440,7 @@ async def test_a_stall_mid_chunk_times_out() -> None:
     limits = SessionLimits(command_timeout=5.0, data_timeout=0.3, max_message_size=1000)
     peer, _session, task = await start(recorder, limits)
     peer.send(MAIL + RCPT + b"BDAT 100 LAST\r\n" + b"x" * 10)
-    await codes(peer, 2)
+    await peer.replies(2)
     lines = await peer.expect(421, timeout=2.0)
     assert lines == ["4.4.2 Timeout exceeded, closing connection"]
     await asyncio.wait_for(task, 5)
@@ -469,7 +455,7 @@ async def test_the_data_deadline_spans_the_chunks_and_the_waits_between_them(cap
     loop = asyncio.get_running_loop()
     begin = loop.time()
     peer.send(MAIL + RCPT + bdat(b"a", last=False))
-    await codes(peer, 3)
+    await peer.replies(3)
     for _ in range(2):  # chunks keep coming, each well within data_timeout
         await asyncio.sleep(0.1)
         peer.send(bdat(b"b", last=False))
@@ -492,11 +478,11 @@ async def test_a_reply_is_never_held_while_the_session_waits_for_a_chunk(monkeyp
     recorder = Recorder()
     peer, _session, task = await start(recorder)
     peer.send(MAIL + RCPT + b"BDAT 20 LAST\r\n" + b"x" * 5)  # the chunk is incomplete
-    assert [c for c, _ in await codes(peer, 2)] == [250, 250]  # not held back
+    assert [c for c, _ in await peer.replies(2)] == [250, 250]  # not held back
     peer.send(b"x" * 13 + b"\r\n")
     await peer.expect(250, timeout=2.0)
     assert [content(b) for b in recorder.bodies] == [b"x" * 18 + b"\r\n"]
-    await quit_(peer, task)
+    await peer.quit(task)
 
 
 # --- a body staged while it arrives (the MX's SQLite store does that) --------------------
@@ -539,7 +525,7 @@ async def test_what_was_staged_goes_when_the_chunked_message_does(monkeypatch, e
     await peer.expect(220)
     await peer.cmd("EHLO provider.test", 250)
     peer.send(MAIL + RCPT + bdat((b"s" * 98 + b"\r\n") * 3, last=False))
-    await codes(peer, 3)
+    await peer.replies(3)
     assert len(session.stages) == 1 and not session.stages[0].discarded.is_set()
     if end == "drop":
         peer.transport.close()
@@ -551,7 +537,7 @@ async def test_what_was_staged_goes_when_the_chunked_message_does(monkeypatch, e
         await peer.expect(550)
     assert await asyncio.to_thread(session.stages[0].discarded.wait, 5)
     if end != "drop":
-        await quit_(peer, task)
+        await peer.quit(task)
 
 
 # --- Connection.read_chunk ---------------------------------------------------------------
@@ -584,11 +570,11 @@ async def test_rcpt_between_chunks_is_503_and_the_message_goes_to_the_first_only
     peer, _session, task = await start(recorder)
     peer.send(MAIL + RCPT + bdat(b"Subject: one\r\n", last=False)
               + b"RCPT TO:<carol@example.org>\r\n" + bdat(b"\r\nbody\r\n"))
-    replies = await codes(peer, 5)
+    replies = await peer.replies(5)
     assert [c for c, _ in replies] == [250, 250, 250, 503, 250]
     assert replies[3][1] == "5.5.1 RCPT not allowed after BDAT in one transaction"
     assert len(recorder.bodies) == 1 and b"for <bob@example.org>" in recorder.bodies[0]
-    await quit_(peer, task)
+    await peer.quit(task)
 
 
 async def test_a_refused_chunk_too_big_to_skip_closes_without_reading_it() -> None:
@@ -598,7 +584,7 @@ async def test_a_refused_chunk_too_big_to_skip_closes_without_reading_it() -> No
     peer, _session, task = await start(recorder)
     huge = LIMITS.max_message_size * 2 + 1024 * 1024
     peer.send(b"BDAT %d LAST\r\n" % huge + b"NOOP\r\n")  # no MAIL: refused
-    replies = await codes(peer, 2)
+    replies = await peer.replies(2)
     assert replies[0][0] == 503 and "Need MAIL" in replies[0][1]
     assert replies[1] == (421, "4.5.0 BDAT chunk too big to skip, closing connection")
     await asyncio.wait_for(task, 5)

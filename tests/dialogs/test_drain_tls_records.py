@@ -55,6 +55,23 @@ class RecordCustomer:
         got = self.reply()
         assert got.startswith(str(code).encode()), got
 
+    def reverse(self, capabilities: bytes | None = None) -> None:
+        """AUTH and ATRN: from here on we are the SMTP server; with
+        `capabilities`, also our greeting and the EHLO reply ending with them."""
+        assert self.reply().startswith(b"220")
+        self.cmd("EHLO customer.example.org", 250)
+        token = base64.b64encode(f"\0acme\0{PASSWORD}".encode()).decode()
+        self.cmd(f"AUTH PLAIN {token}", 235)
+        self.cmd("ATRN example.org", 250)
+        if capabilities is not None:
+            self.sock.sendall(b"220 customer.example.org ESMTP\r\n")
+            assert self.line().startswith(b"EHLO ")
+            self.sock.sendall(b"250-customer.example.org\r\n" + capabilities)
+
+    def quit(self) -> None:
+        assert self.line() == b"QUIT\r\n"
+        self.sock.sendall(b"221 2.0.0 bye\r\n")
+
     def records_until(self, done: bytes) -> list[bytes]:
         """Records as received, until their concatenation ends with `done`."""
         assert self.buffer == b"", self.buffer
@@ -70,11 +87,7 @@ def session(address: tuple[str, int], context: ssl.SSLContext
             ) -> tuple[list[bytes], list[bytes]]:
     c = RecordCustomer(address, context)
     try:
-        assert c.reply().startswith(b"220")
-        c.cmd("EHLO customer.example.org", 250)
-        token = base64.b64encode(f"\0acme\0{PASSWORD}".encode()).decode()
-        c.cmd(f"AUTH PLAIN {token}", 235)
-        c.cmd("ATRN example.org", 250)
+        c.reverse()
         # The reversed session: we are the SMTP server now, with PIPELINING.
         c.sock.sendall(b"220 customer.example.org ESMTP\r\n")
         assert c.line().startswith(b"EHLO ")
@@ -83,8 +96,7 @@ def session(address: tuple[str, int], context: ssl.SSLContext
         c.sock.sendall(b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n250 2.1.5 ok\r\n354 go\r\n")
         body = c.records_until(b"\r\n.\r\n")
         c.sock.sendall(b"250 2.0.0 ok\r\n")
-        assert c.line() == b"QUIT\r\n"
-        c.sock.sendall(b"221 2.0.0 bye\r\n")
+        c.quit()
         return group, body
     finally:
         c.sock.close()
@@ -114,11 +126,7 @@ def stalled_session(address: tuple[str, int], context: ssl.SSLContext) -> float:
     before the fix); return how long the provider waited before closing."""
     c = RecordCustomer(address, context)
     try:
-        assert c.reply().startswith(b"220")
-        c.cmd("EHLO customer.example.org", 250)
-        token = base64.b64encode(f"\0acme\0{PASSWORD}".encode()).decode()
-        c.cmd(f"AUTH PLAIN {token}", 235)
-        c.cmd("ATRN example.org", 250)
+        c.reverse()
         c.sock.sendall(b"220 customer.example.org ESMTP\r\n")
         assert c.line().startswith(b"EHLO ")
         c.sock.sendall(b"250-customer.example.org\r\n250 PIPELINING\r\n")
@@ -150,18 +158,10 @@ def chunking_session(address: tuple[str, int], context: ssl.SSLContext) -> list[
     """A customer offering CHUNKING: the records of one BDAT transaction."""
     c = RecordCustomer(address, context)
     try:
-        assert c.reply().startswith(b"220")
-        c.cmd("EHLO customer.example.org", 250)
-        token = base64.b64encode(f"\0acme\0{PASSWORD}".encode()).decode()
-        c.cmd(f"AUTH PLAIN {token}", 235)
-        c.cmd("ATRN example.org", 250)
-        c.sock.sendall(b"220 customer.example.org ESMTP\r\n")
-        assert c.line().startswith(b"EHLO ")
-        c.sock.sendall(b"250-customer.example.org\r\n250-PIPELINING\r\n250 CHUNKING\r\n")
+        c.reverse(b"250-PIPELINING\r\n250 CHUNKING\r\n")
         records = c.records_until(b"line three\r\n")
         c.sock.sendall(b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n250 2.0.0 stored\r\n")
-        assert c.line() == b"QUIT\r\n"
-        c.sock.sendall(b"221 2.0.0 bye\r\n")
+        c.quit()
         return records
     finally:
         c.sock.close()
@@ -191,21 +191,13 @@ def first_group_verbs(address: tuple[str, int], context: ssl.SSLContext) -> list
     """A customer offering CHUNKING: the verbs of the drain's first group."""
     c = RecordCustomer(address, context)
     try:
-        assert c.reply().startswith(b"220")
-        c.cmd("EHLO customer.example.org", 250)
-        token = base64.b64encode(f"\0acme\0{PASSWORD}".encode()).decode()
-        c.cmd(f"AUTH PLAIN {token}", 235)
-        c.cmd("ATRN example.org", 250)
-        c.sock.sendall(b"220 customer.example.org ESMTP\r\n")
-        assert c.line().startswith(b"EHLO ")
-        c.sock.sendall(b"250-customer.example.org\r\n250-PIPELINING\r\n250 CHUNKING\r\n")
+        c.reverse(b"250-PIPELINING\r\n250 CHUNKING\r\n")
         verbs = [c.line().split(b" ", 1)[0].rstrip(b"\r\n") for _ in range(3)]
         c.sock.sendall(b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n354 go\r\n")
         while c.line() != b".\r\n":
             pass
         c.sock.sendall(b"250 2.0.0 stored\r\n")
-        assert c.line() == b"QUIT\r\n"
-        c.sock.sendall(b"221 2.0.0 bye\r\n")
+        c.quit()
         return verbs
     finally:
         c.sock.close()

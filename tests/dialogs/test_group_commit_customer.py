@@ -54,50 +54,31 @@ class Spy(MaildirDelivery):
         return sorted(directory.iterdir()) if directory.is_dir() else []
 
 
-async def start(delivery_for) -> tuple[MemoryPeer, asyncio.Task[None]]:  # type: ignore[no-untyped-def]
+async def open_session(tmp_path: Path, cls: type[Spy] = Spy, *, limits: SessionLimits = LIMITS
+                       ) -> tuple[MemoryPeer, asyncio.Task[None], Spy]:
+    """A reversed session over the in-memory wire, delivering into a `cls`
+    Maildir under `tmp_path`, past its greeting and EHLO."""
     peer = MemoryPeer()
-    delivery = delivery_for(peer)
-    session = ReversedSession(peer.connection, hostname="mail.example.org", limits=LIMITS,
-                              accept_domains=frozenset({"example.org"}), delivery=delivery,
+    spy = cls(tmp_path, peer)
+    session = ReversedSession(peer.connection, hostname="mail.example.org", limits=limits,
+                              accept_domains=frozenset({"example.org"}), delivery=spy,
                               session_id="GROUPTEST")
     task = asyncio.create_task(session.run())
     await peer.expect(220)
     await peer.cmd("EHLO provider.test", 250)
-    return peer, task
-
-
-async def replies(peer: MemoryPeer, n: int) -> list[tuple[int, str]]:
-    out = []
-    for _ in range(n):
-        code, lines = await peer.read_reply()
-        out.append((code, lines[-1]))
-    return out
-
-
-async def quit_(peer: MemoryPeer, task: asyncio.Task[None]) -> None:
-    peer.send(b"QUIT\r\n")
-    await peer.expect(221)
-    await asyncio.wait_for(task, 5)
+    return peer, task, spy
 
 
 async def test_messages_in_flight_are_committed_together_then_answered(tmp_path) -> None:
-    spy: Spy | None = None
-
-    def make(peer: MemoryPeer) -> Spy:
-        nonlocal spy
-        spy = Spy(tmp_path, peer)
-        return spy
-
-    peer, task = await start(make)
-    assert spy is not None
+    peer, task, spy = await open_session(tmp_path)
     before = peer.received.count(b"\r\n")
     peer.send(b"".join(transaction(n) for n in range(5)))  # one read: all in flight
-    got = await replies(peer, 15)
+    got = await peer.replies(15)
     assert [code for code, _ in got] == [250, 250, 250] * 5
     assert [text for _, text in got][2::3] == ["2.0.0 Delivered to 1 mailbox"] * 5
     assert spy.groups == [5]  # one commit for the five
     assert spy.replies_before_commit == [before]  # not one reply before it
-    await quit_(peer, task)
+    await peer.quit(task)
     assert len(spy.files("new")) == 5 and spy.files("tmp") == []
     texts = sorted(f.read_bytes().split(b"\nSubject: ", 1)[1] for f in spy.files("new"))
     assert texts == [b"%d\n\nmessage %d\n" % (n, n) for n in range(5)]
@@ -108,17 +89,16 @@ async def test_one_fsync_of_new_for_the_group(tmp_path, monkeypatch) -> None:
     real = maildir_module._fsync_dir
     monkeypatch.setattr(maildir_module, "_fsync_dir",
                         lambda path: (synced.append(path), real(path))[1])
-    peer, task = await start(lambda peer: Spy(tmp_path))
+    peer, task, _spy = await open_session(tmp_path)
     peer.send(b"".join(transaction(n) for n in range(4)))
-    assert [code for code, _ in await replies(peer, 12)] == [250] * 12
-    await quit_(peer, task)
+    assert [code for code, _ in await peer.replies(12)] == [250] * 12
+    await peer.quit(task)
     new = tmp_path / "example.org" / "bob" / "new"
     assert synced.count(new) == 1
 
 
 async def test_one_message_failing_alone_gets_its_own_4xx(tmp_path, monkeypatch) -> None:
     real_rename = os.rename
-    spy: Spy | None = None
 
     def rename(src, dst):  # type: ignore[no-untyped-def]
         if "carol" in str(dst):
@@ -126,18 +106,12 @@ async def test_one_message_failing_alone_gets_its_own_4xx(tmp_path, monkeypatch)
         return real_rename(src, dst)
 
     monkeypatch.setattr(maildir_module.os, "rename", rename)
-
-    def make(peer: MemoryPeer) -> Spy:
-        nonlocal spy
-        spy = Spy(tmp_path)
-        return spy
-
-    peer, task = await start(make)
+    peer, task, spy = await open_session(tmp_path)
     peer.send(transaction(0) + transaction(1, "carol") + transaction(2))
-    got = await replies(peer, 9)
+    got = await peer.replies(9)
     assert [code for code, _ in got] == [250, 250, 250, 250, 250, 451, 250, 250, 250]
-    await quit_(peer, task)
-    assert spy is not None and spy.groups == [3]
+    await peer.quit(task)
+    assert spy.groups == [3]
     assert len(spy.files("new")) == 2
     assert spy.files("new", "carol") == [] and spy.files("tmp", "carol") == []
 
@@ -146,42 +120,28 @@ async def test_a_failed_fsync_of_new_fails_the_whole_group(tmp_path, monkeypatch
     def broken(path: Path) -> None:
         raise OSError(5, "Input/output error")
 
-    spy: Spy | None = None
-
-    def make(peer: MemoryPeer) -> Spy:
-        nonlocal spy
-        spy = Spy(tmp_path)
-        return spy
-
-    peer, task = await start(make)
+    peer, task, spy = await open_session(tmp_path)
     monkeypatch.setattr(maildir_module, "_fsync_dir", broken)  # after create=True made dirs
     peer.send(transaction(0) + transaction(1))
-    got = await replies(peer, 6)
+    got = await peer.replies(6)
     assert [code for code, _ in got] == [250, 250, 451, 250, 250, 451]
-    await quit_(peer, task)
-    assert spy is not None and spy.files("new") == [] and spy.files("tmp") == []
+    await peer.quit(task)
+    assert spy.files("new") == [] and spy.files("tmp") == []
 
 
 async def test_data_never_overtakes_the_replies_kept_for_a_commit(tmp_path) -> None:
-    spy: Spy | None = None
-
-    def make(peer: MemoryPeer) -> Spy:
-        nonlocal spy
-        spy = Spy(tmp_path, peer)
-        return spy
-
-    peer, task = await start(make)
+    peer, task, spy = await open_session(tmp_path)
     message = b"Subject: d\r\n\r\nby DATA\r\n"
     peer.send(transaction(0) + b"MAIL FROM:<alice@sender.test>\r\n"
               b"RCPT TO:<bob@example.org>\r\nDATA\r\n")
-    got = await replies(peer, 6)
+    got = await peer.replies(6)
     # The staged message's 250s, then MAIL's, RCPT's and only then the 354.
     assert [code for code, _ in got] == [250, 250, 250, 250, 250, 354]
     assert got[2][1] == "2.0.0 Delivered to 1 mailbox"
     peer.send(b"".join(dot_stuff([message])))
-    assert (await replies(peer, 1))[0][0] == 250
-    await quit_(peer, task)
-    assert spy is not None and len(spy.files("new")) == 2
+    assert (await peer.replies(1))[0][0] == 250
+    await peer.quit(task)
+    assert len(spy.files("new")) == 2
 
 
 async def test_an_unanswered_message_leaves_nothing_when_the_session_ends(tmp_path) -> None:
@@ -197,17 +157,10 @@ async def test_an_unanswered_message_leaves_nothing_when_the_session_ends(tmp_pa
             await asyncio.sleep(0.3)
             return staged
 
-    spy: Spy | None = None
-
-    def make(peer: MemoryPeer) -> Spy:
-        nonlocal spy
-        spy = Slow(tmp_path, peer)
-        return spy
-
-    peer, task = await start(make)
+    peer, task, spy = await open_session(tmp_path, Slow)
     peer.send(transaction(0))
     await asyncio.wait_for(written.wait(), 5)
-    assert spy is not None and len(spy.files("tmp")) == 1  # written, not committed
+    assert len(spy.files("tmp")) == 1  # written, not committed
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await asyncio.wait_for(task, 5)
@@ -219,69 +172,37 @@ async def test_an_unanswered_message_leaves_nothing_when_the_session_ends(tmp_pa
 async def test_a_reply_is_not_kept_while_the_chunk_is_still_on_its_way(tmp_path) -> None:
     """With a staged message waiting, a BDAT whose octets are not all here
     yet sends the replies first: the provider may be waiting for them."""
-    spy: Spy | None = None
-
-    def make(peer: MemoryPeer) -> Spy:
-        nonlocal spy
-        spy = Spy(tmp_path, peer)
-        return spy
-
-    peer, task = await start(make)
+    peer, task, spy = await open_session(tmp_path)
     second = transaction(1)
     cut = second.index(b"LAST\r\n") + 6
     peer.send(transaction(0) + second[:cut])  # the BDAT line, none of its octets
-    got = await replies(peer, 5)  # the first message's three and MAIL, RCPT
+    got = await peer.replies(5)  # the first message's three and MAIL, RCPT
     assert [code for code, _ in got] == [250] * 5
-    assert spy is not None and spy.groups == [1]
+    assert spy.groups == [1]
     peer.send(second[cut:])
-    assert (await replies(peer, 1))[0][0] == 250
-    await quit_(peer, task)
+    assert (await peer.replies(1))[0][0] == 250
+    await peer.quit(task)
     assert len(spy.files("new")) == 2
 
 
 async def test_a_group_is_at_most_group_max_messages(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(serve, "GROUP_MAX", 3)
-    spy: Spy | None = None
-
-    def make(peer: MemoryPeer) -> Spy:
-        nonlocal spy
-        spy = Spy(tmp_path)
-        return spy
-
-    peer, task = await start(make)
+    peer, task, spy = await open_session(tmp_path)
     peer.send(b"".join(transaction(n) for n in range(7)))
-    assert [code for code, _ in await replies(peer, 21)] == [250] * 21
-    await quit_(peer, task)
-    assert spy is not None and spy.groups == [3, 3, 1]
+    assert [code for code, _ in await peer.replies(21)] == [250] * 21
+    await peer.quit(task)
+    assert spy.groups == [3, 3, 1]
     assert len(spy.files("new")) == 7
 
 
 async def test_a_big_body_is_written_before_its_reply_and_still_grouped(tmp_path,
                                                                         monkeypatch) -> None:
     monkeypatch.setattr(serve, "BACKGROUND_STAGE_MAX", 10)  # every body is "big"
-    spy: Spy | None = None
-
-    def make(peer: MemoryPeer) -> Spy:
-        nonlocal spy
-        spy = Spy(tmp_path)
-        return spy
-
-    peer, task = await start(make)
+    peer, task, spy = await open_session(tmp_path)
     peer.send(b"".join(transaction(n) for n in range(3)))
-    assert [code for code, _ in await replies(peer, 9)] == [250] * 9
-    await quit_(peer, task)
-    assert spy is not None and spy.groups == [3] and len(spy.files("new")) == 3
-
-
-async def start_with(delivery, limits: SessionLimits) -> tuple[MemoryPeer, asyncio.Task[None]]:  # type: ignore[no-untyped-def]
-    peer = MemoryPeer()
-    session = ReversedSession(peer.connection, hostname="mail.example.org", limits=limits,
-                              accept_domains=frozenset({"example.org"}),
-                              delivery=delivery(peer), session_id="GROUPTEST")
-    task = asyncio.create_task(session.run())
-    await peer.expect(220)
-    await peer.cmd("EHLO provider.test", 250)
-    return peer, task
+    assert [code for code, _ in await peer.replies(9)] == [250] * 9
+    await peer.quit(task)
+    assert spy.groups == [3] and len(spy.files("new")) == 3
 
 
 def foreign(n: int) -> bytes:
@@ -294,58 +215,37 @@ def foreign(n: int) -> bytes:
 async def test_many_messages_refused_at_rcpt_never_end_the_session(tmp_path) -> None:
     """Their BDAT gets 554 (as DATA would), no protocol error: the message
     behind 25 refused ones is still delivered in the same session."""
-    spy: Spy | None = None
-
-    def make(peer: MemoryPeer) -> Spy:
-        nonlocal spy
-        spy = Spy(tmp_path)
-        return spy
-
-    peer, task = await start(make)
+    peer, task, spy = await open_session(tmp_path)
     peer.send(b"".join(foreign(n) for n in range(25)) + transaction(99))
-    got = await replies(peer, 78)
+    got = await peer.replies(78)
     assert [code for code, _ in got] == [250, 550, 554] * 25 + [250, 250, 250]
-    await quit_(peer, task)
-    assert spy is not None and len(spy.files("new")) == 1
+    await peer.quit(task)
+    assert len(spy.files("new")) == 1
 
 
 async def test_too_many_errors_421_comes_in_order_and_nothing_after_it(tmp_path) -> None:
     limits = SessionLimits(command_timeout=5.0, data_timeout=5.0, max_errors=3,
                            max_message_size=1_000_000, max_recipients=5)
-    spy: Spy | None = None
-
-    def make(peer: MemoryPeer) -> Spy:
-        nonlocal spy
-        spy = Spy(tmp_path)
-        return spy
-
-    peer, task = await start_with(make, limits)
+    peer, task, spy = await open_session(tmp_path, limits=limits)
     peer.send(transaction(0) + b"FOO\r\nFOO\r\nFOO\r\n" + transaction(1))
-    got = await replies(peer, 7)
+    got = await peer.replies(7)
     assert [code for code, _ in got] == [250, 250, 250, 500, 500, 500, 421]
     assert got[2][1] == "2.0.0 Delivered to 1 mailbox"  # committed before the 421
     await asyncio.wait_for(task, 5)
     assert peer.server_closed
-    assert spy is not None and len(spy.files("new")) == 1  # the second was never read
+    assert len(spy.files("new")) == 1  # the second was never read
     assert spy.files("tmp") == []
 
 
 async def test_deliveries_between_errors_reset_the_count_as_they_happen(tmp_path) -> None:
     limits = SessionLimits(command_timeout=5.0, data_timeout=5.0, max_errors=3,
                            max_message_size=1_000_000, max_recipients=5)
-    spy: Spy | None = None
-
-    def make(peer: MemoryPeer) -> Spy:
-        nonlocal spy
-        spy = Spy(tmp_path)
-        return spy
-
-    peer, task = await start_with(make, limits)
+    peer, task, spy = await open_session(tmp_path, limits=limits)
     peer.send(b"".join(b"FOO\r\nFOO\r\n" + transaction(n) for n in range(4)))
-    got = await replies(peer, 20)
+    got = await peer.replies(20)
     assert [code for code, _ in got] == [500, 500, 250, 250, 250] * 4
-    await quit_(peer, task)
-    assert spy is not None and len(spy.files("new")) == 4
+    await peer.quit(task)
+    assert len(spy.files("new")) == 4
 
 
 async def test_nothing_is_committed_once_no_reply_can_reach_the_provider(tmp_path,
@@ -365,16 +265,9 @@ async def test_nothing_is_committed_once_no_reply_can_reach_the_provider(tmp_pat
             gone = True
             return staged
 
-    spy: Spy | None = None
-
-    def make(peer: MemoryPeer) -> Spy:
-        nonlocal spy
-        spy = Closing(tmp_path, peer)
-        return spy
-
-    peer, task = await start(make)
+    peer, task, spy = await open_session(tmp_path, Closing)
     peer.send(transaction(0))
     await asyncio.wait_for(task, 5)
-    assert spy is not None and spy.groups == []
+    assert spy.groups == []
     assert spy.files("new") == [] and spy.files("tmp") == []
     assert b"Delivered" not in bytes(peer.received)

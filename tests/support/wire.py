@@ -138,3 +138,17 @@ class MemoryPeer:
         text = bytes(self.received[:end]).decode("utf-8", "replace")
         del self.received[: end + 2]
         return text
+
+    async def replies(self, n: int) -> list[tuple[int, str]]:
+        """The next `n` replies: (code, last line) each."""
+        out = []
+        for _ in range(n):
+            code, lines = await self.read_reply()
+            out.append((code, lines[-1]))
+        return out
+
+    async def quit(self, task: asyncio.Task[None]) -> None:
+        """QUIT, its 221, and the session's end."""
+        self.send(b"QUIT\r\n")
+        await self.expect(221)
+        await asyncio.wait_for(task, 5)

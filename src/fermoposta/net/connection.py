@@ -440,14 +440,18 @@ class Connection:
                         self._buffer.feed(leftover)
                     self._maybe_resume_reading()
                     return
-            when, which = self._bound(timeout, deadline)
-            try:
-                async with asyncio.timeout_at(when):
-                    await self._wait_for_data()
-            except TimeoutError:
-                if which is not None:
-                    raise DeadlineExceeded(which) from None
-                raise
+            await self._wait_bounded(timeout, deadline)
+
+    async def _wait_bounded(self, timeout: float, deadline: float | None) -> None:
+        """Wait for more bytes, at most `timeout` and never past `deadline`."""
+        when, which = self._bound(timeout, deadline)
+        try:
+            async with asyncio.timeout_at(when):
+                await self._wait_for_data()
+        except TimeoutError:
+            if which is not None:
+                raise DeadlineExceeded(which) from None
+            raise
 
     async def read_chunk(
         self,
@@ -470,14 +474,7 @@ class Connection:
             if not remaining:
                 self._maybe_resume_reading()
                 return
-            when, which = self._bound(timeout, deadline)
-            try:
-                async with asyncio.timeout_at(when):
-                    await self._wait_for_data()
-            except TimeoutError:
-                if which is not None:
-                    raise DeadlineExceeded(which) from None
-                raise
+            await self._wait_bounded(timeout, deadline)
 
     # --- writing ---------------------------------------------------------------------
     def line_pending(self) -> bool:

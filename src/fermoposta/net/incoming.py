@@ -82,34 +82,32 @@ class IncomingBody:
         return self.spool, size
 
     async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        stager = self._stager
-        try:
-            if stager is not None:
-                stager.close()
-                if not self.stored:
-                    await _discard(stager)
-        finally:
-            self.spool.close()  # the stager reads a descriptor of its own
+        stager = self._end()
+        if stager is not None:
+            await _discard(stager)
 
     def abandon(self) -> None:
         """`close()` without waiting (the message is not stored)."""
+        stager = self._end()
+        if stager is not None:
+            task = asyncio.ensure_future(_cleanup(stager))
+            _cleanups.add(task)
+            task.add_done_callback(_cleanups.discard)
+            task.add_done_callback(_log_cleanup_failure)
+
+    def _end(self) -> Stager | None:
+        """Close the spool and the stager (once); the stager whose staged
+        body must now be discarded, if any."""
         if self._closed:
-            return
+            return None
         self._closed = True
         stager = self._stager
         try:
             if stager is not None:
                 stager.close()
-                if not self.stored:
-                    task = asyncio.ensure_future(_cleanup(stager))
-                    _cleanups.add(task)
-                    task.add_done_callback(_cleanups.discard)
-                    task.add_done_callback(_log_cleanup_failure)
         finally:
-            self.spool.close()
+            self.spool.close()  # the stager reads a descriptor of its own
+        return stager if stager is not None and not self.stored else None
 
 
 async def _cleanup(stager: Stager) -> None:

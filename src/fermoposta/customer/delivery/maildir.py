@@ -141,7 +141,15 @@ def _unique_host(hostname: str) -> str:
 
 
 def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    _fsync_path(path, getattr(os, "O_DIRECTORY", 0))
+
+
+def _fsync_file(path: Path) -> None:
+    _fsync_path(path, getattr(os, "O_CLOEXEC", 0))
+
+
+def _fsync_path(path: Path, flags: int) -> None:
+    fd = os.open(path, os.O_RDONLY | flags)
     try:
         os.fsync(fd)
     finally:
@@ -181,14 +189,6 @@ class Staged:
 
     envelope: LocalEnvelope
     targets: list[_Target]
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class MaildirDelivery:
