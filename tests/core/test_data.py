@@ -244,3 +244,32 @@ def test_stuffer_matches_the_rules_for_any_split(chunks: list[bytes]) -> None:
     and the rewriting path give the same wire as the rules, however the
     content is cut."""
     assert b"".join(dot_stuff(chunks)) == _stuff_reference(b"".join(chunks))
+
+
+@pytest.mark.parametrize(("body", "octets"), [
+    (b"", b""),
+    (b"a\r\nb\r\n", b"a\r\nb\r\n"),  # already canonical: the same bytes
+    (b"a\nb", b"a\r\nb\r\n"),  # bare LF, no final line end
+    (b"a\rb\r", b"a\r\nb\r\n"),  # bare CRs, one at the very end
+    (b".x\r\n..y\r\n", b".x\r\n..y\r\n"),  # BDAT has no dot-stuffing
+])
+def test_bdat_octets_are_the_body_in_crlf_lines(body: bytes, octets: bytes) -> None:
+    from fermoposta.net.transfer import canonical_body
+
+    assert canonical_body(body) == octets
+
+
+@given(st.binary(max_size=300) | st.text(alphabet="ab.\r\n", max_size=200).map(str.encode))
+@settings(max_examples=400, deadline=None)
+def test_bdat_octets_are_what_data_carries_less_the_stuffing(body: bytes) -> None:
+    """The drain's BDAT octets and its DATA form deliver the same message:
+    un-stuffing the DATA form (what the receiver does) gives the octets."""
+    from fermoposta.net.transfer import canonical_body
+
+    wire = b"".join(dot_stuff([body]))
+    assert wire.endswith(b".\r\n")
+    content = wire[:-3]
+    unstuffed = b"".join(
+        line[1:] if line.startswith(b".") else line
+        for line in content.splitlines(keepends=True))
+    assert unstuffed == canonical_body(body)

@@ -171,7 +171,6 @@ class ReversedSession(TransactionSession):
         self.quit_seen = False
         # Group commit: replies in order, staged messages among them, and the
         # staged messages whose provisional reply has not come back yet.
-        self._group = isinstance(delivery, GroupCommit)
         self._outbox: list[Reply | _Staged] = []
         self._staged: dict[int, _Staged] = {}
         self._unanswered: list[Reply | _Staged] = []  # a flush under way
@@ -391,7 +390,7 @@ class ReversedSession(TransactionSession):
         try:
             if local is None:  # every accepted RCPT went through it: a bug
                 raise RuntimeError("no local transaction at DATA")
-            if self._group and isinstance(self.delivery, GroupCommit):
+            if isinstance(self.delivery, GroupCommit):
                 loop = asyncio.get_running_loop()
                 stage: asyncio.Future[Any]
                 if size <= BACKGROUND_STAGE_MAX:

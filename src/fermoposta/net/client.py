@@ -111,7 +111,7 @@ class SMTPClient:
         by select(), for ever); such a message goes with DATA."""
         if not self._one_record_per_line():
             return True
-        return len(body) - (body.rfind(b"\n", 0, len(body) - 1) + 1) <= LAST_RECORD_LIMIT
+        return len(body) - _last_line_start(body) <= LAST_RECORD_LIMIT
 
     async def send_chunk_transaction(self, lines: list[str], body: bytes,
                                      timeout: float) -> None:
@@ -131,8 +131,7 @@ class SMTPClient:
             return
         for line in lines:
             await self.conn.write(line.encode("utf-8") + b"\r\n", timeout)
-        # Split after the last line end but one: the final record holds one line.
-        cut = body.rfind(b"\n", 0, len(body) - 1) + 1
+        cut = _last_line_start(body)  # the final record holds one line
         if cut:
             await self.conn.write(body[:cut], timeout)
         if cut < len(body):
@@ -192,3 +191,8 @@ class SMTPClient:
         elif not self.conn.hold(last + tail):
             await self.conn.write(last + tail, self.write_timeout)
         return sent + len(last) + len(tail)
+
+
+def _last_line_start(body: bytes) -> int:
+    """Where the last line of `body` (ending with CRLF) begins."""
+    return body.rfind(b"\n", 0, len(body) - 1) + 1

@@ -56,6 +56,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from fermoposta.net.client import SMTPClient
+from fermoposta.smtp.data import crlf_lines
 from fermoposta.smtp.reply import Reply
 from fermoposta.store.base import MessageQueue, QueuedMessage, QueuedRecipient
 
@@ -121,9 +122,7 @@ def canonical_body(body: bytes) -> bytes:
     bytes the dot-stuffer sends less the stuffing (RFC 3030 §2, RFC 5321
     §2.3.8).  Stored bodies already are (intake refuses bare CR and LF), so
     this only counts."""
-    lf = body.count(b"\n")
-    if body.count(b"\r") != lf or (lf and body.count(b"\r\n") != lf):
-        body = body.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+    body = crlf_lines(body)
     if body and not body.endswith(b"\r\n"):
         body += b"\r\n"
     return body

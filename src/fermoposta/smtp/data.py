@@ -17,6 +17,8 @@ Contract:
   pieces cut anywhere (a CR at the end of a piece waits for the next piece's first
   octet; a line's length carries over), `count()` the content octets, `end()` once
   the content is complete (a CR still waiting is bare).
+- `crlf_lines(data)` makes every bare CR and bare LF a CRLF (RFC 5321 §2.3.8); the
+  dot-stuffer and the drain's BDAT octets both use it.
 - `DotStuffer` (client side, RFC 5321 §4.5.2) converts bare CR and bare LF to CRLF,
   doubles a leading "." on every line and `finish()` appends the final CRLF (if the
   content did not end with one) and ".<CRLF>".  `dot_stuff()` wraps it for iterables.
@@ -178,6 +180,17 @@ class DataReader:
         return b"" if checks.too_big else payload
 
 
+def crlf_lines(data: bytes) -> bytes:
+    """`data` with every bare CR and bare LF made CRLF (RFC 5321 §2.3.8: never
+    emit one).  Stored bodies already have none (intake refuses them):
+    counting, which copies nothing, spares the three rewrites.  A CR at the
+    very end is taken as bare: a caller cutting a stream holds it back."""
+    lf = data.count(b"\n")
+    if data.count(b"\r") != lf or (lf and data.count(_CRLF) != lf):
+        data = data.replace(_CRLF, b"\n").replace(b"\r", b"\n").replace(b"\n", _CRLF)
+    return data
+
+
 class DotStuffer:
     """Incremental dot-stuffer with line-end normalisation (client side)."""
 
@@ -192,12 +205,7 @@ class DotStuffer:
             data = data[:-1]
         if not data:
             return b""
-        # §2.3.8: never emit a bare CR or LF; each becomes CRLF.  Stored bodies
-        # already have none (intake refuses them): counting, which copies
-        # nothing, spares the three rewrites.
-        lf = data.count(b"\n")
-        if data.count(b"\r") != lf or (lf and data.count(_CRLF) != lf):
-            data = data.replace(_CRLF, b"\n").replace(b"\r", b"\n").replace(b"\n", _CRLF)
+        data = crlf_lines(data)
         if b"." in data and b"\n." in data:  # every LF is in a CRLF now
             data = data.replace(b"\r\n.", b"\r\n..")  # §4.5.2 transparency
         if self._line_start and data.startswith(b"."):

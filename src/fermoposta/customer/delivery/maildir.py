@@ -470,7 +470,7 @@ class MaildirDelivery:
 
     async def discard_staged(self, group: Sequence[Staged]) -> None:
         """Remove the tmp files of staged messages that will not be committed."""
-        await asyncio.to_thread(lambda: [self._discard(staged.targets) for staged in group])
+        await asyncio.to_thread(self._discard, [t for staged in group for t in staged.targets])
 
     async def close(self) -> None:
         return None
