@@ -394,6 +394,106 @@ async def test_big_message_is_streamed(tmp_path: Path) -> None:
     assert path.read_bytes() == expected("bob@example.org", body)
 
 
+# --- a Maildir checked once; staged files start their writeback --------------------------------
+
+async def test_a_checked_maildir_is_not_checked_again_for_each_message(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bob = maildir(tmp_path, "bob@example.org")
+    delivery = make(tmp_path)
+    checks: list[Path] = []
+    real_prepare = MaildirDelivery._prepare
+
+    def prepare(self: MaildirDelivery, path: Path) -> None:
+        checks.append(path)
+        real_prepare(self, path)
+
+    monkeypatch.setattr(MaildirDelivery, "_prepare", prepare)
+    for _ in range(3):
+        assert (await deliver(delivery, "bob@example.org")).reply.code == 250
+    assert checks == [bob] and len(files(bob)) == 3
+
+
+@pytest.mark.parametrize("gone", ["tmp", "new"])
+async def test_a_maildir_that_lost_a_directory_is_completed_again(tmp_path: Path,
+                                                                  gone: str) -> None:
+    """The check is remembered, but a tmp/ or new/ removed since (an admin
+    cleaning up) is made again, and the message is delivered."""
+    bob = maildir(tmp_path, "bob@example.org")
+    delivery = make(tmp_path)
+    assert (await deliver(delivery, "bob@example.org")).reply.code == 250
+    for path in files(bob, gone):
+        path.rename(tmp_path / path.name)
+    (bob / gone).rmdir()
+    outcome = await deliver(delivery, "bob@example.org")
+    assert outcome.reply.code == 250, outcome
+    assert len(files(bob)) == (2 if gone == "tmp" else 1)
+    assert files(bob, "tmp") == []
+
+
+async def test_a_new_directory_removed_between_stage_and_commit(tmp_path: Path) -> None:
+    bob = maildir(tmp_path, "bob@example.org")
+    delivery = make(tmp_path)
+    staged = await delivery.stage(envelope("bob@example.org"), io.BytesIO(BODY))
+    assert isinstance(staged, maildir_module.Staged)
+    (bob / "new").rmdir()
+    [outcome] = await delivery.commit_staged([staged])
+    assert outcome.reply.code == 250
+    [path] = files(bob)
+    assert path.read_bytes() == expected("bob@example.org")
+
+
+async def test_a_maildir_removed_for_good_still_fails_cleanly(tmp_path: Path) -> None:
+    """Without create, a Maildir that has gone is not made again: 550 as before."""
+    bob = maildir(tmp_path, "bob@example.org")
+    delivery = make(tmp_path)
+    assert (await deliver(delivery, "bob@example.org")).reply.code == 250
+    for sub in ("tmp", "new", "cur"):
+        for path in files(bob, sub):
+            path.unlink()
+        (bob / sub).rmdir()
+    bob.rmdir()
+    assert (await deliver(delivery, "bob@example.org")).reply.code == 451
+    assert not bob.exists()
+
+
+async def test_staging_starts_the_writeback_and_delivering_does_not_need_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    maildir(tmp_path, "bob@example.org")
+    maildir(tmp_path, "carol@example.org")
+    hinted: list[str] = []
+    monkeypatch.setattr(maildir_module, "start_writeback",
+                        lambda fd: hinted.append(os.readlink(f"/proc/self/fd/{fd}")))
+    delivery = make(tmp_path)
+    assert (await deliver(delivery, "bob@example.org")).reply.code == 250
+    assert hinted == []  # deliver() fsyncs the file itself
+    staged = await delivery.stage(envelope("bob@example.org", "carol@example.org"),
+                                  io.BytesIO(BODY))
+    assert isinstance(staged, maildir_module.Staged)
+    assert sorted(hinted) == sorted(str(t.tmp) for t in staged.targets)
+    [outcome] = await delivery.commit_staged([staged])
+    assert outcome.reply.code == 250
+
+
+def test_start_writeback_is_a_hint_that_never_raises(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from fermoposta.customer.delivery import writeback
+    path = tmp_path / "f"
+    with path.open("wb") as out:
+        out.write(b"x" * 10000)
+        out.flush()
+        writeback.start_writeback(out.fileno())
+    writeback.start_writeback(-1)  # EBADF: ignored
+    assert path.read_bytes() == b"x" * 10000
+    if os.uname().sysname == "Linux":
+        assert writeback._lookup() is not None
+    monkeypatch.setattr(writeback, "_call", writeback._call)  # restored afterwards
+    monkeypatch.setattr(writeback.sys, "platform", "freebsd14")
+    assert writeback._lookup() is None
+    monkeypatch.setattr(writeback, "_looked_up", False)
+    writeback.start_writeback(0)  # no sync_file_range: nothing happens
+    assert writeback._call is None
+
+
 # --- factory ---------------------------------------------------------------------------------
 
 def test_factory(tmp_path: Path) -> None:

@@ -37,7 +37,8 @@ Contract:
   meantime can a duplicate result, never a loss.
 - Group commit (`stage`, `commit_staged`, `discard_staged`; the reversed
   session uses it when the provider keeps several messages in flight):
-  `stage` is phase 1 without the fsync; `commit_staged` then, for a group of
+  `stage` is phase 1 without the fsync (it only starts the file's
+  writeback, `writeback.start_writeback`, a hint); `commit_staged` then, for a group of
   staged messages, fsync()s each tmp file, renames each message's files into
   `new/` and fsync()s each `new/` directory ONCE for the whole group, and
   gives one outcome per message (250 only after all that).  A message whose
@@ -51,6 +52,9 @@ Contract:
   fsync()s each parent directory it changed, so the new Maildir survives a
   crash with the message.  With `create=False` a missing tmp/new/cur inside an
   existing Maildir directory is created the same way (what every MDA does).
+  A Maildir found complete is not checked again for each message; if its
+  tmp/ or new/ has gone since, the file's creation or its rename fails and
+  the Maildir is checked (and completed) again, once.
 - Unique names follow the Maildir spec: "<seconds>.M<usec>P<pid>Q<n>R<random>.
   <hostname>" with "/" and ":" in the host name escaped as \\057 and \\072.
 - File system work runs in a worker thread (`asyncio.to_thread`); the event
@@ -82,6 +86,7 @@ from fermoposta.customer.delivery.base import (
     LocalSender,
     WholeMessageTransaction,
 )
+from fermoposta.customer.delivery.writeback import start_writeback
 from fermoposta.smtp.reply import Reply
 
 __all__ = ["MaildirDelivery", "Staged"]
@@ -238,6 +243,9 @@ class MaildirDelivery:
         self.delivered_to = delivered_to
         self._counter = 0
         self._lock = threading.Lock()
+        # Maildirs found complete (`_create_tmp`); set operations are atomic
+        # under the GIL, and a stale entry only costs one failed open.
+        self._prepared: set[Path] = set()
 
     # --- resolution ----------------------------------------------------------------------
     def maildir_for(self, local: str, domain: str) -> Path:
@@ -307,20 +315,8 @@ class MaildirDelivery:
     def _write_tmp(self, target: _Target, body: IO[bytes], *, sync: bool = True) -> None:
         """Phase 1 for one Maildir: tmp file written, fsync()ed (unless `sync` is
         false: `commit_staged` does it) and closed."""
-        if self.create:
-            _makedirs_durable(target.maildir)
-        for sub in ("tmp", "new", "cur"):
-            if not (target.maildir / sub).is_dir():
-                _makedirs_durable(target.maildir / sub)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-        while True:
-            name = self._unique()
-            path = target.maildir / "tmp" / name
-            try:
-                fd = os.open(path, flags, FILE_MODE)
-            except FileExistsError:  # pragma: no cover - needs a random collision
-                continue
-            break
+        fd, name = self._create_tmp(target.maildir)
+        path = target.maildir / "tmp" / name
         target.tmp = path
         with os.fdopen(fd, "wb") as out:
             if self.delivered_to and target.address.isprintable():
@@ -342,7 +338,57 @@ class MaildirDelivery:
             out.flush()
             if sync:
                 os.fsync(out.fileno())
+            else:
+                # The commit's fsync then finds the data written and shares one
+                # journal commit with the group's other files (writeback.py).
+                start_writeback(out.fileno())
         target.new = target.maildir / "new" / name
+
+    def _prepare(self, maildir: Path) -> None:
+        """The Maildir and its tmp/, new/ and cur/ exist (made durably if not)."""
+        if self.create:
+            _makedirs_durable(maildir)
+        for sub in ("tmp", "new", "cur"):
+            if not (maildir / sub).is_dir():
+                _makedirs_durable(maildir / sub)
+
+    def _rename_into_new(self, target: _Target) -> None:
+        """tmp/ to new/; a new/ that has gone since the Maildir was checked
+        (`_create_tmp`) is made again, once."""
+        assert target.tmp is not None and target.new is not None
+        try:
+            os.rename(target.tmp, target.new)
+        except FileNotFoundError:
+            self._prepared.discard(target.maildir)
+            if not target.tmp.exists():
+                raise
+            self._prepare(target.maildir)
+            self._prepared.add(target.maildir)
+            os.rename(target.tmp, target.new)
+
+    def _create_tmp(self, maildir: Path) -> tuple[int, str]:
+        """A new file in `maildir`/tmp (O_EXCL): its descriptor and name.  A
+        Maildir checked once is not checked again before each file (those
+        stats cost as much as the file's creation); if it has gone since,
+        the creation fails, and the Maildir is checked and made again once."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+        if maildir not in self._prepared:
+            self._prepare(maildir)
+            self._prepared.add(maildir)
+        checked_again = False
+        while True:
+            name = self._unique()
+            try:
+                return os.open(maildir / "tmp" / name, flags, FILE_MODE), name
+            except FileExistsError:  # pragma: no cover - needs a random collision
+                continue
+            except FileNotFoundError:
+                self._prepared.discard(maildir)
+                if checked_again:
+                    raise
+                self._prepare(maildir)
+                self._prepared.add(maildir)
+                checked_again = True
 
     def _targets(self, envelope: LocalEnvelope) -> list[_Target]:
         targets: dict[Path, _Target] = {}
@@ -400,8 +446,7 @@ class MaildirDelivery:
                 renamed: list[_Target] = []
                 try:
                     for target in staged.targets:
-                        assert target.tmp is not None and target.new is not None
-                        os.rename(target.tmp, target.new)
+                        self._rename_into_new(target)
                         renamed.append(target)
                 except OSError:
                     self._roll_back(staged, renamed)
