@@ -10,9 +10,9 @@ Contract:
   the file's metadata nor flushes the disk's cache.  Callers still fsync
   before they answer 250; they call this earlier so that the fsync finds
   the data already written and its blocks allocated, and several files'
-  fsyncs then share one journal commit (ext4, XFS) instead of each forcing
+  fsyncs then share journal commits instead of each forcing
   its own.  Measured on ext4: 3,000 4 KiB Maildir files in groups of 16,
-  0.94-1.10 s of file system time with fsync alone, 0.61-0.81 s with this
+  0.94-1.10 s with fsync alone, 0.61-0.81 s with this
   hint first (bench/README.md).
 """
 
