@@ -339,8 +339,8 @@ class MaildirDelivery:
             if sync:
                 os.fsync(out.fileno())
             else:
-                # The commit's fsync then finds the data written and shares one
-                # journal commit with the group's other files (writeback.py).
+                # The commit's fsync then finds the data written and shares
+                # journal commits with the group's other files (writeback.py).
                 start_writeback(out.fileno())
         target.new = target.maildir / "new" / name
 

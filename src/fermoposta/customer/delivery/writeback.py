@@ -5,7 +5,9 @@ Contract:
   page of the open file `fd` and returns at once: Linux
   ``sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE)`` (sync_file_range(2)),
   looked up once through ctypes.  Elsewhere, or when the call is missing or
-  fails, it does nothing.  It never raises and never blocks on the disk.
+  fails, it does nothing.  It never raises, and it does not wait for the
+  writes to complete (the kernel may make it wait for a free slot in the
+  device's request queue: callers run it in a worker thread).
 - It promises NOTHING about durability: sync_file_range(2) neither writes
   the file's metadata nor flushes the disk's cache.  Callers still fsync
   before they answer 250; they call this earlier so that the fsync finds
