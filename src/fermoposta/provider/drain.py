@@ -80,7 +80,7 @@ log = logging.getLogger("fermoposta.drain")
 # Bodies up to this size are read with their message, ahead of time, and
 # so many messages ahead (their reads overlap the sending).
 PREFETCH_BYTES = 256 * 1024
-PREFETCH_MESSAGES = 3
+PREFETCH_MESSAGES = 8
 # The background commit of deliveries waits up to COMMIT_GATHER seconds for
 # COMMIT_BATCH of them (a crash loses the record of at most that many: they
 # are sent again, a duplicate).
