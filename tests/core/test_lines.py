@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fermoposta.smtp.lines import LineBuffer, LineTooLong
+from fermoposta.smtp.lines import HEAD_SIZE, LineBuffer, LineTooLong
 
 
 def drain(buf: LineBuffer, limit: int) -> list[bytes | str]:
@@ -50,6 +50,19 @@ def test_line_one_over_limit_raises_once_then_resyncs() -> None:
         buf.next_line(512)
     assert buf.next_line(512) == b"NOOP\r\n"
     assert buf.next_line(512) is None
+
+
+def test_an_overlong_line_says_how_it_began() -> None:
+    buf = LineBuffer()
+    buf.feed(b"BDAT 30 LAST " + b"y" * 600 + b"\r\n")
+    with pytest.raises(LineTooLong) as raised:
+        buf.next_line(512)
+    assert raised.value.head == (b"BDAT 30 LAST " + b"y" * 600)[:HEAD_SIZE]
+    short = LineBuffer()
+    short.feed(b"abcdefgh")
+    with pytest.raises(LineTooLong) as raised:
+        short.next_line(4)
+    assert raised.value.head == b"abcd"  # never more than the limit
 
 
 def test_overlong_discard_continues_across_feeds() -> None:

@@ -411,6 +411,57 @@ async def test_an_unparsable_bdat_is_501_then_421_and_close(line: bytes) -> None
     assert recorder.bodies == [] and recorder.aborted == recorder.opened == 1
 
 
+@pytest.mark.parametrize("line", [
+    b"BDAT 30 LAST " + b"x" * 600,  # the size is there, the rest is not a BDAT line
+    b"bdat " + b"9" * 600,
+])
+async def test_an_overlong_bdat_line_is_501_then_421_and_its_octets_are_never_commands(
+        line: bytes) -> None:
+    """A BDAT line over 512 octets: its chunk follows, and its size cannot be
+    trusted.  Read as commands, octets that look like MAIL, RCPT and BDAT
+    would make a message the provider never sent."""
+    recorder = Recorder()
+    peer, _session, task = await start(recorder)
+    smuggled = MAIL + RCPT + bdat(b"forged\r\n")
+    peer.send(MAIL + RCPT + line + b"\r\n" + smuggled + b"QUIT\r\n")
+    replies = await peer.replies(4)
+    assert replies[2] == (501, "5.5.4 Syntax: BDAT chunk-size [LAST]")
+    assert replies[3][0] == 421
+    await asyncio.wait_for(task, 5)
+    assert peer.server_closed and bytes(peer.received) == b""
+    assert recorder.bodies == []
+
+
+async def test_an_overlong_line_of_another_verb_is_500_and_the_session_goes_on() -> None:
+    recorder = Recorder()
+    peer, _session, task = await start(recorder)
+    peer.send(b"NOOP " + b"x" * 600 + b"\r\n")
+    assert (await peer.replies(1))[0][0] == 500
+    peer.send(MAIL + RCPT + bdat(b"Subject: ok\r\n\r\nbody\r\n"))
+    assert [code for code, _ in await peer.replies(3)] == [250, 250, 250]
+    await peer.quit(task)
+    assert len(recorder.bodies) == 1
+
+
+async def test_the_mx_answers_an_overlong_bdat_line_500_and_goes_on(tmp_path) -> None:
+    """Without CHUNKING offered, BDAT is no verb of the dialog: an overlong
+    one is just a line too long."""
+    store = open_store(tmp_path / "data")
+    add_customer(store)
+    try:
+        peer = MemoryPeer()
+        task = asyncio.create_task(MXSession(peer.connection, hostname="mx.provider.test",
+                                             limits=LIMITS, store=store).run())
+        await peer.expect(220)
+        await peer.cmd("EHLO client.sender.test", 250)
+        peer.send(b"BDAT 5 LAST " + b"x" * 600 + b"\r\n")
+        assert (await peer.replies(1))[0][0] == 500
+        await peer.cmd("NOOP", 250)
+        await peer.quit(task)
+    finally:
+        store.close()
+
+
 # --- the connection ---------------------------------------------------------------------
 
 

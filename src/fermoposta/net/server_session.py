@@ -35,7 +35,8 @@ Contract:
   nothing of an unfinished message, logs it and closes.  `None` = none.
 - A line the machine refuses goes through `refused_line(line, reply)` first: a
   dialog that must still consume what follows such a line (a BDAT chunk)
-  answers it there.
+  answers it there.  So does a line over the command line limit (500
+  5.5.6), with only its first bytes (`LineTooLong.head`) as `line`.
 - The session never raises: peer closes, timeouts and TLS failures end it
   quietly (logged), and `run()` always closes the connection.
 """
@@ -279,8 +280,12 @@ class ServerSession:
         try:
             line = await self.conn.read_line(COMMAND_LINE_LIMIT, self.limits.command_timeout,
                                              deadline=self.message_deadline())
-        except LineTooLong:
-            await self.reply(R.LINE_TOO_LONG)
+        except LineTooLong as exc:
+            # Its head (what is left of it) goes where a refused line goes: a
+            # dialog that must consume what follows it (BDAT) answers there.
+            refusal = await self.refused_line(exc.head, R.LINE_TOO_LONG)
+            if refusal is not None:
+                await self.reply(refusal)
             return
         if log.isEnabledFor(logging.DEBUG):
             self.log.debug("%s: < %s", self.session_id,

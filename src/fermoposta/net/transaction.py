@@ -490,8 +490,9 @@ class TransactionSession(ServerSession):
 
     async def refused_line(self, line: bytes, reply: Reply) -> Reply | None:
         if self.offer_chunking and _BDAT_LINE.match(line):
-            # A BDAT line the parser refused (a NUL, 8-bit bytes): its chunk
-            # follows all the same.
+            # A BDAT line the parser refused (a NUL, 8-bit bytes, or over
+            # 512 octets: `line` is then its head): its chunk follows all
+            # the same, and its size cannot be trusted.
             return await self._unframed(line[:40].decode("ascii", "replace"))
         return reply
 

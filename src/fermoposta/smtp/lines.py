@@ -6,7 +6,8 @@ Contract:
   A line ends at LF; whether it was CRLF or a bare LF is the caller's business
   (RFC 5321 §2.3.8 requires CRLF, the command parser enforces it).
 - If no LF appears within `limit` bytes, `next_line` raises `LineTooLong` exactly once
-  for that line; the rest of the overlong line, up to and including its LF, is then
+  for that line (its `head`: the line's first bytes, up to `HEAD_SIZE`); the rest of
+  the overlong line, up to and including its LF, is then
   discarded silently (even across later feeds) and framing resumes with the next line.
   RFC 5321 §4.5.3.1.4-6 limits: command line 512, text line 1000 octets incl. CRLF.
 - `take_all()` removes and returns every buffered byte (hand-off to the DATA reader,
@@ -24,8 +25,19 @@ from __future__ import annotations
 _COMPACT_AT = 64 * 1024
 
 
+#: How much of an overlong line `LineTooLong.head` keeps (enough to name its verb).
+HEAD_SIZE = 64
+
+
 class LineTooLong(Exception):
-    """No LF within the line limit; the rest of the line will be discarded."""
+    """No LF within the line limit; the rest of the line will be discarded.
+    `head` is the line's first `HEAD_SIZE` bytes (b"" when not given), so a
+    server can tell which command it was (an overlong BDAT line is followed
+    by octets that must not be read as commands, RFC 3030 §2)."""
+
+    def __init__(self, message: str, head: bytes = b"") -> None:
+        super().__init__(message)
+        self.head = head
 
 
 class LineBuffer:
@@ -84,8 +96,9 @@ class LineBuffer:
         if len(buf) >= stop:
             # RFC 5321 §4.5.3.1: line exceeds the limit; drop what we have and the rest.
             self._discarding = True
+            head = bytes(buf[start : start + min(limit, HEAD_SIZE)])
             self._consume_to(stop)
-            raise LineTooLong(f"no line end within {limit} bytes")
+            raise LineTooLong(f"no line end within {limit} bytes", head)
         self._scanned = len(buf)
         return None
 
