@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fermoposta.smtp.data import DataReader, DotStuffer, dot_stuff
+from fermoposta.smtp.data import DataReader, DotStuffer, PassThrough, dot_stuff, in_wire_form
 
 
 def read_all(
@@ -273,3 +273,75 @@ def test_bdat_octets_are_what_data_carries_less_the_stuffing(body: bytes) -> Non
         line[1:] if line.startswith(b".") else line
         for line in content.splitlines(keepends=True))
     assert unstuffed == canonical_body(body)
+
+
+# --- bodies already in wire form: DataReader.leading_dots, PassThrough, in_wire_form --------
+
+def pass_through(chunks: list[bytes]) -> tuple[bytes, bool]:
+    """The PassThrough's output for `chunks`, and whether it had to divert."""
+    sender = PassThrough()
+    out = b"".join(sender.feed(c) for c in chunks) + sender.finish()
+    return out, sender.diverted is not None
+
+
+@pytest.mark.parametrize(("wire", "dots"), [
+    (b"Subject: x\r\n\r\nno dots at all\r\n.\r\n", False),
+    (b"a.b\r\nc. d\r\n.\r\n", False),  # dots, none leading a line
+    (b"..hidden\r\n.\r\n", True),  # the content's first line is ".hidden"
+    (b"a\r\n..\r\n.\r\n", True),  # a line "." in the content
+    (b"a\r\n.unstuffed\r\n.\r\n", True),  # a client that did not stuff: be careful
+])
+def test_the_reader_says_whether_a_content_line_may_begin_with_a_dot(wire: bytes,
+                                                                     dots: bool) -> None:
+    for cuts in ([], list(range(len(wire)))):  # whole, and one byte at a time
+        reader, _, _ = read_all(wire, cuts)
+        assert reader.done and reader.checks.leading_dots is dots
+
+
+@settings(max_examples=400)
+@given(st.one_of(chunked_bytes, st.lists(linebytes, max_size=6)), st.data())
+def test_content_the_reader_calls_dotless_is_in_wire_form(chunks: list[bytes],
+                                                          data: st.DataObject) -> None:
+    """What `leading_dots` = False promises, for any content and any split:
+    the un-stuffed content goes out unchanged, exactly as the stuffer would
+    send it."""
+    wire = b"".join(dot_stuff(chunks))
+    cuts = data.draw(st.lists(st.integers(0, len(wire)), max_size=10))
+    reader, payload, _ = read_all(wire, cuts)
+    if not reader.checks.leading_dots and not reader.bare_line_ending:
+        assert in_wire_form(payload)
+        assert pass_through([payload]) == (b"".join(dot_stuff([payload])), False)
+
+
+@settings(max_examples=600)
+@given(st.lists(linebytes, max_size=8), st.data())
+def test_pass_through_never_ends_the_data_early(chunks: list[bytes],
+                                                data: st.DataObject) -> None:
+    """Whatever the body (the flag may lie), the data ends exactly once, at
+    the end; a body in wire form goes out byte for byte as the stuffer would
+    send it, without the stuffer."""
+    body = b"".join(chunks)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(body)), max_size=4)))
+    pieces = [body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)], strict=True)]
+    out, diverted = pass_through(pieces)
+    wire = b"\r\n" + out  # the CRLF that ended the DATA command
+    assert wire.find(b"\r\n.\r\n") == len(wire) - 5
+    if in_wire_form(body):
+        assert (out, diverted) == (b"".join(dot_stuff([body])), False)
+
+
+def test_pass_through_hands_over_to_the_stuffer_when_the_body_lied() -> None:
+    out, diverted = pass_through([b"a\r\n", b".\r\nMAIL FROM:<x@y>\r\n"])
+    assert diverted and out == b"a\r\n..\r\nMAIL FROM:<x@y>\r\n.\r\n"
+    # A line-leading dot cut at the chunk edge, with its CR held back.
+    out, diverted = pass_through([b"a\r\n.\r", b"\nb\r\n"])
+    assert diverted and out == b"a\r\n..\r\nb\r\n.\r\n"
+    out, diverted = pass_through([b"no final line end"])
+    assert not diverted and out == b"no final line end\r\n.\r\n"
+    assert pass_through([]) == (b".\r\n", False)
+
+
+def test_in_wire_form() -> None:
+    assert in_wire_form(b"") and in_wire_form(b"Received: x\r\n\tby y;\r\n")
+    for text in (b"a\r\n.b\r\n", b".a\r\n", b"a\nb\r\n", b"a\rb\r\n", b"a\r\nb"):
+        assert not in_wire_form(text)

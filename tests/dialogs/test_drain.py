@@ -435,3 +435,45 @@ async def test_a_message_deleted_during_the_drain_is_skipped(provider, certs):
     assert store.held_message_ids(["example.org"]) == []
     assert all(real_get(i) is None for i in ids)
     await d.close()
+
+
+async def test_mail_goes_out_as_the_mx_took_it_in_with_or_without_dots(provider, certs,
+                                                                        monkeypatch):
+    """The MX records which bodies need no rewriting (no line-leading dot);
+    those go out unchanged, the others through the dot-stuffer, and a body
+    whose flag lies (a line "." and commands behind it) still reaches the
+    customer whole: its data never ends early."""
+    import io
+
+    from fermoposta.store.base import MessageOrigin, NewMessage, NewRecipient
+
+    plain = b"Subject: plain\r\n\r\nNo dot leads a line. Dots inside are fine.\r\n"
+    dotted = b"Subject: dots\r\n\r\n.\r\n..two\r\n.leading\r\nend\r\n"
+    ids = [await hold(provider, body=plain), await hold(provider, body=dotted)]
+    stored = [provider.store.get_message(mid) for mid in ids]
+    assert [m.wire_ready if m else None for m in stored] == [True, False]
+    lying = b"Subject: lie\r\n\r\nbefore\r\n.\r\nMAIL FROM:<evil@sender.test>\r\nafter\r\n"
+    ids.append(provider.store.enqueue(
+        NewMessage("alice@sender.test",
+                   (NewRecipient("bob@example.org", "example.org", RecipientState.HELD),),
+                   MessageOrigin.MX, wire_ready=True),
+        io.BytesIO(lying)))
+    bodies = [b"".join(provider.store.read_body(mid)) for mid in ids]
+    from fermoposta.net import client
+    stuffed: list[object] = []
+
+    class CountedStuffer(client.DotStuffer):
+        def __init__(self) -> None:
+            super().__init__()
+            stuffed.append(self)
+
+    monkeypatch.setattr(client, "DotStuffer", CountedStuffer)
+    d = await authed(provider, certs)
+    await d.cmd("ATRN", 250)
+    t = await serve_reversed(d)
+    assert [m.body for m in t.messages] == bodies
+    assert bodies[2] == lying and bodies[1].endswith(dotted)
+    assert not any(c.startswith("MAIL FROM:<evil") for c in t.commands)
+    assert len(stuffed) == 1  # only the dotted body went through the stuffer
+    assert provider.store.held_message_ids(["example.org"]) == []
+    await d.close()

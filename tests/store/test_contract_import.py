@@ -106,6 +106,20 @@ def test_import_message_round_trip(store: Store, clock: Clock) -> None:
     assert store.held_message_ids(["hosted.example"]) == [mid]
 
 
+def test_import_keeps_wire_ready(store: Store) -> None:
+    """`store copy` moves the flag with the message (else the copy would
+    only be slower: False always sends safely)."""
+    for ready in (True, False):
+        mid = store.enqueue(NewMessage("", (rcpt("x@y.example"),), MessageOrigin.MX,
+                                       wire_ready=ready), io.BytesIO(b"1\r\n"))
+        entry = store.get_queue_entry(mid)
+        assert entry is not None and entry.message.wire_ready is ready
+        store.delete_messages([mid])
+        store.import_message(entry, io.BytesIO(b"1\r\n"))
+        got = store.get_message(mid)
+        assert got is not None and got.wire_ready is ready
+
+
 def test_import_keeps_the_node_of_the_entry(store_factory: StoreFactory) -> None:
     a = store_factory(node="node-a")
     b = store_factory(node="node-b")

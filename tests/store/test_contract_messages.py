@@ -88,6 +88,21 @@ def test_defaults_round_trip(store: Store) -> None:
     assert (q.recipients[0].notify, q.recipients[0].orcpt) == (None, None)
 
 
+@pytest.mark.parametrize("size", [5, CHUNK_SIZE * 2 + 7])  # one statement, or chunks
+def test_wire_ready_round_trips_and_defaults_to_false(store: Store, size: int) -> None:
+    body = b"x" * size
+    ready = NewMessage("s@sender.example", (rcpt("a@x.example"),), MessageOrigin.MX,
+                       wire_ready=True)
+    plain = NewMessage("s@sender.example", (rcpt("a@x.example"),), MessageOrigin.MX)
+    ids = [store.enqueue(ready, io.BytesIO(body)), store.enqueue(plain, io.BytesIO(body)),
+           *store.enqueue_batch([(ready, io.BytesIO(body), None),
+                                 (plain, io.BytesIO(body), None)])]
+    got = [store.get_message(mid) for mid in ids]
+    assert [m.wire_ready if m else None for m in got] == [True, False, True, False]
+    entry = store.get_queue_entry(ids[0])
+    assert entry is not None and entry.message.wire_ready
+
+
 def test_recipients_in_the_order_given(store: Store) -> None:
     addresses = [f"r{i}@{d}.example" for i, d in enumerate("zyxwvu")]
     mid = store.enqueue(msg(*addresses), io.BytesIO(b"b"))

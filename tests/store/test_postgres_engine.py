@@ -133,7 +133,7 @@ def _with_netloc(url: str, *, port: int, password: str | None = None) -> str:
 
 def test_a_fresh_schema_gets_every_table_in_the_current_schema(pg: Schema) -> None:
     store = pg.open()
-    assert store.schema_version() == SCHEMA_VERSION == 4
+    assert store.schema_version() == SCHEMA_VERSION == 5
     assert store.migrate() == (SCHEMA_VERSION, SCHEMA_VERSION)
     tables = {r[0] for r in pg.sql(
         "SELECT table_name FROM information_schema.tables WHERE table_schema = %s", (pg.name,))}
@@ -176,6 +176,31 @@ def test_migration_from_version_1_adds_the_etrn_column(pg: Schema) -> None:
     store.update_domain(Domain("a.example", "acme", etrn=""))
     assert store.etrn_domains("a.example") == ["a.example"]
     assert store.get_account("acme") == Account("acme", None, None)
+
+
+def test_migration_from_version_4_adds_wire_ready_false(pg: Schema) -> None:
+    """A message stored by version 4's code is not known to be in wire form:
+    after the migration it reads back False (sent through the stuffer), and
+    a node still on version 4's code, whose INSERT names no such column,
+    stores False too."""
+    with pg.raw() as conn, conn.transaction():
+        for step in (1, 2, 3, 4):
+            for statement in pg_schema.MIGRATIONS[step]:
+                conn.execute(statement)
+        conn.execute("UPDATE schema_version SET version = 4")
+        conn.execute("INSERT INTO messages (id, sender, received_at, size, origin, smtputf8,"
+                     " body_8bit, client) VALUES ('AAAAAAAAAAAA', 's@x.example', 1, 5, 'mx',"
+                     " false, false, 'c')")
+    store = pg.open()
+    assert store.migrate() == (SCHEMA_VERSION, SCHEMA_VERSION)  # done on opening
+    with pg.raw() as conn:
+        conn.execute("INSERT INTO messages (id, sender, received_at, size, origin, smtputf8,"
+                     " body_8bit, client) VALUES ('BBBBBBBBBBBB', 's@x.example', 1, 5, 'mx',"
+                     " false, false, 'c')")
+    assert pg.sql("SELECT id, wire_ready FROM messages ORDER BY id") == [
+        ("AAAAAAAAAAAA", False), ("BBBBBBBBBBBB", False)]
+    got = store.get_message("AAAAAAAAAAAA")
+    assert got is not None and got.wire_ready is False
 
 
 def test_migration_from_version_3_copies_arrival_and_size(pg: Schema) -> None:

@@ -44,7 +44,7 @@ from fermoposta.store import (
 from fermoposta.store.base import SchemaTooNew
 from fermoposta.store.holders import Holders
 from fermoposta.store.sqlite import BUSY_TIMEOUT, SCHEMA_VERSION
-from support.sqlite_schema import back_to_version_8
+from support.sqlite_schema import back_to_version_8, back_to_version_9
 
 from .contract import HELD, OUTBOUND, Clock, body_of, msg, rcpt, rcpt_ids
 
@@ -343,7 +343,7 @@ def test_domain_queries_take_the_domain_index(path: Path, clock: Clock,
 
 def test_new_store_has_the_current_version(path: Path) -> None:
     with SQLiteStore(path) as s:
-        assert s.schema_version() == SCHEMA_VERSION == 9
+        assert s.schema_version() == SCHEMA_VERSION == 10
         assert s.migrate() == (0, SCHEMA_VERSION)  # a new file: from nothing
     assert rows(path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
     with SQLiteStore(path) as again:
@@ -738,6 +738,27 @@ def _schema_of(path: Path) -> tuple[list[Any], list[Any]]:
                        " ORDER BY name"),
             rows(path, "SELECT name, type, \"notnull\" FROM pragma_table_info('recipients')"
                        " ORDER BY cid"))
+
+
+def test_migration_from_version_9(tmp_path: Path) -> None:
+    """A store written with schema 9 opens as version 10: its messages are
+    not known to be in wire form (they are dot-stuffed on the way out, as
+    before), new ones say so, and the file matches a new one."""
+    path = tmp_path / "v9.sqlite3"
+    with SQLiteStore(path) as store:
+        old = store.enqueue(msg("x@a.example"), io.BytesIO(b"old\r\n"))
+    with closing(sqlite3.connect(path)) as conn:
+        back_to_version_9(conn)
+    new = tmp_path / "new.sqlite3"
+    SQLiteStore(new).close()
+    with SQLiteStore(path) as store:
+        assert store.migrate() == (9, SCHEMA_VERSION)
+        fresh = store.enqueue(NewMessage("s@x.example", (rcpt("y@a.example"),),
+                                         MessageOrigin.MX, wire_ready=True),
+                              io.BytesIO(b"new\r\n"))
+        got = [store.get_message(mid) for mid in (old, fresh)]
+    assert [m.wire_ready if m else None for m in got] == [False, True]
+    assert _schema_of(path) == _schema_of(new)
 
 
 def test_migration_from_version_8(tmp_path: Path) -> None:

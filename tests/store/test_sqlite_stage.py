@@ -79,6 +79,20 @@ def test_a_staged_body_becomes_the_message_with_every_byte(store, tmp_path):
     assert _placeholders(tmp_path / "store.db") == 0
 
 
+@pytest.mark.parametrize("ready", [True, False])
+def test_a_staged_message_gets_its_wire_ready(store, ready):
+    body = _body(3 * CHUNK)
+    spool = io.BytesIO(body)
+    stage = store.stage_body("ABCDEF012346", spool)
+    stage.append(body[:2 * CHUNK])
+    message = NewMessage(sender="a@sender.test", origin=MessageOrigin.MX, wire_ready=ready,
+                         recipients=(NewRecipient("b@example.org", "example.org",
+                                                  RecipientState.HELD),))
+    assert store.enqueue(message, spool, "ABCDEF012346") == "ABCDEF012346"
+    got = store.get_message("ABCDEF012346")
+    assert got is not None and got.wire_ready is ready and _read(store, got.id) == body
+
+
 def test_while_staged_no_view_of_the_queue_shows_it(store, tmp_path):
     stage = store.stage_body("0123456789AB", io.BytesIO())
     stage.append(_body(2 * CHUNK))

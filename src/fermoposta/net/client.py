@@ -6,7 +6,10 @@ Contract:
   closed connection `ConnectionClosed`, an expired timeout `TimeoutError`.
 - `send_body()` streams a message body through a `DotStuffer`
   (RFC 5321 §4.5.2) so no bare CR/LF and no unstuffed leading dot ever
-  reach the wire, and memory stays bounded by the chunk size.
+  reach the wire, and memory stays bounded by the chunk size.  With
+  `wire_ready=True` (a stored body that needs neither, `QueuedMessage.wire_ready`)
+  it goes through a `PassThrough` instead: unchanged, guarded only against
+  ending the data early.
 - With `line_records=True` (the ODMR drain) on a TLS connection, every
   command line of a pipelined group goes in its own TLS record, and the
   end-of-data line ".<CRLF>" in a record of its own: the last record before
@@ -40,7 +43,7 @@ from collections.abc import AsyncIterator
 
 from fermoposta.net.connection import Connection, ConnectionClosed, LineTooLong
 from fermoposta.ops.log import redact
-from fermoposta.smtp.data import DotStuffer
+from fermoposta.smtp.data import DotStuffer, PassThrough
 from fermoposta.smtp.reply import Reply
 from fermoposta.smtp.reply_parser import ReplyAssembler, ReplyProtocolError, parse_ehlo
 
@@ -161,14 +164,15 @@ class SMTPClient:
             return int(value)
         return None
 
-    async def send_body(self, chunks: AsyncIterator[bytes]) -> int:
+    async def send_body(self, chunks: AsyncIterator[bytes], *, wire_ready: bool = False
+                        ) -> int:
         """Dot-stuff and send the body, then the end-of-data line; return bytes sent.
 
         The last piece of the body and the dot are held (`Connection.hold`,
         up to its limit), so they leave in one write with whatever is sent
         next (the next message's pipelined commands, RFC 2920 §3.1), or
         before we wait for the reply, or within milliseconds."""
-        stuffer = DotStuffer()
+        stuffer = PassThrough() if wire_ready else DotStuffer()
         sent = 0
         last = b""
         async for chunk in chunks:

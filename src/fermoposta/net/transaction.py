@@ -69,7 +69,7 @@ from fermoposta.smtp.command import (
     split_address,
     xtext_decode,
 )
-from fermoposta.smtp.data import ContentChecks, DataReader
+from fermoposta.smtp.data import ContentChecks, DataReader, in_wire_form
 from fermoposta.smtp.reply import Reply
 from fermoposta.smtp.server import NESTED_MAIL, Needs, VerbSpec, verb_table
 from fermoposta.smtp.trace import protocol_name, received_header
@@ -126,6 +126,9 @@ class Transaction:
     envid: str | None = None  # RFC 3461 ENVID (xtext, as received)
     ret: str | None = None  # RFC 3461 RET: "FULL" or "HDRS"
     recipients: list[Recipient] = field(default_factory=list)
+    # Set at the end of DATA: the body `accept_message` gets needs no
+    # rewriting on the way out (`QueuedMessage.wire_ready`).
+    wire_ready: bool = False
 
 
 @dataclass(slots=True)
@@ -346,13 +349,15 @@ class TransactionSession(ServerSession):
         await self.send(R.START_DATA)
         body = self._incoming_body(txn)
         try:
-            body.write(self.trace_header(txn))
+            header = self.trace_header(txn)
+            body.write(header)
             reader = DataReader(self.limits.max_message_size, self.limits.max_line_length)
             self.in_data = True  # stays set if the read raises: the session ends
             await self.conn.read_data(reader, body.write, self.limits.data_timeout,
                                       deadline=self._new_deadline())
             self.in_data = False
-            return await self._end_of_message(txn, body, reader.checks, "DATA")
+            return await self._end_of_message(txn, body, reader.checks, "DATA",
+                                              header_ready=in_wire_form(header))
         finally:
             await body.close()
 
@@ -435,14 +440,20 @@ class TransactionSession(ServerSession):
             await body.close()
 
     async def _end_of_message(self, txn: Transaction, body: IncomingBody,
-                              checks: ContentChecks, stage: str) -> Reply:
+                              checks: ContentChecks, stage: str, *,
+                              header_ready: bool = False) -> Reply:
         """The reply to a message's end (the final dot, BDAT LAST): its
-        refusal, or `accept_message`'s, as the message is stored or not."""
+        refusal, or `accept_message`'s, as the message is stored or not.
+        `header_ready`: the trace header in front of the content is in wire
+        form (`in_wire_form`)."""
         self.transaction = None  # the transaction ends with the data, whatever follows
         refusal = _refusal(checks)
         if refusal is not None:
             return self.reject(refusal[0], refusal[1], stage=stage, sender=txn.sender.address,
                                recipients=[r.path.address for r in txn.recipients])
+        # No bare CR or LF (else refused above) and no line-leading dot in the
+        # content, behind a trace header in the same form.
+        txn.wire_ready = header_ready and not checks.leading_dots
         if not self.conn.can_reply:
             # The 250 could no longer reach the peer (TLS after its EOF):
             # storing the message would make the client's retry a

@@ -280,7 +280,9 @@ class MessageTransfer:
             assert self.whole_body is not None
             body = self.whole_body(message.id)
             if body is not None and self.client.fits_chunk_records(body):
-                await self._send_chunked(message, pending, canonical_body(body))
+                octets = (body if message.wire_ready and body.endswith(b"\r\n")
+                          else canonical_body(body))
+                await self._send_chunked(message, pending, octets)
                 while len(self._in_flight) >= self.window:
                     await self._read_oldest()
                 return
@@ -362,7 +364,7 @@ class MessageTransfer:
             self._current = []
             await self._rset()
             return postponed
-        await client.send_body(self.body(message.id))
+        await client.send_body(self.body(message.id), wire_ready=message.wire_ready)
         self._in_flight.append(_InFlight(message, accepted))
         self._current = []
         if not (self.pipeline_messages and client.has("PIPELINING")):

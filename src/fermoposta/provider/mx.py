@@ -153,6 +153,7 @@ class MXSession(TransactionSession):
             envid=txn.envid,
             ret=txn.ret,
             client=self.peer_description(),
+            wire_ready=txn.wire_ready,
         )
         try:
             queue_id = await self.intake.enqueue(message, body, txn.queue_id)

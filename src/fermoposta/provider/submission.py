@@ -228,6 +228,7 @@ class SubmissionSession(TransactionSession):
                 envid=txn.envid,
                 ret=txn.ret,
                 client=f"{self.peer_description()} sasl_username={account}",
+                wire_ready=txn.wire_ready,
             )
             queue_id = await self.intake.enqueue(message, body, txn.queue_id)
         except StoreError as exc:

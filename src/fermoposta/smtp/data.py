@@ -9,6 +9,9 @@ Contract:
   includes the CRLF preceding the final ".".  Flags report oversize (`too_big`, content
   then withheld), bare CR/LF (`bare_line_ending`) and lines over `max_line` octets
   incl. the line end (`line_too_long`, RFC 5321 §4.5.3.1.6); the caller decides.
+  `leading_dots` says whether a line of the content may begin with "." (set as
+  soon as a line-leading dot is un-stuffed; a message without one can be sent
+  on as it is, see `PassThrough`).
   Work is done per chunk with bytes methods; only the last 3 unprocessed bytes plus 2
   bytes of context are kept between feeds, so chunk boundaries may fall anywhere.
 - `ContentChecks` holds those three verdicts for one message and is shared with BDAT
@@ -24,6 +27,12 @@ Contract:
   content did not end with one) and ".<CRLF>".  `dot_stuff()` wraps it for iterables.
   A chunk already in CRLF form (every stored body: intake refuses bare CR/LF) is
   only counted and searched, not rewritten; the check is never skipped.
+- `PassThrough` has the DotStuffer's interface for a body already in wire form
+  (CRLF only, no line-leading "."; `QueuedMessage.wire_ready`): chunks go out
+  unchanged, with no pass over them but one guard, a search for the sequence that
+  would end the data early (CRLF "." CRLF, or a line-leading "." at a chunk's
+  edge): if the body is not what it was said to be, that chunk and the rest go
+  through a `DotStuffer`, so the peer still gets the message intact.
 - Both look for a "." at memchr speed before searching for a line-leading one, so
   a body without dots (base64) is copied at most once per chunk.
 No I/O.
@@ -43,8 +52,8 @@ _CONTEXT = 2  # already-processed bytes kept in front of the buffer (for "\r\n."
 class ContentChecks:
     """The size, line-ending and line-length verdicts on one message's content."""
 
-    __slots__ = ("_cr_pending", "_line_len", "bare_line_ending", "line_too_long", "max_line",
-                 "max_size", "size", "too_big")
+    __slots__ = ("_cr_pending", "_line_len", "bare_line_ending", "leading_dots",
+                 "line_too_long", "max_line", "max_size", "size", "too_big")
 
     def __init__(self, max_size: int, max_line: int = 1000) -> None:
         self.max_size = max_size
@@ -53,6 +62,9 @@ class ContentChecks:
         self.too_big = False
         self.bare_line_ending = False
         self.line_too_long = False
+        # Whether a line of the content may begin with "." (True: not known;
+        # the DATA reader knows, from its un-stuffing, and clears it).
+        self.leading_dots = True
         self._cr_pending = False  # the last octet scanned is a CR: its LF may come next
         self._line_len = 0  # octets of the current (incomplete) line scanned so far
 
@@ -114,6 +126,7 @@ class DataReader:
 
     def __init__(self, max_size: int, max_line: int = 1000) -> None:
         self.checks = ContentChecks(max_size, max_line)
+        self.checks.leading_dots = False  # until a line-leading dot is un-stuffed
         self.done = False
         # _buf[:2] is context (already processed); the data stream is preceded by the
         # CRLF that ended the DATA command, so a "." in the first line is a line start.
@@ -176,8 +189,21 @@ class DataReader:
             payload = buf[_CONTEXT:stop]
         else:
             payload = buf[:stop].replace(b"\r\n.", _CRLF)[_CONTEXT:]
+            # A line began with "." on the wire: after its stuffing dot, the
+            # content's line may still begin with one (a line ".." was ".").
+            checks.leading_dots = True
         checks.count(len(payload))
         return b"" if checks.too_big else payload
+
+
+def in_wire_form(text: bytes) -> bool:
+    """Whether `text` can be sent as it is before ".<CRLF>": CRLF line ends
+    only, a final CRLF (or nothing), no line that begins with "."  It reads
+    all of `text`: for short texts (a trace header), not for bodies."""
+    lines = text.count(b"\n")
+    return (text.count(b"\r") == lines and text.count(_CRLF) == lines
+            and text.endswith(_CRLF) == bool(text) and not text.startswith(b".")
+            and b"\n." not in text)
 
 
 def crlf_lines(data: bytes) -> bytes:
@@ -194,8 +220,8 @@ def crlf_lines(data: bytes) -> bytes:
 class DotStuffer:
     """Incremental dot-stuffer with line-end normalisation (client side)."""
 
-    def __init__(self) -> None:
-        self._line_start = True  # the next output byte starts a line
+    def __init__(self, *, line_start: bool = True) -> None:
+        self._line_start = line_start  # the next output byte starts a line
         self._pending_cr = False  # a trailing CR whose successor is not known yet
 
     def feed(self, chunk: bytes) -> bytes:
@@ -223,6 +249,45 @@ class DotStuffer:
         if not self._line_start:
             out += _CRLF
         self._line_start = True
+        return out + b".\r\n"
+
+
+class PassThrough:
+    """The wire form of a body stored in it (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._line_start = True  # the output so far ends a line (or is empty)
+        self._held_cr = False  # a trailing CR, sent with what follows it
+        self.diverted: DotStuffer | None = None  # took over: the body was not wire-ready
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self.diverted is not None:
+            return self.diverted.feed(chunk)
+        data = b"\r" + chunk if self._held_cr else chunk
+        # A CR at the end waits: if the guard diverts on the next chunk, the
+        # stuffer must see it together with its LF.
+        self._held_cr = data.endswith(b"\r")
+        if self._held_cr:
+            data = data[:-1]
+        if not data:
+            return b""
+        last_line = data.rfind(b"\n") + 1  # 0: the chunk is inside one line
+        if ((self._line_start and data.startswith(b"."))
+                or (last_line and data.startswith(b".", last_line))  # at the edge
+                or _END in data):
+            stuffer = self.diverted = DotStuffer(line_start=self._line_start)
+            out = stuffer.feed(data + b"\r" if self._held_cr else data)
+            self._held_cr = False
+            return out
+        self._line_start = data.endswith(_CRLF)
+        return data
+
+    def finish(self) -> bytes:
+        """Like `DotStuffer.finish`: a final CRLF if missing, then ".<CRLF>"."""
+        if self.diverted is not None:
+            return self.diverted.finish()
+        out = _CRLF if self._held_cr or not self._line_start else b""
+        self._held_cr, self._line_start = False, True
         return out + b".\r\n"
 
 

@@ -125,6 +125,9 @@ class NewMessage:
     envid: str | None = None
     ret: str | None = None  # "FULL" | "HDRS" | None
     client: str = ""  # "helo[ip]" of the peer that handed it to us, for logs
+    # The body goes on the wire as it is (see `QueuedMessage.wire_ready`):
+    # set only by an intake that checked it.
+    wire_ready: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +160,13 @@ class QueuedMessage:
     client: str
     recipients: tuple[QueuedRecipient, ...]
     node: str = ""  # the node that accepted it ("" if stored before nodes had names)
+    # The stored body is SMTP text that needs no rewriting: CRLF line ends
+    # only, a final CRLF (or nothing), and no line that begins with "." (the
+    # intake's DATA reader saw no line-leading dot).  It then goes out as it
+    # is: before ".CRLF" in DATA, or as BDAT octets (`net.client`), with no
+    # pass over it.  False (the default, and every message stored before
+    # this was recorded): the sender normalises and dot-stuffs as ever.
+    wire_ready: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -110,12 +110,12 @@ class PostgresMessages(EnginePart):
                 continue  # a colliding id wrote nothing
             row = conn.execute(
                 "INSERT INTO messages (id, sender, received_at, size, origin, smtputf8,"
-                " body_8bit, envid, ret, client, node)"
-                " VALUES (%s, %s, %s, 0, %s, %s, %s, %s, %s, %s, %s)"
+                " body_8bit, envid, ret, client, node, wire_ready)"
+                " VALUES (%s, %s, %s, 0, %s, %s, %s, %s, %s, %s, %s, %s)"
                 " ON CONFLICT (id) DO NOTHING RETURNING id",
                 (message_id, message.sender, now, str(message.origin),
                  bool(message.smtputf8), bool(message.body_8bit), message.envid,
-                 message.ret, message.client, self._node),
+                 message.ret, message.client, self._node, bool(message.wire_ready)),
             ).fetchone()
             if row is not None:
                 break
@@ -176,8 +176,8 @@ class PostgresMessages(EnginePart):
         messages written (0 or 1)."""
         return conn.execute(
             "WITH m AS (INSERT INTO messages (id, sender, received_at, size, origin, smtputf8,"
-            " body_8bit, envid, ret, client, node)"
-            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+            " body_8bit, envid, ret, client, node, wire_ready)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
             " ON CONFLICT (id) DO NOTHING RETURNING id),"
             " c AS (INSERT INTO body_chunks (message_id, seq, data)"
             " SELECT m.id, 0, %b FROM m WHERE %s),"
@@ -185,7 +185,7 @@ class PostgresMessages(EnginePart):
             " SELECT count(*) FROM m",
             (message_id, message.sender, now, len(data), str(message.origin),
              bool(message.smtputf8), bool(message.body_8bit), message.envid, message.ret,
-             message.client, self._node,
+             message.client, self._node, bool(message.wire_ready),
              data, bool(data),
              now, now, len(data), *self._recipient_arrays(message)),
         )
@@ -203,10 +203,11 @@ class PostgresMessages(EnginePart):
                 with conn.transaction():  # a SAVEPOINT, so the error is ours to word
                     conn.execute(
                         "INSERT INTO messages (id, sender, received_at, size, origin, smtputf8,"
-                        " body_8bit, envid, ret, client, node)"
-                        " VALUES (%s, %s, %s, 0, %s, %s, %s, %s, %s, %s, %s)",
+                        " body_8bit, envid, ret, client, node, wire_ready)"
+                        " VALUES (%s, %s, %s, 0, %s, %s, %s, %s, %s, %s, %s, %s)",
                         (m.id, m.sender, m.received_at, str(m.origin), bool(m.smtputf8),
-                         bool(m.body_8bit), m.envid, m.ret, m.client, m.node),
+                         bool(m.body_8bit), m.envid, m.ret, m.client, m.node,
+                         bool(m.wire_ready)),
                     )
             except pg_errors.UniqueViolation:
                 raise ValueError(f"message {m.id} is already in the store") from None

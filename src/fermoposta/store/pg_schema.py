@@ -36,7 +36,7 @@ from fermoposta.store.base import SchemaTooNew, StoreError
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "current_version", "directory_channel",
            "held_channel", "migrate"]
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # Version 1: the whole schema.  Same tables as the SQLite engine's version 6,
 # plus `holders` (heartbeat rows: who is alive) and `schema_version`.
@@ -246,11 +246,17 @@ _V4: tuple[str, ...] = (
 )
 
 # Statements that bring a database from version N-1 to N.
+# Version 5: whether a message's body goes on the wire as it is stored.
+_V5: tuple[str, ...] = (
+    "ALTER TABLE messages ADD COLUMN wire_ready boolean NOT NULL DEFAULT false",
+)
+
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: _V1,
     2: _V2,
     3: _V3,
     4: _V4,
+    5: _V5,
 }
 
 

@@ -31,7 +31,8 @@ RECIPIENT_COLUMNS = (
     " next_attempt_at, first_failure_at, delay_notified"
 )
 MESSAGE_COLUMNS = (
-    "id, sender, received_at, size, origin, smtputf8, body_8bit, envid, ret, client, node"
+    "id, sender, received_at, size, origin, smtputf8, body_8bit, envid, ret, client, node,"
+    " wire_ready"
 )
 DOMAIN_COLUMNS = "name, account, max_messages, max_bytes, validate, hold_lifetime, etrn"
 ACCOUNT_COLUMNS = (
@@ -79,6 +80,7 @@ def message_from_row(row: Sequence[Any], recipients: Sequence[QueuedRecipient]
         client=row[9],
         recipients=tuple(recipients),
         node=row[10],
+        wire_ready=bool(row[11]),
     )
 
 

@@ -322,8 +322,8 @@ class SQLiteStore(SQLiteDirectory, SQLiteQueueTools, SQLiteEtrn, SQLiteOutbound,
             try:
                 conn.execute(
                     "INSERT INTO messages (id, sender, received_at, size, origin, smtputf8,"
-                    " body_8bit, envid, ret, client, node)"
-                    " VALUES (?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?)",
+                    " body_8bit, envid, ret, client, node, wire_ready)"
+                    " VALUES (?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         message_id,
                         message.sender,
@@ -335,6 +335,7 @@ class SQLiteStore(SQLiteDirectory, SQLiteQueueTools, SQLiteEtrn, SQLiteOutbound,
                         message.ret,
                         message.client,
                         self._node,
+                        int(message.wire_ready),
                     ),
                 )
             except sqlite3.IntegrityError:
@@ -385,10 +386,10 @@ class SQLiteStore(SQLiteDirectory, SQLiteQueueTools, SQLiteEtrn, SQLiteOutbound,
             try:
                 conn.execute(
                     "INSERT INTO messages (id, sender, received_at, size, origin, smtputf8,"
-                    " body_8bit, envid, ret, client, node)"
-                    " VALUES (?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?)",
+                    " body_8bit, envid, ret, client, node, wire_ready)"
+                    " VALUES (?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (m.id, m.sender, m.received_at, str(m.origin), int(m.smtputf8),
-                     int(m.body_8bit), m.envid, m.ret, m.client, m.node))
+                     int(m.body_8bit), m.envid, m.ret, m.client, m.node, int(m.wire_ready)))
             except sqlite3.IntegrityError:
                 raise ValueError(f"message {m.id} is already in the store") from None
             size = 0

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from fermoposta.store.base import SchemaTooNew
 
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 
 
 # Version 2: subject bindings of client certificates.
@@ -103,7 +103,8 @@ CREATE TABLE IF NOT EXISTS messages (
     envid TEXT,
     ret TEXT,
     client TEXT NOT NULL,
-    node TEXT NOT NULL DEFAULT ''  -- the node that accepted it
+    node TEXT NOT NULL DEFAULT '',  -- the node that accepted it
+    wire_ready INTEGER NOT NULL DEFAULT 0  -- the body goes out as stored (QueuedMessage)
 );
 CREATE TABLE IF NOT EXISTS body_chunks (
     message_id TEXT NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
@@ -208,6 +209,11 @@ DROP INDEX IF EXISTS recipients_domain_state;
 DROP INDEX IF EXISTS recipients_state;
 """ + _SHAPE_INDEXES
 
+# Version 10: whether a message's body goes on the wire as it is stored.
+_V10 = """
+ALTER TABLE messages ADD COLUMN wire_ready INTEGER NOT NULL DEFAULT 0;
+"""
+
 # Statements that bring a file from version N-1 to N.
 _MIGRATIONS: dict[int, str] = {
     2: _ACCOUNT_CERT_SUBJECTS,
@@ -218,6 +224,7 @@ _MIGRATIONS: dict[int, str] = {
     7: _V7,
     8: _V8,
     9: _V9,
+    10: _V10,
 }
 
 

@@ -181,11 +181,11 @@ class SQLiteStaging:
             return None  # not this body's stage (another message drew the same id)
         cur = conn.execute(
             "UPDATE messages SET sender = ?, received_at = ?, origin = ?, smtputf8 = ?,"
-            " body_8bit = ?, envid = ?, ret = ?, client = ?, node = ?"
+            " body_8bit = ?, envid = ?, ret = ?, client = ?, node = ?, wire_ready = ?"
             " WHERE id = ? AND size = ?",
             (message.sender, now, str(message.origin), int(message.smtputf8),
              int(message.body_8bit), message.envid, message.ret, message.client, self._node,
-             queue_id, STAGING))
+             int(message.wire_ready), queue_id, STAGING))
         if cur.rowcount != 1:
             raise StoreError(f"the body staged for {queue_id} is no longer in the store")
         body.seek(stage.size)
