@@ -26,13 +26,15 @@ Contract:
   doubles a leading "." on every line and `finish()` appends the final CRLF (if the
   content did not end with one) and ".<CRLF>".  `dot_stuff()` wraps it for iterables.
   A chunk already in CRLF form (every stored body: intake refuses bare CR/LF) is
-  only counted and searched, not rewritten; the check is never skipped.
+  only counted and searched, not rewritten; the stuffer never skips the check.
 - `PassThrough` has the DotStuffer's interface for a body already in wire form
   (CRLF only, no line-leading "."; `QueuedMessage.wire_ready`): chunks go out
   unchanged, with no pass over them but one guard, a search for the sequence that
-  would end the data early (CRLF "." CRLF, or a line-leading "." at a chunk's
-  edge): if the body is not what it was said to be, that chunk and the rest go
-  through a `DotStuffer`, so the peer still gets the message intact.
+  ends the data early for an RFC 5321 receiver (CRLF "." CRLF, or a line-leading
+  "." at a chunk's edge): if it is found, that chunk and the rest go through a
+  `DotStuffer`, so the data never ends early.  The guard trusts the flag for the
+  rest (a line-leading "." inside a chunk, bare CR or LF, the lenient end forms
+  such as LF "." LF): checking them would cost the passes it saves.
 - Both look for a "." at memchr speed before searching for a line-leading one, so
   a body without dots (base64) is copied at most once per chunk.
 No I/O.

@@ -245,12 +245,12 @@ _V4: tuple[str, ...] = (
     " ON valid_recipients FOR EACH STATEMENT EXECUTE FUNCTION notify_directory_changed()",
 )
 
-# Statements that bring a database from version N-1 to N.
 # Version 5: whether a message's body goes on the wire as it is stored.
 _V5: tuple[str, ...] = (
     "ALTER TABLE messages ADD COLUMN wire_ready boolean NOT NULL DEFAULT false",
 )
 
+# Statements that bring a database from version N-1 to N.
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: _V1,
     2: _V2,

@@ -16,7 +16,8 @@ Contract:
   `recipient_holds`; version 5 the `holder` of a lease; version 7 the ETRN
   target of a domain; version 8 an account's ATRN wait; version 9 each
   recipient's copy of its message's arrival and size, and the indexes
-  that answer `queue stats` from them).  A later change
+  that answer `queue stats` from them; version 10 the messages'
+  `wire_ready`).  A later change
   adds a step, never edits one that has shipped.
 """
 
