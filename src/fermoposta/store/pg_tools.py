@@ -293,11 +293,13 @@ class PostgresQueueTools(EnginePart):
         return {mid: Requeued(**c) for mid, c in counts.items()}
 
     def queue_shape(self, now: float, age_limits: Sequence[float]) -> QueueShape:
-        # Index-only (recipients_domain, schema 4): the (domain, arrival,
-        # message) groups, each message once per domain, sorted within each
-        # domain (the index has the state before the arrival), with no join
-        # to messages (issue 10: 0.8 s at 1,000,000 held, where the join
-        # took 1.8).
+        # Index-only (recipients_domain, schema 4), two parts in one statement
+        # (issue 10): every recipient figure (count, oldest, states, age
+        # buckets) in one pass grouped by domain, which the index order
+        # streams; then, per domain, its messages and bytes (each message
+        # once, however many of its recipients the domain has) from that
+        # domain's range of the index.  0.51 s at 1,000,000 held, where
+        # grouping every domain's recipients by message first took 0.78.
         limits = [float(a) for a in age_limits]
         ages: list[str] = []
         age_params: list[Any] = []
@@ -305,26 +307,28 @@ class PostgresQueueTools(EnginePart):
             # Bucket i: limits[i-1] <= age < limits[i], age = now - received_at.
             bounds: list[str] = []
             if i < len(limits):
-                bounds.append("p.received_at > %s::float8")
+                bounds.append("message_received_at > %s::float8")
                 age_params.append(float(now) - limits[i])
             if i > 0:
-                bounds.append("p.received_at <= %s::float8")
+                bounds.append("message_received_at <= %s::float8")
                 age_params.append(float(now) - limits[i - 1])
-            ages.append("coalesce(sum(p.n) FILTER (WHERE " + " AND ".join(bounds) + "), 0)"
-                        if bounds else "sum(p.n)")
+            ages.append(("count(*) FILTER (WHERE " + " AND ".join(bounds) + ")"
+                         if bounds else "count(*)") + f" AS age{i}")
+        buckets = ", ".join(f"a.age{i}" for i in range(len(ages)))
         with self._read("queue shape") as conn:
             rows = conn.execute(
-                "SELECT p.domain, count(*), sum(p.n), sum(p.size), min(p.received_at),"
-                " sum(p.held), sum(p.outbound), sum(p.hold), " + ", ".join(ages) +
-                # int counts: their sums are bigint, not numeric (Decimal in Python).
-                " FROM (SELECT domain, message_received_at AS received_at,"
-                " max(message_size) AS size, count(*)::int AS n,"
-                " (count(*) FILTER (WHERE state = %s))::int AS held,"
-                " (count(*) FILTER (WHERE state = %s))::int AS outbound,"
-                " (count(*) FILTER (WHERE state = %s))::int AS hold"
-                " FROM recipients GROUP BY domain, message_received_at, message_id) AS p"
-                " GROUP BY p.domain",
-                (*age_params, HELD, OUTBOUND, HOLD),
+                "SELECT a.domain, m.messages, a.recipients, m.bytes, a.oldest, a.held,"
+                f" a.outbound, a.hold, {buckets} FROM"
+                " (SELECT domain, count(*) AS recipients, min(message_received_at) AS oldest,"
+                " count(*) FILTER (WHERE state = %s) AS held,"
+                " count(*) FILTER (WHERE state = %s) AS outbound,"
+                " count(*) FILTER (WHERE state = %s) AS hold, " + ", ".join(ages) +
+                " FROM recipients GROUP BY domain) AS a,"
+                # A bigint sum: numeric would come back as Decimal.
+                " LATERAL (SELECT count(*) AS messages, sum(size)::bigint AS bytes FROM"
+                " (SELECT max(message_size) AS size FROM recipients r"
+                " WHERE r.domain = a.domain GROUP BY message_id) AS each) AS m",
+                (HELD, OUTBOUND, HOLD, *age_params),
             ).fetchall()
             deferred = {
                 str(r[0]): int(r[1])
