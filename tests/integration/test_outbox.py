@@ -103,6 +103,7 @@ async def test_swaks_mail_is_pushed_at_the_next_pull(provider, certs, tmp_path, 
     (queue_id,) = outbox.ids()
     stored = outbox.store.get_message(queue_id)
     assert stored is not None and stored.sender == "bob@example.org"
+    assert stored.wire_ready  # no line-leading dot: pushed without the stuffer
     assert [(r.address, r.state) for r in stored.recipients] == [
         ("friend@elsewhere.test", RecipientState.OUTBOUND),
         ("pal@elsewhere.test", RecipientState.OUTBOUND)]
@@ -124,7 +125,7 @@ async def test_swaks_mail_is_pushed_at_the_next_pull(provider, certs, tmp_path, 
     # behind the provider's own Received: header.
     pid = provider_queue_id(push.outcomes[0].reply)
     queued = provider.store.get_message(pid)
-    assert queued is not None and queued.sender == "bob@example.org"
+    assert queued is not None and queued.sender == "bob@example.org" and queued.wire_ready
     assert sorted((r.address, r.state) for r in queued.recipients) == [
         ("friend@elsewhere.test", RecipientState.OUTBOUND),
         ("pal@elsewhere.test", RecipientState.OUTBOUND)]

@@ -304,6 +304,7 @@ class OutboxSession(TransactionSession):
             envid=txn.envid,
             ret=txn.ret,
             client=client,
+            wire_ready=txn.wire_ready,  # pushed as it is, like the provider's mail
         )
         try:
             queue_id = await asyncio.to_thread(self.store.enqueue, message, body, txn.queue_id)
