@@ -219,6 +219,16 @@ def crlf_lines(data: bytes) -> bytes:
     return data
 
 
+def _hold_trailing_cr(held: bool, chunk: bytes) -> tuple[bytes, bool]:
+    """`chunk` behind the CR held from the chunk before (if `held`), less a
+    CR at its end, and whether one was held back: whether that CR is bare
+    depends on the next chunk's first octet."""
+    data = b"\r" + chunk if held else chunk
+    if data.endswith(b"\r"):
+        return data[:-1], True
+    return data, False
+
+
 class DotStuffer:
     """Incremental dot-stuffer with line-end normalisation (client side)."""
 
@@ -227,10 +237,7 @@ class DotStuffer:
         self._pending_cr = False  # a trailing CR whose successor is not known yet
 
     def feed(self, chunk: bytes) -> bytes:
-        data = b"\r" + chunk if self._pending_cr else chunk
-        self._pending_cr = data.endswith(b"\r")
-        if self._pending_cr:
-            data = data[:-1]
+        data, self._pending_cr = _hold_trailing_cr(self._pending_cr, chunk)
         if not data:
             return b""
         data = crlf_lines(data)
@@ -265,12 +272,9 @@ class PassThrough:
     def feed(self, chunk: bytes) -> bytes:
         if self.diverted is not None:
             return self.diverted.feed(chunk)
-        data = b"\r" + chunk if self._held_cr else chunk
         # A CR at the end waits: if the guard diverts on the next chunk, the
         # stuffer must see it together with its LF.
-        self._held_cr = data.endswith(b"\r")
-        if self._held_cr:
-            data = data[:-1]
+        data, self._held_cr = _hold_trailing_cr(self._held_cr, chunk)
         if not data:
             return b""
         last_line = data.rfind(b"\n") + 1  # 0: the chunk is inside one line
