@@ -412,20 +412,24 @@ async def test_a_node_that_loses_the_store_starts_no_new_transaction(provider, c
 
 
 async def test_a_message_deleted_during_the_drain_is_skipped(provider, certs):
-    # The drain lists the held mail, then reads each message a few ahead of
-    # sending it: one that `queue delete` removed before its read is
-    # skipped, and the others all go out and leave the queue.
+    # The drain lists the held mail, then reads the messages in batches
+    # ahead of sending them: one that `queue delete` removed before its
+    # batch was read is skipped, and the others all go out and leave the
+    # queue.
     ids = [await hold(provider, rcpts=(f"u{i}@example.org",)) for i in range(8)]
     store = provider.store
     real_get = store.get_message
+    real_read_ahead = store.read_ahead
     gone = ids[5]
+    batches = []
 
-    def get_message(message_id):
-        if message_id == gone and real_get(gone) is not None:
+    def read_ahead(message_ids, body_limit):
+        batches.append(list(message_ids))
+        if gone in message_ids and real_get(gone) is not None:
             assert store.delete_messages([gone]) == [gone]
-        return real_get(message_id)
+        return real_read_ahead(message_ids, body_limit)
 
-    store.get_message = get_message  # type: ignore[method-assign]
+    store.read_ahead = read_ahead  # type: ignore[method-assign]
     d = await authed(provider, certs)
     await d.cmd("ATRN example.org", 250)
     t = await serve_reversed(d)
@@ -434,6 +438,7 @@ async def test_a_message_deleted_during_the_drain_is_skipped(provider, certs):
         f"u{i}@example.org" for i in range(8) if i != 5)
     assert store.held_message_ids(["example.org"]) == []
     assert all(real_get(i) is None for i in ids)
+    assert [i for batch in batches for i in batch] == ids  # each read once, in order
     await d.close()
 
 

@@ -6,8 +6,10 @@ failure is a `StoreError`.  Run on every engine (see conftest.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import sqlite3
 import threading
 import tracemalloc
 
@@ -22,6 +24,7 @@ from fermoposta.store.base import (
     Store,
     StoreError,
 )
+from fermoposta.store.sqlite import SQLiteStore
 
 from .contract import (
     HELD,
@@ -137,6 +140,63 @@ def test_read_body_raises_if_message_vanishes(store: Store) -> None:
     store.record_delivered(rcpt_ids(store, mid).values(), "250 ok")
     with pytest.raises(StoreError):  # not a short body that looks complete
         next(it)
+
+
+def test_read_ahead_gives_messages_and_small_bodies_in_order(store: Store) -> None:
+    small = store.enqueue(msg("a@x.example", "b@y.example", "c@x.example"),
+                          io.BytesIO(b"small body\r\n"))
+    empty = store.enqueue(msg("d@x.example"), io.BytesIO(b""))
+    exact = store.enqueue(msg("e@x.example"), io.BytesIO(b"e" * CHUNK_SIZE))
+    big = store.enqueue(msg("f@x.example"), io.BytesIO(b"f" * (CHUNK_SIZE + 1)))
+    over_limit = store.enqueue(msg("g@x.example"), io.BytesIO(b"g" * 100))
+    ids = [exact, "000000000000", big, small, over_limit, empty, small]
+    got = store.read_ahead(ids, CHUNK_SIZE)
+    assert [m.id if m else None for m, _ in got] == [exact, None, big, small, over_limit,
+                                                      empty, small]
+    # Each message is what get_message says, recipients in their order.
+    for message, _ in got:
+        if message is not None:
+            assert message == store.get_message(message.id)
+    assert [r.address for r in got[3][0].recipients] == ["a@x.example", "b@y.example",
+                                                         "c@x.example"]
+    assert [body for _, body in got] == [b"e" * CHUNK_SIZE, None, None, b"small body\r\n",
+                                         b"g" * 100, b"", b"small body\r\n"]
+    # Bodies over the limit are left to read_body.
+    limited = store.read_ahead([small, over_limit], 50)
+    assert [body for _, body in limited] == [b"small body\r\n", None]
+    assert store.read_ahead([], CHUNK_SIZE) == []
+
+
+def test_read_ahead_of_many_messages(store: Store) -> None:
+    # More ids than SQLite takes in one statement: batched inside, one answer.
+    ids = store.enqueue_batch([(msg(f"r{i}@x.example"), io.BytesIO(f"body {i}".encode()), None)
+                               for i in range(1100)])
+    wanted = ids[::-1]
+    got = store.read_ahead(wanted, CHUNK_SIZE)
+    assert [(m.id if m else None, b) for m, b in got] == [
+        (mid, f"body {ids.index(mid)}".encode()) for mid in wanted]
+
+
+def test_read_ahead_leaves_a_body_that_does_not_add_up_to_read_body(store: Store) -> None:
+    # A body whose chunk no longer matches the message's size (it was being
+    # removed between the two reads) is None: the drain's read_body reports it.
+    mid = store.enqueue(msg("a@x.example"), io.BytesIO(b"whole body"))
+    sql = "UPDATE body_chunks SET data = {} WHERE message_id = {}"
+    if isinstance(store, SQLiteStore):
+        with contextlib.closing(sqlite3.connect(store._path)) as raw, raw:
+            raw.execute(sql.format("?", "?"), (b"whole", mid))
+    else:
+        with store._pool.connection() as raw:  # type: ignore[attr-defined]
+            raw.execute(sql.format("%s", "%s"), (b"whole", mid))
+    [(message, body)] = store.read_ahead([mid], CHUNK_SIZE)
+    assert message is not None and message.size == len(b"whole body")
+    assert body is None
+
+
+def test_read_ahead_without_the_message_of_a_delivered_one(store: Store) -> None:
+    mid = store.enqueue(msg("a@x.example"), io.BytesIO(b"x"))
+    store.record_delivered(rcpt_ids(store, mid).values(), "250 ok")
+    assert store.read_ahead([mid], CHUNK_SIZE) == [(None, None)]
 
 
 def test_queue_id_collision_retries(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -77,10 +77,12 @@ from fermoposta.store.base import (
 
 log = logging.getLogger("fermoposta.drain")
 
-# Bodies up to this size are read with their message, ahead of time, and
-# so many messages ahead (their reads overlap the sending).
+# Bodies up to this size are read with their message, ahead of time,
+# PREFETCH_MESSAGES messages per read and PREFETCH_BATCHES reads ahead
+# (their reads overlap the sending).
 PREFETCH_BYTES = 256 * 1024
 PREFETCH_MESSAGES = 8
+PREFETCH_BATCHES = 2
 # The background commit of deliveries waits up to COMMIT_GATHER seconds for
 # COMMIT_BATCH of them (a crash loses the record of at most that many: they
 # are sent again, a duplicate).
@@ -222,37 +224,14 @@ class Drain:
         if not self.domains:
             return
         ids = await asyncio.to_thread(self.store.held_message_ids, self.domains)
-        # The next PREFETCH_MESSAGES messages (and small bodies) are read
-        # while this one goes out.
-        upcoming: collections.deque[asyncio.Task[_Fetched]] = collections.deque(
-            self._prefetch(ids, i) for i in range(min(PREFETCH_MESSAGES, len(ids))))
+        # Messages (and small bodies) are read PREFETCH_MESSAGES at a time,
+        # PREFETCH_BATCHES reads ahead of the one going out: one thread hop
+        # and a few queries per batch, overlapping the sending.
+        batches = [ids[i:i + PREFETCH_MESSAGES] for i in range(0, len(ids), PREFETCH_MESSAGES)]
+        upcoming: collections.deque[asyncio.Task[list[_Fetched]]] = collections.deque(
+            self._prefetch(batch) for batch in batches[:PREFETCH_BATCHES])
         try:
-            for index in range(len(ids)):
-                if (self.settings.max_messages
-                        and self.result.messages >= self.settings.max_messages):
-                    break
-                if not self.store.holder_is_current():
-                    # Our store heartbeat is failing: another node may take our
-                    # leases soon.  Stop before two drains could overlap.
-                    self.result.aborted = ("this node has lost the store (heartbeat failing); "
-                                           "the rest stays queued")
-                    log.warning("%s: %s", self.session_id, self.result.aborted)
-                    break
-                message, body = await upcoming.popleft()
-                if index + PREFETCH_MESSAGES < len(ids):
-                    upcoming.append(self._prefetch(ids, index + PREFETCH_MESSAGES))
-                if message is None:
-                    continue
-                recipients = [r for r in message.recipients
-                              if r.state == RecipientState.HELD and r.domain in self.domains]
-                if recipients:
-                    self.result.messages += 1
-                    if body is not None:
-                        self._bodies[message.id] = body
-                    try:
-                        await self._deliver_in_transactions(message, recipients)
-                    finally:
-                        self._bodies.pop(message.id, None)
+            await self._deliver_batches(batches, upcoming)
         finally:
             for task in upcoming:
                 if task.done() and not task.cancelled():
@@ -260,16 +239,48 @@ class Drain:
                 task.cancel()
         await self._guarded(self.transfer.finish())  # the last message's final reply
 
-    def _prefetch(self, ids: Sequence[str], index: int) -> asyncio.Task[_Fetched]:
-        return asyncio.create_task(asyncio.to_thread(self._fetch, ids[index]))
+    async def _deliver_batches(self, batches: Sequence[Sequence[str]],
+                               upcoming: collections.deque[asyncio.Task[list[_Fetched]]]
+                               ) -> None:
+        for index in range(len(batches)):
+            fetched = await upcoming.popleft()
+            if index + PREFETCH_BATCHES < len(batches):
+                upcoming.append(self._prefetch(batches[index + PREFETCH_BATCHES]))
+            for message, body in fetched:
+                if not self._may_go_on():
+                    return
+                if message is not None:  # else it left the queue since the listing
+                    await self._deliver_fetched(message, body)
 
-    def _fetch(self, message_id: str) -> _Fetched:
-        """In a worker thread: a message, and its body if it is small (one hop
-        instead of three); a large one is streamed in chunks when sent."""
-        message = self.store.get_message(message_id)
-        if message is None or message.size > PREFETCH_BYTES:
-            return message, None
-        return message, b"".join(self.store.read_body(message_id))
+    def _may_go_on(self) -> bool:
+        """Whether the drain may start one more message."""
+        if self.settings.max_messages and self.result.messages >= self.settings.max_messages:
+            return False
+        if not self.store.holder_is_current():
+            # Our store heartbeat is failing: another node may take our
+            # leases soon.  Stop before two drains could overlap.
+            self.result.aborted = ("this node has lost the store (heartbeat failing); "
+                                   "the rest stays queued")
+            log.warning("%s: %s", self.session_id, self.result.aborted)
+            return False
+        return True
+
+    async def _deliver_fetched(self, message: QueuedMessage, body: bytes | None) -> None:
+        recipients = [r for r in message.recipients
+                      if r.state == RecipientState.HELD and r.domain in self.domains]
+        if not recipients:
+            return
+        self.result.messages += 1
+        if body is not None:
+            self._bodies[message.id] = body
+        try:
+            await self._deliver_in_transactions(message, recipients)
+        finally:
+            self._bodies.pop(message.id, None)
+
+    def _prefetch(self, batch: Sequence[str]) -> asyncio.Task[list[_Fetched]]:
+        return asyncio.create_task(
+            asyncio.to_thread(self.store.read_ahead, batch, PREFETCH_BYTES))
 
     async def _body(self, message_id: str) -> AsyncIterator[bytes]:
         """The body source of the transfer: prefetched, else from the store."""

@@ -373,6 +373,17 @@ class MessageQueue(Protocol):
         """Yield the body in chunks of at most CHUNK_SIZE bytes."""
         ...
 
+    def read_ahead(self, message_ids: Sequence[str], body_limit: int
+                   ) -> list[tuple[QueuedMessage | None, bytes | None]]:
+        """`get_message` of each id, in order (None: no longer queued), with
+        the whole body of each message of at most `body_limit` (<=
+        CHUNK_SIZE) bytes, else None (stream it with `read_body`), in one
+        read (the drain reads ahead in batches: one thread hop and a few
+        queries instead of several per message).  A body that does not add
+        up to its message's size (the message left the queue meanwhile) is
+        None too, so the caller's `read_body` reports it."""
+        ...
+
     def record_delivered(self, recipient_ids: Collection[int], reply: str,
                          dsn: tuple[NewMessage, IO[bytes]] | None = None) -> str | None:
         """Remove the recipients (a 2xx from the next hop), and queue `dsn` (a

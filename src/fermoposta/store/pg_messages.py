@@ -252,6 +252,46 @@ class PostgresMessages(EnginePart):
         return _message(rows[0][:columns],
                         [_recipient(r[columns:]) for r in rows if r[columns] is not None])
 
+    def read_ahead(self, message_ids: Sequence[str], body_limit: int
+                   ) -> list[tuple[QueuedMessage | None, bytes | None]]:
+        """Two statements (two round trips) for the whole batch; like
+        `get_message` then `read_body`, each sees its own snapshot."""
+        columns = _MESSAGE_COLUMNS.count(",") + 1
+        ids = list(dict.fromkeys(message_ids))
+        rows = self._query(
+            "read ahead",
+            f"SELECT {_M_MESSAGE_COLUMNS}, {_R_RECIPIENT_COLUMNS} FROM messages m"
+            " LEFT JOIN recipients r ON r.message_id = m.id WHERE m.id = ANY(%s::text[])"
+            " ORDER BY m.id, r.id",
+            (ids,),
+        )
+        grouped: dict[str, tuple[TupleRow, list[QueuedRecipient]]] = {}
+        for row in rows:
+            entry = grouped.setdefault(str(row[0]), (row, []))
+            if row[columns] is not None:
+                entry[1].append(_recipient(row[columns:]))
+        messages = {mid: _message(row[:columns], rcpts) for mid, (row, rcpts) in grouped.items()}
+        small = [m.id for m in messages.values() if 0 < m.size <= min(body_limit, CHUNK_SIZE)]
+        bodies: dict[str, bytes] = {}
+        if small:
+            for mid, data in self._query(
+                "read ahead",
+                "SELECT message_id, data FROM body_chunks"
+                " WHERE message_id = ANY(%s::text[]) AND seq = 0",
+                (small,), binary=True,
+            ):
+                bodies[str(mid)] = bytes(data)
+        result: list[tuple[QueuedMessage | None, bytes | None]] = []
+        for mid in message_ids:
+            message = messages.get(mid)
+            body = None
+            if message is not None:
+                body = b"" if message.size == 0 else bodies.get(mid)
+                if body is not None and len(body) != message.size:
+                    body = None
+            result.append((message, body))
+        return result
+
     @staticmethod
     def _messages_of(conn: Conn, recipient_ids: Sequence[int]) -> list[QueuedMessage]:
         """The messages of `recipient_ids`, each with only those recipients, in

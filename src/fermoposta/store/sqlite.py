@@ -466,6 +466,44 @@ class SQLiteStore(SQLiteDirectory, SQLiteQueueTools, SQLiteEtrn, SQLiteOutbound,
             raise StoreError(f"message {message_id} is not in the queue")
         return self._chunks(message_id, int(row[0]))
 
+    def read_ahead(self, message_ids: Sequence[str], body_limit: int
+                   ) -> list[tuple[QueuedMessage | None, bytes | None]]:
+        """One read transaction (one snapshot) for the whole batch."""
+        ids = list(dict.fromkeys(message_ids))
+        messages: dict[str, QueuedMessage] = {}
+        bodies: dict[str, bytes] = {}
+        with self._read() as conn:
+            for batch in _batches(ids):
+                marks = _marks(len(batch))
+                rows = conn.execute(
+                    f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id IN ({marks})"
+                    " AND size <> ?", (*batch, STAGING)).fetchall()
+                rcpts: dict[str, list[QueuedRecipient]] = {}
+                for r in conn.execute(
+                        f"SELECT {_RECIPIENT_COLUMNS} FROM recipients"
+                        f" WHERE message_id IN ({marks}) ORDER BY id", batch):
+                    recipient = _recipient(r)
+                    rcpts.setdefault(recipient.message_id, []).append(recipient)
+                for row in rows:
+                    messages[row[0]] = _message(row, rcpts.get(row[0], []))
+                small = [m for m in batch if m in messages
+                         and 0 < messages[m].size <= min(body_limit, CHUNK_SIZE)]
+                if small:
+                    for mid, data in conn.execute(
+                            "SELECT message_id, data FROM body_chunks"
+                            f" WHERE message_id IN ({_marks(len(small))}) AND seq = 0", small):
+                        bodies[mid] = bytes(data)
+        result: list[tuple[QueuedMessage | None, bytes | None]] = []
+        for mid in message_ids:
+            message = messages.get(mid)
+            body = None
+            if message is not None:
+                body = b"" if message.size == 0 else bodies.get(mid)
+                if body is not None and len(body) != message.size:
+                    body = None
+            result.append((message, body))
+        return result
+
     def _chunks(self, message_id: str, size: int) -> Iterator[bytes]:
         seq = 0
         done = 0
