@@ -11,7 +11,8 @@ Contract:
     state included, is handed from the server machine to the client machine;
     the ODMR layer checks `buffered()` before the flip.
 - Every read and write takes a timeout (RFC 5321 §4.5.3.2); expiry raises
-  `TimeoutError`.  Two overall deadlines (absolute `loop.time()` values)
+  `TimeoutError`.  One timer per connection, armed lazily, bounds every
+  wait for the peer's bytes (`_watch`); it goes when the connection does.  Two overall deadlines (absolute `loop.time()` values)
   bound those waits further: `deadline`, set on the connection (the whole
   server session), and the `deadline` argument of `read_data()`,
   `read_chunk()` and `read_line()` (one message's DATA, or its BDAT chunks
@@ -223,6 +224,7 @@ class _Protocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.connection is not None:
+            self.connection._stop_watch()  # its timer must not keep it for minutes
             self.connection._closed_by_peer()
             self.connection._lost.set()
             self.connection._wake_writers()
@@ -237,6 +239,7 @@ class _Protocol(asyncio.Protocol):
             self.connection._wake_writers()
 
 
+_WATCH_SLACK = 0.001  # seconds: a timer fired this early counts as on time
 HOLD_LIMIT = 16 * 1024  # bytes of held replies (see hold())
 HOLD_DELAY = 0.005  # seconds a held reply may wait for the next command's
 
@@ -258,6 +261,11 @@ class Connection:
         self._lost = asyncio.Event()
         self._fin_guard: _FINGuard | None = None
         self._quickack_sock: Any = None  # set by enable_quickack()
+        # The current wait for the peer's bytes ends at _wait_until (loop
+        # time); _watchdog enforces it (see _watch).
+        self._wait_until = 0.0
+        self._wait_which: str | None = None
+        self._watchdog: asyncio.TimerHandle | None = None
         # The whole session's deadline (loop time), set by the server session.
         self.deadline: float | None = None
         # A unix-domain socket's names are paths (str), not (host, port) tuples.
@@ -364,17 +372,54 @@ class Connection:
             with contextlib.suppress(RuntimeError, AttributeError):
                 self._transport.resume_reading()
 
-    async def _wait_for_data(self) -> None:
+    async def _wait_for_data(self, when: float, which: str | None) -> None:
+        """Wait for more bytes until `when` (loop time); past it raise
+        `DeadlineExceeded(which)`, or `TimeoutError` when `which` is None."""
         self._flush_held()  # the peer may be waiting for these before it sends more
         if self._eof:
             raise ConnectionClosed("connection closed by peer")
         self._maybe_resume_reading()
         loop = asyncio.get_running_loop()
-        self._read_waiter = loop.create_future()
+        if loop.time() >= when:
+            raise DeadlineExceeded(which) if which is not None else TimeoutError()
+        self._read_waiter = waiter = loop.create_future()
+        self._wait_until, self._wait_which = when, which
+        self._watch(loop, when)
         try:
-            await self._read_waiter
+            await waiter
         finally:
             self._read_waiter = None
+
+    # One timer per connection bounds its waits, armed lazily: a wait whose
+    # end is later than the timer's leaves it be (most waits: each command
+    # pushes the end 300 s on), and the timer, when it fires early, re-arms
+    # itself for the current wait's end.  A timer per wait (asyncio.timeout)
+    # cost a heap push, a cancel and a task lookup for every command.
+    def _watch(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
+        watchdog = self._watchdog
+        if watchdog is not None and watchdog.when() <= when:
+            return
+        if watchdog is not None:
+            watchdog.cancel()
+        self._watchdog = loop.call_at(when, self._watchdog_fired)
+
+    def _watchdog_fired(self) -> None:
+        self._watchdog = None
+        waiter = self._read_waiter
+        if waiter is None or waiter.done():
+            return
+        loop = waiter.get_loop()
+        # The loop may run a timer up to its clock resolution early.
+        if loop.time() + _WATCH_SLACK < self._wait_until:
+            self._watch(loop, self._wait_until)
+            return
+        which = self._wait_which
+        waiter.set_exception(DeadlineExceeded(which) if which is not None else TimeoutError())
+
+    def _stop_watch(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
 
     def _bound(self, timeout: float, deadline: float | None = None) -> tuple[float, str | None]:
         """When a wait of `timeout` seconds must end (loop time), and which
@@ -398,22 +443,12 @@ class Connection:
         Lines already received are returned even after the peer's EOF.
         `deadline` (loop time) is a message's, between its BDAT chunks."""
         when, which = self._bound(timeout, deadline)
-        line = self._buffer.next_line(limit)
-        if line is not None:  # already here (pipelined): no timer needed
-            self._maybe_resume_reading()
-            return line
-        try:
-            async with asyncio.timeout_at(when):
-                while True:
-                    line = self._buffer.next_line(limit)
-                    if line is not None:
-                        self._maybe_resume_reading()
-                        return line
-                    await self._wait_for_data()
-        except TimeoutError:
-            if which is not None:
-                raise DeadlineExceeded(which) from None
-            raise
+        while True:
+            line = self._buffer.next_line(limit)
+            if line is not None:
+                self._maybe_resume_reading()
+                return line
+            await self._wait_for_data(when, which)
 
     async def read_data(
         self,
@@ -444,14 +479,7 @@ class Connection:
 
     async def _wait_bounded(self, timeout: float, deadline: float | None) -> None:
         """Wait for more bytes, at most `timeout` and never past `deadline`."""
-        when, which = self._bound(timeout, deadline)
-        try:
-            async with asyncio.timeout_at(when):
-                await self._wait_for_data()
-        except TimeoutError:
-            if which is not None:
-                raise DeadlineExceeded(which) from None
-            raise
+        await self._wait_for_data(*self._bound(timeout, deadline))
 
     async def read_chunk(
         self,

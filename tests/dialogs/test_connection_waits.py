@@ -1,0 +1,156 @@
+"""`Connection`'s waits for the peer: one lazily armed timer per connection
+bounds them (see `Connection._watch`).  Each wait still ends at its own
+time, whether the timer was armed for a later or an earlier wait, and a
+closed connection leaves no timer behind."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import pytest
+
+from fermoposta.net.connection import (
+    Connection,
+    ConnectionClosed,
+    DeadlineExceeded,
+    open_connection,
+    start_server,
+)
+
+
+@contextlib.asynccontextmanager
+async def pair() -> AsyncIterator[tuple[Connection, asyncio.StreamWriter]]:
+    """Our Connection (the server side) and a raw client writer."""
+    accepted: asyncio.Queue[Connection] = asyncio.Queue()
+    done = asyncio.Event()
+
+    async def handler(conn: Connection) -> None:
+        await accepted.put(conn)
+        await done.wait()
+
+    server = await start_server(handler, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    _, writer = await asyncio.open_connection("127.0.0.1", port)
+    conn = await asyncio.wait_for(accepted.get(), 5)
+    try:
+        yield conn, writer
+    finally:
+        done.set()
+        writer.close()
+        await conn.close(1.0)
+        server.close()
+        await server.wait_closed()
+
+
+def timers_of(conn: Connection) -> list[asyncio.TimerHandle]:
+    """The loop's live timers whose callback belongs to `conn`."""
+    loop = asyncio.get_running_loop()
+    return [h for h in loop._scheduled  # type: ignore[attr-defined]
+            if not h.cancelled() and getattr(h._callback, "__self__", None) is conn]
+
+
+async def test_a_wait_ends_at_its_timeout_with_timeout_error() -> None:
+    async with pair() as (conn, _):
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(TimeoutError) as info:
+            await conn.read_line(512, 0.2)
+        assert not isinstance(info.value, DeadlineExceeded)
+        assert 0.19 <= loop.time() - started < 1.0
+
+
+async def test_a_short_wait_after_a_long_one_still_ends_on_time() -> None:
+    # The timer armed for the long wait (60 s) must be brought forward.
+    async with pair() as (conn, writer):
+        writer.write(b"NOOP\r\n")
+        assert await conn.read_line(512, 60.0) == b"NOOP\r\n"
+        assert len(timers_of(conn)) <= 1
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(TimeoutError):
+            await conn.read_line(512, 0.2)
+        assert loop.time() - started < 1.0
+
+
+async def test_a_long_wait_after_a_short_one_outlives_the_early_timer() -> None:
+    # The first wait armed the timer for 0.3 s; the second wait ends later:
+    # the timer fires early, re-arms, and the bytes that come at 0.5 s are read.
+    async with pair() as (conn, writer):
+        writer.write(b"A\r\n")
+        assert await conn.read_line(512, 0.3) == b"A\r\n"
+
+        async def late() -> None:
+            await asyncio.sleep(0.5)
+            writer.write(b"B\r\n")
+
+        sender = asyncio.create_task(late())
+        assert await conn.read_line(512, 5.0) == b"B\r\n"
+        await sender
+
+
+async def test_many_waits_share_one_timer() -> None:
+    async with pair() as (conn, writer):
+        for i in range(50):
+            writer.write(b"X\r\n")
+            await conn.read_line(512, 30.0 + i)  # each wait ends later
+        assert len(timers_of(conn)) == 1
+
+
+async def test_a_deadline_ends_the_wait_with_its_name() -> None:
+    async with pair() as (conn, writer):
+        loop = asyncio.get_running_loop()
+        writer.write(b"Subject: x\r\n")  # DATA that never ends
+        with pytest.raises(DeadlineExceeded) as info:
+            await conn.read_data(_Reader(), lambda _: None, 60.0, deadline=loop.time() + 0.2)
+        assert info.value.what == "DATA"
+        conn.deadline = loop.time() + 0.2
+        with pytest.raises(DeadlineExceeded) as info:
+            await conn.read_line(512, 60.0)
+        assert info.value.what == "session"
+
+
+async def test_bytes_that_come_in_time_are_read() -> None:
+    async with pair() as (conn, writer):
+        async def soon() -> None:
+            await asyncio.sleep(0.1)
+            writer.write(b"QUIT\r\n")
+
+        sender = asyncio.create_task(soon())
+        assert await conn.read_line(512, 1.0) == b"QUIT\r\n"
+        await sender
+
+
+async def test_a_closed_connection_leaves_no_timer() -> None:
+    async with pair() as (conn, writer):
+        writer.write(b"X\r\n")
+        await conn.read_line(512, 300.0)
+        assert len(timers_of(conn)) == 1
+        writer.close()
+        with pytest.raises(ConnectionClosed):
+            await conn.read_line(512, 300.0)
+        await conn.close(1.0)
+        assert timers_of(conn) == []
+
+
+async def test_a_client_connection_times_out_too() -> None:
+    async def silent(conn: Connection) -> None:
+        await asyncio.sleep(5)
+
+    server = await start_server(silent, "127.0.0.1", 0)
+    try:
+        conn = await open_connection("127.0.0.1", server.sockets[0].getsockname()[1],
+                                     timeout=5)
+        with pytest.raises(TimeoutError):
+            await conn.read_line(512, 0.2)
+        conn.abort()
+    finally:
+        server.close()
+
+
+class _Reader:
+    """A DATA reader that never sees the end of data."""
+
+    def feed(self, chunk: bytes) -> tuple[bytes, bytes | None]:
+        return chunk, None
