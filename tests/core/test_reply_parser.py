@@ -152,3 +152,23 @@ def test_arbitrary_lines_only_protocol_error(lines: list[bytes]) -> None:
             continue
         if reply is not None:
             assert 200 <= reply.code <= 599 and len(reply.lines) >= 1
+
+
+@settings(max_examples=200)
+@given(replies())
+def test_wire_form_is_the_same_every_time_with_or_without_enhanced_codes(
+        reply: Reply) -> None:
+    # to_bytes() keeps its first rendering; a rendering without the
+    # enhanced codes never comes from (or goes into) that cache.
+    plain = reply.to_bytes(enhanced_codes=False)
+    first = reply.to_bytes()
+    assert reply.to_bytes() is first
+    assert reply.to_bytes(enhanced_codes=False) == plain
+    fresh = Reply(reply.code, reply.enhanced, *reply.lines)
+    assert fresh.to_bytes(enhanced_codes=False) == plain and fresh.to_bytes() == first
+    assert fresh == reply and hash(fresh) == hash(reply)
+    if reply.enhanced:
+        assert all(line.startswith(f"{reply.code}".encode()) and
+                   reply.enhanced.encode() in line for line in first.splitlines())
+        assert reply.enhanced.encode() not in plain or any(
+            reply.enhanced in text for text in reply.lines)

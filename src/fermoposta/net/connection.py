@@ -12,8 +12,9 @@ Contract:
     the ODMR layer checks `buffered()` before the flip.
 - Every read and write takes a timeout (RFC 5321 §4.5.3.2); expiry raises
   `TimeoutError`.  One timer per connection, armed lazily, bounds every
-  wait for the peer's bytes (`_watch`); it goes when the connection does.  Two overall deadlines (absolute `loop.time()` values)
-  bound those waits further: `deadline`, set on the connection (the whole
+  wait for the peer's bytes (`_watch`); it goes when the connection does.
+  Two overall deadlines (absolute `loop.time()` values) bound those waits
+  further: `deadline`, set on the connection (the whole
   server session), and the `deadline` argument of `read_data()`,
   `read_chunk()` and `read_line()` (one message's DATA, or its BDAT chunks
   and the commands between them).  A wait cut short by one raises

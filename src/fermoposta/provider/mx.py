@@ -59,6 +59,9 @@ RELAY_DENIED = Reply(550, "5.7.1", "Relaying denied: we are not the destination 
 UNKNOWN_USER = Reply(550, "5.1.1", "Recipient address rejected: user unknown")
 QUOTA_EXCEEDED = Reply(452, "4.2.2", "Mailbox full: domain quota exceeded, try again later")
 TRY_LATER = Reply(451, "4.3.0", "Temporary local problem, try again later")
+# The labelled counters, looked up once (a labels() call per message costs a lock).
+_RECEIVED = metrics.MESSAGES_RECEIVED.labels("mx")
+_RECEIVED_BYTES = metrics.MESSAGE_BYTES.labels("mx")
 
 
 class MXSession(TransactionSession):
@@ -160,8 +163,8 @@ class MXSession(TransactionSession):
         except StoreError as exc:
             self.log.warning("%s: store error at DATA: %s", self.session_id, exc)
             return TRY_LATER
-        metrics.MESSAGES_RECEIVED.labels("mx").inc()
-        metrics.MESSAGE_BYTES.labels("mx").inc(size)
+        _RECEIVED.inc()
+        _RECEIVED_BYTES.inc(size)
         event("mx", queue_id, client=self.peer_description())
         event("mx", queue_id, **{"from": f"<{txn.sender.address}>"}, size=size,
               nrcpt=len(txn.recipients), status="held")

@@ -306,6 +306,9 @@ class Provider:
 
     def _handler(self, listener: str, factory: Callable[[Connection], ServerSession]
                  ) -> Callable[[Connection], Awaitable[None]]:
+        connections = metrics.CONNECTIONS.labels(listener)  # looked up once, not per session
+        session_seconds = metrics.SESSION_SECONDS.labels(listener)
+
         async def handle(conn: Connection) -> None:
             task = asyncio.current_task()
             assert task is not None
@@ -327,7 +330,7 @@ class Provider:
             self.sessions.add(task)
             sessions.add(task)
             per_ip[ip] += 1
-            metrics.CONNECTIONS.labels(listener).inc()
+            connections.inc()
             started = time.monotonic()
             try:
                 session = factory(conn)
@@ -335,7 +338,7 @@ class Provider:
                     session.listener = listener
                 await session.run()
             finally:
-                metrics.SESSION_SECONDS.labels(listener).observe(time.monotonic() - started)
+                session_seconds.observe(time.monotonic() - started)
                 self.sessions.discard(task)
                 sessions.discard(task)
                 per_ip[ip] -= 1

@@ -16,7 +16,7 @@ This module does no I/O.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +26,9 @@ class Reply:
     code: int
     enhanced: str | None
     lines: tuple[str, ...]
+    # The wire form with enhanced codes, made at the first `to_bytes()`: most
+    # replies are module constants sent again and again.
+    _wire: bytes | None = field(default=None, init=False, compare=False, repr=False)
 
     def __init__(self, code: int, enhanced: str | None, *lines: str) -> None:
         if not 200 <= code <= 599:
@@ -33,6 +36,7 @@ class Reply:
         object.__setattr__(self, "code", code)
         object.__setattr__(self, "enhanced", enhanced)
         object.__setattr__(self, "lines", tuple(lines) if lines else ("",))
+        object.__setattr__(self, "_wire", None)
 
     @property
     def text(self) -> str:
@@ -59,6 +63,8 @@ class Reply:
     def to_bytes(self, enhanced_codes: bool = True) -> bytes:
         """Render on the wire.  Enhanced codes are prefixed to every line
         (RFC 2034 §4) when `enhanced_codes` is true and the reply has one."""
+        if enhanced_codes and self._wire is not None:
+            return self._wire
         out: list[bytes] = []
         last = len(self.lines) - 1
         for index, line in enumerate(self.lines):
@@ -66,7 +72,10 @@ class Reply:
             prefix = f"{self.enhanced} " if (enhanced_codes and self.enhanced) else ""
             text = f"{prefix}{line}".rstrip(" ")
             out.append(f"{self.code}{sep}{text}\r\n".encode("utf-8", "replace"))
-        return b"".join(out)
+        wire = b"".join(out)
+        if enhanced_codes:
+            object.__setattr__(self, "_wire", wire)
+        return wire
 
 
 class SMTPError(Exception):
