@@ -423,11 +423,11 @@ async def test_a_message_deleted_during_the_drain_is_skipped(provider, certs):
     gone = ids[5]
     batches = []
 
-    def read_ahead(message_ids, body_limit):
+    def read_ahead(message_ids, *limits):
         batches.append(list(message_ids))
         if gone in message_ids and real_get(gone) is not None:
             assert store.delete_messages([gone]) == [gone]
-        return real_read_ahead(message_ids, body_limit)
+        return real_read_ahead(message_ids, *limits)
 
     store.read_ahead = read_ahead  # type: ignore[method-assign]
     d = await authed(provider, certs)
@@ -481,4 +481,46 @@ async def test_mail_goes_out_as_the_mx_took_it_in_with_or_without_dots(provider,
     assert not any(c.startswith("MAIL FROM:<evil") for c in t.commands)
     assert len(stuffed) == 1  # only the dotted body went through the stuffer
     assert provider.store.held_message_ids(["example.org"]) == []
+    await d.close()
+
+
+async def test_bodies_past_the_read_ahead_budget_are_streamed_whole(provider, certs,
+                                                                    monkeypatch):
+    """The drain reads at most PREFETCH_BATCH_BYTES of bodies per batch; the
+    bodies left out are read from the store when their message goes, and
+    every message still arrives whole and in order."""
+    import fermoposta.provider.drain as drain_module
+
+    monkeypatch.setattr(drain_module, "PREFETCH_MESSAGES", 4)
+    monkeypatch.setattr(drain_module, "PREFETCH_BATCH_BYTES", 600)
+    bodies = [f"Subject: m{i}\r\n\r\n".encode() + bytes([65 + i]) * 300 + b"\r\n"
+              for i in range(9)]
+    for i, body in enumerate(bodies):
+        await hold(provider, rcpts=(f"u{i}@example.org",), body=body)
+    store = provider.store
+    real_read_ahead, real_read_body = store.read_ahead, store.read_body
+    prefetched, streamed = [], []
+
+    def read_ahead(message_ids, *limits):
+        got = real_read_ahead(message_ids, *limits)
+        prefetched.extend(m.id for m, body in got if m is not None and body is not None)
+        return got
+
+    def read_body(message_id):
+        streamed.append(message_id)
+        return real_read_body(message_id)
+
+    store.read_ahead = read_ahead  # type: ignore[method-assign]
+    store.read_body = read_body  # type: ignore[method-assign]
+    d = await authed(provider, certs)
+    await d.cmd("ATRN example.org", 250)
+    t = await serve_reversed(d)
+    assert t.quit
+    assert [m.recipients[0] for m in t.messages] == [f"u{i}@example.org" for i in range(9)]
+    for i, received in enumerate(t.messages):
+        assert bytes([65 + i]) * 300 in received.body, i
+    # About 350 bytes each: one body per batch of four fits in 600 bytes.
+    assert len(prefetched) == 3 and len(streamed) == 6
+    assert not set(prefetched) & set(streamed)
+    assert store.held_message_ids(["example.org"]) == []
     await d.close()

@@ -167,6 +167,21 @@ def test_read_ahead_gives_messages_and_small_bodies_in_order(store: Store) -> No
     assert store.read_ahead([], CHUNK_SIZE) == []
 
 
+def test_read_ahead_bodies_stay_within_the_budget_in_id_order(store: Store) -> None:
+    ids = [store.enqueue(msg(f"r{i}@x.example"), io.BytesIO(bytes([65 + i]) * 100))
+           for i in range(5)]
+    empty = store.enqueue(msg("e@x.example"), io.BytesIO(b""))
+    wanted = [ids[3], ids[0], empty, ids[4], ids[1], ids[2]]
+    got = store.read_ahead(wanted, CHUNK_SIZE, 250)
+    # The first two bodies in the order asked fit; the third would pass 250
+    # bytes, so it and the rest are left to read_body (the empty body costs
+    # nothing).  Every message is there all the same.
+    assert [m.id if m else None for m, _ in got] == wanted
+    assert [body for _, body in got] == [b"D" * 100, b"A" * 100, b"", None, None, None]
+    assert [body for _, body in store.read_ahead(wanted, CHUNK_SIZE, 0)] == [
+        None, None, b"", None, None, None]
+
+
 def test_read_ahead_of_many_messages(store: Store) -> None:
     # More ids than SQLite takes in one statement: batched inside, one answer.
     ids = store.enqueue_batch([(msg(f"r{i}@x.example"), io.BytesIO(f"body {i}".encode()), None)

@@ -83,6 +83,7 @@ import logging
 import os
 import re
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -240,7 +241,9 @@ class _Protocol(asyncio.Protocol):
             self.connection._wake_writers()
 
 
-_WATCH_SLACK = 0.001  # seconds: a timer fired this early counts as on time
+# Seconds: a timer fired this early counts as on time (asyncio may run one
+# up to its clock's resolution early; re-arming then would spin).
+_WATCH_SLACK = max(0.001, time.get_clock_info("monotonic").resolution)
 HOLD_LIMIT = 16 * 1024  # bytes of held replies (see hold())
 HOLD_DELAY = 0.005  # seconds a held reply may wait for the next command's
 

@@ -79,10 +79,12 @@ log = logging.getLogger("fermoposta.drain")
 
 # Bodies up to this size are read with their message, ahead of time,
 # PREFETCH_MESSAGES messages per read and PREFETCH_BATCHES reads ahead
-# (their reads overlap the sending).
+# (their reads overlap the sending), at most PREFETCH_BATCH_BYTES of bodies
+# a read: a drain holds at most (PREFETCH_BATCHES + 1) of them (3 MiB).
 PREFETCH_BYTES = 256 * 1024
 PREFETCH_MESSAGES = 8
 PREFETCH_BATCHES = 2
+PREFETCH_BATCH_BYTES = 1024 * 1024
 # The background commit of deliveries waits up to COMMIT_GATHER seconds for
 # COMMIT_BATCH of them (a crash loses the record of at most that many: they
 # are sent again, a duplicate).
@@ -243,14 +245,16 @@ class Drain:
                                upcoming: collections.deque[asyncio.Task[list[_Fetched]]]
                                ) -> None:
         for index in range(len(batches)):
-            fetched = await upcoming.popleft()
+            fetched = collections.deque(await upcoming.popleft())
             if index + PREFETCH_BATCHES < len(batches):
                 upcoming.append(self._prefetch(batches[index + PREFETCH_BATCHES]))
-            for message, body in fetched:
+            while fetched:
+                message, body = fetched.popleft()  # a body sent is not kept till the batch ends
                 if not self._may_go_on():
                     return
                 if message is not None:  # else it left the queue since the listing
                     await self._deliver_fetched(message, body)
+                del message, body
 
     def _may_go_on(self) -> bool:
         """Whether the drain may start one more message."""
@@ -280,7 +284,8 @@ class Drain:
 
     def _prefetch(self, batch: Sequence[str]) -> asyncio.Task[list[_Fetched]]:
         return asyncio.create_task(
-            asyncio.to_thread(self.store.read_ahead, batch, PREFETCH_BYTES))
+            asyncio.to_thread(self.store.read_ahead, batch, PREFETCH_BYTES,
+                              PREFETCH_BATCH_BYTES))
 
     async def _body(self, message_id: str) -> AsyncIterator[bytes]:
         """The body source of the transfer: prefetched, else from the store."""

@@ -63,8 +63,9 @@ class Reply:
     def to_bytes(self, enhanced_codes: bool = True) -> bytes:
         """Render on the wire.  Enhanced codes are prefixed to every line
         (RFC 2034 §4) when `enhanced_codes` is true and the reply has one."""
-        if enhanced_codes and self._wire is not None:
-            return self._wire
+        cached: bytes | None = getattr(self, "_wire", None)  # absent if unpickled from before
+        if enhanced_codes and cached is not None:
+            return cached
         out: list[bytes] = []
         last = len(self.lines) - 1
         for index, line in enumerate(self.lines):

@@ -373,15 +373,18 @@ class MessageQueue(Protocol):
         """Yield the body in chunks of at most CHUNK_SIZE bytes."""
         ...
 
-    def read_ahead(self, message_ids: Sequence[str], body_limit: int
+    def read_ahead(self, message_ids: Sequence[str], body_limit: int,
+                   body_budget: int | None = None
                    ) -> list[tuple[QueuedMessage | None, bytes | None]]:
         """`get_message` of each id, in order (None: no longer queued), with
         the whole body of each message of at most `body_limit` (<=
         CHUNK_SIZE) bytes, else None (stream it with `read_body`), in one
         read (the drain reads ahead in batches: one thread hop and a few
-        queries instead of several per message).  A body that does not add
-        up to its message's size (the message left the queue meanwhile) is
-        None too, so the caller's `read_body` reports it."""
+        queries instead of several per message).  `body_budget` bounds the
+        bytes of the bodies returned: taken in id order while their total
+        stays within it (None: no bound).  A body that does not add up to
+        its message's size (the message left the queue meanwhile) is None
+        too, so the caller's `read_body` reports it."""
         ...
 
     def record_delivered(self, recipient_ids: Collection[int], reply: str,
@@ -601,6 +604,41 @@ class Directory(Protocol):
         """The ETRN domains (`Domain.etrn` set) named `name`, and with
         `subdomains` also those under it (``sub.name``), sorted."""
         ...
+
+
+def bodies_within(messages: dict[str, QueuedMessage], message_ids: Sequence[str],
+                  body_limit: int, body_budget: int | None) -> list[str]:
+    """The ids whose bodies `read_ahead` returns: non-empty, at most
+    `body_limit` (and CHUNK_SIZE: one chunk) bytes, in id order while their
+    total stays within `body_budget`."""
+    chosen: list[str] = []
+    total = 0
+    for message_id in dict.fromkeys(message_ids):
+        message = messages.get(message_id)
+        if message is None or not 0 < message.size <= min(body_limit, CHUNK_SIZE):
+            continue
+        if body_budget is not None and total + message.size > body_budget:
+            break
+        total += message.size
+        chosen.append(message_id)
+    return chosen
+
+
+def read_ahead_result(message_ids: Sequence[str], messages: dict[str, QueuedMessage],
+                      bodies: dict[str, bytes]
+                      ) -> list[tuple[QueuedMessage | None, bytes | None]]:
+    """`read_ahead`'s answer from what an engine read: in id order, a body
+    only where it adds up to its message's size (b"" for an empty one)."""
+    result: list[tuple[QueuedMessage | None, bytes | None]] = []
+    for message_id in message_ids:
+        message = messages.get(message_id)
+        body = None
+        if message is not None:
+            body = b"" if message.size == 0 else bodies.get(message_id)
+            if body is not None and len(body) != message.size:
+                body = None
+        result.append((message, body))
+    return result
 
 
 async def lookup_domain(directory: Directory, name: str) -> Domain | None:

@@ -32,7 +32,9 @@ from fermoposta.store.base import (
     QueueEntry,
     RecipientState,
     StoreError,
+    bodies_within,
     new_queue_id,
+    read_ahead_result,
 )
 from fermoposta.store.pg_rows import (
     _M_MESSAGE_COLUMNS,
@@ -252,7 +254,8 @@ class PostgresMessages(EnginePart):
         return _message(rows[0][:columns],
                         [_recipient(r[columns:]) for r in rows if r[columns] is not None])
 
-    def read_ahead(self, message_ids: Sequence[str], body_limit: int
+    def read_ahead(self, message_ids: Sequence[str], body_limit: int,
+                   body_budget: int | None = None
                    ) -> list[tuple[QueuedMessage | None, bytes | None]]:
         """Two statements (two round trips) for the whole batch; like
         `get_message` then `read_body`, each sees its own snapshot."""
@@ -271,7 +274,7 @@ class PostgresMessages(EnginePart):
             if row[columns] is not None:
                 entry[1].append(_recipient(row[columns:]))
         messages = {mid: _message(row[:columns], rcpts) for mid, (row, rcpts) in grouped.items()}
-        small = [m.id for m in messages.values() if 0 < m.size <= min(body_limit, CHUNK_SIZE)]
+        small = bodies_within(messages, message_ids, body_limit, body_budget)
         bodies: dict[str, bytes] = {}
         if small:
             for mid, data in self._query(
@@ -281,16 +284,7 @@ class PostgresMessages(EnginePart):
                 (small,), binary=True,
             ):
                 bodies[str(mid)] = bytes(data)
-        result: list[tuple[QueuedMessage | None, bytes | None]] = []
-        for mid in message_ids:
-            message = messages.get(mid)
-            body = None
-            if message is not None:
-                body = b"" if message.size == 0 else bodies.get(mid)
-                if body is not None and len(body) != message.size:
-                    body = None
-            result.append((message, body))
-        return result
+        return read_ahead_result(message_ids, messages, bodies)
 
     @staticmethod
     def _messages_of(conn: Conn, recipient_ids: Sequence[int]) -> list[QueuedMessage]:

@@ -73,7 +73,9 @@ from fermoposta.store.base import (
     RecipientState,
     StoreError,
     WouldBlock,
+    bodies_within,
     new_queue_id,
+    read_ahead_result,
 )
 from fermoposta.store.holders import Holders
 from fermoposta.store.rows import message_from_row as _message
@@ -466,7 +468,8 @@ class SQLiteStore(SQLiteDirectory, SQLiteQueueTools, SQLiteEtrn, SQLiteOutbound,
             raise StoreError(f"message {message_id} is not in the queue")
         return self._chunks(message_id, int(row[0]))
 
-    def read_ahead(self, message_ids: Sequence[str], body_limit: int
+    def read_ahead(self, message_ids: Sequence[str], body_limit: int,
+                   body_budget: int | None = None
                    ) -> list[tuple[QueuedMessage | None, bytes | None]]:
         """One read transaction (one snapshot) for the whole batch."""
         ids = list(dict.fromkeys(message_ids))
@@ -486,23 +489,13 @@ class SQLiteStore(SQLiteDirectory, SQLiteQueueTools, SQLiteEtrn, SQLiteOutbound,
                     rcpts.setdefault(recipient.message_id, []).append(recipient)
                 for row in rows:
                     messages[row[0]] = _message(row, rcpts.get(row[0], []))
-                small = [m for m in batch if m in messages
-                         and 0 < messages[m].size <= min(body_limit, CHUNK_SIZE)]
-                if small:
-                    for mid, data in conn.execute(
-                            "SELECT message_id, data FROM body_chunks"
-                            f" WHERE message_id IN ({_marks(len(small))}) AND seq = 0", small):
-                        bodies[mid] = bytes(data)
-        result: list[tuple[QueuedMessage | None, bytes | None]] = []
-        for mid in message_ids:
-            message = messages.get(mid)
-            body = None
-            if message is not None:
-                body = b"" if message.size == 0 else bodies.get(mid)
-                if body is not None and len(body) != message.size:
-                    body = None
-            result.append((message, body))
-        return result
+            small = bodies_within(messages, ids, body_limit, body_budget)
+            for batch in _batches(small):
+                for mid, data in conn.execute(
+                        "SELECT message_id, data FROM body_chunks"
+                        f" WHERE message_id IN ({_marks(len(batch))}) AND seq = 0", batch):
+                    bodies[mid] = bytes(data)
+        return read_ahead_result(message_ids, messages, bodies)
 
     def _chunks(self, message_id: str, size: int) -> Iterator[bytes]:
         seq = 0
