@@ -566,3 +566,69 @@ async def test_drain_dsn_is_delivered_by_the_engine(provider_factory: object,
     assert notice.recipients == ["alice@sender.test"] and notice.sender == ""
     _, [block] = report(parse(notice.data))
     assert (block["Final-Recipient"], block["Status"]) == ("rfc822; gone@example.org", "5.1.1")
+
+
+async def test_deliveries_are_committed_many_at_a_time_before_their_claims_go(
+        tmp_path: Path, stores: list[SQLiteStore], clock: Clock,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Plain deliveries (no DSN) are removed in the background, gathered:
+    # thirty messages over one connection take far fewer commits than
+    # thirty, and every removal is committed before the batch's claims are
+    # released.
+    events: list[str] = []
+    with smtp_sink(tmp_path / "sink") as port:
+        config, store = setup(tmp_path, stores, clock,
+                              f'smarthost = "127.0.0.1:{port}"\nsmarthost_tls = "none"')
+        ids = [submit(store, [f"r{i}@far.example"]) for i in range(30)]
+        real_delivered, real_release = store.record_delivered, store.release_claims
+
+        def record_delivered(recipient_ids, reply, dsn=None):  # type: ignore[no-untyped-def]
+            events.append(f"delivered {len(recipient_ids)}")
+            return real_delivered(recipient_ids, reply, dsn)
+
+        def release_claims(*args):  # type: ignore[no-untyped-def]
+            events.append("release")
+            return real_release(*args)
+
+        monkeypatch.setattr(store, "record_delivered", record_delivered)
+        monkeypatch.setattr(store, "release_claims", release_claims)
+        out = runner(config, store, clock)
+        assert await out.run_once() == 30
+        assert out.delivered == 30
+        assert all(store.get_message(i) is None for i in ids)
+    commits = [e for e in events if e.startswith("delivered")]
+    assert sum(int(e.split()[1]) for e in commits) == 30
+    assert len(commits) < 30 and out.delivered_commits.commits == len(commits)
+    first_release = events.index("release")
+    assert all(events.index(e) < first_release for e in commits)
+
+
+async def test_a_failed_delivery_commit_keeps_the_recipients_for_another_go(
+        tmp_path: Path, stores: list[SQLiteStore], clock: Clock,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    # The store refuses the background removal: the mail was delivered, but
+    # the queue still holds it, released with the retry delay: it goes again
+    # (a duplicate), it is never lost.
+    from fermoposta.store.base import StoreError
+
+    caplog.set_level(logging.WARNING, logger="fermoposta")
+    with smtp_sink(tmp_path / "sink") as port:
+        config, store = setup(tmp_path, stores, clock,
+                              f'smarthost = "127.0.0.1:{port}"\nsmarthost_tls = "none"')
+        qid = submit(store, ["bob@far.example"])
+
+        def refuse(*args, **kwargs):  # type: ignore[no-untyped-def]
+            raise StoreError("disk full")
+
+        monkeypatch.setattr(store, "record_delivered", refuse)
+        out = runner(config, store, clock)
+        await out.run_once()
+        message = store.get_message(qid)
+        assert message is not None and [r.state for r in message.recipients] == [OUTBOUND]
+        assert any("cannot record 1 delivered recipients" in r.getMessage()
+                   for r in caplog.records)
+        monkeypatch.undo()
+        clock.now += 3600  # past the retry delay
+        assert await out.run_once() == 1
+        assert store.get_message(qid) is None
+    assert len(sink_messages(tmp_path / "sink")) == 2  # delivered twice, never lost

@@ -25,10 +25,15 @@ OUTBOUND recipients; `OutboundRunner` delivers them.  Contract:
   carries many messages, one transaction all the recipients of a message
   for that destination.  At most `concurrency` connections in all and
   `concurrency_per_destination` per destination.
-- Each recipient's outcome is committed before the next command is sent:
+- Each recipient's outcome is committed before the next command is sent,
+  but for a plain delivery:
   * 2xx to the end of data → delivered (`record_delivered`); if its NOTIFY
     asks for SUCCESS and the next hop does not advertise DSN, a "relayed"
-    DSN goes to the sender (RFC 3461 §4.2);
+    DSN goes to the sender (RFC 3461 §4.2), committed at once; without a
+    DSN the removal is committed in the background, many per transaction
+    (`outbound_outcomes.DeliveredCommits`), always before the batch's
+    claims are released (a crash before it: the recipient goes again, a
+    duplicate, never a loss);
   * 5xx → failed, with a failure DSN to the sender (never to `<>`);
   * 4xx, a lost connection, a timeout, every hop unreachable, a DNS
     failure, a missing required TLS, or a bug in this module → deferred:
@@ -101,7 +106,7 @@ from fermoposta.provider.outbound_base import Problem as _Problem
 from fermoposta.provider.outbound_connect import Connector
 from fermoposta.provider.outbound_connect import HopFailure as _HopFailure
 from fermoposta.provider.outbound_connect import Session as _Session
-from fermoposta.provider.outbound_outcomes import Outcomes
+from fermoposta.provider.outbound_outcomes import DeliveredCommits, Outcomes
 from fermoposta.provider.resolver import (
     MXResolver,
     Route,
@@ -173,6 +178,7 @@ class OutboundRunner(Connector, Outcomes):
         # this runner lives and their recipients would never be sent.
         self._unreleased: list[tuple[list[int], float | None]] = []
         self._hosted: dict[str, bool] = {}
+        self.delivered_commits = DeliveredCommits(self.store)
         # Counters for tests, benchmarks and logs.
         self.delivered = 0
         self.deferred = 0
@@ -216,6 +222,7 @@ class OutboundRunner(Connector, Outcomes):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._heartbeat_task
             self._heartbeat_task = None
+        await self.delivered_commits.flush()
         try:
             await asyncio.to_thread(self.store.release_claims, self.owner)
             self._unreleased.clear()  # released with the rest, due at once
@@ -322,6 +329,9 @@ class OutboundRunner(Connector, Outcomes):
             delay = None  # stopped: what is left is due at once
             raise
         finally:
+            # Deliveries are committed before their claims go (a delivered
+            # recipient released undelivered would go again at once).
+            await self.delivered_commits.flush()
             at = None if delay is None else self.clock() + delay
             try:
                 await asyncio.to_thread(self.store.release_claims, self.owner, ids, at)
