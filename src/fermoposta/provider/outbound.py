@@ -31,7 +31,7 @@ OUTBOUND recipients; `OutboundRunner` delivers them.  Contract:
     asks for SUCCESS and the next hop does not advertise DSN, a "relayed"
     DSN goes to the sender (RFC 3461 §4.2), committed at once; without a
     DSN the removal is committed in the background, many per transaction
-    (`outbound_outcomes.DeliveredCommits`), always before the batch's
+    (`outbound_commits.DeliveredCommits`), always before the batch's
     claims are released (a crash before it: the recipient goes again, a
     duplicate, never a loss);
   * 5xx → failed, with a failure DSN to the sender (never to `<>`);
@@ -103,10 +103,11 @@ from fermoposta.ops import metrics
 from fermoposta.passwords import read_password_file
 from fermoposta.provider.outbound_base import OutboundSettings, retry_delay
 from fermoposta.provider.outbound_base import Problem as _Problem
+from fermoposta.provider.outbound_commits import DeliveredCommits
 from fermoposta.provider.outbound_connect import Connector
 from fermoposta.provider.outbound_connect import HopFailure as _HopFailure
 from fermoposta.provider.outbound_connect import Session as _Session
-from fermoposta.provider.outbound_outcomes import DeliveredCommits, Outcomes
+from fermoposta.provider.outbound_outcomes import Outcomes
 from fermoposta.provider.resolver import (
     MXResolver,
     Route,
@@ -217,12 +218,13 @@ class OutboundRunner(Connector, Outcomes):
                 task.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=5.0)
+        # Deliveries committed while the heartbeat still renews their claims.
+        await self.delivered_commits.flush()
         if self._heartbeat_task is not None:
             self._heartbeat_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._heartbeat_task
             self._heartbeat_task = None
-        await self.delivered_commits.flush()
         try:
             await asyncio.to_thread(self.store.release_claims, self.owner)
             self._unreleased.clear()  # released with the rest, due at once

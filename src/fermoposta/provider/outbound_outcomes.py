@@ -6,24 +6,14 @@ sets the attributes it declares and provides `wake` and `_etrn_target`):
   `problem.reply` before the caller sends its next command, except a plain
   delivery: a 2xx delivers (with a "relayed" DSN when the session's next hop
   has no DSN, committed at once with it; without a DSN the removal goes to
-  `DeliveredCommits`, committed in the background, gathered, see below), a 5xx fails
-  with a failure DSN (`_fail`, `_fail_each`), anything else defers
+  `outbound_commits.DeliveredCommits`, committed in the background, gathered),
+  a 5xx fails with a failure DSN (`_fail`, `_fail_each`), anything else defers
   (`_defer`, `_defer_each`): `retry_delay` up to the end of the lifetime,
   then an expiry (4.4.7); the delay notice once after `delay_notice`; an
   ETRN domain's recipients back on hold (`_hold_etrn_again`).  A 421 marks
   the session broken.  These are the outcome rules of the `provider.outbound`
   docstring.  `_settle_safely` never raises: on a store error or a bug the
   recipients stay claimed.
-- `DeliveredCommits(store)`: `add(ids)` queues delivered recipients for
-  removal; a background task commits them, gathered for up to
-  `COMMIT_GATHER` seconds or `COMMIT_BATCH` of them per transaction (one
-  fsync for many), so the next message goes out without waiting for the
-  last one's commit.  `await flush()` returns once everything added so far
-  is committed or has failed; the runner flushes before it releases a
-  batch's claims, so a delivered recipient is never released undelivered
-  in the store.  A failed commit is logged; its recipients stay queued and
-  claimed, are released with the batch, and go again: a duplicate, never a
-  loss (a crash before the commit does the same).
 - DSNs go to the sender, never to `<>` (`_build`); each queued DSN logs
   ``status=dsn`` and wakes the runner.  `_log` writes the one line per
   recipient and outcome (``to=<...>, relay=..., delay=..., dsn=...,
@@ -33,7 +23,6 @@ sets the attributes it declares and provides `wake` and `_etrn_target`):
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import IO
@@ -45,6 +34,7 @@ from fermoposta.ops.log import event
 from fermoposta.provider.outbound_base import Problem as _Problem
 from fermoposta.provider.outbound_base import reply_status as _status
 from fermoposta.provider.outbound_base import retry_delay
+from fermoposta.provider.outbound_commits import DeliveredCommits
 from fermoposta.provider.outbound_connect import Session as _Session
 from fermoposta.store.base import (
     NewMessage,
@@ -55,62 +45,9 @@ from fermoposta.store.base import (
     lookup_domain,
 )
 
-__all__ = ["DeliveredCommits", "Outcomes"]
+__all__ = ["Outcomes"]
 
 log = logging.getLogger("fermoposta.outbound")
-
-COMMIT_GATHER = 0.01  # seconds a delivery's removal may wait for others
-COMMIT_BATCH = 100  # removals per transaction at most before committing at once
-
-
-class DeliveredCommits:
-    """Delivered recipients removed in the background, many per commit."""
-
-    def __init__(self, store: OutboundMail) -> None:
-        self.store = store
-        self._ids: list[int] = []
-        self._committer: asyncio.Task[None] | None = None
-        self._gathered = asyncio.Event()  # COMMIT_BATCH are waiting, or a flush is
-        self._hurry = 0  # flushes waiting: commit without gathering
-        self.commits = 0  # for tests and benchmarks
-
-    def add(self, recipient_ids: list[int]) -> None:
-        self._ids.extend(recipient_ids)
-        if len(self._ids) >= COMMIT_BATCH:
-            self._gathered.set()
-        if self._committer is None or self._committer.done():
-            self._committer = asyncio.create_task(self._commit())
-
-    async def _commit(self) -> None:
-        while self._ids:
-            if len(self._ids) < COMMIT_BATCH and not self._hurry:
-                self._gathered.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._gathered.wait(), COMMIT_GATHER)
-            ids, self._ids = self._ids, []
-            try:
-                await asyncio.to_thread(self.store.record_delivered, ids, "", None)
-                self.commits += 1
-            except StoreError as exc:
-                log.warning("cannot record %d delivered recipients (they stay queued and "
-                            "go again): %s", len(ids), exc)
-            except Exception:  # a bug: the same, never a loss
-                log.exception("cannot record %d delivered recipients (they stay queued and "
-                              "go again)", len(ids))
-
-    async def flush(self) -> None:
-        """Wait until every removal added so far is committed or has failed.
-        Shielded: a cancelled caller does not cancel the commit."""
-        self._hurry += 1
-        self._gathered.set()
-        try:
-            while self._ids or (self._committer is not None and not self._committer.done()):
-                if self._committer is None or self._committer.done():
-                    self._committer = asyncio.create_task(self._commit())
-                await asyncio.shield(self._committer)
-        finally:
-            self._hurry -= 1
-
 
 class Outcomes:
     """Recording outcomes and their DSNs; mixed into `OutboundRunner`."""
@@ -151,7 +88,7 @@ class Outcomes:
                     problem.report(r, "2.0.0") for r in recipients
                     if wants_notice(r, Action.RELAYED)])
             if dsn is None:
-                self.delivered_commits.add([r.id for r in recipients])
+                self.delivered_commits.add(message.id, [r.id for r in recipients])
                 dsn_id = None
             else:
                 try:
