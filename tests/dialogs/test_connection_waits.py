@@ -44,6 +44,15 @@ async def pair() -> AsyncIterator[tuple[Connection, asyncio.StreamWriter]]:
         await server.wait_closed()
 
 
+def write_later(writer: asyncio.StreamWriter, data: bytes, delay: float
+                ) -> asyncio.Task[None]:
+    async def later() -> None:
+        await asyncio.sleep(delay)
+        writer.write(data)
+
+    return asyncio.create_task(later())
+
+
 def timers_of(conn: Connection) -> list[asyncio.TimerHandle]:
     """The loop's live timers whose callback belongs to `conn`."""
     loop = asyncio.get_running_loop()
@@ -81,11 +90,7 @@ async def test_a_long_wait_after_a_short_one_outlives_the_early_timer() -> None:
         writer.write(b"A\r\n")
         assert await conn.read_line(512, 0.3) == b"A\r\n"
 
-        async def late() -> None:
-            await asyncio.sleep(0.5)
-            writer.write(b"B\r\n")
-
-        sender = asyncio.create_task(late())
+        sender = write_later(writer, b"B\r\n", 0.5)
         assert await conn.read_line(512, 5.0) == b"B\r\n"
         await sender
 
@@ -113,11 +118,7 @@ async def test_a_deadline_ends_the_wait_with_its_name() -> None:
 
 async def test_bytes_that_come_in_time_are_read() -> None:
     async with pair() as (conn, writer):
-        async def soon() -> None:
-            await asyncio.sleep(0.1)
-            writer.write(b"QUIT\r\n")
-
-        sender = asyncio.create_task(soon())
+        sender = write_later(writer, b"QUIT\r\n", 0.1)
         assert await conn.read_line(512, 1.0) == b"QUIT\r\n"
         await sender
 
