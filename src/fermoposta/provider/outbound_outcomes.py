@@ -49,6 +49,7 @@ __all__ = ["Outcomes"]
 
 log = logging.getLogger("fermoposta.outbound")
 
+
 class Outcomes:
     """Recording outcomes and their DSNs; mixed into `OutboundRunner`."""
 
