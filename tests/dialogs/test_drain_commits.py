@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from fermoposta.provider import drain as drain_module
+from fermoposta.provider import delivery_commits as commits_module
 from fermoposta.store.base import StoreError
 from support.customer import serve_reversed
 from test_odmr import authed, hold
@@ -19,16 +19,16 @@ from test_odmr import authed, hold
 class SlowCommits:
     """record_delivered that takes 30 ms (a slow disk) and counts its calls."""
 
-    def __init__(self, store, fail_first: bool = False) -> None:
+    def __init__(self, store, failures: int = 0) -> None:
         self.real = store.record_delivered
         self.calls: list[int] = []
-        self.fail_first = fail_first
+        self.failures = failures  # the first calls that fail
         self.delay = 0.03
 
     def __call__(self, ids, reply, dsn=None):
         self.calls.append(len(ids))
         time.sleep(self.delay)
-        if self.fail_first and len(self.calls) == 1:
+        if len(self.calls) <= self.failures:
             raise StoreError("disk I/O error (injected)")
         return self.real(ids, reply, dsn)
 
@@ -53,8 +53,9 @@ async def test_deliveries_share_commits_and_are_all_recorded_before_quit(provide
 
 async def test_a_failed_commit_stops_the_drain_and_keeps_the_mail(
         provider, certs, caplog: pytest.LogCaptureFixture) -> None:
+    # The disk stays broken: every commit, retries included, fails.
     ids = [await hold(provider, rcpts=(f"u{i}@example.org",)) for i in range(5)]
-    slow = SlowCommits(provider.store, fail_first=True)
+    slow = SlowCommits(provider.store, failures=1_000)
     provider.store.record_delivered = slow  # type: ignore[method-assign]
     d = await authed(provider, certs)
     await d.cmd("ATRN example.org", 250)
@@ -84,8 +85,8 @@ async def test_deliveries_gather_into_batches_and_the_last_is_not_kept_waiting(
     # A fast store: commits would keep up one by one; the drain gathers them
     # (COMMIT_BATCH at a time, or what COMMIT_GATHER seconds bring), and at
     # the end commits what is left at once, not after the gathering time.
-    monkeypatch.setattr(drain_module, "COMMIT_GATHER", 30.0)
-    monkeypatch.setattr(drain_module, "COMMIT_BATCH", 6)
+    monkeypatch.setattr(commits_module, "COMMIT_GATHER", 30.0)
+    monkeypatch.setattr(commits_module, "COMMIT_BATCH", 6)
     ids = [await hold(provider, rcpts=(f"u{i}@example.org",)) for i in range(20)]
     counted = SlowCommits(provider.store)
     counted.delay = 0.0
@@ -140,4 +141,20 @@ async def test_a_drain_cancelled_during_a_commit_lets_it_land_before_the_leases_
     customer.cancel()
     assert events.index("commit done") < events.index("leases released"), events
     assert provider.store.held_message_ids(["example.org"]) == []
+    await d.close()
+
+
+async def test_a_commit_refused_once_is_tried_again_and_the_drain_goes_on(
+        provider, certs, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(commits_module, "RETRY_PAUSE", 0.001)
+    ids = [await hold(provider, rcpts=(f"u{i}@example.org",)) for i in range(5)]
+    slow = SlowCommits(provider.store, failures=1)
+    provider.store.record_delivered = slow  # type: ignore[method-assign]
+    d = await authed(provider, certs)
+    await d.cmd("ATRN example.org", 250)
+    t = await serve_reversed(d)
+    assert t.quit and len(t.messages) == 5
+    assert len(slow.calls) >= 2  # the refused one and its retry
+    assert provider.store.held_message_ids(["example.org"]) == []
+    assert all(provider.store.get_message(i) is None for i in ids)
     await d.close()

@@ -13,13 +13,14 @@ connection (RFC 2645 §5.3).  Contract:
   connection drops or times out after the final dot the outcome is unknown:
   the recipients stay queued (a duplicate is possible, a loss is not; RFC
   1047).  Deliveries (a 2xx that needs no DSN from us) are committed in the
-  background, gathered for up to `COMMIT_GATHER` seconds or `COMMIT_BATCH`
-  deliveries per transaction, while the next messages go out: the drain
-  does not wait for each commit (a crash before it makes the next drain
-  send those messages again: a duplicate, never a loss).  Every such
-  commit has ended before `run` returns, hence before the session releases
-  its leases, and before QUIT; a failed one stops the drain without QUIT
-  (its recipients, and those delivered after it, stay queued).
+  background (`delivery_commits.DeliveredCommits`: gathered, up to 10 ms or
+  100 per transaction; a refused commit tried three times), while the next
+  messages go out: the drain does not wait for each commit (a crash before
+  it makes the next drain send those messages again: a duplicate, never a
+  loss).  Every such commit has ended before `run` returns, hence before
+  the session releases its leases, and before QUIT; one that fails for good
+  stops the drain without QUIT (its recipients stay queued, and so does
+  every message not yet sent).
   Other outcomes (a deferral, a failure, a delivery with a DSN) are
   committed before the next reply is read.
 - Uses PIPELINING (MAIL, all RCPTs and DATA sent without waiting, and
@@ -64,6 +65,7 @@ from fermoposta.net.transfer import (
 )
 from fermoposta.ops import metrics
 from fermoposta.ops.log import event
+from fermoposta.provider.delivery_commits import DeliveredCommits
 from fermoposta.smtp.reply import Reply
 from fermoposta.store.base import (
     CHUNK_SIZE,
@@ -85,11 +87,6 @@ PREFETCH_BYTES = 256 * 1024
 PREFETCH_MESSAGES = 8
 PREFETCH_BATCHES = 2
 PREFETCH_BATCH_BYTES = 1024 * 1024
-# The background commit of deliveries waits up to COMMIT_GATHER seconds for
-# COMMIT_BATCH of them (a crash loses the record of at most that many: they
-# are sent again, a duplicate).
-COMMIT_GATHER = 0.01
-COMMIT_BATCH = 100
 # With a customer that offers CHUNKING: BDAT transactions in flight at once
 # (each body at most PREFETCH_BYTES, kept until its replies are read).
 CHUNKING_WINDOW = 32
@@ -140,13 +137,8 @@ class Drain:
         self.session_id = session_id
         self.settings = settings
         self.result = DrainResult(relay=f"unknown[{conn.peer_ip}]")
-        # Delivered recipients whose removal is not committed yet, and the
-        # task committing them (see the module docstring).
-        self._delivered: list[int] = []
-        self._committer: asyncio.Task[None] | None = None
-        self._commit_error: StoreError | None = None
-        self._gathered = asyncio.Event()  # COMMIT_BATCH deliveries are pending
-        self._flushing = False  # the drain is ending: commit at once
+        # Delivered recipients removed in the background (see the module docstring).
+        self.commits = DeliveredCommits(store, log, f"{session_id}: ")
         self._stored_body = stored_body(store)
         self._bodies: dict[str, bytes] = {}  # prefetched bodies of small messages
         # One transfer for the session: the next message's commands follow a
@@ -176,9 +168,9 @@ class Drain:
             if await self._open():
                 await self._deliver_all()
                 # The customer sees QUIT only once every delivery is recorded.
-                await self._commit_delivered_now()
-                if self._commit_error is not None:
-                    raise self._commit_error
+                await self.commits.flush()
+                if self.commits.error is not None:
+                    raise self.commits.error
                 await self._quit()
         except _Abort:
             pass
@@ -189,12 +181,13 @@ class Drain:
             log.warning("%s: drain stopped: store error: %s", self.session_id, exc)
         finally:
             try:
-                # Shielded: even a cancelled drain lets its last commit end.
-                await asyncio.shield(self._commit_delivered_now())
+                # Even a cancelled drain lets its last commit end (flush is
+                # shielded) before the leases go.
+                await self.commits.flush()
             finally:
                 heartbeat.cancel()
-            if self._commit_error is not None and self.result.aborted is None:
-                self.result.aborted = f"store error: {self._commit_error}"
+            if self.commits.error is not None and self.result.aborted is None:
+                self.result.aborted = f"store error: {self.commits.error}"
         event("drain", None, session=self.session_id, relay=self.result.relay,
               messages=self.result.messages, delivered=self.result.delivered,
               deferred=self.result.deferred, failed=self.result.failed,
@@ -349,7 +342,10 @@ class Drain:
                     sender_domain_hosted=await self._sender_domain_hosted(message.sender),
                 )
             if dsn is None:
-                self._commit_later(ids)
+                if self.commits.error is not None:
+                    # The store failed: these stay queued too (a duplicate later).
+                    raise self.commits.error
+                self.commits.add(message.id, ids)
                 dsn_id = None
             else:
                 try:
@@ -372,48 +368,6 @@ class Drain:
         if reply.code == 421:
             self.result.aborted = f"customer closing: {reply}"
             raise _Abort()
-
-    def _commit_later(self, recipient_ids: list[int]) -> None:
-        """Queue the removal of delivered recipients for the background commit."""
-        if self._commit_error is not None:
-            # The store failed: these stay queued too (a duplicate later).
-            raise self._commit_error
-        self._delivered.extend(recipient_ids)
-        if len(self._delivered) >= COMMIT_BATCH:
-            self._gathered.set()
-        if self._committer is None or self._committer.done():
-            self._committer = asyncio.create_task(self._commit_delivered())
-
-    async def _commit_delivered(self) -> None:
-        """Commit every pending delivery, as many per transaction as are
-        pending when the previous one ends."""
-        while self._delivered and self._commit_error is None:
-            if len(self._delivered) < COMMIT_BATCH and not self._flushing:
-                # Let deliveries gather while the next messages go out: one
-                # transaction and one fsync for many.
-                self._gathered.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._gathered.wait(), COMMIT_GATHER)
-            ids, self._delivered = self._delivered, []
-            try:
-                await asyncio.to_thread(self.store.record_delivered, ids, "", None)
-            except StoreError as exc:
-                self._commit_error = exc
-                log.warning("%s: cannot record %d delivered recipients (they stay queued;"
-                            " the next drain sends them again): %s",
-                            self.session_id, len(ids), exc)
-
-    async def _commit_delivered_now(self) -> None:
-        """Wait until every delivery so far is committed (or has failed),
-        without waiting for more to gather."""
-        self._flushing = True
-        self._gathered.set()
-        while self._committer is not None and not self._committer.done():
-            # Shielded: a drain cancelled here must not cancel the commit
-            # (its thread would go on, and the leases could go before it).
-            await asyncio.shield(self._committer)
-        if self._delivered and self._commit_error is None:
-            await self._commit_delivered()
 
     async def _fail(self, message: QueuedMessage, recipients: list[QueuedRecipient],
                     reply: Reply) -> None:

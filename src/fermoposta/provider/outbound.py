@@ -31,7 +31,7 @@ OUTBOUND recipients; `OutboundRunner` delivers them.  Contract:
     asks for SUCCESS and the next hop does not advertise DSN, a "relayed"
     DSN goes to the sender (RFC 3461 §4.2), committed at once; without a
     DSN the removal is committed in the background, many per transaction
-    (`outbound_commits.DeliveredCommits`), always before the batch's
+    (`delivery_commits.DeliveredCommits`), always before the batch's
     claims are released (a crash before it: the recipient goes again, a
     duplicate, never a loss);
   * 5xx → failed, with a failure DSN to the sender (never to `<>`);
@@ -101,9 +101,9 @@ from fermoposta.net.transfer import (
 )
 from fermoposta.ops import metrics
 from fermoposta.passwords import read_password_file
+from fermoposta.provider.delivery_commits import DeliveredCommits
 from fermoposta.provider.outbound_base import OutboundSettings, retry_delay
 from fermoposta.provider.outbound_base import Problem as _Problem
-from fermoposta.provider.outbound_commits import DeliveredCommits
 from fermoposta.provider.outbound_connect import Connector
 from fermoposta.provider.outbound_connect import HopFailure as _HopFailure
 from fermoposta.provider.outbound_connect import Session as _Session
@@ -179,7 +179,7 @@ class OutboundRunner(Connector, Outcomes):
         # this runner lives and their recipients would never be sent.
         self._unreleased: list[tuple[list[int], float | None]] = []
         self._hosted: dict[str, bool] = {}
-        self.delivered_commits = DeliveredCommits(self.store)
+        self.delivered_commits = DeliveredCommits(self.store, log)
         # Counters for tests, benchmarks and logs.
         self.delivered = 0
         self.deferred = 0

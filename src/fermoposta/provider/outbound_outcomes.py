@@ -6,7 +6,7 @@ sets the attributes it declares and provides `wake` and `_etrn_target`):
   `problem.reply` before the caller sends its next command, except a plain
   delivery: a 2xx delivers (with a "relayed" DSN when the session's next hop
   has no DSN, committed at once with it; without a DSN the removal goes to
-  `outbound_commits.DeliveredCommits`, committed in the background, gathered),
+  `delivery_commits.DeliveredCommits`, committed in the background, gathered),
   a 5xx fails with a failure DSN (`_fail`, `_fail_each`), anything else defers
   (`_defer`, `_defer_each`): `retry_delay` up to the end of the lifetime,
   then an expiry (4.4.7); the delay notice once after `delay_notice`; an
@@ -31,10 +31,10 @@ from fermoposta.config import OutboundConfig, ProviderConfig
 from fermoposta.mail.dsn import Action, RecipientReport, build_dsn, wants_notice
 from fermoposta.ops import metrics
 from fermoposta.ops.log import event
+from fermoposta.provider.delivery_commits import DeliveredCommits
 from fermoposta.provider.outbound_base import Problem as _Problem
 from fermoposta.provider.outbound_base import reply_status as _status
 from fermoposta.provider.outbound_base import retry_delay
-from fermoposta.provider.outbound_commits import DeliveredCommits
 from fermoposta.provider.outbound_connect import Session as _Session
 from fermoposta.store.base import (
     NewMessage,

@@ -1,7 +1,7 @@
-"""Delivered recipients of the outbound engine, removed in the background.
+"""Delivered recipients removed in the background, many per commit.
 
-Contract (`DeliveredCommits(store)`, one per `OutboundRunner`, used on its
-event loop):
+Contract (`DeliveredCommits(store, log, label)`, one per ODMR drain and one
+per `OutboundRunner`, used on its event loop):
 - `add(message_id, recipient_ids)` queues the removal of recipients the
   next hop accepted (a 2xx to the end of data, no DSN to generate).  A
   background task commits the queued removals, gathered for up to
@@ -9,17 +9,17 @@ event loop):
   fsync for many), so the next message goes out without waiting for the
   last one's commit.
 - `await flush()` returns once every removal added before the call is
-  committed or has failed, not later: removals that other batches add
-  meanwhile do not keep it waiting.  While a flush waits, commits do not
-  gather.  The runner flushes before it releases a batch's claims (and
-  before `stop()` releases them all), so a delivered recipient is never
-  released while still queued.  Shielded: a cancelled caller does not
-  cancel the commit.
-- A commit the store refuses is tried `ATTEMPTS` times in all (the claims
-  are still held, so nothing else sends those recipients meanwhile); then
-  it is logged with the queue ids it concerned, and those recipients stay
-  queued and claimed, are released with their batch and go again: a
-  duplicate, never a loss (a crash before the commit does the same).
+  committed or has failed, not later: removals added meanwhile do not keep
+  it waiting.  While a flush waits, commits do not gather.  Callers flush
+  before their recipients could be sent by someone else (the drain before
+  QUIT and before its leases go, the outbound runner before it releases a
+  batch's claims).  Shielded: a cancelled caller does not cancel the commit.
+- A commit the store refuses is tried `ATTEMPTS` times in all (the leases or
+  claims are still held, so nothing else sends those recipients meanwhile);
+  then it is logged on `log`, after `label` and with the queue ids it
+  concerned, and `error` keeps the StoreError: those recipients stay queued
+  and go again (a duplicate, never a loss; a crash before the commit does
+  the same).  Later removals are still tried; the drain stops at `error`.
 """
 
 from __future__ import annotations
@@ -28,11 +28,9 @@ import asyncio
 import contextlib
 import logging
 
-from fermoposta.store.base import OutboundMail, StoreError
+from fermoposta.store.base import MessageQueue, StoreError
 
 __all__ = ["DeliveredCommits"]
-
-log = logging.getLogger("fermoposta.outbound")
 
 COMMIT_GATHER = 0.01  # seconds a delivery's removal may wait for others
 COMMIT_BATCH = 100  # removals per transaction at most before committing at once
@@ -41,8 +39,11 @@ RETRY_PAUSE = 0.05  # seconds before the second try (doubled before the third)
 
 
 class DeliveredCommits:
-    def __init__(self, store: OutboundMail) -> None:
+    def __init__(self, store: MessageQueue, log: logging.Logger, label: str = "") -> None:
         self.store = store
+        self.log = log
+        self.label = label  # a prefix for the log line ("<session id>: ")
+        self.error: StoreError | None = None  # the last commit that failed for good
         self._ids: list[int] = []
         self._messages: list[str] = []  # queue ids of _ids, for the log
         self._added = 0  # removals added so far
@@ -104,13 +105,13 @@ class DeliveredCommits:
                     await asyncio.sleep(pause)
                     pause *= 2
                     continue
-                reason = str(exc)
+                self.error = exc
             except Exception as exc:  # a bug: the same, never a loss
-                log.exception("recording delivered recipients failed")
-                reason = f"{type(exc).__name__}: {exc}"
+                self.log.exception("%srecording delivered recipients failed", self.label)
+                self.error = StoreError(f"{type(exc).__name__}: {exc}")
             shown = ", ".join(messages[:10]) + (", ..." if len(messages) > 10 else "")
-            log.warning("cannot record %d delivered recipients of %s (they stay queued and "
-                        "go again): %s", len(ids), shown, reason)
+            self.log.warning("%scannot record %d delivered recipients of %s (they stay queued "
+                             "and go again): %s", self.label, len(ids), shown, self.error)
             return
 
     def _wake(self, *, all_of_them: bool) -> None:

@@ -13,9 +13,11 @@ import time
 
 import pytest
 
-import fermoposta.provider.outbound_commits as commits_module
-from fermoposta.provider.outbound_commits import DeliveredCommits
+import fermoposta.provider.delivery_commits as commits_module
+from fermoposta.provider.delivery_commits import DeliveredCommits
 from fermoposta.store.base import StoreError
+
+LOG = logging.getLogger("fermoposta.test")
 
 
 class FakeStore:
@@ -41,7 +43,7 @@ def committed(store: FakeStore) -> list[int]:
 
 async def test_removals_are_gathered_and_flush_waits_for_them() -> None:
     store = FakeStore(delay=0.002)
-    delivered = DeliveredCommits(store)  # type: ignore[arg-type]
+    delivered = DeliveredCommits(store, LOG)  # type: ignore[arg-type]
     for i in range(30):
         delivered.add(f"Q{i}", [i])
         await asyncio.sleep(0)  # the sender goes on between messages
@@ -55,7 +57,7 @@ async def test_a_flush_is_not_kept_waiting_by_later_removals() -> None:
     # Other batches keep adding while each commit runs: a flush returns once
     # what was added before it is committed, not when the queue runs dry.
     store = FakeStore(delay=0.003)
-    delivered = DeliveredCommits(store)  # type: ignore[arg-type]
+    delivered = DeliveredCommits(store, LOG)  # type: ignore[arg-type]
     delivered.add("MINE", [1, 2])
     stop = asyncio.Event()
 
@@ -82,7 +84,7 @@ async def test_a_flush_is_not_kept_waiting_by_later_removals() -> None:
 async def test_a_refused_commit_is_tried_again(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(commits_module, "RETRY_PAUSE", 0.001)
     store = FakeStore(refusals=2)
-    delivered = DeliveredCommits(store)  # type: ignore[arg-type]
+    delivered = DeliveredCommits(store, LOG)  # type: ignore[arg-type]
     delivered.add("Q1", [7])
     await delivered.flush()
     assert committed(store) == [7] and delivered.commits == 1
@@ -93,7 +95,7 @@ async def test_a_commit_refused_every_time_is_logged_with_its_queue_ids(
     monkeypatch.setattr(commits_module, "RETRY_PAUSE", 0.001)
     caplog.set_level(logging.WARNING, logger="fermoposta")
     store = FakeStore(refusals=commits_module.ATTEMPTS)
-    delivered = DeliveredCommits(store)  # type: ignore[arg-type]
+    delivered = DeliveredCommits(store, LOG)  # type: ignore[arg-type]
     delivered.add("AAAA", [1])
     delivered.add("BBBB", [2, 3])
     await delivered.flush()  # returns: the failure is settled, nothing hangs
@@ -108,7 +110,7 @@ async def test_a_commit_refused_every_time_is_logged_with_its_queue_ids(
 
 async def test_a_cancelled_flush_does_not_cancel_the_commit() -> None:
     store = FakeStore(delay=0.05)
-    delivered = DeliveredCommits(store)  # type: ignore[arg-type]
+    delivered = DeliveredCommits(store, LOG)  # type: ignore[arg-type]
     delivered.add("Q1", [1])
     waiting = asyncio.create_task(delivered.flush())
     await asyncio.sleep(0.01)
