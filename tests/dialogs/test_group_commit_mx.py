@@ -1,14 +1,16 @@
 """Group commit seen from the MX: many senders at once each get their own
 queue id once their message is stored; a commit that fails (a full disk)
 answers every sender of the batch 451 and stores nothing; when the disk is
-back the same senders get 250."""
+back the same senders get 250.  Every transaction a session opens is closed
+again (the group commit waits for open ones, boundedly)."""
 
 from __future__ import annotations
 
 import asyncio
 
+from conftest import PASSWORD
 from fermoposta.store.base import StoreError
-from support.dialog import send_mail
+from support.dialog import Dialog, open_data, send_mail
 
 BODY = b"Subject: group\r\n\r\nhello\r\n"
 
@@ -61,3 +63,83 @@ async def test_a_failed_commit_answers_451_and_stores_nothing(provider_factory):
     again = await burst(provider, 12)
     assert [code for code, _ in again] == [250] * 12
     assert len(provider.store.held_message_ids(["example.org"])) == 12
+
+
+async def wait_for_no_open_transaction(provider) -> None:
+    for _ in range(200):  # the sessions' ends run after the client's last read
+        if provider.provider.intake.open_transactions == 0:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{provider.provider.intake.open_transactions} transactions left open")
+
+
+async def test_every_transaction_the_sessions_open_is_closed(provider_factory, certs):
+    """The group commit waits for open transactions: each way a transaction
+    ends (its message, RSET, EHLO, a refused message, QUIT, a hang-up in
+    DATA) must close it, or every later commit would wait its full bound."""
+    provider = await provider_factory(extra=LIMITS)
+    intake = provider.provider.intake
+    d = await Dialog.connect(*provider.mx)
+    await d.expect(220)
+    await d.cmd("EHLO client.test", 250)
+    await d.cmd("MAIL FROM:<a@sender.test>", 250)
+    assert intake.open_transactions == 1
+    await d.cmd("RSET", 250)
+    assert intake.open_transactions == 0
+    await d.cmd("MAIL FROM:<a@sender.test>", 250)
+    await d.cmd("EHLO client.test", 250)
+    assert intake.open_transactions == 0
+    await d.cmd("MAIL FROM:<a@sender.test>", 250)
+    await d.cmd("RCPT TO:<nobody@not-hosted.test>", 550)
+    await d.cmd("DATA", 554)  # no valid recipient: the transaction stays open...
+    assert intake.open_transactions == 1
+    await d.cmd("RCPT TO:<bob@example.org>", 250)
+    await d.cmd("DATA", 354)
+    await d.raw(b"Subject: bad\r\n\r\nbare\nLF\r\n.\r\n")
+    await d.expect(550)  # ...until its message, refused here, ends it
+    assert intake.open_transactions == 0
+    await d.cmd("MAIL FROM:<a@sender.test>", 250)
+    await d.cmd("QUIT", 221)
+    await d.close()
+    await wait_for_no_open_transaction(provider)
+
+    hangs_up = await open_data(*provider.mx)
+    await hangs_up.raw(b"Subject: half\r\n\r\nhalf a mess")
+    await hangs_up.close()
+    await wait_for_no_open_transaction(provider)
+
+    code, _ = await send_mail(*provider.mx, "a@sender.test", ["bob@example.org"], BODY)
+    assert code == 250
+    submission = await Dialog.connect(*provider.submission)
+    await submission.expect(220)
+    await submission.cmd("EHLO mail.example.org", 250)
+    await submission.starttls(certs.client_context())
+    await submission.cmd("EHLO mail.example.org", 250)
+    await submission.auth_plain("acme", PASSWORD)
+    await submission.cmd("MAIL FROM:<bob@example.org>", 250)
+    assert intake.open_transactions == 1  # submission shares the provider's group commit
+    await submission.cmd("RCPT TO:<x@other.test>", 250)
+    await submission.cmd("DATA", 354)
+    await submission.raw(BODY + b".\r\n")
+    await submission.expect(250)
+    assert intake.open_transactions == 0
+    await submission.cmd("QUIT", 221)
+    await submission.close()
+
+
+async def test_an_idle_open_transaction_delays_a_commit_only_briefly(provider_factory):
+    """A client that gave MAIL and then sits does not hold others' 250."""
+    provider = await provider_factory(extra=LIMITS)
+    idle = await Dialog.connect(*provider.mx)
+    await idle.expect(220)
+    await idle.cmd("EHLO idle.test", 250)
+    await idle.cmd("MAIL FROM:<a@sender.test>", 250)
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    results = [await send_mail(*provider.mx, "a@sender.test", ["bob@example.org"], BODY)
+               for _ in range(5)]
+    assert [code for code, _ in results] == [250] * 5
+    assert loop.time() - began < 2.0  # each commit waited at most GATHER (2 ms)
+    assert provider.provider.intake.open_transactions == 1
+    await idle.cmd("QUIT", 221)
+    await idle.close()

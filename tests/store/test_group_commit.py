@@ -1,13 +1,15 @@
 """Group commit on every engine: `enqueue_batch` stores all or nothing in one
 transaction; `GroupCommit` shares one commit among messages that are ready
 together, answers each caller with its own result, keeps one message's
-failure from failing the others, and commits a lone message at once."""
+failure from failing the others, commits a lone message at once, and waits
+(boundedly) for the messages of transactions still open."""
 
 from __future__ import annotations
 
 import asyncio
 import io
 import threading
+import time
 
 import pytest
 
@@ -162,3 +164,95 @@ def test_a_cancelled_caller_leaves_the_others_batch_alone(store: Store) -> None:
     assert first in stored and set(rest) <= stored
     # The cancelled one may be stored (a duplicate when its client retries), never half.
     assert len(stored) in (3, 4)
+
+
+def test_a_batch_waits_for_the_messages_of_open_transactions(store: Store) -> None:
+    counting = CountingStore(store)
+    group = GroupCommit(counting, gather=30.0)  # type: ignore[arg-type]
+
+    async def main() -> list[str]:
+        for _ in range(3):
+            group.transaction_opened()  # three sessions gave MAIL
+        async def final_dot(i: int) -> str:
+            group.transaction_closed()  # as a session does: the close, then the enqueue
+            return await group.enqueue(msg(f"u{i}@a.example"), io.BytesIO(b"%d" % i))
+
+        waiting = []
+        for i in range(3):
+            waiting.append(asyncio.ensure_future(final_dot(i)))
+            await asyncio.sleep(0.02)
+        return [await w for w in waiting]
+
+    started = time.monotonic()
+    ids = asyncio.run(asyncio.wait_for(main(), 10))
+    assert counting.batches == [3] and counting.singles == 0  # one commit for the three
+    assert group.commits == 1 and group.open_transactions == 0
+    assert sorted(all_ids(store)) == sorted(ids)
+    # The last close ended the wait, not the 30 s bound.
+    assert time.monotonic() - started < 5
+
+
+def test_the_wait_ends_after_gather_seconds_when_a_transaction_stays_open(
+        store: Store) -> None:
+    counting = CountingStore(store)
+    group = GroupCommit(counting, gather=0.2)  # type: ignore[arg-type]
+
+    async def main() -> tuple[str, float]:
+        group.transaction_opened()
+        group.transaction_opened()  # this one never sends its data
+        group.transaction_closed()
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        queue_id = await group.enqueue(msg("a@a.example"), io.BytesIO(b"a"))
+        return queue_id, loop.time() - began
+
+    queue_id, waited = asyncio.run(asyncio.wait_for(main(), 10))
+    assert 0.15 <= waited < 5  # about `gather`, then committed without the idle one
+    assert all_ids(store) == [queue_id] and counting.singles == 1
+    assert group.open_transactions == 1
+
+
+def test_a_transaction_closed_without_a_message_ends_the_wait(store: Store) -> None:
+    group = GroupCommit(store, gather=30.0)
+
+    async def main() -> str:
+        group.transaction_opened()
+        group.transaction_opened()
+        group.transaction_closed()
+        waiting = asyncio.ensure_future(group.enqueue(msg("a@a.example"), io.BytesIO(b"a")))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()  # it waits for the other open transaction...
+        group.transaction_closed()  # ...which ends with RSET (or a refusal, or a hang-up)
+        return await asyncio.wait_for(waiting, 5)
+
+    queue_id = asyncio.run(main())
+    assert all_ids(store) == [queue_id] and group.open_transactions == 0
+
+
+def test_a_full_batch_goes_without_waiting(store: Store) -> None:
+    counting = CountingStore(store)
+    group = GroupCommit(counting, gather=30.0, max_batch=3)  # type: ignore[arg-type]
+
+    async def main() -> list[str]:
+        for _ in range(5):
+            group.transaction_opened()  # two of them stay open
+        async def final_dot(i: int) -> str:
+            group.transaction_closed()
+            return await group.enqueue(msg(f"u{i}@a.example"), io.BytesIO(b"x"))
+
+        return list(await asyncio.wait_for(asyncio.gather(*(final_dot(i) for i in range(3))), 5))
+
+    ids = asyncio.run(main())
+    assert counting.batches == [3] and sorted(all_ids(store)) == sorted(ids)
+
+
+def test_closing_more_transactions_than_were_opened_is_harmless(store: Store) -> None:
+    group = GroupCommit(store)
+    group.transaction_closed()
+    assert group.open_transactions == 0
+
+    async def main() -> str:
+        return await asyncio.wait_for(group.enqueue(msg("a@a.example"), io.BytesIO(b"a")), 5)
+
+    queue_id = asyncio.run(main())
+    assert all_ids(store) == [queue_id] and group.commits == 1

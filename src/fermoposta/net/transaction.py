@@ -28,6 +28,10 @@ Contract:
   was staged discarded.
 - `accept_message` must return 250 only once the message is durably stored
   (or delivered); the peer hears nothing before it returns.
+- `transaction_opened()` (MAIL accepted) and `transaction_closed()` come in
+  pairs, whatever ends the transaction (its message's end, before
+  `accept_message`; RSET, EHLO, STARTTLS; the session's end): the MX and
+  submission pass them to their group commit, which waits for open ones.
 - A peer whose EOF arrived with its final dot over TLS, where the 250 can
   no longer be written, gets nothing stored: it keeps the message and
   retries (plain TCP peers that half-close do get their 250).
@@ -226,7 +230,7 @@ class TransactionSession(ServerSession):
         ]
 
     def reset_transaction(self) -> None:
-        self.transaction = None
+        self._close_transaction()
         self._bdat_failed = False
         self._drop_chunks()  # RFC 3030 §2: RSET clears the chunks sent
 
@@ -238,6 +242,21 @@ class TransactionSession(ServerSession):
             await super().run()
         finally:
             self._drop_chunks()  # the connection went mid-message: nothing stored
+            self._close_transaction()
+
+    def _close_transaction(self) -> None:
+        if self.transaction is not None:
+            self.transaction = None
+            self.transaction_closed()
+
+    def transaction_opened(self) -> None:
+        """A MAIL was accepted: a message may follow.  Paired with exactly
+        one `transaction_closed()` (the message's end, RSET, EHLO, STARTTLS
+        or the session's end), which comes before the message is handed to
+        `accept_message`."""
+
+    def transaction_closed(self) -> None:
+        """The transaction `transaction_opened()` announced is over."""
 
     def transaction_open(self) -> bool:
         return self.transaction is not None
@@ -290,6 +309,7 @@ class TransactionSession(ServerSession):
             return refusal
         self.transaction = txn
         self._bdat_failed = False
+        self.transaction_opened()
         return SENDER_OK
 
     async def smtp_rcpt(self, arg: str) -> Reply:
@@ -446,7 +466,7 @@ class TransactionSession(ServerSession):
         refusal, or `accept_message`'s, as the message is stored or not.
         `header_ready`: the trace header in front of the content is in wire
         form (`in_wire_form`)."""
-        self.transaction = None  # the transaction ends with the data, whatever follows
+        self._close_transaction()  # it ends with the data, whatever follows
         refusal = _refusal(checks)
         if refusal is not None:
             return self.reject(refusal[0], refusal[1], stage=stage, sender=txn.sender.address,

@@ -10,8 +10,9 @@ Contract:
   returned, i.e. after the transaction holding body and recipients was
   committed and fsynced; the provider's sessions share one
   `store.group_commit.GroupCommit`, so messages ready at the same moment
-  share that commit.  Every recipient is stored HELD, waiting for its
-  customer's ATRN.
+  share that commit (the session tells it when its transactions open and
+  close, so that it can wait briefly for them).  Every recipient is stored
+  HELD, waiting for its customer's ATRN.
 - A store failure answers 451 4.3.0 (try again later); nothing is lost.
 - ETRN (RFC 1985) after HELO/EHLO and outside a transaction, advertised in
   EHLO, when the session has an `EtrnService` (the provider always gives
@@ -85,6 +86,13 @@ class MXSession(TransactionSession):
         self.intake = intake or GroupCommit(store)
         self.require_valid_recipient = require_valid_recipient
         self.etrn = etrn
+
+    # The group commit waits for the messages of open transactions (GroupCommit).
+    def transaction_opened(self) -> None:
+        self.intake.transaction_opened()
+
+    def transaction_closed(self) -> None:
+        self.intake.transaction_closed()
 
     def extensions(self) -> list[str]:
         return [*super().extensions(), "ETRN"] if self.etrn is not None else super().extensions()

@@ -134,6 +134,13 @@ class SubmissionSession(TransactionSession):
     def greeting(self) -> Reply:
         return Reply(220, None, f"{self.hostname} ESMTP fermoposta submission")
 
+    # The group commit waits for the messages of open transactions (GroupCommit).
+    def transaction_opened(self) -> None:
+        self.intake.transaction_opened()
+
+    def transaction_closed(self) -> None:
+        self.intake.transaction_closed()
+
     def extensions(self) -> list[str]:
         mechs = self.auth.offered_mechanisms()
         auth = [f"AUTH {' '.join(mechs)}"] if mechs and self.auth.account is None else []
