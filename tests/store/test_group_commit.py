@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from fermoposta.store import group_commit
 from fermoposta.store.base import Store, StoreError
 from fermoposta.store.group_commit import GroupCommit
 
@@ -171,10 +172,11 @@ def test_a_batch_waits_for_the_messages_of_open_transactions(store: Store) -> No
     group = GroupCommit(counting, gather=30.0)  # type: ignore[arg-type]
 
     async def main() -> list[str]:
-        for _ in range(3):
-            group.transaction_opened()  # three sessions gave MAIL
+        for i in range(3):
+            group.transaction_opened(f"session {i}")  # three sessions gave MAIL
+
         async def final_dot(i: int) -> str:
-            group.transaction_closed()  # as a session does: the close, then the enqueue
+            group.transaction_closed(f"session {i}")  # as a session does: close, then enqueue
             return await group.enqueue(msg(f"u{i}@a.example"), io.BytesIO(b"%d" % i))
 
         waiting = []
@@ -198,9 +200,9 @@ def test_the_wait_ends_after_gather_seconds_when_a_transaction_stays_open(
     group = GroupCommit(counting, gather=0.2)  # type: ignore[arg-type]
 
     async def main() -> tuple[str, float]:
-        group.transaction_opened()
-        group.transaction_opened()  # this one never sends its data
-        group.transaction_closed()
+        group.transaction_opened("sender")
+        group.transaction_opened("idle")  # this one never sends its data
+        group.transaction_closed("sender")
         loop = asyncio.get_running_loop()
         began = loop.time()
         queue_id = await group.enqueue(msg("a@a.example"), io.BytesIO(b"a"))
@@ -216,13 +218,13 @@ def test_a_transaction_closed_without_a_message_ends_the_wait(store: Store) -> N
     group = GroupCommit(store, gather=30.0)
 
     async def main() -> str:
-        group.transaction_opened()
-        group.transaction_opened()
-        group.transaction_closed()
+        group.transaction_opened("sender")
+        group.transaction_opened("other")
+        group.transaction_closed("sender")
         waiting = asyncio.ensure_future(group.enqueue(msg("a@a.example"), io.BytesIO(b"a")))
         await asyncio.sleep(0.05)
         assert not waiting.done()  # it waits for the other open transaction...
-        group.transaction_closed()  # ...which ends with RSET (or a refusal, or a hang-up)
+        group.transaction_closed("other")  # ...which ends with RSET (or a refusal, a hang-up)
         return await asyncio.wait_for(waiting, 5)
 
     queue_id = asyncio.run(main())
@@ -234,10 +236,11 @@ def test_a_full_batch_goes_without_waiting(store: Store) -> None:
     group = GroupCommit(counting, gather=30.0, max_batch=3)  # type: ignore[arg-type]
 
     async def main() -> list[str]:
-        for _ in range(5):
-            group.transaction_opened()  # two of them stay open
+        for i in range(5):
+            group.transaction_opened(i)  # two of them stay open
+
         async def final_dot(i: int) -> str:
-            group.transaction_closed()
+            group.transaction_closed(i)
             return await group.enqueue(msg(f"u{i}@a.example"), io.BytesIO(b"x"))
 
         return list(await asyncio.wait_for(asyncio.gather(*(final_dot(i) for i in range(3))), 5))
@@ -246,9 +249,12 @@ def test_a_full_batch_goes_without_waiting(store: Store) -> None:
     assert counting.batches == [3] and sorted(all_ids(store)) == sorted(ids)
 
 
-def test_closing_more_transactions_than_were_opened_is_harmless(store: Store) -> None:
+def test_closing_a_transaction_twice_or_unknown_is_harmless(store: Store) -> None:
     group = GroupCommit(store)
-    group.transaction_closed()
+    group.transaction_closed("never opened")
+    group.transaction_opened("once")
+    group.transaction_closed("once")
+    group.transaction_closed("once")
     assert group.open_transactions == 0
 
     async def main() -> str:
@@ -256,3 +262,16 @@ def test_closing_more_transactions_than_were_opened_is_harmless(store: Store) ->
 
     queue_id = asyncio.run(main())
     assert all_ids(store) == [queue_id] and group.commits == 1
+
+
+def test_a_transaction_open_too_long_is_not_waited_for(store: Store, monkeypatch) -> None:
+    monkeypatch.setattr(group_commit, "STALE", 0.05)
+    group = GroupCommit(store, gather=30.0)
+
+    async def main() -> str:
+        group.transaction_opened("sits after MAIL")
+        await asyncio.sleep(0.1)  # older than STALE now
+        return await asyncio.wait_for(group.enqueue(msg("a@a.example"), io.BytesIO(b"a")), 5)
+
+    queue_id = asyncio.run(main())
+    assert all_ids(store) == [queue_id] and group.open_transactions == 1

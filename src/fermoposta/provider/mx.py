@@ -89,10 +89,10 @@ class MXSession(TransactionSession):
 
     # The group commit waits for the messages of open transactions (GroupCommit).
     def transaction_opened(self) -> None:
-        self.intake.transaction_opened()
+        self.intake.transaction_opened(self)
 
     def transaction_closed(self) -> None:
-        self.intake.transaction_closed()
+        self.intake.transaction_closed(self)
 
     def extensions(self) -> list[str]:
         return [*super().extensions(), "ETRN"] if self.etrn is not None else super().extensions()

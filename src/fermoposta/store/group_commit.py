@@ -8,11 +8,13 @@ Contract:
   are then stored together by `MessageQueue.enqueue_batch` (one transaction,
   one fsync or WAL flush), at most `max_batch` at a time.
 - Gathering: the sessions say when a transaction opens (MAIL accepted) and
-  closes (`transaction_opened()`, `transaction_closed()`; the close comes
-  before its message's `enqueue`).  While other transactions are open, a
-  batch waits for their messages, at most `gather` seconds after its oldest
-  message was handed over; it goes as soon as none is open or the batch is
-  full.  A lone message (no other transaction open) is committed at once,
+  closes (`transaction_opened(key)`, `transaction_closed(key)`, `key` the
+  session; the close comes before its message's `enqueue`).  While other
+  transactions are open, a batch waits for their messages, at most `gather`
+  seconds after its oldest message was handed over; it goes as soon as none
+  is open or the batch is full.  A transaction open for more than `STALE`
+  seconds (a client that sits after MAIL, a big message on a slow link) is
+  not waited for.  A lone message (no other transaction open) is committed at once,
   so a single sender waits for nothing; a busy provider pays one commit for
   several sessions' messages instead of one for every two or three (the
   commit's CPU per message, and the worker threads' pull on the GIL, fall
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import IO
@@ -48,6 +51,7 @@ MAX_BATCH = 64
 # Seconds a batch may wait for the messages of transactions still open
 # (measured: bench/README.md, "seventh session").
 GATHER = 0.002
+STALE = 1.0  # seconds after which an open transaction is not waited for
 
 
 @dataclass(slots=True)
@@ -69,7 +73,9 @@ class GroupCommit:
         self.gather = max(0.0, gather)
         self._pending: list[_Pending] = []
         self._committer: asyncio.Task[None] | None = None
-        self._open = 0  # transactions open that may still hand a message over
+        # Transactions open that may still hand a message over: key -> when
+        # it opened (monotonic), oldest first (dicts keep insertion order).
+        self._open: dict[object, float] = {}
         self._gathering: asyncio.Future[None] | None = None  # set when the wait may end
         # Figures for tests and metrics: commits made and messages they held.
         self.commits = 0
@@ -77,15 +83,23 @@ class GroupCommit:
 
     @property
     def open_transactions(self) -> int:
-        return self._open
+        return len(self._open)
 
-    def transaction_opened(self) -> None:
-        self._open += 1
+    def transaction_opened(self, key: object) -> None:
+        self._open.pop(key, None)  # re-inserted: the newest is last
+        self._open[key] = time.monotonic()
 
-    def transaction_closed(self) -> None:
-        self._open = max(0, self._open - 1)
-        if self._open == 0:
+    def transaction_closed(self, key: object) -> None:
+        if self._open.pop(key, None) is not None and not self._awaited():
             self._end_gathering()
+
+    def _awaited(self) -> bool:
+        """Whether an open transaction is young enough to be waited for
+        (the newest is enough to tell)."""
+        if not self._open:
+            return False
+        newest = self._open[next(reversed(self._open))]
+        return time.monotonic() - newest < STALE
 
     def _end_gathering(self) -> None:
         waiter = self._gathering
@@ -109,7 +123,7 @@ class GroupCommit:
         """Wait for the messages of the transactions still open, until
         none is, the batch is full or the oldest pending message has waited
         `gather` seconds."""
-        if not self.gather or not self._open or len(self._pending) >= self.max_batch:
+        if not self.gather or len(self._pending) >= self.max_batch or not self._awaited():
             return
         loop = asyncio.get_running_loop()
         delay = self._pending[0].handed_at + self.gather - loop.time()
