@@ -42,6 +42,11 @@ def test_get_domain_now_per_engine(store: Store, engine: str) -> None:
         return
     assert store.get_domain_now("a.example") == store.get_domain("a.example")
     assert store.get_domain_now("nowhere.example") is None
+    # Without a list of valid recipients: one statement, no transaction.
+    store.add_domain(Domain("b.example", "alice", max_bytes=5000, hold_lifetime=3600.0))
+    plain = store.get_domain_now("b.example")
+    assert plain == store.get_domain("b.example")
+    assert plain is not None and plain.valid_recipients is None and plain.max_bytes == 5000
 
 
 def test_sqlite_now_read_does_not_wait_for_a_writer(tmp_path) -> None:
