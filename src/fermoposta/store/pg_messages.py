@@ -3,10 +3,15 @@
 Contract: `PostgresMessages` is a mixin of `PostgresStore` and uses only its
 transactions (`_read`, `_write`, `_query`), clock and node name; durability
 and errors are those of `fermoposta.store.postgres`.
-- Enqueue: one transaction per call (`enqueue_batch`: one for the batch, the
-  messages whose body is one chunk in one libpq pipeline); a queue id
-  collision writes nothing and draws a new id.  `_enqueue` is also what the
-  outcomes use to queue a DSN in their own transaction.
+- Enqueue: one transaction per call (`enqueue_batch`: one for the batch).
+  When every body is one chunk (most mail), BEGIN, one statement a message
+  and COMMIT go in one round trip (`_write_one_trip`); if its connection
+  breaks, the messages' queue ids tell whether the COMMIT was applied (all
+  of them there: done) or not (stored again, through `_write`, whose probe
+  replaces broken connections).  Other bodies: a transaction of three round
+  trips or more.  A queue id collision writes nothing and draws a new id.
+  `_enqueue` is also what the outcomes use to queue a DSN in their own
+  transaction.
 - Bodies: `body_chunks` rows of at most `CHUNK_SIZE` bytes, written one at a
   time inside the enqueue transaction and read one per query, so memory
   stays bounded; a body that leaves the queue while it is read raises
@@ -41,6 +46,7 @@ from fermoposta.store.pg_rows import (
     _MESSAGE_COLUMNS,
     _R_RECIPIENT_COLUMNS,
     _RECIPIENT_COLUMNS,
+    CommitUnknown,
     Conn,
     EnginePart,
 )
@@ -61,26 +67,71 @@ class PostgresMessages(EnginePart):
         return 0
 
     def enqueue(self, message: NewMessage, body: IO[bytes], queue_id: str | None = None) -> str:
-        with self._write("enqueue") as conn:
-            return self._enqueue(conn, message, body, queue_id)
+        return self.enqueue_batch([(message, body, queue_id)])[0]
 
     def enqueue_batch(self, items: Sequence[tuple[NewMessage, IO[bytes], str | None]]
                       ) -> list[str]:
-        """One transaction; the messages whose body is one chunk go in one
-        pipeline (one round trip for all of them, libpq pipeline mode), the
-        others one statement at a time."""
+        """One transaction.  When every body is one chunk (most mail): BEGIN,
+        one statement a message and COMMIT in one round trip
+        (`_write_one_trip`); else the one-chunk messages in one pipeline
+        and the others a statement at a time, in a transaction of three
+        round trips or more."""
+        heads: list[tuple[bytes, bytes]] = []
+        try:
+            for _, body, _ in items:
+                first = body.read(CHUNK_SIZE)
+                heads.append((first, body.read(CHUNK_SIZE) if first else b""))
+        except OSError as exc:  # a spool gone bad: nothing was written
+            raise self._error("enqueue failed", exc) from exc
+        named = [(message, body, queue_id or new_queue_id()) for message, body, queue_id in items]
+        if all(not second for _, second in heads):
+            ids = self._enqueue_in_one_trip(
+                [(message, bytes(first), queue_id)
+                 for (message, _, queue_id), (first, _) in zip(named, heads, strict=True)])
+            if ids is not None:
+                return ids
+        return self._enqueue_in_transaction(named, heads)
+
+    def _enqueue_in_one_trip(self, whole: Sequence[tuple[NewMessage, bytes, str]]
+                             ) -> list[str] | None:
+        """Messages whose whole body is given, each under its queue id; None
+        when nothing was stored (a broken connection before the COMMIT): the
+        caller stores them the slower way, probe and retries included."""
+        now = self._clock()
+        ids = [queue_id for _, _, queue_id in whole]
+        try:
+            rows = self._write_one_trip("enqueue", lambda conn: [
+                self._insert_whole_query(conn, queue_id, message, now, data)
+                for message, data, queue_id in whole])
+        except CommitUnknown:
+            # Applied or not: all of them are there, or none of ours (an id
+            # found is an older message's, whose id ours drew again).
+            found = self._query("enqueue (was the commit applied?)",
+                                "SELECT count(*) FROM messages WHERE id = ANY(%s)", (ids,))
+            return ids if int(found[0][0]) == len(ids) else None
+        collided = [index for index, row in enumerate(rows) if row is None or int(row[0]) != 1]
+        if collided:  # a colliding id wrote nothing: draw fresh ones
+            with self._write("enqueue") as conn:
+                for index in collided:
+                    message, data, _ = whole[index]
+                    ids[index] = self._enqueue(conn, message, io.BytesIO(), None,
+                                               head=(data, b""))
+        return ids
+
+    def _enqueue_in_transaction(self, items: Sequence[tuple[NewMessage, IO[bytes], str]],
+                                heads: Sequence[tuple[bytes, bytes]]) -> list[str]:
+        """`items`' bodies read as far as `heads` (their first two chunks)."""
         with self._write("enqueue") as conn:
             now = self._clock()
             ids: list[str] = [""] * len(items)
             whole: list[tuple[int, NewMessage, bytes, str]] = []
-            for index, (message, body, queue_id) in enumerate(items):
-                first = body.read(CHUNK_SIZE)
-                second = body.read(CHUNK_SIZE) if first else b""
+            for index, ((message, body, queue_id), (first, second)) in enumerate(
+                    zip(items, heads, strict=True)):
                 if second:
                     ids[index] = self._enqueue(conn, message, body, queue_id,
                                                head=(first, second))
                 else:
-                    whole.append((index, message, bytes(first), queue_id or new_queue_id()))
+                    whole.append((index, message, bytes(first), queue_id))
             with conn.pipeline():
                 cursors = [self._insert_whole_query(conn, message_id, message, now, data)
                            for _, message, data, message_id in whole]

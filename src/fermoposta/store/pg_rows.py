@@ -17,7 +17,7 @@ from typing import IO, TYPE_CHECKING, Any
 import psycopg
 from psycopg.rows import TupleRow
 
-from fermoposta.store.base import NewMessage, QueuedMessage, RecipientState
+from fermoposta.store.base import NewMessage, QueuedMessage, RecipientState, StoreError
 
 if TYPE_CHECKING:
     from fermoposta.store.pg_domain_cache import DomainCache
@@ -45,6 +45,12 @@ _M_MESSAGE_COLUMNS = qualified(MESSAGE_COLUMNS, "m")
 _LOCK_RECIPIENTS = "SELECT id FROM recipients WHERE id = ANY(%s::bigint[]) ORDER BY id FOR UPDATE"
 
 
+class CommitUnknown(Exception):
+    """A one-round-trip write (`PostgresStore._write_one_trip`) lost its
+    connection: its COMMIT may or may not have been applied; the caller
+    finds out from what it wrote."""
+
+
 def _ids(recipient_ids: Collection[int]) -> list[int]:
     return sorted({int(i) for i in recipient_ids})
 
@@ -63,10 +69,16 @@ class EnginePart:
 
         def _write(self, what: str) -> AbstractContextManager[Conn]: ...
 
+        def _write_one_trip(self, what: str,
+                            statements: Callable[[Conn], Sequence[psycopg.Cursor[TupleRow]]]
+                            ) -> list[TupleRow | None]: ...
+
         def _query(self, what: str, sql: str, params: Sequence[Any] = (), *,
                    binary: bool = False) -> list[TupleRow]: ...
 
         def _check_open(self) -> None: ...
+
+        def _error(self, what: str, exc: BaseException) -> StoreError: ...
 
         def _live(self, column: str) -> str: ...
 

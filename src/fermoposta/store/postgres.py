@@ -40,7 +40,11 @@ Contract and choices:
   timeout, TCP keepalives and `tcp_user_timeout` for a silent peer,
   `lock_timeout` for a lock that is never released) and work again once it
   is back: every connection is checked when taken from the pool and a
-  broken one is replaced.
+  broken one is replaced.  The enqueue of one-chunk bodies skips that check
+  (`_write_one_trip`: BEGIN, the statements and COMMIT in one round trip);
+  a connection that breaks there raises `CommitUnknown`, and the enqueue
+  looks its queue ids up to tell whether the COMMIT was applied before
+  storing them again (`pg_messages`).
 - Bodies, enqueue and reads: see `pg_messages`.
 - Holders: each store registers one `holders` row (`holder_id`: node, pid,
   random) and a daemon thread refreshes its `heartbeat_at` every
@@ -94,6 +98,7 @@ from fermoposta.store.pg_outbound import PostgresOutbound
 from fermoposta.store.pg_rows import (
     _DB_NOW,
     HELD,
+    CommitUnknown,
     Conn,
 )
 from fermoposta.store.pg_tools import PostgresQueueTools
@@ -355,6 +360,45 @@ class PostgresStore(PostgresDirectory, PostgresQueueTools, PostgresEtrn, Postgre
                 conn.execute("COMMIT")
         except _ENGINE_ERRORS as exc:
             raise self._error(f"{what} failed", exc) from exc
+
+    def _write_one_trip(self, what: str,
+                        statements: Callable[[Conn], Sequence[psycopg.Cursor[TupleRow]]]
+                        ) -> list[TupleRow | None]:
+        """BEGIN, the statements `statements(conn)` sends and COMMIT in one
+        libpq pipeline: one round trip, where `_write` takes three (its
+        BEGIN, the statements, its COMMIT).  Returns each cursor's first row.
+        No probe: a connection a server restart broke raises `CommitUnknown`
+        (the COMMIT may have been applied before it broke, or never sent;
+        the caller tells which from what it wrote).  Any other failure
+        rolls back and raises `StoreError`."""
+        self._check_open()
+        self._fail_fast()
+        try:
+            conn = self._pool.getconn(timeout=self._connect_timeout)
+        except _ENGINE_ERRORS as exc:
+            raise self._error(f"{what} failed", exc) from exc
+        try:
+            try:
+                with conn.pipeline():
+                    conn.execute("BEGIN")
+                    cursors = statements(conn)
+                    conn.execute("COMMIT")
+                return [cursor.fetchone() for cursor in cursors]
+            except psycopg.OperationalError as exc:
+                if conn.broken:
+                    raise CommitUnknown(self._scrub(str(exc))) from exc
+                raise
+        except CommitUnknown:
+            raise
+        except BaseException as exc:
+            if not conn.broken:  # an aborted transaction: nothing of it stays
+                with contextlib.suppress(psycopg.Error):
+                    conn.execute("ROLLBACK")
+            if isinstance(exc, _ENGINE_ERRORS):
+                raise self._error(f"{what} failed", exc) from exc
+            raise
+        finally:
+            self._pool.putconn(conn)
 
     @contextmanager
     def _read(self, what: str, *, snapshot: bool = True) -> Iterator[Conn]:

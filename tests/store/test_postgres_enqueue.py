@@ -1,0 +1,136 @@
+"""PostgreSQL enqueue in one round trip: messages whose bodies are one chunk
+go as BEGIN, one statement each and COMMIT in one pipeline
+(`PostgresStore._write_one_trip`).  What this file proves:
+
+- such a batch takes no three-trip transaction, and stores what it was given;
+- a queue id that collides draws a fresh one, the older message untouched;
+- a connection that broke with the COMMIT's fate unknown is resolved from
+  the queue ids: stored once if the COMMIT was applied, stored again (once)
+  if it never was, and a pool whose connections a restart broke is not seen;
+- an SQL error rolls back, stores nothing, and the store goes on working.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+from fermoposta.store.base import CHUNK_SIZE, StoreError
+from fermoposta.store.pg_rows import CommitUnknown
+from fermoposta.store.postgres import PostgresStore
+from support.pg import fresh_schema
+
+from .contract import all_ids, body_of, msg, rcpt_ids
+
+
+@pytest.fixture
+def store() -> Iterator[PostgresStore]:
+    with fresh_schema() as (_, url):
+        opened = PostgresStore(url, pool_size=3)
+        try:
+            yield opened
+        finally:
+            opened.close()
+
+
+def _batch(n: int, tag: str = "m") -> list[tuple[Any, io.BytesIO, str | None]]:
+    return [(msg(f"{tag}{i}@x.example"), io.BytesIO(b"%s %d\r\n" % (tag.encode(), i)), None)
+            for i in range(n)]
+
+
+def test_one_chunk_bodies_take_no_three_trip_transaction(store: PostgresStore,
+                                                         monkeypatch) -> None:
+    def no(what: str) -> None:
+        raise AssertionError(f"a three-trip transaction for {what}")
+
+    monkeypatch.setattr(store, "_write", no)
+    ids = store.enqueue_batch(_batch(5))
+    single = store.enqueue(msg("one@x.example"), io.BytesIO(b"one\r\n"), "AAAAAAAAAAA9")
+    assert single == "AAAAAAAAAAA9"
+    assert sorted(all_ids(store)) == sorted([*ids, single])
+    assert [body_of(store, i) for i in ids] == [b"m %d\r\n" % i for i in range(5)]
+    assert list(rcpt_ids(store, ids[3])) == ["m3@x.example"]
+
+
+def test_a_body_of_several_chunks_still_goes_in_a_transaction(store: PostgresStore) -> None:
+    big = b"y" * (2 * CHUNK_SIZE + 7)
+    ids = store.enqueue_batch([(msg("a@x.example"), io.BytesIO(b"small"), None),
+                               (msg("b@x.example"), io.BytesIO(big), None)])
+    assert [body_of(store, i) for i in ids] == [b"small", big]
+
+
+def test_a_colliding_id_draws_a_fresh_one_in_one_trip(store: PostgresStore) -> None:
+    taken = store.enqueue(msg("old@x.example"), io.BytesIO(b"old"), "AAAAAAAAAAA1")
+    ids = store.enqueue_batch([(msg("a@x.example"), io.BytesIO(b"a"), "AAAAAAAAAAA2"),
+                               (msg("b@x.example"), io.BytesIO(b"b"), taken)])
+    assert ids[0] == "AAAAAAAAAAA2" and ids[1] not in (taken, "AAAAAAAAAAA2")
+    assert [body_of(store, i) for i in ids] == [b"a", b"b"]
+    assert body_of(store, taken) == b"old"  # the message that had the id is untouched
+    assert len(all_ids(store)) == 3
+
+
+def test_a_commit_applied_before_the_connection_broke_is_stored_once(
+        store: PostgresStore, monkeypatch) -> None:
+    real = store._write_one_trip
+
+    def applied_then_broke(what, statements):  # type: ignore[no-untyped-def]
+        real(what, statements)
+        raise CommitUnknown("server closed the connection unexpectedly (test)")
+
+    monkeypatch.setattr(store, "_write_one_trip", applied_then_broke)
+    ids = store.enqueue_batch(_batch(3))
+    assert sorted(all_ids(store)) == sorted(ids)  # three messages, not six
+    assert [body_of(store, i) for i in ids] == [b"m %d\r\n" % i for i in range(3)]
+
+
+def test_a_commit_that_never_reached_the_server_is_made_again(
+        store: PostgresStore, monkeypatch) -> None:
+    def broke_before(what, statements):  # type: ignore[no-untyped-def]
+        raise CommitUnknown("server closed the connection unexpectedly (test)")
+
+    monkeypatch.setattr(store, "_write_one_trip", broke_before)
+    ids = store.enqueue_batch([(msg("a@x.example"), io.BytesIO(b"a"), "AAAAAAAAAAA3"),
+                               (msg("b@x.example"), io.BytesIO(b"b"), None)])
+    assert ids[0] == "AAAAAAAAAAA3"  # stored the slower way, under the ids it had
+    assert sorted(all_ids(store)) == sorted(ids)
+    assert [body_of(store, i) for i in ids] == [b"a", b"b"]
+
+
+def test_connections_a_restart_broke_are_not_seen(store: PostgresStore) -> None:
+    first = store.enqueue(msg("a@x.example"), io.BytesIO(b"before"))
+    pooled = [store._pool.getconn() for _ in range(3)]
+    backends = [conn.info.backend_pid for conn in pooled]
+    for conn in pooled:
+        store._pool.putconn(conn)
+    with psycopg.connect(store._url, autocommit=True) as admin:  # as a restart would
+        for pid in backends:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    ids = store.enqueue_batch(_batch(2, "after"))
+    assert sorted(all_ids(store)) == sorted([first, *ids])  # each stored once
+    assert [body_of(store, i) for i in ids] == [b"after 0\r\n", b"after 1\r\n"]
+
+
+def test_an_sql_error_rolls_back_and_the_store_goes_on(store: PostgresStore,
+                                                       monkeypatch) -> None:
+    real = store._insert_whole_query
+    calls = []
+
+    def second_fails(conn, message_id, message, now, data):  # type: ignore[no-untyped-def]
+        calls.append(message_id)
+        if len(calls) == 2:
+            return conn.execute("SELECT 1 / 0")
+        return real(conn, message_id, message, now, data)
+
+    monkeypatch.setattr(store, "_insert_whole_query", second_fails)
+    with pytest.raises(StoreError, match="division by zero"):
+        store.enqueue_batch(_batch(3))
+    assert all_ids(store) == []  # the first message went with the rest
+    monkeypatch.setattr(store, "_insert_whole_query", real)
+    for _ in range(4):  # every pooled connection is clean again
+        mid = store.enqueue(msg("ok@x.example"), io.BytesIO(b"ok"))
+        assert body_of(store, mid) == b"ok"
+    assert len(all_ids(store)) == 4
