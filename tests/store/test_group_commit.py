@@ -243,7 +243,11 @@ def test_a_full_batch_goes_without_waiting(store: Store) -> None:
             group.transaction_closed(i)
             return await group.enqueue(msg(f"u{i}@a.example"), io.BytesIO(b"x"))
 
-        return list(await asyncio.wait_for(asyncio.gather(*(final_dot(i) for i in range(3))), 5))
+        waiting = []
+        for i in range(3):  # the committer is gathering when the third comes
+            waiting.append(asyncio.ensure_future(final_dot(i)))
+            await asyncio.sleep(0.02)
+        return list(await asyncio.wait_for(asyncio.gather(*waiting), 5))
 
     ids = asyncio.run(main())
     assert counting.batches == [3] and sorted(all_ids(store)) == sorted(ids)

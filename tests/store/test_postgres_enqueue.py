@@ -3,10 +3,12 @@ go as BEGIN, one statement each and COMMIT in one pipeline
 (`PostgresStore._write_one_trip`).  What this file proves:
 
 - such a batch takes no three-trip transaction, and stores what it was given;
-- a queue id that collides draws a fresh one, the older message untouched;
+- a queue id that collides fails the one trip (nothing stored) and the
+  slower way draws a fresh one, the older message untouched;
 - a connection that broke with the COMMIT's fate unknown is resolved from
-  the queue ids: stored once if the COMMIT was applied, stored again (once)
-  if it never was, and a pool whose connections a restart broke is not seen;
+  our rows (queue id, node, arrival): stored once if the COMMIT was applied,
+  stored again (once) if it never was, also when an older message has the
+  same id; a pool whose connections a restart broke is not seen;
 - an SQL error rolls back, stores nothing, and the store goes on working.
 """
 
@@ -119,11 +121,11 @@ def test_an_sql_error_rolls_back_and_the_store_goes_on(store: PostgresStore,
     real = store._insert_whole_query
     calls = []
 
-    def second_fails(conn, message_id, message, now, data):  # type: ignore[no-untyped-def]
+    def second_fails(conn, message_id, message, now, data, **options):  # type: ignore[no-untyped-def]
         calls.append(message_id)
         if len(calls) == 2:
             return conn.execute("SELECT 1 / 0")
-        return real(conn, message_id, message, now, data)
+        return real(conn, message_id, message, now, data, **options)
 
     monkeypatch.setattr(store, "_insert_whole_query", second_fails)
     with pytest.raises(StoreError, match="division by zero"):
@@ -134,3 +136,28 @@ def test_an_sql_error_rolls_back_and_the_store_goes_on(store: PostgresStore,
         mid = store.enqueue(msg("ok@x.example"), io.BytesIO(b"ok"))
         assert body_of(store, mid) == b"ok"
     assert len(all_ids(store)) == 4
+
+
+def test_a_lost_commit_is_not_mistaken_for_an_older_message_with_the_same_id(
+        store: PostgresStore, monkeypatch) -> None:
+    taken = store.enqueue(msg("old@x.example"), io.BytesIO(b"old"), "AAAAAAAAAAA4")
+
+    def broke_before(what, statements):  # type: ignore[no-untyped-def]
+        raise CommitUnknown("server closed the connection unexpectedly (test)")
+
+    monkeypatch.setattr(store, "_write_one_trip", broke_before)
+    [new] = store.enqueue_batch([(msg("a@x.example"), io.BytesIO(b"new"), taken)])
+    assert new != taken  # stored, under a fresh id: not taken for the older one
+    assert body_of(store, new) == b"new" and body_of(store, taken) == b"old"
+    assert sorted(all_ids(store)) == sorted([taken, new])
+
+
+def test_part_of_a_batch_found_after_a_lost_connection_is_an_error(
+        store: PostgresStore, monkeypatch) -> None:
+    def broke(what, statements):  # type: ignore[no-untyped-def]
+        raise CommitUnknown("server closed the connection unexpectedly (test)")
+
+    monkeypatch.setattr(store, "_write_one_trip", broke)
+    monkeypatch.setattr(store, "_query", lambda what, sql, params=(): [(1,)])  # 1 of 2
+    with pytest.raises(StoreError, match="cannot tell whether the commit was applied"):
+        store.enqueue_batch(_batch(2))

@@ -244,6 +244,12 @@ class TransactionSession(ServerSession):
             self._drop_chunks()  # the connection went mid-message: nothing stored
             self._close_transaction()
 
+    async def finish(self) -> None:
+        # Before the connection's close: the group commit need not wait for
+        # a transaction whose client is gone.
+        self._close_transaction()
+        await super().finish()
+
     def _close_transaction(self) -> None:
         if self.transaction is not None:
             self.transaction = None

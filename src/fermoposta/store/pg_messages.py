@@ -5,11 +5,13 @@ transactions (`_read`, `_write`, `_query`), clock and node name; durability
 and errors are those of `fermoposta.store.postgres`.
 - Enqueue: one transaction per call (`enqueue_batch`: one for the batch).
   When every body is one chunk (most mail), BEGIN, one statement a message
-  and COMMIT go in one round trip (`_write_one_trip`); if its connection
-  breaks, the messages' queue ids tell whether the COMMIT was applied (all
-  of them there: done) or not (stored again, through `_write`, whose probe
-  replaces broken connections).  Other bodies: a transaction of three round
-  trips or more.  A queue id collision writes nothing and draws a new id.
+  and COMMIT go in one round trip (`_write_one_trip`), all or nothing; if
+  its connection breaks, the messages' rows tell whether the COMMIT was
+  applied (found by queue id, node and arrival time: all of them, done;
+  none, stored again through `_write`, whose probe replaces broken
+  connections).  Other bodies, and a batch with a queue id that is taken:
+  a transaction of three round trips or more, where a collision writes
+  nothing and draws a new id.
   `_enqueue` is also what the outcomes use to queue a DSN in their own
   transaction.
 - Bodies: `body_chunks` rows of at most `CHUNK_SIZE` bytes, written one at a
@@ -94,28 +96,35 @@ class PostgresMessages(EnginePart):
 
     def _enqueue_in_one_trip(self, whole: Sequence[tuple[NewMessage, bytes, str]]
                              ) -> list[str] | None:
-        """Messages whose whole body is given, each under its queue id; None
-        when nothing was stored (a broken connection before the COMMIT): the
-        caller stores them the slower way, probe and retries included."""
+        """Messages whose whole body is given, each under its queue id, all
+        or nothing; None when nothing was stored (a queue id taken, or a
+        broken connection before the COMMIT): the caller stores them the
+        slower way, which draws fresh ids and replaces broken connections."""
         now = self._clock()
         ids = [queue_id for _, _, queue_id in whole]
         try:
-            rows = self._write_one_trip("enqueue", lambda conn: [
-                self._insert_whole_query(conn, queue_id, message, now, data)
+            self._write_one_trip("enqueue", lambda conn: [
+                self._insert_whole_query(conn, queue_id, message, now, data, on_conflict=False)
                 for message, data, queue_id in whole])
         except CommitUnknown:
-            # Applied or not: all of them are there, or none of ours (an id
-            # found is an older message's, whose id ours drew again).
-            found = self._query("enqueue (was the commit applied?)",
-                                "SELECT count(*) FROM messages WHERE id = ANY(%s)", (ids,))
-            return ids if int(found[0][0]) == len(ids) else None
-        collided = [index for index, row in enumerate(rows) if row is None or int(row[0]) != 1]
-        if collided:  # a colliding id wrote nothing: draw fresh ones
-            with self._write("enqueue") as conn:
-                for index in collided:
-                    message, data, _ = whole[index]
-                    ids[index] = self._enqueue(conn, message, io.BytesIO(), None,
-                                               head=(data, b""))
+            # Applied or not: all our rows are there, or none is.  Ours, not
+            # an older message that drew the same id: this node's, received
+            # at this very `now`.
+            found = int(self._query(
+                "enqueue (was the commit applied?)",
+                "SELECT count(*) FROM messages WHERE id = ANY(%s) AND received_at = %s"
+                " AND node = %s", (ids, now, self._node))[0][0])
+            if found == len(ids):
+                return ids
+            if found:
+                raise StoreError(f"enqueue: {found} of {len(ids)} messages found after a lost"
+                                 " connection; cannot tell whether the commit was applied"
+                                 ) from None
+            return None
+        except StoreError as exc:
+            if isinstance(exc.__cause__, pg_errors.UniqueViolation):
+                return None  # a queue id was taken: nothing was stored
+            raise
         return ids
 
     def _enqueue_in_transaction(self, items: Sequence[tuple[NewMessage, IO[bytes], str]],
@@ -132,9 +141,11 @@ class PostgresMessages(EnginePart):
                                                head=(first, second))
                 else:
                     whole.append((index, message, bytes(first), queue_id))
-            with conn.pipeline():
-                cursors = [self._insert_whole_query(conn, message_id, message, now, data)
-                           for _, message, data, message_id in whole]
+            cursors = []
+            if whole:  # else an empty pipeline would cost a round trip
+                with conn.pipeline():
+                    cursors = [self._insert_whole_query(conn, message_id, message, now, data)
+                               for _, message, data, message_id in whole]
             for (index, message, data, message_id), cursor in zip(whole, cursors, strict=True):
                 row = cursor.fetchone()
                 if row is not None and int(row[0]) == 1:
@@ -224,14 +235,16 @@ class PostgresMessages(EnginePart):
         return row is not None and int(row[0]) == 1
 
     def _insert_whole_query(self, conn: Conn, message_id: str, message: NewMessage,
-                            now: float, data: bytes) -> psycopg.Cursor[TupleRow]:
+                            now: float, data: bytes, *, on_conflict: bool = True
+                            ) -> psycopg.Cursor[TupleRow]:
         """The statement of `_insert_whole`, executed; its one row counts the
-        messages written (0 or 1)."""
+        messages written (0 or 1).  Without `on_conflict`, a queue id that is
+        taken fails the statement (and its transaction) instead."""
         return conn.execute(
             "WITH m AS (INSERT INTO messages (id, sender, received_at, size, origin, smtputf8,"
             " body_8bit, envid, ret, client, node, wire_ready)"
             " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
-            " ON CONFLICT (id) DO NOTHING RETURNING id),"
+            + (" ON CONFLICT (id) DO NOTHING" if on_conflict else "") + " RETURNING id),"
             " c AS (INSERT INTO body_chunks (message_id, seq, data)"
             " SELECT m.id, 0, %b FROM m WHERE %s),"
             " r AS (" + self._RECIPIENTS_SELECT.format(id="m.id", source="m, ") + ")"
