@@ -65,6 +65,29 @@ def test_a_body_of_several_chunks_still_goes_in_a_transaction(store: PostgresSto
     assert [body_of(store, i) for i in ids] == [b"small", big]
 
 
+def test_bodies_after_a_big_one_are_read_as_they_go_in(store: PostgresStore) -> None:
+    """Heads are read up to the first body of several chunks only (memory);
+    the transaction reads the rest itself, in order."""
+    read: list[str] = []
+
+    class Watched(io.BytesIO):
+        def __init__(self, name: str, data: bytes) -> None:
+            super().__init__(data)
+            self.name = name
+
+        def read(self, size: int | None = -1, /) -> bytes:
+            read.append(self.name)
+            return super().read(size)
+
+    big = b"B" * (CHUNK_SIZE + 3)
+    bodies = [Watched("small", b"s"), Watched("big", big), Watched("after", b"a"),
+              Watched("big2", big + b"2")]
+    ids = store.enqueue_batch([(msg(f"u{i}@x.example"), body, None)
+                               for i, body in enumerate(bodies)])
+    assert [body_of(store, i) for i in ids] == [b"s", big, b"a", big + b"2"]
+    assert read.index("after") > max(i for i, name in enumerate(read) if name == "big")
+
+
 def test_a_colliding_id_draws_a_fresh_one_in_one_trip(store: PostgresStore) -> None:
     taken = store.enqueue(msg("old@x.example"), io.BytesIO(b"old"), "AAAAAAAAAAA1")
     ids = store.enqueue_batch([(msg("a@x.example"), io.BytesIO(b"a"), "AAAAAAAAAAA2"),

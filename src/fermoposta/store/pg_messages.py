@@ -78,30 +78,32 @@ class PostgresMessages(EnginePart):
         (`_write_one_trip`); else the one-chunk messages in one pipeline
         and the others a statement at a time, in a transaction of three
         round trips or more."""
+        # The first two chunks of each body, up to the first body of more
+        # than one (then the one trip is out; the rest is read as it goes in).
         heads: list[tuple[bytes, bytes]] = []
         try:
             for _, body, _ in items:
                 first = body.read(CHUNK_SIZE)
                 heads.append((first, body.read(CHUNK_SIZE) if first else b""))
+                if heads[-1][1]:
+                    break
         except OSError as exc:  # a spool gone bad: nothing was written
             raise self._error("enqueue failed", exc) from exc
         named = [(message, body, queue_id or new_queue_id()) for message, body, queue_id in items]
-        if all(not second for _, second in heads):
-            ids = self._enqueue_in_one_trip(
+        if len(heads) == len(items) and not (heads and heads[-1][1]):
+            stored = self._enqueue_in_one_trip(
                 [(message, bytes(first), queue_id)
                  for (message, _, queue_id), (first, _) in zip(named, heads, strict=True)])
-            if ids is not None:
-                return ids
+            if stored:
+                return [queue_id for _, _, queue_id in named]
         return self._enqueue_in_transaction(named, heads)
 
-    def _enqueue_in_one_trip(self, whole: Sequence[tuple[NewMessage, bytes, str]]
-                             ) -> list[str] | None:
+    def _enqueue_in_one_trip(self, whole: Sequence[tuple[NewMessage, bytes, str]]) -> bool:
         """Messages whose whole body is given, each under its queue id, all
-        or nothing; None when nothing was stored (a queue id taken, or a
+        or nothing; False when nothing was stored (a queue id taken, or a
         broken connection before the COMMIT): the caller stores them the
         slower way, which draws fresh ids and replaces broken connections."""
         now = self._clock()
-        ids = [queue_id for _, _, queue_id in whole]
         try:
             self._write_one_trip("enqueue", lambda conn: [
                 self._insert_whole_query(conn, queue_id, message, now, data, on_conflict=False)
@@ -110,32 +112,36 @@ class PostgresMessages(EnginePart):
             # Applied or not: all our rows are there, or none is.  Ours, not
             # an older message that drew the same id: this node's, received
             # at this very `now`.
+            ids = [queue_id for _, _, queue_id in whole]
             found = int(self._query(
                 "enqueue (was the commit applied?)",
                 "SELECT count(*) FROM messages WHERE id = ANY(%s) AND received_at = %s"
                 " AND node = %s", (ids, now, self._node))[0][0])
-            if found == len(ids):
-                return ids
-            if found:
+            if found and found != len(ids):
                 raise StoreError(f"enqueue: {found} of {len(ids)} messages found after a lost"
                                  " connection; cannot tell whether the commit was applied"
                                  ) from None
-            return None
+            return found == len(ids)
         except StoreError as exc:
             if isinstance(exc.__cause__, pg_errors.UniqueViolation):
-                return None  # a queue id was taken: nothing was stored
+                return False  # a queue id was taken: nothing was stored
             raise
-        return ids
+        return True
 
     def _enqueue_in_transaction(self, items: Sequence[tuple[NewMessage, IO[bytes], str]],
                                 heads: Sequence[tuple[bytes, bytes]]) -> list[str]:
-        """`items`' bodies read as far as `heads` (their first two chunks)."""
+        """`items`' bodies, the first `len(heads)` of them read as far as
+        `heads` (their first two chunks), the others not at all."""
         with self._write("enqueue") as conn:
             now = self._clock()
             ids: list[str] = [""] * len(items)
             whole: list[tuple[int, NewMessage, bytes, str]] = []
-            for index, ((message, body, queue_id), (first, second)) in enumerate(
-                    zip(items, heads, strict=True)):
+            for index, (message, body, queue_id) in enumerate(items):
+                if index < len(heads):
+                    first, second = heads[index]
+                else:
+                    first = body.read(CHUNK_SIZE)
+                    second = body.read(CHUNK_SIZE) if first else b""
                 if second:
                     ids[index] = self._enqueue(conn, message, body, queue_id,
                                                head=(first, second))

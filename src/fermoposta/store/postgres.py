@@ -43,7 +43,7 @@ Contract and choices:
   broken one is replaced.  The enqueue of one-chunk bodies skips that check
   (`_write_one_trip`: BEGIN, the statements and COMMIT in one round trip);
   a connection that breaks there raises `CommitUnknown`, and the enqueue
-  looks its queue ids up to tell whether the COMMIT was applied before
+  looks for its rows to tell whether the COMMIT was applied before
   storing them again (`pg_messages`).
 - Bodies, enqueue and reads: see `pg_messages`.
 - Holders: each store registers one `holders` row (`holder_id`: node, pid,
@@ -361,15 +361,13 @@ class PostgresStore(PostgresDirectory, PostgresQueueTools, PostgresEtrn, Postgre
         except _ENGINE_ERRORS as exc:
             raise self._error(f"{what} failed", exc) from exc
 
-    def _write_one_trip(self, what: str,
-                        statements: Callable[[Conn], Sequence[psycopg.Cursor[TupleRow]]]
-                        ) -> list[TupleRow | None]:
+    def _write_one_trip(self, what: str, statements: Callable[[Conn], object]) -> None:
         """BEGIN, the statements `statements(conn)` sends and COMMIT in one
         libpq pipeline: one round trip, where `_write` takes three (its
-        BEGIN, the statements, its COMMIT).  Returns each cursor's first row.
-        No probe: a connection a server restart broke raises `CommitUnknown`
-        (the COMMIT may have been applied before it broke, or never sent;
-        the caller tells which from what it wrote).  Any other failure
+        BEGIN, the statements, its COMMIT).  No probe: a connection a
+        server restart broke raises `CommitUnknown` (the COMMIT may have
+        been applied before it broke, or never sent; the caller tells which
+        from what it wrote).  Any other failure
         rolls back and raises `StoreError`."""
         self._check_open()
         self._fail_fast()
@@ -381,9 +379,8 @@ class PostgresStore(PostgresDirectory, PostgresQueueTools, PostgresEtrn, Postgre
             try:
                 with conn.pipeline():
                     conn.execute("BEGIN")
-                    cursors = statements(conn)
+                    statements(conn)
                     conn.execute("COMMIT")
-                return [cursor.fetchone() for cursor in cursors]
             except psycopg.OperationalError as exc:
                 if conn.broken:
                     raise CommitUnknown(self._scrub(str(exc))) from exc
