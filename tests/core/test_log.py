@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -201,3 +202,105 @@ def test_the_postgresql_drivers_warnings_are_our_lines(stream: io.StringIO) -> N
     setup_logging("info", "text", again)  # the handler is replaced, not added
     logging.getLogger("psycopg").warning("x")
     assert stream.getvalue().count("\n") == 1 and again.getvalue().count("\n") == 1
+
+
+class CountingStream(io.StringIO):
+    """A stream that records each write (one system call each on a real file)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return super().write(text)
+
+
+def _bodies(stream: io.StringIO) -> list[str]:
+    return [m.group(4) for line in stream.getvalue().splitlines()
+            if (m := LINE.match(line)) is not None]
+
+
+def test_a_loop_turn_writes_its_info_lines_at_once() -> None:
+    stream = CountingStream()
+    setup_logging("info", "text", stream)
+
+    async def turn() -> tuple[str, list[str]]:
+        event("mx", "AAA", client="a[127.0.0.1]")
+        event("mx", "AAA", status="held")
+        logging.getLogger("fermoposta.smtp").info("connect from b[127.0.0.1]")
+        during = stream.getvalue()  # nothing written yet: the turn goes on
+        await asyncio.sleep(0)  # the end of this turn
+        return during, list(stream.writes)
+
+    during, writes = asyncio.run(turn())
+    assert during == ""
+    assert len(writes) == 1
+    assert _bodies(stream) == ["AAA: client=a[127.0.0.1]", "AAA: status=held",
+                               "connect from b[127.0.0.1]"]
+
+
+def test_warnings_and_other_threads_write_at_once_in_order() -> None:
+    stream = CountingStream()
+    setup_logging("info", "text", stream)
+    smtp = logging.getLogger("fermoposta.smtp")
+
+    async def turn() -> tuple[list[str], list[str]]:
+        event("mx", "AAA", status="held")
+        smtp.warning("store error")  # at once, after the line before it
+        after_warning = _bodies(stream)
+        event("mx", "BBB", status="held")
+        await asyncio.to_thread(smtp.info, "from a worker thread")
+        return after_warning, _bodies(stream)
+
+    after_warning, after_thread = asyncio.run(turn())
+    assert after_warning == ["AAA: status=held", "warning: store error"]
+    # The thread's line went at once, the turn's pending line first.
+    assert after_thread == ["AAA: status=held", "warning: store error", "BBB: status=held",
+                            "from a worker thread"]
+
+
+def test_lines_without_a_loop_are_written_at_once() -> None:
+    stream = CountingStream()
+    setup_logging("info", "text", stream)
+    event("mx", "AAA", status="held")
+    assert _bodies(stream) == ["AAA: status=held"]
+    event("mx", "BBB", status="held")
+    assert len(stream.writes) == 2
+
+
+def test_pending_lines_survive_a_loop_that_ends_and_a_replaced_handler() -> None:
+    stream = CountingStream()
+    setup_logging("info", "text", stream)
+
+    async def last_words() -> None:
+        loop = asyncio.get_running_loop()
+        event("mx", "AAA", status="held")
+        loop.stop()  # run_forever returns before the end-of-turn write
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.create_task(last_words())
+        loop.run_forever()
+    finally:
+        loop.close()
+    assert _bodies(stream) == []  # still pending
+    setup_logging("info", "text", io.StringIO())  # replacing the handler writes them
+    assert _bodies(stream) == ["AAA: status=held"]
+
+
+def test_a_long_turn_writes_every_max_pending_lines() -> None:
+    stream = CountingStream()
+    setup_logging("info", "text", stream)
+    limit = 256
+
+    async def turn() -> int:
+        for n in range(limit + 10):
+            event("mx", f"Q{n}", status="held")
+        written = len(stream.writes)
+        await asyncio.sleep(0)
+        return written
+
+    assert asyncio.run(turn()) == 1  # the first `limit` lines, at once
+    assert len(stream.writes) == 2
+    assert _bodies(stream) == [f"Q{n}: status=held" for n in range(limit + 10)]

@@ -24,10 +24,20 @@ Contract:
   in this package may log a password, an AUTH initial response or a SASL
   continuation line without passing it through `redact`.
 - Timestamps are UTC, RFC 3339 with milliseconds.
+- Lines logged on a running event loop at INFO or below are written
+  together at the end of the loop's turn (one write for all the lines of
+  the sessions served in that turn, where a write a line cost a system call
+  each: two lines of every message taken in).  Warnings and errors, lines
+  from other threads and lines logged without a running loop are written at
+  once, after the turn's lines before them, so the order of the lines is
+  the order they were logged in.  A process killed mid-turn (SIGKILL) may
+  lose that turn's info lines; `logging.shutdown` (at exit) and the
+  handler's `flush()` write what is pending.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -125,6 +135,63 @@ class JSONFormatter(logging.Formatter):
         return json.dumps(obj, ensure_ascii=False, default=str)
 
 
+class _TurnHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A `StreamHandler` that writes a loop turn's info lines at once (see
+    the module docstring).  `emit` runs under the handler's lock
+    (`Handler.handle`), and so does the end-of-turn write."""
+
+    MAX_PENDING = 256  # lines: written at once beyond, whatever the turn
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__(stream)
+        self._pending: list[str] = []
+        # The loop whose end of turn will write `_pending`, once scheduled.
+        self._scheduled_on: asyncio.AbstractEventLoop | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = self.format(record) + self.terminator
+        except Exception:
+            self.handleError(record)
+            return
+        self._pending.append(text)
+        loop = asyncio._get_running_loop()  # None off a loop, no exception raised
+        if (loop is None or record.levelno > logging.INFO
+                or len(self._pending) >= self.MAX_PENDING):
+            self._write_pending(record)
+        elif loop is not self._scheduled_on:
+            # call_soon: after every callback of this turn (the loop's ready
+            # queue), before its next wait for events.
+            self._scheduled_on = loop
+            loop.call_soon(self._end_of_turn)
+
+    def _end_of_turn(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            self._scheduled_on = None
+            self._write_pending(None)
+
+    def _write_pending(self, record: logging.LogRecord | None) -> None:
+        if not self._pending:
+            return
+        text = "".join(self._pending)
+        self._pending.clear()
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except Exception:
+            if record is not None:
+                self.handleError(record)
+
+    def flush(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            self._write_pending(None)
+        super().flush()
+
+    def close(self) -> None:
+        self.flush()  # a handler replaced by setup_logging keeps no line
+        super().close()
+
+
 _installed: logging.Handler | None = None
 _DRIVER_LOGGERS = ("psycopg",)  # warnings of the PostgreSQL driver and its pool
 
@@ -149,7 +216,7 @@ def setup_logging(level: str = "info", fmt: str = "text", stream: TextIO | None 
     if _installed is not None:
         logger.removeHandler(_installed)
         _installed.close()
-    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler = _TurnHandler(stream if stream is not None else sys.stderr)
     handler.setFormatter(JSONFormatter(node) if fmt == "json" else TextFormatter(node))
     logger.addHandler(handler)
     logger.setLevel(LEVELS[level.lower()])
