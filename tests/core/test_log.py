@@ -280,8 +280,9 @@ def test_pending_lines_survive_a_loop_that_ends_and_a_replaced_handler() -> None
 
     loop = asyncio.new_event_loop()
     try:
-        loop.create_task(last_words())
+        task = loop.create_task(last_words())
         loop.run_forever()
+        assert task.done()
     finally:
         loop.close()
     assert _bodies(stream) == []  # still pending

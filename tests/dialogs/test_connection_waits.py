@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from fermoposta.net import connection as connection_module
 from fermoposta.net.connection import (
     Connection,
     ConnectionClosed,
@@ -101,6 +102,36 @@ async def test_many_waits_share_one_timer() -> None:
             writer.write(b"X\r\n")
             await conn.read_line(512, 30.0 + i)  # each wait ends later
         assert len(timers_of(conn)) == 1
+
+
+async def test_commands_then_data_arm_one_timer_at_most_a_step_ahead() -> None:
+    # An SMTP session's waits: 300 s for commands, then 180 s for DATA.  The
+    # timer, armed at most _WATCH_STEP ahead, is early enough for both: it
+    # is armed once, not brought forward for DATA.
+    async with pair() as (conn, writer):
+        loop = asyncio.get_running_loop()
+        writer.write(b"MAIL\r\n")
+        await conn.read_line(512, 300.0)
+        [first] = timers_of(conn)
+        assert first.when() <= loop.time() + connection_module._WATCH_STEP
+        writer.write(b"data\r\n")
+        await conn.read_line(512, 180.0)
+        assert timers_of(conn) == [first]
+
+
+async def test_a_wait_longer_than_a_step_still_ends_at_its_own_time(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The timer fires every step and re-arms until the wait's own end.
+    monkeypatch.setattr(connection_module, "_WATCH_STEP", 0.05)
+    async with pair() as (conn, writer):
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(TimeoutError):
+            await conn.read_line(512, 0.3)
+        assert 0.29 <= loop.time() - started < 1.0
+        sender = write_later(writer, b"LATE\r\n", 0.2)  # after several steps
+        assert await conn.read_line(512, 5.0) == b"LATE\r\n"
+        await sender
 
 
 async def test_a_deadline_ends_the_wait_with_its_name() -> None:

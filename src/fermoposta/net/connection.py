@@ -244,6 +244,7 @@ class _Protocol(asyncio.Protocol):
 # Seconds: a timer fired this early counts as on time (asyncio may run one
 # up to its clock's resolution early; re-arming then would spin).
 _WATCH_SLACK = max(0.001, time.get_clock_info("monotonic").resolution)
+_WATCH_STEP = 60.0  # seconds: how far ahead the watchdog is armed at most (_watch)
 HOLD_LIMIT = 16 * 1024  # bytes of held replies (see hold())
 HOLD_DELAY = 0.005  # seconds a held reply may wait for the next command's
 
@@ -398,14 +399,18 @@ class Connection:
     # end is later than the timer's leaves it be (most waits: each command
     # pushes the end 300 s on), and the timer, when it fires early, re-arms
     # itself for the current wait's end.  A timer per wait (asyncio.timeout)
-    # cost a heap push, a cancel and a task lookup for every command.
+    # cost a heap push, a cancel and a task lookup for every command.  It is
+    # armed at most _WATCH_STEP ahead, so a later, shorter wait (DATA's 180 s
+    # after the commands' 300 s) finds it early enough: one timer for a
+    # whole short session instead of two, a long one re-arms once a step.
     def _watch(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
         watchdog = self._watchdog
         if watchdog is not None and watchdog.when() <= when:
             return
         if watchdog is not None:
             watchdog.cancel()
-        self._watchdog = loop.call_at(when, self._watchdog_fired)
+        self._watchdog = loop.call_at(min(when, loop.time() + _WATCH_STEP),
+                                      self._watchdog_fired)
 
     def _watchdog_fired(self) -> None:
         self._watchdog = None
