@@ -1,8 +1,11 @@
 """PostgreSQL enqueue in one round trip: messages whose bodies are one chunk
 go as BEGIN, one statement each and COMMIT in one pipeline
-(`PostgresStore._write_one_trip`).  What this file proves:
+(`PostgresStore._write_one_trip`), a lone one as its statement alone
+(`_write_one_statement`, a transaction by itself).  What this file proves:
 
 - such a batch takes no three-trip transaction, and stores what it was given;
+  a lone message takes neither the pipeline nor BEGIN and COMMIT, and every
+  case below holds for it too;
 - a queue id that collides fails the one trip (nothing stored) and the
   slower way draws a fresh one, the older message untouched;
 - a connection that broke with the COMMIT's fate unknown is resolved from
@@ -169,6 +172,7 @@ def test_a_lost_commit_is_not_mistaken_for_an_older_message_with_the_same_id(
         raise CommitUnknown("server closed the connection unexpectedly (test)")
 
     monkeypatch.setattr(store, "_write_one_trip", broke_before)
+    monkeypatch.setattr(store, "_write_one_statement", broke_before)  # a lone message's
     [new] = store.enqueue_batch([(msg("a@x.example"), io.BytesIO(b"new"), taken)])
     assert new != taken  # stored, under a fresh id: not taken for the older one
     assert body_of(store, new) == b"new" and body_of(store, taken) == b"old"
@@ -184,3 +188,86 @@ def test_part_of_a_batch_found_after_a_lost_connection_is_an_error(
     monkeypatch.setattr(store, "_query", lambda what, sql, params=(): [(1,)])  # 1 of 2
     with pytest.raises(StoreError, match="cannot tell whether the commit was applied"):
         store.enqueue_batch(_batch(2))
+
+
+# --- a lone message: its one statement, a transaction by itself ----------------------------
+
+
+def test_a_lone_message_is_one_statement_without_begin_or_pipeline(
+        store: PostgresStore, monkeypatch) -> None:
+    def no(*args: object) -> None:
+        raise AssertionError("a transaction or pipeline for a lone message")
+
+    monkeypatch.setattr(store, "_write", no)
+    monkeypatch.setattr(store, "_write_one_trip", no)
+    sent: list[str] = []
+    real_statement = store._write_one_statement
+
+    def watched(what, statement):  # type: ignore[no-untyped-def]
+        def recording(conn):  # type: ignore[no-untyped-def]
+            assert conn.autocommit  # so the statement is its own transaction
+            sent.append(what)
+            return statement(conn)
+        real_statement(what, recording)
+
+    monkeypatch.setattr(store, "_write_one_statement", watched)
+    mid = store.enqueue(msg("one@x.example"), io.BytesIO(b"one\r\n"), "AAAAAAAAAAB1")
+    assert mid == "AAAAAAAAAAB1" and sent == ["enqueue"]
+    assert body_of(store, mid) == b"one\r\n"
+    assert list(rcpt_ids(store, mid)) == ["one@x.example"]
+
+
+def test_a_lone_message_with_a_taken_id_gets_a_fresh_one(store: PostgresStore) -> None:
+    taken = store.enqueue(msg("old@x.example"), io.BytesIO(b"old"), "AAAAAAAAAAB2")
+    again = store.enqueue(msg("new@x.example"), io.BytesIO(b"new"), taken)
+    assert again != taken
+    assert body_of(store, again) == b"new" and body_of(store, taken) == b"old"
+    assert sorted(all_ids(store)) == sorted([taken, again])
+    # The failed statement left no transaction open on its pooled connection.
+    for _ in range(4):
+        body_of(store, store.enqueue(msg("ok@x.example"), io.BytesIO(b"ok")))
+
+
+def test_a_lone_message_applied_before_the_connection_broke_is_stored_once(
+        store: PostgresStore, monkeypatch) -> None:
+    real = store._write_one_statement
+
+    def applied_then_broke(what, statement):  # type: ignore[no-untyped-def]
+        real(what, statement)
+        raise CommitUnknown("server closed the connection unexpectedly (test)")
+
+    monkeypatch.setattr(store, "_write_one_statement", applied_then_broke)
+    mid = store.enqueue(msg("a@x.example"), io.BytesIO(b"a"), "AAAAAAAAAAB3")
+    assert mid == "AAAAAAAAAAB3" and all_ids(store) == [mid]
+
+
+def test_a_lone_message_that_never_reached_the_server_is_stored_again(
+        store: PostgresStore, monkeypatch) -> None:
+    def broke_before(what, statement):  # type: ignore[no-untyped-def]
+        raise CommitUnknown("server closed the connection unexpectedly (test)")
+
+    monkeypatch.setattr(store, "_write_one_statement", broke_before)
+    mid = store.enqueue(msg("a@x.example"), io.BytesIO(b"a"), "AAAAAAAAAAB4")
+    assert mid == "AAAAAAAAAAB4" and all_ids(store) == [mid]
+    assert body_of(store, mid) == b"a"
+
+
+def test_a_lone_message_on_a_connection_a_restart_broke(store: PostgresStore) -> None:
+    pooled = [store._pool.getconn() for _ in range(3)]
+    backends = [conn.info.backend_pid for conn in pooled]
+    for conn in pooled:
+        store._pool.putconn(conn)
+    with psycopg.connect(store._url, autocommit=True) as admin:
+        for pid in backends:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    mid = store.enqueue(msg("a@x.example"), io.BytesIO(b"after"))
+    assert all_ids(store) == [mid] and body_of(store, mid) == b"after"
+
+
+def test_a_lone_message_whose_statement_fails_stores_nothing(
+        store: PostgresStore, monkeypatch) -> None:
+    monkeypatch.setattr(store, "_insert_whole_query",
+                        lambda conn, *args, **options: conn.execute("SELECT 1 / 0"))
+    with pytest.raises(StoreError, match="division by zero"):
+        store.enqueue(msg("a@x.example"), io.BytesIO(b"a"))
+    assert all_ids(store) == []

@@ -5,7 +5,8 @@ transactions (`_read`, `_write`, `_query`), clock and node name; durability
 and errors are those of `fermoposta.store.postgres`.
 - Enqueue: one transaction per call (`enqueue_batch`: one for the batch).
   When every body is one chunk (most mail), BEGIN, one statement a message
-  and COMMIT go in one round trip (`_write_one_trip`), all or nothing; if
+  and COMMIT go in one round trip (`_write_one_trip`), all or nothing (a
+  lone message: its one statement alone, `_write_one_statement`); if
   its connection breaks, the messages' rows tell whether the COMMIT was
   applied (found by queue id, node and arrival time: all of them, done;
   none, stored again through `_write`, whose probe replaces broken
@@ -75,7 +76,8 @@ class PostgresMessages(EnginePart):
                       ) -> list[str]:
         """One transaction.  When every body is one chunk (most mail): BEGIN,
         one statement a message and COMMIT in one round trip
-        (`_write_one_trip`); else the one-chunk messages in one pipeline
+        (`_write_one_trip`; a lone message's statement alone,
+        `_write_one_statement`); else the one-chunk messages in one pipeline
         and the others a statement at a time, in a transaction of three
         round trips or more."""
         # The first two chunks of each body, up to the first body of more
@@ -105,9 +107,15 @@ class PostgresMessages(EnginePart):
         slower way, which draws fresh ids and replaces broken connections."""
         now = self._clock()
         try:
-            self._write_one_trip("enqueue", lambda conn: [
-                self._insert_whole_query(conn, queue_id, message, now, data, on_conflict=False)
-                for message, data, queue_id in whole])
+            if len(whole) == 1:  # one statement: a transaction by itself
+                [(message, data, queue_id)] = whole
+                self._write_one_statement("enqueue", lambda conn: self._insert_whole_query(
+                    conn, queue_id, message, now, data, on_conflict=False))
+            else:
+                self._write_one_trip("enqueue", lambda conn: [
+                    self._insert_whole_query(conn, queue_id, message, now, data,
+                                             on_conflict=False)
+                    for message, data, queue_id in whole])
         except CommitUnknown:
             # Applied or not: all our rows are there, or none is.  Ours, not
             # an older message that drew the same id: this node's, received

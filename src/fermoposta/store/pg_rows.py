@@ -71,6 +71,9 @@ class EnginePart:
 
         def _write_one_trip(self, what: str, statements: Callable[[Conn], object]) -> None: ...
 
+        def _write_one_statement(self, what: str,
+                                 statement: Callable[[Conn], object]) -> None: ...
+
         def _query(self, what: str, sql: str, params: Sequence[Any] = (), *,
                    binary: bool = False) -> list[TupleRow]: ...
 

@@ -41,7 +41,8 @@ Contract and choices:
   `lock_timeout` for a lock that is never released) and work again once it
   is back: every connection is checked when taken from the pool and a
   broken one is replaced.  The enqueue of one-chunk bodies skips that check
-  (`_write_one_trip`: BEGIN, the statements and COMMIT in one round trip);
+  (`_write_one_trip`: BEGIN, the statements and COMMIT in one round trip;
+  `_write_one_statement`: one statement, its own transaction);
   a connection that breaks there raises `CommitUnknown`, and the enqueue
   looks for its rows to tell whether the COMMIT was applied before
   storing them again (`pg_messages`).
@@ -369,6 +370,26 @@ class PostgresStore(PostgresDirectory, PostgresQueueTools, PostgresEtrn, Postgre
         been applied before it broke, or never sent; the caller tells which
         from what it wrote).  Any other failure
         rolls back and raises `StoreError`."""
+        with self._unprobed(what) as conn, conn.pipeline():
+            conn.execute("BEGIN")
+            statements(conn)
+            conn.execute("COMMIT")
+
+    def _write_one_statement(self, what: str, statement: Callable[[Conn], object]) -> None:
+        """The one statement `statement(conn)` executes, on its own: on the
+        pool's autocommit connections it is a transaction by itself, all or
+        nothing, its commit flushed (as `synchronous_commit` says, like an
+        explicit COMMIT) before its reply comes.  The round trip of
+        `_write_one_trip` without its BEGIN, COMMIT and pipeline: about half
+        the client's CPU (bench/README.md).  Failures as there."""
+        with self._unprobed(what) as conn:
+            statement(conn)
+
+    @contextmanager
+    def _unprobed(self, what: str) -> Iterator[Conn]:
+        """A pooled connection taken without the probe, for the one-trip
+        writes: `CommitUnknown` if it breaks; any other failure rolls back
+        what is open and raises `StoreError`."""
         self._check_open()
         self._fail_fast()
         try:
@@ -377,10 +398,7 @@ class PostgresStore(PostgresDirectory, PostgresQueueTools, PostgresEtrn, Postgre
             raise self._error(f"{what} failed", exc) from exc
         try:
             try:
-                with conn.pipeline():
-                    conn.execute("BEGIN")
-                    statements(conn)
-                    conn.execute("COMMIT")
+                yield conn
             except psycopg.OperationalError as exc:
                 if conn.broken:
                     raise CommitUnknown(self._scrub(str(exc))) from exc
@@ -388,7 +406,9 @@ class PostgresStore(PostgresDirectory, PostgresQueueTools, PostgresEtrn, Postgre
         except CommitUnknown:
             raise
         except BaseException as exc:
-            if not conn.broken:  # an aborted transaction: nothing of it stays
+            # An aborted transaction: nothing of it stays.  A single
+            # statement that failed left none open (no ROLLBACK warning).
+            if not conn.broken and conn.info.transaction_status != TransactionStatus.IDLE:
                 with contextlib.suppress(psycopg.Error):
                     conn.execute("ROLLBACK")
             if isinstance(exc, _ENGINE_ERRORS):
