@@ -1,11 +1,11 @@
 """PostgreSQL enqueue in one round trip: messages whose bodies are one chunk
-go as BEGIN, one statement each and COMMIT in one pipeline
-(`PostgresStore._write_one_trip`), a lone one as its statement alone
-(`_write_one_statement`, a transaction by itself).  What this file proves:
+go as one statement for all (`_insert_many_query`; a lone one
+`_insert_whole_query`), a transaction by itself on an autocommit connection
+(`PostgresStore._write_one_statement`).  What this file proves:
 
-- such a batch takes no three-trip transaction, and stores what it was given;
-  a lone message takes neither the pipeline nor BEGIN and COMMIT, and every
-  case below holds for it too;
+- such a batch takes no three-trip transaction, and stores what it was given
+  (every column, recipients in order); a lone message takes neither a
+  transaction nor BEGIN and COMMIT, and every case below holds for it too;
 - a queue id that collides fails the one trip (nothing stored) and the
   slower way draws a fresh one, the older message untouched;
 - a connection that broke with the COMMIT's fate unknown is resolved from
@@ -24,7 +24,16 @@ from typing import Any
 import psycopg
 import pytest
 
-from fermoposta.store.base import CHUNK_SIZE, StoreError
+from fermoposta.store.base import (
+    CHUNK_SIZE,
+    MessageOrigin,
+    NewMessage,
+    NewRecipient,
+    QueuedMessage,
+    QueuedRecipient,
+    RecipientState,
+    StoreError,
+)
 from fermoposta.store.pg_rows import CommitUnknown
 from fermoposta.store.postgres import PostgresStore
 from support.pg import fresh_schema
@@ -103,13 +112,13 @@ def test_a_colliding_id_draws_a_fresh_one_in_one_trip(store: PostgresStore) -> N
 
 def test_a_commit_applied_before_the_connection_broke_is_stored_once(
         store: PostgresStore, monkeypatch) -> None:
-    real = store._write_one_trip
+    real = store._write_one_statement
 
     def applied_then_broke(what, statements):  # type: ignore[no-untyped-def]
         real(what, statements)
         raise CommitUnknown("server closed the connection unexpectedly (test)")
 
-    monkeypatch.setattr(store, "_write_one_trip", applied_then_broke)
+    monkeypatch.setattr(store, "_write_one_statement", applied_then_broke)
     ids = store.enqueue_batch(_batch(3))
     assert sorted(all_ids(store)) == sorted(ids)  # three messages, not six
     assert [body_of(store, i) for i in ids] == [b"m %d\r\n" % i for i in range(3)]
@@ -120,7 +129,7 @@ def test_a_commit_that_never_reached_the_server_is_made_again(
     def broke_before(what, statements):  # type: ignore[no-untyped-def]
         raise CommitUnknown("server closed the connection unexpectedly (test)")
 
-    monkeypatch.setattr(store, "_write_one_trip", broke_before)
+    monkeypatch.setattr(store, "_write_one_statement", broke_before)
     ids = store.enqueue_batch([(msg("a@x.example"), io.BytesIO(b"a"), "AAAAAAAAAAA3"),
                                (msg("b@x.example"), io.BytesIO(b"b"), None)])
     assert ids[0] == "AAAAAAAAAAA3"  # stored the slower way, under the ids it had
@@ -142,26 +151,67 @@ def test_connections_a_restart_broke_are_not_seen(store: PostgresStore) -> None:
     assert [body_of(store, i) for i in ids] == [b"after 0\r\n", b"after 1\r\n"]
 
 
-def test_an_sql_error_rolls_back_and_the_store_goes_on(store: PostgresStore,
-                                                       monkeypatch) -> None:
-    real = store._insert_whole_query
-    calls = []
+def test_an_sql_error_stores_nothing_and_the_store_goes_on(store: PostgresStore,
+                                                           monkeypatch) -> None:
+    real = store._insert_many_query
 
-    def second_fails(conn, message_id, message, now, data, **options):  # type: ignore[no-untyped-def]
-        calls.append(message_id)
-        if len(calls) == 2:
-            return conn.execute("SELECT 1 / 0")
-        return real(conn, message_id, message, now, data, **options)
+    def fails(conn, whole, now):  # type: ignore[no-untyped-def]
+        return conn.execute("SELECT 1 / 0")
 
-    monkeypatch.setattr(store, "_insert_whole_query", second_fails)
+    monkeypatch.setattr(store, "_insert_many_query", fails)
     with pytest.raises(StoreError, match="division by zero"):
         store.enqueue_batch(_batch(3))
-    assert all_ids(store) == []  # the first message went with the rest
-    monkeypatch.setattr(store, "_insert_whole_query", real)
+    assert all_ids(store) == []
+    monkeypatch.setattr(store, "_insert_many_query", real)
     for _ in range(4):  # every pooled connection is clean again
-        mid = store.enqueue(msg("ok@x.example"), io.BytesIO(b"ok"))
-        assert body_of(store, mid) == b"ok"
-    assert len(all_ids(store)) == 4
+        ids = store.enqueue_batch(_batch(2, "ok"))
+        assert [body_of(store, i) for i in ids] == [b"ok 0\r\n", b"ok 1\r\n"]
+    assert len(all_ids(store)) == 8
+
+
+def test_a_batch_in_one_statement_keeps_every_column_and_the_recipients_order(
+        store: PostgresStore) -> None:
+    """What one statement for the batch stores is what one message at a time
+    stores: every column of the message and of each recipient, recipient ids
+    in the order given, an empty body as no chunk at all."""
+    rich = NewMessage(
+        sender="s@x.example", origin=MessageOrigin.SUBMISSION, smtputf8=True, body_8bit=True,
+        envid="ENV+2B1", ret="HDRS", client="c.example[192.0.2.1]", wire_ready=True,
+        recipients=(NewRecipient("z@b.example", "b.example", RecipientState.OUTBOUND,
+                                 notify="SUCCESS,FAILURE", orcpt="rfc822;z@b.example"),
+                    NewRecipient("a@a.example", "a.example", RecipientState.HELD),
+                    NewRecipient("m@b.example", "b.example", RecipientState.OUTBOUND,
+                                 notify="NEVER")))
+    plain = msg("p@x.example")
+    items = [(rich, b"rich\r\n"), (plain, b""), (rich, b"again\r\n")]
+    batch = store.enqueue_batch([(m, io.BytesIO(b), None) for m, b in items])
+    alone = [store.enqueue(m, io.BytesIO(b)) for m, b in items]
+    for in_batch, by_itself in zip(batch, alone, strict=True):
+        got, want = _message(store, in_batch), _message(store, by_itself)
+        assert body_of(store, in_batch) == body_of(store, by_itself)
+        for field in ("sender", "origin", "smtputf8", "body_8bit", "envid", "ret", "client",
+                      "wire_ready", "size", "node"):
+            assert getattr(got, field) == getattr(want, field), field
+        assert _recipients(got) == _recipients(want)
+    # Recipient ids follow the batch's order: message by message, as given.
+    stored = [r for i in batch for r in sorted(_message(store, i).recipients, key=_by_id)]
+    assert [r.address for r in stored] == [r.address for m, _ in items for r in m.recipients]
+    assert [r.id for r in stored] == sorted(r.id for r in stored)
+
+
+def _message(store: PostgresStore, message_id: str) -> QueuedMessage:
+    found = store.get_message(message_id)
+    assert found is not None, message_id
+    return found
+
+
+def _by_id(r: QueuedRecipient) -> int:
+    return r.id
+
+
+def _recipients(m: QueuedMessage) -> list[tuple[object, ...]]:
+    return [(r.address, r.domain, r.state, r.notify, r.orcpt)
+            for r in sorted(m.recipients, key=_by_id)]
 
 
 def test_a_lost_commit_is_not_mistaken_for_an_older_message_with_the_same_id(
@@ -171,8 +221,7 @@ def test_a_lost_commit_is_not_mistaken_for_an_older_message_with_the_same_id(
     def broke_before(what, statements):  # type: ignore[no-untyped-def]
         raise CommitUnknown("server closed the connection unexpectedly (test)")
 
-    monkeypatch.setattr(store, "_write_one_trip", broke_before)
-    monkeypatch.setattr(store, "_write_one_statement", broke_before)  # a lone message's
+    monkeypatch.setattr(store, "_write_one_statement", broke_before)
     [new] = store.enqueue_batch([(msg("a@x.example"), io.BytesIO(b"new"), taken)])
     assert new != taken  # stored, under a fresh id: not taken for the older one
     assert body_of(store, new) == b"new" and body_of(store, taken) == b"old"
@@ -184,7 +233,7 @@ def test_part_of_a_batch_found_after_a_lost_connection_is_an_error(
     def broke(what, statements):  # type: ignore[no-untyped-def]
         raise CommitUnknown("server closed the connection unexpectedly (test)")
 
-    monkeypatch.setattr(store, "_write_one_trip", broke)
+    monkeypatch.setattr(store, "_write_one_statement", broke)
     monkeypatch.setattr(store, "_query", lambda what, sql, params=(): [(1,)])  # 1 of 2
     with pytest.raises(StoreError, match="cannot tell whether the commit was applied"):
         store.enqueue_batch(_batch(2))
@@ -196,10 +245,9 @@ def test_part_of_a_batch_found_after_a_lost_connection_is_an_error(
 def test_a_lone_message_is_one_statement_without_begin_or_pipeline(
         store: PostgresStore, monkeypatch) -> None:
     def no(*args: object) -> None:
-        raise AssertionError("a transaction or pipeline for a lone message")
+        raise AssertionError("a three-trip transaction for a lone message")
 
     monkeypatch.setattr(store, "_write", no)
-    monkeypatch.setattr(store, "_write_one_trip", no)
     sent: list[str] = []
     real_statement = store._write_one_statement
 
@@ -213,8 +261,11 @@ def test_a_lone_message_is_one_statement_without_begin_or_pipeline(
     monkeypatch.setattr(store, "_write_one_statement", watched)
     mid = store.enqueue(msg("one@x.example"), io.BytesIO(b"one\r\n"), "AAAAAAAAAAB1")
     assert mid == "AAAAAAAAAAB1" and sent == ["enqueue"]
+    ids = store.enqueue_batch(_batch(3))
+    assert sent == ["enqueue", "enqueue"]  # the batch too: one statement
     assert body_of(store, mid) == b"one\r\n"
     assert list(rcpt_ids(store, mid)) == ["one@x.example"]
+    assert [body_of(store, i) for i in ids] == [b"m %d\r\n" % i for i in range(3)]
 
 
 def test_a_lone_message_with_a_taken_id_gets_a_fresh_one(store: PostgresStore) -> None:

@@ -4,10 +4,10 @@ Contract: `PostgresMessages` is a mixin of `PostgresStore` and uses only its
 transactions (`_read`, `_write`, `_query`), clock and node name; durability
 and errors are those of `fermoposta.store.postgres`.
 - Enqueue: one transaction per call (`enqueue_batch`: one for the batch).
-  When every body is one chunk (most mail), BEGIN, one statement a message
-  and COMMIT go in one round trip (`_write_one_trip`), all or nothing (a
-  lone message: its one statement alone, `_write_one_statement`); if
-  its connection breaks, the messages' rows tell whether the COMMIT was
+  When every body is one chunk (most mail), the batch is one statement
+  (`_insert_many_query`, a lone message `_insert_whole_query`), a
+  transaction by itself (`_write_one_statement`): one round trip, all or
+  nothing; if its connection breaks, the messages' rows tell whether it was
   applied (found by queue id, node and arrival time: all of them, done;
   none, stored again through `_write`, whose probe replaces broken
   connections).  Other bodies, and a batch with a queue id that is taken:
@@ -74,10 +74,9 @@ class PostgresMessages(EnginePart):
 
     def enqueue_batch(self, items: Sequence[tuple[NewMessage, IO[bytes], str | None]]
                       ) -> list[str]:
-        """One transaction.  When every body is one chunk (most mail): BEGIN,
-        one statement a message and COMMIT in one round trip
-        (`_write_one_trip`; a lone message's statement alone,
-        `_write_one_statement`); else the one-chunk messages in one pipeline
+        """One transaction.  When every body is one chunk (most mail): one
+        statement for all, a transaction by itself, in one round trip
+        (`_write_one_statement`); else the one-chunk messages in one pipeline
         and the others a statement at a time, in a transaction of three
         round trips or more."""
         # The first two chunks of each body, up to the first body of more
@@ -107,15 +106,13 @@ class PostgresMessages(EnginePart):
         slower way, which draws fresh ids and replaces broken connections."""
         now = self._clock()
         try:
-            if len(whole) == 1:  # one statement: a transaction by itself
+            if len(whole) == 1:
                 [(message, data, queue_id)] = whole
                 self._write_one_statement("enqueue", lambda conn: self._insert_whole_query(
                     conn, queue_id, message, now, data, on_conflict=False))
             else:
-                self._write_one_trip("enqueue", lambda conn: [
-                    self._insert_whole_query(conn, queue_id, message, now, data,
-                                             on_conflict=False)
-                    for message, data, queue_id in whole])
+                self._write_one_statement("enqueue", lambda conn: self._insert_many_query(
+                    conn, whole, now))
         except CommitUnknown:
             # Applied or not: all our rows are there, or none is.  Ours, not
             # an older message that drew the same id: this node's, received
@@ -269,6 +266,59 @@ class PostgresMessages(EnginePart):
              data, bool(data),
              now, now, len(data), *self._recipient_arrays(message)),
         )
+
+    # Several messages, their one-chunk bodies and their recipients, each
+    # column a parameter array: one statement whatever their number.
+    _INSERT_MANY = (
+        "WITH m AS (INSERT INTO messages (id, sender, received_at, size, origin, smtputf8,"
+        " body_8bit, envid, ret, client, node, wire_ready)"
+        " SELECT u.id, u.sender, %s, u.size, u.origin, u.smtputf8, u.body_8bit, u.envid,"
+        " u.ret, u.client, %s, u.wire_ready"
+        " FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::text[], %s::boolean[],"
+        " %s::boolean[], %s::text[], %s::text[], %s::text[], %s::boolean[])"
+        " AS u(id, sender, size, origin, smtputf8, body_8bit, envid, ret, client, wire_ready)"
+        " RETURNING id),"
+        " c AS (INSERT INTO body_chunks (message_id, seq, data)"
+        " SELECT u.id, 0, u.data FROM unnest(%s::text[], %b::bytea[]) AS u(id, data)"
+        " WHERE octet_length(u.data) > 0),"
+        " r AS (INSERT INTO recipients (message_id, address, domain, state, attempts, notify,"
+        " orcpt, updated_at, message_received_at, message_size)"
+        " SELECT u.id, u.address, u.domain, u.state, 0, u.notify, u.orcpt, %s, %s, u.size"
+        " FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[],"
+        " %s::bigint[])"
+        # WITH ORDINALITY: the recipients' ids in the messages' and their own order.
+        " WITH ORDINALITY AS u(id, address, domain, state, notify, orcpt, size, n)"
+        " ORDER BY u.n)"
+        " SELECT count(*) FROM m"
+    )
+
+    def _insert_many_query(self, conn: Conn, whole: Sequence[tuple[NewMessage, bytes, str]],
+                           now: float) -> psycopg.Cursor[TupleRow]:
+        """`whole` (messages, their whole bodies, their queue ids) in one
+        statement; its one row counts the messages written.  A queue id that
+        is taken fails it, and nothing is written.  Against a pipeline of
+        one `_insert_whole_query` a message: half the client's CPU for ten
+        (bench/README.md), which the worker thread would take from the
+        event loop's GIL.  The foreign keys are checked at the end of the
+        statement, when the message rows are there."""
+        messages = [message for message, _, _ in whole]
+        ids = [queue_id for _, _, queue_id in whole]
+        sizes = [len(data) for _, data, _ in whole]
+        recipients = [(queue_id, r, len(data)) for message, data, queue_id in whole
+                      for r in message.recipients]
+        return conn.execute(self._INSERT_MANY, (
+            now, self._node,
+            ids, [m.sender for m in messages], sizes, [str(m.origin) for m in messages],
+            [bool(m.smtputf8) for m in messages], [bool(m.body_8bit) for m in messages],
+            [m.envid for m in messages], [m.ret for m in messages],
+            [m.client for m in messages], [bool(m.wire_ready) for m in messages],
+            ids, [data for _, data, _ in whole],
+            now, now,
+            [queue_id for queue_id, _, _ in recipients],
+            [r.address for _, r, _ in recipients], [r.domain for _, r, _ in recipients],
+            [str(r.state) for _, r, _ in recipients], [r.notify for _, r, _ in recipients],
+            [r.orcpt for _, r, _ in recipients], [size for _, _, size in recipients],
+        ))
 
     def is_empty(self) -> bool:
         with self._read("is empty") as conn:

@@ -46,9 +46,9 @@ _LOCK_RECIPIENTS = "SELECT id FROM recipients WHERE id = ANY(%s::bigint[]) ORDER
 
 
 class CommitUnknown(Exception):
-    """A one-round-trip write (`PostgresStore._write_one_trip`) lost its
-    connection: its COMMIT may or may not have been applied; the caller
-    finds out from what it wrote."""
+    """A one-statement write (`PostgresStore._write_one_statement`) lost its
+    connection: it may or may not have been applied; the caller finds out
+    from what it wrote."""
 
 
 def _ids(recipient_ids: Collection[int]) -> list[int]:
@@ -68,8 +68,6 @@ class EnginePart:
                   ) -> AbstractContextManager[Conn]: ...
 
         def _write(self, what: str) -> AbstractContextManager[Conn]: ...
-
-        def _write_one_trip(self, what: str, statements: Callable[[Conn], object]) -> None: ...
 
         def _write_one_statement(self, what: str,
                                  statement: Callable[[Conn], object]) -> None: ...

@@ -41,10 +41,9 @@ Contract and choices:
   `lock_timeout` for a lock that is never released) and work again once it
   is back: every connection is checked when taken from the pool and a
   broken one is replaced.  The enqueue of one-chunk bodies skips that check
-  (`_write_one_trip`: BEGIN, the statements and COMMIT in one round trip;
-  `_write_one_statement`: one statement, its own transaction);
-  a connection that breaks there raises `CommitUnknown`, and the enqueue
-  looks for its rows to tell whether the COMMIT was applied before
+  (`_write_one_statement`: one statement, its own transaction, in one
+  round trip); a connection that breaks there raises `CommitUnknown`, and
+  the enqueue looks for its rows to tell whether it was applied before
   storing them again (`pg_messages`).
 - Bodies, enqueue and reads: see `pg_messages`.
 - Holders: each store registers one `holders` row (`holder_id`: node, pid,
@@ -362,34 +361,25 @@ class PostgresStore(PostgresDirectory, PostgresQueueTools, PostgresEtrn, Postgre
         except _ENGINE_ERRORS as exc:
             raise self._error(f"{what} failed", exc) from exc
 
-    def _write_one_trip(self, what: str, statements: Callable[[Conn], object]) -> None:
-        """BEGIN, the statements `statements(conn)` sends and COMMIT in one
-        libpq pipeline: one round trip, where `_write` takes three (its
-        BEGIN, the statements, its COMMIT).  No probe: a connection a
-        server restart broke raises `CommitUnknown` (the COMMIT may have
-        been applied before it broke, or never sent; the caller tells which
-        from what it wrote).  Any other failure
-        rolls back and raises `StoreError`."""
-        with self._unprobed(what) as conn, conn.pipeline():
-            conn.execute("BEGIN")
-            statements(conn)
-            conn.execute("COMMIT")
-
     def _write_one_statement(self, what: str, statement: Callable[[Conn], object]) -> None:
         """The one statement `statement(conn)` executes, on its own: on the
         pool's autocommit connections it is a transaction by itself, all or
         nothing, its commit flushed (as `synchronous_commit` says, like an
-        explicit COMMIT) before its reply comes.  The round trip of
-        `_write_one_trip` without its BEGIN, COMMIT and pipeline: about half
-        the client's CPU (bench/README.md).  Failures as there."""
+        explicit COMMIT) before its reply comes.  One round trip, where
+        `_write` takes three (its BEGIN, the statements, its COMMIT), and
+        no BEGIN or COMMIT for libpq to send and read back.  No probe: a
+        connection a server restart broke raises `CommitUnknown` (the
+        statement may have been applied before it broke, or never sent; the
+        caller tells which from what it wrote).  Any other failure raises
+        `StoreError`, nothing written."""
         with self._unprobed(what) as conn:
             statement(conn)
 
     @contextmanager
     def _unprobed(self, what: str) -> Iterator[Conn]:
-        """A pooled connection taken without the probe, for the one-trip
-        writes: `CommitUnknown` if it breaks; any other failure rolls back
-        what is open and raises `StoreError`."""
+        """A pooled connection taken without the probe, for
+        `_write_one_statement`: `CommitUnknown` if it breaks; any other
+        failure rolls back what is open and raises `StoreError`."""
         self._check_open()
         self._fail_fast()
         try:
