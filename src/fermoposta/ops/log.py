@@ -155,7 +155,10 @@ class _TurnHandler(logging.StreamHandler):  # type: ignore[type-arg]
             self.handleError(record)
             return
         self._pending.append(text)
-        loop = asyncio._get_running_loop()  # None off a loop, no exception raised
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:  # another thread, or no loop at all
+            loop = None
         if (loop is None or record.levelno > logging.INFO
                 or len(self._pending) >= self.MAX_PENDING):
             self._write_pending(record)
