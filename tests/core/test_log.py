@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import re
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -250,12 +251,15 @@ def test_warnings_and_other_threads_write_at_once_in_order() -> None:
         smtp.warning("store error")  # at once, after the line before it
         after_warning = _bodies(stream)
         event("mx", "BBB", status="held")
-        await asyncio.to_thread(smtp.info, "from a worker thread")
+        # A thread's line, in this very turn (the loop does not run while
+        # we wait for the thread): written at once, the pending line first.
+        worker = threading.Thread(target=smtp.info, args=("from a worker thread",))
+        worker.start()
+        worker.join()
         return after_warning, _bodies(stream)
 
     after_warning, after_thread = asyncio.run(turn())
     assert after_warning == ["AAA: status=held", "warning: store error"]
-    # The thread's line went at once, the turn's pending line first.
     assert after_thread == ["AAA: status=held", "warning: store error", "BBB: status=held",
                             "from a worker thread"]
 
@@ -298,10 +302,58 @@ def test_a_long_turn_writes_every_max_pending_lines() -> None:
     async def turn() -> int:
         for n in range(limit + 10):
             event("mx", f"Q{n}", status="held")
-        written = len(stream.writes)
+        written = "".join(stream.writes).count("\n")
         await asyncio.sleep(0)
         return written
 
-    assert asyncio.run(turn()) == 1  # the first `limit` lines, at once
-    assert len(stream.writes) == 2
+    assert asyncio.run(turn()) == limit  # the first `limit` lines, at once
     assert _bodies(stream) == [f"Q{n}: status=held" for n in range(limit + 10)]
+
+
+def test_writes_are_whole_lines_of_at_most_4_kib() -> None:
+    """Atomic on a pipe (PIPE_BUF): processes sharing stderr never cut each
+    other's lines; a line longer than that goes alone."""
+    stream = CountingStream()
+    setup_logging("info", "text", stream)
+
+    async def turn() -> None:
+        for n in range(100):
+            event("mx", f"Q{n}", status="held", note="x" * (50 + n))
+        event("mx", "LONG", note="y" * 6000)
+        event("mx", "AFTER", status="held")
+        await asyncio.sleep(0)
+
+    asyncio.run(turn())
+    assert len(stream.writes) > 2
+    for piece in stream.writes:
+        assert piece.endswith("\n")
+        assert len(piece) <= 4096 or piece.count("\n") == 1
+    assert [b.split(":")[0] for b in _bodies(stream)] == [
+        *(f"Q{n}" for n in range(100)), "LONG", "AFTER"]
+
+
+def test_a_failed_write_is_reported_and_the_next_lines_still_go() -> None:
+    class Failing(CountingStream):
+        fail = True
+
+        def write(self, text: str) -> int:
+            if self.fail:
+                self.fail = False
+                raise OSError("disk full (test)")
+            return super().write(text)
+
+    stream = Failing()
+    setup_logging("info", "text", stream)
+    handler = logging.getLogger("fermoposta").handlers[-1]
+    reported: list[str] = []
+    handler.handleError = lambda record: reported.append(record.getMessage())  # type: ignore[method-assign]
+
+    async def turn() -> None:
+        event("mx", "AAA", status="held")
+        await asyncio.sleep(0)  # its write fails
+        event("mx", "BBB", status="held")
+        await asyncio.sleep(0)
+
+    asyncio.run(turn())
+    assert reported == ["AAA: status=held"]
+    assert _bodies(stream) == ["BBB: status=held"]

@@ -4,25 +4,30 @@ go as one statement for all (`_insert_many_query`; a lone one
 (`PostgresStore._write_one_statement`).  What this file proves:
 
 - such a batch takes no three-trip transaction, and stores what it was given
-  (every column, recipients in order); a lone message takes neither a
-  transaction nor BEGIN and COMMIT, and every case below holds for it too;
-- a queue id that collides fails the one trip (nothing stored) and the
-  slower way draws a fresh one, the older message untouched;
-- a connection that broke with the COMMIT's fate unknown is resolved from
-  our rows (queue id, node, arrival): stored once if the COMMIT was applied,
+  (every column, recipients in order); a lone message sends one statement
+  and neither BEGIN, COMMIT nor a pipeline, and every case below holds for
+  it too;
+- a queue id that collides fails the statement (nothing stored) and the
+  slower way draws a fresh one, the older message untouched, with no
+  ROLLBACK sent for a transaction that is not there;
+- a connection that broke with the statement's fate unknown is resolved
+  from our rows (queue id, node, arrival): stored once if it was applied,
   stored again (once) if it never was, also when an older message has the
   same id; a pool whose connections a restart broke is not seen;
-- an SQL error rolls back, stores nothing, and the store goes on working.
+- a statement that fails partway (a recipient the schema refuses) stores
+  nothing of the batch, and the store goes on working.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 from collections.abc import Iterator
 from typing import Any
 
 import psycopg
 import pytest
+from psycopg import pq
 
 from fermoposta.store.base import (
     CHUNK_SIZE,
@@ -151,19 +156,24 @@ def test_connections_a_restart_broke_are_not_seen(store: PostgresStore) -> None:
     assert [body_of(store, i) for i in ids] == [b"after 0\r\n", b"after 1\r\n"]
 
 
-def test_an_sql_error_stores_nothing_and_the_store_goes_on(store: PostgresStore,
-                                                           monkeypatch) -> None:
-    real = store._insert_many_query
+def _refused_by_the_schema() -> NewMessage:
+    """A message whose last recipient breaks a NOT NULL constraint: its
+    statement fails after the rows before it were written."""
+    return NewMessage(sender="s@x.example", origin=MessageOrigin.MX, recipients=(
+        NewRecipient("a@x.example", "x.example", RecipientState.HELD),
+        NewRecipient("b@x.example", None, RecipientState.HELD)))  # type: ignore[arg-type]
 
-    def fails(conn, whole, now):  # type: ignore[no-untyped-def]
-        return conn.execute("SELECT 1 / 0")
 
-    monkeypatch.setattr(store, "_insert_many_query", fails)
-    with pytest.raises(StoreError, match="division by zero"):
-        store.enqueue_batch(_batch(3))
+@pytest.mark.parametrize("size", [1, 3])
+def test_a_statement_that_fails_partway_stores_nothing(store: PostgresStore,
+                                                       size: int) -> None:
+    batch = [*_batch(size - 1), (_refused_by_the_schema(), io.BytesIO(b"bad"), None)]
+    with pytest.raises(StoreError, match="null value"):
+        store.enqueue_batch(batch)
     assert all_ids(store) == []
-    monkeypatch.setattr(store, "_insert_many_query", real)
-    for _ in range(4):  # every pooled connection is clean again
+    assert store._query("count", "SELECT (SELECT count(*) FROM body_chunks)"
+                        " + (SELECT count(*) FROM recipients)")[0][0] == 0
+    for _ in range(4):  # every pooled connection works again
         ids = store.enqueue_batch(_batch(2, "ok"))
         assert [body_of(store, i) for i in ids] == [b"ok 0\r\n", b"ok 1\r\n"]
     assert len(all_ids(store)) == 8
@@ -193,6 +203,19 @@ def test_a_batch_in_one_statement_keeps_every_column_and_the_recipients_order(
                       "wire_ready", "size", "node"):
             assert getattr(got, field) == getattr(want, field), field
         assert _recipients(got) == _recipients(want)
+        assert got.received_at == pytest.approx(want.received_at, abs=60)
+        assert got.size == len(body_of(store, in_batch))
+    # The columns the queue tools read, and no chunk row for the empty body.
+    rows = store._query("columns", "SELECT r.message_id, r.attempts, r.message_size,"
+                        " r.message_received_at, r.updated_at, m.received_at, m.size"
+                        " FROM recipients r JOIN messages m ON m.id = r.message_id"
+                        " WHERE r.message_id = ANY(%s)", (batch,))
+    assert len(rows) == 7
+    for _, attempts, message_size, message_received_at, updated_at, received_at, size in rows:
+        assert attempts == 0 and message_size == size
+        assert message_received_at == received_at == updated_at
+    assert store._query("chunks", "SELECT count(*) FROM body_chunks WHERE message_id = %s",
+                        (batch[1],))[0][0] == 0
     # Recipient ids follow the batch's order: message by message, as given.
     stored = [r for i in batch for r in sorted(_message(store, i).recipients, key=_by_id)]
     assert [r.address for r in stored] == [r.address for m, _ in items for r in m.recipients]
@@ -242,10 +265,24 @@ def test_part_of_a_batch_found_after_a_lost_connection_is_an_error(
 # --- a lone message: its one statement, a transaction by itself ----------------------------
 
 
-def test_a_lone_message_is_one_statement_without_begin_or_pipeline(
+class _Counting:
+    """A connection whose `execute` calls are counted (the rest passes)."""
+
+    def __init__(self, conn: psycopg.Connection[Any], sent: list[str]) -> None:
+        self._conn, self._sent = conn, sent
+
+    def execute(self, query: str, *args: Any, **kwargs: Any) -> Any:
+        self._sent.append(query.split()[0])
+        return self._conn.execute(query, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+
+def test_a_lone_message_or_a_batch_is_one_statement_without_begin_or_pipeline(
         store: PostgresStore, monkeypatch) -> None:
     def no(*args: object) -> None:
-        raise AssertionError("a three-trip transaction for a lone message")
+        raise AssertionError("a three-trip transaction")
 
     monkeypatch.setattr(store, "_write", no)
     sent: list[str] = []
@@ -253,24 +290,51 @@ def test_a_lone_message_is_one_statement_without_begin_or_pipeline(
 
     def watched(what, statement):  # type: ignore[no-untyped-def]
         def recording(conn):  # type: ignore[no-untyped-def]
-            assert conn.autocommit  # so the statement is its own transaction
-            sent.append(what)
-            return statement(conn)
-        real_statement(what, recording)
+            # Autocommit, nothing begun, no pipeline: the statement is its
+            # own transaction, committed when its reply comes.
+            assert conn.autocommit
+            assert conn.info.transaction_status == pq.TransactionStatus.IDLE
+            assert conn.pgconn.pipeline_status == pq.PipelineStatus.OFF
+            cursor = statement(_Counting(conn, sent))
+            assert conn.info.transaction_status == pq.TransactionStatus.IDLE
+            return cursor
+        return real_statement(what, recording)
 
     monkeypatch.setattr(store, "_write_one_statement", watched)
     mid = store.enqueue(msg("one@x.example"), io.BytesIO(b"one\r\n"), "AAAAAAAAAAB1")
-    assert mid == "AAAAAAAAAAB1" and sent == ["enqueue"]
+    assert mid == "AAAAAAAAAAB1" and sent == ["WITH"]
     ids = store.enqueue_batch(_batch(3))
-    assert sent == ["enqueue", "enqueue"]  # the batch too: one statement
+    assert sent == ["WITH", "WITH"]  # the batch too: one statement
     assert body_of(store, mid) == b"one\r\n"
     assert list(rcpt_ids(store, mid)) == ["one@x.example"]
     assert [body_of(store, i) for i in ids] == [b"m %d\r\n" % i for i in range(3)]
 
 
-def test_a_lone_message_with_a_taken_id_gets_a_fresh_one(store: PostgresStore) -> None:
+def test_a_lone_message_with_a_taken_id_gets_a_fresh_one(store: PostgresStore,
+                                                        monkeypatch) -> None:
     taken = store.enqueue(msg("old@x.example"), io.BytesIO(b"old"), "AAAAAAAAAAB2")
+    notices: list[str] = []
+    real_unprobed = store._unprobed
+
+    def note(diag: Any) -> None:
+        notices.append(str(diag.message_primary))
+
+    @contextlib.contextmanager
+    def listening(what):  # type: ignore[no-untyped-def]
+        listened = []
+        try:  # the handler stays until the connection is back in the pool
+            with real_unprobed(what) as conn:
+                conn.add_notice_handler(note)
+                listened.append(conn)
+                yield conn
+        finally:
+            for conn in listened:
+                conn.remove_notice_handler(note)
+
+    # A ROLLBACK with no transaction open would be a server WARNING notice.
+    monkeypatch.setattr(store, "_unprobed", listening)
     again = store.enqueue(msg("new@x.example"), io.BytesIO(b"new"), taken)
+    assert notices == []
     assert again != taken
     assert body_of(store, again) == b"new" and body_of(store, taken) == b"old"
     assert sorted(all_ids(store)) == sorted([taken, again])
@@ -322,3 +386,17 @@ def test_a_lone_message_whose_statement_fails_stores_nothing(
     with pytest.raises(StoreError, match="division by zero"):
         store.enqueue(msg("a@x.example"), io.BytesIO(b"a"))
     assert all_ids(store) == []
+
+
+@pytest.mark.parametrize("size", [1, 3])
+def test_a_statement_that_wrote_fewer_messages_than_given_is_an_error(
+        store: PostgresStore, monkeypatch, size: int) -> None:
+    """Each id the enqueue returns is answered 250: the statement's count of
+    the messages it wrote must be all of them, else it is an error."""
+    def wrote_none(conn, *args, **options):  # type: ignore[no-untyped-def]
+        return conn.execute("SELECT 0")
+
+    monkeypatch.setattr(store, "_insert_whole_query", wrote_none)
+    monkeypatch.setattr(store, "_insert_many_query", wrote_none)
+    with pytest.raises(StoreError, match=f"wrote 0 of {size} messages"):
+        store.enqueue_batch(_batch(size))

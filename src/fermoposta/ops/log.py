@@ -24,15 +24,21 @@ Contract:
   in this package may log a password, an AUTH initial response or a SASL
   continuation line without passing it through `redact`.
 - Timestamps are UTC, RFC 3339 with milliseconds.
-- Lines logged on a running event loop at INFO or below are written
-  together at the end of the loop's turn (one write for all the lines of
-  the sessions served in that turn, where a write a line cost a system call
-  each: two lines of every message taken in).  Warnings and errors, lines
-  from other threads and lines logged without a running loop are written at
-  once, after the turn's lines before them, so the order of the lines is
-  the order they were logged in.  A process killed mid-turn (SIGKILL) may
-  lose that turn's info lines; `logging.shutdown` (at exit) and the
-  handler's `flush()` write what is pending.
+- Lines logged on a running event loop at INFO or below (debug lines
+  too) are written together at the end of the loop's turn, in writes of
+  whole lines of at most 4 KiB (atomic on a pipe), and at once when 256
+  are pending: where a write a line cost a system call each, two lines of
+  every message taken in.  Warnings and errors, lines from other threads
+  and lines logged without a running loop are written at once, after the
+  pending lines before them, so the lines of this handler come in the
+  order they were logged (text Python or a library writes to stderr by
+  other ways, a traceback of the interpreter's own, may come before
+  pending lines logged earlier).  A process killed (SIGKILL) may lose the
+  pending lines of its last turn; lines of a loop that stopped before its
+  turn ended are written by the next line written, by `flush()` or
+  `close()` (a handler `setup_logging` replaces) and by
+  `logging.shutdown` at exit.  A write that fails is reported on stderr
+  by `logging`'s usual "--- Logging error ---" (`handleError`).
 """
 
 from __future__ import annotations
@@ -141,53 +147,62 @@ class _TurnHandler(logging.StreamHandler):  # type: ignore[type-arg]
     (`Handler.handle`), and so does the end-of-turn write."""
 
     MAX_PENDING = 256  # lines: written at once beyond, whatever the turn
+    # Bytes a write at most, cut at line ends: a write to a pipe up to
+    # PIPE_BUF is atomic, so processes sharing one stderr pipe never cut
+    # each other's lines (each line was a write of its own before).
+    PIECE = 4096
 
     def __init__(self, stream: TextIO) -> None:
         super().__init__(stream)
-        self._pending: list[str] = []
+        self._pending: list[tuple[str, logging.LogRecord]] = []
         # The loop whose end of turn will write `_pending`, once scheduled.
         self._scheduled_on: asyncio.AbstractEventLoop | None = None
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            text = self.format(record) + self.terminator
+            self._pending.append((self.format(record) + self.terminator, record))
+            try:
+                loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+            except RuntimeError:  # another thread, or no loop at all
+                loop = None
+            if (loop is None or record.levelno > logging.INFO
+                    or len(self._pending) >= self.MAX_PENDING):
+                self._write_pending()
+            elif loop is not self._scheduled_on:
+                # call_soon: after every callback of this turn (the loop's
+                # ready queue), before its next wait for events.
+                self._scheduled_on = loop
+                loop.call_soon(self._end_of_turn)
         except Exception:
             self.handleError(record)
-            return
-        self._pending.append(text)
-        try:
-            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-        except RuntimeError:  # another thread, or no loop at all
-            loop = None
-        if (loop is None or record.levelno > logging.INFO
-                or len(self._pending) >= self.MAX_PENDING):
-            self._write_pending(record)
-        elif loop is not self._scheduled_on:
-            # call_soon: after every callback of this turn (the loop's ready
-            # queue), before its next wait for events.
-            self._scheduled_on = loop
-            loop.call_soon(self._end_of_turn)
 
     def _end_of_turn(self) -> None:
         with self.lock:  # type: ignore[union-attr]
             self._scheduled_on = None
-            self._write_pending(None)
+            self._write_pending()
 
-    def _write_pending(self, record: logging.LogRecord | None) -> None:
-        if not self._pending:
-            return
-        text = "".join(self._pending)
-        self._pending.clear()
-        try:
-            self.stream.write(text)
-            self.stream.flush()
-        except Exception:
-            if record is not None:
-                self.handleError(record)
+    def _write_pending(self) -> None:
+        """Write what is pending, in pieces of whole lines; a piece that
+        fails is reported once (`handleError`, with its first record) and
+        the next ones are still tried."""
+        pending, self._pending = self._pending, []
+        start = 0
+        while start < len(pending):
+            size, end = 0, start
+            while end < len(pending) and (end == start or size + len(pending[end][0])
+                                          <= self.PIECE):
+                size += len(pending[end][0])
+                end += 1
+            try:
+                self.stream.write("".join(text for text, _ in pending[start:end]))
+                self.stream.flush()
+            except Exception:
+                self.handleError(pending[start][1])
+            start = end
 
     def flush(self) -> None:
         with self.lock:  # type: ignore[union-attr]
-            self._write_pending(None)
+            self._write_pending()
         super().flush()
 
     def close(self) -> None:

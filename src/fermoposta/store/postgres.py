@@ -361,25 +361,29 @@ class PostgresStore(PostgresDirectory, PostgresQueueTools, PostgresEtrn, Postgre
         except _ENGINE_ERRORS as exc:
             raise self._error(f"{what} failed", exc) from exc
 
-    def _write_one_statement(self, what: str, statement: Callable[[Conn], object]) -> None:
-        """The one statement `statement(conn)` executes, on its own: on the
-        pool's autocommit connections it is a transaction by itself, all or
-        nothing, its commit flushed (as `synchronous_commit` says, like an
-        explicit COMMIT) before its reply comes.  One round trip, where
-        `_write` takes three (its BEGIN, the statements, its COMMIT), and
-        no BEGIN or COMMIT for libpq to send and read back.  No probe: a
-        connection a server restart broke raises `CommitUnknown` (the
-        statement may have been applied before it broke, or never sent; the
-        caller tells which from what it wrote).  Any other failure raises
-        `StoreError`, nothing written."""
+    def _write_one_statement(self, what: str,
+                             statement: Callable[[Conn], psycopg.Cursor[TupleRow]]
+                             ) -> TupleRow | None:
+        """The one statement `statement(conn)` executes, on its own, and
+        the first row of its result: on the pool's autocommit connections
+        it is a transaction by itself, all or nothing, its commit flushed
+        (as `synchronous_commit` says, like an explicit COMMIT) before its
+        reply comes.  One round trip, where `_write` takes three (its
+        BEGIN, the statements, its COMMIT), and no BEGIN or COMMIT for
+        libpq to send and read back.  No probe: a connection a server
+        restart broke raises `CommitUnknown` (the statement may have been
+        applied before it broke, or never sent; the caller tells which from
+        what it wrote).  A database error raises `StoreError`, nothing
+        written; any other exception passes through."""
         with self._unprobed(what) as conn:
-            statement(conn)
+            return statement(conn).fetchone()
 
     @contextmanager
     def _unprobed(self, what: str) -> Iterator[Conn]:
         """A pooled connection taken without the probe, for
         `_write_one_statement`: `CommitUnknown` if it breaks; any other
-        failure rolls back what is open and raises `StoreError`."""
+        failure rolls back what is open (nothing, after a statement of its
+        own) and raises `StoreError` for a database error."""
         self._check_open()
         self._fail_fast()
         try:
