@@ -317,8 +317,8 @@ def test_writes_are_whole_lines_of_at_most_4_kib() -> None:
     setup_logging("info", "text", stream)
 
     async def turn() -> None:
-        for n in range(100):
-            event("mx", f"Q{n}", status="held", note="x" * (50 + n))
+        for n in range(100):  # UTF-8: more bytes than characters
+            event("mx", f"Q{n}", status="held", note="é" * (50 + n))
         event("mx", "LONG", note="y" * 6000)
         event("mx", "AFTER", status="held")
         await asyncio.sleep(0)
@@ -327,7 +327,7 @@ def test_writes_are_whole_lines_of_at_most_4_kib() -> None:
     assert len(stream.writes) > 2
     for piece in stream.writes:
         assert piece.endswith("\n")
-        assert len(piece) <= 4096 or piece.count("\n") == 1
+        assert len(piece.encode()) <= 4096 or piece.count("\n") == 1
     assert [b.split(":")[0] for b in _bodies(stream)] == [
         *(f"Q{n}" for n in range(100)), "LONG", "AFTER"]
 

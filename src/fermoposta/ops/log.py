@@ -154,13 +154,16 @@ class _TurnHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
     def __init__(self, stream: TextIO) -> None:
         super().__init__(stream)
-        self._pending: list[tuple[str, logging.LogRecord]] = []
+        # (line, its size in bytes as written in UTF-8, its record)
+        self._pending: list[tuple[str, int, logging.LogRecord]] = []
         # The loop whose end of turn will write `_pending`, once scheduled.
         self._scheduled_on: asyncio.AbstractEventLoop | None = None
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            self._pending.append((self.format(record) + self.terminator, record))
+            text = self.format(record) + self.terminator
+            size = len(text) if text.isascii() else len(text.encode("utf-8", "replace"))
+            self._pending.append((text, size, record))
             try:
                 loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
             except RuntimeError:  # another thread, or no loop at all
@@ -189,15 +192,15 @@ class _TurnHandler(logging.StreamHandler):  # type: ignore[type-arg]
         start = 0
         while start < len(pending):
             size, end = 0, start
-            while end < len(pending) and (end == start or size + len(pending[end][0])
+            while end < len(pending) and (end == start or size + pending[end][1]
                                           <= self.PIECE):
-                size += len(pending[end][0])
+                size += pending[end][1]
                 end += 1
             try:
-                self.stream.write("".join(text for text, _ in pending[start:end]))
+                self.stream.write("".join(text for text, _, _ in pending[start:end]))
                 self.stream.flush()
             except Exception:
-                self.handleError(pending[start][1])
+                self.handleError(pending[start][2])
             start = end
 
     def flush(self) -> None:
