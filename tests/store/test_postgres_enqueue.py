@@ -20,7 +20,6 @@ go as one statement for all (`_insert_many_query`; a lone one
 
 from __future__ import annotations
 
-import contextlib
 import io
 from collections.abc import Iterator
 from typing import Any
@@ -314,33 +313,25 @@ def test_a_lone_message_or_a_batch_is_one_statement_without_begin_or_pipeline(
 def test_a_lone_message_with_a_taken_id_gets_a_fresh_one(store: PostgresStore,
                                                         monkeypatch) -> None:
     taken = store.enqueue(msg("old@x.example"), io.BytesIO(b"old"), "AAAAAAAAAAB2")
-    notices: list[str] = []
-    real_unprobed = store._unprobed
+    left_open: list[object] = []
+    real_statement = store._write_one_statement
 
-    def note(diag: Any) -> None:
-        notices.append(str(diag.message_primary))
+    def watched(what, statement):  # type: ignore[no-untyped-def]
+        def failing(conn):  # type: ignore[no-untyped-def]
+            try:
+                return statement(conn)
+            finally:  # before the pool gets it back (and would roll back)
+                left_open.append(conn.info.transaction_status)
+        return real_statement(what, failing)
 
-    @contextlib.contextmanager
-    def listening(what):  # type: ignore[no-untyped-def]
-        listened = []
-        try:  # the handler stays until the connection is back in the pool
-            with real_unprobed(what) as conn:
-                conn.add_notice_handler(note)
-                listened.append(conn)
-                yield conn
-        finally:
-            for conn in listened:
-                conn.remove_notice_handler(note)
-
-    # A ROLLBACK with no transaction open would be a server WARNING notice.
-    monkeypatch.setattr(store, "_unprobed", listening)
+    # The failed statement leaves no transaction for anyone to roll back.
+    monkeypatch.setattr(store, "_write_one_statement", watched)
     again = store.enqueue(msg("new@x.example"), io.BytesIO(b"new"), taken)
-    assert notices == []
+    assert left_open == [pq.TransactionStatus.IDLE]
     assert again != taken
     assert body_of(store, again) == b"new" and body_of(store, taken) == b"old"
     assert sorted(all_ids(store)) == sorted([taken, again])
-    # The failed statement left no transaction open on its pooled connection.
-    for _ in range(4):
+    for _ in range(4):  # every pooled connection works on
         body_of(store, store.enqueue(msg("ok@x.example"), io.BytesIO(b"ok")))
 
 

@@ -368,22 +368,13 @@ class PostgresStore(PostgresDirectory, PostgresQueueTools, PostgresEtrn, Postgre
         the first row of its result: on the pool's autocommit connections
         it is a transaction by itself, all or nothing, its commit flushed
         (as `synchronous_commit` says, like an explicit COMMIT) before its
-        reply comes.  One round trip, where `_write` takes three (its
-        BEGIN, the statements, its COMMIT), and no BEGIN or COMMIT for
-        libpq to send and read back.  No probe: a connection a server
-        restart broke raises `CommitUnknown` (the statement may have been
-        applied before it broke, or never sent; the caller tells which from
-        what it wrote).  A database error raises `StoreError`, nothing
-        written; any other exception passes through."""
-        with self._unprobed(what) as conn:
-            return statement(conn).fetchone()
-
-    @contextmanager
-    def _unprobed(self, what: str) -> Iterator[Conn]:
-        """A pooled connection taken without the probe, for
-        `_write_one_statement`: `CommitUnknown` if it breaks; any other
-        failure rolls back what is open (nothing, after a statement of its
-        own) and raises `StoreError` for a database error."""
+        reply comes, and a failed one leaves nothing open.  One round trip,
+        where `_write` takes three (its BEGIN, the statements, its COMMIT),
+        and no BEGIN or COMMIT for libpq to send and read back.  No probe:
+        a connection a server restart broke raises `CommitUnknown` (the
+        statement may have been applied before it broke, or never sent; the
+        caller tells which from what it wrote).  A database error raises
+        `StoreError`, nothing written; any other exception passes through."""
         self._check_open()
         self._fail_fast()
         try:
@@ -391,23 +382,13 @@ class PostgresStore(PostgresDirectory, PostgresQueueTools, PostgresEtrn, Postgre
         except _ENGINE_ERRORS as exc:
             raise self._error(f"{what} failed", exc) from exc
         try:
-            try:
-                yield conn
-            except psycopg.OperationalError as exc:
-                if conn.broken:
-                    raise CommitUnknown(self._scrub(str(exc))) from exc
-                raise
-        except CommitUnknown:
-            raise
-        except BaseException as exc:
-            # An aborted transaction: nothing of it stays.  A single
-            # statement that failed left none open (no ROLLBACK warning).
-            if not conn.broken and conn.info.transaction_status != TransactionStatus.IDLE:
-                with contextlib.suppress(psycopg.Error):
-                    conn.execute("ROLLBACK")
-            if isinstance(exc, _ENGINE_ERRORS):
-                raise self._error(f"{what} failed", exc) from exc
-            raise
+            return statement(conn).fetchone()
+        except psycopg.OperationalError as exc:
+            if conn.broken:
+                raise CommitUnknown(self._scrub(str(exc))) from exc
+            raise self._error(f"{what} failed", exc) from exc
+        except _ENGINE_ERRORS as exc:
+            raise self._error(f"{what} failed", exc) from exc
         finally:
             self._pool.putconn(conn)
 
