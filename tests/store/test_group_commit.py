@@ -14,7 +14,7 @@ import time
 import pytest
 
 from fermoposta.store import group_commit
-from fermoposta.store.base import Store, StoreError
+from fermoposta.store.base import Store, StoreError, WouldBlock
 from fermoposta.store.group_commit import GroupCommit
 
 from .contract import all_ids, body_of, msg, rcpt_ids
@@ -80,6 +80,9 @@ class CountingStore:
     def enqueue_batch(self, items):  # type: ignore[no-untyped-def]
         self.batches.append(len(items))
         return self.store.enqueue_batch(items)
+
+    def enqueue_now(self, message, body, queue_id=None):  # type: ignore[no-untyped-def]
+        raise WouldBlock()  # these tests are about the worker thread's commits
 
     def enqueue(self, message, body, queue_id=None):  # type: ignore[no-untyped-def]
         self.singles += 1

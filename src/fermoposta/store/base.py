@@ -359,6 +359,15 @@ class MessageQueue(Protocol):
         its trace header before storing it; a colliding id is replaced."""
         ...
 
+    def enqueue_now(self, message: NewMessage, body: IO[bytes],
+                    queue_id: str | None = None) -> str:
+        """`enqueue` on the caller's thread when it needs no wait but the
+        commit's own fsync (the event loop calls it for a lone message, to
+        spare two thread hops): `WouldBlock` when it would wait for a lock
+        or the network, or copy more than a little of the body; then call
+        `enqueue` in a worker thread.  Nothing is stored when it raises."""
+        ...
+
     def enqueue_batch(self, items: Sequence[tuple[NewMessage, IO[bytes], str | None]]
                       ) -> list[str]:
         """Store every item (message, body, queue id) in ONE transaction with

@@ -19,6 +19,15 @@ Contract:
   several sessions' messages instead of one for every two or three (the
   commit's CPU per message, and the worker threads' pull on the GIL, fall
   with the batch's size: bench/README.md).
+- Inline: a lone message (nothing pending, no commit under way, no other
+  transaction open) is first offered to `MessageQueue.enqueue_now` on the
+  event loop itself, which spares the two thread hops (SQLite: a commit
+  that copies at most one chunk of body and waits for no lock, only for
+  its fsync); on `WouldBlock` it goes the usual way, in a worker thread.
+  An inline commit slower than `INLINE_SLOW` seconds (a disk that stalls)
+  turns inline commits off for `INLINE_PAUSE` seconds (logged), so a slow
+  disk blocks the loop at most once in that time.  Its errors reach the
+  caller as a lone commit's would.
 - A batch that fails is retried one message at a time (each body rewound
   first), so one message's failure (an unreadable body, a store error that
   passes) never fails the others; each caller gets its own message's
@@ -31,7 +40,7 @@ Contract:
   e.g. to wake waiting ATRNs (`provider.atrn_wait`); an exception it
   raises is logged and ignored.
 - Runs on one asyncio event loop; the store is called in worker threads
-  (`asyncio.to_thread`), one batch at a time.
+  (`asyncio.to_thread`), one batch at a time, but for inline commits.
 """
 
 from __future__ import annotations
@@ -43,7 +52,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import IO
 
-from fermoposta.store.base import MessageQueue, NewMessage
+from fermoposta.store.base import MessageQueue, NewMessage, WouldBlock
 
 log = logging.getLogger("fermoposta.store")
 
@@ -52,6 +61,8 @@ MAX_BATCH = 64
 # (measured: bench/README.md, "seventh session").
 GATHER = 0.002
 STALE = 1.0  # seconds after which an open transaction is not waited for
+INLINE_SLOW = 0.02  # seconds: an inline commit slower than this ...
+INLINE_PAUSE = 60.0  # ... turns inline commits off for this long
 
 
 @dataclass(slots=True)
@@ -77,9 +88,12 @@ class GroupCommit:
         # it opened (monotonic), oldest first (dicts keep insertion order).
         self._open: dict[object, float] = {}
         self._gathering: asyncio.Future[None] | None = None  # set when the wait may end
-        # Figures for tests and metrics: commits made and messages they held.
+        self._inline_paused_until = 0.0  # monotonic
+        # Figures for tests and metrics: commits made, messages they held,
+        # and the commits made inline.
         self.commits = 0
         self.committed = 0
+        self.inline_commits = 0
 
     @property
     def open_transactions(self) -> int:
@@ -108,6 +122,10 @@ class GroupCommit:
 
     async def enqueue(self, message: NewMessage, body: IO[bytes],
                       queue_id: str | None = None) -> str:
+        if self._alone():
+            stored = self._commit_inline(message, body, queue_id)
+            if stored is not None:
+                return stored
         loop = asyncio.get_running_loop()
         pending = _Pending(message, body, queue_id, loop.create_future(), loop.time())
         self._pending.append(pending)
@@ -118,6 +136,39 @@ class GroupCommit:
         # A cancelled caller cancels only its own future; the committer task
         # is not its to cancel, so the others' batch goes on.
         return await pending.result
+
+    def _alone(self) -> bool:
+        return (not self._pending and not self._open
+                and (self._committer is None or self._committer.done())
+                and time.monotonic() >= self._inline_paused_until)
+
+    def _commit_inline(self, message: NewMessage, body: IO[bytes],
+                       queue_id: str | None) -> str | None:
+        """The lone message stored on the loop, or None (`WouldBlock`)."""
+        started = time.monotonic()
+        try:
+            stored = self.queue.enqueue_now(message, body, queue_id)
+        except WouldBlock:
+            return None
+        finally:
+            elapsed = time.monotonic() - started
+            if elapsed > INLINE_SLOW:
+                self._inline_paused_until = started + elapsed + INLINE_PAUSE
+                log.info("a commit on the event loop took %.0f ms; commits go to worker "
+                         "threads for the next %.0f s", elapsed * 1000, INLINE_PAUSE)
+        self.commits += 1
+        self.committed += 1
+        self.inline_commits += 1
+        self._report_stored([message])
+        return stored
+
+    def _report_stored(self, stored: list[NewMessage]) -> None:
+        if self.on_stored is None or not stored:
+            return
+        try:
+            self.on_stored(stored)
+        except Exception:
+            log.exception("on_stored callback failed")
 
     async def _gather(self) -> None:
         """Wait for the messages of the transactions still open, until
@@ -161,14 +212,9 @@ class GroupCommit:
                 self._pending.clear()
                 raise
             self.commits += 1
-            if self.on_stored is not None:
-                stored = [item.message for item, outcome in zip(batch, outcomes, strict=True)
-                          if not isinstance(outcome, BaseException)]
-                try:
-                    if stored:
-                        self.on_stored(stored)
-                except Exception:
-                    log.exception("on_stored callback failed")
+            self._report_stored([item.message for item, outcome
+                                 in zip(batch, outcomes, strict=True)
+                                 if not isinstance(outcome, BaseException)])
             for item, outcome in zip(batch, outcomes, strict=True):
                 if item.result.done():
                     continue  # its caller is gone (cancelled)

@@ -40,6 +40,7 @@ from fermoposta.store.base import (
     QueueEntry,
     RecipientState,
     StoreError,
+    WouldBlock,
     bodies_within,
     new_queue_id,
     read_ahead_result,
@@ -71,6 +72,11 @@ class PostgresMessages(EnginePart):
 
     def enqueue(self, message: NewMessage, body: IO[bytes], queue_id: str | None = None) -> str:
         return self.enqueue_batch([(message, body, queue_id)])[0]
+
+    def enqueue_now(self, message: NewMessage, body: IO[bytes],
+                    queue_id: str | None = None) -> str:
+        """Always `WouldBlock`: every commit is a round trip to the server."""
+        raise WouldBlock()
 
     def enqueue_batch(self, items: Sequence[tuple[NewMessage, IO[bytes], str | None]]
                       ) -> list[str]:

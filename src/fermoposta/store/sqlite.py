@@ -95,6 +95,9 @@ from fermoposta.store.sqlite_tools import SQLiteQueueTools
 
 SCHEMA_VERSION = sqlite_schema.SCHEMA_VERSION
 BUSY_TIMEOUT = 10.0  # seconds
+# The most body bytes `enqueue_now` copies on the caller's thread (the event
+# loop): one chunk.
+INLINE_BODY = CHUNK_SIZE
 
 
 class SQLiteStore(SQLiteDirectory, SQLiteQueueTools, SQLiteEtrn, SQLiteOutbound, SQLiteStaging):
@@ -112,6 +115,7 @@ class SQLiteStore(SQLiteDirectory, SQLiteQueueTools, SQLiteEtrn, SQLiteOutbound,
         self._holders = Holders(self._path.parent / "holders")
         self._checkpointer = Checkpointer(self._path)
         self._sync_normal = False  # the writer is at synchronous=NORMAL (see _write)
+        self._waits_for_lock = True  # its busy timeout is BUSY_TIMEOUT, not 0 (_write)
         self._init_staging()
         try:
             # The store holds CRAM-MD5 secrets (password equivalents) and mail:
@@ -209,15 +213,20 @@ class SQLiteStore(SQLiteDirectory, SQLiteQueueTools, SQLiteEtrn, SQLiteOutbound,
     # --- transactions --------------------------------------------------------------------
 
     @contextmanager
-    def _write(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
+    def _write(self, *, durable: bool = True, wait: bool = True
+               ) -> Iterator[sqlite3.Connection]:
         """One IMMEDIATE transaction; rolled back on any exception.  Not
         `durable`: its commit does not fsync (`synchronous=NORMAL`), for
         writes no one was promised (a staged body: the enqueue's own
         commit, durable, syncs the whole WAL and so them too).  A durable
         write puts `synchronous=FULL` back first if it is not (a reset that
         failed after a non-durable one): it fails rather than commit
-        without an fsync."""
-        with self._lock:
+        without an fsync.  Not `wait`: `WouldBlock` instead of waiting when
+        another thread is writing or another connection holds the file's
+        write lock (for `enqueue_now`, on the event loop)."""
+        if not self._lock.acquire(blocking=wait):
+            raise WouldBlock()
+        try:
             self._check_open()
             try:
                 if durable and self._sync_normal:
@@ -226,7 +235,17 @@ class SQLiteStore(SQLiteDirectory, SQLiteQueueTools, SQLiteEtrn, SQLiteOutbound,
                 elif not durable:
                     self._sync_normal = True
                     self._conn.execute("PRAGMA synchronous = NORMAL")
+                if wait != self._waits_for_lock:
+                    # Set only on a change: a lone sender's commits all go
+                    # inline (no wait), a busy provider's all in threads.
+                    self._conn.execute("PRAGMA busy_timeout = "
+                                       f"{int(BUSY_TIMEOUT * 1000) if wait else 0}")
+                    self._waits_for_lock = wait
                 self._conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                if not wait and ("locked" in str(exc) or "busy" in str(exc)):
+                    raise WouldBlock() from exc
+                raise StoreError(f"store busy or unavailable: {exc}") from exc
             except sqlite3.Error as exc:
                 raise StoreError(f"store busy or unavailable: {exc}") from exc
             try:
@@ -247,6 +266,9 @@ class SQLiteStore(SQLiteDirectory, SQLiteQueueTools, SQLiteEtrn, SQLiteOutbound,
                         self._conn.execute("PRAGMA synchronous = FULL")
                         self._sync_normal = False
             self._checkpointer.poke()
+        finally:
+            self._lock.release()
+
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
@@ -301,6 +323,17 @@ class SQLiteStore(SQLiteDirectory, SQLiteQueueTools, SQLiteEtrn, SQLiteOutbound,
 
     def enqueue(self, message: NewMessage, body: IO[bytes], queue_id: str | None = None) -> str:
         with self._write() as conn:
+            message_id = self._enqueue(conn, message, body, queue_id)
+        self._forget_stages([message_id])
+        return message_id
+
+    def enqueue_now(self, message: NewMessage, body: IO[bytes],
+                    queue_id: str | None = None) -> str:
+        # On the event loop: only a commit that copies little and waits for
+        # no lock (the fsync it does wait for).
+        if self._bytes_to_copy(body, queue_id) > INLINE_BODY:
+            raise WouldBlock()
+        with self._write(wait=False) as conn:
             message_id = self._enqueue(conn, message, body, queue_id)
         self._forget_stages([message_id])
         return message_id

@@ -45,8 +45,10 @@ Contract (a mixin of `SQLiteStore`, using only its transactions):
 
 from __future__ import annotations
 
+import io
 import logging
 import sqlite3
+import sys
 import threading
 from collections.abc import Callable, Collection
 from contextlib import AbstractContextManager
@@ -201,6 +203,24 @@ class SQLiteStaging:
             del data
         conn.execute("UPDATE messages SET size = ? WHERE id = ?", (size, queue_id))
         return queue_id, size
+
+    def _bytes_to_copy(self, body: IO[bytes], queue_id: str | None) -> int:
+        """How many bytes of `body` an enqueue would copy into the store: the
+        part after its live stage, else all from its position (a body that
+        cannot tell: as if it were endless)."""
+        try:
+            if not body.seekable():
+                return sys.maxsize
+            start = body.tell()
+            end = body.seek(0, io.SEEK_END)
+            body.seek(start)
+        except (OSError, ValueError):
+            return sys.maxsize
+        with self._stages_lock:
+            stage = self._stages.get(queue_id) if queue_id is not None else None
+        if stage is not None and stage.body is body and stage.started and not stage.failed:
+            return end - stage.size
+        return end - start
 
     def _forget_stages(self, queue_ids: Collection[str]) -> None:
         """After the enqueue that made them messages has committed."""

@@ -1,0 +1,224 @@
+"""Inline commits: `GroupCommit` stores a lone message on the event loop
+through `enqueue_now` when the engine can do so without waiting for a lock
+(SQLite), falls back to a worker thread on `WouldBlock` (PostgreSQL always,
+SQLite when the write lock is taken or the body is big), and stops trying
+for `INLINE_PAUSE` seconds after an inline commit slower than `INLINE_SLOW`."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import sqlite3
+import threading
+from collections.abc import Sequence
+
+import pytest
+
+from fermoposta.store import group_commit
+from fermoposta.store.base import NewMessage, Store, StoreError, WouldBlock
+from fermoposta.store.group_commit import GroupCommit
+from fermoposta.store.sqlite import BUSY_TIMEOUT, INLINE_BODY, SQLiteStore
+
+from .contract import all_ids, body_of, msg
+
+
+class ThreadWatch:
+    """The store, noting on which thread each enqueue ran."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.now_threads: list[int] = []
+        self.thread_enqueues: list[int] = []
+
+    def enqueue_now(self, message, body, queue_id=None):  # type: ignore[no-untyped-def]
+        self.now_threads.append(threading.get_ident())
+        return self.store.enqueue_now(message, body, queue_id)
+
+    def enqueue(self, message, body, queue_id=None):  # type: ignore[no-untyped-def]
+        self.thread_enqueues.append(threading.get_ident())
+        return self.store.enqueue(message, body, queue_id)
+
+    def enqueue_batch(self, items):  # type: ignore[no-untyped-def]
+        return self.store.enqueue_batch(items)
+
+
+def _run(group: GroupCommit, bodies: Sequence[bytes]) -> list[str]:
+    async def main() -> list[str]:
+        return [await asyncio.wait_for(group.enqueue(msg(f"u{i}@a.example"),
+                                                     io.BytesIO(body)), 20)
+                for i, body in enumerate(bodies)]
+
+    return asyncio.run(main())
+
+
+def test_a_lone_message_is_stored_inline_on_sqlite_and_in_a_thread_on_postgresql(
+        store: Store, engine: str) -> None:
+    watch = ThreadWatch(store)
+    stored: list[Sequence[NewMessage]] = []
+    group = GroupCommit(watch, on_stored=stored.append)  # type: ignore[arg-type]
+    loop_thread = threading.get_ident()  # asyncio.run runs the loop on this thread
+    ids = _run(group, [b"one\r\n", b"two\r\n"])
+    assert [body_of(store, i) for i in ids] == [b"one\r\n", b"two\r\n"]
+    assert watch.now_threads == [loop_thread, loop_thread]  # offered on the loop each time
+    assert group.commits == 2 and group.committed == 2
+    assert [m[0].recipients[0].address for m in stored] == ["u0@a.example", "u1@a.example"]
+    if engine == "sqlite":
+        assert group.inline_commits == 2 and watch.thread_enqueues == []
+    else:  # every commit is a round trip: never on the loop
+        assert group.inline_commits == 0
+        assert len(watch.thread_enqueues) == 2 and loop_thread not in watch.thread_enqueues
+        with pytest.raises(WouldBlock):
+            store.enqueue_now(msg("a@a.example"), io.BytesIO(b"x"))
+        assert sorted(all_ids(store)) == sorted(ids)  # and it stored nothing
+
+
+@pytest.fixture
+def sqlite_store(tmp_path) -> SQLiteStore:  # type: ignore[no-untyped-def]
+    store = SQLiteStore(tmp_path / "fermoposta.sqlite3")
+    yield store
+    store.close()
+
+
+def _busy_timeout(store: SQLiteStore) -> int:
+    return int(store._conn.execute("PRAGMA busy_timeout").fetchone()[0])
+
+
+def test_sqlite_enqueue_now_refuses_while_another_connection_writes(
+        sqlite_store: SQLiteStore, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    other = sqlite3.connect(tmp_path / "fermoposta.sqlite3", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # an admin command's write, another process
+    try:
+        with pytest.raises(WouldBlock):
+            sqlite_store.enqueue_now(msg("a@a.example"), io.BytesIO(b"x"))
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert all_ids(sqlite_store) == []
+    queue_id = sqlite_store.enqueue_now(msg("a@a.example"), io.BytesIO(b"x"))
+    assert all_ids(sqlite_store) == [queue_id]
+    assert _busy_timeout(sqlite_store) == 0  # kept while commits go inline
+    sqlite_store.enqueue(msg("b@a.example"), io.BytesIO(b"y"))  # a worker thread's write
+    assert _busy_timeout(sqlite_store) == int(BUSY_TIMEOUT * 1000)  # waits again
+
+
+def test_sqlite_enqueue_now_refuses_while_another_thread_writes(
+        sqlite_store: SQLiteStore) -> None:
+    # The write connection in use, as by a worker thread's commit:
+    with sqlite_store._write(), pytest.raises(WouldBlock):
+        sqlite_store.enqueue_now(msg("a@a.example"), io.BytesIO(b"x"))
+    assert all_ids(sqlite_store) == []
+
+
+def test_sqlite_enqueue_now_refuses_a_big_body_but_takes_one_chunk(
+        sqlite_store: SQLiteStore) -> None:
+    big = io.BytesIO(b"y" * (INLINE_BODY + 1))
+    with pytest.raises(WouldBlock):
+        sqlite_store.enqueue_now(msg("a@a.example"), big)
+    assert big.tell() == 0 and all_ids(sqlite_store) == []  # the body is where it was
+    chunk = b"z" * INLINE_BODY
+    queue_id = sqlite_store.enqueue_now(msg("a@a.example"), io.BytesIO(chunk))
+    assert body_of(sqlite_store, queue_id) == chunk
+
+
+def test_sqlite_enqueue_now_counts_only_what_follows_a_stage(
+        sqlite_store: SQLiteStore) -> None:
+    staged = b"s" * (2 * INLINE_BODY)
+    body = io.BytesIO()
+    stage = sqlite_store.stage_body("AAAAAAAAAAA1", body)
+    body.write(staged)
+    stage.append(staged)  # stored while it arrived
+    body.write(b"tail\r\n")
+    body.seek(0)
+    queue_id = sqlite_store.enqueue_now(msg("a@a.example"), body, "AAAAAAAAAAA1")
+    assert queue_id == "AAAAAAAAAAA1"
+    assert body_of(sqlite_store, queue_id) == staged + b"tail\r\n"
+
+
+def test_sqlite_enqueue_now_refuses_a_body_that_cannot_seek(
+        sqlite_store: SQLiteStore) -> None:
+    class Stream(io.RawIOBase):
+        def readable(self) -> bool:
+            return True
+
+    with pytest.raises(WouldBlock):
+        sqlite_store.enqueue_now(msg("a@a.example"), Stream())  # type: ignore[arg-type]
+
+
+def test_a_message_the_loop_cannot_store_goes_to_a_thread(sqlite_store: SQLiteStore) -> None:
+    watch = ThreadWatch(sqlite_store)
+    group = GroupCommit(watch)  # type: ignore[arg-type]
+    big = b"y" * (INLINE_BODY + 1)
+    ids = _run(group, [big, b"small\r\n"])
+    assert body_of(sqlite_store, ids[0]) == big and body_of(sqlite_store, ids[1]) == b"small\r\n"
+    assert len(watch.thread_enqueues) == 1 and group.inline_commits == 1
+    assert group.commits == 2
+
+
+def test_a_lone_message_waits_in_a_thread_for_another_process_write(
+        sqlite_store: SQLiteStore, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    other = sqlite3.connect(tmp_path / "fermoposta.sqlite3", isolation_level=None,
+                            check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    group = GroupCommit(sqlite_store)
+
+    async def main() -> str:
+        waiting = asyncio.ensure_future(group.enqueue(msg("a@a.example"), io.BytesIO(b"a")))
+        await asyncio.sleep(0.2)
+        assert not waiting.done()  # the loop is free: the wait is in a thread
+        other.execute("ROLLBACK")
+        return await asyncio.wait_for(waiting, 10)
+
+    try:
+        queue_id = asyncio.run(main())
+    finally:
+        other.close()
+    assert all_ids(sqlite_store) == [queue_id] and group.inline_commits == 0
+
+
+def test_an_inline_error_reaches_the_caller_and_stores_nothing(
+        sqlite_store: SQLiteStore) -> None:
+    class BrokenBody(io.BytesIO):
+        def read(self, size: int | None = -1) -> bytes:
+            raise OSError("spool read failed")
+
+    group = GroupCommit(sqlite_store)
+
+    async def main() -> None:
+        await group.enqueue(msg("a@a.example"), BrokenBody(b"x"))
+
+    with pytest.raises((OSError, StoreError)):
+        asyncio.run(main())
+    assert all_ids(sqlite_store) == [] and group.committed == 0
+
+
+def test_a_slow_inline_commit_sends_the_next_ones_to_threads(
+        sqlite_store: SQLiteStore, monkeypatch, caplog) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(group_commit, "INLINE_SLOW", 0.0)  # every commit counts as slow
+    watch = ThreadWatch(sqlite_store)
+    group = GroupCommit(watch)  # type: ignore[arg-type]
+    with caplog.at_level(logging.INFO, logger="fermoposta.store"):
+        ids = _run(group, [b"1", b"2", b"3"])
+    assert group.inline_commits == 1 and len(watch.now_threads) == 1
+    assert len(watch.thread_enqueues) == 2
+    assert sorted(all_ids(sqlite_store)) == sorted(ids)
+    assert any("worker threads for the next 60 s" in r.getMessage() for r in caplog.records)
+
+
+def test_inline_commits_resume_after_the_pause(
+        sqlite_store: SQLiteStore, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(group_commit, "INLINE_SLOW", 0.0)
+    monkeypatch.setattr(group_commit, "INLINE_PAUSE", 0.0)  # over as soon as it began
+    group = GroupCommit(sqlite_store)
+    _run(group, [b"1", b"2"])
+    assert group.inline_commits == 2
+
+
+def test_no_inline_commit_while_another_transaction_is_open(
+        sqlite_store: SQLiteStore) -> None:
+    watch = ThreadWatch(sqlite_store)
+    group = GroupCommit(watch, gather=0.01)  # type: ignore[arg-type]
+    group.transaction_opened("another session, after MAIL")
+    ids = _run(group, [b"1"])
+    assert watch.now_threads == [] and len(watch.thread_enqueues) == 1
+    assert all_ids(sqlite_store) == ids
