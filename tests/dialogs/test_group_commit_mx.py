@@ -54,12 +54,15 @@ async def test_a_failed_commit_answers_451_and_stores_nothing(provider_factory):
         raise StoreError("database or disk is full")
 
     real_batch, real_one = provider.store.enqueue_batch, provider.store.enqueue
+    real_now = provider.store.enqueue_now
     provider.store.enqueue_batch = full
     provider.store.enqueue = full
+    provider.store.enqueue_now = full  # a sender alone at its final dot: on the loop
     results = await burst(provider, 12)
     assert [code for code, _ in results] == [451] * 12
     assert provider.store.held_message_ids(["example.org"]) == []
     provider.store.enqueue_batch, provider.store.enqueue = real_batch, real_one
+    provider.store.enqueue_now = real_now
     again = await burst(provider, 12)
     assert [code for code, _ in again] == [250] * 12
     assert len(provider.store.held_message_ids(["example.org"])) == 12

@@ -11,6 +11,7 @@ import io
 import logging
 import sqlite3
 import threading
+import time
 from collections.abc import Sequence
 
 import pytest
@@ -121,18 +122,35 @@ def test_sqlite_enqueue_now_refuses_a_big_body_but_takes_one_chunk(
     assert body_of(sqlite_store, queue_id) == chunk
 
 
-def test_sqlite_enqueue_now_counts_only_what_follows_a_stage(
+def test_sqlite_enqueue_now_leaves_a_staged_body_to_a_thread(
         sqlite_store: SQLiteStore) -> None:
-    staged = b"s" * (2 * INLINE_BODY)
+    # Its commit's fsync would also flush the staged part: not on the loop.
+    staged = b"s" * 1000  # small: refused for the stage, not for its size
     body = io.BytesIO()
     stage = sqlite_store.stage_body("AAAAAAAAAAA1", body)
     body.write(staged)
     stage.append(staged)  # stored while it arrived
     body.write(b"tail\r\n")
     body.seek(0)
-    queue_id = sqlite_store.enqueue_now(msg("a@a.example"), body, "AAAAAAAAAAA1")
+    with pytest.raises(WouldBlock):
+        sqlite_store.enqueue_now(msg("a@a.example"), body, "AAAAAAAAAAA1")
+    assert body.tell() == 0
+    queue_id = sqlite_store.enqueue(msg("a@a.example"), body, "AAAAAAAAAAA1")
     assert queue_id == "AAAAAAAAAAA1"
     assert body_of(sqlite_store, queue_id) == staged + b"tail\r\n"
+
+
+def test_sqlite_enqueue_now_fails_when_it_cannot_put_the_body_back(
+        sqlite_store: SQLiteStore) -> None:
+    class Unrewindable(io.BytesIO):
+        def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+            if whence == io.SEEK_SET and self.tell() != offset:
+                raise OSError("spool gone")
+            return super().seek(offset, whence)
+
+    with pytest.raises(StoreError, match="rewind"):  # not WouldBlock: no thread
+        sqlite_store.enqueue_now(msg("a@a.example"), Unrewindable(b"x" * 10))  # reads it
+    assert all_ids(sqlite_store) == []
 
 
 def test_sqlite_enqueue_now_refuses_a_body_that_cannot_seek(
@@ -182,14 +200,16 @@ def test_an_inline_error_reaches_the_caller_and_stores_nothing(
         def read(self, size: int | None = -1) -> bytes:
             raise OSError("spool read failed")
 
-    group = GroupCommit(sqlite_store)
+    watch = ThreadWatch(sqlite_store)
+    group = GroupCommit(watch)  # type: ignore[arg-type]
 
     async def main() -> None:
         await group.enqueue(msg("a@a.example"), BrokenBody(b"x"))
 
     with pytest.raises((OSError, StoreError)):
         asyncio.run(main())
-    assert all_ids(sqlite_store) == [] and group.committed == 0
+    assert len(watch.now_threads) == 1 and watch.thread_enqueues == []  # failed inline
+    assert all_ids(sqlite_store) == [] and group.committed == 0 and group.commits == 1
 
 
 def test_a_slow_inline_commit_sends_the_next_ones_to_threads(
@@ -222,3 +242,22 @@ def test_no_inline_commit_while_another_transaction_is_open(
     ids = _run(group, [b"1"])
     assert watch.now_threads == [] and len(watch.thread_enqueues) == 1
     assert all_ids(sqlite_store) == ids
+
+
+def test_commits_slow_on_average_send_the_next_ones_to_threads(
+        sqlite_store: SQLiteStore, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    class SlowDisk(ThreadWatch):
+        def enqueue_now(self, message, body, queue_id=None):  # type: ignore[no-untyped-def]
+            time.sleep(0.005)  # each under INLINE_SLOW, 2.5 x INLINE_TYPICAL
+            return super().enqueue_now(message, body, queue_id)
+
+    monkeypatch.setattr(group_commit, "INLINE_SLOW", 10.0)  # only the average counts
+    assert group_commit.INLINE_TYPICAL < 0.005
+    watch = SlowDisk(sqlite_store)
+    group = GroupCommit(watch)  # type: ignore[arg-type]
+    ids = _run(group, [b"%d" % i for i in range(8)])
+    # The moving average (weight 0.1) of commits of 5 ms or more passes 2 ms
+    # at the fifth at the latest; the others go to threads.
+    assert 1 <= group.inline_commits <= 5
+    assert len(watch.thread_enqueues) == 8 - group.inline_commits
+    assert sorted(all_ids(sqlite_store)) == sorted(ids)

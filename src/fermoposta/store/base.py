@@ -365,7 +365,8 @@ class MessageQueue(Protocol):
         commit's own fsync (the event loop calls it for a lone message, to
         spare two thread hops): `WouldBlock` when it would wait for a lock
         or the network, or copy more than a little of the body; then call
-        `enqueue` in a worker thread.  Nothing is stored when it raises."""
+        `enqueue` in a worker thread.  Nothing is stored, and the body is
+        where it was, when it raises `WouldBlock`."""
         ...
 
     def enqueue_batch(self, items: Sequence[tuple[NewMessage, IO[bytes], str | None]]

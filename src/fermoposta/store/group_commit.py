@@ -24,10 +24,12 @@ Contract:
   event loop itself, which spares the two thread hops (SQLite: a commit
   that copies at most one chunk of body and waits for no lock, only for
   its fsync); on `WouldBlock` it goes the usual way, in a worker thread.
-  An inline commit slower than `INLINE_SLOW` seconds (a disk that stalls)
-  turns inline commits off for `INLINE_PAUSE` seconds (logged), so a slow
-  disk blocks the loop at most once in that time.  Its errors reach the
-  caller as a lone commit's would.
+  The loop is held for as long as that commit lasts: one slower than
+  `INLINE_SLOW` seconds (a disk that stalls, SQLite's own checkpoint when
+  its thread fell far behind), or commits that take `INLINE_TYPICAL`
+  seconds on average (a slow disk; a moving average), turn inline commits
+  off for `INLINE_PAUSE` seconds (logged).  Its errors reach the caller as
+  a lone commit's would, and count as a commit like a failed lone commit.
 - A batch that fails is retried one message at a time (each body rewound
   first), so one message's failure (an unreadable body, a store error that
   passes) never fails the others; each caller gets its own message's
@@ -62,7 +64,9 @@ MAX_BATCH = 64
 GATHER = 0.002
 STALE = 1.0  # seconds after which an open transaction is not waited for
 INLINE_SLOW = 0.02  # seconds: an inline commit slower than this ...
-INLINE_PAUSE = 60.0  # ... turns inline commits off for this long
+INLINE_TYPICAL = 0.002  # ... or inline commits this slow on average ...
+INLINE_PAUSE = 60.0  # ... turn inline commits off for this long
+INLINE_WEIGHT = 0.1  # of the latest commit in the moving average
 
 
 @dataclass(slots=True)
@@ -89,6 +93,7 @@ class GroupCommit:
         self._open: dict[object, float] = {}
         self._gathering: asyncio.Future[None] | None = None  # set when the wait may end
         self._inline_paused_until = 0.0  # monotonic
+        self._inline_average = 0.0  # seconds an inline commit takes (moving average)
         # Figures for tests and metrics: commits made, messages they held,
         # and the commits made inline.
         self.commits = 0
@@ -150,17 +155,29 @@ class GroupCommit:
             stored = self.queue.enqueue_now(message, body, queue_id)
         except WouldBlock:
             return None
-        finally:
-            elapsed = time.monotonic() - started
-            if elapsed > INLINE_SLOW:
-                self._inline_paused_until = started + elapsed + INLINE_PAUSE
-                log.info("a commit on the event loop took %.0f ms; commits go to worker "
-                         "threads for the next %.0f s", elapsed * 1000, INLINE_PAUSE)
-        self.commits += 1
+        except BaseException:
+            self._timed_inline(started)
+            raise
+        self._timed_inline(started)
         self.committed += 1
         self.inline_commits += 1
         self._report_stored([message])
         return stored
+
+    def _timed_inline(self, started: float) -> None:
+        """Count an inline commit that was made (stored or failed) and pause
+        them if it, or they on average, held the loop too long."""
+        self.commits += 1
+        now = time.monotonic()
+        elapsed = now - started
+        average = self._inline_average + INLINE_WEIGHT * (elapsed - self._inline_average)
+        self._inline_average = average
+        if elapsed > INLINE_SLOW or average > INLINE_TYPICAL:
+            self._inline_paused_until = now + INLINE_PAUSE
+            self._inline_average = 0.0  # judged afresh after the pause
+            log.info("a commit on the event loop took %.1f ms (%.1f ms on average); commits "
+                     "go to worker threads for the next %.0f s", elapsed * 1000,
+                     average * 1000, INLINE_PAUSE)
 
     def _report_stored(self, stored: list[NewMessage]) -> None:
         if self.on_stored is None or not stored:

@@ -205,22 +205,28 @@ class SQLiteStaging:
         return queue_id, size
 
     def _bytes_to_copy(self, body: IO[bytes], queue_id: str | None) -> int:
-        """How many bytes of `body` an enqueue would copy into the store: the
-        part after its live stage, else all from its position (a body that
-        cannot tell: as if it were endless)."""
+        """How many bytes of `body` an enqueue would copy into the store, from
+        its position; as if endless when it cannot tell, or when the body has
+        a live stage (the commit's fsync would then also flush the staged
+        part, which its own commits did not).  The position is kept:
+        `StoreError` if it cannot be put back."""
+        with self._stages_lock:
+            staged = queue_id is not None and queue_id in self._stages
         try:
-            if not body.seekable():
+            if staged or not body.seekable():
                 return sys.maxsize
             start = body.tell()
-            end = body.seek(0, io.SEEK_END)
-            body.seek(start)
         except (OSError, ValueError):
             return sys.maxsize
-        with self._stages_lock:
-            stage = self._stages.get(queue_id) if queue_id is not None else None
-        if stage is not None and stage.body is body and stage.started and not stage.failed:
-            return end - stage.size
-        return end - start
+        try:
+            return body.seek(0, io.SEEK_END) - start
+        except (OSError, ValueError):
+            return sys.maxsize
+        finally:
+            try:
+                body.seek(start)
+            except (OSError, ValueError) as exc:
+                raise StoreError(f"cannot rewind the body to store it: {exc}") from exc
 
     def _forget_stages(self, queue_ids: Collection[str]) -> None:
         """After the enqueue that made them messages has committed."""
