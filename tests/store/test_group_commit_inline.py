@@ -222,7 +222,7 @@ def test_a_slow_inline_commit_sends_the_next_ones_to_threads(
     assert group.inline_commits == 1 and len(watch.now_threads) == 1
     assert len(watch.thread_enqueues) == 2
     assert sorted(all_ids(sqlite_store)) == sorted(ids)
-    assert any("worker threads for the next 60 s" in r.getMessage() for r in caplog.records)
+    assert any("worker threads for the next 10 s" in r.getMessage() for r in caplog.records)
 
 
 def test_inline_commits_resume_after_the_pause(
@@ -252,6 +252,7 @@ def test_commits_slow_on_average_send_the_next_ones_to_threads(
             return super().enqueue_now(message, body, queue_id)
 
     monkeypatch.setattr(group_commit, "INLINE_SLOW", 10.0)  # only the average counts
+    monkeypatch.setattr(group_commit, "INLINE_WEIGHT", 0.1)  # a short test
     assert group_commit.INLINE_TYPICAL < 0.005
     watch = SlowDisk(sqlite_store)
     group = GroupCommit(watch)  # type: ignore[arg-type]
@@ -261,3 +262,45 @@ def test_commits_slow_on_average_send_the_next_ones_to_threads(
     assert 1 <= group.inline_commits <= 5
     assert len(watch.thread_enqueues) == 8 - group.inline_commits
     assert sorted(all_ids(sqlite_store)) == sorted(ids)
+
+
+class ScheduledDisk(ThreadWatch):
+    """Inline commits that first sleep the given seconds, one per commit."""
+
+    def __init__(self, store: Store, delays: list[float]) -> None:
+        super().__init__(store)
+        self.delays = delays
+
+    def enqueue_now(self, message, body, queue_id=None):  # type: ignore[no-untyped-def]
+        time.sleep(self.delays.pop(0) if self.delays else 0.0)
+        return super().enqueue_now(message, body, queue_id)
+
+
+def _pauses(caplog) -> int:  # type: ignore[no-untyped-def]
+    return sum("commits go to worker threads" in r.getMessage() for r in caplog.records)
+
+
+def test_one_very_slow_commit_pauses_once_then_fast_ones_resume(
+        sqlite_store: SQLiteStore, monkeypatch, caplog) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(group_commit, "INLINE_PAUSE", 0.0)  # the pause is over at once
+    monkeypatch.setattr(group_commit, "INLINE_WEIGHT", 0.1)
+    watch = ScheduledDisk(sqlite_store, [0.05])  # 50 ms: over INLINE_SLOW and the average
+    group = GroupCommit(watch)  # type: ignore[arg-type]
+    with caplog.at_level(logging.INFO, logger="fermoposta.store"):
+        _run(group, [b"%d" % i for i in range(6)])
+    assert group.inline_commits == 6
+    assert _pauses(caplog) == 1  # the average was left at its limit, and fell
+
+
+def test_a_disk_still_slow_after_the_pause_pauses_again_at_once(
+        sqlite_store: SQLiteStore, monkeypatch, caplog) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(group_commit, "INLINE_PAUSE", 0.0)
+    monkeypatch.setattr(group_commit, "INLINE_WEIGHT", 0.1)
+    monkeypatch.setattr(group_commit, "INLINE_SLOW", 10.0)
+    watch = ScheduledDisk(sqlite_store, [0.005] * 8)
+    group = GroupCommit(watch)  # type: ignore[arg-type]
+    with caplog.at_level(logging.INFO, logger="fermoposta.store"):
+        _run(group, [b"%d" % i for i in range(8)])
+    # The average passes 2 ms at the fifth commit at the latest; from then
+    # on every 5 ms commit pauses them again.
+    assert _pauses(caplog) >= 4
