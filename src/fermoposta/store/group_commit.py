@@ -23,8 +23,8 @@ Contract:
   transaction open) is first offered to `MessageQueue.enqueue_now` on the
   event loop itself, which spares the two thread hops (SQLite: a commit
   that copies at most one chunk of body, none of it staged, and waits for
-  no lock, only for
-  its fsync); on `WouldBlock` it goes the usual way, in a worker thread.
+  no lock, only for its fsync); on `WouldBlock` it goes the usual way, in
+  a worker thread.
   The loop is held for as long as that commit lasts: one slower than
   `INLINE_SLOW` seconds (a disk that stalls, SQLite's own checkpoint when
   its thread fell far behind), or commits that take `INLINE_TYPICAL`
