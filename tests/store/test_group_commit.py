@@ -84,6 +84,9 @@ class CountingStore:
     def enqueue_now(self, message, body, queue_id=None):  # type: ignore[no-untyped-def]
         raise WouldBlock()  # these tests are about the worker thread's commits
 
+    async def enqueue_async(self, message, body, queue_id=None):  # type: ignore[no-untyped-def]
+        raise WouldBlock()
+
     def enqueue(self, message, body, queue_id=None):  # type: ignore[no-untyped-def]
         self.singles += 1
         self.entered.set()

@@ -369,6 +369,16 @@ class MessageQueue(Protocol):
         where it was, when it raises `WouldBlock`."""
         ...
 
+    async def enqueue_async(self, message: NewMessage, body: IO[bytes],
+                            queue_id: str | None = None) -> str:
+        """`enqueue` by the event loop without blocking it (PostgreSQL: a
+        connection of the loop's own), for a lone message: `WouldBlock`
+        when the engine cannot (SQLite: always, it has `enqueue_now`), the
+        body is more than one chunk, or the statement could not be applied
+        (nothing is stored then, and the body is where it was); then call
+        `enqueue` in a worker thread."""
+        ...
+
     def enqueue_batch(self, items: Sequence[tuple[NewMessage, IO[bytes], str | None]]
                       ) -> list[str]:
         """Store every item (message, body, queue id) in ONE transaction with

@@ -32,7 +32,12 @@ Contract:
   after the pause: a disk still slow pauses them again at its first
   commit), turn inline commits off for `INLINE_PAUSE` seconds (logged).
   Its errors reach the caller as a lone commit's would, and count as a
-  commit like a failed lone commit.
+  commit like a failed lone commit.  When the engine says `WouldBlock`
+  there, the message is offered to `enqueue_async` (PostgreSQL: the
+  statement sent on a connection of the loop's own, the loop free
+  meanwhile); messages that arrive while it is under way wait for it as
+  for a commit under way.  `WouldBlock` there too: a worker thread.
+  `inline_commits` counts the messages stored either way.
 - A batch that fails is retried one message at a time (each body rewound
   first), so one message's failure (an unreadable body, a store error that
   passes) never fails the others; each caller gets its own message's
@@ -99,10 +104,11 @@ class GroupCommit:
         # it opened (monotonic), oldest first (dicts keep insertion order).
         self._open: dict[object, float] = {}
         self._gathering: asyncio.Future[None] | None = None  # set when the wait may end
+        self._on_loop: asyncio.Future[None] | None = None  # done when enqueue_async ends
         self._inline_paused_until = 0.0  # monotonic
         self._inline_average = 0.0  # seconds an inline commit takes (moving average)
         # Figures for tests and metrics: commits made, messages they held,
-        # and the commits made inline.
+        # and the messages stored by the loop itself (inline).
         self.commits = 0
         self.committed = 0
         self.inline_commits = 0
@@ -136,6 +142,8 @@ class GroupCommit:
                       queue_id: str | None = None) -> str:
         if self._alone():
             stored = self._commit_inline(message, body, queue_id)
+            if stored is None:
+                stored = await self._commit_on_loop(message, body, queue_id)
             if stored is not None:
                 return stored
         loop = asyncio.get_running_loop()
@@ -150,7 +158,7 @@ class GroupCommit:
         return await pending.result
 
     def _alone(self) -> bool:
-        return (not self._pending and not self._open
+        return (not self._pending and not self._open and self._on_loop is None
                 and (self._committer is None or self._committer.done())
                 and time.monotonic() >= self._inline_paused_until)
 
@@ -166,6 +174,27 @@ class GroupCommit:
             self._timed_inline(started)
             raise
         self._timed_inline(started)
+        self.committed += 1
+        self.inline_commits += 1
+        self._report_stored([message])
+        return stored
+
+    async def _commit_on_loop(self, message: NewMessage, body: IO[bytes],
+                              queue_id: str | None) -> str | None:
+        """The lone message stored by the loop without blocking it
+        (`enqueue_async`), or None (`WouldBlock`)."""
+        self._on_loop = asyncio.get_running_loop().create_future()
+        try:
+            stored = await self.queue.enqueue_async(message, body, queue_id)
+        except WouldBlock:
+            return None
+        except Exception:
+            self.commits += 1
+            raise
+        finally:
+            ended, self._on_loop = self._on_loop, None
+            ended.set_result(None)
+        self.commits += 1
         self.committed += 1
         self.inline_commits += 1
         self._report_stored([message])
@@ -199,7 +228,10 @@ class GroupCommit:
     async def _gather(self) -> None:
         """Wait for the messages of the transactions still open, until
         none is, the batch is full or the oldest pending message has waited
-        `gather` seconds."""
+        `gather` seconds; first for a commit made by the loop that is
+        under way (`enqueue_async`)."""
+        if self._on_loop is not None:
+            await asyncio.shield(self._on_loop)
         if not self.gather or len(self._pending) >= self.max_batch or not self._awaited():
             return
         loop = asyncio.get_running_loop()

@@ -264,7 +264,15 @@ class PostgresMessages(EnginePart):
         """The statement of `_insert_whole`, executed; its one row counts the
         messages written (0 or 1).  Without `on_conflict`, a queue id that is
         taken fails the statement (and its transaction) instead."""
-        return conn.execute(
+        return conn.execute(*self._insert_whole_statement(message_id, message, now, data,
+                                                          on_conflict=on_conflict))
+
+    def _insert_whole_statement(self, message_id: str, message: NewMessage, now: float,
+                                data: bytes, *, on_conflict: bool = True
+                                ) -> tuple[str, tuple[object, ...]]:
+        """`_insert_whole_query`'s SQL and parameters (also sent by the event
+        loop's own connection: `pg_loop_enqueue`)."""
+        return (
             "WITH m AS (INSERT INTO messages (id, sender, received_at, size, origin, smtputf8,"
             " body_8bit, envid, ret, client, node, wire_ready)"
             " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"

@@ -6,8 +6,9 @@ this engine; every guarantee of the contract holds across them.
 The engine is this module (connections, transactions, holders, held mail,
 rate events) and mixins that use only its transactions: `pg_tools` (the
 queue tools), `pg_directory` (accounts and domains), `pg_etrn` (ETRN),
-`pg_messages` (enqueue, import, bodies) and `pg_outbound` (outcomes, leases,
-outbound claims); `pg_rows` has the columns and row conversions they share,
+`pg_messages` (enqueue, import, bodies), `pg_loop_enqueue` (a lone message
+sent by the event loop on a connection of its own) and `pg_outbound`
+(outcomes, leases, outbound claims); `pg_rows` has the columns and row conversions they share,
 `pg_schema` the schema and its migrations.
 
 Contract and choices:
@@ -45,7 +46,8 @@ Contract and choices:
   round trip); a connection that breaks there raises `CommitUnknown`, and
   the enqueue looks for its rows to tell whether it was applied before
   storing them again (`pg_messages`).
-- Bodies, enqueue and reads: see `pg_messages`.
+- Bodies, enqueue and reads: see `pg_messages`; `enqueue_async`: see
+  `pg_loop_enqueue` (its connection is not the pool's: `close()` closes it).
 - Holders: each store registers one `holders` row (`holder_id`: node, pid,
   random) and a daemon thread refreshes its `heartbeat_at` every
   `heartbeat_interval` seconds on a connection of its own (a busy pool
@@ -92,6 +94,7 @@ from fermoposta.store.base import (
 from fermoposta.store.pg_directory import PostgresDirectory
 from fermoposta.store.pg_domain_cache import DomainCache
 from fermoposta.store.pg_etrn import PostgresEtrn
+from fermoposta.store.pg_loop_enqueue import PostgresLoopEnqueue
 from fermoposta.store.pg_messages import PostgresMessages
 from fermoposta.store.pg_notify import PgHeldNotices
 from fermoposta.store.pg_outbound import PostgresOutbound
@@ -147,7 +150,7 @@ def redact_conninfo(url: str) -> tuple[str, tuple[str, ...]]:
 
 
 class PostgresStore(PostgresDirectory, PostgresQueueTools, PostgresEtrn, PostgresMessages,
-                    PostgresOutbound):
+                    PostgresLoopEnqueue, PostgresOutbound):
     """The `Store` on a PostgreSQL database shared by many nodes; see the module docstring."""
 
     def __init__(
@@ -193,6 +196,7 @@ class PostgresStore(PostgresDirectory, PostgresQueueTools, PostgresEtrn, Postgre
         self._unreachable = threading.Event()
         self._stop = threading.Event()
         self._beat_thread: threading.Thread | None = None
+        self._init_loop_enqueue()
         # Answers to get_domain, kept while a LISTEN proves them current.
         self._domain_cache = DomainCache(self._connect, self._scrub)
         seconds = max(1, math.ceil(connect_timeout))
@@ -273,16 +277,19 @@ class PostgresStore(PostgresDirectory, PostgresQueueTools, PostgresEtrn, Postgre
 
     # --- connections and transactions -------------------------------------------------------
 
+    # Session settings of every connection (pool, heartbeat, the event loop's).
+    _SESSION_SETTINGS = (
+        "SELECT set_config('synchronous_commit', 'on', false),"
+        " set_config('lock_timeout', %s, false),"
+        " set_config('idle_in_transaction_session_timeout', %s, false)",
+        (f"{int(LOCK_TIMEOUT * 1000)}ms", f"{int(IDLE_IN_TRANSACTION_TIMEOUT * 1000)}ms"),
+    )
+
     @staticmethod
     def _configure(conn: Conn) -> None:
         """Session settings of every connection (pool and heartbeat)."""
         conn.autocommit = True  # transactions are explicit (conn.transaction())
-        conn.execute(
-            "SELECT set_config('synchronous_commit', 'on', false),"
-            " set_config('lock_timeout', %s, false),"
-            " set_config('idle_in_transaction_session_timeout', %s, false)",
-            (f"{int(LOCK_TIMEOUT * 1000)}ms", f"{int(IDLE_IN_TRANSACTION_TIMEOUT * 1000)}ms"),
-        )
+        conn.execute(*PostgresStore._SESSION_SETTINGS)
 
     def _scrub(self, text: str) -> str:
         for secret in self._secrets:
@@ -610,6 +617,7 @@ class PostgresStore(PostgresDirectory, PostgresQueueTools, PostgresEtrn, Postgre
                 return
             self._closed = True
         self._domain_cache.close()
+        self._close_loop_connection()
         self._stop_heartbeat()
         try:
             with self._connection() as conn:

@@ -338,6 +338,12 @@ class SQLiteStore(SQLiteDirectory, SQLiteQueueTools, SQLiteEtrn, SQLiteOutbound,
         self._forget_stages([message_id])
         return message_id
 
+    async def enqueue_async(self, message: NewMessage, body: IO[bytes],
+                            queue_id: str | None = None) -> str:
+        """Always `WouldBlock`: SQLite has no I/O to wait for without
+        blocking (`enqueue_now` is its way on the loop)."""
+        raise WouldBlock()
+
     def enqueue_batch(self, items: Sequence[tuple[NewMessage, IO[bytes], str | None]]
                       ) -> list[str]:
         with self._write() as conn:

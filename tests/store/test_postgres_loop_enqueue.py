@@ -1,0 +1,262 @@
+"""PostgreSQL's `enqueue_async`: a lone message stored by the event loop on a
+connection of its own (`store/pg_loop_enqueue.py`).  What this file proves:
+
+- the message is one statement on the loop's connection (not the pool's),
+  kept across calls, and stored with its queue id and body;
+- `WouldBlock`, with nothing stored and the body where it was, for a body
+  over one chunk, a taken queue id, a connection lost before the statement
+  was applied, and (without trying again for `RETRY` s) a connection that
+  cannot be made; the loop's connection is made again afterwards;
+- a statement applied before its connection broke gives its id (stored
+  once); a failed look for its rows, or a database error, is `StoreError`;
+- a cancelled caller does not cut the statement short;
+- `GroupCommit`: messages that come while the loop's statement is under way
+  wait for it, then go together in one batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+from fermoposta.store import pg_loop_enqueue
+from fermoposta.store.base import CHUNK_SIZE, StoreError, WouldBlock
+from fermoposta.store.group_commit import GroupCommit
+from fermoposta.store.postgres import PostgresStore
+from support.pg import fresh_schema
+
+from .contract import all_ids, body_of, msg
+from .test_postgres_enqueue import _refused_by_the_schema
+
+
+@pytest.fixture
+def store() -> Iterator[PostgresStore]:
+    with fresh_schema() as (_, url):
+        opened = PostgresStore(url, pool_size=3)
+        try:
+            yield opened
+        finally:
+            opened.close()
+
+
+def _enqueue(store: PostgresStore, body: io.BytesIO, queue_id: str | None = None,
+             message: Any = None) -> str:
+    async def main() -> str:
+        return await store.enqueue_async(message or msg("a@x.example"), body, queue_id)
+
+    return asyncio.run(main())
+
+
+def _terminate(store: PostgresStore, pid: int) -> None:
+    with psycopg.connect(store._url, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+
+
+def test_a_lone_message_is_one_statement_on_the_loops_own_connection(
+        store: PostgresStore, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    def no(*args: object) -> None:
+        raise AssertionError("the pool was used")
+
+    monkeypatch.setattr(store, "_write_one_statement", no)
+    monkeypatch.setattr(store, "_write", no)
+
+    async def main() -> tuple[str, str, int, int]:
+        first = await store.enqueue_async(msg("a@x.example"), io.BytesIO(b"one\r\n"),
+                                          "AAAAAAAAAAA1")
+        assert store._loop_conn is not None
+        pid = store._loop_conn.info.backend_pid
+        second = await store.enqueue_async(msg("b@x.example"), io.BytesIO(b"two\r\n"))
+        return first, second, pid, store._loop_conn.info.backend_pid
+
+    first, second, pid, pid_after = asyncio.run(main())
+    assert first == "AAAAAAAAAAA1" and pid == pid_after  # one connection, kept
+    monkeypatch.undo()
+    assert sorted(all_ids(store)) == sorted([first, second])
+    assert body_of(store, first) == b"one\r\n" and body_of(store, second) == b"two\r\n"
+    assert [r.address for r in store.get_message(second).recipients] == ["b@x.example"]
+
+
+def test_a_body_over_one_chunk_would_block(store: PostgresStore) -> None:
+    body = io.BytesIO(b"y" * (CHUNK_SIZE + 1))
+    with pytest.raises(WouldBlock):
+        _enqueue(store, body)
+    assert body.tell() == 0 and all_ids(store) == []
+    whole = io.BytesIO(b"z" * CHUNK_SIZE)
+    assert body_of(store, _enqueue(store, whole)) == b"z" * CHUNK_SIZE
+
+
+def test_a_taken_queue_id_would_block_and_stores_nothing(store: PostgresStore) -> None:
+    store.enqueue(msg("old@x.example"), io.BytesIO(b"older"), "AAAAAAAAAAA2")
+    body = io.BytesIO(b"newer")
+    with pytest.raises(WouldBlock):
+        _enqueue(store, body, "AAAAAAAAAAA2")
+    assert body.tell() == 0  # put back for the thread's enqueue, which draws a fresh id
+    assert all_ids(store) == ["AAAAAAAAAAA2"] and body_of(store, "AAAAAAAAAAA2") == b"older"
+    fresh = store.enqueue(msg("a@x.example"), body, "AAAAAAAAAAA2")
+    assert fresh != "AAAAAAAAAAA2" and body_of(store, fresh) == b"newer"
+
+
+def test_a_connection_lost_before_the_statement_would_block_then_comes_back(
+        store: PostgresStore) -> None:
+    async def main() -> tuple[str, str]:
+        first = await store.enqueue_async(msg("a@x.example"), io.BytesIO(b"1"))
+        assert store._loop_conn is not None
+        _terminate(store, store._loop_conn.info.backend_pid)  # as a server restart would
+        body = io.BytesIO(b"2")
+        with pytest.raises(WouldBlock):
+            await store.enqueue_async(msg("b@x.example"), body, "AAAAAAAAAAA3")
+        assert body.tell() == 0 and store._loop_conn is None
+        assert "AAAAAAAAAAA3" not in all_ids(store)  # never applied
+        third = await store.enqueue_async(msg("c@x.example"), io.BytesIO(b"3"))
+        return first, third
+
+    first, third = asyncio.run(main())
+    assert sorted(all_ids(store)) == sorted([first, third])
+
+
+def test_a_statement_applied_before_its_connection_broke_gives_its_id(
+        store: PostgresStore, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    real = pg_loop_enqueue._first_row
+
+    async def applied_then_broke(cursor):  # type: ignore[no-untyped-def]
+        await real(cursor)  # the statement is applied and its reply read...
+        conn = store._loop_conn
+        assert conn is not None
+        _terminate(store, conn.info.backend_pid)
+        await conn.execute("SELECT 1")  # ...and the connection breaks: OperationalError
+
+    monkeypatch.setattr(pg_loop_enqueue, "_first_row", applied_then_broke)
+    queue_id = _enqueue(store, io.BytesIO(b"once"), "AAAAAAAAAAA4")
+    assert queue_id == "AAAAAAAAAAA4"
+    assert all_ids(store) == ["AAAAAAAAAAA4"] and body_of(store, queue_id) == b"once"
+
+
+def test_a_failed_look_for_the_rows_is_a_store_error(store: PostgresStore,
+                                                      monkeypatch) -> None:
+    async def look_fails(queue_id: str, now: float) -> bool:
+        raise StoreError("PostgreSQL store: unreachable (test)")
+
+    async def main() -> None:
+        await store.enqueue_async(msg("a@x.example"), io.BytesIO(b"1"))
+        assert store._loop_conn is not None
+        _terminate(store, store._loop_conn.info.backend_pid)
+        monkeypatch.setattr(store, "_rows_found", look_fails)
+        await store.enqueue_async(msg("b@x.example"), io.BytesIO(b"2"))
+
+    with pytest.raises(StoreError, match="unreachable"):
+        asyncio.run(main())
+
+
+def test_a_database_error_is_a_store_error_and_the_connection_goes_on(
+        store: PostgresStore) -> None:
+    async def main() -> str:
+        with pytest.raises(StoreError, match="enqueue failed"):
+            await store.enqueue_async(_refused_by_the_schema(), io.BytesIO(b"bad"))
+        return await store.enqueue_async(msg("a@x.example"), io.BytesIO(b"good"))
+
+    good = asyncio.run(main())
+    assert all_ids(store) == [good]
+
+
+def test_a_connection_that_cannot_be_made_is_not_tried_again_at_once(
+        store: PostgresStore, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    attempts = []
+    real_connect = psycopg.AsyncConnection.connect
+
+    async def refused(*args: object, **kwargs: object) -> None:
+        attempts.append(1)
+        raise psycopg.OperationalError("connection refused (test)")
+
+    monkeypatch.setattr(psycopg.AsyncConnection, "connect", refused)
+    for _ in range(3):
+        with pytest.raises(WouldBlock):
+            _enqueue(store, io.BytesIO(b"x"))
+    assert len(attempts) == 1  # then WouldBlock at once, for RETRY seconds
+    monkeypatch.setattr(psycopg.AsyncConnection, "connect", real_connect)
+    store._loop_conn_retry_at = 0.0  # RETRY seconds later
+    queue_id = _enqueue(store, io.BytesIO(b"x"))
+    assert all_ids(store) == [queue_id]
+
+
+def test_a_cancelled_caller_does_not_cut_the_statement_short(store: PostgresStore) -> None:
+    admin = psycopg.connect(store._url)
+    admin.execute("LOCK TABLE messages IN EXCLUSIVE MODE")  # the INSERT waits for it
+
+    async def main() -> str:
+        caller = asyncio.ensure_future(
+            store.enqueue_async(msg("a@x.example"), io.BytesIO(b"1"), "AAAAAAAAAAA5"))
+        try:
+            await asyncio.sleep(0.3)
+            waiting = not caller.done()
+            caller.cancel()  # the client went away
+            await asyncio.sleep(0.05)
+        finally:
+            await asyncio.to_thread(admin.rollback)  # the lock goes: the statement ends
+        assert waiting
+        for _ in range(200):
+            if "AAAAAAAAAAA5" in all_ids(store):
+                break
+            await asyncio.sleep(0.02)
+        return await store.enqueue_async(msg("b@x.example"), io.BytesIO(b"2"))
+
+    try:
+        after = asyncio.run(main())
+    finally:
+        admin.close()
+    # Stored without its 250 (a duplicate if the client sends it again), and
+    # the connection was left fit for the next one.
+    assert sorted(all_ids(store)) == sorted(["AAAAAAAAAAA5", after])
+
+
+def test_each_loop_gets_its_own_connection_and_close_ends_it(store: PostgresStore) -> None:
+    _enqueue(store, io.BytesIO(b"1"))
+    first = store._loop_conn
+    _enqueue(store, io.BytesIO(b"2"))  # another asyncio.run: another loop
+    second = store._loop_conn
+    assert first is not None and second is not None and first is not second
+    assert first.closed and len(all_ids(store)) == 2
+    store.close()
+    assert second.closed
+    with pytest.raises(StoreError, match="closed"):
+        _enqueue(store, io.BytesIO(b"3"))
+
+
+def test_messages_that_come_meanwhile_wait_and_go_together(store: PostgresStore) -> None:
+    batches: list[int] = []
+    real_batch = store.enqueue_batch
+
+    def counting_batch(items):  # type: ignore[no-untyped-def]
+        batches.append(len(items))
+        return real_batch(items)
+
+    store.enqueue_batch = counting_batch  # type: ignore[method-assign]
+    group = GroupCommit(store)
+    admin = psycopg.connect(store._url)
+    admin.execute("LOCK TABLE messages IN EXCLUSIVE MODE")
+
+    async def main() -> list[str]:
+        lone = asyncio.ensure_future(group.enqueue(msg("lone@x.example"), io.BytesIO(b"0")))
+        await asyncio.sleep(0.2)  # its statement waits for the lock, on the loop's connection
+        others = [asyncio.ensure_future(group.enqueue(msg(f"u{i}@x.example"),
+                                                      io.BytesIO(b"%d" % i)))
+                  for i in range(1, 4)]
+        try:
+            await asyncio.sleep(0.2)
+            waited = not any(o.done() for o in others) and batches == []
+        finally:
+            await asyncio.to_thread(admin.rollback)  # (a failure must not hang on the lock)
+        assert waited  # they waited for it
+        return [await asyncio.wait_for(t, 20) for t in [lone, *others]]
+
+    try:
+        ids = asyncio.run(main())
+    finally:
+        admin.close()
+    assert group.inline_commits == 1 and batches == [3] and group.commits == 2
+    assert sorted(all_ids(store)) == sorted(ids)
+    assert [body_of(store, i) for i in ids] == [b"0", b"1", b"2", b"3"]
