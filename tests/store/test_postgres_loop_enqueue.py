@@ -3,13 +3,18 @@ connection of its own (`store/pg_loop_enqueue.py`).  What this file proves:
 
 - the message is one statement on the loop's connection (not the pool's),
   kept across calls, and stored with its queue id and body;
-- `WouldBlock`, with nothing stored and the body where it was, for a body
-  over one chunk, a taken queue id, a connection lost before the statement
-  was applied, and (without trying again for `RETRY` s) a connection that
-  cannot be made; the loop's connection is made again afterwards;
+- `WouldBlock`, with nothing stored and the body where it was, while the
+  connection is being made (in the background) or busy with another
+  message, for a body over one chunk, a taken queue id, a connection lost
+  before the statement was applied, and (without trying again for `RETRY`
+  s) a connection that cannot be made; the loop's connection is made again
+  afterwards;
 - a statement applied before its connection broke gives its id (stored
-  once); a failed look for its rows, or a database error, is `StoreError`;
-- a cancelled caller does not cut the statement short;
+  once), told after the backend that ran it is gone (terminated and waited
+  for); a failed look for its rows, a body that cannot be read, or a
+  database error, is `StoreError`;
+- a cancelled caller does not cut the statement short, nor, at
+  `GroupCommit`, its count and `on_stored`;
 - `GroupCommit`: messages that come while the loop's statement is under way
   wait for it, then go together in one batch.
 """
@@ -47,6 +52,7 @@ def store() -> Iterator[PostgresStore]:
 def _enqueue(store: PostgresStore, body: io.BytesIO, queue_id: str | None = None,
              message: Any = None) -> str:
     async def main() -> str:
+        await store.open_loop_connection()
         return await store.enqueue_async(message or msg("a@x.example"), body, queue_id)
 
     return asyncio.run(main())
@@ -66,6 +72,11 @@ def test_a_lone_message_is_one_statement_on_the_loops_own_connection(
     monkeypatch.setattr(store, "_write", no)
 
     async def main() -> tuple[str, str, int, int]:
+        body = io.BytesIO(b"one\r\n")
+        with pytest.raises(WouldBlock):  # not connected: nobody waits for it
+            await store.enqueue_async(msg("a@x.example"), body)
+        assert body.tell() == 0
+        await store.open_loop_connection()  # (it was being made meanwhile)
         first = await store.enqueue_async(msg("a@x.example"), io.BytesIO(b"one\r\n"),
                                           "AAAAAAAAAAA1")
         assert store._loop_conn is not None
@@ -104,6 +115,7 @@ def test_a_taken_queue_id_would_block_and_stores_nothing(store: PostgresStore) -
 def test_a_connection_lost_before_the_statement_would_block_then_comes_back(
         store: PostgresStore) -> None:
     async def main() -> tuple[str, str]:
+        await store.open_loop_connection()
         first = await store.enqueue_async(msg("a@x.example"), io.BytesIO(b"1"))
         assert store._loop_conn is not None
         _terminate(store, store._loop_conn.info.backend_pid)  # as a server restart would
@@ -112,6 +124,7 @@ def test_a_connection_lost_before_the_statement_would_block_then_comes_back(
             await store.enqueue_async(msg("b@x.example"), body, "AAAAAAAAAAA3")
         assert body.tell() == 0 and store._loop_conn is None
         assert "AAAAAAAAAAA3" not in all_ids(store)  # never applied
+        await store.open_loop_connection()
         third = await store.enqueue_async(msg("c@x.example"), io.BytesIO(b"3"))
         return first, third
 
@@ -138,14 +151,15 @@ def test_a_statement_applied_before_its_connection_broke_gives_its_id(
 
 def test_a_failed_look_for_the_rows_is_a_store_error(store: PostgresStore,
                                                       monkeypatch) -> None:
-    async def look_fails(queue_id: str, now: float) -> bool:
+    def look_fails(pid: int, queue_id: str, now: float) -> bool:
         raise StoreError("PostgreSQL store: unreachable (test)")
 
     async def main() -> None:
+        await store.open_loop_connection()
         await store.enqueue_async(msg("a@x.example"), io.BytesIO(b"1"))
         assert store._loop_conn is not None
         _terminate(store, store._loop_conn.info.backend_pid)
-        monkeypatch.setattr(store, "_rows_found", look_fails)
+        monkeypatch.setattr(store, "_applied_after_loss", look_fails)
         await store.enqueue_async(msg("b@x.example"), io.BytesIO(b"2"))
 
     with pytest.raises(StoreError, match="unreachable"):
@@ -155,6 +169,7 @@ def test_a_failed_look_for_the_rows_is_a_store_error(store: PostgresStore,
 def test_a_database_error_is_a_store_error_and_the_connection_goes_on(
         store: PostgresStore) -> None:
     async def main() -> str:
+        await store.open_loop_connection()
         with pytest.raises(StoreError, match="enqueue failed"):
             await store.enqueue_async(_refused_by_the_schema(), io.BytesIO(b"bad"))
         return await store.enqueue_async(msg("a@x.example"), io.BytesIO(b"good"))
@@ -173,9 +188,14 @@ def test_a_connection_that_cannot_be_made_is_not_tried_again_at_once(
         raise psycopg.OperationalError("connection refused (test)")
 
     monkeypatch.setattr(psycopg.AsyncConnection, "connect", refused)
-    for _ in range(3):
-        with pytest.raises(WouldBlock):
-            _enqueue(store, io.BytesIO(b"x"))
+
+    async def main() -> None:
+        for _ in range(3):
+            with pytest.raises(WouldBlock):
+                await store.enqueue_async(msg("a@x.example"), io.BytesIO(b"x"))
+            await store.open_loop_connection()  # the attempt under way ends
+
+    asyncio.run(main())
     assert len(attempts) == 1  # then WouldBlock at once, for RETRY seconds
     monkeypatch.setattr(psycopg.AsyncConnection, "connect", real_connect)
     store._loop_conn_retry_at = 0.0  # RETRY seconds later
@@ -188,6 +208,7 @@ def test_a_cancelled_caller_does_not_cut_the_statement_short(store: PostgresStor
     admin.execute("LOCK TABLE messages IN EXCLUSIVE MODE")  # the INSERT waits for it
 
     async def main() -> str:
+        await store.open_loop_connection()
         caller = asyncio.ensure_future(
             store.enqueue_async(msg("a@x.example"), io.BytesIO(b"1"), "AAAAAAAAAAA5"))
         try:
@@ -240,6 +261,7 @@ def test_messages_that_come_meanwhile_wait_and_go_together(store: PostgresStore)
     admin.execute("LOCK TABLE messages IN EXCLUSIVE MODE")
 
     async def main() -> list[str]:
+        await store.open_loop_connection()
         lone = asyncio.ensure_future(group.enqueue(msg("lone@x.example"), io.BytesIO(b"0")))
         await asyncio.sleep(0.2)  # its statement waits for the lock, on the loop's connection
         others = [asyncio.ensure_future(group.enqueue(msg(f"u{i}@x.example"),
@@ -260,3 +282,94 @@ def test_messages_that_come_meanwhile_wait_and_go_together(store: PostgresStore)
     assert group.inline_commits == 1 and batches == [3] and group.commits == 2
     assert sorted(all_ids(store)) == sorted(ids)
     assert [body_of(store, i) for i in ids] == [b"0", b"1", b"2", b"3"]
+
+
+def test_the_connection_busy_with_a_message_would_block_for_another(
+        store: PostgresStore) -> None:
+    admin = psycopg.connect(store._url)
+    admin.execute("LOCK TABLE messages IN EXCLUSIVE MODE")
+
+    async def main() -> str:
+        await store.open_loop_connection()
+        first = asyncio.ensure_future(
+            store.enqueue_async(msg("a@x.example"), io.BytesIO(b"1"), "AAAAAAAAAAA6"))
+        try:
+            await asyncio.sleep(0.2)
+            body = io.BytesIO(b"2")
+            with pytest.raises(WouldBlock):  # at once, not after the first
+                await asyncio.wait_for(store.enqueue_async(msg("b@x.example"), body), 1)
+            assert body.tell() == 0
+        finally:
+            await asyncio.to_thread(admin.rollback)
+        return await asyncio.wait_for(first, 20)
+
+    try:
+        assert asyncio.run(main()) == "AAAAAAAAAAA6"
+    finally:
+        admin.close()
+    assert all_ids(store) == ["AAAAAAAAAAA6"]
+
+
+def test_a_body_that_cannot_be_read_is_a_store_error(store: PostgresStore) -> None:
+    class Unreadable(io.BytesIO):
+        def read(self, size: int | None = -1) -> bytes:
+            raise OSError("spool read failed")
+
+    with pytest.raises(StoreError, match="cannot read the body"):
+        _enqueue(store, Unreadable(b"x"))
+    assert all_ids(store) == []
+    assert _enqueue(store, io.BytesIO(b"y"))  # the connection was left free
+
+
+def test_a_lost_connections_backend_is_ended_before_its_row_is_looked_for(
+        store: PostgresStore) -> None:
+    # A backend still running (only our side of the connection died) could
+    # yet commit: it is terminated and waited for, then the row decides.
+    other = psycopg.connect(store._url)
+    pid = other.info.backend_pid
+    now = 1234.5
+    other.execute("INSERT INTO messages (id, sender, received_at, size, origin, smtputf8,"
+                  " body_8bit, client, node) VALUES ('AAAAAAAAAAA7', '', %s, 0, 'mx', false,"
+                  " false, '', %s)", (now, store.node))  # not committed yet
+    try:
+        assert store._applied_after_loss(pid, "AAAAAAAAAAA7", now) is False
+        with psycopg.connect(store._url) as admin:
+            assert admin.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s",
+                                 (pid,)).fetchone() == (0,)
+        assert all_ids(store) == []
+        store.enqueue(msg("a@x.example"), io.BytesIO(b"x"), "AAAAAAAAAAA8")
+        row = store._query("t", "SELECT received_at FROM messages WHERE id = 'AAAAAAAAAAA8'")
+        assert store._applied_after_loss(pid, "AAAAAAAAAAA8", float(row[0][0])) is True
+    finally:
+        other.close()
+
+
+def test_a_cancelled_group_commit_caller_leaves_the_commit_to_finish(
+        store: PostgresStore) -> None:
+    reported: list[str] = []
+    group = GroupCommit(store, on_stored=lambda ms: reported.extend(
+        m.recipients[0].address for m in ms))
+    admin = psycopg.connect(store._url)
+    admin.execute("LOCK TABLE messages IN EXCLUSIVE MODE")
+
+    async def main() -> None:
+        await store.open_loop_connection()
+        caller = asyncio.ensure_future(group.enqueue(msg("gone@x.example"), io.BytesIO(b"1")))
+        try:
+            await asyncio.sleep(0.2)
+            caller.cancel()  # the client went away mid-commit
+            await asyncio.sleep(0.05)
+            assert group._on_loop is not None  # still under way: others would wait
+        finally:
+            await asyncio.to_thread(admin.rollback)
+        for _ in range(200):
+            if group._on_loop is None:
+                break
+            await asyncio.sleep(0.02)
+
+    try:
+        asyncio.run(main())
+    finally:
+        admin.close()
+    assert len(all_ids(store)) == 1  # stored without its 250: a duplicate at worst
+    assert reported == ["gone@x.example"] and group.committed == 1 and group.commits == 1

@@ -182,8 +182,17 @@ class GroupCommit:
     async def _commit_on_loop(self, message: NewMessage, body: IO[bytes],
                               queue_id: str | None) -> str | None:
         """The lone message stored by the loop without blocking it
-        (`enqueue_async`), or None (`WouldBlock`)."""
-        self._on_loop = asyncio.get_running_loop().create_future()
+        (`enqueue_async`), or None (`WouldBlock`).  Shielded: a cancelled
+        caller leaves the commit, its count and `on_stored` to finish, and
+        the messages that came meanwhile waiting for it."""
+        loop = asyncio.get_running_loop()
+        self._on_loop = loop.create_future()
+        work = loop.create_task(self._store_on_loop(message, body, queue_id))
+        work.add_done_callback(_retrieve)
+        return await asyncio.shield(work)
+
+    async def _store_on_loop(self, message: NewMessage, body: IO[bytes],
+                             queue_id: str | None) -> str | None:
         try:
             stored = await self.queue.enqueue_async(message, body, queue_id)
         except WouldBlock:
@@ -193,7 +202,8 @@ class GroupCommit:
             raise
         finally:
             ended, self._on_loop = self._on_loop, None
-            ended.set_result(None)
+            if ended is not None:
+                ended.set_result(None)
         self.commits += 1
         self.committed += 1
         self.inline_commits += 1
@@ -300,3 +310,10 @@ class GroupCommit:
             except Exception as exc:
                 outcomes.append(exc)
         return outcomes
+
+
+def _retrieve(task: asyncio.Task[str | None]) -> None:
+    """Mark the outcome of a shielded commit as seen when its caller was
+    cancelled (asyncio would log it as never retrieved)."""
+    if not task.cancelled():
+        task.exception()

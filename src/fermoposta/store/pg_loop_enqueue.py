@@ -15,27 +15,33 @@ Contract (a mixin of `PostgresStore`):
   (`synchronous_commit` on) before the reply, as `enqueue`'s.
 - `WouldBlock`, with nothing stored and the body where it was, when it
   cannot: a bigger body (or one that cannot tell its size), the loop's
-  connection busy, not connected (a failed connection is tried again after
-  `RETRY` seconds; meanwhile every call says `WouldBlock` at once), the
-  queue id taken, or the connection lost before the statement was applied
-  (found out by a look for its rows: queue id, node and arrival time).
+  connection busy with another message, not connected yet (the first call
+  starts connecting in the background: nobody waits for a connection; one
+  that cannot be made is tried again after `RETRY` seconds), the queue id
+  taken, or the connection lost before the statement was applied.
   The caller then enqueues it the usual way, in a worker thread.
-- A lost connection after the statement was applied: the queue id.  If the
-  look for its rows fails too: `StoreError` (the sender retries: at worst a
-  duplicate).  A database error (not a lost connection): `StoreError`,
-  nothing stored.  The store closed, or its heartbeat failing: `StoreError`.
-- The statement is not cut short by a caller that is cancelled (its
-  outcome is then at most a message stored without a 250: a duplicate when
-  the client sends it again, never half a message); the connection stays
-  consistent.
+- A lost connection: whether the statement was applied is told from its
+  row (queue id, node, arrival time), once the server backend that ran it
+  is gone (it is terminated, and waited for up to `LOST_WAIT` seconds: a
+  backend still running it may yet commit).  Found: the queue id.  If the
+  backend does not go, or the look fails: `StoreError` (the sender retries:
+  at worst a duplicate).  A database error (not a lost connection), a body
+  that cannot be read or put back: `StoreError`, nothing stored.  The
+  store closed, or its heartbeat failing: `StoreError`.
+- A cancelled caller does not cut the work short (read, statement, the look
+  after a lost connection): its outcome is then at most a message stored
+  without a 250 (a duplicate when the client sends it again), and the
+  connection is busy until it ends.
 - The connection belongs to the loop that made it; a call from another
-  loop (a new `asyncio.run`) makes a new one.  `_close_loop_connection()`
-  (from `close()`) closes it without a loop.
+  loop (a new `asyncio.run`) makes a new one.  `open_loop_connection()`
+  makes it now (tests).  `_close_loop_connection()` (from `close()`, on the
+  loop's thread or after the loop ended) closes it without a loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
 import time
@@ -50,6 +56,7 @@ from fermoposta.store.base import CHUNK_SIZE, NewMessage, StoreError, WouldBlock
 log = logging.getLogger("fermoposta.store")
 
 RETRY = 5.0  # seconds before a failed connection of the loop's is tried again
+LOST_WAIT = 5.0  # seconds to wait for the backend of a lost connection to go
 
 
 class PostgresLoopEnqueue:
@@ -78,6 +85,8 @@ class PostgresLoopEnqueue:
     def _init_loop_enqueue(self) -> None:
         self._loop_conn: psycopg.AsyncConnection[Any] | None = None
         self._loop_conn_loop: asyncio.AbstractEventLoop | None = None
+        self._loop_conn_pid = 0  # its server backend
+        self._loop_connecting: asyncio.Task[None] | None = None
         self._loop_conn_busy = False
         self._loop_conn_retry_at = 0.0  # monotonic
 
@@ -87,28 +96,37 @@ class PostgresLoopEnqueue:
         self._fail_fast()
         if self._loop_conn_busy:
             raise WouldBlock()
+        conn = self._ready_connection()
         start = _start_of_small_body(body)
         self._loop_conn_busy = True
-        try:
-            conn = await self._loop_connection()
-            data = body.read()
-            try:
-                return await self._store_on_loop(conn, message, bytes(data),
-                                                 queue_id or new_queue_id())
-            except WouldBlock:
-                body.seek(start)
-                raise
-        finally:
-            self._loop_conn_busy = False
+        # Shielded: a cancelled caller does not cut the work short.
+        work = asyncio.ensure_future(self._enqueue_on(conn, message, body, start,
+                                                      queue_id or new_queue_id()))
+        work.add_done_callback(_retrieve)
+        return await asyncio.shield(work)
 
-    async def _loop_connection(self) -> psycopg.AsyncConnection[Any]:
+    async def open_loop_connection(self) -> None:
+        """Make the loop's connection now, if it is not made (for tests)."""
+        with contextlib.suppress(WouldBlock):
+            self._ready_connection()
+        if self._loop_connecting is not None:
+            await asyncio.shield(self._loop_connecting)
+
+    def _ready_connection(self) -> psycopg.AsyncConnection[Any]:
+        """The loop's connection, or `WouldBlock` (connecting it meanwhile)."""
         loop = asyncio.get_running_loop()
         conn = self._loop_conn
         if conn is not None and self._loop_conn_loop is loop and not conn.closed:
             return conn
         self._close_loop_connection()  # another loop's, or a closed one
-        if time.monotonic() < self._loop_conn_retry_at:
-            raise WouldBlock()
+        connecting = self._loop_connecting
+        if (connecting is None or connecting.done()
+                or connecting.get_loop() is not loop) and \
+                time.monotonic() >= self._loop_conn_retry_at:
+            self._loop_connecting = loop.create_task(self._connect_loop(loop))
+        raise WouldBlock()
+
+    async def _connect_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         try:
             conn = await psycopg.AsyncConnection.connect(self._url, autocommit=True,
                                                          **self._connect_kwargs)
@@ -121,27 +139,43 @@ class PostgresLoopEnqueue:
             self._loop_conn_retry_at = time.monotonic() + RETRY
             log.info("%s; lone messages go through worker threads for %.0f s",
                      self._error("connecting the event loop's connection failed", exc), RETRY)
-            raise WouldBlock() from exc
+            return
         self._loop_conn, self._loop_conn_loop = conn, loop
-        return conn
+        self._loop_conn_pid = conn.info.backend_pid
 
-    async def _store_on_loop(self, conn: psycopg.AsyncConnection[Any], message: NewMessage,
-                             data: bytes, queue_id: str) -> str:
+    async def _enqueue_on(self, conn: psycopg.AsyncConnection[Any], message: NewMessage,
+                          body: IO[bytes], start: int, queue_id: str) -> str:
+        try:
+            try:
+                data = body.read(CHUNK_SIZE + 1)
+            except (OSError, ValueError) as exc:
+                raise StoreError(f"cannot read the body to store: {exc}") from exc
+            if len(data) > CHUNK_SIZE:  # it grew after it was measured
+                _put_back(body, start)
+                raise WouldBlock()
+            try:
+                return await self._store_on(conn, message, bytes(data), queue_id)
+            except WouldBlock:
+                _put_back(body, start)
+                raise
+        finally:
+            self._loop_conn_busy = False
+
+    async def _store_on(self, conn: psycopg.AsyncConnection[Any], message: NewMessage,
+                        data: bytes, queue_id: str) -> str:
         now = self._clock()
         sql, params = self._insert_whole_statement(queue_id, message, now, data,
                                                    on_conflict=False)
-        # Shielded: a cancelled caller does not cut the statement short.
-        statement = asyncio.ensure_future(_first_row(conn.execute(sql, params)))
-        statement.add_done_callback(_retrieve)
         try:
-            row = await asyncio.shield(statement)
+            row = await _first_row(conn.execute(sql, params))
         except pg_errors.UniqueViolation as exc:
             raise WouldBlock() from exc  # the id is taken: nothing was stored
         except psycopg.OperationalError as exc:
             if not conn.broken:
                 raise self._error("enqueue failed", exc) from exc
+            pid = self._loop_conn_pid
             self._close_loop_connection()
-            if await self._rows_found(queue_id, now):
+            if await asyncio.to_thread(self._applied_after_loss, pid, queue_id, now):
                 return queue_id
             raise WouldBlock() from exc  # never applied: the usual way stores it
         except psycopg.Error as exc:
@@ -151,14 +185,26 @@ class PostgresLoopEnqueue:
             raise StoreError(f"enqueue: the statement wrote {written} of 1 messages")
         return queue_id
 
-    async def _rows_found(self, queue_id: str, now: float) -> bool:
-        """Whether the statement whose connection broke was applied: our row,
-        not an older message's that drew the same id (this node's, received
-        at this very `now`).  `StoreError` if the look fails."""
-        rows = await asyncio.to_thread(
-            self._query, "enqueue (was the commit applied?)",
-            "SELECT count(*) FROM messages WHERE id = %s AND received_at = %s AND node = %s",
-            (queue_id, now, self._node))
+    def _applied_after_loss(self, pid: int, queue_id: str, now: float) -> bool:
+        """In a worker thread: whether the statement of a connection that
+        broke was applied.  Its backend, if still there (only our side of
+        the connection died), could yet commit it: it is terminated and
+        waited for first.  Then our row, not an older message's that drew
+        the same id (this node's, received at this very `now`)."""
+        what = "enqueue (was the commit applied?)"
+        gone_by = time.monotonic() + LOST_WAIT
+        alive = "SELECT count(*) FROM pg_stat_activity WHERE pid = %s"
+        if int(self._query(what, alive, (pid,))[0][0]):
+            self._query(what, "SELECT pg_terminate_backend(%s)", (pid,))
+            while int(self._query(what, alive, (pid,))[0][0]):
+                if time.monotonic() > gone_by:
+                    raise StoreError(f"enqueue: the server backend {pid} of a lost connection"
+                                     " is still there; cannot tell whether its statement was"
+                                     " applied")
+                time.sleep(0.02)
+        rows = self._query(
+            what, "SELECT count(*) FROM messages WHERE id = %s AND received_at = %s"
+            " AND node = %s", (queue_id, now, self._node))
         return int(rows[0][0]) == 1
 
     def _close_loop_connection(self) -> None:
@@ -176,12 +222,19 @@ def _start_of_small_body(body: IO[bytes]) -> int:
             raise WouldBlock()
         start = body.tell()
         end = body.seek(0, io.SEEK_END)
-        body.seek(start)
     except (OSError, ValueError) as exc:
         raise StoreError(f"cannot tell the size of the body to store: {exc}") from exc
+    _put_back(body, start)
     if end - start > CHUNK_SIZE:
         raise WouldBlock()
     return start
+
+
+def _put_back(body: IO[bytes], start: int) -> None:
+    try:
+        body.seek(start)
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"cannot rewind the body to store it: {exc}") from exc
 
 
 async def _first_row(cursor: Awaitable[psycopg.AsyncCursor[Any]]) -> Any:
@@ -189,7 +242,7 @@ async def _first_row(cursor: Awaitable[psycopg.AsyncCursor[Any]]) -> Any:
 
 
 def _retrieve(task: asyncio.Future[Any]) -> None:
-    """Mark a shielded statement's outcome as seen, when its caller was
-    cancelled before it ended (asyncio would log it as never retrieved)."""
+    """Mark a shielded task's outcome as seen, when its caller was cancelled
+    before it ended (asyncio would log it as never retrieved)."""
     if not task.cancelled():
         task.exception()
