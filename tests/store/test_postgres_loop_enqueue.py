@@ -373,3 +373,17 @@ def test_a_cancelled_group_commit_caller_leaves_the_commit_to_finish(
         admin.close()
     assert len(all_ids(store)) == 1  # stored without its 250: a duplicate at worst
     assert reported == ["gone@x.example"] and group.committed == 1 and group.commits == 1
+
+
+def test_a_connection_made_after_the_store_closed_is_not_kept(store: PostgresStore) -> None:
+    async def main() -> None:
+        with pytest.raises(WouldBlock):
+            await store.enqueue_async(msg("a@x.example"), io.BytesIO(b"x"))  # connecting
+        connecting = store._loop_connecting
+        assert connecting is not None
+        store._closed = True  # as close() from the provider's shutdown, meanwhile
+        await connecting
+
+    asyncio.run(main())
+    assert store._loop_conn is None
+    store._closed = False  # for the fixture's close()

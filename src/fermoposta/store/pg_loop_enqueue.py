@@ -64,6 +64,7 @@ class PostgresLoopEnqueue:
 
     _url: str
     _node: str
+    _closed: bool
     _connect_kwargs: dict[str, Any]
     _clock: Callable[[], float]
     _SESSION_SETTINGS: tuple[str, tuple[str, ...]]
@@ -109,8 +110,9 @@ class PostgresLoopEnqueue:
         """Make the loop's connection now, if it is not made (for tests)."""
         with contextlib.suppress(WouldBlock):
             self._ready_connection()
-        if self._loop_connecting is not None:
-            await asyncio.shield(self._loop_connecting)
+        connecting = self._loop_connecting
+        if connecting is not None and connecting.get_loop() is asyncio.get_running_loop():
+            await asyncio.shield(connecting)
 
     def _ready_connection(self) -> psycopg.AsyncConnection[Any]:
         """The loop's connection, or `WouldBlock` (connecting it meanwhile)."""
@@ -139,6 +141,9 @@ class PostgresLoopEnqueue:
             self._loop_conn_retry_at = time.monotonic() + RETRY
             log.info("%s; lone messages go through worker threads for %.0f s",
                      self._error("connecting the event loop's connection failed", exc), RETRY)
+            return
+        if self._closed:  # the store was closed meanwhile
+            await conn.close()
             return
         self._loop_conn, self._loop_conn_loop = conn, loop
         self._loop_conn_pid = conn.info.backend_pid
