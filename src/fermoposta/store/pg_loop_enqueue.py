@@ -28,10 +28,11 @@ Contract (a mixin of `PostgresStore`):
   at worst a duplicate).  A database error (not a lost connection), a body
   that cannot be read or put back: `StoreError`, nothing stored.  The
   store closed, or its heartbeat failing: `StoreError`.
-- A cancelled caller does not cut the work short (read, statement, the look
-  after a lost connection): its outcome is then at most a message stored
-  without a 250 (a duplicate when the client sends it again), and the
-  connection is busy until it ends.
+- Cancelled, it ends at once for its caller: psycopg cancels a statement
+  under way (the message is then stored or not, never half: at worst
+  stored without a 250, a duplicate when the client sends it again) and
+  the connection stays fit for the next one.  `GroupCommit` runs it in a
+  shielded task, so that its own caller's cancellation does not cut it.
 - The connection belongs to the loop that made it; a call from another
   loop (a new `asyncio.run`) makes a new one.  `open_loop_connection()`
   makes it now (tests).  `_close_loop_connection()` (from `close()`, on the
@@ -100,11 +101,7 @@ class PostgresLoopEnqueue:
         conn = self._ready_connection()
         start = _start_of_small_body(body)
         self._loop_conn_busy = True
-        # Shielded: a cancelled caller does not cut the work short.
-        work = asyncio.ensure_future(self._enqueue_on(conn, message, body, start,
-                                                      queue_id or new_queue_id()))
-        work.add_done_callback(_retrieve)
-        return await asyncio.shield(work)
+        return await self._enqueue_on(conn, message, body, start, queue_id or new_queue_id())
 
     async def open_loop_connection(self) -> None:
         """Make the loop's connection now, if it is not made (for tests)."""
@@ -244,10 +241,3 @@ def _put_back(body: IO[bytes], start: int) -> None:
 
 async def _first_row(cursor: Awaitable[psycopg.AsyncCursor[Any]]) -> Any:
     return await (await cursor).fetchone()
-
-
-def _retrieve(task: asyncio.Future[Any]) -> None:
-    """Mark a shielded task's outcome as seen, when its caller was cancelled
-    before it ended (asyncio would log it as never retrieved)."""
-    if not task.cancelled():
-        task.exception()
