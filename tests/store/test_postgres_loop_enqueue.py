@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -34,20 +33,10 @@ from fermoposta.store import pg_loop_enqueue
 from fermoposta.store.base import CHUNK_SIZE, StoreError, WouldBlock
 from fermoposta.store.group_commit import GroupCommit
 from fermoposta.store.postgres import PostgresStore
-from support.pg import fresh_schema
 
 from .contract import all_ids, body_of, msg
 from .test_postgres_enqueue import _refused_by_the_schema
-
-
-@pytest.fixture
-def store() -> Iterator[PostgresStore]:
-    with fresh_schema() as (_, url):
-        opened = PostgresStore(url, pool_size=3)
-        try:
-            yield opened
-        finally:
-            opened.close()
+from .test_postgres_enqueue import store as store  # the fixture: a PostgresStore, fresh schema
 
 
 def _enqueue(store: PostgresStore, body: io.BytesIO, queue_id: str | None = None,
