@@ -373,3 +373,24 @@ def test_a_connection_made_after_the_store_closed_is_not_kept(store: PostgresSto
     asyncio.run(main())
     assert store._loop_conn is None
     store._closed = False  # for the fixture's close()
+
+
+def test_a_commit_task_cancelled_before_it_ran_leaves_nothing_waiting(
+        store: PostgresStore) -> None:
+    group = GroupCommit(store)
+
+    async def main() -> None:
+        await store.open_loop_connection()
+        caller = asyncio.ensure_future(group.enqueue(msg("a@x.example"), io.BytesIO(b"1")))
+        await asyncio.sleep(0)  # the caller made the commit's task, not yet run
+        [work] = [t for t in asyncio.all_tasks()
+                  if t.get_coro().__name__ == "_store_on_loop"]  # type: ignore[union-attr]
+        work.cancel()  # as the loop's shutdown does
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        assert group._on_loop is None  # a later batch would not wait for it forever
+        queue_id = await asyncio.wait_for(
+            group.enqueue(msg("b@x.example"), io.BytesIO(b"2")), 10)
+        assert all_ids(store) == [queue_id]
+
+    asyncio.run(main())

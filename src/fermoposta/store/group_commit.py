@@ -186,10 +186,19 @@ class GroupCommit:
         caller leaves the commit, its count and `on_stored` to finish, and
         the messages that came meanwhile waiting for it."""
         loop = asyncio.get_running_loop()
-        self._on_loop = loop.create_future()
+        self._on_loop = flight = loop.create_future()
         work = loop.create_task(self._store_on_loop(message, body, queue_id))
-        work.add_done_callback(_retrieve)
+        # Ended however the task ends, even cancelled before it ran (shutdown).
+        work.add_done_callback(lambda task: self._landed(flight, task))
         return await asyncio.shield(work)
+
+    def _landed(self, flight: asyncio.Future[None], work: asyncio.Task[str | None]) -> None:
+        if self._on_loop is flight:
+            self._on_loop = None
+        if not flight.done():
+            flight.set_result(None)
+        if not work.cancelled():
+            work.exception()  # seen, also when the caller was cancelled before it ended
 
     async def _store_on_loop(self, message: NewMessage, body: IO[bytes],
                              queue_id: str | None) -> str | None:
@@ -200,10 +209,6 @@ class GroupCommit:
         except Exception:
             self.commits += 1
             raise
-        finally:
-            ended, self._on_loop = self._on_loop, None
-            if ended is not None:
-                ended.set_result(None)
         self.commits += 1
         self.committed += 1
         self.inline_commits += 1
@@ -310,10 +315,3 @@ class GroupCommit:
             except Exception as exc:
                 outcomes.append(exc)
         return outcomes
-
-
-def _retrieve(task: asyncio.Task[str | None]) -> None:
-    """Mark the outcome of a shielded commit as seen when its caller was
-    cancelled (asyncio would log it as never retrieved)."""
-    if not task.cancelled():
-        task.exception()
