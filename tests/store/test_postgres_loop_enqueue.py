@@ -361,7 +361,17 @@ def test_a_cancelled_group_commit_caller_leaves_the_commit_to_finish(
     assert reported == ["gone@x.example"] and group.committed == 1 and group.commits == 1
 
 
-def test_a_connection_made_after_the_store_closed_is_not_kept(store: PostgresStore) -> None:
+def test_a_connection_made_after_the_store_closed_is_not_kept(
+        store: PostgresStore, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    made: list[psycopg.AsyncConnection[Any]] = []
+    real_connect = psycopg.AsyncConnection.connect
+
+    async def connect(*args: Any, **kwargs: Any) -> psycopg.AsyncConnection[Any]:
+        made.append(await real_connect(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(psycopg.AsyncConnection, "connect", connect)
+
     async def main() -> None:
         with pytest.raises(WouldBlock):
             await store.enqueue_async(msg("a@x.example"), io.BytesIO(b"x"))  # connecting
@@ -370,27 +380,31 @@ def test_a_connection_made_after_the_store_closed_is_not_kept(store: PostgresSto
         store._closed = True  # as close() from the provider's shutdown, meanwhile
         await connecting
 
-    asyncio.run(main())
-    assert store._loop_conn is None
-    store._closed = False  # for the fixture's close()
+    try:
+        asyncio.run(main())
+    finally:
+        store._closed = False  # for the fixture's close()
+    assert store._loop_conn is None and len(made) == 1 and made[0].closed
 
 
 def test_a_commit_task_cancelled_before_it_ran_leaves_nothing_waiting(
         store: PostgresStore) -> None:
     group = GroupCommit(store)
 
-    async def main() -> None:
+    async def main() -> str:
         await store.open_loop_connection()
         caller = asyncio.ensure_future(group.enqueue(msg("a@x.example"), io.BytesIO(b"1")))
         await asyncio.sleep(0)  # the caller made the commit's task, not yet run
         [work] = [t for t in asyncio.all_tasks()
                   if t.get_coro().__name__ == "_store_on_loop"]  # type: ignore[union-attr]
-        work.cancel()  # as the loop's shutdown does
+        # A message that comes meanwhile waits for that commit, in a batch...
+        other = asyncio.ensure_future(group.enqueue(msg("b@x.example"), io.BytesIO(b"2")))
+        work.cancel()  # ...which is cancelled before it ran, as at the loop's shutdown
         with pytest.raises(asyncio.CancelledError):
             await caller
-        assert group._on_loop is None  # a later batch would not wait for it forever
-        queue_id = await asyncio.wait_for(
-            group.enqueue(msg("b@x.example"), io.BytesIO(b"2")), 10)
-        assert all_ids(store) == [queue_id]
+        queue_id = await asyncio.wait_for(other, 10)  # not waiting for it forever
+        assert group._on_loop is None and group.inline_commits == 0
+        return queue_id
 
-    asyncio.run(main())
+    queue_id = asyncio.run(main())
+    assert all_ids(store) == [queue_id]

@@ -104,7 +104,7 @@ class GroupCommit:
         # it opened (monotonic), oldest first (dicts keep insertion order).
         self._open: dict[object, float] = {}
         self._gathering: asyncio.Future[None] | None = None  # set when the wait may end
-        self._on_loop: asyncio.Future[None] | None = None  # done when enqueue_async ends
+        self._on_loop: asyncio.Future[None] | None = None  # done when the loop's commit task ends
         self._inline_paused_until = 0.0  # monotonic
         self._inline_average = 0.0  # seconds an inline commit takes (moving average)
         # Figures for tests and metrics: commits made, messages they held,
@@ -184,11 +184,15 @@ class GroupCommit:
         """The lone message stored by the loop without blocking it
         (`enqueue_async`), or None (`WouldBlock`).  Shielded: a cancelled
         caller leaves the commit, its count and `on_stored` to finish, and
-        the messages that came meanwhile waiting for it."""
+        the messages that came meanwhile waiting for it.  If the commit's
+        task itself is cancelled (the loop's shutdown, even before it ran),
+        the caller gets `CancelledError` and nothing waits for it."""
         loop = asyncio.get_running_loop()
         self._on_loop = flight = loop.create_future()
         work = loop.create_task(self._store_on_loop(message, body, queue_id))
-        # Ended however the task ends, even cancelled before it ran (shutdown).
+        # Ended however the task ends.  Added before `shield` adds its own
+        # callback, so it runs first: `_on_loop` is clear when the caller
+        # resumes.
         work.add_done_callback(lambda task: self._landed(flight, task))
         return await asyncio.shield(work)
 

@@ -28,11 +28,14 @@ Contract (a mixin of `PostgresStore`):
   at worst a duplicate).  A database error (not a lost connection), a body
   that cannot be read or put back: `StoreError`, nothing stored.  The
   store closed, or its heartbeat failing: `StoreError`.
-- Cancelled, it ends at once for its caller: psycopg cancels a statement
-  under way (the message is then stored or not, never half: at worst
-  stored without a 250, a duplicate when the client sends it again) and
-  the connection stays fit for the next one.  `GroupCommit` runs it in a
-  shielded task, so that its own caller's cancellation does not cut it.
+- Cancelled, it lets psycopg (3.3 or later: without blocking the loop)
+  cancel a statement under way on the server and wait for that (10 s at
+  most); the message is then stored or not, never half (at worst stored
+  without a 250: a duplicate when the client sends it again).  The
+  connection is then fit for the next call, or, if the cancel was not
+  answered in time, closed by psycopg and made again at the next call.
+  `GroupCommit` runs it in a shielded task, so that its own caller's
+  cancellation does not cut it (only the loop's shutdown does).
 - The connection belongs to the loop that made it; a call from another
   loop (a new `asyncio.run`) makes a new one.  `open_loop_connection()`
   makes it now (tests).  `_close_loop_connection()` (from `close()`, on the
@@ -100,8 +103,9 @@ class PostgresLoopEnqueue:
             raise WouldBlock()
         conn = self._ready_connection()
         start = _start_of_small_body(body)
-        self._loop_conn_busy = True
-        return await self._enqueue_on(conn, message, body, start, queue_id or new_queue_id())
+        queue_id = queue_id or new_queue_id()
+        self._loop_conn_busy = True  # until `_enqueue_on` ends, however it does
+        return await self._enqueue_on(conn, message, body, start, queue_id)
 
     async def open_loop_connection(self) -> None:
         """Make the loop's connection now, if it is not made (for tests)."""
