@@ -156,6 +156,21 @@ def test_connections_a_restart_broke_are_not_seen(store: PostgresStore) -> None:
     assert [body_of(store, i) for i in ids] == [b"after 0\r\n", b"after 1\r\n"]
 
 
+def test_a_lost_statement_names_its_server_backend(store: PostgresStore) -> None:
+    # So that the enqueue can wait for that backend to go before it looks
+    # for its rows (`_found_after_loss`).
+    pooled = [store._pool.getconn() for _ in range(3)]
+    backends = {conn.info.backend_pid for conn in pooled}
+    for conn in pooled:
+        store._pool.putconn(conn)
+    with psycopg.connect(store._url, autocommit=True) as admin:
+        for pid in backends:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    with pytest.raises(CommitUnknown) as lost:
+        store._write_one_statement("test", lambda conn: conn.execute("SELECT 1"))
+    assert lost.value.backend_pid in backends
+
+
 def _refused_by_the_schema() -> NewMessage:
     """A message whose last recipient breaks a NOT NULL constraint: its
     statement fails after the rows before it were written."""

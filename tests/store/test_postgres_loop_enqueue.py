@@ -141,7 +141,7 @@ def test_a_statement_applied_before_its_connection_broke_gives_its_id(
 
 def test_a_failed_look_for_the_rows_is_a_store_error(store: PostgresStore,
                                                       monkeypatch) -> None:
-    def look_fails(pid: int, queue_id: str, now: float) -> bool:
+    def look_fails(pid: int, ids: list[str], now: float) -> int:
         raise StoreError("PostgreSQL store: unreachable (test)")
 
     async def main() -> None:
@@ -149,7 +149,7 @@ def test_a_failed_look_for_the_rows_is_a_store_error(store: PostgresStore,
         await store.enqueue_async(msg("a@x.example"), io.BytesIO(b"1"))
         assert store._loop_conn is not None
         _terminate(store, store._loop_conn.info.backend_pid)
-        monkeypatch.setattr(store, "_applied_after_loss", look_fails)
+        monkeypatch.setattr(store, "_found_after_loss", look_fails)
         await store.enqueue_async(msg("b@x.example"), io.BytesIO(b"2"))
 
     with pytest.raises(StoreError, match="unreachable"):
@@ -318,14 +318,14 @@ def test_a_lost_connections_backend_is_ended_before_its_row_is_looked_for(
                   " body_8bit, client, node) VALUES ('AAAAAAAAAAA7', '', %s, 0, 'mx', false,"
                   " false, '', %s)", (now, store.node))  # not committed yet
     try:
-        assert store._applied_after_loss(pid, "AAAAAAAAAAA7", now) is False
+        assert store._found_after_loss(pid, ["AAAAAAAAAAA7"], now) == 0
         with psycopg.connect(store._url) as admin:
             assert admin.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s",
                                  (pid,)).fetchone() == (0,)
         assert all_ids(store) == []
         store.enqueue(msg("a@x.example"), io.BytesIO(b"x"), "AAAAAAAAAAA8")
         row = store._query("t", "SELECT received_at FROM messages WHERE id = 'AAAAAAAAAAA8'")
-        assert store._applied_after_loss(pid, "AAAAAAAAAAA8", float(row[0][0])) is True
+        assert store._found_after_loss(pid, ["AAAAAAAAAAA8"], float(row[0][0])) == 1
     finally:
         other.close()
 

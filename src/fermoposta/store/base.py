@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import io
 import secrets
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -624,6 +625,27 @@ class Directory(Protocol):
         """The ETRN domains (`Domain.etrn` set) named `name`, and with
         `subdomains` also those under it (``sub.name``), sorted."""
         ...
+
+
+def bytes_after(body: IO[bytes]) -> int | None:
+    """How many bytes follow `body`'s position (what an enqueue would read);
+    None when it cannot tell (not seekable, or `tell`/`seek` fail).  The
+    position is kept: `StoreError` if it cannot be put back."""
+    try:
+        if not body.seekable():
+            return None
+        start = body.tell()
+    except (OSError, ValueError):
+        return None
+    try:
+        return body.seek(0, io.SEEK_END) - start
+    except (OSError, ValueError):
+        return None
+    finally:
+        try:
+            body.seek(start)
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"cannot rewind the body to store it: {exc}") from exc
 
 
 def bodies_within(messages: dict[str, QueuedMessage], message_ids: Sequence[str],

@@ -21,9 +21,9 @@ Contract (a mixin of `PostgresStore`):
   taken, or the connection lost before the statement was applied.
   The caller then enqueues it the usual way, in a worker thread.
 - A lost connection: whether the statement was applied is told from its
-  row (queue id, node, arrival time), once the server backend that ran it
-  is gone (it is terminated, and waited for up to `LOST_WAIT` seconds: a
-  backend still running it may yet commit).  Found: the queue id.  If the
+  row, once the server backend that ran it is gone
+  (`PostgresMessages._found_after_loss`, shared with the pool's
+  one-statement enqueue).  Found: the queue id.  If the
   backend does not go, or the look fails: `StoreError` (the sender retries:
   at worst a duplicate).  A database error (not a lost connection), a body
   that cannot be read or put back: `StoreError`, nothing stored.  The
@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -55,12 +54,18 @@ from typing import IO, TYPE_CHECKING, Any
 import psycopg
 from psycopg import errors as pg_errors
 
-from fermoposta.store.base import CHUNK_SIZE, NewMessage, StoreError, WouldBlock, new_queue_id
+from fermoposta.store.base import (
+    CHUNK_SIZE,
+    NewMessage,
+    StoreError,
+    WouldBlock,
+    bytes_after,
+    new_queue_id,
+)
 
 log = logging.getLogger("fermoposta.store")
 
 RETRY = 5.0  # seconds before a failed connection of the loop's is tried again
-LOST_WAIT = 5.0  # seconds to wait for the backend of a lost connection to go
 
 
 class PostgresLoopEnqueue:
@@ -80,8 +85,7 @@ class PostgresLoopEnqueue:
 
         def _error(self, what: str, exc: BaseException) -> StoreError: ...
 
-        def _query(self, what: str, sql: str, params: Any = (), *,
-                   binary: bool = False) -> list[Any]: ...
+        def _found_after_loss(self, pid: int, ids: list[str], now: float) -> int: ...
 
         def _insert_whole_statement(self, message_id: str, message: NewMessage, now: float,
                                     data: bytes, *, on_conflict: bool = True
@@ -181,7 +185,7 @@ class PostgresLoopEnqueue:
                 raise self._error("enqueue failed", exc) from exc
             pid = self._loop_conn_pid
             self._close_loop_connection()
-            if await asyncio.to_thread(self._applied_after_loss, pid, queue_id, now):
+            if await asyncio.to_thread(self._found_after_loss, pid, [queue_id], now):
                 return queue_id
             raise WouldBlock() from exc  # never applied: the usual way stores it
         except psycopg.Error as exc:
@@ -190,28 +194,6 @@ class PostgresLoopEnqueue:
         if written != 1:
             raise StoreError(f"enqueue: the statement wrote {written} of 1 messages")
         return queue_id
-
-    def _applied_after_loss(self, pid: int, queue_id: str, now: float) -> bool:
-        """In a worker thread: whether the statement of a connection that
-        broke was applied.  Its backend, if still there (only our side of
-        the connection died), could yet commit it: it is terminated and
-        waited for first.  Then our row, not an older message's that drew
-        the same id (this node's, received at this very `now`)."""
-        what = "enqueue (was the commit applied?)"
-        gone_by = time.monotonic() + LOST_WAIT
-        alive = "SELECT count(*) FROM pg_stat_activity WHERE pid = %s"
-        if int(self._query(what, alive, (pid,))[0][0]):
-            self._query(what, "SELECT pg_terminate_backend(%s)", (pid,))
-            while int(self._query(what, alive, (pid,))[0][0]):
-                if time.monotonic() > gone_by:
-                    raise StoreError(f"enqueue: the server backend {pid} of a lost connection"
-                                     " is still there; cannot tell whether its statement was"
-                                     " applied")
-                time.sleep(0.02)
-        rows = self._query(
-            what, "SELECT count(*) FROM messages WHERE id = %s AND received_at = %s"
-            " AND node = %s", (queue_id, now, self._node))
-        return int(rows[0][0]) == 1
 
     def _close_loop_connection(self) -> None:
         conn, self._loop_conn, self._loop_conn_loop = self._loop_conn, None, None
@@ -223,17 +205,13 @@ class PostgresLoopEnqueue:
 def _start_of_small_body(body: IO[bytes]) -> int:
     """The body's position, if what follows it is one chunk at most; else
     `WouldBlock` (the position kept)."""
-    try:
-        if not body.seekable():
-            raise WouldBlock()
-        start = body.tell()
-        end = body.seek(0, io.SEEK_END)
-    except (OSError, ValueError) as exc:
-        raise StoreError(f"cannot tell the size of the body to store: {exc}") from exc
-    _put_back(body, start)
-    if end - start > CHUNK_SIZE:
+    remaining = bytes_after(body)
+    if remaining is None or remaining > CHUNK_SIZE:
         raise WouldBlock()
-    return start
+    try:
+        return body.tell()
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"cannot tell where the body to store starts: {exc}") from exc
 
 
 def _put_back(body: IO[bytes], start: int) -> None:

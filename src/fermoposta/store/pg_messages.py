@@ -8,10 +8,11 @@ and errors are those of `fermoposta.store.postgres`.
   (`_insert_many_query`, a lone message `_insert_whole_query`), a
   transaction by itself (`_write_one_statement`): one round trip, all or
   nothing; if its connection breaks, the messages' rows tell whether it was
-  applied (found by queue id, node and arrival time: all of them, done;
-  none, stored again through `_write`, whose probe replaces broken
-  connections).  Other bodies, and a batch with a queue id that is taken:
-  a transaction of three round trips or more, where a collision writes
+  applied (`_found_after_loss`: once the backend that ran it is gone, by
+  queue id, node and arrival time: all of them, done; none, stored again
+  through `_write`, whose probe replaces broken connections).  Other
+  bodies, and a batch with a queue id that is taken: a transaction of
+  three round trips or more, where a collision writes
   nothing and draws a new id.
   `_enqueue` is also what the outcomes use to queue a DSN in their own
   transaction.
@@ -25,6 +26,7 @@ and errors are those of `fermoposta.store.postgres`.
 from __future__ import annotations
 
 import io
+import time
 from collections.abc import Iterator, Sequence
 from typing import IO
 
@@ -56,6 +58,8 @@ from fermoposta.store.pg_rows import (
 )
 from fermoposta.store.rows import message_from_row as _message
 from fermoposta.store.rows import recipient_from_row as _recipient
+
+LOST_WAIT = 5.0  # seconds to wait for the server backend of a lost connection to go
 
 
 class PostgresMessages(EnginePart):
@@ -126,15 +130,10 @@ class PostgresMessages(EnginePart):
             if written != len(whole):
                 raise StoreError(f"enqueue: the statement wrote {written} of {len(whole)}"
                                  " messages")
-        except CommitUnknown:
-            # Applied or not: all our rows are there, or none is.  Ours, not
-            # an older message that drew the same id: this node's, received
-            # at this very `now`.
+        except CommitUnknown as lost:
+            # Applied or not: all our rows are there, or none is.
             ids = [queue_id for _, _, queue_id in whole]
-            found = int(self._query(
-                "enqueue (was the commit applied?)",
-                "SELECT count(*) FROM messages WHERE id = ANY(%s) AND received_at = %s"
-                " AND node = %s", (ids, now, self._node))[0][0])
+            found = self._found_after_loss(lost.backend_pid, ids, now)
             if found and found != len(ids):
                 raise StoreError(f"enqueue: {found} of {len(ids)} messages found after a lost"
                                  " connection; cannot tell whether the commit was applied"
@@ -145,6 +144,29 @@ class PostgresMessages(EnginePart):
                 return False  # a queue id was taken: nothing was stored
             raise
         return True
+
+    def _found_after_loss(self, pid: int, ids: list[str], now: float) -> int:
+        """How many of the messages `ids`, written at `now` by a statement
+        whose connection broke, were stored.  Its server backend `pid`, if
+        still there (only our side of the connection died), could yet
+        commit it: it is terminated and waited for first (`LOST_WAIT`
+        seconds, else `StoreError`: cannot tell).  Then our rows, not an
+        older message's that drew the same id: this node's, received at
+        this very `now`."""
+        what = "enqueue (was the commit applied?)"
+        alive = "SELECT count(*) FROM pg_stat_activity WHERE pid = %s"
+        if pid and int(self._query(what, alive, (pid,))[0][0]):
+            gone_by = time.monotonic() + LOST_WAIT
+            self._query(what, "SELECT pg_terminate_backend(%s)", (pid,))
+            while int(self._query(what, alive, (pid,))[0][0]):
+                if time.monotonic() > gone_by:
+                    raise StoreError(f"enqueue: the server backend {pid} of a lost connection"
+                                     " is still there; cannot tell whether its statement was"
+                                     " applied")
+                time.sleep(0.02)
+        return int(self._query(
+            what, "SELECT count(*) FROM messages WHERE id = ANY(%s) AND received_at = %s"
+            " AND node = %s", (ids, now, self._node))[0][0])
 
     def _enqueue_in_transaction(self, items: Sequence[tuple[NewMessage, IO[bytes], str]],
                                 heads: Sequence[tuple[bytes, bytes]]) -> list[str]:

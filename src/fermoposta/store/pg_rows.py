@@ -48,7 +48,12 @@ _LOCK_RECIPIENTS = "SELECT id FROM recipients WHERE id = ANY(%s::bigint[]) ORDER
 class CommitUnknown(Exception):
     """A one-statement write (`PostgresStore._write_one_statement`) lost its
     connection: it may or may not have been applied; the caller finds out
-    from what it wrote."""
+    from what it wrote, once `backend_pid` (the server process that ran it;
+    0: unknown) is gone."""
+
+    def __init__(self, message: str, backend_pid: int = 0) -> None:
+        super().__init__(message)
+        self.backend_pid = backend_pid
 
 
 def _ids(recipient_ids: Collection[int]) -> list[int]:
@@ -77,6 +82,8 @@ class EnginePart:
                    binary: bool = False) -> list[TupleRow]: ...
 
         def _check_open(self) -> None: ...
+
+        def _found_after_loss(self, pid: int, ids: list[str], now: float) -> int: ...
 
         def _error(self, what: str, exc: BaseException) -> StoreError: ...
 

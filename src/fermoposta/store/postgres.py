@@ -8,8 +8,8 @@ rate events) and mixins that use only its transactions: `pg_tools` (the
 queue tools), `pg_directory` (accounts and domains), `pg_etrn` (ETRN),
 `pg_messages` (enqueue, import, bodies), `pg_loop_enqueue` (a lone message
 sent by the event loop on a connection of its own) and `pg_outbound`
-(outcomes, leases, outbound claims); `pg_rows` has the columns and row conversions they share,
-`pg_schema` the schema and its migrations.
+(outcomes, leases, outbound claims); `pg_rows` has the columns and row
+conversions they share, `pg_schema` the schema and its migrations.
 
 Contract and choices:
 - `PostgresStore(url, node=..., clock=..., pool_size=..., node_timeout=...,
@@ -388,11 +388,12 @@ class PostgresStore(PostgresDirectory, PostgresQueueTools, PostgresEtrn, Postgre
             conn = self._pool.getconn(timeout=self._connect_timeout)
         except _ENGINE_ERRORS as exc:
             raise self._error(f"{what} failed", exc) from exc
+        pid = conn.info.backend_pid  # while the connection is there to ask
         try:
             return statement(conn).fetchone()
         except psycopg.OperationalError as exc:
             if conn.broken:
-                raise CommitUnknown(self._scrub(str(exc))) from exc
+                raise CommitUnknown(self._scrub(str(exc)), pid) from exc
             raise self._error(f"{what} failed", exc) from exc
         except _ENGINE_ERRORS as exc:
             raise self._error(f"{what} failed", exc) from exc

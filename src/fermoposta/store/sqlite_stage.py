@@ -45,7 +45,6 @@ Contract (a mixin of `SQLiteStore`, using only its transactions):
 
 from __future__ import annotations
 
-import io
 import logging
 import sqlite3
 import sys
@@ -54,7 +53,7 @@ from collections.abc import Callable, Collection
 from contextlib import AbstractContextManager
 from typing import IO, TYPE_CHECKING
 
-from fermoposta.store.base import CHUNK_SIZE, NewMessage, StoreError
+from fermoposta.store.base import CHUNK_SIZE, NewMessage, StoreError, bytes_after
 from fermoposta.store.holders import Holders
 
 log = logging.getLogger("fermoposta.store")
@@ -211,22 +210,10 @@ class SQLiteStaging:
         part, which its own commits did not).  The position is kept:
         `StoreError` if it cannot be put back."""
         with self._stages_lock:
-            staged = queue_id is not None and queue_id in self._stages
-        try:
-            if staged or not body.seekable():
+            if queue_id is not None and queue_id in self._stages:
                 return sys.maxsize
-            start = body.tell()
-        except (OSError, ValueError):
-            return sys.maxsize
-        try:
-            return body.seek(0, io.SEEK_END) - start
-        except (OSError, ValueError):
-            return sys.maxsize
-        finally:
-            try:
-                body.seek(start)
-            except (OSError, ValueError) as exc:
-                raise StoreError(f"cannot rewind the body to store it: {exc}") from exc
+        remaining = bytes_after(body)
+        return sys.maxsize if remaining is None else remaining
 
     def _forget_stages(self, queue_ids: Collection[str]) -> None:
         """After the enqueue that made them messages has committed."""
