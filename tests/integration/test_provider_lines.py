@@ -61,3 +61,36 @@ def test_sigterm_ends_the_log_with_stopped(tmp_path: Path, certs) -> None:
     assert len(warnings) == 1, warnings
     assert "fermoposta/provider[" in warnings[0] and "warning: TLS certificate " in warnings[0]
     assert "in 7 days" in warnings[0], warnings
+
+
+# A provider whose start is followed at once by a SIGTERM and a SIGHUP, both
+# before the provider says it is ready (as a supervisor that stops or reloads
+# a provider it has just started).
+_SIGNALLED_DURING_START = """
+import asyncio, os, signal, sys
+from fermoposta import cli
+from fermoposta.provider.server import Provider
+
+real_start = Provider.start
+
+async def start(self):
+    addresses = await real_start(self)  # the listeners are open
+    os.kill(os.getpid(), signal.SIGHUP)
+    os.kill(os.getpid(), signal.SIGTERM)
+    await asyncio.sleep(0.2)  # the loop takes both while start is still under way
+    return addresses
+
+Provider.start = start
+sys.exit(cli.main(["-c", sys.argv[1], "provider", "run"]))
+"""
+
+
+def test_signals_during_start_up_stop_it_cleanly(tmp_path: Path) -> None:
+    config = write_config(tmp_path, None, ports=(free_port(), free_port()))
+    result = subprocess.run([sys.executable, "-c", _SIGNALLED_DURING_START, str(config)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr  # not killed by the default action
+    lines = result.stderr.splitlines()
+    assert lines[-1].endswith("]: stopped"), lines[-3:]
+    assert any("SIGHUP before the provider was ready: nothing to reload" in line
+               for line in lines)

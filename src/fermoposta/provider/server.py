@@ -521,31 +521,22 @@ class Provider:
 STORE_RETRY_INTERVAL = 5.0  # seconds between attempts to reach a PostgreSQL store
 
 
-async def _open_store(config: ProviderConfig) -> Store | None:
+async def _open_store(config: ProviderConfig, stop: asyncio.Event) -> Store | None:
     """The configured store.  A SQLite store that cannot be opened is an error
     now; a PostgreSQL one is waited for (a database restarting must not make
-    a crash loop of every node), until SIGTERM/SIGINT."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    try:
-        while True:
-            try:
-                return await asyncio.to_thread(open_provider_store, config)
-            except (StoreError, OSError) as exc:
-                log.error("cannot open the %s: %s", store_description(config), exc)
-                if config.store.engine != "postgresql" or isinstance(exc,
-                                                                     OSError | SchemaTooNew):
-                    return None
-            log.info("retrying in %g s", STORE_RETRY_INTERVAL)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), STORE_RETRY_INTERVAL)
-            if stop.is_set():
+    a crash loop of every node), until `stop` (SIGTERM/SIGINT)."""
+    while True:
+        try:
+            return await asyncio.to_thread(open_provider_store, config)
+        except (StoreError, OSError) as exc:
+            log.error("cannot open the %s: %s", store_description(config), exc)
+            if config.store.engine != "postgresql" or isinstance(exc, OSError | SchemaTooNew):
                 return None
-    finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(signum)
+        log.info("retrying in %g s", STORE_RETRY_INTERVAL)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), STORE_RETRY_INTERVAL)
+        if stop.is_set():
+            return None
 
 
 async def _serve(config: ProviderConfig) -> int:
@@ -557,7 +548,18 @@ async def _serve(config: ProviderConfig) -> int:
         asyncio.get_running_loop().set_default_executor(
             concurrent.futures.ThreadPoolExecutor(
                 max_workers=max(8, config.store.pool_size + 4), thread_name_prefix="store"))
-    store = await _open_store(config)
+    # The signal handlers go in first and stay for the whole run: a SIGTERM
+    # that comes while the listeners open (a supervisor stopping a provider
+    # it just started) is a clean stop once start-up is done, not a kill by
+    # the default action; a SIGHUP then is too early to reload anything.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    running: list[Provider] = []
+    loop.add_signal_handler(signal.SIGHUP, lambda: _reload(running[0]) if running else
+                            log.info("SIGHUP before the provider was ready: nothing to reload"))
+    store = await _open_store(config, stop)
     if store is None:
         return 75  # EX_TEMPFAIL, like the admin commands
     log.info("%s opened; node %s", store_description(config), store.node)
@@ -581,11 +583,7 @@ async def _serve(config: ProviderConfig) -> int:
         log.error("cannot start: %s", exc)
         store.close()
         return 71  # EX_OSERR
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: _reload(provider))
+    running.append(provider)
     log.info("fermoposta provider %s ready", config.hostname)
     await stop.wait()
     log.info("stopping: no new connections; waiting for sessions")
