@@ -272,10 +272,13 @@ def add_account_cli(config: Path, name: str, domains: Sequence[str],
 
 
 class ProviderProcess:
-    """`fermoposta -c CONFIG provider run` as a child process (log in a file)."""
+    """`fermoposta -c CONFIG provider run` as a child process (log in a file);
+    `command` replaces `fermoposta` (e.g. a `python -c` that patches it first)."""
 
-    def __init__(self, config: Path, mx_port: int, odmr_port: int) -> None:
+    def __init__(self, config: Path, mx_port: int, odmr_port: int,
+                 command: Sequence[str | os.PathLike[str]] = (FERMOPOSTA,)) -> None:
         self.config = config
+        self.command = list(command)
         self.mx_port = mx_port
         self.odmr_port = odmr_port
         self.log_path = config.parent / "provider.log"
@@ -289,7 +292,7 @@ class ProviderProcess:
     def start(self) -> ProviderProcess:
         log = open(self.log_path, "ab")  # noqa: SIM115
         try:
-            self.proc = spawn([FERMOPOSTA, "-c", self.config, "provider", "run"],
+            self.proc = spawn([*self.command, "-c", self.config, "provider", "run"],
                               stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                               cwd=str(self.config.parent))
         finally:

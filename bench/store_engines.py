@@ -443,7 +443,8 @@ def _alive(pid: int) -> bool:
 
 
 def run_postfix(rnd: int, work: Path, args: argparse.Namespace,
-                source_args: Sequence[str]) -> list[Run]:
+                source_args: Sequence[str], *, drain: bool = True) -> list[Run]:
+    """Postfix's intake into its hold queue, then (`drain`) its drain."""
     pfx = work / f"postfix-r{rnd}"
     pfx.mkdir()
     out_log = work / f"postfix-r{rnd}.commands.log"
@@ -473,6 +474,9 @@ def run_postfix(rnd: int, work: Path, args: argparse.Namespace,
                 intake.problems.append(f"{held} on hold ({_queued(pfx)} queued) after intake, "
                                        f"expected {args.messages}")
             runs.append(intake)
+            if not drain:
+                report(intake)
+                return runs
 
             # drain over one connection (smtp_destination_concurrency_limit = 1)
             cpu0 = tree_cpu(master)

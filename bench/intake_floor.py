@@ -1,0 +1,252 @@
+"""Intake floor: how fast MX intake could be if storing a message cost nothing,
+against Postfix in the same run, and what the store's commit costs on this disk.
+
+    .venv/bin/python bench/intake_floor.py [--messages 3000] [--rounds 3]
+        [--sessions 10] [--keep-connection]
+
+Why: issue 10 asks for MX intake at 1.5 × Postfix.  This tells whether a
+cheaper store alone could get there on the machine at hand, or whether the
+SMTP side (one Python process) is the limit.
+
+Before the rounds, once (the disk and SQLite, in this process):
+
+- fdatasync: median time of `fdatasync` after writing 1 and after writing 17
+  pages of 4 KiB (a lone message's commit writes about 17 WAL frames), 300
+  each, in a file in the work directory.
+- commit: median time of `SQLiteStore.enqueue_now` (a lone message's commit,
+  as the event loop makes it) for 2,000 messages of SIZE bytes, first as
+  shipped (`synchronous = FULL`: one fdatasync of the WAL), then with the
+  writer connection switched to `synchronous = NORMAL` (no fsync): the
+  difference is what the fsync costs.
+
+Then each round runs, in a rotating order, `smtp-source -s SESSIONS -m
+MESSAGES -l SIZE` (`-d` with `--keep-connection`) into:
+
+- `shipped`: fermoposta's provider on SQLite, as `store_engines.py` runs it;
+- `no store`: the same provider, started by a `python -c` that first
+  replaces the SQLite store's `enqueue`, `enqueue_now` and `enqueue_batch`
+  with ones that keep nothing and return a queue id at once: the SMTP side
+  alone (sessions, parsing, spooling, logging, replies).  A measurement,
+  never a configuration: that provider loses every message by design;
+- `Postfix`: a private Postfix putting every message on hold
+  (`../shared/bench/postfix-instance.sh`, as in `store_engines.py`).
+
+Printed: per system the median msgs/s and its range, the provider's CPU per
+message (Postfix: all its processes), and the ratios shipped/Postfix and
+no store/Postfix: the second is the ceiling a store that cost nothing would
+reach.
+
+Checks: `shipped` holds exactly MESSAGES afterwards, `no store` holds none
+(and smtp-source got a 250 for each message), Postfix holds MESSAGES.
+Contract: only 127.0.0.1 and free ports; every child stopped by PID; the
+work directory removed (unless `--keep`).  Exit 0 when every run finished
+and held what it should, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import io
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import _common as c
+import store_engines as se
+
+DOMAIN = se.DOMAIN
+SYSTEMS = ("shipped", "nostore", "postfix")
+LABELS = {"shipped": "fermoposta, SQLite", "nostore": "fermoposta, no store",
+          "postfix": "Postfix hold queue"}
+PAGE = 4096
+FRAMES = 17  # WAL frames a lone 4 KiB message's commit writes (strace, 2026-12-07)
+
+# The provider whose store keeps nothing: see the module docstring.
+NO_STORE = """
+import sys
+from fermoposta.store import base, sqlite
+
+def enqueue(self, message, body, queue_id=None):
+    return queue_id or base.new_queue_id()
+
+def enqueue_batch(self, items):
+    return [queue_id or base.new_queue_id() for _, _, queue_id in items]
+
+sqlite.SQLiteStore.enqueue = sqlite.SQLiteStore.enqueue_now = enqueue
+sqlite.SQLiteStore.enqueue_batch = enqueue_batch
+from fermoposta.cli import main
+raise SystemExit(main(sys.argv[1:]))
+"""
+
+
+def fdatasync_ms(directory: Path, pages: int, times: int = 300) -> float:
+    """Median ms of fdatasync after writing `pages` pages (each with a
+    24-byte frame header first, as SQLite writes WAL frames)."""
+    path = directory / "fdatasync.probe"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, b"\0" * PAGE * 256)
+        os.fsync(fd)
+        spent = []
+        for n in range(times):
+            offset = (n * pages % (256 - pages)) * PAGE
+            for page in range(pages):
+                os.pwrite(fd, b"h" * 24, offset + page * PAGE)
+                os.pwrite(fd, b"p" * PAGE, offset + page * PAGE)
+            start = time.perf_counter()
+            os.fdatasync(fd)
+            spent.append(time.perf_counter() - start)
+    finally:
+        os.close(fd)
+        path.unlink()
+    return statistics.median(spent) * 1000
+
+
+def commit_ms(directory: Path, size: int, synchronous: str, times: int = 2000) -> float:
+    """Median ms of `enqueue_now` for a lone message of `size` bytes."""
+    from fermoposta.store import open_store
+    from fermoposta.store.base import MessageOrigin, NewMessage, NewRecipient, RecipientState
+
+    store = open_store(Path(tempfile.mkdtemp(dir=directory)))
+    try:
+        if synchronous != "FULL":
+            # The writer connection itself (a private attribute: a probe, not an
+            # API); a durable write keeps it as long as the store's own flag says
+            # it is at FULL.
+            store._conn.execute(f"PRAGMA synchronous = {synchronous}")  # type: ignore[attr-defined]
+        message = NewMessage(sender="sender@bench.test",
+                             recipients=(NewRecipient(f"rcpt@{DOMAIN}", DOMAIN,
+                                                      RecipientState.HELD),),
+                             origin=MessageOrigin.MX, client="bench[127.0.0.1]")
+        body = c.make_body(size)
+        spent = []
+        for _ in range(times):
+            start = time.perf_counter()
+            store.enqueue_now(message, io.BytesIO(body))
+            spent.append(time.perf_counter() - start)
+    finally:
+        store.close()
+    return statistics.median(spent) * 1000
+
+
+def run_provider(system: str, rnd: int, work: Path, args: argparse.Namespace,
+                 source_args: list[str]) -> se.Run:
+    base = work / f"{system}-r{rnd}"
+    mx_port, odmr_port = c.free_port(), c.free_port()
+    per_ip = max(20, args.sessions + 10)
+    config = c.write_config(base, mx_port=mx_port, odmr_port=odmr_port,
+                            limits=f"max_connections_per_ip = {per_ip}\n"
+                                   f"max_connections = {max(100, per_ip)}\n")
+    c.add_account_cli(config, "acme", [DOMAIN])
+    command = (c.FERMOPOSTA,) if system == "shipped" else (c.BIN / "python", "-c", NO_STORE)
+    provider = c.ProviderProcess(config, mx_port, odmr_port, command=command).start()
+    try:
+        cpu0 = c.cpu_seconds(provider.pid)
+        try:
+            seconds = c.run_smtp_source(source_args, mx_port, args.timeout)
+        except RuntimeError:
+            print(provider.log_tail(), file=sys.stderr)
+            raise
+        cpu = c.cpu_seconds(provider.pid) - cpu0
+    finally:
+        code = provider.stop()
+    held = c.held_count(base / "data", [DOMAIN])
+    run = se.Run(system, "intake", rnd, seconds, args.messages, 0, cpu)
+    expected = args.messages if system == "shipped" else 0
+    if held != expected:
+        run.problems.append(f"{held} held after intake, expected {expected}")
+    if code != 0:
+        run.problems.append(f"provider exited {code}")
+    return run
+
+
+def summary(runs: list[se.Run]) -> list[str]:
+    lines = ["| system | msgs/s (median) | range | CPU ms a message |", "|---|---|---|---|"]
+    medians: dict[str, float] = {}
+    for system in SYSTEMS:
+        rs = [r for r in runs if r.system == system]
+        if not rs:
+            continue
+        medians[system] = statistics.median(r.rate for r in rs)
+        cpu = statistics.median(1000 * r.cpu / r.messages for r in rs)
+        lines.append(f"| {LABELS[system]} | {medians[system]:.0f} | "
+                     f"{min(r.rate for r in rs):.0f}-{max(r.rate for r in rs):.0f} | "
+                     f"{cpu:.3f} |")
+    postfix = medians.get("postfix", float("nan"))
+    lines += ["", "| shipped/Postfix | no store/Postfix (the ceiling) |", "|---|---|",
+              f"| {c.ratio(medians.get('shipped', float('nan')), postfix)} | "
+              f"{c.ratio(medians.get('nostore', float('nan')), postfix)} |"]
+    return lines
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--messages", type=int, default=3000, help="messages per run")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds (each runs every system once)")
+    ap.add_argument("--sessions", type=int, default=10, help="smtp-source -s")
+    ap.add_argument("--size", type=int, default=4096, help="payload bytes (smtp-source -l)")
+    ap.add_argument("--keep-connection", action="store_true",
+                    help="smtp-source -d: all of a session's messages over one connection")
+    ap.add_argument("--timeout", type=float, default=600.0, help="limit for each wait")
+    ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    args = ap.parse_args()
+    c.need(c.SMTP_SOURCE)
+    problem = se.postfix_problem()
+    systems = [s for s in SYSTEMS if s != "postfix" or problem is None]
+    source_args = ["-s", str(args.sessions), "-m", str(args.messages), "-l", str(args.size),
+                   "-f", "sender@bench.test", "-t", f"rcpt@{DOMAIN}"]
+    if args.keep_connection:
+        source_args.insert(0, "-d")
+    print(f"Intake floor: smtp-source {' '.join(source_args)}, {args.rounds} rounds")
+    print(f"date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC")
+    print(f"machine: {c.machine_description()}")
+    print(f"Postfix: {problem or 'private instance via ' + str(se.POSTFIX_SCRIPT)}")
+    runs: list[se.Run] = []
+    failed = False
+    try:
+        with c.workdir(args.keep, "fermoposta-bench-floor-") as work:
+            work.chmod(0o711)  # the postfix user must reach its queue under it
+            one, many = fdatasync_ms(work, 1), fdatasync_ms(work, FRAMES)
+            print(f"fdatasync after 1 page: {one:.3f} ms; after {FRAMES} pages: {many:.3f} ms")
+            full = commit_ms(work, args.size, "FULL")
+            normal = commit_ms(work, args.size, "NORMAL")
+            print(f"a lone message's commit (enqueue_now, {args.size} bytes): {full:.3f} ms "
+                  f"as shipped, {normal:.3f} ms without its fsync (synchronous = NORMAL)",
+                  flush=True)
+            for rnd in range(1, args.rounds + 1):
+                print(f"round {rnd}: load average {os.getloadavg()[0]:.2f}", flush=True)
+                shift = (rnd - 1) % len(systems)
+                for system in systems[shift:] + systems[:shift]:
+                    try:
+                        if system == "postfix":
+                            runs += se.run_postfix(rnd, work, args, source_args, drain=False)
+                            continue
+                        run = run_provider(system, rnd, work, args, source_args)
+                        runs.append(run)
+                        print(f"  round {rnd} {LABELS[system]:22s}: {run.rate:7.0f} msgs/s, "
+                              f"CPU {1000 * run.cpu / run.messages:.3f} ms a message"
+                              f"{'; ' + '; '.join(run.problems) if run.problems else ''}",
+                              flush=True)
+                    except Exception as exc:  # the run is lost, not the others: go on
+                        failed = True
+                        print(f"  round {rnd} {LABELS[system]}: FAILED: {exc}", flush=True)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    print()
+    for line in summary(runs):
+        print(line)
+    bad = [r for r in runs if r.problems]
+    if bad or failed:
+        print(f"\n{len(bad)} runs held the wrong count" + (", some failed" if failed else ""))
+        return 1
+    print(f"\nall {len(runs)} runs held what they should")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
