@@ -16,8 +16,16 @@ Contract:
   2. The store's notices (`HoldQueue.held_mail_notices`; PostgreSQL: LISTEN
      on the NOTIFY its triggers send on commit), read by one thread: mail
      committed by any node or process wakes the waiter within milliseconds.
-     A lost LISTEN connection is made again every `poll_interval`, with a
-     poll right after (notices sent meanwhile are lost).
+     The listener is opened only while someone waits, and closed once
+     nobody has waited for `linger` seconds (`LINGER`): every held message
+     of every node is a notice, which a node with no waiter would read for
+     nothing (its intake paid for it: bench/README.md).  Each time the
+     listener is opened (first waiter, or again after a lost connection,
+     tried every `poll_interval`), the store is looked at once right after
+     (`catch_ups`), for mail committed before the LISTEN took hold.  Only
+     notices for domains someone waits on reach the event loop (`notices`
+     counts those): one for another domain was committed before any waiter
+     of that domain entered, and every waiter looks once after it enters.
   3. A poll every `poll_interval` seconds while anyone waits: one
      `domains_with_held_mail` over the union of the waited-for domains (an
      indexed query per node, not per session).  The cross-process fallback
@@ -36,7 +44,8 @@ import collections
 import contextlib
 import logging
 import threading
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 
 from fermoposta.ops import metrics
 from fermoposta.store.base import HeldMailNotices, HoldQueue, StoreError
@@ -45,6 +54,7 @@ log = logging.getLogger("fermoposta.odmr")
 
 POLL_INTERVAL = 3.0
 MAX_WAITING = 1000
+LINGER = 30.0  # seconds the listener stays open after the last waiter left
 
 
 class Waiter:
@@ -69,23 +79,31 @@ class Waiter:
 
 class HeldMailWatch:
     def __init__(self, store: HoldQueue, *, poll_interval: float = POLL_INTERVAL,
-                 max_waiting: int = MAX_WAITING) -> None:
+                 max_waiting: int = MAX_WAITING, linger: float = LINGER) -> None:
         self.store = store
         self.poll_interval = poll_interval
         self.max_waiting = max_waiting
+        self.linger = linger
         self.closing = asyncio.Event()
         self._by_domain: dict[str, set[Waiter]] = collections.defaultdict(set)
         self._waiters: set[Waiter] = set()
         self._per_listener: collections.Counter[str] = collections.Counter()
         self._someone = asyncio.Event()  # set while anyone waits (the poll sleeps otherwise)
+        # The same for the notices' thread (it listens only then), and when
+        # the last waiter left (monotonic; the listener lingers after it).
+        self._wanted = threading.Event()
+        self._idle_since = 0.0
         self._poller: asyncio.Task[None] | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending_polls: set[asyncio.Future[None]] = set()
-        # Figures for tests and logs.
+        # Figures for tests and logs: polls made, looks after the listener
+        # opened, notices that reached the loop, listeners opened.
         self.polls = 0
+        self.catch_ups = 0
         self.notices = 0
+        self.listens = 0
 
     # --- waiters ---------------------------------------------------------------------------
     @property
@@ -104,6 +122,7 @@ class HeldMailWatch:
         for domain in waiter.domains:
             self._by_domain[domain].add(waiter)
         self._someone.set()
+        self._wanted.set()
         metrics.ATRN_WAITING.set(len(self._waiters))
         return waiter
 
@@ -133,6 +152,8 @@ class HeldMailWatch:
         self._forget_domains(waiter)
         if not self._waiters:
             self._someone.clear()
+            self._idle_since = time.monotonic()  # before the thread may see it clear
+            self._wanted.clear()
         metrics.ATRN_WAITING.set(len(self._waiters))
 
     def notify(self, domains: Iterable[str]) -> int:
@@ -157,6 +178,7 @@ class HeldMailWatch:
     async def shutdown(self) -> None:
         self.closing.set()
         self._stop.set()
+        self._wanted.set()  # wakes the thread if it waits for a waiter
         if self._poller is not None:
             self._poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -172,12 +194,16 @@ class HeldMailWatch:
             await asyncio.sleep(self.poll_interval)
             await self.poll()
 
-    async def poll(self) -> None:
-        """One look at the store for every waiter's domains together."""
+    async def poll(self, *, catch_up: bool = False) -> None:
+        """One look at the store for every waiter's domains together
+        (`catch_up`: the one after the listener opened)."""
         wanted = set(self._by_domain)
         if not wanted:
             return
-        self.polls += 1
+        if catch_up:
+            self.catch_ups += 1
+        else:
+            self.polls += 1
         try:
             found = await asyncio.to_thread(self.store.domains_with_held_mail, wanted)
         except StoreError as exc:
@@ -189,17 +215,34 @@ class HeldMailWatch:
         loop = self._loop
         if loop is None or not domains:
             return
+        try:
+            # A copy made at once under the GIL (C code, no switch inside).
+            waited = domains & set(self._by_domain)
+        except RuntimeError:  # changed while copied after all: let the loop sort it out
+            waited = domains
+        if not waited:
+            return
         self.notices += 1
         with contextlib.suppress(RuntimeError):  # the loop is closed: we are stopping
-            loop.call_soon_threadsafe(self.notify, domains)
+            loop.call_soon_threadsafe(self.notify, waited)
+
+    def _to_loop(self, callback: Callable[[], object]) -> None:
+        loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: we are stopping
+                loop.call_soon_threadsafe(callback)
 
     def _listen_loop(self) -> None:
-        """In a thread: the store's notices, if it has any, until `shutdown`."""
+        """In a thread: the store's notices, if it has any, while anyone
+        waits (and `linger` seconds after), until `shutdown`."""
         notices: HeldMailNotices | None = None
         failing = False
         try:
             while not self._stop.is_set():
                 if notices is None:
+                    if not self._wanted.is_set():
+                        self._wanted.wait(1.0)  # nobody waits: no listener
+                        continue
                     try:
                         notices = self.store.held_mail_notices()
                     except StoreError as exc:
@@ -211,14 +254,17 @@ class HeldMailWatch:
                         continue
                     if notices is None:
                         return  # the engine has none: the poll alone
+                    self.listens += 1
                     if failing:
                         log.info("waiting ATRNs: notices of new mail work again")
                         failing = False
-                        # What came while we were deaf: look now.
-                        loop = self._loop
-                        if loop is not None:
-                            with contextlib.suppress(RuntimeError):
-                                loop.call_soon_threadsafe(self._poll_soon)
+                    # What was committed before the LISTEN took hold: look now.
+                    self._to_loop(self._catch_up_soon)
+                elif (not self._wanted.is_set()
+                      and time.monotonic() - self._idle_since >= self.linger):
+                    notices.close()  # nobody has waited for a while
+                    notices = None
+                    continue
                 try:
                     self._from_thread(notices.wait(1.0))
                 except StoreError as exc:
@@ -230,8 +276,8 @@ class HeldMailWatch:
             if notices is not None:
                 notices.close()
 
-    def _poll_soon(self) -> None:
-        task = asyncio.ensure_future(self.poll())
+    def _catch_up_soon(self) -> None:
+        task = asyncio.ensure_future(self.poll(catch_up=True))
         self._pending_polls.add(task)
         task.add_done_callback(self._pending_polls.discard)
 
