@@ -19,13 +19,15 @@ Contract:
      The listener is opened only while someone waits, and closed once
      nobody has waited for `linger` seconds (`LINGER`): every held message
      of every node is a notice, which a node with no waiter would read for
-     nothing (its intake paid for it: bench/README.md).  Each time the
-     listener is opened (first waiter, or again after a lost connection,
-     tried every `poll_interval`), the store is looked at once right after
+     nothing (its intake paid for it: bench/README.md).  A lost
+     connection is made again at once, then every `poll_interval` while
+     it cannot be made, and only while someone waits.  Each time the
+     listener opens, the store is looked at once right after
      (`catch_ups`), for mail committed before the LISTEN took hold.  Only
      notices for domains someone waits on reach the event loop (`notices`
      counts those): one for another domain was committed before any waiter
-     of that domain entered, and every waiter looks once after it enters.
+     of that domain entered, and a waiter looks once after it enters or
+     when its domains grow (`Waiter.watch_domains`).
   3. A poll every `poll_interval` seconds while anyone waits: one
      `domains_with_held_mail` over the union of the waited-for domains (an
      indexed query per node, not per session).  The cross-process fallback
@@ -129,10 +131,15 @@ class HeldMailWatch:
     def _move(self, waiter: Waiter, domains: frozenset[str]) -> None:
         if waiter not in self._waiters:
             return
+        added = domains - waiter.domains
         self._forget_domains(waiter)
         waiter.domains = domains
         for domain in domains:
             self._by_domain[domain].add(waiter)
+        if added:
+            # Their notices were dropped until now (`_from_thread`): the
+            # waiter looks once, as it did when it entered.
+            waiter.event.set()
 
     def _forget_domains(self, waiter: Waiter) -> None:
         for domain in waiter.domains:
@@ -170,6 +177,8 @@ class HeldMailWatch:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop.clear()
+        if not self._waiters:
+            self._wanted.clear()
         self._poller = asyncio.create_task(self._poll_loop(), name="atrn-wait-poll")
         self._thread = threading.Thread(target=self._listen_loop, name="atrn-wait-notices",
                                         daemon=True)
@@ -187,6 +196,9 @@ class HeldMailWatch:
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 5.0)
             self._thread = None
+        for task in list(self._pending_polls):
+            task.cancel()
+        await asyncio.gather(*self._pending_polls, return_exceptions=True)
 
     async def _poll_loop(self) -> None:
         while True:
@@ -215,11 +227,9 @@ class HeldMailWatch:
         loop = self._loop
         if loop is None or not domains:
             return
-        try:
-            # A copy made at once under the GIL (C code, no switch inside).
-            waited = domains & set(self._by_domain)
-        except RuntimeError:  # changed while copied after all: let the loop sort it out
-            waited = domains
+        # Lookups only (`in` neither iterates the loop's dict nor inserts
+        # into it): safe from this thread.
+        waited = {domain for domain in domains if domain in self._by_domain}
         if not waited:
             return
         self.notices += 1
@@ -243,6 +253,8 @@ class HeldMailWatch:
                     if not self._wanted.is_set():
                         self._wanted.wait(1.0)  # nobody waits: no listener
                         continue
+                    if self._stop.is_set():
+                        break  # woken by shutdown: open nothing
                     try:
                         notices = self.store.held_mail_notices()
                     except StoreError as exc:
