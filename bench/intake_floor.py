@@ -185,22 +185,12 @@ def summary(runs: list[se.Run]) -> list[str]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--messages", type=int, default=3000, help="messages per run")
-    ap.add_argument("--rounds", type=int, default=3, help="rounds (each runs every system once)")
-    ap.add_argument("--sessions", type=int, default=10, help="smtp-source -s")
-    ap.add_argument("--size", type=int, default=4096, help="payload bytes (smtp-source -l)")
-    ap.add_argument("--keep-connection", action="store_true",
-                    help="smtp-source -d: all of a session's messages over one connection")
-    ap.add_argument("--timeout", type=float, default=600.0, help="limit for each wait")
-    ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    se.intake_arguments(ap)
     args = ap.parse_args()
     c.need(c.SMTP_SOURCE)
     problem = se.postfix_problem()
     systems = [s for s in SYSTEMS if s != "postfix" or problem is None]
-    source_args = ["-s", str(args.sessions), "-m", str(args.messages), "-l", str(args.size),
-                   "-f", "sender@bench.test", "-t", f"rcpt@{DOMAIN}"]
-    if args.keep_connection:
-        source_args.insert(0, "-d")
+    source_args = se.intake_source_args(args)
     print(f"Intake floor: smtp-source {' '.join(source_args)}, {args.rounds} rounds")
     print(f"date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC")
     print(f"machine: {c.machine_description()}")

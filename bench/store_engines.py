@@ -562,20 +562,34 @@ def summary(runs: list[Run], systems: Sequence[str]) -> list[str]:
     return lines
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def intake_arguments(ap: argparse.ArgumentParser) -> None:
+    """The intake's flags, shared with `intake_floor.py`."""
     ap.add_argument("--messages", type=int, default=3000, help="messages per run")
     ap.add_argument("--rounds", type=int, default=3, help="rounds (each runs every system once)")
     ap.add_argument("--sessions", type=int, default=10, help="intake sessions (smtp-source -s)")
     ap.add_argument("--size", type=int, default=4096, help="payload bytes (smtp-source -l)")
-    ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
-                    help="provider log level (log goes to a file in the work directory)")
     ap.add_argument("--timeout", type=float, default=600.0, help="limit for each wait")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
-    ap.add_argument("--skip-postfix", action="store_true", help="no Postfix runs")
     ap.add_argument("--keep-connection", action="store_true",
                     help="smtp-source -d: every session sends all its messages over one "
                          "connection (with --sessions 1: one long session)")
+
+
+def intake_source_args(args: argparse.Namespace) -> list[str]:
+    """smtp-source's arguments for the intake `args` ask for."""
+    source_args = ["-s", str(args.sessions), "-m", str(args.messages), "-l", str(args.size),
+                   "-f", "sender@bench.test", "-t", f"rcpt@{DOMAIN}"]
+    if args.keep_connection:
+        source_args.insert(0, "-d")
+    return source_args
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    intake_arguments(ap)
+    ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                    help="provider log level (log goes to a file in the work directory)")
+    ap.add_argument("--skip-postfix", action="store_true", help="no Postfix runs")
     ap.add_argument("--chunking", action="store_true",
                     help="the drain's customer offers CHUNKING: the drain sends BDAT "
                          "transactions, several in flight (Postfix's drain to smtp-sink "
@@ -600,10 +614,7 @@ def main() -> int:
     problem = "skipped (--skip-postfix)" if args.skip_postfix else postfix_problem()
     systems = [s for s in SYSTEMS if s in chosen and (s != "postfix" or problem is None)]
 
-    source_args = ["-s", str(args.sessions), "-m", str(args.messages), "-l", str(args.size),
-                   "-f", "sender@bench.test", "-t", f"rcpt@{DOMAIN}"]
-    if args.keep_connection:
-        source_args.insert(0, "-d")
+    source_args = intake_source_args(args)
     print(f"Store engines: {args.messages} messages of ~{args.size} bytes, {args.rounds} rounds; "
           f"intake smtp-source {' '.join(source_args)}; drain over one connection"
           f"{' (customer offers CHUNKING)' if args.chunking else ''}")
