@@ -207,23 +207,20 @@ def main() -> int:
             print(f"a lone message's commit (enqueue_now, {args.size} bytes): {full:.3f} ms "
                   f"as shipped, {normal:.3f} ms without its fsync (synchronous = NORMAL)",
                   flush=True)
-            for rnd in range(1, args.rounds + 1):
-                print(f"round {rnd}: load average {os.getloadavg()[0]:.2f}", flush=True)
-                shift = (rnd - 1) % len(systems)
-                for system in systems[shift:] + systems[:shift]:
-                    try:
-                        if system == "postfix":
-                            runs += se.run_postfix(rnd, work, args, source_args, drain=False)
-                            continue
-                        run = run_provider(system, rnd, work, args, source_args)
-                        runs.append(run)
-                        print(f"  round {rnd} {LABELS[system]:22s}: {run.rate:7.0f} msgs/s, "
-                              f"CPU {1000 * run.cpu / run.messages:.3f} ms a message"
-                              f"{'; ' + '; '.join(run.problems) if run.problems else ''}",
-                              flush=True)
-                    except Exception as exc:  # the run is lost, not the others: go on
-                        failed = True
-                        print(f"  round {rnd} {LABELS[system]}: FAILED: {exc}", flush=True)
+            for rnd, system in se.rotation(args.rounds, systems):
+                try:
+                    if system == "postfix":
+                        runs += se.run_postfix(rnd, work, args, source_args, drain=False)
+                        continue
+                    run = run_provider(system, rnd, work, args, source_args)
+                    runs.append(run)
+                    print(f"  round {rnd} {LABELS[system]:22s}: {run.rate:7.0f} msgs/s, "
+                          f"CPU {1000 * run.cpu / run.messages:.3f} ms a message"
+                          f"{'; ' + '; '.join(run.problems) if run.problems else ''}",
+                          flush=True)
+                except Exception as exc:  # the run is lost, not the others: go on
+                    failed = True
+                    print(f"  round {rnd} {LABELS[system]}: FAILED: {exc}", flush=True)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -520,8 +520,9 @@ def run_postfix(rnd: int, work: Path, args: argparse.Namespace,
 def report(run: Run) -> None:
     extra = f", PostgreSQL backends {run.server_cpu:.2f} s" if run.server_cpu is not None else ""
     peak = c.mib(run.peak_kib)
+    mib_s = f"{run.mib_s:5.2f} MiB/s" if run.data_bytes else "MiB/s n/a"  # not measured
     print(f"  round {run.round} {LABELS[run.system]:22} {run.workload:6}: {run.messages} msgs "
-          f"in {run.seconds:6.2f} s = {run.rate:6.0f} msgs/s, {run.mib_s:5.2f} MiB/s; "
+          f"in {run.seconds:6.2f} s = {run.rate:6.0f} msgs/s, {mib_s}; "
           f"CPU {run.cpu:.2f} s{extra}; peak {peak}"
           + (f"  PROBLEM: {'; '.join(run.problems)}" if run.problems else ""), flush=True)
 
@@ -573,6 +574,17 @@ def intake_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--keep-connection", action="store_true",
                     help="smtp-source -d: every session sends all its messages over one "
                          "connection (with --sessions 1: one long session)")
+
+
+def rotation(rounds: int, systems: Sequence[str]) -> Iterator[tuple[int, str]]:
+    """(round, system) for every run: each round runs every system once, the
+    order rotating by one from round to round; says how busy the machine was
+    at the start of each round (other work moves the figures)."""
+    for rnd in range(1, rounds + 1):
+        print(f"round {rnd}: load average {os.getloadavg()[0]:.2f}", flush=True)
+        shift = (rnd - 1) % len(systems)
+        for system in [*systems[shift:], *systems[:shift]]:
+            yield rnd, system
 
 
 def intake_source_args(args: argparse.Namespace) -> list[str]:
@@ -627,20 +639,15 @@ def main() -> int:
     try:
         with c.workdir(args.keep, "fermoposta-bench-engines-") as work:
             work.chmod(0o711)  # the postfix user must reach its queue under it
-            for rnd in range(1, args.rounds + 1):
-                # Other work on the machine moves the figures: say how busy it was.
-                print(f"round {rnd}: load average {os.getloadavg()[0]:.2f}", flush=True)
-                shift = (rnd - 1) % len(systems)
-                for system in systems[shift:] + systems[:shift]:
-                    try:
-                        if system == "postfix":
-                            runs += run_postfix(rnd, work, args, source_args)
-                        else:
-                            runs += run_fermoposta(system, rnd, work, args, source_args,
-                                                   pg_base)
-                    except Exception as exc:  # the run is lost, not the others: go on
-                        failed = True
-                        print(f"  round {rnd} {LABELS[system]}: FAILED: {exc}", flush=True)
+            for rnd, system in rotation(args.rounds, systems):
+                try:
+                    if system == "postfix":
+                        runs += run_postfix(rnd, work, args, source_args)
+                    else:
+                        runs += run_fermoposta(system, rnd, work, args, source_args, pg_base)
+                except Exception as exc:  # the run is lost, not the others: go on
+                    failed = True
+                    print(f"  round {rnd} {LABELS[system]}: FAILED: {exc}", flush=True)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
