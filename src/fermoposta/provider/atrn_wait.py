@@ -224,8 +224,7 @@ class HeldMailWatch:
         self.notify(found)
 
     def _from_thread(self, domains: set[str]) -> None:
-        loop = self._loop
-        if loop is None or not domains:
+        if not domains:
             return
         # Lookups only (`in` neither iterates the loop's dict nor inserts
         # into it): safe from this thread.
@@ -233,14 +232,13 @@ class HeldMailWatch:
         if not waited:
             return
         self.notices += 1
-        with contextlib.suppress(RuntimeError):  # the loop is closed: we are stopping
-            loop.call_soon_threadsafe(self.notify, waited)
+        self._to_loop(self.notify, waited)
 
-    def _to_loop(self, callback: Callable[[], object]) -> None:
+    def _to_loop(self, callback: Callable[..., object], *args: object) -> None:
         loop = self._loop
         if loop is not None:
             with contextlib.suppress(RuntimeError):  # the loop is closed: we are stopping
-                loop.call_soon_threadsafe(callback)
+                loop.call_soon_threadsafe(callback, *args)
 
     def _listen_loop(self) -> None:
         """In a thread: the store's notices, if it has any, while anyone
