@@ -227,6 +227,45 @@ def test_reader_arbitrary_bytes_no_surprises(data: bytes, cuts: list[int]) -> No
             assert payload == expected
 
 
+
+@settings(max_examples=500)
+@given(st.text(alphabet="a.\r\n", max_size=120).map(str.encode),
+       st.lists(st.integers(0, 120), max_size=8))
+def test_reader_on_dots_and_line_ends_cut_anywhere(data: bytes, cuts: list[int]) -> None:
+    # The pieces without a line-leading dot are passed on as they are, the
+    # others framed and un-stuffed: the same content, checks and end, for
+    # any cut (a "." or CRLF "." on either side of an edge).
+    reader, payload, leftover = read_all(data, cuts, max_line=6)
+    end = (b"\r\n" + data).find(b"\r\n.\r\n")
+    assert reader.done == (end >= 0)
+    content = data[:end] if end >= 0 else data
+    expected = (b"\r\n" + content).replace(b"\r\n.", b"\r\n")[2:]
+    assert expected.startswith(payload)
+    if end >= 0:
+        assert payload == expected and leftover == data[end + 3 :]
+        crlf = content.count(b"\r\n")
+        assert reader.bare_line_ending == (content.count(b"\n") != crlf
+                                           or content.count(b"\r") != crlf)
+        longest = max(len(line) + 1 for line in content.split(b"\n")[:-1]) if content else 0
+        assert reader.line_too_long == (longest > 6)
+        assert reader.checks.leading_dots == (b"\r\n." in b"\r\n" + content)
+    else:
+        # Held back: at most the bytes that may yet turn out to be the end.
+        assert len(expected) - len(payload) <= 3
+
+
+def test_a_piece_without_a_line_leading_dot_is_passed_on_without_a_copy() -> None:
+    reader = DataReader(10**9)
+    first = b"Subject: a.b\r\n\r\n" + b"QUJD" * 1000 + b"\r\n"  # dots, none line-leading
+    assert reader.feed(first)[0] is first
+    second = b"x" * 50_000 + b"\r\n"
+    assert reader.feed(second)[0] is second
+    third = b".dot\r\n.\r\nQUIT\r\n"  # after the CRLF above: a stuffed dot, then the end
+    assert reader.feed(third) == (b"dot\r\n", b"QUIT\r\n")
+    assert reader.done and reader.checks.leading_dots
+    assert reader.size == len(first) + len(second) + len(b"dot\r\n")
+
+
 def _stuff_reference(content: bytes) -> bytes:
     """What the wire must carry for `content`, by the rules alone: every bare
     CR or LF made a CRLF, every line-leading dot doubled, a final CRLF, the dot."""

@@ -189,3 +189,64 @@ def test_take_more_than_buffered_and_ending_a_discard() -> None:
     assert buf.take(100) == b"x" * 10 + b"yy"  # a discard in progress ends
     buf.feed(b"z\n")
     assert buf.next_line(10) == b"z\n"
+
+
+def test_bytes_fed_to_an_empty_buffer_are_handed_on_without_a_copy() -> None:
+    # A DATA body's reads: the object received is the object the reader gets.
+    buf = LineBuffer()
+    piece = b"x" * 100_000 + b"\r\n"
+    buf.feed(piece)
+    assert len(buf) == len(piece)
+    assert buf.take_all() is piece
+    assert len(buf) == 0 and buf.take_all() == b""
+    # Not kept as it is: a mutable object (the caller may change it), or bytes
+    # fed behind others.
+    source = bytearray(b"ab\r\n")
+    buf.feed(source)
+    source[:] = b"zz\r\n"
+    assert buf.next_line(10) == b"ab\r\n"
+    first, second = b"MAIL FROM:<a@b>", b"\r\nRCPT"
+    buf.feed(first)
+    buf.feed(second)
+    assert buf.next_line(100) == b"MAIL FROM:<a@b>\r\n"
+    assert buf.take_all() == b"RCPT"
+
+
+@settings(max_examples=300)
+@given(st.lists(st.one_of(
+    st.tuples(st.just("feed"), st.binary(max_size=20).map(lambda b: b.replace(b"\x00", b"\n"))),
+    st.tuples(st.just("feed_bytearray"), st.binary(max_size=20)),
+    st.tuples(st.just("take"), st.integers(min_value=0, max_value=25)),
+    st.tuples(st.just("take_all"), st.none()),
+    st.tuples(st.just("line"), st.none()),
+), max_size=25))
+def test_any_mix_of_feeds_and_takes_matches_a_plain_buffer(
+        ops: list[tuple[str, object]]) -> None:
+    # Without overlong lines (the limit is above anything buffered), the
+    # buffer is a plain byte string: what goes in comes out, once, in order.
+    buf = LineBuffer()
+    model = b""
+    for op, arg in ops:
+        if op == "feed":
+            assert isinstance(arg, bytes)
+            buf.feed(arg)
+            model += arg
+        elif op == "feed_bytearray":
+            assert isinstance(arg, bytes)
+            buf.feed(bytearray(arg))  # type: ignore[arg-type]
+            model += arg
+        elif op == "take":
+            assert isinstance(arg, int)
+            assert buf.take(arg) == model[:arg]
+            model = model[arg:]
+        elif op == "take_all":
+            assert buf.take_all() == model
+            model = b""
+        else:
+            lf = model.find(b"\n")
+            assert buf.has_line() == (lf >= 0)
+            assert buf.next_line(1000) == (model[: lf + 1] if lf >= 0 else None)
+            if lf >= 0:
+                model = model[lf + 1 :]
+        assert len(buf) == len(model)
+    assert buf.take_all() == model

@@ -14,6 +14,9 @@ Contract:
   on as it is, see `PassThrough`).
   Work is done per chunk with bytes methods; only the last 3 unprocessed bytes plus 2
   bytes of context are kept between feeds, so chunk boundaries may fall anywhere.
+  A chunk in which no line begins with "." (and none across its edge) can hold
+  neither the end nor a stuffing dot: it is checked and returned as it is, the
+  same object, nothing held back (a big body is not copied).
 - `ContentChecks` holds those three verdicts for one message and is shared with BDAT
   (`smtp.chunking`): `scan()` the octets as they stand on the wire of a DATA transfer
   (lines are counted with their stuffing dot, as the DATA reader always has), in
@@ -163,6 +166,8 @@ class DataReader:
         """Return (content so far, None) or, at end of data, (content, leftover)."""
         if self.done:
             raise RuntimeError("DataReader.feed() called after end of data")
+        if self._without_line_leading_dot(data):
+            return self._pass(data), None
         buf = self._buf + data
         end = buf.find(_END)
         if end >= 0:
@@ -177,6 +182,34 @@ class DataReader:
             return b"", None
         self._buf = buf[cut - _CONTEXT :]
         return self._process(buf, cut), None
+
+    def _without_line_leading_dot(self, data: bytes) -> bool:
+        """Whether no line of the wire stream begins with "." in what is held
+        and `data`: then nothing in them ends the data (the terminator is
+        CRLF "." CRLF) and nothing is un-stuffed.  A "." is looked for at
+        memchr speed first (none at all: base64, most long bodies); a CRLF
+        "." only after the first one; the edge, where held bytes meet
+        `data`, is looked at apart (a few bytes)."""
+        dot = data.find(b".")
+        if dot >= 0 and data.find(b"\r\n.", max(0, dot - 2)) >= 0:
+            return False
+        return (self._buf + data[:2]).find(b"\r\n.") < 0
+
+    def _pass(self, data: bytes) -> bytes:
+        """`data` (and the bytes held before it) as content, checked: nothing
+        is held back, since no line in them begins with "." (the CRLF before
+        a terminator's dot is content, and the next `feed` sees the context
+        kept here).  The common case returns `data` itself: the body's bytes
+        are not copied."""
+        held = self._buf[_CONTEXT:]
+        checks = self.checks
+        if held:
+            checks.scan(self._buf, _CONTEXT, len(self._buf))
+        checks.scan(data, 0, len(data))
+        self._buf = (self._buf + data[-_CONTEXT:])[-_CONTEXT:]
+        payload = held + data if held else data
+        checks.count(len(payload))
+        return b"" if checks.too_big else payload
 
     def _process(self, buf: bytes, stop: int) -> bytes:
         """Check and un-stuff buf[2:stop]; buf[:2] is context."""

@@ -17,6 +17,8 @@ Contract:
   counted octets, no line framing), and likewise ends a discard.
 - Amortised O(n): a read offset is kept and the consumed prefix is deleted only when
   it dominates the buffer; a scan mark avoids rescanning a partial line on every feed.
+  Bytes fed to an empty buffer are kept as they are until a line is asked for, so
+  `take_all()` hands them on without a copy (a DATA body's reads).
 No I/O, no clocks.
 """
 
@@ -43,22 +45,37 @@ class LineTooLong(Exception):
 class LineBuffer:
     """Accumulates bytes and splits them into LF-terminated lines."""
 
-    __slots__ = ("_buf", "_discarding", "_pos", "_scanned")
+    __slots__ = ("_buf", "_discarding", "_lone", "_pos", "_scanned")
 
     def __init__(self) -> None:
         self._buf = bytearray()
         self._pos = 0  # start of unconsumed data in _buf
         self._scanned = 0  # absolute index up to which _buf[_pos:] holds no LF
         self._discarding = False  # skipping the tail of an overlong line
+        # Bytes fed while _buf was empty, not yet copied into it (only then set).
+        self._lone: bytes | None = None
 
     def __len__(self) -> int:
+        if self._lone is not None:
+            return len(self._lone)
         return len(self._buf) - self._pos
 
     def feed(self, data: bytes) -> None:
+        if self._lone is None and not self._buf and type(data) is bytes:
+            self._lone = data
+            return
+        self._absorb()
         self._buf += data
+
+    def _absorb(self) -> None:
+        """Copy the bytes kept as fed into the buffer (line framing reads it)."""
+        if self._lone is not None:
+            self._buf += self._lone
+            self._lone = None
 
     def has_line(self) -> bool:
         """Whether a whole line (up to its LF) is here, not yet taken."""
+        self._absorb()
         return self._buf.find(b"\n", max(self._pos, self._scanned)) >= 0
 
     def _consume_to(self, end: int) -> None:
@@ -78,6 +95,7 @@ class LineBuffer:
         Raises `LineTooLong` once when `limit` bytes hold no LF."""
         if limit < 1:
             raise ValueError("limit must be positive")
+        self._absorb()
         buf = self._buf
         if self._discarding:
             lf = buf.find(b"\n", self._pos)
@@ -105,6 +123,7 @@ class LineBuffer:
     def take(self, n: int) -> bytes:
         """Remove and return up to `n` bytes from the front (ends any discard)."""
         self._discarding = False
+        self._absorb()
         end = min(self._pos + max(n, 0), len(self._buf))
         data = bytes(self._buf[self._pos : end])
         self._consume_to(end)
@@ -112,7 +131,12 @@ class LineBuffer:
 
     def take_all(self) -> bytes:
         """Remove and return everything buffered (ends any discard in progress)."""
-        data = bytes(self._buf[self._pos :])
+        if self._lone is not None:
+            data, self._lone = self._lone, None
+            self._discarding = False
+            return data
+        with memoryview(self._buf) as view:  # one copy, not a slice's and then bytes'
+            data = bytes(view[self._pos :])
         self._buf.clear()
         self._pos = self._scanned = 0
         self._discarding = False

@@ -124,7 +124,8 @@ class SQLiteStaging:
     def _append_stage(self, stage: SQLiteStage, data: bytes) -> None:
         if stage.failed or not data:
             return
-        chunks = [data[i:i + CHUNK_SIZE] for i in range(0, len(data), CHUNK_SIZE)]
+        view = memoryview(data)  # chunks bound as BLOBs without a copy of their own
+        chunks = [view[i:i + CHUNK_SIZE] for i in range(0, len(data), CHUNK_SIZE)]
         with self._stages_lock:
             retry = sorted(self._undiscarded)
         try:
