@@ -10,14 +10,20 @@ SMTP side (one Python process) is the limit.
 
 Before the rounds, once (the disk and SQLite, in this process):
 
-- fdatasync: median time of `fdatasync` after writing 1 and after writing 17
-  pages of 4 KiB (a lone message's commit writes about 17 WAL frames), 300
-  each, in a file in the work directory.
+- disk: median time of writing, then `fdatasync`, what a lone message's
+  commit writes, the way SQLite writes it (17 WAL frames: a 24-byte header
+  and a 4 KiB page each, one `pwrite` apiece, back to back), and of
+  writing one record of SIZE + 256 bytes the same way (what a journal in
+  front of the store, one record a message, would write instead), 1,000
+  each, in a file written once beforehand (overwritten, as a WAL in use
+  is).
 - commit: median time of `SQLiteStore.enqueue_now` (a lone message's commit,
   as the event loop makes it) for 2,000 messages of SIZE bytes, first as
   shipped (`synchronous = FULL`: one fdatasync of the WAL), then with the
   writer connection switched to `synchronous = NORMAL` (no fsync): the
-  difference is what the fsync costs.
+  difference is what the fsync costs.  With the record's figure it says
+  what such a journal could save: a commit made of the NORMAL commit and
+  the record, against the commit as shipped.
 
 Then each round runs, in a rotating order, `smtp-source -s SESSIONS -m
 MESSAGES -l SIZE` (`-d` with `--keep-connection`) into:
@@ -53,6 +59,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import _common as c
@@ -83,35 +90,67 @@ raise SystemExit(main(sys.argv[1:]))
 """
 
 
-def fdatasync_ms(directory: Path, pages: int, times: int = 300) -> float:
-    """Median ms of fdatasync after writing `pages` pages (each with a
-    24-byte frame header first, as SQLite writes WAL frames)."""
-    path = directory / "fdatasync.probe"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+FRAME_HEADER = 24  # bytes before each page of a WAL frame
+RECORD_ENVELOPE = 256  # bytes a journal record would add to the body: ids, addresses, checksum
+SPAN = 8 << 20  # bytes of the probe file, written once before the timed writes
+
+
+class ProbeFile:
+    """A file of SPAN bytes, written once when opened, that `write_sync`
+    then writes to: one `pwrite` of each of `pieces` (sizes in bytes), back
+    to back from where the last write ended, wrapping to its start, then
+    one `fdatasync`.  So the writes overwrite allocated blocks, as a WAL in
+    use is overwritten (extending a file costs more: its size must reach
+    the disk too), and, from offset 32 as after a WAL's header, pages are
+    not aligned to blocks, as WAL frames are not."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        os.write(self.fd, b"\0" * SPAN)
+        os.fsync(self.fd)
+        self.offset = 32
+
+    def write_sync(self, pieces: Sequence[int]) -> None:
+        if self.offset + sum(pieces) > SPAN:
+            self.offset = 32
+        for size in pieces:
+            os.pwrite(self.fd, b"p" * size, self.offset)
+            self.offset += size
+        os.fdatasync(self.fd)
+
+    def close(self) -> None:
+        os.close(self.fd)
+        self.path.unlink()
+
+
+def write_sync_ms(directory: Path, pieces: Sequence[int], times: int = 1000) -> float:
+    """Median ms of `ProbeFile.write_sync(pieces)`: the disk side of a commit."""
+    probe = ProbeFile(directory / "write-sync.probe")
     try:
-        os.write(fd, b"\0" * PAGE * 256)
-        os.fsync(fd)
         spent = []
-        for n in range(times):
-            offset = (n * pages % (256 - pages)) * PAGE
-            for page in range(pages):
-                os.pwrite(fd, b"h" * 24, offset + page * PAGE)
-                os.pwrite(fd, b"p" * PAGE, offset + page * PAGE)
+        for _ in range(times):
             start = time.perf_counter()
-            os.fdatasync(fd)
+            probe.write_sync(pieces)
             spent.append(time.perf_counter() - start)
     finally:
-        os.close(fd)
-        path.unlink()
+        probe.close()
     return statistics.median(spent) * 1000
 
 
-def commit_ms(directory: Path, size: int, synchronous: str, times: int = 2000) -> float:
-    """Median ms of `enqueue_now` for a lone message of `size` bytes."""
+def commit_ms(directory: Path, size: int, synchronous: str, times: int = 2000, *,
+              journal: bool = False) -> float:
+    """Median ms of `enqueue_now` for a lone message of `size` bytes; with
+    `journal`, each followed by the write and fdatasync of one record of
+    `size + RECORD_ENVELOPE` bytes in a file of its own, inside the timing:
+    what a store at `synchronous` behind such a journal would take, the
+    store's checkpoints (which then fsync what the commits did not) running
+    as they do."""
     from fermoposta.store import open_store
     from fermoposta.store.base import MessageOrigin, NewMessage, NewRecipient, RecipientState
 
     store = open_store(Path(tempfile.mkdtemp(dir=directory)))
+    probe = ProbeFile(directory / "journal.probe") if journal else None
     try:
         if synchronous != "FULL":
             # The writer connection itself (a private attribute: a probe, not an
@@ -127,9 +166,13 @@ def commit_ms(directory: Path, size: int, synchronous: str, times: int = 2000) -
         for _ in range(times):
             start = time.perf_counter()
             store.enqueue_now(message, io.BytesIO(body))
+            if probe is not None:
+                probe.write_sync([size + RECORD_ENVELOPE])
             spent.append(time.perf_counter() - start)
     finally:
         store.close()
+        if probe is not None:
+            probe.close()
     return statistics.median(spent) * 1000
 
 
@@ -200,13 +243,16 @@ def main() -> int:
     try:
         with c.workdir(args.keep, "fermoposta-bench-floor-") as work:
             work.chmod(0o711)  # the postfix user must reach its queue under it
-            one, many = fdatasync_ms(work, 1), fdatasync_ms(work, FRAMES)
-            print(f"fdatasync after 1 page: {one:.3f} ms; after {FRAMES} pages: {many:.3f} ms")
+            frames = write_sync_ms(work, [FRAME_HEADER, PAGE] * FRAMES)
+            record = write_sync_ms(work, [args.size + RECORD_ENVELOPE])
+            print(f"disk: {FRAMES} WAL frames written and fdatasynced {frames:.3f} ms; "
+                  f"one record of {args.size + RECORD_ENVELOPE} bytes {record:.3f} ms")
             full = commit_ms(work, args.size, "FULL")
             normal = commit_ms(work, args.size, "NORMAL")
+            journal = commit_ms(work, args.size, "NORMAL", journal=True)
             print(f"a lone message's commit (enqueue_now, {args.size} bytes): {full:.3f} ms "
-                  f"as shipped, {normal:.3f} ms without its fsync (synchronous = NORMAL)",
-                  flush=True)
+                  f"as shipped, {normal:.3f} ms without its fsync (synchronous = NORMAL), "
+                  f"{journal:.3f} ms without it but with a journal record", flush=True)
             for rnd, system in se.rotation(args.rounds, systems):
                 try:
                     if system == "postfix":
