@@ -40,13 +40,7 @@ from pathlib import Path
 
 log = logging.getLogger("fermoposta.store")
 
-# Pages of 4 KiB (256 MiB): past this the writer checkpoints in its own
-# commits.  The WAL only starts again after a checkpoint caught up with no
-# write in between, so a big body stored while it arrives grows it by its
-# whole size however well this thread keeps up; at 64 MiB every staging
-# commit of a 200 MiB message past that point also ran a checkpoint (its
-# 250 came 12% later, bench/README.md "eleventh session").
-BACKSTOP_PAGES = 65536
+BACKSTOP_PAGES = 16384  # 64 MiB of 4 KiB pages: the writer checkpoints past this
 WAL_SIZE_LIMIT = 64 << 20  # bytes: a WAL started again is cut back to this
 DELAY = 0.005  # seconds: gathers the commits of one burst into one checkpoint
 INTERVAL = 0.1  # seconds: the least time from one checkpoint's start to the next
