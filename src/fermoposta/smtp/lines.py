@@ -135,8 +135,10 @@ class LineBuffer:
             data, self._lone = self._lone, None
             self._discarding = False
             return data
-        with memoryview(self._buf) as view:  # one copy, not a slice's and then bytes'
-            data = bytes(view[self._pos :])
+        # One copy, not a slice's and then bytes'; both views released before
+        # the clear (a bytearray with exports cannot be resized).
+        with memoryview(self._buf) as view, view[self._pos :] as rest:
+            data = bytes(rest)
         self._buf.clear()
         self._pos = self._scanned = 0
         self._discarding = False
