@@ -34,16 +34,23 @@ MESSAGES -l SIZE` (`-d` with `--keep-connection`) into:
   with ones that keep nothing and return a queue id at once: the SMTP side
   alone (sessions, parsing, spooling, logging, replies).  A measurement,
   never a configuration: that provider loses every message by design;
+- `one write`: the same, but each `enqueue_now` (each batch) writes its
+  body and RECORD_ENVELOPE bytes with one `pwrite` and one `fdatasync`
+  into a file written once beforehand: what any store that keeps the
+  promise of a 250 must at least do, with no index to find the message
+  again.  The most a durable store could reach with this SMTP side;
 - `Postfix`: a private Postfix putting every message on hold
   (`../shared/bench/postfix-instance.sh`, as in `store_engines.py`).
 
 Printed: per system the median msgs/s and its range, the provider's CPU per
-message (Postfix: all its processes), and the ratios shipped/Postfix and
-no store/Postfix: the second is the ceiling a store that cost nothing would
-reach.
+message (Postfix: all its processes), and the ratios to Postfix of
+shipped, of one write (the most a store that keeps its promise could
+reach with this SMTP side) and of no store (the ceiling a store that cost
+nothing would reach).
 
-Checks: `shipped` holds exactly MESSAGES afterwards, `no store` holds none
-(and smtp-source got a 250 for each message), Postfix holds MESSAGES.
+Checks: `shipped` holds exactly MESSAGES afterwards, `no store` and `one
+write` hold none (and smtp-source got a 250 for each message), Postfix
+holds MESSAGES.
 Contract: only 127.0.0.1 and free ports; every child stopped by PID; the
 work directory removed (unless `--keep`).  Exit 0 when every run finished
 and held what it should, 1 otherwise.
@@ -66,9 +73,9 @@ import _common as c
 import store_engines as se
 
 DOMAIN = se.DOMAIN
-SYSTEMS = ("shipped", "nostore", "postfix")
+SYSTEMS = ("shipped", "nostore", "onewrite", "postfix")
 LABELS = {"shipped": "fermoposta, SQLite", "nostore": "fermoposta, no store",
-          "postfix": "Postfix hold queue"}
+          "onewrite": "fermoposta, one write", "postfix": "Postfix hold queue"}
 PAGE = 4096
 FRAMES = 17  # WAL frames a lone 4 KiB message's commit writes (strace, 2026-12-07)
 
@@ -81,6 +88,45 @@ def enqueue(self, message, body, queue_id=None):
     return queue_id or base.new_queue_id()
 
 def enqueue_batch(self, items):
+    return [queue_id or base.new_queue_id() for _, _, queue_id in items]
+
+sqlite.SQLiteStore.enqueue = sqlite.SQLiteStore.enqueue_now = enqueue
+sqlite.SQLiteStore.enqueue_batch = enqueue_batch
+from fermoposta.cli import main
+raise SystemExit(main(sys.argv[1:]))
+"""
+
+# The provider whose store writes each message once and keeps no index: one
+# `pwrite` of the body and RECORD_ENVELOPE bytes (a batch: of all its
+# messages), then one `fdatasync`, into a file of SPAN bytes written once
+# beforehand and then overwritten from its start again when full.  What any
+# store that keeps the promise of a 250 must at least do: the most a durable
+# store could reach with this SMTP side.  A measurement, never a configuration.
+ONE_WRITE = """
+import os, sys
+from fermoposta.store import base, sqlite
+
+SPAN, ENVELOPE = {span}, {envelope}
+fd = os.open({path!r}, os.O_RDWR | os.O_CREAT, 0o600)
+os.write(fd, bytes(SPAN))
+os.fsync(fd)
+at = 0
+
+def record(pieces):
+    global at
+    data = b"".join(piece.read() + bytes(ENVELOPE) for piece in pieces)
+    if at + len(data) > SPAN:
+        at = 0
+    os.pwrite(fd, data, at)
+    os.fdatasync(fd)
+    at += len(data)
+
+def enqueue(self, message, body, queue_id=None):
+    record([body])
+    return queue_id or base.new_queue_id()
+
+def enqueue_batch(self, items):
+    record([body for _, body, _ in items])
     return [queue_id or base.new_queue_id() for _, _, queue_id in items]
 
 sqlite.SQLiteStore.enqueue = sqlite.SQLiteStore.enqueue_now = enqueue
@@ -185,7 +231,13 @@ def run_provider(system: str, rnd: int, work: Path, args: argparse.Namespace,
                             limits=f"max_connections_per_ip = {per_ip}\n"
                                    f"max_connections = {max(100, per_ip)}\n")
     c.add_account_cli(config, "acme", [DOMAIN])
-    command = (c.FERMOPOSTA,) if system == "shipped" else (c.BIN / "python", "-c", NO_STORE)
+    command: tuple[str | os.PathLike[str], ...] = (c.FERMOPOSTA,)
+    if system == "nostore":
+        command = (c.BIN / "python", "-c", NO_STORE)
+    elif system == "onewrite":
+        source = ONE_WRITE.format(span=SPAN, envelope=RECORD_ENVELOPE,
+                                  path=str(base / "records.floor"))
+        command = (c.BIN / "python", "-c", source)
     provider = c.ProviderProcess(config, mx_port, odmr_port, command=command).start()
     try:
         cpu0 = c.cpu_seconds(provider.pid)
@@ -220,8 +272,10 @@ def summary(runs: list[se.Run]) -> list[str]:
                      f"{min(r.rate for r in rs):.0f}-{max(r.rate for r in rs):.0f} | "
                      f"{cpu:.3f} |")
     postfix = medians.get("postfix", float("nan"))
-    lines += ["", "| shipped/Postfix | no store/Postfix (the ceiling) |", "|---|---|",
+    lines += ["", "| shipped/Postfix | one write/Postfix (the most a durable store could"
+                  " reach) | no store/Postfix (the ceiling) |", "|---|---|---|",
               f"| {c.ratio(medians.get('shipped', float('nan')), postfix)} | "
+              f"{c.ratio(medians.get('onewrite', float('nan')), postfix)} | "
               f"{c.ratio(medians.get('nostore', float('nan')), postfix)} |"]
     return lines
 
