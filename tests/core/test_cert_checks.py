@@ -134,3 +134,121 @@ def test_validity_of_der_matches_the_file(certs: Certs) -> None:
     assert certdates.validity_of_der(der) == certdates.validity_of_file(certs.cert_file)
     with pytest.raises(ValueError):
         certdates.validity_of_der(b"not a certificate")
+
+
+# --- the parser: asn1crypto, checked against cryptography (test-only, via trustme) ---------
+
+def _der_of(pem_bytes: bytes) -> bytes:
+    import ssl
+
+    return ssl.PEM_cert_to_DER_cert(pem_bytes.decode())
+
+
+@pytest.mark.parametrize(("not_before", "not_after"), [
+    # UTCTime (RFC 5280 §4.1.2.5.1: through 2049), its last second, then GeneralizedTime.
+    (datetime.datetime(1999, 12, 31, 23, 59, 59, tzinfo=UTC),
+     datetime.datetime(2049, 12, 31, 23, 59, 59, tzinfo=UTC)),
+    (datetime.datetime(2026, 2, 28, 12, 30, 5, tzinfo=UTC),
+     datetime.datetime(2050, 1, 1, 0, 0, 0, tzinfo=UTC)),
+    # "No well-defined expiration date" (RFC 5280 §4.1.2.5).
+    (datetime.datetime(2020, 1, 1, tzinfo=UTC),
+     datetime.datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)),
+])
+def test_dates_are_those_cryptography_reads(certs: Certs, tmp_path: Path,
+                                            not_before: datetime.datetime,
+                                            not_after: datetime.datetime) -> None:
+    from cryptography import x509 as oracle
+
+    leaf = certs.ca.issue_cert("localhost", not_before=not_before, not_after=not_after)
+    pem_bytes = leaf.cert_chain_pems[0].bytes()
+    expected = oracle.load_pem_x509_certificate(pem_bytes)
+    path = tmp_path / "cert.pem"
+    path.write_bytes(pem_bytes)
+    got = certdates.validity_of_file(path)
+    assert got == certdates.validity_of_der(_der_of(pem_bytes))
+    assert got.not_before == expected.not_valid_before_utc == not_before
+    assert got.not_after == expected.not_valid_after_utc == not_after
+    assert got.not_after.tzinfo is not None and got.not_after.utcoffset() == datetime.timedelta(0)
+
+
+def test_the_file_gives_its_first_certificate(certs: Certs, tmp_path: Path) -> None:
+    """The leaf of "leaf first, full chain", past text, a key and other blocks."""
+    leaf = certs.ca.issue_cert("localhost", not_after=days(40))
+    path = tmp_path / "chain.pem"
+    path.write_bytes(b"Bag Attributes: text that openssl writes\n"
+                     + leaf.private_key_pem.bytes()
+                     + leaf.cert_chain_pems[0].bytes()
+                     + certs.ca.cert_pem.bytes())
+    got = certdates.validity_of_file(path)
+    assert got.not_after == certdates.validity_of_der(_der_of(leaf.cert_chain_pems[0].bytes())
+                                                      ).not_after
+    assert abs(got.not_after.timestamp() - days(40).timestamp()) < 5
+    assert got.not_after != certdates.validity_of_der(_der_of(certs.ca.cert_pem.bytes())
+                                                      ).not_after
+
+
+def test_a_file_with_no_readable_certificate_is_a_value_error(certs: Certs,
+                                                              tmp_path: Path) -> None:
+    der = _der_of(certs.cert_file.read_bytes())
+    pem_text = certs.cert_file.read_bytes()
+    first_block = pem_text[: pem_text.index(b"-----END CERTIFICATE-----") + 25] + b"\n"
+    begin, end = b"-----BEGIN CERTIFICATE-----\n", b"\n-----END CERTIFICATE-----\n"
+    cases = {
+        "empty": b"",
+        "key alone": certs.key_file.read_bytes(),
+        "DER, not PEM": der,
+        "text": b"hello\n",
+        "no END line": first_block.replace(b"-----END CERTIFICATE-----", b""),
+        "not base64": begin + b"!!!!" + end,
+        "a cut certificate": begin + __import__("base64").encodebytes(der[:200]) + end,
+        "a certificate with bytes after it": begin
+        + __import__("base64").encodebytes(der + b"\0") + end,
+    }
+    for name, data in cases.items():
+        path = tmp_path / "cert.pem"
+        path.write_bytes(data)
+        with pytest.raises(ValueError):
+            certdates.validity_of_file(path)
+            pytest.fail(f"{name}: no ValueError")
+    with pytest.raises(OSError):
+        certdates.validity_of_file(tmp_path / "missing.pem")
+
+
+def test_a_date_datetime_cannot_hold_is_a_value_error(certs: Certs) -> None:
+    """GeneralizedTime year 0000: asn1crypto gives its own type, not a datetime."""
+    from asn1crypto import util, x509
+
+    cert = x509.Certificate.load(_der_of(certs.cert_file.read_bytes()))
+    tbs = cert["tbs_certificate"]
+    tbs["validity"] = x509.Validity({
+        "not_before": x509.Time(name="general_time",
+                                value=util.extended_datetime(0, 1, 1, tzinfo=UTC)),
+        "not_after": tbs["validity"]["not_after"],
+    })
+    with pytest.raises(ValueError, match="out of range"):
+        certdates.validity_of_der(cert.dump(force=True))
+
+
+def test_damaged_der_gives_its_dates_or_a_value_error(certs: Certs) -> None:
+    """Whatever bytes of a certificate are changed or cut, the parser answers
+    with dates or ValueError, never another exception (hypothesis)."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    der = _der_of(certs.cert_file.read_bytes())
+
+    @settings(max_examples=400, deadline=None)
+    @given(st.lists(st.tuples(st.integers(0, len(der) - 1), st.integers(0, 255)), max_size=4),
+           st.integers(0, len(der)))
+    def check(changes: list[tuple[int, int]], length: int) -> None:
+        damaged = bytearray(der)
+        for at, value in changes:
+            damaged[at] = value
+        try:
+            validity = certdates.validity_of_der(bytes(damaged[:length]))
+        except ValueError:
+            return
+        assert isinstance(validity.not_before, datetime.datetime)
+        assert isinstance(validity.not_after, datetime.datetime)
+
+    check()

@@ -11,8 +11,13 @@ Contract:
   yet valid, expired) or None; `Validity.expiry_warning(now)` is the warning
   text when it expires within `WARNING_DAYS`, or None.  `now` is Unix time,
   so callers (and tests) choose their clock.
-- The dates are parsed with `cryptography` (the stdlib's `ssl` parses only a
+- The dates are parsed with `asn1crypto` (the stdlib's `ssl` parses only a
   peer's certificate after verification, or a file with a private function).
+  It is pure Python and already loaded for SCRAM (scramp needs it), where
+  `cryptography` cost each provider and customer process 10 MiB of memory
+  and 24 ms of start-up for two dates.  Only the certificate's outer
+  structure and its validity are parsed: a certificate damaged elsewhere
+  still gives its dates (the TLS layer, which loads it, refuses it).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography import x509
+from asn1crypto import pem, x509
 
 __all__ = ["WARNING_DAYS", "Validity", "format_date", "validity_of_der", "validity_of_file"]
 
@@ -72,18 +77,33 @@ class Validity:
         return f"expires on {format_date(self.not_after)}, in {left} day{'s' * (left != 1)}"
 
 
-def _validity(cert: x509.Certificate) -> Validity:
-    return Validity(cert.not_valid_before_utc, cert.not_valid_after_utc)
+# PEM labels of an X.509 certificate (RFC 7468 §5.1; the second is the legacy one).
+_CERTIFICATE_LABELS = ("CERTIFICATE", "X509 CERTIFICATE")
 
 
 def validity_of_file(path: Path) -> Validity:
-    """The leaf's dates from a PEM file.  ValueError if it holds no certificate;
+    """The leaf's dates from a PEM file: its first certificate block.
+    ValueError if it holds none (a key alone, DER, text) or a broken one;
     OSError if it cannot be read."""
     data = path.read_bytes()
-    certs = x509.load_pem_x509_certificates(data)  # ValueError when none
-    return _validity(certs[0])
+    try:
+        for label, _headers, der in pem.unarmor(data, multiple=True):
+            if label in _CERTIFICATE_LABELS:
+                return validity_of_der(der)
+    except ValueError as exc:
+        raise ValueError(f"no readable PEM certificate: {exc}") from None
+    raise ValueError("no PEM certificate (-----BEGIN CERTIFICATE-----) in the file")
 
 
 def validity_of_der(der: bytes) -> Validity:
     """The dates of one DER certificate (a TLS peer's).  ValueError if malformed."""
-    return _validity(x509.load_der_x509_certificate(der))
+    try:
+        validity = x509.Certificate.load(der, strict=True)["tbs_certificate"]["validity"]
+        not_before, not_after = validity["not_before"].native, validity["not_after"].native
+    except ValueError as exc:  # asn1crypto's error for every malformed structure
+        raise ValueError(f"not a DER certificate: {exc}") from None
+    # Year 0, which `datetime` cannot hold, comes back as asn1crypto's own type.
+    if not (isinstance(not_before, datetime.datetime)
+            and isinstance(not_after, datetime.datetime)):
+        raise ValueError("a certificate date is out of range")
+    return Validity(not_before.astimezone(datetime.UTC), not_after.astimezone(datetime.UTC))
