@@ -284,6 +284,57 @@ async def test_a_bare_atrn_follows_the_accounts_domains_while_it_waits(
     await d.close()
 
 
+async def test_a_bare_atrn_takes_mail_for_a_domain_added_while_it_waits(
+        provider_factory, certs, caplog):
+    # Nothing wakes a waiter for a domain it does not wait for: the bare
+    # ATRN reads its account's domains every BARE_REFRESH_POLLS polls itself.
+    from fermoposta.provider.odmr import BARE_REFRESH_POLLS
+    from fermoposta.store.base import Domain
+
+    caplog.set_level(logging.INFO, logger="fermoposta")
+    p = await provider_factory(extra='[odmr]\nwait_poll_interval = "0.2s"\n')
+    set_wait(p, 30.0)
+    d = await waiting_atrn(p, certs, "ATRN")
+    await until_waiting(p)
+    p.store.add_domain(Domain(name="new.test", account="acme"))
+    started = time.monotonic()
+    await hold(p, rcpts=("carol@new.test",))
+    code, _ = await d.reply(timeout=10.0)
+    assert code == 250
+    assert time.monotonic() - started < BARE_REFRESH_POLLS * 0.2 + 1.5
+    t = await serve_reversed(d)
+    assert [m.recipients for m in t.messages] == [["carol@new.test"]]
+    await d.close()
+    assert ("the account's domains changed while it waited: now example.org,new.test"
+            in caplog.text)
+    assert "woken after" in caplog.text and "mail for example.org,new.test" in caplog.text
+
+
+@pytest.mark.parametrize(("atrn", "looks"), [("ATRN", True), ("ATRN example.org", False)])
+async def test_only_a_bare_atrn_reads_the_accounts_domains_while_it_waits(
+        provider_factory, certs, atrn, looks):
+    p = await provider_factory(extra='[odmr]\nwait_poll_interval = "0.05s"\n')
+    set_wait(p, 1.5)
+    d = await waiting_atrn(p, certs, atrn)
+    await until_waiting(p)
+    calls = []
+    real = p.store.list_domains
+
+    def counting(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    p.store.list_domains = counting
+    try:
+        await d.expect(453, timeout=5.0)
+    finally:
+        p.store.list_domains = real
+    # 0.5 s between looks over a 1.5 s wait; the watch's own polls do not count.
+    assert (len(calls) >= 1) is looks, calls
+    assert all(args == ("acme",) for args in calls)
+    await d.close()
+
+
 async def test_a_wait_ends_at_once_when_the_account_is_gone(provider, certs, caplog):
     caplog.set_level(logging.INFO, logger="fermoposta")
     set_wait(provider, 20.0)

@@ -20,7 +20,11 @@ Contract:
   make the client wait at least 10 for the reply) and the node's
   `HeldMailWatch` has room (`[odmr] max_waiting`), the session waits
   instead of answering 453, holding no lease and making no query of its
-  own.  Woken (mail for one of its domains was committed, on any node), it
+  own, except that a bare ATRN (every domain of the account) reads the
+  account's domains every `BARE_REFRESH_POLLS` polls of the watch (30 s
+  by default): a domain added to the account while it waits is waited
+  for, and its mail taken, from then on.  Woken (mail for one of its
+  domains was committed, on any node; or a bare ATRN's domains changed), it
   decides again (held mail? leases?): 250 and the drain as always; a lease
   another session holds means it keeps waiting (that session drains the
   mail; later mail wakes this one again).  When the wait ends: 453 (or the
@@ -63,7 +67,7 @@ from fermoposta.net.server_session import ServerSession, SessionLimits
 from fermoposta.ops import metrics
 from fermoposta.ops.log import event
 from fermoposta.provider.activity import Activity
-from fermoposta.provider.atrn_wait import HeldMailWatch
+from fermoposta.provider.atrn_wait import HeldMailWatch, Waiter
 from fermoposta.provider.drain import DrainSettings, drain
 from fermoposta.smtp import reply as R
 from fermoposta.smtp.atrn import parse_atrn_domains
@@ -80,6 +84,9 @@ SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later")
 WAITED_OUT_OF_TURN = Reply(503, "5.5.1", "Command sent while ATRN waited for mail; discarded")
 MAX_ATRN_WAIT = 540.0  # seconds: RFC 2645 §4 and §5.2, the client waits at least 10 minutes
 RELEASE_RETRY = 2.0  # seconds between attempts to release leases the store refused
+# A waiting bare ATRN reads its account's domains every this many polls of
+# the watch (`[odmr] wait_poll_interval`): one query a session, rarely.
+BARE_REFRESH_POLLS = 10
 
 # Background releases in progress (a reference keeps each task alive).
 _releases: set[asyncio.Task[None]] = set()
@@ -265,16 +272,22 @@ class ODMRSession(ServerSession):
         closing = asyncio.ensure_future(watch.closing.wait())
         # Look once at once: mail may have come between `_decide` and `enter`.
         waiter.event.set()
+        # A bare ATRN stands for the account's domains: nothing wakes it for
+        # one added meanwhile, so it looks at them now and then itself.
+        refresh = BARE_REFRESH_POLLS * watch.poll_interval
+        next_refresh = started + refresh if not requested else float("inf")
         outcome = "timeout"
         last = first  # the latest decision: what the wait ends with
         try:
             while True:
-                remaining = started + wait - loop.time()
+                now = loop.time()
+                remaining = started + wait - now
                 if remaining <= 0:
                     break
                 woken = asyncio.ensure_future(waiter.event.wait())
                 try:
-                    await asyncio.wait({woken, reader, closing}, timeout=remaining,
+                    await asyncio.wait({woken, reader, closing},
+                                       timeout=min(remaining, max(next_refresh - now, 0.0)),
                                        return_when=asyncio.FIRST_COMPLETED)
                 finally:
                     woken.cancel()
@@ -289,7 +302,11 @@ class ODMRSession(ServerSession):
                     outcome = "client"
                     return await self._line_while_waiting(reader, what, loop.time() - started)
                 if not waiter.event.is_set():
-                    continue
+                    if loop.time() < next_refresh:
+                        continue
+                    next_refresh = loop.time() + refresh
+                    if not await self._domains_changed(waiter, what):
+                        continue
                 waiter.event.clear()
                 try:
                     # The request as the client made it (a bare ATRN: every
@@ -364,6 +381,25 @@ class ODMRSession(ServerSession):
             self.closing = True
             return None
         return WAITED_OUT_OF_TURN
+
+    async def _domains_changed(self, waiter: Waiter, what: str) -> bool:
+        """A waiting bare ATRN's look at its account: does the account own
+        other domains than those it waits for?  (A store error: no, and the
+        next look or wake-up tries again.)"""
+        assert self.account is not None
+        try:
+            owned = await asyncio.to_thread(self.store.list_domains, self.account)
+        except StoreError as exc:
+            self.log.warning("%s: ATRN wait: cannot read the account's domains, waiting on: "
+                             "%s", self.session_id, exc)
+            return False
+        names = frozenset(domain.name for domain in owned)
+        if names == waiter.domains:
+            return False
+        self.log.info("%s: ATRN %s by %s: the account's domains changed while it waited: "
+                      "now %s", self.session_id, what, self.account,
+                      ",".join(sorted(names)) or "none")
+        return True
 
     def _decide_woken(self, domains: tuple[str, ...]) -> Reply | tuple[str, ...]:
         """In a worker thread, after a wake-up: the same checks as `_decide`
