@@ -277,6 +277,10 @@ def summary(runs: list[se.Run]) -> list[str]:
               f"| {c.ratio(medians.get('shipped', float('nan')), postfix)} | "
               f"{c.ratio(medians.get('onewrite', float('nan')), postfix)} | "
               f"{c.ratio(medians.get('nostore', float('nan')), postfix)} |"]
+    lines += ["", "Each round's own ratios to Postfix, median (range): shipped "
+              f"{se.paired_ratio(runs, 'intake', 'shipped')}, one write "
+              f"{se.paired_ratio(runs, 'intake', 'onewrite')}, no store "
+              f"{se.paired_ratio(runs, 'intake', 'nostore')}"]
     return lines
 
 

@@ -560,7 +560,25 @@ def summary(runs: list[Run], systems: Sequence[str]) -> list[str]:
         lines.append(f"| {workload} | {c.ratio(m('postgresql'), m('sqlite'))} | "
                      f"{c.ratio(m('sqlite'), m('postfix'))} | "
                      f"{c.ratio(m('postgresql'), m('postfix'))} |")
+    lines += ["", "Each round's own ratios (its runs follow each other within minutes, "
+              "so a machine that speeds up or slows down moves both), median (range):", "",
+              "| workload | SQLite/Postfix | PostgreSQL/Postfix |", "|---|---|---|"]
+    for workload in WORKLOADS:
+        lines.append(f"| {workload} | {paired_ratio(runs, workload, 'sqlite')} | "
+                     f"{paired_ratio(runs, workload, 'postgresql')} |")
     return lines
+
+
+def paired_ratio(runs: Sequence[Run], workload: str, system: str,
+                 versus: str = "postfix") -> str:
+    """`system`'s rate over `versus`'s in each round that ran both: their
+    median and range, or "n/a"."""
+    rates = {(r.round, r.system): r.rate for r in runs if r.workload == workload}
+    ratios = [rates[rnd, system] / rates[rnd, versus] for rnd in sorted({r for r, _ in rates})
+              if (rnd, system) in rates and rates.get((rnd, versus), 0) > 0]
+    if not ratios:
+        return "n/a"
+    return f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
 
 
 def intake_arguments(ap: argparse.ArgumentParser) -> None:
