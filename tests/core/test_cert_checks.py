@@ -4,6 +4,7 @@ when it expires within 21 days; `ops.certs` counts the days."""
 
 from __future__ import annotations
 
+import base64
 import datetime
 from pathlib import Path
 
@@ -187,29 +188,35 @@ def test_the_file_gives_its_first_certificate(certs: Certs, tmp_path: Path) -> N
                                                       ).not_after
 
 
-def test_a_file_with_no_readable_certificate_is_a_value_error(certs: Certs,
-                                                              tmp_path: Path) -> None:
+def _unreadable(certs: Certs, kind: str) -> bytes:
     der = _der_of(certs.cert_file.read_bytes())
     pem_text = certs.cert_file.read_bytes()
     first_block = pem_text[: pem_text.index(b"-----END CERTIFICATE-----") + 25] + b"\n"
     begin, end = b"-----BEGIN CERTIFICATE-----\n", b"\n-----END CERTIFICATE-----\n"
-    cases = {
+    return {
         "empty": b"",
         "key alone": certs.key_file.read_bytes(),
         "DER, not PEM": der,
         "text": b"hello\n",
         "no END line": first_block.replace(b"-----END CERTIFICATE-----", b""),
         "not base64": begin + b"!!!!" + end,
-        "a cut certificate": begin + __import__("base64").encodebytes(der[:200]) + end,
-        "a certificate with bytes after it": begin
-        + __import__("base64").encodebytes(der + b"\0") + end,
-    }
-    for name, data in cases.items():
-        path = tmp_path / "cert.pem"
-        path.write_bytes(data)
-        with pytest.raises(ValueError):
-            certdates.validity_of_file(path)
-            pytest.fail(f"{name}: no ValueError")
+        "a cut certificate": begin + base64.encodebytes(der[:200]) + end,
+        "a certificate with bytes after it": begin + base64.encodebytes(der + b"\0") + end,
+    }[kind]
+
+
+@pytest.mark.parametrize("kind", ["empty", "key alone", "DER, not PEM", "text", "no END line",
+                                  "not base64", "a cut certificate",
+                                  "a certificate with bytes after it"])
+def test_a_file_with_no_readable_certificate_is_a_value_error(certs: Certs, tmp_path: Path,
+                                                              kind: str) -> None:
+    path = tmp_path / "cert.pem"
+    path.write_bytes(_unreadable(certs, kind))
+    with pytest.raises(ValueError):
+        certdates.validity_of_file(path)
+
+
+def test_an_unreadable_cert_file_is_an_os_error(tmp_path: Path) -> None:
     with pytest.raises(OSError):
         certdates.validity_of_file(tmp_path / "missing.pem")
 
