@@ -42,11 +42,12 @@ import argparse
 import dataclasses
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 from fermoposta import __version__
+from fermoposta.cli_help import COMMAND_HELP
 from fermoposta.config import (
     DEFAULT_CONFIG_PATH,
     ConfigError,
@@ -470,7 +471,33 @@ def _help(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int
     return show
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _command_word(parser: argparse.ArgumentParser, argv: Sequence[str]) -> str | None:
+    """The command `argv` names (its first word that is not an option of
+    `parser`'s own or the value of one), or None when it names none or an
+    option is not one of `parser`'s (an abbreviation, say): then every
+    command is registered and argparse decides."""
+    words = iter(argv)
+    for word in words:
+        if word == "--":
+            return next(words, None)
+        if not word.startswith("-") or word == "-":
+            return word
+        name = word.split("=", 1)[0] if word.startswith("--") else word[:2]
+        action = parser._option_string_actions.get(name)
+        if action is None:
+            return None
+        takes_value = action.nargs != 0
+        inline = "=" in word if word.startswith("--") else len(word) > 2
+        if takes_value and not inline:
+            next(words, None)
+    return None
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The command line's parser.  With `argv`, only the command it names
+    is registered in full (the others are stand-ins with their help line:
+    their modules are not imported, a third of a customer command's start);
+    without, every command."""
     parser = _Parser(
         prog=PROG, description="On-Demand Mail Relay (RFC 2645 ODMR/ATRN) provider and tools."
     )
@@ -489,6 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="log lines as text (default) or one JSON object a line")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     parser.set_defaults(command_func=_help(parser))
+    only = None if argv is None else _command_word(parser, argv)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     provider = commands.add_parser("provider", help="the provider daemon")
@@ -506,37 +534,51 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.set_defaults(command_func=_cmd_provider_run)
 
-    try:
-        from fermoposta.provider import accounts
-    except ModuleNotFoundError as exc:
-        if exc.name != "fermoposta.provider.accounts":
-            raise
-        for name in ("account", "domain"):
-            p = commands.add_parser(name, help=f"manage {name}s (not installed)")
-            p.add_argument("rest", nargs=argparse.REMAINDER)
-            p.set_defaults(command_func=_cmd_unavailable)
-    else:
-        accounts.register(commands, None)
-        for name in ("account", "domain"):
-            commands.choices[name].set_defaults(command_func=_cmd_store)
+    def wanted(*names: str) -> bool:
+        if only is None or only in names:
+            return True
+        for name in names:  # a stand-in: the same line in --help, nothing imported
+            stand_in = commands.add_parser(name, help=COMMAND_HELP[name], add_help=False)
+            stand_in.add_argument("rest", nargs=argparse.REMAINDER)
+            stand_in.set_defaults(stand_in=True)  # main() parses again with every command
+        return False
 
-    from fermoposta.provider import queue_admin
+    if wanted("account", "domain"):
+        try:
+            from fermoposta.provider import accounts
+        except ModuleNotFoundError as exc:
+            if exc.name != "fermoposta.provider.accounts":
+                raise
+            for name in ("account", "domain"):
+                p = commands.add_parser(name, help=f"manage {name}s (not installed)")
+                p.add_argument("rest", nargs=argparse.REMAINDER)
+                p.set_defaults(command_func=_cmd_unavailable)
+        else:
+            accounts.register(commands, None)
+            for name in ("account", "domain"):
+                commands.choices[name].set_defaults(command_func=_cmd_store)
 
-    queue_admin.register(commands, None)
-    commands.choices["queue"].set_defaults(command_func=_cmd_store)
+    if wanted("queue"):
+        from fermoposta.provider import queue_admin
 
-    from fermoposta.provider import store_admin
+        queue_admin.register(commands, None)
+        commands.choices["queue"].set_defaults(command_func=_cmd_store)
 
-    store_admin.register(commands)
-    commands.choices["store"].set_defaults(command_func=_cmd_store)
+    if wanted("store"):
+        from fermoposta.provider import store_admin
 
-    from fermoposta.provider.web import operators as web_operators
+        store_admin.register(commands)
+        commands.choices["store"].set_defaults(command_func=_cmd_store)
 
-    web_operators.register(commands)
+    if wanted("web"):
+        from fermoposta.provider.web import operators as web_operators
 
-    from fermoposta.customer.cli import register as register_customer
+        web_operators.register(commands)
 
-    register_customer(commands)
+    if wanted("customer"):
+        from fermoposta.customer.cli import register as register_customer
+
+        register_customer(commands)
 
     demo = commands.add_parser(
         "demo", help="run a provider and a customer on loopback and narrate one round trip"
@@ -569,9 +611,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
     try:
         args = parser.parse_args(argv)
+        if getattr(args, "stand_in", False):  # not the command we took it for
+            parser = build_parser()
+            args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version, usage errors
         return exc.code if isinstance(exc.code, int) else (EX_OK if exc.code is None else EX_USAGE)
     problem = _merge_config(args)

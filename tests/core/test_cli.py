@@ -259,3 +259,74 @@ def test_a_queue_command_loads_neither_scram_nor_x509_nor_the_customer(tmp_path:
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                          timeout=60, check=True).stdout.strip().splitlines()[-1]
     assert out == "66 []", out  # 66: no store yet; nothing heavy imported
+
+
+# --- only the command named is registered (cli.build_parser(argv)) --------------------------
+
+COMMAND_LINES = [
+    ["queue", "list", "--domain", "example.org"],
+    ["-c", "/etc/p.toml", "queue", "stats"],
+    ["queue", "-c", "/etc/p.toml", "delete", "ABC123"],
+    ["-v", "--log-format", "json", "account", "list"],
+    ["--log-format=json", "domain", "list", "-c", "/x.toml"],
+    ["-c/etc/p.toml", "store", "migrate"],
+    ["--config=/etc/p.toml", "web", "passwd", "alice"],
+    ["customer", "pull", "-c", "/etc/c.toml"],
+    ["-c", "/etc/c.toml", "customer", "check"],
+    ["provider", "run", "-c", "/etc/p.toml"],
+    ["config", "check", "/etc/p.toml"],
+    ["demo"],
+]
+
+
+def _comparable(args: object) -> dict[str, object]:
+    # Functions by name: `_help(parser)` makes a closure per parser built.
+    return {key: getattr(value, "__qualname__", value) for key, value in vars(args).items()}
+
+
+@pytest.mark.parametrize("argv", COMMAND_LINES, ids=" ".join)
+def test_a_command_line_parses_as_with_every_command_registered(argv: list[str]) -> None:
+    from fermoposta.cli import build_parser
+
+    lazy = build_parser(argv).parse_args(argv)
+    assert not getattr(lazy, "stand_in", False)
+    assert _comparable(lazy) == _comparable(build_parser().parse_args(argv))
+
+
+@pytest.mark.parametrize("word", ["provider", "account", "domain", "queue", "store", "web",
+                                  "customer", "demo", "config"])
+def test_the_help_lists_every_command_whatever_the_command_named(word: str) -> None:
+    from fermoposta.cli import build_parser
+
+    assert build_parser([word]).format_help() == build_parser().format_help()
+
+
+def test_a_command_taken_for_another_is_parsed_again_with_every_command(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import fermoposta.cli as cli
+
+    config = tmp_path / "provider.toml"
+    config.write_text(f'hostname = "mx.provider.test"\ndata_dir = "{tmp_path / "data"}"\n')
+    argv = ["-c", str(config), "queue", "stats"]
+    expected = main(argv)
+    out = capsys.readouterr()
+    monkeypatch.setattr(cli, "_command_word", lambda parser, words: "customer")
+    assert main(argv) == expected == 66  # 66: no store yet
+    assert capsys.readouterr() == out
+
+
+def test_a_customer_command_imports_no_provider_command(tmp_path: Path) -> None:
+    """`customer pull` from cron: none of the provider's admin commands is
+    imported to parse its command line (nor anything of `fermoposta.provider`)."""
+    import subprocess
+
+    probe = (
+        "import sys\n"
+        "from fermoposta.cli import main\n"
+        f"main(['-c', {str(tmp_path / 'customer.toml')!r}, 'customer', 'pull'])\n"
+        "print(sorted(m for m in sys.modules if m.startswith('fermoposta.provider.')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         timeout=60, check=True).stdout.strip().splitlines()[-1]
+    assert out == "[]", out

@@ -20,9 +20,9 @@ ALLOWED: dict[str, set[str]] = {
     "net": {"smtp", "ops", "store"},
     "mail": {"smtp", "ops", "store", "net"},
     "provider": {"smtp", "ops", "store", "net", "mail", "config", "config_common", "config_schema",
-                 "passwords"},
+                 "passwords", "cli_help"},
     "customer": {"smtp", "ops", "store", "net", "mail", "config", "config_common", "config_schema",
-                 "passwords"},
+                 "passwords", "cli_help"},
 }
 
 

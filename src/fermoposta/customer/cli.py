@@ -24,6 +24,7 @@ import sys
 import time
 from typing import Any
 
+from fermoposta.cli_help import COMMAND_HELP
 from fermoposta.ops.log import setup_logging
 
 EX_CONFIG = 78
@@ -134,7 +135,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    customer = commands.add_parser("customer", help="the customer side: pull held mail over ODMR")
+    customer = commands.add_parser("customer", help=COMMAND_HELP["customer"])
     sub = customer.add_subparsers(dest="customer_command", metavar="COMMAND")
 
     check = sub.add_parser("check", help="connect, STARTTLS, verify, AUTH; no ATRN")

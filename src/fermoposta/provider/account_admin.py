@@ -27,6 +27,7 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from fermoposta.cli_help import COMMAND_HELP
 from fermoposta.passwords import read_password_file
 from fermoposta.provider.account_input import (
     DEFAULT_SCRAM_ITERATIONS,
@@ -289,7 +290,7 @@ def _add_password_options(parser: argparse.ArgumentParser) -> None:
 
 def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     """Add the `account` command and its subcommands to `subparsers`."""
-    account = subparsers.add_parser("account", help="manage ODMR customer accounts")
+    account = subparsers.add_parser("account", help=COMMAND_HELP["account"])
     account_cmds = account.add_subparsers(dest="account_command", metavar="COMMAND")
     account_cmds.required = True
 

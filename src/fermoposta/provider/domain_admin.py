@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 from typing import Any
 
+from fermoposta.cli_help import COMMAND_HELP
 from fermoposta.config_common import parse_duration
 from fermoposta.provider.account_input import read_recipients_file
 from fermoposta.provider.account_input import table as _table
@@ -151,7 +152,7 @@ def _domain_check(args: argparse.Namespace, store: Store) -> int:
 
 def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     """Add the `domain` command and its subcommands to `subparsers`."""
-    domain = subparsers.add_parser("domain", help="manage the domains mail is held for")
+    domain = subparsers.add_parser("domain", help=COMMAND_HELP["domain"])
     domain_cmds = domain.add_subparsers(dest="domain_command", metavar="COMMAND")
     domain_cmds.required = True
 

@@ -68,6 +68,7 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
+from fermoposta.cli_help import COMMAND_HELP
 from fermoposta.config_common import parse_duration
 from fermoposta.provider.account_input import normalize_domain
 from fermoposta.provider.queue_actions import (
@@ -135,7 +136,7 @@ def register(
     del open_store  # the caller opens the store and calls args.handler(args, store)
 
     queue = subparsers.add_parser(
-        "queue", help="look at and act on the mail queue (like mailq, postsuper, qshape)")
+        "queue", help=COMMAND_HELP["queue"])
     cmds = queue.add_subparsers(dest="queue_command", metavar="COMMAND")
     cmds.required = True
 

@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from fermoposta.cli_help import COMMAND_HELP
 from fermoposta.provider.admin import EX_OK, DataError, guarded
 from fermoposta.store import Store, open_store, redact_url
 from fermoposta.store.base import QueueFilter
@@ -116,7 +117,7 @@ def store_copy(args: argparse.Namespace, store: Store) -> int:
 def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     """Add the `store` command; the caller opens the source store and calls
     ``args.handler(args, store)``."""
-    parser = subparsers.add_parser("store", help="the store: schema migrations, copy to another")
+    parser = subparsers.add_parser("store", help=COMMAND_HELP["store"])
     cmds = parser.add_subparsers(dest="store_command", metavar="COMMAND")
     cmds.required = True
     migrate = cmds.add_parser("migrate", help="bring the store's schema up to date")

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fermoposta.cli_help import COMMAND_HELP
 from fermoposta.passwords import first_line, read_password_file
 
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 16384, 8, 1
@@ -155,7 +156,7 @@ def _cmd_passwd(args: argparse.Namespace) -> int:
 
 def register(commands: Any) -> None:
     """Add ``web passwd`` to the CLI's subcommands (an argparse subparsers action)."""
-    web = commands.add_parser("web", help="the status page ([web]): operator logins")
+    web = commands.add_parser("web", help=COMMAND_HELP["web"])
     cmds = web.add_subparsers(dest="web_command", metavar="COMMAND")
     passwd = cmds.add_parser(
         "passwd", help="print an operators_file line NAME:HASH for a password",
