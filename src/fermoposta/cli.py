@@ -476,20 +476,28 @@ def _command_word(parser: argparse.ArgumentParser, argv: Sequence[str]) -> str |
     `parser`'s own or the value of one), or None when it names none or an
     option is not one of `parser`'s (an abbreviation, say): then every
     command is registered and argparse decides."""
+    options = parser._option_string_actions
     words = iter(argv)
     for word in words:
         if word == "--":
             return next(words, None)
         if not word.startswith("-") or word == "-":
             return word
-        name = word.split("=", 1)[0] if word.startswith("--") else word[:2]
-        action = parser._option_string_actions.get(name)
-        if action is None:
-            return None
-        takes_value = action.nargs != 0
-        inline = "=" in word if word.startswith("--") else len(word) > 2
-        if takes_value and not inline:
-            next(words, None)
+        if word.startswith("--"):
+            action = options.get(word.split("=", 1)[0])
+            if action is None:
+                return None
+            if action.nargs != 0 and "=" not in word:
+                next(words, None)  # its value
+            continue
+        for at in range(1, len(word)):  # -v, -cFILE, -vc FILE: flags, then one with a value
+            action = options.get("-" + word[at])
+            if action is None:
+                return None
+            if action.nargs != 0:
+                if at == len(word) - 1:
+                    next(words, None)  # its value is the next word
+                break
     return None
 
 

@@ -270,6 +270,8 @@ COMMAND_LINES = [
     ["-v", "--log-format", "json", "account", "list"],
     ["--log-format=json", "domain", "list", "-c", "/x.toml"],
     ["-c/etc/p.toml", "store", "migrate"],
+    ["-vc", "/etc/p.toml", "account", "list"],
+    ["-vc/etc/p.toml", "domain", "list"],
     ["--config=/etc/p.toml", "web", "passwd", "alice"],
     ["customer", "pull", "-c", "/etc/c.toml"],
     ["-c", "/etc/c.toml", "customer", "check"],
