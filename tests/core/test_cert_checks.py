@@ -186,6 +186,9 @@ def test_the_file_gives_its_first_certificate(certs: Certs, tmp_path: Path) -> N
     assert abs(got.not_after.timestamp() - days(40).timestamp()) < 5
     assert got.not_after != certdates.validity_of_der(_der_of(certs.ca.cert_pem.bytes())
                                                       ).not_after
+    # A file edited on Windows: CRLF line ends.
+    path.write_bytes(path.read_bytes().replace(b"\n", b"\r\n"))
+    assert certdates.validity_of_file(path) == got
 
 
 def _unreadable(certs: Certs, kind: str) -> bytes:
