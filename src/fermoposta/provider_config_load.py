@@ -104,7 +104,7 @@ def _check_certificate_dates(loader: _Loader, cert: Path,
                              warn: Callable[[str], None] | None) -> None:
     """An expired or not yet valid certificate is an error (every customer
     would fail its handshake, exit 74); one that expires soon, a warning."""
-    from fermoposta.ops import certs  # cryptography: only for a config with TLS
+    from fermoposta.ops import certs  # an X.509 parser: only for a config with TLS
 
     try:
         validity = certs.validity_of_file(cert)
