@@ -503,9 +503,9 @@ def _command_word(parser: argparse.ArgumentParser, argv: Sequence[str]) -> str |
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The command line's parser.  With `argv`, only the command it names
-    is registered in full (the others are stand-ins with their help line:
-    their modules are not imported, a third of a customer command's start);
-    without, every command."""
+    is registered in full (the others are stand-ins with their help line,
+    and their modules are not imported: `config check` starts in two thirds
+    of the time); without, every command."""
     parser = _Parser(
         prog=PROG, description="On-Demand Mail Relay (RFC 2645 ODMR/ATRN) provider and tools."
     )
@@ -542,7 +542,8 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     )
     run.set_defaults(command_func=_cmd_provider_run)
 
-    def wanted(*names: str) -> bool:
+    def in_full(*names: str) -> bool:
+        """Whether to register `names` in full; if not, their stand-ins are."""
         if only is None or only in names:
             return True
         for name in names:  # a stand-in: the same line in --help, nothing imported
@@ -551,7 +552,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
             stand_in.set_defaults(stand_in=True)  # main() parses again with every command
         return False
 
-    if wanted("account", "domain"):
+    if in_full("account", "domain"):
         try:
             from fermoposta.provider import accounts
         except ModuleNotFoundError as exc:
@@ -566,24 +567,24 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
             for name in ("account", "domain"):
                 commands.choices[name].set_defaults(command_func=_cmd_store)
 
-    if wanted("queue"):
+    if in_full("queue"):
         from fermoposta.provider import queue_admin
 
         queue_admin.register(commands, None)
         commands.choices["queue"].set_defaults(command_func=_cmd_store)
 
-    if wanted("store"):
+    if in_full("store"):
         from fermoposta.provider import store_admin
 
         store_admin.register(commands)
         commands.choices["store"].set_defaults(command_func=_cmd_store)
 
-    if wanted("web"):
+    if in_full("web"):
         from fermoposta.provider.web import operators as web_operators
 
         web_operators.register(commands)
 
-    if wanted("customer"):
+    if in_full("customer"):
         from fermoposta.customer.cli import register as register_customer
 
         register_customer(commands)
