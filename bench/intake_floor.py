@@ -73,8 +73,9 @@ import _common as c
 import store_engines as se
 
 DOMAIN = se.DOMAIN
-SYSTEMS = ("shipped", "nostore", "onewrite", "postfix")
+SYSTEMS = ("shipped", "nostore", "onewrite", "journal", "postfix")
 LABELS = {"shipped": "fermoposta, SQLite", "nostore": "fermoposta, no store",
+          "journal": "fermoposta, journal",
           "onewrite": "fermoposta, one write", "postfix": "Postfix hold queue"}
 PAGE = 4096
 FRAMES = 17  # WAL frames a lone 4 KiB message's commit writes (strace, 2026-12-07)
@@ -135,6 +136,41 @@ from fermoposta.cli import main
 raise SystemExit(main(sys.argv[1:]))
 """
 
+# The shipped provider whose lone messages (`enqueue_now`) commit without an
+# fsync (`synchronous = NORMAL`) and are then written once more as a record
+# (the body and RECORD_ENVELOPE bytes, one `pwrite`, one `fdatasync`) into a
+# file like ONE_WRITE's: what a store behind an intake journal would take,
+# before any replay.  A measurement, never a configuration.
+JOURNAL = """
+import os, sys
+from fermoposta.store import sqlite
+
+SPAN, ENVELOPE = {span}, {envelope}
+fd = os.open({path!r}, os.O_RDWR | os.O_CREAT, 0o600)
+os.write(fd, bytes(SPAN))
+os.fsync(fd)
+at = 0
+
+def enqueue_now(self, message, body, queue_id=None):
+    global at
+    if self._bytes_to_copy(body, queue_id) > sqlite.INLINE_BODY:
+        raise sqlite.WouldBlock()
+    with self._write(wait=False, durable=False) as conn:
+        message_id = self._enqueue(conn, message, body, queue_id)
+        body.seek(0)
+        data = body.read() + bytes(ENVELOPE)
+        if at + len(data) > SPAN:
+            at = 0
+        os.pwrite(fd, data, at)
+        os.fdatasync(fd)
+        at += len(data)
+    self._forget_stages([message_id])
+    return message_id
+
+sqlite.SQLiteStore.enqueue_now = enqueue_now
+from fermoposta.cli import main
+raise SystemExit(main(sys.argv[1:]))
+"""
 
 FRAME_HEADER = 24  # bytes before each page of a WAL frame
 RECORD_ENVELOPE = 256  # bytes a journal record would add to the body: ids, addresses, checksum
@@ -238,6 +274,10 @@ def run_provider(system: str, rnd: int, work: Path, args: argparse.Namespace,
         source = ONE_WRITE.format(span=SPAN, envelope=RECORD_ENVELOPE,
                                   path=str(base / "records.floor"))
         command = (c.BIN / "python", "-c", source)
+    elif system == "journal":
+        source = JOURNAL.format(span=SPAN, envelope=RECORD_ENVELOPE,
+                                path=str(base / "records.journal"))
+        command = (c.BIN / "python", "-c", source)
     provider = c.ProviderProcess(config, mx_port, odmr_port, command=command).start()
     try:
         cpu0 = c.cpu_seconds(provider.pid)
@@ -251,7 +291,7 @@ def run_provider(system: str, rnd: int, work: Path, args: argparse.Namespace,
         code = provider.stop()
     held = c.held_count(base / "data", [DOMAIN])
     run = se.Run(system, "intake", rnd, seconds, args.messages, 0, cpu)
-    expected = args.messages if system == "shipped" else 0
+    expected = args.messages if system in ("shipped", "journal") else 0
     if held != expected:
         run.problems.append(f"{held} held after intake, expected {expected}")
     if code != 0:
@@ -287,10 +327,13 @@ def summary(runs: list[se.Run]) -> list[str]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     se.intake_arguments(ap)
+    ap.add_argument("--systems", default="",
+                    help="comma-separated systems to run (default: all): " + ",".join(SYSTEMS))
     args = ap.parse_args()
     c.need(c.SMTP_SOURCE)
     problem = se.postfix_problem()
-    systems = [s for s in SYSTEMS if s != "postfix" or problem is None]
+    systems = [s for s in SYSTEMS if (s != "postfix" or problem is None)
+               and (not args.systems or s in args.systems.split(","))]
     source_args = se.intake_source_args(args)
     print(f"Intake floor: smtp-source {' '.join(source_args)}, {args.rounds} rounds")
     print(f"date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC")
