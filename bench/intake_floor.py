@@ -108,14 +108,12 @@ from fermoposta.cli import main
 raise SystemExit(main(sys.argv[1:]))
 """
 
-# The provider whose store writes each message once and keeps no index: one
-# `pwrite` of the body and RECORD_ENVELOPE bytes (a batch: of all its
-# messages), then one `fdatasync`, into a file of SPAN bytes written once
-# beforehand and then overwritten from its start again when full.  What any
-# store that keeps the promise of a 250 must at least do: the most a durable
-# store could reach with this SMTP side.  A measurement, never a configuration.
-ONE_WRITE = """
-import os, sys
+# What the probe providers below start with: a file of SPAN bytes written
+# once, and `record(pieces)`, which writes the pieces, each followed by
+# ENVELOPE bytes, with one `pwrite` where the last record ended (from the
+# file's start again when full), then one `fdatasync`.
+RECORDS = """
+import io, os, sys, threading, time
 from fermoposta.store import base, sqlite
 
 SPAN, ENVELOPE = {span}, {envelope}
@@ -126,81 +124,64 @@ at = 0
 
 def record(pieces):
     global at
-    data = b"".join(piece.read() + bytes(ENVELOPE) for piece in pieces)
+    data = b"".join(piece + bytes(ENVELOPE) for piece in pieces)
     if at + len(data) > SPAN:
         at = 0
     os.pwrite(fd, data, at)
     os.fdatasync(fd)
     at += len(data)
-
-def enqueue(self, message, body, queue_id=None):
-    record([body])
-    return queue_id or base.new_queue_id()
-
-def enqueue_batch(self, items):
-    record([body for _, body, _ in items])
-    return [queue_id or base.new_queue_id() for _, _, queue_id in items]
-
-sqlite.SQLiteStore.enqueue = sqlite.SQLiteStore.enqueue_now = enqueue
-sqlite.SQLiteStore.enqueue_batch = enqueue_batch
+"""
+# ... and end with the provider itself.
+RUN = """
 from fermoposta.cli import main
 raise SystemExit(main(sys.argv[1:]))
 """
 
+# The provider whose store writes each message once and keeps no index: one
+# record a message (a batch: one for all its messages).  What any store that
+# keeps the promise of a 250 must at least do: the most a durable store
+# could reach with this SMTP side.  A measurement, never a configuration.
+ONE_WRITE = RECORDS + """
+def enqueue(self, message, body, queue_id=None):
+    record([body.read()])
+    return queue_id or base.new_queue_id()
+
+def enqueue_batch(self, items):
+    record([body.read() for _, body, _ in items])
+    return [queue_id or base.new_queue_id() for _, _, queue_id in items]
+
+sqlite.SQLiteStore.enqueue = sqlite.SQLiteStore.enqueue_now = enqueue
+sqlite.SQLiteStore.enqueue_batch = enqueue_batch
+""" + RUN
+
 # The shipped provider whose lone messages (`enqueue_now`) commit without an
-# fsync (`synchronous = NORMAL`) and are then written once more as a record
-# (the body and RECORD_ENVELOPE bytes, one `pwrite`, one `fdatasync`) into a
-# file like ONE_WRITE's: what a store behind an intake journal would take,
-# before any replay.  A measurement, never a configuration.
-JOURNAL = """
-import os, sys
-from fermoposta.store import sqlite
-
-SPAN, ENVELOPE = {span}, {envelope}
-fd = os.open({path!r}, os.O_RDWR | os.O_CREAT, 0o600)
-os.write(fd, bytes(SPAN))
-os.fsync(fd)
-at = 0
-
+# fsync (`synchronous = NORMAL`) and are then written once more as a record:
+# what a store behind an intake journal would take, before any replay.  A
+# measurement, never a configuration.
+JOURNAL = RECORDS + """
 def enqueue_now(self, message, body, queue_id=None):
-    global at
     if self._bytes_to_copy(body, queue_id) > sqlite.INLINE_BODY:
         raise sqlite.WouldBlock()
     with self._write(wait=False, durable=False) as conn:
         message_id = self._enqueue(conn, message, body, queue_id)
         body.seek(0)
-        data = body.read() + bytes(ENVELOPE)
-        if at + len(data) > SPAN:
-            at = 0
-        os.pwrite(fd, data, at)
-        os.fdatasync(fd)
-        at += len(data)
+        record([body.read()])
     self._forget_stages([message_id])
     return message_id
 
 sqlite.SQLiteStore.enqueue_now = enqueue_now
-from fermoposta.cli import main
-raise SystemExit(main(sys.argv[1:]))
-"""
+""" + RUN
 
-# The shipped provider whose lone messages (`enqueue_now`) are written once
-# as a record, like ONE_WRITE's, and answered at once; a thread of the
-# provider then puts them into the SQLite store, every message waiting at
-# moment and in the next 5 ms in one transaction at `synchronous = NORMAL`.
-# What a store
-# that answers after its journal record and fills its tables behind it
-# would reach (its replay after a crash left out).  `close()` first waits
-# for the thread to catch up, so the store holds every message answered.
-# A measurement, never a configuration.
-BEHIND = """
-import io, os, sys, threading, time
-from fermoposta.store import base, sqlite
-
-SPAN, ENVELOPE, GATHER = {span}, {envelope}, 0.005
-fd = os.open({path!r}, os.O_RDWR | os.O_CREAT, 0o600)
-os.write(fd, bytes(SPAN))
-os.fsync(fd)
-at = 0
+# The shipped provider whose lone messages (`enqueue_now`) are written as a
+# record and answered at once; a thread of the provider then puts them into
+# the SQLite store, those waiting when it wakes and those of the next
+# GATHER seconds in one transaction at `synchronous = NORMAL`.  What a store
+# that answers after its journal record and fills its tables behind it would
+# reach (its replay after a crash left out).  `close()` first waits for the
+# thread to catch up, so the store holds every message answered.  A
+# measurement, never a configuration.
+BEHIND = RECORDS + """
+GATHER = 0.005
 waiting = []
 changed = threading.Condition()
 busy = False
@@ -212,7 +193,7 @@ def fill(store):
             while not waiting:
                 changed.wait()
             busy = True
-        time.sleep(GATHER)  # the messages of the next few milliseconds, in one transaction
+        time.sleep(GATHER)
         with changed:
             items, waiting = waiting, []
         with store._write(durable=False) as conn:
@@ -223,16 +204,10 @@ def fill(store):
             changed.notify_all()
 
 def enqueue_now(self, message, body, queue_id=None):
-    global at
     if self._bytes_to_copy(body, queue_id) > sqlite.INLINE_BODY:
         raise sqlite.WouldBlock()
     data = body.read()
-    record = data + bytes(ENVELOPE)
-    if at + len(record) > SPAN:
-        at = 0
-    os.pwrite(fd, record, at)
-    os.fdatasync(fd)
-    at += len(record)
+    record([data])
     queue_id = queue_id or base.new_queue_id()
     if not hasattr(self, "_filler"):
         self._filler = threading.Thread(target=fill, args=(self,), daemon=True)
@@ -252,9 +227,8 @@ def close_after_filling(self):
 
 sqlite.SQLiteStore.enqueue_now = enqueue_now
 sqlite.SQLiteStore.close = close_after_filling
-from fermoposta.cli import main
-raise SystemExit(main(sys.argv[1:]))
-"""
+""" + RUN
+
 
 FRAME_HEADER = 24  # bytes before each page of a WAL frame
 RECORD_ENVELOPE = 256  # bytes a journal record would add to the body: ids, addresses, checksum
