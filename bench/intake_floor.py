@@ -52,10 +52,10 @@ MESSAGES -l SIZE` (`-d` with `--keep-connection`) into:
   (`../shared/bench/postfix-instance.sh`, as in `store_engines.py`).
 
 Printed: per system the median msgs/s and its range, the provider's CPU per
-message (Postfix: all its processes), and the ratios to Postfix of
-shipped, of one write (the most a store that keeps its promise could
-reach with this SMTP side) and of no store (the ceiling a store that cost
-nothing would reach).
+message (Postfix: all its processes), and each system's ratio to Postfix,
+of the medians and of each round's own runs: one write is the most a store
+that keeps its promise could reach with this SMTP side, no store the
+ceiling a store that cost nothing would reach.
 
 Checks: `shipped`, `journal` and `store behind` hold exactly MESSAGES
 afterwards, `no store` and `one write` hold none (and smtp-source got a
@@ -196,12 +196,14 @@ def fill(store):
         time.sleep(GATHER)
         with changed:
             items, waiting = waiting, []
-        with store._write(durable=False) as conn:
-            for message, data, queue_id in items:
-                store._enqueue(conn, message, io.BytesIO(data), queue_id)
-        with changed:
-            busy = False
-            changed.notify_all()
+        try:
+            with store._write(durable=False) as conn:
+                for message, data, queue_id in items:
+                    store._enqueue(conn, message, io.BytesIO(data), queue_id)
+        finally:  # a failure shows as messages missing, not as a provider that never stops
+            with changed:
+                busy = False
+                changed.notify_all()
 
 def enqueue_now(self, message, body, queue_id=None):
     if self._bytes_to_copy(body, queue_id) > sqlite.INLINE_BODY:
@@ -390,6 +392,10 @@ def main() -> int:
     ap.add_argument("--systems", default="",
                     help="comma-separated systems to run (default: all): " + ",".join(SYSTEMS))
     args = ap.parse_args()
+    unknown = set(filter(None, args.systems.split(","))) - set(SYSTEMS)
+    if unknown:
+        ap.error(f"--systems: unknown {', '.join(sorted(unknown))}; "
+                 f"choose from {','.join(SYSTEMS)}")
     c.need(c.SMTP_SOURCE)
     problem = se.postfix_problem()
     systems = [s for s in SYSTEMS if (s != "postfix" or problem is None)
