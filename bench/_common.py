@@ -13,6 +13,7 @@ import asyncio
 import atexit
 import base64
 import contextlib
+import fcntl
 import hashlib
 import hmac
 import io
@@ -23,6 +24,7 @@ import shutil
 import signal
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 import tempfile
@@ -453,12 +455,10 @@ def spread_subdirectories(path: Path) -> bool:
     deleted thousands (Postfix's drain, a previous round) pays for that
     scan: `customer pull` rounds at 665-829 msgs/s with 2.0-3.8 s of system
     time, against 1057-1272 and 0.7-0.8 s in a group of their own (bench/README.md).
-    Best effort: False where the flag cannot be set (not ext4, no Linux)."""
+    Best effort: False where the flag cannot be set (not ext4, say tmpfs)."""
     try:
-        import fcntl
-        import struct
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    except (ImportError, OSError):
+    except OSError:
         return False
     try:
         flags = struct.unpack("i", fcntl.ioctl(fd, FS_IOC_GETFLAGS, struct.pack("i", 0)))[0]
