@@ -7,44 +7,16 @@ larger than the buffer arrives whole and in order."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import ssl
 import threading
-from collections.abc import AsyncIterator
 
 import pytest
 
 from conftest import Certs
 from fermoposta.net import connection as connection_module
 from fermoposta.net.connection import Connection, open_connection, start_server
-
-
-@contextlib.asynccontextmanager
-async def pairs(count: int) -> AsyncIterator[list[tuple[Connection, asyncio.StreamWriter]]]:
-    """`count` server-side Connections, each with its raw client writer."""
-    accepted: asyncio.Queue[Connection] = asyncio.Queue()
-    done = asyncio.Event()
-
-    async def handler(conn: Connection) -> None:
-        await accepted.put(conn)
-        await done.wait()
-
-    server = await start_server(handler, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    result = []
-    try:
-        for _ in range(count):
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-            result.append((await asyncio.wait_for(accepted.get(), 5), writer))
-        yield result
-    finally:
-        done.set()
-        for conn, writer in result:
-            writer.close()
-            await conn.close(1.0)
-        server.close()
-        await server.wait_closed()
+from support.connections import server_connections
 
 
 async def until_buffered(conn: Connection, size: int) -> None:
@@ -56,7 +28,7 @@ async def until_buffered(conn: Connection, size: int) -> None:
 
 
 async def test_a_kept_partial_line_survives_another_connections_reads() -> None:
-    async with pairs(2) as [(first, first_client), (second, second_client)]:
+    async with server_connections(2) as [(first, first_client), (second, second_client)]:
         first_client.write(b"MAIL FROM:<a@example.org>")  # no line end yet: kept as fed
         await until_buffered(first, 25)
         # The other connection's reads fill the shared buffer from its start.
@@ -83,7 +55,7 @@ async def test_more_than_the_buffer_arrives_whole_in_order(
 
     monkeypatch.setattr(connection_module._Protocol, "get_buffer", counted)
     data = os.urandom(4 * connection_module.RECEIVE_SIZE + 12345)
-    async with pairs(1) as [(conn, client)]:
+    async with server_connections(1) as [(conn, client)]:
         client.write(data + b"NEXT\r\n")
         got = bytearray()
         await conn.read_chunk(len(data), got.extend, 10.0)

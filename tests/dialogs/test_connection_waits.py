@@ -19,30 +19,14 @@ from fermoposta.net.connection import (
     open_connection,
     start_server,
 )
+from support.connections import server_connections
 
 
 @contextlib.asynccontextmanager
 async def pair() -> AsyncIterator[tuple[Connection, asyncio.StreamWriter]]:
     """Our Connection (the server side) and a raw client writer."""
-    accepted: asyncio.Queue[Connection] = asyncio.Queue()
-    done = asyncio.Event()
-
-    async def handler(conn: Connection) -> None:
-        await accepted.put(conn)
-        await done.wait()
-
-    server = await start_server(handler, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    _, writer = await asyncio.open_connection("127.0.0.1", port)
-    conn = await asyncio.wait_for(accepted.get(), 5)
-    try:
+    async with server_connections(1) as [(conn, writer)]:
         yield conn, writer
-    finally:
-        done.set()
-        writer.close()
-        await conn.close(1.0)
-        server.close()
-        await server.wait_closed()
 
 
 def write_later(writer: asyncio.StreamWriter, data: bytes, delay: float

@@ -299,6 +299,26 @@ async def test_min_atrn_interval(provider_factory, certs):
     await d.close()
 
 
+async def test_an_atrn_that_drains_is_recorded_and_counts_for_the_interval(
+        provider_factory, certs):
+    p = await provider_factory(extra='[odmr]\nmin_atrn_interval = "1h"\n')
+    await hold(p)
+    before = p.store.get_account("acme")
+    assert before is not None and before.last_atrn_at is None
+    d = await authed(p, certs)
+    await d.cmd("ATRN example.org", 250)
+    t = await serve_reversed(d)
+    assert len(t.messages) == 1
+    await d.close()
+    # Recorded with the leases, in one transaction.
+    after = p.store.get_account("acme")
+    assert after is not None and after.last_atrn_at is not None
+    again = await authed(p, certs)
+    lines = await again.cmd("ATRN example.org", 450)
+    assert "too frequent" in lines[0]
+    await again.close()
+
+
 async def test_idle_timeout_421(provider_factory):
     p = await provider_factory(extra='[limits]\ncommand_timeout = "1s"\n')
     d = await Dialog.connect(*p.odmr)

@@ -217,6 +217,29 @@ def test_a_refused_lease_takes_nothing(store: Store) -> None:
     assert store.acquire_leases(["a.example"], "three", 60)
 
 
+def test_leases_taken_record_the_atrn_in_the_same_transaction(store: Store) -> None:
+    store.add_account(Account("alice", None, None))
+    store.add_account(Account("bob", None, None))
+    assert store.acquire_leases(["a.example", "b.example"], "one", 60,
+                                atrn_by=("alice", 1234.5))
+    alice = store.get_account("alice")
+    assert alice is not None and alice.last_atrn_at == 1234.5
+    # Refused (b.example is one's): nothing is taken and nothing recorded.
+    assert not store.acquire_leases(["c.example", "b.example"], "two", 60,
+                                    atrn_by=("bob", 99.0))
+    bob = store.get_account("bob")
+    assert bob is not None and bob.last_atrn_at is None
+    assert store.acquire_leases(["c.example"], "three", 60)
+    # No domains to lease: the ATRN is still recorded.
+    assert store.acquire_leases([], "four", 60, atrn_by=("bob", 100.0))
+    bob = store.get_account("bob")
+    assert bob is not None and bob.last_atrn_at == 100.0
+    # An unknown account: the leases are taken, no account appears.
+    assert store.acquire_leases(["d.example"], "five", 60, atrn_by=("nobody", 1.0))
+    assert store.get_account("nobody") is None
+    assert not store.acquire_leases(["d.example"], "six", 60)
+
+
 def test_release_leases_only_the_owners(store: Store) -> None:
     assert store.acquire_leases(["a.example"], "one", 60)
     assert store.acquire_leases(["b.example"], "two", 60)

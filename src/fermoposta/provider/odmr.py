@@ -433,9 +433,10 @@ class ODMRSession(ServerSession):
             if rate_limit:
                 self.store.record_atrn(self.account, now)
             return R.ATRN_NO_MAIL
-        if not self.store.acquire_leases(domains, self.session_id, self.settings.lease_ttl):
+        # The leases and the ATRN's record: one durable commit, not two.
+        if not self.store.acquire_leases(domains, self.session_id, self.settings.lease_ttl,
+                                         atrn_by=(self.account, now)):
             return DOMAIN_BUSY
-        self.store.record_atrn(self.account, now)
         return domains
 
     def _why_refused(self, domains: tuple[str, ...], owned: set[str]) -> str:

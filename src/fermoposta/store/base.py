@@ -486,9 +486,13 @@ class HoldQueue(MessageQueue, Protocol):
         """(messages, bytes) held for `domain`, for quotas."""
         ...
 
-    def acquire_leases(self, domains: Collection[str], owner: str, ttl: float) -> bool:
+    def acquire_leases(self, domains: Collection[str], owner: str, ttl: float, *,
+                       atrn_by: tuple[str, float] | None = None) -> bool:
         """Lease every domain to `owner` or none; expired leases, and those of a
-        holder known to be dead, are taken over."""
+        holder known to be dead, are taken over.  `atrn_by` (account, time):
+        when the leases are taken, that account's ATRN is recorded in the same
+        transaction (`record_atrn`), so an ATRN that drains costs one durable
+        commit, not two; when they are not, nothing is recorded."""
         ...
 
     def renew_leases(self, owner: str, ttl: float) -> None: ...

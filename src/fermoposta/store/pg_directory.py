@@ -16,7 +16,7 @@ from typing import Any
 from psycopg import errors as pg_errors
 
 from fermoposta.store.base import Account, Domain, WouldBlock
-from fermoposta.store.pg_rows import Conn, EnginePart
+from fermoposta.store.pg_rows import _RECORD_ATRN, Conn, EnginePart
 from fermoposta.store.rows import (
     ACCOUNT_COLUMNS,
     DOMAIN_COLUMNS,
@@ -180,7 +180,7 @@ class PostgresDirectory(EnginePart):
 
     def record_atrn(self, name: str, at: float) -> None:
         with self._write("record ATRN") as conn:
-            conn.execute("UPDATE accounts SET last_atrn_at = %s WHERE name = %s", (at, name))
+            conn.execute(_RECORD_ATRN, (at, name))
 
     def add_domain(self, domain: Domain) -> None:
         with self._write("add domain") as conn:

@@ -27,7 +27,15 @@ from typing import IO, Any
 import psycopg
 
 from fermoposta.store.base import NewMessage, QueuedMessage
-from fermoposta.store.pg_rows import _LOCK_RECIPIENTS, HELD, OUTBOUND, Conn, EnginePart, _ids
+from fermoposta.store.pg_rows import (
+    _LOCK_RECIPIENTS,
+    _RECORD_ATRN,
+    HELD,
+    OUTBOUND,
+    Conn,
+    EnginePart,
+    _ids,
+)
 
 MAX_DOMAINS = 500  # held_older_than's bound (the SQLite engine's batch size)
 
@@ -272,10 +280,13 @@ class PostgresOutbound(EnginePart):
 
     # --- leases ---------------------------------------------------------------------------------
 
-    def acquire_leases(self, domains: Collection[str], owner: str, ttl: float) -> bool:
+    def acquire_leases(self, domains: Collection[str], owner: str, ttl: float, *,
+                       atrn_by: tuple[str, float] | None = None) -> bool:
         wanted = sorted(set(domains))
         with self._write("acquire leases") as conn:
             if not wanted:
+                if atrn_by is not None:
+                    conn.execute(_RECORD_ATRN, (atrn_by[1], atrn_by[0]))
                 return True
             now = self._clock()
             # In domain order, so two sessions racing for overlapping sets
@@ -296,6 +307,8 @@ class PostgresOutbound(EnginePart):
                 # All or nothing: psycopg.Rollback undoes the transaction (what
                 # was taken) and ends the block normally.
                 raise psycopg.Rollback()
+            if atrn_by is not None:
+                conn.execute(_RECORD_ATRN, (atrn_by[1], atrn_by[0]))
             return True
         return False
 

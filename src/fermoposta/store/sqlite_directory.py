@@ -22,6 +22,7 @@ from fermoposta.store.rows import (
     account_from_row,
     domain_from_row,
 )
+from fermoposta.store.sqlite_rows import _RECORD_ATRN
 
 
 def _get_domain(conn: sqlite3.Connection, name: str) -> Domain | None:
@@ -194,7 +195,7 @@ class SQLiteDirectory:
 
     def record_atrn(self, name: str, at: float) -> None:
         with self._write() as conn:
-            conn.execute("UPDATE accounts SET last_atrn_at = ? WHERE name = ?", (at, name))
+            conn.execute(_RECORD_ATRN, (at, name))
 
     def add_domain(self, domain: Domain) -> None:
         with self._write() as conn:

@@ -31,7 +31,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from fermoposta.store.base import NewMessage, QueuedMessage, RecipientState
 from fermoposta.store.holders import Holders
-from fermoposta.store.sqlite_rows import _BATCH, _batches, _marks
+from fermoposta.store.sqlite_rows import _BATCH, _RECORD_ATRN, _batches, _marks
 
 
 class SQLiteOutbound:
@@ -273,7 +273,8 @@ class SQLiteOutbound:
 
     # --- leases --------------------------------------------------------------------------
 
-    def acquire_leases(self, domains: Collection[str], owner: str, ttl: float) -> bool:
+    def acquire_leases(self, domains: Collection[str], owner: str, ttl: float, *,
+                       atrn_by: tuple[str, float] | None = None) -> bool:
         wanted = sorted(set(domains))
         # Our lock file exists (and is locked) before our name is in a row.
         holder = self._holders.me()
@@ -296,6 +297,8 @@ class SQLiteOutbound:
                 " expires_at = excluded.expires_at, holder = excluded.holder",
                 [(d, owner, now + ttl, holder) for d in wanted],
             )
+            if atrn_by is not None:
+                conn.execute(_RECORD_ATRN, (atrn_by[1], atrn_by[0]))
         return True
 
     def renew_leases(self, owner: str, ttl: float) -> None:

@@ -20,6 +20,9 @@ from fermoposta.store.rows import (
 )
 
 _BATCH = 500  # bound on SQL parameters per statement (old SQLite: 999)
+# An account's last ATRN (time, name): `record_atrn`, and `acquire_leases`
+# in the leases' own transaction.
+_RECORD_ATRN = "UPDATE accounts SET last_atrn_at = ? WHERE name = ?"
 
 _T = TypeVar("_T")
 
