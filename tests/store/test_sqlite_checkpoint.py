@@ -6,11 +6,18 @@ from __future__ import annotations
 
 import io
 import logging
+import sqlite3
 import threading
 import time
 
 from fermoposta.store import SQLiteStore
-from fermoposta.store.base import MessageOrigin, NewMessage, NewRecipient, RecipientState
+from fermoposta.store.base import (
+    MessageOrigin,
+    NewMessage,
+    NewRecipient,
+    RecipientState,
+    StoreError,
+)
 from fermoposta.store.sqlite_checkpoint import BACKSTOP_PAGES, Checkpointer
 
 
@@ -81,3 +88,98 @@ def test_a_failing_checkpoint_is_logged_once_and_tried_again(tmp_path, caplog):
     assert len(failures) == 1
     assert str(missing) in failures[0].getMessage()
     assert checkpointer.checkpoints == 0
+
+
+def _wal_restarts(path) -> int:
+    """The WAL header's checkpoint sequence number: SQLite adds one each
+    time the WAL starts again from its beginning."""
+    with open(f"{path}-wal", "rb") as wal:
+        return int.from_bytes(wal.read(16)[12:16], "big")
+
+
+def test_a_quiet_store_starts_the_wal_again_before_the_next_commit(tmp_path):
+    # SQLite fsyncs a new WAL's header before its first frames: the first
+    # commit after a quiet spell would pay two fsyncs before its 250.  The
+    # checkpointer starts the WAL again while the store is quiet, so that
+    # the commit only appends.
+    path = tmp_path / "store.db"
+    store = SQLiteStore(path)
+    try:
+        version = store.schema_version()
+        store.enqueue(_message(), io.BytesIO(b"first"))
+        assert _wait(lambda: store._checkpointer.restarts == 1)
+        restarted = _wal_restarts(path)
+        time.sleep(0.2)  # quiet: no commit, no checkpoint, no second restart
+        assert store._checkpointer.restarts == 1
+        store.enqueue(_message(), io.BytesIO(b"second"))
+        assert _wal_restarts(path) == restarted  # appended, not started again
+        # Checkpointed, then started again for the next one; the schema
+        # version written back is the same.
+        assert _wait(lambda: store._checkpointer.restarts == 2)
+        assert _wal_restarts(path) == restarted + 1
+        assert store.schema_version() == version
+        assert len(store.held_message_ids(["example.org"])) == 2
+    finally:
+        store.close()
+
+
+def test_without_the_restart_the_next_commit_starts_the_wal(tmp_path):
+    # The same sequence with the hook left out: what the test above guards.
+    path = tmp_path / "store.db"
+    store = SQLiteStore(path)
+    store._checkpointer._restart = None
+    try:
+        store.enqueue(_message(), io.BytesIO(b"first"))
+        assert _wait(lambda: store._checkpointer.checkpoints >= 1)
+        time.sleep(0.1)
+        before = _wal_restarts(path)
+        store.enqueue(_message(), io.BytesIO(b"second"))
+        assert _wal_restarts(path) == before + 1
+        assert store._checkpointer.restarts == 0
+    finally:
+        store.close()
+
+
+def test_a_busy_store_is_not_started_again_and_nothing_waits(tmp_path):
+    path = tmp_path / "store.db"
+    store = SQLiteStore(path)
+    other = sqlite3.connect(path, isolation_level=None, timeout=0)
+    try:
+        store.enqueue(_message(), io.BytesIO(b"first"))
+        started = time.monotonic()
+        with store._lock:  # a writer of this process (or close()) holds the store
+            store._start_wal_again()
+        other.execute("BEGIN IMMEDIATE")  # another process holds the file's write lock
+        store._start_wal_again()
+        other.execute("ROLLBACK")
+        assert time.monotonic() - started < 0.5  # neither waited
+    finally:
+        other.close()
+        store.close()
+
+
+def test_a_failing_restart_is_logged_once(tmp_path, caplog):
+    calls = []
+
+    def restart() -> None:
+        calls.append(1)
+        raise StoreError("disk I/O error")
+
+    path = tmp_path / "store.db"
+    SQLiteStore(path).close()
+    checkpointer = Checkpointer(path, delay=0.0, interval=0.0, restart=restart,
+                                idle_restart=0.01)
+    writer = sqlite3.connect(path, isolation_level=None)
+    writer.execute("CREATE TABLE scratch (n INTEGER)")
+    caplog.set_level(logging.WARNING, logger="fermoposta.store")
+    try:
+        for n in range(3):
+            writer.execute("INSERT INTO scratch (n) VALUES (?)", (n,))
+            checkpointer.poke()
+            assert _wait(lambda n=n: len(calls) > n)
+    finally:
+        checkpointer.close()
+        writer.close()
+    failures = [r for r in caplog.records if "could not start the WAL again" in r.getMessage()]
+    assert len(failures) == 1 and "disk I/O error" in failures[0].getMessage()
+    assert checkpointer.restarts == 0

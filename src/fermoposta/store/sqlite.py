@@ -113,7 +113,7 @@ class SQLiteStore(SQLiteDirectory, SQLiteQueueTools, SQLiteEtrn, SQLiteOutbound,
         self._lock = threading.Lock()
         self._closed = False
         self._holders = Holders(self._path.parent / "holders")
-        self._checkpointer = Checkpointer(self._path)
+        self._checkpointer = Checkpointer(self._path, restart=self._start_wal_again)
         self._sync_normal = False  # the writer is at synchronous=NORMAL (see _write)
         self._waits_for_lock = True  # its busy timeout is BUSY_TIMEOUT, not 0 (_write)
         self._init_staging()
@@ -213,7 +213,7 @@ class SQLiteStore(SQLiteDirectory, SQLiteQueueTools, SQLiteEtrn, SQLiteOutbound,
     # --- transactions --------------------------------------------------------------------
 
     @contextmanager
-    def _write(self, *, durable: bool = True, wait: bool = True
+    def _write(self, *, durable: bool = True, wait: bool = True, poke: bool = True
                ) -> Iterator[sqlite3.Connection]:
         """One IMMEDIATE transaction; rolled back on any exception.  Not
         `durable`: its commit does not fsync (`synchronous=NORMAL`), for
@@ -223,7 +223,8 @@ class SQLiteStore(SQLiteDirectory, SQLiteQueueTools, SQLiteEtrn, SQLiteOutbound,
         failed after a non-durable one): it fails rather than commit
         without an fsync.  Not `wait`: `WouldBlock` instead of waiting when
         another thread is writing or another connection holds the file's
-        write lock (for `enqueue_now`, on the event loop)."""
+        write lock (for `enqueue_now`, on the event loop).  Not `poke`: the
+        checkpointer is not told of the commit (`_start_wal_again`)."""
         if not self._lock.acquire(blocking=wait):
             raise WouldBlock()
         try:
@@ -265,9 +266,24 @@ class SQLiteStore(SQLiteDirectory, SQLiteQueueTools, SQLiteEtrn, SQLiteOutbound,
                     with contextlib.suppress(sqlite3.Error):  # else the next durable one
                         self._conn.execute("PRAGMA synchronous = FULL")
                         self._sync_normal = False
-            self._checkpointer.poke()
+            if poke:
+                self._checkpointer.poke()
         finally:
             self._lock.release()
+
+    def _start_wal_again(self) -> None:
+        """The checkpointer's `restart` (in its thread, the store quiet and
+        the WAL all copied): one write of the schema version as it is, which
+        starts the WAL again, so that the next commit appends to it with one
+        fsync instead of two (`sqlite_checkpoint`).  Skipped when a writer,
+        or `close()`, holds the store: never waits for either."""
+        try:
+            with self._write(wait=False, poke=False) as conn:
+                # Read in this write transaction: no other writer in between.
+                version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+                conn.execute(f"PRAGMA user_version = {version}")
+        except WouldBlock:
+            pass
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:

@@ -20,6 +20,15 @@ Contract:
   durability is SQLite's as before (the writer's commits stay
   `synchronous=FULL`).  Once a checkpoint has caught up, the next write
   transaction starts the WAL again from its beginning.
+- Starting the WAL again costs that transaction a second fsync (SQLite
+  syncs a new WAL's header before the first frames), and it is the commit
+  of whoever comes first after a quiet spell: an ATRN's leases, the next
+  message's 250.  So when a checkpoint has copied every frame and no poke
+  comes within `IDLE_RESTART` seconds, the thread calls `restart()` (if
+  given: the store writes one page of its own, which starts the WAL again
+  and pays that fsync here, off everyone's path).  It counts as no commit:
+  it pokes nothing, so the next checkpoint waits for the next real commit.
+  `restarts` counts the calls that returned (tests).
 - A failed checkpoint is logged (once per kind of error) and tried again at
   the next poke; one that found another connection checkpointing (busy) is
   tried again after `INTERVAL`: the WAL only grows meanwhile, nothing is
@@ -36,7 +45,10 @@ import logging
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+
+from fermoposta.store.base import StoreError
 
 log = logging.getLogger("fermoposta.store")
 
@@ -44,20 +56,27 @@ BACKSTOP_PAGES = 16384  # 64 MiB of 4 KiB pages: the writer checkpoints past thi
 WAL_SIZE_LIMIT = 64 << 20  # bytes: a WAL started again is cut back to this
 DELAY = 0.005  # seconds: gathers the commits of one burst into one checkpoint
 INTERVAL = 0.1  # seconds: the least time from one checkpoint's start to the next
+IDLE_RESTART = 0.05  # seconds without a poke after a complete checkpoint: restart()
 
 
 class Checkpointer:
-    def __init__(self, path: Path, delay: float = DELAY, interval: float = INTERVAL) -> None:
+    def __init__(self, path: Path, delay: float = DELAY, interval: float = INTERVAL, *,
+                 restart: Callable[[], None] | None = None,
+                 idle_restart: float = IDLE_RESTART) -> None:
         self._path = path
         self._delay = delay
         self._interval = interval
+        self._restart = restart
+        self._idle_restart = idle_restart
         self._wake = threading.Event()
         self._stopping = threading.Event()  # close(): ends a wait at once
         self._stop = False
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
         self._last_error = ""
+        self._last_restart_error = ""
         self.checkpoints = 0
+        self.restarts = 0
 
     def poke(self) -> None:
         if self._thread is None:
@@ -77,6 +96,18 @@ class Checkpointer:
         self._wake.set()
         if thread is not None and thread is not threading.current_thread():
             thread.join()
+
+    def _start_again(self, restart: Callable[[], None]) -> None:
+        try:
+            restart()
+        except StoreError as exc:  # the next commit starts the WAL itself
+            if str(exc) != self._last_restart_error:  # once per kind of error
+                log.warning("store %s: could not start the WAL again while idle (%s); "
+                            "will try again", self._path, exc)
+                self._last_restart_error = str(exc)
+        else:
+            self.restarts += 1
+            self._last_restart_error = ""
 
     def _run(self) -> None:
         conn: sqlite3.Connection | None = None
@@ -100,11 +131,16 @@ class Checkpointer:
                                                uri=True, timeout=0, isolation_level=None,
                                                check_same_thread=False)
                         conn.execute("PRAGMA synchronous = FULL")
-                    busy = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[0]
+                    busy, frames, copied = conn.execute(
+                        "PRAGMA wal_checkpoint(PASSIVE)").fetchone()
                     if busy:  # another connection is checkpointing: again later
                         self._wake.set()
                     else:
                         self.checkpoints += 1
+                        if (self._restart is not None and 0 < frames == copied
+                                and not self._wake.wait(self._idle_restart)
+                                and not self._stop):
+                            self._start_again(self._restart)
                     self._last_error = ""
                 except sqlite3.Error as exc:
                     if str(exc) != self._last_error:
