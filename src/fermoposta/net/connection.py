@@ -198,9 +198,9 @@ class _FINGuard(asyncio.BufferedProtocol):
 
 # asyncio's plain `Protocol` path reads with `sock.recv(256 KiB)`: CPython
 # allocates 256 KiB for each read and shrinks it to what came, which glibc
-# serves (above its mmap threshold) with mmap, mremap and munmap: 15 µs a
-# read on our VMs for a 30-byte command, against 3 µs for the same read into
-# a buffer that stays (bench/README.md, fourteenth session).  So `_Protocol`
+# serves (above its mmap threshold) with mmap, mremap and munmap: 18 µs a
+# read on our VMs for a 30-byte command, against 3.5 µs for the same read
+# into a buffer that stays, copied out (bench/README.md, fourteenth session).  So `_Protocol`
 # is a `BufferedProtocol`: the transport (plain socket or asyncio's TLS)
 # reads into one buffer of this size per thread, and `buffer_updated`
 # copies out at once what came.  One buffer per thread, not per

@@ -40,11 +40,11 @@ _RECIPIENT_COLUMNS = RECIPIENT_COLUMNS
 _R_RECIPIENT_COLUMNS = qualified(RECIPIENT_COLUMNS, "r")
 _MESSAGE_COLUMNS = MESSAGE_COLUMNS
 _M_MESSAGE_COLUMNS = qualified(MESSAGE_COLUMNS, "m")
-# Lock recipient rows in id order (as every write does): no deadlock between
-# two transactions on overlapping sets.
 # An account's last ATRN (time, name): `record_atrn`, and `acquire_leases`
 # in the leases' own transaction.
 _RECORD_ATRN = "UPDATE accounts SET last_atrn_at = %s WHERE name = %s"
+# Lock recipient rows in id order (as every write does): no deadlock between
+# two transactions on overlapping sets.
 _LOCK_RECIPIENTS = "SELECT id FROM recipients WHERE id = ANY(%s::bigint[]) ORDER BY id FOR UPDATE"
 
 
