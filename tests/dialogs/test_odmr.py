@@ -306,11 +306,21 @@ async def test_an_atrn_that_drains_is_recorded_and_counts_for_the_interval(
     before = p.store.get_account("acme")
     assert before is not None and before.last_atrn_at is None
     d = await authed(p, certs)
+    statements: list[str] = []
+    p.store._conn.set_trace_callback(statements.append)  # the SQLite writer
     await d.cmd("ATRN example.org", 250)
+    p.store._conn.set_trace_callback(None)
+    # The leases and the record in one transaction, which does not wait for
+    # the disk (nothing was promised on it): NORMAL, then FULL again.
+    assert statements.count("PRAGMA synchronous = NORMAL") == 1
+    start = statements.index("PRAGMA synchronous = NORMAL")
+    inside = statements[start + 1:statements.index("PRAGMA synchronous = FULL", start)]
+    assert inside[0] == "BEGIN IMMEDIATE" and inside[-1] == "COMMIT"
+    assert any(sql.startswith("INSERT INTO leases") for sql in inside)
+    assert any(sql.startswith("UPDATE accounts SET last_atrn_at") for sql in inside)
     t = await serve_reversed(d)
     assert len(t.messages) == 1
     await d.close()
-    # Recorded with the leases, in one transaction.
     after = p.store.get_account("acme")
     assert after is not None and after.last_atrn_at is not None
     again = await authed(p, certs)

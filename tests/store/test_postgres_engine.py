@@ -1159,3 +1159,28 @@ def test_held_mail_from_another_search_path_wakes_the_listener(pg: Schema) -> No
         assert notices.wait(5.0) == {"a.example"}
     finally:
         notices.close()
+
+
+def test_a_write_that_is_not_durable_skips_the_flush_for_itself_only(pg: Schema) -> None:
+    # An ATRN's leases and record (`durable=False`): synchronous_commit off
+    # for that transaction alone; the pool's connections stay at "on".
+    store = pg.open(pool_size=1)
+    with store._write("probe", durable=False) as conn:
+        assert conn.execute("SHOW synchronous_commit").fetchone() == ("off",)
+    with store._write("probe") as conn:
+        assert conn.execute("SHOW synchronous_commit").fetchone() == ("on",)
+    from fermoposta.store.base import Account
+    store.add_account(Account("acme", None, None))
+    assert store.acquire_leases(["a.example"], "one", 60, atrn_by=("acme", 5.0), durable=False)
+    other = pg.open()  # committed: another node sees the lease and the record at once
+    assert not other.acquire_leases(["a.example"], "two", 60)
+    account = other.get_account("acme")
+    assert account is not None and account.last_atrn_at == 5.0
+    store.record_atrn("acme", 6.0, durable=False)
+    account = other.get_account("acme")
+    assert account is not None and account.last_atrn_at == 6.0
+    conn = store._pool.getconn()
+    try:
+        assert conn.execute("SHOW synchronous_commit").fetchone() == ("on",)
+    finally:
+        store._pool.putconn(conn)

@@ -793,3 +793,29 @@ def test_migration_from_version_8(tmp_path: Path) -> None:
     assert (a.messages, a.recipients, a.bytes, a.oldest, a.held, a.ages) == (
         2, 3, 12, 1_000.0, 3, (1, 2))
     assert (shape.total.messages, shape.total.bytes, shape.total.ages) == (2, 12, (2, 2))
+
+
+def test_an_atrns_writes_do_not_wait_for_the_disk(path: Path) -> None:
+    # `durable=False` (an ATRN's leases and record): the transaction runs at
+    # synchronous=NORMAL, and the writer is at FULL again right after, so
+    # the next durable commit syncs the WAL, these frames included.
+    from fermoposta.store.base import Account
+    with SQLiteStore(path) as store:
+        store.add_account(Account("acme", None, None))
+        statements: list[str] = []
+        store._conn.set_trace_callback(statements.append)
+        assert store.acquire_leases(["a.example"], "one", 60, atrn_by=("acme", 5.0),
+                                    durable=False)
+        store.record_atrn("acme", 6.0, durable=False)
+        store._conn.set_trace_callback(None)
+        normal = [i for i, sql in enumerate(statements) if sql == "PRAGMA synchronous = NORMAL"]
+        full = [i for i, sql in enumerate(statements) if sql == "PRAGMA synchronous = FULL"]
+        lease = next(i for i, sql in enumerate(statements) if "INTO leases" in sql)
+        record = next(i for i, sql in enumerate(statements) if "last_atrn_at" in sql
+                      and "6.0" in sql)
+        assert len(normal) == 2 and len(full) == 2
+        assert normal[0] < lease < full[0] < normal[1] < record < full[1]
+        assert store._conn.execute("PRAGMA synchronous").fetchone() == (2,)  # FULL
+        account = store.get_account("acme")
+        assert account is not None and account.last_atrn_at == 6.0
+        assert not store.acquire_leases(["a.example"], "two", 60)

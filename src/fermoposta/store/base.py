@@ -487,12 +487,18 @@ class HoldQueue(MessageQueue, Protocol):
         ...
 
     def acquire_leases(self, domains: Collection[str], owner: str, ttl: float, *,
-                       atrn_by: tuple[str, float] | None = None) -> bool:
+                       atrn_by: tuple[str, float] | None = None,
+                       durable: bool = True) -> bool:
         """Lease every domain to `owner` or none; expired leases, and those of a
         holder known to be dead, are taken over.  `atrn_by` (account, time):
         when the leases are taken, that account's ATRN is recorded in the same
-        transaction (`record_atrn`), so an ATRN that drains costs one durable
-        commit, not two; when they are not, nothing is recorded."""
+        transaction (`record_atrn`); when they are not, nothing is recorded.
+        Not `durable`: the commit is visible to every session and node at
+        once but does not wait for the disk (SQLite `synchronous=NORMAL`,
+        PostgreSQL `synchronous_commit=off`), for an ATRN's leases: a crash
+        that forgets them also ends the drain that held them (at worst a
+        message goes twice, as after any crash), and the next durable
+        commit makes them durable too."""
         ...
 
     def renew_leases(self, owner: str, ttl: float) -> None: ...
@@ -601,7 +607,11 @@ class Directory(Protocol):
         """Remove the account and its domains; False if it did not exist."""
         ...
 
-    def record_atrn(self, name: str, at: float) -> None: ...
+    def record_atrn(self, name: str, at: float, *, durable: bool = True) -> None:
+        """The account's last ATRN (`last_atrn_at`); not `durable`: as for
+        `acquire_leases` (a crash may forget it: the rate limit then lets
+        the next ATRN through sooner)."""
+        ...
 
     def add_domain(self, domain: Domain) -> None:
         """Raise `ValueError` if the domain exists or the account does not."""

@@ -178,8 +178,8 @@ class PostgresDirectory(EnginePart):
         with self._write("remove account") as conn:
             return conn.execute("DELETE FROM accounts WHERE name = %s", (name,)).rowcount > 0
 
-    def record_atrn(self, name: str, at: float) -> None:
-        with self._write("record ATRN") as conn:
+    def record_atrn(self, name: str, at: float, *, durable: bool = True) -> None:
+        with self._write("record ATRN", durable=durable) as conn:
             conn.execute(_RECORD_ATRN, (at, name))
 
     def add_domain(self, domain: Domain) -> None:

@@ -281,9 +281,10 @@ class PostgresOutbound(EnginePart):
     # --- leases ---------------------------------------------------------------------------------
 
     def acquire_leases(self, domains: Collection[str], owner: str, ttl: float, *,
-                       atrn_by: tuple[str, float] | None = None) -> bool:
+                       atrn_by: tuple[str, float] | None = None,
+                       durable: bool = True) -> bool:
         wanted = sorted(set(domains))
-        with self._write("acquire leases") as conn:
+        with self._write("acquire leases", durable=durable) as conn:
             if not wanted:
                 if atrn_by is not None:
                     conn.execute(_RECORD_ATRN, (atrn_by[1], atrn_by[0]))

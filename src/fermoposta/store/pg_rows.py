@@ -75,7 +75,8 @@ class EnginePart:
         def _read(self, what: str, *, snapshot: bool = True
                   ) -> AbstractContextManager[Conn]: ...
 
-        def _write(self, what: str) -> AbstractContextManager[Conn]: ...
+        def _write(self, what: str, *, durable: bool = True
+                   ) -> AbstractContextManager[Conn]: ...
 
         def _write_one_statement(self, what: str,
                                  statement: Callable[[Conn], psycopg.Cursor[TupleRow]]

@@ -24,7 +24,10 @@ Contract and choices:
 - Tables live in the connection's `current_schema()` (set it with
   `options=-csearch_path=...` in the URL); nothing names `public`.
 - Durability: every connection runs with `synchronous_commit = on`, whatever
-  the server's or role's default, and a method returns only after COMMIT.
+  the server's or role's default, and a method returns only after COMMIT;
+  the only exception is a write the caller says is not `durable` (an
+  ATRN's leases and record: `synchronous_commit = off` for that one
+  transaction, committed and visible to every node all the same).
   Writes are one READ COMMITTED transaction each; rows that several nodes
   may touch are locked in a fixed order (recipients by id, then messages by
   id), so concurrent outcomes neither deadlock nor leave a message without
@@ -347,13 +350,17 @@ class PostgresStore(PostgresDirectory, PostgresQueueTools, PostgresEtrn, Postgre
             self._pool.putconn(conn)
 
     @contextmanager
-    def _write(self, what: str) -> Iterator[Conn]:
+    def _write(self, what: str, *, durable: bool = True) -> Iterator[Conn]:
         """One transaction on a pooled connection: committed when the block
         ends, rolled back on any exception (`psycopg.Rollback` rolls back and
-        ends the block normally).  Its BEGIN is the connection's probe."""
+        ends the block normally).  Its BEGIN is the connection's probe.  Not
+        `durable`: its COMMIT does not wait for the WAL flush
+        (`synchronous_commit = off` for this transaction only, sent with
+        the BEGIN: no round trip of its own)."""
         self._check_open()
         try:
-            with self._connection("BEGIN") as conn:
+            with self._connection("BEGIN" if durable else
+                                  "BEGIN; SET LOCAL synchronous_commit = off") as conn:
                 try:
                     yield conn
                 except psycopg.Rollback:  # an all-or-nothing write that took nothing

@@ -100,7 +100,8 @@ class SQLiteDirectory:
         def _read_now(self, *, snapshot: bool = True
                       ) -> AbstractContextManager[sqlite3.Connection]: ...
 
-        def _write(self) -> AbstractContextManager[sqlite3.Connection]: ...
+        def _write(self, *, durable: bool = True
+                   ) -> AbstractContextManager[sqlite3.Connection]: ...
 
     def add_account(self, account: Account) -> None:
         with self._write() as conn:
@@ -193,8 +194,8 @@ class SQLiteDirectory:
             cur = conn.execute("DELETE FROM accounts WHERE name = ?", (name,))
             return cur.rowcount > 0
 
-    def record_atrn(self, name: str, at: float) -> None:
-        with self._write() as conn:
+    def record_atrn(self, name: str, at: float, *, durable: bool = True) -> None:
+        with self._write(durable=durable) as conn:
             conn.execute(_RECORD_ATRN, (at, name))
 
     def add_domain(self, domain: Domain) -> None:

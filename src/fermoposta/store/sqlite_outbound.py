@@ -43,7 +43,8 @@ class SQLiteOutbound:
     if TYPE_CHECKING:  # provided by SQLiteStore
         def _read(self) -> AbstractContextManager[sqlite3.Connection]: ...
 
-        def _write(self) -> AbstractContextManager[sqlite3.Connection]: ...
+        def _write(self, *, durable: bool = True
+                   ) -> AbstractContextManager[sqlite3.Connection]: ...
 
         def _enqueue(self, conn: sqlite3.Connection, message: NewMessage, body: IO[bytes],
                      queue_id: str | None = None) -> str: ...
@@ -274,11 +275,12 @@ class SQLiteOutbound:
     # --- leases --------------------------------------------------------------------------
 
     def acquire_leases(self, domains: Collection[str], owner: str, ttl: float, *,
-                       atrn_by: tuple[str, float] | None = None) -> bool:
+                       atrn_by: tuple[str, float] | None = None,
+                       durable: bool = True) -> bool:
         wanted = sorted(set(domains))
         # Our lock file exists (and is locked) before our name is in a row.
         holder = self._holders.me()
-        with self._write() as conn:
+        with self._write(durable=durable) as conn:
             now = self._clock()
             for batch in _batches(wanted):
                 live = conn.execute(
