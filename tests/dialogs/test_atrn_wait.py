@@ -318,17 +318,17 @@ async def test_only_a_bare_atrn_reads_the_accounts_domains_while_it_waits(
     d = await waiting_atrn(p, certs, atrn)
     await until_waiting(p)
     calls = []
-    real = p.store.list_domains
+    real = p.store.domain_names
 
     def counting(*args, **kwargs):
         calls.append(args)
         return real(*args, **kwargs)
 
-    p.store.list_domains = counting
+    p.store.domain_names = counting
     try:
         await d.expect(453, timeout=5.0)
     finally:
-        p.store.list_domains = real
+        p.store.domain_names = real
     # 0.5 s between looks over a 1.5 s wait; the watch's own polls do not count.
     assert (len(calls) >= 1) is looks, calls
     assert all(args == ("acme",) for args in calls)

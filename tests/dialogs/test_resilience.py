@@ -53,7 +53,7 @@ async def test_connection_limit_per_ip(provider_factory):
 async def test_store_down_at_atrn_answers_451(provider, certs, monkeypatch):
     await hold(provider)
     d = await authed(provider, certs)
-    monkeypatch.setattr(provider.store, "list_domains", broken)
+    monkeypatch.setattr(provider.store, "domain_names", broken)
     lines = await d.cmd("ATRN example.org", 451)
     assert lines[0].startswith("4.3.0")
     monkeypatch.undo()

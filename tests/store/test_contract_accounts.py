@@ -149,8 +149,13 @@ def test_domains_crud(store: Store) -> None:
     assert [d.name for d in store.list_domains()] == ["a.example", "b.example", "c.example"]
     assert [d.name for d in store.list_domains("alice")] == ["a.example", "b.example"]
     assert store.list_domains("nobody") == []
+    # The names alone (what an ATRN checks), the same sets.
+    assert store.domain_names("alice") == frozenset({"a.example", "b.example"})
+    assert store.domain_names("bob") == frozenset({"c.example"})
+    assert store.domain_names("nobody") == frozenset()
     store.update_domain(Domain("b.example", "bob", valid_recipients=None))
     assert store.get_domain("b.example") == Domain("b.example", "bob")
+    assert store.domain_names("bob") == frozenset({"b.example", "c.example"})
     with pytest.raises(ValueError):
         store.update_domain(Domain("z.example", "bob"))
     with pytest.raises(ValueError):
@@ -195,6 +200,7 @@ def test_remove_account_keeps_mail(store: Store) -> None:
     # The name is free again, without the old domains.
     store.add_account(Account("alice", None, None))
     assert store.list_domains("alice") == []
+    assert store.domain_names("alice") == frozenset()
 
 
 def test_remove_domain_keeps_mail(store: Store) -> None:

@@ -388,12 +388,11 @@ class ODMRSession(ServerSession):
         next look or wake-up tries again.)"""
         assert self.account is not None
         try:
-            owned = await asyncio.to_thread(self.store.list_domains, self.account)
+            names = await asyncio.to_thread(self.store.domain_names, self.account)
         except StoreError as exc:
             self.log.warning("%s: ATRN wait: cannot read the account's domains, waiting on: "
                              "%s", self.session_id, exc)
             return False
-        names = frozenset(domain.name for domain in owned)
         if names == waiter.domains:
             return False
         self.log.info("%s: ATRN %s by %s: the account's domains changed while it waited: "
@@ -416,7 +415,7 @@ class ODMRSession(ServerSession):
             self.refusal = "the account no longer exists"
             return R.ATRN_REFUSED
         self.atrn_wait = account.atrn_wait or 0.0
-        owned = {d.name for d in self.store.list_domains(self.account)}
+        owned = self.store.domain_names(self.account)
         domains = requested or tuple(sorted(owned))
         if not domains or not set(domains) <= owned:
             # RFC 2645 §5.2.1: all or nothing, and the reply says not which;
@@ -444,7 +443,7 @@ class ODMRSession(ServerSession):
             return DOMAIN_BUSY
         return domains
 
-    def _why_refused(self, domains: tuple[str, ...], owned: set[str]) -> str:
+    def _why_refused(self, domains: tuple[str, ...], owned: frozenset[str]) -> str:
         """Why an ATRN for `domains` is refused (450), for the log line."""
         if not owned:
             return (f"the account has no domains (fermoposta domain add DOMAIN "

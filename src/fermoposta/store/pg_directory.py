@@ -260,6 +260,11 @@ class PostgresDirectory(EnginePart):
                 ).fetchall()
             return [_domain(conn, row) for row in rows]
 
+    def domain_names(self, account: str) -> frozenset[str]:
+        with self._read("list domain names", snapshot=False) as conn:
+            return frozenset(str(row[0]) for row in conn.execute(
+                "SELECT name FROM domains WHERE account = %s", (account,)))
+
     def remove_domain(self, name: str) -> bool:
         """Remove the domain (and its valid recipients); its held mail stays queued."""
         with self._write("remove domain") as conn:

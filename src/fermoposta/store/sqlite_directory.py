@@ -278,6 +278,11 @@ class SQLiteDirectory:
                 ).fetchall()
             return [_domain(conn, row) for row in rows]
 
+    def domain_names(self, account: str) -> frozenset[str]:
+        with self._read() as conn:
+            return frozenset(str(row[0]) for row in conn.execute(
+                "SELECT name FROM domains WHERE account = ?", (account,)))
+
     def remove_domain(self, name: str) -> bool:
         """Remove the domain (and its valid recipients); its held mail stays queued."""
         with self._write() as conn:
