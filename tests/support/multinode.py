@@ -302,10 +302,10 @@ class RecordingSink(ScriptedSMTP):
         """Every recipient of every accepted transaction, repeats included."""
         return [r for t in self.received for r in t.recipients]
 
-    def open_at(self, moment: float) -> set[str]:
-        """Recipients in a transaction open at `moment` (time.monotonic())."""
+    def opened_by(self, moment: float) -> set[str]:
+        """Recipients in a transaction opened at or before `moment`."""
         return {rcpt for rcpt, spans in self.spans.items()
-                if any(a <= moment <= b for a, b in spans)}
+                if any(a <= moment for a, _ in spans)}
 
     def overlaps(self) -> dict[str, list[tuple[float, float]]]:
         """Recipients with two transactions open at the same time."""
