@@ -7,8 +7,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fermoposta.smtp.command import (
+    BAD_RECIPIENT,
     Command,
     Path,
+    _full_path,
+    _plain_path,
     normalize_domain,
     parse_command,
     parse_ehlo_arg,
@@ -272,6 +275,54 @@ def test_generated_valid_paths_round_trip(atoms: list[str], labels: list[str]) -
     address = ".".join(atoms) + "@" + ".".join(labels)
     assert parse_mail_from(f"FROM:<{address}>", allow_utf8=False).address == address
     assert split_address(address) == (".".join(atoms), ".".join(labels))
+
+
+# --- the plain-path fast path agrees with the full grammar -------------------------------
+
+path_part = st.text(alphabet="aZ09-._+=\"\\@[]:<>,xn é\u200b", max_size=12)
+
+
+@settings(max_examples=2000)
+@given(st.lists(path_part, min_size=1, max_size=4), st.lists(path_part, min_size=1, max_size=5),
+       st.sampled_from(["", ">", "> SIZE=1", ">x", "@"]))
+def test_plain_path_agrees_with_the_full_grammar(local: list[str], labels: list[str],
+                                                 tail: str) -> None:
+    s = "<" + ".".join(local) + "@" + ".".join(labels) + tail
+    plain = _plain_path(s)
+    if plain is None:
+        return
+    for keyword in ("FROM:", "TO:"):
+        for utf8 in (False, True):
+            assert _full_path(s, keyword, utf8, BAD_RECIPIENT) == plain, s
+
+
+@settings(max_examples=300)
+@given(st.lists(local_atom, min_size=1, max_size=3), st.lists(label, min_size=1, max_size=4),
+       st.booleans())
+def test_plain_paths_take_the_fast_path(atoms: list[str], labels: list[str], upper: bool) -> None:
+    domain = ".".join(labels)
+    s = "<" + ".".join(atoms) + "@" + (domain.upper() if upper else domain) + "> SIZE=9"
+    if "xn--" in domain:
+        assert _plain_path(s) is None
+        return
+    assert _plain_path(s) == (".".join(atoms) + "@" + domain, s.index(">") + 1)
+    assert _plain_path(s) == _full_path(s, "TO:", False, BAD_RECIPIENT)
+
+
+def test_plain_path_leaves_the_limits_and_the_rest_to_the_full_grammar() -> None:
+    assert _plain_path("<" + "a" * 64 + "@c.org>") == ("a" * 64 + "@c.org", 72)
+    assert _plain_path("<" + "d" * 63 + "@" + "d" * 63 + ".org>") is not None
+    long_domain = ".".join(["d" * 63] * 3 + ["d" * 59])  # 251 octets
+    assert _plain_path(f"<ab@{long_domain}>") == (f"ab@{long_domain}", 256)
+    for s in ("<" + "a" * 65 + "@c.org>",  # local part over 64
+              f"<a@{'d' * 64}.org>",  # label over 63
+              f"<abc@{long_domain}>",  # path over 256
+              "<a@xn--bcher-kva.de>", "<a@B.XN--bcher-kva.DE>",  # A-labels: IDNA checks them
+              '<"a b"@c.org>', "<a@[127.0.0.1]>", "<@r.org:a@c.org>", "<>", "<postmaster>",
+              "<a..b@c.org>", "<a@c..org>", "<a@c.org.>", "<a@-c.org>", "<ä@c.org>", "a@c.org"):
+        assert _plain_path(s) is None, s
+    assert parse_rcpt_to("TO:<a@B.XN--BCHER-KVA.DE>", allow_utf8=False).address == (
+        "a@b.xn--bcher-kva.de")
 
 
 # --- helpers ------------------------------------------------------------------------------

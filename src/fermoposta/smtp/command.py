@@ -232,19 +232,49 @@ def _parse_params(rest: str) -> dict[str, str | None]:
     return params
 
 
-def _parse(arg: str, keyword: str, allow_utf8: bool, bad: Reply, syntax: Reply) -> Path:
-    if arg[: len(keyword)].upper() != keyword:
-        raise SMTPError(syntax, f"missing {keyword}")
-    s = arg[len(keyword) :].lstrip(" ")  # RFC 2645 §6 example sends "MAIL FROM: <x>"
+# The usual path in one match: `<` Dot-string `@` Domain `>` (RFC 5321 §4.1.2), all
+# ASCII, each label of 1-63 LDH characters (RFC 1035 §2.3.4).  What it matches, within
+# the length limits and without an A-label, `_full_path` would return unchanged but
+# for the domain's case; everything else (quoted local parts, literals, source routes,
+# UTF-8, IDNs, errors) goes to `_full_path`.  A test holds the two to agreement.
+_PLAIN_PATH = re.compile(
+    r"<((?:[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+\.)*[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)"
+    r"@((?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
+    r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)>", re.ASCII)
+
+
+def _plain_path(s: str) -> tuple[str, int] | None:
+    """(canonical address, index after ">") for a plain path at the start of s, else None."""
+    match = _PLAIN_PATH.match(s)
+    if match is None:
+        return None
+    local, domain = match.groups()
+    end = match.end()
+    domain = domain.lower()
+    if (len(local) > MAX_LOCAL_PART or len(domain) > MAX_DNS_NAME or end > MAX_PATH
+            or "xn--" in domain):
+        return None
+    return f"{local}@{domain}", end
+
+
+def _full_path(s: str, keyword: str, allow_utf8: bool, bad: Reply) -> tuple[str, int]:
+    """(canonical address, index after ">") for any path at the start of s."""
     try:
         address, end = _parse_path(s, null_ok=keyword == "FROM:", postmaster_ok=keyword == "TO:")
     except _Bad as exc:
         raise SMTPError(bad, str(exc)) from None
     _check_chars(address, allow_utf8)
     try:
-        address = canonical_address(address)
+        return canonical_address(address), end
     except ValueError as exc:
         raise SMTPError(bad, str(exc)) from None
+
+
+def _parse(arg: str, keyword: str, allow_utf8: bool, bad: Reply, syntax: Reply) -> Path:
+    if arg[: len(keyword)].upper() != keyword:
+        raise SMTPError(syntax, f"missing {keyword}")
+    s = arg[len(keyword) :].lstrip(" ")  # RFC 2645 §6 example sends "MAIL FROM: <x>"
+    address, end = _plain_path(s) or _full_path(s, keyword, allow_utf8, bad)
     return Path(address, _parse_params(s[end:].rstrip(" \t")))
 
 
