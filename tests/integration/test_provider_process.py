@@ -115,6 +115,29 @@ async def test_user_journey_swaks_fetchmail_logs_sigterm(provider_process, tmp_p
     assert PASSWORD not in logs
 
 
+def test_domain_commands_reach_the_running_provider_at_once(provider_process, tmp_path):
+    """The SQLite provider answers RCPT from a cache of domains: a change made
+    by the CLI (another process) still counts for the very next message."""
+    refused = swaks(provider_process.mx, "bob@new.test")
+    assert refused.returncode != 0 and "550 5.7.1" in refused.stdout
+    added = provider_process.cli("domain", "add", "new.test", "--account", "acme")
+    assert added.returncode == 0, added.stderr
+    held = swaks(provider_process.mx, "bob@new.test")
+    assert held.returncode == 0 and "250 2.0.0 OK queued as " in held.stdout, held.stdout
+    (tmp_path / "valid.txt").write_text("alice\n")
+    assert provider_process.cli("domain", "remove", "new.test").returncode == 0
+    again = provider_process.cli("domain", "add", "new.test", "--account", "acme",
+                                 "--recipients-file", str(tmp_path / "valid.txt"))
+    assert again.returncode == 0, again.stderr
+    unknown = swaks(provider_process.mx, "bob@new.test")
+    assert unknown.returncode != 0 and "550 5.1.1" in unknown.stdout, unknown.stdout
+    assert swaks(provider_process.mx, "alice@new.test").returncode == 0
+    removed = provider_process.cli("domain", "remove", "new.test")
+    assert removed.returncode == 0, removed.stderr
+    gone = swaks(provider_process.mx, "alice@new.test")
+    assert gone.returncode != 0 and "550 5.7.1" in gone.stdout, gone.stdout
+
+
 async def test_kill_9_mid_drain_loses_nothing(provider_process, certs):
     ids = []
     for n in range(3):

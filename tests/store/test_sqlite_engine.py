@@ -119,7 +119,7 @@ def test_file_modes_are_private(tmp_path: Path) -> None:
         s.enqueue(msg("a@x.example"), io.BytesIO(b"secret mail"))
         s.acquire_leases(["x.example"], "sess", 60)  # creates the holders directory
         assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
-        for name in (path.name, path.name + "-wal", path.name + "-shm"):
+        for name in (path.name, path.name + "-wal", path.name + "-shm", path.name + "-directory"):
             assert stat.S_IMODE((path.parent / name).stat().st_mode) == 0o600, name
         holders = path.parent / "holders"
         assert stat.S_IMODE(holders.stat().st_mode) == 0o700

@@ -82,6 +82,7 @@ from fermoposta.store.rows import message_from_row as _message
 from fermoposta.store.rows import recipient_from_row as _recipient
 from fermoposta.store.sqlite_checkpoint import BACKSTOP_PAGES, WAL_SIZE_LIMIT, Checkpointer
 from fermoposta.store.sqlite_directory import SQLiteDirectory
+from fermoposta.store.sqlite_domain_cache import DomainCache
 from fermoposta.store.sqlite_etrn import SQLiteEtrn
 from fermoposta.store.sqlite_outbound import SQLiteOutbound
 from fermoposta.store.sqlite_rows import (
@@ -157,6 +158,8 @@ class SQLiteStore(SQLiteDirectory, SQLiteQueueTools, SQLiteEtrn, SQLiteOutbound,
             raise
         self._quick_lock = threading.Lock()
         self._reader_lock = threading.Lock()
+        self._domain_cache = DomainCache(self._path)
+        self._domain_cache.open()
 
     def _read_only_connection(self, timeout: float) -> sqlite3.Connection:
         conn = sqlite3.connect(self._path, timeout=timeout, isolation_level=None,

@@ -1,7 +1,10 @@
 """Accounts and domains of the SQLite engine (`Directory`, see `fermoposta.store.base`).
 
 Contract: `SQLiteDirectory` is a mixin of `SQLiteStore` and uses only its
-transactions (`_read`, `_write`) and clock; everything else about the engine
+transactions (`_read`, `_write`), clock and cache of domain lookups
+(`_domain_cache`, `store.sqlite_domain_cache`: `get_domain_now` answers from
+it while the stamp file says nothing changed, and every write that changes
+a domain stamps it after its commit); everything else about the engine
 (durability, errors, the file) is in `fermoposta.store.sqlite`.  Names are
 unique; a certificate fingerprint or subject is bound to one account at most
 (`ValueError` otherwise); removing an account removes its domains (foreign
@@ -22,6 +25,7 @@ from fermoposta.store.rows import (
     account_from_row,
     domain_from_row,
 )
+from fermoposta.store.sqlite_domain_cache import DomainCache
 from fermoposta.store.sqlite_rows import _RECORD_ATRN
 
 
@@ -93,6 +97,7 @@ class SQLiteDirectory:
     """Accounts and domains: the `Directory` part of `SQLiteStore`."""
 
     _clock: Callable[[], float]
+    _domain_cache: DomainCache
 
     if TYPE_CHECKING:  # provided by SQLiteStore
         def _read(self) -> AbstractContextManager[sqlite3.Connection]: ...
@@ -192,7 +197,8 @@ class SQLiteDirectory:
         """Remove the account, its certificate bindings and domains; held mail stays queued."""
         with self._write() as conn:
             cur = conn.execute("DELETE FROM accounts WHERE name = ?", (name,))
-            return cur.rowcount > 0
+        self._domain_cache.touched()
+        return cur.rowcount > 0
 
     def record_atrn(self, name: str, at: float, *, durable: bool = True) -> None:
         with self._write(durable=durable) as conn:
@@ -221,6 +227,7 @@ class SQLiteDirectory:
                 ),
             )
             _set_valid(conn, domain)
+        self._domain_cache.touched()
 
     def update_domain(self, domain: Domain) -> None:
         """Replace an existing domain's account, quotas, valid recipients, hold
@@ -246,15 +253,26 @@ class SQLiteDirectory:
             )
             conn.execute("DELETE FROM valid_recipients WHERE domain = ?", (domain.name,))
             _set_valid(conn, domain)
+        self._domain_cache.touched()
 
     def get_domain(self, name: str) -> Domain | None:
         with self._read() as conn:
             return _get_domain(conn, name)
 
     def get_domain_now(self, name: str) -> Domain | None:
-        # The MX asks at every RCPT: one statement, no transaction, unless
-        # the domain has a list of valid recipients, read with it in one
-        # snapshot.
+        # The MX asks at every RCPT: from this process's cache while the
+        # stamp says no domain has changed since the answer was read.
+        found, answer = self._domain_cache.lookup(name)
+        if found:
+            return answer
+        generation = self._domain_cache.generation()
+        answer = self._read_domain_now(name)
+        self._domain_cache.keep(name, answer, generation)
+        return answer
+
+    def _read_domain_now(self, name: str) -> Domain | None:
+        # One statement, no transaction, unless the domain has a list of
+        # valid recipients, read with it in one snapshot.
         with self._read_now(snapshot=False) as conn:
             row = conn.execute(f"SELECT {DOMAIN_COLUMNS} FROM domains WHERE name = ?",
                                (name,)).fetchone()
@@ -287,4 +305,5 @@ class SQLiteDirectory:
         """Remove the domain (and its valid recipients); its held mail stays queued."""
         with self._write() as conn:
             cur = conn.execute("DELETE FROM domains WHERE name = ?", (name,))
-            return cur.rowcount > 0
+        self._domain_cache.touched()
+        return cur.rowcount > 0
