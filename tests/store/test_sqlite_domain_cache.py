@@ -126,6 +126,27 @@ def test_an_answer_read_before_a_stamp_is_not_given(tmp_path: Path) -> None:
     assert cache.lookup("g.example") == (False, None)
 
 
+def test_an_answer_read_while_this_process_changed_a_domain_is_not_kept(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Even when the stamp cannot be written (so it does not move), this
+    process's own change, made while the query ran, is not followed by the
+    answer read before it."""
+    cache = DomainCache(tmp_path / "store")
+    cache.open()
+    generation = cache.generation()
+
+    def refuse(path: Path, flags: int) -> int:
+        raise PermissionError(13, "Permission denied (test)")
+
+    monkeypatch.setattr(cache, "_open", refuse)
+    cache.touched()
+    assert cache.generation()[1] == generation[1]  # the stamp did not move
+    cache.keep("k.example", None, generation)
+    assert cache.lookup("k.example") == (False, None)
+    cache.keep("k.example", None, cache.generation())  # read after the change: kept
+    assert cache.lookup("k.example") == (True, None)
+
+
 def test_the_stamp_stays_small_and_keeps_changing(tmp_path: Path) -> None:
     cache = DomainCache(tmp_path / "store")
     cache.open()

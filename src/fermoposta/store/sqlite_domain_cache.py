@@ -31,9 +31,11 @@ Contract:
   committed before the query but stamped after `generation()` makes the
   next lookup miss, and so does one committed after the query (its stamp
   comes after its commit): an answer read before a change committed is
-  never given after that change's stamp.  `TTL` is the backstop for a
-  change made without the stamp: the sqlite3 shell, a store copied back,
-  a process killed between its commit and its stamp.
+  never given after that change's stamp.  A change this process made
+  itself while the query ran is never kept either, stamp or no stamp.
+  `TTL` is the backstop for a change made without the stamp: the sqlite3
+  shell, a store copied back, a process killed between its commit and its
+  stamp.
 - Without a stamp to read (missing, unreadable), nothing is kept or given:
   every lookup reads the store, as before this cache.
 - At most `MAX_ENTRIES` answers, negative ones included (RCPT to random
@@ -61,6 +63,7 @@ TTL = 10.0  # seconds an answer is given, whatever the stamp says
 MAX_SIZE = 4096  # bytes of stamp before it is replaced by a new file
 
 _Stamp = tuple[int, int, int]  # (inode, size, mtime_ns)
+_Generation = tuple[int, _Stamp | None]  # (this process's touches, the stamp)
 
 
 def stamp_path(store: Path) -> Path:
@@ -75,6 +78,7 @@ class DomainCache:
         self._lock = threading.Lock()
         # name: (monotonic time read, stamp when read, answer)
         self._answers: dict[str, tuple[float, _Stamp, Domain | None]] = {}
+        self._touches = 0  # this process's own changes: also counted without a stamp
         self._warned = False
 
     def open(self) -> None:
@@ -103,8 +107,8 @@ class DomainCache:
             return None
         return st.st_ino, st.st_size, st.st_mtime_ns
 
-    def generation(self) -> _Stamp | None:
-        return self._stamp()
+    def generation(self) -> _Generation:
+        return self._touches, self._stamp()
 
     def lookup(self, name: str) -> tuple[bool, Domain | None]:
         entry = self._answers.get(name)
@@ -114,20 +118,24 @@ class DomainCache:
             return False, None
         return True, entry[2]
 
-    def keep(self, name: str, answer: Domain | None, generation: _Stamp | None) -> None:
+    def keep(self, name: str, answer: Domain | None, generation: _Generation) -> None:
         """Keep `answer`, read by a query that began at `generation`."""
-        if generation is None:
+        touches, stamp = generation
+        if stamp is None:
             return
         read_at = time.monotonic()
         with self._lock:
+            if touches != self._touches:  # this process changed a domain meanwhile
+                return
             if len(self._answers) >= MAX_ENTRIES:
                 self._answers = {}
-            self._answers[name] = (read_at, generation, answer)
+            self._answers[name] = (read_at, stamp, answer)
 
     def touched(self) -> None:
         """A directory write has committed: forget, and tell the other processes."""
         with self._lock:
             self._answers = {}
+            self._touches += 1
             try:
                 fd = self._open(self.path, os.O_APPEND)
                 try:

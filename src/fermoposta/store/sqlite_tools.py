@@ -307,11 +307,15 @@ class SQLiteQueueTools:
         return {mid: Requeued(**c) for mid, c in counts.items()}
 
     def queue_shape(self, now: float, age_limits: Sequence[float]) -> QueueShape:
-        # Index-only (recipients_domain, schema 9): one pass over the domains,
-        # and per domain its distinct (arrival, message, size) triples and one
-        # range count per state and age bucket; no message row is read (issue
-        # 10: 0.65 s at 1,000,000 held, where joining each recipient to its
-        # message took 5).
+        # Index-only (recipients_domain, schema 9); no message row is read
+        # (issue 10: 0.65 s at 1,000,000 held, where joining each recipient
+        # to its message took 5).  The domains come from a skip-scan of the
+        # index (one seek a domain, not a step a recipient: 0.03 s for 10,000
+        # domains over 1,100,000 recipients), and each domain's figures from
+        # its (domain, state) ranges: a count and the first arrival a state,
+        # its distinct (arrival, message, size) triples, one count an age
+        # bucket.  Grouping every recipient by domain took 0.55 s where this
+        # takes 0.43 (bench/README.md, fifteenth session).
         limits = [float(a) for a in age_limits]
         states = [str(s) for s in RecipientState]
         ages: list[str] = []
@@ -328,8 +332,10 @@ class SQLiteQueueTools:
                 bounds.append("message_received_at <= ?")
                 age_params.append(now - limits[i - 1])
             ages.append("(SELECT COUNT(*) FROM recipients WHERE " + " AND ".join(bounds) + ")")
-        held, outbound, hold = (str(s) for s in (RecipientState.HELD, RecipientState.OUTBOUND,
-                                                  RecipientState.HOLD))
+        per_state = [
+            f"(SELECT {what} FROM recipients WHERE domain = r.domain AND state = ?)"
+            for what in ("COUNT(*)", "MIN(message_received_at)") for _ in states]
+        outbound = str(RecipientState.OUTBOUND)
         with self._read() as conn:
             deferred = {
                 str(r[0]): int(r[1])
@@ -339,16 +345,25 @@ class SQLiteQueueTools:
             }
             rows: list[tuple[Any, ...]] = []
             for row in conn.execute(
-                "SELECT domain, (SELECT COUNT(*) || ' ' || SUM(message_size) FROM"
+                "WITH RECURSIVE r(domain) AS (SELECT MIN(domain) FROM recipients"
+                " UNION ALL SELECT (SELECT MIN(domain) FROM recipients WHERE domain > r.domain)"
+                " FROM r WHERE r.domain IS NOT NULL)"
+                " SELECT domain, (SELECT COUNT(*) || ' ' || SUM(message_size) FROM"
                 " (SELECT DISTINCT message_received_at, message_id, message_size"
-                " FROM recipients WHERE domain = r.domain)), COUNT(*),"
-                " MIN(message_received_at), SUM(state = ?), SUM(state = ?), SUM(state = ?), "
-                + ", ".join(ages) + " FROM recipients AS r GROUP BY domain",
-                (held, outbound, hold, *age_params),
+                " FROM recipients WHERE domain = r.domain)), "
+                + ", ".join(per_state + ages) + " FROM r WHERE domain IS NOT NULL",
+                (*states, *states, *age_params),
             ):
                 # Two figures of one subquery: (messages, bytes) of the domain.
                 messages, size = str(row[1]).split()
-                rows.append((row[0], int(messages), row[2], int(size), *row[3:]))
+                counts = [int(n) for n in row[2:2 + len(states)]]
+                arrivals = [a for a in row[2 + len(states):2 + 2 * len(states)] if a is not None]
+                by_state = dict(zip(states, counts, strict=True))
+                rows.append((row[0], int(messages), sum(counts), int(size),
+                             min(arrivals) if arrivals else None,
+                             by_state[str(RecipientState.HELD)], by_state[outbound],
+                             by_state[str(RecipientState.HOLD)],
+                             *row[2 + 2 * len(states):]))
             message_row = conn.execute(
                 "SELECT COUNT(*), COALESCE(SUM(size), 0), MIN(received_at) FROM messages"
                 " WHERE size >= 0").fetchone()
