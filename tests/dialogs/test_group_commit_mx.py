@@ -27,13 +27,19 @@ LIMITS = "[limits]\nmax_connections_per_ip = 50\n"  # every sender is 127.0.0.1
 async def test_concurrent_senders_share_commits_and_get_their_own_ids(provider_factory):
     provider = await provider_factory(extra=LIMITS)
     batches: list[int] = []
-    real = provider.store.enqueue_batch
+    real, real_now = provider.store.enqueue_batch, provider.store.enqueue_batch_now
 
     def counting(items):
         batches.append(len(items))
         return real(items)
 
+    def counting_now(items):  # on the loop (SQLite); WouldBlock, uncounted, on PostgreSQL
+        stored = real_now(items)
+        batches.append(len(items))
+        return stored
+
     provider.store.enqueue_batch = counting
+    provider.store.enqueue_batch_now = counting_now
     results = await burst(provider, 30)
     assert [code for code, _ in results] == [250] * 30
     ids = [lines[0].rsplit(" ", 1)[1] for _, lines in results]
@@ -46,6 +52,7 @@ async def test_concurrent_senders_share_commits_and_get_their_own_ids(provider_f
     assert provider.provider.intake.committed == 30
     # Senders finishing together shared commits (30 senders, fewer commits).
     assert sum(batches) <= 30 and provider.provider.intake.commits < 30, batches
+    assert any(n > 1 for n in batches), batches
 
 
 async def test_a_failed_commit_answers_451_and_stores_nothing(provider_factory):
@@ -54,15 +61,16 @@ async def test_a_failed_commit_answers_451_and_stores_nothing(provider_factory):
         raise StoreError("database or disk is full")
 
     real_batch, real_one = provider.store.enqueue_batch, provider.store.enqueue
-    real_now = provider.store.enqueue_now
+    real_now, real_batch_now = provider.store.enqueue_now, provider.store.enqueue_batch_now
     provider.store.enqueue_batch = full
     provider.store.enqueue = full
     provider.store.enqueue_now = full  # a sender alone at its final dot: on the loop
+    provider.store.enqueue_batch_now = full  # senders finishing together: on the loop too
     results = await burst(provider, 12)
     assert [code for code, _ in results] == [451] * 12
     assert provider.store.held_message_ids(["example.org"]) == []
     provider.store.enqueue_batch, provider.store.enqueue = real_batch, real_one
-    provider.store.enqueue_now = real_now
+    provider.store.enqueue_now, provider.store.enqueue_batch_now = real_now, real_batch_now
     again = await burst(provider, 12)
     assert [code for code, _ in again] == [250] * 12
     assert len(provider.store.held_message_ids(["example.org"])) == 12

@@ -84,6 +84,9 @@ class CountingStore:
     def enqueue_now(self, message, body, queue_id=None):  # type: ignore[no-untyped-def]
         raise WouldBlock()  # these tests are about the worker thread's commits
 
+    def enqueue_batch_now(self, items):  # type: ignore[no-untyped-def]
+        raise WouldBlock()
+
     async def enqueue_async(self, message, body, queue_id=None):  # type: ignore[no-untyped-def]
         raise WouldBlock()
 

@@ -31,6 +31,7 @@ class ThreadWatch:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.now_threads: list[int] = []
+        self.batch_now_threads: list[int] = []  # one entry a batch on the loop
         self.thread_enqueues: list[int] = []
         self.async_enqueues = 0
 
@@ -48,6 +49,10 @@ class ThreadWatch:
 
     def enqueue_batch(self, items):  # type: ignore[no-untyped-def]
         return self.store.enqueue_batch(items)
+
+    def enqueue_batch_now(self, items):  # type: ignore[no-untyped-def]
+        self.batch_now_threads.append(threading.get_ident())
+        return self.store.enqueue_batch_now(items)
 
 
 def _run(group: GroupCommit, bodies: Sequence[bytes], store: Store | None = None) -> list[str]:
@@ -247,8 +252,13 @@ def test_no_inline_commit_while_another_transaction_is_open(
     watch = ThreadWatch(sqlite_store)
     group = GroupCommit(watch, gather=0.01)  # type: ignore[arg-type]
     group.transaction_opened("another session, after MAIL")
+    started = time.monotonic()
     ids = _run(group, [b"1"])
-    assert watch.now_threads == [] and len(watch.thread_enqueues) == 1
+    # Not stored alone at once: it waited for the other session's message,
+    # then went as a batch (of one), still on the loop.
+    assert time.monotonic() - started >= 0.01
+    assert watch.now_threads == [] and watch.thread_enqueues == []
+    assert watch.batch_now_threads == [threading.get_ident()]
     assert all_ids(sqlite_store) == ids
 
 
@@ -316,3 +326,154 @@ def test_a_disk_still_slow_after_the_pause_pauses_again_at_once(
     # The average passes 2 ms at the fifth commit at the latest; from then
     # on every 5 ms commit pauses them again.
     assert _pauses(caplog) >= 4
+
+
+# --- batches of several sessions, committed on the loop (enqueue_batch_now) ---------------
+
+def _run_sessions(group: GroupCommit, bodies: Sequence[io.BytesIO]) -> list[str | BaseException]:
+    """Sessions that all gave MAIL, then each closes its transaction and hands
+    its message over, 10 ms apart: the batch waits for all of them."""
+    async def main() -> list[str | BaseException]:
+        for i in range(len(bodies)):
+            group.transaction_opened(f"session {i}")
+
+        async def final_dot(i: int) -> str:
+            group.transaction_closed(f"session {i}")
+            return await group.enqueue(msg(f"u{i}@a.example"), bodies[i])
+
+        waiting = []
+        for i in range(len(bodies)):
+            waiting.append(asyncio.ensure_future(final_dot(i)))
+            await asyncio.sleep(0.01)
+        return list(await asyncio.gather(*waiting, return_exceptions=True))
+
+    return asyncio.run(asyncio.wait_for(main(), 20))
+
+
+def test_a_batch_of_small_messages_is_one_commit_on_the_loop(sqlite_store: SQLiteStore) -> None:
+    watch = ThreadWatch(sqlite_store)
+    stored: list[Sequence[NewMessage]] = []
+    group = GroupCommit(watch, gather=10.0, on_stored=stored.append)  # type: ignore[arg-type]
+    ids = _run_sessions(group, [io.BytesIO(b"body %d\r\n" % i) for i in range(4)])
+    assert watch.batch_now_threads == [threading.get_ident()]  # one commit, the loop's
+    assert watch.thread_enqueues == [] and watch.now_threads == []
+    assert group.commits == 1 and group.inline_commits == 4 and group.committed == 4
+    assert [len(s) for s in stored] == [4]
+    assert sorted(all_ids(sqlite_store)) == sorted(ids)  # type: ignore[type-var]
+    assert [body_of(sqlite_store, str(i)) for i in ids] == [b"body %d\r\n" % i for i in range(4)]
+
+
+def test_a_batch_over_one_chunk_of_bodies_goes_to_a_worker_thread(
+        sqlite_store: SQLiteStore) -> None:
+    watch = ThreadWatch(sqlite_store)
+    group = GroupCommit(watch, gather=10.0)  # type: ignore[arg-type]
+    half = INLINE_BODY // 2 + 1  # two of them are more than the loop copies
+    bodies = [b"a" * half, b"b" * half]
+    ids = _run_sessions(group, [io.BytesIO(b) for b in bodies])
+    assert group.inline_commits == 0 and group.commits == 1
+    assert len(watch.batch_now_threads) == 1  # asked, and it said WouldBlock
+    assert [body_of(sqlite_store, str(i)) for i in ids] == bodies
+
+
+def test_a_batch_waits_in_a_worker_thread_for_another_writer(
+        sqlite_store: SQLiteStore, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    other = sqlite3.connect(tmp_path / "fermoposta.sqlite3", isolation_level=None,
+                            check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+    threading.Timer(0.3, other.execute, ("COMMIT",)).start()
+    watch = ThreadWatch(sqlite_store)
+    group = GroupCommit(watch, gather=10.0)  # type: ignore[arg-type]
+    ids = _run_sessions(group, [io.BytesIO(b"%d" % i) for i in range(3)])
+    other.close()
+    assert group.inline_commits == 0 and len(watch.batch_now_threads) == 1
+    assert sorted(all_ids(sqlite_store)) == sorted(ids)  # type: ignore[type-var]
+
+
+def test_a_batch_that_fails_on_the_loop_is_stored_one_by_one(
+        sqlite_store: SQLiteStore, caplog) -> None:  # type: ignore[no-untyped-def]
+    class BrokenBody(io.BytesIO):
+        def read(self, size: int | None = -1) -> bytes:
+            raise OSError("spool read failed (test)")
+
+    watch = ThreadWatch(sqlite_store)
+    group = GroupCommit(watch, gather=10.0)  # type: ignore[arg-type]
+    bodies = [io.BytesIO(b"first\r\n"), BrokenBody(b"x"), io.BytesIO(b"third\r\n")]
+    with caplog.at_level(logging.INFO, logger="fermoposta.store"):
+        outcomes = _run_sessions(group, bodies)
+    assert isinstance(outcomes[1], (OSError, StoreError))
+    good = [outcomes[0], outcomes[2]]
+    assert all(isinstance(o, str) for o in good)
+    # The loop's try read the first body; the worker read it again from the start.
+    assert [body_of(sqlite_store, str(o)) for o in good] == [b"first\r\n", b"third\r\n"]
+    assert sorted(all_ids(sqlite_store)) == sorted(good)  # type: ignore[type-var]
+    assert len(watch.batch_now_threads) == 1 and len(watch.thread_enqueues) == 3
+    assert any("on the event loop failed" in r.getMessage() for r in caplog.records)
+
+
+def test_batches_go_to_worker_threads_while_inline_commits_are_paused(
+        sqlite_store: SQLiteStore) -> None:
+    watch = ThreadWatch(sqlite_store)
+    group = GroupCommit(watch, gather=10.0)  # type: ignore[arg-type]
+    group._inline_paused_until = time.monotonic() + 60  # a slow disk paused them
+    ids = _run_sessions(group, [io.BytesIO(b"%d" % i) for i in range(3)])
+    assert watch.batch_now_threads == [] and group.inline_commits == 0
+    assert sorted(all_ids(sqlite_store)) == sorted(ids)  # type: ignore[type-var]
+
+
+def test_enqueue_batch_now_per_engine(store: Store, engine: str) -> None:
+    items = [(msg(f"u{i}@a.example"), io.BytesIO(b"%d" % i), None) for i in range(3)]
+    if engine == "postgresql":
+        with pytest.raises(WouldBlock):  # a round trip: never on the event loop
+            store.enqueue_batch_now(items)
+        assert all_ids(store) == [] and all(body.tell() == 0 for _, body, _ in items)
+        return
+    ids = store.enqueue_batch_now(items)
+    assert sorted(all_ids(store)) == sorted(ids)
+    assert [body_of(store, i) for i in ids] == [b"0", b"1", b"2"]
+
+
+def test_a_lone_batch_that_fails_on_the_loop_is_read_again_from_its_start(
+        sqlite_store: SQLiteStore) -> None:
+    class OnceBroken(io.BytesIO):
+        """Its first read succeeds, the next one fails once (the loop's try)."""
+        reads = 0
+
+        def read(self, size: int | None = -1) -> bytes:
+            self.reads += 1
+            if self.reads == 2:
+                raise OSError("spool read failed once (test)")
+            return super().read(size)
+
+    watch = ThreadWatch(sqlite_store)
+    group = GroupCommit(watch, gather=0.02)  # type: ignore[arg-type]
+    group.transaction_opened("another session that never sends")  # not alone: a batch of one
+    body = OnceBroken(b"the whole body\r\n")
+
+    async def one() -> str:
+        return await asyncio.wait_for(group.enqueue(msg("v@a.example"), body), 20)
+
+    stored = asyncio.run(one())
+    assert len(watch.batch_now_threads) == 1 and len(watch.thread_enqueues) == 1
+    assert body_of(sqlite_store, stored) == b"the whole body\r\n"
+    assert all_ids(sqlite_store) == [stored]
+
+
+def test_a_batch_is_judged_less_its_engines_work_for_each_message(
+        sqlite_store: SQLiteStore, monkeypatch, caplog) -> None:  # type: ignore[no-untyped-def]
+    class SlowBatches(ThreadWatch):
+        def enqueue_batch_now(self, items):  # type: ignore[no-untyped-def]
+            time.sleep(0.025)
+            return super().enqueue_batch_now(items)
+
+    monkeypatch.setattr(group_commit, "INLINE_WEIGHT", 1.0)  # the average is the latest
+    monkeypatch.setattr(group_commit, "INLINE_TYPICAL", 0.01)
+    monkeypatch.setattr(group_commit, "INLINE_PER_MESSAGE", 0.01)
+    watch = SlowBatches(sqlite_store)
+    group = GroupCommit(watch, gather=10.0)  # type: ignore[arg-type]
+    with caplog.at_level(logging.INFO, logger="fermoposta.store"):
+        _run_sessions(group, [io.BytesIO(b"%d" % i) for i in range(4)])
+        assert group.inline_commits == 4 and _pauses(caplog) == 0  # 25 ms - 3 x 10 ms
+        one = GroupCommit(watch, gather=0.02)  # type: ignore[arg-type]
+        one.transaction_opened("another session that never sends")  # a batch of one
+        _run(one, [b"alone in its batch"])
+    assert one.inline_commits == 1 and _pauses(caplog) == 1  # 25 ms for one message

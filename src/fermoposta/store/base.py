@@ -388,6 +388,15 @@ class MessageQueue(Protocol):
         caller may retry the items one by one: `group_commit.GroupCommit`)."""
         ...
 
+    def enqueue_batch_now(self, items: Sequence[tuple[NewMessage, IO[bytes], str | None]]
+                          ) -> list[str]:
+        """`enqueue_batch` on the caller's thread (the event loop's group
+        commit) under `enqueue_now`'s terms: `WouldBlock` when it would wait
+        for a lock or the network, or copy more than a little body in all;
+        then call `enqueue_batch` in a worker thread.  Nothing is stored, and
+        every body is where it was, when it raises `WouldBlock`."""
+        ...
+
     def get_message(self, message_id: str) -> QueuedMessage | None: ...
 
     def read_body(self, message_id: str) -> Iterator[bytes]:

@@ -37,7 +37,17 @@ Contract:
   statement sent on a connection of the loop's own, the loop free
   meanwhile); messages that arrive while it is under way wait for it as
   for a commit under way.  `WouldBlock` there too: a worker thread.
-  `inline_commits` counts the messages stored either way.
+- A batch is inline too: first offered to `MessageQueue.enqueue_batch_now`
+  on the loop (SQLite: at most one chunk of body in all, no lock to wait
+  for), under the same pause; in a worker thread on `WouldBlock` or while
+  paused.  Its time counts against the limits less `INLINE_PER_MESSAGE`
+  for each message beyond the first (the engine's own work, not the
+  disk's).  A batch that fails there is stored one message at a time in a
+  worker thread (each body rewound).  Measured: at `-s 10` the worker
+  thread's commits waited for the GIL the busy loop holds, and the loop
+  for the GIL between their statements (bench/README.md, fifteenth
+  session).  `inline_commits` counts the messages stored on the loop,
+  whichever way.
 - A batch that fails is retried one message at a time (each body rewound
   first), so one message's failure (an unreadable body, a store error that
   passes) never fails the others; each caller gets its own message's
@@ -49,8 +59,8 @@ Contract:
   commit with the messages it stored (before their callers are answered),
   e.g. to wake waiting ATRNs (`provider.atrn_wait`); an exception it
   raises is logged and ignored.
-- Runs on one asyncio event loop; the store is called in worker threads
-  (`asyncio.to_thread`), one batch at a time, but for inline commits.
+- Runs on one asyncio event loop; the store is called on it (inline) or in
+  worker threads (`asyncio.to_thread`), one batch at a time.
 """
 
 from __future__ import annotations
@@ -79,6 +89,11 @@ INLINE_PAUSE = 10.0  # ... turn inline commits off for this long
 # median, 4 ms at the 99th percentile, 17 ms seen once), and about fifty
 # commits of 10 ms (a slow disk) do.
 INLINE_WEIGHT = 0.01
+# Seconds of a batch's commit on the loop not held against the disk for
+# each message beyond the first: the engine's own work (SQLite: 40 µs a
+# 4 KiB message on the benchmark machine; bench/README.md, fifteenth
+# session).  A slow fsync still shows whole.
+INLINE_PER_MESSAGE = 0.0001
 
 
 @dataclass(slots=True)
@@ -219,15 +234,17 @@ class GroupCommit:
         self._report_stored([message])
         return stored
 
-    def _timed_inline(self, started: float) -> None:
-        """Count an inline commit that was made (stored or failed) and pause
-        them if it, or they on average, held the loop too long."""
+    def _timed_inline(self, started: float, messages: int = 1) -> None:
+        """Count an inline commit of `messages` that was made (stored or
+        failed) and pause them if it, or they on average, held the loop too
+        long (`INLINE_PER_MESSAGE` allowed for each message beyond the first)."""
         self.commits += 1
         now = time.monotonic()
         elapsed = now - started
-        average = self._inline_average + INLINE_WEIGHT * (elapsed - self._inline_average)
+        judged = max(0.0, elapsed - (messages - 1) * INLINE_PER_MESSAGE)
+        average = self._inline_average + INLINE_WEIGHT * (judged - self._inline_average)
         self._inline_average = average
-        if elapsed > INLINE_SLOW or average > INLINE_TYPICAL:
+        if judged > INLINE_SLOW or average > INLINE_TYPICAL:
             self._inline_paused_until = now + INLINE_PAUSE
             # At the limit: after the pause one more slow commit pauses them
             # again (a slow disk), fast ones bring it down (one slow commit).
@@ -276,19 +293,22 @@ class GroupCommit:
                 raise
             batch = self._pending[: self.max_batch]
             del self._pending[: len(batch)]
-            try:
-                outcomes = await asyncio.to_thread(self._store, batch)
-            except BaseException as exc:  # cancelled at shutdown: tell every waiter
-                for item in [*batch, *self._pending]:
-                    if item.result.done():
-                        continue
-                    if isinstance(exc, Exception):
-                        item.result.set_exception(exc)
-                    else:
-                        item.result.cancel()
-                self._pending.clear()
-                raise
-            self.commits += 1
+            outcomes, tried = self._store_inline(batch)
+            if outcomes is None:
+                try:
+                    # After a failed try on the loop, one by one (bodies rewound).
+                    outcomes = await asyncio.to_thread(self._store, batch, not tried)
+                except BaseException as exc:  # cancelled at shutdown: tell every waiter
+                    for item in [*batch, *self._pending]:
+                        if item.result.done():
+                            continue
+                        if isinstance(exc, Exception):
+                            item.result.set_exception(exc)
+                        else:
+                            item.result.cancel()
+                    self._pending.clear()
+                    raise
+                self.commits += 1
             self._report_stored([item.message for item, outcome
                                  in zip(batch, outcomes, strict=True)
                                  if not isinstance(outcome, BaseException)])
@@ -301,9 +321,33 @@ class GroupCommit:
                     self.committed += 1
                     item.result.set_result(outcome)
 
-    def _store(self, batch: list[_Pending]) -> list[str | BaseException]:
-        """In a worker thread: the batch in one commit, or one by one if that failed."""
-        if len(batch) > 1:
+    def _store_inline(self, batch: list[_Pending]
+                      ) -> tuple[list[str | BaseException] | None, bool]:
+        """On the loop: (the outcomes, True) of the batch in one commit
+        (`enqueue_batch_now`); (None, False) when it was not tried
+        (`WouldBlock`: nothing read or stored; inline commits paused);
+        (None, True) when it failed (nothing stored; its bodies read)."""
+        if time.monotonic() < self._inline_paused_until:
+            return None, False
+        started = time.monotonic()
+        try:
+            stored = self.queue.enqueue_batch_now(
+                [(item.message, item.body, item.queue_id) for item in batch])
+        except WouldBlock:
+            return None, False
+        except Exception as exc:
+            self._timed_inline(started, len(batch))
+            log.info("group commit of %d messages on the event loop failed (%s); "
+                     "storing them one by one in a worker thread", len(batch), exc)
+            return None, True
+        self._timed_inline(started, len(batch))
+        self.inline_commits += len(batch)
+        return list(stored), True
+
+    def _store(self, batch: list[_Pending], whole: bool = True) -> list[str | BaseException]:
+        """In a worker thread: the batch in one commit, or one by one if that
+        failed or `whole` is false (a commit on the loop failed)."""
+        if whole and len(batch) > 1:
             try:
                 return list(self.queue.enqueue_batch(
                     [(item.message, item.body, item.queue_id) for item in batch]))
@@ -313,7 +357,7 @@ class GroupCommit:
         outcomes: list[str | BaseException] = []
         for item in batch:
             try:
-                if len(batch) > 1:
+                if len(batch) > 1 or not whole:
                     item.body.seek(0)
                 outcomes.append(self.queue.enqueue(item.message, item.body, item.queue_id))
             except Exception as exc:

@@ -82,6 +82,11 @@ class PostgresMessages(EnginePart):
         """Always `WouldBlock`: every commit is a round trip to the server."""
         raise WouldBlock()
 
+    def enqueue_batch_now(self, items: Sequence[tuple[NewMessage, IO[bytes], str | None]]
+                          ) -> list[str]:
+        """Always `WouldBlock`: every commit is a round trip to the server."""
+        raise WouldBlock()
+
     def enqueue_batch(self, items: Sequence[tuple[NewMessage, IO[bytes], str | None]]
                       ) -> list[str]:
         """One transaction.  When every body is one chunk (most mail): one

@@ -96,8 +96,8 @@ from fermoposta.store.sqlite_tools import SQLiteQueueTools
 
 SCHEMA_VERSION = sqlite_schema.SCHEMA_VERSION
 BUSY_TIMEOUT = 10.0  # seconds
-# The most body bytes `enqueue_now` copies on the caller's thread (the event
-# loop): one chunk.
+# The most body bytes `enqueue_now` (or `enqueue_batch_now`, for all its
+# messages) copies on the caller's thread (the event loop): one chunk.
 INLINE_BODY = CHUNK_SIZE
 
 
@@ -361,6 +361,17 @@ class SQLiteStore(SQLiteDirectory, SQLiteQueueTools, SQLiteEtrn, SQLiteOutbound,
         """Always `WouldBlock`: SQLite has no I/O to wait for without
         blocking (`enqueue_now` is its way on the loop)."""
         raise WouldBlock()
+
+    def enqueue_batch_now(self, items: Sequence[tuple[NewMessage, IO[bytes], str | None]]
+                          ) -> list[str]:
+        # On the event loop, as `enqueue_now`: INLINE_BODY for all the bodies.
+        if sum(self._bytes_to_copy(body, queue_id) for _, body, queue_id in items) > INLINE_BODY:
+            raise WouldBlock()
+        with self._write(wait=False) as conn:
+            ids = [self._enqueue(conn, message, body, queue_id)
+                   for message, body, queue_id in items]
+        self._forget_stages(ids)
+        return ids
 
     def enqueue_batch(self, items: Sequence[tuple[NewMessage, IO[bytes], str | None]]
                       ) -> list[str]:
