@@ -156,7 +156,7 @@ def test_the_stamp_stays_small_and_keeps_changing(tmp_path: Path) -> None:
         seen.add(cache.generation())
     assert len(seen) == sqlite_domain_cache.MAX_SIZE + 11  # every stamp a new state
     assert os.stat(cache.path).st_size <= sqlite_domain_cache.MAX_SIZE
-    assert not cache.path.with_name(cache.path.name + ".new").exists()
+    assert sorted(p.name for p in cache.path.parent.iterdir()) == [cache.path.name]
 
 
 def test_a_stamp_that_cannot_be_written_is_logged_once(
@@ -188,3 +188,21 @@ def test_root_creates_the_stamp_for_the_store_files_owner(path: Path) -> None:
         store.add_account(Account("alice", None, None))
         store.add_domain(Domain("j.example", "alice"))  # a missing stamp is made again
         assert (stamp.stat().st_uid, stamp.stat().st_gid) == (12345, 12346)
+
+
+def test_a_stamp_that_cannot_be_made_is_no_warning_at_open_and_no_cache(
+        path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(self: DomainCache, where: Path, flags: int) -> int:
+        raise PermissionError(13, "Permission denied (test)")
+
+    monkeypatch.setattr(DomainCache, "_open", refuse)
+    with caplog.at_level(logging.WARNING, logger="fermoposta.store"), SQLiteStore(path) as store:
+        assert not stamp_path(path).exists()
+        assert [r.getMessage() for r in caplog.records] == []  # opening it: no warning
+        store.add_account(Account("alice", None, None))
+        store.add_domain(Domain("l.example", "alice", max_messages=1))  # a change: one
+        assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
+        assert store.get_domain_now("l.example").max_messages == 1  # type: ignore[union-attr]
+        with sqlite3.connect(path) as raw:
+            raw.execute("UPDATE domains SET max_messages = 2")
+        assert store.get_domain_now("l.example").max_messages == 2  # type: ignore[union-attr]

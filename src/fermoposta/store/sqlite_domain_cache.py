@@ -10,9 +10,10 @@ tells no other connection what changed, so the processes say it
 themselves, in a file next to the store.
 
 Contract:
-- The stamp is the file `<store>-directory` (created, empty, by `open`;
-  mode 0600, and owned by the store file's owner when root creates it, as
-  SQLite does for its -wal and -shm files).  Its state is its (inode,
+- The stamp is the file `<store>-directory` (created, empty, by `open`,
+  quietly skipped when it cannot be; mode 0600, and owned by the store
+  file's owner when root creates it, as SQLite does for its -wal and -shm
+  files).  Its state is its (inode,
   size, modification time in ns).  It holds no data: losing it loses
   nothing.
 - `touched()`: called by every `SQLiteDirectory` write that changes what
@@ -46,6 +47,7 @@ Contract:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -82,11 +84,10 @@ class DomainCache:
         self._warned = False
 
     def open(self) -> None:
-        """Create the stamp if it is missing; never raises (no stamp: no cache)."""
-        try:
+        """Create the stamp if it is missing; never raises, never warns (no
+        stamp: no cache, and a write that cannot stamp warns then)."""
+        with contextlib.suppress(OSError):
             os.close(self._open(self.path, os.O_APPEND))
-        except OSError as exc:
-            self._warn(exc)
 
     def _open(self, path: Path, flags: int) -> int:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | flags, 0o600)
@@ -145,7 +146,9 @@ class DomainCache:
                 finally:
                     os.close(fd)
                 if size >= MAX_SIZE:
-                    fresh = self.path.with_name(self.path.name + ".new")
+                    # Named for this process: two that replace at once each
+                    # leave a new inode, and neither loses the other's file.
+                    fresh = self.path.with_name(f"{self.path.name}.{os.getpid()}")
                     os.close(self._open(fresh, os.O_TRUNC))
                     os.replace(fresh, self.path)
             except OSError as exc:
