@@ -933,6 +933,37 @@ def test_a_failing_heartbeat_makes_calls_fail_fast_and_the_holder_not_current(
         forwarder.cut()
 
 
+def test_closing_a_store_whose_server_is_unreachable_does_not_raise(
+        pg: Schema, caplog: pytest.LogCaptureFixture) -> None:
+    """A provider stopping during an outage: `close()` logs that the holder
+    row stays (it goes dead after node_timeout) and returns."""
+    parts = urlsplit(pg.url)
+    forwarder = Forwarder((parts.hostname or "127.0.0.1", parts.port or 5432))
+    forwarder.start()
+    try:
+        url = _with_netloc(pg.url, port=forwarder.port,
+                           password=None if parts.password else PASSWORD)
+        store = pg.open(url, connect_timeout=1, pool_size=2, heartbeat_interval=0.1,
+                        node_timeout=2.0)
+        forwarder.cut()
+
+        def fails_fast() -> bool:
+            try:
+                store.count_events("k", 0.0)
+            except StoreError as exc:
+                return "unreachable" in str(exc)
+            return False
+
+        _wait_for(fails_fast, 10.0, "the heartbeat notices")
+        with caplog.at_level(logging.WARNING, logger="fermoposta.store"):
+            store.close()
+        assert any("deleting the holder row on close failed" in r.getMessage()
+                   and "unreachable" in r.getMessage() for r in caplog.records)
+        store.close()  # idempotent
+    finally:
+        forwarder.cut()
+
+
 def test_start_etrn_waits_for_a_lease_being_taken_and_then_leaves_the_domain(
         pg: Schema) -> None:
     # An ATRN session is taking the domain's lease (its transaction not yet

@@ -630,8 +630,9 @@ class PostgresStore(PostgresDirectory, PostgresQueueTools, PostgresEtrn, Postgre
         try:
             with self._connection() as conn:
                 conn.execute("DELETE FROM holders WHERE id = %s", (self._holder,))
-        except _ENGINE_ERRORS as exc:
-            # The row goes dead by itself after node_timeout.
+        except (*_ENGINE_ERRORS, StoreError) as exc:
+            # The row goes dead by itself after node_timeout.  StoreError: the
+            # heartbeat found the server unreachable (`_fail_fast`).
             log.warning("%s", self._error("deleting the holder row on close failed", exc))
         finally:
             self._pool.close()
