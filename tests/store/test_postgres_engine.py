@@ -886,32 +886,42 @@ def test_the_due_query_uses_its_index(pg: Schema) -> None:
 # --- a node that loses the database ------------------------------------------------------------
 
 
-def test_a_failing_heartbeat_makes_calls_fail_fast_and_the_holder_not_current(
-        pg: Schema) -> None:
-    """With the server unreachable, once the heartbeat has failed twice every
-    call fails at once (no worker thread waits its own timeout); after half of
-    `node_timeout` without a beat the holder is not current (the drain and the
-    outbound engine start nothing new); both clear when a beat gets through."""
+@contextlib.contextmanager
+def _behind_forwarder(pg: Schema) -> Iterator[tuple[PostgresStore, Forwarder]]:
+    """A store that reaches the server through a forwarder the test can cut,
+    beating every 0.1 s; the forwarder is cut again at the end."""
     parts = urlsplit(pg.url)
     forwarder = Forwarder((parts.hostname or "127.0.0.1", parts.port or 5432))
     forwarder.start()
     try:
         url = _with_netloc(pg.url, port=forwarder.port,
                            password=None if parts.password else PASSWORD)
-        store = pg.open(url, connect_timeout=1, pool_size=2, heartbeat_interval=0.1,
-                        node_timeout=2.0)
+        yield pg.open(url, connect_timeout=1, pool_size=2, heartbeat_interval=0.1,
+                      node_timeout=2.0), forwarder
+    finally:
+        forwarder.cut()
+
+
+def _fails_fast(store: PostgresStore) -> bool:
+    """Whether a call fails at once because the heartbeat found the server gone."""
+    try:
+        store.count_events("k", 0.0)
+    except StoreError as exc:
+        return "unreachable" in str(exc)
+    return False
+
+
+def test_a_failing_heartbeat_makes_calls_fail_fast_and_the_holder_not_current(
+        pg: Schema) -> None:
+    """With the server unreachable, once the heartbeat has failed twice every
+    call fails at once (no worker thread waits its own timeout); after half of
+    `node_timeout` without a beat the holder is not current (the drain and the
+    outbound engine start nothing new); both clear when a beat gets through."""
+    with _behind_forwarder(pg) as (store, forwarder):
         mid = store.enqueue(msg("a@x.example"), io.BytesIO(b"x"))
         assert store.holder_is_current()
         forwarder.cut()
-
-        def fails_fast() -> bool:
-            try:
-                store.count_events("k", 0.0)
-            except StoreError as exc:
-                return "unreachable" in str(exc)
-            return False
-
-        _wait_for(fails_fast, 10.0, "the heartbeat notices")
+        _wait_for(lambda: _fails_fast(store), 10.0, "the heartbeat notices")
         started = time.monotonic()
         for call in (lambda: store.get_message(mid), lambda: store.domain_usage("x.example"),
                      lambda: store.enqueue(msg("b@x.example"), io.BytesIO(b"y"))):
@@ -929,39 +939,20 @@ def test_a_failing_heartbeat_makes_calls_fail_fast_and_the_holder_not_current(
                 return False
 
         _wait_for(works, 20.0, "calls work again")
-    finally:
-        forwarder.cut()
 
 
 def test_closing_a_store_whose_server_is_unreachable_does_not_raise(
         pg: Schema, caplog: pytest.LogCaptureFixture) -> None:
     """A provider stopping during an outage: `close()` logs that the holder
     row stays (it goes dead after node_timeout) and returns."""
-    parts = urlsplit(pg.url)
-    forwarder = Forwarder((parts.hostname or "127.0.0.1", parts.port or 5432))
-    forwarder.start()
-    try:
-        url = _with_netloc(pg.url, port=forwarder.port,
-                           password=None if parts.password else PASSWORD)
-        store = pg.open(url, connect_timeout=1, pool_size=2, heartbeat_interval=0.1,
-                        node_timeout=2.0)
+    with _behind_forwarder(pg) as (store, forwarder):
         forwarder.cut()
-
-        def fails_fast() -> bool:
-            try:
-                store.count_events("k", 0.0)
-            except StoreError as exc:
-                return "unreachable" in str(exc)
-            return False
-
-        _wait_for(fails_fast, 10.0, "the heartbeat notices")
+        _wait_for(lambda: _fails_fast(store), 10.0, "the heartbeat notices")
         with caplog.at_level(logging.WARNING, logger="fermoposta.store"):
             store.close()
         assert any("deleting the holder row on close failed" in r.getMessage()
                    and "unreachable" in r.getMessage() for r in caplog.records)
         store.close()  # idempotent
-    finally:
-        forwarder.cut()
 
 
 def test_start_etrn_waits_for_a_lease_being_taken_and_then_leaves_the_domain(

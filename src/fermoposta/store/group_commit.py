@@ -327,9 +327,9 @@ class GroupCommit:
         (`enqueue_batch_now`); (None, False) when it was not tried
         (`WouldBlock`: nothing read or stored; inline commits paused);
         (None, True) when it failed (nothing stored; its bodies read)."""
-        if time.monotonic() < self._inline_paused_until:
-            return None, False
         started = time.monotonic()
+        if started < self._inline_paused_until:
+            return None, False
         try:
             stored = self.queue.enqueue_batch_now(
                 [(item.message, item.body, item.queue_id) for item in batch])

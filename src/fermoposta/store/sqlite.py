@@ -347,14 +347,7 @@ class SQLiteStore(SQLiteDirectory, SQLiteQueueTools, SQLiteEtrn, SQLiteOutbound,
 
     def enqueue_now(self, message: NewMessage, body: IO[bytes],
                     queue_id: str | None = None) -> str:
-        # On the event loop: only a commit that copies little and waits for
-        # no lock (the fsync it does wait for).
-        if self._bytes_to_copy(body, queue_id) > INLINE_BODY:
-            raise WouldBlock()
-        with self._write(wait=False) as conn:
-            message_id = self._enqueue(conn, message, body, queue_id)
-        self._forget_stages([message_id])
-        return message_id
+        return self.enqueue_batch_now([(message, body, queue_id)])[0]
 
     async def enqueue_async(self, message: NewMessage, body: IO[bytes],
                             queue_id: str | None = None) -> str:
@@ -364,7 +357,8 @@ class SQLiteStore(SQLiteDirectory, SQLiteQueueTools, SQLiteEtrn, SQLiteOutbound,
 
     def enqueue_batch_now(self, items: Sequence[tuple[NewMessage, IO[bytes], str | None]]
                           ) -> list[str]:
-        # On the event loop, as `enqueue_now`: INLINE_BODY for all the bodies.
+        # On the event loop: only a commit that copies little (INLINE_BODY for
+        # all the bodies) and waits for no lock (the fsync it does wait for).
         if sum(self._bytes_to_copy(body, queue_id) for _, body, queue_id in items) > INLINE_BODY:
             raise WouldBlock()
         with self._write(wait=False) as conn:
