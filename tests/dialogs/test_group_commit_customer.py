@@ -13,10 +13,13 @@ import contextlib
 import os
 from pathlib import Path
 
+import pytest
+
 from fermoposta.customer import serve
 from fermoposta.customer.delivery import maildir as maildir_module
 from fermoposta.customer.delivery.maildir import MaildirDelivery
 from fermoposta.customer.serve import ReversedSession
+from fermoposta.net import connection
 from fermoposta.net.server_session import SessionLimits
 from fermoposta.smtp.data import dot_stuff
 from support.wire import MemoryPeer
@@ -25,10 +28,27 @@ LIMITS = SessionLimits(command_timeout=5.0, data_timeout=5.0, max_errors=20,
                        max_message_size=1_000_000, max_recipients=5, max_line_length=1000)
 
 
+@pytest.fixture(autouse=True)
+def unhurried(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both time bounds far away, so these tests see how messages group
+    whatever the machine's load: a group also closes at GROUP_WAIT (its own
+    test below), and a MAIL or RCPT reply held for the next command also
+    leaves after HOLD_DELAY (tests/dialogs/test_reply_batching.py), which a
+    busy CI machine can reach (5 ms) before the first commit."""
+    monkeypatch.setattr(serve, "GROUP_WAIT", 60.0)
+    monkeypatch.setattr(connection, "HOLD_DELAY", 60.0)
+
+
 def transaction(n: int, rcpt: str = "bob") -> bytes:
     body = b"Subject: %d\r\n\r\nmessage %d\r\n" % (n, n)
     return (b"MAIL FROM:<alice@sender.test>\r\nRCPT TO:<%s@example.org>\r\n" % rcpt.encode()
             + b"BDAT %d LAST\r\n" % len(body) + body)
+
+
+def replies_written(peer: MemoryPeer) -> int:
+    """Reply lines the session has written so far (what the test has read
+    of them, and so removed from `peer.received`, counts too)."""
+    return sum(write.count(b"\r\n") for write in peer.transport.writes)
 
 
 class Spy(MaildirDelivery):
@@ -46,7 +66,7 @@ class Spy(MaildirDelivery):
     async def commit_staged(self, group):  # type: ignore[no-untyped-def]
         self.groups.append(len(group))
         if self.peer is not None:
-            self.replies_before_commit.append(self.peer.received.count(b"\r\n"))
+            self.replies_before_commit.append(replies_written(self.peer))
         return await super().commit_staged(group)
 
     def files(self, sub: str, local: str = "bob") -> list[Path]:
@@ -71,7 +91,7 @@ async def open_session(tmp_path: Path, cls: type[Spy] = Spy, *, limits: SessionL
 
 async def test_messages_in_flight_are_committed_together_then_answered(tmp_path) -> None:
     peer, task, spy = await open_session(tmp_path)
-    before = peer.received.count(b"\r\n")
+    before = replies_written(peer)
     peer.send(b"".join(transaction(n) for n in range(5)))  # one read: all in flight
     got = await peer.replies(15)
     assert [code for code, _ in got] == [250, 250, 250] * 5
@@ -193,6 +213,16 @@ async def test_a_group_is_at_most_group_max_messages(tmp_path, monkeypatch) -> N
     await peer.quit(task)
     assert spy.groups == [3, 3, 1]
     assert len(spy.files("new")) == 7
+
+
+async def test_a_group_closes_at_group_wait(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(serve, "GROUP_WAIT", 0.0)  # every group is already too old
+    peer, task, spy = await open_session(tmp_path)
+    peer.send(b"".join(transaction(n) for n in range(3)))
+    assert [code for code, _ in await peer.replies(9)] == [250] * 9
+    await peer.quit(task)
+    assert spy.groups == [1, 1, 1]
+    assert len(spy.files("new")) == 3
 
 
 async def test_a_big_body_is_written_before_its_reply_and_still_grouped(tmp_path,
