@@ -28,9 +28,11 @@ import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 
-from fermoposta.store import pg_schema
+from fermoposta.store import pg_schema, pg_shape
 from fermoposta.store.base import (
     CHUNK_SIZE,
+    MessageOrigin,
+    NewMessage,
     QueueFilter,
     SchemaTooNew,
     StoreError,
@@ -39,7 +41,7 @@ from fermoposta.store.postgres import SCHEMA_VERSION, PostgresStore, redact_conn
 from support.pg import fresh_schema, require_server, with_search_path
 
 from .contract import HELD as HELD_STATE
-from .contract import OUTBOUND, Clock, msg
+from .contract import HOLD, OUTBOUND, Clock, msg, rcpt
 
 PASSWORD = "Sekr3t-Pa55word"
 
@@ -251,6 +253,55 @@ def test_migration_from_version_3_copies_arrival_and_size(pg: Schema) -> None:
             conn.execute(f"DROP SCHEMA {other} CASCADE")
     assert [str(r[0]).replace(f"{other}.", "") for r in fresh] == [
         str(r[0]).replace(f"{pg.name}.", "") for r in indexes]
+
+
+def test_queue_shape_in_ranges_of_domains_is_the_one_pass_answer(pg: Schema,
+                                                                 clock: Clock) -> None:
+    """`queue stats` cuts its pass into ranges of domains by ANALYZE's
+    statistics (pg_shape); each domain is in one range, whatever the cut."""
+    store = pg.open()
+    for i in range(900):
+        # 30 domains of 20 messages (ANALYZE's most common values), 300 of one
+        # (its histogram).
+        domain = f"d{i % 30:02d}.example" if i < 600 else f"s{i}.example"
+        clock.now += 1.0
+        if i % 7 == 0:  # several recipients in one domain, in two states
+            message = NewMessage("s@x.example", (rcpt(f"a@{domain}", HELD_STATE),
+                                                 rcpt(f"b@{domain}", HOLD),
+                                                 rcpt("c@other.example", OUTBOUND)),
+                                 MessageOrigin.MX)
+        else:
+            message = msg(f"a{i}@{domain}")
+        store.enqueue(message, io.BytesIO(b"x" * (i + 1)))
+    ages = [60.0, 300.0]
+    with pg.raw() as conn:
+        assert pg_shape.domain_splits(conn) == []  # no statistics yet: one pass
+    one_pass = store.queue_shape(clock.now, ages)
+    assert len(one_pass.domains) == 331 and one_pass.total.messages == 900
+    pg.sql("ANALYZE recipients")
+    domains = {d.domain for d in one_pass.domains}
+    for workers, ranges in ((0, 1), (1, 2), (2, 3), (3, 4), (50, pg_shape.MAX_RANGES)):
+        with pg.raw() as conn, conn.transaction():
+            conn.execute(f"SET LOCAL max_parallel_workers_per_gather = {workers}")
+            splits = pg_shape.domain_splits(conn)
+            assert len(splits) == ranges - 1 and splits == sorted(splits)
+            assert set(splits) <= domains  # each split a domain: its range's first
+            assert pg_shape.queue_shape(conn, clock.now, ages) == one_pass
+    assert store.queue_shape(clock.now, ages) == one_pass
+
+
+def test_splits_from_stats_cut_equal_rows() -> None:
+    cut = pg_shape.splits_from_stats
+    assert cut(["a", "b", "c", "d"], [0.25] * 4, [], 2) == ["c"]
+    assert cut(["a", "b", "c", "d"], [0.25] * 4, [], 4) == ["b", "c", "d"]
+    # Histogram buckets hold equal rows; a common value its own share.
+    assert cut([], [], ["a", "b", "c", "d", "e"], 2) == ["d"]
+    assert cut(["m"], [0.5], ["a", "c", "e"], 3) == ["m"]
+    assert cut(["b"], [0.9], ["a", "c", "e"], 2) == ["c"]
+    # Fewer values than ranges, no statistics, one range: fewer or no splits.
+    assert cut(["a", "b"], [0.5, 0.5], [], 8) == ["b"]
+    assert cut([], [], [], 3) == [] and cut(["a"], [1.0], [], 3) == []
+    assert cut(["a", "b"], [0.5, 0.5], [], 1) == []
 
 
 def test_concurrent_migrations_create_the_schema_once(pg: Schema) -> None:

@@ -35,7 +35,8 @@ from fermoposta.store.pg_rows import (
     Conn,
     EnginePart,
 )
-from fermoposta.store.rows import SMALL_DOMAIN, domain_size_sql, filter_sql, shape_from_domains
+from fermoposta.store.pg_shape import queue_shape as _queue_shape
+from fermoposta.store.rows import SMALL_DOMAIN, domain_size_sql, filter_sql
 from fermoposta.store.rows import message_from_row as _message
 from fermoposta.store.rows import recipient_from_row as _recipient
 
@@ -293,54 +294,8 @@ class PostgresQueueTools(EnginePart):
         return {mid: Requeued(**c) for mid, c in counts.items()}
 
     def queue_shape(self, now: float, age_limits: Sequence[float]) -> QueueShape:
-        # Index-only (recipients_domain, schema 4), two parts in one statement
-        # (issue 10): every recipient figure (count, oldest, states, age
-        # buckets) in one pass grouped by domain, which the index order
-        # streams; then, per domain, its messages and bytes (each message
-        # once, however many of its recipients the domain has) from that
-        # domain's range of the index.  0.51 s at 1,000,000 held, where
-        # grouping every domain's recipients by message first took 0.78.
-        limits = [float(a) for a in age_limits]
-        ages: list[str] = []
-        age_params: list[Any] = []
-        for i in range(len(limits) + 1):
-            # Bucket i: limits[i-1] <= age < limits[i], age = now - received_at.
-            bounds: list[str] = []
-            if i < len(limits):
-                bounds.append("message_received_at > %s::float8")
-                age_params.append(float(now) - limits[i])
-            if i > 0:
-                bounds.append("message_received_at <= %s::float8")
-                age_params.append(float(now) - limits[i - 1])
-            ages.append(("count(*) FILTER (WHERE " + " AND ".join(bounds) + ")"
-                         if bounds else "count(*)") + f" AS age{i}")
-        buckets = ", ".join(f"a.age{i}" for i in range(len(ages)))
         with self._read("queue shape") as conn:
-            rows = conn.execute(
-                "SELECT a.domain, m.messages, a.recipients, m.bytes, a.oldest, a.held,"
-                f" a.outbound, a.hold, {buckets} FROM"
-                " (SELECT domain, count(*) AS recipients, min(message_received_at) AS oldest,"
-                " count(*) FILTER (WHERE state = %s) AS held,"
-                " count(*) FILTER (WHERE state = %s) AS outbound,"
-                " count(*) FILTER (WHERE state = %s) AS hold, " + ", ".join(ages) +
-                " FROM recipients GROUP BY domain) AS a,"
-                # A bigint sum: numeric would come back as Decimal.
-                " LATERAL (SELECT count(*) AS messages, sum(size)::bigint AS bytes FROM"
-                " (SELECT max(message_size) AS size FROM recipients r"
-                " WHERE r.domain = a.domain GROUP BY message_id) AS each) AS m",
-                (HELD, OUTBOUND, HOLD, *age_params),
-            ).fetchall()
-            deferred = {
-                str(r[0]): int(r[1])
-                for r in conn.execute(
-                    "SELECT domain, count(*) FROM recipients WHERE state = %s AND attempts > 0"
-                    " GROUP BY domain", (OUTBOUND,))
-            }
-            message_row = conn.execute(
-                "SELECT count(*), COALESCE(sum(size), 0), min(received_at) FROM messages"
-            ).fetchone()
-        assert message_row is not None
-        return shape_from_domains(rows, deferred, message_row, len(limits) + 1)
+            return _queue_shape(conn, now, age_limits)
 
     def live_nodes(self) -> list[NodeStatus]:
         rows = self._query(
