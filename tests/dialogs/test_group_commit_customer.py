@@ -205,24 +205,19 @@ async def test_a_reply_is_not_kept_while_the_chunk_is_still_on_its_way(tmp_path)
     assert len(spy.files("new")) == 2
 
 
-async def test_a_group_is_at_most_group_max_messages(tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(serve, "GROUP_MAX", 3)
+@pytest.mark.parametrize(("bound", "value", "messages", "groups"), [
+    ("GROUP_MAX", 3, 7, [3, 3, 1]),  # a group is at most GROUP_MAX messages
+    ("GROUP_WAIT", 0.0, 3, [1, 1, 1]),  # ... and closes at GROUP_WAIT (all too old here)
+])
+async def test_a_group_closes_at_its_bounds(tmp_path, monkeypatch, bound: str, value: float,
+                                            messages: int, groups: list[int]) -> None:
+    monkeypatch.setattr(serve, bound, value)
     peer, task, spy = await open_session(tmp_path)
-    peer.send(b"".join(transaction(n) for n in range(7)))
-    assert [code for code, _ in await peer.replies(21)] == [250] * 21
+    peer.send(b"".join(transaction(n) for n in range(messages)))
+    assert [code for code, _ in await peer.replies(3 * messages)] == [250] * 3 * messages
     await peer.quit(task)
-    assert spy.groups == [3, 3, 1]
-    assert len(spy.files("new")) == 7
-
-
-async def test_a_group_closes_at_group_wait(tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(serve, "GROUP_WAIT", 0.0)  # every group is already too old
-    peer, task, spy = await open_session(tmp_path)
-    peer.send(b"".join(transaction(n) for n in range(3)))
-    assert [code for code, _ in await peer.replies(9)] == [250] * 9
-    await peer.quit(task)
-    assert spy.groups == [1, 1, 1]
-    assert len(spy.files("new")) == 3
+    assert spy.groups == groups
+    assert len(spy.files("new")) == messages
 
 
 async def test_a_big_body_is_written_before_its_reply_and_still_grouped(tmp_path,
