@@ -120,7 +120,10 @@ def queue_shape(conn: Conn, now: float, age_limits: Sequence[float]) -> QueueSha
         params += [HELD, OUTBOUND, HOLD, *age_params,
                    *(b for b in (low, high) if b is not None)]
     buckets = ", ".join(f"a.age{i}" for i in range(len(ages)))
-    conn.execute("SET LOCAL jit = off")
+    # For this transaction only; a server without the setting (before 11)
+    # has no JIT to turn off.
+    conn.execute("SELECT set_config('jit', 'off', true)"
+                 " WHERE current_setting('jit', true) IS NOT NULL")
     rows = conn.execute(
         "SELECT a.domain, a.messages, a.recipients,"
         " CASE WHEN a.messages = a.recipients THEN a.recipient_bytes ELSE"
