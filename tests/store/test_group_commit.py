@@ -90,6 +90,9 @@ class CountingStore:
     async def enqueue_async(self, message, body, queue_id=None):  # type: ignore[no-untyped-def]
         raise WouldBlock()
 
+    async def enqueue_batch_async(self, items):  # type: ignore[no-untyped-def]
+        raise WouldBlock()
+
     def enqueue(self, message, body, queue_id=None):  # type: ignore[no-untyped-def]
         self.singles += 1
         self.entered.set()

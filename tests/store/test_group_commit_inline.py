@@ -34,6 +34,7 @@ class ThreadWatch:
         self.batch_now_threads: list[int] = []  # one entry a batch on the loop
         self.thread_enqueues: list[int] = []
         self.async_enqueues = 0
+        self.async_batches: list[int] = []  # the size of each batch offered to the loop's
 
     def enqueue_now(self, message, body, queue_id=None):  # type: ignore[no-untyped-def]
         self.now_threads.append(threading.get_ident())
@@ -42,6 +43,10 @@ class ThreadWatch:
     async def enqueue_async(self, message, body, queue_id=None):  # type: ignore[no-untyped-def]
         self.async_enqueues += 1
         return await self.store.enqueue_async(message, body, queue_id)
+
+    async def enqueue_batch_async(self, items):  # type: ignore[no-untyped-def]
+        self.async_batches.append(len(items))
+        return await self.store.enqueue_batch_async(items)
 
     def enqueue(self, message, body, queue_id=None):  # type: ignore[no-untyped-def]
         self.thread_enqueues.append(threading.get_ident())

@@ -1,5 +1,5 @@
-"""PostgreSQL's `enqueue_async`: a lone message stored by the event loop on a
-connection of its own (`store/pg_loop_enqueue.py`).  What this file proves:
+"""PostgreSQL's `enqueue_async` and `enqueue_batch_async`: messages stored by
+the event loop on a connection of its own (`store/pg_loop_enqueue.py`).  What this file proves:
 
 - the message is one statement on the loop's connection (not the pool's),
   kept across calls, and stored with its queue id and body;
@@ -17,7 +17,16 @@ connection of its own (`store/pg_loop_enqueue.py`).  What this file proves:
   `GroupCommit`, a cancelled caller does not cut the commit short, nor its
   count and `on_stored`;
 - `GroupCommit`: messages that come while the loop's statement is under way
-  wait for it, then go together in one batch.
+  wait for it, then go together in one batch, itself one statement on the
+  loop's connection;
+- `enqueue_batch_async`: several messages in one statement on that
+  connection, all or none; `WouldBlock` with every body where it was for a
+  body over one chunk, a taken queue id, a connection lost before the
+  statement; applied before the connection broke: the ids, and a look
+  that finds some but not all, or a statement that counts fewer, is
+  `StoreError`; at `GroupCommit`, a batch refused there, or that failed
+  after reading its bodies, is stored one by one in a worker thread, each
+  body whole.
 """
 
 from __future__ import annotations
@@ -235,13 +244,17 @@ def test_each_loop_gets_its_own_connection_and_close_ends_it(store: PostgresStor
 
 def test_messages_that_come_meanwhile_wait_and_go_together(store: PostgresStore) -> None:
     batches: list[int] = []
-    real_batch = store.enqueue_batch
+    real_batch = store.enqueue_batch_async
 
-    def counting_batch(items):  # type: ignore[no-untyped-def]
+    async def counting_batch(items):  # type: ignore[no-untyped-def]
         batches.append(len(items))
-        return real_batch(items)
+        return await real_batch(items)
 
-    store.enqueue_batch = counting_batch  # type: ignore[method-assign]
+    def no_thread(items):  # type: ignore[no-untyped-def]
+        raise AssertionError("a worker thread stored the batch")
+
+    store.enqueue_batch_async = counting_batch  # type: ignore[method-assign]
+    store.enqueue_batch = no_thread  # type: ignore[method-assign]
     group = GroupCommit(store)
     admin = psycopg.connect(store._url)
     admin.execute("LOCK TABLE messages IN EXCLUSIVE MODE")
@@ -265,7 +278,8 @@ def test_messages_that_come_meanwhile_wait_and_go_together(store: PostgresStore)
         ids = asyncio.run(main())
     finally:
         admin.close()
-    assert group.inline_commits == 1 and batches == [3] and group.commits == 2
+    # The batch of three, on the loop's connection too, in one statement.
+    assert group.inline_commits == 4 and batches == [3] and group.commits == 2
     assert sorted(all_ids(store)) == sorted(ids)
     assert [body_of(store, i) for i in ids] == [b"0", b"1", b"2", b"3"]
 
@@ -403,8 +417,178 @@ def test_a_commit_task_cancelled_before_it_ran_leaves_nothing_waiting(
         with pytest.raises(asyncio.CancelledError):
             await caller
         queue_id = await asyncio.wait_for(other, 10)  # not waiting for it forever
-        assert group._on_loop is None and group.inline_commits == 0
+        # The lone commit stored nothing; the batch after it went on the
+        # loop's connection too.
+        assert group._on_loop is None and group.inline_commits == 1
         return queue_id
 
     queue_id = asyncio.run(main())
     assert all_ids(store) == [queue_id]
+
+
+# --- batches on the loop's connection (enqueue_batch_async) --------------------------------
+
+
+def _batch_async(store: PostgresStore, items: list[tuple[Any, io.BytesIO, str | None]]
+                 ) -> list[str]:
+    async def main() -> list[str]:
+        await store.open_loop_connection()
+        return await store.enqueue_batch_async(items)
+
+    return asyncio.run(main())
+
+
+def _items(n: int, first: str | None = None) -> list[tuple[Any, io.BytesIO, str | None]]:
+    return [(msg(f"u{i}@x.example", f"v{i}@y.example"), io.BytesIO(b"body %d\r\n" % i),
+             first if i == 0 else None) for i in range(n)]
+
+
+def test_a_batch_is_one_statement_on_the_loops_own_connection(
+        store: PostgresStore, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    def no(*args: object) -> None:
+        raise AssertionError("the pool was used")
+
+    monkeypatch.setattr(store, "_write_one_statement", no)
+    monkeypatch.setattr(store, "_write", no)
+    statements: list[str] = []
+    real = store._insert_many_statement
+
+    def noting(whole, now):  # type: ignore[no-untyped-def]
+        statements.append("many")
+        return real(whole, now)
+
+    monkeypatch.setattr(store, "_insert_many_statement", noting)
+    ids = _batch_async(store, _items(3, "AAAAAAAAAAB1"))
+    monkeypatch.undo()
+    assert statements == ["many"] and ids[0] == "AAAAAAAAAAB1" and len(set(ids)) == 3
+    assert sorted(all_ids(store)) == sorted(ids)
+    assert [body_of(store, i) for i in ids] == [b"body %d\r\n" % i for i in range(3)]
+    assert [[r.address for r in store.get_message(i).recipients] for i in ids] == [
+        [f"u{i}@x.example", f"v{i}@y.example"] for i in range(3)]
+
+
+def test_a_batch_with_a_body_over_one_chunk_would_block(store: PostgresStore) -> None:
+    items = _items(3)
+    items[2] = (items[2][0], io.BytesIO(b"y" * (CHUNK_SIZE + 1)), None)
+    items[0][1].seek(2)  # a body need not start at 0: it is put back where it was
+    with pytest.raises(WouldBlock):
+        _batch_async(store, items)
+    assert [body.tell() for _, body, _ in items] == [2, 0, 0] and all_ids(store) == []
+
+
+def test_a_batch_with_a_taken_queue_id_would_block_and_stores_none(
+        store: PostgresStore) -> None:
+    store.enqueue(msg("old@x.example"), io.BytesIO(b"older"), "AAAAAAAAAAB2")
+    items = _items(3)
+    items[1] = (items[1][0], items[1][1], "AAAAAAAAAAB2")
+    with pytest.raises(WouldBlock):
+        _batch_async(store, items)
+    assert [body.tell() for _, body, _ in items] == [0, 0, 0]  # all read, all put back
+    assert all_ids(store) == ["AAAAAAAAAAB2"] and body_of(store, "AAAAAAAAAAB2") == b"older"
+
+
+def test_a_batch_lost_before_its_statement_would_block(store: PostgresStore) -> None:
+    async def main() -> list[tuple[Any, io.BytesIO, str | None]]:
+        await store.open_loop_connection()
+        assert store._loop_conn is not None
+        _terminate(store, store._loop_conn.info.backend_pid)
+        items = _items(2)
+        with pytest.raises(WouldBlock):
+            await store.enqueue_batch_async(items)
+        return items
+
+    items = asyncio.run(main())
+    assert [body.tell() for _, body, _ in items] == [0, 0] and all_ids(store) == []
+
+
+@pytest.mark.parametrize("found", ["all", "some"])
+def test_a_batch_applied_before_its_connection_broke(
+        store: PostgresStore, monkeypatch, found: str) -> None:  # type: ignore[no-untyped-def]
+    real = pg_loop_enqueue._first_row
+
+    async def applied_then_broke(cursor):  # type: ignore[no-untyped-def]
+        await real(cursor)
+        conn = store._loop_conn
+        assert conn is not None
+        _terminate(store, conn.info.backend_pid)
+        await conn.execute("SELECT 1")
+
+    monkeypatch.setattr(pg_loop_enqueue, "_first_row", applied_then_broke)
+    if found == "all":
+        ids = _batch_async(store, _items(2, "AAAAAAAAAAB3"))
+        assert ids[0] == "AAAAAAAAAAB3" and sorted(all_ids(store)) == sorted(ids)
+        return
+    # A look that finds some but not all cannot be: one statement, all or none.
+    monkeypatch.setattr(store, "_found_after_loss", lambda pid, ids, now: 1)
+    with pytest.raises(StoreError, match="1 of 2 messages found"):
+        _batch_async(store, _items(2))
+
+
+def test_a_batch_refused_on_the_loops_connection_is_stored_one_by_one(
+        store: PostgresStore, caplog) -> None:  # type: ignore[no-untyped-def]
+    group = GroupCommit(store, gather=10.0)
+    bodies = [b"first\r\n", b"bad", b"third\r\n"]
+    messages = [msg("a@x.example"), _refused_by_the_schema(), msg("c@x.example")]
+
+    async def main() -> list[str | BaseException]:
+        await store.open_loop_connection()
+        for i in range(3):
+            group.transaction_opened(i)
+
+        async def final_dot(i: int) -> str:
+            group.transaction_closed(i)
+            return await group.enqueue(messages[i], io.BytesIO(bodies[i]))
+
+        return list(await asyncio.gather(*(final_dot(i) for i in range(3)),
+                                         return_exceptions=True))
+
+    with caplog.at_level("INFO", logger="fermoposta.store"):
+        outcomes = asyncio.run(asyncio.wait_for(main(), 20))
+    assert isinstance(outcomes[1], StoreError)
+    good = [str(outcomes[0]), str(outcomes[2])]
+    assert sorted(all_ids(store)) == sorted(good)
+    assert [body_of(store, i) for i in good] == [b"first\r\n", b"third\r\n"]
+    assert group.inline_commits == 0 and group.committed == 2
+    assert any("on the event loop's connection failed" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_a_batch_that_failed_after_reading_its_bodies_is_stored_whole(
+        store: PostgresStore) -> None:
+    class FailsOnce:
+        """The store, but the loop's batch reads every body, then fails."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(store, name)
+
+        async def enqueue_batch_async(self, items):  # type: ignore[no-untyped-def]
+            for _, body, _ in items:
+                body.read()
+            raise StoreError("PostgreSQL store: enqueue failed (test)")
+
+    group = GroupCommit(FailsOnce(), gather=10.0)  # type: ignore[arg-type]
+
+    async def main() -> list[str]:
+        await store.open_loop_connection()
+        for i in range(2):
+            group.transaction_opened(i)
+
+        async def final_dot(i: int) -> str:
+            group.transaction_closed(i)
+            return await group.enqueue(msg(f"u{i}@x.example"), io.BytesIO(b"whole %d\r\n" % i))
+
+        return list(await asyncio.gather(*(final_dot(i) for i in range(2))))
+
+    ids = asyncio.run(asyncio.wait_for(main(), 20))
+    assert [body_of(store, i) for i in ids] == [b"whole 0\r\n", b"whole 1\r\n"]
+
+
+def test_a_batch_whose_statement_counts_fewer_messages_is_a_store_error(
+        store: PostgresStore, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    async def one_row_short(cursor):  # type: ignore[no-untyped-def]
+        row = await (await cursor).fetchone()
+        return (int(row[0]) - 1,)
+
+    monkeypatch.setattr(pg_loop_enqueue, "_first_row", one_row_short)
+    with pytest.raises(StoreError, match="wrote 1 of 2 messages"):
+        _batch_async(store, _items(2))

@@ -380,6 +380,16 @@ class MessageQueue(Protocol):
         `enqueue` in a worker thread."""
         ...
 
+    async def enqueue_batch_async(self, items: Sequence[tuple[NewMessage, IO[bytes], str | None]]
+                                  ) -> list[str]:
+        """`enqueue_batch` by the event loop without blocking it, under
+        `enqueue_async`'s terms (PostgreSQL: one statement on the loop's
+        connection; SQLite: always `WouldBlock`, it has `enqueue_batch_now`):
+        every body one chunk at most; all stored or none.  Nothing is
+        stored, and every body is where it was, when it raises `WouldBlock`;
+        then call `enqueue_batch` in a worker thread."""
+        ...
+
     def enqueue_batch(self, items: Sequence[tuple[NewMessage, IO[bytes], str | None]]
                       ) -> list[str]:
         """Store every item (message, body, queue id) in ONE transaction with

@@ -39,15 +39,18 @@ Contract:
   for a commit under way.  `WouldBlock` there too: a worker thread.
 - A batch is inline too: first offered to `MessageQueue.enqueue_batch_now`
   on the loop (SQLite: at most one chunk of body in all, no lock to wait
-  for), under the same pause; in a worker thread on `WouldBlock` or while
-  paused.  Its time counts against the limits less `INLINE_PER_MESSAGE`
-  for each message beyond the first (the engine's own work, not the
-  disk's).  A batch that fails there is stored one message at a time in a
+  for), under the same pause; its time counts against the limits less
+  `INLINE_PER_MESSAGE` for each message beyond the first (the engine's own
+  work, not the disk's).  On `WouldBlock` or while paused, it is offered
+  to `enqueue_batch_async` (PostgreSQL: one statement on the loop's own
+  connection, the loop free meanwhile; never paused, it holds nothing);
+  when both say `WouldBlock`, a worker thread stores it.  A batch that
+  fails on the loop (either way) is stored one message at a time in a
   worker thread (each body rewound).  Measured: at `-s 10` the worker
   thread's commits waited for the GIL the busy loop holds, and the loop
-  for the GIL between their statements (bench/README.md, fifteenth
-  session).  `inline_commits` counts the messages stored on the loop,
-  whichever way.
+  for the GIL between their statements (bench/README.md, fifteenth and
+  sixteenth sessions).  `inline_commits` counts the messages stored on
+  the loop, whichever way.
 - A batch that fails is retried one message at a time (each body rewound
   first), so one message's failure (an unreadable body, a store error that
   passes) never fails the others; each caller gets its own message's
@@ -294,6 +297,15 @@ class GroupCommit:
             batch = self._pending[: self.max_batch]
             del self._pending[: len(batch)]
             outcomes, tried = self._store_inline(batch)
+            if outcomes is None and not tried:
+                try:
+                    outcomes, tried = await self._store_on_loop_connection(batch)
+                except BaseException:  # cancelled at shutdown: tell every waiter
+                    for item in [*batch, *self._pending]:
+                        if not item.result.done():
+                            item.result.cancel()
+                    self._pending.clear()
+                    raise
             if outcomes is None:
                 try:
                     # After a failed try on the loop, one by one (bodies rewound).
@@ -341,6 +353,26 @@ class GroupCommit:
                      "storing them one by one in a worker thread", len(batch), exc)
             return None, True
         self._timed_inline(started, len(batch))
+        self.inline_commits += len(batch)
+        return list(stored), True
+
+    async def _store_on_loop_connection(self, batch: list[_Pending]
+                                        ) -> tuple[list[str | BaseException] | None, bool]:
+        """`_store_inline`'s answers for `MessageQueue.enqueue_batch_async`:
+        the batch in one statement sent by the loop, which serves the
+        sessions meanwhile (PostgreSQL); not counted against the inline
+        limits (it does not hold the loop)."""
+        try:
+            stored = await self.queue.enqueue_batch_async(
+                [(item.message, item.body, item.queue_id) for item in batch])
+        except WouldBlock:
+            return None, False
+        except Exception as exc:
+            self.commits += 1
+            log.info("group commit of %d messages on the event loop's connection failed (%s); "
+                     "storing them one by one in a worker thread", len(batch), exc)
+            return None, True
+        self.commits += 1
         self.inline_commits += len(batch)
         return list(stored), True
 

@@ -349,12 +349,18 @@ class PostgresMessages(EnginePart):
         (bench/README.md), which the worker thread would take from the
         event loop's GIL.  The foreign keys are checked at the end of the
         statement, when the message rows are there."""
+        return conn.execute(*self._insert_many_statement(whole, now))
+
+    def _insert_many_statement(self, whole: Sequence[tuple[NewMessage, bytes, str]],
+                               now: float) -> tuple[str, tuple[object, ...]]:
+        """`_insert_many_query`'s SQL and parameters (also sent by the event
+        loop's own connection: `pg_loop_enqueue`)."""
         messages = [message for message, _, _ in whole]
         ids = [queue_id for _, _, queue_id in whole]
         sizes = [len(data) for _, data, _ in whole]
         recipients = [(queue_id, r, len(data)) for message, data, queue_id in whole
                       for r in message.recipients]
-        return conn.execute(self._INSERT_MANY, (
+        return self._INSERT_MANY, (
             now, self._node,
             ids, [m.sender for m in messages], sizes, [str(m.origin) for m in messages],
             [bool(m.smtputf8) for m in messages], [bool(m.body_8bit) for m in messages],
@@ -366,7 +372,7 @@ class PostgresMessages(EnginePart):
             [r.address for _, r, _ in recipients], [r.domain for _, r, _ in recipients],
             [str(r.state) for _, r, _ in recipients], [r.notify for _, r, _ in recipients],
             [r.orcpt for _, r, _ in recipients], [size for _, _, size in recipients],
-        ))
+        )
 
     def is_empty(self) -> bool:
         with self._read("is empty") as conn:

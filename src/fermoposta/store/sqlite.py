@@ -355,6 +355,11 @@ class SQLiteStore(SQLiteDirectory, SQLiteQueueTools, SQLiteEtrn, SQLiteOutbound,
         blocking (`enqueue_now` is its way on the loop)."""
         raise WouldBlock()
 
+    async def enqueue_batch_async(self, items: Sequence[tuple[NewMessage, IO[bytes], str | None]]
+                                  ) -> list[str]:
+        """Always `WouldBlock`, as `enqueue_async`."""
+        raise WouldBlock()
+
     def enqueue_batch_now(self, items: Sequence[tuple[NewMessage, IO[bytes], str | None]]
                           ) -> list[str]:
         # On the event loop: only a commit that copies little (INLINE_BODY for
