@@ -62,13 +62,17 @@ def _terminate(store: PostgresStore, pid: int) -> None:
         admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
 
 
-def test_a_lone_message_is_one_statement_on_the_loops_own_connection(
-        store: PostgresStore, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def _forbid_the_pool(store: PostgresStore, monkeypatch: pytest.MonkeyPatch) -> None:
     def no(*args: object) -> None:
         raise AssertionError("the pool was used")
 
     monkeypatch.setattr(store, "_write_one_statement", no)
     monkeypatch.setattr(store, "_write", no)
+
+
+def test_a_lone_message_is_one_statement_on_the_loops_own_connection(
+        store: PostgresStore, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    _forbid_the_pool(store, monkeypatch)
 
     async def main() -> tuple[str, str, int, int]:
         body = io.BytesIO(b"one\r\n")
@@ -445,11 +449,7 @@ def _items(n: int, first: str | None = None) -> list[tuple[Any, io.BytesIO, str 
 
 def test_a_batch_is_one_statement_on_the_loops_own_connection(
         store: PostgresStore, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    def no(*args: object) -> None:
-        raise AssertionError("the pool was used")
-
-    monkeypatch.setattr(store, "_write_one_statement", no)
-    monkeypatch.setattr(store, "_write", no)
+    _forbid_the_pool(store, monkeypatch)
     statements: list[str] = []
     real = store._insert_many_statement
 
