@@ -164,7 +164,7 @@ class PostgresLoopEnqueue:
                 raise
         except (psycopg.Error, OSError) as exc:
             self._loop_conn_retry_at = time.monotonic() + RETRY
-            log.info("%s; lone messages go through worker threads for %.0f s",
+            log.info("%s; messages go through worker threads for %.0f s",
                      self._error("connecting the event loop's connection failed", exc), RETRY)
             return
         if self._closed:  # the store was closed meanwhile
