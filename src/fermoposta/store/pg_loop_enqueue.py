@@ -8,8 +8,8 @@ provider's CPU a message.  Sent on a connection of the loop's own
 (psycopg's `AsyncConnection`), the statement costs the round trip and
 nothing else, and the loop serves the other sessions meanwhile.  A batch
 of several sessions' messages too: in a worker thread its statement's
-parameters and reply took the GIL from the busy loop (`-s 10`, 6 A/B
-pairs: +1.5-21%, median +8.5%; bench/README.md, sixteenth session).
+parameters and reply took the GIL from the busy loop (`-s 10`, 10 A/B
+pairs: 9 gained, median +9%; bench/README.md, sixteenth session).
 
 Contract (a mixin of `PostgresStore`):
 - `enqueue_async(message, body, queue_id)` stores a message whose body is
