@@ -26,7 +26,8 @@ the event loop on a connection of its own (`store/pg_loop_enqueue.py`).  What th
   that finds some but not all, or a statement that counts fewer, is
   `StoreError`; at `GroupCommit`, a batch refused there, or that failed
   after reading its bodies, is stored one by one in a worker thread, each
-  body whole.
+  body whole; one cut by the shutdown leaves none of its callers, nor the
+  messages waiting behind it, waiting.
 """
 
 from __future__ import annotations
@@ -524,6 +525,20 @@ def test_a_batch_applied_before_its_connection_broke(
         _batch_async(store, _items(2))
 
 
+def _final_dots(group: GroupCommit, messages: list[Any], bodies: list[bytes]
+                ) -> list[asyncio.Future[str]]:
+    """Sessions that all gave MAIL, then each closes its transaction and hands
+    its message over: one batch (on the running loop)."""
+    for i in range(len(messages)):
+        group.transaction_opened(i)
+
+    async def final_dot(i: int) -> str:
+        group.transaction_closed(i)
+        return await group.enqueue(messages[i], io.BytesIO(bodies[i]))
+
+    return [asyncio.ensure_future(final_dot(i)) for i in range(len(messages))]
+
+
 def test_a_batch_refused_on_the_loops_connection_is_stored_one_by_one(
         store: PostgresStore, caplog) -> None:  # type: ignore[no-untyped-def]
     group = GroupCommit(store, gather=10.0)
@@ -532,14 +547,7 @@ def test_a_batch_refused_on_the_loops_connection_is_stored_one_by_one(
 
     async def main() -> list[str | BaseException]:
         await store.open_loop_connection()
-        for i in range(3):
-            group.transaction_opened(i)
-
-        async def final_dot(i: int) -> str:
-            group.transaction_closed(i)
-            return await group.enqueue(messages[i], io.BytesIO(bodies[i]))
-
-        return list(await asyncio.gather(*(final_dot(i) for i in range(3)),
+        return list(await asyncio.gather(*_final_dots(group, messages, bodies),
                                          return_exceptions=True))
 
     with caplog.at_level("INFO", logger="fermoposta.store"):
@@ -570,14 +578,9 @@ def test_a_batch_that_failed_after_reading_its_bodies_is_stored_whole(
 
     async def main() -> list[str]:
         await store.open_loop_connection()
-        for i in range(2):
-            group.transaction_opened(i)
-
-        async def final_dot(i: int) -> str:
-            group.transaction_closed(i)
-            return await group.enqueue(msg(f"u{i}@x.example"), io.BytesIO(b"whole %d\r\n" % i))
-
-        return list(await asyncio.gather(*(final_dot(i) for i in range(2))))
+        return list(await asyncio.gather(*_final_dots(
+            group, [msg(f"u{i}@x.example") for i in range(2)],
+            [b"whole %d\r\n" % i for i in range(2)])))
 
     ids = asyncio.run(asyncio.wait_for(main(), 20))
     assert [body_of(store, i) for i in ids] == [b"whole 0\r\n", b"whole 1\r\n"]
@@ -592,3 +595,30 @@ def test_a_batch_whose_statement_counts_fewer_messages_is_a_store_error(
     monkeypatch.setattr(pg_loop_enqueue, "_first_row", one_row_short)
     with pytest.raises(StoreError, match="wrote 1 of 2 messages"):
         _batch_async(store, _items(2))
+
+
+def test_a_batch_cut_by_the_shutdown_leaves_no_caller_waiting(store: PostgresStore) -> None:
+    group = GroupCommit(store, gather=10.0)
+    admin = psycopg.connect(store._url)
+    admin.execute("LOCK TABLE messages IN EXCLUSIVE MODE")  # the batch's INSERT waits for it
+
+    async def main() -> list[BaseException | str]:
+        await store.open_loop_connection()
+        callers = _final_dots(group, [msg(f"u{i}@x.example") for i in range(2)], [b"0", b"1"])
+        try:
+            await asyncio.sleep(0.3)  # the batch's statement waits on the loop's connection
+            late = asyncio.ensure_future(group.enqueue(msg("late@x.example"), io.BytesIO(b"")))
+            await asyncio.sleep(0)
+            assert group._committer is not None
+            group._committer.cancel()  # as at the loop's shutdown
+            return list(await asyncio.wait_for(
+                asyncio.gather(*callers, late, return_exceptions=True), 20))
+        finally:
+            await asyncio.to_thread(admin.rollback)
+
+    try:
+        outcomes = asyncio.run(main())
+    finally:
+        admin.close()
+    assert [type(o) for o in outcomes] == [asyncio.CancelledError] * 3
+    assert all_ids(store) == []  # the cancelled statement stored nothing

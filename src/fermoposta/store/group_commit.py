@@ -108,6 +108,11 @@ class _Pending:
     handed_at: float = 0.0  # loop time of the enqueue
 
 
+def _items(batch: Sequence[_Pending]) -> list[tuple[NewMessage, IO[bytes], str | None]]:
+    """The batch as the store's `enqueue_batch*` take it."""
+    return [(item.message, item.body, item.queue_id) for item in batch]
+
+
 class GroupCommit:
     def __init__(self, queue: MessageQueue, *, max_batch: int = MAX_BATCH,
                  gather: float = GATHER,
@@ -297,30 +302,23 @@ class GroupCommit:
             batch = self._pending[: self.max_batch]
             del self._pending[: len(batch)]
             outcomes, tried = self._store_inline(batch)
-            if outcomes is None and not tried:
-                try:
+            try:
+                if outcomes is None and not tried:
                     outcomes, tried = await self._store_on_loop_connection(batch)
-                except BaseException:  # cancelled at shutdown: tell every waiter
-                    for item in [*batch, *self._pending]:
-                        if not item.result.done():
-                            item.result.cancel()
-                    self._pending.clear()
-                    raise
-            if outcomes is None:
-                try:
+                if outcomes is None:
                     # After a failed try on the loop, one by one (bodies rewound).
                     outcomes = await asyncio.to_thread(self._store, batch, not tried)
-                except BaseException as exc:  # cancelled at shutdown: tell every waiter
-                    for item in [*batch, *self._pending]:
-                        if item.result.done():
-                            continue
-                        if isinstance(exc, Exception):
-                            item.result.set_exception(exc)
-                        else:
-                            item.result.cancel()
-                    self._pending.clear()
-                    raise
-                self.commits += 1
+                    self.commits += 1
+            except BaseException as exc:  # cancelled at shutdown: tell every waiter
+                for item in [*batch, *self._pending]:
+                    if item.result.done():
+                        continue
+                    if isinstance(exc, Exception):
+                        item.result.set_exception(exc)
+                    else:
+                        item.result.cancel()
+                self._pending.clear()
+                raise
             self._report_stored([item.message for item, outcome
                                  in zip(batch, outcomes, strict=True)
                                  if not isinstance(outcome, BaseException)])
@@ -343,8 +341,7 @@ class GroupCommit:
         if started < self._inline_paused_until:
             return None, False
         try:
-            stored = self.queue.enqueue_batch_now(
-                [(item.message, item.body, item.queue_id) for item in batch])
+            stored = self.queue.enqueue_batch_now(_items(batch))
         except WouldBlock:
             return None, False
         except Exception as exc:
@@ -363,8 +360,7 @@ class GroupCommit:
         sessions meanwhile (PostgreSQL); not counted against the inline
         limits (it does not hold the loop)."""
         try:
-            stored = await self.queue.enqueue_batch_async(
-                [(item.message, item.body, item.queue_id) for item in batch])
+            stored = await self.queue.enqueue_batch_async(_items(batch))
         except WouldBlock:
             return None, False
         except Exception as exc:
@@ -381,8 +377,7 @@ class GroupCommit:
         failed or `whole` is false (a commit on the loop failed)."""
         if whole and len(batch) > 1:
             try:
-                return list(self.queue.enqueue_batch(
-                    [(item.message, item.body, item.queue_id) for item in batch]))
+                return list(self.queue.enqueue_batch(_items(batch)))
             except Exception as exc:
                 log.info("group commit of %d messages failed (%s); storing them one by one",
                          len(batch), exc)
