@@ -107,6 +107,9 @@ class ListenConfig:
       the customers' outgoing mail (RFC 6409, STARTTLS).
     - ``submissions`` (default ``""``, off): submission over implicit TLS
       (RFC 8314, usually port 465).  Needs ``[tls] cert`` and ``key``.
+    - ``busy_poll_us`` (default ``100``, 0 to 1000): microseconds the event
+      loop keeps asking for its peers' bytes before it sleeps, while they
+      answer that fast (`net.busy_poll`); ``0`` = it sleeps at once.
     """
 
     mx: tuple[str, int] | None = _key(_listen_address, written="0.0.0.0:25")
@@ -114,6 +117,7 @@ class ListenConfig:
     odmr_tls: tuple[str, int] | None = _key(_listen_address, None)
     submission: tuple[str, int] | None = _key(_listen_address, written="0.0.0.0:587")
     submissions: tuple[str, int] | None = _key(_listen_address, None)
+    busy_poll_us: int = _key(_integer(0, 1000), 100)
 
 
 @dataclass(frozen=True, slots=True)

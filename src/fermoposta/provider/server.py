@@ -58,6 +58,7 @@ from typing import TYPE_CHECKING
 
 from fermoposta.config import ConfigError, ProviderConfig, load_provider_config
 from fermoposta.mail.anvil import AuthThrottle, ThrottleSettings
+from fermoposta.net.busy_poll import new_event_loop
 from fermoposta.net.connection import Connection, start_server
 from fermoposta.net.server_session import ServerSession, SessionLimits
 from fermoposta.ops import certs, metrics
@@ -611,4 +612,8 @@ def _reload(provider: Provider) -> None:
 def run(config: ProviderConfig) -> int:
     setup_logging(config.log.level, config.log.format,
                   node=config.store.node or socket.gethostname())
-    return asyncio.run(_serve(config))
+    # The loop polls briefly before it sleeps, for peers that answer fast
+    # (net/busy_poll.py).
+    spin = config.listen.busy_poll_us / 1e6
+    with asyncio.Runner(loop_factory=lambda: new_event_loop(spin)) as runner:
+        return runner.run(_serve(config))
