@@ -77,6 +77,11 @@ def swaks(port: int, to: str) -> subprocess.CompletedProcess[str]:
 
 
 async def test_user_journey_swaks_fetchmail_logs_sigterm(provider_process, tmp_path):
+    # `account add` made the store and closed it (SQLite deleted its WAL):
+    # `provider run` made the WAL at its full size before opening it.
+    wal = tmp_path / "data" / "fermoposta.sqlite3-wal"
+    assert wal.stat().st_size == 64 << 20
+    assert f"store WAL {wal} made at 64 MiB" in provider_process.logs()
     held = swaks(provider_process.mx, "bob@example.org")
     assert held.returncode == 0, held.stdout + held.stderr
     assert "250 2.0.0 OK queued as " in held.stdout

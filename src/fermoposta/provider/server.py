@@ -528,7 +528,7 @@ async def _open_store(config: ProviderConfig, stop: asyncio.Event) -> Store | No
     a crash loop of every node), until `stop` (SIGTERM/SIGINT)."""
     while True:
         try:
-            return await asyncio.to_thread(open_provider_store, config)
+            return await asyncio.to_thread(open_provider_store, config, presize_wal=True)
         except (StoreError, OSError) as exc:
             log.error("cannot open the %s: %s", store_description(config), exc)
             if config.store.engine != "postgresql" or isinstance(exc, OSError | SchemaTooNew):

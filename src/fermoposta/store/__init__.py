@@ -94,9 +94,11 @@ def open_store(
     pool_size: int = 10,
     node_timeout: float = 15.0,
     clock: Callable[[], float] = time.time,
+    presize_wal: bool = False,
 ) -> Store:
     """Open the store `url` names (see the module docstring), creating its
-    schema or bringing it up to date.  Raises `StoreError`."""
+    schema or bringing it up to date.  Raises `StoreError`.  `presize_wal`:
+    a SQLite store's WAL is made at its full size first (`SQLiteStore`)."""
     if url.startswith(POSTGRES_SCHEMES):
         from fermoposta.store.postgres import PostgresStore
 
@@ -105,11 +107,13 @@ def open_store(
         return PostgresStore(url, node=node or None, clock=clock, pool_size=pool_size,
                              node_timeout=node_timeout)
     if url.startswith("sqlite://"):
-        return SQLiteStore(Path(url[len("sqlite://"):]), clock, node=node or None)
+        return SQLiteStore(Path(url[len("sqlite://"):]), clock, node=node or None,
+                           presize_wal=presize_wal)
     if url:
         raise StoreError(f"unknown store url {redact_url(url)!r}: expected sqlite:// or "
                          "postgresql://")
-    return SQLiteStore(Path(data_dir) / STORE_FILENAME, clock, node=node or None)
+    return SQLiteStore(Path(data_dir) / STORE_FILENAME, clock, node=node or None,
+                       presize_wal=presize_wal)
 
 
 def open_spool(path: str | os.PathLike[str]) -> Spool:

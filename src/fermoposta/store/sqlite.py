@@ -64,6 +64,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import fermoposta.store.sqlite_schema as sqlite_schema
+import fermoposta.store.sqlite_wal as sqlite_wal
 from fermoposta.store.base import (
     CHUNK_SIZE,
     NewMessage,
@@ -106,8 +107,10 @@ class SQLiteStore(SQLiteDirectory, SQLiteQueueTools, SQLiteEtrn, SQLiteOutbound,
 
     def __init__(
         self, path: str | os.PathLike[str], clock: Callable[[], float] = time.time,
-        *, node: str | None = None,
+        *, node: str | None = None, presize_wal: bool = False,
     ) -> None:
+        """`presize_wal`: make the WAL at its full size first, if no process
+        has the store open (`sqlite_wal`; a long-lived writer: `provider run`)."""
         self._path = Path(path)
         self._node = node or socket.gethostname()
         self._clock = clock
@@ -124,6 +127,8 @@ class SQLiteStore(SQLiteDirectory, SQLiteQueueTools, SQLiteEtrn, SQLiteOutbound,
             # files the database file's permissions.
             self._path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.close(os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600))
+            if presize_wal:
+                sqlite_wal.presize_wal(self._path, WAL_SIZE_LIMIT)
             self._conn = sqlite3.connect(
                 self._path,
                 timeout=BUSY_TIMEOUT,
