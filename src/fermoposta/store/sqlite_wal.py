@@ -1,10 +1,11 @@
 """A SQLite store's WAL made at its full size before the provider opens it.
 
 A commit appends its pages to the WAL and fdatasyncs it.  While the WAL
-grows, each fdatasync also commits the file system's journal (the file's
-new blocks and size); once it has reached `journal_size_limit` and starts
-again from its beginning, commits overwrite blocks that exist and their
-fdatasync writes only data.  Measured on the benchmark machine (ext4 on a
+grows, each fdatasync also writes the file's metadata (its new blocks and
+size: the journal's commit on a journalling file system, the inode and
+the block bitmap without one); once it has reached `journal_size_limit`
+and starts again from its beginning, commits overwrite blocks that exist
+and their fdatasync writes only data.  Measured on the benchmark machine (ext4 on a
 virtual disk): a 4 KiB append-and-fdatasync 220-265 µs, an overwrite
 125-145 µs; one SMTP session's intake ran at about 940 msgs/s while a new
 WAL grew to 64 MiB (its first 1,300 messages) and 1,250 after
