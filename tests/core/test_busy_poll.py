@@ -48,6 +48,16 @@ def send_later(peer: socket.socket, delay: float) -> threading.Thread:
     return thread
 
 
+def ready_when_sent(selector: BusyPollSelector, ours: socket.socket, peer: socket.socket,
+                    delay: float) -> None:
+    """`select` returns `ours` readable: the peer's byte came `delay` seconds in."""
+    thread = send_later(peer, delay)
+    try:
+        assert read_ready(selector, ours, None)
+    finally:
+        thread.join()
+
+
 def read_ready(selector: BusyPollSelector, sock: socket.socket, timeout: float | None) -> bool:
     """One `select`: whether it said `sock` is readable (its byte then read)."""
     ready = selector.select(timeout)
@@ -82,11 +92,7 @@ def test_a_fast_peer_is_caught_by_the_polling(pair: tuple[socket.socket, socket.
     ours, peer = pair
     selector = watched(ours, max_spin=10.0)
     selector.window = 5.0
-    thread = send_later(peer, 0.02)
-    try:
-        assert read_ready(selector, ours, None)
-    finally:
-        thread.join()
+    ready_when_sent(selector, ours, peer, 0.02)
     # Caught while polling: had it slept, the short wait would have doubled it.
     assert selector.window == 5.0
 
@@ -110,21 +116,13 @@ def test_short_waits_double_the_window_up_to_max_spin(pair: tuple[socket.socket,
     selector.window = 0.0  # an idle spell brought it to 0
     windows = []
     for _ in range(2):
-        thread = send_later(peer, 0.02)  # long after MIN_SPIN, long before max_spin
-        try:
-            assert read_ready(selector, ours, None)
-        finally:
-            thread.join()
+        ready_when_sent(selector, ours, peer, 0.02)  # long after MIN_SPIN, before max_spin
         windows.append(selector.window)
     assert windows == [MIN_SPIN, 2 * MIN_SPIN]
     # Doubled, but never past max_spin: 0.3 s polled, the byte 0.1 s later.
     selector.window = 0.3
     selector.max_spin = 0.5
-    thread = send_later(peer, 0.4)
-    try:
-        assert read_ready(selector, ours, None)
-    finally:
-        thread.join()
+    ready_when_sent(selector, ours, peer, 0.4)
     assert selector.window == 0.5
 
 
