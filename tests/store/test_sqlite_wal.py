@@ -193,3 +193,13 @@ def test_a_wal_made_meanwhile_by_another_process_wins(tmp_path: Path,
     assert wal_of(path).read_bytes() == b"another process's WAL"
     assert files_in(tmp_path) == ["db.sqlite3", "db.sqlite3-wal"]
     assert "not made ahead" not in caplog.text  # the usual race, nothing to tell
+
+
+def test_a_stray_temporary_file_of_a_crash_is_removed(tmp_path: Path) -> None:
+    path = wal_mode_database(tmp_path / "db.sqlite3")
+    stray = tmp_path / ".db.sqlite3-wal.k1ll3d"
+    stray.write_bytes(bytes(4096))
+    other = tmp_path / ".other-file"
+    other.write_bytes(b"kept")
+    assert presize_wal(path, SIZE)
+    assert files_in(tmp_path) == [".other-file", "db.sqlite3", "db.sqlite3-wal"]

@@ -27,7 +27,9 @@ Contract:
 - A WAL of zeros is an empty WAL to SQLite: its header's magic number
   and checksums do not match, so recovery finds no frames and the first
   commit writes a new header over it.  A crash anywhere in here leaves at
-  most that file, or a stray `.<database>-wal.*` temporary file.
+  most that file, or a stray `.<database>-wal.*` temporary file, which the
+  next call removes first (one another process is still writing then
+  fails to link, and that process opens the store as before).
 - Returns True when it made the WAL; False when it did nothing: the
   conditions above, or less than `size` + `FREE_MARGIN` bytes free on the
   file system (the WAL must not take the room the mail needs), or an
@@ -42,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import logging
 import os
 import tempfile
@@ -70,6 +73,7 @@ def presize_wal(database: Path, size: int) -> bool:
         return False
     if header[18:20] != _WAL_MODE or os.path.lexists(wal):
         return False
+    _remove_strays(database.parent, f".{wal.name}.")
     free = _free_bytes(database.parent)
     if free is None or free < size + FREE_MARGIN:
         log.info("store WAL not made ahead at %d MiB: too little free space in %s",
@@ -98,6 +102,14 @@ def presize_wal(database: Path, size: int) -> bool:
     log.info("store WAL %s made at %d MiB: commits overwrite it instead of growing it",
              wal, size >> 20)
     return True
+
+
+def _remove_strays(directory: Path, prefix: str) -> None:
+    """The temporary files of calls that died before they linked theirs."""
+    with contextlib.suppress(OSError):
+        for stray in directory.glob(glob.escape(prefix) + "*"):
+            with contextlib.suppress(OSError):
+                stray.unlink()
 
 
 def _free_bytes(directory: Path) -> int | None:
