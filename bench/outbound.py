@@ -108,6 +108,9 @@ def run_fermoposta(base: Path, sink_port: int, connections: int, messages: int, 
         left = store._conn.execute("SELECT COUNT(*) FROM recipients").fetchone()[0]  # type: ignore[attr-defined]
     finally:
         store.close()
+        # Lines go back to stderr before the file closes: the next run's
+        # setup_logging flushes the handler it replaces.
+        setup_logging(log_level, "text")
         log.close()
     ok = handled == messages and runner.delivered == messages and left == 0
     note = (f"CPU {100 * cpu / elapsed:.0f}% of a core, {runner.connections} connection(s) "
