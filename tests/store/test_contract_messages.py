@@ -215,13 +215,19 @@ def test_read_ahead_without_the_message_of_a_delivered_one(store: Store) -> None
 
 
 def test_queue_id_collision_retries(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
-    import secrets
+    import types
 
-    values = iter(["aaaaaaaaaaaa", "aaaaaaaaaaaa", "bbbbbbbbbbbb"])
-    monkeypatch.setattr(secrets, "token_hex", lambda n: next(values))
+    from fermoposta.store import base
+
+    # One 1/256 s slot (time part 00001), and random parts that repeat; the
+    # clock and the randomness replaced for the queue ids alone.
+    monkeypatch.setattr(base, "time", types.SimpleNamespace(time=lambda: 1 / 256))
+    values = iter([0xAAAAAAA, 0xAAAAAAA, 0xBBBBBBB])
+    monkeypatch.setattr(base, "secrets",
+                        types.SimpleNamespace(randbits=lambda bits: next(values)))
     first = store.enqueue(msg("a@x.example"), io.BytesIO(b"1"))
     second = store.enqueue(msg("a@x.example"), io.BytesIO(b"2"))
-    assert (first, second) == ("AAAAAAAAAAAA", "BBBBBBBBBBBB")
+    assert (first, second) == ("00001AAAAAAA", "00001BBBBBBB")
     assert body_of(store, first) == b"1"
     assert body_of(store, second) == b"2"
 

@@ -63,6 +63,7 @@ import asyncio
 import enum
 import io
 import secrets
+import time
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Protocol
@@ -73,9 +74,26 @@ from fermoposta.smtp.credentials import ScramSecret as ScramSecret  # re-exporte
 CHUNK_SIZE = 256 * 1024
 
 
+# A queue id leads with the time, so that messages stored together sit
+# together in every index keyed by it (messages, body_chunks,
+# recipients_message, recipients_state): a commit writes the few pages at
+# the newest end of each instead of one page for every message.  Measured
+# (bench/README.md, seventeenth session): a batch of ten 4 KiB messages
+# committed in 0.62 ms instead of 0.99 on a SQLite store holding 200,000,
+# and MX intake at `smtp-source -s 10` +7%.
+QUEUE_ID_SLOTS_PER_SECOND = 256  # the time part's unit: 1/256 s
+QUEUE_ID_SLOT_BITS = 20  # 5 hex digits: the time part wraps every 68 minutes
+QUEUE_ID_RANDOM_BITS = 28  # 7 hex digits
+
+
 def new_queue_id() -> str:
-    """A Postfix-like queue id: 12 uppercase hex digits (48 random bits)."""
-    return secrets.token_hex(6).upper()
+    """A Postfix-like queue id: 12 uppercase hex digits, the time in 1/256 s
+    modulo 2**20 (5 digits) then 28 random bits (7 digits).  Two ids are
+    alike only when drawn in the same 1/256 s (or 68 minutes apart, the
+    wrap) with the same random part; the stores then draw again (`_enqueue`
+    of either engine), so a queue id stays unique in the store."""
+    slot = int(time.time() * QUEUE_ID_SLOTS_PER_SECOND) & ((1 << QUEUE_ID_SLOT_BITS) - 1)
+    return f"{slot:05X}{secrets.randbits(QUEUE_ID_RANDOM_BITS):07X}"
 
 
 class StoreError(CredentialsUnavailable):

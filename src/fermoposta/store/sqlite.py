@@ -35,7 +35,8 @@ Contract and choices:
   placeholder row (size -1) that no view of the queue shows.
 - Bodies live in `body_chunks` rows of at most `CHUNK_SIZE` bytes; they are
   written and read one chunk at a time, so memory stays bounded.
-- Queue ids are 12 uppercase hex characters (like Postfix) from `secrets`.
+- Queue ids are 12 uppercase hex characters (like Postfix): the time,
+  then random bits from `secrets` (`base.new_queue_id`).
   Recipient ids are AUTOINCREMENT, never reused, so a stale id held by a
   session can never hit another message's recipient.
 - The schema version is kept in `PRAGMA user_version`; a file written by a
