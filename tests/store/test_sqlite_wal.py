@@ -158,6 +158,21 @@ def test_the_free_space_margin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     assert wal_of(path).stat().st_size == SIZE
 
 
+def test_free_space_that_cannot_be_told_makes_no_wal(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    path = wal_mode_database(tmp_path / "db.sqlite3")
+
+    def unknown(directory: object) -> os.statvfs_result:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(sqlite_wal.os, "statvfs", unknown)
+    with caplog.at_level(logging.INFO, logger="fermoposta.store"):
+        assert not presize_wal(path, SIZE)
+    assert f"cannot tell the free space in {tmp_path}" in caplog.text
+    assert files_in(tmp_path) == ["db.sqlite3"]
+
+
 def test_a_write_error_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                       caplog: pytest.LogCaptureFixture) -> None:
     path = wal_mode_database(tmp_path / "db.sqlite3")

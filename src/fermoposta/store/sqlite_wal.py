@@ -2,11 +2,11 @@
 
 A commit appends its pages to the WAL and fdatasyncs it.  While the WAL
 grows, each fdatasync also writes the file's metadata (its new blocks and
-size: the journal's commit on a journalling file system, the inode and
-the block bitmap without one); once it has reached `journal_size_limit`
-and starts again from its beginning, commits overwrite blocks that exist
-and their fdatasync writes only data.  Measured on the benchmark machine (ext4 on a
-virtual disk): a 4 KiB append-and-fdatasync 220-265 µs, an overwrite
+size: the journal's commit on a journalling file system, the inode and the
+block bitmap without one); once it has reached `journal_size_limit` and
+starts again from its beginning, commits overwrite blocks that exist and
+their fdatasync writes only data.  Measured on the benchmark machine (ext4
+on a virtual disk): a 4 KiB append-and-fdatasync 220-265 µs, an overwrite
 125-145 µs; one SMTP session's intake ran at about 940 msgs/s while a new
 WAL grew to 64 MiB (its first 1,300 messages) and 1,250 after
 (bench/README.md, seventeenth session).  SQLite deletes the WAL when its
@@ -32,10 +32,10 @@ Contract:
   fails to link, and that process opens the store as before).
 - Returns True when it made the WAL; False when it did nothing: the
   conditions above, or less than `size` + `FREE_MARGIN` bytes free on the
-  file system (the WAL must not take the room the mail needs), or an
-  error while writing (logged; the temporary file removed).  It never
-  raises `OSError`: the store opens either way, the WAL then grows as
-  before.
+  file system (the WAL must not take the room the mail needs) or no way
+  to tell (`statvfs` failed), or an error while writing (logged; the
+  temporary file removed).  It never raises `OSError`: the store opens
+  either way, the WAL then grows as before.
 - Called by `SQLiteStore(presize_wal=True)`, which `provider run` asks for
   (a long-lived writer), never by the admin commands.
 """
@@ -75,7 +75,11 @@ def presize_wal(database: Path, size: int) -> bool:
         return False
     _remove_strays(database.parent, f".{wal.name}.")
     free = _free_bytes(database.parent)
-    if free is None or free < size + FREE_MARGIN:
+    if free is None:
+        log.info("store WAL not made ahead: cannot tell the free space in %s",
+                 database.parent)
+        return False
+    if free < size + FREE_MARGIN:
         log.info("store WAL not made ahead at %d MiB: too little free space in %s",
                  size >> 20, database.parent)
         return False
