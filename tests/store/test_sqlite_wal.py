@@ -218,3 +218,23 @@ def test_a_stray_temporary_file_of_a_crash_is_removed(tmp_path: Path) -> None:
     other.write_bytes(b"kept")
     assert presize_wal(path, SIZE)
     assert files_in(tmp_path) == [".other-file", "db.sqlite3", "db.sqlite3-wal"]
+
+
+def test_a_brand_new_store_gets_a_full_wal_at_its_first_run(tmp_path: Path) -> None:
+    # `provider run` before any admin command made the file: it is empty
+    # (not in WAL mode yet) when the store opens it.
+    path = tmp_path / "fermoposta.sqlite3"
+    store = SQLiteStore(path, presize_wal=True)
+    try:
+        assert wal_of(path).stat().st_size == WAL_SIZE_LIMIT
+        hold(store, 3)
+        assert wal_of(path).stat().st_size == WAL_SIZE_LIMIT
+    finally:
+        store.close()
+    store = SQLiteStore(path)
+    try:
+        assert len(store.held_message_ids(["example.org"])) == 3
+        assert store.schema_version() > 0
+    finally:
+        store.close()
+

@@ -129,6 +129,8 @@ class SQLiteStore(SQLiteDirectory, SQLiteQueueTools, SQLiteEtrn, SQLiteOutbound,
             self._path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.close(os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600))
             if presize_wal:
+                if self._path.stat().st_size == 0:
+                    self._put_new_file_in_wal_mode()
                 sqlite_wal.presize_wal(self._path, WAL_SIZE_LIMIT)
             self._conn = sqlite3.connect(
                 self._path,
@@ -141,7 +143,7 @@ class SQLiteStore(SQLiteDirectory, SQLiteQueueTools, SQLiteEtrn, SQLiteOutbound,
         try:
             self._conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
             self._conn.execute("PRAGMA foreign_keys = ON")
-            mode = self._journal_mode_wal()
+            mode = _journal_mode_wal(self._conn)
             if mode is None or str(mode[0]).lower() != "wal":
                 raise StoreError(f"cannot put {self._path} in WAL mode")
             self._conn.execute("PRAGMA synchronous = FULL")
@@ -187,18 +189,18 @@ class SQLiteStore(SQLiteDirectory, SQLiteQueueTools, SQLiteEtrn, SQLiteOutbound,
             if conn is not None:
                 conn.close()
 
-    def _journal_mode_wal(self) -> Any:
-        """`PRAGMA journal_mode = WAL`, waiting like `busy_timeout` would: the
-        switch of a new file needs its write lock and gets SQLITE_BUSY at once
-        (no busy handler), e.g. when several processes open a new file."""
-        deadline = time.monotonic() + BUSY_TIMEOUT
-        while True:
-            try:
-                return self._conn.execute("PRAGMA journal_mode = WAL").fetchone()
-            except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) or time.monotonic() >= deadline:
-                    raise
-            time.sleep(0.02)
+    def _put_new_file_in_wal_mode(self) -> None:
+        """A brand-new (empty) file put in WAL mode by a connection of its
+        own, then closed: SQLite writes the first page, whose header says
+        WAL, and deletes the WAL on that close.  So `presize_wal` can make
+        a full WAL for the first `provider run` of a new store too, before
+        any of the store's own connections opens it."""
+        conn = sqlite3.connect(self._path, timeout=BUSY_TIMEOUT, isolation_level=None,
+                               check_same_thread=False)
+        try:
+            _journal_mode_wal(conn)
+        finally:
+            conn.close()
 
     @property
     def path(self) -> Path:
@@ -683,3 +685,18 @@ class SQLiteStore(SQLiteDirectory, SQLiteQueueTools, SQLiteEtrn, SQLiteOutbound,
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _journal_mode_wal(conn: sqlite3.Connection) -> Any:
+    """`PRAGMA journal_mode = WAL` on `conn`, waiting like `busy_timeout`
+    would: the switch of a new file needs its write lock and gets
+    SQLITE_BUSY at once (no busy handler), e.g. when several processes open
+    a new file."""
+    deadline = time.monotonic() + BUSY_TIMEOUT
+    while True:
+        try:
+            return conn.execute("PRAGMA journal_mode = WAL").fetchone()
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+        time.sleep(0.02)

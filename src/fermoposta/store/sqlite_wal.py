@@ -37,7 +37,9 @@ Contract:
   temporary file removed).  It never raises `OSError`: the store opens
   either way, the WAL then grows as before.
 - Called by `SQLiteStore(presize_wal=True)`, which `provider run` asks for
-  (a long-lived writer), never by the admin commands.
+  (a long-lived writer), never by the admin commands.  For a brand-new
+  (empty) file the store first puts it in WAL mode with a connection it
+  closes at once, so that a new store's first run gets its WAL too.
 """
 
 from __future__ import annotations
