@@ -28,7 +28,7 @@ fermoposta does:
   recipient in D, in (arrival, id) order.
 - `queue list`, time to its first page (the process is stopped by PID once
   the first 500 blocks are out); check: the first 500 messages by (arrival, id).
-- `queue list --count` (every page of ids); check: MESSAGES.
+- `queue list --count` (one count query in the store); check: MESSAGES.
 - `queue stats` and `queue stats --json`; check: the totals (messages,
   recipients, held, outbound, deferred) and D's figures.
 

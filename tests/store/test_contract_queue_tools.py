@@ -153,6 +153,7 @@ def test_page_of_the_whole_queue(queue: Queue) -> None:
 ])
 def test_filters(queue: Queue, where: dict[str, object], expected: tuple[str, ...]) -> None:
     assert queue.ids(**where) == named(queue, *expected)
+    assert queue.store.count_queue(QueueFilter(**where)) == len(expected)  # type: ignore[arg-type]
     page = queue.store.queue_page(QueueFilter(**where), None, 100)  # type: ignore[arg-type]
     assert [e.message.id for e in page] == named(queue, *expected)
     # A page shows every recipient of a matching message, not only those that match.
@@ -185,6 +186,25 @@ def test_pages_follow_the_key(store: Store, clock: Clock) -> None:
     assert store.queue_ids(QueueFilter(), ids[-1], 10) == []
     store.delete_messages([ids[2][1]])
     assert store.queue_ids(QueueFilter(), ids[2], 10) == ids[3:]
+
+
+def test_count_of_what_arrived_after_a_time(store: Store, clock: Clock) -> None:
+    times: list[float] = []
+    for i in range(6):
+        if i % 2 == 0:
+            clock.now += 1  # two messages share each received_at
+        state = HELD if i < 4 else OUTBOUND
+        store.enqueue(NewMessage("s@x.example", (rcpt(f"r{i}@x.example", state),),
+                                 MessageOrigin.MX), io.BytesIO(b"m"))
+        times.append(clock.now)
+    assert store.count_queue(QueueFilter()) == 6
+    assert store.count_queue(QueueFilter(), times[0] - 1) == 6
+    # Strictly after: the two that arrived at that very time are not counted.
+    assert store.count_queue(QueueFilter(), times[0]) == 4
+    assert store.count_queue(QueueFilter(), times[2]) == 2
+    assert store.count_queue(QueueFilter(), times[-1]) == 0
+    assert store.count_queue(QueueFilter(state="held"), times[0]) == 2
+    assert store.count_queue(QueueFilter(received_before=times[4]), times[0]) == 2
 
 
 def test_pages_with_a_filter(queue: Queue) -> None:
@@ -555,6 +575,8 @@ def test_domain_filter_over_several_domains_and_states(store: Store, clock: Cloc
             assert [(e.message.received_at, e.message.id) for e in entries] == page
             seen += page
             if len(page) < size:
+                # The count query counts what the pages found, by either plan.
+                assert tools.count_queue(where) == len(seen)
                 return seen
             after = page[-1]
 

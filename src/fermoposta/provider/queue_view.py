@@ -220,6 +220,13 @@ def queue_list(args: argparse.Namespace, store: AdminStore) -> int:
     now = time.time()
     filtered = (_filter(args, now) != QueueFilter() or args.younger_than is not None
                 or args.account is not None)
+    if args.count and args.account is None:
+        # One count query, not every page of ids (1,000,000 held on
+        # PostgreSQL: 2.35 s of pages).  --account pages on: a message with
+        # recipients in two of the account's domains counts once.
+        cutoff = None if args.younger_than is None else now - args.younger_than
+        print(store.count_queue(_filter(args, now), cutoff))
+        return EX_OK
     if args.ids or args.count:
         count = 0
         for _, message_id in _matching(store, args, now, store.queue_ids, _key):

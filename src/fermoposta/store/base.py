@@ -770,6 +770,12 @@ class QueueTools(Protocol):
         """Like `queue_page`, only the (received_at, id) keys."""
         ...
 
+    def count_queue(self, where: QueueFilter, received_after: float | None = None) -> int:
+        """How many messages match `where` (and arrived strictly after
+        `received_after`, if given): what paging through `queue_ids` would
+        count, in one query."""
+        ...
+
     def get_queue_entry(self, message_id: str) -> QueueEntry | None: ...
 
     def delete_messages(self, message_ids: Collection[str]) -> list[str]:

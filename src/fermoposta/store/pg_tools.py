@@ -97,6 +97,15 @@ class PostgresQueueTools(EnginePart):
                 )
             ]
 
+    def count_queue(self, where: QueueFilter, received_after: float | None = None) -> int:
+        with self._read("queue count", snapshot=False) as conn:
+            sql, params = _filter_sql(conn, where, None)
+            if received_after is not None:
+                sql += " AND m.received_at > %s"
+                params.append(received_after)
+            row = conn.execute(f"SELECT count(*) FROM{sql}", params).fetchone()
+            return int(row[0]) if row is not None else 0
+
     def queue_page(
         self, where: QueueFilter, after: tuple[float, str] | None, limit: int
     ) -> list[QueueEntry]:

@@ -92,6 +92,14 @@ class SQLiteQueueTools:
                 )
             ]
 
+    def count_queue(self, where: QueueFilter, received_after: float | None = None) -> int:
+        with self._read() as conn:
+            sql, params = _filter_sql(conn, where, None)
+            if received_after is not None:
+                sql += " AND m.received_at > ?"
+                params.append(received_after)
+            return int(conn.execute(f"SELECT count(*) FROM{sql}", params).fetchone()[0])
+
     def queue_page(
         self, where: QueueFilter, after: tuple[float, str] | None, limit: int
     ) -> list[QueueEntry]:
