@@ -7,6 +7,7 @@ for `INLINE_PAUSE` seconds after an inline commit slower than `INLINE_SLOW`."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import logging
 import sqlite3
@@ -482,3 +483,44 @@ def test_a_batch_is_judged_less_its_engines_work_for_each_message(
         one.transaction_opened("another session that never sends")  # a batch of one
         _run(one, [b"alone in its batch"])
     assert one.inline_commits == 1 and _pauses(caplog) == 1  # 25 ms for one message
+
+
+def test_a_batch_on_the_loop_replaces_each_taken_id_and_keeps_every_figure(
+        sqlite_store: SQLiteStore, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    taken = sqlite_store.enqueue(msg("x@a.example"), io.BytesIO(b"x"), "AAAAAAAAAAA1")
+    items = [(msg("a@a.example"), io.BytesIO(b"first\r\n"), "AAAAAAAAAAA2"),
+             (msg("b@a.example", "c@b.example"), io.BytesIO(b"second body\r\n"), taken),
+             (msg("d@a.example"), io.BytesIO(b"third\r\n"), "AAAAAAAAAAA3"),
+             (msg("e@a.example"), io.BytesIO(b""), "AAAAAAAAAAA3")]  # taken in the batch
+    ids = sqlite_store.enqueue_batch_now(items)
+    assert ids[0] == "AAAAAAAAAAA2" and ids[2] == "AAAAAAAAAAA3"
+    assert len(set(ids)) == 4 and taken not in ids
+    assert sorted(all_ids(sqlite_store)) == sorted([taken, *ids])  # each stored once
+    bodies = [b"first\r\n", b"second body\r\n", b"third\r\n", b""]
+    assert [body_of(sqlite_store, i) for i in ids] == bodies
+    assert body_of(sqlite_store, taken) == b"x"  # the message that had the id is untouched
+    for message_id, (message, _, _), body in zip(ids, items, bodies, strict=True):
+        stored = sqlite_store.get_message(message_id)
+        assert stored is not None and stored.size == len(body)
+        assert [r.address for r in stored.recipients] == [r.address
+                                                          for r in message.recipients]
+    # The copies the queue figures read: each recipient has its message's size.
+    with sqlite3.connect(tmp_path / "fermoposta.sqlite3") as conn:
+        rows = conn.execute("SELECT r.message_id, r.message_size, r.message_received_at,"
+                            " m.size, m.received_at FROM recipients r"
+                            " JOIN messages m ON m.id = r.message_id").fetchall()
+    assert len(rows) == 6
+    assert all(size == m_size and at == m_at for _, size, at, m_size, m_at in rows)
+
+
+def test_a_batch_that_breaks_another_rule_fails_whole_and_draws_nothing(
+        sqlite_store: SQLiteStore) -> None:
+    # Only a taken queue id is drawn again: any other constraint (here the
+    # sender NOT NULL) fails the batch at once, with nothing stored.
+    broken = dataclasses.replace(msg("b@a.example"), sender=None)  # type: ignore[arg-type]
+    items = [(msg("a@a.example"), io.BytesIO(b"a"), None), (broken, io.BytesIO(b"b"), None)]
+    with pytest.raises(StoreError, match="NOT NULL"):
+        sqlite_store.enqueue_batch_now(items)
+    with pytest.raises(StoreError, match="NOT NULL"):
+        sqlite_store.enqueue(broken, io.BytesIO(b"b"))
+    assert all_ids(sqlite_store) == []

@@ -102,6 +102,14 @@ BUSY_TIMEOUT = 10.0  # seconds
 # messages) copies on the caller's thread (the event loop): one chunk.
 INLINE_BODY = CHUNK_SIZE
 
+_INSERT_MESSAGE = (
+    "INSERT INTO messages (id, sender, received_at, size, origin, smtputf8, body_8bit, envid,"
+    " ret, client, node, wire_ready) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+_INSERT_CHUNK = "INSERT INTO body_chunks (message_id, seq, data) VALUES (?, ?, ?)"
+_INSERT_RECIPIENT = (
+    "INSERT INTO recipients (message_id, address, domain, state, attempts, notify, orcpt,"
+    " updated_at, message_received_at, message_size) VALUES (?, ?, ?, ?, 0, ?, ?, ?, ?, ?)")
+
 
 class SQLiteStore(SQLiteDirectory, SQLiteQueueTools, SQLiteEtrn, SQLiteOutbound, SQLiteStaging):
     """The `Store` on one SQLite file."""
@@ -375,9 +383,50 @@ class SQLiteStore(SQLiteDirectory, SQLiteQueueTools, SQLiteEtrn, SQLiteOutbound,
         if sum(self._bytes_to_copy(body, queue_id) for _, body, queue_id in items) > INLINE_BODY:
             raise WouldBlock()
         with self._write(wait=False) as conn:
-            ids = [self._enqueue(conn, message, body, queue_id)
-                   for message, body, queue_id in items]
+            ids = self._enqueue_small(conn, items)
         self._forget_stages(ids)
+        return ids
+
+    def _enqueue_small(self, conn: sqlite3.Connection,
+                       items: Sequence[tuple[NewMessage, IO[bytes], str | None]]) -> list[str]:
+        """`_enqueue` for a batch whose bodies are small together and none
+        staged (`enqueue_batch_now` checked both): every body read first,
+        then the messages, chunks and recipients each in one `executemany`
+        with the sizes known, instead of four statements a message (at
+        `-s 10`: 6% less CPU a message, bench/README.md, eighteenth
+        session).  A queue id taken (in the store, or earlier in the batch)
+        is drawn again, as in `_enqueue`: `executemany` stops at that row,
+        the rows before it are in, and it goes on from there."""
+        now = self._clock()
+        ids = [queue_id or new_queue_id() for _, _, queue_id in items]
+        chunks: list[tuple[int, int, bytes]] = []  # (item, seq, data)
+        sizes: list[int] = []
+        for index, (_, body, _) in enumerate(items):
+            size = seq = 0
+            while data := body.read(CHUNK_SIZE):
+                chunks.append((index, seq, bytes(data)))
+                size += len(data)
+                seq += 1
+            sizes.append(size)
+        rows = [_message_row(ids[i], message, now, sizes[i], self._node)
+                for i, (message, _, _) in enumerate(items)]
+        stored = 0
+        while stored < len(rows):
+            before = conn.total_changes
+            try:
+                conn.executemany(_INSERT_MESSAGE, rows[stored:])
+            except sqlite3.IntegrityError as exc:
+                if not _queue_id_taken(exc):
+                    raise
+                stored += conn.total_changes - before  # the rows before the taken id
+                ids[stored] = new_queue_id()
+                rows[stored] = (ids[stored], *rows[stored][1:])
+                continue
+            break
+        conn.executemany(_INSERT_CHUNK, [(ids[i], seq, data) for i, seq, data in chunks])
+        conn.executemany(_INSERT_RECIPIENT, [
+            row for i, (message, _, _) in enumerate(items)
+            for row in _recipient_rows(ids[i], message, now, sizes[i])])
         return ids
 
     def enqueue_batch(self, items: Sequence[tuple[NewMessage, IO[bytes], str | None]]
@@ -400,25 +449,12 @@ class SQLiteStore(SQLiteDirectory, SQLiteQueueTools, SQLiteEtrn, SQLiteOutbound,
             message_id = queue_id or new_queue_id()
             queue_id = None  # on a collision, draw a fresh one
             try:
-                conn.execute(
-                    "INSERT INTO messages (id, sender, received_at, size, origin, smtputf8,"
-                    " body_8bit, envid, ret, client, node, wire_ready)"
-                    " VALUES (?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        message_id,
-                        message.sender,
-                        now,
-                        str(message.origin),
-                        int(message.smtputf8),
-                        int(message.body_8bit),
-                        message.envid,
-                        message.ret,
-                        message.client,
-                        self._node,
-                        int(message.wire_ready),
-                    ),
-                )
-            except sqlite3.IntegrityError:
+                # Size 0 until the body, read a chunk at a time, is all in.
+                conn.execute(_INSERT_MESSAGE, _message_row(message_id, message, now, 0,
+                                                           self._node))
+            except sqlite3.IntegrityError as exc:
+                if not _queue_id_taken(exc):
+                    raise
                 continue  # queue id collision: draw again
             break
         size = 0
@@ -427,10 +463,7 @@ class SQLiteStore(SQLiteDirectory, SQLiteQueueTools, SQLiteEtrn, SQLiteOutbound,
             data = body.read(CHUNK_SIZE)
             if not data:
                 break
-            conn.execute(
-                "INSERT INTO body_chunks (message_id, seq, data) VALUES (?, ?, ?)",
-                (message_id, seq, bytes(data)),
-            )
+            conn.execute(_INSERT_CHUNK, (message_id, seq, bytes(data)))
             size += len(data)
             seq += 1
             del data
@@ -442,16 +475,7 @@ class SQLiteStore(SQLiteDirectory, SQLiteQueueTools, SQLiteEtrn, SQLiteOutbound,
     def _insert_recipients(conn: sqlite3.Connection, message_id: str, message: NewMessage,
                            now: float, size: int) -> None:
         """The recipients of a message received at `now` with `size` bytes."""
-        conn.executemany(
-            "INSERT INTO recipients (message_id, address, domain, state, attempts, notify,"
-            " orcpt, updated_at, message_received_at, message_size)"
-            " VALUES (?, ?, ?, ?, 0, ?, ?, ?, ?, ?)",
-            [
-                (message_id, r.address, r.domain, str(r.state), r.notify, r.orcpt, now, now,
-                 size)
-                for r in message.recipients
-            ],
-        )
+        conn.executemany(_INSERT_RECIPIENT, _recipient_rows(message_id, message, now, size))
 
     def is_empty(self) -> bool:
         with self._read() as conn:
@@ -700,3 +724,25 @@ def _journal_mode_wal(conn: sqlite3.Connection) -> Any:
             if "locked" not in str(exc) or time.monotonic() >= deadline:
                 raise
         time.sleep(0.02)
+
+
+def _message_row(message_id: str, message: NewMessage, now: float, size: int,
+                 node: str) -> tuple[object, ...]:
+    """`_INSERT_MESSAGE`'s parameters."""
+    return (message_id, message.sender, now, size, str(message.origin), int(message.smtputf8),
+            int(message.body_8bit), message.envid, message.ret, message.client, node,
+            int(message.wire_ready))
+
+
+def _recipient_rows(message_id: str, message: NewMessage, now: float,
+                    size: int) -> list[tuple[object, ...]]:
+    """`_INSERT_RECIPIENT`'s parameters, one row a recipient of a message
+    received at `now` with `size` bytes."""
+    return [(message_id, r.address, r.domain, str(r.state), r.notify, r.orcpt, now, now, size)
+            for r in message.recipients]
+
+
+def _queue_id_taken(exc: sqlite3.IntegrityError) -> bool:
+    """Whether the INSERT into `messages` failed on its primary key (a queue
+    id already there), not on another constraint: only that is drawn again."""
+    return getattr(exc, "sqlite_errorname", "") == "SQLITE_CONSTRAINT_PRIMARYKEY"
