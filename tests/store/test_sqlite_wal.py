@@ -46,6 +46,24 @@ def wal_mode_database(path: Path) -> Path:
     return path
 
 
+def provider_run_holds(path: Path, n: int, *, expected: int) -> None:
+    """A provider's store (`presize_wal`) finds a full WAL, holds `n` more
+    messages in it without growing it, and `expected` are held after."""
+    store = SQLiteStore(path, presize_wal=True)
+    try:
+        assert wal_of(path).stat().st_size == WAL_SIZE_LIMIT
+        hold(store, n)
+        # Written over, not grown: the file keeps its size.
+        assert wal_of(path).stat().st_size == WAL_SIZE_LIMIT
+    finally:
+        store.close()
+    store = SQLiteStore(path)
+    try:
+        assert len(store.held_message_ids(["example.org"])) == expected
+    finally:
+        store.close()
+
+
 def files_in(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir())
 
@@ -57,19 +75,7 @@ def test_provider_store_gets_a_full_wal_and_keeps_every_message(tmp_path: Path) 
     store.close()
     assert not wal_of(path).exists()
 
-    store = SQLiteStore(path, presize_wal=True)
-    try:
-        assert wal_of(path).stat().st_size == WAL_SIZE_LIMIT
-        hold(store, 30)
-        # Written over, not grown: the file keeps its size.
-        assert wal_of(path).stat().st_size == WAL_SIZE_LIMIT
-    finally:
-        store.close()
-    store = SQLiteStore(path)
-    try:
-        assert len(store.held_message_ids(["example.org"])) == 31
-    finally:
-        store.close()
+    provider_run_holds(path, 30, expected=31)
 
 
 def test_a_store_without_the_flag_is_left_alone(tmp_path: Path) -> None:
@@ -223,18 +229,5 @@ def test_a_stray_temporary_file_of_a_crash_is_removed(tmp_path: Path) -> None:
 def test_a_brand_new_store_gets_a_full_wal_at_its_first_run(tmp_path: Path) -> None:
     # `provider run` before any admin command made the file: it is empty
     # (not in WAL mode yet) when the store opens it.
-    path = tmp_path / "fermoposta.sqlite3"
-    store = SQLiteStore(path, presize_wal=True)
-    try:
-        assert wal_of(path).stat().st_size == WAL_SIZE_LIMIT
-        hold(store, 3)
-        assert wal_of(path).stat().st_size == WAL_SIZE_LIMIT
-    finally:
-        store.close()
-    store = SQLiteStore(path)
-    try:
-        assert len(store.held_message_ids(["example.org"])) == 3
-        assert store.schema_version() > 0
-    finally:
-        store.close()
+    provider_run_holds(tmp_path / "fermoposta.sqlite3", 3, expected=3)
 
