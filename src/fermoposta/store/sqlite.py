@@ -395,9 +395,11 @@ class SQLiteStore(SQLiteDirectory, SQLiteQueueTools, SQLiteEtrn, SQLiteOutbound,
         with the sizes known, instead of four statements a message (a
         batch of ten 4 KiB messages: 53-58 µs of CPU a message instead of
         68-78, some 3% of the provider's at `-s 10`; bench/README.md,
-        eighteenth session).  A queue id taken (in the store, or earlier in the batch)
-        is drawn again, as in `_enqueue`: `executemany` stops at that row,
-        the rows before it are in, and it goes on from there."""
+        eighteenth session).  A queue id taken (in the store, or earlier
+        in the batch) is drawn again, as in `_enqueue`: `executemany` stops
+        at that row, the rows before it are in (`total_changes` counts them:
+        no trigger writes on an insert into `messages`), and it goes on from
+        there."""
         now = self._clock()
         ids = [queue_id or new_queue_id() for _, _, queue_id in items]
         chunks: list[tuple[int, int, bytes]] = []  # (item, seq, data)
