@@ -230,4 +230,3 @@ def test_a_brand_new_store_gets_a_full_wal_at_its_first_run(tmp_path: Path) -> N
     # `provider run` before any admin command made the file: it is empty
     # (not in WAL mode yet) when the store opens it.
     provider_run_holds(tmp_path / "fermoposta.sqlite3", 3, expected=3)
-
