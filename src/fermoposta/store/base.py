@@ -90,8 +90,9 @@ def new_queue_id() -> str:
     """A Postfix-like queue id: 12 uppercase hex digits, the time in 1/256 s
     modulo 2**20 (5 digits) then 28 random bits (7 digits).  Two ids are
     alike only when drawn in the same 1/256 s, or a multiple of 68 minutes
-    apart (the time part wraps), with the same random part; the stores then draw again (`_enqueue`
-    of either engine), so a queue id stays unique in the store."""
+    apart (the time part wraps), with the same random part; the stores then
+    draw again (either engine's enqueue), so a queue id stays unique in the
+    store."""
     slot = int(time.time() * QUEUE_ID_SLOTS_PER_SECOND) & ((1 << QUEUE_ID_SLOT_BITS) - 1)
     return f"{slot:05X}{secrets.randbits(QUEUE_ID_RANDOM_BITS):07X}"
 
