@@ -190,6 +190,11 @@ class SQLiteStore(SQLiteDirectory, SQLiteQueueTools, SQLiteEtrn, SQLiteOutbound,
             raise
         return conn
 
+    def _extra_reader(self) -> sqlite3.Connection:
+        """A read-only connection of the caller's own, to close when done
+        (`queue_shape` reads on several at once)."""
+        return self._read_only_connection(timeout=BUSY_TIMEOUT)
+
     def _close_connections(self) -> None:
         """Close whichever connections the constructor opened (it failed)."""
         for name in ("_reader", "_quick", "_conn"):

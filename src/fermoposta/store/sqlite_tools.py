@@ -1,20 +1,23 @@
 """The queue tools of the SQLite engine (`QueueTools`, see `fermoposta.store.base`).
 
 Contract: `SQLiteQueueTools` is a mixin of `SQLiteStore` and uses only its
-transactions (`_read`, `_write`) and clock.  Every call is one short
-transaction (an IMMEDIATE one for the bulk actions), safe while a provider
-runs on the same file; pages are keyed by (received_at, id); statements are
-batched to at most `_BATCH` parameters.
+transactions (`_read`, `_write`), its extra readers and clock.  Every call
+is one short transaction (an IMMEDIATE one for the bulk actions), safe
+while a provider runs on the same file; `queue_shape` reads on several
+connections in one snapshot (`sqlite_shape`); pages are keyed by
+(received_at, id); statements are batched to at most `_BATCH` parameters.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
 from collections.abc import Callable, Collection, Sequence
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
+import fermoposta.store.sqlite_shape as sqlite_shape
 from fermoposta.store.base import (
     NodeStatus,
     QueuedRecipient,
@@ -23,9 +26,10 @@ from fermoposta.store.base import (
     QueueShape,
     RecipientState,
     Requeued,
+    StoreError,
 )
 from fermoposta.store.holders import Holders
-from fermoposta.store.rows import SMALL_DOMAIN, domain_size_sql, filter_sql, shape_from_domains
+from fermoposta.store.rows import SMALL_DOMAIN, domain_size_sql, filter_sql
 from fermoposta.store.rows import message_from_row as _message
 from fermoposta.store.rows import recipient_from_row as _recipient
 from fermoposta.store.sqlite_rows import (
@@ -63,6 +67,14 @@ def _existing(conn: sqlite3.Connection, message_ids: Sequence[str]) -> list[str]
     return sorted(found)
 
 
+def _cores() -> int:
+    """The cores this process may run on (at least 1)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
 class SQLiteQueueTools:
     """Paging and bulk actions: the `QueueTools` part of `SQLiteStore`."""
 
@@ -71,7 +83,9 @@ class SQLiteQueueTools:
     if TYPE_CHECKING:  # provided by SQLiteStore
         def _read(self) -> AbstractContextManager[sqlite3.Connection]: ...
 
-        def _write(self) -> AbstractContextManager[sqlite3.Connection]: ...
+        def _write(self, *, poke: bool = True) -> AbstractContextManager[sqlite3.Connection]: ...
+
+        def _extra_reader(self) -> sqlite3.Connection: ...
 
         _holders: Holders
         _node: str
@@ -315,67 +329,31 @@ class SQLiteQueueTools:
         return {mid: Requeued(**c) for mid, c in counts.items()}
 
     def queue_shape(self, now: float, age_limits: Sequence[float]) -> QueueShape:
-        # Index-only (recipients_domain, schema 9); no message row is read
-        # (issue 10: 0.65 s at 1,000,000 held, where joining each recipient
-        # to its message took 5).  The domains come from a skip-scan of the
-        # index (one seek a domain, not a step a recipient: 0.03 s for 10,000
-        # domains over 1,100,000 recipients), and each domain's figures from
-        # its (domain, state) ranges: a count and the first arrival a state,
-        # its distinct (arrival, message, size) triples, one count an age
-        # bucket.  Grouping every recipient by domain took 0.55 s where this
-        # takes 0.43 (bench/README.md, fifteenth session).
-        limits = [float(a) for a in age_limits]
-        states = [str(s) for s in RecipientState]
-        ages: list[str] = []
-        age_params: list[Any] = []
-        for i in range(len(limits) + 1):
-            # Bucket i: limits[i-1] <= age < limits[i], age = now - received_at.
-            # Every state named: the arrival is a range after (domain, state).
-            bounds = ["domain = r.domain", f"state IN ({_marks(len(states))})"]
-            age_params += states
-            if i < len(limits):
-                bounds.append("message_received_at > ?")
-                age_params.append(now - limits[i])
-            if i > 0:
-                bounds.append("message_received_at <= ?")
-                age_params.append(now - limits[i - 1])
-            ages.append("(SELECT COUNT(*) FROM recipients WHERE " + " AND ".join(bounds) + ")")
-        per_state = [
-            f"(SELECT {what} FROM recipients WHERE domain = r.domain AND state = ?)"
-            for what in ("COUNT(*)", "MIN(message_received_at)") for _ in states]
-        outbound = str(RecipientState.OUTBOUND)
-        with self._read() as conn:
-            deferred = {
-                str(r[0]): int(r[1])
-                for r in conn.execute(
-                    "SELECT domain, COUNT(*) FROM recipients WHERE state = ? AND attempts > 0"
-                    " GROUP BY domain", (outbound,))
-            }
-            rows: list[tuple[Any, ...]] = []
-            for row in conn.execute(
-                "WITH RECURSIVE r(domain) AS (SELECT MIN(domain) FROM recipients"
-                " UNION ALL SELECT (SELECT MIN(domain) FROM recipients WHERE domain > r.domain)"
-                " FROM r WHERE r.domain IS NOT NULL)"
-                " SELECT domain, (SELECT COUNT(*) || ' ' || SUM(message_size) FROM"
-                " (SELECT DISTINCT message_received_at, message_id, message_size"
-                " FROM recipients WHERE domain = r.domain)), "
-                + ", ".join(per_state + ages) + " FROM r WHERE domain IS NOT NULL",
-                (*states, *states, *age_params),
-            ):
-                # Two figures of one subquery: (messages, bytes) of the domain.
-                messages, size = str(row[1]).split()
-                counts = [int(n) for n in row[2:2 + len(states)]]
-                arrivals = [a for a in row[2 + len(states):2 + 2 * len(states)] if a is not None]
-                by_state = dict(zip(states, counts, strict=True))
-                rows.append((row[0], int(messages), sum(counts), int(size),
-                             min(arrivals) if arrivals else None,
-                             by_state[str(RecipientState.HELD)], by_state[outbound],
-                             by_state[str(RecipientState.HOLD)],
-                             *row[2 + 2 * len(states):]))
-            message_row = conn.execute(
-                "SELECT COUNT(*), COALESCE(SUM(size), 0), MIN(received_at) FROM messages"
-                " WHERE size >= 0").fetchone()
-        return shape_from_domains(rows, deferred, message_row, len(limits) + 1)
+        # Several connections side by side (`sqlite_shape`): a range of
+        # domains for each core and one for the totals, MAX_PARTS at most.
+        # Their read transactions start while this store holds the file's
+        # write lock, so no commit can land between them: one snapshot, as
+        # one connection would read.  The lock is held only while they
+        # start (no query runs under it); the write commits nothing.
+        cores = _cores()
+        if cores == 1:
+            with self._read() as conn:
+                return sqlite_shape.queue_shape([conn], now, age_limits)
+        connections: list[sqlite3.Connection] = []
+        try:
+            try:
+                for _ in range(min(sqlite_shape.MAX_PARTS, cores + 1)):
+                    connections.append(self._extra_reader())
+                with self._write(poke=False):
+                    for conn in connections:
+                        conn.execute("BEGIN")
+                        conn.execute("SELECT 1 FROM messages LIMIT 1")  # the snapshot starts
+                return sqlite_shape.queue_shape(connections, now, age_limits)
+            except sqlite3.Error as exc:
+                raise StoreError(f"store read failed: {exc}") from exc
+        finally:
+            for conn in connections:
+                conn.close()  # ends its read transaction
 
     def live_nodes(self) -> list[NodeStatus]:
         holders = self._holders
