@@ -25,7 +25,7 @@ How (issue 10; bench/README.md, nineteenth session):
   its own in a thread of its own (SQLite lets go of the GIL while it
   steps), and the last connection reads the per-domain deferred counts and
   the messages' totals meanwhile.  On two cores that took the whole from
-  0.97-1.01 s to 0.59-0.64 s at 1,000,000 held.  A range holding one huge
+  0.89-1.01 s to 0.59-0.64 s at 1,000,000 held.  A range holding one huge
   domain is as slow as that domain: a domain is never split.
 """
 
