@@ -49,6 +49,9 @@ _DOMAINS = (
     " FROM r WHERE r.domain IS NOT NULL) SELECT domain FROM r WHERE domain IS NOT NULL")
 
 
+_STATES = [str(s) for s in RecipientState]
+
+
 def _marks(n: int) -> str:
     return ",".join("?" * n)
 
@@ -56,9 +59,9 @@ def _marks(n: int) -> str:
 def _range_sql(now: float, limits: Sequence[float], low: str, high: str | None
                ) -> tuple[str, list[Any]]:
     """The statement of one range of domains, `low` <= domain < `high`
-    (`high` None: to the end), one row a domain (`shape_from_domains`
-    less its messages' bytes split from the count, see `_domain_row`)."""
-    states = [str(s) for s in RecipientState]
+    (`high` None: to the end), and its parameters: one row a domain, which
+    `_domain_row` turns into the row `shape_from_domains` takes."""
+    states = _STATES
     ages: list[str] = []
     age_params: list[Any] = []
     for i in range(len(limits) + 1):
@@ -90,7 +93,7 @@ def _range_sql(now: float, limits: Sequence[float], low: str, high: str | None
 
 def _domain_row(row: Sequence[Any]) -> tuple[Any, ...]:
     """A range statement's row as `shape_from_domains` takes it."""
-    states = [str(s) for s in RecipientState]
+    states = _STATES
     # Two figures of one subquery: (messages, bytes) of the domain.
     messages, size = str(row[1]).split()
     counts = [int(n) for n in row[2:2 + len(states)]]
@@ -143,11 +146,11 @@ def queue_shape(connections: Sequence[sqlite3.Connection], now: float,
         deferred, message_row = _totals(conn)
         return shape_from_domains(rows, deferred, message_row, len(limits) + 1)
     *passes, last = connections
-    domains = [str(r[0]) for r in passes[0].execute(_DOMAINS)]
-    lows = range_bounds(domains, len(passes))
-    highs: list[str | None] = [*lows[1:], None]
     with ThreadPoolExecutor(max_workers=len(connections)) as pool:
-        totals = pool.submit(_totals, last)
+        totals = pool.submit(_totals, last)  # while the domains are listed, too
+        domains = [str(r[0]) for r in passes[0].execute(_DOMAINS)]
+        lows = range_bounds(domains, len(passes))
+        highs: list[str | None] = [*lows[1:], None]
         parts = [pool.submit(_range_rows, conn, now, limits, low, high)
                  for conn, low, high in zip(passes, lows, highs, strict=False)]
         rows = [row for part in parts for row in part.result()]
