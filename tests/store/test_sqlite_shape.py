@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import io
 import sqlite3
+import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
@@ -167,3 +169,58 @@ def test_a_query_that_fails_is_a_store_error(store: SQLiteStore, clock: Clock,
     monkeypatch.setattr(sqlite_shape, "_totals", broken)
     with pytest.raises(StoreError, match="store read failed: disk I/O error"):
         store.queue_shape(clock.now, AGES)
+
+
+def shapes_read_on(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many connections each `sqlite_shape.queue_shape` call was given."""
+    calls: list[int] = []
+    real = sqlite_shape.queue_shape
+
+    def counting(connections: list[sqlite3.Connection], now: float,
+                 age_limits: list[float]) -> QueueShape:
+        calls.append(len(connections))
+        return real(connections, now, age_limits)
+
+    monkeypatch.setattr(sqlite_shape, "queue_shape", counting)
+    return calls
+
+
+def test_a_writer_that_keeps_the_lock_gets_the_one_connection_answer_at_once(
+        store: SQLiteStore, clock: Clock, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`queue stats` does not wait for a long bulk action's lock (10 s,
+    then an error): after its tries it reads on one connection."""
+    fill(store, clock, 60)
+    one, _ = shape_on(store, monkeypatch, 1, clock.now)
+    writer = sqlite3.connect(store.path, isolation_level=None)
+    try:
+        writer.execute("BEGIN IMMEDIATE")
+        writer.execute("UPDATE messages SET size = size WHERE 0")
+        monkeypatch.setattr(sqlite_tools, "_cores", lambda: 3)
+        calls = shapes_read_on(monkeypatch)
+        started = time.monotonic()
+        shape = store.queue_shape(clock.now, AGES)
+        waited = time.monotonic() - started
+    finally:
+        writer.close()
+    assert shape == one
+    assert calls == [1]
+    assert waited < 2.0  # the tries (0.1 s), not the busy timeout (10 s)
+
+
+def test_a_lock_let_go_during_the_tries_gets_the_ranges(
+        store: SQLiteStore, clock: Clock, monkeypatch: pytest.MonkeyPatch) -> None:
+    fill(store, clock, 60)
+    one, _ = shape_on(store, monkeypatch, 1, clock.now)
+    writer = sqlite3.connect(store.path, isolation_level=None, check_same_thread=False)
+    writer.execute("BEGIN IMMEDIATE")
+    let_go = threading.Timer(0.03, writer.rollback)
+    let_go.start()
+    try:
+        monkeypatch.setattr(sqlite_tools, "_cores", lambda: 2)
+        calls = shapes_read_on(monkeypatch)
+        shape = store.queue_shape(clock.now, AGES)
+    finally:
+        let_go.join()
+        writer.close()
+    assert shape == one
+    assert calls == [3]

@@ -8,7 +8,8 @@ recipients and recipients by age bucket; the queue's messages, bytes and
 oldest arrival).  Every connection must already be in a read transaction
 of the same snapshot (the caller, `SQLiteQueueTools.queue_shape`, starts
 them while it holds the file's write lock, so no commit lands between
-them); the answer is then exactly the one a single connection would give.
+them, or gives one connection when a writer keeps that lock); the answer
+is then exactly the one a single connection would give.
 `sqlite3.Error` propagates; the caller turns it into `StoreError`.
 
 How (issue 10; bench/README.md, nineteenth session):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Collection, Sequence
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
@@ -27,6 +28,7 @@ from fermoposta.store.base import (
     RecipientState,
     Requeued,
     StoreError,
+    WouldBlock,
 )
 from fermoposta.store.holders import Holders
 from fermoposta.store.rows import SMALL_DOMAIN, domain_size_sql, filter_sql
@@ -67,6 +69,12 @@ def _existing(conn: sqlite3.Connection, message_ids: Sequence[str]) -> list[str]
     return sorted(found)
 
 
+# `queue_shape`'s tries at the write lock (0.1 s in all), before it reads
+# on one connection instead.
+_LOCK_TRIES = 20
+_LOCK_PAUSE = 0.005
+
+
 def _cores() -> int:
     """The cores this process may run on (at least 1)."""
     try:
@@ -83,7 +91,8 @@ class SQLiteQueueTools:
     if TYPE_CHECKING:  # provided by SQLiteStore
         def _read(self) -> AbstractContextManager[sqlite3.Connection]: ...
 
-        def _write(self, *, poke: bool = True) -> AbstractContextManager[sqlite3.Connection]: ...
+        def _write(self, *, wait: bool = True, poke: bool = True
+                   ) -> AbstractContextManager[sqlite3.Connection]: ...
 
         def _extra_reader(self) -> sqlite3.Connection: ...
 
@@ -336,24 +345,39 @@ class SQLiteQueueTools:
         # one connection would read.  The lock is held only while they
         # start (no query runs under it); the write commits nothing.
         cores = _cores()
-        if cores == 1:
-            with self._read() as conn:
-                return sqlite_shape.queue_shape([conn], now, age_limits)
         connections: list[sqlite3.Connection] = []
         try:
-            try:
-                for _ in range(min(sqlite_shape.MAX_PARTS, cores + 1)):
-                    connections.append(self._extra_reader())
-                with self._write(poke=False):
-                    for conn in connections:
-                        conn.execute("BEGIN")
-                        conn.execute("SELECT 1 FROM messages LIMIT 1")  # the snapshot starts
-                return sqlite_shape.queue_shape(connections, now, age_limits)
-            except sqlite3.Error as exc:
-                raise StoreError(f"store read failed: {exc}") from exc
+            if cores > 1:
+                try:
+                    for _ in range(min(sqlite_shape.MAX_PARTS, cores + 1)):
+                        connections.append(self._extra_reader())
+                    if self._one_snapshot(connections):
+                        return sqlite_shape.queue_shape(connections, now, age_limits)
+                except sqlite3.Error as exc:
+                    raise StoreError(f"store read failed: {exc}") from exc
+            # One core, or a writer that kept the lock: one connection.
+            with self._read() as conn:
+                return sqlite_shape.queue_shape([conn], now, age_limits)
         finally:
             for conn in connections:
                 conn.close()  # ends its read transaction
+
+    def _one_snapshot(self, connections: Sequence[sqlite3.Connection]) -> bool:
+        """Start the read transactions of `connections` in one snapshot,
+        under the write lock, taken without waiting for it: a few tries
+        `_LOCK_PAUSE` apart.  False when a writer held it all along (a
+        long bulk action): nothing started, and the caller reads on one
+        connection, so `queue stats` never waits long for a writer."""
+        for _ in range(_LOCK_TRIES):
+            try:
+                with self._write(wait=False, poke=False):
+                    for conn in connections:
+                        conn.execute("BEGIN")
+                        conn.execute("SELECT 1 FROM messages LIMIT 1")  # the snapshot starts
+                return True
+            except WouldBlock:
+                time.sleep(_LOCK_PAUSE)
+        return False
 
     def live_nodes(self) -> list[NodeStatus]:
         holders = self._holders
