@@ -51,6 +51,11 @@ MESSAGES -l SIZE` (`-d` with `--keep-connection`) into:
   provider puts them into the SQLite store afterwards, all those of 5 ms in
   one transaction at `synchronous = NORMAL` (no replay: a measurement; the
   store is closed only once it holds them all);
+- `bare asyncio`: not fermoposta at all: a bare asyncio `Protocol` in a
+  process of its own (`BARE`), that answers each command by its verb with
+  a fixed reply, finds the end of DATA and keeps nothing: what asyncio's
+  loop, transports and the kernel cost on this machine, the floor under
+  any session logic and any store (nineteenth session: 4.6-5.2 × Postfix);
 - `Postfix`: a private Postfix putting every message on hold
   (`../shared/bench/postfix-instance.sh`, as in `store_engines.py`).
 
@@ -62,7 +67,8 @@ ceiling a store that cost nothing would reach.
 
 Checks: `shipped`, `journal` and `store behind` hold exactly MESSAGES
 afterwards, `no store` and `one write` hold none (and smtp-source got a
-250 for each message), Postfix holds MESSAGES.
+250 for each message), `bare asyncio` answered MESSAGES ends of DATA,
+Postfix holds MESSAGES.
 `--systems` runs only the systems it names (default: all).
 Contract: only 127.0.0.1 and free ports; every child stopped by PID; the
 work directory removed (unless `--keep`).  Exit 0 when every run finished
@@ -76,6 +82,7 @@ import datetime
 import io
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -86,8 +93,9 @@ import _common as c
 import store_engines as se
 
 DOMAIN = se.DOMAIN
-SYSTEMS = ("shipped", "nostore", "onewrite", "journal", "behind", "postfix")
+SYSTEMS = ("shipped", "nostore", "onewrite", "journal", "behind", "bare", "postfix")
 LABELS = {"shipped": "fermoposta, SQLite", "nostore": "fermoposta, no store",
+          "bare": "bare asyncio",
           "journal": "fermoposta, journal",
           "behind": "fermoposta, store behind",
           "onewrite": "fermoposta, one write", "postfix": "Postfix hold queue"}
@@ -109,6 +117,59 @@ sqlite.SQLiteStore.enqueue = sqlite.SQLiteStore.enqueue_now = enqueue
 sqlite.SQLiteStore.enqueue_batch = sqlite.SQLiteStore.enqueue_batch_now = enqueue_batch
 from fermoposta.cli import main
 raise SystemExit(main(sys.argv[1:]))
+"""
+
+# The bare asyncio answerer (see the module docstring): `python -c BARE PORT`;
+# on SIGTERM it prints how many ends of DATA it answered and exits.
+BARE = r"""
+import asyncio, signal, sys
+
+answered = 0
+
+class Bare(asyncio.Protocol):
+    def connection_made(self, transport):
+        self.transport, self.buffer, self.in_data = transport, b"", False
+        transport.write(b"220 bare ESMTP\r\n")
+
+    def data_received(self, data):
+        global answered
+        self.buffer += data
+        while True:
+            if self.in_data:
+                end = self.buffer.find(b"\r\n.\r\n")
+                if end < 0:
+                    return
+                self.buffer, self.in_data = self.buffer[end + 5:], False
+                answered += 1
+                self.transport.write(b"250 2.0.0 Ok\r\n")
+                continue
+            end = self.buffer.find(b"\r\n")
+            if end < 0:
+                return
+            verb, self.buffer = self.buffer[:4].upper(), self.buffer[end + 2:]
+            if verb == b"EHLO":
+                self.transport.write(b"250-bare\r\n250 8BITMIME\r\n")
+            elif verb == b"DATA":
+                # The body's first line may be the end: look from its CRLF.
+                self.buffer, self.in_data = b"\r\n" + self.buffer, True
+                self.transport.write(b"354 Go ahead\r\n")
+            elif verb == b"QUIT":
+                self.transport.write(b"221 Bye\r\n")
+                self.transport.close()
+                return
+            else:
+                self.transport.write(b"250 Ok\r\n")
+
+async def main():
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(Bare, "127.0.0.1", int(sys.argv[1]))
+    stop = loop.create_future()
+    loop.add_signal_handler(signal.SIGTERM, stop.set_result, None)
+    await stop
+    server.close()
+    print(answered, flush=True)
+
+asyncio.run(main())
 """
 
 # What the probe providers below start with: a file of SPAN bytes written
@@ -366,6 +427,27 @@ def run_provider(system: str, rnd: int, work: Path, args: argparse.Namespace,
     return run
 
 
+def run_bare(rnd: int, args: argparse.Namespace, source_args: list[str]) -> se.Run:
+    """smtp-source against the bare asyncio answerer (`BARE`)."""
+    port = c.free_port()
+    proc = c.spawn([c.BIN / "python", "-c", BARE, str(port)], stdin=subprocess.DEVNULL,
+                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        c.wait_for_port(port, proc)
+        cpu0 = c.cpu_seconds(proc.pid)
+        seconds = c.run_smtp_source(source_args, port, args.timeout)
+        cpu = c.cpu_seconds(proc.pid) - cpu0
+    finally:
+        code = c.stop_process(proc)
+    assert proc.stdout is not None
+    output = proc.stdout.read().decode(errors="replace").strip()
+    run = se.Run("bare", "intake", rnd, seconds, args.messages, 0, cpu)
+    if code != 0 or output != str(args.messages):
+        run.problems.append(f"answered {output or 'nothing'} ends of DATA (exit {code}), "
+                            f"expected {args.messages}")
+    return run
+
+
 def summary(runs: list[se.Run]) -> list[str]:
     lines = ["| system | msgs/s (median) | range | CPU ms a message |", "|---|---|---|---|"]
     medians: dict[str, float] = {}
@@ -385,7 +467,8 @@ def summary(runs: list[se.Run]) -> list[str]:
     lines += [f"| {LABELS[system]} | {c.ratio(medians[system], postfix)} | "
               f"{se.paired_ratio(runs, 'intake', system)} |" for system in ran]
     lines += ["", "(one write: the most a store that keeps its promise could reach with "
-                  "this SMTP side; no store: the ceiling)"]
+                  "this SMTP side; no store: its ceiling; bare asyncio: the floor under "
+                  "any SMTP side in one asyncio process)"]
     return lines
 
 
@@ -428,7 +511,10 @@ def main() -> int:
                     if system == "postfix":
                         runs += se.run_postfix(rnd, work, args, source_args, drain=False)
                         continue
-                    run = run_provider(system, rnd, work, args, source_args)
+                    if system == "bare":
+                        run = run_bare(rnd, args, source_args)
+                    else:
+                        run = run_provider(system, rnd, work, args, source_args)
                     runs.append(run)
                     print(f"  round {rnd} {LABELS[system]:22s}: {run.rate:7.0f} msgs/s, "
                           f"CPU {1000 * run.cpu / run.messages:.3f} ms a message"
