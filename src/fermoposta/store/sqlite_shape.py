@@ -39,6 +39,7 @@ from typing import Any
 
 from fermoposta.store.base import QueueShape, RecipientState
 from fermoposta.store.rows import shape_from_domains
+from fermoposta.store.sqlite_rows import _marks
 
 __all__ = ["MAX_PARTS", "queue_shape", "range_bounds"]
 
@@ -51,10 +52,6 @@ _DOMAINS = (
 
 
 _STATES = [str(s) for s in RecipientState]
-
-
-def _marks(n: int) -> str:
-    return ",".join("?" * n)
 
 
 def _range_sql(now: float, limits: Sequence[float], low: str, high: str | None
