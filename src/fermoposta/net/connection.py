@@ -283,6 +283,7 @@ class Connection:
     def __init__(self, transport: asyncio.Transport, protocol: _Protocol) -> None:
         self._transport = transport
         self._protocol = protocol
+        self._loop = asyncio.get_running_loop()  # made in the loop's connection_made
         self._buffer = LineBuffer()
         self._held = bytearray()  # replies queued by hold()
         self._hold_timer: asyncio.TimerHandle | None = None
@@ -294,6 +295,7 @@ class Connection:
         self._lost = asyncio.Event()
         self._fin_guard: _FINGuard | None = None
         self._quickack_sock: Any = None  # set by enable_quickack()
+        self._tls = False  # set once start_tls() has put TLS in place (read per command)
         # The current wait for the peer's bytes ends at _wait_until (loop
         # time); _watchdog enforces it (see _watch).
         self._wait_until = 0.0
@@ -313,7 +315,7 @@ class Connection:
     # --- state -----------------------------------------------------------------------
     @property
     def tls_active(self) -> bool:
-        return self._transport.get_extra_info("ssl_object") is not None
+        return self._tls
 
     @property
     def tls_version(self) -> str | None:
@@ -411,8 +413,9 @@ class Connection:
         self._flush_held()  # the peer may be waiting for these before it sends more
         if self._eof:
             raise ConnectionClosed("connection closed by peer")
-        self._maybe_resume_reading()
-        loop = asyncio.get_running_loop()
+        if self._reading_paused:
+            self._maybe_resume_reading()
+        loop = self._loop
         if loop.time() >= when:
             raise DeadlineExceeded(which) if which is not None else TimeoutError()
         self._read_waiter = waiter = loop.create_future()
@@ -462,7 +465,7 @@ class Connection:
         """When a wait of `timeout` seconds must end (loop time), and which
         deadline (if any) ends it sooner; raises `DeadlineExceeded` if that
         deadline has already passed."""
-        now = asyncio.get_running_loop().time()
+        now = self._loop.time()
         when, which = now + timeout, None
         if self.deadline is not None and self.deadline < when:
             when, which = self.deadline, "session"
@@ -483,7 +486,8 @@ class Connection:
         while True:
             line = self._buffer.next_line(limit)
             if line is not None:
-                self._maybe_resume_reading()
+                if self._reading_paused:
+                    self._maybe_resume_reading()
                 return line
             await self._wait_for_data(when, which)
 
@@ -552,7 +556,7 @@ class Connection:
         if len(self._held) + len(data) > HOLD_LIMIT:
             return False
         if not self._held:
-            self._hold_timer = asyncio.get_running_loop().call_later(HOLD_DELAY, self.flush)
+            self._hold_timer = self._loop.call_later(HOLD_DELAY, self.flush)
         self._held += data
         return True
 
@@ -569,6 +573,22 @@ class Connection:
             self._held.clear()
             if not self._transport.is_closing() and self.can_reply:
                 self._transport.write(data)
+
+    def write_now(self, data: bytes) -> bool:
+        """`write()` when it would not wait: True once `data` (after the held
+        replies) is handed to the transport; False, with nothing written,
+        when `write()` must be awaited (the transport is paused or closing,
+        or TLS can no longer reply: `write()` then waits or raises)."""
+        if self._write_paused or not self.can_reply:
+            return False
+        if self._held:
+            data = bytes(self._held) + data
+            self._held.clear()
+        if self._hold_timer is not None:
+            self._hold_timer.cancel()
+            self._hold_timer = None
+        self._transport.write(data)
+        return True
 
     async def write(self, data: bytes, timeout: float) -> None:
         if self._transport.is_closing():
@@ -630,6 +650,7 @@ class Connection:
             raise ConnectionClosed("connection closed during TLS handshake")
         assert isinstance(new_transport, asyncio.Transport)
         self._transport = new_transport
+        self._tls = True
         ssl_protocol = raw.get_protocol()
         if isinstance(ssl_protocol, asyncio.BufferedProtocol) and not raw.is_closing():
             self._fin_guard = _FINGuard(ssl_protocol, self)
@@ -643,6 +664,14 @@ class Connection:
         self._flush_held()
         self._buffer.take_all()
         if not self._transport.is_closing():
+            if not self._tls and not self._transport.get_write_buffer_size():
+                # Plain TCP with nothing left to send: the transport reports
+                # the loss at the loop's next turn (`BaseTransport.close`),
+                # so no timer need bound the wait (one per connection saved).
+                self._transport.close()
+                await self._lost.wait()
+                self._buffer.take_all()
+                return
             self._transport.close()
         if self._fin_guard is not None:
             # The peer's FIN was held back from TLS (see _FINGuard): our

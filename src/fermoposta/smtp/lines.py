@@ -75,7 +75,8 @@ class LineBuffer:
 
     def has_line(self) -> bool:
         """Whether a whole line (up to its LF) is here, not yet taken."""
-        self._absorb()
+        if self._lone is not None:  # then all there is (`feed`)
+            return b"\n" in self._lone
         return self._buf.find(b"\n", max(self._pos, self._scanned)) >= 0
 
     def _consume_to(self, end: int) -> None:
@@ -95,7 +96,11 @@ class LineBuffer:
         Raises `LineTooLong` once when `limit` bytes hold no LF."""
         if limit < 1:
             raise ValueError("limit must be positive")
-        self._absorb()
+        if self._lone is None:
+            if not self._buf:  # nothing here (the usual case before a wait)
+                return None
+        else:
+            self._absorb()
         buf = self._buf
         if self._discarding:
             lf = buf.find(b"\n", self._pos)
