@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import logging
 import tempfile
 from collections.abc import Callable
@@ -44,7 +45,11 @@ class IncomingBody:
 
     def __init__(self, stage_for: Callable[[IO[bytes]], BodyStage | None], *,
                  session_id: str = "", logger: _Logger = log) -> None:
-        self.spool: IO[bytes] = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY)  # noqa: SIM115
+        # In memory until it outgrows SPOOL_MEMORY, then a temporary file
+        # (`_spill`): what `SpooledTemporaryFile` does, without its Python
+        # layer around each write.
+        self.spool: IO[bytes] = io.BytesIO()
+        self._in_memory = True
         self.stored = False
         self._stage_for = stage_for
         self._session_id = session_id
@@ -56,15 +61,17 @@ class IncomingBody:
     def write(self, data: bytes) -> None:
         spool = self.spool
         spool.write(data)
+        if self._in_memory:
+            if spool.tell() <= SPOOL_MEMORY:
+                return
+            spool = self._spill()
         if self._stager is not None:
             self._stager.written(spool.tell())
-        elif not self._staging_tried and spool.tell() > SPOOL_MEMORY:
+        elif not self._staging_tried:
             self._staging_tried = True
             stage = self._stage_for(spool)
             if stage is None:
                 return
-            assert isinstance(spool, tempfile.SpooledTemporaryFile)
-            spool.rollover()
             try:
                 self._stager = Stager(spool, stage)
             except OSError as exc:  # no descriptor left: stored at the end instead
@@ -72,6 +79,21 @@ class IncomingBody:
                                   self._session_id, exc)
                 return
             self._stager.written(spool.tell())
+
+    def _spill(self) -> IO[bytes]:
+        """Move the body from memory into a temporary file (positioned at its end)."""
+        memory = self.spool
+        assert isinstance(memory, io.BytesIO)
+        spool = tempfile.TemporaryFile()  # noqa: SIM115 - closed by _end()
+        try:
+            with memory.getbuffer() as view:
+                spool.write(view)
+        except BaseException:
+            spool.close()
+            raise
+        memory.close()
+        self.spool, self._in_memory = spool, False
+        return spool
 
     async def ready(self) -> tuple[IO[bytes], int]:
         """The spool at offset 0 and its size, staging done."""
