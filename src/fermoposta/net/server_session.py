@@ -62,7 +62,7 @@ from fermoposta.net.connection import (
 from fermoposta.ops.log import redact
 from fermoposta.smtp import reply as R
 from fermoposta.smtp.command import Command, parse_ehlo_arg
-from fermoposta.smtp.reply import Reply, SMTPError
+from fermoposta.smtp.reply import Reply, SMTPError, cached_reply
 from fermoposta.smtp.server import (
     COMMAND_LINE_LIMIT,
     RESPONSE_LINE_LIMIT,
@@ -155,7 +155,7 @@ class ServerSession:
         return False
 
     def greeting(self) -> Reply:
-        return Reply(220, None, f"{self.hostname} ESMTP fermoposta")
+        return cached_reply(220, None, f"{self.hostname} ESMTP fermoposta")
 
     def extensions(self) -> list[str]:
         """EHLO keywords after the greeting line."""
@@ -204,7 +204,8 @@ class ServerSession:
             # connection flushes it before it waits for the client, and
             # within milliseconds whatever happens (Connection.hold).
             return
-        await self.conn.write(data, self.limits.command_timeout)
+        if not self.conn.write_now(data):  # paused or closing: write() waits or raises
+            await self.conn.write(data, self.limits.command_timeout)
 
     async def run(self) -> None:
         try:
@@ -342,8 +343,10 @@ class ServerSession:
         name = parse_ehlo_arg(arg)
         self.reset_transaction()
         self.machine.helo(name, esmtp=True)
-        lines = [f"{self.hostname} Hello {name} [{self.conn.peer_ip}]", *self.extensions()]
-        return Reply(250, None, *lines)
+        # A client that comes back (the same name, address and extensions)
+        # gets the reply rendered before.
+        return cached_reply(250, None, f"{self.hostname} Hello {name} [{self.conn.peer_ip}]",
+                            *self.extensions())
 
     async def smtp_helo(self, arg: str) -> Reply:
         name = parse_ehlo_arg(arg)

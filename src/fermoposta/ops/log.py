@@ -258,6 +258,8 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 def _escape(text: str) -> str:
     """Escape control characters (CR, LF, ...) so a line stays one line."""
+    if text.isprintable():  # no control character (they are not printable): most texts
+        return text
     return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 

@@ -47,7 +47,9 @@ MAIL_SYNTAX = Reply(501, "5.5.4", "Syntax: MAIL FROM:<address>")
 RCPT_SYNTAX = Reply(501, "5.5.4", "Syntax: RCPT TO:<address>")
 EHLO_NEEDS_DOMAIN = Reply(501, "5.5.4", "EHLO requires a domain or address literal")
 
-_VERB = re.compile(r"[A-Za-z]{1,20}", re.ASCII)
+# A command line: its verb, then after the first SP or HTAB (if any) its
+# argument; a verb that is not 1-20 letters does not match.
+_COMMAND = re.compile(r"([A-Za-z]{1,20})(?:[ \t](.*))?", re.ASCII | re.DOTALL)
 # RFC 5321 §4.1.2: atext (RFC 5322 §3.2.3); UTF8-non-ascii added by RFC 6531 §3.3.
 _ATEXT = frozenset(string.ascii_letters + string.digits + "!#$%&'*+-/=?^_`{|}~")
 _LDH_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?", re.ASCII)
@@ -89,14 +91,12 @@ def parse_command(line: bytes, *, utf8: bool = False) -> Command:
         text = line.decode("utf-8" if utf8 else "ascii")
     except UnicodeDecodeError:
         raise SMTPError(SYNTAX_ERROR, "8-bit bytes in command") from None
-    for index, char in enumerate(text):
-        if char in " \t":
-            verb, arg = text[:index], text[index + 1 :]
-            break
-    else:
-        verb, arg = text, ""
-    if not _VERB.fullmatch(verb):
+    match = _COMMAND.fullmatch(text)
+    if match is None:
         raise SMTPError(SYNTAX_ERROR, "bad verb")
+    verb, arg = match.group(1, 2)
+    if arg is None:
+        return Command(verb.upper(), "")
     return Command(verb.upper(), arg.strip(" \t"))
 
 

@@ -16,6 +16,7 @@ This module does no I/O.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 
@@ -66,17 +67,24 @@ class Reply:
         cached: bytes | None = getattr(self, "_wire", None)  # absent if unpickled from before
         if enhanced_codes and cached is not None:
             return cached
-        out: list[bytes] = []
+        prefix = f"{self.enhanced} " if (enhanced_codes and self.enhanced) else ""
         last = len(self.lines) - 1
-        for index, line in enumerate(self.lines):
-            sep = " " if index == last else "-"
-            prefix = f"{self.enhanced} " if (enhanced_codes and self.enhanced) else ""
-            text = f"{prefix}{line}".rstrip(" ")
-            out.append(f"{self.code}{sep}{text}\r\n".encode("utf-8", "replace"))
-        wire = b"".join(out)
+        wire = "".join([
+            f"{self.code}{' ' if index == last else '-'}{(prefix + line).rstrip(' ')}\r\n"
+            for index, line in enumerate(self.lines)
+        ]).encode("utf-8", "replace")
         if enhanced_codes:
             object.__setattr__(self, "_wire", wire)
         return wire
+
+
+@functools.lru_cache(maxsize=512)
+def cached_reply(code: int, enhanced: str | None, *lines: str) -> Reply:
+    """`Reply(code, enhanced, *lines)`, made once for each distinct value
+    while it is in use (the last 512), so that its wire form is rendered
+    once: a greeting, the EHLO reply to a client that comes back.  A reply
+    is an immutable value: sharing one is safe."""
+    return Reply(code, enhanced, *lines)
 
 
 class SMTPError(Exception):
