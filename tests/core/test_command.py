@@ -96,6 +96,35 @@ def test_parse_command_arbitrary_bytes(line: bytes, utf8: bool) -> None:
     assert cmd.arg == cmd.arg.strip(" \t") and "\r" not in cmd.arg and "\0" not in cmd.arg
 
 
+def _reference_split(text: str, utf8: bool) -> tuple[str, str] | None:
+    """RFC 5321 §4.1.1's command line as a loop would read it: the verb up to
+    the first SP or HTAB, 1-20 ASCII letters; the rest, less blanks, its argument."""
+    if not text or not (utf8 or text.isascii()):
+        return None
+    for index, char in enumerate(text):
+        if char in " \t":
+            verb, arg = text[:index], text[index + 1 :]
+            break
+    else:
+        verb, arg = text, ""
+    if not (1 <= len(verb) <= 20 and verb.isascii() and verb.isalpha()):
+        return None
+    return verb.upper(), arg.strip(" \t")
+
+
+@settings(max_examples=500)
+@given(st.text(alphabet="aQz \t:<>@.\u00e91-", max_size=30), st.booleans())
+def test_parse_command_splits_at_the_first_blank(text: str, utf8: bool) -> None:
+    expected = _reference_split(text, utf8)
+    try:
+        command = parse_command(text.encode() + b"\r\n", utf8=utf8)
+    except SMTPError as exc:
+        assert exc.reply == SYNTAX_ERROR
+        assert expected is None
+        return
+    assert (command.verb, command.arg) == expected
+
+
 # --- MAIL / RCPT ----------------------------------------------------------------------------
 
 

@@ -81,6 +81,14 @@ def test_event_escapes_control_characters() -> None:
     assert text == "Q: helo=evil\\x0d\\x0afake: line, status=bounced (a\\x0ab)"
 
 
+def test_event_escapes_only_control_characters() -> None:
+    # Printable text passes as it is; so does text that is not printable
+    # but holds no control character (a no-break space, a line separator).
+    assert format_event("Q", {"helo": "caf\u00e9.example"}) == "Q: helo=caf\u00e9.example"
+    assert format_event("Q", {"x": "a\u00a0b\u2028c"}) == "Q: x=a\u00a0b\u2028c"
+    assert format_event("Q", {"x": "a\u00a0b\x7fc\td"}) == "Q: x=a\u00a0b\\x7fc\\x09d"
+
+
 def test_event_below_level_is_dropped(stream: io.StringIO) -> None:
     setup_logging("warning", "text", stream)
     event("mx", "Q", status="sent")
