@@ -146,6 +146,12 @@ class VerbSpec:
     needs: Needs = Needs.NOTHING
     auth_reply: Reply = R.AUTH_REQUIRED
     sequence_reply: Reply | None = None  # overrides the 503 text of TRANSACTION/NO_*
+    # `needs` as an int, read for every command: a Flag's `value` is a
+    # descriptor call each time.
+    needs_bits: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "needs_bits", self.needs.value)
 
 
 def verb_table(*specs: VerbSpec, base: Mapping[str, VerbSpec] | None = None
@@ -214,7 +220,10 @@ class ServerMachine:
         """Why `spec` may not run now, or None."""
         # The flags' bits as an int: `Flag in Flag` costs a call per test,
         # seven tests for every command.
-        needs, state = spec.needs.value, self.state
+        needs = spec.needs_bits
+        if not needs:
+            return None
+        state = self.state
         if needs & _TLS and self.require_tls and not state.tls:
             return R.MUST_STARTTLS
         if needs & _HELO and state.helo_name is None:
