@@ -234,7 +234,8 @@ class _Protocol(asyncio.BufferedProtocol):
         return _receive_buffer.view
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(bytes(_receive_buffer.view[:nbytes]))
+        if self.connection is not None:
+            self.connection._received(bytes(_receive_buffer.view[:nbytes]))
 
     def data_received(self, data: bytes) -> None:
         if self.connection is not None:
@@ -377,14 +378,18 @@ class Connection:
 
     # --- protocol callbacks ----------------------------------------------------------
     def _received(self, data: bytes) -> None:
-        if self._fin_guard is None:  # over TLS the guard re-arms on each socket read
-            self._rearm_quickack()
-        self._buffer.feed(data)
-        if len(self._buffer) > HIGH_WATER and not self._reading_paused:
+        # Called for every read: the checks are inline, not calls.
+        if self._quickack_sock is not None and self._fin_guard is None:
+            rearm_quickack(self._quickack_sock)  # over TLS the guard re-arms on each socket read
+        buffer = self._buffer
+        buffer.feed(data)
+        if not self._reading_paused and len(buffer) > HIGH_WATER:
             self._reading_paused = True
             with contextlib.suppress(RuntimeError, AttributeError):
                 self._transport.pause_reading()
-        self._wake_reader()
+        waiter = self._read_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def _closed_by_peer(self) -> None:
         self._eof = True
