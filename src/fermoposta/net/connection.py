@@ -59,7 +59,13 @@ Contract:
   sends them now.  `abort()` drops them with the rest.
 - `close()` flushes what was written (and TLS close_notify) before the
   socket goes, bounded by its timeout; after that it aborts, so a peer that
-  never reads cannot keep a closed session's buffers alive.
+  never reads cannot keep a closed session's buffers alive.  A plain
+  connection with nothing left to send needs no bound (no timer): the
+  transport reports its loss at the loop's next turn.
+- `write_now(data)` is `write()` when that would not wait: it writes (the
+  held replies first) and says True, or writes nothing and says False when
+  the transport pushes back, is closing, or TLS can no longer reply; the
+  caller then awaits `write()`, which waits or raises.
 - Reads are bounded: `read_line(limit)` raises `LineTooLong` for an overlong
   line (the rest of that line is skipped), and the receive buffer pauses the
   transport above a high-water mark, so a peer cannot make us buffer without
