@@ -264,6 +264,8 @@ def _escape(text: str) -> str:
 
 
 def _render(value: object) -> str:
+    if type(value) is str:  # most fields: addresses, ids, statuses
+        return value if value.isprintable() else _escape(value)
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, float):

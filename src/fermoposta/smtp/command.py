@@ -47,9 +47,10 @@ MAIL_SYNTAX = Reply(501, "5.5.4", "Syntax: MAIL FROM:<address>")
 RCPT_SYNTAX = Reply(501, "5.5.4", "Syntax: RCPT TO:<address>")
 EHLO_NEEDS_DOMAIN = Reply(501, "5.5.4", "EHLO requires a domain or address literal")
 
-# A command line: its verb, then after the first SP or HTAB (if any) its
-# argument; a verb that is not 1-20 letters does not match.
-_COMMAND = re.compile(r"([A-Za-z]{1,20})(?:[ \t](.*))?", re.ASCII | re.DOTALL)
+# A command line: its verb (1-20 letters), then after the first SP or HTAB
+# (if any) its argument, then the line's end (CRLF, LF or none); a NUL, CR
+# or LF anywhere else, or another verb, does not match.
+_COMMAND = re.compile(rb"([A-Za-z]{1,20})(?:[ \t]([^\0\r\n]*))?(?:\r\n|\n)?")
 # RFC 5321 §4.1.2: atext (RFC 5322 §3.2.3); UTF8-non-ascii added by RFC 6531 §3.3.
 _ATEXT = frozenset(string.ascii_letters + string.digits + "!#$%&'*+-/=?^_`{|}~")
 _LDH_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?", re.ASCII)
@@ -81,23 +82,17 @@ class Path:
 
 def parse_command(line: bytes, *, utf8: bool = False) -> Command:
     """Parse one command line (terminator included) into verb and argument."""
-    if line.endswith(b"\r\n"):
-        line = line[:-2]
-    elif line.endswith(b"\n"):
-        line = line[:-1]
-    if not line or b"\0" in line or b"\r" in line or b"\n" in line:
-        raise SMTPError(SYNTAX_ERROR, "empty line or NUL/CR/LF in command")
-    try:
-        text = line.decode("utf-8" if utf8 else "ascii")
-    except UnicodeDecodeError:
-        raise SMTPError(SYNTAX_ERROR, "8-bit bytes in command") from None
-    match = _COMMAND.fullmatch(text)
+    match = _COMMAND.fullmatch(line)
     if match is None:
-        raise SMTPError(SYNTAX_ERROR, "bad verb")
+        raise SMTPError(SYNTAX_ERROR, "bad verb, empty line, or NUL/CR/LF in command")
     verb, arg = match.group(1, 2)
     if arg is None:
-        return Command(verb.upper(), "")
-    return Command(verb.upper(), arg.strip(" \t"))
+        return Command(verb.decode("ascii").upper(), "")
+    try:
+        text = arg.decode("utf-8" if utf8 else "ascii")
+    except UnicodeDecodeError:
+        raise SMTPError(SYNTAX_ERROR, "8-bit bytes in command") from None
+    return Command(verb.decode("ascii").upper(), text.strip(" \t"))
 
 
 # --- paths (RFC 5321 §4.1.2) -------------------------------------------------------------
