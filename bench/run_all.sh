@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 [ -x "$PY" ] || { echo "no $PY: run 'make test' or 'make run' once to create the venv" >&2; exit 1; }
 status=0
-for bench in mx_intake drain fetchmail_drain atrn_latency push_latency big_message outbound store_engines intake_floor customer_pull; do
+for bench in mx_intake drain fetchmail_drain atrn_latency push_latency big_message outbound store_engines intake_floor customer_pull session_cost; do
     echo "=== bench/$bench.py ($(date -u +%Y-%m-%dT%H:%M:%SZ))"
     "$PY" "bench/$bench.py" || { echo "*** bench/$bench.py failed ($?)"; status=1; }
     echo

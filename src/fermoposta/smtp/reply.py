@@ -4,6 +4,10 @@ Contract:
 - `Reply` is an immutable value: a three-digit code, an optional enhanced
   status code ("2.0.0") and one or more text lines.  `Reply.to_bytes()`
   renders it on the wire (multi-line with "-" continuation, CRLF endings).
+- `cached_reply(code, enhanced, *lines)` is that `Reply`, one object for
+  equal values while it is among the last 512 asked for: a reply sent
+  again and again (a greeting, a returning client's EHLO reply) is
+  rendered once.
 - Handlers return replies; one writer renders them.  Named constants for the
   replies the protocol fixes (RFC 2645 §7) live here so the wire text is
   written once.
