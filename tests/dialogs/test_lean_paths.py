@@ -15,34 +15,18 @@ import pytest
 
 from fermoposta.net import connection as connection_module
 from fermoposta.net import incoming
-from fermoposta.net.connection import Connection, ConnectionClosed, start_server
+from fermoposta.net.connection import Connection, ConnectionClosed
 from fermoposta.net.incoming import IncomingBody
 from fermoposta.smtp.reply import Reply, cached_reply
+from support.connections import server_pairs
 
 
 @contextlib.asynccontextmanager
 async def pair() -> AsyncIterator[tuple[Connection, asyncio.StreamReader,
                                         asyncio.StreamWriter]]:
     """Our Connection (the server side) and the raw client's reader and writer."""
-    accepted: asyncio.Queue[Connection] = asyncio.Queue()
-    done = asyncio.Event()
-
-    async def handler(conn: Connection) -> None:
-        await accepted.put(conn)
-        await done.wait()
-
-    server = await start_server(handler, "127.0.0.1", 0)
-    reader, writer = await asyncio.open_connection("127.0.0.1",
-                                                   server.sockets[0].getsockname()[1])
-    conn = await asyncio.wait_for(accepted.get(), 5)
-    try:
+    async with server_pairs(1) as [(conn, reader, writer)]:
         yield conn, reader, writer
-    finally:
-        done.set()
-        writer.close()
-        await conn.close(1.0)
-        server.close()
-        await server.wait_closed()
 
 
 async def test_write_now_writes_at_once_and_says_so() -> None:

@@ -12,10 +12,10 @@ from fermoposta.net.connection import Connection, start_server
 
 
 @contextlib.asynccontextmanager
-async def server_connections(count: int
-                             ) -> AsyncIterator[list[tuple[Connection, asyncio.StreamWriter]]]:
-    """`count` accepted Connections, each with its raw client writer; all
-    closed, and the listener with them, on exit."""
+async def server_pairs(count: int) -> AsyncIterator[
+        list[tuple[Connection, asyncio.StreamReader, asyncio.StreamWriter]]]:
+    """`count` accepted Connections, each with its raw client's reader and
+    writer; all closed, and the listener with them, on exit."""
     accepted: asyncio.Queue[Connection] = asyncio.Queue()
     done = asyncio.Event()
 
@@ -25,16 +25,25 @@ async def server_connections(count: int
 
     server = await start_server(handler, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    pairs: list[tuple[Connection, asyncio.StreamWriter]] = []
+    pairs: list[tuple[Connection, asyncio.StreamReader, asyncio.StreamWriter]] = []
     try:
         for _ in range(count):
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-            pairs.append((await asyncio.wait_for(accepted.get(), 5), writer))
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            pairs.append((await asyncio.wait_for(accepted.get(), 5), reader, writer))
         yield pairs
     finally:
         done.set()
-        for conn, writer in pairs:
+        for conn, _, writer in pairs:
             writer.close()
             await conn.close(1.0)
         server.close()
         await server.wait_closed()
+
+
+@contextlib.asynccontextmanager
+async def server_connections(count: int
+                             ) -> AsyncIterator[list[tuple[Connection, asyncio.StreamWriter]]]:
+    """`count` accepted Connections, each with its raw client writer; all
+    closed, and the listener with them, on exit."""
+    async with server_pairs(count) as pairs:
+        yield [(conn, writer) for conn, _, writer in pairs]

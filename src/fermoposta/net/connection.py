@@ -592,14 +592,18 @@ class Connection:
         or TLS can no longer reply: `write()` then waits or raises)."""
         if self._write_paused or not self.can_reply:
             return False
+        self._transport.write(self._behind_held(data))
+        return True
+
+    def _behind_held(self, data: bytes) -> bytes:
+        """`data` behind the held replies, which are held no longer."""
         if self._held:
             data = bytes(self._held) + data
             self._held.clear()
         if self._hold_timer is not None:
             self._hold_timer.cancel()
             self._hold_timer = None
-        self._transport.write(data)
-        return True
+        return data
 
     async def write(self, data: bytes, timeout: float) -> None:
         if self._transport.is_closing():
@@ -607,13 +611,7 @@ class Connection:
         if not self.can_reply:
             # asyncio's SSL transport has shut down and would drop this silently.
             raise ConnectionClosed("TLS connection closed by peer (close_notify)")
-        if self._held:
-            data = bytes(self._held) + data
-            self._held.clear()
-        if self._hold_timer is not None:
-            self._hold_timer.cancel()
-            self._hold_timer = None
-        self._transport.write(data)
+        self._transport.write(self._behind_held(data))
         if self._write_paused:
             # A peer that does not read must not outlast the session deadline.
             when, which = self._bound(timeout)
