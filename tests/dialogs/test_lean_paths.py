@@ -9,13 +9,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import socket
+import ssl
+import threading
 from collections.abc import AsyncIterator
 
 import pytest
 
 from fermoposta.net import connection as connection_module
 from fermoposta.net import incoming
-from fermoposta.net.connection import Connection, ConnectionClosed
+from fermoposta.net.connection import Connection, ConnectionClosed, start_server
 from fermoposta.net.incoming import IncomingBody
 from fermoposta.smtp.reply import Reply, cached_reply
 from support.connections import server_pairs
@@ -157,3 +160,40 @@ def test_replies_render_each_line_with_its_separator(reply: Reply, wire: bytes,
     assert reply.to_bytes(enhanced_codes=False) == plain
     assert reply.to_bytes() == wire
     assert reply.to_bytes() == wire  # the kept rendering
+
+
+async def test_a_tls_close_stays_bounded_when_the_peer_never_answers(certs) -> None:
+    """TLS's close waits for the peer's close_notify (asyncio allows it 30 s):
+    no short way there, the close is bounded as before."""
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(str(certs.cert_file), str(certs.key_file))
+    accepted: asyncio.Queue[Connection] = asyncio.Queue()
+    done = asyncio.Event()
+
+    async def handler(conn: Connection) -> None:
+        await accepted.put(conn)
+        await done.wait()
+
+    server = await start_server(handler, "127.0.0.1", 0, ssl_context=server_ctx)
+    port = server.sockets[0].getsockname()[1]
+    release = threading.Event()
+
+    def silent_client() -> None:  # handshakes, then neither reads nor closes
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+                certs.client_context().wrap_socket(raw, server_hostname="localhost"):
+            release.wait(10)
+
+    client = asyncio.create_task(asyncio.to_thread(silent_client))
+    try:
+        conn = await asyncio.wait_for(accepted.get(), 5)
+        assert conn.tls_active
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await asyncio.wait_for(conn.close(0.3), 5)
+        assert loop.time() - started < 2.0
+    finally:
+        release.set()
+        done.set()
+        await client
+        server.close()
+        await server.wait_closed()
