@@ -29,6 +29,10 @@ instructions a message, the difference of the two totals over 1,000: the
 same code gives the same count within about 1.5%, whatever else the machine
 does. Slow (under a minute) and needs valgrind.
 
+It drives the connection layer the way asyncio's transport does, through
+`net.connection`'s protocol class and task runner (private names: this is
+an instrument of the package's own code, not a client of it).
+
 Checks: every run stores exactly the messages it sent (the store's count
 grows by as many), every reply is the one expected. Contract: no socket,
 no child process but valgrind's; the temporary directory is removed. Exit 0
@@ -111,13 +115,12 @@ class MemoryTransport(asyncio.Transport):
 class Run:
     """One run: its clients share the counts and the sessions' tasks."""
 
-    def __init__(self, store: Any, messages: int, keep: bool) -> None:
+    def __init__(self, store: Any, messages: int) -> None:
         self.store = store
         self.intake = GroupCommit(store)
         self.limits = SessionLimits()
         self.to_send = messages
         self.queued = 0
-        self.keep = keep
         self.problems: list[str] = []
         self.tasks: set[asyncio.Task[None]] = set()
         self.finished = 0
@@ -194,7 +197,7 @@ class Client:
 async def one_run(store: Any, messages: int, sessions: int, keep: bool
                   ) -> tuple[float, list[str]]:
     """CPU seconds a message of one run, and what went wrong."""
-    run = Run(store, messages, keep)
+    run = Run(store, messages)
     per_connection = -(-messages // sessions) if keep else 1
     held_before = len(store.held_message_ids([DOMAIN]))
     started = time.process_time()
