@@ -2,8 +2,10 @@
 
 `MemoryPeer` is the test's end of a wire whose other end is a real
 fermoposta `Connection` (the same class the listeners use), so a session
-runs unchanged.  What the test writes arrives at the session as ONE
-`data_received` call per `send()`, so a test decides exactly which bytes
+runs unchanged.  What the test writes arrives at the session the way a
+socket transport hands it over (the protocol's `get_buffer`, then
+`buffer_updated`), as ONE read per `send()` (up to the protocol's buffer,
+256 KiB), so a test decides exactly which bytes
 share a segment (the ATRN boundary, STARTTLS injection) instead of hoping
 the kernel does.  `shutdown_write()` is a TCP half-close (FIN): the session
 can still write.
@@ -81,8 +83,13 @@ class MemoryPeer:
     def send(self, data: bytes) -> None:
         """Deliver `data` to the session as one segment."""
         assert not self._eof_sent, "already half-closed"
-        if not self.transport.is_closing():
-            self.protocol.data_received(data)
+        rest = memoryview(data)
+        while rest and not self.transport.is_closing():
+            buffer = self.protocol.get_buffer(len(rest))
+            size = min(len(buffer), len(rest))
+            buffer[:size] = rest[:size]
+            self.protocol.buffer_updated(size)
+            rest = rest[size:]
 
     def shutdown_write(self) -> None:
         """A TCP half-close: the session sees EOF but may still write."""

@@ -243,10 +243,6 @@ class _Protocol(asyncio.BufferedProtocol):
         if self.connection is not None:
             self.connection._received(bytes(_receive_buffer.view[:nbytes]))
 
-    def data_received(self, data: bytes) -> None:
-        if self.connection is not None:
-            self.connection._received(data)
-
     def eof_received(self) -> bool:
         # The peer's FIN ends what it sends, not what it may receive: a client
         # that pipelines ".", "QUIT" and then shuts down its write side still
