@@ -34,8 +34,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BIN = ROOT / ".venv" / "bin"
+# The virtualenv whose `fermoposta` runs (and whose interpreter runs it):
+# the project's own, or another one made with another Python build
+# (FERMOPOSTA_BENCH_VENV=/path/to/venv; bench/README.md).
+BIN = Path(os.environ.get("FERMOPOSTA_BENCH_VENV") or ROOT / ".venv") / "bin"
 FERMOPOSTA = BIN / "fermoposta"
+if os.environ.get("FERMOPOSTA_BENCH_VENV") and not os.access(FERMOPOSTA, os.X_OK):
+    sys.exit(f"FERMOPOSTA_BENCH_VENV={os.environ['FERMOPOSTA_BENCH_VENV']}: no {FERMOPOSTA} "
+             "there; make that venv with bench/system_venv.sh DIR")
 HOST = "127.0.0.1"
 PASSWORD = "bench password 1234"
 

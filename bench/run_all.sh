@@ -4,7 +4,8 @@
 # Usage: bench/run_all.sh            (from anywhere; about 13 minutes in all)
 set -u
 cd "$(dirname "$0")/.."
-PY=.venv/bin/python
+# FERMOPOSTA_BENCH_VENV: run them all with another venv's Python (bench/system_venv.sh).
+PY=${FERMOPOSTA_BENCH_VENV:-.venv}/bin/python
 [ -x "$PY" ] || { echo "no $PY: run 'make test' or 'make run' once to create the venv" >&2; exit 1; }
 status=0
 for bench in mx_intake drain fetchmail_drain atrn_latency push_latency big_message outbound store_engines intake_floor customer_pull session_cost; do
