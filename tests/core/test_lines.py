@@ -78,6 +78,33 @@ def test_overlong_discard_continues_across_feeds() -> None:
     assert buf.next_line(512) == b"QUIT\r\n"
 
 
+def test_a_whole_line_in_one_read_is_the_line_itself_unless_it_ends_a_discard() -> None:
+    # The usual command: one read, one line, into an empty buffer.
+    buf = LineBuffer()
+    line = b"MAIL FROM:<a@b.test>\r\n"
+    buf.feed(line)
+    assert buf.next_line(512) is line
+    assert len(buf) == 0 and buf.next_line(512) is None
+    # The end of an overlong line, read on its own after the buffer was
+    # emptied by the discard, is still the overlong line's: skipped.
+    buf.feed(b"A" * 600)
+    with pytest.raises(LineTooLong):
+        buf.next_line(512)
+    assert buf.next_line(512) is None and len(buf) == 0
+    buf.feed(b"AAA\r\n")
+    assert buf.next_line(512) is None
+    buf.feed(b"QUIT\r\n")
+    assert buf.next_line(512) == b"QUIT\r\n"
+    # A read with more than one line, or a line longer than the limit, goes
+    # the long way: one line at a time, and LineTooLong.
+    buf.feed(b"NOOP\r\nQUIT\r\n")
+    assert buf.next_line(512) == b"NOOP\r\n"
+    assert buf.next_line(512) == b"QUIT\r\n"
+    buf.feed(b"x" * 20 + b"\r\n")
+    with pytest.raises(LineTooLong):
+        buf.next_line(10)
+
+
 def test_partial_line_reaching_limit_raises_before_lf_arrives() -> None:
     buf = LineBuffer()
     buf.feed(b"A" * 511)

@@ -18,7 +18,8 @@ Contract:
 - Amortised O(n): a read offset is kept and the consumed prefix is deleted only when
   it dominates the buffer; a scan mark avoids rescanning a partial line on every feed.
   Bytes fed to an empty buffer are kept as they are until a line is asked for, so
-  `take_all()` hands them on without a copy (a DATA body's reads).
+  `take_all()` hands them on without a copy (a DATA body's reads), and so does
+  `next_line` when they are one whole line (a command read on its own).
 No I/O, no clocks.
 """
 
@@ -96,10 +97,16 @@ class LineBuffer:
         Raises `LineTooLong` once when `limit` bytes hold no LF."""
         if limit < 1:
             raise ValueError("limit must be positive")
-        if self._lone is None:
+        lone = self._lone
+        if lone is None:
             if not self._buf:  # nothing here (the usual case before a wait)
                 return None
         else:
+            # The usual command: one whole line in one read, into an empty
+            # buffer: it is the line, with no copy.
+            if lone and not self._discarding and lone.find(b"\n", 0, limit) == len(lone) - 1:
+                self._lone = None
+                return lone
             self._absorb()
         buf = self._buf
         if self._discarding:
