@@ -3,8 +3,9 @@
 # (editable, with the dev extras the benchmarks use), for
 # FERMOPOSTA_BENCH_VENV=DIR (bench/README.md, "Which Python").  The default
 # is /usr/bin/python3: the distribution's build, the one a Debian machine
-# runs fermoposta on.  Debian's python3 comes without ensurepip, so the
-# venv is made without pip and the project venv's pip installs into it.
+# runs fermoposta on.  Debian's python3 has no ensurepip without its
+# python3-venv package, so the venv is made without pip and the project
+# venv's pip installs into it (either way).
 # Usage: bench/system_venv.sh DIR [PYTHON]     (needs .venv: make test once)
 set -eu
 dir=${1:?usage: bench/system_venv.sh DIR [PYTHON]}
